@@ -1,0 +1,766 @@
+/*
+ * store.c - the hpcray node object store. See store.h for the API.
+ *
+ * Segment layout (all offsets from the segment base, each part page aligned):
+ *
+ *   [ header | object table: table_capacity x 64-byte entries | data area ]
+ *
+ * One process-shared robust mutex in the header guards the table, the
+ * allocator state and the counters. Object bytes are written and read
+ * outside the lock: a CREATED object belongs to its creator alone, and a
+ * SEALED one never changes while pinned. The mutex is what orders a writer's
+ * bytes before a reader's: seal and get both take it.
+ *
+ * Crash safety. A process can be SIGKILLed between any two statements while
+ * it holds the lock. The table is the source of truth and every mutation of
+ * it is ordered so that each intermediate state is readable:
+ *  - an entry becomes visible only when its state word is written, after
+ *    all its other fields (set_state);
+ *  - removal is backward-shift deletion done copy-then-clear, so a death
+ *    leaves at worst one duplicate entry and a few tombstones.
+ * Everything else (allocator free list, counters) is derived, and the next
+ * locker, told EOWNERDEAD, rebuilds it from the table (store_repair).
+ */
+#include "store.h"
+
+#include "allocator.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#define STORE_MAGIC 0x3154535941524348ull /* "HCRAYST1" little-endian */
+#define STORE_VERSION 1u
+#define STORE_PAGE 4096u
+#define STORE_MIN_TABLE 1024u
+#define STORE_MAX_TABLE (1ull << 32)
+
+/* Slot states besides STORE_STATE_CREATED and STORE_STATE_SEALED. */
+#define SLOT_EMPTY 0u
+#define SLOT_TOMBSTONE 3u /* transient: taken for probing, holds no object */
+
+typedef struct store_entry {
+    uint8_t id[STORE_ID_SIZE];
+    _Atomic uint32_t state; /* SLOT_*, or store_state once published */
+    uint64_t offset;        /* data block, from the segment base */
+    uint64_t size;          /* bytes asked for */
+    uint64_t lru_tick;      /* header lru_clock at the last create/get */
+    uint32_t pins;
+    uint32_t delete_pending;
+    int32_t creator_pid;
+    uint32_t reserved;
+} store_entry;
+
+_Static_assert(sizeof(store_entry) == 64, "an entry is one cache line");
+
+typedef struct store_header {
+    _Atomic uint64_t magic; /* written last by store_create */
+    uint32_t version;
+    uint32_t entry_size;
+    uint64_t segment_size;
+    uint64_t table_offset;
+    uint64_t table_capacity; /* a power of two */
+    uint64_t data_offset;
+    uint64_t data_capacity;
+    pthread_mutex_t lock;
+    /* Everything below is guarded by lock. */
+    alloc_state alloc;
+    uint64_t lru_clock;
+    uint64_t num_objects;
+    uint64_t num_pinned;
+    uint64_t num_evictions;
+    uint64_t num_recoveries;
+} store_header;
+
+struct store {
+    uint8_t *base;
+    size_t size;
+    store_header *hdr;
+    store_entry *table;
+    uint64_t mask; /* table_capacity - 1 */
+};
+
+static uint64_t round_up(uint64_t x, uint64_t to)
+{
+    return (x + to - 1) / to * to;
+}
+
+/* ---- entries ------------------------------------------------------------ */
+
+static uint32_t slot_state(const store_entry *e)
+{
+    return atomic_load_explicit(&e->state, memory_order_relaxed);
+}
+
+static bool slot_live(const store_entry *e)
+{
+    uint32_t st = slot_state(e);
+    return st == STORE_STATE_CREATED || st == STORE_STATE_SEALED;
+}
+
+/* Writes a slot's state word. The compiler fences on both sides keep it in
+ * program order with the plain field writes around it, so a holder killed
+ * between two statements leaves each slot either unpublished or complete.
+ * (Cross-process visibility comes from the mutex, not from these fences.) */
+static void set_state(store_entry *e, uint32_t st)
+{
+    atomic_signal_fence(memory_order_seq_cst);
+    atomic_store_explicit(&e->state, st, memory_order_relaxed);
+    atomic_signal_fence(memory_order_seq_cst);
+}
+
+static uint64_t id_hash(const uint8_t *id)
+{
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a, then a murmur finaliser */
+    for (int i = 0; i < STORE_ID_SIZE; i++) {
+        h ^= id[i];
+        h *= 0x100000001b3ull;
+    }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    return h;
+}
+
+static uint64_t home_slot(const store *s, const uint8_t *id)
+{
+    return id_hash(id) & s->mask;
+}
+
+/* Most objects the table takes: linear probing stays short below 7/8 load. */
+static uint64_t table_limit(const store *s)
+{
+    return s->hdr->table_capacity - s->hdr->table_capacity / 8;
+}
+
+/* Slot of the first live entry with this id, or -1. */
+static int64_t table_find(const store *s, const uint8_t *id)
+{
+    uint64_t i = home_slot(s, id);
+    for (uint64_t n = 0; n <= s->mask; n++, i = (i + 1) & s->mask) {
+        const store_entry *e = &s->table[i];
+        uint32_t st = slot_state(e);
+        if (st == SLOT_EMPTY)
+            return -1;
+        if (st != SLOT_TOMBSTONE && memcmp(e->id, id, STORE_ID_SIZE) == 0)
+            return (int64_t)i;
+    }
+    return -1;
+}
+
+/* First slot on id's probe path that holds nothing. */
+static int64_t table_free_slot(const store *s, const uint8_t *id)
+{
+    uint64_t i = home_slot(s, id);
+    for (uint64_t n = 0; n <= s->mask; n++, i = (i + 1) & s->mask)
+        if (!slot_live(&s->table[i]))
+            return (int64_t)i;
+    return -1;
+}
+
+/* Whether x lies in the cyclic interval (lo, hi]. */
+static bool cyclic_between(uint64_t lo, uint64_t x, uint64_t hi)
+{
+    return lo <= hi ? (lo < x && x <= hi) : (lo < x || x <= hi);
+}
+
+/* Removes the entry at slot i by backward-shift deletion (no tombstones left
+ * behind). Each move copies the entry into the hole and publishes it before
+ * clearing the source, so at every step each live entry is findable. */
+static void table_remove_at(store *s, uint64_t i)
+{
+    uint64_t hole = i;
+    set_state(&s->table[hole], SLOT_TOMBSTONE);
+    uint64_t j = hole;
+    for (uint64_t n = 0; n < s->mask; n++) {
+        j = (j + 1) & s->mask;
+        store_entry *e = &s->table[j];
+        uint32_t st = slot_state(e);
+        if (st == SLOT_EMPTY)
+            break;
+        if (st == SLOT_TOMBSTONE) /* left by a dead holder; repair clears it */
+            continue;
+        if (cyclic_between(hole, home_slot(s, e->id), j))
+            continue; /* its probe path does not cross the hole */
+        store_entry *h = &s->table[hole];
+        memcpy(h->id, e->id, STORE_ID_SIZE);
+        h->offset = e->offset;
+        h->size = e->size;
+        h->lru_tick = e->lru_tick;
+        h->pins = e->pins;
+        h->delete_pending = e->delete_pending;
+        h->creator_pid = e->creator_pid;
+        set_state(h, st);
+        set_state(e, SLOT_TOMBSTONE);
+        hole = j;
+    }
+    set_state(&s->table[hole], SLOT_EMPTY);
+}
+
+/* Frees an entry's data block and removes it from the table. */
+static void free_entry(store *s, uint64_t slot)
+{
+    store_header *hdr = s->hdr;
+    store_entry *e = &s->table[slot];
+    if (e->pins > 0)
+        hdr->num_pinned--;
+    alloc_free(&hdr->alloc, s->base, e->offset, e->size);
+    table_remove_at(s, slot);
+    hdr->num_objects--;
+}
+
+/* ---- the lock and its repair -------------------------------------------- */
+
+static bool extent_sane(const store *s, const store_entry *e)
+{
+    const store_header *hdr = s->hdr;
+    uint64_t block = alloc_block_size(e->size);
+    uint64_t end = hdr->data_offset + hdr->data_capacity;
+    return block != 0 && e->offset >= hdr->data_offset && e->offset % ALLOC_ALIGN == 0 &&
+           e->offset <= end && block <= end - e->offset;
+}
+
+/* Brings the segment back to a consistent state after a lock holder died:
+ * clears tombstones, drops duplicate or out-of-bounds entries, recounts, and
+ * rebuilds the allocator as the complement of the live entries. Idempotent
+ * and itself interruptible: if the repairer dies, the next locker is told
+ * EOWNERDEAD again and starts over. */
+static void store_repair(store *s)
+{
+    store_header *hdr = s->hdr;
+    uint64_t cap = hdr->table_capacity;
+
+    for (uint64_t i = 0; i < cap; i++)
+        if (slot_state(&s->table[i]) == SLOT_TOMBSTONE)
+            table_remove_at(s, i);
+
+    for (uint64_t i = 0; i < cap; i++) {
+        /* A removal shifts a later entry into i, so look at i again. */
+        while (slot_live(&s->table[i]) &&
+               (!extent_sane(s, &s->table[i]) ||
+                table_find(s, s->table[i].id) != (int64_t)i))
+            table_remove_at(s, i);
+    }
+
+    uint64_t live = 0, pinned = 0;
+    for (uint64_t i = 0; i < cap; i++) {
+        if (!slot_live(&s->table[i]))
+            continue;
+        live++;
+        pinned += s->table[i].pins > 0;
+    }
+    alloc_extent *extents = malloc((live ? live : 1) * sizeof *extents);
+    if (extents != NULL) {
+        size_t n = 0;
+        for (uint64_t i = 0; i < cap; i++)
+            if (slot_live(&s->table[i])) {
+                extents[n].offset = s->table[i].offset;
+                extents[n].size = s->table[i].size;
+                n++;
+            }
+        alloc_rebuild(&hdr->alloc, s->base, extents, n);
+        free(extents);
+    }
+    hdr->num_objects = live;
+    hdr->num_pinned = pinned;
+}
+
+/* Takes the store lock. EOWNERDEAD means the last holder died with it: the
+ * segment may be mid-mutation, so repair it before marking the mutex
+ * consistent (marking it first would let a second death go unnoticed). */
+static store_status lock_store(store *s)
+{
+    int rc = pthread_mutex_lock(&s->hdr->lock);
+    if (rc == EOWNERDEAD) {
+        store_repair(s);
+        s->hdr->num_recoveries++;
+        rc = pthread_mutex_consistent(&s->hdr->lock);
+    }
+    if (rc != 0) {
+        errno = rc;
+        return STORE_SYSTEM;
+    }
+    return STORE_OK;
+}
+
+/* Lets the next waiter in; pairs with lock_store. */
+static void unlock_store(store *s)
+{
+    pthread_mutex_unlock(&s->hdr->lock);
+}
+
+/* ---- segment life ------------------------------------------------------- */
+
+static store *wrap(uint8_t *base, size_t size)
+{
+    store *s = malloc(sizeof *s);
+    if (s == NULL)
+        return NULL;
+    s->base = base;
+    s->size = size;
+    s->hdr = (store_header *)(void *)base;
+    s->table = (store_entry *)(void *)(base + s->hdr->table_offset);
+    s->mask = s->hdr->table_capacity - 1;
+    return s;
+}
+
+store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,
+                          store **out)
+{
+    if (name == NULL || out == NULL || capacity == 0 || capacity > (1ull << 50) ||
+        table_capacity > STORE_MAX_TABLE)
+        return STORE_INVALID;
+    uint64_t data_capacity = round_up(capacity, STORE_PAGE);
+    uint64_t slots = table_capacity ? table_capacity : data_capacity / 16384;
+    if (slots < STORE_MIN_TABLE)
+        slots = STORE_MIN_TABLE;
+    uint64_t pow2 = 1;
+    while (pow2 < slots)
+        pow2 <<= 1;
+    uint64_t header_size = round_up(sizeof(store_header), STORE_PAGE);
+    uint64_t table_size = round_up(pow2 * sizeof(store_entry), STORE_PAGE);
+    uint64_t segment_size = header_size + table_size + data_capacity;
+
+    /* tmpfs takes an ftruncate of any size and raises SIGBUS on first touch
+     * when it runs out; refuse a segment that cannot fit now instead. */
+    struct statvfs vfs;
+    if (statvfs("/dev/shm", &vfs) == 0 &&
+        (uint64_t)vfs.f_bavail * vfs.f_frsize < segment_size) {
+        errno = ENOSPC;
+        return STORE_SYSTEM;
+    }
+
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0)
+        return STORE_SYSTEM;
+    uint8_t *base = MAP_FAILED;
+    if (fchmod(fd, 0600) != 0 || ftruncate(fd, (off_t)segment_size) != 0)
+        goto fail;
+    base = mmap(NULL, segment_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED)
+        goto fail;
+
+    /* The table needs no initialisation: ftruncate zero-fills, and a zero
+     * state word is SLOT_EMPTY. */
+    store_header *hdr = (store_header *)(void *)base;
+    hdr->version = STORE_VERSION;
+    hdr->entry_size = sizeof(store_entry);
+    hdr->segment_size = segment_size;
+    hdr->table_offset = header_size;
+    hdr->table_capacity = pow2;
+    hdr->data_offset = header_size + table_size;
+    hdr->data_capacity = data_capacity;
+    alloc_init(&hdr->alloc, base, hdr->data_offset, data_capacity);
+
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0)
+        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0)
+        rc = pthread_mutex_init(&hdr->lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc != 0) {
+        errno = rc;
+        goto fail;
+    }
+
+    store *s = wrap(base, segment_size);
+    if (s == NULL)
+        goto fail;
+    /* Release: an attacher that reads the magic (acquire) sees the whole
+     * initialised header. */
+    atomic_store_explicit(&hdr->magic, STORE_MAGIC, memory_order_release);
+    close(fd);
+    *out = s;
+    return STORE_OK;
+
+fail: {
+    int saved = errno;
+    if (base != MAP_FAILED)
+        munmap(base, segment_size);
+    close(fd);
+    shm_unlink(name);
+    errno = saved;
+    return STORE_SYSTEM;
+}
+}
+
+store_status store_attach(const char *name, store **out)
+{
+    if (name == NULL || out == NULL)
+        return STORE_INVALID;
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0)
+        return STORE_SYSTEM;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return STORE_SYSTEM;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size < STORE_PAGE) {
+        close(fd);
+        return STORE_BAD_SEGMENT;
+    }
+    uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int saved = errno;
+    close(fd);
+    if (base == MAP_FAILED) {
+        errno = saved;
+        return STORE_SYSTEM;
+    }
+    store_header *hdr = (store_header *)(void *)base;
+    /* Acquire: pairs with the release in store_create. */
+    if (atomic_load_explicit(&hdr->magic, memory_order_acquire) != STORE_MAGIC ||
+        hdr->version != STORE_VERSION || hdr->entry_size != sizeof(store_entry) ||
+        hdr->segment_size != size) {
+        munmap(base, size);
+        return STORE_BAD_SEGMENT;
+    }
+    store *s = wrap(base, size);
+    if (s == NULL) {
+        munmap(base, size);
+        errno = ENOMEM;
+        return STORE_SYSTEM;
+    }
+    *out = s;
+    return STORE_OK;
+}
+
+void store_close(store *s)
+{
+    if (s == NULL)
+        return;
+    munmap(s->base, s->size);
+    free(s);
+}
+
+store_status store_unlink(const char *name)
+{
+    if (shm_unlink(name) != 0 && errno != ENOENT)
+        return STORE_SYSTEM;
+    return STORE_OK;
+}
+
+uint8_t *store_ptr(const store *s, uint64_t offset)
+{
+    return s->base + offset;
+}
+
+/* ---- objects ------------------------------------------------------------ */
+
+typedef struct victim {
+    uint64_t tick;
+    uint8_t id[STORE_ID_SIZE];
+} victim;
+
+static int victim_cmp(const void *x, const void *y)
+{
+    const victim *vx = x, *vy = y;
+    return (vx->tick > vy->tick) - (vx->tick < vy->tick);
+}
+
+/* A slot and a block for one more object, or -1. */
+static int try_reserve(store *s, uint64_t size, uint64_t *offset)
+{
+    if (s->hdr->num_objects >= table_limit(s))
+        return -1;
+    return alloc_allocate(&s->hdr->alloc, s->base, size, offset);
+}
+
+/* Evicts unpinned SEALED objects, least recently used first, until
+ * try_reserve succeeds. Evicts nothing when even evicting all of them could
+ * not free enough bytes. Called with the lock held. */
+static store_status evict_and_reserve(store *s, uint64_t size, uint64_t *offset)
+{
+    store_header *hdr = s->hdr;
+    uint64_t cap = hdr->table_capacity;
+    uint64_t candidates = 0, evictable_bytes = 0;
+    for (uint64_t i = 0; i < cap; i++) {
+        const store_entry *e = &s->table[i];
+        if (slot_state(e) == STORE_STATE_SEALED && e->pins == 0) {
+            candidates++;
+            evictable_bytes += alloc_block_size(e->size);
+        }
+    }
+    uint64_t free_bytes = hdr->data_capacity - alloc_footprint(&hdr->alloc);
+    if (candidates == 0 || free_bytes + evictable_bytes < alloc_block_size(size))
+        return STORE_FULL;
+
+    victim *victims = malloc(candidates * sizeof *victims);
+    if (victims == NULL) {
+        errno = ENOMEM;
+        return STORE_SYSTEM;
+    }
+    size_t n = 0;
+    for (uint64_t i = 0; i < cap && n < candidates; i++) {
+        const store_entry *e = &s->table[i];
+        if (slot_state(e) == STORE_STATE_SEALED && e->pins == 0) {
+            victims[n].tick = e->lru_tick;
+            memcpy(victims[n].id, e->id, STORE_ID_SIZE);
+            n++;
+        }
+    }
+    qsort(victims, n, sizeof *victims, victim_cmp);
+    store_status rc = STORE_FULL;
+    for (size_t k = 0; k < n; k++) {
+        /* Slots move as entries are removed: look each victim up again. */
+        int64_t slot = table_find(s, victims[k].id);
+        if (slot < 0)
+            continue;
+        free_entry(s, (uint64_t)slot);
+        hdr->num_evictions++;
+        if (try_reserve(s, size, offset) == 0) {
+            rc = STORE_OK;
+            break;
+        }
+    }
+    free(victims);
+    return rc;
+}
+
+store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uint64_t *offset)
+{
+    if (id == NULL || offset == NULL)
+        return STORE_INVALID;
+    uint64_t block = alloc_block_size(size);
+    if (block == 0 || block > s->hdr->data_capacity)
+        return STORE_TOO_LARGE;
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    store_header *hdr = s->hdr;
+    uint64_t data = 0;
+    if (table_find(s, id) >= 0)
+        rc = STORE_EXISTS;
+    else if (try_reserve(s, size, &data) != 0)
+        rc = evict_and_reserve(s, size, &data);
+    if (rc == STORE_OK) {
+        /* A death from here to set_state leaks the block only until the
+         * next locker's repair. */
+        store_entry *e = &s->table[table_free_slot(s, id)];
+        memcpy(e->id, id, STORE_ID_SIZE);
+        e->offset = data;
+        e->size = size;
+        e->lru_tick = ++hdr->lru_clock;
+        e->pins = 1;
+        e->delete_pending = 0;
+        e->creator_pid = (int32_t)getpid();
+        set_state(e, STORE_STATE_CREATED);
+        hdr->num_objects++;
+        hdr->num_pinned++;
+        *offset = data;
+    }
+    unlock_store(s);
+    return rc;
+}
+
+/* Drops one pin; frees the object if that was the last one and it is
+ * delete-pending. Lock held. */
+static void unpin(store *s, uint64_t slot)
+{
+    store_entry *e = &s->table[slot];
+    e->pins--;
+    if (e->pins > 0)
+        return;
+    s->hdr->num_pinned--;
+    if (e->delete_pending)
+        free_entry(s, slot);
+}
+
+store_status store_seal(store *s, const uint8_t *id)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    int64_t slot = table_find(s, id);
+    if (slot < 0) {
+        rc = STORE_NOT_FOUND;
+    } else if (slot_state(&s->table[slot]) != STORE_STATE_CREATED) {
+        rc = STORE_BAD_STATE;
+    } else {
+        set_state(&s->table[slot], STORE_STATE_SEALED);
+        unpin(s, (uint64_t)slot);
+    }
+    unlock_store(s);
+    return rc;
+}
+
+store_status store_abort(store *s, const uint8_t *id)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    int64_t slot = table_find(s, id);
+    if (slot < 0)
+        rc = STORE_NOT_FOUND;
+    else if (slot_state(&s->table[slot]) != STORE_STATE_CREATED)
+        rc = STORE_BAD_STATE;
+    else
+        free_entry(s, (uint64_t)slot);
+    unlock_store(s);
+    return rc;
+}
+
+store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    int64_t slot = table_find(s, id);
+    store_entry *e = slot < 0 ? NULL : &s->table[slot];
+    if (e == NULL || e->delete_pending) {
+        rc = STORE_NOT_FOUND;
+    } else if (slot_state(e) != STORE_STATE_SEALED) {
+        rc = STORE_NOT_SEALED;
+    } else {
+        if (e->pins++ == 0)
+            s->hdr->num_pinned++;
+        e->lru_tick = ++s->hdr->lru_clock;
+        *offset = e->offset;
+        *size = e->size;
+    }
+    unlock_store(s);
+    return rc;
+}
+
+store_status store_release(store *s, const uint8_t *id, uint64_t offset)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    int64_t slot = table_find(s, id);
+    if (slot < 0 || s->table[slot].offset != offset)
+        rc = STORE_NOT_FOUND;
+    else if (slot_state(&s->table[slot]) != STORE_STATE_SEALED || s->table[slot].pins == 0)
+        rc = STORE_BAD_STATE;
+    else
+        unpin(s, (uint64_t)slot);
+    unlock_store(s);
+    return rc;
+}
+
+int store_contains(store *s, const uint8_t *id)
+{
+    if (lock_store(s) != STORE_OK)
+        return 0;
+    int64_t slot = table_find(s, id);
+    int found = slot >= 0 && slot_state(&s->table[slot]) == STORE_STATE_SEALED &&
+                !s->table[slot].delete_pending;
+    unlock_store(s);
+    return found;
+}
+
+store_status store_delete(store *s, const uint8_t *id)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    int64_t slot = table_find(s, id);
+    if (slot < 0 || s->table[slot].delete_pending)
+        rc = STORE_NOT_FOUND;
+    else if (s->table[slot].pins == 0)
+        free_entry(s, (uint64_t)slot);
+    else
+        s->table[slot].delete_pending = 1;
+    unlock_store(s);
+    return rc;
+}
+
+store_status store_get_stats(store *s, store_stats *out)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    const store_header *hdr = s->hdr;
+    out->capacity = hdr->data_capacity;
+    out->used_bytes = alloc_footprint(&hdr->alloc);
+    out->num_objects = hdr->num_objects;
+    out->num_pinned = hdr->num_pinned;
+    out->num_evictions = hdr->num_evictions;
+    out->table_capacity = hdr->table_capacity;
+    out->num_recoveries = hdr->num_recoveries;
+    unlock_store(s);
+    return STORE_OK;
+}
+
+store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    size_t n = 0;
+    for (uint64_t i = 0; i < s->hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        if (!slot_live(e))
+            continue;
+        if (n < max) {
+            memcpy(out[n].id, e->id, STORE_ID_SIZE);
+            out[n].offset = e->offset;
+            out[n].size = e->size;
+            out[n].state = slot_state(e);
+            out[n].pins = e->pins;
+            out[n].delete_pending = e->delete_pending;
+            out[n].creator_pid = e->creator_pid;
+        }
+        n++;
+    }
+    unlock_store(s);
+    *count = n;
+    return STORE_OK;
+}
+
+/* ---- test hooks --------------------------------------------------------- */
+
+store_status store_debug_lock_forever(store *s, int notify_fd)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    if (notify_fd >= 0 && write(notify_fd, "L", 1) != 1) {
+        unlock_store(s);
+        return STORE_SYSTEM;
+    }
+    for (;;)
+        pause();
+}
+
+int store_debug_check(store *s)
+{
+    if (lock_store(s) != STORE_OK)
+        return -1;
+    const store_header *hdr = s->hdr;
+    int bad = 0;
+    uint64_t live = 0, pinned = 0, bytes = 0;
+    for (uint64_t i = 0; i < hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        uint32_t st = slot_state(e);
+        if (st == SLOT_TOMBSTONE || st > SLOT_TOMBSTONE)
+            bad = 1;
+        if (!slot_live(e))
+            continue;
+        live++;
+        pinned += e->pins > 0;
+        bytes += alloc_block_size(e->size);
+        if (!extent_sane(s, e) || table_find(s, e->id) != (int64_t)i ||
+            (e->delete_pending && e->pins == 0))
+            bad = 1;
+    }
+    if (live != hdr->num_objects || pinned != hdr->num_pinned ||
+        bytes != alloc_footprint(&hdr->alloc) || alloc_check(&hdr->alloc, s->base) != 0)
+        bad = 1;
+    unlock_store(s);
+    return bad ? -1 : 0;
+}

@@ -1,0 +1,123 @@
+/*
+ * store.h - the hpcray node object store: one POSIX shared-memory segment
+ * holding a header (with a process-shared robust mutex), an object table
+ * keyed by 20-byte ids, and a data area run by allocator.h.
+ *
+ * Every process maps the segment itself, at its own address; objects are
+ * named by offsets from the segment base, turned into pointers with
+ * store_ptr. All calls that take the lock are safe from many threads and
+ * processes at once. A process killed while it holds the lock does not wedge
+ * the store: the next locker repairs the table and the allocator.
+ *
+ * Object life: create (CREATED, pinned once by the creator) -> seal (SEALED,
+ * creator pin dropped) -> get/release (pins) -> delete or eviction. Only
+ * SEALED objects with no pins are evicted, least recently used first.
+ */
+#ifndef HPCRAY_STORE_H
+#define HPCRAY_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define STORE_ID_SIZE 20
+
+typedef enum store_status {
+    STORE_OK = 0,
+    STORE_EXISTS,       /* an object with this id is already in the table */
+    STORE_NOT_FOUND,    /* no such object (or it is being deleted) */
+    STORE_NOT_SEALED,   /* the object is still CREATED */
+    STORE_BAD_STATE,    /* seal/abort of an object that is not CREATED */
+    STORE_FULL,         /* no room even after evicting every evictable object */
+    STORE_TOO_LARGE,    /* larger than the whole data area */
+    STORE_INVALID,      /* bad argument */
+    STORE_BAD_SEGMENT,  /* not an hpcray store segment, or another version */
+    STORE_SYSTEM        /* a system call failed; errno says why */
+} store_status;
+
+typedef enum store_state { STORE_STATE_CREATED = 1, STORE_STATE_SEALED = 2 } store_state;
+
+typedef struct store store; /* one process's handle on a mapped segment */
+
+typedef struct store_stats {
+    uint64_t capacity;       /* bytes in the data area */
+    uint64_t used_bytes;     /* bytes held by objects (whole 64-byte blocks) */
+    uint64_t num_objects;    /* objects in the table, delete-pending ones included */
+    uint64_t num_pinned;     /* objects with at least one pin */
+    uint64_t num_evictions;  /* objects evicted since the segment was made */
+    uint64_t table_capacity; /* slots in the object table */
+    uint64_t num_recoveries; /* times a dead lock holder was cleaned up after */
+} store_stats;
+
+typedef struct store_object_info {
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t offset;
+    uint64_t size;
+    uint32_t state; /* store_state */
+    uint32_t pins;
+    uint32_t delete_pending;
+    int32_t creator_pid;
+} store_object_info;
+
+/* Creates segment `name` (O_EXCL, mode 0600) with a data area of at least
+ * `capacity` bytes (rounded up to a page) and `table_capacity` slots (0: a
+ * default from capacity; rounded up to a power of two), maps and initialises
+ * it. On failure nothing named `name` is left behind. */
+store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,
+                          store **out);
+
+/* Maps an existing, initialised segment made by store_create. */
+store_status store_attach(const char *name, store **out);
+
+/* Unmaps and frees the handle. Pins this process holds stay in the segment. */
+void store_close(store *s);
+
+/* shm_unlink(name); STORE_OK also when it does not exist. */
+store_status store_unlink(const char *name);
+
+/* Address of `offset` in this process's mapping. */
+uint8_t *store_ptr(const store *s, uint64_t offset);
+
+/* Reserves `size` bytes (64-byte aligned, may be 0) as a CREATED object
+ * pinned once, evicting LRU unpinned sealed objects if it must; stores the
+ * data offset. Errors: EXISTS, TOO_LARGE (never fits), FULL (does not fit
+ * now; nothing was evicted when even evicting everything would not do). */
+store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uint64_t *offset);
+
+/* CREATED -> SEALED, drops the creator's pin. Data written before this call
+ * is visible to every later store_get. */
+store_status store_seal(store *s, const uint8_t *id);
+
+/* Frees a CREATED object (its creator gave up). BAD_STATE if sealed. */
+store_status store_abort(store *s, const uint8_t *id);
+
+/* Pins a SEALED object and marks it most recently used; stores offset and
+ * size. NOT_FOUND if absent or delete-pending, NOT_SEALED if CREATED. */
+store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size);
+
+/* Drops one pin taken by store_get on the object at `offset`; frees it when
+ * it was delete-pending and this was the last pin. */
+store_status store_release(store *s, const uint8_t *id, uint64_t offset);
+
+/* 1 if a SEALED, not delete-pending object has this id, else 0. */
+int store_contains(store *s, const uint8_t *id);
+
+/* Frees the object now if it has no pins, else marks it delete-pending (it
+ * disappears from get/contains and is freed when the last pin drops; its id
+ * stays taken until then). NOT_FOUND if absent or already pending. */
+store_status store_delete(store *s, const uint8_t *id);
+
+/* Counters, read under the lock. */
+store_status store_get_stats(store *s, store_stats *out);
+
+/* Copies up to `max` table entries into `out`; *count gets how many exist. */
+store_status store_list(store *s, store_object_info *out, size_t max, size_t *count);
+
+/* Test hook: takes the lock, writes one byte to notify_fd (if >= 0) and
+ * sleeps forever holding it. Only returns on error. */
+store_status store_debug_lock_forever(store *s, int notify_fd);
+
+/* Test hook: checks table and allocator invariants under the lock.
+ * Returns 0 when sound. */
+int store_debug_check(store *s);
+
+#endif

@@ -1,0 +1,277 @@
+/*
+ * test_store.c - C tests of the allocator and the store. Build and run:
+ *   cc -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE -Icsrc csrc/test_store.c \
+ *      csrc/store.c csrc/allocator.c -lrt -lpthread -o test_store && ./test_store
+ * Exits 0 when every check passes; prints the first failed check otherwise.
+ */
+#include "allocator.h"
+#include "store.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+            exit(1);                                                                 \
+        }                                                                            \
+    } while (0)
+
+static char segment_name[64];
+
+static void make_id(uint8_t *id, unsigned n)
+{
+    memset(id, 0, STORE_ID_SIZE);
+    memcpy(id, &n, sizeof n);
+    id[STORE_ID_SIZE - 1] = 0xa5;
+}
+
+static void test_allocator(void)
+{
+    enum { AREA = 64 * 1024, OFF = 4096 };
+    uint8_t *base = aligned_alloc(4096, OFF + AREA);
+    CHECK(base != NULL);
+    alloc_state a;
+    alloc_init(&a, base, OFF, AREA);
+    CHECK(alloc_check(&a, base) == 0);
+    CHECK(alloc_block_size(0) == 64 && alloc_block_size(1) == 64 && alloc_block_size(65) == 128);
+
+    uint64_t off[8];
+    uint64_t sizes[8] = {1, 100, 64, 1000, 0, 4096, 63, 5000};
+    for (int i = 0; i < 8; i++) {
+        CHECK(alloc_allocate(&a, base, sizes[i], &off[i]) == 0);
+        CHECK(off[i] % 64 == 0 && (uintptr_t)(base + off[i]) % 64 == 0);
+        CHECK(off[i] >= OFF && off[i] + alloc_block_size(sizes[i]) <= OFF + AREA);
+        memset(base + off[i], 0xee, sizes[i]); /* must not clobber anything */
+        CHECK(alloc_check(&a, base) == 0);
+    }
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < i; j++) /* disjoint */
+            CHECK(off[i] + alloc_block_size(sizes[i]) <= off[j] ||
+                  off[j] + alloc_block_size(sizes[j]) <= off[i]);
+
+    /* Free out of order; the holes coalesce back into one block. */
+    int order[8] = {3, 1, 5, 7, 0, 2, 6, 4};
+    for (int k = 0; k < 8; k++) {
+        alloc_free(&a, base, off[order[k]], sizes[order[k]]);
+        CHECK(alloc_check(&a, base) == 0);
+    }
+    CHECK(alloc_footprint(&a) == 0);
+    CHECK(alloc_largest_free(&a, base) == AREA);
+
+    /* First fit reuses the lowest hole that fits. */
+    uint64_t x, y, z, w;
+    CHECK(alloc_allocate(&a, base, 128, &x) == 0 && x == OFF);
+    CHECK(alloc_allocate(&a, base, 128, &y) == 0 && y == OFF + 128);
+    CHECK(alloc_allocate(&a, base, 128, &z) == 0 && z == OFF + 256);
+    alloc_free(&a, base, x, 128);
+    CHECK(alloc_allocate(&a, base, 256, &w) == 0 && w == OFF + 384);
+    CHECK(alloc_allocate(&a, base, 64, &w) == 0 && w == OFF);
+    CHECK(alloc_allocate(&a, base, AREA, &w) == -1); /* too big: unchanged */
+    CHECK(alloc_check(&a, base) == 0);
+
+    /* Rebuild from a set of live extents gives their exact complement. */
+    alloc_extent live[2] = {{OFF + 256, 128}, {OFF, 64}};
+    CHECK(alloc_rebuild(&a, base, live, 2) == 0);
+    CHECK(alloc_check(&a, base) == 0 && alloc_footprint(&a) == 192);
+    CHECK(alloc_allocate(&a, base, 192, &w) == 0 && w == OFF + 64);
+    CHECK(alloc_allocate(&a, base, 128, &w) == 0 && w == OFF + 384);
+    free(base);
+}
+
+static store *fresh_store(uint64_t capacity, uint64_t table_capacity)
+{
+    store *s = NULL;
+    store_unlink(segment_name);
+    CHECK(store_create(segment_name, capacity, table_capacity, &s) == STORE_OK);
+    return s;
+}
+
+static void put(store *s, unsigned n, uint64_t size)
+{
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off;
+    make_id(id, n);
+    CHECK(store_create_object(s, id, size, &off) == STORE_OK);
+    memset(store_ptr(s, off), (int)(n & 0xff), size);
+    CHECK(store_seal(s, id) == STORE_OK);
+}
+
+static int has(store *s, unsigned n)
+{
+    uint8_t id[STORE_ID_SIZE];
+    make_id(id, n);
+    return store_contains(s, id);
+}
+
+static void test_table(void)
+{
+    store *s = fresh_store(1 << 20, 0);
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off, size, off2;
+    store_stats st;
+
+    make_id(id, 1);
+    CHECK(store_create_object(s, id, 1000, &off) == STORE_OK);
+    CHECK((uintptr_t)store_ptr(s, off) % 64 == 0);
+    CHECK(store_create_object(s, id, 10, &off2) == STORE_EXISTS);
+    CHECK(store_get(s, id, &off2, &size) == STORE_NOT_SEALED);
+    CHECK(!store_contains(s, id));
+    memset(store_ptr(s, off), 7, 1000);
+    CHECK(store_seal(s, id) == STORE_OK);
+    CHECK(store_seal(s, id) == STORE_BAD_STATE);
+    CHECK(store_abort(s, id) == STORE_BAD_STATE);
+    CHECK(store_contains(s, id));
+    CHECK(store_get(s, id, &off2, &size) == STORE_OK && off2 == off && size == 1000);
+    CHECK(store_ptr(s, off2)[999] == 7);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_objects == 1 && st.num_pinned == 1);
+
+    /* Delete while pinned: pending, invisible, freed on the last release. */
+    CHECK(store_delete(s, id) == STORE_OK);
+    CHECK(!store_contains(s, id));
+    CHECK(store_get(s, id, &off2, &size) == STORE_NOT_FOUND);
+    CHECK(store_delete(s, id) == STORE_NOT_FOUND);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_objects == 1 && st.used_bytes == 1024);
+    CHECK(store_release(s, id, off) == STORE_OK);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_objects == 0 && st.used_bytes == 0);
+    CHECK(store_release(s, id, off) == STORE_NOT_FOUND);
+
+    /* Abort frees a CREATED object. */
+    CHECK(store_create_object(s, id, 0, &off) == STORE_OK);
+    CHECK(store_abort(s, id) == STORE_OK);
+    CHECK(store_abort(s, id) == STORE_NOT_FOUND);
+
+    /* Many ids, colliding probe paths, removals in between. */
+    for (unsigned i = 0; i < 700; i++)
+        put(s, 1000 + i, 16);
+    for (unsigned i = 0; i < 700; i += 3) {
+        make_id(id, 1000 + i);
+        CHECK(store_delete(s, id) == STORE_OK);
+    }
+    for (unsigned i = 0; i < 700; i++)
+        CHECK(has(s, 1000 + i) == (i % 3 != 0));
+    CHECK(store_debug_check(s) == 0);
+    for (unsigned i = 0; i < 700; i++) {
+        make_id(id, 1000 + i);
+        CHECK(store_delete(s, id) == (i % 3 ? STORE_OK : STORE_NOT_FOUND));
+    }
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_objects == 0 && st.used_bytes == 0);
+    CHECK(store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
+static void test_eviction(void)
+{
+    store *s = fresh_store(64 * 1024, 0); /* 16 objects of 4 KiB */
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off, size;
+    store_stats st;
+    for (unsigned i = 0; i < 16; i++)
+        put(s, i, 4096);
+    /* Touch 0 and 1: now 2 is the least recently used. */
+    for (unsigned i = 0; i < 2; i++) {
+        make_id(id, i);
+        CHECK(store_get(s, id, &off, &size) == STORE_OK);
+        CHECK(store_release(s, id, off) == STORE_OK);
+    }
+    /* Pin 3: it must survive. */
+    make_id(id, 3);
+    uint64_t pinned_off;
+    CHECK(store_get(s, id, &pinned_off, &size) == STORE_OK);
+
+    put(s, 100, 4096);
+    CHECK(!has(s, 2) && has(s, 0) && has(s, 1) && has(s, 3) && has(s, 4));
+    put(s, 101, 8192); /* evicts 4 and 5 (3 is pinned) */
+    CHECK(!has(s, 4) && !has(s, 5) && has(s, 3) && has(s, 6));
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_evictions == 3);
+
+    /* Too large: never fits. Full: everything else pinned or CREATED. */
+    make_id(id, 200);
+    CHECK(store_create_object(s, id, 64 * 1024 + 1, &off) == STORE_TOO_LARGE);
+    CHECK(store_create_object(s, id, UINT64_MAX, &off) == STORE_TOO_LARGE);
+    uint64_t offs[32];
+    unsigned pinned[32], npinned = 0;
+    for (unsigned i = 0; i < 200; i++) {
+        make_id(id, i);
+        if (store_get(s, id, &offs[npinned], &size) == STORE_OK)
+            pinned[npinned++] = i;
+    }
+    make_id(id, 301);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.used_bytes == 64 * 1024);
+    uint64_t evictions = st.num_evictions;
+    CHECK(store_create_object(s, id, 1, &off) == STORE_FULL);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_evictions == evictions);
+    /* Unpin everything: the same request now evicts and fits. */
+    for (unsigned k = 0; k < npinned; k++) {
+        make_id(id, pinned[k]);
+        CHECK(store_release(s, id, offs[k]) == STORE_OK);
+    }
+    make_id(id, 3);
+    CHECK(store_release(s, id, pinned_off) == STORE_OK);
+    make_id(id, 301);
+    CHECK(store_create_object(s, id, 1, &off) == STORE_OK);
+    /* A CREATED object is never evicted, even by a request that then fails. */
+    make_id(id, 302);
+    CHECK(store_create_object(s, id, 64 * 1024 - 64, &off) != STORE_TOO_LARGE);
+    CHECK(store_abort(s, id) == STORE_OK || store_abort(s, id) == STORE_NOT_FOUND);
+    make_id(id, 301);
+    CHECK(store_get(s, id, &off, &size) == STORE_NOT_SEALED);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_objects == 1 && st.used_bytes == 64);
+    CHECK(store_seal(s, id) == STORE_OK);
+    make_id(id, 302);
+    CHECK(store_create_object(s, id, 64 * 1024, &off) == STORE_OK); /* evicts 301 */
+    CHECK(!has(s, 301));
+    CHECK(store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
+static void test_dead_lock_holder(void)
+{
+    store *s = fresh_store(1 << 20, 0);
+    put(s, 1, 100);
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        store *child = NULL;
+        close(fds[0]);
+        if (store_attach(segment_name, &child) != STORE_OK)
+            _exit(2);
+        store_debug_lock_forever(child, fds[1]);
+        _exit(3);
+    }
+    close(fds[1]);
+    char byte;
+    CHECK(read(fds[0], &byte, 1) == 1); /* the child holds the lock now */
+    close(fds[0]);
+    kill(pid, SIGKILL);
+    int status;
+    CHECK(waitpid(pid, &status, 0) == pid && WIFSIGNALED(status));
+    CHECK(has(s, 1));
+    put(s, 2, 100);
+    store_stats st;
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_recoveries == 1 && st.num_objects == 2);
+    CHECK(store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
+int main(void)
+{
+    snprintf(segment_name, sizeof segment_name, "/hpcray-ctest-%d", (int)getpid());
+    test_allocator();
+    test_table();
+    test_eviction();
+    test_dead_lock_holder();
+    store_unlink(segment_name);
+    printf("test_store: all checks passed\n");
+    return 0;
+}

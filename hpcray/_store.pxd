@@ -1,0 +1,62 @@
+# Extern declarations mirroring csrc/store.h; nothing else belongs here.
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "store.h" nogil:
+    enum: STORE_ID_SIZE
+
+    ctypedef enum store_status:
+        STORE_OK
+        STORE_EXISTS
+        STORE_NOT_FOUND
+        STORE_NOT_SEALED
+        STORE_BAD_STATE
+        STORE_FULL
+        STORE_TOO_LARGE
+        STORE_INVALID
+        STORE_BAD_SEGMENT
+        STORE_SYSTEM
+
+    ctypedef enum store_state:
+        STORE_STATE_CREATED
+        STORE_STATE_SEALED
+
+    ctypedef struct store:
+        pass
+
+    ctypedef struct store_stats:
+        uint64_t capacity
+        uint64_t used_bytes
+        uint64_t num_objects
+        uint64_t num_pinned
+        uint64_t num_evictions
+        uint64_t table_capacity
+        uint64_t num_recoveries
+
+    ctypedef struct store_object_info:
+        uint8_t id[STORE_ID_SIZE]
+        uint64_t offset
+        uint64_t size
+        uint32_t state
+        uint32_t pins
+        uint32_t delete_pending
+        int32_t creator_pid
+
+    store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,
+                              store **out)
+    store_status store_attach(const char *name, store **out)
+    void store_close(store *s)
+    store_status store_unlink(const char *name)
+    uint8_t *store_ptr(const store *s, uint64_t offset)
+    store_status store_create_object(store *s, const uint8_t *id, uint64_t size,
+                                     uint64_t *offset)
+    store_status store_seal(store *s, const uint8_t *id)
+    store_status store_abort(store *s, const uint8_t *id)
+    store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)
+    store_status store_release(store *s, const uint8_t *id, uint64_t offset)
+    int store_contains(store *s, const uint8_t *id)
+    store_status store_delete(store *s, const uint8_t *id)
+    store_status store_get_stats(store *s, store_stats *out)
+    store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
+    store_status store_debug_lock_forever(store *s, int notify_fd)
+    int store_debug_check(store *s)

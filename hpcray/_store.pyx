@@ -1,0 +1,440 @@
+# cython: language_level=3
+"""Python binding of the node object store in csrc/store.c.
+
+What it is for: creating, sealing, reading (zero-copy, pinned) and deleting
+objects in one node's POSIX shared-memory segment, from any process on the
+node. What it is not for: serialization, reference counting across the
+cluster, or moving objects between nodes; the runtime builds those on top.
+
+A thin shell: every call goes straight to C, with the GIL released around the
+calls that take the store lock, and `_check` turns C status codes into the
+typed exceptions below.
+"""
+import os
+
+cimport cython
+from cpython.buffer cimport PyBuffer_FillInfo
+from libc.errno cimport errno
+from libc.stdint cimport uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+ID_SIZE = STORE_ID_SIZE
+
+
+class StoreError(Exception):
+    """A store operation failed. `errno` is set when a system call did."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class ObjectExistsError(StoreError):
+    """An object with this id is already in the store (possibly delete-pending)."""
+
+
+class StoreFullError(StoreError):
+    """No room even after evicting every unpinned sealed object."""
+
+
+class ObjectTooLargeError(StoreFullError):
+    """The object is larger than the store's whole data area."""
+
+
+cdef int _check(store_status rc, int err, str what, object object_id=None) except -1:
+    """Raises the exception that C status `rc` stands for; returns 0 on STORE_OK."""
+    if rc == STORE_OK:
+        return 0
+    subject = what if object_id is None else f"{what} {bytes(object_id).hex()}"
+    if rc == STORE_EXISTS:
+        raise ObjectExistsError(f"{subject}: object already exists")
+    if rc == STORE_TOO_LARGE:
+        raise ObjectTooLargeError(f"{subject}: larger than the whole store")
+    if rc == STORE_FULL:
+        raise StoreFullError(f"{subject}: store full (pinned or unsealed objects hold the rest)")
+    if rc == STORE_NOT_FOUND:
+        raise StoreError(f"{subject}: no such object")
+    if rc == STORE_NOT_SEALED:
+        raise StoreError(f"{subject}: object not sealed")
+    if rc == STORE_BAD_STATE:
+        raise StoreError(f"{subject}: object is not in the CREATED state")
+    if rc == STORE_INVALID:
+        raise StoreError(f"{subject}: invalid argument")
+    if rc == STORE_BAD_SEGMENT:
+        raise StoreError(f"{subject}: not an hpcray store segment (or another version)")
+    raise StoreError(f"{subject}: {os.strerror(err)}", err)
+
+
+cdef const uint8_t *_id_ptr(bytes object_id) except NULL:
+    if len(object_id) != STORE_ID_SIZE:
+        raise ValueError(f"object ids are {STORE_ID_SIZE} bytes, got {len(object_id)}")
+    return <const uint8_t *><const char *>object_id
+
+
+cdef class Store:
+    """One process's mapping of a node's object store segment.
+
+    Make one with Store.create (the node manager) or Store.attach (every
+    other process on the node). Buffers handed out keep the mapping alive:
+    close() stops further calls at once but unmaps only when the last one is
+    gone, so a view into the segment never points at unmapped memory.
+    """
+    cdef store *_s
+    cdef str _name
+    cdef uint64_t _capacity
+    cdef bint _closed
+    cdef Py_ssize_t _exports  # live StoreBuffer / _WritableBuffer objects
+
+    def __init__(self):
+        raise TypeError("use Store.create() or Store.attach()")
+
+    @staticmethod
+    cdef Store _wrap(store *s, str name):
+        cdef Store self = Store.__new__(Store)
+        cdef store_stats st
+        self._s = s
+        self._name = name
+        store_get_stats(s, &st)
+        self._capacity = st.capacity
+        return self
+
+    @staticmethod
+    def create(str name not None, capacity, table_capacity=None):
+        """Creates (O_EXCL, mode 0600), maps and initialises segment `name`."""
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        cdef bytes cname = os.fsencode(name)
+        cdef const char *cn = cname
+        cdef uint64_t cap = capacity
+        cdef uint64_t tcap = 0 if table_capacity is None else table_capacity
+        cdef store *s = NULL
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_create(cn, cap, tcap, &s)
+            err = errno
+        _check(rc, err, f"create {name!r}")
+        return Store._wrap(s, name)
+
+    @staticmethod
+    def attach(str name not None):
+        """Maps segment `name`, made by Store.create in another process."""
+        cdef bytes cname = os.fsencode(name)
+        cdef const char *cn = cname
+        cdef store *s = NULL
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_attach(cn, &s)
+            err = errno
+        _check(rc, err, f"attach {name!r}")
+        return Store._wrap(s, name)
+
+    @staticmethod
+    def unlink_name(str name not None):
+        """Removes segment `name`; no error when it does not exist."""
+        cdef bytes cname = os.fsencode(name)
+        cdef store_status rc = store_unlink(cname)
+        _check(rc, errno, f"unlink {name!r}")
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def capacity(self):
+        return self._capacity
+
+    cdef store *_handle(self) except NULL:
+        if self._closed:
+            raise StoreError(f"store {self._name!r} is closed")
+        return self._s
+
+    def create_object(self, bytes object_id not None, size):
+        """Reserves `size` bytes as a CREATED object pinned by the caller and
+        returns a writable memoryview over them (zero-copy, 64-byte aligned).
+        May evict. Raises ObjectExistsError, StoreFullError, ObjectTooLargeError."""
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        cdef store *s = self._handle()
+        cdef const uint8_t *cid = _id_ptr(object_id)
+        cdef uint64_t csize = size
+        cdef uint64_t offset = 0
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_create_object(s, cid, csize, &offset)
+            err = errno
+        _check(rc, err, "create_object", object_id)
+        return memoryview(_WritableBuffer._new(self, offset, csize))
+
+    def seal(self, bytes object_id not None):
+        """CREATED -> SEALED; drops the creator's pin. Writes made before seal
+        are visible to every later get, in any process."""
+        cdef store *s = self._handle()
+        cdef const uint8_t *cid = _id_ptr(object_id)
+        cdef store_status rc
+        with nogil:
+            rc = store_seal(s, cid)
+        _check(rc, 0, "seal", object_id)
+
+    def abort(self, bytes object_id not None):
+        """Frees an object that was created and not sealed."""
+        cdef store *s = self._handle()
+        cdef const uint8_t *cid = _id_ptr(object_id)
+        cdef store_status rc
+        with nogil:
+            rc = store_abort(s, cid)
+        _check(rc, 0, "abort", object_id)
+
+    def get(self, bytes object_id not None):
+        """Pins a sealed object and returns a StoreBuffer over it, or None when
+        it is absent, unsealed or delete-pending."""
+        cdef store *s = self._handle()
+        cdef const uint8_t *cid = _id_ptr(object_id)
+        cdef uint64_t offset = 0, size = 0
+        cdef store_status rc
+        with nogil:
+            rc = store_get(s, cid, &offset, &size)
+        if rc == STORE_NOT_FOUND or rc == STORE_NOT_SEALED:
+            return None
+        _check(rc, 0, "get", object_id)
+        try:
+            return StoreBuffer._new(self, object_id, offset, size)
+        except BaseException:
+            with nogil:
+                store_release(s, cid, offset)
+            raise
+
+    def contains(self, bytes object_id not None):
+        """Whether a sealed, not delete-pending object has this id."""
+        cdef store *s = self._handle()
+        cdef const uint8_t *cid = _id_ptr(object_id)
+        cdef int found
+        with nogil:
+            found = store_contains(s, cid)
+        return bool(found)
+
+    def delete(self, bytes object_id not None):
+        """Frees the object now if unpinned, else when its last pin drops.
+        Returns False when there is no such object (or it is already pending)."""
+        cdef store *s = self._handle()
+        cdef const uint8_t *cid = _id_ptr(object_id)
+        cdef store_status rc
+        with nogil:
+            rc = store_delete(s, cid)
+        if rc == STORE_NOT_FOUND:
+            return False
+        _check(rc, 0, "delete", object_id)
+        return True
+
+    def stats(self):
+        """capacity, used_bytes, num_objects, num_pinned, num_evictions,
+        table_capacity, num_recoveries."""
+        cdef store *s = self._handle()
+        cdef store_stats st
+        cdef store_status rc
+        with nogil:
+            rc = store_get_stats(s, &st)
+        _check(rc, 0, "stats")
+        return {
+            "capacity": st.capacity,
+            "used_bytes": st.used_bytes,
+            "num_objects": st.num_objects,
+            "num_pinned": st.num_pinned,
+            "num_evictions": st.num_evictions,
+            "table_capacity": st.table_capacity,
+            "num_recoveries": st.num_recoveries,
+        }
+
+    def objects(self):
+        """[(object_id, size, state, pins)], state one of "CREATED", "SEALED",
+        "DELETE_PENDING". For tests and debugging: walks the whole table."""
+        cdef store *s = self._handle()
+        cdef size_t room = self.stats()["num_objects"] + 64
+        cdef size_t count = 0
+        cdef store_object_info *infos = NULL
+        cdef store_status rc
+        while True:
+            infos = <store_object_info *>malloc(room * sizeof(store_object_info))
+            if infos == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = store_list(s, infos, room, &count)
+            if rc == STORE_OK and count > room:
+                free(infos)
+                room = count + 64
+                continue
+            break
+        try:
+            _check(rc, 0, "objects")
+            result = []
+            for i in range(count):
+                if infos[i].delete_pending:
+                    state = "DELETE_PENDING"
+                elif infos[i].state == STORE_STATE_SEALED:
+                    state = "SEALED"
+                else:
+                    state = "CREATED"
+                result.append((bytes((<char *>infos[i].id)[:STORE_ID_SIZE]),
+                               infos[i].size, state, infos[i].pins))
+            return result
+        finally:
+            free(infos)
+
+    def close(self):
+        """Ends this handle: further calls raise StoreError. Unmaps now, or
+        when the last buffer from it is gone. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._exports == 0:
+            self._unmap()
+
+    def unlink(self):
+        """Removes this segment's name; mappings stay valid until closed."""
+        Store.unlink_name(self._name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    cdef void _unmap(self) noexcept:
+        cdef store *s = self._s
+        self._s = NULL
+        if s != NULL:
+            with nogil:
+                store_close(s)
+
+    def __dealloc__(self):
+        if self._s != NULL:
+            store_close(self._s)
+            self._s = NULL
+
+    def _debug_hold_lock(self, int notify_fd=-1):
+        """Test hook: takes the store lock, writes one byte to notify_fd and
+        blocks forever holding it (kill the process to end it)."""
+        cdef store *s = self._handle()
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_debug_lock_forever(s, notify_fd)
+            err = errno
+        _check(rc, err, "_debug_hold_lock")
+
+    def _debug_check(self):
+        """Test hook: True when table, counters and allocator are consistent."""
+        cdef store *s = self._handle()
+        cdef int bad
+        with nogil:
+            bad = store_debug_check(s)
+        return bad == 0
+
+
+cdef class _WritableBuffer:
+    """The writable bytes of one CREATED object; create_object wraps it in a
+    memoryview. Holds the Store so the mapping outlives every view."""
+    cdef Store _store
+    cdef uint8_t *_ptr
+    cdef Py_ssize_t _size
+
+    @staticmethod
+    cdef _WritableBuffer _new(Store owner, uint64_t offset, uint64_t size):
+        cdef _WritableBuffer self = _WritableBuffer.__new__(_WritableBuffer)
+        self._store = owner
+        self._ptr = store_ptr(owner._s, offset)
+        self._size = <Py_ssize_t>size
+        owner._exports += 1
+        return self
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self._ptr, self._size, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        if self._store is not None:
+            self._store._exports -= 1
+            if self._store._closed and self._store._exports == 0:
+                self._store._unmap()
+
+
+@cython.no_gc_clear
+cdef class StoreBuffer:
+    """A read-only, zero-copy buffer over one sealed object, holding one pin.
+
+    memoryview(buf), numpy.frombuffer(buf) and pickle's out-of-band buffers
+    view the segment directly; each view keeps this object (and its pin)
+    alive. release() drops the pin early (views made before it then see
+    bytes that may be reused); it is idempotent, and dropping the last
+    reference releases too.
+    """
+    cdef Store _store
+    cdef bytes _object_id
+    cdef uint64_t _offset
+    cdef uint8_t *_ptr
+    cdef Py_ssize_t _size
+    cdef bint _released
+
+    def __init__(self):
+        raise TypeError("StoreBuffer objects come from Store.get()")
+
+    @staticmethod
+    cdef StoreBuffer _new(Store owner, bytes object_id, uint64_t offset, uint64_t size):
+        cdef StoreBuffer self = StoreBuffer.__new__(StoreBuffer)
+        self._store = owner
+        self._object_id = object_id
+        self._offset = offset
+        self._ptr = store_ptr(owner._s, offset)
+        self._size = <Py_ssize_t>size
+        owner._exports += 1
+        return self
+
+    @property
+    def size(self):
+        return self._size
+
+    @property
+    def object_id(self):
+        return self._object_id
+
+    def release(self):
+        """Drops this buffer's pin (once; later calls do nothing)."""
+        self._unpin()
+
+    cdef void _unpin(self) noexcept:
+        if self._released or self._store is None:
+            return
+        self._released = True
+        cdef store *s = self._store._s  # still mapped: this buffer defers the unmap
+        cdef const uint8_t *cid = <const uint8_t *><const char *>self._object_id
+        cdef uint64_t offset = self._offset
+        with nogil:
+            store_release(s, cid, offset)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if self._released:
+            raise BufferError("StoreBuffer was released")
+        PyBuffer_FillInfo(view, self, self._ptr, self._size, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __len__(self):
+        return self._size
+
+    def __repr__(self):
+        return (f"<StoreBuffer {self._object_id.hex()} size={self._size}"
+                f"{' released' if self._released else ''}>")
+
+    def __dealloc__(self):
+        if self._store is None:
+            return
+        self._unpin()
+        self._store._exports -= 1
+        if self._store._closed and self._store._exports == 0:
+            self._store._unmap()
