@@ -1,0 +1,20 @@
+"""hpcray: Ray's core API (tasks, actors, a shared-memory object store) for HPC clusters.
+
+`import hpcray as ray` runs Ray programs. `python app.py` runs one node with no MPI;
+`mpirun -n N python -m hpcray app.py` runs N nodes.
+"""
+
+from hpcray import exceptions
+from hpcray.actor import ActorClass, ActorHandle, method
+from hpcray.api import (available_resources, cancel, cluster_resources, get, get_actor,
+                        get_gpu_ids, init, is_initialized, kill, nodes, put, remote, shutdown,
+                        wait)
+from hpcray.object_ref import ObjectRef
+from hpcray.runtime_context import get_runtime_context
+
+__version__ = "0.1.0"
+
+__all__ = ["ActorClass", "ActorHandle", "ObjectRef", "available_resources", "cancel",
+           "cluster_resources", "exceptions", "get", "get_actor", "get_gpu_ids",
+           "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes", "put",
+           "remote", "shutdown", "wait"]

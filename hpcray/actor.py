@@ -1,0 +1,187 @@
+"""`@remote` classes: actors, their handles and method calls."""
+
+from __future__ import annotations
+
+import inspect
+
+from hpcray import context, ids, options as opts
+from hpcray.object_ref import _note_pickled
+from hpcray.remote_function import _pickle_callable, encode_call_args, refs_for
+from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
+from hpcray import object_ref as _object_ref
+
+
+def method(*, num_returns: int = 1, **_ray_only):
+    """`@hpcray.method(num_returns=n)` on an actor method, as `ray.method`."""
+    def decorate(function):
+        function.__hpcray_num_returns__ = num_returns
+        return function
+    return decorate
+
+
+def _describe(cls) -> dict:
+    methods = {}
+    is_async = False
+    for name, member in inspect.getmembers(cls):
+        if not callable(member) or (name.startswith("__") and name != "__call__"):
+            continue
+        methods[name] = getattr(member, "__hpcray_num_returns__", 1)
+        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+            is_async = True
+    return {"class_name": cls.__name__, "methods": methods, "is_async": is_async}
+
+
+class ActorClass:
+    def __init__(self, cls, options: dict, class_id: bytes | None = None):
+        self._cls = cls
+        self._options = options
+        self._class_id = class_id or ids.new_task_id()
+        self._pickled = None
+        self._info = _describe(cls)
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__module__ = cls.__module__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of "
+                        f"'{self.__name__}()', use '{self.__name__}.remote()'.")
+
+    def __reduce__(self):
+        return (ActorClass, (self._cls, self._options, self._class_id))
+
+    def options(self, **actor_options) -> _ActorOptions:
+        opts.check(actor_options, opts.ACTOR_OPTIONS, f"actor {self.__name__}")
+        return _ActorOptions(self, {**self._options, **actor_options})
+
+    def remote(self, *args, **kwargs) -> ActorHandle:
+        return self._remote(args, kwargs, self._options)
+
+    def _remote(self, args, kwargs, options: dict) -> ActorHandle:
+        client = context.get_client()
+        name = options.get("name")
+        if name is not None and options.get("get_if_exists"):
+            found = client.get_actor_info(name)
+            if found is not None:
+                return ActorHandle(*found)
+        if self._class_id not in client.exported_functions:
+            if self._pickled is None:
+                self._pickled = _pickle_callable(self._cls, "actor class", self.__name__)
+            client.export_function(self._class_id, self._pickled)
+        demand = opts.demand_of(options, 0)  # Ray: an actor holds no CPU unless asked
+        client.check_feasible(f"Actor {self.__name__}", demand)
+        actor_id = ids.new_actor_id()
+        args_payload, deps, contained = encode_call_args(client, actor_id, args, kwargs,
+                                                         f"{self.__name__}.__init__")
+        spec_options = {
+            "info": self._info,
+            "name": name,
+            "detached": options.get("lifetime") == "detached",
+            "max_restarts": options.get("max_restarts") or 0,
+            "max_task_retries": options.get("max_task_retries") or 0,
+            "max_concurrency": options.get("max_concurrency"),
+        }
+        spec = TaskSpec(actor_id, ACTOR_CREATION, self._class_id, self.__name__, args_payload,
+                        deps, contained, [], demand, 0, False, actor_id, None, spec_options)
+        client.submit(spec)
+        return ActorHandle(actor_id, self._info)
+
+
+class _ActorOptions:
+    def __init__(self, actor_class: ActorClass, options: dict):
+        self._actor_class = actor_class
+        self._options = options
+
+    def remote(self, *args, **kwargs) -> ActorHandle:
+        return self._actor_class._remote(args, kwargs, self._options)
+
+
+class ActorHandle:
+    """A handle to an actor: pass it anywhere, call `handle.method.remote(...)`."""
+
+    def __init__(self, actor_id: bytes, info: dict):
+        self._actor_id = actor_id
+        self._info = info
+        self._counted = _object_ref.reference_counter.enabled
+        if self._counted:
+            self._counter = _object_ref.reference_counter
+            self._counter.add(actor_id)
+
+    def __del__(self):
+        if self.__dict__.get("_counted"):
+            try:
+                self._counter.remove(self._actor_id)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        info = self.__dict__.get("_info")
+        if info is None or name not in info["methods"]:
+            raise AttributeError(f"Actor {info['class_name'] if info else '?'} has no method "
+                                 f"{name!r}.")
+        bound = ActorMethod(self, name, info["methods"][name])
+        self.__dict__[name] = bound
+        return bound
+
+    def __reduce__(self):
+        _note_pickled(self._actor_id)
+        return (ActorHandle, (self._actor_id, self._info))
+
+    def __repr__(self) -> str:
+        return f"Actor({self._info['class_name']}, {self._actor_id.hex()})"
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+
+class ActorMethod:
+    __slots__ = ("_handle", "_name", "_num_returns", "_qualname")
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+        self._qualname = f"{handle._info['class_name']}.{name}"
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running "
+                        f"'{self._name}()', try '{self._name}.remote()'.")
+
+    def options(self, **call_options) -> _MethodOptions:
+        opts.check(call_options, {"num_returns", "name", "max_task_retries",
+                                  "retry_exceptions", "concurrency_group"},
+                   f"actor method {self._qualname}")
+        return _MethodOptions(self, call_options)
+
+    def remote(self, *args, **kwargs):
+        return self._remote(args, kwargs, None)
+
+    def _remote(self, args, kwargs, options):
+        client = context.get_client()
+        task_id = ids.new_task_id()
+        args_payload, deps, contained = encode_call_args(client, task_id, args, kwargs,
+                                                         self._qualname)
+        num_returns = self._num_returns
+        name = self._qualname
+        retry_exceptions = False
+        if options:
+            num_returns = options.get("num_returns", num_returns)
+            name = options.get("name") or name
+            retry_exceptions = options.get("retry_exceptions", False)
+        return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
+        spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
+                        return_ids, {}, 0, retry_exceptions, self._handle._actor_id, self._name)
+        client.submit(spec)
+        return refs_for(return_ids)
+
+
+class _MethodOptions:
+    def __init__(self, actor_method: ActorMethod, options: dict):
+        self._method = actor_method
+        self._options = options
+
+    def remote(self, *args, **kwargs):
+        return self._method._remote(args, kwargs, self._options)

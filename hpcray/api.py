@@ -1,0 +1,253 @@
+"""The public API: init/shutdown, get/put/wait, cancel/kill, actors by name, resources."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import threading
+
+from hpcray import context, exceptions, object_ref
+from hpcray.actor import ActorClass, ActorHandle
+from hpcray.config import Config
+from hpcray.object_ref import ObjectRef
+from hpcray.remote_function import RemoteFunction
+from hpcray.options import ACTOR_OPTIONS, TASK_OPTIONS, check
+
+_init_lock = threading.Lock()
+_atexit_registered = False
+
+
+class RuntimeInfo(dict):
+    """What init() returns (Ray returns a context with `address_info`)."""
+
+    @property
+    def address_info(self) -> dict:
+        return self
+
+
+def _default_store_bytes() -> int:
+    from hpcray.resources import detect_memory_bytes
+    want = int(detect_memory_bytes() * 0.3)
+    try:
+        stat = os.statvfs("/dev/shm")
+        want = min(want, int(stat.f_bavail * stat.f_frsize * 0.9))
+    except OSError:
+        pass
+    return max(want, 64 * 1024 * 1024)
+
+
+def init(address: str | None = None, *, num_cpus: float | None = None,
+         num_gpus: float | None = None, resources: dict | None = None,
+         object_store_memory: int | None = None, ignore_reinit_error: bool = False,
+         log_to_driver: bool | None = None, **ray_only_options) -> RuntimeInfo:
+    """Start hpcray on this machine (one node, no MPI), as `ray.init()`.
+
+    Ray options that have no meaning here (dashboard, namespace, runtime_env, ...) are
+    accepted and ignored, so Ray programs run unchanged.
+    """
+    global _atexit_registered
+    from hpcray.resources import detect_node_resources
+    from hpcray.runtime.node_manager import NodeManager
+    from hpcray.runtime.client import DriverClient
+
+    if context.worker is not None:
+        raise RuntimeError("hpcray.init() cannot be called inside a task or actor.")
+    if address not in (None, "local", "auto"):
+        raise ValueError(f"hpcray has no cluster address to connect to ({address!r}); start "
+                         "many nodes with `mpirun -n N python -m hpcray app.py` instead.")
+    with _init_lock:
+        if context.client is not None:
+            if ignore_reinit_error:
+                return RuntimeInfo(context.driver_node.info)
+            raise RuntimeError("hpcray.init() was already called; call shutdown() first "
+                               "(or pass ignore_reinit_error=True).")
+        config = Config.from_environment()
+        if log_to_driver is not None:
+            config.log_to_driver = bool(log_to_driver)
+        if object_store_memory is not None:
+            config.object_store_memory = int(object_store_memory)
+        node_resources = detect_node_resources(num_cpus=num_cpus, num_gpus=num_gpus,
+                                               resources=resources)
+        store_bytes = config.object_store_memory or _default_store_bytes()
+        node_resources.custom.setdefault("object_store_memory", float(store_bytes))
+        job_id = os.urandom(4)
+        node_id = os.urandom(16)
+        store_name = f"/hpcray-{os.getpid()}-{job_id.hex()}-n0"
+        node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
+                           config=config, store_name=store_name, store_capacity=store_bytes)
+        node.info = {"node_id": node_id.hex(), "job_id": job_id.hex(),
+                     "object_store_name": store_name, "node_ip_address": "127.0.0.1",
+                     "hostname": socket.gethostname()}
+        counter = node.driver_refs
+        object_ref.reference_counter = counter
+        counter.enabled = True
+        context.driver_node = node
+        context.client = DriverClient(node, node.store, config, job_id, node_id)
+        node.prestart_workers(max(1, int(node_resources.num_cpus)))
+        if not _atexit_registered:
+            atexit.register(shutdown)
+            _install_sigterm_handler()
+            _atexit_registered = True
+        return RuntimeInfo(node.info)
+
+
+def _install_sigterm_handler() -> None:
+    # SIGTERM's default action skips atexit; turn it into SystemExit so shutdown() runs.
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def on_sigterm(signum, _frame):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def shutdown(_exiting_interpreter: bool = False) -> None:
+    """Stop every worker and free the object store. Safe to call twice."""
+    with _init_lock:
+        node = context.driver_node
+        if node is None:
+            return
+        object_ref.reference_counter.enabled = False
+        context.client = None
+        context.driver_node = None
+        node.shutdown()
+
+
+def is_initialized() -> bool:
+    return context.client is not None
+
+
+def _check_refs(object_refs, what: str) -> list:
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"{what} expects an ObjectRef or a list of ObjectRefs, "
+                        f"got {type(object_refs).__name__}.")
+    for ref in object_refs:
+        if not isinstance(ref, ObjectRef):
+            raise TypeError(f"{what} expects ObjectRefs, got {type(ref).__name__} {ref!r:.60} "
+                            "in the list.")
+    return object_refs
+
+
+def get(object_refs, *, timeout: float | None = None):
+    """The value(s) of ObjectRef(s), waiting for them; raises the task's error if it failed."""
+    client = context.get_client()
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be None or >= 0.")
+    if isinstance(object_refs, ObjectRef):
+        object_id = object_refs.binary()
+        payloads = client.get_payloads([object_id], timeout)
+        return client.values_or_raise([object_id], payloads)[0]
+    refs = _check_refs(object_refs, "get()")
+    if not refs:
+        return []
+    object_ids = [r.binary() for r in refs]
+    payloads = client.get_payloads(object_ids, timeout)
+    return client.values_or_raise(object_ids, payloads)
+
+
+def put(value) -> ObjectRef:
+    """Store `value` (zero-copy for numpy data on `get`) and return its ObjectRef."""
+    return context.get_client().put(value)
+
+
+def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True):
+    """-> (ready, not_ready): the first `num_returns` ready refs, in the order given."""
+    client = context.get_client()
+    refs = _check_refs(object_refs, "wait()")
+    if len(set(refs)) != len(refs):
+        raise ValueError("wait() got duplicate ObjectRefs.")
+    if not isinstance(num_returns, int) or num_returns < 0 or num_returns > len(refs):
+        raise ValueError(f"num_returns must be between 0 and len(object_refs) = {len(refs)}, "
+                         f"got {num_returns!r}.")
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be None or >= 0.")
+    if not refs:
+        return [], []
+    ready_ids = set(client.wait_ready([r.binary() for r in refs], num_returns, timeout))
+    ready, not_ready = [], []
+    for ref in refs:
+        if ref.binary() in ready_ids and len(ready) < num_returns:
+            ready.append(ref)
+        else:
+            not_ready.append(ref)
+    return ready, not_ready
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that makes `object_ref`; its `get` raises TaskCancelledError."""
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}.")
+    context.get_client().cancel(object_ref.binary(), force)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill the actor's process now; calls to it then raise RayActorError."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() expects an actor handle, got {type(actor).__name__}.")
+    context.get_client().kill_actor(actor._actor_id, no_restart)
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor created with `.options(name=name)`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("get_actor() needs a non-empty actor name.")
+    found = context.get_client().get_actor_info(name)
+    if found is None:
+        raise ValueError(f"Failed to look up actor with name {name!r}: no live actor has it.")
+    return ActorHandle(*found)
+
+
+def get_gpu_ids() -> list:
+    """The GPU indices assigned to the calling task or actor ([] in the driver)."""
+    context.get_client()
+    worker = context.worker
+    return list(worker.gpu_ids) if worker is not None else []
+
+
+def cluster_resources() -> dict:
+    total, _ = context.get_client().resources()
+    return dict(total)
+
+
+def available_resources() -> dict:
+    _, available = context.get_client().resources()
+    return {k: v for k, v in available.items() if v > 0}
+
+
+def nodes() -> list:
+    client = context.get_client()
+    total, _ = client.resources()
+    host = socket.gethostname()
+    return [{"NodeID": client.node_id.hex(), "Alive": True, "alive": True,
+             "NodeManagerAddress": "127.0.0.1", "NodeManagerHostname": host, "NodeName": host,
+             "Resources": dict(total), "rank": 0}]
+
+
+def remote(*args, **options):
+    """`@remote` or `@remote(num_cpus=..., ...)` on a function or a class."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("@remote takes either no arguments or keyword options only.")
+
+    def decorate(target):
+        return _make_remote(target, options)
+    return decorate
+
+
+def _make_remote(target, options: dict):
+    if isinstance(target, type):
+        return ActorClass(target, check(options, ACTOR_OPTIONS, f"actor {target.__name__}"))
+    if callable(target):
+        return RemoteFunction(target, check(options, TASK_OPTIONS,
+                                            f"task {getattr(target, '__name__', target)}"))
+    raise TypeError("@remote must decorate a function or a class.")
+
+
+__all__ = ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "kill",
+           "get_actor", "get_gpu_ids", "cluster_resources", "available_resources", "nodes",
+           "remote", "RemoteFunction", "ActorClass", "ActorHandle", "exceptions"]

@@ -1,0 +1,60 @@
+"""Every knob of hpcray: an `HPCRAY_*` environment variable with a default, read here only.
+
+`init()` arguments override the environment; the environment overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class Config:
+    # Values whose serialized size is under this travel inside messages, not the store.
+    inline_threshold: int = 100 * 1024
+    # Bytes of the node's shared-memory store; 0 means 30% of memory, capped by /dev/shm.
+    object_store_memory: int = 0
+    # Retries of a task whose worker died, as Ray's default.
+    default_max_retries: int = 3
+    # Forward workers' stdout/stderr to the driver, prefixed with their pid.
+    log_to_driver: bool = True
+    # Seconds a worker may take to start before init or a task fails.
+    worker_start_timeout: int = 60
+    # Idle workers kept beyond num_cpus (made when others blocked in get) before retiring.
+    max_idle_extra_workers: int = 0
+
+    @classmethod
+    def from_environment(cls) -> Config:
+        config = cls()
+        config.inline_threshold = _env_int("HPCRAY_INLINE_THRESHOLD", config.inline_threshold)
+        config.object_store_memory = _env_int("HPCRAY_OBJECT_STORE_MEMORY",
+                                              config.object_store_memory)
+        config.default_max_retries = _env_int("HPCRAY_DEFAULT_MAX_RETRIES",
+                                              config.default_max_retries)
+        config.log_to_driver = _env_bool("HPCRAY_LOG_TO_DRIVER", config.log_to_driver)
+        config.worker_start_timeout = _env_int("HPCRAY_WORKER_START_TIMEOUT",
+                                               config.worker_start_timeout)
+        config.max_idle_extra_workers = _env_int("HPCRAY_MAX_IDLE_EXTRA_WORKERS",
+                                                 config.max_idle_extra_workers)
+        return config
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

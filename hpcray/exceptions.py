@@ -1,0 +1,126 @@
+"""The exceptions users of hpcray see, with Ray's names and meanings.
+
+`RayTaskError` wraps an exception raised inside a task; `as_instanceof_cause()` makes
+an object that is both a `RayTaskError` and an instance of the user's exception class,
+so `except ValueError:` around `get` works as it does with Ray.
+"""
+
+from __future__ import annotations
+
+
+class RayError(Exception):
+    """Base of every error hpcray raises on behalf of the runtime."""
+
+
+class RaySystemError(RayError):
+    """The runtime itself failed (a bug or a broken installation)."""
+
+
+class RayTaskError(RayError):
+    """A task or actor method raised; `cause` is the original exception."""
+
+    def __init__(self, function_name: str, traceback_str: str, cause: BaseException | None,
+                 pid: int | None = None):
+        self.function_name = function_name
+        self.traceback_str = traceback_str
+        self.cause = cause
+        self.pid = pid
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = f" (pid={self.pid})" if self.pid else ""
+        return f"{type(self.cause).__name__ if self.cause else 'Error'} in {self.function_name}{where}:\n{self.traceback_str}"
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self):
+        return (RayTaskError, (self.function_name, self.traceback_str, self.cause, self.pid))
+
+    def as_instanceof_cause(self) -> RayTaskError:
+        """An exception that is both this RayTaskError and an instance of the cause's class."""
+        cause_cls = type(self.cause) if self.cause is not None else None
+        if cause_cls is None or isinstance(self.cause, RayTaskError) or issubclass(RayTaskError, cause_cls):
+            return self
+        try:
+            dual = _dual_class(cause_cls)
+            err = dual.__new__(dual)
+        except TypeError:  # the class cannot be subclassed (a final C type)
+            return self
+        err.function_name, err.traceback_str = self.function_name, self.traceback_str
+        err.cause, err.pid = self.cause, self.pid
+        err.args = self.cause.args
+        try:
+            err.__dict__.update({k: v for k, v in vars(self.cause).items() if k not in err.__dict__})
+        except TypeError:
+            pass
+        return err
+
+
+_dual_classes: dict[type, type] = {}
+
+
+def _dual_class(cause_cls: type) -> type:
+    dual = _dual_classes.get(cause_cls)
+    if dual is None:
+        def _init(self, *args, **kwargs):  # never called: instances are made by as_instanceof_cause
+            pass
+
+        dual = type(f"RayTaskError({cause_cls.__name__})", (RayTaskError, cause_cls),
+                    {"__init__": _init, "__str__": RayTaskError.__str__,
+                     "__reduce__": RayTaskError.__reduce__})
+        _dual_classes[cause_cls] = dual
+    return dual
+
+
+class RayActorError(RayError):
+    """The actor died (its process exited, it was killed, or its constructor raised)."""
+
+    def __init__(self, message: str = "The actor died unexpectedly before finishing this task."):
+        super().__init__(message)
+
+
+class ActorDiedError(RayActorError):
+    """The actor is dead and will not restart."""
+
+
+class WorkerCrashedError(RayError):
+    """The worker running the task died (and the task ran out of retries)."""
+
+    def __init__(self, message: str = "The worker died unexpectedly while executing this task."):
+        super().__init__(message)
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    """`get` ran past its timeout."""
+
+
+class TaskCancelledError(RayError):
+    """The task was cancelled with `cancel`."""
+
+    def __init__(self, message: str = "This task or its dependency was cancelled."):
+        super().__init__(message)
+
+
+class ObjectLostError(RayError):
+    """The object's value is gone and cannot be recomputed."""
+
+
+class ObjectFreedError(ObjectLostError):
+    """The object was freed (all references dropped) before it was read."""
+
+
+class ObjectStoreFullError(RayError):
+    """The object does not fit in the node's shared-memory store."""
+
+
+class OutOfMemoryError(RayError):
+    """A worker ran out of memory."""
+
+
+class ResourceInfeasibleError(RayError, ValueError):
+    """No node of the cluster can ever satisfy the task's or actor's resource request."""
+
+
+__all__ = [name for name, value in list(globals().items())
+           if isinstance(value, type) and issubclass(value, Exception)]

@@ -1,0 +1,62 @@
+"""Checking `@remote(...)` and `.options(...)` arguments, and turning them into demands."""
+
+from __future__ import annotations
+
+TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "num_returns", "max_retries",
+                "retry_exceptions", "name", "scheduling_strategy", "runtime_env",
+                "accelerator_type", "placement_group", "_metadata", "label_selector"}
+ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespace",
+                 "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
+                 "scheduling_strategy", "runtime_env", "get_if_exists", "accelerator_type",
+                 "concurrency_groups", "max_pending_calls", "placement_group", "label_selector"}
+
+
+def check(options: dict, allowed: set, what: str) -> dict:
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"Invalid option(s) for {what}: {sorted(unknown)}; "
+                         f"valid ones are {sorted(allowed)}.")
+    for key in ("num_cpus", "num_gpus", "memory"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or value < 0):
+            raise ValueError(f"{key} must be a non-negative number, got {value!r}.")
+    resources = options.get("resources")
+    if resources is not None:
+        if not isinstance(resources, dict):
+            raise ValueError(f"resources must be a dict, got {resources!r}.")
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"Use num_cpus/num_gpus/memory instead of resources={{{name!r}: ...}}.")
+            if not isinstance(amount, (int, float)) or amount < 0:
+                raise ValueError(f"resources[{name!r}] must be a non-negative number.")
+    num_returns = options.get("num_returns")
+    if num_returns is not None and (not isinstance(num_returns, int) or num_returns < 0):
+        raise ValueError(f"num_returns must be a non-negative int, got {num_returns!r}.")
+    for key in ("max_retries", "max_restarts", "max_task_retries"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, int) or value < -1):
+            raise ValueError(f"{key} must be an int >= -1, got {value!r}.")
+    max_concurrency = options.get("max_concurrency")
+    if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
+        raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}.")
+    lifetime = options.get("lifetime")
+    if lifetime not in (None, "detached", "non_detached"):
+        raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {lifetime!r}.")
+    return options
+
+
+def demand_of(options: dict, default_cpus: float) -> dict:
+    """The resources a task or actor holds while it runs, Ray's way."""
+    num_cpus = options.get("num_cpus")
+    demand = {"CPU": float(default_cpus if num_cpus is None else num_cpus)}
+    if options.get("num_gpus"):
+        demand["GPU"] = float(options["num_gpus"])
+    if options.get("memory"):
+        demand["memory"] = float(options["memory"])
+    for name, amount in (options.get("resources") or {}).items():
+        if amount:
+            demand[name] = float(amount)
+    if not demand["CPU"]:
+        del demand["CPU"]
+    return demand

@@ -1,0 +1,95 @@
+"""`@remote` functions: `f.remote(...)` submits a task and returns ObjectRef(s)."""
+
+from __future__ import annotations
+
+import functools
+
+import cloudpickle
+
+from hpcray import context, ids, options as opts
+from hpcray.object_ref import ObjectRef
+from hpcray.runtime.specs import NORMAL_TASK, TaskSpec
+
+
+def _pickle_callable(obj, kind: str, name: str) -> bytes:
+    try:
+        return cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's to fix
+        raise TypeError(f"Could not serialize the {kind} {name}: {type(exc).__name__}: {exc}. "
+                        "Check for captured locks, sockets, open files or other objects "
+                        "that cannot be pickled.") from exc
+
+
+class RemoteFunction:
+    def __init__(self, function, options: dict, function_id: bytes | None = None):
+        self._function = function
+        self._options = options
+        self._name = f"{getattr(function, '__module__', '?')}.{function.__qualname__}"
+        self._function_id = function_id or ids.new_task_id()
+        self._pickled = None
+        functools.update_wrapper(self, function, updated=())
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Remote functions cannot be called directly. Instead of running "
+                        f"'{self._function.__name__}()', try '{self._function.__name__}.remote()'.")
+
+    def __reduce__(self):
+        return (RemoteFunction, (self._function, self._options, self._function_id))
+
+    def options(self, **task_options) -> _BoundOptions:
+        opts.check(task_options, opts.TASK_OPTIONS, f"task {self._name}")
+        return _BoundOptions(self, {**self._options, **task_options})
+
+    def remote(self, *args, **kwargs):
+        return self._remote(args, kwargs, self._options)
+
+    def _remote(self, args, kwargs, options: dict):
+        client = context.get_client()
+        function_id = self._function_id
+        if function_id not in client.exported_functions:
+            if self._pickled is None:
+                self._pickled = _pickle_callable(self._function, "function", self._name)
+            client.export_function(function_id, self._pickled)
+        demand = opts.demand_of(options, 1)
+        client.check_feasible(f"Task {self._name}", demand)
+        task_id = ids.new_task_id()
+        args_payload, deps, contained = encode_call_args(client, task_id, args, kwargs, self._name)
+        num_returns = options.get("num_returns", 1)
+        return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
+        max_retries = options.get("max_retries")
+        if max_retries is None:
+            max_retries = client.config.default_max_retries
+        spec = TaskSpec(task_id, NORMAL_TASK, function_id, options.get("name") or self._name,
+                        args_payload, deps, contained, return_ids, demand, max_retries,
+                        options.get("retry_exceptions", False))
+        client.submit(spec)
+        return refs_for(return_ids)
+
+
+def encode_call_args(client, task_id, args, kwargs, name):
+    try:
+        return client.encode_args(task_id, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
+        if type(exc).__module__.startswith("hpcray"):
+            raise
+        raise TypeError(f"Could not serialize the arguments of {name}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+
+def refs_for(return_ids: list):
+    if len(return_ids) == 1:
+        return ObjectRef(return_ids[0])
+    if not return_ids:
+        return None
+    return [ObjectRef(oid) for oid in return_ids]
+
+
+class _BoundOptions:
+    """What `.options(...)` returns: `.remote()` with those options."""
+
+    def __init__(self, target, options: dict):
+        self._target = target
+        self._options = options
+
+    def remote(self, *args, **kwargs):
+        return self._target._remote(args, kwargs, self._options)

@@ -1,0 +1,1 @@
+"""The runtime behind the API: node manager, workers, fork server, message transport."""

@@ -1,0 +1,342 @@
+"""What the API calls: the runtime as seen from one process (the driver or a worker).
+
+`DriverClient` calls the node manager that lives in the same process; `WorkerClient`
+sends the same requests over the worker's socket. Both turn values into inline bytes or
+store objects and back, so the API never cares where it runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+
+from hpcray import exceptions, ids
+from hpcray._store import ObjectTooLargeError, StoreFullError
+from hpcray.object_ref import ObjectRef
+from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
+                                  serialize)
+
+
+class CoreClient:
+    """The parts of a client that do not depend on where the node manager is."""
+
+    is_driver = False
+
+    def __init__(self, store, config, job_id: bytes, node_id: bytes, total_resources: dict):
+        self.store = store
+        self.config = config
+        self.job_id = job_id
+        self.node_id = node_id
+        self.total_resources = total_resources
+        self.exported_functions: set = set()
+
+    # -- values ------------------------------------------------------------------
+    def encode_value(self, object_id: bytes, value):
+        """Serialize `value`; large ones are written to the store. -> (inline|None, contained)."""
+        sv = serialize(value, self.config.inline_threshold)
+        if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
+            return sv.pickled, sv.contained
+        try:
+            dest = self.store.create_object(object_id, sv.store_size)
+        except ObjectTooLargeError:
+            raise exceptions.ObjectStoreFullError(
+                f"An object of {sv.store_size} bytes is larger than this node's whole object "
+                f"store ({self.store.capacity} bytes); start with a larger "
+                "object_store_memory.") from None
+        except StoreFullError:
+            raise exceptions.ObjectStoreFullError(
+                f"The object store ({self.store.capacity} bytes) has no room for "
+                f"{sv.store_size} more bytes: everything in it is still referenced.") from None
+        try:
+            sv.write_into(dest)
+        except BaseException:
+            dest.release()
+            self.store.abort(object_id)
+            raise
+        dest.release()
+        self.store.seal(object_id)
+        return None, sv.contained
+
+    def decode_value(self, object_id: bytes, payload):
+        """The value for a payload the node manager handed out (inline bytes or None)."""
+        if payload is not None:
+            value = deserialize_inline(payload)
+        else:
+            buffer = self.store.get(object_id)
+            if buffer is None:
+                raise exceptions.ObjectLostError(
+                    f"Object {object_id.hex()} is no longer in the object store.")
+            value, views_store = deserialize_from_store(memoryview(buffer))
+            if not views_store:
+                buffer.release()
+        return value
+
+    def values_or_raise(self, object_ids, payloads) -> list:
+        values = []
+        for object_id, payload in zip(object_ids, payloads):
+            value = self.decode_value(object_id, payload)
+            if type(value) is ErrorValue:
+                error = value.error
+                if isinstance(error, exceptions.RayTaskError):
+                    raise error.as_instanceof_cause()
+                raise error
+            values.append(value)
+        return values
+
+    def put(self, value) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself.")
+        object_id = ids.new_put_id()
+        inline, contained = self.encode_value(object_id, value)
+        ref = self._register_put(object_id, inline, contained)
+        return ref
+
+    # -- arguments ---------------------------------------------------------------
+    def encode_args(self, task_id: bytes, args: tuple, kwargs: dict):
+        """-> (args payload, top-level ref ids, every contained ref id)."""
+        deps = [a.binary() for a in args if type(a) is ObjectRef]
+        if kwargs:
+            deps += [v.binary() for v in kwargs.values() if type(v) is ObjectRef]
+        if not args and not kwargs:
+            return ("inline", _EMPTY_ARGS), [], []
+        sv = serialize((args, kwargs), self.config.inline_threshold)
+        if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
+            return ("inline", sv.pickled), deps, sv.contained
+        args_id = ids.object_id_for(task_id, 0xFFFFFFFF)
+        _, contained = self.encode_value(args_id, (args, kwargs))
+        self._register_args_object(args_id, contained)
+        return ("store", args_id), deps, contained + [args_id]
+
+    def check_feasible(self, name: str, demand: dict) -> None:
+        for resource, amount in demand.items():
+            if amount > self.total_resources.get(resource, 0.0) + 1e-9:
+                raise exceptions.ResourceInfeasibleError(
+                    f"{name} requests {demand}, but no node can ever satisfy it: this cluster "
+                    f"has {self.total_resources}.")
+
+
+_EMPTY_ARGS = serialize(((), {}), 1 << 30).pickled
+
+
+class DriverClient(CoreClient):
+    """The driver's client: direct calls into the in-process node manager."""
+
+    is_driver = True
+
+    def __init__(self, node_manager, store, config, job_id, node_id):
+        super().__init__(store, config, job_id, node_id, node_manager.total_resources)
+        self.nm = node_manager
+
+    def _locked(self):
+        nm = self.nm
+        nm.lock.acquire()
+        nm._apply_transitions(nm.driver_refs.drain())
+        return nm
+
+    def _register_put(self, object_id, inline, contained) -> ObjectRef:
+        nm = self._locked()
+        try:
+            nm.put(object_id, inline, contained)
+        finally:
+            nm.lock.release()
+        return ObjectRef(object_id)
+
+    def _register_args_object(self, args_id, contained) -> None:
+        nm = self._locked()
+        try:
+            nm.put(args_id, None, contained)
+        finally:
+            nm.lock.release()
+
+    def export_function(self, function_id: bytes, pickled: bytes) -> None:
+        nm = self.nm
+        with nm.lock:
+            nm.functions.setdefault(function_id, pickled)
+        self.exported_functions.add(function_id)
+
+    def submit(self, spec) -> None:
+        nm = self._locked()
+        try:
+            nm.submit(spec)
+        finally:
+            nm.lock.release()
+
+    def get_payloads(self, object_ids: list, timeout):
+        nm = self._locked()
+        try:
+            waiter = nm.register_get(object_ids, len(object_ids))
+        finally:
+            nm.lock.release()
+        if waiter is not None:
+            acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+            if not acquired:
+                with nm.lock:
+                    nm.cancel_waiter(object_ids, waiter)
+                    if not waiter.done:
+                        raise exceptions.GetTimeoutError(
+                            f"get() timed out after {timeout} s waiting for "
+                            f"{len(object_ids)} object(s).")
+        with nm.lock:
+            return nm.payloads(object_ids)
+
+    def wait_ready(self, object_ids: list, num_returns: int, timeout) -> list:
+        nm = self._locked()
+        try:
+            waiter = nm.register_get(object_ids, num_returns)
+        finally:
+            nm.lock.release()
+        if waiter is not None:
+            acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+            if not acquired:
+                with nm.lock:
+                    nm.cancel_waiter(object_ids, waiter)
+        with nm.lock:
+            return nm.ready_ids(object_ids)
+
+    def cancel(self, object_id: bytes, force: bool) -> None:
+        with self.nm.lock:
+            self.nm.cancel(object_id, force)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        with self.nm.lock:
+            self.nm.kill_actor(actor_id, no_restart)
+
+    def get_actor_info(self, name: str):
+        with self.nm.lock:
+            return self.nm.get_actor_info(name)
+
+    def resources(self):
+        with self.nm.lock:
+            return dict(self.nm.total_resources), self.nm.available_resources()
+
+
+class WorkerClient(CoreClient):
+    """A worker's client: requests over its socket to the node manager."""
+
+    def __init__(self, channel, store, config, job_id, node_id, total_resources):
+        super().__init__(store, config, job_id, node_id, total_resources)
+        self.channel = channel
+
+    def _register_put(self, object_id, inline, contained) -> ObjectRef:
+        ref = ObjectRef(object_id)  # counted first: its +1 travels with the put
+        self.channel.send_oneway("put", (object_id, inline, contained))
+        return ref
+
+    def _register_args_object(self, args_id, contained) -> None:
+        self.channel.send_oneway("put", (args_id, None, contained))
+
+    def export_function(self, function_id: bytes, pickled: bytes) -> None:
+        self.channel.send_oneway("function", (function_id, pickled))
+        self.exported_functions.add(function_id)
+
+    def submit(self, spec) -> None:
+        self.channel.send_oneway("submit", spec)
+
+    def get_payloads(self, object_ids: list, timeout):
+        answer = self.channel.request("get", (object_ids, timeout))
+        if answer == "timeout":
+            raise exceptions.GetTimeoutError(
+                f"get() timed out after {timeout} s waiting for {len(object_ids)} object(s).")
+        return answer
+
+    def wait_ready(self, object_ids: list, num_returns: int, timeout) -> list:
+        return self.channel.request("wait", (object_ids, num_returns, timeout))
+
+    def cancel(self, object_id: bytes, force: bool) -> None:
+        self.channel.send_oneway("cancel", (object_id, force))
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        self.channel.send_oneway("kill", (actor_id, no_restart))
+
+    def get_actor_info(self, name: str):
+        return self.channel.request("get_actor", name)
+
+    def resources(self):
+        return self.channel.request("resources", None)
+
+
+class WorkerChannel:
+    """A worker's socket: one-way messages, requests with replies, incoming work.
+
+    Without a reader thread (plain task workers and one-call-at-a-time actors) the
+    thread that waits for a reply reads the socket itself and sets aside the work that
+    arrives meanwhile. Concurrent actors start a reader thread that routes replies to
+    waiting threads and work to `inbox`.
+    """
+
+    def __init__(self, connection, reference_counter):
+        self.conn = connection
+        self.refs = reference_counter
+        self.backlog: list = []
+        self.inbox: queue.SimpleQueue | None = None
+        self._slots: dict = {}
+        self._request_ids = itertools.count(1)
+        self._request_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def send_oneway(self, op: str, body) -> None:
+        with self._send_lock:  # keeps the drained transitions in message order
+            self.conn.send(("msg", op, body, self.refs.drain()))
+
+    def send_done(self, kind: str, *fields) -> None:
+        with self._send_lock:
+            self.conn.send((kind, *fields, self.refs.drain()))
+
+    def next_work(self):
+        if self.inbox is not None:
+            return self.inbox.get()
+        if self.backlog:
+            return self.backlog.pop(0)
+        return self.conn.recv()
+
+    def request(self, op: str, body):
+        request_id = next(self._request_ids)
+        if self.inbox is not None:
+            slot = [threading.Lock(), None]
+            slot[0].acquire()
+            self._slots[request_id] = slot
+            with self._send_lock:
+                self.conn.send(("req", request_id, op, body, self.refs.drain()))
+            slot[0].acquire()
+            answer = slot[1]
+        else:
+            with self._request_lock:
+                with self._send_lock:
+                    self.conn.send(("req", request_id, op, body, self.refs.drain()))
+                while True:
+                    message = self.conn.recv()
+                    if message[0] == "reply" and message[1] == request_id:
+                        answer = message[2]
+                        break
+                    self.backlog.append(message)
+        status, value = answer
+        if status == "error":
+            raise value
+        return value
+
+    def start_reader(self, dispatch) -> None:
+        """Route replies to their requests and everything else to `dispatch` (or inbox)."""
+        self.inbox = queue.SimpleQueue()
+        for message in self.backlog:
+            self.inbox.put(message)
+        self.backlog = []
+
+        def read():
+            while True:
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):
+                    self.inbox.put(("exit",))
+                    return
+                if message[0] == "reply":
+                    slot = self._slots.pop(message[1])
+                    slot[1] = message[2]
+                    slot[0].release()
+                elif dispatch is None or not dispatch(message):
+                    self.inbox.put(message)
+
+        threading.Thread(target=read, name="hpcray-worker-reader", daemon=True).start()

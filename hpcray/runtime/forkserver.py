@@ -1,0 +1,124 @@
+"""The fork server: a clean, single-threaded, pre-imported process that forks workers.
+
+The driver may have threads and any library loaded, so it never forks itself; at
+`init` it starts this process, which imports the worker's modules once and then forks
+a worker in a few milliseconds for each request (what makes creating 100 actors fast).
+Each request carries the worker's socket and its stdout/stderr pipes (SCM_RIGHTS).
+
+It is also the job's undertaker: when the driver goes away (its socket closes, even
+after SIGKILL), it kills every worker it made and unlinks the node's store segment,
+so no process and no /dev/shm segment outlives the job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _set_parent_death_signal(libc, signum: int) -> None:
+    try:
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    except (AttributeError, OSError):
+        pass
+
+
+def _reap(children: set) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+
+
+def _kill_all(children: set) -> None:
+    for sig, grace in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                children.discard(pid)
+        deadline = time.monotonic() + grace
+        while children and time.monotonic() < deadline:
+            _reap(children)
+            time.sleep(0.01)
+        if not children:
+            return
+
+
+def main() -> None:
+    job = json.loads(os.environ.pop("HPCRAY_FORKSERVER_JOB"))
+    control = socket.socket(fileno=int(os.environ.pop("HPCRAY_FORKSERVER_FD")))
+    control.setblocking(True)
+    os.setsid()  # the terminal's Ctrl-C goes to the driver, not to every worker
+    libc = ctypes.CDLL(None, use_errno=True)
+    _set_parent_death_signal(libc, signal.SIGTERM)
+    if os.getppid() != job["driver_pid"]:
+        sys.exit(0)  # the driver died before we got here
+    # What every worker needs, imported once here instead of once per worker.
+    import cloudpickle  # noqa: F401
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pass
+    from hpcray.runtime import worker as worker_module
+
+    children: set = set()
+    signal.signal(signal.SIGCHLD, lambda *_: _reap(children))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(control, 65536, 3)
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            if len(fds) != 3:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            _kind, key, is_actor = pickle.loads(data[4:])
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    _set_parent_death_signal(libc, signal.SIGKILL)
+                    control.close()
+                    os.dup2(fds[1], 1)
+                    os.dup2(fds[2], 2)
+                    os.close(fds[1])
+                    os.close(fds[2])
+                    code = worker_module.main(fds[0], job, key, is_actor)
+                finally:
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            children.add(pid)
+    except (ConnectionResetError, OSError):
+        pass
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _kill_all(children)
+        try:
+            from hpcray._store import Store
+            Store.unlink_name(job["store_name"])
+        except Exception:  # noqa: BLE001 - best effort at the very end
+            pass
+
+
+if __name__ == "__main__":
+    main()

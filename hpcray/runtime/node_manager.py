@@ -1,0 +1,1014 @@
+"""The node manager: one per node, it owns the node's store, scheduler and workers.
+
+In the embedded (single-node) mode it lives inside the driver process: an event-loop
+thread waits on the workers' sockets and output pipes (epoll, no timeout when idle,
+so an idle node costs nothing), and the driver calls its methods directly. One lock
+guards all of its state; both the driver thread and the event loop take it.
+
+It keeps:
+  objects   id -> ObjectEntry: state, inline bytes or "in the store", reference count,
+            waiters, the refs the value contains;
+  tasks     task id -> TaskRecord: the spec, unresolved dependencies, the worker;
+  actors    actor id -> ActorRecord: its process, its ordered call queue, restarts;
+  workers   key -> WorkerHandle: pool workers and actor processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from hpcray import exceptions
+from hpcray._scheduler import LocalScheduler
+from hpcray._store import Store, StoreError
+from hpcray.object_ref import LocalReferenceCounter
+from hpcray.runtime import protocol
+from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
+from hpcray.serialization import error_bytes
+
+PENDING, READY = 0, 1
+# Task states
+WAITING, QUEUED, RUNNING, FINISHED = 0, 1, 2, 3
+# Actor states
+A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
+IN_STORE = None  # an entry whose inline value is None lives in the store
+
+
+class ObjectEntry:
+    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put")
+
+    def __init__(self):
+        self.state = PENDING
+        self.inline = None      # bytes when the value travels inline
+        self.refs = 0           # holders: processes, pending tasks, containing values
+        self.waiters = None     # callables(object_id) run when the value is ready
+        self.contained = ()     # ids this value holds alive
+        self.pin = None         # StoreBuffer: the node's pin on its primary copy
+        self.is_put = False
+
+
+class TaskRecord:
+    __slots__ = ("spec", "state", "pending_deps", "worker", "retries_left", "cancelled",
+                 "gpu_ids", "blocked")
+
+    def __init__(self, spec: TaskSpec, retries: int):
+        self.spec = spec
+        self.state = WAITING
+        self.pending_deps = 0
+        self.worker = None
+        self.retries_left = retries
+        self.cancelled = False
+        self.gpu_ids = ()
+        self.blocked = False
+
+
+class ActorRecord:
+    __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
+                 "name", "refs", "info", "death", "killed", "gpu_ids", "placed")
+
+    def __init__(self, spec: TaskSpec, info: dict):
+        self.actor_id = spec.actor_id
+        self.spec = spec
+        self.state = A_PENDING
+        self.worker = None
+        self.queue: collections.deque = collections.deque()   # calls not yet sent, in order
+        self.inflight: dict = {}                              # task id -> TaskRecord
+        self.restarts_left = spec.options.get("max_restarts", 0)
+        self.name = spec.options.get("name")
+        self.refs = 0
+        self.info = info        # what an ActorHandle needs: class name, methods
+        self.death = None       # the exception calls get once the actor is dead
+        self.killed = False
+        self.gpu_ids = ()
+        self.placed = False
+
+
+class WorkerHandle:
+    __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
+                 "pipes", "partial", "started_at")
+
+    def __init__(self, key, conn, pipes, actor_id=None):
+        self.key = key
+        self.conn = conn
+        self.pid = None
+        self.alive = True
+        self.ready = False
+        self.task = None          # the TaskRecord a pool worker runs
+        self.functions = set()    # function ids this worker has been sent
+        self.actor_id = actor_id
+        self.pipes = pipes        # {fd: stream name} of its stdout/stderr
+        self.partial = {}
+        self.started_at = time.monotonic()
+
+
+class _DependencyWaiter:
+    """Counts a task's unresolved arguments down; runs `ready_callback` at zero."""
+
+    __slots__ = ("record", "ready_callback")
+
+    def __init__(self, record: TaskRecord, ready_callback):
+        self.record = record
+        self.ready_callback = ready_callback
+
+    def __call__(self, _object_id) -> None:
+        record = self.record
+        record.pending_deps -= 1
+        if record.pending_deps == 0 and not record.cancelled:
+            self.ready_callback(record)
+
+
+class _Waiter:
+    """Counts objects down; releases its lock when enough of them are ready."""
+
+    __slots__ = ("remaining", "lock", "done", "callback")
+
+    def __init__(self, remaining: int, callback=None):
+        self.remaining = remaining
+        self.done = False
+        self.callback = callback
+        self.lock = None
+        if callback is None:
+            self.lock = threading.Lock()
+            self.lock.acquire()
+
+    def __call__(self, _object_id) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.done:
+            self.done = True
+            if self.callback is not None:
+                self.callback()
+            else:
+                self.lock.release()
+
+
+class NodeManager:
+    def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
+                 store_name: str, store_capacity: int):
+        self.job_id = job_id
+        self.node_id = node_id
+        self.config = config
+        self.node_resources = node_resources
+        self.total_resources = node_resources.as_dict()
+        self.scheduler = LocalScheduler(dict(self.total_resources),
+                                        max(1, int(node_resources.num_cpus)),
+                                        config.max_idle_extra_workers)
+        self.free_gpus = list(range(len(node_resources.gpus) or int(node_resources.num_gpus)))
+        self.lock = threading.Lock()
+        self.objects: dict[bytes, ObjectEntry] = {}
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.actors: dict[bytes, ActorRecord] = {}
+        self.named_actors: dict[str, bytes] = {}
+        self.functions: dict[bytes, bytes] = {}
+        self.workers: dict[int, WorkerHandle] = {}
+        self.driver_refs = LocalReferenceCounter()
+        self._handlers: dict[int, object] = {}
+        self._timers: list = []
+        self._worker_keys = itertools.count(1)
+        self._timer_seq = itertools.count()
+        self._running = True
+        self.store_name = store_name
+        self.store = Store.create(store_name, store_capacity)
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._register(self._wake_r, self._on_wake)
+        self._start_forkserver()
+        self._thread = threading.Thread(target=self._event_loop, name="hpcray-node-manager",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ start/stop
+    def _start_forkserver(self) -> None:
+        import json
+        # SEQPACKET keeps each request (and the descriptors it carries) a message of its own.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        job = {"store_name": self.store_name, "job_id": self.job_id.hex(),
+               "node_id": self.node_id.hex(), "resources": self.total_resources,
+               "config": self.config.as_dict(), "driver_pid": os.getpid(),
+               "gpu_uuids": [g.uuid for g in self.node_resources.gpus]}
+        env = dict(os.environ, HPCRAY_FORKSERVER_JOB=json.dumps(job),
+                   HPCRAY_FORKSERVER_FD=str(theirs.fileno()))
+        # The driver's sys.path, so workers import the same modules (tests, __main__'s dir).
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
+                                            [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.forkserver = subprocess.Popen(
+            [sys.executable, "-m", "hpcray.runtime.forkserver"], pass_fds=[theirs.fileno()],
+            env=env, stdin=subprocess.DEVNULL, start_new_session=False)
+        theirs.close()
+        self._forkserver_sock = ours
+        self._register(ours.fileno(), self._on_forkserver)
+
+    def prestart_workers(self, count: int) -> None:
+        with self.lock:
+            for _ in range(count):
+                self.scheduler.worker_starting()
+                self._start_worker()
+
+    def shutdown(self) -> None:
+        """Stop every worker and the fork server, unlink the store. Idempotent."""
+        with self.lock:
+            if not self._running:
+                return
+            self._running = False
+            for worker in self.workers.values():
+                if worker.alive:
+                    worker.conn.send(("exit",))
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        deadline = time.monotonic() + 2.0
+        pids = [w.pid for w in self.workers.values() if w.alive and w.pid]
+        for pid in pids:
+            while time.monotonic() < deadline and _pid_alive(pid):
+                time.sleep(0.005)
+            if _pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            self._forkserver_sock.close()  # the fork server reaps its children and exits
+        except OSError:
+            pass
+        try:
+            self.forkserver.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.forkserver.kill()
+            self.forkserver.wait()
+        for worker in self.workers.values():
+            worker.conn.close()
+            for fd in worker.pipes:
+                _close_fd(fd)
+        for entry in self.objects.values():
+            if entry.pin is not None:
+                entry.pin.release()
+        self.objects.clear()
+        Store.unlink_name(self.store_name)
+        self.store.close()
+        self._epoll.close()
+        _close_fd(self._wake_r)
+        _close_fd(self._wake_w)
+
+    # ------------------------------------------------------------------ event loop
+    def _register(self, fd: int, handler, events=select.EPOLLIN) -> None:
+        self._handlers[fd] = handler
+        self._epoll.register(fd, events)
+
+    def _unregister(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def _event_loop(self) -> None:
+        while self._running:
+            timeout = -1
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            try:
+                events = self._epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):
+                return
+            with self.lock:
+                if not self._running:
+                    return
+                self._apply_transitions(self.driver_refs.drain())
+                for fd, mask in events:
+                    handler = self._handlers.get(fd)
+                    if handler is not None:
+                        try:
+                            handler(fd, mask)
+                        except Exception:  # noqa: BLE001 - one bad event must not kill the node
+                            import traceback
+                            traceback.print_exc()
+                self._run_timers()
+
+    def _on_wake(self, fd, _mask) -> None:
+        try:
+            os.read(fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self._timers)
+            callback()
+
+    def _add_timer(self, delay: float, callback) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
+        if threading.current_thread() is not self._thread:
+            os.write(self._wake_w, b"t")
+
+    def _on_forkserver(self, fd, _mask) -> None:
+        try:
+            data = self._forkserver_sock.recv(65536)
+        except BlockingIOError:
+            return
+        if not data and self._running:
+            self._unregister(fd)
+            print("hpcray: the fork server died; no new workers can start", file=sys.stderr)
+
+    # ------------------------------------------------------------------ workers
+    def _start_worker(self, actor_id: bytes | None = None) -> WorkerHandle:
+        key = next(self._worker_keys)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        protocol.tune(ours)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        request = protocol.encode(("fork", key, actor_id is not None))
+        socket.send_fds(self._forkserver_sock, [request], [theirs.fileno(), out_w, err_w])
+        theirs.close()
+        os.close(out_w)
+        os.close(err_w)
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        worker = WorkerHandle(key, protocol.NonBlockingConnection(ours),
+                              {out_r: "stdout", err_r: "stderr"}, actor_id)
+        self.workers[key] = worker
+        self._register(ours.fileno(), lambda fd, mask, w=worker: self._on_worker_socket(w, mask))
+        for fd in (out_r, err_r):
+            self._register(fd, lambda fd, mask, w=worker: self._on_worker_output(w, fd))
+        return worker
+
+    def _send(self, worker: WorkerHandle, message) -> None:
+        if worker.conn.send(message):
+            try:
+                self._epoll.modify(worker.conn.fileno(), select.EPOLLIN | select.EPOLLOUT)
+            except OSError:
+                pass
+
+    def _on_worker_socket(self, worker: WorkerHandle, mask) -> None:
+        if mask & select.EPOLLOUT:
+            if not worker.conn.flush():
+                try:
+                    self._epoll.modify(worker.conn.fileno(), select.EPOLLIN)
+                except OSError:
+                    pass
+        if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            return
+        try:
+            messages = worker.conn.receive_ready()
+        except EOFError:
+            self._worker_died(worker)
+            return
+        for message in messages:
+            getattr(self, "_msg_" + message[0])(worker, message)
+        if worker.conn.closed and worker.alive:
+            self._worker_died(worker)
+
+    def _on_worker_output(self, worker: WorkerHandle, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        stream_name = worker.pipes.get(fd)
+        if not data:
+            self._unregister(fd)
+            _close_fd(fd)
+            worker.pipes.pop(fd, None)
+            rest = worker.partial.pop(fd, b"")
+            if rest:
+                self._print_worker_lines(worker, stream_name, [rest])
+            return
+        if not self.config.log_to_driver:
+            return
+        data = worker.partial.pop(fd, b"") + data
+        lines = data.split(b"\n")
+        if lines[-1]:
+            worker.partial[fd] = lines[-1]
+        self._print_worker_lines(worker, stream_name, lines[:-1])
+
+    def _print_worker_lines(self, worker, stream_name, lines) -> None:
+        stream = sys.stdout if stream_name == "stdout" else sys.stderr
+        who = f"pid={worker.pid}"
+        if worker.actor_id is not None and worker.actor_id in self.actors:
+            who = f"{self.actors[worker.actor_id].info['class_name']} pid={worker.pid}"
+        text = "".join(f"({who}) {line.decode(errors='replace')}\n" for line in lines)
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _msg_hello(self, worker: WorkerHandle, message) -> None:
+        worker.pid = message[1]
+        worker.ready = True
+        if worker.actor_id is None:
+            self._run_actions(self.scheduler.worker_started(worker.key))
+        else:
+            actor = self.actors.get(worker.actor_id)
+            if actor is None or actor.state == A_DEAD:
+                self._send(worker, ("exit",))
+                return
+            self._send_actor_creation(actor, worker)
+
+    def _worker_died(self, worker: WorkerHandle) -> None:
+        if not worker.alive:
+            return
+        worker.alive = False
+        self._unregister(worker.conn.fileno())
+        worker.conn.close()
+        if not self._running:
+            return
+        if worker.actor_id is not None:
+            self._actor_process_died(worker)
+            return
+        record = worker.task
+        worker.task = None
+        if not worker.ready:
+            self._run_actions(self.scheduler.worker_start_failed())
+            return
+        self._release_gpus(record)
+        actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
+        if record is not None:
+            if record.cancelled:
+                self._fail_task(record, exceptions.TaskCancelledError())
+            elif record.retries_left != 0:
+                record.retries_left -= 1
+                record.state = QUEUED
+                record.worker = None
+                actions = actions + self.scheduler.task_ready(record.spec.task_id,
+                                                              record.spec.demand)
+            else:
+                self._fail_task(record, exceptions.WorkerCrashedError(
+                    f"The worker (pid={worker.pid}) running {record.spec.name} died "
+                    "unexpectedly; the task ran out of retries."))
+        self._run_actions(actions)
+
+    def _run_actions(self, actions) -> None:
+        for action in actions:
+            kind = action[0]
+            if kind == "dispatch":
+                self._dispatch(self.tasks[action[1]], self.workers[action[2]])
+            elif kind == "place":
+                self._place_actor(self.actors[action[1]])
+            elif kind == "start_worker":
+                self._start_worker()
+            elif kind == "retire":
+                worker = self.workers.get(action[1])
+                if worker is not None and worker.alive:
+                    self._send(worker, ("exit",))
+
+    # ------------------------------------------------------------------ objects
+    def _entry(self, object_id: bytes) -> ObjectEntry:
+        entry = self.objects.get(object_id)
+        if entry is None:
+            entry = self.objects[object_id] = ObjectEntry()
+        return entry
+
+    def _apply_transitions(self, transitions) -> None:
+        for key, delta in transitions:
+            if delta > 0:
+                self._incref(key)
+            else:
+                self._decref(key)
+
+    def _incref(self, key: bytes) -> None:
+        entry = self.objects.get(key)
+        if entry is not None:
+            entry.refs += 1
+            return
+        actor = self.actors.get(key)
+        if actor is not None:
+            actor.refs += 1
+
+    def _decref(self, key: bytes) -> None:
+        entry = self.objects.get(key)
+        if entry is not None:
+            entry.refs -= 1
+            if entry.refs <= 0 and entry.state == READY and not entry.waiters:
+                self._free_object(key, entry)
+            return
+        actor = self.actors.get(key)
+        if actor is not None:
+            actor.refs -= 1
+            if actor.refs <= 0 and actor.name is None and not actor.spec.options.get("detached"):
+                self._actor_out_of_scope(actor)
+
+    def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
+        del self.objects[object_id]
+        if entry.inline is None:
+            if entry.pin is not None:
+                entry.pin.release()
+                entry.pin = None
+            try:
+                self.store.delete(object_id)
+            except StoreError:
+                pass
+        for key in entry.contained:
+            self._decref(key)
+
+    def _object_ready(self, object_id: bytes, inline, contained) -> None:
+        """The value of `object_id` exists now (inline bytes, or sealed in the store)."""
+        entry = self.objects.get(object_id)
+        if entry is None:
+            entry = self.objects[object_id] = ObjectEntry()
+        elif entry.state == READY:
+            return  # a retried task made it again
+        entry.state = READY
+        entry.inline = inline
+        if inline is IN_STORE:
+            entry.pin = self.store.get(object_id)  # the primary copy stays while referenced
+        if contained:
+            entry.contained = contained
+            for key in contained:
+                self._incref(key)
+        waiters = entry.waiters
+        if waiters:
+            entry.waiters = None
+            for waiter in waiters:
+                waiter(object_id)
+        if entry.refs <= 0 and not entry.is_put:
+            self._free_object(object_id, entry)
+
+    def _add_waiter(self, object_id: bytes, waiter) -> bool:
+        """Call `waiter(object_id)` when ready; False if it already is (not registered)."""
+        entry = self.objects.get(object_id)
+        if entry is None or entry.state == READY:
+            return False
+        if entry.waiters is None:
+            entry.waiters = [waiter]
+        else:
+            entry.waiters.append(waiter)
+        return True
+
+    def _remove_waiter(self, object_id: bytes, waiter) -> None:
+        entry = self.objects.get(object_id)
+        if entry is not None and entry.waiters and waiter in entry.waiters:
+            entry.waiters.remove(waiter)
+
+    def _payload(self, object_id: bytes):
+        """What a reader needs: inline bytes, IN_STORE, or an exception if gone."""
+        entry = self.objects.get(object_id)
+        if entry is None:
+            return error_bytes(exceptions.ObjectFreedError(
+                f"Object {object_id.hex()} was freed (no reference held it) or never existed."))
+        return entry.inline
+
+    # ------------------------------------------------------------------ tasks
+    def submit(self, spec: TaskSpec) -> None:
+        """A task from any client on this node; its return entries exist on return."""
+        if not self.scheduler.is_feasible(spec.demand):
+            raise exceptions.ResourceInfeasibleError(
+                f"{spec.name} requests {spec.demand}, but no node can ever satisfy it: "
+                f"this cluster has {self.total_resources}.")
+        if spec.kind == ACTOR_CREATION:
+            self._create_actor(spec)
+            return
+        record = TaskRecord(spec, spec.max_retries)
+        for object_id in spec.return_ids:
+            self._entry(object_id)
+        for key in spec.contained:
+            self._incref(key)
+        if spec.kind == ACTOR_CALL:
+            self._submit_actor_call(record)
+            return
+        self.tasks[spec.task_id] = record
+        self._resolve_deps(record, self._on_task_deps_ready)
+
+    def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
+        pending = 0
+        for dep in record.spec.deps:
+            if self._add_waiter(dep, _DependencyWaiter(record, ready_callback)):
+                pending += 1
+        record.pending_deps = pending
+        if pending == 0:
+            ready_callback(record)
+
+    def _on_task_deps_ready(self, record: TaskRecord) -> None:
+        record.state = QUEUED
+        self._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
+
+    def _dep_payloads(self, spec: TaskSpec) -> list:
+        return [(dep, self._payload(dep)) for dep in spec.deps]
+
+    def _dispatch(self, record: TaskRecord, worker: WorkerHandle) -> None:
+        spec = record.spec
+        record.state = RUNNING
+        record.worker = worker
+        worker.task = record
+        record.gpu_ids = self._take_gpus(spec.demand)
+        function = None
+        if spec.function_id not in worker.functions:
+            worker.functions.add(spec.function_id)
+            function = self.functions.get(spec.function_id)
+        self._send(worker, ("task", spec, function, self._dep_payloads(spec), record.gpu_ids))
+
+    def _msg_done(self, worker: WorkerHandle, message) -> None:
+        _, task_id, results, retry, transitions = message
+        if worker.actor_id is not None:
+            self._actor_call_done(worker, task_id, results, retry, transitions)
+            return
+        record = self.tasks.get(task_id)
+        worker.task = None
+        if record is None:
+            self._apply_transitions(transitions)
+            return
+        spec = record.spec
+        self._release_gpus(record)
+        if retry and record.retries_left != 0 and not record.cancelled:
+            record.retries_left -= 1
+            self._apply_transitions(transitions)
+            actions = self.scheduler.task_finished(worker.key, spec.demand)
+            record.state = QUEUED
+            actions += self.scheduler.task_ready(task_id, spec.demand)
+            self._run_actions(actions)
+            return
+        self._finish_task(record, results, transitions)
+        self._run_actions(self.scheduler.task_finished(worker.key, spec.demand))
+
+    def _finish_task(self, record: TaskRecord, results, transitions) -> None:
+        record.state = FINISHED
+        self.tasks.pop(record.spec.task_id, None)
+        for object_id, inline, contained in results:
+            self._object_ready(object_id, inline, contained)
+        self._apply_transitions(transitions)
+        for key in record.spec.contained:
+            self._decref(key)
+
+    def _fail_task(self, record: TaskRecord, error: BaseException) -> None:
+        blob = error_bytes(error)
+        self._finish_task(record, [(oid, blob, ()) for oid in record.spec.return_ids], ())
+
+    def _take_gpus(self, demand: dict) -> tuple:
+        count = demand.get("GPU", 0)
+        if not count:
+            return ()
+        need = max(1, int(-(-count // 1)))
+        taken = tuple(self.free_gpus[:need])
+        if count >= 1:
+            del self.free_gpus[:need]
+        return taken
+
+    def _release_gpus(self, record) -> None:
+        if record is not None and record.gpu_ids and record.spec.demand.get("GPU", 0) >= 1:
+            self.free_gpus.extend(record.gpu_ids)
+            self.free_gpus.sort()
+        if record is not None:
+            record.gpu_ids = ()
+
+    # ------------------------------------------------------------------ actors
+    def _create_actor(self, spec: TaskSpec) -> None:
+        name = spec.options.get("name")
+        if name is not None:
+            if name in self.named_actors and self.actors[self.named_actors[name]].state != A_DEAD:
+                raise ValueError(f"An actor named {name!r} already exists.")
+            self.named_actors[name] = spec.actor_id
+        actor = ActorRecord(spec, spec.options["info"])
+        self.actors[spec.actor_id] = actor
+        for key in spec.contained:
+            self._incref(key)
+        record = TaskRecord(spec, 0)
+        self._resolve_deps(record, lambda _r, a=actor: self._actor_deps_ready(a))
+
+    def _actor_deps_ready(self, actor: ActorRecord) -> None:
+        if actor.state == A_DEAD:
+            return
+        self._run_actions(self.scheduler.task_ready(actor.actor_id, actor.spec.demand,
+                                                    needs_worker=False))
+
+    def _place_actor(self, actor: ActorRecord) -> None:
+        if actor.state == A_DEAD:
+            self.scheduler.release(actor.spec.demand)
+            return
+        actor.placed = True
+        actor.gpu_ids = self._take_gpus(actor.spec.demand)
+        actor.state = A_STARTING
+        actor.worker = self._start_worker(actor.actor_id)
+
+    def _send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
+        spec = actor.spec
+        function = self.functions.get(spec.function_id)
+        worker.functions.add(spec.function_id)
+        self._send(worker, ("actor_create", spec, function, self._dep_payloads(spec),
+                            actor.gpu_ids))
+
+    def _msg_actor_ready(self, worker: WorkerHandle, message) -> None:
+        _, actor_id, error_blob, transitions = message
+        self._apply_transitions(transitions)
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.worker is not worker:
+            return
+        if error_blob is not None:
+            from hpcray.serialization import deserialize_inline
+            cause = deserialize_inline(error_blob).error
+            actor.restarts_left = 0
+            self._actor_dead(actor, exceptions.ActorDiedError(
+                f"The actor {actor.info['class_name']} died: its constructor raised:\n{cause}"))
+            self._send(worker, ("exit",))
+            return
+        actor.state = A_ALIVE
+        self._pump_actor(actor)
+
+    def _submit_actor_call(self, record: TaskRecord) -> None:
+        actor = self.actors.get(record.spec.actor_id)
+        if actor is None or actor.state == A_DEAD:
+            error = actor.death if actor is not None else exceptions.RayActorError(
+                "The actor is unknown or was killed.")
+            self._fail_task(record, error)
+            return
+        record.retries_left = actor.spec.options.get("max_task_retries", 0)
+        actor.queue.append(record)
+        self._resolve_deps(record, lambda _r, a=actor: self._pump_actor(a))
+
+    def _pump_actor(self, actor: ActorRecord) -> None:
+        """Send the actor, in submission order, every call whose arguments are ready."""
+        if actor.state != A_ALIVE:
+            return
+        worker = actor.worker
+        queue = actor.queue
+        while queue and queue[0].pending_deps == 0:
+            record = queue.popleft()
+            if record.cancelled:
+                continue
+            record.state = RUNNING
+            actor.inflight[record.spec.task_id] = record
+            self._send(worker, ("task", record.spec, None, self._dep_payloads(record.spec), ()))
+        if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
+            self._send(worker, ("exit",))
+
+    def _actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
+        actor = self.actors.get(worker.actor_id)
+        record = actor.inflight.pop(task_id, None) if actor is not None else None
+        if record is None:
+            self._apply_transitions(transitions)
+            return
+        self._finish_task(record, results, transitions)
+        if actor.death is not None and not actor.queue and not actor.inflight:
+            self._send(worker, ("exit",))
+
+    def _actor_out_of_scope(self, actor: ActorRecord) -> None:
+        if actor.state == A_DEAD or actor.death is not None:
+            return
+        # As Ray: the actor ends once the calls it already has are done.
+        actor.death = exceptions.ActorDiedError(
+            f"The actor {actor.info['class_name']} went out of scope (no handle is left).")
+        actor.restarts_left = 0
+        if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
+            self._send(actor.worker, ("exit",))
+        elif actor.state == A_PENDING:
+            self._actor_dead(actor, actor.death)
+
+    def _actor_process_died(self, worker: WorkerHandle) -> None:
+        actor = self.actors.get(worker.actor_id)
+        if actor is None or actor.worker is not worker or actor.state == A_DEAD:
+            return
+        if actor.death is not None and not actor.killed:
+            self._actor_dead(actor, actor.death)  # exited after going out of scope
+            return
+        if actor.restarts_left != 0 and not actor.killed:
+            if actor.restarts_left > 0:
+                actor.restarts_left -= 1
+            retry, lost = [], []
+            for record in actor.inflight.values():
+                (retry if record.retries_left != 0 else lost).append(record)
+            actor.inflight = {}
+            for record in lost:
+                self._fail_task(record, exceptions.RayActorError(
+                    f"The actor {actor.info['class_name']} (pid={worker.pid}) died while "
+                    "running this call; it is restarting, but the call had no retries left."))
+            for record in reversed(retry):
+                if record.retries_left > 0:
+                    record.retries_left -= 1
+                record.state = QUEUED
+                actor.queue.appendleft(record)
+            actor.state = A_RESTARTING
+            actor.worker = self._start_worker(actor.actor_id)
+            return
+        cause = "was killed with kill()" if actor.killed else \
+            f"process (pid={worker.pid}) died unexpectedly"
+        self._actor_dead(actor, exceptions.ActorDiedError(
+            f"The actor {actor.info['class_name']} {cause}."))
+
+    def _actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
+        actor.state = A_DEAD
+        actor.death = error
+        for record in list(actor.inflight.values()) + list(actor.queue):
+            self._fail_task(record, error)
+        actor.inflight.clear()
+        actor.queue.clear()
+        if actor.placed:
+            actor.placed = False
+            self.scheduler.release(actor.spec.demand)
+            self._release_gpus(actor)
+            self._run_actions(self.scheduler.reschedule())
+        else:
+            self.scheduler.cancel(actor.actor_id)
+        if actor.spec.contained:
+            contained, actor.spec.contained = actor.spec.contained, ()
+            for key in contained:
+                self._decref(key)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        actor = self.actors.get(actor_id)
+        if actor is None:
+            raise ValueError("kill() got an unknown actor handle.")
+        if actor.state == A_DEAD:
+            return
+        if no_restart:
+            actor.killed = True
+        worker = actor.worker
+        if worker is not None and worker.pid and worker.alive:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif actor.state == A_PENDING:
+            self._actor_dead(actor, exceptions.ActorDiedError(
+                f"The actor {actor.info['class_name']} was killed with kill()."))
+
+    def get_actor_info(self, name: str):
+        actor_id = self.named_actors.get(name)
+        if actor_id is None or self.actors[actor_id].state == A_DEAD:
+            return None
+        return actor_id, self.actors[actor_id].info
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, object_id: bytes, force: bool) -> None:
+        task_id = object_id[:16]
+        record = self.tasks.get(task_id)
+        if record is None:
+            for actor in self.actors.values():
+                for queued in actor.queue:
+                    if queued.spec.task_id == task_id:
+                        queued.cancelled = True
+                        actor.queue.remove(queued)
+                        self._fail_task(queued, exceptions.TaskCancelledError())
+                        return
+            return  # finished already, or an actor call in flight: nothing to do, as Ray
+        if record.state in (WAITING, QUEUED):
+            record.cancelled = True
+            if record.state == QUEUED:
+                self.scheduler.cancel(task_id)
+            else:
+                for dep in record.spec.deps:
+                    self._remove_waiter_of_task(dep, record)
+            self._fail_task(record, exceptions.TaskCancelledError())
+        elif record.state == RUNNING and record.worker is not None:
+            record.cancelled = True
+            record.retries_left = 0
+            pid = record.worker.pid
+            try:
+                os.kill(pid, signal.SIGKILL if force else signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def _remove_waiter_of_task(self, dep: bytes, record: TaskRecord) -> None:
+        entry = self.objects.get(dep)
+        if entry is not None and entry.waiters:
+            entry.waiters = [w for w in entry.waiters
+                             if not (isinstance(w, _DependencyWaiter) and w.record is record)
+                             ] or None
+
+    # ------------------------------------------------------------------ put/get/wait
+    def put(self, object_id: bytes, inline, contained) -> None:
+        entry = self._entry(object_id)
+        entry.is_put = True
+        self._object_ready(object_id, inline, contained)
+        entry.is_put = False
+
+    def register_get(self, object_ids, num_returns: int, callback=None):
+        """A waiter released when `num_returns` of `object_ids` are ready, or None if they are."""
+        missing = [oid for oid in object_ids
+                   if (e := self.objects.get(oid)) is not None and e.state != READY]
+        ready = len(object_ids) - len(missing)
+        if ready >= num_returns:
+            return None
+        waiter = _Waiter(num_returns - ready, callback)
+        for oid in missing:
+            self._add_waiter(oid, waiter)
+        return waiter
+
+    def cancel_waiter(self, object_ids, waiter) -> None:
+        for oid in object_ids:
+            self._remove_waiter(oid, waiter)
+
+    def ready_ids(self, object_ids) -> list:
+        objects = self.objects
+        return [oid for oid in object_ids
+                if (e := objects.get(oid)) is None or e.state == READY]
+
+    def payloads(self, object_ids) -> list:
+        return [self._payload(oid) for oid in object_ids]
+
+    # ------------------------------------------------------------------ worker requests
+    def _msg_msg(self, worker: WorkerHandle, message) -> None:
+        _, op, body, transitions = message
+        try:
+            if op == "submit":
+                self.submit(body)
+            elif op == "put":
+                self.put(*body)
+            elif op == "function":
+                self.functions.setdefault(body[0], body[1])
+            elif op == "kill":
+                self.kill_actor(*body)
+            elif op == "cancel":
+                self.cancel(*body)
+        except Exception as exc:  # noqa: BLE001 - reported on the worker's stderr
+            print(f"hpcray: request {op} from pid={worker.pid} failed: {exc!r}", file=sys.stderr)
+        self._apply_transitions(transitions)
+
+    def _msg_req(self, worker: WorkerHandle, message) -> None:
+        _, req_id, op, body, transitions = message
+        self._apply_transitions(transitions)
+        try:
+            getattr(self, "_req_" + op)(worker, req_id, body)
+        except Exception as exc:  # noqa: BLE001 - the worker re-raises it at its call site
+            self._send(worker, ("reply", req_id, ("error", exc)))
+
+    def _reply(self, worker, req_id, value) -> None:
+        if worker.alive:
+            self._send(worker, ("reply", req_id, ("ok", value)))
+
+    def _req_submit(self, worker, req_id, spec) -> None:
+        self.submit(spec)
+        self._reply(worker, req_id, None)
+
+    def _req_get(self, worker, req_id, body) -> None:
+        object_ids, timeout = body
+        self._wait_for(worker, req_id, object_ids, len(object_ids), timeout,
+                       lambda: self.payloads(object_ids), lambda: "timeout")
+
+    def _req_wait(self, worker, req_id, body) -> None:
+        object_ids, num_returns, timeout = body
+        answer = lambda: self.ready_ids(object_ids)  # noqa: E731
+        self._wait_for(worker, req_id, object_ids, num_returns, timeout, answer, answer)
+
+    def _wait_for(self, worker, req_id, object_ids, num_returns, timeout, answer,
+                  timeout_answer) -> None:
+        state = {"done": False}
+
+        def finish(timed_out=False):
+            if state["done"]:
+                return
+            state["done"] = True
+            self._set_blocked(worker, False)
+            self._reply(worker, req_id, timeout_answer() if timed_out else answer())
+
+        waiter = self.register_get(object_ids, num_returns, callback=finish)
+        if waiter is None:
+            self._reply(worker, req_id, answer())
+            return
+        self._set_blocked(worker, True)
+        if timeout is not None:
+            def expire():
+                if not state["done"]:
+                    self.cancel_waiter(object_ids, waiter)
+                    finish(timed_out=True)
+            self._add_timer(timeout, expire)
+
+    def _set_blocked(self, worker, blocked: bool) -> None:
+        record = worker.task
+        if record is None or record.blocked == blocked:
+            return
+        record.blocked = blocked
+        if blocked:
+            self._run_actions(self.scheduler.worker_blocked(worker.key, record.spec.demand))
+        else:
+            self.scheduler.worker_unblocked(worker.key, record.spec.demand)
+
+    def _req_get_actor(self, worker, req_id, name) -> None:
+        self._reply(worker, req_id, self.get_actor_info(name))
+
+    def _req_resources(self, worker, req_id, _body) -> None:
+        self._reply(worker, req_id, (self.total_resources, self.available_resources()))
+
+    def available_resources(self) -> dict:
+        return {k: max(0.0, v) for k, v in self.scheduler.available.items()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,164 @@
+"""Framed messages between a node manager and its local clients over Unix socketpairs.
+
+A message is a pickled tuple `(kind, ...)`, framed by a 4-byte little-endian length.
+Workers use `BlockingConnection` (a worker has nothing else to do while it waits);
+the node manager uses `NonBlockingConnection`, whose sends never block its event loop:
+what the kernel does not take now is kept and flushed when the socket is writable, so a
+slow worker can never wedge the node.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import socket
+import struct
+import threading
+
+_FRAME = struct.Struct("<I")
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def encode(message) -> bytes:
+    data = pickle.dumps(message, protocol=5)
+    return _FRAME.pack(len(data)) + data
+
+
+def tune(sock: socket.socket) -> None:
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+class BlockingConnection:
+    """A worker's end: blocking receive, thread-safe send."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._send_lock = threading.Lock()
+
+    def send(self, message) -> None:
+        data = encode(message)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def recv(self):
+        """The next message; EOFError when the peer is gone."""
+        header = self._rfile.read(4)
+        if len(header) < 4:
+            raise EOFError("node manager closed the connection")
+        (size,) = _FRAME.unpack(header)
+        data = self._rfile.read(size)
+        if len(data) < size:
+            raise EOFError("node manager closed the connection")
+        return pickle.loads(data)
+
+    def close(self) -> None:
+        try:
+            self._rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class NonBlockingConnection:
+    """The node manager's end: `receive_ready` parses what arrived, `send` never blocks."""
+
+    __slots__ = ("sock", "_inbox", "_outbox", "closed")
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = sock
+        self._inbox = bytearray()
+        self._outbox: collections.deque = collections.deque()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive_ready(self) -> list:
+        """Messages complete so far; raises EOFError when the peer closed."""
+        inbox = self._inbox
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                break
+            inbox += chunk
+            if len(chunk) < (1 << 20):
+                break
+        messages = []
+        pos = 0
+        end = len(inbox)
+        while end - pos >= 4:
+            (size,) = _FRAME.unpack_from(inbox, pos)
+            if end - pos - 4 < size:
+                break
+            messages.append(pickle.loads(memoryview(inbox)[pos + 4:pos + 4 + size]))
+            pos += 4 + size
+        if pos:
+            del inbox[:pos]
+        if self.closed and not messages:
+            raise EOFError
+        return messages
+
+    def send(self, message) -> bool:
+        """Queue and try to send; True while bytes remain queued (wait for writable)."""
+        return self.send_raw(encode(message))
+
+    def send_raw(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        outbox = self._outbox
+        if outbox:
+            outbox.append(data)
+            return True
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed = True
+            return False
+        if sent < len(data):
+            outbox.append(memoryview(data)[sent:])
+            return True
+        return False
+
+    def flush(self) -> bool:
+        """Send what is queued; True while bytes remain."""
+        outbox = self._outbox
+        while outbox:
+            data = outbox[0]
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except (BrokenPipeError, ConnectionResetError):
+                self.closed = True
+                outbox.clear()
+                return False
+            if sent < len(data):
+                outbox[0] = memoryview(data)[sent:]
+                return True
+            outbox.popleft()
+        return False
+
+    @property
+    def has_pending_output(self) -> bool:
+        return bool(self._outbox)
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass

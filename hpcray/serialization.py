@@ -1,0 +1,143 @@
+"""Turning values into bytes and back: inline in messages, or laid out in the store.
+
+Values are pickled with protocol 5 (cloudpickle, so lambdas and classes of `__main__`
+travel) with out-of-band buffers: a numpy array's data is not copied into the pickle
+but written once into the store, and read back as a read-only array that views the
+segment. The ids of the `ObjectRef`s a value contains are collected while pickling, so
+the node manager can keep them alive as long as the value lives.
+
+Store layout of one object (offsets from the object's 64-byte aligned start):
+    u32 magic | u32 buffer count n | u64 pickle length | n x u64 buffer lengths
+    pickle bytes | each buffer, starting on a 64-byte boundary
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+import cloudpickle
+
+from hpcray.exceptions import RayError
+from hpcray.object_ref import begin_collecting_refs, end_collecting_refs
+
+_MAGIC = 0x48505259  # "HPRY"
+_HEAD = struct.Struct("<IIQ")
+_LEN = struct.Struct("<Q")
+_ALIGN = 64
+_PLAIN_TYPES = (int, float, str, bytes, bool, type(None))
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+class ErrorValue:
+    """What a failed task stores in place of its result; `get` raises `error`."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __reduce__(self):
+        return (ErrorValue, (self.error,))
+
+
+def make_error_value(error: BaseException) -> ErrorValue:
+    """An ErrorValue that is sure to pickle: an unpicklable cause is replaced by its text."""
+    try:
+        cloudpickle.dumps(error)
+        return ErrorValue(error)
+    except Exception:  # noqa: BLE001 - any pickling failure
+        from hpcray.exceptions import RayTaskError
+        if isinstance(error, RayTaskError):
+            cause = RayError(f"{type(error.cause).__name__}: {error.cause} (not picklable)")
+            return ErrorValue(RayTaskError(error.function_name, error.traceback_str, cause,
+                                           error.pid))
+        return ErrorValue(RayError(f"{type(error).__name__}: {error} (not picklable)"))
+
+
+def error_bytes(error: BaseException) -> bytes:
+    """An inline value that makes `get` raise `error`."""
+    return cloudpickle.dumps(make_error_value(error), protocol=5)
+
+
+class SerializedValue:
+    """A pickled value: the pickle stream, its out-of-band buffers, the refs inside it."""
+
+    __slots__ = ("pickled", "buffers", "contained", "store_size")
+
+    def __init__(self, pickled: bytes, buffers: list, contained: list):
+        self.pickled = pickled
+        self.buffers = buffers
+        self.contained = contained
+        size = _align(_HEAD.size + _LEN.size * len(buffers) + len(pickled))
+        for buf in buffers:
+            size = _align(size + buf.nbytes)
+        self.store_size = size
+
+    @property
+    def is_small(self) -> bool:
+        return not self.buffers
+
+    def inline_bytes(self) -> bytes:
+        """The value as one bytes object for a message (buffers pickled in-band)."""
+        if not self.buffers:
+            return self.pickled
+        return pickle.dumps(pickle.loads(self.pickled, buffers=self.buffers), protocol=5)
+
+    def write_into(self, dest: memoryview) -> None:
+        """Lay the value out in `dest` (a store allocation of `store_size` bytes)."""
+        n = len(self.buffers)
+        _HEAD.pack_into(dest, 0, _MAGIC, n, len(self.pickled))
+        pos = _HEAD.size
+        for buf in self.buffers:
+            _LEN.pack_into(dest, pos, buf.nbytes)
+            pos += _LEN.size
+        dest[pos:pos + len(self.pickled)] = self.pickled
+        pos = _align(pos + len(self.pickled))
+        for buf in self.buffers:
+            raw = buf.raw()
+            dest[pos:pos + raw.nbytes] = raw  # the one memcpy of the value's data
+            pos = _align(pos + raw.nbytes)
+
+
+def serialize(value, inline_threshold: int) -> SerializedValue:
+    """Pickle `value`; buffers larger than a few KiB stay out of band when it is large."""
+    if type(value) in _PLAIN_TYPES:
+        return SerializedValue(pickle.dumps(value, protocol=5), [], [])
+    contained = begin_collecting_refs()
+    try:
+        buffers: list = []
+        pickled = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    finally:
+        end_collecting_refs()
+    if buffers and sum(b.raw().nbytes for b in buffers) + len(pickled) < inline_threshold:
+        # Small arrays: in-band is cheaper than a store round trip.
+        pickled = cloudpickle.dumps(value, protocol=5)
+        buffers = []
+    return SerializedValue(pickled, buffers, contained)
+
+
+def deserialize_inline(data: bytes):
+    return pickle.loads(data)
+
+
+def deserialize_from_store(view: memoryview):
+    """Rebuild a value laid out by `write_into`; arrays in it view `view` (zero copies)."""
+    magic, n, pickled_len = _HEAD.unpack_from(view, 0)
+    if magic != _MAGIC:
+        raise RayError("corrupt object in the store (bad magic)")
+    pos = _HEAD.size
+    lengths = []
+    for _ in range(n):
+        lengths.append(_LEN.unpack_from(view, pos)[0])
+        pos += _LEN.size
+    pickled = view[pos:pos + pickled_len]
+    pos = _align(pos + pickled_len)
+    buffers = []
+    for length in lengths:
+        buffers.append(view[pos:pos + length])
+        pos = _align(pos + length)
+    return pickle.loads(pickled, buffers=buffers), n > 0
