@@ -81,12 +81,6 @@ class SerializedValue:
     def is_small(self) -> bool:
         return not self.buffers
 
-    def inline_bytes(self) -> bytes:
-        """The value as one bytes object for a message (buffers pickled in-band)."""
-        if not self.buffers:
-            return self.pickled
-        return pickle.dumps(pickle.loads(self.pickled, buffers=self.buffers), protocol=5)
-
     def write_into(self, dest: memoryview) -> None:
         """Lay the value out in `dest` (a store allocation of `store_size` bytes)."""
         n = len(self.buffers)
@@ -98,9 +92,8 @@ class SerializedValue:
         dest[pos:pos + len(self.pickled)] = self.pickled
         pos = _align(pos + len(self.pickled))
         for buf in self.buffers:
-            raw = buf.raw()
-            dest[pos:pos + raw.nbytes] = raw  # the one memcpy of the value's data
-            pos = _align(pos + raw.nbytes)
+            dest[pos:pos + buf.nbytes] = buf  # the one memcpy of the value's data
+            pos = _align(pos + buf.nbytes)
 
 
 def serialize(value, inline_threshold: int) -> SerializedValue:
@@ -113,7 +106,8 @@ def serialize(value, inline_threshold: int) -> SerializedValue:
         pickled = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     finally:
         end_collecting_refs()
-    if buffers and sum(b.raw().nbytes for b in buffers) + len(pickled) < inline_threshold:
+    buffers = [b.raw() for b in buffers]
+    if buffers and sum(b.nbytes for b in buffers) + len(pickled) < inline_threshold:
         # Small arrays: in-band is cheaper than a store round trip.
         pickled = cloudpickle.dumps(value, protocol=5)
         buffers = []

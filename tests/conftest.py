@@ -1,0 +1,37 @@
+"""Shared fixtures: a fresh single-node runtime per test, and leak checks."""
+
+import os
+
+import pytest
+
+import hpcray
+
+
+def hpcray_segments() -> set:
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("hpcray-")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture
+def ray_start():
+    """hpcray on 2 CPUs; shut down after the test, and no segment may remain."""
+    before = hpcray_segments()
+    hpcray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024)
+    try:
+        yield hpcray
+    finally:
+        hpcray.shutdown()
+    leaked = hpcray_segments() - before
+    assert not leaked, f"shared-memory segments left behind: {leaked}"
+
+
+@pytest.fixture
+def ray_start_custom(request):
+    """hpcray with the init() keyword arguments given by indirect parametrization."""
+    hpcray.init(**request.param)
+    try:
+        yield hpcray
+    finally:
+        hpcray.shutdown()
