@@ -84,7 +84,7 @@ class ActorClass:
         spec = TaskSpec(actor_id, ACTOR_CREATION, self._class_id, self.__name__, args_payload,
                         deps, contained, [], demand, 0, False, actor_id, None, spec_options)
         client.submit(spec)
-        return ActorHandle(actor_id, self._info)
+        return ActorHandle(actor_id, self._info, True)
 
 
 class _ActorOptions:
@@ -99,13 +99,16 @@ class _ActorOptions:
 class ActorHandle:
     """A handle to an actor: pass it anywhere, call `handle.method.remote(...)`."""
 
-    def __init__(self, actor_id: bytes, info: dict):
+    def __init__(self, actor_id: bytes, info: dict, _owned: bool = False):
         self._actor_id = actor_id
         self._info = info
         self._counted = _object_ref.reference_counter.enabled
         if self._counted:
             self._counter = _object_ref.reference_counter
-            self._counter.add(actor_id)
+            if _owned:  # the creator's handle: counted when the node made the actor
+                self._counter.add_owned(actor_id)
+            else:
+                self._counter.add(actor_id)
 
     def __del__(self):
         if self.__dict__.get("_counted"):

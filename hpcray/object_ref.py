@@ -30,6 +30,11 @@ class LocalReferenceCounter:
         if n == 0:
             self.transitions.append((key, 1))
 
+    def add_owned(self, key: bytes) -> None:
+        """Count a reference the node manager already counted when it made the object
+        (a task's return, a put): no transition, so none can arrive after the result."""
+        self.counts[key] = self.counts.get(key, 0) + 1
+
     def remove(self, key: bytes) -> None:
         counts = self.counts
         n = counts.get(key, 0)
@@ -79,12 +84,15 @@ class ObjectRef:
 
     __slots__ = ("_id", "_counter", "__weakref__")
 
-    def __init__(self, object_id: bytes):
+    def __init__(self, object_id: bytes, _owned: bool = False):
         self._id = object_id
         counter = reference_counter
         if counter.enabled:
             self._counter = counter
-            counter.add(object_id)
+            if _owned:
+                counter.add_owned(object_id)
+            else:
+                counter.add(object_id)
         else:
             self._counter = None
 

@@ -77,11 +77,12 @@ def encode_call_args(client, task_id, args, kwargs, name):
 
 
 def refs_for(return_ids: list):
+    """The caller's refs to a task's returns, already counted by the node manager."""
     if len(return_ids) == 1:
-        return ObjectRef(return_ids[0])
+        return ObjectRef(return_ids[0], True)
     if not return_ids:
         return None
-    return [ObjectRef(oid) for oid in return_ids]
+    return [ObjectRef(oid, True) for oid in return_ids]
 
 
 class _BoundOptions:

@@ -8,8 +8,10 @@ import hpcray
 
 
 def hpcray_segments() -> set:
+    """This process's store segments (other jobs may run on the machine meanwhile)."""
+    prefix = f"hpcray-{os.getpid()}-"
     try:
-        return {name for name in os.listdir("/dev/shm") if name.startswith("hpcray-")}
+        return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
     except FileNotFoundError:
         return set()
 

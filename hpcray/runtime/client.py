@@ -137,15 +137,15 @@ class DriverClient(CoreClient):
     def _register_put(self, object_id, inline, contained) -> ObjectRef:
         nm = self._locked()
         try:
-            nm.put(object_id, inline, contained)
+            nm.put(object_id, inline, contained, owner_holds_ref=True)
         finally:
             nm.lock.release()
-        return ObjectRef(object_id)
+        return ObjectRef(object_id, True)
 
     def _register_args_object(self, args_id, contained) -> None:
         nm = self._locked()
         try:
-            nm.put(args_id, None, contained)
+            nm.put(args_id, None, contained, owner_holds_ref=False)
         finally:
             nm.lock.release()
 
@@ -195,12 +195,18 @@ class DriverClient(CoreClient):
             return nm.ready_ids(object_ids)
 
     def cancel(self, object_id: bytes, force: bool) -> None:
-        with self.nm.lock:
-            self.nm.cancel(object_id, force)
+        nm = self._locked()
+        try:
+            nm.cancel(object_id, force)
+        finally:
+            nm.lock.release()
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
-        with self.nm.lock:
-            self.nm.kill_actor(actor_id, no_restart)
+        nm = self._locked()
+        try:
+            nm.kill_actor(actor_id, no_restart)
+        finally:
+            nm.lock.release()
 
     def get_actor_info(self, name: str):
         with self.nm.lock:
@@ -219,12 +225,11 @@ class WorkerClient(CoreClient):
         self.channel = channel
 
     def _register_put(self, object_id, inline, contained) -> ObjectRef:
-        ref = ObjectRef(object_id)  # counted first: its +1 travels with the put
-        self.channel.send_oneway("put", (object_id, inline, contained))
-        return ref
+        self.channel.send_oneway("put", (object_id, inline, contained, True))
+        return ObjectRef(object_id, True)
 
     def _register_args_object(self, args_id, contained) -> None:
-        self.channel.send_oneway("put", (args_id, None, contained))
+        self.channel.send_oneway("put", (args_id, None, contained, False))
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         self.channel.send_oneway("function", (function_id, pickled))

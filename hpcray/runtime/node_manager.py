@@ -568,7 +568,7 @@ class NodeManager:
             return
         record = TaskRecord(spec, spec.max_retries)
         for object_id in spec.return_ids:
-            self._entry(object_id)
+            self._entry(object_id).refs = 1  # the caller's ref (ObjectRef made "owned")
         for key in spec.contained:
             self._incref(key)
         if spec.kind == ACTOR_CALL:
@@ -666,6 +666,7 @@ class NodeManager:
                 raise ValueError(f"An actor named {name!r} already exists.")
             self.named_actors[name] = spec.actor_id
         actor = ActorRecord(spec, spec.options["info"])
+        actor.refs = 1  # the creator's handle
         self.actors[spec.actor_id] = actor
         for key in spec.contained:
             self._incref(key)
@@ -872,9 +873,10 @@ class NodeManager:
                              ] or None
 
     # ------------------------------------------------------------------ put/get/wait
-    def put(self, object_id: bytes, inline, contained) -> None:
+    def put(self, object_id: bytes, inline, contained, owner_holds_ref: bool) -> None:
         entry = self._entry(object_id)
-        entry.is_put = True
+        entry.refs += 1 if owner_holds_ref else 0
+        entry.is_put = True  # not freed at refs 0 before its holders count it
         self._object_ready(object_id, inline, contained)
         entry.is_put = False
 

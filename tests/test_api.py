@@ -1,0 +1,280 @@
+"""The task API against the real runtime: Ray's semantics, errors at the call site."""
+
+import os
+import threading
+import time
+
+import pytest
+
+import hpcray
+from hpcray import exceptions
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@hpcray.remote
+def identity(x):
+    return x
+
+
+@hpcray.remote
+def add(a, b):
+    return a + b
+
+
+def test_calls_before_init_are_clear_errors():
+    assert not hpcray.is_initialized()
+    with pytest.raises(hpcray.exceptions.RayError, match="init"):
+        identity.remote(1)
+    with pytest.raises(hpcray.exceptions.RayError, match="init"):
+        hpcray.put(1)
+    with pytest.raises(hpcray.exceptions.RayError, match="init"):
+        hpcray.get_runtime_context()
+
+
+def test_remote_function_cannot_be_called_directly(ray_start):
+    with pytest.raises(TypeError, match=r"identity.remote\(\)"):
+        identity(1)
+
+
+def test_task_results_and_dependencies(ray_start):
+    assert hpcray.is_initialized()
+    assert hpcray.get(identity.remote(5)) == 5
+    chain = identity.remote(0)
+    for _ in range(20):
+        chain = add.remote(chain, 1)
+    assert hpcray.get(chain) == 20
+    assert hpcray.get([add.remote(i, i) for i in range(50)]) == [2 * i for i in range(50)]
+    assert hpcray.get(add.remote(a=identity.remote(2), b=3)) == 5
+
+
+def test_top_level_refs_resolved_nested_refs_passed_as_refs(ray_start):
+    ref = hpcray.put(41)
+
+    @hpcray.remote
+    def inspect(top, nested):
+        inner = nested["r"]
+        return type(top).__name__, isinstance(inner, hpcray.ObjectRef), hpcray.get(inner) + 1
+
+    assert hpcray.get(inspect.remote(ref, {"r": ref})) == ("int", True, 42)
+
+
+def test_num_returns(ray_start):
+    @hpcray.remote(num_returns=3)
+    def three():
+        return 1, 2, 3
+
+    a, b, c = three.remote()
+    assert hpcray.get([a, b, c]) == [1, 2, 3]
+    x, y = identity.options(num_returns=2).remote((7, 8))
+    assert hpcray.get(y) == 8
+
+    @hpcray.remote(num_returns=2)
+    def wrong():
+        return 1
+
+    first, _ = wrong.remote()
+    with pytest.raises(ValueError, match="num_returns"):
+        hpcray.get(first)
+
+
+def test_nested_tasks_do_not_deadlock_when_every_worker_blocks(ray_start):
+    @hpcray.remote
+    def tree(depth):
+        if depth == 0:
+            return 1
+        return sum(hpcray.get([tree.remote(depth - 1) for _ in range(2)]))
+
+    # 2 CPUs, 15 tasks all blocked in get at some point: blocked workers lend their CPU.
+    assert hpcray.get(tree.remote(3)) == 8
+
+
+def test_exceptions_are_instances_of_the_users_class(ray_start):
+    class MyError(Exception):
+        pass
+
+    @hpcray.remote
+    def fail():
+        raise MyError("boom")
+
+    ref = fail.remote()
+    with pytest.raises(MyError) as info:
+        hpcray.get(ref)
+    assert isinstance(info.value, exceptions.RayTaskError)
+    assert "boom" in str(info.value)
+    # An error flows through a chain of dependent tasks unchanged.
+    with pytest.raises(MyError):
+        hpcray.get(add.remote(identity.remote(ref), 1))
+
+
+def test_get_timeout_and_wait(ray_start):
+    @hpcray.remote
+    def sleepy(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    slow = sleepy.remote(30)
+    with pytest.raises(exceptions.GetTimeoutError):
+        hpcray.get(slow, timeout=0.1)
+    with pytest.raises(TimeoutError):  # GetTimeoutError is a TimeoutError too
+        hpcray.get([slow], timeout=0)
+    fast = identity.remote(1)
+    ready, not_ready = hpcray.wait([slow, fast], num_returns=1, timeout=20)
+    assert ready == [fast] and not_ready == [slow]
+    ready, not_ready = hpcray.wait([slow, fast], num_returns=2, timeout=0.1)
+    assert ready == [fast] and not_ready == [slow]
+    hpcray.cancel(slow, force=True)
+
+
+def test_wait_many_refs_keeps_order(ray_start):
+    refs = [identity.remote(i) for i in range(200)]
+    ready, not_ready = hpcray.wait(refs, num_returns=200)
+    assert ready == refs and not_ready == []
+    ready, _ = hpcray.wait(refs, num_returns=5)
+    assert len(ready) == 5
+
+
+def test_bad_arguments_are_clear_errors(ray_start):
+    with pytest.raises(TypeError, match="ObjectRef"):
+        hpcray.get(5)
+    with pytest.raises(TypeError, match="ObjectRef"):
+        hpcray.get([identity.remote(1), 5])
+    with pytest.raises(ValueError, match="duplicate"):
+        ref = identity.remote(1)
+        hpcray.wait([ref, ref])
+    with pytest.raises(ValueError, match="num_returns"):
+        hpcray.wait([identity.remote(1)], num_returns=2)
+    with pytest.raises(TypeError, match="serialize"):
+        identity.remote(threading.Lock())
+    with pytest.raises(ValueError, match="Invalid option"):
+        identity.options(num_cpu=1)
+    with pytest.raises(ValueError, match="num_cpus"):
+        identity.options(num_cpus=-1)
+    # The runtime keeps working after each of these.
+    assert hpcray.get(identity.remote("still fine")) == "still fine"
+
+
+def test_unpicklable_function_is_a_clear_error(ray_start):
+    lock = threading.Lock()
+
+    @hpcray.remote
+    def uses_lock():
+        return lock.locked()
+
+    with pytest.raises(TypeError, match="serialize"):
+        uses_lock.remote()
+    assert hpcray.get(identity.remote(1)) == 1
+
+
+def test_infeasible_requests_raise_instead_of_hanging(ray_start):
+    with pytest.raises(exceptions.ResourceInfeasibleError, match="CPU"):
+        identity.options(num_cpus=3).remote(1)
+    with pytest.raises(exceptions.ResourceInfeasibleError, match="GPU"):
+        identity.options(num_gpus=1).remote(1)
+    with pytest.raises(exceptions.ResourceInfeasibleError, match="special"):
+        identity.options(resources={"special": 1}).remote(1)
+
+    @hpcray.remote
+    def nested():
+        try:
+            identity.options(num_cpus=8).remote(1)
+        except exceptions.ResourceInfeasibleError:
+            return "raised in the worker too"
+
+    assert hpcray.get(nested.remote()) == "raised in the worker too"
+
+
+def test_two_cpu_task_runs_alone(ray_start, tmp_path):
+    @hpcray.remote
+    def record(name, seconds):
+        start = time.monotonic()
+        time.sleep(seconds)
+        return name, start, time.monotonic()
+
+    big = record.options(num_cpus=2).remote("big", 0.5)
+    smalls = [record.remote(f"small{i}", 0.2) for i in range(3)]
+    intervals = hpcray.get([big] + smalls)
+    _, big_start, big_end = intervals[0]
+    for _, start, end in intervals[1:]:
+        assert end <= big_start or start >= big_end, "a task overlapped the 2-CPU task"
+
+
+@pytest.mark.parametrize("ray_start_custom", [{"num_cpus": 2, "resources": {"special": 1}}],
+                         indirect=True)
+def test_custom_resources_are_accounted(ray_start_custom):
+    assert hpcray.cluster_resources()["special"] == 1
+
+    @hpcray.remote(resources={"special": 1}, num_cpus=0)
+    def exclusive(i):
+        start = time.monotonic()
+        time.sleep(0.2)
+        return start, time.monotonic()
+
+    spans = sorted(hpcray.get([exclusive.remote(i) for i in range(3)]))
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, "two tasks held the single 'special' resource at once"
+
+
+def test_resources_and_nodes(ray_start):
+    total = hpcray.cluster_resources()
+    assert total["CPU"] == 2
+    assert hpcray.available_resources()["CPU"] == 2
+    nodes = hpcray.nodes()
+    assert len(nodes) == 1 and nodes[0]["Alive"] and nodes[0]["Resources"]["CPU"] == 2
+
+
+def test_runtime_context(ray_start):
+    ctx = hpcray.get_runtime_context()
+    assert ctx.get_task_id() is None and ctx.get_actor_id() is None
+
+    @hpcray.remote
+    def where():
+        c = hpcray.get_runtime_context()
+        return c.get_job_id(), c.get_node_id(), c.get_task_id(), os.getpid()
+
+    job, node, task, pid = hpcray.get(where.remote())
+    assert job == ctx.get_job_id() and node == ctx.get_node_id()
+    assert task is not None and pid != os.getpid()
+    assert hpcray.get_gpu_ids() == []
+
+
+def test_cancel_queued_and_running_tasks(ray_start):
+    @hpcray.remote
+    def sleepy():
+        time.sleep(60)
+
+    running = [sleepy.remote() for _ in range(2)]
+    queued = sleepy.remote()
+    hpcray.cancel(queued)
+    with pytest.raises(exceptions.TaskCancelledError):
+        hpcray.get(queued, timeout=20)
+    for ref in running:
+        hpcray.cancel(ref)
+    for ref in running:
+        with pytest.raises(exceptions.TaskCancelledError):
+            hpcray.get(ref, timeout=20)
+    forced = sleepy.remote()
+    hpcray.wait([forced], timeout=0.5)
+    hpcray.cancel(forced, force=True)
+    with pytest.raises(exceptions.TaskCancelledError):
+        hpcray.get(forced, timeout=20)
+    assert hpcray.get(identity.remote(3)) == 3
+
+
+def test_remote_function_with_options_in_decorator(ray_start):
+    @hpcray.remote(num_cpus=0.5, max_retries=0)
+    def half():
+        return "ok"
+
+    assert hpcray.get(half.remote()) == "ok"
+    assert hpcray.get(half.options(name="renamed").remote()) == "ok"
+
+
+def test_shutdown_and_init_again():
+    hpcray.init(num_cpus=1)
+    assert hpcray.get(identity.remote(1)) == 1
+    hpcray.shutdown()
+    assert not hpcray.is_initialized()
+    hpcray.init(num_cpus=1)
+    assert hpcray.get(identity.remote(2)) == 2
+    hpcray.shutdown()

@@ -1,0 +1,125 @@
+"""The local scheduler as a state machine: no processes, no sockets, invariants checked."""
+
+import pytest
+
+from hpcray._scheduler import LocalScheduler
+
+
+def make(cpus=2, workers=2, **extra):
+    return LocalScheduler({"CPU": cpus, **extra}, workers, 0, True)
+
+
+def dispatched(actions):
+    return [a[1] for a in actions if a[0] == "dispatch"]
+
+
+def test_task_waits_for_a_worker_then_dispatches():
+    s = make()
+    actions = s.task_ready("t1", {"CPU": 1})
+    assert actions == [("start_worker",)]
+    assert s.worker_started("w1") == [("dispatch", "t1", "w1")]
+    assert s.available["CPU"] == 1
+
+
+def test_resources_bound_concurrency_and_come_back():
+    s = make()
+    s.worker_starting(), s.worker_starting()
+    s.worker_started("w1"), s.worker_started("w2")
+    s.worker_starting()
+    s.worker_started("w3")
+    assert dispatched(s.task_ready("a", {"CPU": 1})) == ["a"]
+    assert dispatched(s.task_ready("b", {"CPU": 1})) == ["b"]
+    assert dispatched(s.task_ready("c", {"CPU": 1})) == []   # node full, c queued
+    assert s.num_queued == 1
+    worker_of_a = next(w for w in s.busy_workers)
+    actions = s.task_finished(worker_of_a, {"CPU": 1})
+    assert dispatched(actions) == ["c"]
+
+
+def test_two_cpu_task_runs_alone():
+    s = make()
+    for w in ("w1", "w2"):
+        s.worker_starting()
+        s.worker_started(w)
+    assert dispatched(s.task_ready("big", {"CPU": 2})) == ["big"]
+    assert dispatched(s.task_ready("small", {"CPU": 1})) == []
+    assert s.available["CPU"] == 0
+
+
+def test_blocked_worker_lends_its_cpu_and_takes_it_back():
+    s = make(cpus=1, workers=1)
+    s.worker_starting()
+    s.worker_started("w1")
+    assert dispatched(s.task_ready("parent", {"CPU": 1})) == ["parent"]
+    assert s.task_ready("child", {"CPU": 1}) == []          # no CPU, no new worker
+    actions = s.worker_blocked("w1", {"CPU": 1})
+    assert actions == [("start_worker",)]                   # CPU lent: start a worker for child
+    assert s.worker_started("w2") == [("dispatch", "child", "w2")]
+    actions = s.task_finished("w2", {"CPU": 1})
+    assert actions == [("retire", "w2")]                    # back to the pool size of 1
+    s.worker_unblocked("w1", {"CPU": 1})
+    assert s.available["CPU"] == 0
+    s.task_finished("w1", {"CPU": 1})
+    assert s.available["CPU"] == 1
+
+
+def test_custom_resources_and_feasibility():
+    s = make(special=1)
+    assert s.is_feasible({"special": 1})
+    assert not s.is_feasible({"special": 2})
+    assert not s.is_feasible({"GPU": 1})
+    for w in ("w1", "w2"):
+        s.worker_starting()
+        s.worker_started(w)
+    assert dispatched(s.task_ready("x", {"CPU": 0.5, "special": 1})) == ["x"]
+    assert dispatched(s.task_ready("y", {"CPU": 0.5, "special": 1})) == []
+
+
+def test_placement_without_worker_for_actors():
+    s = make()
+    assert s.task_ready("actor", {"CPU": 2}, False) == [("place", "actor")]
+    assert s.available["CPU"] == 0
+    s.release({"CPU": 2})
+    assert s.available["CPU"] == 2
+
+
+def test_cancel_removes_a_queued_task():
+    s = make()
+    s.task_ready("t", {"CPU": 1})
+    assert s.cancel("t") is True
+    assert s.cancel("t") is False
+    assert s.num_queued == 0
+
+
+def test_dead_worker_returns_resources():
+    s = make()
+    s.worker_starting()
+    s.worker_started("w1")
+    s.task_ready("t", {"CPU": 2})
+    s.worker_died("w1", {"CPU": 2})
+    assert s.available["CPU"] == 2
+    assert s.num_workers == 0
+
+
+def test_many_queued_tasks_dispatch_in_bounded_passes():
+    s = make()
+    for w in ("w1", "w2"):
+        s.worker_starting()
+        s.worker_started(w)
+    for i in range(20000):
+        s.task_ready(i, {"CPU": 1})
+    s.validate = False
+    done = 0
+    while s.num_queued or s.busy_workers:
+        worker = next(iter(s.busy_workers))
+        done += 1
+        s.task_finished(worker, {"CPU": 1})
+    assert done == 20000
+    s.check_invariants()
+
+
+def test_invariant_check_catches_corruption():
+    s = make()
+    s.idle_workers.extend(["w", "w"])
+    with pytest.raises(AssertionError):
+        s.check_invariants()
