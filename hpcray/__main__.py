@@ -1,0 +1,44 @@
+"""`python -m hpcray app.py [args]` / `python -m hpcray -m module [args]`.
+
+Runs the program as its driver, as `python app.py` would. Under a launcher every rank
+runs this; the ranks > 0 become node managers (the multi-node mode). An uncaught
+exception in the driver ends the program with a non-zero exit status after the
+runtime has shut down, so no worker or segment outlives it.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+USAGE = "usage: python -m hpcray app.py [args...] | python -m hpcray -m module [args...]"
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            print(USAGE, file=sys.stderr)
+            return 2
+        sys.argv = argv[1:]
+        run = lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True)  # noqa: E731
+    else:
+        sys.argv = argv
+        import os
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+        run = lambda: runpy.run_path(argv[0], run_name="__main__")  # noqa: E731
+    try:
+        run()
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        from hpcray import api
+        api.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
