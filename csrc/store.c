@@ -18,8 +18,13 @@
  *    all its other fields (set_state);
  *  - removal is backward-shift deletion done copy-then-clear, so a death
  *    leaves at worst one duplicate entry and a few tombstones.
- * Everything else (allocator free list, counters) is derived, and the next
- * locker, told EOWNERDEAD, rebuilds it from the table (store_repair).
+ * Everything else (allocator free list, LRU list, counters) is derived, and
+ * the next locker, told EOWNERDEAD, rebuilds it from the table (store_repair).
+ *
+ * Eviction. The evictable objects (SEALED, no pins) form a doubly linked
+ * list through their table slots, oldest first, ordered by lru_tick: an
+ * object joins at the new end when it becomes evictable (seal, last release)
+ * and leaves when pinned or freed, so eviction pops from the old end.
  */
 #include "store.h"
 
@@ -41,22 +46,25 @@
 #define STORE_VERSION 1u
 #define STORE_PAGE 4096u
 #define STORE_MIN_TABLE 1024u
-#define STORE_MAX_TABLE (1ull << 32)
+#define STORE_MAX_TABLE (1ull << 31)
 
 /* Slot states besides STORE_STATE_CREATED and STORE_STATE_SEALED. */
 #define SLOT_EMPTY 0u
 #define SLOT_TOMBSTONE 3u /* transient: taken for probing, holds no object */
 
+#define LRU_NIL UINT32_MAX /* end of the LRU list */
+
 typedef struct store_entry {
     uint8_t id[STORE_ID_SIZE];
-    _Atomic uint32_t state; /* SLOT_*, or store_state once published */
-    uint64_t offset;        /* data block, from the segment base */
-    uint64_t size;          /* bytes asked for */
-    uint64_t lru_tick;      /* header lru_clock at the last create/get */
+    _Atomic uint16_t state;  /* SLOT_*, or store_state once published */
+    uint16_t delete_pending; /* freed when the last pin drops */
+    uint64_t offset;         /* data block, from the segment base */
+    uint64_t size;           /* bytes asked for */
+    uint64_t lru_tick;       /* lru_clock when last read or made evictable */
     uint32_t pins;
-    uint32_t delete_pending;
     int32_t creator_pid;
-    uint32_t reserved;
+    uint32_t lru_prev; /* slot of the next older evictable object, or LRU_NIL */
+    uint32_t lru_next; /* slot of the next newer evictable object, or LRU_NIL */
 } store_entry;
 
 _Static_assert(sizeof(store_entry) == 64, "an entry is one cache line");
@@ -74,6 +82,9 @@ typedef struct store_header {
     /* Everything below is guarded by lock. */
     alloc_state alloc;
     uint64_t lru_clock;
+    uint32_t lru_oldest; /* slot, or LRU_NIL when nothing is evictable */
+    uint32_t lru_newest;
+    uint64_t evictable_bytes; /* blocks of the objects on the LRU list */
     uint64_t num_objects;
     uint64_t num_pinned;
     uint64_t num_evictions;
@@ -85,8 +96,18 @@ struct store {
     size_t size;
     store_header *hdr;
     store_entry *table;
-    uint64_t mask; /* table_capacity - 1 */
+    uint64_t mask;            /* table_capacity - 1 */
+    int64_t crash_countdown;  /* test hook: _exit at this crash point; 0 = off */
 };
+
+/* Test hook: a point between two writes of a mutation made under the lock.
+ * With store_debug_crash_after armed, the process dies here still holding
+ * the lock, as a SIGKILL could make it. */
+static void crash_point(store *s)
+{
+    if (s->crash_countdown > 0 && --s->crash_countdown == 0)
+        _exit(77);
+}
 
 static uint64_t round_up(uint64_t x, uint64_t to)
 {
@@ -95,25 +116,33 @@ static uint64_t round_up(uint64_t x, uint64_t to)
 
 /* ---- entries ------------------------------------------------------------ */
 
-static uint32_t slot_state(const store_entry *e)
+static unsigned slot_state(const store_entry *e)
 {
     return atomic_load_explicit(&e->state, memory_order_relaxed);
 }
 
 static bool slot_live(const store_entry *e)
 {
-    uint32_t st = slot_state(e);
+    unsigned st = slot_state(e);
     return st == STORE_STATE_CREATED || st == STORE_STATE_SEALED;
+}
+
+/* Whether the entry is on the LRU list: sealed, unpinned, not being deleted
+ * (unpin tests this with pins already 0 and delete_pending still set). */
+static bool slot_evictable(const store_entry *e)
+{
+    return slot_state(e) == STORE_STATE_SEALED && e->pins == 0 && !e->delete_pending;
 }
 
 /* Writes a slot's state word. The compiler fences on both sides keep it in
  * program order with the plain field writes around it, so a holder killed
  * between two statements leaves each slot either unpublished or complete.
  * (Cross-process visibility comes from the mutex, not from these fences.) */
-static void set_state(store_entry *e, uint32_t st)
+static void set_state(store *s, store_entry *e, unsigned st)
 {
+    crash_point(s);
     atomic_signal_fence(memory_order_seq_cst);
-    atomic_store_explicit(&e->state, st, memory_order_relaxed);
+    atomic_store_explicit(&e->state, (uint16_t)st, memory_order_relaxed);
     atomic_signal_fence(memory_order_seq_cst);
 }
 
@@ -147,7 +176,7 @@ static int64_t table_find(const store *s, const uint8_t *id)
     uint64_t i = home_slot(s, id);
     for (uint64_t n = 0; n <= s->mask; n++, i = (i + 1) & s->mask) {
         const store_entry *e = &s->table[i];
-        uint32_t st = slot_state(e);
+        unsigned st = slot_state(e);
         if (st == SLOT_EMPTY)
             return -1;
         if (st != SLOT_TOMBSTONE && memcmp(e->id, id, STORE_ID_SIZE) == 0)
@@ -172,18 +201,68 @@ static bool cyclic_between(uint64_t lo, uint64_t x, uint64_t hi)
     return lo <= hi ? (lo < x && x <= hi) : (lo < x || x <= hi);
 }
 
-/* Removes the entry at slot i by backward-shift deletion (no tombstones left
- * behind). Each move copies the entry into the hole and publishes it before
- * clearing the source, so at every step each live entry is findable. */
+/* ---- the LRU list of evictable objects ---------------------------------- */
+
+/* Points whatever linked to an entry's old slot at `slot` instead. */
+static void lru_relink(store *s, uint64_t slot)
+{
+    store_header *hdr = s->hdr;
+    const store_entry *e = &s->table[slot];
+    if (e->lru_prev == LRU_NIL)
+        hdr->lru_oldest = (uint32_t)slot;
+    else
+        s->table[e->lru_prev].lru_next = (uint32_t)slot;
+    if (e->lru_next == LRU_NIL)
+        hdr->lru_newest = (uint32_t)slot;
+    else
+        s->table[e->lru_next].lru_prev = (uint32_t)slot;
+}
+
+/* Appends an entry that just became evictable, as the most recently used. */
+static void lru_push_newest(store *s, uint64_t slot)
+{
+    store_header *hdr = s->hdr;
+    store_entry *e = &s->table[slot];
+    e->lru_tick = ++hdr->lru_clock;
+    e->lru_prev = hdr->lru_newest;
+    e->lru_next = LRU_NIL;
+    crash_point(s);
+    lru_relink(s, slot);
+    hdr->evictable_bytes += alloc_block_size(e->size);
+}
+
+/* Takes an entry off the list (it is being pinned or freed). */
+static void lru_unlink(store *s, uint64_t slot)
+{
+    store_header *hdr = s->hdr;
+    const store_entry *e = &s->table[slot];
+    if (e->lru_prev == LRU_NIL)
+        hdr->lru_oldest = e->lru_next;
+    else
+        s->table[e->lru_prev].lru_next = e->lru_next;
+    crash_point(s);
+    if (e->lru_next == LRU_NIL)
+        hdr->lru_newest = e->lru_prev;
+    else
+        s->table[e->lru_next].lru_prev = e->lru_prev;
+    hdr->evictable_bytes -= alloc_block_size(e->size);
+}
+
+/* ---- table removal ------------------------------------------------------- */
+
+/* Removes the entry at slot i, which must be off the LRU list, by
+ * backward-shift deletion (no tombstones left behind). Each move copies the
+ * entry into the hole and publishes it before clearing the source, so at
+ * every step each live entry is findable. */
 static void table_remove_at(store *s, uint64_t i)
 {
     uint64_t hole = i;
-    set_state(&s->table[hole], SLOT_TOMBSTONE);
+    set_state(s, &s->table[hole], SLOT_TOMBSTONE);
     uint64_t j = hole;
     for (uint64_t n = 0; n < s->mask; n++) {
         j = (j + 1) & s->mask;
         store_entry *e = &s->table[j];
-        uint32_t st = slot_state(e);
+        unsigned st = slot_state(e);
         if (st == SLOT_EMPTY)
             break;
         if (st == SLOT_TOMBSTONE) /* left by a dead holder; repair clears it */
@@ -198,23 +277,34 @@ static void table_remove_at(store *s, uint64_t i)
         h->pins = e->pins;
         h->delete_pending = e->delete_pending;
         h->creator_pid = e->creator_pid;
-        set_state(h, st);
-        set_state(e, SLOT_TOMBSTONE);
+        h->lru_prev = e->lru_prev;
+        h->lru_next = e->lru_next;
+        set_state(s, h, st);
+        if (slot_evictable(h))
+            lru_relink(s, hole);
+        set_state(s, e, SLOT_TOMBSTONE);
         hole = j;
     }
-    set_state(&s->table[hole], SLOT_EMPTY);
+    set_state(s, &s->table[hole], SLOT_EMPTY);
 }
 
-/* Frees an entry's data block and removes it from the table. */
+/* Removes an entry from the table, then frees its data block: in that order
+ * because the allocator writes into a freed block, and a holder dying in
+ * between must not leave a live entry over clobbered bytes (the block is
+ * only leaked until the next repair). */
 static void free_entry(store *s, uint64_t slot)
 {
     store_header *hdr = s->hdr;
     store_entry *e = &s->table[slot];
+    uint64_t offset = e->offset, size = e->size;
+    if (slot_evictable(e))
+        lru_unlink(s, slot);
     if (e->pins > 0)
         hdr->num_pinned--;
-    alloc_free(&hdr->alloc, s->base, e->offset, e->size);
     table_remove_at(s, slot);
     hdr->num_objects--;
+    crash_point(s);
+    alloc_free(&hdr->alloc, s->base, offset, size);
 }
 
 /* ---- the lock and its repair -------------------------------------------- */
@@ -228,9 +318,72 @@ static bool extent_sane(const store *s, const store_entry *e)
            e->offset <= end && block <= end - e->offset;
 }
 
+/* Whether repair must drop the live entry at slot i: a second copy left by
+ * an interrupted move, an extent out of bounds, or an object deleted whose
+ * last pin dropped just before its holder died. */
+static bool entry_doomed(const store *s, uint64_t i)
+{
+    const store_entry *e = &s->table[i];
+    return !extent_sane(s, e) || table_find(s, e->id) != (int64_t)i ||
+           (e->delete_pending && e->pins == 0);
+}
+
+typedef struct tick_slot {
+    uint64_t tick;
+    uint64_t slot;
+} tick_slot;
+
+static int tick_cmp(const void *x, const void *y)
+{
+    const tick_slot *a = x, *b = y;
+    return (a->tick > b->tick) - (a->tick < b->tick);
+}
+
+/* Rebuilds the allocator and the LRU list from the live entries. Returns -1
+ * (leaving them as they were) when out of memory. */
+static int rebuild_derived(store *s, uint64_t live, uint64_t evictable)
+{
+    store_header *hdr = s->hdr;
+    alloc_extent *extents = malloc((live ? live : 1) * sizeof *extents);
+    tick_slot *order = malloc((evictable ? evictable : 1) * sizeof *order);
+    if (extents == NULL || order == NULL) {
+        free(extents);
+        free(order);
+        return -1;
+    }
+    size_t n = 0, m = 0;
+    for (uint64_t i = 0; i < hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        if (!slot_live(e))
+            continue;
+        extents[n].offset = e->offset;
+        extents[n].size = e->size;
+        n++;
+        if (slot_evictable(e)) {
+            order[m].tick = e->lru_tick;
+            order[m].slot = i;
+            m++;
+        }
+    }
+    alloc_rebuild(&hdr->alloc, s->base, extents, n);
+    qsort(order, m, sizeof *order, tick_cmp);
+    hdr->lru_oldest = hdr->lru_newest = LRU_NIL;
+    hdr->evictable_bytes = 0;
+    for (size_t k = 0; k < m; k++) {
+        store_entry *e = &s->table[order[k].slot];
+        e->lru_prev = hdr->lru_newest;
+        e->lru_next = LRU_NIL;
+        lru_relink(s, order[k].slot);
+        hdr->evictable_bytes += alloc_block_size(e->size);
+    }
+    free(extents);
+    free(order);
+    return 0;
+}
+
 /* Brings the segment back to a consistent state after a lock holder died:
  * clears tombstones, drops duplicate or out-of-bounds entries, recounts, and
- * rebuilds the allocator as the complement of the live entries. Idempotent
+ * rebuilds the allocator and the LRU list from the live entries. Idempotent
  * and itself interruptible: if the repairer dies, the next locker is told
  * EOWNERDEAD again and starts over. */
 static void store_repair(store *s)
@@ -244,38 +397,28 @@ static void store_repair(store *s)
 
     for (uint64_t i = 0; i < cap; i++) {
         /* A removal shifts a later entry into i, so look at i again. */
-        while (slot_live(&s->table[i]) &&
-               (!extent_sane(s, &s->table[i]) ||
-                table_find(s, s->table[i].id) != (int64_t)i))
+        while (slot_live(&s->table[i]) && entry_doomed(s, i))
             table_remove_at(s, i);
     }
 
-    uint64_t live = 0, pinned = 0;
+    uint64_t live = 0, pinned = 0, evictable = 0;
     for (uint64_t i = 0; i < cap; i++) {
-        if (!slot_live(&s->table[i]))
+        const store_entry *e = &s->table[i];
+        if (!slot_live(e))
             continue;
         live++;
-        pinned += s->table[i].pins > 0;
-    }
-    alloc_extent *extents = malloc((live ? live : 1) * sizeof *extents);
-    if (extents != NULL) {
-        size_t n = 0;
-        for (uint64_t i = 0; i < cap; i++)
-            if (slot_live(&s->table[i])) {
-                extents[n].offset = s->table[i].offset;
-                extents[n].size = s->table[i].size;
-                n++;
-            }
-        alloc_rebuild(&hdr->alloc, s->base, extents, n);
-        free(extents);
+        pinned += e->pins > 0;
+        evictable += slot_evictable(e);
     }
     hdr->num_objects = live;
     hdr->num_pinned = pinned;
+    rebuild_derived(s, live, evictable);
 }
 
 /* Takes the store lock. EOWNERDEAD means the last holder died with it: the
  * segment may be mid-mutation, so repair it before marking the mutex
- * consistent (marking it first would let a second death go unnoticed). */
+ * consistent (marking it first would let a death during repair go
+ * unnoticed). */
 static store_status lock_store(store *s)
 {
     int rc = pthread_mutex_lock(&s->hdr->lock);
@@ -309,6 +452,7 @@ static store *wrap(uint8_t *base, size_t size)
     s->hdr = (store_header *)(void *)base;
     s->table = (store_entry *)(void *)(base + s->hdr->table_offset);
     s->mask = s->hdr->table_capacity - 1;
+    s->crash_countdown = 0;
     return s;
 }
 
@@ -319,9 +463,11 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
         table_capacity > STORE_MAX_TABLE)
         return STORE_INVALID;
     uint64_t data_capacity = round_up(capacity, STORE_PAGE);
-    uint64_t slots = table_capacity ? table_capacity : data_capacity / 16384;
-    if (slots < STORE_MIN_TABLE)
-        slots = STORE_MIN_TABLE;
+    uint64_t slots = table_capacity;
+    if (slots == 0) /* default: one slot per 16 KiB, at least STORE_MIN_TABLE */
+        slots = data_capacity / 16384 > STORE_MIN_TABLE ? data_capacity / 16384 : STORE_MIN_TABLE;
+    if (slots < 8)
+        slots = 8;
     uint64_t pow2 = 1;
     while (pow2 < slots)
         pow2 <<= 1;
@@ -359,6 +505,7 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     hdr->data_offset = header_size + table_size;
     hdr->data_capacity = data_capacity;
     alloc_init(&hdr->alloc, base, hdr->data_offset, data_capacity);
+    hdr->lru_oldest = hdr->lru_newest = LRU_NIL;
 
     pthread_mutexattr_t attr;
     int rc = pthread_mutexattr_init(&attr);
@@ -461,17 +608,6 @@ uint8_t *store_ptr(const store *s, uint64_t offset)
 
 /* ---- objects ------------------------------------------------------------ */
 
-typedef struct victim {
-    uint64_t tick;
-    uint8_t id[STORE_ID_SIZE];
-} victim;
-
-static int victim_cmp(const void *x, const void *y)
-{
-    const victim *vx = x, *vy = y;
-    return (vx->tick > vy->tick) - (vx->tick < vy->tick);
-}
-
 /* A slot and a block for one more object, or -1. */
 static int try_reserve(store *s, uint64_t size, uint64_t *offset)
 {
@@ -486,49 +622,16 @@ static int try_reserve(store *s, uint64_t size, uint64_t *offset)
 static store_status evict_and_reserve(store *s, uint64_t size, uint64_t *offset)
 {
     store_header *hdr = s->hdr;
-    uint64_t cap = hdr->table_capacity;
-    uint64_t candidates = 0, evictable_bytes = 0;
-    for (uint64_t i = 0; i < cap; i++) {
-        const store_entry *e = &s->table[i];
-        if (slot_state(e) == STORE_STATE_SEALED && e->pins == 0) {
-            candidates++;
-            evictable_bytes += alloc_block_size(e->size);
-        }
-    }
     uint64_t free_bytes = hdr->data_capacity - alloc_footprint(&hdr->alloc);
-    if (candidates == 0 || free_bytes + evictable_bytes < alloc_block_size(size))
+    if (hdr->lru_oldest == LRU_NIL || free_bytes + hdr->evictable_bytes < alloc_block_size(size))
         return STORE_FULL;
-
-    victim *victims = malloc(candidates * sizeof *victims);
-    if (victims == NULL) {
-        errno = ENOMEM;
-        return STORE_SYSTEM;
-    }
-    size_t n = 0;
-    for (uint64_t i = 0; i < cap && n < candidates; i++) {
-        const store_entry *e = &s->table[i];
-        if (slot_state(e) == STORE_STATE_SEALED && e->pins == 0) {
-            victims[n].tick = e->lru_tick;
-            memcpy(victims[n].id, e->id, STORE_ID_SIZE);
-            n++;
-        }
-    }
-    qsort(victims, n, sizeof *victims, victim_cmp);
-    store_status rc = STORE_FULL;
-    for (size_t k = 0; k < n; k++) {
-        /* Slots move as entries are removed: look each victim up again. */
-        int64_t slot = table_find(s, victims[k].id);
-        if (slot < 0)
-            continue;
-        free_entry(s, (uint64_t)slot);
+    while (hdr->lru_oldest != LRU_NIL) {
+        free_entry(s, hdr->lru_oldest);
         hdr->num_evictions++;
-        if (try_reserve(s, size, offset) == 0) {
-            rc = STORE_OK;
-            break;
-        }
+        if (try_reserve(s, size, offset) == 0)
+            return STORE_OK;
     }
-    free(victims);
-    return rc;
+    return STORE_FULL;
 }
 
 store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uint64_t *offset)
@@ -550,6 +653,7 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
     if (rc == STORE_OK) {
         /* A death from here to set_state leaks the block only until the
          * next locker's repair. */
+        crash_point(s);
         store_entry *e = &s->table[table_free_slot(s, id)];
         memcpy(e->id, id, STORE_ID_SIZE);
         e->offset = data;
@@ -558,7 +662,8 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
         e->pins = 1;
         e->delete_pending = 0;
         e->creator_pid = (int32_t)getpid();
-        set_state(e, STORE_STATE_CREATED);
+        e->lru_prev = e->lru_next = LRU_NIL;
+        set_state(s, e, STORE_STATE_CREATED);
         hdr->num_objects++;
         hdr->num_pinned++;
         *offset = data;
@@ -567,8 +672,8 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
     return rc;
 }
 
-/* Drops one pin; frees the object if that was the last one and it is
- * delete-pending. Lock held. */
+/* Drops one pin; on the last one the object is freed if delete-pending,
+ * else it becomes evictable. Lock held. */
 static void unpin(store *s, uint64_t slot)
 {
     store_entry *e = &s->table[slot];
@@ -576,8 +681,11 @@ static void unpin(store *s, uint64_t slot)
     if (e->pins > 0)
         return;
     s->hdr->num_pinned--;
+    crash_point(s);
     if (e->delete_pending)
         free_entry(s, slot);
+    else
+        lru_push_newest(s, slot);
 }
 
 store_status store_seal(store *s, const uint8_t *id)
@@ -591,7 +699,7 @@ store_status store_seal(store *s, const uint8_t *id)
     } else if (slot_state(&s->table[slot]) != STORE_STATE_CREATED) {
         rc = STORE_BAD_STATE;
     } else {
-        set_state(&s->table[slot], STORE_STATE_SEALED);
+        set_state(s, &s->table[slot], STORE_STATE_SEALED);
         unpin(s, (uint64_t)slot);
     }
     unlock_store(s);
@@ -626,8 +734,11 @@ store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *
     } else if (slot_state(e) != STORE_STATE_SEALED) {
         rc = STORE_NOT_SEALED;
     } else {
-        if (e->pins++ == 0)
+        if (e->pins == 0) {
+            lru_unlink(s, (uint64_t)slot);
             s->hdr->num_pinned++;
+        }
+        e->pins++;
         e->lru_tick = ++s->hdr->lru_clock;
         *offset = e->offset;
         *size = e->size;
@@ -737,28 +848,52 @@ store_status store_debug_lock_forever(store *s, int notify_fd)
         pause();
 }
 
+void store_debug_crash_after(store *s, int64_t steps)
+{
+    s->crash_countdown = steps;
+}
+
+/* Whether the LRU list holds exactly the evictable entries, oldest first,
+ * with consistent back links and byte count. Lock held. */
+static bool lru_sound(const store *s, uint64_t evictable)
+{
+    const store_header *hdr = s->hdr;
+    uint64_t count = 0, bytes = 0, last_tick = 0;
+    uint32_t prev = LRU_NIL;
+    for (uint32_t i = hdr->lru_oldest; i != LRU_NIL; i = s->table[i].lru_next) {
+        const store_entry *e = &s->table[i];
+        if (i > s->mask || ++count > evictable || !slot_evictable(e) || e->lru_prev != prev ||
+            e->lru_tick < last_tick)
+            return false;
+        bytes += alloc_block_size(e->size);
+        last_tick = e->lru_tick;
+        prev = i;
+    }
+    return count == evictable && prev == hdr->lru_newest && bytes == hdr->evictable_bytes;
+}
+
 int store_debug_check(store *s)
 {
     if (lock_store(s) != STORE_OK)
         return -1;
     const store_header *hdr = s->hdr;
     int bad = 0;
-    uint64_t live = 0, pinned = 0, bytes = 0;
+    uint64_t live = 0, pinned = 0, evictable = 0, bytes = 0;
     for (uint64_t i = 0; i < hdr->table_capacity; i++) {
         const store_entry *e = &s->table[i];
-        uint32_t st = slot_state(e);
-        if (st == SLOT_TOMBSTONE || st > SLOT_TOMBSTONE)
+        unsigned st = slot_state(e);
+        if (st >= SLOT_TOMBSTONE)
             bad = 1;
         if (!slot_live(e))
             continue;
         live++;
         pinned += e->pins > 0;
+        evictable += slot_evictable(e);
         bytes += alloc_block_size(e->size);
-        if (!extent_sane(s, e) || table_find(s, e->id) != (int64_t)i ||
-            (e->delete_pending && e->pins == 0))
+        if (entry_doomed(s, i))
             bad = 1;
     }
-    if (live != hdr->num_objects || pinned != hdr->num_pinned ||
+    if (live != hdr->num_objects || pinned != hdr->num_pinned || !lru_sound(s, evictable) ||
         bytes != alloc_footprint(&hdr->alloc) || alloc_check(&hdr->alloc, s->base) != 0)
         bad = 1;
     unlock_store(s);

@@ -59,9 +59,10 @@ typedef struct store_object_info {
 } store_object_info;
 
 /* Creates segment `name` (O_EXCL, mode 0600) with a data area of at least
- * `capacity` bytes (rounded up to a page) and `table_capacity` slots (0: a
- * default from capacity; rounded up to a power of two), maps and initialises
- * it. On failure nothing named `name` is left behind. */
+ * `capacity` bytes (rounded up to a page) and `table_capacity` slots (0: one
+ * per 16 KiB of data, at least 1024; rounded up to a power of two; the table
+ * holds up to 7/8 of that many objects), maps and initialises it. On failure
+ * nothing named `name` is left behind. */
 store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,
                           store **out);
 
@@ -116,8 +117,13 @@ store_status store_list(store *s, store_object_info *out, size_t max, size_t *co
  * sleeps forever holding it. Only returns on error. */
 store_status store_debug_lock_forever(store *s, int notify_fd);
 
-/* Test hook: checks table and allocator invariants under the lock.
- * Returns 0 when sound. */
+/* Test hook: checks table, LRU list and allocator invariants under the
+ * lock (repairing first if a holder died). Returns 0 when sound. */
 int store_debug_check(store *s);
+
+/* Test hook: makes this process _exit(77), holding the lock, at the
+ * steps-th crash point from now (the points between the writes of a table,
+ * LRU or allocator mutation). 0 disarms it. */
+void store_debug_crash_after(store *s, int64_t steps);
 
 #endif

@@ -1,5 +1,5 @@
 # Extern declarations mirroring csrc/store.h; nothing else belongs here.
-from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 
 cdef extern from "store.h" nogil:
@@ -60,3 +60,4 @@ cdef extern from "store.h" nogil:
     store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
     store_status store_debug_lock_forever(store *s, int notify_fd)
     int store_debug_check(store *s)
+    void store_debug_crash_after(store *s, int64_t steps)

@@ -333,6 +333,11 @@ cdef class Store:
             bad = store_debug_check(s)
         return bad == 0
 
+    def _debug_crash_after(self, long long steps):
+        """Test hook: this process _exits(77), holding the store lock, at the
+        steps-th crash point inside a later mutation (0 disarms)."""
+        store_debug_crash_after(self._handle(), steps)
+
 
 cdef class _WritableBuffer:
     """The writable bytes of one CREATED object; create_object wraps it in a
