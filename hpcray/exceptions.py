@@ -29,7 +29,8 @@ class RayTaskError(RayError):
 
     def _message(self) -> str:
         where = f" (pid={self.pid})" if self.pid else ""
-        return f"{type(self.cause).__name__ if self.cause else 'Error'} in {self.function_name}{where}:\n{self.traceback_str}"
+        kind = type(self.cause).__name__ if self.cause else "Error"
+        return f"{kind} in {self.function_name}{where}:\n{self.traceback_str}"
 
     def __str__(self) -> str:
         return self._message()
@@ -40,7 +41,8 @@ class RayTaskError(RayError):
     def as_instanceof_cause(self) -> RayTaskError:
         """An exception that is both this RayTaskError and an instance of the cause's class."""
         cause_cls = type(self.cause) if self.cause is not None else None
-        if cause_cls is None or isinstance(self.cause, RayTaskError) or issubclass(RayTaskError, cause_cls):
+        if (cause_cls is None or isinstance(self.cause, RayTaskError)
+                or issubclass(RayTaskError, cause_cls)):
             return self
         try:
             dual = _dual_class(cause_cls)
@@ -51,7 +53,8 @@ class RayTaskError(RayError):
         err.cause, err.pid = self.cause, self.pid
         err.args = self.cause.args
         try:
-            err.__dict__.update({k: v for k, v in vars(self.cause).items() if k not in err.__dict__})
+            err.__dict__.update({k: v for k, v in vars(self.cause).items()
+                                 if k not in err.__dict__})
         except TypeError:
             pass
         return err

@@ -27,7 +27,8 @@ def check(options: dict, allowed: set, what: str) -> dict:
             raise ValueError(f"resources must be a dict, got {resources!r}.")
         for name, amount in resources.items():
             if name in ("CPU", "GPU", "memory"):
-                raise ValueError(f"Use num_cpus/num_gpus/memory instead of resources={{{name!r}: ...}}.")
+                raise ValueError(f"Use num_cpus/num_gpus/memory instead of "
+                                 f"resources={{{name!r}: ...}}.")
             if not isinstance(amount, (int, float)) or amount < 0:
                 raise ValueError(f"resources[{name!r}] must be a non-negative number.")
     num_returns = options.get("num_returns")
@@ -38,7 +39,8 @@ def check(options: dict, allowed: set, what: str) -> dict:
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"{key} must be an int >= -1, got {value!r}.")
     max_concurrency = options.get("max_concurrency")
-    if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
+    if max_concurrency is not None and (not isinstance(max_concurrency, int)
+                                        or max_concurrency < 1):
         raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}.")
     lifetime = options.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
