@@ -178,10 +178,11 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that makes `object_ref`; its `get` raises TaskCancelledError."""
+    """Cancel the task that makes `object_ref` (and, if recursive, the tasks it submitted);
+    `get` of it raises TaskCancelledError. A finished task is left alone, as in Ray."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}.")
-    context.get_client().cancel(object_ref.binary(), force)
+    context.get_client().cancel(object_ref.binary(), force, recursive)
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:

@@ -278,3 +278,54 @@ def test_shutdown_and_init_again():
     hpcray.init(num_cpus=1)
     assert hpcray.get(identity.remote(2)) == 2
     hpcray.shutdown()
+
+
+def test_recursive_cancel_reaches_child_tasks(ray_start, tmp_path):
+    marker = tmp_path / "child_started"
+
+    @hpcray.remote
+    def child(path):
+        open(path, "w").close()
+        time.sleep(60)
+
+    @hpcray.remote
+    def parent(path):
+        return hpcray.get(child.remote(path))
+
+    ref = parent.remote(str(marker))
+    while not marker.exists():
+        time.sleep(0.01)
+    hpcray.cancel(ref, recursive=True)
+    with pytest.raises(exceptions.TaskCancelledError):
+        hpcray.get(ref, timeout=30)
+    # The child was cancelled too: both CPUs are free again for new work.
+    assert hpcray.get([identity.remote(i) for i in range(4)], timeout=30) == [0, 1, 2, 3]
+    deadline = time.monotonic() + 30
+    while hpcray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hpcray.available_resources()["CPU"] == 2
+
+
+def test_cancel_interrupts_a_task_blocked_in_get(ray_start, tmp_path):
+    marker = tmp_path / "child_started"
+
+    @hpcray.remote
+    def child(path):
+        open(path, "w").close()
+        time.sleep(60)
+
+    @hpcray.remote
+    def parent(path):
+        ref = child.remote(path)
+        try:
+            hpcray.get(ref)
+        finally:
+            hpcray.cancel(ref, force=True)
+
+    ref = parent.remote(str(marker))
+    while not marker.exists():
+        time.sleep(0.01)
+    hpcray.cancel(ref, recursive=False)
+    with pytest.raises(exceptions.TaskCancelledError):
+        hpcray.get(ref, timeout=30)
+    assert hpcray.get(identity.remote(1), timeout=30) == 1

@@ -194,10 +194,10 @@ class DriverClient(CoreClient):
         with nm.lock:
             return nm.ready_ids(object_ids)
 
-    def cancel(self, object_id: bytes, force: bool) -> None:
+    def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         nm = self._locked()
         try:
-            nm.cancel(object_id, force)
+            nm.cancel(object_id, force, recursive)
         finally:
             nm.lock.release()
 
@@ -248,8 +248,8 @@ class WorkerClient(CoreClient):
     def wait_ready(self, object_ids: list, num_returns: int, timeout) -> list:
         return self.channel.request("wait", (object_ids, num_returns, timeout))
 
-    def cancel(self, object_id: bytes, force: bool) -> None:
-        self.channel.send_oneway("cancel", (object_id, force))
+    def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
+        self.channel.send_oneway("cancel", (object_id, force, recursive))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         self.channel.send_oneway("kill", (actor_id, no_restart))
@@ -279,6 +279,8 @@ class WorkerChannel:
         self._request_ids = itertools.count(1)
         self._request_lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self.in_io = False          # a signal must not interrupt a half-read message
+        self.interrupted = False    # a cancel arrived meanwhile: raise once it is safe
 
     def send(self, message) -> None:
         self.conn.send(message)
@@ -310,14 +312,21 @@ class WorkerChannel:
             answer = slot[1]
         else:
             with self._request_lock:
-                with self._send_lock:
-                    self.conn.send(("req", request_id, op, body, self.refs.drain()))
-                while True:
-                    message = self.conn.recv()
-                    if message[0] == "reply" and message[1] == request_id:
-                        answer = message[2]
-                        break
-                    self.backlog.append(message)
+                self.in_io = True
+                try:
+                    with self._send_lock:
+                        self.conn.send(("req", request_id, op, body, self.refs.drain()))
+                    while True:
+                        message = self.conn.recv()
+                        if message[0] == "reply" and message[1] == request_id:
+                            answer = message[2]
+                            break
+                        self.backlog.append(message)
+                finally:
+                    self.in_io = False
+                if self.interrupted:
+                    self.interrupted = False
+                    raise KeyboardInterrupt("cancelled")
         status, value = answer
         if status == "error":
             raise value

@@ -58,7 +58,7 @@ class ObjectEntry:
 
 class TaskRecord:
     __slots__ = ("spec", "state", "pending_deps", "worker", "retries_left", "cancelled",
-                 "gpu_ids", "blocked")
+                 "gpu_ids", "blocked", "children")
 
     def __init__(self, spec: TaskSpec, retries: int):
         self.spec = spec
@@ -69,6 +69,7 @@ class TaskRecord:
         self.cancelled = False
         self.gpu_ids = ()
         self.blocked = False
+        self.children = None    # ids of the tasks this one submitted (recursive cancel)
 
 
 class ActorRecord:
@@ -94,7 +95,7 @@ class ActorRecord:
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
-                 "pipes", "partial", "started_at")
+                 "pipes", "partial", "started_at", "interrupt_wait")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -108,6 +109,7 @@ class WorkerHandle:
         self.pipes = pipes        # {fd: stream name} of its stdout/stderr
         self.partial = {}
         self.started_at = time.monotonic()
+        self.interrupt_wait = None  # ends the worker's pending get/wait with an error
 
 
 class _DependencyWaiter:
@@ -557,7 +559,7 @@ class NodeManager:
         return entry.inline
 
     # ------------------------------------------------------------------ tasks
-    def submit(self, spec: TaskSpec) -> None:
+    def submit(self, spec: TaskSpec, parent: TaskRecord | None = None) -> None:
         """A task from any client on this node; its return entries exist on return."""
         if not self.scheduler.is_feasible(spec.demand):
             raise exceptions.ResourceInfeasibleError(
@@ -575,6 +577,10 @@ class NodeManager:
             self._submit_actor_call(record)
             return
         self.tasks[spec.task_id] = record
+        if parent is not None:
+            if parent.children is None:
+                parent.children = []
+            parent.children.append(spec.task_id)
         self._resolve_deps(record, self._on_task_deps_ready)
 
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
@@ -836,8 +842,10 @@ class NodeManager:
         return actor_id, self.actors[actor_id].info
 
     # ------------------------------------------------------------------ cancel
-    def cancel(self, object_id: bytes, force: bool) -> None:
-        task_id = object_id[:16]
+    def cancel(self, object_id: bytes, force: bool, recursive: bool = True) -> None:
+        self._cancel_task(object_id[:16], force, recursive)
+
+    def _cancel_task(self, task_id: bytes, force: bool, recursive: bool) -> None:
         record = self.tasks.get(task_id)
         if record is None:
             for actor in self.actors.values():
@@ -848,6 +856,9 @@ class NodeManager:
                         self._fail_task(queued, exceptions.TaskCancelledError())
                         return
             return  # finished already, or an actor call in flight: nothing to do, as Ray
+        if recursive and record.children:
+            for child_id in record.children:
+                self._cancel_task(child_id, force, recursive)
         if record.state in (WAITING, QUEUED):
             record.cancelled = True
             if record.state == QUEUED:
@@ -859,7 +870,10 @@ class NodeManager:
         elif record.state == RUNNING and record.worker is not None:
             record.cancelled = True
             record.retries_left = 0
-            pid = record.worker.pid
+            worker = record.worker
+            if not force and worker.interrupt_wait is not None:
+                worker.interrupt_wait(exceptions.TaskCancelledError())
+            pid = worker.pid
             try:
                 os.kill(pid, signal.SIGKILL if force else signal.SIGINT)
             except ProcessLookupError:
@@ -909,7 +923,7 @@ class NodeManager:
         _, op, body, transitions = message
         try:
             if op == "submit":
-                self.submit(body)
+                self.submit(body, worker.task)
             elif op == "put":
                 self.put(*body)
             elif op == "function":
@@ -956,13 +970,24 @@ class NodeManager:
             if state["done"]:
                 return
             state["done"] = True
+            worker.interrupt_wait = None
             self._set_blocked(worker, False)
             self._reply(worker, req_id, timeout_answer() if timed_out else answer())
+
+        def interrupt(error):
+            if not state["done"]:
+                state["done"] = True
+                worker.interrupt_wait = None
+                self.cancel_waiter(object_ids, waiter)
+                self._set_blocked(worker, False)
+                if worker.alive:
+                    self._send(worker, ("reply", req_id, ("error", error)))
 
         waiter = self.register_get(object_ids, num_returns, callback=finish)
         if waiter is None:
             self._reply(worker, req_id, answer())
             return
+        worker.interrupt_wait = interrupt
         self._set_blocked(worker, True)
         if timeout is not None:
             def expire():

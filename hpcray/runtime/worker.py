@@ -25,7 +25,7 @@ from hpcray.serialization import ErrorValue, error_bytes, make_error_value
 
 
 class _Cancelled(BaseException):
-    pass
+    """Raised in a task's thread to cancel it (SIGINT from the node manager)."""
 
 
 class Worker:
@@ -78,9 +78,14 @@ class Worker:
                 return 0
 
     def _on_sigint(self, _signum, _frame):
-        # The node manager's cancel(): interrupt only a running task, never the loop.
-        if self.running_task is not None:
-            raise _Cancelled()
+        # The node manager's cancel(): interrupt only a running task, never the loop, and
+        # never in the middle of reading a message (the channel raises once it has one).
+        if self.running_task is None:
+            return
+        if self.channel.in_io:
+            self.channel.interrupted = True
+            return
+        raise _Cancelled()
 
     def _load_function(self, function_id: bytes, pickled):
         function = self.functions.get(function_id)
