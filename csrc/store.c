@@ -33,6 +33,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -788,6 +789,29 @@ store_status store_delete(store *s, const uint8_t *id)
         s->table[slot].delete_pending = 1;
     unlock_store(s);
     return rc;
+}
+
+store_status store_abort_dead_creators(store *s, uint64_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < s->hdr->table_capacity; i++) {
+        /* A removal shifts a later entry into i, so look at i again. */
+        for (;;) {
+            const store_entry *e = &s->table[i];
+            if (slot_state(e) != STORE_STATE_CREATED || e->creator_pid <= 0 ||
+                kill(e->creator_pid, 0) == 0 || errno != ESRCH)
+                break;
+            free_entry(s, i);
+            n++;
+        }
+    }
+    unlock_store(s);
+    if (count != NULL)
+        *count = n;
+    return STORE_OK;
 }
 
 store_status store_get_stats(store *s, store_stats *out)

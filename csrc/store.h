@@ -107,6 +107,12 @@ int store_contains(store *s, const uint8_t *id);
  * stays taken until then). NOT_FOUND if absent or already pending. */
 store_status store_delete(store *s, const uint8_t *id);
 
+/* Frees every CREATED object whose creating process no longer exists (it
+ * died between create and seal); *count gets how many. Sound only when all
+ * clients share this process's PID namespace. A reused PID hides a dead
+ * creator (its object stays), it never frees a live one. */
+store_status store_abort_dead_creators(store *s, uint64_t *count);
+
 /* Counters, read under the lock. */
 store_status store_get_stats(store *s, store_stats *out);
 

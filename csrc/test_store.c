@@ -23,6 +23,15 @@
     } while (0)
 
 static char segment_name[64];
+static pid_t main_pid;
+
+/* A failed check exits: leave no segment behind (forked children share the
+ * name but must not remove it under their parent). */
+static void cleanup(void)
+{
+    if (getpid() == main_pid)
+        store_unlink(segment_name);
+}
 
 static void make_id(uint8_t *id, unsigned n)
 {
@@ -397,7 +406,9 @@ static void test_crash_points(void)
 
 int main(void)
 {
-    snprintf(segment_name, sizeof segment_name, "/hpcray-ctest-%d", (int)getpid());
+    main_pid = getpid();
+    snprintf(segment_name, sizeof segment_name, "/hpcray-ctest-%d", (int)main_pid);
+    atexit(cleanup);
     test_allocator();
     test_table();
     test_eviction();

@@ -56,6 +56,7 @@ cdef extern from "store.h" nogil:
     store_status store_release(store *s, const uint8_t *id, uint64_t offset)
     int store_contains(store *s, const uint8_t *id)
     store_status store_delete(store *s, const uint8_t *id)
+    store_status store_abort_dead_creators(store *s, uint64_t *count)
     store_status store_get_stats(store *s, store_stats *out)
     store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
     store_status store_debug_lock_forever(store *s, int notify_fd)

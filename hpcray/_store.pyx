@@ -229,6 +229,18 @@ cdef class Store:
         _check(rc, 0, "delete", object_id)
         return True
 
+    def abort_dead_creators(self):
+        """Frees the CREATED objects whose creating process has died (a client
+        killed between create_object and seal); returns how many. All clients
+        must share this process's PID namespace."""
+        cdef store *s = self._handle()
+        cdef uint64_t count = 0
+        cdef store_status rc
+        with nogil:
+            rc = store_abort_dead_creators(s, &count)
+        _check(rc, 0, "abort_dead_creators")
+        return count
+
     def stats(self):
         """capacity, used_bytes, num_objects, num_pinned, num_evictions,
         table_capacity, num_recoveries."""
