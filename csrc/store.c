@@ -386,8 +386,8 @@ static int rebuild_derived(store *s, uint64_t live, uint64_t evictable)
  * clears tombstones, drops duplicate or out-of-bounds entries, recounts, and
  * rebuilds the allocator and the LRU list from the live entries. Idempotent
  * and itself interruptible: if the repairer dies, the next locker is told
- * EOWNERDEAD again and starts over. */
-static void store_repair(store *s)
+ * EOWNERDEAD again and starts over. Returns -1 when out of memory. */
+static int store_repair(store *s)
 {
     store_header *hdr = s->hdr;
     uint64_t cap = hdr->table_capacity;
@@ -413,18 +413,24 @@ static void store_repair(store *s)
     }
     hdr->num_objects = live;
     hdr->num_pinned = pinned;
-    rebuild_derived(s, live, evictable);
+    return rebuild_derived(s, live, evictable);
 }
 
 /* Takes the store lock. EOWNERDEAD means the last holder died with it: the
  * segment may be mid-mutation, so repair it before marking the mutex
  * consistent (marking it first would let a death during repair go
- * unnoticed). */
+ * unnoticed). A repair that cannot finish (no memory) unlocks without
+ * marking: the mutex then fails every later lock with ENOTRECOVERABLE, a
+ * dead store rather than a corrupt one. */
 static store_status lock_store(store *s)
 {
     int rc = pthread_mutex_lock(&s->hdr->lock);
     if (rc == EOWNERDEAD) {
-        store_repair(s);
+        if (store_repair(s) != 0) {
+            pthread_mutex_unlock(&s->hdr->lock);
+            errno = ENOMEM;
+            return STORE_SYSTEM;
+        }
         s->hdr->num_recoveries++;
         rc = pthread_mutex_consistent(&s->hdr->lock);
     }
@@ -764,15 +770,16 @@ store_status store_release(store *s, const uint8_t *id, uint64_t offset)
     return rc;
 }
 
-int store_contains(store *s, const uint8_t *id)
+store_status store_contains(store *s, const uint8_t *id, int *found)
 {
-    if (lock_store(s) != STORE_OK)
-        return 0;
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
     int64_t slot = table_find(s, id);
-    int found = slot >= 0 && slot_state(&s->table[slot]) == STORE_STATE_SEALED &&
-                !s->table[slot].delete_pending;
+    *found = slot >= 0 && slot_state(&s->table[slot]) == STORE_STATE_SEALED &&
+             !s->table[slot].delete_pending;
     unlock_store(s);
-    return found;
+    return STORE_OK;
 }
 
 store_status store_delete(store *s, const uint8_t *id)

@@ -99,8 +99,8 @@ store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *
  * it was delete-pending and this was the last pin. */
 store_status store_release(store *s, const uint8_t *id, uint64_t offset);
 
-/* 1 if a SEALED, not delete-pending object has this id, else 0. */
-int store_contains(store *s, const uint8_t *id);
+/* *found = 1 if a SEALED, not delete-pending object has this id, else 0. */
+store_status store_contains(store *s, const uint8_t *id, int *found);
 
 /* Frees the object now if it has no pins, else marks it delete-pending (it
  * disappears from get/contains and is freed when the last pin drops; its id

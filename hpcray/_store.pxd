@@ -54,7 +54,7 @@ cdef extern from "store.h" nogil:
     store_status store_abort(store *s, const uint8_t *id)
     store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)
     store_status store_release(store *s, const uint8_t *id, uint64_t offset)
-    int store_contains(store *s, const uint8_t *id)
+    store_status store_contains(store *s, const uint8_t *id, int *found)
     store_status store_delete(store *s, const uint8_t *id)
     store_status store_abort_dead_creators(store *s, uint64_t *count)
     store_status store_get_stats(store *s, store_stats *out)

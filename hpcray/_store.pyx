@@ -17,7 +17,6 @@ from cpython.buffer cimport PyBuffer_FillInfo
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
 
 ID_SIZE = STORE_ID_SIZE
 
@@ -25,9 +24,9 @@ ID_SIZE = STORE_ID_SIZE
 class StoreError(Exception):
     """A store operation failed. `errno` is set when a system call did."""
 
-    def __init__(self, message, errno=None):
+    def __init__(self, message, code=None):
         super().__init__(message)
-        self.errno = errno
+        self.errno = code
 
 
 class ObjectExistsError(StoreError):
@@ -175,18 +174,22 @@ cdef class Store:
         cdef store *s = self._handle()
         cdef const uint8_t *cid = _id_ptr(object_id)
         cdef store_status rc
+        cdef int err = 0
         with nogil:
             rc = store_seal(s, cid)
-        _check(rc, 0, "seal", object_id)
+            err = errno
+        _check(rc, err, "seal", object_id)
 
     def abort(self, bytes object_id not None):
         """Frees an object that was created and not sealed."""
         cdef store *s = self._handle()
         cdef const uint8_t *cid = _id_ptr(object_id)
         cdef store_status rc
+        cdef int err = 0
         with nogil:
             rc = store_abort(s, cid)
-        _check(rc, 0, "abort", object_id)
+            err = errno
+        _check(rc, err, "abort", object_id)
 
     def get(self, bytes object_id not None):
         """Pins a sealed object and returns a StoreBuffer over it, or None when
@@ -195,11 +198,13 @@ cdef class Store:
         cdef const uint8_t *cid = _id_ptr(object_id)
         cdef uint64_t offset = 0, size = 0
         cdef store_status rc
+        cdef int err = 0
         with nogil:
             rc = store_get(s, cid, &offset, &size)
+            err = errno
         if rc == STORE_NOT_FOUND or rc == STORE_NOT_SEALED:
             return None
-        _check(rc, 0, "get", object_id)
+        _check(rc, err, "get", object_id)
         try:
             return StoreBuffer._new(self, object_id, offset, size)
         except BaseException:
@@ -211,9 +216,13 @@ cdef class Store:
         """Whether a sealed, not delete-pending object has this id."""
         cdef store *s = self._handle()
         cdef const uint8_t *cid = _id_ptr(object_id)
-        cdef int found
+        cdef int found = 0
+        cdef store_status rc
+        cdef int err = 0
         with nogil:
-            found = store_contains(s, cid)
+            rc = store_contains(s, cid, &found)
+            err = errno
+        _check(rc, err, "contains", object_id)
         return bool(found)
 
     def delete(self, bytes object_id not None):
@@ -222,11 +231,13 @@ cdef class Store:
         cdef store *s = self._handle()
         cdef const uint8_t *cid = _id_ptr(object_id)
         cdef store_status rc
+        cdef int err = 0
         with nogil:
             rc = store_delete(s, cid)
+            err = errno
         if rc == STORE_NOT_FOUND:
             return False
-        _check(rc, 0, "delete", object_id)
+        _check(rc, err, "delete", object_id)
         return True
 
     def abort_dead_creators(self):
@@ -236,9 +247,11 @@ cdef class Store:
         cdef store *s = self._handle()
         cdef uint64_t count = 0
         cdef store_status rc
+        cdef int err = 0
         with nogil:
             rc = store_abort_dead_creators(s, &count)
-        _check(rc, 0, "abort_dead_creators")
+            err = errno
+        _check(rc, err, "abort_dead_creators")
         return count
 
     def stats(self):
@@ -247,9 +260,11 @@ cdef class Store:
         cdef store *s = self._handle()
         cdef store_stats st
         cdef store_status rc
+        cdef int err = 0
         with nogil:
             rc = store_get_stats(s, &st)
-        _check(rc, 0, "stats")
+            err = errno
+        _check(rc, err, "stats")
         return {
             "capacity": st.capacity,
             "used_bytes": st.used_bytes,
@@ -268,19 +283,21 @@ cdef class Store:
         cdef size_t count = 0
         cdef store_object_info *infos = NULL
         cdef store_status rc
+        cdef int err = 0
         while True:
             infos = <store_object_info *>malloc(room * sizeof(store_object_info))
             if infos == NULL:
                 raise MemoryError()
             with nogil:
                 rc = store_list(s, infos, room, &count)
+                err = errno
             if rc == STORE_OK and count > room:
                 free(infos)
                 room = count + 64
                 continue
             break
         try:
-            _check(rc, 0, "objects")
+            _check(rc, err, "objects")
             result = []
             for i in range(count):
                 if infos[i].delete_pending:

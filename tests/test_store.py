@@ -2,7 +2,6 @@
 hpcray._store across processes (zero copy, pins, LRU eviction, a killed lock
 holder, a multiprocess stress run). Imports only hpcray._store."""
 import gc
-import hashlib
 import json
 import os
 import pickle
@@ -31,7 +30,8 @@ try:
 except Exception:
     _path = sorted(glob.glob(os.path.join({REPO!r}, "hpcray", "_store*.so")))[0]
     _loader = importlib.machinery.ExtensionFileLoader("hpcray._store", _path)
-    _store = importlib.util.module_from_spec(importlib.util.spec_from_loader("hpcray._store", _loader))
+    _spec = importlib.util.spec_from_loader("hpcray._store", _loader)
+    _store = importlib.util.module_from_spec(_spec)
     _loader.exec_module(_store)
     sys.modules["hpcray._store"] = _store
 """
