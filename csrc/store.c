@@ -471,8 +471,8 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
         return STORE_INVALID;
     uint64_t data_capacity = round_up(capacity, STORE_PAGE);
     uint64_t slots = table_capacity;
-    if (slots == 0) /* default: one slot per 16 KiB, at least STORE_MIN_TABLE */
-        slots = data_capacity / 16384 > STORE_MIN_TABLE ? data_capacity / 16384 : STORE_MIN_TABLE;
+    if (slots == 0) /* default: one slot per 8 KiB, at least STORE_MIN_TABLE */
+        slots = data_capacity / 8192 > STORE_MIN_TABLE ? data_capacity / 8192 : STORE_MIN_TABLE;
     if (slots < 8)
         slots = 8;
     uint64_t pow2 = 1;

@@ -60,7 +60,7 @@ typedef struct store_object_info {
 
 /* Creates segment `name` (O_EXCL, mode 0600) with a data area of at least
  * `capacity` bytes (rounded up to a page) and `table_capacity` slots (0: one
- * per 16 KiB of data, at least 1024; rounded up to a power of two; the table
+ * per 8 KiB of data, at least 1024; rounded up to a power of two; the table
  * holds up to 7/8 of that many objects), maps and initialises it. On failure
  * nothing named `name` is left behind. */
 store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,

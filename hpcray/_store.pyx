@@ -100,7 +100,13 @@ cdef class Store:
 
     @staticmethod
     def create(str name not None, capacity, table_capacity=None):
-        """Creates (O_EXCL, mode 0600), maps and initialises segment `name`."""
+        """Creates (O_EXCL, mode 0600), maps and initialises segment `name`
+        with a data area of `capacity` bytes rounded up to a page. The object
+        table has `table_capacity` slots (default: one per 8 KiB of data, at
+        least 1024; rounded up to a power of two) and holds 7/8 that many
+        objects; past that, creating an object evicts as a full data area does.
+        Raises StoreError (errno EEXIST when the name is taken, ENOSPC when
+        /dev/shm has no room for it)."""
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         cdef bytes cname = os.fsencode(name)
