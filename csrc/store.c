@@ -613,6 +613,11 @@ uint8_t *store_ptr(const store *s, uint64_t offset)
     return s->base + offset;
 }
 
+uint64_t store_capacity(const store *s)
+{
+    return s->hdr->data_capacity;
+}
+
 /* ---- objects ------------------------------------------------------------ */
 
 /* A slot and a block for one more object, or -1. */

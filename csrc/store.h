@@ -78,6 +78,9 @@ store_status store_unlink(const char *name);
 /* Address of `offset` in this process's mapping. */
 uint8_t *store_ptr(const store *s, uint64_t offset);
 
+/* Bytes in the data area (fixed at creation; no lock taken). */
+uint64_t store_capacity(const store *s);
+
 /* Reserves `size` bytes (64-byte aligned, may be 0) as a CREATED object
  * pinned once, evicting LRU unpinned sealed objects if it must; stores the
  * data offset. Errors: EXISTS, TOO_LARGE (never fits), FULL (does not fit

@@ -48,6 +48,7 @@ cdef extern from "store.h" nogil:
     void store_close(store *s)
     store_status store_unlink(const char *name)
     uint8_t *store_ptr(const store *s, uint64_t offset)
+    uint64_t store_capacity(const store *s)
     store_status store_create_object(store *s, const uint8_t *id, uint64_t size,
                                      uint64_t *offset)
     store_status store_seal(store *s, const uint8_t *id)

@@ -91,11 +91,9 @@ cdef class Store:
     @staticmethod
     cdef Store _wrap(store *s, str name):
         cdef Store self = Store.__new__(Store)
-        cdef store_stats st
         self._s = s
         self._name = name
-        store_get_stats(s, &st)
-        self._capacity = st.capacity
+        self._capacity = store_capacity(s)
         return self
 
     @staticmethod
