@@ -38,7 +38,12 @@ class CoreClient:
         if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
             return sv.pickled, sv.contained
         try:
-            dest = self.store.create_object(object_id, sv.store_size)
+            try:
+                dest = self.store.create_object(object_id, sv.store_size)
+            except StoreFullError:
+                if not self.store.abort_dead_creators():  # space held by dead writers
+                    raise
+                dest = self.store.create_object(object_id, sv.store_size)
         except ObjectTooLargeError:
             raise exceptions.ObjectStoreFullError(
                 f"An object of {sv.store_size} bytes is larger than this node's whole object "

@@ -423,6 +423,9 @@ class NodeManager:
         worker.conn.close()
         if not self._running:
             return
+        # It may have died halfway through writing an object (reaped ones only: a zombie
+        # still counts as alive; the store-full path retries this too).
+        self.store.abort_dead_creators()
         if worker.actor_id is not None:
             self._actor_process_died(worker)
             return
