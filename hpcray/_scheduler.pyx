@@ -215,3 +215,91 @@ cdef class LocalScheduler:
         assert self.num_starting >= 0
         for name, amount in self.available.items():
             assert amount <= self.total.get(name, 0.0) + _EPS, f"{name} over its total"
+
+
+cdef class GlobalScheduler:
+    """Places the tasks that nodes forward (the paper's global scheduler), on rank 0.
+
+    It knows each node's totals, what it last reported available and how many tasks it
+    has queued, and it counts what it placed since that report, so a burst of forwarded
+    tasks spreads instead of piling onto the node that looked idlest a moment ago.
+    `place` returns a rank, or -1 when no live node can ever run the task.
+    """
+
+    cdef public dict totals        # rank -> resource totals
+    cdef public dict available     # rank -> resources available (last report - placed)
+    cdef public dict queued        # rank -> tasks queued there (last report + placed)
+    cdef public set alive
+    cdef public long spread_next
+
+    def __init__(self):
+        self.totals = {}
+        self.available = {}
+        self.queued = {}
+        self.alive = set()
+        self.spread_next = 0
+
+    def add_node(self, int rank, dict total):
+        self.totals[rank] = {k: float(v) for k, v in total.items()}
+        self.available[rank] = dict(self.totals[rank])
+        self.queued[rank] = 0
+        self.alive.add(rank)
+
+    def remove_node(self, int rank):
+        self.alive.discard(rank)
+
+    def report(self, int rank, dict available, long queued):
+        """A node's own view of its load, which replaces the optimistic estimate."""
+        if rank in self.totals:
+            self.available[rank] = dict(available)
+            self.queued[rank] = queued
+
+    cpdef bint feasible_on(self, int rank, dict demand):
+        total = self.totals.get(rank)
+        if total is None or rank not in self.alive:
+            return False
+        for name, amount in demand.items():
+            if amount > total.get(name, 0.0) + _EPS:
+                return False
+        return True
+
+    cdef bint _fits_now(self, int rank, dict demand):
+        available = self.available[rank]
+        for name, amount in demand.items():
+            if amount > available.get(name, 0.0) + _EPS:
+                return False
+        return True
+
+    def place(self, dict demand, dict arg_bytes=None, strategy=None):
+        """The rank to run a task on. `arg_bytes`: rank -> bytes of its arguments there;
+        `strategy`: None/"DEFAULT", "SPREAD", or ("node", rank, soft)."""
+        feasible = [r for r in sorted(self.alive) if self.feasible_on(r, demand)]
+        if not feasible:
+            return -1
+        if isinstance(strategy, tuple) and strategy[0] == "node":
+            target, soft = strategy[1], strategy[2]
+            if target in feasible:
+                return self._placed(target, demand)
+            if not soft:
+                return -1
+        elif strategy == "SPREAD":
+            rank = feasible[self.spread_next % len(feasible)]
+            self.spread_next += 1
+            return self._placed(rank, demand)
+        best = -1
+        best_score = None
+        for rank in feasible:
+            cpus = max(1.0, self.totals[rank].get("CPU", 1.0))
+            score = (self._fits_now(rank, demand),
+                     (arg_bytes or {}).get(rank, 0),
+                     -self.queued[rank] / cpus)
+            if best_score is None or score > best_score:
+                best, best_score = rank, score
+        return self._placed(best, demand)
+
+    cdef int _placed(self, int rank, dict demand):
+        available = self.available[rank]
+        for name, amount in demand.items():
+            available[name] = available.get(name, 0.0) - amount
+        self.queued[rank] += 1
+        return rank

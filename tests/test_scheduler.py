@@ -123,3 +123,55 @@ def test_invariant_check_catches_corruption():
     s.idle_workers.extend(["w", "w"])
     with pytest.raises(AssertionError):
         s.check_invariants()
+
+
+# -- the global scheduler ---------------------------------------------------------------
+from hpcray._scheduler import GlobalScheduler  # noqa: E402
+
+
+def cluster(n=4, cpus=2, extra=None):
+    g = GlobalScheduler()
+    for rank in range(n):
+        total = {"CPU": cpus}
+        total.update((extra or {}).get(rank, {}))
+        g.add_node(rank, total)
+    return g
+
+
+def test_global_spreads_a_burst_by_load():
+    g = cluster()
+    placed = [g.place({"CPU": 1}) for _ in range(400)]
+    counts = [placed.count(r) for r in range(4)]
+    assert min(counts) >= 90, counts
+
+
+def test_global_prefers_the_node_holding_the_arguments():
+    g = cluster()
+    assert g.place({"CPU": 1}, {2: 100 << 20}) == 2
+    # ... unless that node lacks the resources.
+    g2 = cluster(extra={3: {"special": 1}})
+    assert g2.place({"CPU": 1, "special": 1}, {2: 100 << 20}) == 3
+
+
+def test_global_infeasible_and_affinity():
+    g = cluster()
+    assert g.place({"CPU": 3}) == -1
+    assert g.place({"GPU": 1}) == -1
+    assert g.place({"CPU": 1}, None, ("node", 1, False)) == 1
+    g.remove_node(1)
+    assert g.place({"CPU": 1}, None, ("node", 1, False)) == -1
+    assert g.place({"CPU": 1}, None, ("node", 1, True)) in (0, 2, 3)
+
+
+def test_global_spread_round_robins():
+    g = cluster()
+    assert [g.place({"CPU": 0.1}, None, "SPREAD") for _ in range(8)] == [0, 1, 2, 3] * 2
+
+
+def test_global_reports_replace_estimates():
+    g = cluster(n=2)
+    for _ in range(10):
+        g.place({"CPU": 1})
+    g.report(0, {"CPU": 2}, 0)
+    g.report(1, {"CPU": 0}, 50)
+    assert g.place({"CPU": 1}) == 0
