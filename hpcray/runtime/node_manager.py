@@ -15,7 +15,6 @@ It keeps:
 
 from __future__ import annotations
 
-import collections
 import heapq
 import itertools
 import os
@@ -29,68 +28,14 @@ import time
 
 from hpcray import exceptions
 from hpcray._scheduler import LocalScheduler
-from hpcray._store import Store, StoreError
+from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.runtime import protocol
-from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
+from hpcray.runtime.actors import A_DEAD, ActorRecord, ActorsMixin
+from hpcray.runtime.objects import ObjectEntry, ObjectsMixin, _DependencyWaiter
+from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, QUEUED, RUNNING,
+                                  WAITING, TaskRecord, TaskSpec)
 from hpcray.serialization import error_bytes
-
-PENDING, READY = 0, 1
-# Task states
-WAITING, QUEUED, RUNNING, FINISHED = 0, 1, 2, 3
-# Actor states
-A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
-IN_STORE = None  # an entry whose inline value is None lives in the store
-
-
-class ObjectEntry:
-    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put")
-
-    def __init__(self):
-        self.state = PENDING
-        self.inline = None      # bytes when the value travels inline
-        self.refs = 0           # holders: processes, pending tasks, containing values
-        self.waiters = None     # callables(object_id) run when the value is ready
-        self.contained = ()     # ids this value holds alive
-        self.pin = None         # StoreBuffer: the node's pin on its primary copy
-        self.is_put = False
-
-
-class TaskRecord:
-    __slots__ = ("spec", "state", "pending_deps", "worker", "retries_left", "cancelled",
-                 "gpu_ids", "blocked", "children")
-
-    def __init__(self, spec: TaskSpec, retries: int):
-        self.spec = spec
-        self.state = WAITING
-        self.pending_deps = 0
-        self.worker = None
-        self.retries_left = retries
-        self.cancelled = False
-        self.gpu_ids = ()
-        self.blocked = False
-        self.children = None    # ids of the tasks this one submitted (recursive cancel)
-
-
-class ActorRecord:
-    __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
-                 "name", "refs", "info", "death", "killed", "gpu_ids", "placed")
-
-    def __init__(self, spec: TaskSpec, info: dict):
-        self.actor_id = spec.actor_id
-        self.spec = spec
-        self.state = A_PENDING
-        self.worker = None
-        self.queue: collections.deque = collections.deque()   # calls not yet sent, in order
-        self.inflight: dict = {}                              # task id -> TaskRecord
-        self.restarts_left = spec.options.get("max_restarts", 0)
-        self.name = spec.options.get("name")
-        self.refs = 0
-        self.info = info        # what an ActorHandle needs: class name, methods
-        self.death = None       # the exception calls get once the actor is dead
-        self.killed = False
-        self.gpu_ids = ()
-        self.placed = False
 
 
 class WorkerHandle:
@@ -112,47 +57,7 @@ class WorkerHandle:
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
 
 
-class _DependencyWaiter:
-    """Counts a task's unresolved arguments down; runs `ready_callback` at zero."""
-
-    __slots__ = ("record", "ready_callback")
-
-    def __init__(self, record: TaskRecord, ready_callback):
-        self.record = record
-        self.ready_callback = ready_callback
-
-    def __call__(self, _object_id) -> None:
-        record = self.record
-        record.pending_deps -= 1
-        if record.pending_deps == 0 and not record.cancelled:
-            self.ready_callback(record)
-
-
-class _Waiter:
-    """Counts objects down; releases its lock when enough of them are ready."""
-
-    __slots__ = ("remaining", "lock", "done", "callback")
-
-    def __init__(self, remaining: int, callback=None):
-        self.remaining = remaining
-        self.done = False
-        self.callback = callback
-        self.lock = None
-        if callback is None:
-            self.lock = threading.Lock()
-            self.lock.acquire()
-
-    def __call__(self, _object_id) -> None:
-        self.remaining -= 1
-        if self.remaining <= 0 and not self.done:
-            self.done = True
-            if self.callback is not None:
-                self.callback()
-            else:
-                self.lock.release()
-
-
-class NodeManager:
+class NodeManager(ObjectsMixin, ActorsMixin):
     def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
                  store_name: str, store_capacity: int):
         self.job_id = job_id
@@ -465,101 +370,6 @@ class NodeManager:
                 if worker is not None and worker.alive:
                     self._send(worker, ("exit",))
 
-    # ------------------------------------------------------------------ objects
-    def _entry(self, object_id: bytes) -> ObjectEntry:
-        entry = self.objects.get(object_id)
-        if entry is None:
-            entry = self.objects[object_id] = ObjectEntry()
-        return entry
-
-    def _apply_transitions(self, transitions) -> None:
-        for key, delta in transitions:
-            if delta > 0:
-                self._incref(key)
-            else:
-                self._decref(key)
-
-    def _incref(self, key: bytes) -> None:
-        entry = self.objects.get(key)
-        if entry is not None:
-            entry.refs += 1
-            return
-        actor = self.actors.get(key)
-        if actor is not None:
-            actor.refs += 1
-
-    def _decref(self, key: bytes) -> None:
-        entry = self.objects.get(key)
-        if entry is not None:
-            entry.refs -= 1
-            if entry.refs <= 0 and entry.state == READY and not entry.waiters:
-                self._free_object(key, entry)
-            return
-        actor = self.actors.get(key)
-        if actor is not None:
-            actor.refs -= 1
-            if actor.refs <= 0 and actor.name is None and not actor.spec.options.get("detached"):
-                self._actor_out_of_scope(actor)
-
-    def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
-        del self.objects[object_id]
-        if entry.inline is None:
-            if entry.pin is not None:
-                entry.pin.release()
-                entry.pin = None
-            try:
-                self.store.delete(object_id)
-            except StoreError:
-                pass
-        for key in entry.contained:
-            self._decref(key)
-
-    def _object_ready(self, object_id: bytes, inline, contained) -> None:
-        """The value of `object_id` exists now (inline bytes, or sealed in the store)."""
-        entry = self.objects.get(object_id)
-        if entry is None:
-            entry = self.objects[object_id] = ObjectEntry()
-        elif entry.state == READY:
-            return  # a retried task made it again
-        entry.state = READY
-        entry.inline = inline
-        if inline is IN_STORE:
-            entry.pin = self.store.get(object_id)  # the primary copy stays while referenced
-        if contained:
-            entry.contained = contained
-            for key in contained:
-                self._incref(key)
-        waiters = entry.waiters
-        if waiters:
-            entry.waiters = None
-            for waiter in waiters:
-                waiter(object_id)
-        if entry.refs <= 0 and not entry.is_put:
-            self._free_object(object_id, entry)
-
-    def _add_waiter(self, object_id: bytes, waiter) -> bool:
-        """Call `waiter(object_id)` when ready; False if it already is (not registered)."""
-        entry = self.objects.get(object_id)
-        if entry is None or entry.state == READY:
-            return False
-        if entry.waiters is None:
-            entry.waiters = [waiter]
-        else:
-            entry.waiters.append(waiter)
-        return True
-
-    def _remove_waiter(self, object_id: bytes, waiter) -> None:
-        entry = self.objects.get(object_id)
-        if entry is not None and entry.waiters and waiter in entry.waiters:
-            entry.waiters.remove(waiter)
-
-    def _payload(self, object_id: bytes):
-        """What a reader needs: inline bytes, IN_STORE, or an exception if gone."""
-        entry = self.objects.get(object_id)
-        if entry is None:
-            return error_bytes(exceptions.ObjectFreedError(
-                f"Object {object_id.hex()} was freed (no reference held it) or never existed."))
-        return entry.inline
 
     # ------------------------------------------------------------------ tasks
     def submit(self, spec: TaskSpec, parent: TaskRecord | None = None) -> None:
@@ -667,182 +477,6 @@ class NodeManager:
         if record is not None:
             record.gpu_ids = ()
 
-    # ------------------------------------------------------------------ actors
-    def _create_actor(self, spec: TaskSpec) -> None:
-        name = spec.options.get("name")
-        if name is not None:
-            if name in self.named_actors and self.actors[self.named_actors[name]].state != A_DEAD:
-                raise ValueError(f"An actor named {name!r} already exists.")
-            self.named_actors[name] = spec.actor_id
-        actor = ActorRecord(spec, spec.options["info"])
-        actor.refs = 1  # the creator's handle
-        self.actors[spec.actor_id] = actor
-        for key in spec.contained:
-            self._incref(key)
-        record = TaskRecord(spec, 0)
-        self._resolve_deps(record, lambda _r, a=actor: self._actor_deps_ready(a))
-
-    def _actor_deps_ready(self, actor: ActorRecord) -> None:
-        if actor.state == A_DEAD:
-            return
-        self._run_actions(self.scheduler.task_ready(actor.actor_id, actor.spec.demand,
-                                                    needs_worker=False))
-
-    def _place_actor(self, actor: ActorRecord) -> None:
-        if actor.state == A_DEAD:
-            self.scheduler.release(actor.spec.demand)
-            return
-        actor.placed = True
-        actor.gpu_ids = self._take_gpus(actor.spec.demand)
-        actor.state = A_STARTING
-        actor.worker = self._start_worker(actor.actor_id)
-
-    def _send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
-        spec = actor.spec
-        function = self.functions.get(spec.function_id)
-        worker.functions.add(spec.function_id)
-        self._send(worker, ("actor_create", spec, function, self._dep_payloads(spec),
-                            actor.gpu_ids))
-
-    def _msg_actor_ready(self, worker: WorkerHandle, message) -> None:
-        _, actor_id, error_blob, transitions = message
-        self._apply_transitions(transitions)
-        actor = self.actors.get(actor_id)
-        if actor is None or actor.worker is not worker:
-            return
-        if error_blob is not None:
-            from hpcray.serialization import deserialize_inline
-            cause = deserialize_inline(error_blob).error
-            actor.restarts_left = 0
-            self._actor_dead(actor, exceptions.ActorDiedError(
-                f"The actor {actor.info['class_name']} died: its constructor raised:\n{cause}"))
-            self._send(worker, ("exit",))
-            return
-        actor.state = A_ALIVE
-        self._pump_actor(actor)
-
-    def _submit_actor_call(self, record: TaskRecord) -> None:
-        actor = self.actors.get(record.spec.actor_id)
-        if actor is None or actor.state == A_DEAD:
-            error = actor.death if actor is not None else exceptions.RayActorError(
-                "The actor is unknown or was killed.")
-            self._fail_task(record, error)
-            return
-        record.retries_left = actor.spec.options.get("max_task_retries", 0)
-        actor.queue.append(record)
-        self._resolve_deps(record, lambda _r, a=actor: self._pump_actor(a))
-
-    def _pump_actor(self, actor: ActorRecord) -> None:
-        """Send the actor, in submission order, every call whose arguments are ready."""
-        if actor.state != A_ALIVE:
-            return
-        worker = actor.worker
-        queue = actor.queue
-        while queue and queue[0].pending_deps == 0:
-            record = queue.popleft()
-            if record.cancelled:
-                continue
-            record.state = RUNNING
-            actor.inflight[record.spec.task_id] = record
-            self._send(worker, ("task", record.spec, None, self._dep_payloads(record.spec), ()))
-        if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
-            self._send(worker, ("exit",))
-
-    def _actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
-        actor = self.actors.get(worker.actor_id)
-        record = actor.inflight.pop(task_id, None) if actor is not None else None
-        if record is None:
-            self._apply_transitions(transitions)
-            return
-        self._finish_task(record, results, transitions)
-        if actor.death is not None and not actor.queue and not actor.inflight:
-            self._send(worker, ("exit",))
-
-    def _actor_out_of_scope(self, actor: ActorRecord) -> None:
-        if actor.state == A_DEAD or actor.death is not None:
-            return
-        # As Ray: the actor ends once the calls it already has are done.
-        actor.death = exceptions.ActorDiedError(
-            f"The actor {actor.info['class_name']} went out of scope (no handle is left).")
-        actor.restarts_left = 0
-        if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
-            self._send(actor.worker, ("exit",))
-        elif actor.state == A_PENDING:
-            self._actor_dead(actor, actor.death)
-
-    def _actor_process_died(self, worker: WorkerHandle) -> None:
-        actor = self.actors.get(worker.actor_id)
-        if actor is None or actor.worker is not worker or actor.state == A_DEAD:
-            return
-        if actor.death is not None and not actor.killed:
-            self._actor_dead(actor, actor.death)  # exited after going out of scope
-            return
-        if actor.restarts_left != 0 and not actor.killed:
-            if actor.restarts_left > 0:
-                actor.restarts_left -= 1
-            retry, lost = [], []
-            for record in actor.inflight.values():
-                (retry if record.retries_left != 0 else lost).append(record)
-            actor.inflight = {}
-            for record in lost:
-                self._fail_task(record, exceptions.RayActorError(
-                    f"The actor {actor.info['class_name']} (pid={worker.pid}) died while "
-                    "running this call; it is restarting, but the call had no retries left."))
-            for record in reversed(retry):
-                if record.retries_left > 0:
-                    record.retries_left -= 1
-                record.state = QUEUED
-                actor.queue.appendleft(record)
-            actor.state = A_RESTARTING
-            actor.worker = self._start_worker(actor.actor_id)
-            return
-        cause = "was killed with kill()" if actor.killed else \
-            f"process (pid={worker.pid}) died unexpectedly"
-        self._actor_dead(actor, exceptions.ActorDiedError(
-            f"The actor {actor.info['class_name']} {cause}."))
-
-    def _actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
-        actor.state = A_DEAD
-        actor.death = error
-        for record in list(actor.inflight.values()) + list(actor.queue):
-            self._fail_task(record, error)
-        actor.inflight.clear()
-        actor.queue.clear()
-        if actor.placed:
-            actor.placed = False
-            self.scheduler.release(actor.spec.demand)
-            self._release_gpus(actor)
-            self._run_actions(self.scheduler.reschedule())
-        else:
-            self.scheduler.cancel(actor.actor_id)
-        if actor.spec.contained:
-            contained, actor.spec.contained = actor.spec.contained, ()
-            for key in contained:
-                self._decref(key)
-
-    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
-        actor = self.actors.get(actor_id)
-        if actor is None:
-            raise ValueError("kill() got an unknown actor handle.")
-        if actor.state == A_DEAD:
-            return
-        if no_restart:
-            actor.killed = True
-        worker = actor.worker
-        if worker is not None and worker.pid and worker.alive:
-            try:
-                os.kill(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        elif actor.state == A_PENDING:
-            self._actor_dead(actor, exceptions.ActorDiedError(
-                f"The actor {actor.info['class_name']} was killed with kill()."))
-
-    def get_actor_info(self, name: str):
-        actor_id = self.named_actors.get(name)
-        if actor_id is None or self.actors[actor_id].state == A_DEAD:
-            return None
-        return actor_id, self.actors[actor_id].info
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, object_id: bytes, force: bool, recursive: bool = True) -> None:
@@ -889,37 +523,6 @@ class NodeManager:
                              if not (isinstance(w, _DependencyWaiter) and w.record is record)
                              ] or None
 
-    # ------------------------------------------------------------------ put/get/wait
-    def put(self, object_id: bytes, inline, contained, owner_holds_ref: bool) -> None:
-        entry = self._entry(object_id)
-        entry.refs += 1 if owner_holds_ref else 0
-        entry.is_put = True  # not freed at refs 0 before its holders count it
-        self._object_ready(object_id, inline, contained)
-        entry.is_put = False
-
-    def register_get(self, object_ids, num_returns: int, callback=None):
-        """A waiter released when `num_returns` of `object_ids` are ready, or None if they are."""
-        missing = [oid for oid in object_ids
-                   if (e := self.objects.get(oid)) is not None and e.state != READY]
-        ready = len(object_ids) - len(missing)
-        if ready >= num_returns:
-            return None
-        waiter = _Waiter(num_returns - ready, callback)
-        for oid in missing:
-            self._add_waiter(oid, waiter)
-        return waiter
-
-    def cancel_waiter(self, object_ids, waiter) -> None:
-        for oid in object_ids:
-            self._remove_waiter(oid, waiter)
-
-    def ready_ids(self, object_ids) -> list:
-        objects = self.objects
-        return [oid for oid in object_ids
-                if (e := objects.get(oid)) is None or e.state == READY]
-
-    def payloads(self, object_ids) -> list:
-        return [self._payload(oid) for oid in object_ids]
 
     # ------------------------------------------------------------------ worker requests
     def _msg_msg(self, worker: WorkerHandle, message) -> None:

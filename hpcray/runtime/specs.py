@@ -1,10 +1,13 @@
-"""What a task, an actor creation and an actor call carry from the caller to a worker."""
+"""What a task, an actor creation and an actor call carry; the node's record of a task."""
 
 from __future__ import annotations
 
 NORMAL_TASK = 0
 ACTOR_CREATION = 1
 ACTOR_CALL = 2
+
+# TaskRecord states
+WAITING, QUEUED, RUNNING, FINISHED = 0, 1, 2, 3
 
 
 class TaskSpec:
@@ -46,3 +49,21 @@ class TaskSpec:
 
     def __repr__(self) -> str:
         return f"TaskSpec({self.name}, {self.task_id.hex()})"
+
+
+class TaskRecord:
+    """A node manager's state of one task it runs or owns."""
+
+    __slots__ = ("spec", "state", "pending_deps", "worker", "retries_left", "cancelled",
+                 "gpu_ids", "blocked", "children")
+
+    def __init__(self, spec: TaskSpec, retries: int):
+        self.spec = spec
+        self.state = WAITING
+        self.pending_deps = 0
+        self.worker = None
+        self.retries_left = retries
+        self.cancelled = False
+        self.gpu_ids = ()
+        self.blocked = False
+        self.children = None    # ids of the tasks this one submitted (recursive cancel)

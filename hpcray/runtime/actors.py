@@ -1,0 +1,226 @@
+"""The node manager's actors: placement, a process each, ordered calls, restarts, death.
+
+Calls to an actor queue here in submission order and are sent to its process as soon
+as their arguments are ready (the process runs them one at a time, or concurrently for
+threaded and async actors). When the process dies the actor restarts (re-running its
+constructor) while `max_restarts` allows, retrying the calls it was running while
+`max_task_retries` allows; otherwise every pending and future call fails with
+`ActorDiedError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from hpcray import exceptions
+from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
+
+if TYPE_CHECKING:
+    from hpcray.runtime.node_manager import WorkerHandle
+
+# Actor states
+A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
+
+
+class ActorRecord:
+    __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
+                 "name", "refs", "info", "death", "killed", "gpu_ids", "placed")
+
+    def __init__(self, spec: TaskSpec, info: dict):
+        self.actor_id = spec.actor_id
+        self.spec = spec
+        self.state = A_PENDING
+        self.worker = None
+        self.queue: collections.deque = collections.deque()   # calls not yet sent, in order
+        self.inflight: dict = {}                              # task id -> TaskRecord
+        self.restarts_left = spec.options.get("max_restarts", 0)
+        self.name = spec.options.get("name")
+        self.refs = 0
+        self.info = info        # what an ActorHandle needs: class name, methods
+        self.death = None       # the exception calls get once the actor is dead
+        self.killed = False
+        self.gpu_ids = ()
+        self.placed = False
+
+
+class ActorsMixin:
+    """The actor part of NodeManager."""
+
+    def _create_actor(self, spec: TaskSpec) -> None:
+        name = spec.options.get("name")
+        if name is not None:
+            if name in self.named_actors and self.actors[self.named_actors[name]].state != A_DEAD:
+                raise ValueError(f"An actor named {name!r} already exists.")
+            self.named_actors[name] = spec.actor_id
+        actor = ActorRecord(spec, spec.options["info"])
+        actor.refs = 1  # the creator's handle
+        self.actors[spec.actor_id] = actor
+        for key in spec.contained:
+            self._incref(key)
+        record = TaskRecord(spec, 0)
+        self._resolve_deps(record, lambda _r, a=actor: self._actor_deps_ready(a))
+
+    def _actor_deps_ready(self, actor: ActorRecord) -> None:
+        if actor.state == A_DEAD:
+            return
+        self._run_actions(self.scheduler.task_ready(actor.actor_id, actor.spec.demand,
+                                                    needs_worker=False))
+
+    def _place_actor(self, actor: ActorRecord) -> None:
+        if actor.state == A_DEAD:
+            self.scheduler.release(actor.spec.demand)
+            return
+        actor.placed = True
+        actor.gpu_ids = self._take_gpus(actor.spec.demand)
+        actor.state = A_STARTING
+        actor.worker = self._start_worker(actor.actor_id)
+
+    def _send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
+        spec = actor.spec
+        function = self.functions.get(spec.function_id)
+        worker.functions.add(spec.function_id)
+        self._send(worker, ("actor_create", spec, function, self._dep_payloads(spec),
+                            actor.gpu_ids))
+
+    def _msg_actor_ready(self, worker: WorkerHandle, message) -> None:
+        _, actor_id, error_blob, transitions = message
+        self._apply_transitions(transitions)
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.worker is not worker:
+            return
+        if error_blob is not None:
+            from hpcray.serialization import deserialize_inline
+            cause = deserialize_inline(error_blob).error
+            actor.restarts_left = 0
+            self._actor_dead(actor, exceptions.ActorDiedError(
+                f"The actor {actor.info['class_name']} died: its constructor raised:\n{cause}"))
+            self._send(worker, ("exit",))
+            return
+        actor.state = A_ALIVE
+        self._pump_actor(actor)
+
+    def _submit_actor_call(self, record: TaskRecord) -> None:
+        actor = self.actors.get(record.spec.actor_id)
+        if actor is None or actor.state == A_DEAD:
+            error = actor.death if actor is not None else exceptions.RayActorError(
+                "The actor is unknown or was killed.")
+            self._fail_task(record, error)
+            return
+        record.retries_left = actor.spec.options.get("max_task_retries", 0)
+        actor.queue.append(record)
+        self._resolve_deps(record, lambda _r, a=actor: self._pump_actor(a))
+
+    def _pump_actor(self, actor: ActorRecord) -> None:
+        """Send the actor, in submission order, every call whose arguments are ready."""
+        if actor.state != A_ALIVE:
+            return
+        worker = actor.worker
+        queue = actor.queue
+        while queue and queue[0].pending_deps == 0:
+            record = queue.popleft()
+            if record.cancelled:
+                continue
+            record.state = RUNNING
+            actor.inflight[record.spec.task_id] = record
+            self._send(worker, ("task", record.spec, None, self._dep_payloads(record.spec), ()))
+        if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
+            self._send(worker, ("exit",))
+
+    def _actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
+        actor = self.actors.get(worker.actor_id)
+        record = actor.inflight.pop(task_id, None) if actor is not None else None
+        if record is None:
+            self._apply_transitions(transitions)
+            return
+        self._finish_task(record, results, transitions)
+        if actor.death is not None and not actor.queue and not actor.inflight:
+            self._send(worker, ("exit",))
+
+    def _actor_out_of_scope(self, actor: ActorRecord) -> None:
+        if actor.state == A_DEAD or actor.death is not None:
+            return
+        # As Ray: the actor ends once the calls it already has are done.
+        actor.death = exceptions.ActorDiedError(
+            f"The actor {actor.info['class_name']} went out of scope (no handle is left).")
+        actor.restarts_left = 0
+        if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
+            self._send(actor.worker, ("exit",))
+        elif actor.state == A_PENDING:
+            self._actor_dead(actor, actor.death)
+
+    def _actor_process_died(self, worker: WorkerHandle) -> None:
+        actor = self.actors.get(worker.actor_id)
+        if actor is None or actor.worker is not worker or actor.state == A_DEAD:
+            return
+        if actor.death is not None and not actor.killed:
+            self._actor_dead(actor, actor.death)  # exited after going out of scope
+            return
+        if actor.restarts_left != 0 and not actor.killed:
+            if actor.restarts_left > 0:
+                actor.restarts_left -= 1
+            retry, lost = [], []
+            for record in actor.inflight.values():
+                (retry if record.retries_left != 0 else lost).append(record)
+            actor.inflight = {}
+            for record in lost:
+                self._fail_task(record, exceptions.RayActorError(
+                    f"The actor {actor.info['class_name']} (pid={worker.pid}) died while "
+                    "running this call; it is restarting, but the call had no retries left."))
+            for record in reversed(retry):
+                if record.retries_left > 0:
+                    record.retries_left -= 1
+                record.state = QUEUED
+                actor.queue.appendleft(record)
+            actor.state = A_RESTARTING
+            actor.worker = self._start_worker(actor.actor_id)
+            return
+        cause = "was killed with kill()" if actor.killed else \
+            f"process (pid={worker.pid}) died unexpectedly"
+        self._actor_dead(actor, exceptions.ActorDiedError(
+            f"The actor {actor.info['class_name']} {cause}."))
+
+    def _actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
+        actor.state = A_DEAD
+        actor.death = error
+        for record in list(actor.inflight.values()) + list(actor.queue):
+            self._fail_task(record, error)
+        actor.inflight.clear()
+        actor.queue.clear()
+        if actor.placed:
+            actor.placed = False
+            self.scheduler.release(actor.spec.demand)
+            self._release_gpus(actor)
+            self._run_actions(self.scheduler.reschedule())
+        else:
+            self.scheduler.cancel(actor.actor_id)
+        if actor.spec.contained:
+            contained, actor.spec.contained = actor.spec.contained, ()
+            for key in contained:
+                self._decref(key)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        actor = self.actors.get(actor_id)
+        if actor is None:
+            raise ValueError("kill() got an unknown actor handle.")
+        if actor.state == A_DEAD:
+            return
+        if no_restart:
+            actor.killed = True
+        worker = actor.worker
+        if worker is not None and worker.pid and worker.alive:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif actor.state == A_PENDING:
+            self._actor_dead(actor, exceptions.ActorDiedError(
+                f"The actor {actor.info['class_name']} was killed with kill()."))
+
+    def get_actor_info(self, name: str):
+        actor_id = self.named_actors.get(name)
+        if actor_id is None or self.actors[actor_id].state == A_DEAD:
+            return None
+        return actor_id, self.actors[actor_id].info

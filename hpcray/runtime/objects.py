@@ -1,0 +1,202 @@
+"""The node manager's object table: values, reference counts, waiters.
+
+An entry exists from the moment a task that makes the object is submitted (or a value
+is put) until no holder is left: a process holding an `ObjectRef` (counted once per
+process), a pending task whose arguments contain it, or a stored value that contains
+it. Waiters (a blocked `get`, a task waiting for its arguments) run when it is ready.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from hpcray import exceptions
+from hpcray._store import StoreError
+from hpcray.runtime.specs import TaskRecord
+from hpcray.serialization import error_bytes
+
+PENDING, READY = 0, 1
+IN_STORE = None  # an entry whose inline value is None lives in the store
+
+
+class ObjectEntry:
+    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put")
+
+    def __init__(self):
+        self.state = PENDING
+        self.inline = None      # bytes when the value travels inline
+        self.refs = 0           # holders: processes, pending tasks, containing values
+        self.waiters = None     # callables(object_id) run when the value is ready
+        self.contained = ()     # ids this value holds alive
+        self.pin = None         # StoreBuffer: the node's pin on its primary copy
+        self.is_put = False
+
+
+class _DependencyWaiter:
+    """Counts a task's unresolved arguments down; runs `ready_callback` at zero."""
+
+    __slots__ = ("record", "ready_callback")
+
+    def __init__(self, record: TaskRecord, ready_callback):
+        self.record = record
+        self.ready_callback = ready_callback
+
+    def __call__(self, _object_id) -> None:
+        record = self.record
+        record.pending_deps -= 1
+        if record.pending_deps == 0 and not record.cancelled:
+            self.ready_callback(record)
+
+
+class _Waiter:
+    """Counts objects down; releases its lock when enough of them are ready."""
+
+    __slots__ = ("remaining", "lock", "done", "callback")
+
+    def __init__(self, remaining: int, callback=None):
+        self.remaining = remaining
+        self.done = False
+        self.callback = callback
+        self.lock = None
+        if callback is None:
+            self.lock = threading.Lock()
+            self.lock.acquire()
+
+    def __call__(self, _object_id) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.done:
+            self.done = True
+            if self.callback is not None:
+                self.callback()
+            else:
+                self.lock.release()
+
+
+class ObjectsMixin:
+    """The object-table part of NodeManager (`self.objects`, `self.store`, `self.actors`)."""
+
+    def _entry(self, object_id: bytes) -> ObjectEntry:
+        entry = self.objects.get(object_id)
+        if entry is None:
+            entry = self.objects[object_id] = ObjectEntry()
+        return entry
+
+    def _apply_transitions(self, transitions) -> None:
+        for key, delta in transitions:
+            if delta > 0:
+                self._incref(key)
+            else:
+                self._decref(key)
+
+    def _incref(self, key: bytes) -> None:
+        entry = self.objects.get(key)
+        if entry is not None:
+            entry.refs += 1
+            return
+        actor = self.actors.get(key)
+        if actor is not None:
+            actor.refs += 1
+
+    def _decref(self, key: bytes) -> None:
+        entry = self.objects.get(key)
+        if entry is not None:
+            entry.refs -= 1
+            if entry.refs <= 0 and entry.state == READY and not entry.waiters:
+                self._free_object(key, entry)
+            return
+        actor = self.actors.get(key)
+        if actor is not None:
+            actor.refs -= 1
+            if actor.refs <= 0 and actor.name is None and not actor.spec.options.get("detached"):
+                self._actor_out_of_scope(actor)
+
+    def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
+        del self.objects[object_id]
+        if entry.inline is None:
+            if entry.pin is not None:
+                entry.pin.release()
+                entry.pin = None
+            try:
+                self.store.delete(object_id)
+            except StoreError:
+                pass
+        for key in entry.contained:
+            self._decref(key)
+
+    def _object_ready(self, object_id: bytes, inline, contained) -> None:
+        """The value of `object_id` exists now (inline bytes, or sealed in the store)."""
+        entry = self.objects.get(object_id)
+        if entry is None:
+            entry = self.objects[object_id] = ObjectEntry()
+        elif entry.state == READY:
+            return  # a retried task made it again
+        entry.state = READY
+        entry.inline = inline
+        if inline is IN_STORE:
+            entry.pin = self.store.get(object_id)  # the primary copy stays while referenced
+        if contained:
+            entry.contained = contained
+            for key in contained:
+                self._incref(key)
+        waiters = entry.waiters
+        if waiters:
+            entry.waiters = None
+            for waiter in waiters:
+                waiter(object_id)
+        if entry.refs <= 0 and not entry.is_put:
+            self._free_object(object_id, entry)
+
+    def _add_waiter(self, object_id: bytes, waiter) -> bool:
+        """Call `waiter(object_id)` when ready; False if it already is (not registered)."""
+        entry = self.objects.get(object_id)
+        if entry is None or entry.state == READY:
+            return False
+        if entry.waiters is None:
+            entry.waiters = [waiter]
+        else:
+            entry.waiters.append(waiter)
+        return True
+
+    def _remove_waiter(self, object_id: bytes, waiter) -> None:
+        entry = self.objects.get(object_id)
+        if entry is not None and entry.waiters and waiter in entry.waiters:
+            entry.waiters.remove(waiter)
+
+    def _payload(self, object_id: bytes):
+        """What a reader needs: inline bytes, IN_STORE, or an exception if gone."""
+        entry = self.objects.get(object_id)
+        if entry is None:
+            return error_bytes(exceptions.ObjectFreedError(
+                f"Object {object_id.hex()} was freed (no reference held it) or never existed."))
+        return entry.inline
+
+    def put(self, object_id: bytes, inline, contained, owner_holds_ref: bool) -> None:
+        entry = self._entry(object_id)
+        entry.refs += 1 if owner_holds_ref else 0
+        entry.is_put = True  # not freed at refs 0 before its holders count it
+        self._object_ready(object_id, inline, contained)
+        entry.is_put = False
+
+    def register_get(self, object_ids, num_returns: int, callback=None):
+        """A waiter released when `num_returns` of `object_ids` are ready, or None if they are."""
+        missing = [oid for oid in object_ids
+                   if (e := self.objects.get(oid)) is not None and e.state != READY]
+        ready = len(object_ids) - len(missing)
+        if ready >= num_returns:
+            return None
+        waiter = _Waiter(num_returns - ready, callback)
+        for oid in missing:
+            self._add_waiter(oid, waiter)
+        return waiter
+
+    def cancel_waiter(self, object_ids, waiter) -> None:
+        for oid in object_ids:
+            self._remove_waiter(oid, waiter)
+
+    def ready_ids(self, object_ids) -> list:
+        objects = self.objects
+        return [oid for oid in object_ids
+                if (e := objects.get(oid)) is None or e.state == READY]
+
+    def payloads(self, object_ids) -> list:
+        return [self._payload(oid) for oid in object_ids]
