@@ -1,8 +1,9 @@
 """Identifiers of jobs, tasks, objects and actors.
 
-Every process draws a random 8-byte prefix once and counts from there, so ids are unique
-across processes without coordination and cost a counter increment to make. An object
-id is the id of the task that makes it plus a 4-byte return index (0 for `put`).
+Every process draws a prefix once (the 2-byte rank of its node, then 6 random bytes) and
+counts from there, so ids are unique across processes without coordination, cost a
+counter increment to make, and tell which node owns them. An object id is the id of the
+task that makes it plus a 4-byte return index (0 for `put`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ ACTOR_ID_SIZE = 16
 
 _pack_counter = struct.Struct(">Q").pack
 _pack_index = struct.Struct(">I").pack
-_prefix = os.urandom(8)
+_prefix = bytes(2) + os.urandom(6)
 _counter = itertools.count(1)
 
 
-def reseed() -> None:
-    """Draw a new prefix: called in a child process after fork."""
+def reseed(rank: int = 0) -> None:
+    """Draw a new prefix for a process of node `rank` (a worker after fork)."""
     global _prefix, _counter
-    _prefix = os.urandom(8)
+    _prefix = rank.to_bytes(2, "big") + os.urandom(6)
     _counter = itertools.count(1)
+
+
+def owner_rank(any_id: bytes) -> int:
+    """The rank of the node whose process made this task, object or actor id."""
+    return int.from_bytes(any_id[:2], "big")
 
 
 def new_task_id() -> bytes:

@@ -33,10 +33,11 @@ class CoreClient:
 
     # -- values ------------------------------------------------------------------
     def encode_value(self, object_id: bytes, value):
-        """Serialize `value`; large ones are written to the store. -> (inline|None, contained)."""
+        """Serialize `value`; large ones are written to the store.
+        -> (inline bytes, or None when in the store; contained ref ids; size in bytes)."""
         sv = serialize(value, self.config.inline_threshold)
         if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
-            return sv.pickled, sv.contained
+            return sv.pickled, sv.contained, len(sv.pickled)
         try:
             try:
                 dest = self.store.create_object(object_id, sv.store_size)
@@ -61,7 +62,7 @@ class CoreClient:
             raise
         dest.release()
         self.store.seal(object_id)
-        return None, sv.contained
+        return None, sv.contained, sv.store_size
 
     def decode_value(self, object_id: bytes, payload):
         """The value for a payload the node manager handed out (inline bytes or None)."""
@@ -93,9 +94,8 @@ class CoreClient:
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself.")
         object_id = ids.new_put_id()
-        inline, contained = self.encode_value(object_id, value)
-        ref = self._register_put(object_id, inline, contained)
-        return ref
+        inline, contained, size = self.encode_value(object_id, value)
+        return self._register_put(object_id, inline, contained, size)
 
     # -- arguments ---------------------------------------------------------------
     def encode_args(self, task_id: bytes, args: tuple, kwargs: dict):
@@ -109,8 +109,8 @@ class CoreClient:
         if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
             return ("inline", sv.pickled), deps, sv.contained
         args_id = ids.object_id_for(task_id, 0xFFFFFFFF)
-        _, contained = self.encode_value(args_id, (args, kwargs))
-        self._register_args_object(args_id, contained)
+        _, contained, size = self.encode_value(args_id, (args, kwargs))
+        self._register_args_object(args_id, contained, size)
         return ("store", args_id), deps, contained + [args_id]
 
     def check_feasible(self, name: str, demand: dict) -> None:
@@ -139,18 +139,18 @@ class DriverClient(CoreClient):
         nm._apply_transitions(nm.driver_refs.drain())
         return nm
 
-    def _register_put(self, object_id, inline, contained) -> ObjectRef:
+    def _register_put(self, object_id, inline, contained, size) -> ObjectRef:
         nm = self._locked()
         try:
-            nm.put(object_id, inline, contained, owner_holds_ref=True)
+            nm.put(object_id, inline, contained, True, size)
         finally:
             nm.lock.release()
         return ObjectRef(object_id, True)
 
-    def _register_args_object(self, args_id, contained) -> None:
+    def _register_args_object(self, args_id, contained, size) -> None:
         nm = self._locked()
         try:
-            nm.put(args_id, None, contained, owner_holds_ref=False)
+            nm.put(args_id, None, contained, False, size)
         finally:
             nm.lock.release()
 
@@ -229,12 +229,12 @@ class WorkerClient(CoreClient):
         super().__init__(store, config, job_id, node_id, total_resources)
         self.channel = channel
 
-    def _register_put(self, object_id, inline, contained) -> ObjectRef:
-        self.channel.send_oneway("put", (object_id, inline, contained, True))
+    def _register_put(self, object_id, inline, contained, size) -> ObjectRef:
+        self.channel.send_oneway("put", (object_id, inline, contained, True, size))
         return ObjectRef(object_id, True)
 
-    def _register_args_object(self, args_id, contained) -> None:
-        self.channel.send_oneway("put", (args_id, None, contained, False))
+    def _register_args_object(self, args_id, contained, size) -> None:
+        self.channel.send_oneway("put", (args_id, None, contained, False, size))
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         self.channel.send_oneway("function", (function_id, pickled))

@@ -450,15 +450,16 @@ class NodeManager(ObjectsMixin, ActorsMixin):
     def _finish_task(self, record: TaskRecord, results, transitions) -> None:
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
-        for object_id, inline, contained in results:
-            self._object_ready(object_id, inline, contained)
+        for object_id, inline, contained, size in results:
+            self._object_ready(object_id, inline, contained, size)
         self._apply_transitions(transitions)
         for key in record.spec.contained:
             self._decref(key)
 
     def _fail_task(self, record: TaskRecord, error: BaseException) -> None:
         blob = error_bytes(error)
-        self._finish_task(record, [(oid, blob, ()) for oid in record.spec.return_ids], ())
+        self._finish_task(record, [(oid, blob, (), len(blob)) for oid in record.spec.return_ids],
+                          ())
 
     def _take_gpus(self, demand: dict) -> tuple:
         count = demand.get("GPU", 0)

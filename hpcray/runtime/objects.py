@@ -20,7 +20,7 @@ IN_STORE = None  # an entry whose inline value is None lives in the store
 
 
 class ObjectEntry:
-    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put")
+    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size")
 
     def __init__(self):
         self.state = PENDING
@@ -30,6 +30,7 @@ class ObjectEntry:
         self.contained = ()     # ids this value holds alive
         self.pin = None         # StoreBuffer: the node's pin on its primary copy
         self.is_put = False
+        self.size = 0
 
 
 class _DependencyWaiter:
@@ -123,7 +124,7 @@ class ObjectsMixin:
         for key in entry.contained:
             self._decref(key)
 
-    def _object_ready(self, object_id: bytes, inline, contained) -> None:
+    def _object_ready(self, object_id: bytes, inline, contained, size: int) -> None:
         """The value of `object_id` exists now (inline bytes, or sealed in the store)."""
         entry = self.objects.get(object_id)
         if entry is None:
@@ -132,6 +133,7 @@ class ObjectsMixin:
             return  # a retried task made it again
         entry.state = READY
         entry.inline = inline
+        entry.size = size
         if inline is IN_STORE:
             entry.pin = self.store.get(object_id)  # the primary copy stays while referenced
         if contained:
@@ -170,11 +172,11 @@ class ObjectsMixin:
                 f"Object {object_id.hex()} was freed (no reference held it) or never existed."))
         return entry.inline
 
-    def put(self, object_id: bytes, inline, contained, owner_holds_ref: bool) -> None:
+    def put(self, object_id: bytes, inline, contained, owner_holds_ref: bool, size: int) -> None:
         entry = self._entry(object_id)
         entry.refs += 1 if owner_holds_ref else 0
         entry.is_put = True  # not freed at refs 0 before its holders count it
-        self._object_ready(object_id, inline, contained)
+        self._object_ready(object_id, inline, contained, size)
         entry.is_put = False
 
     def register_get(self, object_ids, num_returns: int, callback=None):

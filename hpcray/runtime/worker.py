@@ -122,7 +122,7 @@ class Worker:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(names)
 
     def _execute(self, spec, function, dep_payloads):
-        """Run one task; -> (results, retry) where results are (id, inline|None, contained)."""
+        """Run one task; -> (results, retry), results being (id, inline|None, contained, size)."""
         self.local.task_id = spec.task_id
         retry = False
         try:
@@ -144,7 +144,7 @@ class Worker:
         finally:
             self.local.task_id = None
         blob = error_bytes(error)
-        return [(oid, blob, ()) for oid in spec.return_ids], retry
+        return [(oid, blob, (), len(blob)) for oid in spec.return_ids], retry
 
     def _store_returns(self, spec, outcome) -> list:
         return_ids = spec.return_ids
@@ -159,8 +159,7 @@ class Worker:
             values = outcome
         results = []
         for object_id, value in zip(return_ids, values):
-            inline, contained = self.client.encode_value(object_id, value)
-            results.append((object_id, inline, contained))
+            results.append((object_id, *self.client.encode_value(object_id, value)))
         return results
 
     def _run_and_report(self, spec, pickled_function, dep_payloads, gpu_ids) -> None:
@@ -173,7 +172,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001
             blob = error_bytes(exceptions.RayTaskError(spec.name, traceback.format_exc(), exc,
                                                        os.getpid()))
-            self.channel.send_done("done", spec.task_id, [(o, blob, ()) for o in spec.return_ids],
+            self.channel.send_done("done", spec.task_id, [(o, blob, (), len(blob)) for o in spec.return_ids],
                                    False)
             return
         self.running_task = spec.task_id
@@ -228,7 +227,7 @@ class Worker:
             function = getattr(self.actor, spec.method)
             results, retry = self._execute(spec, function, dep_payloads)
         except BaseException as exc:  # noqa: BLE001
-            results, retry = [(o, error_bytes(exc), ()) for o in spec.return_ids], False
+            results, retry = _error_results(spec, exc), False
         self.channel.send_done("done", spec.task_id, results, retry)
 
     def _start_async_actor(self, max_concurrency: int) -> None:
@@ -274,7 +273,7 @@ class _DependencyFailed(Exception):
 
 def _error_results(spec, error) -> list:
     blob = error_bytes(error)
-    return [(oid, blob, ()) for oid in spec.return_ids]
+    return [(oid, blob, (), len(blob)) for oid in spec.return_ids]
 
 
 def _should_retry(retry_exceptions, exc) -> bool:
