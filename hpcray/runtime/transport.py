@@ -1,0 +1,404 @@
+"""Node-manager-to-node-manager messages and object transfers over MPI.
+
+What this module is for: the one place where hpcray's node managers talk MPI to each
+other. It moves two kinds of traffic between ranks:
+
+- messages: any picklable value, sent on a named channel (``"control"`` between node
+  managers, ``"gcs"`` for the global control store's requests and replies), delivered
+  in the order they were sent from a given rank on a given channel;
+- object transfers: the bytes of one object, pulled by the node that needs it. The
+  receiver picks a tag (`new_transfer_tag`), tells the owner about it in a message, and
+  both sides start their halves (`start_receive`, `start_send`). The bytes go in chunks,
+  a few in flight at a time so that they pipeline, straight from the sender's buffer
+  (a store segment) into the receiver's (a buffer allocated in its segment): no copy
+  on either side.
+
+Nothing here blocks or spins: every MPI call is nonblocking (Isend, Improbe, Imrecv,
+Irecv, Test), because every MPI on the machines we run on burns a whole core inside a
+blocking receive. An event loop calls `poll` when it wakes up; a rank with nothing else
+to wait on sleeps in `wait_for_activity`, which polls with a growing back-off so that
+an idle job costs almost no CPU.
+
+What it is not for: it knows nothing of tasks, objects ids, the store or the GCS; the
+node manager decides what the messages mean and where the bytes live. It is imported
+only in multi-node mode (it initialises MPI on import); single-node code paths never
+import it. A transport is used from one thread only.
+
+Each channel and the object data travel on their own duplicate of the communicator, so
+message tags and transfer tags can never match each other's receives.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+from collections.abc import Callable
+
+from mpi4py import MPI
+
+CHANNELS = ("control", "gcs")
+
+# Measured with benchmarks/transfer_bandwidth.py (PyPI MPICH 5.0.2, two ranks on one
+# 2-core host, which copies with process_vm_readv): 8 MiB chunks with 4 in flight reach
+# 0.92-1.0 of one raw Send/Recv for 100 MB and 1 GB. Chunks of 2-32 MiB and windows of
+# 2-8 all measured within the noise of that shared machine; larger chunks only delay
+# the first byte, smaller ones add Python work per chunk.
+DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_WINDOW = 4
+
+_MESSAGE_TAG = 0
+_MIN_IDLE_SLEEP = 50e-6
+# While a transfer is outstanding its chunks move only while someone calls into MPI, so
+# the idle back-off stops growing at this (about 3% of a core in Iprobe/Test).
+_BUSY_MAX_SLEEP = 200e-6
+
+# Buffers of requests that `close` had to abandon (a peer that never received or sent):
+# MPI may still touch them, so they live as long as the process.
+_abandoned_buffers: list = []
+
+
+def _byte_view(buffer, writable: bool) -> memoryview:
+    """`buffer` as a flat memoryview of bytes (no copy)."""
+    view = memoryview(buffer)
+    if not view.c_contiguous:
+        raise ValueError("a transfer buffer must be C-contiguous")
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if writable and view.readonly:
+        raise ValueError("the destination of a transfer must be writable")
+    return view
+
+
+class Transfer:
+    """One half (send or receive) of an object transfer with one peer.
+
+    `done` turns true when every chunk has completed on this side; `on_done` (if any) is
+    then called once, from the next `poll` or `progress` of the transport.
+    """
+
+    __slots__ = ("tag", "peer", "nbytes", "done", "on_done", "is_send",
+                 "_comm", "_view", "_chunk_bytes", "_window", "_next_offset",
+                 "_chunks_left", "_requests")
+
+    def __init__(self, comm, peer: int, tag: int, view: memoryview, is_send: bool,
+                 chunk_bytes: int, window: int, on_done: Callable[[], None] | None):
+        self.tag = tag
+        self.peer = peer
+        self.nbytes = len(view)
+        self.done = False
+        self.on_done = on_done
+        self.is_send = is_send
+        self._comm = comm
+        self._view = view
+        self._chunk_bytes = chunk_bytes
+        self._window = window
+        self._next_offset = 0
+        # A zero-length object still travels as one empty message, so that a sender and
+        # a receiver that disagree on the size get a truncation error instead of a hang
+        # on one side.
+        self._chunks_left = max(1, math.ceil(self.nbytes / chunk_bytes))
+        self._requests: list = []
+        self._post_chunks()
+
+    def __repr__(self) -> str:
+        kind = "send to" if self.is_send else "receive from"
+        state = "done" if self.done else f"{self._chunks_left} chunks left"
+        return f"<Transfer {kind} {self.peer} tag {self.tag}, {self.nbytes} B, {state}>"
+
+    def _post_chunks(self) -> None:
+        # Chunks share one tag: MPI matches messages with the same source, tag and
+        # communicator in the order they were sent, so chunk i lands in receive i.
+        while self._chunks_left and len(self._requests) < self._window:
+            start = self._next_offset
+            end = min(start + self._chunk_bytes, self.nbytes)
+            chunk = [self._view[start:end], MPI.BYTE]
+            if self.is_send:
+                request = self._comm.Isend(chunk, self.peer, self.tag)
+            else:
+                request = self._comm.Irecv(chunk, self.peer, self.tag)
+            self._requests.append(request)
+            self._next_offset = end
+            self._chunks_left -= 1
+
+    def _advance(self) -> bool:
+        """Test the chunks in flight and post the next ones; true if any completed."""
+        completed = MPI.Request.Testsome(self._requests)
+        if not completed:
+            return False
+        finished = set(completed)
+        self._requests = [r for i, r in enumerate(self._requests) if i not in finished]
+        self._post_chunks()
+        if not self._requests:
+            self.done = True
+            self._view = None
+        return True
+
+    def _abandon(self) -> None:
+        for request in self._requests:
+            if self.is_send:
+                request.Free()  # cancelling a send is deprecated and may never return
+            else:
+                request.Cancel()
+                request.Wait()
+        if self._requests and self.is_send:
+            _abandoned_buffers.append(self._view)
+        self._requests = []
+        self._view = None
+
+
+class MpiTransport:
+    """Messages and object transfers between the ranks of one communicator.
+
+    `chunk_bytes` and `window` must be the same on every rank: a receiver posts its
+    receives in chunks of the size the sender sends.
+    """
+
+    def __init__(self, comm=None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 window: int = DEFAULT_WINDOW):
+        if chunk_bytes < 1 or window < 1:
+            raise ValueError("chunk_bytes and window must be positive")
+        base = MPI.COMM_WORLD if comm is None else comm
+        self.rank: int = base.Get_rank()
+        self.size: int = base.Get_size()
+        self.chunk_bytes = chunk_bytes
+        self.window = window
+        self._channel_comms = {channel: base.Dup() for channel in CHANNELS}
+        self._data_comm = base.Dup()
+        self._tag_ub: int = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        self._status = MPI.Status()
+        # Sends of messages not yet complete, and the pickles they read from.
+        self._send_requests: list = []
+        self._send_payloads: list = []
+        # Messages matched but not yet fully received, in the order MPI matched them:
+        # (source, channel, request, buffer).
+        self._arriving: list = []
+        self._inbox: list[tuple[int, str, object]] = []
+        self._transfers: list[Transfer] = []
+        self._receive_tags: set[int] = set()
+        self._next_tag = 1
+        self._finished_transfers: list[Transfer] = []
+        self._idle_sleep = _MIN_IDLE_SLEEP
+        self._closed = False
+
+    # ------------------------------------------------------------------ messages
+
+    def send(self, dest: int, message, channel: str = "control") -> None:
+        """Send `message` (pickled) to rank `dest`; returns at once, never blocks."""
+        comm = self._channel_comm(channel)
+        payload = pickle.dumps(message, protocol=5)
+        request = comm.Isend([payload, MPI.BYTE], dest, _MESSAGE_TAG)
+        self._send_requests.append(request)
+        self._send_payloads.append(payload)
+
+    def broadcast(self, message, channel: str = "control") -> None:
+        """Send `message` to every rank but this one (pickled once)."""
+        comm = self._channel_comm(channel)
+        payload = pickle.dumps(message, protocol=5)
+        for dest in range(self.size):
+            if dest != self.rank:
+                self._send_requests.append(comm.Isend([payload, MPI.BYTE], dest, _MESSAGE_TAG))
+                self._send_payloads.append(payload)
+
+    def poll(self) -> list[tuple[int, str, object]]:
+        """Progress sends and transfers, and return every message that has arrived.
+
+        Returns ``[(source, channel, message), ...]``, in the order each source sent
+        them on each channel. Transfers that completed get their `on_done` called here
+        (see `progress`). Never blocks.
+        """
+        self.progress()
+        messages, self._inbox = self._inbox, []
+        return messages
+
+    def wait_for_activity(self, max_sleep: float, timeout: float | None = None) -> bool:
+        """Sleep until `poll` would return a message or a transfer or send progressed.
+
+        For a loop with nothing else to wait on. It polls MPI between sleeps that start
+        at 50 us and double up to `max_sleep` (up to 200 us while a transfer is
+        outstanding); the back-off carries over from one call to the next and starts
+        again from 50 us after any activity, so an idle rank wakes about 1/max_sleep
+        times a second. Returns True on activity, False when `timeout` seconds passed
+        without any (None: no limit).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._advance() or self._inbox or self._finished_transfers:
+                self._idle_sleep = _MIN_IDLE_SLEEP
+                return True
+            sleep = min(self._idle_sleep, max_sleep)
+            if self._transfers:
+                sleep = min(sleep, _BUSY_MAX_SLEEP)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                sleep = min(sleep, remaining)
+            time.sleep(sleep)
+            self._idle_sleep = min(self._idle_sleep * 2, max(max_sleep, _MIN_IDLE_SLEEP))
+
+    # ------------------------------------------------------------------ transfers
+
+    def new_transfer_tag(self) -> int:
+        """A tag that none of this rank's outstanding receives uses (1..MPI.TAG_UB)."""
+        for _ in range(len(self._receive_tags) + 1):
+            tag = self._next_tag
+            self._next_tag = tag % self._tag_ub + 1
+            if tag not in self._receive_tags:
+                return tag
+        raise RuntimeError("no free transfer tag")  # unreachable: the loop has one spare
+
+    def start_receive(self, source: int, tag: int, dest) -> Transfer:
+        """Receive the object that rank `source` sends with `tag` straight into `dest`.
+
+        `dest` is a writable, C-contiguous buffer of exactly the object's size. It must
+        stay alive and untouched until the transfer is done.
+        """
+        if tag in self._receive_tags:
+            raise ValueError(f"tag {tag} is already used by an outstanding receive")
+        if not 0 <= tag <= self._tag_ub:
+            raise ValueError(f"tag {tag} is outside 0..{self._tag_ub}")
+        transfer = Transfer(self._data_comm, source, tag, _byte_view(dest, writable=True),
+                            False, self.chunk_bytes, self.window, None)
+        self._receive_tags.add(tag)
+        self._transfers.append(transfer)
+        return transfer
+
+    def start_send(self, dest: int, tag: int, src,
+                   on_done: Callable[[], None] | None = None) -> Transfer:
+        """Send the bytes of `src` (read-only is fine) to rank `dest`, which asked with `tag`.
+
+        The transfer keeps a view of `src`, so its memory stays alive until the transfer
+        is done; `on_done()` is then called from `poll` or `progress`.
+        """
+        transfer = Transfer(self._data_comm, dest, tag, _byte_view(src, writable=False),
+                            True, self.chunk_bytes, self.window, on_done)
+        self._transfers.append(transfer)
+        return transfer
+
+    def progress(self) -> list[Transfer]:
+        """Test what is outstanding; return the transfers that completed since last time.
+
+        Each completed transfer is reported once, by whichever of `poll` and `progress`
+        runs first after it completed (poll calls progress), and its `on_done` is
+        called then.
+        """
+        self._advance()
+        finished, self._finished_transfers = self._finished_transfers, []
+        for transfer in finished:
+            if transfer.on_done is not None:
+                transfer.on_done()
+        return finished
+
+    @property
+    def busy(self) -> bool:
+        """True while sends, partly received messages or transfers are outstanding.
+
+        A completed transfer whose `on_done` has not run yet (it runs in the next `poll`
+        or `progress`) counts as outstanding, so `while t.busy: t.poll()` runs them all.
+        """
+        return bool(self._send_requests or self._arriving or self._transfers
+                    or self._finished_transfers)
+
+    def close(self, drain_timeout: float = 1.0) -> None:
+        """Release everything: the communicators and whatever is still outstanding.
+
+        Sends of messages get up to `drain_timeout` seconds to complete first (a
+        shutdown message should reach its peers); then receives are cancelled and sends
+        abandoned. Messages that arrived but were not polled are dropped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + drain_timeout
+        while self._send_requests and time.monotonic() < deadline:
+            self._progress_sends()
+            if self._send_requests:
+                time.sleep(_BUSY_MAX_SLEEP)
+        for request in self._send_requests:
+            request.Free()
+        _abandoned_buffers.extend(self._send_payloads)
+        self._send_requests, self._send_payloads = [], []
+        for _, _, request, buffer in self._arriving:
+            request.Free()  # matched messages cannot be cancelled
+            _abandoned_buffers.append(buffer)
+        self._arriving = []
+        for transfer in self._transfers:
+            transfer._abandon()
+        self._transfers = []
+        self._receive_tags.clear()
+        for comm in (*self._channel_comms.values(), self._data_comm):
+            comm.Free()
+
+    # ------------------------------------------------------------------ internals
+
+    def _channel_comm(self, channel: str):
+        try:
+            return self._channel_comms[channel]
+        except KeyError:
+            raise ValueError(f"unknown channel {channel!r}; use one of {CHANNELS}") from None
+
+    def _advance(self) -> bool:
+        """One nonblocking pass over everything outstanding; true if anything moved."""
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        moved = self._progress_sends()
+        moved |= self._progress_transfers()
+        moved |= self._receive_messages()
+        return moved
+
+    def _progress_sends(self) -> bool:
+        if not self._send_requests:
+            return False
+        completed = MPI.Request.Testsome(self._send_requests)
+        if not completed:
+            return False
+        finished = set(completed)
+        keep = [i for i in range(len(self._send_requests)) if i not in finished]
+        self._send_requests = [self._send_requests[i] for i in keep]
+        self._send_payloads = [self._send_payloads[i] for i in keep]
+        return True
+
+    def _progress_transfers(self) -> bool:
+        moved = False
+        still_running = []
+        for transfer in self._transfers:
+            moved |= transfer._advance()
+            if transfer.done:
+                if not transfer.is_send:
+                    self._receive_tags.discard(transfer.tag)
+                self._finished_transfers.append(transfer)
+            else:
+                still_running.append(transfer)
+        self._transfers = still_running
+        return moved
+
+    def _receive_messages(self) -> bool:
+        # Matched probes (Improbe + Imrecv) so a message is received by the request that
+        # probed it; nonblocking receives so a large message never holds up the loop
+        # while its sender is between polls.
+        status = self._status
+        for channel, comm in self._channel_comms.items():
+            while True:
+                message = comm.Improbe(MPI.ANY_SOURCE, _MESSAGE_TAG, status)
+                if message is None:
+                    break
+                buffer = bytearray(status.Get_count(MPI.BYTE))
+                request = message.Irecv([buffer, MPI.BYTE])
+                self._arriving.append((status.Get_source(), channel, request, buffer))
+        if not self._arriving:
+            return False
+        delivered = len(self._inbox)
+        # A message is delivered only after every earlier one from the same source on
+        # the same channel, so order holds even when a big one completes late.
+        blocked = set()
+        still_arriving = []
+        for entry in self._arriving:
+            source, channel, request, buffer = entry
+            if (source, channel) not in blocked and request.Test():
+                self._inbox.append((source, channel, pickle.loads(buffer)))
+            else:
+                blocked.add((source, channel))
+                still_arriving.append(entry)
+        self._arriving = still_arriving
+        return len(self._inbox) > delivered
