@@ -220,12 +220,8 @@ def available_resources() -> dict:
 
 
 def nodes() -> list:
-    client = context.get_client()
-    total, _ = client.resources()
-    host = socket.gethostname()
-    return [{"NodeID": client.node_id.hex(), "Alive": True, "alive": True,
-             "NodeManagerAddress": "127.0.0.1", "NodeManagerHostname": host, "NodeName": host,
-             "Resources": dict(total), "rank": 0}]
+    """Every node of the job (one per MPI rank): NodeID, Alive, Resources, rank."""
+    return context.get_client().nodes()
 
 
 def remote(*args, **options):

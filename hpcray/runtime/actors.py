@@ -26,8 +26,10 @@ A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
 
 
 class ActorRecord:
+    """An actor this node hosts (or created and has not placed yet)."""
+
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
-                 "name", "refs", "info", "death", "killed", "gpu_ids", "placed")
+                 "name", "refs", "info", "death", "killed", "gpu_ids", "placed", "escaped")
 
     def __init__(self, spec: TaskSpec, info: dict):
         self.actor_id = spec.actor_id
@@ -44,6 +46,19 @@ class ActorRecord:
         self.killed = False
         self.gpu_ids = ()
         self.placed = False
+        self.escaped = False    # another node has its handle: kept until the job ends
+
+
+class RemoteActor:
+    """An actor hosted by another node, as its callers' nodes see it: calls queue here in
+    order until the host is known and their arguments exist, then go to the host."""
+
+    __slots__ = ("actor_id", "host", "queue")
+
+    def __init__(self, actor_id: bytes, host: int | None):
+        self.actor_id = actor_id
+        self.host = host
+        self.queue: collections.deque = collections.deque()
 
 
 class ActorsMixin:
@@ -61,7 +76,14 @@ class ActorsMixin:
         for key in spec.contained:
             self._incref(key)
         record = TaskRecord(spec, 0)
-        self._resolve_deps(record, lambda _r, a=actor: self._actor_deps_ready(a))
+        self._resolve_deps(record, lambda r, a=actor: self._route_actor(a, r))
+
+    def _host_actor(self, spec: TaskSpec) -> None:
+        """Host an actor that another node created and the global scheduler placed here."""
+        actor = ActorRecord(spec, spec.options["info"])
+        self.actors[spec.actor_id] = actor
+        record = TaskRecord(spec, 0)
+        self._localize(record, lambda _r: self._actor_deps_ready(actor))
 
     def _actor_deps_ready(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD:
@@ -77,6 +99,10 @@ class ActorsMixin:
         actor.gpu_ids = self._take_gpus(actor.spec.demand)
         actor.state = A_STARTING
         actor.worker = self._start_worker(actor.actor_id)
+        if self.cluster is not None:  # every node learns where to send its calls
+            self.cluster.actor_locations[actor.actor_id] = self.rank
+            self._transport.broadcast(("actor_at", actor.actor_id, self.rank))
+            self._wake_cluster()
 
     def _send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
         spec = actor.spec
@@ -104,6 +130,9 @@ class ActorsMixin:
 
     def _submit_actor_call(self, record: TaskRecord) -> None:
         actor = self.actors.get(record.spec.actor_id)
+        if actor is None and self.cluster is not None:
+            self._submit_remote_actor_call(record)
+            return
         if actor is None or actor.state == A_DEAD:
             error = actor.death if actor is not None else exceptions.RayActorError(
                 "The actor is unknown or was killed.")
@@ -203,6 +232,15 @@ class ActorsMixin:
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         actor = self.actors.get(actor_id)
+        if actor is None and self.cluster is not None:
+            remote = self.remote_actors.get(actor_id)
+            host = remote.host if remote is not None else \
+                self.cluster.actor_locations.get(actor_id)
+            if host is not None:
+                self._send_to(host, ("kill_actor", actor_id, no_restart))
+            else:
+                self._transport.broadcast(("kill_actor", actor_id, no_restart))
+            return
         if actor is None:
             raise ValueError("kill() got an unknown actor handle.")
         if actor.state == A_DEAD:

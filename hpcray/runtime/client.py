@@ -219,7 +219,11 @@ class DriverClient(CoreClient):
 
     def resources(self):
         with self.nm.lock:
-            return dict(self.nm.total_resources), self.nm.available_resources()
+            return self.nm.cluster_resources(), self.nm.cluster_available()
+
+    def nodes(self) -> list:
+        with self.nm.lock:
+            return self.nm.describe_nodes()
 
 
 class WorkerClient(CoreClient):
@@ -264,6 +268,9 @@ class WorkerClient(CoreClient):
 
     def resources(self):
         return self.channel.request("resources", None)
+
+    def nodes(self) -> list:
+        return self.channel.request("nodes", None)
 
 
 class WorkerChannel:

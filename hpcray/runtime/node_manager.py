@@ -32,6 +32,7 @@ from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.runtime import protocol
 from hpcray.runtime.actors import A_DEAD, ActorRecord, ActorsMixin
+from hpcray.runtime.cluster import ClusterMixin
 from hpcray.runtime.objects import ObjectEntry, ObjectsMixin, _DependencyWaiter
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, QUEUED, RUNNING,
                                   WAITING, TaskRecord, TaskSpec)
@@ -57,9 +58,13 @@ class WorkerHandle:
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
 
 
-class NodeManager(ObjectsMixin, ActorsMixin):
+class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
     def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
-                 store_name: str, store_capacity: int):
+                 store_name: str, store_capacity: int, cluster=None, run_thread: bool = True):
+        """`cluster`: a ClusterLink in multi-node mode. `run_thread`: the event loop runs
+        in a thread of its own (the driver's node); else the caller runs `serve()`."""
+        self._init_cluster(cluster)
+        self.remote_actors: dict = {}
         self.job_id = job_id
         self.node_id = node_id
         self.config = config
@@ -88,9 +93,16 @@ class NodeManager(ObjectsMixin, ActorsMixin):
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(self._wake_r, self._on_wake)
         self._start_forkserver()
-        self._thread = threading.Thread(target=self._event_loop, name="hpcray-node-manager",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = None
+        if run_thread:
+            self._thread = threading.Thread(target=self._event_loop,
+                                            name="hpcray-node-manager", daemon=True)
+            self._thread.start()
+
+    def serve(self) -> None:
+        """Run the event loop in this thread until rank 0 says stop (ranks > 0)."""
+        self._thread = threading.current_thread()
+        self._event_loop()
 
     # ------------------------------------------------------------------ start/stop
     def _start_forkserver(self) -> None:
@@ -176,10 +188,16 @@ class NodeManager(ObjectsMixin, ActorsMixin):
                 pass
 
     def _event_loop(self) -> None:
+        cluster = self.cluster
         while self._running:
             timeout = -1
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            if cluster is not None:
+                if cluster.stop_requested:
+                    return
+                poll = self._cluster_poll_timeout()
+                timeout = poll if timeout < 0 else min(timeout, poll)
             try:
                 events = self._epoll.poll(timeout)
             except InterruptedError:
@@ -199,6 +217,16 @@ class NodeManager(ObjectsMixin, ActorsMixin):
                             import traceback
                             traceback.print_exc()
                 self._run_timers()
+                if cluster is not None:
+                    self._poll_cluster()
+
+    def _wake(self) -> None:
+        """Make the event loop go round now (from another thread)."""
+        if threading.current_thread() is not self._thread:
+            try:
+                os.write(self._wake_w, b"w")
+            except BlockingIOError:
+                pass
 
     def _on_wake(self, fd, _mask) -> None:
         try:
@@ -374,14 +402,15 @@ class NodeManager(ObjectsMixin, ActorsMixin):
     # ------------------------------------------------------------------ tasks
     def submit(self, spec: TaskSpec, parent: TaskRecord | None = None) -> None:
         """A task from any client on this node; its return entries exist on return."""
-        if not self.scheduler.is_feasible(spec.demand):
+        if not self.cluster_feasible(spec.demand):
             raise exceptions.ResourceInfeasibleError(
                 f"{spec.name} requests {spec.demand}, but no node can ever satisfy it: "
-                f"this cluster has {self.total_resources}.")
+                f"this cluster has {self.cluster_resources()}.")
         if spec.kind == ACTOR_CREATION:
             self._create_actor(spec)
             return
         record = TaskRecord(spec, spec.max_retries)
+        record.owner = self.rank
         for object_id in spec.return_ids:
             self._entry(object_id).refs = 1  # the caller's ref (ObjectRef made "owned")
         for key in spec.contained:
@@ -399,15 +428,14 @@ class NodeManager(ObjectsMixin, ActorsMixin):
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
         pending = 0
         for dep in record.spec.deps:
-            if self._add_waiter(dep, _DependencyWaiter(record, ready_callback)):
+            if self._add_avail_waiter(dep, _DependencyWaiter(record, ready_callback)):
                 pending += 1
         record.pending_deps = pending
         if pending == 0:
             ready_callback(record)
 
     def _on_task_deps_ready(self, record: TaskRecord) -> None:
-        record.state = QUEUED
-        self._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
+        self._route(record)
 
     def _dep_payloads(self, spec: TaskSpec) -> list:
         return [(dep, self._payload(dep)) for dep in spec.deps]
@@ -450,6 +478,10 @@ class NodeManager(ObjectsMixin, ActorsMixin):
     def _finish_task(self, record: TaskRecord, results, transitions) -> None:
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
+        if record.owner != self.rank:  # the owner holds the arguments and gets the results
+            self._send_results_to_owner(record, results)
+            self._apply_transitions(transitions)
+            return
         for object_id, inline, contained, size in results:
             self._object_ready(object_id, inline, contained, size)
         self._apply_transitions(transitions)
@@ -505,6 +537,10 @@ class NodeManager(ObjectsMixin, ActorsMixin):
                 for dep in record.spec.deps:
                     self._remove_waiter_of_task(dep, record)
             self._fail_task(record, exceptions.TaskCancelledError())
+        elif record.state == RUNNING and record.worker is None and self.cluster is not None:
+            # Running on another node (this node forwarded it): whoever has it cancels it.
+            self._transport.broadcast(("cancel", task_id, force, recursive))
+            self._wake_cluster()
         elif record.state == RUNNING and record.worker is not None:
             record.cancelled = True
             record.retries_left = 0
@@ -519,10 +555,14 @@ class NodeManager(ObjectsMixin, ActorsMixin):
 
     def _remove_waiter_of_task(self, dep: bytes, record: TaskRecord) -> None:
         entry = self.objects.get(dep)
-        if entry is not None and entry.waiters:
-            entry.waiters = [w for w in entry.waiters
-                             if not (isinstance(w, _DependencyWaiter) and w.record is record)
-                             ] or None
+        if entry is None:
+            return
+        for attribute in ("waiters", "avail_waiters"):
+            waiters = getattr(entry, attribute)
+            if waiters:
+                setattr(entry, attribute, [
+                    w for w in waiters
+                    if not (isinstance(w, _DependencyWaiter) and w.record is record)] or None)
 
 
     # ------------------------------------------------------------------ worker requests
@@ -617,7 +657,24 @@ class NodeManager(ObjectsMixin, ActorsMixin):
         self._reply(worker, req_id, self.get_actor_info(name))
 
     def _req_resources(self, worker, req_id, _body) -> None:
-        self._reply(worker, req_id, (self.total_resources, self.available_resources()))
+        self._reply(worker, req_id, (self.cluster_resources(), self.cluster_available()))
+
+    def _req_nodes(self, worker, req_id, _body) -> None:
+        self._reply(worker, req_id, self.describe_nodes())
+
+    def describe_nodes(self) -> list:
+        """Every node: id, rank, resources, liveness (Ray's `nodes()` fields)."""
+        import socket as _socket
+        host = _socket.gethostname()
+        if self.cluster is None:
+            nodes = {0: {"node_id": self.node_id.hex(), "resources": self.total_resources}}
+        else:
+            nodes = self.cluster.nodes
+        return [{"NodeID": node["node_id"], "Alive": True, "alive": True, "rank": rank,
+                 "NodeManagerAddress": node.get("address", "127.0.0.1"),
+                 "NodeManagerHostname": node.get("hostname", host),
+                 "NodeName": node.get("hostname", host), "Resources": dict(node["resources"])}
+                for rank, node in sorted(nodes.items())]
 
     def available_resources(self) -> dict:
         return {k: max(0.0, v) for k, v in self.scheduler.available.items()}

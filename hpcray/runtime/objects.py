@@ -15,22 +15,31 @@ from hpcray._store import StoreError
 from hpcray.runtime.specs import TaskRecord
 from hpcray.serialization import error_bytes
 
-PENDING, READY = 0, 1
+# Entry states: not made yet; its value is here (inline or in this node's store); its
+# value is in the store of node `location` (multi-node: pulled here on first local use).
+PENDING, READY, REMOTE = 0, 1, 2
 IN_STORE = None  # an entry whose inline value is None lives in the store
 
 
 class ObjectEntry:
-    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size")
+    __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size",
+                 "owner", "location", "escaped", "avail_waiters", "pulling")
 
-    def __init__(self):
+    def __init__(self, owner: int = 0):
         self.state = PENDING
         self.inline = None      # bytes when the value travels inline
         self.refs = 0           # holders: processes, pending tasks, containing values
-        self.waiters = None     # callables(object_id) run when the value is ready
+        self.waiters = None     # callables(object_id) run when the value is here
         self.contained = ()     # ids this value holds alive
-        self.pin = None         # StoreBuffer: the node's pin on its primary copy
+        self.pin = None         # StoreBuffer: the node's pin on its copy
         self.is_put = False
         self.size = 0
+        self.owner = owner      # rank of the node that owns it (counts its references)
+        self.location = None    # rank holding the value, while state is REMOTE
+        # Known to another node: kept until the job ends (no cross-node ref counting yet).
+        self.escaped = False
+        self.avail_waiters = None  # run when the value exists anywhere (task placement)
+        self.pulling = False
 
 
 class _DependencyWaiter:
@@ -79,7 +88,7 @@ class ObjectsMixin:
     def _entry(self, object_id: bytes) -> ObjectEntry:
         entry = self.objects.get(object_id)
         if entry is None:
-            entry = self.objects[object_id] = ObjectEntry()
+            entry = self.objects[object_id] = ObjectEntry(self.rank)
         return entry
 
     def _apply_transitions(self, transitions) -> None:
@@ -102,7 +111,8 @@ class ObjectsMixin:
         entry = self.objects.get(key)
         if entry is not None:
             entry.refs -= 1
-            if entry.refs <= 0 and entry.state == READY and not entry.waiters:
+            if (entry.refs <= 0 and entry.state == READY and not entry.waiters
+                    and not entry.escaped and entry.owner == self.rank):
                 self._free_object(key, entry)
             return
         actor = self.actors.get(key)
@@ -124,40 +134,87 @@ class ObjectsMixin:
         for key in entry.contained:
             self._decref(key)
 
-    def _object_ready(self, object_id: bytes, inline, contained, size: int) -> None:
-        """The value of `object_id` exists now (inline bytes, or sealed in the store)."""
+    def _object_ready(self, object_id: bytes, inline, contained, size: int,
+                      location: int | None = None) -> None:
+        """The value of `object_id` exists now: inline bytes, or sealed in the store of
+        this node (location None) or of node `location`."""
         entry = self.objects.get(object_id)
         if entry is None:
-            entry = self.objects[object_id] = ObjectEntry()
+            entry = self.objects[object_id] = ObjectEntry(self.rank)
         elif entry.state == READY:
             return  # a retried task made it again
-        entry.state = READY
         entry.inline = inline
         entry.size = size
-        if inline is IN_STORE:
-            entry.pin = self.store.get(object_id)  # the primary copy stays while referenced
-        if contained:
+        if inline is IN_STORE and location is not None and location != self.rank:
+            entry.state = REMOTE
+            entry.location = location
+        else:
+            entry.state = READY
+            entry.location = None
+            if inline is IN_STORE:
+                entry.pin = self.store.get(object_id)  # the copy stays while referenced
+        if contained and not entry.contained:
             entry.contained = contained
             for key in contained:
                 self._incref(key)
+        waiters = entry.avail_waiters
+        if waiters:
+            entry.avail_waiters = None
+            for waiter in waiters:
+                waiter(object_id)
+        if entry.state == REMOTE:
+            if entry.waiters:
+                self._start_pull(object_id, entry)
+            return
         waiters = entry.waiters
         if waiters:
             entry.waiters = None
             for waiter in waiters:
                 waiter(object_id)
-        if entry.refs <= 0 and not entry.is_put:
+        if (entry.refs <= 0 and not entry.is_put and not entry.escaped
+                and entry.owner == self.rank):
             self._free_object(object_id, entry)
 
     def _add_waiter(self, object_id: bytes, waiter) -> bool:
-        """Call `waiter(object_id)` when ready; False if it already is (not registered)."""
+        """Call `waiter(object_id)` once the value is on this node; False if it already is
+        (or is unknown here and cannot be fetched): then nothing is registered."""
         entry = self.objects.get(object_id)
-        if entry is None or entry.state == READY:
+        if entry is None:
+            entry = self._remote_entry(object_id)
+            if entry is None:
+                return False
+        if entry.state == READY:
             return False
         if entry.waiters is None:
             entry.waiters = [waiter]
         else:
             entry.waiters.append(waiter)
+        if entry.state == REMOTE:
+            self._start_pull(object_id, entry)
         return True
+
+    def _add_avail_waiter(self, object_id: bytes, waiter) -> bool:
+        """Call `waiter(object_id)` once the value exists on any node; False if it does."""
+        entry = self.objects.get(object_id)
+        if entry is None:
+            entry = self._remote_entry(object_id)
+            if entry is None:
+                return False
+        if entry.state != PENDING:
+            return False
+        if entry.avail_waiters is None:
+            entry.avail_waiters = [waiter]
+        else:
+            entry.avail_waiters.append(waiter)
+        return True
+
+    def _remote_entry(self, object_id: bytes):
+        """Single node: None (an unknown id was freed). Many nodes: overridden to ask the
+        object's owner about it."""
+        return None
+
+    def _start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
+        raise AssertionError("REMOTE objects exist only with many nodes")
 
     def _remove_waiter(self, object_id: bytes, waiter) -> None:
         entry = self.objects.get(object_id)
@@ -180,9 +237,11 @@ class ObjectsMixin:
         entry.is_put = False
 
     def register_get(self, object_ids, num_returns: int, callback=None):
-        """A waiter released when `num_returns` of `object_ids` are ready, or None if they are."""
+        """A waiter released when `num_returns` of `object_ids` are here, or None if they are."""
+        objects = self.objects
         missing = [oid for oid in object_ids
-                   if (e := self.objects.get(oid)) is not None and e.state != READY]
+                   if (e := objects.get(oid)) is None and self._remote_entry(oid) is not None
+                   or e is not None and e.state != READY]
         ready = len(object_ids) - len(missing)
         if ready >= num_returns:
             return None

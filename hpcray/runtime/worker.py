@@ -170,10 +170,8 @@ class Worker:
                 function = self._load_function(spec.function_id, pickled_function)
                 self._set_gpus(gpu_ids)
         except Exception as exc:  # noqa: BLE001
-            blob = error_bytes(exceptions.RayTaskError(spec.name, traceback.format_exc(), exc,
-                                                       os.getpid()))
-            self.channel.send_done("done", spec.task_id, [(o, blob, (), len(blob)) for o in spec.return_ids],
-                                   False)
+            exc_error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
+            self.channel.send_done("done", spec.task_id, _error_results(spec, exc_error), False)
             return
         self.running_task = spec.task_id
         try:

@@ -1,0 +1,558 @@
+"""The node manager's multi-node half: other nodes over MPI, the GCS, the global scheduler.
+
+Every rank is a node. A task is owned by the node where it was submitted: that node
+resolves its arguments, keeps it (bottom-up) when it has the resources and a short queue,
+and otherwise forwards it to the global scheduler on rank 0, which picks a node by
+resources, load and where the arguments' bytes are. The node that runs a task sends the
+results back to the owner: small values inline, large ones stay in its store and the
+owner records where. A node that needs an object it does not have asks its owner
+("watch"), then pulls the bytes from the node holding them, chunk by chunk over MPI,
+straight into its own store.
+
+Control messages between node managers (all on the transport's "control" channel):
+    forward(spec, deps, strategy, arg_bytes)   owner -> rank 0: place this task
+    run(spec, deps)                            rank 0 / owner -> the node that runs it
+    done(task_id, results)                     executor -> owner
+    watch(object_id) / located(object_id, where)   any node <-> the object's owner
+    pull(object_id, tag) / pull_failed(...)    puller <-> the node holding the bytes
+    actor_at(actor_id, rank)                   the actor's node -> every node
+    actor_call(spec, deps) / kill_actor(...)   a caller's node -> the actor's node
+    cancel(task_id, force, recursive)          owner -> every node
+    load(available, queued)                    node -> rank 0, when it changed
+    function_request(id) / function(id, bytes) a node <-> the owner of a function
+    stop() / stopped()                         rank 0 <-> node (shutdown, see launch.py)
+
+`deps` describes each top-level argument as ("inline", bytes) or ("at", rank, size).
+Simplification for now: an object that another node has seen is kept until the job
+ends (reference counting across nodes is not done yet).
+"""
+
+from __future__ import annotations
+
+import time
+
+from hpcray import exceptions, ids
+from hpcray._scheduler import GlobalScheduler
+from hpcray.gcs.client import GcsClient
+from hpcray.gcs.shard import GcsShard, is_gcs_request
+from hpcray.runtime.actors import RemoteActor
+from hpcray.runtime.objects import IN_STORE, PENDING, REMOTE, ObjectEntry
+from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
+from hpcray.serialization import error_bytes
+
+_IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
+_BUSY_MAX_SLEEP = 0.0002   # while transfers are in flight
+_LOAD_REPORT_PERIOD = 0.005
+LOCALITY_BYTES = 1 << 20   # arguments at least this large pull a task toward their node
+
+
+class ClusterLink:
+    """What a node manager knows of the cluster: the transport and every node's totals."""
+
+    def __init__(self, transport, job: dict):
+        self.transport = transport
+        self.rank = transport.rank
+        self.size = transport.size
+        self.job = job
+        self.gcs_shards = min(int(job.get("gcs_shards", 1)), transport.size)
+        self.nodes: dict[int, dict] = {}          # rank -> {"node_id", "resources"}
+        self.backoff = 0.0
+        self.last_load_report = 0.0
+        self.last_load = None
+        self.stop_requested = False
+        self.pulls: dict = {}                     # transfer tag -> (object_id, dest view)
+        self.actor_locations: dict[bytes, int] = {}
+        self.function_waiters: dict[bytes, list] = {}
+
+
+class ClusterMixin:
+    """The multi-node part of NodeManager; inert when `self.cluster` is None."""
+
+    def _init_cluster(self, cluster: ClusterLink | None) -> None:
+        self.cluster = cluster
+        self.rank = cluster.rank if cluster is not None else 0
+        self.gcs = None
+        self.gcs_shard = None
+        self.global_scheduler = None
+        if cluster is None:
+            return
+        transport = cluster.transport
+        self.gcs = GcsClient(self.rank, cluster.gcs_shards,
+                             lambda dest, message: self._send_gcs(dest, message))
+        if self.rank < cluster.gcs_shards:
+            self.gcs_shard = GcsShard(self.rank, cluster.gcs_shards)
+        if self.rank == 0:
+            self.global_scheduler = GlobalScheduler()
+        self._transport = transport
+
+    def set_cluster_nodes(self, nodes: dict) -> None:
+        """Every node's id and totals (from the start handshake): feasibility and placement."""
+        self.cluster.nodes = nodes
+        if self.global_scheduler is not None:
+            for rank, node in sorted(nodes.items()):
+                self.global_scheduler.add_node(rank, node["resources"])
+        self.gcs.request("register_node", self.rank, self.total_resources)
+
+    # ------------------------------------------------------------------ polling
+    def _cluster_poll_timeout(self) -> float:
+        cluster = self.cluster
+        if self._transport.busy:
+            return min(cluster.backoff, _BUSY_MAX_SLEEP)
+        return cluster.backoff
+
+    def _poll_cluster(self) -> None:
+        """Receive and handle what other nodes sent; adjust the polling back-off."""
+        cluster = self.cluster
+        transport = self._transport
+        messages = transport.poll()
+        for source, channel, message in messages:
+            try:
+                if channel == "gcs":
+                    self._on_gcs_message(source, message)
+                else:
+                    getattr(self, "_cm_" + message[0])(source, *message[1:])
+            except Exception:  # noqa: BLE001 - one bad message must not kill the node
+                import traceback
+                traceback.print_exc()
+        finished = transport.progress()
+        for transfer in finished:
+            self._transfer_done(transfer)
+        self._report_load()
+        if messages or finished:
+            cluster.backoff = 0.0
+        else:
+            cluster.backoff = min(_IDLE_MAX_SLEEP, max(5e-5, cluster.backoff * 2))
+
+    def _wake_cluster(self) -> None:
+        """Something was sent: poll MPI soon (replies come quickly)."""
+        if self.cluster is not None and self.cluster.backoff > 0:
+            self.cluster.backoff = 0.0
+            self._wake()
+
+    def _send_to(self, rank: int, message) -> None:
+        self._transport.send(rank, message)
+        self._wake_cluster()
+
+    def _send_gcs(self, dest: int, message) -> None:
+        if dest == self.rank and self.gcs_shard is not None:
+            for out_dest, out in self.gcs_shard.handle(self.rank, message):
+                self._deliver_gcs(out_dest, out)
+        else:
+            self._transport.send(dest, message, "gcs")
+            self._wake_cluster()
+
+    def _deliver_gcs(self, dest: int, message) -> None:
+        if dest == self.rank:
+            self.gcs.on_message(self.rank, message)
+        else:
+            self._transport.send(dest, message, "gcs")
+
+    def _on_gcs_message(self, source: int, message) -> None:
+        if is_gcs_request(message) and self.gcs_shard is not None:
+            for dest, out in self.gcs_shard.handle(source, message):
+                self._deliver_gcs(dest, out)
+        else:
+            self.gcs.on_message(source, message)
+
+    def _report_load(self) -> None:
+        cluster = self.cluster
+        now = time.monotonic()
+        if now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
+            return
+        load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued)
+        if load == cluster.last_load:
+            return
+        cluster.last_load = load
+        cluster.last_load_report = now
+        if self.rank == 0:
+            self.global_scheduler.report(0, dict(load[0]), load[1])
+        else:
+            self._transport.send(0, ("load", dict(load[0]), load[1]))
+
+    def _cm_load(self, source: int, available: dict, queued: int) -> None:
+        self.global_scheduler.report(source, available, queued)
+
+    def _cm_stop(self, source: int) -> None:
+        self.cluster.stop_requested = True
+
+    # ------------------------------------------------------------------ feasibility
+    def cluster_feasible(self, demand: dict) -> bool:
+        if self.cluster is None:
+            return self.scheduler.is_feasible(demand)
+        for node in self.cluster.nodes.values():
+            total = node["resources"]
+            if all(amount <= total.get(name, 0.0) + 1e-9 for name, amount in demand.items()):
+                return True
+        return False
+
+    def cluster_resources(self) -> dict:
+        if self.cluster is None:
+            return dict(self.total_resources)
+        total: dict = {}
+        for node in self.cluster.nodes.values():
+            for name, amount in node["resources"].items():
+                total[name] = total.get(name, 0.0) + amount
+        return total
+
+    def cluster_available(self) -> dict:
+        if self.global_scheduler is None:
+            return self.available_resources()
+        total: dict = {}
+        for rank in self.global_scheduler.alive:
+            for name, amount in self.global_scheduler.available[rank].items():
+                total[name] = total.get(name, 0.0) + max(0.0, amount)
+        return total
+
+    # ------------------------------------------------------------------ routing tasks
+    def _route(self, record: TaskRecord) -> None:
+        """Arguments exist somewhere: run the task here, or hand it to the global scheduler."""
+        spec = record.spec
+        if self.cluster is None:
+            self._localize(record, self._enqueue)
+            return
+        strategy = _strategy_of(spec)
+        arg_bytes = self._argument_bytes(spec)
+        local_bytes = arg_bytes.get(self.rank, 0)
+        keep = (strategy is None and self.scheduler.is_feasible(spec.demand)
+                and self.scheduler.num_queued < max(2, 2 * self.scheduler.target_workers)
+                and (self.scheduler.fits(spec.demand) or self.scheduler.num_queued == 0)
+                and max(arg_bytes.values(), default=0) - local_bytes < LOCALITY_BYTES)
+        if strategy is not None and strategy[0] == "node" and strategy[1] == self.rank \
+                and self.scheduler.is_feasible(spec.demand):
+            keep = True
+        if keep:
+            self._localize(record, self._enqueue)
+            return
+        record.state = RUNNING  # elsewhere, as far as this node is concerned
+        record.worker = None
+        deps = self._describe_deps(spec)
+        if self.rank == 0:
+            self._cm_forward(0, spec, deps, strategy, arg_bytes)
+        else:
+            self._send_to(0, ("forward", spec, deps, strategy, arg_bytes))
+
+    def _argument_bytes(self, spec) -> dict:
+        where: dict = {}
+        for dep in spec.deps:
+            entry = self.objects.get(dep)
+            if entry is None or entry.inline is not IN_STORE:
+                continue
+            rank = entry.location if entry.state == REMOTE else self.rank
+            where[rank] = where.get(rank, 0) + entry.size
+        return where
+
+    def _describe_deps(self, spec) -> list:
+        """How another node finds each top-level argument: inline bytes or a location."""
+        deps = []
+        for dep in spec.deps:
+            entry = self.objects[dep]
+            entry.escaped = True
+            if entry.inline is not IN_STORE:
+                deps.append((dep, ("inline", entry.inline)))
+            else:
+                rank = entry.location if entry.state == REMOTE else self.rank
+                deps.append((dep, ("at", rank, entry.size)))
+        for key in spec.contained:
+            entry = self.objects.get(key)
+            if entry is not None:
+                entry.escaped = True
+            actor = self.actors.get(key)
+            if actor is not None:
+                actor.escaped = True
+        return deps
+
+    def _cm_forward(self, source: int, spec, deps, strategy, arg_bytes) -> None:
+        """Rank 0, the global scheduler: place a task a node did not keep."""
+        demand = spec.demand
+        rank = self.global_scheduler.place(demand, arg_bytes, strategy)
+        if rank < 0:
+            error = exceptions.ResourceInfeasibleError(
+                f"{spec.name} requests {demand} with strategy {strategy}, but no live node "
+                "can satisfy it.")
+            self._task_failed_remotely(spec, error)
+            return
+        if spec.kind != ACTOR_CALL and spec.actor_id is not None:
+            message = ("run_actor", spec, deps)
+        else:
+            message = ("run", spec, deps)
+        if rank == self.rank:
+            getattr(self, "_cm_" + message[0])(source, *message[1:])
+        else:
+            self._send_to(rank, message)
+
+    def _task_failed_remotely(self, spec, error) -> None:
+        blob = error_bytes(error)
+        results = [(oid, blob, (), len(blob)) for oid in spec.return_ids]
+        owner = ids.owner_rank(spec.task_id)
+        if owner == self.rank:
+            self._cm_done(self.rank, spec.task_id, results)
+        else:
+            self._send_to(owner, ("done", spec.task_id, results))
+
+    def _accept_deps(self, deps) -> None:
+        for object_id, where in deps:
+            entry = self.objects.get(object_id)
+            if entry is not None and entry.state != PENDING:
+                continue
+            if entry is None:
+                entry = self.objects[object_id] = ObjectEntry(ids.owner_rank(object_id))
+            entry.escaped = True
+            if where[0] == "inline":
+                self._object_ready(object_id, where[1], (), len(where[1]))
+            else:
+                self._object_ready(object_id, IN_STORE, (), where[2], where[1])
+
+    def _cm_run(self, source: int, spec, deps) -> None:
+        """Run a task another node owns."""
+        record = TaskRecord(spec, spec.max_retries)
+        record.owner = ids.owner_rank(spec.task_id)
+        self.tasks[spec.task_id] = record
+        self._accept_deps(deps)
+        self._with_function(spec.function_id, lambda: self._localize(record, self._enqueue))
+
+    def _with_function(self, function_id: bytes, then) -> None:
+        """Run `then` once this node has the pickled function (fetched from its owner)."""
+        if function_id is None or function_id in self.functions:
+            then()
+            return
+        waiters = self.cluster.function_waiters.get(function_id)
+        if waiters is None:
+            self.cluster.function_waiters[function_id] = [then]
+            owner = ids.owner_rank(function_id)
+            self._send_to(owner, ("function_request", function_id))
+        else:
+            waiters.append(then)
+
+    def _cm_function_request(self, source: int, function_id: bytes) -> None:
+        self._send_to(source, ("function", function_id, self.functions.get(function_id)))
+
+    def _cm_function(self, source: int, function_id: bytes, pickled) -> None:
+        if pickled is not None:
+            self.functions.setdefault(function_id, pickled)
+        for then in self.cluster.function_waiters.pop(function_id, ()):
+            then()
+
+    def _localize(self, record: TaskRecord, then) -> None:
+        """Pull the arguments that live on other nodes, then `then(record)`."""
+        from hpcray.runtime.objects import _DependencyWaiter
+        pending = 0
+        waiter = None
+        for dep in record.spec.deps:
+            entry = self.objects.get(dep)
+            if entry is not None and entry.state == REMOTE:
+                if waiter is None:
+                    waiter = _DependencyWaiter(record, then)
+                if self._add_waiter(dep, waiter):
+                    pending += 1
+        record.pending_deps = pending
+        if pending == 0:
+            then(record)
+
+    def _enqueue(self, record: TaskRecord) -> None:
+        record.state = QUEUED
+        self._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
+
+    # ------------------------------------------------------------------ results
+    def _send_results_to_owner(self, record: TaskRecord, results) -> None:
+        """A task that another node owns finished here: its large results stay here."""
+        for object_id, inline, _contained, size in results:
+            if inline is IN_STORE:
+                entry = self.objects.get(object_id)
+                if entry is None:
+                    entry = self.objects[object_id] = ObjectEntry(record.owner)
+                entry.escaped = True
+                self._object_ready(object_id, IN_STORE, (), size)
+                self.gcs.request("add_location", object_id, self.rank, size, record.owner,
+                                 record.spec.task_id)
+        self._send_to(record.owner, ("done", record.spec.task_id, results))
+
+    def _cm_done(self, source: int, task_id: bytes, results) -> None:
+        """Results of a task this node owns, run elsewhere (or failed there)."""
+        record = self.tasks.pop(task_id, None)
+        if record is None:
+            return
+        for object_id, inline, contained, size in results:
+            self._object_ready(object_id, inline, contained, size,
+                               None if inline is not IN_STORE else source)
+        for key in record.spec.contained:
+            self._decref(key)
+
+    # ------------------------------------------------------------------ objects
+    def _remote_entry(self, object_id: bytes):
+        """An entry for an object another node owns, asking the owner where it is."""
+        if self.cluster is None:
+            return None
+        owner = ids.owner_rank(object_id)
+        if owner == self.rank or owner >= self.cluster.size:
+            return None
+        entry = self.objects[object_id] = ObjectEntry(owner)
+        entry.escaped = True
+        self._send_to(owner, ("watch", object_id))
+        return entry
+
+    def _cm_watch(self, source: int, object_id: bytes) -> None:
+        entry = self.objects.get(object_id)
+        if entry is None:
+            self._send_to(source, ("located", object_id, ("inline", error_bytes(
+                exceptions.ObjectFreedError(f"Object {object_id.hex()} was freed before "
+                                            "another node read it.")))))
+            return
+        entry.escaped = True
+
+        def answer(_oid=None):
+            if entry.inline is not IN_STORE:
+                where = ("inline", entry.inline)
+            else:
+                rank = entry.location if entry.state == REMOTE else self.rank
+                where = ("at", rank, entry.size)
+            self._send_to(source, ("located", object_id, where))
+
+        if entry.state == PENDING:
+            if entry.avail_waiters is None:
+                entry.avail_waiters = [answer]
+            else:
+                entry.avail_waiters.append(answer)
+        else:
+            answer()
+
+    def _cm_located(self, source: int, object_id: bytes, where) -> None:
+        self._accept_deps([(object_id, where)])
+
+    def _start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
+        if entry.pulling:
+            return
+        entry.pulling = True
+        transport = self._transport
+        try:
+            view = self.store.create_object(object_id, entry.size)
+        except Exception as exc:  # noqa: BLE001 - the store is full: readers get the error
+            entry.pulling = False
+            error = exceptions.ObjectStoreFullError(
+                f"No room in this node's object store for {entry.size} bytes of object "
+                f"{object_id.hex()} pulled from node {entry.location}: {exc}")
+            entry.state = PENDING
+            self._object_ready(object_id, error_bytes(error), (), 0)
+            return
+        tag = transport.new_transfer_tag()
+        transfer = transport.start_receive(entry.location, tag, view)
+        self.cluster.pulls[tag] = (object_id, view, transfer)
+        self._send_to(entry.location, ("pull", object_id, tag))
+
+    def _cm_pull(self, source: int, object_id: bytes, tag: int) -> None:
+        buffer = self.store.get(object_id)
+        if buffer is None:
+            self._send_to(source, ("pull_failed", object_id, tag))
+            return
+        self._transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
+        self._wake_cluster()
+
+    def _cm_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
+        pulled = self.cluster.pulls.pop(tag, None)
+        if pulled is None:
+            return
+        _, view, transfer = pulled
+        view.release()
+        self.store.abort(object_id)
+        entry = self.objects.get(object_id)
+        if entry is not None:
+            entry.pulling = False
+            entry.state = PENDING
+            self._object_ready(object_id, error_bytes(exceptions.ObjectLostError(
+                f"Object {object_id.hex()} is no longer on node {source}.")), (), 0)
+
+    def _transfer_done(self, transfer) -> None:
+        pulled = self.cluster.pulls.pop(transfer.tag, None)
+        if pulled is None or transfer.peer is None:
+            return
+        object_id, view, _ = pulled
+        if getattr(transfer, "is_send", False):
+            return
+        view.release()
+        self.store.seal(object_id)
+        entry = self.objects.get(object_id)
+        if entry is None:
+            self.store.delete(object_id)
+            return
+        entry.pulling = False
+        entry.state = PENDING
+        self._object_ready(object_id, IN_STORE, (), entry.size)
+        self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)
+
+    # ------------------------------------------------------------------ actors
+    def _route_actor(self, actor, record: TaskRecord) -> None:
+        """An actor's constructor arguments exist: host it here, or have it placed."""
+        spec = actor.spec
+        strategy = _strategy_of(spec)
+        if self.cluster is None or (strategy is None and self.scheduler.is_feasible(spec.demand)) \
+                or (strategy is not None and strategy[0] == "node" and strategy[1] == self.rank
+                    and self.scheduler.is_feasible(spec.demand)):
+            self._localize(record, lambda _r: self._actor_deps_ready(actor))
+            return
+        # Hosted elsewhere: this node keeps only a RemoteActor for its own calls.
+        del self.actors[actor.actor_id]
+        self.remote_actors[actor.actor_id] = RemoteActor(actor.actor_id, None)
+        deps = self._describe_deps(spec)
+        if self.rank == 0:
+            self._cm_forward(0, spec, deps, strategy, {})
+        else:
+            self._send_to(0, ("forward", spec, deps, strategy, {}))
+
+    def _submit_remote_actor_call(self, record: TaskRecord) -> None:
+        actor_id = record.spec.actor_id
+        remote = self.remote_actors.get(actor_id)
+        if remote is None:
+            remote = self.remote_actors[actor_id] = RemoteActor(
+                actor_id, self.cluster.actor_locations.get(actor_id))
+        remote.queue.append(record)
+        self._resolve_deps(record, lambda _r: self._pump_remote_actor(remote))
+
+    def _pump_remote_actor(self, remote) -> None:
+        """Send the host, in submission order, every call whose arguments exist."""
+        if remote.host is None:
+            return
+        queue = remote.queue
+        while queue and queue[0].pending_deps == 0:
+            record = queue.popleft()
+            if record.cancelled:
+                continue
+            record.state = RUNNING
+            self.tasks[record.spec.task_id] = record
+            self._send_to(remote.host, ("actor_call", record.spec,
+                                        self._describe_deps(record.spec)))
+
+    def _cm_run_actor(self, source: int, spec, deps) -> None:
+        """Host an actor another node created (placed here by the global scheduler)."""
+        self._accept_deps(deps)
+        self._with_function(spec.function_id, lambda: self._host_actor(spec))
+
+    def _cm_actor_at(self, source: int, actor_id: bytes, rank: int) -> None:
+        self.cluster.actor_locations[actor_id] = rank
+        remote = self.remote_actors.get(actor_id)
+        if remote is not None:
+            remote.host = rank
+            self._pump_remote_actor(remote)
+
+    def _cm_actor_call(self, source: int, spec, deps) -> None:
+        record = TaskRecord(spec, 0)
+        record.owner = ids.owner_rank(spec.task_id)
+        self._accept_deps(deps)
+        self._submit_actor_call(record)
+
+    def _cm_kill_actor(self, source: int, actor_id: bytes, no_restart: bool) -> None:
+        try:
+            self.kill_actor(actor_id, no_restart)
+        except ValueError:
+            pass
+
+    def _cm_cancel(self, source: int, task_id: bytes, force: bool, recursive: bool) -> None:
+        self._cancel_task(task_id, force, recursive)
+
+
+def _strategy_of(spec):
+    options = spec.options
+    if not options:
+        return None
+    strategy = options.get("scheduling_strategy")
+    if strategy in (None, "DEFAULT"):
+        return None
+    return strategy
