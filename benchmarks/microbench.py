@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import statistics
@@ -536,6 +537,12 @@ def ratio(kind, ours, theirs):
     return theirs / ours if ours else float("inf")
 
 
+def fmt_ratio(r):
+    if r is None:
+        return "—"
+    return "∞" if math.isinf(r) else _common.fmt_number(r) + "x"
+
+
 def build_rows(results: dict, quick: bool):
     hp = results.get("hpcray", {}).get("metrics", {})
     rr = results.get("ray", {}).get("metrics", {})
@@ -561,7 +568,7 @@ def build_rows(results: dict, quick: bool):
                 unit,
                 _common.fmt_number(ours),
                 _common.fmt_number(theirs),
-                "—" if r is None else _common.fmt_number(r) + "x",
+                fmt_ratio(r),
                 aim_text,
             ]
         )
