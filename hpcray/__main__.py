@@ -29,15 +29,26 @@ def main(argv: list[str]) -> int:
         import os
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
         run = lambda: runpy.run_path(argv[0], run_name="__main__")  # noqa: E731
+    from hpcray.runtime import launch
+    transport = launch.world()
+    if transport is not None and transport.rank != 0:
+        # Only rank 0 runs the program; the other ranks are its nodes until it ends.
+        return launch.serve_ranks(transport, lambda job: launch.build_node(
+            job, transport, run_thread=False))
+    code = 0
     try:
         run()
     except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
     finally:
         from hpcray import api
         api.shutdown()
-    return 0
+        launch.end_ranks(code)
+    return code
 
 
 if __name__ == "__main__":

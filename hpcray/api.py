@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import socket
+import sys
 import threading
 
 from hpcray import context, exceptions, object_ref
@@ -27,17 +27,6 @@ class RuntimeInfo(dict):
         return self
 
 
-def _default_store_bytes() -> int:
-    from hpcray.resources import detect_memory_bytes
-    want = int(detect_memory_bytes() * 0.3)
-    try:
-        stat = os.statvfs("/dev/shm")
-        want = min(want, int(stat.f_bavail * stat.f_frsize * 0.9))
-    except OSError:
-        pass
-    return max(want, 64 * 1024 * 1024)
-
-
 def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None,
          object_store_memory: int | None = None, ignore_reinit_error: bool = False,
@@ -48,8 +37,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     accepted and ignored, so Ray programs run unchanged.
     """
     global _atexit_registered
-    from hpcray.resources import detect_node_resources
-    from hpcray.runtime.node_manager import NodeManager
+    from hpcray.runtime import launch
     from hpcray.runtime.client import DriverClient
 
     if context.worker is not None:
@@ -63,34 +51,63 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 return RuntimeInfo(context.driver_node.info)
             raise RuntimeError("hpcray.init() was already called; call shutdown() first "
                                "(or pass ignore_reinit_error=True).")
+        transport = launch.world()
+        if transport is not None and transport.rank != 0:
+            # Under mpirun, ranks > 0 are nodes only: they never return from init().
+            launch.exit_rank(launch.serve_ranks(transport, lambda job: launch.build_node(
+                job, transport, run_thread=False)))
         config = Config.from_environment()
         if log_to_driver is not None:
             config.log_to_driver = bool(log_to_driver)
         if object_store_memory is not None:
             config.object_store_memory = int(object_store_memory)
-        node_resources = detect_node_resources(num_cpus=num_cpus, num_gpus=num_gpus,
-                                               resources=resources)
-        store_bytes = config.object_store_memory or _default_store_bytes()
-        node_resources.custom.setdefault("object_store_memory", float(store_bytes))
-        job_id = os.urandom(4)
-        node_id = os.urandom(16)
-        store_name = f"/hpcray-{os.getpid()}-{job_id.hex()}-n0"
-        node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
-                           config=config, store_name=store_name, store_capacity=store_bytes)
-        node.info = {"node_id": node_id.hex(), "job_id": job_id.hex(),
-                     "object_store_name": store_name, "node_ip_address": "127.0.0.1",
-                     "hostname": socket.gethostname()}
+        gcs_shards = ray_only_options.pop("gcs_shards", None) or \
+            int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
+        job = {"job_id": os.urandom(4).hex(), "num_cpus": num_cpus, "num_gpus": num_gpus,
+               "resources": resources, "config": config.as_dict(), "gcs_shards": gcs_shards}
+        if transport is None:
+            node = launch.build_node(job)
+        else:
+            def build_rank0(started: dict):
+                node = launch.build_node(job, transport)
+                nodes = {0: {"node_id": node.node_id.hex(), "resources": node.total_resources,
+                             "hostname": node.info["hostname"]}}
+                nodes.update(started)
+                with node.lock:
+                    node.set_cluster_nodes(nodes)
+                return node
+            node = launch.start_job(transport, job, build_rank0)
         counter = node.driver_refs
         object_ref.reference_counter = counter
         counter.enabled = True
         context.driver_node = node
-        context.client = DriverClient(node, node.store, config, job_id, node_id)
-        node.prestart_workers(max(1, int(node_resources.num_cpus)))
+        context.client = DriverClient(node, node.store, config, node.job_id, node.node_id)
         if not _atexit_registered:
-            atexit.register(shutdown)
+            atexit.register(_at_exit)
             _install_sigterm_handler()
+            _install_excepthook()
             _atexit_registered = True
         return RuntimeInfo(node.info)
+
+
+_driver_failed = False
+
+
+def _install_excepthook() -> None:
+    # An uncaught exception in the driver must end every rank with a failure status.
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        global _driver_failed
+        _driver_failed = True
+        previous(kind, value, tb)
+    sys.excepthook = hook
+
+
+def _at_exit() -> None:
+    from hpcray.runtime import launch
+    shutdown()
+    launch.end_ranks(1 if _driver_failed else 0)
 
 
 def _install_sigterm_handler() -> None:
@@ -114,6 +131,9 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         context.client = None
         context.driver_node = None
         node.shutdown()
+        if node.cluster is not None:
+            from hpcray.runtime import launch
+            launch.stop_job(node.cluster.transport)
 
 
 def is_initialized() -> bool:

@@ -43,7 +43,8 @@ from hpcray.serialization import error_bytes
 _IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
 _BUSY_MAX_SLEEP = 0.0002   # while transfers are in flight
 _LOAD_REPORT_PERIOD = 0.005
-LOCALITY_BYTES = 1 << 20   # arguments at least this large pull a task toward their node
+LOCALITY_BYTES = 1 << 20
+_TRACE = bool(__import__("os").environ.get("HPCRAY_TRACE"))   # arguments at least this large pull a task toward their node
 
 
 class ClusterLink:
@@ -105,15 +106,7 @@ class ClusterMixin:
         cluster = self.cluster
         transport = self._transport
         messages = transport.poll()
-        for source, channel, message in messages:
-            try:
-                if channel == "gcs":
-                    self._on_gcs_message(source, message)
-                else:
-                    getattr(self, "_cm_" + message[0])(source, *message[1:])
-            except Exception:  # noqa: BLE001 - one bad message must not kill the node
-                import traceback
-                traceback.print_exc()
+        self.handle_cluster_messages(messages)
         finished = transport.progress()
         for transfer in finished:
             self._transfer_done(transfer)
@@ -123,6 +116,20 @@ class ClusterMixin:
         else:
             cluster.backoff = min(_IDLE_MAX_SLEEP, max(5e-5, cluster.backoff * 2))
 
+    def handle_cluster_messages(self, messages) -> None:
+        for source, channel, message in messages:
+            if _TRACE:
+                print(f"[rank {self.rank}] <- {source} {channel} {str(message)[:150]}",
+                      flush=True)
+            try:
+                if channel == "gcs":
+                    self._on_gcs_message(source, message)
+                else:
+                    getattr(self, "_cm_" + message[0])(source, *message[1:])
+            except Exception:  # noqa: BLE001 - one bad message must not kill the node
+                import traceback
+                traceback.print_exc()
+
     def _wake_cluster(self) -> None:
         """Something was sent: poll MPI soon (replies come quickly)."""
         if self.cluster is not None and self.cluster.backoff > 0:
@@ -130,6 +137,8 @@ class ClusterMixin:
             self._wake()
 
     def _send_to(self, rank: int, message) -> None:
+        if _TRACE:
+            print(f"[rank {self.rank}] -> {rank} {str(message)[:150]}", flush=True)
         self._transport.send(rank, message)
         self._wake_cluster()
 

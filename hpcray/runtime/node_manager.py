@@ -112,7 +112,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
         job = {"store_name": self.store_name, "job_id": self.job_id.hex(),
                "node_id": self.node_id.hex(), "resources": self.total_resources,
                "config": self.config.as_dict(), "driver_pid": os.getpid(),
-               "gpu_uuids": [g.uuid for g in self.node_resources.gpus]}
+               "gpu_uuids": [g.uuid for g in self.node_resources.gpus], "rank": self.rank}
         env = dict(os.environ, HPCRAY_FORKSERVER_JOB=json.dumps(job),
                    HPCRAY_FORKSERVER_FD=str(theirs.fileno()))
         # The driver's sys.path, so workers import the same modules (tests, __main__'s dir).
@@ -141,7 +141,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
                 if worker.alive:
                     worker.conn.send(("exit",))
         os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         deadline = time.monotonic() + 2.0
         pids = [w.pid for w in self.workers.values() if w.alive and w.pid]
         for pid in pids:

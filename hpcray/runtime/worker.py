@@ -301,7 +301,7 @@ def _flush_std() -> None:
 
 def main(fd: int, job: dict, key: int, is_actor: bool) -> int:
     import socket
-    ids.reseed()
+    ids.reseed(job.get("rank", 0))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(line_buffering=True)

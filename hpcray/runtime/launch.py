@@ -1,0 +1,214 @@
+"""Multi-node mode: every MPI rank is a node, rank 0 runs the driver.
+
+Started by `mpirun -n N python -m hpcray app.py` (or srun, or a script calling
+`hpcray.init()` under mpirun). Rank 0's `init()` starts a job on every rank and
+`shutdown()` stops it; the other ranks wait in `serve_ranks()` between jobs, so one
+mpiexec can run init/shutdown many times (a test suite). When rank 0's program ends,
+it tells the others to exit with its status, so no rank outlives the driver and an
+uncaught exception in the driver ends the whole job with a non-zero status.
+
+Lifecycle messages (control channel): start(job) -> started(node) | start_failed(text),
+go(nodes), stop -> stopped, exit(code).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
+_world = None
+
+
+def build_node(job: dict, transport=None, run_thread: bool = True):
+    """Create this rank's node manager for `job` (the same recipe on every rank).
+
+    `job` holds what init() was given, applied to every node; a rank's own custom
+    resources come from HPCRAY_RESOURCES / HPCRAY_RESOURCES_RANK_<rank>.
+    """
+    import socket
+
+    from hpcray.config import Config
+    from hpcray.resources import detect_node_resources
+    from hpcray.runtime.cluster import ClusterLink
+    from hpcray.runtime.node_manager import NodeManager
+
+    rank = transport.rank if transport is not None else 0
+    config = Config(**job["config"])
+    resources = dict(job.get("resources") or {})
+    resources.update(rank_resources(rank))
+    node_resources = detect_node_resources(num_cpus=job.get("num_cpus"),
+                                           num_gpus=job.get("num_gpus"),
+                                           resources=resources)
+    store_bytes = config.object_store_memory or default_store_bytes()
+    node_resources.custom.setdefault("object_store_memory", float(store_bytes))
+    job_id = bytes.fromhex(job["job_id"])
+    node_id = rank.to_bytes(4, "big") + os.urandom(12)
+    store_name = f"/hpcray-{os.getpid()}-{job['job_id']}-n{rank}"
+    cluster = ClusterLink(transport, job) if transport is not None else None
+    node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
+                       config=config, store_name=store_name, store_capacity=store_bytes,
+                       cluster=cluster, run_thread=run_thread)
+    node.info = {"node_id": node_id.hex(), "job_id": job["job_id"], "rank": rank,
+                 "object_store_name": store_name, "node_ip_address": "127.0.0.1",
+                 "hostname": socket.gethostname()}
+    node.prestart_workers(max(1, int(node_resources.num_cpus)))
+    return node
+
+
+def default_store_bytes() -> int:
+    """30% of memory, capped by what /dev/shm can hold (as Ray's default)."""
+    from hpcray.resources import detect_memory_bytes
+    want = int(detect_memory_bytes() * 0.3)
+    try:
+        stat = os.statvfs("/dev/shm")
+        want = min(want, int(stat.f_bavail * stat.f_frsize * 0.9))
+    except OSError:
+        pass
+    return max(want, 64 * 1024 * 1024)
+
+
+def launched_world_size(environ=os.environ) -> int:
+    """How many ranks the launcher started (1 when there is no launcher)."""
+    for name in _SIZE_VARIABLES:
+        value = environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    if environ.get("PMI_RANK") is not None or environ.get("PMIX_RANK") is not None:
+        return 2  # a launcher that does not say the size: ask MPI
+    return 1
+
+
+def world():
+    """The MpiTransport of this process (MPI starts on first use), or None on one node."""
+    global _world
+    if _world is None:
+        slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+        if launched_world_size() <= 1 and slurm_tasks <= 1:
+            return None
+        from mpi4py import MPI
+        from hpcray.runtime.transport import MpiTransport
+        if MPI.COMM_WORLD.size == 1:
+            if slurm_tasks > 1 and os.environ.get("SLURM_STEP_ID") is not None:
+                raise RuntimeError(
+                    f"srun started {slurm_tasks} tasks but MPI sees one: each task became a "
+                    "singleton. Launch with `srun --mpi=pmi2` (MPICH) or `--mpi=pmix` "
+                    "(Open MPI).")
+            return None
+        _world = MpiTransport(MPI.COMM_WORLD)
+    return _world
+
+
+def rank_resources(rank: int, environ=os.environ) -> dict:
+    """Custom resources given to one rank: HPCRAY_RESOURCES_RANK_<rank> (JSON)."""
+    import json
+    raw = environ.get(f"HPCRAY_RESOURCES_RANK_{rank}")
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"HPCRAY_RESOURCES_RANK_{rank} must be a JSON object, got {raw!r}")
+    return value
+
+
+def _collect(transport, kind: str, count: int, timeout: float) -> dict:
+    """Wait for `count` lifecycle replies of `kind` from other ranks: {rank: payload}."""
+    replies: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < count:
+        for source, channel, message in transport.poll():
+            if channel != "control":
+                continue
+            if message[0] == kind:
+                replies[source] = message[1] if len(message) > 1 else None
+            elif message[0] == "start_failed":
+                raise RuntimeError(f"hpcray could not start node {source}: {message[1]}")
+        if len(replies) >= count:
+            break
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(1, transport.size)) - set(replies))
+            raise RuntimeError(f"hpcray: ranks {missing} did not answer {kind!r} in {timeout} s")
+        transport.wait_for_activity(0.01, timeout=0.5)
+    return replies
+
+
+def start_job(transport, job: dict, make_node) -> None:
+    """Rank 0: start the node of every other rank, then its own (`make_node(nodes)`)."""
+    transport.broadcast(("start", job))
+    started = _collect(transport, "started", transport.size - 1, 300.0)
+    node = make_node(started)
+    transport.broadcast(("go", node.cluster.nodes))
+    return node
+
+
+def stop_job(transport) -> None:
+    """Rank 0: stop every other rank's node (they wait for the next job)."""
+    transport.broadcast(("stop",))
+    _collect(transport, "stopped", transport.size - 1, 60.0)
+
+
+def end_ranks(code: int) -> None:
+    """Rank 0 at exit: every other rank exits with `code`."""
+    transport = _world
+    if transport is None or transport.rank != 0:
+        return
+    transport.broadcast(("exit", code))
+    deadline = time.monotonic() + 5.0
+    while transport.busy and time.monotonic() < deadline:
+        transport.poll()
+        time.sleep(0.001)
+
+
+def serve_ranks(transport, make_node) -> int:
+    """Ranks > 0: run a node for each job rank 0 starts; return the exit status it sends."""
+    while True:
+        message = _next_lifecycle_message(transport)
+        kind = message[0]
+        if kind == "exit":
+            return int(message[1])
+        if kind != "start":
+            continue
+        try:
+            node = make_node(message[1])
+            node.describe_self = lambda n=node: {"node_id": n.node_id.hex(),
+                                                 "resources": n.total_resources,
+                                                 "hostname": n.info["hostname"]}
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
+            transport.send(0, ("start_failed", f"{type(exc).__name__}: {exc}"))
+            continue
+        transport.send(0, ("started", node.describe_self()))
+        early: list = []
+        go = _next_lifecycle_message(transport, want="go", others=early)
+        with node.lock:
+            node.set_cluster_nodes(go[1])
+            node.handle_cluster_messages(early)
+        node.serve()
+        node.shutdown()
+        transport.send(0, ("stopped",))
+
+
+def _next_lifecycle_message(transport, want=None, others=None):
+    """The next lifecycle message; node messages that arrive first go to `others`."""
+    while True:
+        batch = transport.poll()
+        for index, item in enumerate(batch):
+            _source, channel, message = item
+            if channel == "control" and (want is None or message[0] in (want, "exit")):
+                if others is not None:
+                    others.extend(batch[index + 1:])
+                return message
+            if others is not None:
+                others.append(item)
+        transport.wait_for_activity(0.02, timeout=1.0)
+
+
+def exit_rank(code: int) -> None:
+    """Leave the process now that the job is over (ranks > 0)."""
+    try:
+        if _world is not None:
+            _world.close()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
