@@ -111,13 +111,16 @@ def main() -> None:
     except (ConnectionResetError, OSError):
         pass
     finally:
+        # The driver is gone: nothing may interrupt the cleanup (its death also sends
+        # us SIGTERM), and the segment's name goes first (workers keep their mappings).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _kill_all(children)
         try:
             from hpcray._store import Store
             Store.unlink_name(job["store_name"])
         except Exception:  # noqa: BLE001 - best effort at the very end
             pass
+        _kill_all(children)
 
 
 if __name__ == "__main__":
