@@ -177,20 +177,29 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
          fetch_local: bool = True):
     """-> (ready, not_ready): the first `num_returns` ready refs, in the order given."""
     client = context.get_client()
-    refs = _check_refs(object_refs, "wait()")
-    if len(set(refs)) != len(refs):
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"wait() expects a list of ObjectRefs, got {type(object_refs).__name__}.")
+    try:
+        object_ids = [ref._id for ref in object_refs]
+    except AttributeError:
+        _check_refs(object_refs, "wait()")
+        raise
+    if len(set(object_ids)) != len(object_ids):
         raise ValueError("wait() got duplicate ObjectRefs.")
-    if not isinstance(num_returns, int) or num_returns < 0 or num_returns > len(refs):
-        raise ValueError(f"num_returns must be between 0 and len(object_refs) = {len(refs)}, "
-                         f"got {num_returns!r}.")
+    if not isinstance(num_returns, int) or num_returns < 0 or num_returns > len(object_ids):
+        raise ValueError(f"num_returns must be between 0 and len(object_refs) = "
+                         f"{len(object_ids)}, got {num_returns!r}.")
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0.")
-    if not refs:
+    if not object_ids:
         return [], []
-    ready_ids = set(client.wait_ready([r.binary() for r in refs], num_returns, timeout))
+    ready_ids = client.wait_ready(object_ids, num_returns, timeout)
+    if len(ready_ids) == len(object_ids):  # all ready: the common case of a drained batch
+        return list(object_refs[:num_returns]), list(object_refs[num_returns:])
+    ready_set = set(ready_ids)
     ready, not_ready = [], []
-    for ref in refs:
-        if ref.binary() in ready_ids and len(ready) < num_returns:
+    for ref, object_id in zip(object_refs, object_ids):
+        if object_id in ready_set and len(ready) < num_returns:
             ready.append(ref)
         else:
             not_ready.append(ref)

@@ -188,6 +188,9 @@ class DriverClient(CoreClient):
     def wait_ready(self, object_ids: list, num_returns: int, timeout) -> list:
         nm = self._locked()
         try:
+            ready = nm.ready_ids(object_ids)
+            if len(ready) >= num_returns or timeout == 0:
+                return ready
             waiter = nm.register_get(object_ids, num_returns)
         finally:
             nm.lock.release()

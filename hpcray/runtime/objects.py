@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from hpcray import exceptions
+from hpcray import exceptions, ids
 from hpcray._store import StoreError
 from hpcray.runtime.specs import TaskRecord
 from hpcray.serialization import error_bytes
@@ -255,9 +255,15 @@ class ObjectsMixin:
             self._remove_waiter(oid, waiter)
 
     def ready_ids(self, object_ids) -> list:
+        """The ids whose value is here (or that are unknown here for good: get raises)."""
         objects = self.objects
+        if self.cluster is None:
+            return [oid for oid in object_ids
+                    if (e := objects.get(oid)) is None or e.state == READY]
+        rank = self.rank
         return [oid for oid in object_ids
-                if (e := objects.get(oid)) is None or e.state == READY]
+                if (e := objects.get(oid)) is None and ids.owner_rank(oid) == rank
+                or e is not None and e.state == READY]
 
     def payloads(self, object_ids) -> list:
         return [self._payload(oid) for oid in object_ids]
