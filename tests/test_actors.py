@@ -1,0 +1,581 @@
+"""Actors: state, ordering, concurrency, handles, names, failures, restarts, ActorPool."""
+
+import asyncio
+import gc
+import os
+import threading
+import time
+
+import psutil
+import pytest
+
+import hpcray
+from hpcray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from hpcray.util import ActorPool
+
+
+def _wait_until(predicate, deadline_s: float = 30.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true; a generous deadline is only a deadlock guard."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@hpcray.remote
+class Counter:
+    def __init__(self, start=0, step=1):
+        self.value = start
+        self.step = step
+
+    def incr(self):
+        self.value += self.step
+        return self.value
+
+    def get(self):
+        return self.value
+
+    def pid(self):
+        return os.getpid()
+
+    def die(self):
+        os._exit(1)
+
+
+# ---------------------------------------------------------------- basics
+@pytest.mark.timeout(60)
+def test_constructor_args_and_state(ray_start):
+    c = Counter.remote(10, step=5)
+    assert hpcray.get(c.get.remote()) == 10
+    assert hpcray.get([c.incr.remote() for _ in range(3)]) == [15, 20, 25]
+    assert hpcray.get(c.get.remote()) == 25
+
+
+@pytest.mark.timeout(60)
+def test_constructor_args_as_object_refs(ray_start):
+    start = hpcray.put(7)
+    c = Counter.remote(start, step=hpcray.put(3))
+    assert hpcray.get(c.incr.remote()) == 10
+
+
+@pytest.mark.timeout(60)
+def test_calls_from_one_caller_run_in_submission_order(ray_start):
+    @hpcray.remote
+    class Log:
+        def __init__(self):
+            self.items = []
+
+        def append(self, x):
+            self.items.append(x)
+
+        def read(self):
+            return self.items
+
+    log = Log.remote()
+    for i in range(500):
+        log.append.remote(i)
+    assert hpcray.get(log.read.remote()) == list(range(500))
+
+
+@pytest.mark.timeout(60)
+def test_method_num_returns_decorator_and_options(ray_start):
+    @hpcray.remote
+    class Splitter:
+        @hpcray.method(num_returns=2)
+        def two(self, x):
+            return x, x * 2
+
+        def pair(self, x):
+            return x + 1, x + 2
+
+    s = Splitter.remote()
+    a, b = s.two.remote(3)
+    assert hpcray.get([a, b]) == [3, 6]
+    refs = s.pair.options(num_returns=2).remote(10)
+    assert isinstance(refs, list) and len(refs) == 2
+    assert hpcray.get(refs) == [11, 12]
+    # Without the option, the tuple is one value.
+    assert hpcray.get(s.pair.remote(0)) == (1, 2)
+
+
+# ---------------------------------------------------------------- concurrency
+@pytest.mark.timeout(60)
+def test_async_actor_runs_calls_concurrently(ray_start):
+    n = 8
+
+    @hpcray.remote
+    class AsyncGate:
+        def __init__(self):
+            self.event = None
+            self.arrived = 0
+
+        async def wait_for_all(self, total):
+            if self.event is None:
+                self.event = asyncio.Event()
+            self.arrived += 1
+            if self.arrived == total:
+                self.event.set()
+            # Would never return if the calls ran one after another.
+            await asyncio.wait_for(self.event.wait(), timeout=30)
+            return self.arrived
+
+    gate = AsyncGate.remote()
+    refs = [gate.wait_for_all.remote(n) for _ in range(n)]
+    assert hpcray.get(refs, timeout=45) == [n] * n
+
+
+@pytest.mark.timeout(60)
+def test_threaded_actor_runs_calls_concurrently(ray_start):
+    @hpcray.remote
+    class Threaded:
+        def __init__(self):
+            self.barrier = threading.Barrier(4)
+
+        def meet(self):
+            # BrokenBarrierError (a failed call) if fewer than 4 calls run at once.
+            self.barrier.wait(timeout=30)
+            return threading.get_ident()
+
+    t = Threaded.options(max_concurrency=4).remote()
+    idents = hpcray.get([t.meet.remote() for _ in range(4)], timeout=45)
+    assert len(set(idents)) == 4
+
+
+# ---------------------------------------------------------------- handles
+@pytest.mark.timeout(60)
+def test_actor_handle_passed_to_task(ray_start):
+    c = Counter.remote()
+
+    @hpcray.remote
+    def bump(counter, times):
+        return hpcray.get([counter.incr.remote() for _ in range(times)])[-1]
+
+    assert hpcray.get(bump.remote(c, 5)) == 5
+    assert hpcray.get(c.get.remote()) == 5
+
+
+@pytest.mark.timeout(60)
+def test_actor_handle_passed_to_actor(ray_start):
+    @hpcray.remote
+    class Caller:
+        def __init__(self, target):
+            self.target = target
+
+        def call(self, times):
+            for _ in range(times):
+                self.target.incr.remote()
+            return hpcray.get(self.target.get.remote())
+
+        def call_other(self, other):
+            return hpcray.get(other.incr.remote())
+
+    c = Counter.remote()
+    caller = Caller.remote(c)
+    assert hpcray.get(caller.call.remote(3)) == 3
+    assert hpcray.get(caller.call_other.remote(c)) == 4
+    assert hpcray.get(c.get.remote()) == 4
+
+
+# ---------------------------------------------------------------- names
+@pytest.mark.timeout(60)
+def test_named_actor(ray_start):
+    c = Counter.options(name="x").remote(100)
+    assert hpcray.get(c.incr.remote()) == 101
+    same = hpcray.get_actor("x")
+    assert hpcray.get(same.incr.remote()) == 102
+    assert hpcray.get(c.get.remote()) == 102
+
+    with pytest.raises(ValueError):
+        Counter.options(name="x").remote()
+    # The first actor is untouched by the failed duplicate.
+    assert hpcray.get(hpcray.get_actor("x").get.remote()) == 102
+
+    with pytest.raises(ValueError):
+        hpcray.get_actor("no-such-actor")
+
+
+@pytest.mark.timeout(60)
+def test_get_actor_from_task(ray_start):
+    Counter.options(name="shared").remote(1)
+
+    @hpcray.remote
+    def use():
+        return hpcray.get(hpcray.get_actor("shared").incr.remote())
+
+    assert hpcray.get(use.remote()) == 2
+
+
+# ---------------------------------------------------------------- death
+def _wait_for_file(path: str, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@hpcray.remote
+class Gated:
+    """Blocks on a file written by the test, so calls are surely queued or in flight."""
+
+    def __init__(self, gate=None, fail=False):
+        if gate is not None:
+            _wait_for_file(gate)
+        if fail:
+            raise RuntimeError("constructor failed")
+        self.n = 0
+
+    def wait_gate(self, gate):
+        _wait_for_file(gate)
+        return "opened"
+
+    def incr(self):
+        self.n += 1
+        return self.n
+
+    def die(self):
+        os._exit(1)
+
+
+@pytest.mark.timeout(60)
+def test_kill_fails_inflight_and_queued_calls(ray_start, tmp_path):
+    gate = str(tmp_path / "gate")
+    a = Gated.remote()
+    assert hpcray.get(a.incr.remote()) == 1
+    inflight = a.wait_gate.remote(gate)  # blocks until the gate opens, which it never does
+    queued = a.incr.remote()
+    hpcray.kill(a)
+    with pytest.raises(RayActorError):
+        hpcray.get(inflight, timeout=30)
+    with pytest.raises(RayActorError):
+        hpcray.get(queued, timeout=30)
+    # The runtime keeps working.
+    assert hpcray.get(Counter.remote(5).get.remote()) == 5
+
+
+@pytest.mark.timeout(60)
+def test_constructor_raises(ray_start, tmp_path):
+    gate = str(tmp_path / "gate")
+    b = Gated.remote(gate, fail=True)
+    refs = [b.incr.remote(), b.incr.remote()]  # queued: the constructor is still waiting
+    open(gate, "w").close()
+    for ref in refs:
+        with pytest.raises(RayActorError) as info:
+            hpcray.get(ref, timeout=30)
+        assert isinstance(info.value, ActorDiedError)
+    assert "constructor failed" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_actor_process_dies_restarts_with_max_restarts(ray_start):
+    c = Counter.options(max_restarts=1).remote(5)
+    assert hpcray.get(c.incr.remote()) == 6
+    first_pid = hpcray.get(c.pid.remote())
+    with pytest.raises(RayActorError):
+        hpcray.get(c.die.remote(), timeout=30)
+    # The constructor ran again: state is back at 5.
+    assert hpcray.get(c.get.remote(), timeout=30) == 5
+    assert hpcray.get(c.incr.remote()) == 6
+    assert hpcray.get(c.pid.remote()) != first_pid
+
+
+@pytest.mark.timeout(60)
+def test_actor_process_dies_without_restarts(ray_start, tmp_path):
+    gate = str(tmp_path / "gate")
+    c = Gated.options(max_restarts=0).remote()
+    assert hpcray.get(c.incr.remote()) == 1
+    blocked = c.wait_gate.remote(gate)
+    dying = c.die.remote()      # queued behind the blocked call
+    after = c.incr.remote()     # queued behind the call that kills the process
+    open(gate, "w").close()
+    assert hpcray.get(blocked, timeout=30) == "opened"
+    with pytest.raises(RayActorError):
+        hpcray.get(dying, timeout=30)
+    with pytest.raises(RayActorError):
+        hpcray.get(after, timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_restart_exhausted_after_second_death(ray_start):
+    c = Gated.options(max_restarts=1).remote()
+    with pytest.raises(RayActorError):
+        hpcray.get(c.die.remote(), timeout=30)
+    assert hpcray.get(c.incr.remote(), timeout=30) == 1
+    dying = c.die.remote()
+    after = c.incr.remote()
+    with pytest.raises(RayActorError):
+        hpcray.get(dying, timeout=30)
+    with pytest.raises(RayActorError):
+        hpcray.get(after, timeout=30)
+
+
+def _make_dead_actor(how: str, tmp_path):
+    """An actor that the node manager surely knows to be dead when this returns."""
+    if how == "kill":
+        a = Gated.options(num_cpus=1).remote()
+        assert hpcray.get(a.incr.remote()) == 1
+        hpcray.kill(a)
+        # Its CPU comes back only once the node manager has marked it dead.
+        assert _wait_until(lambda: hpcray.available_resources().get("CPU", 0) == 2)
+    elif how == "constructor":
+        gate = str(tmp_path / "gate")
+        a = Gated.remote(gate, fail=True)
+        first = a.incr.remote()
+        open(gate, "w").close()
+        with pytest.raises(RayActorError):
+            hpcray.get(first, timeout=30)
+    elif how == "exit":
+        a = Gated.options(max_restarts=0).remote()
+        with pytest.raises(RayActorError):
+            hpcray.get(a.die.remote(), timeout=30)
+    else:  # restarts used up
+        a = Gated.options(max_restarts=1).remote()
+        for _ in range(2):
+            with pytest.raises(RayActorError):
+                hpcray.get(a.die.remote(), timeout=30)
+    return a
+
+
+@pytest.mark.parametrize("how", ["kill", "constructor", "exit", "restarts_exhausted"])
+@pytest.mark.timeout(60)
+def test_call_on_dead_actor_raises_actor_error(ray_start, tmp_path, how):
+    a = _make_dead_actor(how, tmp_path)
+    with pytest.raises(RayActorError):
+        hpcray.get(a.incr.remote(), timeout=30)
+    with pytest.raises(RayActorError):
+        hpcray.get(a.incr.remote(), timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_max_task_retries_retries_the_call_that_killed_the_actor(ray_start, tmp_path):
+    marker = str(tmp_path / "died-once")
+
+    @hpcray.remote
+    class Fragile:
+        def __init__(self):
+            self.calls = 0
+
+        def risky(self, path):
+            self.calls += 1
+            if not os.path.exists(path):
+                with open(path, "w") as f:
+                    f.write(str(os.getpid()))
+                os._exit(1)
+            return ("ok", self.calls, os.getpid())
+
+    a = Fragile.options(max_restarts=1, max_task_retries=1).remote()
+    status, calls, pid = hpcray.get(a.risky.remote(marker), timeout=45)
+    assert status == "ok"
+    assert calls == 1  # ran on a fresh instance: the constructor ran again
+    with open(marker) as f:
+        assert int(f.read()) != pid
+    assert hpcray.get(a.risky.remote(marker)) == ("ok", 2, pid)
+
+
+@pytest.mark.timeout(60)
+def test_method_raises_actor_survives(ray_start):
+    @hpcray.remote
+    class Picky:
+        def __init__(self):
+            self.n = 0
+
+        def check(self, x):
+            self.n += 1
+            if x < 0:
+                raise ValueError(f"negative: {x}")
+            return x
+
+        def count(self):
+            return self.n
+
+    p = Picky.remote()
+    assert hpcray.get(p.check.remote(1)) == 1
+    with pytest.raises(ValueError) as info:
+        hpcray.get(p.check.remote(-1))
+    assert isinstance(info.value, RayTaskError)
+    assert "negative: -1" in str(info.value)
+    with pytest.raises(RayTaskError):
+        hpcray.get(p.check.remote(-2))
+    assert hpcray.get(p.check.remote(2)) == 2
+    assert hpcray.get(p.count.remote()) == 4
+
+
+# ---------------------------------------------------------------- ActorPool
+@hpcray.remote
+class Doubler:
+    def double(self, x):
+        return 2 * x
+
+    def slow_double(self, x, gate_path):
+        # The call for x == 0 waits for a file that the test writes later.
+        if x == 0:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(gate_path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return 2 * x
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_map(ray_start):
+    pool = ActorPool([Doubler.remote(), Doubler.remote()])
+    out = list(pool.map(lambda a, v: a.double.remote(v), range(10)))
+    assert out == [2 * v for v in range(10)]
+    # A second map on the same pool works.
+    assert list(pool.map(lambda a, v: a.double.remote(v), [5, 6])) == [10, 12]
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_map_unordered(ray_start, tmp_path):
+    gate = str(tmp_path / "gate")
+    pool = ActorPool([Doubler.remote(), Doubler.remote()])
+    results = pool.map_unordered(lambda a, v: a.slow_double.remote(v, gate), [0, 1, 2, 3])
+    seen = []
+    for value in results:
+        seen.append(value)
+        if len(seen) == 3:
+            # 0 is still blocked, so it cannot have come back yet; now release it.
+            assert 0 not in seen
+            open(gate, "w").close()
+    assert sorted(seen) == [0, 2, 4, 6]
+    assert seen[-1] == 0
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_submit_get_next_has_next_has_free(ray_start):
+    a1, a2 = Doubler.remote(), Doubler.remote()
+    pool = ActorPool([a1, a2])
+    assert not pool.has_next()
+    assert pool.has_free()
+    pool.submit(lambda a, v: a.double.remote(v), 1)
+    assert pool.has_free()
+    pool.submit(lambda a, v: a.double.remote(v), 2)
+    assert not pool.has_free()
+    pool.submit(lambda a, v: a.double.remote(v), 3)  # queued until an actor is free
+    assert pool.has_next()
+    assert pool.get_next() == 2
+    assert pool.get_next() == 4
+    assert pool.get_next() == 6
+    assert not pool.has_next()
+    assert pool.has_free()
+    with pytest.raises(StopIteration):
+        pool.get_next()
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_pop_idle_and_push(ray_start):
+    a1, a2 = Doubler.remote(), Doubler.remote()
+    pool = ActorPool([a1])
+    idle = pool.pop_idle()
+    assert idle == a1
+    assert pool.pop_idle() is None
+    assert not pool.has_free()
+    pool.push(a2)
+    assert pool.has_free()
+    with pytest.raises(ValueError):
+        pool.push(a2)
+    pool.push(idle)
+    assert list(pool.map(lambda a, v: a.double.remote(v), [1, 2, 3])) == [2, 4, 6]
+
+
+# ---------------------------------------------------------------- context, resources, scale
+@pytest.mark.timeout(60)
+def test_runtime_context_actor_id(ray_start):
+    @hpcray.remote
+    class WhoAmI:
+        def actor_id(self):
+            return hpcray.get_runtime_context().get_actor_id()
+
+    @hpcray.remote
+    def task_actor_id():
+        return hpcray.get_runtime_context().get_actor_id()
+
+    a = WhoAmI.remote()
+    b = WhoAmI.remote()
+    id_a = hpcray.get(a.actor_id.remote())
+    id_b = hpcray.get(b.actor_id.remote())
+    assert isinstance(id_a, str) and id_a
+    assert id_a == a._actor_id.hex()
+    assert id_a != id_b
+    assert hpcray.get_runtime_context().get_actor_id() is None
+    assert hpcray.get(task_actor_id.remote()) is None
+
+
+@pytest.mark.timeout(60)
+def test_actor_with_two_cpus_holds_both(ray_start):
+    @hpcray.remote(num_cpus=2)
+    class Big:
+        def ping(self):
+            return "pong"
+
+    assert hpcray.available_resources().get("CPU", 0) == 2
+    big = Big.remote()
+    assert hpcray.get(big.ping.remote()) == "pong"
+    assert hpcray.available_resources().get("CPU", 0) == 0
+    hpcray.kill(big)
+    assert _wait_until(lambda: hpcray.available_resources().get("CPU", 0) == 2)
+
+
+@pytest.mark.timeout(60)
+def test_task_waits_while_two_cpu_actor_lives(ray_start):
+    @hpcray.remote(num_cpus=2)
+    class Big:
+        def ping(self):
+            return "pong"
+
+    @hpcray.remote
+    def task():
+        return "ran"
+
+    big = Big.remote()
+    assert hpcray.get(big.ping.remote()) == "pong"
+    ref = task.remote()
+    ready, _ = hpcray.wait([ref], timeout=1.0)
+    assert ready == []  # no CPU is free: the task cannot have started
+    hpcray.kill(big)
+    assert hpcray.get(ref, timeout=30) == "ran"
+
+
+@pytest.mark.timeout(60)
+def test_fifty_actors(ray_start):
+    actors = [Counter.remote(i) for i in range(50)]
+    assert hpcray.get([a.incr.remote() for a in actors], timeout=50) == list(range(1, 51))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: dropping the last handle is not acted on until "
+                   "something else wakes the node manager's event loop; the idle actor lives on")
+@pytest.mark.timeout(60)
+def test_dropped_handle_ends_actor_process(ray_start):
+    c = Counter.remote()
+    pid = hpcray.get(c.pid.remote())
+    assert psutil.pid_exists(pid)
+    del c
+    gc.collect()
+    assert _wait_until(lambda: _pid_gone(pid), deadline_s=15), f"actor pid {pid} still alive"
+
+
+@pytest.mark.timeout(60)
+def test_dropped_handle_runs_pending_calls_first(ray_start, tmp_path):
+    out = tmp_path / "done"
+
+    @hpcray.remote
+    class Writer:
+        def write(self, path):
+            time.sleep(0.2)
+            with open(path, "w") as f:
+                f.write("done")
+            return os.getpid()
+
+    w = Writer.remote()
+    ref = w.write.remote(str(out))
+    del w
+    gc.collect()
+    pid = hpcray.get(ref, timeout=30)
+    assert out.read_text() == "done"
+    assert _wait_until(lambda: _pid_gone(pid), deadline_s=30)

@@ -1,0 +1,288 @@
+"""Nothing outlives a driver: no worker, no fork server, no /dev/shm segment, however it ends.
+
+Each case runs a small driver script in a subprocess. The script prints what it started
+(its own pid, the fork server's, its workers' and an actor's, the store's name) as one
+JSON line, then ends the way the case asks, or waits for the test to signal it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import hpcray
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DRIVER = textwrap.dedent('''
+    import json, os, sys, time
+    import hpcray
+
+    mode = sys.argv[1]
+    scratch = sys.argv[2]
+    hpcray.init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
+
+    @hpcray.remote
+    def pid_of_worker(i):
+        return os.getpid()
+
+    @hpcray.remote
+    def long_task(i):
+        with open(os.path.join(scratch, f"running-{i}-{os.getpid()}"), "w"):
+            pass
+        time.sleep(120)
+        return i
+
+    @hpcray.remote
+    class Holder:
+        def pid(self):
+            return os.getpid()
+
+    big = hpcray.put(b"x" * (2 * 1024 * 1024))  # something in the shared-memory store
+    worker_pids = sorted(set(hpcray.get([pid_of_worker.remote(i) for i in range(8)])))
+    actor = Holder.remote()
+    actor_pid = hpcray.get(actor.pid.remote())
+    node = hpcray.context.driver_node
+    running = []
+    if mode not in ("clean_exit", "eof_then_death"):
+        running = [long_task.remote(i) for i in range(2)]
+        deadline = time.monotonic() + 30
+        while len(os.listdir(scratch)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    info = {"driver": os.getpid(), "forkserver": node.forkserver.pid,
+            "workers": worker_pids, "actor": actor_pid, "store": node.store_name,
+            "descendants": [p.pid for p in __import__("psutil").Process().children(recursive=True)]}
+    print(json.dumps(info), flush=True)
+
+    if mode in ("clean_exit", "exit_with_running_tasks"):
+        sys.exit(0)
+    if mode == "os_exit":
+        os._exit(3)
+    if mode == "exception":
+        raise RuntimeError("the driver fails")
+    if mode == "eof_then_death":
+        # What the kernel does when a driver dies: the fork server's socket reaches EOF,
+        # then its parent-death SIGTERM comes. Here the SIGTERM comes while the fork
+        # server is surely in its teardown: a worker that shrugs off SIGTERM holds it there.
+        import signal
+
+        @hpcray.remote
+        def stubborn(path):
+            def on_term(signum, frame):
+                open(path, "w").close()
+            signal.signal(signal.SIGTERM, on_term)
+            open(path + ".ready", "w").close()
+            time.sleep(120)
+
+        got_term = os.path.join(scratch, "..", "got-term")
+        stubborn.remote(got_term)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(got_term + ".ready") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        node._forkserver_sock.close()
+        while not os.path.exists(got_term) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os._exit(4)
+    # sigkill / sigterm / sigint: block in get() until the test signals us.
+    hpcray.get(running)
+    print("get returned", flush=True)
+''')
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _segment_path(store_name: str) -> str:
+    return os.path.join("/dev/shm", store_name.lstrip("/"))
+
+
+def _run_driver(tmp_path, mode: str):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(scratch)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("{"):
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"driver did not start: {line}{out}\n{err}")
+    return proc, json.loads(line)
+
+
+def _assert_nothing_left(info: dict, deadline_s: float = 15.0) -> None:
+    pids = {info["forkserver"], info["actor"], *info["workers"], *info["descendants"]}
+    pids.discard(info["driver"])
+    segment = _segment_path(info["store"])
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        # Once every process of the job is gone, nobody is left to unlink the segment.
+        if all(_gone(p) for p in pids):
+            break
+        time.sleep(0.05)
+    alive = sorted(p for p in pids if not _gone(p))
+    leaked = os.path.exists(segment)
+    if leaked:  # don't let a failure here litter /dev/shm for later tests
+        os.unlink(segment)
+    for pid in alive:  # nor leave stray processes of ours running
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"processes left behind: {alive} of {sorted(pids)}"
+    assert not leaked, f"segment left behind: {segment}"
+
+
+def _finish(proc, timeout: float = 30.0):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"driver did not exit; stderr:\n{err}")
+    return proc.returncode, out, err
+
+
+@pytest.mark.timeout(60)
+def test_driver_exits_without_shutdown(tmp_path):
+    proc, info = _run_driver(tmp_path, "clean_exit")
+    assert info["workers"] and info["actor"] not in (None, info["driver"])
+    assert os.path.exists(_segment_path(info["store"]))
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    _assert_nothing_left(info)
+
+
+@pytest.mark.timeout(60)
+def test_driver_exits_with_tasks_running(tmp_path):
+    proc, info = _run_driver(tmp_path, "exit_with_running_tasks")
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    _assert_nothing_left(info)
+
+
+_TEARDOWN_RACE = ("bug: the fork server's SIGTERM handler (sys.exit) fires during its own "
+                  "teardown (_kill_all) when the parent-death SIGTERM lands after the socket "
+                  "EOF, aborting the finally block before Store.unlink_name: the segment leaks")
+
+
+@pytest.mark.xfail(strict=False, reason=_TEARDOWN_RACE + " (a race: fails about half the runs)")
+@pytest.mark.timeout(60)
+def test_driver_os_exit_skips_atexit(tmp_path):
+    proc, info = _run_driver(tmp_path, "os_exit")
+    code, _, _ = _finish(proc)
+    assert code == 3
+    _assert_nothing_left(info)
+
+
+@pytest.mark.xfail(strict=False, reason=_TEARDOWN_RACE + " (a race: fails about half the runs)")
+@pytest.mark.timeout(60)
+def test_driver_sigkilled_while_tasks_run(tmp_path):
+    proc, info = _run_driver(tmp_path, "sigkill")
+    os.kill(info["driver"], signal.SIGKILL)
+    code, _, _ = _finish(proc)
+    assert code == -signal.SIGKILL
+    _assert_nothing_left(info)
+
+
+@pytest.mark.xfail(strict=True, reason=_TEARDOWN_RACE)
+@pytest.mark.timeout(60)
+def test_driver_death_while_fork_server_tears_down(tmp_path):
+    """The race above, made certain: SIGTERM reaches the fork server mid-teardown."""
+    proc, info = _run_driver(tmp_path, "eof_then_death")
+    code, _, err = _finish(proc)
+    assert code == 4, err
+    assert os.path.exists(tmp_path / "got-term")
+    _assert_nothing_left(info)
+
+
+@pytest.mark.timeout(60)
+def test_driver_sigterm(tmp_path):
+    proc, info = _run_driver(tmp_path, "sigterm")
+    os.kill(info["driver"], signal.SIGTERM)
+    code, out, _ = _finish(proc)
+    assert code != 0
+    assert "get returned" not in out
+    _assert_nothing_left(info)
+
+
+@pytest.mark.timeout(60)
+def test_driver_sigint_keyboard_interrupt(tmp_path):
+    proc, info = _run_driver(tmp_path, "sigint")
+    os.kill(info["driver"], signal.SIGINT)
+    code, out, err = _finish(proc)
+    assert code != 0
+    assert "KeyboardInterrupt" in err
+    assert "get returned" not in out
+    _assert_nothing_left(info)
+
+
+@pytest.mark.timeout(60)
+def test_driver_uncaught_exception(tmp_path):
+    proc, info = _run_driver(tmp_path, "exception")
+    code, _, err = _finish(proc)
+    assert code == 1
+    assert "RuntimeError: the driver fails" in err
+    _assert_nothing_left(info)
+
+
+# ---------------------------------------------------------------- init / shutdown in-process
+@pytest.mark.timeout(60)
+def test_init_twice_raises(ray_start):
+    with pytest.raises(RuntimeError):
+        hpcray.init(num_cpus=1)
+    assert hpcray.is_initialized()
+    # The runtime that was there is untouched.
+    assert hpcray.get(hpcray.put(5)) == 5
+
+
+@pytest.mark.timeout(60)
+def test_init_ignore_reinit_error(ray_start):
+    hpcray.init(ignore_reinit_error=True)
+    assert hpcray.is_initialized()
+    assert hpcray.cluster_resources()["CPU"] == 2
+
+    @hpcray.remote
+    def f():
+        return 1
+
+    assert hpcray.get(f.remote()) == 1
+
+
+@pytest.mark.timeout(60)
+def test_init_shutdown_init(tmp_path):
+    @hpcray.remote
+    def pid():
+        return os.getpid()
+
+    seen = []
+    try:
+        for round_ in range(2):
+            hpcray.init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
+            assert hpcray.is_initialized()
+            node = hpcray.context.driver_node
+            forkserver = node.forkserver.pid
+            worker = hpcray.get(pid.remote())
+            assert hpcray.get(hpcray.put(round_)) == round_
+            seen.append(node.store_name)
+            hpcray.shutdown()
+            assert not hpcray.is_initialized()
+            assert _gone(forkserver) and _gone(worker)
+            assert not os.path.exists(_segment_path(node.store_name))
+        assert seen[0] != seen[1]
+        hpcray.shutdown()  # a second shutdown is a no-op
+    finally:
+        hpcray.shutdown()
+    for name in seen:
+        assert not os.path.exists(_segment_path(name))

@@ -1,0 +1,217 @@
+"""Tasks whose worker dies, and tasks that raise: retries, errors, and a runtime that goes on."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+import hpcray
+from hpcray.exceptions import RayTaskError, WorkerCrashedError
+
+
+@hpcray.remote
+def plain(x):
+    return x * 10
+
+
+def _still_works():
+    assert hpcray.get(plain.remote(4), timeout=30) == 40
+    assert hpcray.get([plain.remote(i) for i in range(6)], timeout=30) == [i * 10 for i in range(6)]
+
+
+def _wait_for_file(path: str, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@hpcray.remote
+def die_first_time(marker):
+    """Kills its own worker on the first attempt; returns its attempt record afterwards."""
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(1)
+    return ("second", os.getpid())
+
+
+@pytest.mark.timeout(60)
+def test_worker_death_is_retried(ray_start, tmp_path):
+    marker = str(tmp_path / "attempt1")
+    status, pid = hpcray.get(die_first_time.remote(marker), timeout=45)
+    assert status == "second"
+    with open(marker) as f:
+        assert int(f.read()) != pid  # ran again in another worker
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_worker_death_retried_with_explicit_max_retries(ray_start, tmp_path):
+    marker = str(tmp_path / "attempt1")
+    ref = die_first_time.options(max_retries=1).remote(marker)
+    assert hpcray.get(ref, timeout=45)[0] == "second"
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_worker_death_without_retries_raises_worker_crashed(ray_start, tmp_path):
+    marker = str(tmp_path / "attempt1")
+    ref = die_first_time.options(max_retries=0).remote(marker)
+    with pytest.raises(WorkerCrashedError):
+        hpcray.get(ref, timeout=45)
+    assert os.path.exists(marker)
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_worker_crashes_every_time_runs_out_of_retries(ray_start, tmp_path):
+    @hpcray.remote(max_retries=2)
+    def always_die(directory):
+        with open(os.path.join(directory, f"attempt-{os.getpid()}"), "w"):
+            pass
+        os._exit(1)
+
+    with pytest.raises(WorkerCrashedError):
+        hpcray.get(always_die.remote(str(tmp_path)), timeout=45)
+    assert len(os.listdir(tmp_path)) == 3  # the first run and two retries
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_dependent_task_sees_retried_value(ray_start, tmp_path):
+    marker = str(tmp_path / "attempt1")
+    first = die_first_time.remote(marker)
+
+    @hpcray.remote
+    def consume(value):
+        return value[0] + "-consumed"
+
+    assert hpcray.get(consume.remote(first), timeout=45) == "second-consumed"
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_retry_exceptions_true_retries(ray_start, tmp_path):
+    @hpcray.remote(retry_exceptions=True, max_retries=2)
+    def flaky(marker):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise ValueError("first attempt fails")
+        return "recovered"
+
+    marker = str(tmp_path / "raised-once")
+    assert hpcray.get(flaky.remote(marker), timeout=45) == "recovered"
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_retry_exceptions_via_options(ray_start, tmp_path):
+    @hpcray.remote
+    def flaky(marker):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise KeyError("first attempt fails")
+        return "recovered"
+
+    marker = str(tmp_path / "raised-once")
+    ref = flaky.options(retry_exceptions=[KeyError], max_retries=1).remote(marker)
+    assert hpcray.get(ref, timeout=45) == "recovered"
+
+
+@pytest.mark.timeout(60)
+def test_retry_exceptions_list_does_not_retry_other_exceptions(ray_start, tmp_path):
+    @hpcray.remote(retry_exceptions=[KeyError], max_retries=3)
+    def raises_value_error(directory):
+        with open(os.path.join(directory, f"attempt-{time.monotonic_ns()}"), "w"):
+            pass
+        raise ValueError("not retried")
+
+    with pytest.raises(ValueError) as info:
+        hpcray.get(raises_value_error.remote(str(tmp_path)), timeout=45)
+    assert isinstance(info.value, RayTaskError)
+    assert len(os.listdir(tmp_path)) == 1
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_exceptions_not_retried_by_default(ray_start, tmp_path):
+    @hpcray.remote(max_retries=3)
+    def raises(directory):
+        with open(os.path.join(directory, f"attempt-{time.monotonic_ns()}"), "w"):
+            pass
+        raise ValueError("no retry")
+
+    with pytest.raises(ValueError):
+        hpcray.get(raises.remote(str(tmp_path)), timeout=45)
+    assert len(os.listdir(tmp_path)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_retry_exceptions_gives_up_after_max_retries(ray_start, tmp_path):
+    @hpcray.remote(retry_exceptions=True, max_retries=2)
+    def always_raises(directory):
+        with open(os.path.join(directory, f"attempt-{time.monotonic_ns()}"), "w"):
+            pass
+        raise ValueError("always")
+
+    with pytest.raises(ValueError):
+        hpcray.get(always_raises.remote(str(tmp_path)), timeout=45)
+    assert len(os.listdir(tmp_path)) == 3
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_worker_sigkilled_from_outside_is_retried(ray_start, tmp_path):
+    pid_file = str(tmp_path / "pid")
+    release = str(tmp_path / "release")
+
+    @hpcray.remote
+    def victim(pid_file, release):
+        if not os.path.exists(pid_file):
+            with open(pid_file + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(pid_file + ".tmp", pid_file)
+            _wait_for_file(release, 40)  # the test kills us while we wait here
+            return "not killed"
+        return ("retried", os.getpid())
+
+    ref = victim.remote(pid_file, release)
+    _wait_for_file(pid_file)
+    with open(pid_file) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGKILL)
+    status, new_pid = hpcray.get(ref, timeout=45)
+    assert status == "retried"
+    assert new_pid != pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_worker_sigkilled_from_outside_without_retries(ray_start, tmp_path):
+    pid_file = str(tmp_path / "pid")
+
+    @hpcray.remote(max_retries=0)
+    def victim(pid_file):
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(pid_file + ".tmp", pid_file)
+        time.sleep(40)
+        return "not killed"
+
+    ref = victim.remote(pid_file)
+    _wait_for_file(pid_file)
+    with open(pid_file) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashedError):
+        hpcray.get(ref, timeout=45)
+    _still_works()
+
+
+@pytest.mark.timeout(60)
+def test_many_worker_deaths_in_a_row(ray_start, tmp_path):
+    refs = [die_first_time.remote(str(tmp_path / f"m{i}")) for i in range(6)]
+    assert [r[0] for r in hpcray.get(refs, timeout=50)] == ["second"] * 6
+    _still_works()
