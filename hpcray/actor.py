@@ -80,6 +80,7 @@ class ActorClass:
             "max_restarts": options.get("max_restarts") or 0,
             "max_task_retries": options.get("max_task_retries") or 0,
             "max_concurrency": options.get("max_concurrency"),
+            "scheduling_strategy": opts.strategy_of(options),
         }
         spec = TaskSpec(actor_id, ACTOR_CREATION, self._class_id, self.__name__, args_payload,
                         deps, contained, [], demand, 0, False, actor_id, None, spec_options)

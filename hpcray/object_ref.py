@@ -16,12 +16,15 @@ import threading
 class LocalReferenceCounter:
     """Per-process counts of live references, reporting transitions as (id, +1|-1)."""
 
-    __slots__ = ("counts", "transitions", "enabled")
+    __slots__ = ("counts", "transitions", "enabled", "on_actor_released")
 
     def __init__(self):
         self.counts: dict[bytes, int] = {}
         self.transitions: collections.deque = collections.deque()
         self.enabled = True
+        # Called when the last local handle of an actor goes (the driver wakes its node
+        # manager, which ends the actor; object releases wait for the next call instead).
+        self.on_actor_released = None
 
     def add(self, key: bytes) -> None:
         counts = self.counts
@@ -42,6 +45,8 @@ class LocalReferenceCounter:
             counts.pop(key, None)
             if n == 1:
                 self.transitions.append((key, -1))
+                if len(key) == 16 and self.on_actor_released is not None:
+                    self.on_actor_released()
         else:
             counts[key] = n - 1
 

@@ -62,3 +62,23 @@ def demand_of(options: dict, default_cpus: float) -> dict:
     if not demand["CPU"]:
         del demand["CPU"]
     return demand
+
+
+def strategy_of(options: dict):
+    """The scheduling strategy in the form the schedulers take: None (DEFAULT), "SPREAD",
+    or ("node", rank, soft) for NodeAffinitySchedulingStrategy."""
+    strategy = options.get("scheduling_strategy")
+    if strategy is None or strategy == "DEFAULT":
+        return None
+    if strategy == "SPREAD":
+        return "SPREAD"
+    node_id = getattr(strategy, "node_id", None)
+    if node_id is not None:
+        try:
+            rank = int(str(node_id)[:8], 16)
+        except ValueError:
+            raise ValueError(f"NodeAffinitySchedulingStrategy got an unknown node id "
+                             f"{node_id!r}; use a NodeID from hpcray.nodes().") from None
+        return ("node", rank, bool(strategy.soft))
+    raise ValueError(f"Unknown scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD' or "
+                     "NodeAffinitySchedulingStrategy.")

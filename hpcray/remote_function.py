@@ -59,9 +59,11 @@ class RemoteFunction:
         max_retries = options.get("max_retries")
         if max_retries is None:
             max_retries = client.config.default_max_retries
+        strategy = opts.strategy_of(options)
         spec = TaskSpec(task_id, NORMAL_TASK, function_id, options.get("name") or self._name,
                         args_payload, deps, contained, return_ids, demand, max_retries,
-                        options.get("retry_exceptions", False))
+                        options.get("retry_exceptions", False), None, None,
+                        {"scheduling_strategy": strategy} if strategy else None)
         client.submit(spec)
         return refs_for(return_ids)
 

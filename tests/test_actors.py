@@ -548,8 +548,6 @@ def test_fifty_actors(ray_start):
     assert hpcray.get([a.incr.remote() for a in actors], timeout=50) == list(range(1, 51))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: dropping the last handle is not acted on until "
-                   "something else wakes the node manager's event loop; the idle actor lives on")
 @pytest.mark.timeout(60)
 def test_dropped_handle_ends_actor_process(ray_start):
     c = Counter.remote()

@@ -172,12 +172,6 @@ def test_driver_exits_with_tasks_running(tmp_path):
     _assert_nothing_left(info)
 
 
-_TEARDOWN_RACE = ("bug: the fork server's SIGTERM handler (sys.exit) fires during its own "
-                  "teardown (_kill_all) when the parent-death SIGTERM lands after the socket "
-                  "EOF, aborting the finally block before Store.unlink_name: the segment leaks")
-
-
-@pytest.mark.xfail(strict=False, reason=_TEARDOWN_RACE + " (a race: fails about half the runs)")
 @pytest.mark.timeout(60)
 def test_driver_os_exit_skips_atexit(tmp_path):
     proc, info = _run_driver(tmp_path, "os_exit")
@@ -186,7 +180,6 @@ def test_driver_os_exit_skips_atexit(tmp_path):
     _assert_nothing_left(info)
 
 
-@pytest.mark.xfail(strict=False, reason=_TEARDOWN_RACE + " (a race: fails about half the runs)")
 @pytest.mark.timeout(60)
 def test_driver_sigkilled_while_tasks_run(tmp_path):
     proc, info = _run_driver(tmp_path, "sigkill")
@@ -196,7 +189,6 @@ def test_driver_sigkilled_while_tasks_run(tmp_path):
     _assert_nothing_left(info)
 
 
-@pytest.mark.xfail(strict=True, reason=_TEARDOWN_RACE)
 @pytest.mark.timeout(60)
 def test_driver_death_while_fork_server_tears_down(tmp_path):
     """The race above, made certain: SIGTERM reaches the fork server mid-teardown."""

@@ -82,6 +82,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
         self.functions: dict[bytes, bytes] = {}
         self.workers: dict[int, WorkerHandle] = {}
         self.driver_refs = LocalReferenceCounter()
+        self.driver_refs.on_actor_released = self._wake_always
         self._handlers: dict[int, object] = {}
         self._timers: list = []
         self._worker_keys = itertools.count(1)
@@ -228,6 +229,12 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
                 os.write(self._wake_w, b"w")
             except BlockingIOError:
                 pass
+
+    def _wake_always(self) -> None:
+        try:
+            os.write(self._wake_w, b"a")
+        except OSError:  # the pipe is full (a wake-up is pending anyway) or closed
+            pass
 
     def _on_wake(self, fd, _mask) -> None:
         try:
@@ -403,6 +410,12 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
     # ------------------------------------------------------------------ tasks
     def submit(self, spec: TaskSpec, parent: TaskRecord | None = None) -> None:
         """A task from any client on this node; its return entries exist on return."""
+        strategy = spec.options.get("scheduling_strategy") if spec.options else None
+        if isinstance(strategy, tuple) and not strategy[2] and \
+                strategy[1] not in (self.cluster.nodes if self.cluster else (0,)):
+            raise exceptions.ResourceInfeasibleError(
+                f"{spec.name} must run on node rank {strategy[1]} (soft=False), "
+                "which is not part of this job.")
         if not self.cluster_feasible(spec.demand):
             raise exceptions.ResourceInfeasibleError(
                 f"{spec.name} requests {spec.demand}, but no node can ever satisfy it: "

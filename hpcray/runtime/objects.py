@@ -83,7 +83,10 @@ class _Waiter:
 
 
 class ObjectsMixin:
-    """The object-table part of NodeManager (`self.objects`, `self.store`, `self.actors`)."""
+    """The object-table part of NodeManager (`self.objects`, `self.store`, `self.actors`).
+
+    With many nodes, ClusterMixin supplies `_remote_entry` (an entry for an id another
+    node owns) and `_start_pull` (fetch a REMOTE value into this node's store)."""
 
     def _entry(self, object_id: bytes) -> ObjectEntry:
         entry = self.objects.get(object_id)
@@ -207,14 +210,6 @@ class ObjectsMixin:
         else:
             entry.avail_waiters.append(waiter)
         return True
-
-    def _remote_entry(self, object_id: bytes):
-        """Single node: None (an unknown id was freed). Many nodes: overridden to ask the
-        object's owner about it."""
-        return None
-
-    def _start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
-        raise AssertionError("REMOTE objects exist only with many nodes")
 
     def _remove_waiter(self, object_id: bytes, waiter) -> None:
         entry = self.objects.get(object_id)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 60
 
 pytestmark = [
-    pytest.mark.mpi,
+    pytest.mark.multinode,
     pytest.mark.timeout(120),
     pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no {MPIEXEC}"),
     pytest.mark.skipif(

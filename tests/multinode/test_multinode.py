@@ -1,0 +1,254 @@
+"""Many nodes for real: `mpiexec -n N python -m hpcray script.py` as a subprocess.
+
+Each test writes a driver script that asserts what it checks and prints a line the
+test looks for; a deadlock fails by the subprocess timeout instead of hanging CI.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(200)]
+
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+
+
+def segment_leaks(before: set) -> set:
+    """New hpcray segments whose creating process is gone."""
+    leaked = set()
+    for name in os.listdir("/dev/shm"):
+        match = re.match(r"hpcray-(\d+)-", name)
+        if name in before or not match:
+            continue
+        if not os.path.exists(f"/proc/{match.group(1)}"):
+            leaked.add(name)
+    return leaked
+
+
+def run_mpi(tmp_path, ranks, script, env=None, timeout=150, expect_code=0):
+    path = tmp_path / "driver.py"
+    path.write_text(textwrap.dedent(script))
+    before = set(os.listdir("/dev/shm"))
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.Popen([str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "hpcray",
+                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=full_env, cwd=str(tmp_path), start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"mpiexec -n {ranks} timed out; output:\n{output}")
+    assert proc.returncode == expect_code, output
+    assert not segment_leaks(before), f"segments left: {segment_leaks(before)}"
+    return output
+
+
+def test_tasks_spread_over_every_node(tmp_path):
+    out = run_mpi(tmp_path, 4, """
+        import collections, hpcray as ray
+        ray.init(num_cpus=1)
+        assert len(ray.nodes()) == 4 and ray.cluster_resources()["CPU"] == 4
+        @ray.remote
+        def where(i):
+            return ray.get_runtime_context().get_node_id()
+        counts = collections.Counter(ray.get([where.remote(i) for i in range(400)]))
+        print("COUNTS", sorted(counts.values()))
+        assert len(counts) == 4, counts
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_objects_move_between_nodes(tmp_path):
+    out = run_mpi(tmp_path, 3, """
+        import numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        def make(n):
+            return np.arange(n, dtype=np.int64)
+        @ray.remote
+        def total(a):
+            return int(a.sum()), ray.get_runtime_context().get_node_id()
+        big = make.options(scheduling_strategy=On(ids[2], soft=False)).remote(3_000_000)
+        assert ray.get(big)[-1] == 2_999_999                      # node 2 -> driver
+        s, node = ray.get(total.options(scheduling_strategy=On(ids[1], soft=False)).remote(big))
+        assert s == sum(range(3_000_000)) and node == ids[1]       # node 2 -> node 1
+        small = ray.put({"k": 1})
+        assert ray.get(total.options(scheduling_strategy=On(ids[2], soft=False)).remote(
+            ray.put(np.ones(10))))[0] == 10
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_locality_puts_a_task_where_its_argument_is(tmp_path):
+    out = run_mpi(tmp_path, 4, """
+        import numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        def make():
+            return np.zeros(20 * 1024 * 1024 // 8)
+        @ray.remote
+        def where(a):
+            return ray.get_runtime_context().get_node_id()
+        big = make.options(scheduling_strategy=On(ids[2], soft=False)).remote()
+        ray.wait([big])
+        placed = ray.get([where.remote(big) for _ in range(3)])
+        assert placed == [ids[2]] * 3, placed
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_custom_resource_of_one_rank_and_infeasible_requests(tmp_path):
+    out = run_mpi(tmp_path, 4, """
+        import hpcray as ray
+        from hpcray.exceptions import ResourceInfeasibleError
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        assert ray.cluster_resources()["special"] == 1
+        @ray.remote(resources={"special": 1})
+        def special():
+            return ray.get_runtime_context().get_node_id()
+        assert set(ray.get([special.remote() for _ in range(4)])) == {ids[3]}
+        for bad in ({"num_cpus": 2}, {"resources": {"special": 2}}, {"num_gpus": 1}):
+            try:
+                special.options(**bad).remote()
+            except ResourceInfeasibleError:
+                pass
+            else:
+                raise AssertionError(f"{bad} did not raise")
+        ray.shutdown()
+        print("OK")
+    """, env={"HPCRAY_RESOURCES_RANK_3": '{"special": 1}'})
+    assert "OK" in out
+
+
+def test_spread_and_node_affinity(tmp_path):
+    out = run_mpi(tmp_path, 3, """
+        import hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=2)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        def where():
+            return ray.get_runtime_context().get_node_id()
+        spread = ray.get([where.options(scheduling_strategy="SPREAD").remote()
+                          for _ in range(9)])
+        assert set(spread) == set(ids.values()), spread
+        assert ray.get(where.options(scheduling_strategy=On(ids[1], soft=False)).remote()) \\
+            == ids[1]
+        @ray.remote
+        class Where:
+            def node(self):
+                return ray.get_runtime_context().get_node_id()
+        actors = [Where.options(scheduling_strategy="SPREAD").remote() for _ in range(3)]
+        assert set(ray.get([a.node.remote() for a in actors])) == set(ids.values())
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_actors_across_nodes(tmp_path):
+    out = run_mpi(tmp_path, 3, """
+        import hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        class Counter:
+            def __init__(self):
+                self.values = []
+            def add(self, v):
+                self.values.append(v)
+                return len(self.values)
+            def read(self):
+                return self.values
+            def node(self):
+                return ray.get_runtime_context().get_node_id()
+        counter = Counter.options(scheduling_strategy=On(ids[1], soft=False)).remote()
+        assert ray.get(counter.node.remote()) == ids[1]
+        refs = [counter.add.remote(i) for i in range(200)]
+        assert ray.get(refs) == list(range(1, 201))
+        assert ray.get(counter.read.remote()) == list(range(200))    # in order
+        @ray.remote
+        def use(c, k):
+            return ray.get(c.add.remote(k)), ray.get_runtime_context().get_node_id()
+        n, node = ray.get(use.options(scheduling_strategy=On(ids[2], soft=False)).remote(
+            counter, 7))
+        assert n == 201 and node == ids[2]
+        @ray.remote
+        def fail():
+            raise KeyError("far away")
+        try:
+            ray.get(fail.options(scheduling_strategy=On(ids[2], soft=False)).remote())
+        except KeyError:
+            pass
+        else:
+            raise AssertionError("no error")
+        ray.kill(counter)
+        try:
+            ray.get(counter.read.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            pass
+        else:
+            raise AssertionError("killed actor answered")
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_init_shutdown_init_and_gcs_shards(tmp_path):
+    out = run_mpi(tmp_path, 2, """
+        import hpcray as ray
+        for shards in (1, 2):
+            ray.init(num_cpus=1, gcs_shards=shards)
+            @ray.remote
+            def f(x):
+                return x * 2
+            assert ray.get([f.remote(i) for i in range(50)]) == [2 * i for i in range(50)]
+            ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_uncaught_driver_exception_ends_every_rank(tmp_path):
+    out = run_mpi(tmp_path, 3, """
+        import hpcray as ray
+        ray.init(num_cpus=1)
+        raise RuntimeError("driver failed on purpose")
+    """, expect_code=1, timeout=60)
+    assert "driver failed on purpose" in out
+
+
+def test_nested_tasks_across_nodes(tmp_path):
+    out = run_mpi(tmp_path, 3, """
+        import hpcray as ray
+        ray.init(num_cpus=1)
+        @ray.remote
+        def tree(depth):
+            if depth == 0:
+                return 1
+            return sum(ray.get([tree.remote(depth - 1) for _ in range(2)]))
+        assert ray.get(tree.remote(4)) == 16
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
