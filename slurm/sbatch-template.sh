@@ -1,0 +1,32 @@
+#!/bin/bash
+# An hpcray job for Slurm. Copy it, edit the #SBATCH lines and the last line, then:
+#   sbatch sbatch-template.sh
+#
+# hpcray starts like an MPI program: srun launches one task per node, each task is one hpcray
+# node (task 0 also runs app.py as the driver; the others serve it), and each node starts its own
+# worker processes on the CPUs and GPUs Slurm gave it. So ask Slurm for whole nodes' worth of
+# CPUs per task, not for one task per core.
+
+# Nodes in the job = hpcray nodes.
+#SBATCH -N 2
+# One task (one hpcray node) per node; more would split a node's CPUs between two runtimes.
+#SBATCH --ntasks-per-node=1
+# The CPUs each hpcray node may use for workers: the node's cores on a whole-node allocation.
+#SBATCH --cpus-per-task=32
+# GPUs per node, one per GPU worker; hpcray reads CUDA_VISIBLE_DEVICES as Slurm sets it.
+# Uncomment on a GPU partition (some sites spell it --gres=gpu:4).
+##SBATCH --gpus-per-node=4
+#SBATCH --time=01:00:00
+#SBATCH --job-name=hpcray
+#SBATCH --output=hpcray-%j.out
+
+set -euo pipefail
+
+# Your environment: the Python with hpcray installed, built against the MPI srun will start
+# (the site's MPI on a cluster, e.g. `module load mpich`; not the PyPI mpich wheel).
+# source ~/venvs/hpcray/bin/activate
+
+# --mpi=pmi2 starts MPICH (and MPICH-based MPIs: Cray MPICH, Intel MPI, MVAPICH). With Open MPI
+# use --mpi=pmix instead (`srun --mpi=list` shows what the site's Slurm offers). With no or the
+# wrong plugin every task comes up as an MPI world of size 1, and hpcray stops with an error.
+srun --mpi=pmi2 python -m hpcray app.py
