@@ -20,6 +20,7 @@ deadlock a full node; more pool workers start while ready tasks fit the freed CP
 from collections import deque
 
 _EPS = 1e-9
+LOCALITY_BYTES = 1 << 20  # arguments this large pull a task toward the node holding them
 
 
 cdef class LocalScheduler:
@@ -290,8 +291,12 @@ cdef class GlobalScheduler:
         best_score = None
         for rank in feasible:
             cpus = max(1.0, self.totals[rank].get("CPU", 1.0))
-            score = (self._fits_now(rank, demand),
-                     (arg_bytes or {}).get(rank, 0),
+            local_bytes = (arg_bytes or {}).get(rank, 0)
+            # Large arguments pin a task to their node (moving them costs more than
+            # waiting for a CPU there); otherwise a node with room now, then the least load.
+            score = (local_bytes if local_bytes >= LOCALITY_BYTES else 0,
+                     self._fits_now(rank, demand),
+                     local_bytes,
                      -self.queued[rank] / cpus)
             if best_score is None or score > best_score:
                 best, best_score = rank, score

@@ -193,7 +193,7 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
         raise ValueError("timeout must be None or >= 0.")
     if not object_ids:
         return [], []
-    ready_ids = client.wait_ready(object_ids, num_returns, timeout)
+    ready_ids = client.wait_ready(object_ids, num_returns, timeout, fetch_local)
     if len(ready_ids) == len(object_ids):  # all ready: the common case of a drained batch
         return list(object_refs[:num_returns]), list(object_refs[num_returns:])
     ready_set = set(ready_ids)

@@ -114,11 +114,17 @@ class CoreClient:
         return ("store", args_id), deps, contained + [args_id]
 
     def check_feasible(self, name: str, demand: dict) -> None:
+        """Raise at the call site when no node of the job can ever run this."""
         for resource, amount in demand.items():
             if amount > self.total_resources.get(resource, 0.0) + 1e-9:
-                raise exceptions.ResourceInfeasibleError(
-                    f"{name} requests {demand}, but no node can ever satisfy it: this cluster "
-                    f"has {self.total_resources}.")
+                if not self._cluster_feasible(demand):
+                    raise exceptions.ResourceInfeasibleError(
+                        f"{name} requests {demand}, but no node can ever satisfy it: this "
+                        f"cluster has {self.resources()[0]}.")
+                return
+
+    def _cluster_feasible(self, demand: dict) -> bool:
+        return False  # this node is the whole cluster
 
 
 _EMPTY_ARGS = serialize(((), {}), 1 << 30).pickled
@@ -154,6 +160,10 @@ class DriverClient(CoreClient):
         finally:
             nm.lock.release()
 
+    def _cluster_feasible(self, demand: dict) -> bool:
+        with self.nm.lock:
+            return self.nm.cluster_feasible(demand)
+
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         nm = self.nm
         with nm.lock:
@@ -185,13 +195,14 @@ class DriverClient(CoreClient):
         with nm.lock:
             return nm.payloads(object_ids)
 
-    def wait_ready(self, object_ids: list, num_returns: int, timeout) -> list:
+    def wait_ready(self, object_ids: list, num_returns: int, timeout,
+                   fetch_local: bool = True) -> list:
         nm = self._locked()
         try:
-            ready = nm.ready_ids(object_ids)
+            ready = nm.ready_ids(object_ids, fetch_local)
             if len(ready) >= num_returns or timeout == 0:
                 return ready
-            waiter = nm.register_get(object_ids, num_returns)
+            waiter = nm.register_get(object_ids, num_returns, None, fetch_local)
         finally:
             nm.lock.release()
         if waiter is not None:
@@ -200,7 +211,7 @@ class DriverClient(CoreClient):
                 with nm.lock:
                     nm.cancel_waiter(object_ids, waiter)
         with nm.lock:
-            return nm.ready_ids(object_ids)
+            return nm.ready_ids(object_ids, fetch_local)
 
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         nm = self._locked()
@@ -243,6 +254,9 @@ class WorkerClient(CoreClient):
     def _register_args_object(self, args_id, contained, size) -> None:
         self.channel.send_oneway("put", (args_id, None, contained, False, size))
 
+    def _cluster_feasible(self, demand: dict) -> bool:
+        return self.channel.request("feasible", demand)
+
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         self.channel.send_oneway("function", (function_id, pickled))
         self.exported_functions.add(function_id)
@@ -257,8 +271,9 @@ class WorkerClient(CoreClient):
                 f"get() timed out after {timeout} s waiting for {len(object_ids)} object(s).")
         return answer
 
-    def wait_ready(self, object_ids: list, num_returns: int, timeout) -> list:
-        return self.channel.request("wait", (object_ids, num_returns, timeout))
+    def wait_ready(self, object_ids: list, num_returns: int, timeout,
+                   fetch_local: bool = True) -> list:
+        return self.channel.request("wait", (object_ids, num_returns, timeout, fetch_local))
 
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         self.channel.send_oneway("cancel", (object_id, force, recursive))

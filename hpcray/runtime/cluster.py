@@ -29,10 +29,11 @@ ends (reference counting across nodes is not done yet).
 
 from __future__ import annotations
 
+import os
 import time
 
 from hpcray import exceptions, ids
-from hpcray._scheduler import GlobalScheduler
+from hpcray._scheduler import LOCALITY_BYTES, GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import GcsShard, is_gcs_request
 from hpcray.runtime.actors import RemoteActor
@@ -43,8 +44,8 @@ from hpcray.serialization import error_bytes
 _IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
 _BUSY_MAX_SLEEP = 0.0002   # while transfers are in flight
 _LOAD_REPORT_PERIOD = 0.005
-LOCALITY_BYTES = 1 << 20
-_TRACE = bool(__import__("os").environ.get("HPCRAY_TRACE"))   # arguments at least this large pull a task toward their node
+# HPCRAY_TRACE=1 prints every message between node managers (debugging).
+_TRACE = bool(os.environ.get("HPCRAY_TRACE"))
 
 
 class ClusterLink:
@@ -107,9 +108,7 @@ class ClusterMixin:
         transport = self._transport
         messages = transport.poll()
         self.handle_cluster_messages(messages)
-        finished = transport.progress()
-        for transfer in finished:
-            self._transfer_done(transfer)
+        finished = transport.progress()  # completed pulls run _pull_done (their on_done)
         self._report_load()
         if messages or finished:
             cluster.backoff = 0.0
@@ -177,6 +176,9 @@ class ClusterMixin:
             self.global_scheduler.report(0, dict(load[0]), load[1])
         else:
             self._transport.send(0, ("load", dict(load[0]), load[1]))
+
+    def _req_feasible(self, worker, req_id, demand) -> None:
+        self._reply(worker, req_id, self.cluster_feasible(demand))
 
     def _cm_load(self, source: int, available: dict, queued: int) -> None:
         self.global_scheduler.report(source, available, queued)
@@ -444,6 +446,7 @@ class ClusterMixin:
             return
         tag = transport.new_transfer_tag()
         transfer = transport.start_receive(entry.location, tag, view)
+        transfer.on_done = lambda: self._pull_done(tag)
         self.cluster.pulls[tag] = (object_id, view, transfer)
         self._send_to(entry.location, ("pull", object_id, tag))
 
@@ -469,13 +472,11 @@ class ClusterMixin:
             self._object_ready(object_id, error_bytes(exceptions.ObjectLostError(
                 f"Object {object_id.hex()} is no longer on node {source}.")), (), 0)
 
-    def _transfer_done(self, transfer) -> None:
-        pulled = self.cluster.pulls.pop(transfer.tag, None)
-        if pulled is None or transfer.peer is None:
+    def _pull_done(self, tag: int) -> None:
+        pulled = self.cluster.pulls.pop(tag, None)
+        if pulled is None:
             return
         object_id, view, _ = pulled
-        if getattr(transfer, "is_send", False):
-            return
         view.release()
         self.store.seal(object_id)
         entry = self.objects.get(object_id)

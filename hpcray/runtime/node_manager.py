@@ -619,12 +619,13 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
                        lambda: self.payloads(object_ids), lambda: "timeout")
 
     def _req_wait(self, worker, req_id, body) -> None:
-        object_ids, num_returns, timeout = body
-        answer = lambda: self.ready_ids(object_ids)  # noqa: E731
-        self._wait_for(worker, req_id, object_ids, num_returns, timeout, answer, answer)
+        object_ids, num_returns, timeout, fetch_local = body
+        answer = lambda: self.ready_ids(object_ids, fetch_local)  # noqa: E731
+        self._wait_for(worker, req_id, object_ids, num_returns, timeout, answer, answer,
+                       fetch_local)
 
     def _wait_for(self, worker, req_id, object_ids, num_returns, timeout, answer,
-                  timeout_answer) -> None:
+                  timeout_answer, local: bool = True) -> None:
         state = {"done": False}
 
         def finish(timed_out=False):
@@ -644,7 +645,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
                 if worker.alive:
                     self._send(worker, ("reply", req_id, ("error", error)))
 
-        waiter = self.register_get(object_ids, num_returns, callback=finish)
+        waiter = self.register_get(object_ids, num_returns, finish, local)
         if waiter is None:
             self._reply(worker, req_id, answer())
             return

@@ -213,8 +213,12 @@ class ObjectsMixin:
 
     def _remove_waiter(self, object_id: bytes, waiter) -> None:
         entry = self.objects.get(object_id)
-        if entry is not None and entry.waiters and waiter in entry.waiters:
+        if entry is None:
+            return
+        if entry.waiters and waiter in entry.waiters:
             entry.waiters.remove(waiter)
+        if entry.avail_waiters and waiter in entry.avail_waiters:
+            entry.avail_waiters.remove(waiter)
 
     def _payload(self, object_id: bytes):
         """What a reader needs: inline bytes, IN_STORE, or an exception if gone."""
@@ -231,34 +235,39 @@ class ObjectsMixin:
         self._object_ready(object_id, inline, contained, size)
         entry.is_put = False
 
-    def register_get(self, object_ids, num_returns: int, callback=None):
-        """A waiter released when `num_returns` of `object_ids` are here, or None if they are."""
+    def register_get(self, object_ids, num_returns: int, callback=None, local: bool = True):
+        """A waiter released when `num_returns` of `object_ids` are here (`local`; else
+        when they exist on any node, as `wait(fetch_local=False)`), or None if they are."""
         objects = self.objects
+        done = (READY,) if local else (READY, REMOTE)
         missing = [oid for oid in object_ids
                    if (e := objects.get(oid)) is None and self._remote_entry(oid) is not None
-                   or e is not None and e.state != READY]
+                   or e is not None and e.state not in done]
         ready = len(object_ids) - len(missing)
         if ready >= num_returns:
             return None
         waiter = _Waiter(num_returns - ready, callback)
+        add = self._add_waiter if local else self._add_avail_waiter
         for oid in missing:
-            self._add_waiter(oid, waiter)
+            add(oid, waiter)
         return waiter
 
     def cancel_waiter(self, object_ids, waiter) -> None:
         for oid in object_ids:
             self._remove_waiter(oid, waiter)
 
-    def ready_ids(self, object_ids) -> list:
-        """The ids whose value is here (or that are unknown here for good: get raises)."""
+    def ready_ids(self, object_ids, local: bool = True) -> list:
+        """The ids whose value is here (`local`; else anywhere), or that are unknown here
+        for good (get raises)."""
         objects = self.objects
         if self.cluster is None:
             return [oid for oid in object_ids
                     if (e := objects.get(oid)) is None or e.state == READY]
         rank = self.rank
+        done = (READY,) if local else (READY, REMOTE)
         return [oid for oid in object_ids
                 if (e := objects.get(oid)) is None and ids.owner_rank(oid) == rank
-                or e is not None and e.state == READY]
+                or e is not None and e.state in done]
 
     def payloads(self, object_ids) -> list:
         return [self._payload(oid) for oid in object_ids]

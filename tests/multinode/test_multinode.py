@@ -105,7 +105,7 @@ def test_locality_puts_a_task_where_its_argument_is(tmp_path):
         def where(a):
             return ray.get_runtime_context().get_node_id()
         big = make.options(scheduling_strategy=On(ids[2], soft=False)).remote()
-        ray.wait([big])
+        ray.wait([big], fetch_local=False)   # made on node 2, not copied to the driver
         placed = ray.get([where.remote(big) for _ in range(3)])
         assert placed == [ids[2]] * 3, placed
         ray.shutdown()
