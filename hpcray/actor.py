@@ -71,21 +71,37 @@ class ActorClass:
         demand = opts.demand_of(options, 0)  # Ray: an actor holds no CPU unless asked
         client.check_feasible(f"Actor {self.__name__}", demand)
         actor_id = ids.new_actor_id()
+        if name is not None:
+            holder = client.claim_actor_name(name, actor_id, self._info)
+            if holder is not None:
+                found = client.get_actor_info(name) if options.get("get_if_exists") else None
+                if found is not None:
+                    return ActorHandle(*found)
+                raise ValueError(f"An actor named {name!r} already exists.")
+        try:
+            self._submit(client, actor_id, args, kwargs, options)
+        except BaseException:
+            if name is not None:  # the name goes back: this actor never existed
+                client.release_actor_name(name, actor_id)
+            raise
+        return ActorHandle(actor_id, self._info, True)
+
+    def _submit(self, client, actor_id: bytes, args, kwargs, options: dict) -> None:
         args_payload, deps, contained = encode_call_args(client, actor_id, args, kwargs,
                                                          f"{self.__name__}.__init__")
         spec_options = {
             "info": self._info,
-            "name": name,
+            "name": options.get("name"),
             "detached": options.get("lifetime") == "detached",
             "max_restarts": options.get("max_restarts") or 0,
             "max_task_retries": options.get("max_task_retries") or 0,
             "max_concurrency": options.get("max_concurrency"),
             "scheduling_strategy": opts.strategy_of(options),
         }
+        demand = opts.demand_of(options, 0)
         spec = TaskSpec(actor_id, ACTOR_CREATION, self._class_id, self.__name__, args_payload,
                         deps, contained, [], demand, 0, False, actor_id, None, spec_options)
         client.submit(spec)
-        return ActorHandle(actor_id, self._info, True)
 
 
 class _ActorOptions:

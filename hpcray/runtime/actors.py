@@ -16,6 +16,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from hpcray import exceptions
+from hpcray.gcs import tables as gcs_tables
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
 if TYPE_CHECKING:
@@ -65,11 +66,7 @@ class ActorsMixin:
     """The actor part of NodeManager."""
 
     def _create_actor(self, spec: TaskSpec) -> None:
-        name = spec.options.get("name")
-        if name is not None:
-            if name in self.named_actors and self.actors[self.named_actors[name]].state != A_DEAD:
-                raise ValueError(f"An actor named {name!r} already exists.")
-            self.named_actors[name] = spec.actor_id
+        # A named actor's client claimed the name (claim_actor_name) before submitting.
         actor = ActorRecord(spec, spec.options["info"])
         actor.refs = 1  # the creator's handle
         self.actors[spec.actor_id] = actor
@@ -214,6 +211,8 @@ class ActorsMixin:
     def _actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
         actor.state = A_DEAD
         actor.death = error
+        if actor.name is not None and self.cluster is not None:
+            self.gcs.request("update_actor", actor.actor_id, {"state": gcs_tables.DEAD})
         for record in list(actor.inflight.values()) + list(actor.queue):
             self._fail_task(record, error)
         actor.inflight.clear()
@@ -257,8 +256,55 @@ class ActorsMixin:
             self._actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} was killed with kill()."))
 
-    def get_actor_info(self, name: str):
-        actor_id = self.named_actors.get(name)
-        if actor_id is None or self.actors[actor_id].state == A_DEAD:
-            return None
-        return actor_id, self.actors[actor_id].info
+    # ------------------------------------------------------------------ names
+    # One node: the names live in `named_actors`. Many nodes: in the GCS (claimed there
+    # before the creation is submitted, released when the actor dies), so a name is
+    # unique across the job and visible from every node. Both answer through a callback.
+
+    def claim_actor_name(self, name: str, actor_id: bytes, info: dict, answer) -> None:
+        """answer(None) once `name` belongs to `actor_id`; answer(holder id) if a live
+        actor already holds it."""
+        if self.cluster is None:
+            holder = self.named_actors.get(name)
+            if holder is not None and holder != actor_id and self._actor_alive(holder):
+                answer(holder)
+                return
+            self.named_actors[name] = actor_id
+            answer(None)
+            return
+        record = gcs_tables.ActorInfo(name=name, class_name=info["class_name"], info=info)
+
+        def registered(result) -> None:
+            answer(result.actor_id if isinstance(result, gcs_tables.NameTaken) else None)
+
+        self.gcs.register_actor(actor_id, record, callback=registered)
+
+    def release_actor_name(self, name: str, actor_id: bytes) -> None:
+        """Give back a name whose actor was never submitted (its submission failed)."""
+        if self.cluster is None:
+            if self.named_actors.get(name) == actor_id:
+                del self.named_actors[name]
+        else:
+            self.gcs.request("update_actor", actor_id, {"state": gcs_tables.DEAD})
+
+    def lookup_actor(self, name: str, answer) -> None:
+        """answer((actor_id, info)) of the live actor named `name`, or answer(None)."""
+        if self.cluster is None:
+            actor_id = self.named_actors.get(name)
+            answer((actor_id, self.actors[actor_id].info)
+                   if actor_id is not None and self._actor_alive(actor_id) else None)
+            return
+
+        def found(actor_id) -> None:
+            if actor_id is None:
+                answer(None)
+                return
+            self.gcs.request("get_actor", actor_id, callback=lambda record: answer(
+                None if record is None or record.state == gcs_tables.DEAD
+                else (actor_id, record.info)))
+
+        self.gcs.request("lookup_actor_name", name, callback=found)
+
+    def _actor_alive(self, actor_id: bytes) -> bool:
+        actor = self.actors.get(actor_id)
+        return actor is not None and actor.state != A_DEAD

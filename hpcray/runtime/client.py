@@ -227,9 +227,30 @@ class DriverClient(CoreClient):
         finally:
             nm.lock.release()
 
-    def get_actor_info(self, name: str):
+    def _answer_of(self, method, *args):
+        """Call a node-manager method that answers through a callback (maybe later, from
+        the node manager's thread when the GCS replies) and wait for the answer."""
+        answered = threading.Event()
+        box = []
+
+        def answer(value) -> None:
+            box.append(value)
+            answered.set()
+
         with self.nm.lock:
-            return self.nm.get_actor_info(name)
+            method(*args, answer)
+        answered.wait()
+        return box[0]
+
+    def claim_actor_name(self, name: str, actor_id: bytes, info: dict):
+        return self._answer_of(self.nm.claim_actor_name, name, actor_id, info)
+
+    def release_actor_name(self, name: str, actor_id: bytes) -> None:
+        with self.nm.lock:
+            self.nm.release_actor_name(name, actor_id)
+
+    def get_actor_info(self, name: str):
+        return self._answer_of(self.nm.lookup_actor, name)
 
     def resources(self):
         with self.nm.lock:
@@ -280,6 +301,12 @@ class WorkerClient(CoreClient):
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         self.channel.send_oneway("kill", (actor_id, no_restart))
+
+    def claim_actor_name(self, name: str, actor_id: bytes, info: dict):
+        return self.channel.request("claim_actor_name", (name, actor_id, info))
+
+    def release_actor_name(self, name: str, actor_id: bytes) -> None:
+        self.channel.send_oneway("release_actor_name", (name, actor_id))
 
     def get_actor_info(self, name: str):
         return self.channel.request("get_actor", name)

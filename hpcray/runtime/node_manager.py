@@ -589,6 +589,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
                 self.put(*body)
             elif op == "function":
                 self.functions.setdefault(body[0], body[1])
+            elif op == "release_actor_name":
+                self.release_actor_name(*body)
             elif op == "kill":
                 self.kill_actor(*body)
             elif op == "cancel":
@@ -669,7 +671,10 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
             self.scheduler.worker_unblocked(worker.key, record.spec.demand)
 
     def _req_get_actor(self, worker, req_id, name) -> None:
-        self._reply(worker, req_id, self.get_actor_info(name))
+        self.lookup_actor(name, lambda found: self._reply(worker, req_id, found))
+
+    def _req_claim_actor_name(self, worker, req_id, body) -> None:
+        self.claim_actor_name(*body, lambda holder: self._reply(worker, req_id, holder))
 
     def _req_resources(self, worker, req_id, _body) -> None:
         self._reply(worker, req_id, (self.cluster_resources(), self.cluster_available()))

@@ -252,3 +252,58 @@ def test_nested_tasks_across_nodes(tmp_path):
         print("OK")
     """)
     assert "OK" in out
+
+
+@pytest.mark.parametrize("gcs_shards", [1, 2])
+def test_named_actors_across_nodes(tmp_path, gcs_shards):
+    out = run_mpi(tmp_path, 3, """
+        import os, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        class Counter:
+            def __init__(self):
+                self.n = 0
+            def add(self, k):
+                self.n += k
+                return self.n, ray.get_runtime_context().get_node_id()
+        c = Counter.options(name="counter", scheduling_strategy=On(ids[2], soft=False)).remote()
+        assert ray.get(c.add.remote(1)) == (1, ids[2])
+        try:
+            Counter.options(name="counter").remote()
+        except ValueError as e:
+            assert "already exists" in str(e)
+        else:
+            raise AssertionError("a second actor took a live actor's name")
+        @ray.remote
+        def bump_by_name(k):  # looks the actor up from another node
+            return ray.get(ray.get_actor("counter").add.remote(k))[0]
+        where = On(ids[1], soft=False)
+        assert ray.get(bump_by_name.options(scheduling_strategy=where).remote(10)) == 11
+        @ray.remote
+        def name_taken_elsewhere():
+            try:
+                Counter.options(name="counter").remote()
+            except ValueError:
+                return "taken"
+            return "created"
+        assert ray.get(name_taken_elsewhere.options(scheduling_strategy=where).remote()) == "taken"
+        same = Counter.options(name="counter", get_if_exists=True).remote()
+        assert ray.get(same.add.remote(100))[0] == 111
+        ray.kill(c)
+        import time
+        deadline = time.monotonic() + 30
+        while True:  # the name is free again once the host reports the death
+            try:
+                ray.get_actor("counter")
+            except ValueError:
+                break
+            assert time.monotonic() < deadline, "name still taken after kill"
+            time.sleep(0.05)
+        again = Counter.options(name="counter").remote()
+        assert ray.get(again.add.remote(5))[0] == 5
+        ray.shutdown()
+        print("OK")
+    """, env={"HPCRAY_GCS_SHARDS": str(gcs_shards)})
+    assert "OK" in out
