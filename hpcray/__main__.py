@@ -30,11 +30,17 @@ def main(argv: list[str]) -> int:
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
         run = lambda: runpy.run_path(argv[0], run_name="__main__")  # noqa: E731
     from hpcray.runtime import launch
-    transport = launch.world()
+    try:
+        transport = launch.world()
+    except launch.LaunchError as exc:
+        print(f"hpcray: {exc}", file=sys.stderr)
+        return 1
     if transport is not None and transport.rank != 0:
         # Only rank 0 runs the program; the other ranks are its nodes until it ends.
         return launch.serve_ranks(transport, lambda job: launch.build_node(
             job, transport, run_thread=False))
+    if transport is not None:
+        launch.end_on_sigterm()
     code = 0
     try:
         run()
@@ -48,6 +54,7 @@ def main(argv: list[str]) -> int:
         from hpcray import api
         api.shutdown()
         launch.end_ranks(code)
+    launch.leave_if_terminating(code)
     return code
 
 

@@ -9,6 +9,10 @@
 #                                   they are gone (fine when nothing runs)
 #   slurm/local-cluster.sh status   the daemons and sinfo; exit 0 when all three run
 #   slurm/local-cluster.sh env      prints `export SLURM_CONF=...`: eval "$(... env)"
+#   slurm/local-cluster.sh clean-mpich JOB [STEP...]
+#                                   remove the MPICH shared-memory segments of a job's steps
+#                                   (every step when none is named); the cluster's Epilog runs
+#                                   it at the end of every job
 #
 # Settings (environment):
 #   HPCRAY_SLURM_DIR    state dir: config, logs, PID files, spool (default /tmp/hpcray-slurm)
@@ -133,10 +137,24 @@ ReturnToService=2
 MailProg=/bin/true
 # Keep finished jobs visible to scontrol show job for a while: there is no sacct.
 MinJobAge=300
+# Removes what MPICH leaves in /dev/shm when a step's ranks are killed (clean-mpich below).
+Epilog=$STATE_DIR/epilog
 FirstJobId=$first_job_id
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+
+write_epilog() {
+    # slurmd exec()s the Epilog with no arguments, so a small script that calls this one; it
+    # must exit 0 whatever happens, or slurmd drains the node.
+    cat >"$STATE_DIR/epilog" <<EOF
+#!/bin/bash
+# Written by slurm/local-cluster.sh; runs as root on the node at the end of every job.
+bash '$(realpath "$0")' clean-mpich "\$SLURM_JOB_ID" >/dev/null 2>&1
+exit 0
+EOF
+    chmod 0755 "$STATE_DIR/epilog"
 }
 
 start_munged() {
@@ -176,6 +194,7 @@ cmd_start() {
     # munged runs as user munge and must reach its socket dir inside (mktemp makes 0700).
     chmod 0755 "$STATE_DIR"
     write_conf "$host"
+    write_epilog
     start_munged
     if ! pid_of slurmctld "$STATE_DIR/slurmctld.pid" >/dev/null; then
         # -c: a fresh controller forgets the jobs of an earlier run (stop cancels them all, but
@@ -239,6 +258,45 @@ our_stepds() {
     done
 }
 
+# fnv1a32 TEXT: MPICH's HASH_FNV (32-bit FNV-1a) of TEXT, in lowercase hex without padding.
+fnv1a32() {
+    local text=$1 hash=2166136261 i code
+    for ((i = 0; i < ${#text}; i++)); do
+        printf -v code %d "'${text:i:1}"
+        hash=$((((hash ^ code) * 16777619) & 0xffffffff))
+    done
+    printf %x "$hash"
+}
+
+# clean-mpich JOB [STEP...]: MPICH (ch4, as in PyPI's wheel) maps one segment per node and
+# step, /dev/shm/mpich_shm_<FNV-1a of the PMI job id>_<node> (and mpich_vci_... with several
+# VCIs). Only the local rank that happened to create it unlinks it, in MPI_Finalize: when that
+# rank is killed (KillOnBadExit after another rank failed, scancel, a time limit) or leaves by
+# os._exit or MPI_Abort, the segment stays until reboot. Under `srun --mpi=pmi2` the PMI job id
+# is "<job>.<step>", so a finished job's segments are known by name; nothing else is touched
+# (mpiexec's own names, other clusters' jobs).
+MAX_STEPS=256
+cmd_clean_mpich() {
+    local job=${1:-} steps step segment name hex
+    local -A ours=()
+    [[ $job =~ ^[0-9]+$ ]] || die "clean-mpich: not a job id: '$job'"
+    shift
+    if (($#)); then steps=("$@"); else mapfile -t steps < <(seq 0 $((MAX_STEPS - 1))); fi
+    shopt -s nullglob
+    local segments=(/dev/shm/mpich_shm_* /dev/shm/mpich_vci_*)
+    ((${#segments[@]})) || return 0
+    for step in "${steps[@]}"; do ours[$(fnv1a32 "$job.$step")]=1; done
+    for segment in "${segments[@]}"; do
+        name=${segment##*/}
+        hex=${name#mpich_*_}
+        hex=${hex%_*}
+        if [[ -n ${ours[$hex]:-} ]]; then
+            rm -f -- "$segment"
+            say "removed $segment (job $job)"
+        fi
+    done
+}
+
 # descendants PID...: every process below the given ones.
 descendants() {
     local pid child
@@ -251,7 +309,7 @@ descendants() {
 }
 
 cmd_stop() {
-    local i pids
+    local i pids pid jobs=()
     if pid_of slurmctld "$STATE_DIR/slurmctld.pid" >/dev/null; then
         # slurmd leaves running steps alone when it stops, so end the jobs first. timeout: a
         # client retries for MessageTimeout (10 s) when the controller does not answer.
@@ -267,11 +325,22 @@ cmd_stop() {
     # the tasks under them, which would otherwise outlive the cluster.
     pids=$(our_stepds | tr '\n' ' ')
     if [[ -n $pids ]]; then
+        # Their jobs' Epilog will never run: clean up after them once they are gone.
+        for pid in $pids; do
+            [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) =~ \[([0-9]+)\. ]] \
+                && jobs+=("${BASH_REMATCH[1]}")
+        done
         # shellcheck disable=SC2086
         pids="$(descendants $pids | tr '\n' ' ')$pids"
         say "killing leftover job steps: $pids"
         # shellcheck disable=SC2086
         kill -KILL $pids 2>/dev/null || true
+        for pid in $pids; do
+            while alive "$pid"; do sleep 0.1; done
+        done
+        for i in $( ((${#jobs[@]})) && printf '%s\n' "${jobs[@]}" | sort -u); do
+            cmd_clean_mpich "$i"
+        done
     fi
     stop_daemons slurmd "$STATE_DIR/slurmd.pid" slurmctld "$STATE_DIR/slurmctld.pid" \
         munged "$MUNGE_DIR/munged.pid"
@@ -302,8 +371,12 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) echo "export SLURM_CONF=$CONF" ;;
+    clean-mpich)
+        shift
+        cmd_clean_mpich "$@"
+        ;;
     *)
-        echo "usage: $0 start|stop|status|env" >&2
+        echo "usage: $0 start|stop|status|env|clean-mpich JOB [STEP...]" >&2
         exit 64
         ;;
 esac

@@ -29,4 +29,6 @@ set -euo pipefail
 # --mpi=pmi2 starts MPICH (and MPICH-based MPIs: Cray MPICH, Intel MPI, MVAPICH). With Open MPI
 # use --mpi=pmix instead (`srun --mpi=list` shows what the site's Slurm offers). With no or the
 # wrong plugin every task comes up as an MPI world of size 1, and hpcray stops with an error.
-srun --mpi=pmi2 python -m hpcray app.py
+# --cpus-per-task again: since Slurm 22.05 srun does not inherit it from sbatch, and each task
+# would be given (and, with task/affinity, bound to) one CPU.
+srun --mpi=pmi2 --cpus-per-task="$SLURM_CPUS_PER_TASK" python -m hpcray app.py

@@ -14,11 +14,20 @@ go(nodes), stop -> stopped, exit(code).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
 _world = None
+# Set when SIGTERM arrives on rank 0: the launcher (srun when a rank failed or the job was
+# cancelled, mpiexec on Ctrl-C) is ending every rank, so rank 0 stops waiting for the others.
+_terminating = False
+
+
+class LaunchError(RuntimeError):
+    """The launcher started the ranks in a way hpcray cannot run under."""
 
 
 def build_node(job: dict, transport=None, run_thread: bool = True):
@@ -91,7 +100,7 @@ def world():
         from hpcray.runtime.transport import MpiTransport
         if MPI.COMM_WORLD.size == 1:
             if slurm_tasks > 1 and os.environ.get("SLURM_STEP_ID") is not None:
-                raise RuntimeError(
+                raise LaunchError(
                     f"srun started {slurm_tasks} tasks but MPI sees one: each task became a "
                     "singleton. Launch with `srun --mpi=pmi2` (MPICH) or `--mpi=pmix` "
                     "(Open MPI).")
@@ -145,7 +154,40 @@ def start_job(transport, job: dict, make_node) -> None:
 def stop_job(transport) -> None:
     """Rank 0: stop every other rank's node (they wait for the next job)."""
     transport.broadcast(("stop",))
+    if _terminating:
+        # The other ranks are being ended too (or a dead one is why): waiting for their
+        # answers would only hold the step until the launcher's SIGKILL (KillWait, 30 s by
+        # default in Slurm). Each node's fork server removes its segment when its rank dies.
+        return
     _collect(transport, "stopped", transport.size - 1, 60.0)
+
+
+def end_on_sigterm() -> None:
+    """Rank 0 under a launcher: SIGTERM ends the program as SystemExit(128 + SIGTERM), so
+    the driver shuts down and leaves no worker or segment behind, without waiting on ranks
+    that are being ended at the same time. Only from the main thread, and only when the
+    program has not chosen its own SIGTERM handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum, _frame):
+        global _terminating
+        _terminating = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def leave_if_terminating(code: int) -> None:
+    """After SIGTERM, leave without MPI_Finalize (mpi4py calls it at exit): it waits for
+    ranks that are dead or dying, until the launcher's SIGKILL."""
+    if not _terminating:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def end_ranks(code: int) -> None:
@@ -154,7 +196,7 @@ def end_ranks(code: int) -> None:
     if transport is None or transport.rank != 0:
         return
     transport.broadcast(("exit", code))
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + (0.5 if _terminating else 5.0)
     while transport.busy and time.monotonic() < deadline:
         transport.poll()
         time.sleep(0.001)
