@@ -12,8 +12,8 @@ straight into its own store.
 Control messages between node managers (all on the transport's "control" channel):
     forward(spec, deps, strategy, arg_bytes)   owner -> rank 0: place this task
     run(spec, deps)                            rank 0 / owner -> the node that runs it
-    done(task_id, results)                     executor -> owner
-    watch(object_id) / located(object_id, where)   any node <-> the object's owner
+    done(task_id, results, kept)               executor -> owner (kept: borrowing.py)
+    watch(object_id, register) / located(object_id, where)   any node <-> the owner
     pull(object_id, tag) / pull_failed(...)    puller <-> the node holding the bytes
     actor_at(actor_id, rank)                   the actor's node -> every node
     actor_call(spec, deps) / kill_actor(...)   a caller's node -> the actor's node
@@ -23,8 +23,7 @@ Control messages between node managers (all on the transport's "control" channel
     stop() / stopped()                         rank 0 <-> node (shutdown, see launch.py)
 
 `deps` describes each top-level argument as ("inline", bytes) or ("at", rank, size).
-Simplification for now: an object that another node has seen is kept until the job
-ends (reference counting across nodes is not done yet).
+Which node may still use an object another node owns: see borrowing.py.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import time
 from hpcray import exceptions, ids
 from hpcray._scheduler import LOCALITY_BYTES, GlobalScheduler
 from hpcray.gcs.client import GcsClient
-from hpcray.gcs.shard import GcsShard, is_gcs_request
+from hpcray.gcs.shard import OBJECT_DELETED, GcsShard, is_gcs_request
 from hpcray.runtime.actors import RemoteActor
 from hpcray.runtime.objects import IN_STORE, PENDING, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
@@ -85,6 +84,7 @@ class ClusterMixin:
             self.gcs_shard = GcsShard(self.rank, cluster.gcs_shards)
         if self.rank == 0:
             self.global_scheduler = GlobalScheduler()
+        self.gcs.subscribe_handler(OBJECT_DELETED, self._on_object_deleted)
         self._transport = transport
 
     def set_cluster_nodes(self, nodes: dict) -> None:
@@ -253,24 +253,27 @@ class ClusterMixin:
         return where
 
     def _describe_deps(self, spec) -> list:
-        """How another node finds each top-level argument: inline bytes or a location."""
-        deps = []
-        for dep in spec.deps:
-            entry = self.objects[dep]
-            entry.escaped = True
-            if entry.inline is not IN_STORE:
-                deps.append((dep, ("inline", entry.inline)))
-            else:
-                rank = entry.location if entry.state == REMOTE else self.rank
-                deps.append((dep, ("at", rank, entry.size)))
+        """How another node finds each top-level argument: inline bytes or a location.
+        The refs themselves stay held here until the task's `done` (borrowing.py)."""
+        deps = [(dep, self._describe_value(self.objects[dep])) for dep in spec.deps]
         for key in spec.contained:
-            entry = self.objects.get(key)
-            if entry is not None:
-                entry.escaped = True
             actor = self.actors.get(key)
             if actor is not None:
-                actor.escaped = True
+                actor.escaped = True  # actor handles are not counted across nodes
         return deps
+
+    def _describe_value(self, entry: ObjectEntry):
+        """Where another node gets this value; refs nested in it are kept for good."""
+        for key in entry.contained:
+            nested = self.objects.get(key)
+            if nested is not None:
+                nested.escaped = True
+        if entry.inline is not IN_STORE:
+            return ("inline", entry.inline)
+        if entry.state == REMOTE:
+            return ("at", entry.location, entry.size)
+        entry.shipped = True
+        return ("at", self.rank, entry.size)
 
     def _cm_forward(self, source: int, spec, deps, strategy, arg_bytes) -> None:
         """Rank 0, the global scheduler: place a task a node did not keep."""
@@ -296,41 +299,37 @@ class ClusterMixin:
         results = [(oid, blob, (), len(blob)) for oid in spec.return_ids]
         owner = ids.owner_rank(spec.task_id)
         if owner == self.rank:
-            self._cm_done(self.rank, spec.task_id, results)
+            self._cm_done(self.rank, spec.task_id, results, ())
         else:
-            self._send_to(owner, ("done", spec.task_id, results))
+            self._send_to(owner, ("done", spec.task_id, results, ()))
 
-    def _accept_deps(self, deps) -> None:
-        for object_id, where in deps:
-            entry = self.objects.get(object_id)
-            if entry is not None and entry.state != PENDING:
-                continue
-            if entry is None:
-                entry = self.objects[object_id] = ObjectEntry(ids.owner_rank(object_id))
-            entry.escaped = True
-            if where[0] == "inline":
-                self._object_ready(object_id, where[1], (), len(where[1]))
-            else:
-                self._object_ready(object_id, IN_STORE, (), where[2], where[1])
+    def _fill_entry(self, object_id: bytes, entry: ObjectEntry, where) -> None:
+        """The value of a PENDING entry is known: inline bytes or a location."""
+        entry.watched = True
+        if where[0] == "inline":
+            self._object_ready(object_id, where[1], (), len(where[1]))
+        else:
+            self._object_ready(object_id, IN_STORE, (), where[2], where[1])
 
     def _cm_run(self, source: int, spec, deps) -> None:
         """Run a task another node owns."""
         record = TaskRecord(spec, spec.max_retries)
         record.owner = ids.owner_rank(spec.task_id)
         self.tasks[spec.task_id] = record
-        self._accept_deps(deps)
-        self._with_function(spec.function_id, lambda: self._localize(record, self._enqueue))
+        self._hold_task_refs(spec, deps, record.owner)
+        self._with_function(spec.function_id, record.owner,
+                            lambda: self._localize(record, self._enqueue))
 
-    def _with_function(self, function_id: bytes, then) -> None:
-        """Run `then` once this node has the pickled function (fetched from its owner)."""
+    def _with_function(self, function_id: bytes, submitter: int, then) -> None:
+        """Run `then` once this node has the pickled function, fetched from the node that
+        submitted the task (its process exported the function there)."""
         if function_id is None or function_id in self.functions:
             then()
             return
         waiters = self.cluster.function_waiters.get(function_id)
         if waiters is None:
             self.cluster.function_waiters[function_id] = [then]
-            owner = ids.owner_rank(function_id)
-            self._send_to(owner, ("function_request", function_id))
+            self._send_to(submitter, ("function_request", function_id))
         else:
             waiters.append(then)
 
@@ -364,24 +363,35 @@ class ClusterMixin:
         self._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
 
     # ------------------------------------------------------------------ results
-    def _send_results_to_owner(self, record: TaskRecord, results) -> None:
-        """A task that another node owns finished here: its large results stay here."""
-        for object_id, inline, _contained, size in results:
+    def _send_results_to_owner(self, record: TaskRecord, results, transitions) -> None:
+        """A task that another node owns finished here: its large results stay here (the
+        primary copy), refs inside them are registered for the owner, and the reply
+        says which of the task's refs this node keeps (borrowing.py)."""
+        owner = record.owner
+        for object_id, inline, contained, size in results:
+            for key in contained:
+                if len(key) == ids.OBJECT_ID_SIZE:
+                    self._register_borrower(key, owner)
             if inline is IN_STORE:
                 entry = self.objects.get(object_id)
                 if entry is None:
-                    entry = self.objects[object_id] = ObjectEntry(record.owner)
-                entry.escaped = True
+                    entry = self.objects[object_id] = ObjectEntry(owner)
+                entry.primary = True
                 self._object_ready(object_id, IN_STORE, (), size)
-                self.gcs.request("add_location", object_id, self.rank, size, record.owner,
+                self.gcs.request("add_location", object_id, self.rank, size, owner,
                                  record.spec.task_id)
-        self._send_to(record.owner, ("done", record.spec.task_id, results))
+        self._apply_transitions(transitions)
+        kept = self._release_task_holds(record.spec, owner)
+        self._send_to(owner, ("done", record.spec.task_id, results, kept))
 
-    def _cm_done(self, source: int, task_id: bytes, results) -> None:
+    def _cm_done(self, source: int, task_id: bytes, results, kept) -> None:
         """Results of a task this node owns, run elsewhere (or failed there)."""
         record = self.tasks.pop(task_id, None)
         if record is None:
             return
+        self._register_kept(kept)
+        if source != self.rank:
+            self._foreign_results(results)
         for object_id, inline, contained, size in results:
             self._object_ready(object_id, inline, contained, size,
                                None if inline is not IN_STORE else source)
@@ -390,33 +400,36 @@ class ClusterMixin:
 
     # ------------------------------------------------------------------ objects
     def _remote_entry(self, object_id: bytes):
-        """An entry for an object another node owns, asking the owner where it is."""
-        if self.cluster is None:
+        """An entry for a ref another node owns that this node has not seen: the owner
+        registers this node as a borrower and says where the value is."""
+        if self.cluster is None or len(object_id) != ids.OBJECT_ID_SIZE:
             return None
         owner = ids.owner_rank(object_id)
         if owner == self.rank or owner >= self.cluster.size:
             return None
         entry = self.objects[object_id] = ObjectEntry(owner)
-        entry.escaped = True
-        self._send_to(owner, ("watch", object_id))
+        entry.lent = 1
+        entry.watched = True
+        self._send_to(owner, ("watch", object_id, True))
         return entry
 
-    def _cm_watch(self, source: int, object_id: bytes) -> None:
+    def _watch(self, object_id: bytes, entry: ObjectEntry) -> None:
+        """Ask the owner where the value of an entry this node already holds is."""
+        entry.watched = True
+        self._send_to(entry.owner, ("watch", object_id, False))
+
+    def _cm_watch(self, source: int, object_id: bytes, register: bool) -> None:
         entry = self.objects.get(object_id)
         if entry is None:
             self._send_to(source, ("located", object_id, ("inline", error_bytes(
                 exceptions.ObjectFreedError(f"Object {object_id.hex()} was freed before "
                                             "another node read it.")))))
             return
-        entry.escaped = True
+        if register:
+            self._count_borrower(object_id, entry, source, 1)
 
         def answer(_oid=None):
-            if entry.inline is not IN_STORE:
-                where = ("inline", entry.inline)
-            else:
-                rank = entry.location if entry.state == REMOTE else self.rank
-                where = ("at", rank, entry.size)
-            self._send_to(source, ("located", object_id, where))
+            self._send_to(source, ("located", object_id, self._describe_value(entry)))
 
         if entry.state == PENDING:
             if entry.avail_waiters is None:
@@ -427,10 +440,12 @@ class ClusterMixin:
             answer()
 
     def _cm_located(self, source: int, object_id: bytes, where) -> None:
-        self._accept_deps([(object_id, where)])
+        entry = self.objects.get(object_id)
+        if entry is not None and entry.state == PENDING:
+            self._fill_entry(object_id, entry, where)
 
     def _start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
-        if entry.pulling:
+        if entry.pulling or self._use_cached_copy(object_id, entry):
             return
         entry.pulling = True
         transport = self._transport
@@ -531,9 +546,11 @@ class ClusterMixin:
                                         self._describe_deps(record.spec)))
 
     def _cm_run_actor(self, source: int, spec, deps) -> None:
-        """Host an actor another node created (placed here by the global scheduler)."""
-        self._accept_deps(deps)
-        self._with_function(spec.function_id, lambda: self._host_actor(spec))
+        """Host an actor another node created (placed here by the global scheduler). Its
+        creator holds the constructor's refs for good, so this node's holds never end."""
+        self._hold_task_refs(spec, deps, ids.owner_rank(spec.actor_id))
+        self._with_function(spec.function_id, ids.owner_rank(spec.actor_id),
+                            lambda: self._host_actor(spec))
 
     def _cm_actor_at(self, source: int, actor_id: bytes, rank: int) -> None:
         self.cluster.actor_locations[actor_id] = rank
@@ -545,7 +562,7 @@ class ClusterMixin:
     def _cm_actor_call(self, source: int, spec, deps) -> None:
         record = TaskRecord(spec, 0)
         record.owner = ids.owner_rank(spec.task_id)
-        self._accept_deps(deps)
+        self._hold_task_refs(spec, deps, record.owner)
         self._submit_actor_call(record)
 
     def _cm_kill_actor(self, source: int, actor_id: bytes, no_restart: bool) -> None:

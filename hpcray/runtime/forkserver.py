@@ -76,7 +76,7 @@ def main() -> None:
 
     children: set = set()
     signal.signal(signal.SIGCHLD, lambda *_: _reap(children))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _leave_on_sigterm)
     try:
         while True:
             try:
@@ -121,6 +121,13 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - best effort at the very end
             pass
         _kill_all(children)
+
+
+def _leave_on_sigterm(*_) -> None:
+    # A second SIGTERM (a launcher killing the whole step, then the node manager's death)
+    # must not interrupt the cleanup that this exit runs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

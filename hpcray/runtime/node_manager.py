@@ -32,6 +32,7 @@ from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.runtime import protocol
 from hpcray.runtime.actors import A_DEAD, ActorRecord, ActorsMixin
+from hpcray.runtime.borrowing import BorrowingMixin
 from hpcray.runtime.cluster import ClusterMixin
 from hpcray.runtime.objects import ObjectEntry, ObjectsMixin, _DependencyWaiter
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, QUEUED, RUNNING,
@@ -58,7 +59,7 @@ class WorkerHandle:
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
 
 
-class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
+class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin):
     def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
                  store_name: str, store_capacity: int, cluster=None, run_thread: bool = True):
         """`cluster`: a ClusterLink in multi-node mode. `run_thread`: the event loop runs
@@ -493,8 +494,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin):
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
-            self._send_results_to_owner(record, results)
-            self._apply_transitions(transitions)
+            self._send_results_to_owner(record, results, transitions)
             return
         for object_id, inline, contained, size in results:
             self._object_ready(object_id, inline, contained, size)

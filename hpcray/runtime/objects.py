@@ -23,12 +23,13 @@ IN_STORE = None  # an entry whose inline value is None lives in the store
 
 class ObjectEntry:
     __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size",
-                 "owner", "location", "escaped", "avail_waiters", "pulling")
+                 "owner", "location", "escaped", "avail_waiters", "pulling", "borrowers",
+                 "lent", "lender", "deferred", "primary", "primary_at", "shipped", "watched")
 
     def __init__(self, owner: int = 0):
         self.state = PENDING
         self.inline = None      # bytes when the value travels inline
-        self.refs = 0           # holders: processes, pending tasks, containing values
+        self.refs = 0           # holders on this node: processes, pending tasks, values
         self.waiters = None     # callables(object_id) run when the value is here
         self.contained = ()     # ids this value holds alive
         self.pin = None         # StoreBuffer: the node's pin on its copy
@@ -36,10 +37,18 @@ class ObjectEntry:
         self.size = 0
         self.owner = owner      # rank of the node that owns it (counts its references)
         self.location = None    # rank holding the value, while state is REMOTE
-        # Known to another node: kept until the job ends (no cross-node ref counting yet).
-        self.escaped = False
+        self.escaped = False    # kept until the job ends (see cluster.py: nested refs)
         self.avail_waiters = None  # run when the value exists anywhere (task placement)
         self.pulling = False
+        # Reference counting across nodes (cluster.py explains the protocol).
+        self.borrowers = None   # owner: {rank: registrations} of nodes holding it too
+        self.lent = 0           # borrower: registrations the owner counts for this node
+        self.lender = None      # borrower, unregistered: the owner of the task that brought it
+        self.deferred = None    # borrower, unregistered: {rank: n} to register through lender
+        self.primary = False    # this node made it for its owner: keep the copy until freed
+        self.primary_at = None  # owner: the node holding the primary copy
+        self.shipped = False    # owner: other nodes may have copies (GCS deletes them)
+        self.watched = False    # borrower: its owner was asked where the value is
 
 
 class _DependencyWaiter:
@@ -86,7 +95,8 @@ class ObjectsMixin:
     """The object-table part of NodeManager (`self.objects`, `self.store`, `self.actors`).
 
     With many nodes, ClusterMixin supplies `_remote_entry` (an entry for an id another
-    node owns) and `_start_pull` (fetch a REMOTE value into this node's store)."""
+    node owns), `_watch` (ask its owner where it is) and `_start_pull` (fetch a REMOTE
+    value into this node's store); BorrowingMixin `_drop_borrowed` and `_delete_copies`."""
 
     def _entry(self, object_id: bytes) -> ObjectEntry:
         entry = self.objects.get(object_id)
@@ -103,26 +113,39 @@ class ObjectsMixin:
 
     def _incref(self, key: bytes) -> None:
         entry = self.objects.get(key)
-        if entry is not None:
-            entry.refs += 1
-            return
-        actor = self.actors.get(key)
-        if actor is not None:
-            actor.refs += 1
+        if entry is None:
+            actor = self.actors.get(key)
+            if actor is not None:
+                actor.refs += 1
+                return
+            entry = self._remote_entry(key)  # a ref another node owns, new to this node
+            if entry is None:
+                return
+        entry.refs += 1
 
     def _decref(self, key: bytes) -> None:
         entry = self.objects.get(key)
         if entry is not None:
             entry.refs -= 1
-            if (entry.refs <= 0 and entry.state == READY and not entry.waiters
-                    and not entry.escaped and entry.owner == self.rank):
-                self._free_object(key, entry)
+            if entry.refs <= 0:
+                self._release_if_unused(key, entry)
             return
         actor = self.actors.get(key)
         if actor is not None:
             actor.refs -= 1
             if actor.refs <= 0 and actor.name is None and not actor.spec.options.get("detached"):
                 self._actor_out_of_scope(actor)
+
+    def _release_if_unused(self, key: bytes, entry: ObjectEntry) -> None:
+        """Nothing on this node holds `key`: the owner frees it once no other node holds
+        it either; another node drops its entry and tells the owner (cluster.py)."""
+        if entry.refs > 0 or entry.waiters or entry.escaped or entry.is_put or entry.pulling:
+            return
+        if entry.owner == self.rank:
+            if entry.state != PENDING and not entry.borrowers:
+                self._free_object(key, entry)
+        elif not entry.primary:
+            self._drop_borrowed(key, entry)
 
     def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
         del self.objects[object_id]
@@ -134,6 +157,8 @@ class ObjectsMixin:
                 self.store.delete(object_id)
             except StoreError:
                 pass
+            if entry.shipped or entry.primary_at is not None:
+                self._delete_copies(object_id)
         for key in entry.contained:
             self._decref(key)
 
@@ -151,6 +176,8 @@ class ObjectsMixin:
         if inline is IN_STORE and location is not None and location != self.rank:
             entry.state = REMOTE
             entry.location = location
+            if entry.owner == self.rank:
+                entry.primary_at = location
         else:
             entry.state = READY
             entry.location = None
@@ -168,15 +195,14 @@ class ObjectsMixin:
         if entry.state == REMOTE:
             if entry.waiters:
                 self._start_pull(object_id, entry)
-            return
-        waiters = entry.waiters
-        if waiters:
-            entry.waiters = None
-            for waiter in waiters:
-                waiter(object_id)
-        if (entry.refs <= 0 and not entry.is_put and not entry.escaped
-                and entry.owner == self.rank):
-            self._free_object(object_id, entry)
+        else:
+            waiters = entry.waiters
+            if waiters:
+                entry.waiters = None
+                for waiter in waiters:
+                    waiter(object_id)
+        if entry.refs <= 0 and self.objects.get(object_id) is entry:
+            self._release_if_unused(object_id, entry)
 
     def _add_waiter(self, object_id: bytes, waiter) -> bool:
         """Call `waiter(object_id)` once the value is on this node; False if it already is
@@ -194,6 +220,8 @@ class ObjectsMixin:
             entry.waiters.append(waiter)
         if entry.state == REMOTE:
             self._start_pull(object_id, entry)
+        elif not entry.watched and entry.owner != self.rank:
+            self._watch(object_id, entry)
         return True
 
     def _add_avail_waiter(self, object_id: bytes, waiter) -> bool:
@@ -209,6 +237,8 @@ class ObjectsMixin:
             entry.avail_waiters = [waiter]
         else:
             entry.avail_waiters.append(waiter)
+        if not entry.watched and entry.owner != self.rank:
+            self._watch(object_id, entry)
         return True
 
     def _remove_waiter(self, object_id: bytes, waiter) -> None:
