@@ -220,11 +220,13 @@ class GcsShard:
                           object_id: bytes) -> ObjectInfo | None:
         info = self.objects.pop(object_id, None)
         subscribers = self.object_subscribers.pop(object_id, set())
-        if info is None:
-            return None
+        # Remembered even when unknown: a location added later (its message may come
+        # after the owner's delete, from another rank or channel) is told to delete.
         self.deleted_objects[object_id] = None
         if len(self.deleted_objects) > DELETED_OBJECTS_REMEMBERED:
             self.deleted_objects.popitem(last=False)
+        if info is None:
+            return None
         for rank in sorted(info.locations | subscribers):
             out.append((rank, (GCS_NOTIFY, OBJECT_DELETED, object_id, None)))
         return info
