@@ -478,6 +478,7 @@ class ClusterMixin:
         if pulled is None:
             return
         _, view, transfer = pulled
+        self._transport.cancel_receive(transfer)  # the buffer is ours again
         view.release()
         self.store.abort(object_id)
         entry = self.objects.get(object_id)

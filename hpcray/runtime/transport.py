@@ -276,6 +276,15 @@ class MpiTransport:
         self._transfers.append(transfer)
         return transfer
 
+    def cancel_receive(self, transfer: Transfer) -> None:
+        """Withdraw a receive whose sender will never send (it no longer has the object):
+        its posted chunks are cancelled, so `dest` may be reused once this returns."""
+        if transfer.is_send or transfer not in self._transfers:
+            raise ValueError(f"{transfer!r} is not an outstanding receive")
+        transfer._abandon()
+        self._transfers.remove(transfer)
+        self._receive_tags.discard(transfer.tag)
+
     def progress(self) -> list[Transfer]:
         """Test what is outstanding; return the transfers that completed since last time.
 

@@ -199,6 +199,36 @@ def test_transfers(tmp_path):
     assert set(reports) == {0, 1}
 
 
+def test_cancelled_receive_frees_its_tag_and_buffer(tmp_path):
+    # A pull whose holder no longer has the object: the receiver withdraws its receive,
+    # is idle again (not busy), and the same tag and buffer serve the next transfer.
+    reports = run_mpi(tmp_path, 2, """
+        if t.rank == 0:
+            dest = np.zeros(32 << 20, np.uint8)
+            tag = t.new_transfer_tag()
+            lost = t.start_receive(1, tag, dest)
+            assert t.busy
+            t.cancel_receive(lost)
+            assert not t.busy and not lost.done
+            again = t.start_receive(1, tag, dest)  # the tag is free again
+            t.send(1, ("send", tag))
+            poll_until(lambda _: again.done, "the transfer after the cancelled one")
+            assert (dest == pattern(32 << 20, seed=7)).all()
+            try:
+                t.cancel_receive(again)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("cancelled a finished receive")
+        else:
+            (_, _, (_, tag)), = poll_until(lambda got: got, "the request")
+            t.start_send(0, tag, pattern(32 << 20, seed=7))
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1}
+
+
 def test_idle_cpu(tmp_path):
     reports = run_mpi(tmp_path, 2, """
         t.send(1 - t.rank, "ready")  # both ranks up before the clock starts
