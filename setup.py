@@ -7,7 +7,7 @@ C_FLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-D_GNU_SOURCE"]
 extensions = [
     Extension(
         "hpcray._store",
-        sources=["hpcray/_store.pyx", "csrc/store.c", "csrc/allocator.c"],
+        sources=["hpcray/_store.pyx", "csrc/store.c", "csrc/allocator.c", "csrc/copy.c"],
         include_dirs=["csrc"],
         extra_compile_args=C_FLAGS,
         libraries=["rt", "pthread"],

@@ -3,7 +3,8 @@
  *
  * Segment layout (all offsets from the segment base, each part page aligned):
  *
- *   [ header | object table: table_capacity x 64-byte entries | data area ]
+ *   [ header | object table: table_capacity x 64-byte entries |
+ *     pin table: pin_capacity x 32-byte records | data area ]
  *
  * One process-shared robust mutex in the header guards the table, the
  * allocator state and the counters. Object bytes are written and read
@@ -21,6 +22,17 @@
  * Everything else (allocator free list, LRU list, counters) is derived, and
  * the next locker, told EOWNERDEAD, rebuilds it from the table (store_repair).
  *
+ * Pins. A get records its pin as (pid, object id, count) in the pin table,
+ * an open-addressed table run like the object table (linear probing,
+ * backward-shift removal, copy-then-clear), so that the pins of a dead
+ * process can be found and dropped. The records are the truth about pins:
+ * an entry's `pins` is a cache of its creator pin (CREATED) plus the counts
+ * of its records, and repair recomputes it from them. A holder killed in a
+ * get or release is therefore never off by one in anyone's favour: at worst
+ * its own pin is or is not counted, and its own pins go when it is found
+ * dead. The table is bounded (one record per object slot, at least 1024);
+ * a get that would need one record more than it holds fails.
+ *
  * Eviction. The evictable objects (SEALED, no pins) form a doubly linked
  * list through their table slots, oldest first, ordered by lru_tick: an
  * object joins at the new end when it becomes evictable (seal, last release)
@@ -29,6 +41,7 @@
 #include "store.h"
 
 #include "allocator.h"
+#include "copy.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -44,14 +57,21 @@
 #include <unistd.h>
 
 #define STORE_MAGIC 0x3154535941524348ull /* "HCRAYST1" little-endian */
-#define STORE_VERSION 1u
+#define STORE_VERSION 2u
 #define STORE_PAGE 4096u
 #define STORE_MIN_TABLE 1024u
 #define STORE_MAX_TABLE (1ull << 31)
+#define PIN_MIN_TABLE 1024u
+#define POPULATE_RUN (2ull << 20) /* store_write populates in runs this long */
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels answer EINVAL */
+#endif
 
 /* Slot states besides STORE_STATE_CREATED and STORE_STATE_SEALED. */
 #define SLOT_EMPTY 0u
 #define SLOT_TOMBSTONE 3u /* transient: taken for probing, holds no object */
+#define PIN_LIVE 1u       /* a pin record's state besides EMPTY and TOMBSTONE */
 
 #define LRU_NIL UINT32_MAX /* end of the LRU list */
 
@@ -70,6 +90,17 @@ typedef struct store_entry {
 
 _Static_assert(sizeof(store_entry) == 64, "an entry is one cache line");
 
+/* The pins one process holds on one object. */
+typedef struct pin_record {
+    uint8_t id[STORE_ID_SIZE];
+    _Atomic uint16_t state; /* SLOT_EMPTY, PIN_LIVE or SLOT_TOMBSTONE */
+    uint16_t unused;
+    int32_t pid;
+    uint32_t count; /* > 0 while live */
+} pin_record;
+
+_Static_assert(sizeof(pin_record) == 32, "two pin records per cache line");
+
 typedef struct store_header {
     _Atomic uint64_t magic; /* written last by store_create */
     uint32_t version;
@@ -79,6 +110,8 @@ typedef struct store_header {
     uint64_t table_capacity; /* a power of two */
     uint64_t data_offset;
     uint64_t data_capacity;
+    uint64_t pin_offset;
+    uint64_t pin_capacity; /* a power of two */
     pthread_mutex_t lock;
     /* Everything below is guarded by lock. */
     alloc_state alloc;
@@ -90,6 +123,7 @@ typedef struct store_header {
     uint64_t num_pinned;
     uint64_t num_evictions;
     uint64_t num_recoveries;
+    uint64_t num_pin_records;
 } store_header;
 
 struct store {
@@ -98,7 +132,16 @@ struct store {
     store_header *hdr;
     store_entry *table;
     uint64_t mask;            /* table_capacity - 1 */
+    pin_record *pin_table;
+    uint64_t pin_mask;        /* pin_capacity - 1 */
     int64_t crash_countdown;  /* test hook: _exit at this crash point; 0 = off */
+    unsigned copy_threads;    /* store_write's threads for a large copy */
+    /* One bit per POPULATE_RUN of the segment: set once this mapping has
+     * populated the run, so store_write never asks the kernel twice. Only
+     * this process's threads touch it; atomic so that two of them writing at
+     * once lose no bit (a stale read only costs one more populate call). */
+    _Atomic uint64_t *populated;
+    atomic_bool populate_works; /* cleared when the kernel lacks it */
 };
 
 /* Test hook: a point between two writes of a mutation made under the lock.
@@ -108,6 +151,33 @@ static void crash_point(store *s)
 {
     if (s->crash_countdown > 0 && --s->crash_countdown == 0)
         _exit(77);
+}
+
+/* The calling process's pid, which every get and release records. Cached:
+ * getpid is a system call, and in a VM it costs more than the rest of a get
+ * and release together. A fork handler clears the cache in the child. The
+ * one process-wide variable here, because a pid is process-wide. */
+static _Atomic int32_t self_pid;
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
+static void forget_pid(void)
+{
+    atomic_store_explicit(&self_pid, 0, memory_order_relaxed);
+}
+
+static void register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, forget_pid);
+}
+
+static int32_t current_pid(void)
+{
+    int32_t pid = atomic_load_explicit(&self_pid, memory_order_relaxed);
+    if (pid == 0) {
+        pid = (int32_t)getpid();
+        atomic_store_explicit(&self_pid, pid, memory_order_relaxed);
+    }
+    return pid;
 }
 
 static uint64_t round_up(uint64_t x, uint64_t to)
@@ -147,6 +217,20 @@ static void set_state(store *s, store_entry *e, unsigned st)
     atomic_signal_fence(memory_order_seq_cst);
 }
 
+static unsigned pin_state(const pin_record *r)
+{
+    return atomic_load_explicit(&r->state, memory_order_relaxed);
+}
+
+/* set_state for a pin record, with the same fences for the same reason. */
+static void set_pin_state(store *s, pin_record *r, unsigned st)
+{
+    crash_point(s);
+    atomic_signal_fence(memory_order_seq_cst);
+    atomic_store_explicit(&r->state, (uint16_t)st, memory_order_relaxed);
+    atomic_signal_fence(memory_order_seq_cst);
+}
+
 static uint64_t id_hash(const uint8_t *id)
 {
     uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a, then a murmur finaliser */
@@ -171,10 +255,10 @@ static uint64_t table_limit(const store *s)
     return s->hdr->table_capacity - s->hdr->table_capacity / 8;
 }
 
-/* Slot of the first live entry with this id, or -1. */
-static int64_t table_find(const store *s, const uint8_t *id)
+/* Slot of the first live entry with this id (whose id_hash is h), or -1. */
+static int64_t table_find_hashed(const store *s, const uint8_t *id, uint64_t h)
 {
-    uint64_t i = home_slot(s, id);
+    uint64_t i = h & s->mask;
     for (uint64_t n = 0; n <= s->mask; n++, i = (i + 1) & s->mask) {
         const store_entry *e = &s->table[i];
         unsigned st = slot_state(e);
@@ -184,6 +268,11 @@ static int64_t table_find(const store *s, const uint8_t *id)
             return (int64_t)i;
     }
     return -1;
+}
+
+static int64_t table_find(const store *s, const uint8_t *id)
+{
+    return table_find_hashed(s, id, id_hash(id));
 }
 
 /* First slot on id's probe path that holds nothing. */
@@ -308,6 +397,100 @@ static void free_entry(store *s, uint64_t slot)
     alloc_free(&hdr->alloc, s->base, offset, size);
 }
 
+/* ---- the pin table ------------------------------------------------------ */
+
+/* Home slot of (id, pid), from h = id_hash(id). */
+static uint64_t pin_home(const store *s, uint64_t h, int32_t pid)
+{
+    h ^= (uint64_t)(uint32_t)pid * 0x9e3779b97f4a7c15ull;
+    h ^= h >> 32;
+    return h & s->pin_mask;
+}
+
+/* Most records the table takes, as table_limit. */
+static uint64_t pin_limit(const store *s)
+{
+    return s->hdr->pin_capacity - s->hdr->pin_capacity / 8;
+}
+
+/* Slot of the live record of (id, pid), or -1; h = id_hash(id). */
+static int64_t pin_find(const store *s, const uint8_t *id, uint64_t h, int32_t pid)
+{
+    uint64_t i = pin_home(s, h, pid);
+    for (uint64_t n = 0; n <= s->pin_mask; n++, i = (i + 1) & s->pin_mask) {
+        const pin_record *r = &s->pin_table[i];
+        unsigned st = pin_state(r);
+        if (st == SLOT_EMPTY)
+            return -1;
+        if (st == PIN_LIVE && r->pid == pid && memcmp(r->id, id, STORE_ID_SIZE) == 0)
+            return (int64_t)i;
+    }
+    return -1;
+}
+
+/* Counts one more pin of `pid` on `id`. Returns -1, changing nothing, when
+ * that needs a new record and the table is at its limit. */
+static int pin_add(store *s, const uint8_t *id, uint64_t h, int32_t pid)
+{
+    int64_t slot = pin_find(s, id, h, pid);
+    if (slot >= 0) {
+        s->pin_table[slot].count++;
+        return 0;
+    }
+    if (s->hdr->num_pin_records >= pin_limit(s))
+        return -1;
+    /* Below the limit there is an empty slot on the probe path; outside
+     * removals the table holds no tombstones. */
+    uint64_t i = pin_home(s, h, pid);
+    while (pin_state(&s->pin_table[i]) != SLOT_EMPTY)
+        i = (i + 1) & s->pin_mask;
+    pin_record *r = &s->pin_table[i];
+    memcpy(r->id, id, STORE_ID_SIZE);
+    r->pid = pid;
+    r->count = 1;
+    set_pin_state(s, r, PIN_LIVE);
+    s->hdr->num_pin_records++;
+    return 0;
+}
+
+/* Removes the record at slot i by backward-shift deletion, copy-then-clear
+ * as table_remove_at does, so a death leaves at worst one duplicate. */
+static void pin_remove_at(store *s, uint64_t i)
+{
+    uint64_t hole = i;
+    set_pin_state(s, &s->pin_table[hole], SLOT_TOMBSTONE);
+    uint64_t j = hole;
+    for (uint64_t n = 0; n < s->pin_mask; n++) {
+        j = (j + 1) & s->pin_mask;
+        pin_record *r = &s->pin_table[j];
+        unsigned st = pin_state(r);
+        if (st == SLOT_EMPTY)
+            break;
+        if (st == SLOT_TOMBSTONE) /* left by a dead holder; repair clears it */
+            continue;
+        if (cyclic_between(hole, pin_home(s, id_hash(r->id), r->pid), j))
+            continue;
+        pin_record *h = &s->pin_table[hole];
+        memcpy(h->id, r->id, STORE_ID_SIZE);
+        h->pid = r->pid;
+        h->count = r->count;
+        set_pin_state(s, h, st);
+        set_pin_state(s, r, SLOT_TOMBSTONE);
+        hole = j;
+    }
+    set_pin_state(s, &s->pin_table[hole], SLOT_EMPTY);
+}
+
+/* Uncounts one pin of the record at slot i, removing it at zero. */
+static void pin_drop(store *s, uint64_t i)
+{
+    pin_record *r = &s->pin_table[i];
+    if (--r->count > 0)
+        return;
+    pin_remove_at(s, i);
+    s->hdr->num_pin_records--;
+}
+
 /* ---- the lock and its repair -------------------------------------------- */
 
 static bool extent_sane(const store *s, const store_entry *e)
@@ -319,14 +502,59 @@ static bool extent_sane(const store *s, const store_entry *e)
            e->offset <= end && block <= end - e->offset;
 }
 
-/* Whether repair must drop the live entry at slot i: a second copy left by
- * an interrupted move, an extent out of bounds, or an object deleted whose
- * last pin dropped just before its holder died. */
+/* Whether the live entry at slot i is a second copy left by an interrupted
+ * move, or has an extent out of bounds. */
+static bool entry_broken(const store *s, uint64_t i)
+{
+    const store_entry *e = &s->table[i];
+    return !extent_sane(s, e) || table_find(s, e->id) != (int64_t)i;
+}
+
+/* Whether repair must drop the live entry at slot i: broken, or an object
+ * deleted whose last pin dropped just before its holder died. */
 static bool entry_doomed(const store *s, uint64_t i)
 {
     const store_entry *e = &s->table[i];
-    return !extent_sane(s, e) || table_find(s, e->id) != (int64_t)i ||
-           (e->delete_pending && e->pins == 0);
+    return entry_broken(s, i) || (e->delete_pending && e->pins == 0);
+}
+
+/* Whether the live pin record at slot i is a second copy left by an
+ * interrupted move, empty, or of no sealed object. */
+static bool pin_doomed(const store *s, uint64_t i)
+{
+    const pin_record *r = &s->pin_table[i];
+    int64_t slot = table_find(s, r->id);
+    return r->count == 0 || pin_find(s, r->id, id_hash(r->id), r->pid) != (int64_t)i ||
+           slot < 0 || slot_state(&s->table[slot]) != STORE_STATE_SEALED;
+}
+
+/* Drops doomed pin records, then sets every live entry's pin count from the
+ * records: its creator's pin while CREATED, plus each record's count. */
+static void recount_pins(store *s)
+{
+    store_header *hdr = s->hdr;
+    for (uint64_t i = 0; i < hdr->pin_capacity; i++)
+        if (pin_state(&s->pin_table[i]) == SLOT_TOMBSTONE)
+            pin_remove_at(s, i);
+    for (uint64_t i = 0; i < hdr->pin_capacity; i++) {
+        /* A removal shifts a later record into i, so look at i again. */
+        while (pin_state(&s->pin_table[i]) == PIN_LIVE && pin_doomed(s, i))
+            pin_remove_at(s, i);
+    }
+    for (uint64_t i = 0; i < hdr->table_capacity; i++) {
+        store_entry *e = &s->table[i];
+        if (slot_live(e))
+            e->pins = slot_state(e) == STORE_STATE_CREATED;
+    }
+    uint64_t records = 0;
+    for (uint64_t i = 0; i < hdr->pin_capacity; i++) {
+        const pin_record *r = &s->pin_table[i];
+        if (pin_state(r) != PIN_LIVE)
+            continue;
+        s->table[table_find(s, r->id)].pins += r->count; /* found: not doomed */
+        records++;
+    }
+    hdr->num_pin_records = records;
 }
 
 typedef struct tick_slot {
@@ -383,10 +611,12 @@ static int rebuild_derived(store *s, uint64_t live, uint64_t evictable)
 }
 
 /* Brings the segment back to a consistent state after a lock holder died:
- * clears tombstones, drops duplicate or out-of-bounds entries, recounts, and
- * rebuilds the allocator and the LRU list from the live entries. Idempotent
- * and itself interruptible: if the repairer dies, the next locker is told
- * EOWNERDEAD again and starts over. Returns -1 when out of memory. */
+ * clears tombstones, drops duplicate or out-of-bounds entries and pin
+ * records, recomputes pin counts from the records, drops delete-pending
+ * objects left with no pin, recounts, and rebuilds the allocator and the
+ * LRU list from the live entries. Idempotent and itself interruptible: if
+ * the repairer dies, the next locker is told EOWNERDEAD again and starts
+ * over. Returns -1 when out of memory. */
 static int store_repair(store *s)
 {
     store_header *hdr = s->hdr;
@@ -398,6 +628,13 @@ static int store_repair(store *s)
 
     for (uint64_t i = 0; i < cap; i++) {
         /* A removal shifts a later entry into i, so look at i again. */
+        while (slot_live(&s->table[i]) && entry_broken(s, i))
+            table_remove_at(s, i);
+    }
+
+    recount_pins(s);
+
+    for (uint64_t i = 0; i < cap; i++) {
         while (slot_live(&s->table[i]) && entry_doomed(s, i))
             table_remove_at(s, i);
     }
@@ -452,14 +689,26 @@ static void unlock_store(store *s)
 static store *wrap(uint8_t *base, size_t size)
 {
     store *s = malloc(sizeof *s);
-    if (s == NULL)
+    size_t runs = (size + POPULATE_RUN - 1) / POPULATE_RUN;
+    _Atomic uint64_t *populated = calloc((runs + 63) / 64, sizeof *populated);
+    if (s == NULL || populated == NULL) {
+        free(s);
+        free((void *)populated);
         return NULL;
+    }
     s->base = base;
     s->size = size;
     s->hdr = (store_header *)(void *)base;
     s->table = (store_entry *)(void *)(base + s->hdr->table_offset);
     s->mask = s->hdr->table_capacity - 1;
+    s->pin_table = (pin_record *)(void *)(base + s->hdr->pin_offset);
+    s->pin_mask = s->hdr->pin_capacity - 1;
     s->crash_countdown = 0;
+    s->copy_threads = copy_default_threads();
+    s->populated = populated;
+    atomic_init(&s->populate_works, true);
+    /* Before this process's first get: a fork from here on resets the pid. */
+    pthread_once(&fork_handler_once, register_fork_handler);
     return s;
 }
 
@@ -478,9 +727,11 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     uint64_t pow2 = 1;
     while (pow2 < slots)
         pow2 <<= 1;
+    uint64_t pin_slots = pow2 > PIN_MIN_TABLE ? pow2 : PIN_MIN_TABLE;
     uint64_t header_size = round_up(sizeof(store_header), STORE_PAGE);
     uint64_t table_size = round_up(pow2 * sizeof(store_entry), STORE_PAGE);
-    uint64_t segment_size = header_size + table_size + data_capacity;
+    uint64_t pin_size = round_up(pin_slots * sizeof(pin_record), STORE_PAGE);
+    uint64_t segment_size = header_size + table_size + pin_size + data_capacity;
 
     /* tmpfs takes an ftruncate of any size and raises SIGBUS on first touch
      * when it runs out; refuse a segment that cannot fit now instead. */
@@ -501,15 +752,20 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     if (base == MAP_FAILED)
         goto fail;
 
-    /* The table needs no initialisation: ftruncate zero-fills, and a zero
-     * state word is SLOT_EMPTY. */
+    /* The tables need no initialisation: ftruncate zero-fills, and a zero
+     * state word is SLOT_EMPTY. Nothing past the header is touched here, so
+     * the segment's pages are only allocated as objects use them: making a
+     * store of any size costs the same (no MAP_POPULATE, no pre-touching;
+     * store_write populates what a large copy is about to write). */
     store_header *hdr = (store_header *)(void *)base;
     hdr->version = STORE_VERSION;
     hdr->entry_size = sizeof(store_entry);
     hdr->segment_size = segment_size;
     hdr->table_offset = header_size;
     hdr->table_capacity = pow2;
-    hdr->data_offset = header_size + table_size;
+    hdr->pin_offset = header_size + table_size;
+    hdr->pin_capacity = pin_slots;
+    hdr->data_offset = header_size + table_size + pin_size;
     hdr->data_capacity = data_capacity;
     alloc_init(&hdr->alloc, base, hdr->data_offset, data_capacity);
     hdr->lru_oldest = hdr->lru_newest = LRU_NIL;
@@ -598,6 +854,7 @@ void store_close(store *s)
     if (s == NULL)
         return;
     munmap(s->base, s->size);
+    free((void *)s->populated);
     free(s);
 }
 
@@ -616,6 +873,51 @@ uint8_t *store_ptr(const store *s, uint64_t offset)
 uint64_t store_capacity(const store *s)
 {
     return s->hdr->data_capacity;
+}
+
+/* copy_prepare_fn of store_write: populates, once per mapping, the runs of
+ * the segment that [dst, dst + n) touches. A whole run at a time: the bytes
+ * around the object are only made present, never changed, so this is safe
+ * next to objects others are reading. */
+static void populate_runs(void *ctx, uint8_t *dst, size_t n)
+{
+    store *s = ctx;
+    if (n == 0 || !atomic_load_explicit(&s->populate_works, memory_order_relaxed))
+        return;
+    int saved = errno;
+    uint64_t first = (uint64_t)(dst - s->base) / POPULATE_RUN;
+    uint64_t last = (uint64_t)(dst + n - 1 - s->base) / POPULATE_RUN;
+    for (uint64_t run = first; run <= last; run++) {
+        _Atomic uint64_t *word = &s->populated[run / 64];
+        uint64_t bit = 1ull << (run % 64);
+        if (atomic_load_explicit(word, memory_order_relaxed) & bit)
+            continue;
+        uint64_t lo = run * POPULATE_RUN;
+        uint64_t len = s->size - lo < POPULATE_RUN ? s->size - lo : POPULATE_RUN;
+        if (madvise(s->base + lo, len, MADV_POPULATE_WRITE) != 0) {
+            if (errno == EINVAL) /* a kernel before 5.14: page faults it is */
+                atomic_store_explicit(&s->populate_works, false, memory_order_relaxed);
+            break; /* else (no memory) the copy's own faults will tell */
+        }
+        atomic_fetch_or_explicit(word, bit, memory_order_relaxed);
+    }
+    errno = saved;
+}
+
+void store_write(store *s, uint64_t offset, const void *src, uint64_t n)
+{
+    copy_parallel(s->base + offset, src, n, s->copy_threads,
+                  n >= POPULATE_RUN ? populate_runs : NULL, s);
+}
+
+void store_set_copy_threads(store *s, unsigned threads)
+{
+    s->copy_threads = threads ? threads : copy_default_threads();
+}
+
+unsigned store_copy_threads(const store *s)
+{
+    return s->copy_threads;
 }
 
 /* ---- objects ------------------------------------------------------------ */
@@ -673,7 +975,7 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
         e->lru_tick = ++hdr->lru_clock;
         e->pins = 1;
         e->delete_pending = 0;
-        e->creator_pid = (int32_t)getpid();
+        e->creator_pid = current_pid();
         e->lru_prev = e->lru_next = LRU_NIL;
         set_state(s, e, STORE_STATE_CREATED);
         hdr->num_objects++;
@@ -736,16 +1038,20 @@ store_status store_abort(store *s, const uint8_t *id)
 
 store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)
 {
+    uint64_t h = id_hash(id);
     store_status rc = lock_store(s);
     if (rc != STORE_OK)
         return rc;
-    int64_t slot = table_find(s, id);
+    int64_t slot = table_find_hashed(s, id, h);
     store_entry *e = slot < 0 ? NULL : &s->table[slot];
     if (e == NULL || e->delete_pending) {
         rc = STORE_NOT_FOUND;
     } else if (slot_state(e) != STORE_STATE_SEALED) {
         rc = STORE_NOT_SEALED;
+    } else if (pin_add(s, id, h, current_pid()) != 0) {
+        rc = STORE_TOO_MANY_PINS;
     } else {
+        crash_point(s);
         if (e->pins == 0) {
             lru_unlink(s, (uint64_t)slot);
             s->hdr->num_pinned++;
@@ -761,16 +1067,21 @@ store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *
 
 store_status store_release(store *s, const uint8_t *id, uint64_t offset)
 {
+    uint64_t h = id_hash(id);
     store_status rc = lock_store(s);
     if (rc != STORE_OK)
         return rc;
-    int64_t slot = table_find(s, id);
+    int64_t slot = table_find_hashed(s, id, h);
+    int64_t pin = -1;
     if (slot < 0 || s->table[slot].offset != offset)
         rc = STORE_NOT_FOUND;
-    else if (slot_state(&s->table[slot]) != STORE_STATE_SEALED || s->table[slot].pins == 0)
+    else if (slot_state(&s->table[slot]) != STORE_STATE_SEALED || s->table[slot].pins == 0 ||
+             (pin = pin_find(s, id, h, current_pid())) < 0)
         rc = STORE_BAD_STATE;
-    else
+    else {
+        pin_drop(s, (uint64_t)pin);
         unpin(s, (uint64_t)slot);
+    }
     unlock_store(s);
     return rc;
 }
@@ -826,6 +1137,108 @@ store_status store_abort_dead_creators(store *s, uint64_t *count)
     return STORE_OK;
 }
 
+/* Removes the pin record at slot i and drops its pins from its object, as
+ * that many releases would. Returns how many pins it held. Lock held. */
+static uint64_t release_record(store *s, uint64_t i)
+{
+    pin_record *r = &s->pin_table[i];
+    uint8_t id[STORE_ID_SIZE];
+    memcpy(id, r->id, STORE_ID_SIZE);
+    uint32_t count = r->count;
+    /* Record first: a death in between leaves the pins to repair, which
+     * counts them from the records. */
+    pin_remove_at(s, i);
+    s->hdr->num_pin_records--;
+    int64_t slot = table_find(s, id);
+    if (slot < 0 || count == 0)
+        return count;
+    store_entry *e = &s->table[slot];
+    uint32_t drop = count < e->pins ? count : e->pins;
+    if (drop > 0) {
+        e->pins -= drop - 1;
+        unpin(s, (uint64_t)slot);
+    }
+    return count;
+}
+
+store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < s->hdr->pin_capacity; i++) {
+        /* A removal shifts a later record into i, so look at i again. */
+        while (pin_state(&s->pin_table[i]) == PIN_LIVE && s->pin_table[i].pid == pid)
+            n += release_record(s, i);
+    }
+    unlock_store(s);
+    if (count != NULL)
+        *count = n;
+    return STORE_OK;
+}
+
+/* What kill(pid, 0) said about the few pids a scan meets, so a table with
+ * many records of one process asks once. */
+typedef struct pid_verdicts {
+    int32_t pid[64];
+    bool dead[64];
+    unsigned n;
+} pid_verdicts;
+
+static bool pid_dead(pid_verdicts *v, int32_t pid)
+{
+    for (unsigned k = 0; k < v->n; k++)
+        if (v->pid[k] == pid)
+            return v->dead[k];
+    bool dead = pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+    if (v->n < 64) {
+        v->pid[v->n] = pid;
+        v->dead[v->n++] = dead;
+    }
+    return dead;
+}
+
+store_status store_release_dead_pins(store *s, uint64_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    pid_verdicts verdicts = {.n = 0};
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < s->hdr->pin_capacity; i++) {
+        while (pin_state(&s->pin_table[i]) == PIN_LIVE &&
+               pid_dead(&verdicts, s->pin_table[i].pid))
+            n += release_record(s, i);
+    }
+    unlock_store(s);
+    if (count != NULL)
+        *count = n;
+    return STORE_OK;
+}
+
+store_status store_list_pins(store *s, store_pin_info *out, size_t max, size_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    size_t n = 0;
+    for (uint64_t i = 0; i < s->hdr->pin_capacity; i++) {
+        const pin_record *r = &s->pin_table[i];
+        if (pin_state(r) != PIN_LIVE)
+            continue;
+        if (n < max) {
+            memcpy(out[n].id, r->id, STORE_ID_SIZE);
+            out[n].pid = r->pid;
+            out[n].count = r->count;
+        }
+        n++;
+    }
+    unlock_store(s);
+    *count = n;
+    return STORE_OK;
+}
+
 store_status store_get_stats(store *s, store_stats *out)
 {
     store_status rc = lock_store(s);
@@ -839,6 +1252,8 @@ store_status store_get_stats(store *s, store_stats *out)
     out->num_evictions = hdr->num_evictions;
     out->table_capacity = hdr->table_capacity;
     out->num_recoveries = hdr->num_recoveries;
+    out->num_pin_records = hdr->num_pin_records;
+    out->pin_table_capacity = hdr->pin_capacity;
     unlock_store(s);
     return STORE_OK;
 }
@@ -908,6 +1323,39 @@ static bool lru_sound(const store *s, uint64_t evictable)
     return count == evictable && prev == hdr->lru_newest && bytes == hdr->evictable_bytes;
 }
 
+/* Whether the pin table holds no tombstone or doomed record, its count is
+ * right, and every live entry's pins are its creator pin plus its records'
+ * counts. Lock held. Returns -1 when out of memory. */
+static int pins_sound(const store *s)
+{
+    const store_header *hdr = s->hdr;
+    uint64_t *sums = calloc(hdr->table_capacity, sizeof *sums);
+    if (sums == NULL)
+        return -1;
+    bool sound = true;
+    uint64_t records = 0;
+    for (uint64_t i = 0; i < hdr->pin_capacity; i++) {
+        const pin_record *r = &s->pin_table[i];
+        unsigned st = pin_state(r);
+        if (st != SLOT_EMPTY && st != PIN_LIVE)
+            sound = false;
+        if (st != PIN_LIVE)
+            continue;
+        records++;
+        if (pin_doomed(s, i))
+            sound = false;
+        else
+            sums[table_find(s, r->id)] += r->count;
+    }
+    for (uint64_t i = 0; i < hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        if (slot_live(e) && e->pins != (slot_state(e) == STORE_STATE_CREATED) + sums[i])
+            sound = false;
+    }
+    free(sums);
+    return sound && records == hdr->num_pin_records ? 0 : -1;
+}
+
 int store_debug_check(store *s)
 {
     if (lock_store(s) != STORE_OK)
@@ -930,7 +1378,8 @@ int store_debug_check(store *s)
             bad = 1;
     }
     if (live != hdr->num_objects || pinned != hdr->num_pinned || !lru_sound(s, evictable) ||
-        bytes != alloc_footprint(&hdr->alloc) || alloc_check(&hdr->alloc, s->base) != 0)
+        bytes != alloc_footprint(&hdr->alloc) || alloc_check(&hdr->alloc, s->base) != 0 ||
+        pins_sound(s) != 0)
         bad = 1;
     unlock_store(s);
     return bad ? -1 : 0;

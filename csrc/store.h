@@ -12,6 +12,11 @@
  * Object life: create (CREATED, pinned once by the creator) -> seal (SEALED,
  * creator pin dropped) -> get/release (pins) -> delete or eviction. Only
  * SEALED objects with no pins are evicted, least recently used first.
+ *
+ * Every pin a get takes is recorded with the pid of the process that took
+ * it, in a bounded pin table in the segment, so that the pins of a process
+ * that died (a worker SIGKILLed while it held zero-copy views) can be given
+ * back: store_release_pins_of, store_release_dead_pins.
  */
 #ifndef HPCRAY_STORE_H
 #define HPCRAY_STORE_H
@@ -31,7 +36,8 @@ typedef enum store_status {
     STORE_TOO_LARGE,    /* larger than the whole data area */
     STORE_INVALID,      /* bad argument */
     STORE_BAD_SEGMENT,  /* not an hpcray store segment, or another version */
-    STORE_SYSTEM        /* a system call failed; errno says why */
+    STORE_SYSTEM,       /* a system call failed; errno says why */
+    STORE_TOO_MANY_PINS /* the pin table is full: too many (process, object) pins */
 } store_status;
 
 typedef enum store_state { STORE_STATE_CREATED = 1, STORE_STATE_SEALED = 2 } store_state;
@@ -46,6 +52,8 @@ typedef struct store_stats {
     uint64_t num_evictions;  /* objects evicted since the segment was made */
     uint64_t table_capacity; /* slots in the object table */
     uint64_t num_recoveries; /* times a dead lock holder was cleaned up after */
+    uint64_t num_pin_records;    /* (process, object) pairs holding pins */
+    uint64_t pin_table_capacity; /* slots in the pin table */
 } store_stats;
 
 typedef struct store_object_info {
@@ -58,18 +66,30 @@ typedef struct store_object_info {
     int32_t creator_pid;
 } store_object_info;
 
+/* One process's pins on one object, as store_list_pins reports them. */
+typedef struct store_pin_info {
+    uint8_t id[STORE_ID_SIZE];
+    int32_t pid;
+    uint32_t count;
+} store_pin_info;
+
 /* Creates segment `name` (O_EXCL, mode 0600) with a data area of at least
  * `capacity` bytes (rounded up to a page) and `table_capacity` slots (0: one
  * per 8 KiB of data, at least 1024; rounded up to a power of two; the table
- * holds up to 7/8 of that many objects), maps and initialises it. On failure
- * nothing named `name` is left behind. */
+ * holds up to 7/8 of that many objects), maps and initialises it. The pin
+ * table gets as many slots (at least 1024), 32 bytes each, and holds up to
+ * 7/8 of that many (process, object) pairs. Only the header is touched: the
+ * other pages stay unallocated until used, so creation costs the same for
+ * any size. On failure nothing named `name` is left behind. */
 store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,
                           store **out);
 
 /* Maps an existing, initialised segment made by store_create. */
 store_status store_attach(const char *name, store **out);
 
-/* Unmaps and frees the handle. Pins this process holds stay in the segment. */
+/* Unmaps and frees the handle. Pins this process holds stay in the segment
+ * (recorded under its pid) until it releases them or they are released for
+ * it after it died. */
 void store_close(store *s);
 
 /* shm_unlink(name); STORE_OK also when it does not exist. */
@@ -94,12 +114,29 @@ store_status store_seal(store *s, const uint8_t *id);
 /* Frees a CREATED object (its creator gave up). BAD_STATE if sealed. */
 store_status store_abort(store *s, const uint8_t *id);
 
-/* Pins a SEALED object and marks it most recently used; stores offset and
- * size. NOT_FOUND if absent or delete-pending, NOT_SEALED if CREATED. */
+/* Copies n bytes from src into the segment at `offset` (inside an object
+ * this process created and has not sealed yet; no lock taken). Copies of
+ * COPY_MIN_PARALLEL bytes or more run on the handle's copy threads, and the
+ * pages they write that this process's mapping has not touched before are
+ * populated first in 2 MiB runs (MADV_POPULATE_WRITE, where the kernel has
+ * it), which costs a fraction of taking their page faults one by one. */
+void store_write(store *s, uint64_t offset, const void *src, uint64_t n);
+
+/* Threads store_write uses for a large copy; 0 restores the default
+ * (copy_default_threads: CPUs this process may run on, at most 8). */
+void store_set_copy_threads(store *s, unsigned threads);
+unsigned store_copy_threads(const store *s);
+
+/* Pins a SEALED object for the calling process and marks it most recently
+ * used; stores offset and size. NOT_FOUND if absent or delete-pending,
+ * NOT_SEALED if CREATED, TOO_MANY_PINS if the pin table has no room for
+ * another (process, object) pair (nothing pinned then). */
 store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size);
 
-/* Drops one pin taken by store_get on the object at `offset`; frees it when
- * it was delete-pending and this was the last pin. */
+/* Drops one pin that the calling process took with store_get on the object
+ * at `offset`; frees it when it was delete-pending and this was the last
+ * pin. BAD_STATE when this process holds no pin on it (e.g. a forked child
+ * releasing its parent's). */
 store_status store_release(store *s, const uint8_t *id, uint64_t offset);
 
 /* *found = 1 if a SEALED, not delete-pending object has this id, else 0. */
@@ -115,6 +152,20 @@ store_status store_delete(store *s, const uint8_t *id);
  * clients share this process's PID namespace. A reused PID hides a dead
  * creator (its object stays), it never frees a live one. */
 store_status store_abort_dead_creators(store *s, uint64_t *count);
+
+/* Drops every pin that process `pid` holds (it died; the caller knows, e.g.
+ * from waitpid); objects left unpinned become evictable, or are freed when
+ * delete-pending. *count gets how many pins were dropped. */
+store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count);
+
+/* store_release_pins_of for every process holding pins that no longer
+ * exists. The same PID-namespace caveat as store_abort_dead_creators: a
+ * reused PID (or an unreaped zombie) hides a dead reader, it never releases
+ * a live one's pins. */
+store_status store_release_dead_pins(store *s, uint64_t *count);
+
+/* Copies up to `max` pin records into `out`; *count gets how many exist. */
+store_status store_list_pins(store *s, store_pin_info *out, size_t max, size_t *count);
 
 /* Counters, read under the lock. */
 store_status store_get_stats(store *s, store_stats *out);

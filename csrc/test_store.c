@@ -1,10 +1,11 @@
 /*
  * test_store.c - C tests of the allocator and the store. Build and run:
  *   cc -Wall -Wextra -Werror -std=c11 -D_GNU_SOURCE -Icsrc csrc/test_store.c \
- *      csrc/store.c csrc/allocator.c -lrt -lpthread -o test_store && ./test_store
+ *      csrc/store.c csrc/allocator.c csrc/copy.c -lrt -lpthread -o test_store && ./test_store
  * Exits 0 when every check passes; prints the first failed check otherwise.
  */
 #include "allocator.h"
+#include "copy.h"
 #include "store.h"
 
 #include <signal.h>
@@ -275,6 +276,191 @@ static void test_dead_lock_holder(void)
     CHECK(store_unlink(segment_name) == STORE_OK);
 }
 
+static uint64_t pinned_count(store *s)
+{
+    store_stats st;
+    CHECK(store_get_stats(s, &st) == STORE_OK);
+    return st.num_pinned;
+}
+
+/* A forked reader pins objects (two pins on one, one on another), tells the
+ * parent, and waits to be killed. Returns its pid. */
+static pid_t spawn_reader(unsigned a, unsigned b)
+{
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        store *child = NULL;
+        uint8_t id[STORE_ID_SIZE];
+        uint64_t off, size;
+        close(fds[0]);
+        if (store_attach(segment_name, &child) != STORE_OK)
+            _exit(2);
+        make_id(id, a);
+        for (int k = 0; k < 2; k++)
+            if (store_get(child, id, &off, &size) != STORE_OK)
+                _exit(3);
+        make_id(id, b);
+        if (store_get(child, id, &off, &size) != STORE_OK || write(fds[1], "P", 1) != 1)
+            _exit(4);
+        for (;;)
+            pause();
+    }
+    close(fds[1]);
+    char byte;
+    CHECK(read(fds[0], &byte, 1) == 1);
+    close(fds[0]);
+    return pid;
+}
+
+static void kill_and_reap(pid_t pid)
+{
+    int status;
+    kill(pid, SIGKILL);
+    CHECK(waitpid(pid, &status, 0) == pid && WIFSIGNALED(status));
+}
+
+/* Pins are per process: a reader killed while it holds some leaves objects
+ * that stay pinned until its pins are released for it, then they are
+ * evictable (or freed, when deleted meanwhile); no other pin is touched. */
+static void test_dead_readers(void)
+{
+    store *s = fresh_store(64 * 1024, 0); /* 16 objects of 4 KiB */
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t size, n, mine;
+    store_stats st;
+    for (unsigned i = 0; i < 16; i++)
+        put(s, i, 4096);
+    make_id(id, 2);
+    CHECK(store_get(s, id, &mine, &size) == STORE_OK); /* this process's own pin */
+
+    pid_t reader = spawn_reader(1, 2);
+    kill_and_reap(reader);
+    CHECK(pinned_count(s) == 2);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_pin_records == 3);
+    make_id(id, 1);
+    CHECK(store_delete(s, id) == STORE_OK); /* delete-pending: the dead hold it */
+    CHECK(store_release(s, id, 0) == STORE_NOT_FOUND);
+    CHECK(store_release_dead_pins(s, &n) == STORE_OK && n == 3);
+    CHECK(store_release_dead_pins(s, &n) == STORE_OK && n == 0);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_objects == 15 && st.num_pinned == 1 &&
+          st.num_pin_records == 1);
+    CHECK(store_debug_check(s) == 0);
+
+    /* The same by pid, as a node manager that reaped its worker does. */
+    reader = spawn_reader(3, 4);
+    CHECK(store_release_pins_of(s, (int32_t)reader + 1000000, &n) == STORE_OK && n == 0);
+    kill_and_reap(reader);
+    CHECK(pinned_count(s) == 3);
+    CHECK(store_release_pins_of(s, (int32_t)reader, &n) == STORE_OK && n == 3);
+    CHECK(pinned_count(s) == 1);
+    CHECK(store_debug_check(s) == 0);
+
+    /* Everything but this process's object 2 is evictable again. */
+    for (unsigned i = 100; i < 115; i++)
+        put(s, i, 4096);
+    CHECK(has(s, 2) && !has(s, 3) && !has(s, 4));
+
+    /* A forked child holds none of its parent's pins: it cannot drop them. */
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        make_id(id, 2);
+        _exit(store_release(s, id, mine) == STORE_BAD_STATE ? 0 : 1);
+    }
+    int status;
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    make_id(id, 2);
+    CHECK(store_release(s, id, mine) == STORE_OK);
+    CHECK(store_release(s, id, mine) == STORE_BAD_STATE);
+    CHECK(pinned_count(s) == 0);
+    CHECK(store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
+/* The pin table is bounded: a get that needs one record too many fails and
+ * pins nothing; existing records still count up. */
+static void test_pin_table_full(void)
+{
+    store *s = fresh_store(1 << 20, 1024); /* 896 objects, 896 pin records */
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off, size;
+    store_stats st;
+    for (unsigned i = 0; i < 896; i++) {
+        put(s, i, 0);
+        make_id(id, i);
+        CHECK(store_get(s, id, &off, &size) == STORE_OK);
+    }
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_pin_records == 896 &&
+          st.pin_table_capacity == 1024);
+    make_id(id, 7);
+    CHECK(store_get(s, id, &off, &size) == STORE_OK); /* same record, count 2 */
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) /* a new (process, object) pair: no room */
+        _exit(store_get(s, id, &off, &size) == STORE_TOO_MANY_PINS ? 0 : 1);
+    int status;
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_pin_records == 896);
+    CHECK(store_debug_check(s) == 0);
+    for (unsigned i = 0; i < 896; i++) {
+        make_id(id, i);
+        CHECK(store_get(s, id, &off, &size) == STORE_OK);
+        for (int k = 0; k < 2 + (i == 7); k++)
+            CHECK(store_release(s, id, off) == STORE_OK);
+        CHECK(store_delete(s, id) == STORE_OK);
+    }
+    CHECK(store_get_stats(s, &st) == STORE_OK && st.num_pin_records == 0 && st.num_objects == 0);
+    CHECK(store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
+/* Large copies split across threads land byte for byte, whatever the
+ * alignment of either side and the thread count; store_write too. */
+static void test_parallel_copy(void)
+{
+    size_t n = (9u << 20) + 123;
+    uint8_t *src = malloc(n + 64), *dst = malloc(n + 64);
+    CHECK(src != NULL && dst != NULL);
+    for (size_t i = 0; i < n + 64; i++)
+        src[i] = (uint8_t)(i * 131u + (i >> 12));
+    unsigned counts[] = {1, 2, 3, 8, 1000};
+    for (unsigned k = 0; k < sizeof counts / sizeof *counts; k++) {
+        for (size_t shift = 0; shift < 3; shift++) {
+            memset(dst, 0, n + 64);
+            copy_parallel(dst + shift, src + 2 * shift + 1, n, counts[k], NULL, NULL);
+            CHECK(memcmp(dst + shift, src + 2 * shift + 1, n) == 0);
+            CHECK(dst[n + shift] == 0 && (shift == 0 || dst[shift - 1] == 0));
+        }
+    }
+    CHECK(copy_default_threads() >= 1 && copy_default_threads() <= COPY_DEFAULT_MAX);
+
+    store *s = fresh_store(32u << 20, 0);
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off, off2, size;
+    store_set_copy_threads(s, 3);
+    CHECK(store_copy_threads(s) == 3);
+    make_id(id, 1);
+    CHECK(store_create_object(s, id, n + 64, &off) == STORE_OK);
+    store_write(s, off + 64, src + 5, n);
+    store_write(s, off, src, 64);
+    CHECK(store_seal(s, id) == STORE_OK);
+    CHECK(store_get(s, id, &off2, &size) == STORE_OK && off2 == off);
+    CHECK(memcmp(store_ptr(s, off), src, 64) == 0);
+    CHECK(memcmp(store_ptr(s, off + 64), src + 5, n) == 0);
+    CHECK(store_release(s, id, off) == STORE_OK);
+    store_set_copy_threads(s, 0);
+    CHECK(store_copy_threads(s) == copy_default_threads());
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+    free(src);
+    free(dst);
+}
+
 /* Every byte derived from the object's number and position, so an object
  * overwritten by another (a double allocation) shows. */
 static uint8_t pattern(unsigned n, uint64_t i)
@@ -394,6 +580,12 @@ static void test_crash_points(void)
         store_stats st;
         CHECK(store_get_stats(s, &st) == STORE_OK && st.num_recoveries == (finished ? 0 : 1));
         check_contents(s);
+        /* Whatever the dead client held or half-made goes; this process's
+         * four pins stay. */
+        CHECK(store_abort_dead_creators(s, NULL) == STORE_OK);
+        CHECK(store_release_dead_pins(s, NULL) == STORE_OK);
+        CHECK(pinned_count(s) == 4);
+        CHECK(store_debug_check(s) == 0);
         workload(s, 1000, 150);
         CHECK(store_debug_check(s) == 0);
         check_contents(s);
@@ -415,6 +607,9 @@ int main(void)
     test_table();
     test_eviction();
     test_dead_lock_holder();
+    test_dead_readers();
+    test_pin_table_full();
+    test_parallel_copy();
     test_crash_points();
     store_unlink(segment_name);
     printf("test_store: all checks passed\n");

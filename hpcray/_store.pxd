@@ -16,6 +16,7 @@ cdef extern from "store.h" nogil:
         STORE_INVALID
         STORE_BAD_SEGMENT
         STORE_SYSTEM
+        STORE_TOO_MANY_PINS
 
     ctypedef enum store_state:
         STORE_STATE_CREATED
@@ -32,6 +33,8 @@ cdef extern from "store.h" nogil:
         uint64_t num_evictions
         uint64_t table_capacity
         uint64_t num_recoveries
+        uint64_t num_pin_records
+        uint64_t pin_table_capacity
 
     ctypedef struct store_object_info:
         uint8_t id[STORE_ID_SIZE]
@@ -41,6 +44,11 @@ cdef extern from "store.h" nogil:
         uint32_t pins
         uint32_t delete_pending
         int32_t creator_pid
+
+    ctypedef struct store_pin_info:
+        uint8_t id[STORE_ID_SIZE]
+        int32_t pid
+        uint32_t count
 
     store_status store_create(const char *name, uint64_t capacity, uint64_t table_capacity,
                               store **out)
@@ -53,11 +61,17 @@ cdef extern from "store.h" nogil:
                                      uint64_t *offset)
     store_status store_seal(store *s, const uint8_t *id)
     store_status store_abort(store *s, const uint8_t *id)
+    void store_write(store *s, uint64_t offset, const void *src, uint64_t n)
+    void store_set_copy_threads(store *s, unsigned threads)
+    unsigned store_copy_threads(const store *s)
     store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)
     store_status store_release(store *s, const uint8_t *id, uint64_t offset)
     store_status store_contains(store *s, const uint8_t *id, int *found)
     store_status store_delete(store *s, const uint8_t *id)
     store_status store_abort_dead_creators(store *s, uint64_t *count)
+    store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count)
+    store_status store_release_dead_pins(store *s, uint64_t *count)
+    store_status store_list_pins(store *s, store_pin_info *out, size_t max, size_t *count)
     store_status store_get_stats(store *s, store_stats *out)
     store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
     store_status store_debug_lock_forever(store *s, int notify_fd)

@@ -7,16 +7,18 @@ node. What it is not for: serialization, reference counting across the
 cluster, or moving objects between nodes; the runtime builds those on top.
 
 A thin shell: every call goes straight to C, with the GIL released around the
-calls that take the store lock, and `_check` turns C status codes into the
-typed exceptions below.
+calls that take the store lock or copy, and `_check` turns C status codes into
+the typed exceptions below.
 """
 import os
 
 cimport cython
-from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo,
+                             PyBuffer_Release, PyObject_GetBuffer)
 from libc.errno cimport errno
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 ID_SIZE = STORE_ID_SIZE
 
@@ -41,6 +43,10 @@ class ObjectTooLargeError(StoreFullError):
     """The object is larger than the store's whole data area."""
 
 
+class TooManyPinsError(StoreError):
+    """The pin table has no room for one more (process, object) pair."""
+
+
 cdef int _check(store_status rc, int err, str what, object object_id=None) except -1:
     """Raises the exception that C status `rc` stands for; returns 0 on STORE_OK."""
     if rc == STORE_OK:
@@ -60,9 +66,44 @@ cdef int _check(store_status rc, int err, str what, object object_id=None) excep
         raise StoreError(f"{subject}: object is not in the CREATED state")
     if rc == STORE_INVALID:
         raise StoreError(f"{subject}: invalid argument")
+    if rc == STORE_TOO_MANY_PINS:
+        raise TooManyPinsError(f"{subject}: too many objects pinned (pin table full)")
     if rc == STORE_BAD_SEGMENT:
         raise StoreError(f"{subject}: not an hpcray store segment (or another version)")
     raise StoreError(f"{subject}: {os.strerror(err)}", err)
+
+
+def copy_into(dest, Py_ssize_t offset, src):
+    """dest[offset:offset + len(src)] = src, the GIL released. When `dest` is
+    (a slice of) a buffer from Store.create_object, a large copy runs on the
+    store's copy threads and pre-faults the pages it writes (store_write).
+    Both sides must be contiguous."""
+    cdef Py_buffer to, source
+    cdef _WritableBuffer target = None
+    cdef store *s = NULL
+    cdef uint64_t at = 0
+    owner = dest.obj if type(dest) is memoryview else dest
+    if type(owner) is _WritableBuffer:
+        target = <_WritableBuffer>owner
+    PyObject_GetBuffer(dest, &to, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(src, &source, PyBUF_SIMPLE)
+        try:
+            if offset < 0 or source.len > to.len - offset:
+                raise ValueError(f"copy of {source.len} bytes at {offset} does not fit in "
+                                 f"{to.len}")
+            if target is not None:
+                s = target._store._s  # mapped while the buffer lives
+                at = target._offset + <uint64_t>(<uint8_t *>to.buf - target._ptr) + offset
+                with nogil:
+                    store_write(s, at, source.buf, <uint64_t>source.len)
+            else:
+                with nogil:
+                    memcpy(<uint8_t *>to.buf + offset, source.buf, <size_t>source.len)
+        finally:
+            PyBuffer_Release(&source)
+    finally:
+        PyBuffer_Release(&to)
 
 
 cdef const uint8_t *_id_ptr(bytes object_id) except NULL:
@@ -149,6 +190,19 @@ cdef class Store:
     def capacity(self):
         return self._capacity
 
+    @property
+    def copy_threads(self):
+        """Threads that copy_into uses for a large copy into this store's
+        objects; setting 0 restores the default (the CPUs this process may
+        run on, at most 8)."""
+        return store_copy_threads(self._handle())
+
+    @copy_threads.setter
+    def copy_threads(self, threads):
+        if threads < 0:
+            raise ValueError("copy_threads must be >= 0")
+        store_set_copy_threads(self._handle(), threads)
+
     cdef store *_handle(self) except NULL:
         if self._closed:
             raise StoreError(f"store {self._name!r} is closed")
@@ -196,8 +250,9 @@ cdef class Store:
         _check(rc, err, "abort", object_id)
 
     def get(self, bytes object_id not None):
-        """Pins a sealed object and returns a StoreBuffer over it, or None when
-        it is absent, unsealed or delete-pending."""
+        """Pins a sealed object for this process and returns a StoreBuffer over
+        it, or None when it is absent, unsealed or delete-pending. Raises
+        TooManyPinsError when the pin table is full."""
         cdef store *s = self._handle()
         cdef const uint8_t *cid = _id_ptr(object_id)
         cdef uint64_t offset = 0, size = 0
@@ -258,9 +313,64 @@ cdef class Store:
         _check(rc, err, "abort_dead_creators")
         return count
 
+    def release_pins_of(self, int32_t pid):
+        """Drops every pin that process `pid` holds (it died: call this once
+        it is reaped, or a recycled pid's pins go too); returns how many.
+        Objects left unpinned become evictable, or are freed if deleted."""
+        cdef store *s = self._handle()
+        cdef uint64_t count = 0
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_release_pins_of(s, pid, &count)
+            err = errno
+        _check(rc, err, "release_pins_of")
+        return count
+
+    def release_dead_pins(self):
+        """Drops the pins of every process that no longer exists (a reader
+        killed while it held views); returns how many. All clients must share
+        this process's PID namespace; an unreaped zombie still counts as alive."""
+        cdef store *s = self._handle()
+        cdef uint64_t count = 0
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_release_dead_pins(s, &count)
+            err = errno
+        _check(rc, err, "release_dead_pins")
+        return count
+
+    def pins(self):
+        """[(object_id, pid, count)]: who pins what. For tests and debugging."""
+        cdef store *s = self._handle()
+        cdef size_t room = self.stats()["num_pin_records"] + 64
+        cdef size_t count = 0
+        cdef store_pin_info *infos = NULL
+        cdef store_status rc
+        cdef int err = 0
+        while True:
+            infos = <store_pin_info *>malloc(room * sizeof(store_pin_info))
+            if infos == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = store_list_pins(s, infos, room, &count)
+                err = errno
+            if rc == STORE_OK and count > room:
+                free(infos)
+                room = count + 64
+                continue
+            break
+        try:
+            _check(rc, err, "pins")
+            return [(bytes((<char *>infos[i].id)[:STORE_ID_SIZE]), infos[i].pid, infos[i].count)
+                    for i in range(count)]
+        finally:
+            free(infos)
+
     def stats(self):
         """capacity, used_bytes, num_objects, num_pinned, num_evictions,
-        table_capacity, num_recoveries."""
+        table_capacity, num_recoveries, num_pin_records, pin_table_capacity."""
         cdef store *s = self._handle()
         cdef store_stats st
         cdef store_status rc
@@ -277,6 +387,8 @@ cdef class Store:
             "num_evictions": st.num_evictions,
             "table_capacity": st.table_capacity,
             "num_recoveries": st.num_recoveries,
+            "num_pin_records": st.num_pin_records,
+            "pin_table_capacity": st.pin_table_capacity,
         }
 
     def objects(self):
@@ -376,6 +488,7 @@ cdef class _WritableBuffer:
     """The writable bytes of one CREATED object; create_object wraps it in a
     memoryview. Holds the Store so the mapping outlives every view."""
     cdef Store _store
+    cdef uint64_t _offset
     cdef uint8_t *_ptr
     cdef Py_ssize_t _size
 
@@ -383,6 +496,7 @@ cdef class _WritableBuffer:
     cdef _WritableBuffer _new(Store owner, uint64_t offset, uint64_t size):
         cdef _WritableBuffer self = _WritableBuffer.__new__(_WritableBuffer)
         self._store = owner
+        self._offset = offset
         self._ptr = store_ptr(owner._s, offset)
         self._size = <Py_ssize_t>size
         owner._exports += 1

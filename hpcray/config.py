@@ -40,6 +40,9 @@ class Config:
     worker_start_timeout: int = 60
     # Idle workers kept beyond num_cpus (made when others blocked in get) before retiring.
     max_idle_extra_workers: int = 0
+    # Threads that copy one large value (8 MiB or more) into the store; 0: the CPUs
+    # this process may run on, at most 8 (two already double one thread's bandwidth).
+    copy_threads: int = 0
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -54,6 +57,7 @@ class Config:
                                                config.worker_start_timeout)
         config.max_idle_extra_workers = _env_int("HPCRAY_MAX_IDLE_EXTRA_WORKERS",
                                                  config.max_idle_extra_workers)
+        config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
         return config
 
     def as_dict(self) -> dict:

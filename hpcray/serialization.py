@@ -6,6 +6,9 @@ but written once into the store, and read back as a read-only array that views t
 segment. The ids of the `ObjectRef`s a value contains are collected while pickling, so
 the node manager can keep them alive as long as the value lives.
 
+The copy into the store is `copy_into`: large buffers are copied by several threads
+with the GIL released (one thread's memcpy is well below what memory can move).
+
 Store layout of one object (offsets from the object's 64-byte aligned start):
     u32 magic | u32 buffer count n | u64 pickle length | n x u64 buffer lengths
     pickle bytes | each buffer, starting on a 64-byte boundary
@@ -18,6 +21,7 @@ import struct
 
 import cloudpickle
 
+from hpcray._store import copy_into
 from hpcray.exceptions import RayError
 from hpcray.object_ref import begin_collecting_refs, end_collecting_refs
 
@@ -89,10 +93,10 @@ class SerializedValue:
         for buf in self.buffers:
             _LEN.pack_into(dest, pos, buf.nbytes)
             pos += _LEN.size
-        dest[pos:pos + len(self.pickled)] = self.pickled
+        copy_into(dest, pos, self.pickled)
         pos = _align(pos + len(self.pickled))
         for buf in self.buffers:
-            dest[pos:pos + buf.nbytes] = buf  # the one memcpy of the value's data
+            copy_into(dest, pos, buf)  # the one copy of the value's data
             pos = _align(pos + buf.nbytes)
 
 

@@ -1,6 +1,7 @@
 """Tests of the node object store: the C test program, and the Cython binding
 hpcray._store across processes (zero copy, pins, LRU eviction, a killed lock
-holder, a multiprocess stress run). Imports only hpcray._store."""
+holder, pins of a killed reader, threaded copies, a multiprocess stress run).
+Imports only hpcray._store."""
 import gc
 import json
 import os
@@ -43,6 +44,8 @@ StoreError = _store.StoreError
 ObjectExistsError = _store.ObjectExistsError
 StoreFullError = _store.StoreFullError
 ObjectTooLargeError = _store.ObjectTooLargeError
+TooManyPinsError = _store.TooManyPinsError
+copy_into = _store.copy_into
 ID_SIZE = _store.ID_SIZE
 
 PREFIX = f"hpcray-test-{os.getpid()}-"
@@ -98,10 +101,11 @@ def test_c_program(tmp_path):
         pytest.skip("no C compiler")
     exe = tmp_path / "test_store"
     csrc = os.path.join(REPO, "csrc")
+    sources = [os.path.join(csrc, f"{name}.c") for name in ("test_store", "store", "allocator",
+                                                            "copy")]
     subprocess.run(
         [cc, "-Wall", "-Wextra", "-Werror", "-std=c11", "-D_GNU_SOURCE", "-O2", "-I", csrc,
-         os.path.join(csrc, "test_store.c"), os.path.join(csrc, "store.c"),
-         os.path.join(csrc, "allocator.c"), "-lrt", "-lpthread", "-o", str(exe)],
+         *sources, "-lrt", "-lpthread", "-o", str(exe)],
         check=True)
     with subprocess.Popen([str(exe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as proc:
@@ -555,7 +559,8 @@ while True:
 @pytest.mark.timeout(120)
 def test_killed_while_churning(make_store):
     """A client killed at an arbitrary point of its work (inside the lock or
-    not) leaves a store that is consistent and usable; its pins leak."""
+    not) leaves a store that is consistent and usable; what it held or
+    half-made is given back once it is known dead."""
     store = make_store(2 * MiB)
     for round_ in range(5):
         r, w = os.pipe()
@@ -570,14 +575,18 @@ def test_killed_while_churning(make_store):
         assert store._debug_check()
         put(store, oid(round_), b"ok")
         assert memoryview(store.get(oid(round_))).tobytes() == b"ok"
-        # Clean up what the dead client left: its unsealed objects can be
-        # aborted; objects it pinned stay delete-pending (its pins died with it).
+        # Clean up what the dead client left: its unsealed objects are
+        # aborted; objects it pinned are delete-pending until its pins go.
         store.abort_dead_creators()
         assert all(state != "CREATED" for _, _, state, _ in store.objects())
         for object_id, _, state, _ in store.objects():
             if state == "SEALED":
                 store.delete(object_id)
         assert all(state == "DELETE_PENDING" for _, _, state, _ in store.objects())
+        assert {pid for _, pid, _ in store.pins()} <= {child.pid}
+        store.release_dead_pins()
+        assert store.objects() == [] and store.pins() == []
+        assert store.stats()["used_bytes"] == 0
         assert store._debug_check()
 
 
@@ -617,9 +626,148 @@ def test_death_at_crash_points(make_store):
         for i in range(100, 160):
             put(store, oid(i), bytes([i]) * 999)
         assert store._debug_check()
+        # The dead client's pins (every third object) are given back.
+        store.abort_dead_creators()
+        store.release_dead_pins()
+        assert store.stats()["num_pinned"] == 0 and store.pins() == []
+        assert store._debug_check()
         store.close()
         store.unlink()
     assert code == 0  # the last run had more steps than the workload
+
+
+_READER_CHILD = """
+import os, sys
+import numpy as np
+store = _store.Store.attach(sys.argv[1])
+held = [store.get(bytes.fromhex(h)) for h in sys.argv[3:]]
+views = [np.frombuffer(buf, dtype=np.uint8) for buf in held]  # zero-copy views
+os.write(int(sys.argv[2]), b"P")
+while True:
+    os.pause()
+"""
+
+
+def spawn_reader(store, *object_ids):
+    """A process that pins `object_ids` (one pin per mention), reports, waits to die."""
+    r, w = os.pipe()
+    try:
+        child = run_child(_READER_CHILD, store.name, w, *(o.hex() for o in object_ids),
+                          pass_fds=[w])
+        os.close(w)
+        assert wait_for_byte(r, 30) == b"P"
+    finally:
+        os.close(r)
+    return child
+
+
+def kill(child):
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+
+
+@pytest.mark.timeout(60)
+def test_pins_of_killed_reader(make_store):
+    """A reader SIGKILLed while it holds zero-copy views leaves its pins;
+    release_dead_pins gives them back: its objects become evictable, and a
+    deleted one is freed. Live processes' pins are untouched."""
+    store = make_store(64 * KiB)  # 16 objects of 4 KiB
+    for i in range(16):
+        put(store, oid(i), bytes([i]) * 4096)
+    mine = store.get(oid(15))
+    reader = spawn_reader(store, oid(1), oid(1), oid(2), oid(15))
+    assert sorted(store.pins()) == sorted([
+        (oid(1), reader.pid, 2), (oid(2), reader.pid, 1), (oid(15), reader.pid, 1),
+        (oid(15), os.getpid(), 1)])
+    assert store.release_dead_pins() == 0  # alive
+    kill(reader)
+    assert store.stats()["num_pinned"] == 3
+    assert store.delete(oid(1))  # pending: the dead reader still pins it
+    with pytest.raises(StoreFullError):  # objects 1 and 2 split the room
+        store.create_object(oid(100), 52 * KiB)
+    assert store.release_dead_pins() == 4
+    assert store.release_dead_pins() == 0
+    assert store.pins() == [(oid(15), os.getpid(), 1)]
+    assert all(object_id != oid(1) for object_id, *_ in store.objects())  # freed
+    assert store.stats()["num_pinned"] == 1
+    store.create_object(oid(100), 52 * KiB)  # evicts 2: only this process's pin stays
+    assert not store.contains(oid(2)) and store.contains(oid(15))
+    assert memoryview(mine).tobytes() == bytes([15]) * 4096
+    mine.release()
+    store.abort(oid(100))
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(60)
+def test_release_pins_of(make_store):
+    """The node manager, knowing which worker it reaped, releases its pins by pid."""
+    store = make_store(64 * KiB)
+    put(store, oid(1), b"x" * 100)
+    reader = spawn_reader(store, oid(1))
+    kill(reader)
+    assert store.release_pins_of(reader.pid + 1) == 0
+    assert store.stats()["num_pinned"] == 1
+    assert store.release_pins_of(reader.pid) == 1
+    assert store.stats()["num_pinned"] == 0 and store.pins() == []
+    assert store.delete(oid(1)) and store.objects() == []
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(60)
+def test_pin_table_full(make_store):
+    store = make_store(1 * MiB, table_capacity=1024)
+    assert store.stats()["pin_table_capacity"] == 1024
+    for i in range(896):  # as many objects as the table takes
+        put(store, oid(i), b"")
+    held = [store.get(oid(i)) for i in range(896)]
+    reader = run_child("""
+import sys
+store = _store.Store.attach(sys.argv[1])
+try:
+    store.get(bytes.fromhex(sys.argv[2]))
+except _store.TooManyPinsError:
+    sys.exit(0)
+sys.exit(1)
+""", store.name, oid(5).hex())
+    assert reader.wait(timeout=30) == 0
+    extra = store.get(oid(5))  # a second pin on one record needs no room
+    assert store.stats()["num_pin_records"] == 896
+    for buf in [*held, extra]:
+        buf.release()
+    assert store.stats()["num_pin_records"] == 0 and store.stats()["num_pinned"] == 0
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(60)
+def test_copy_into(make_store):
+    """copy_into lands every byte, for small and large (threaded) copies, into
+    a store object, a slice of one, or any writable buffer."""
+    store = make_store(64 * MiB)
+    assert store.copy_threads >= 1
+    data = np.random.default_rng(1).integers(0, 256, 20 * MiB + 13, dtype=np.uint8)
+    for threads in (1, 2, 3, 0):
+        store.copy_threads = threads
+        assert store.copy_threads == threads or threads == 0
+        view = store.create_object(oid(threads), data.nbytes + 200)
+        copy_into(view, 0, b"head")
+        copy_into(view, 64, data)
+        copy_into(view[100:], data.nbytes - 36, b"tail")  # a slice: offsets add up
+        view.release()
+        store.seal(oid(threads))
+        got = memoryview(store.get(oid(threads)))
+        assert got[:4] == b"head" and got[64 + data.nbytes:68 + data.nbytes] == b"tail"
+        assert np.array_equal(np.frombuffer(got[64:64 + data.nbytes], np.uint8), data)
+        got.release()
+        assert store.delete(oid(threads))
+    with pytest.raises(ValueError):
+        store.copy_threads = -1
+    target = bytearray(10)
+    copy_into(target, 2, b"abc")
+    assert target == b"\0\0abc" + bytes(5)
+    with pytest.raises(ValueError):
+        copy_into(target, 8, b"abc")
+    with pytest.raises(BufferError):
+        copy_into(b"read-only", 0, b"x")
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ class CoreClient:
         self.node_id = node_id
         self.total_resources = total_resources
         self.exported_functions: set = set()
+        store.copy_threads = config.copy_threads
 
     # -- values ------------------------------------------------------------------
     def encode_value(self, object_id: bytes, value):
@@ -42,7 +43,8 @@ class CoreClient:
             try:
                 dest = self.store.create_object(object_id, sv.store_size)
             except StoreFullError:
-                if not self.store.abort_dead_creators():  # space held by dead writers
+                # Space held by dead processes: writers that never sealed, readers' pins.
+                if not self.store.abort_dead_creators() + self.store.release_dead_pins():
                     raise
                 dest = self.store.create_object(object_id, sv.store_size)
         except ObjectTooLargeError:
