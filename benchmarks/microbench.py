@@ -1,6 +1,7 @@
 """hpcray's microbenchmark: the same Ray-API program timed on hpcray and on Ray.
 
     python benchmarks/microbench.py [--backends hpcray,ray] [--quick] [--json out.json]
+    python benchmarks/microbench.py --ranks 1,2,4 [--quick]   # hpcray alone, 1 node vs mpiexec -n N
 
 Each backend runs in its own fresh subprocess, one after the other, so that neither
 runtime's processes, caches or page faults colour the other's figures. The metrics are
@@ -10,8 +11,13 @@ gives each backend's figure, the ratio (>1 always means hpcray is better) and hp
 The program uses only Ray's public core API (`init`, `shutdown`, `remote`, `.options`,
 `.remote`, `get`, `put`, `wait`), so it runs unchanged on `import ray` and on
 `import hpcray as ray`. Ray is optional: without it only hpcray's figures are printed.
-What this is not: a test of correctness (tests/ does that) or of multi-node paths
-(the paper's experiments under benchmarks/ do that under mpirun).
+With `--ranks`, hpcray alone runs once per rank count: 1 as above (no launcher), N > 1
+as the driver (rank 0) of `mpiexec -n N python -m hpcray`, every rank a node with
+`init(num_cpus=2)`, so each figure shows what the cluster machinery (MPI progress,
+the global scheduler, spilling to other nodes) costs the same operation; idle CPU then
+counts every process of the job (mpiexec, its proxies, every rank, every worker).
+What this is not: a test of correctness (tests/ does that) or of the multi-node
+experiments themselves (load_balance.py, weak_scaling.py, idle_cost.py do those).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
+import _mpirun
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_CPUS = 2
@@ -126,6 +133,8 @@ class Worker:
 
     def __init__(self, backend: str, quick: bool, result_path: str, progress_path: str):
         self.backend = backend
+        # Under mpiexec the runtime is the whole job: account from mpiexec down.
+        self.root_pid = job_root_pid()
         self.knobs = Knobs(quick)
         self.result_path = result_path
         self.progress_path = progress_path
@@ -151,7 +160,7 @@ class Worker:
         self.save()
 
     def report_processes(self):
-        procs = _common.runtime_processes(os.getpid(), self.also)
+        procs = _common.runtime_processes(self.root_pid, self.also)
         keys = [[pid, created] for pid, created in procs if pid != os.getpid()]
         self.emit(event="pids", pids=keys)
 
@@ -250,7 +259,7 @@ class Worker:
         k = self.knobs
         self.ray.get([self.noop.remote() for _ in range(20)])
         time.sleep(k.idle_settle_s)
-        idle = _common.measure_idle_cpu(os.getpid(), k.idle_window_s, self.also)
+        idle = _common.measure_idle_cpu(self.root_pid, k.idle_window_s, self.also)
         if "error" in idle:
             raise RuntimeError(idle["error"])
         self.report_processes()
@@ -395,6 +404,19 @@ class Worker:
         )
 
 
+def job_root_pid() -> int:
+    """This process, or the mpiexec that started it when it runs as rank 0 of a job."""
+    if _common.psutil is None or _mpirun.launched_ranks() <= 1:
+        return os.getpid()
+    try:
+        for parent in _common.psutil.Process().parents():
+            if parent.name().startswith("mpiexec"):
+                return parent.pid
+    except _common.psutil.Error:
+        pass
+    return os.getpid()
+
+
 def worker_main(args) -> int:
     worker = Worker(args.worker_backend, args.quick, args.result_file, args.progress_file)
 
@@ -415,14 +437,15 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_backend(backend: str, quick: bool) -> dict:
-    """Run one backend in a fresh subprocess; watch its progress, kill it if a metric hangs."""
+def run_backend(backend: str, quick: bool, ranks: int = 1) -> dict:
+    """Run one backend in a fresh subprocess; watch its progress, kill it if a metric hangs.
+
+    ranks > 1: the subprocess is `mpiexec -n ranks python -m hpcray` of the same worker."""
     tmp = tempfile.mkdtemp(prefix=f"microbench-{backend}-")
     result_path = os.path.join(tmp, "result.json")
     progress_path = os.path.join(tmp, "progress.jsonl")
     log_path = os.path.join(tmp, "output.log")
-    cmd = [
-        sys.executable,
+    worker_argv = [
         str(Path(__file__).resolve()),
         "--worker-backend",
         backend,
@@ -432,10 +455,18 @@ def run_backend(backend: str, quick: bool) -> dict:
         progress_path,
     ]
     if quick:
-        cmd.append("--quick")
+        worker_argv.append("--quick")
+    if ranks > 1:
+        cmd = _mpirun.launch_command(ranks, worker_argv)
+        backend_label = f"{backend} -n {ranks}"
+    else:
+        cmd = [sys.executable, *worker_argv]
+        backend_label = backend
     env = dict(os.environ)
+    tag = env[_mpirun.TAG_VARIABLE] = os.urandom(8).hex()
     if backend == "ray":
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    backend = backend_label
     log(f"[{backend}] starting ({'quick' if quick else 'full'} run), log in {log_path}")
     with open(log_path, "w") as out:
         proc = subprocess.Popen(
@@ -496,6 +527,12 @@ def run_backend(backend: str, quick: bool) -> dict:
         with open(log_path) as f:
             result["log_tail"] = f.read()[-4000:]
     result["leftover_processes"] = reap_leftovers(backend, seen_pids)
+    stragglers = _common.end_processes(_mpirun.tagged_processes(tag))
+    if stragglers:  # runtime processes that were never seen in the driver's tree
+        log(f"[{backend}] {len(stragglers)} more tagged processes outlived the run; killed:")
+        for line in stragglers:
+            log(f"    {line}")
+        result["leftover_processes"] += stragglers
     return result
 
 
@@ -584,12 +621,22 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="cut every measurement ~5x")
     parser.add_argument("--json", metavar="PATH", help="write raw figures and the table here")
+    parser.add_argument(
+        "--ranks",
+        metavar="LIST",
+        help="hpcray only, once per rank count (1: no launcher; N: mpiexec -n N), e.g. 1,2,4",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="with --ranks: runs per rank count, median shown"
+    )
     parser.add_argument("--worker-backend", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     parser.add_argument("--progress-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_backend:
         return worker_main(args)
+    if args.ranks:
+        return main_ranks(args)
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(backends) - {"hpcray", "ray"}
@@ -643,6 +690,72 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results, "table": table}, f, indent=2)
     failed = any(results[b].get("errors") for b in backends)
+    return 1 if failed else 0
+
+
+def main_ranks(args) -> int:
+    """hpcray at 1 rank and under mpiexec -n N: one column per rank count."""
+    rank_counts = [int(r) for r in args.ranks.split(",") if r.strip()]
+    meta = {
+        "machine": _common.machine_facts(),
+        "python": sys.version.split()[0],
+        "quick": args.quick,
+        "num_cpus_per_rank": NUM_CPUS,
+        "repeat": args.repeat,
+    }
+    runs = {ranks: [] for ranks in rank_counts}
+    for rep in range(args.repeat):
+        for ranks in rank_counts:  # interleaved, so load drifts hit every column alike
+            log(f"== ranks {ranks}, run {rep + 1} of {args.repeat}")
+            runs[ranks].append(run_backend("hpcray", args.quick, ranks))
+
+    def median_of(ranks, key):
+        values = [r["metrics"][key]["value"] for r in runs[ranks] if key in r["metrics"]]
+        return statistics.median(values) if values else None
+
+    base = rank_counts[0]
+    header = ["metric", "unit"] + [
+        "1 node" if r == 1 else f"mpiexec -n {r}" for r in rank_counts
+    ] + [f"ratio -n {r} / {'1 node' if base == 1 else base}" for r in rank_counts[1:]]
+    rows = []
+    for key, unit, kind, _aim in METRICS:
+        values = [median_of(r, key) for r in rank_counts]
+        label = key + (" (20, ×5)" if key == "create 100 actors" and args.quick else "")
+        ratios = []
+        for v in values[1:]:
+            # ratio > 1: the N-rank run is better than the baseline, as in the Ray table
+            r = ratio(kind, v, values[0])
+            ratios.append(fmt_ratio(r))
+        rows.append([label, unit, *(_common.fmt_number(v) for v in values), *ratios])
+    table = _common.markdown_table(header, rows)
+    print(
+        f"# hpcray microbench, init(num_cpus={NUM_CPUS}) on every rank, median of "
+        f"{args.repeat} run(s) per column; load average at start "
+        f"{' '.join(f'{x:.2f}' for x in meta['machine']['loadavg_at_start'])}, "
+        f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs"
+    )
+    print(table)
+    print("\nratio > 1 means the multi-rank run is better than the baseline column.")
+    failed = False
+    for ranks in rank_counts:
+        for i, result in enumerate(runs[ranks]):
+            for metric, error in result.get("errors", {}).items():
+                first = error.strip().splitlines()[-1] if error.strip() else error
+                print(f"ranks {ranks} run {i + 1}: {metric} failed: {first}")
+                failed = True
+            if result.get("leftover_processes"):
+                print(
+                    f"ranks {ranks} run {i + 1}: {len(result['leftover_processes'])} "
+                    "processes outlived the run (killed)"
+                )
+                failed = True
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"meta": meta, "runs": {str(k): v for k, v in runs.items()}, "table": table},
+                f,
+                indent=2,
+            )
     return 1 if failed else 0
 
 
