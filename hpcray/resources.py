@@ -24,6 +24,13 @@ Environment read here (the defaults are "unset"):
 - ``CUDA_VISIBLE_DEVICES``: filters the GPUs, with CUDA's own parsing rules.
 - ``SLURM_STEP_GPUS`` / ``SLURM_JOB_GPUS``: filter the GPUs when the former is unset.
 - ``SLURM_CPUS_PER_TASK``: caps the CPU count.
+- Ranks sharing a host (``MPI_LOCALNRANKS``/``MPI_LOCALRANKID`` from MPICH's Hydra,
+  ``OMPI_COMM_WORLD_LOCAL_SIZE``/``_LOCAL_RANK`` from Open MPI, ``SLURM_LOCALID`` with
+  ``SLURM_STEP_TASKS_PER_NODE``/``SLURM_NODEID`` from srun): each rank is a node, so
+  they split the host instead of each claiming all of it. Memory is divided; CPUs are
+  divided when the launcher did not bind the rank to its own CPUs; detected GPUs are
+  dealt out round-robin (local rank i gets GPUs i, i+n, ...) when neither
+  ``CUDA_VISIBLE_DEVICES`` nor Slurm narrowed them per task.
 - ``HPCRAY_RESOURCES``: a JSON object of this rank's custom resources, e.g.
   ``'{"special": 2}'``; ``init(resources=...)`` wins key by key.
 """
@@ -43,6 +50,7 @@ __all__ = [
     "detect_gpus",
     "detect_memory_bytes",
     "detect_node_resources",
+    "host_share",
     "detect_num_cpus",
     "gpu_visible_devices_value",
     "list_nvml_devices",
@@ -74,6 +82,53 @@ def detect_num_cpus(environ: Mapping[str, str] = os.environ) -> int:
     if per_task is not None and per_task > 0:
         num_cpus = min(num_cpus, per_task)
     return max(1, num_cpus)
+
+
+# ------------------------------------------------------------------ ranks per host
+
+
+def _tasks_on_node(tasks_per_node: str, node_index: int) -> int | None:
+    """Slurm's compressed count list ("2(x3),1") at `node_index`."""
+    index = 0
+    for item in tasks_per_node.split(","):
+        count, _, repeat = item.partition("(x")
+        try:
+            count_value = int(count)
+            times = int(repeat.rstrip(")")) if repeat else 1
+        except ValueError:
+            return None
+        if node_index < index + times:
+            return count_value
+        index += times
+    return None
+
+
+def host_share(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(this rank's index among the ranks on its host, how many there are), as the
+    launcher tells it; (0, 1) when it does not."""
+    for rank_key, size_key in (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                               ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")):
+        local_rank = _int_or_none(environ.get(rank_key))
+        local_size = _int_or_none(environ.get(size_key))
+        if local_rank is not None and local_size:
+            return local_rank, local_size
+    local_rank = _int_or_none(environ.get("SLURM_LOCALID"))
+    node_index = _int_or_none(environ.get("SLURM_NODEID"))
+    tasks = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if local_rank is not None and node_index is not None and tasks:
+        local_size = _tasks_on_node(tasks, node_index)
+        if local_size:
+            return local_rank, local_size
+    return 0, 1
+
+
+def _unbound(environ: Mapping[str, str]) -> bool:
+    """True when this rank may run on every CPU of the host (no binding, no Slurm cap)."""
+    try:
+        bound = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        bound = False
+    return not bound and not environ.get("SLURM_CPUS_PER_TASK")
 
 
 # -------------------------------------------------------------------------- memory
@@ -443,22 +498,34 @@ def detect_node_resources(
     if resources is not None:
         custom.update(_check_custom(resources, "resources"))
 
+    local_rank, local_size = host_share(environ)
     if num_cpus is None:
-        cpus = float(detect_num_cpus(environ))
+        cpus = detect_num_cpus(environ)
+        if local_size > 1 and _unbound(environ):
+            cpus = max(1, cpus // local_size)
+        cpus = float(cpus)
     else:
         cpus = _check_quantity("num_cpus", num_cpus)
 
+    gpus = detect_gpus(environ)
+    if local_size > 1 and len(gpus) > 1 and not _gpus_narrowed_per_task(environ):
+        gpus = gpus[local_rank % local_size::local_size]
     if num_gpus is None:
-        gpus = detect_gpus(environ)
         gpu_count = float(len(gpus))
     else:
         gpu_count = _check_quantity("num_gpus", num_gpus)
-        gpus = detect_gpus(environ)[: math.ceil(gpu_count)] if gpu_count else []
+        gpus = gpus[: math.ceil(gpu_count)] if gpu_count else []
 
     return NodeResources(
         num_cpus=cpus,
         num_gpus=gpu_count,
-        memory=detect_memory_bytes(),
+        memory=detect_memory_bytes() // local_size,
         gpus=gpus,
         custom=custom,
     )
+
+
+def _gpus_narrowed_per_task(environ: Mapping[str, str]) -> bool:
+    """CUDA_VISIBLE_DEVICES or Slurm's step GPUs already give each rank its own GPUs."""
+    return environ.get("CUDA_VISIBLE_DEVICES") is not None or bool(
+        environ.get("SLURM_STEP_GPUS", "").strip())

@@ -475,6 +475,41 @@ def test_detect_node_resources_slurm_cpus(four_gpus):
     assert node.num_cpus == 1.0
 
 
+@pytest.mark.parametrize("environ, share", [
+    ({}, (0, 1)),
+    ({"MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"}, (2, 4)),
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, (1, 2)),
+    # srun: 3 nodes with 2 tasks, then one with 1; this task is on the fourth node
+    ({"SLURM_LOCALID": "0", "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"},
+     (0, 1)),
+    ({"SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"},
+     (1, 2)),
+    ({"SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "bad"}, (0, 1)),
+])
+def test_host_share_from_the_launcher(environ, share):
+    assert resources.host_share(environ) == share
+
+
+def test_ranks_sharing_a_host_split_it(four_gpus):
+    alone = resources.detect_node_resources(environ={})
+    shares = [resources.detect_node_resources(
+        environ={"MPI_LOCALRANKID": str(i), "MPI_LOCALNRANKS": "2"}) for i in range(2)]
+    assert [node.gpus for node in shares] == [[D0, D2], [D1, D3]]
+    assert all(node.num_gpus == 2 for node in shares)
+    assert all(node.memory == alone.memory // 2 for node in shares)
+    assert all(node.num_cpus == max(1, alone.num_cpus // 2) for node in shares)
+
+
+def test_ranks_sharing_a_host_keep_what_the_launcher_gave_them(four_gpus):
+    env = {"MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "CUDA_VISIBLE_DEVICES": "3",
+           "SLURM_CPUS_PER_TASK": "1"}
+    node = resources.detect_node_resources(environ=env)
+    assert node.gpus == [D3] and node.num_cpus == 1.0
+    explicit = resources.detect_node_resources(
+        num_cpus=3, environ={"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "4"})
+    assert explicit.num_cpus == 3.0 and explicit.gpus == [D0]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_cpus": -1}, "num_cpus must not be negative"),
     ({"num_gpus": -0.5}, "num_gpus must not be negative"),

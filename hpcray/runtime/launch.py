@@ -67,15 +67,16 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
 
 
 def default_store_bytes() -> int:
-    """30% of memory, capped by what /dev/shm can hold (as Ray's default)."""
-    from hpcray.resources import detect_memory_bytes
+    """30% of memory, capped by what /dev/shm can hold (as Ray's default); ranks that
+    share a host share both."""
+    from hpcray.resources import detect_memory_bytes, host_share
     want = int(detect_memory_bytes() * 0.3)
     try:
         stat = os.statvfs("/dev/shm")
         want = min(want, int(stat.f_bavail * stat.f_frsize * 0.9))
     except OSError:
         pass
-    return max(want, 64 * 1024 * 1024)
+    return max(want // host_share()[1], 64 * 1024 * 1024)
 
 
 def launched_world_size(environ=os.environ) -> int:
