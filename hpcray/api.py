@@ -108,10 +108,15 @@ def _at_exit() -> None:
     from hpcray.runtime import launch
     shutdown()
     launch.end_ranks(1 if _driver_failed else 0)
+    launch.leave_if_terminating(128 + signal.SIGTERM)  # skips MPI_Finalize after SIGTERM
 
 
 def _install_sigterm_handler() -> None:
     # SIGTERM's default action skips atexit; turn it into SystemExit so shutdown() runs.
+    from hpcray.runtime import launch
+    if launch.in_world():  # started by mpirun/srun: do not wait for ranks being ended
+        launch.end_on_sigterm()
+        return
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

@@ -90,6 +90,11 @@ def launched_world_size(environ=os.environ) -> int:
     return 1
 
 
+def in_world() -> bool:
+    """True once this process is one of several ranks (world() found them)."""
+    return _world is not None
+
+
 def world():
     """The MpiTransport of this process (MPI starts on first use), or None on one node."""
     global _world

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,39 @@ def test_named_actors_across_nodes(tmp_path, gcs_shards):
         print("OK")
     """, env={"HPCRAY_GCS_SHARDS": str(gcs_shards)})
     assert "OK" in out
+
+
+def test_sigterm_to_an_init_driver_ends_the_job(tmp_path):
+    # A script that calls init() itself under mpiexec (no `python -m hpcray`): SIGTERM to
+    # rank 0 shuts it down, ends the other ranks and leaves without MPI_Finalize.
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import os, time, hpcray as ray
+        ray.init(num_cpus=1)
+        @ray.remote
+        def where():
+            return ray.get_runtime_context().get_node_id()
+        assert len(set(ray.get([where.remote() for _ in range(60)]))) >= 2
+        with open("pid.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename("pid.tmp", "pid")
+        time.sleep(600)
+    """))
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([str(MPIEXEC), "-n", "3", sys.executable, str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=str(tmp_path), start_new_session=True)
+    try:
+        pid_file = tmp_path / "pid"
+        for _ in range(1200):  # up to 60 s for the job to start
+            if pid_file.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert pid_file.exists(), proc.communicate()[0]
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job did not end after SIGTERM:\n{proc.communicate()[0]}")
+    assert proc.returncode != 0, output
+    assert not segment_leaks(before), f"segments left: {segment_leaks(before)}"
