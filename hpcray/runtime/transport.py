@@ -26,6 +26,13 @@ import it. A transport is used from one thread only.
 
 Each channel and the object data travel on their own duplicate of the communicator, so
 message tags and transfer tags can never match each other's receives.
+
+Messages to one peer on one channel have at most `_SENDS_IN_FLIGHT` MPI sends
+outstanding; while that many are, later messages wait in a queue and leave together as
+one MPI message (a list) once one completes. A rank that forwards thousands of tasks to
+a slow peer thus keeps a few requests to test instead of tens of thousands (testing them
+all on every poll made the rank quadratically slow), and the peer gets fewer, larger
+messages. A message to an idle peer still leaves at once.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+from collections import deque
 from collections.abc import Callable
 
 from mpi4py import MPI
@@ -48,6 +56,8 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_WINDOW = 4
 
 _MESSAGE_TAG = 0
+_SENDS_IN_FLIGHT = 4        # per peer and channel; more messages wait and go as one
+_MAX_BATCH = 4096           # messages in one MPI message at most
 _MIN_IDLE_SLEEP = 50e-6
 # While a transfer is outstanding its chunks move only while someone calls into MPI, so
 # the idle back-off stops growing at this (about 3% of a core in Iprobe/Test).
@@ -167,9 +177,10 @@ class MpiTransport:
         self._data_comm = base.Dup()
         self._tag_ub: int = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self._status = MPI.Status()
-        # Sends of messages not yet complete, and the pickles they read from.
-        self._send_requests: list = []
-        self._send_payloads: list = []
+        # Per (peer, channel): MPI sends not yet complete with the pickles they read
+        # from, and the messages waiting for one of them to complete.
+        self._in_flight: dict[tuple[int, str], list] = {}
+        self._queued: dict[tuple[int, str], deque] = {}
         # Messages matched but not yet fully received, in the order MPI matched them:
         # (source, channel, request, buffer).
         self._arriving: list = []
@@ -185,20 +196,37 @@ class MpiTransport:
 
     def send(self, dest: int, message, channel: str = "control") -> None:
         """Send `message` (pickled) to rank `dest`; returns at once, never blocks."""
-        comm = self._channel_comm(channel)
-        payload = pickle.dumps(message, protocol=5)
-        request = comm.Isend([payload, MPI.BYTE], dest, _MESSAGE_TAG)
-        self._send_requests.append(request)
-        self._send_payloads.append(payload)
+        self._channel_comm(channel)  # checks the name
+        key = (dest, channel)
+        queued = self._queued.get(key)
+        if queued:
+            queued.append(message)
+        elif len(self._in_flight.get(key, ())) < _SENDS_IN_FLIGHT:
+            self._post(key, [message])
+        else:
+            self._queued[key] = deque((message,))
 
     def broadcast(self, message, channel: str = "control") -> None:
-        """Send `message` to every rank but this one (pickled once)."""
-        comm = self._channel_comm(channel)
-        payload = pickle.dumps(message, protocol=5)
+        """Send `message` to every rank but this one."""
         for dest in range(self.size):
             if dest != self.rank:
-                self._send_requests.append(comm.Isend([payload, MPI.BYTE], dest, _MESSAGE_TAG))
-                self._send_payloads.append(payload)
+                self.send(dest, message, channel)
+
+    def _post(self, key: tuple[int, str], messages: list) -> None:
+        payload = pickle.dumps(messages, protocol=5)
+        request = self._channel_comms[key[1]].Isend([payload, MPI.BYTE], key[0], _MESSAGE_TAG)
+        in_flight = self._in_flight.get(key)
+        if in_flight is None:
+            in_flight = self._in_flight[key] = []
+        in_flight.append((request, payload))
+
+    def _post_queued(self, key: tuple[int, str], limit: int = _SENDS_IN_FLIGHT) -> None:
+        queued = self._queued.get(key)
+        while queued and len(self._in_flight.get(key, ())) < limit:
+            count = min(len(queued), _MAX_BATCH)
+            self._post(key, [queued.popleft() for _ in range(count)])
+        if queued is not None and not queued:
+            del self._queued[key]
 
     def poll(self) -> list[tuple[int, str, object]]:
         """Progress sends and transfers, and return every message that has arrived.
@@ -306,7 +334,7 @@ class MpiTransport:
         A completed transfer whose `on_done` has not run yet (it runs in the next `poll`
         or `progress`) counts as outstanding, so `while t.busy: t.poll()` runs them all.
         """
-        return bool(self._send_requests or self._arriving or self._transfers
+        return bool(self._in_flight or self._queued or self._arriving or self._transfers
                     or self._finished_transfers)
 
     def close(self, drain_timeout: float = 1.0) -> None:
@@ -320,14 +348,17 @@ class MpiTransport:
             return
         self._closed = True
         deadline = time.monotonic() + drain_timeout
-        while self._send_requests and time.monotonic() < deadline:
+        for key in list(self._queued):
+            self._post_queued(key, limit=1 << 30)
+        while self._in_flight and time.monotonic() < deadline:
             self._progress_sends()
-            if self._send_requests:
+            if self._in_flight:
                 time.sleep(_BUSY_MAX_SLEEP)
-        for request in self._send_requests:
-            request.Free()
-        _abandoned_buffers.extend(self._send_payloads)
-        self._send_requests, self._send_payloads = [], []
+        for in_flight in self._in_flight.values():
+            for request, payload in in_flight:
+                request.Free()
+                _abandoned_buffers.append(payload)
+        self._in_flight = {}
         for _, _, request, buffer in self._arriving:
             request.Free()  # matched messages cannot be cancelled
             _abandoned_buffers.append(buffer)
@@ -357,16 +388,19 @@ class MpiTransport:
         return moved
 
     def _progress_sends(self) -> bool:
-        if not self._send_requests:
-            return False
-        completed = MPI.Request.Testsome(self._send_requests)
-        if not completed:
-            return False
-        finished = set(completed)
-        keep = [i for i in range(len(self._send_requests)) if i not in finished]
-        self._send_requests = [self._send_requests[i] for i in keep]
-        self._send_payloads = [self._send_payloads[i] for i in keep]
-        return True
+        moved = False
+        for key, in_flight in list(self._in_flight.items()):
+            completed = MPI.Request.Testsome([request for request, _ in in_flight])
+            if not completed:
+                continue
+            moved = True
+            finished = set(completed)
+            in_flight[:] = [sent for i, sent in enumerate(in_flight) if i not in finished]
+            if key in self._queued:
+                self._post_queued(key)
+            if not in_flight:
+                del self._in_flight[key]
+        return moved
 
     def _progress_transfers(self) -> bool:
         moved = False
@@ -405,7 +439,8 @@ class MpiTransport:
         for entry in self._arriving:
             source, channel, request, buffer = entry
             if (source, channel) not in blocked and request.Test():
-                self._inbox.append((source, channel, pickle.loads(buffer)))
+                self._inbox.extend((source, channel, message)
+                                   for message in pickle.loads(buffer))
             else:
                 blocked.add((source, channel))
                 still_arriving.append(entry)

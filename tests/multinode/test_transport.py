@@ -199,6 +199,30 @@ def test_transfers(tmp_path):
     assert set(reports) == {0, 1}
 
 
+def test_many_messages_to_a_busy_peer_stay_few_requests(tmp_path):
+    # Rank 1 does not poll for a while: rank 0's 30k messages wait in a few MPI sends
+    # and a queue (not 30k requests), then all arrive, in order, as separate messages.
+    reports = run_mpi(tmp_path, 2, """
+        N = 30000
+        if t.rank == 0:
+            most_requests = 0
+            for i in range(N):
+                t.send(1, ("m", i))
+                if i % 1000 == 0:
+                    t.poll()
+                most_requests = max(most_requests, sum(map(len, t._in_flight.values())))
+            assert most_requests <= 4, most_requests
+            t.send(1, ("last", N))
+        else:
+            time.sleep(1.0)  # busy elsewhere
+            got = poll_until(lambda got: got and got[-1][2][0] == "last", "every message")
+            assert [m[2][1] for m in got] == list(range(N + 1))
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1}
+
+
 def test_cancelled_receive_frees_its_tag_and_buffer(tmp_path):
     # A pull whose holder no longer has the object: the receiver withdraws its receive,
     # is idle again (not busy), and the same tag and buffer serve the next transfer.
