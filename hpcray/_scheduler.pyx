@@ -221,17 +221,23 @@ cdef class LocalScheduler:
 cdef class GlobalScheduler:
     """Places the tasks that nodes forward (the paper's global scheduler), on rank 0.
 
-    It knows each node's totals, what it last reported available and how many tasks it
-    has queued, and it counts what it placed since that report, so a burst of forwarded
-    tasks spreads instead of piling onto the node that looked idlest a moment ago.
-    `place` returns a rank, or -1 when no live node can ever run the task.
+    It knows each node's totals and what it last reported (available resources, tasks
+    queued, and how many placed tasks it had received). A report is older than the
+    placements still on their way to the node, so those in flight are added back on top
+    of it: a burst of forwarded tasks spreads instead of piling onto the node that
+    looked idlest a moment ago. `place` returns a rank, or -1 when no live node can
+    ever run the task; between equally good nodes it keeps a task on the node that
+    forwarded it.
     """
 
     cdef public dict totals        # rank -> resource totals
-    cdef public dict available     # rank -> resources available (last report - placed)
-    cdef public dict queued        # rank -> tasks queued there (last report + placed)
+    cdef public dict available     # rank -> resources available (report - in flight)
+    cdef public dict queued        # rank -> tasks queued there (report + in flight)
     cdef public set alive
     cdef public long spread_next
+    cdef dict in_flight            # rank -> deque of demands placed, not yet reported
+    cdef dict placed_total         # rank -> tasks placed there so far
+    cdef dict reported             # rank -> (available, queued) of its last report
 
     def __init__(self):
         self.totals = {}
@@ -239,21 +245,43 @@ cdef class GlobalScheduler:
         self.queued = {}
         self.alive = set()
         self.spread_next = 0
+        self.in_flight = {}
+        self.placed_total = {}
+        self.reported = {}
 
     def add_node(self, int rank, dict total):
         self.totals[rank] = {k: float(v) for k, v in total.items()}
         self.available[rank] = dict(self.totals[rank])
         self.queued[rank] = 0
         self.alive.add(rank)
+        self.in_flight[rank] = deque()
+        self.placed_total[rank] = 0
+        self.reported[rank] = (dict(self.totals[rank]), 0)
 
     def remove_node(self, int rank):
         self.alive.discard(rank)
 
-    def report(self, int rank, dict available, long queued):
-        """A node's own view of its load, which replaces the optimistic estimate."""
-        if rank in self.totals:
-            self.available[rank] = dict(available)
-            self.queued[rank] = queued
+    def report(self, int rank, dict available, long queued, received=None):
+        """A node's own view of its load; `received`: how many placed tasks it had got
+        (None: all of them). The placements it had not got yet still count."""
+        if rank not in self.totals:
+            return
+        in_flight = self.in_flight[rank]
+        arrived = len(in_flight) if received is None else \
+            len(in_flight) - (self.placed_total[rank] - received)
+        for _ in range(max(0, min(arrived, len(in_flight)))):
+            in_flight.popleft()
+        self.reported[rank] = (dict(available), queued)
+        self._estimate(rank)
+
+    cdef void _estimate(self, int rank):
+        available, queued = self.reported[rank]
+        estimate = dict(available)
+        for demand in self.in_flight[rank]:
+            for name, amount in demand.items():
+                estimate[name] = estimate.get(name, 0.0) - amount
+        self.available[rank] = estimate
+        self.queued[rank] = queued + len(self.in_flight[rank])
 
     cpdef bint feasible_on(self, int rank, dict demand):
         total = self.totals.get(rank)
@@ -271,9 +299,10 @@ cdef class GlobalScheduler:
                 return False
         return True
 
-    def place(self, dict demand, dict arg_bytes=None, strategy=None):
+    def place(self, dict demand, dict arg_bytes=None, strategy=None, int source=-1):
         """The rank to run a task on. `arg_bytes`: rank -> bytes of its arguments there;
-        `strategy`: None/"DEFAULT", "SPREAD", or ("node", rank, soft)."""
+        `strategy`: None/"DEFAULT", "SPREAD", or ("node", rank, soft); `source`: the
+        node that forwarded it."""
         feasible = [r for r in sorted(self.alive) if self.feasible_on(r, demand)]
         if not feasible:
             return -1
@@ -297,7 +326,8 @@ cdef class GlobalScheduler:
             score = (local_bytes if local_bytes >= LOCALITY_BYTES else 0,
                      self._fits_now(rank, demand),
                      local_bytes,
-                     -self.queued[rank] / cpus)
+                     -self.queued[rank] / cpus,
+                     rank == source)
             if best_score is None or score > best_score:
                 best, best_score = rank, score
         return self._placed(best, demand)
@@ -307,4 +337,6 @@ cdef class GlobalScheduler:
         for name, amount in demand.items():
             available[name] = available.get(name, 0.0) - amount
         self.queued[rank] += 1
+        self.in_flight[rank].append(demand)
+        self.placed_total[rank] += 1
         return rank

@@ -175,3 +175,26 @@ def test_global_reports_replace_estimates():
     g.report(0, {"CPU": 2}, 0)
     g.report(1, {"CPU": 0}, 50)
     assert g.place({"CPU": 1}) == 0
+
+
+def test_global_counts_placements_a_report_has_not_seen():
+    # Node 1 reports "idle, 0 received" while 20 tasks placed on it are still on their
+    # way: they must still count, or the next burst piles onto node 1 as well.
+    g = cluster(n=2, cpus=1)
+    placed = [g.place({"CPU": 1}) for _ in range(40)]
+    assert placed.count(1) == 20
+    g.report(1, {"CPU": 1}, 0, 0)
+    g.report(0, {"CPU": 0}, 19, 20)
+    assert g.queued[1] == 20 and g.available[1]["CPU"] == -19
+    more = [g.place({"CPU": 1}) for _ in range(10)]
+    assert more.count(0) >= 4, more  # not all onto the node that "looked idle"
+    g.report(1, {"CPU": 0}, 25, 20 + more.count(1))  # it got them all
+    assert g.queued[1] == 25
+
+
+def test_global_keeps_a_task_on_its_source_between_equals():
+    g = cluster(n=4, cpus=1)
+    for rank in range(4):
+        g.report(rank, {"CPU": 0}, 8, 0)
+    assert [g.place({"CPU": 1}, None, None, source) for source in (2, 3)] == [2, 3]
+    assert g.place({"CPU": 1}, None, None, 3) != 3  # node 3 is now the busiest

@@ -64,6 +64,8 @@ class ClusterLink:
         self.pulls: dict = {}                     # transfer tag -> (object_id, dest view)
         self.actor_locations: dict[bytes, int] = {}
         self.function_waiters: dict[bytes, list] = {}
+        self.received = 0          # tasks the global scheduler placed here, so far
+        self.keep_limit = 0        # queue length up to which own tasks stay here
 
 
 class ClusterMixin:
@@ -167,21 +169,22 @@ class ClusterMixin:
         now = time.monotonic()
         if now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
             return
-        load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued)
+        load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued,
+                cluster.received)
         if load == cluster.last_load:
             return
         cluster.last_load = load
         cluster.last_load_report = now
         if self.rank == 0:
-            self.global_scheduler.report(0, dict(load[0]), load[1])
+            self.global_scheduler.report(0, dict(load[0]), load[1], load[2])
         else:
-            self._transport.send(0, ("load", dict(load[0]), load[1]))
+            self._transport.send(0, ("load", dict(load[0]), load[1], load[2]))
 
     def _req_feasible(self, worker, req_id, demand) -> None:
         self._reply(worker, req_id, self.cluster_feasible(demand))
 
-    def _cm_load(self, source: int, available: dict, queued: int) -> None:
-        self.global_scheduler.report(source, available, queued)
+    def _cm_load(self, source: int, available: dict, queued: int, received: int) -> None:
+        self.global_scheduler.report(source, available, queued, received)
 
     def _cm_stop(self, source: int) -> None:
         self.cluster.stop_requested = True
@@ -225,7 +228,7 @@ class ClusterMixin:
         arg_bytes = self._argument_bytes(spec)
         local_bytes = arg_bytes.get(self.rank, 0)
         keep = (strategy is None and self.scheduler.is_feasible(spec.demand)
-                and self.scheduler.num_queued < max(2, 2 * self.scheduler.target_workers)
+                and self.scheduler.num_queued < self._keep_limit()
                 and (self.scheduler.fits(spec.demand) or self.scheduler.num_queued == 0)
                 and max(arg_bytes.values(), default=0) - local_bytes < LOCALITY_BYTES)
         if strategy is not None and strategy[0] == "node" and strategy[1] == self.rank \
@@ -241,6 +244,31 @@ class ClusterMixin:
             self._cm_forward(0, spec, deps, strategy, arg_bytes)
         else:
             self._send_to(0, ("forward", spec, deps, strategy, arg_bytes))
+
+    # Bottom-up spill threshold. A node keeps its own tasks while its queue is shorter
+    # than this; beyond, it forwards them. When the global scheduler sends a forwarded
+    # task straight back (no node was less loaded), the threshold doubles, so a node
+    # whose peers are as busy stops paying a round trip through rank 0 per task; when
+    # it places one elsewhere, the threshold halves back toward the base.
+    _KEEP_LIMIT_MAX_PER_CPU = 64
+
+    def _keep_limit(self) -> int:
+        cluster = self.cluster
+        if cluster.keep_limit == 0:
+            cluster.keep_limit = self._base_keep_limit()
+        return cluster.keep_limit
+
+    def _base_keep_limit(self) -> int:
+        return max(2, 2 * self.scheduler.target_workers)
+
+    def _forwarded_task_placed(self, rank: int) -> None:
+        cluster = self.cluster
+        limit = self._keep_limit()
+        if rank == self.rank:
+            cluster.keep_limit = min(limit * 2, self._KEEP_LIMIT_MAX_PER_CPU
+                                     * max(1, self.scheduler.target_workers))
+        else:
+            cluster.keep_limit = max(self._base_keep_limit(), limit // 2)
 
     def _argument_bytes(self, spec) -> dict:
         where: dict = {}
@@ -278,7 +306,7 @@ class ClusterMixin:
     def _cm_forward(self, source: int, spec, deps, strategy, arg_bytes) -> None:
         """Rank 0, the global scheduler: place a task a node did not keep."""
         demand = spec.demand
-        rank = self.global_scheduler.place(demand, arg_bytes, strategy)
+        rank = self.global_scheduler.place(demand, arg_bytes, strategy, source)
         if rank < 0:
             error = exceptions.ResourceInfeasibleError(
                 f"{spec.name} requests {demand} with strategy {strategy}, but no live node "
@@ -312,9 +340,12 @@ class ClusterMixin:
             self._object_ready(object_id, IN_STORE, (), where[2], where[1])
 
     def _cm_run(self, source: int, spec, deps) -> None:
-        """Run a task another node owns."""
+        """Run a task the global scheduler placed here (maybe one this node forwarded)."""
+        self.cluster.received += 1
         record = TaskRecord(spec, spec.max_retries)
         record.owner = ids.owner_rank(spec.task_id)
+        if record.owner == self.rank:
+            self._forwarded_task_placed(self.rank)
         self.tasks[spec.task_id] = record
         self._hold_task_refs(spec, deps, record.owner)
         self._with_function(spec.function_id, record.owner,
@@ -392,6 +423,8 @@ class ClusterMixin:
         self._register_kept(kept)
         if source != self.rank:
             self._foreign_results(results)
+            if record.spec.kind != ACTOR_CALL and _strategy_of(record.spec) is None:
+                self._forwarded_task_placed(source)
         for object_id, inline, contained, size in results:
             self._object_ready(object_id, inline, contained, size,
                                None if inline is not IN_STORE else source)
@@ -549,6 +582,7 @@ class ClusterMixin:
     def _cm_run_actor(self, source: int, spec, deps) -> None:
         """Host an actor another node created (placed here by the global scheduler). Its
         creator holds the constructor's refs for good, so this node's holds never end."""
+        self.cluster.received += 1
         self._hold_task_refs(spec, deps, ids.owner_rank(spec.actor_id))
         self._with_function(spec.function_id, ids.owner_rank(spec.actor_id),
                             lambda: self._host_actor(spec))
