@@ -5,25 +5,23 @@ resolves its arguments, keeps it (bottom-up) when it has the resources and a sho
 and otherwise forwards it to the global scheduler on rank 0, which picks a node by
 resources, load and where the arguments' bytes are. The node that runs a task sends the
 results back to the owner: small values inline, large ones stay in its store and the
-owner records where. A node that needs an object it does not have asks its owner
-("watch"), then pulls the bytes from the node holding them, chunk by chunk over MPI,
-straight into its own store.
+owner records where. Moving objects between nodes: remote_objects.py; which node may
+still use an object another node owns: borrowing.py.
 
 Control messages between node managers (all on the transport's "control" channel):
     forward(spec, deps, strategy, arg_bytes)   owner -> rank 0: place this task
     run(spec, deps)                            rank 0 / owner -> the node that runs it
     done(task_id, results, kept)               executor -> owner (kept: borrowing.py)
-    watch(object_id, register) / located(object_id, where)   any node <-> the owner
-    pull(object_id, tag) / pull_failed(...)    puller <-> the node holding the bytes
+    watch / located / pull / pull_failed       objects (remote_objects.py)
+    borrow / release                           reference counts (borrowing.py)
     actor_at(actor_id, rank)                   the actor's node -> every node
     actor_call(spec, deps) / kill_actor(...)   a caller's node -> the actor's node
     cancel(task_id, force, recursive)          owner -> every node
-    load(available, queued)                    node -> rank 0, when it changed
-    function_request(id) / function(id, bytes) a node <-> the owner of a function
+    load(available, queued, received)          node -> rank 0, when it changed
+    function_request(id) / function(id, bytes) executor <-> the submitting node
     stop() / stopped()                         rank 0 <-> node (shutdown, see launch.py)
 
 `deps` describes each top-level argument as ("inline", bytes) or ("at", rank, size).
-Which node may still use an object another node owns: see borrowing.py.
 """
 
 from __future__ import annotations
@@ -36,7 +34,8 @@ from hpcray._scheduler import LOCALITY_BYTES, GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import OBJECT_DELETED, GcsShard, is_gcs_request
 from hpcray.runtime.actors import RemoteActor
-from hpcray.runtime.objects import IN_STORE, PENDING, REMOTE, ObjectEntry
+from hpcray.runtime.remote_objects import RemoteObjectsMixin
+from hpcray.runtime.objects import IN_STORE, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
 
@@ -68,7 +67,7 @@ class ClusterLink:
         self.keep_limit = 0        # queue length up to which own tasks stay here
 
 
-class ClusterMixin:
+class ClusterMixin(RemoteObjectsMixin):
     """The multi-node part of NodeManager; inert when `self.cluster` is None."""
 
     def _init_cluster(self, cluster: ClusterLink | None) -> None:
@@ -430,112 +429,6 @@ class ClusterMixin:
                                None if inline is not IN_STORE else source)
         for key in record.spec.contained:
             self._decref(key)
-
-    # ------------------------------------------------------------------ objects
-    def _remote_entry(self, object_id: bytes):
-        """An entry for a ref another node owns that this node has not seen: the owner
-        registers this node as a borrower and says where the value is."""
-        if self.cluster is None or len(object_id) != ids.OBJECT_ID_SIZE:
-            return None
-        owner = ids.owner_rank(object_id)
-        if owner == self.rank or owner >= self.cluster.size:
-            return None
-        entry = self.objects[object_id] = ObjectEntry(owner)
-        entry.lent = 1
-        entry.watched = True
-        self._send_to(owner, ("watch", object_id, True))
-        return entry
-
-    def _watch(self, object_id: bytes, entry: ObjectEntry) -> None:
-        """Ask the owner where the value of an entry this node already holds is."""
-        entry.watched = True
-        self._send_to(entry.owner, ("watch", object_id, False))
-
-    def _cm_watch(self, source: int, object_id: bytes, register: bool) -> None:
-        entry = self.objects.get(object_id)
-        if entry is None:
-            self._send_to(source, ("located", object_id, ("inline", error_bytes(
-                exceptions.ObjectFreedError(f"Object {object_id.hex()} was freed before "
-                                            "another node read it.")))))
-            return
-        if register:
-            self._count_borrower(object_id, entry, source, 1)
-
-        def answer(_oid=None):
-            self._send_to(source, ("located", object_id, self._describe_value(entry)))
-
-        if entry.state == PENDING:
-            if entry.avail_waiters is None:
-                entry.avail_waiters = [answer]
-            else:
-                entry.avail_waiters.append(answer)
-        else:
-            answer()
-
-    def _cm_located(self, source: int, object_id: bytes, where) -> None:
-        entry = self.objects.get(object_id)
-        if entry is not None and entry.state == PENDING:
-            self._fill_entry(object_id, entry, where)
-
-    def _start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
-        if entry.pulling or self._use_cached_copy(object_id, entry):
-            return
-        entry.pulling = True
-        transport = self._transport
-        try:
-            view = self.store.create_object(object_id, entry.size)
-        except Exception as exc:  # noqa: BLE001 - the store is full: readers get the error
-            entry.pulling = False
-            error = exceptions.ObjectStoreFullError(
-                f"No room in this node's object store for {entry.size} bytes of object "
-                f"{object_id.hex()} pulled from node {entry.location}: {exc}")
-            entry.state = PENDING
-            self._object_ready(object_id, error_bytes(error), (), 0)
-            return
-        tag = transport.new_transfer_tag()
-        transfer = transport.start_receive(entry.location, tag, view)
-        transfer.on_done = lambda: self._pull_done(tag)
-        self.cluster.pulls[tag] = (object_id, view, transfer)
-        self._send_to(entry.location, ("pull", object_id, tag))
-
-    def _cm_pull(self, source: int, object_id: bytes, tag: int) -> None:
-        buffer = self.store.get(object_id)
-        if buffer is None:
-            self._send_to(source, ("pull_failed", object_id, tag))
-            return
-        self._transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
-        self._wake_cluster()
-
-    def _cm_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
-        pulled = self.cluster.pulls.pop(tag, None)
-        if pulled is None:
-            return
-        _, view, transfer = pulled
-        self._transport.cancel_receive(transfer)  # the buffer is ours again
-        view.release()
-        self.store.abort(object_id)
-        entry = self.objects.get(object_id)
-        if entry is not None:
-            entry.pulling = False
-            entry.state = PENDING
-            self._object_ready(object_id, error_bytes(exceptions.ObjectLostError(
-                f"Object {object_id.hex()} is no longer on node {source}.")), (), 0)
-
-    def _pull_done(self, tag: int) -> None:
-        pulled = self.cluster.pulls.pop(tag, None)
-        if pulled is None:
-            return
-        object_id, view, _ = pulled
-        view.release()
-        self.store.seal(object_id)
-        entry = self.objects.get(object_id)
-        if entry is None:
-            self.store.delete(object_id)
-            return
-        entry.pulling = False
-        entry.state = PENDING
-        self._object_ready(object_id, IN_STORE, (), entry.size)
-        self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)
 
     # ------------------------------------------------------------------ actors
     def _route_actor(self, actor, record: TaskRecord) -> None:
