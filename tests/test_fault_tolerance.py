@@ -215,3 +215,33 @@ def test_many_worker_deaths_in_a_row(ray_start, tmp_path):
     refs = [die_first_time.remote(str(tmp_path / f"m{i}")) for i in range(6)]
     assert [r[0] for r in hpcray.get(refs, timeout=50)] == ["second"] * 6
     _still_works()
+
+
+def test_pins_of_a_killed_reader_are_released(ray_start):
+    # An actor holding a zero-copy view of an object is SIGKILLed: its pins go with it,
+    # so the object is freed once the driver drops it (not left pinned by a dead pid).
+    import gc
+
+    import numpy as np
+
+    from hpcray import context
+
+    @hpcray.remote
+    class Reader:
+        def hold(self, refs):
+            self.view = hpcray.get(refs[0])
+            return os.getpid()
+
+    x = hpcray.put(np.ones(1 << 20))
+    object_id = x.binary()
+    reader = Reader.remote()
+    pid = hpcray.get(reader.hold.remote([x]))
+    store = context.get_client().store
+    assert any(oid == object_id and pins >= 2 for oid, _, _, pins in store.objects())
+    os.kill(pid, signal.SIGKILL)
+    del x
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(oid == object_id for oid, _, _, _ in store.objects()):
+        assert time.monotonic() < deadline, store.objects()
+        time.sleep(0.02)

@@ -370,6 +370,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         # It may have died halfway through writing an object (reaped ones only: a zombie
         # still counts as alive; the store-full path retries this too).
         self.store.abort_dead_creators()
+        if worker.pid:  # its socket closed: it is exiting, its zero-copy views are gone
+            self.store.release_pins_of(worker.pid)
         if worker.actor_id is not None:
             self._actor_process_died(worker)
             return
