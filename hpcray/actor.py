@@ -158,10 +158,12 @@ class ActorHandle:
 
 
 class ActorMethod:
-    __slots__ = ("_handle", "_name", "_num_returns", "_qualname")
+    # The actor's id, not its handle: the handle caches its methods, and a cycle would
+    # keep the handle (so the actor) alive until the next garbage collection.
+    __slots__ = ("_actor_id", "_name", "_num_returns", "_qualname")
 
     def __init__(self, handle: ActorHandle, name: str, num_returns: int):
-        self._handle = handle
+        self._actor_id = handle._actor_id
         self._name = name
         self._num_returns = num_returns
         self._qualname = f"{handle._info['class_name']}.{name}"
@@ -193,7 +195,7 @@ class ActorMethod:
             retry_exceptions = options.get("retry_exceptions", False)
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
-                        return_ids, {}, 0, retry_exceptions, self._handle._actor_id, self._name)
+                        return_ids, {}, 0, retry_exceptions, self._actor_id, self._name)
         client.submit(spec)
         return refs_for(return_ids)
 

@@ -15,7 +15,7 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
-from hpcray import exceptions
+from hpcray import exceptions, ids
 from hpcray.gcs import tables as gcs_tables
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
@@ -26,13 +26,40 @@ if TYPE_CHECKING:
 A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
 
 
-class ActorRecord:
+class ActorHandles:
+    """How many hold an actor's handles, as one node counts them (borrowing.py): the
+    record of the node that hosts the actor (ActorRecord) or of another node that holds
+    its handles or calls it (RemoteActor). The fields mirror an ObjectEntry's."""
+
+    __slots__ = ("owner", "refs", "borrowers", "lent", "lender", "deferred", "escaped",
+                 "scoped")
+
+    def __init__(self, actor_id: bytes):
+        self.owner = ids.owner_rank(actor_id)  # the node that created it counts handles
+        self.refs = 0           # holders on this node: processes, tasks, values, calls out
+        self.borrowers = None   # owner: {rank: registrations} of nodes holding it too
+        self.lent = 0           # borrower: registrations the owner counts for this node
+        self.lender = None      # borrower, unregistered: the owner of the task that brought it
+        self.deferred = None    # borrower, unregistered: {rank: n} to register through lender
+        self.escaped = False    # inside a value that left this node: kept until the job ends
+        self.scoped = False     # owner: unnamed and not detached, so it ends with its handles
+
+    def take_handles(self, other: ActorHandles) -> None:
+        """This record counts what `other` counted (the actor moved between records)."""
+        for name in ActorHandles.__slots__:
+            setattr(self, name, getattr(other, name))
+        other.refs, other.borrowers, other.lent = 0, None, 0
+        other.lender = other.deferred = None
+
+
+class ActorRecord(ActorHandles):
     """An actor this node hosts (or created and has not placed yet)."""
 
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
-                 "name", "refs", "info", "death", "killed", "gpu_ids", "placed", "escaped")
+                 "name", "info", "death", "killed", "gpu_ids", "placed")
 
     def __init__(self, spec: TaskSpec, info: dict):
+        super().__init__(spec.actor_id)
         self.actor_id = spec.actor_id
         self.spec = spec
         self.state = A_PENDING
@@ -41,22 +68,23 @@ class ActorRecord:
         self.inflight: dict = {}                              # task id -> TaskRecord
         self.restarts_left = spec.options.get("max_restarts", 0)
         self.name = spec.options.get("name")
-        self.refs = 0
+        self.scoped = self.name is None and not spec.options.get("detached")
         self.info = info        # what an ActorHandle needs: class name, methods
         self.death = None       # the exception calls get once the actor is dead
         self.killed = False
         self.gpu_ids = ()
         self.placed = False
-        self.escaped = False    # another node has its handle: kept until the job ends
 
 
-class RemoteActor:
+class RemoteActor(ActorHandles):
     """An actor hosted by another node, as its callers' nodes see it: calls queue here in
-    order until the host is known and their arguments exist, then go to the host."""
+    order until the host is known and their arguments exist, then go to the host. Each
+    call counts as a holder of the actor until its `done` comes back."""
 
     __slots__ = ("actor_id", "host", "queue")
 
     def __init__(self, actor_id: bytes, host: int | None):
+        super().__init__(actor_id)
         self.actor_id = actor_id
         self.host = host
         self.queue: collections.deque = collections.deque()
@@ -78,6 +106,9 @@ class ActorsMixin:
     def _host_actor(self, spec: TaskSpec) -> None:
         """Host an actor that another node created and the global scheduler placed here."""
         actor = ActorRecord(spec, spec.options["info"])
+        remote = self.remote_actors.get(spec.actor_id)
+        if remote is not None:  # its handles reached this node first: count them here now
+            actor.take_handles(remote)
         self.actors[spec.actor_id] = actor
         record = TaskRecord(spec, 0)
         self._localize(record, lambda _r: self._actor_deps_ready(actor))
@@ -164,6 +195,66 @@ class ActorsMixin:
         self._finish_task(record, results, transitions)
         if actor.death is not None and not actor.queue and not actor.inflight:
             self._send(worker, ("exit",))
+
+    # ------------------------------------------------------------------ handles
+    # One node: the ActorRecord counts the handles. Many nodes: each node counts its own
+    # holders in its record of the actor, and the creator's record also counts the other
+    # nodes that hold one (borrowing.py); the actor ends when the creator's count is zero.
+
+    def _actor_handles(self, actor_id: bytes, create: bool = False):
+        """This node's count of an actor's handles: its ActorRecord when it hosts the
+        actor, else its RemoteActor (made if `create`, for an actor another node owns)."""
+        handles = self.actors.get(actor_id)
+        if handles is None:
+            handles = self.remote_actors.get(actor_id)
+            if handles is None and create and self.cluster is not None:
+                owner = ids.owner_rank(actor_id)
+                if owner != self.rank and owner < self.cluster.size:
+                    handles = self.remote_actors[actor_id] = RemoteActor(
+                        actor_id, self.cluster.actor_locations.get(actor_id))
+        return handles
+
+    def _actor_incref(self, actor_id: bytes) -> None:
+        if self.cluster is None:
+            actor = self.actors.get(actor_id)
+            if actor is not None:
+                actor.refs += 1
+            return
+        handles = self._actor_handles(actor_id, create=True)
+        if handles is None:
+            return
+        if handles.refs <= 0 and handles.lent == 0 and not handles.escaped \
+                and handles.owner != self.rank:
+            # New to this node outside any task that would cover it (found inside a value
+            # it read, or looked up by name): it registers itself with the owner.
+            handles.lent = 1
+            self._send_to(handles.owner, ("borrow", actor_id, self.rank, 1))
+        handles.refs += 1
+
+    def _actor_decref(self, actor_id: bytes) -> None:
+        handles = self.actors.get(actor_id)
+        if handles is None:
+            handles = self.remote_actors.get(actor_id)
+            if handles is None:
+                return
+        handles.refs -= 1
+        if handles.refs <= 0:
+            self._actor_unused(actor_id, handles)
+
+    def _actor_unused(self, actor_id: bytes, handles) -> None:
+        """Nothing on this node may hold the actor's handle any more: another node tells
+        the owner; the owner ends the actor once no other node holds one either."""
+        if handles.refs > 0 or handles.escaped:
+            return
+        if handles.owner != self.rank and self.cluster is not None:
+            self._drop_borrowed_actor(actor_id, handles)
+            return
+        if handles.borrowers or not handles.scoped:
+            return
+        if isinstance(handles, ActorRecord):
+            self._actor_out_of_scope(handles)
+        elif handles.host is not None:  # else once the host says where it is (actor_at)
+            self._send_to(handles.host, ("end_actor", actor_id))
 
     def _actor_out_of_scope(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD or actor.death is not None:

@@ -26,9 +26,22 @@ longer holds it (evicted when space is needed, reused by a later pull). When the
 frees an object, the GCS tells every node with a copy to delete it; the node that made
 a task's large result keeps that primary copy until then.
 
+Actor handles are counted the same way, by the same functions (an id of 16 bytes is
+an actor's, of 20 an object's). The owner is the node that created the actor, whether
+it hosts it or the global scheduler placed it elsewhere; each node counts its own
+holders in its record of the actor (the ActorRecord where it is hosted, else the
+RemoteActor) and the creator's record counts the borrowing nodes too. A call sent to
+another node holds the actor until its `done` comes back, so calls in flight finish.
+When the owner's count is zero, the actor ends as in one node (after the calls it has;
+actors.py `_actor_out_of_scope`), by `end_actor` if another node hosts it. Named and
+detached actors never end by scope. A node's record stays when nothing on it holds the
+handle any more (it hosts the actor or queues calls): it just gives its registrations
+back, and counts as new to the node when a handle comes again.
+
 Messages (control channel):
-    borrow(object_id, rank, n)   a covered node -> owner: count n more for `rank`
-    release(object_id, n)        borrower -> owner: it gives back its n registrations
+    borrow(id, rank, n)   a covered node -> owner: count n more for `rank`
+    release(id, n)        borrower -> owner: it gives back its n registrations
+    end_actor(actor_id)   owner -> the actor's host: no handle is left (cluster.py)
 """
 
 from __future__ import annotations
@@ -42,24 +55,31 @@ class BorrowingMixin:
     """The cross-node reference counting part of NodeManager (multi-node only)."""
 
     # ------------------------------------------------------------------ registering
-    def _register_borrower(self, object_id: bytes, rank: int, count: int = 1) -> None:
-        """Have the owner count `rank` as a holder of `object_id`, `count` times more."""
-        owner = ids.owner_rank(object_id)
+    def _counted(self, key: bytes):
+        """What counts the holders of `key` on this node: the ObjectEntry of an object,
+        the ActorRecord or RemoteActor of an actor (None if this node has none)."""
+        if len(key) == ids.OBJECT_ID_SIZE:
+            return self.objects.get(key)
+        return self._actor_handles(key)
+
+    def _register_borrower(self, key: bytes, rank: int, count: int = 1) -> None:
+        """Have the owner count `rank` as a holder of `key`, `count` times more."""
+        owner = ids.owner_rank(key)
         if rank == owner:
             return  # the owner counts its own holders
-        entry = self.objects.get(object_id)
+        entry = self._counted(key)
         if owner == self.rank:
             if entry is not None:
-                self._count_borrower(object_id, entry, rank, count)
-        elif entry is None or entry.lent > 0 or entry.escaped:
-            self._send_to(owner, ("borrow", object_id, rank, count))
+                self._count_borrower(key, entry, rank, count)
+        elif entry is None or entry.lent > 0 or entry.escaped \
+                or (entry.refs <= 0 and len(key) == ids.ACTOR_ID_SIZE):  # nothing holds it
+            self._send_to(owner, ("borrow", key, rank, count))
         else:  # covered only by the task that brought it: its submitter registers
             if entry.deferred is None:
                 entry.deferred = {}
             entry.deferred[rank] = entry.deferred.get(rank, 0) + count
 
-    def _count_borrower(self, object_id: bytes, entry: ObjectEntry, rank: int,
-                        delta: int) -> None:
+    def _count_borrower(self, key: bytes, entry, rank: int, delta: int) -> None:
         borrowers = entry.borrowers
         if borrowers is None:
             borrowers = entry.borrowers = {}
@@ -70,17 +90,20 @@ class BorrowingMixin:
             del borrowers[rank]
             if not borrowers:
                 entry.borrowers = None
-                self._release_if_unused(object_id, entry)
+                if len(key) == ids.OBJECT_ID_SIZE:
+                    self._release_if_unused(key, entry)
+                else:
+                    self._actor_unused(key, entry)
 
-    def _cm_borrow(self, source: int, object_id: bytes, rank: int, count: int) -> None:
-        entry = self.objects.get(object_id)
+    def _cm_borrow(self, source: int, key: bytes, rank: int, count: int) -> None:
+        entry = self._counted(key)
         if entry is not None:
-            self._count_borrower(object_id, entry, rank, count)
+            self._count_borrower(key, entry, rank, count)
 
-    def _cm_release(self, source: int, object_id: bytes, count: int) -> None:
-        entry = self.objects.get(object_id)
+    def _cm_release(self, source: int, key: bytes, count: int) -> None:
+        entry = self._counted(key)
         if entry is not None:
-            self._count_borrower(object_id, entry, source, -count)
+            self._count_borrower(key, entry, source, -count)
 
     def _drop_borrowed(self, object_id: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds an object another node owns: forget it."""
@@ -97,68 +120,115 @@ class BorrowingMixin:
         for key in entry.contained:
             self._decref(key)
 
+    def _drop_borrowed_actor(self, actor_id: bytes, handles) -> None:
+        """Nothing on this node holds a handle of an actor another node owns: give its
+        registrations back. The record stays (it hosts the actor or queues calls)."""
+        deferred, lent = handles.deferred, handles.lent
+        handles.deferred = handles.lender = None
+        handles.lent = 0
+        if deferred:
+            for rank, count in deferred.items():
+                self._send_to(handles.owner, ("borrow", actor_id, rank, count))
+        if lent:
+            self._send_to(handles.owner, ("release", actor_id, lent))
+
+    def _escape_actor(self, actor_id: bytes) -> None:
+        """An actor handle inside a value that leaves this node: keep it until the job
+        ends, registered with its owner now (while this node still holds it)."""
+        handles = self._actor_handles(actor_id)
+        if handles is None or handles.escaped:
+            return
+        handles.escaped = True
+        if handles.owner == self.rank or handles.refs <= 0:
+            return
+        deferred, handles.deferred = handles.deferred, None
+        if deferred:
+            for rank, count in deferred.items():
+                self._send_to(handles.owner, ("borrow", actor_id, rank, count))
+        if handles.lent == 0:
+            handles.lent = 1
+            handles.lender = None
+            self._send_to(handles.owner, ("borrow", actor_id, self.rank, 1))
+
     # ------------------------------------------------------------------ tasks run here
     def _hold_task_refs(self, spec, deps, lender: int) -> None:
         """A task from node `lender` runs here: hold its argument refs until it ends."""
         where = dict(deps)
-        for object_id in dict.fromkeys(spec.contained):
-            if len(object_id) != ids.OBJECT_ID_SIZE:
-                continue  # an actor handle
-            entry = self.objects.get(object_id)
+        for key in dict.fromkeys(spec.contained):
+            if len(key) != ids.OBJECT_ID_SIZE:
+                self._hold_task_actor(key, lender)
+                continue
+            entry = self.objects.get(key)
             if entry is None:
-                if ids.owner_rank(object_id) == self.rank:
+                if ids.owner_rank(key) == self.rank:
                     continue  # freed here already: the task gets ObjectFreedError
-                entry = self.objects[object_id] = ObjectEntry(ids.owner_rank(object_id))
+                entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
                 entry.lender = lender
             entry.refs += 1
-            described = where.get(object_id)
+            described = where.get(key)
             if described is not None and entry.state == PENDING:
-                self._fill_entry(object_id, entry, described)
+                self._fill_entry(key, entry, described)
+
+    def _hold_task_actor(self, actor_id: bytes, lender: int) -> None:
+        handles = self._actor_handles(actor_id, create=True)
+        if handles is None:
+            return
+        if handles.refs <= 0 and handles.lent == 0 and not handles.escaped \
+                and handles.owner != self.rank:
+            handles.lender = lender
+        handles.refs += 1
 
     def _release_task_holds(self, spec, lender: int) -> list:
         """The task from `lender` ended here: drop its holds; -> what this node keeps,
-        as [(object_id, [(rank, count), ...])] for the lender to register."""
+        as [(id, [(rank, count), ...])] for the lender to register."""
         kept = []
         taken = []
-        for object_id in dict.fromkeys(spec.contained):
-            entry = self.objects.get(object_id)
-            if entry is None or len(object_id) != ids.OBJECT_ID_SIZE:
+        for key in dict.fromkeys(spec.contained):
+            entry = self._counted(key)
+            if entry is None:
                 continue
             reports = None
             if entry.owner != self.rank and entry.lent == 0 and entry.lender == lender \
                     and not entry.escaped:
                 reports = entry.deferred or {}
                 entry.deferred = None
-            taken.append((object_id, entry, reports))
-        for object_id, _entry, _reports in taken:
-            self._decref(object_id)
-        for object_id, entry, reports in taken:
+            taken.append((key, entry, reports))
+        for key, _entry, _reports in taken:
+            self._decref(key)
+        for key, entry, reports in taken:
             if reports is None:
                 continue
             registrations = list(reports.items())
-            if self.objects.get(object_id) is entry:  # still held here afterwards
+            held = entry.refs > 0 if len(key) == ids.ACTOR_ID_SIZE \
+                else self.objects.get(key) is entry
+            if held:  # still held here afterwards
                 entry.lent += 1
                 entry.lender = None
                 registrations.append((self.rank, 1))
             if registrations:
-                kept.append((object_id, registrations))
+                kept.append((key, registrations))
         return kept
 
     def _register_kept(self, kept) -> None:
         """A task this node submitted reports the refs its executor kept."""
-        for object_id, registrations in kept:
+        for key, registrations in kept:
             for rank, count in registrations:
-                self._register_borrower(object_id, rank, count)
+                self._register_borrower(key, rank, count)
 
     def _foreign_results(self, results) -> None:
         """Results from another node hold refs that node registered for this one."""
         for _object_id, _inline, contained, _size in results:
             for key in contained:
-                if len(key) != ids.OBJECT_ID_SIZE or ids.owner_rank(key) == self.rank:
+                if ids.owner_rank(key) == self.rank:
                     continue
-                entry = self.objects.get(key)
-                if entry is None:
-                    entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
+                if len(key) == ids.OBJECT_ID_SIZE:
+                    entry = self.objects.get(key)
+                    if entry is None:
+                        entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
+                else:
+                    entry = self._actor_handles(key, create=True)
+                    if entry is None:
+                        continue
                 entry.lent += 1
                 entry.lender = None
 

@@ -15,6 +15,7 @@ Control messages between node managers (all on the transport's "control" channel
     watch / located / pull / pull_failed       objects (remote_objects.py)
     borrow / release                           reference counts (borrowing.py)
     actor_at(actor_id, rank)                   the actor's node -> every node
+    end_actor(actor_id)                        owner -> the actor's node: no handle left
     actor_call(spec, deps) / kill_actor(...)   a caller's node -> the actor's node
     cancel(task_id, force, recursive)          owner -> every node
     load(available, queued, received)          node -> rank 0, when it changed
@@ -33,7 +34,7 @@ from hpcray import exceptions, ids
 from hpcray._scheduler import LOCALITY_BYTES, GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import OBJECT_DELETED, GcsShard, is_gcs_request
-from hpcray.runtime.actors import RemoteActor
+from hpcray.runtime.actors import A_DEAD, RemoteActor
 from hpcray.runtime.remote_objects import RemoteObjectsMixin
 from hpcray.runtime.objects import IN_STORE, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
@@ -282,12 +283,7 @@ class ClusterMixin(RemoteObjectsMixin):
     def _describe_deps(self, spec) -> list:
         """How another node finds each top-level argument: inline bytes or a location.
         The refs themselves stay held here until the task's `done` (borrowing.py)."""
-        deps = [(dep, self._describe_value(self.objects[dep])) for dep in spec.deps]
-        for key in spec.contained:
-            actor = self.actors.get(key)
-            if actor is not None:
-                actor.escaped = True  # actor handles are not counted across nodes
-        return deps
+        return [(dep, self._describe_value(self.objects[dep])) for dep in spec.deps]
 
     def _describe_value(self, entry: ObjectEntry):
         """Where another node gets this value; refs nested in it are kept for good."""
@@ -295,6 +291,8 @@ class ClusterMixin(RemoteObjectsMixin):
             nested = self.objects.get(key)
             if nested is not None:
                 nested.escaped = True
+            elif len(key) == ids.ACTOR_ID_SIZE:
+                self._escape_actor(key)
         if entry.inline is not IN_STORE:
             return ("inline", entry.inline)
         if entry.state == REMOTE:
@@ -400,8 +398,7 @@ class ClusterMixin(RemoteObjectsMixin):
         owner = record.owner
         for object_id, inline, contained, size in results:
             for key in contained:
-                if len(key) == ids.OBJECT_ID_SIZE:
-                    self._register_borrower(key, owner)
+                self._register_borrower(key, owner)
             if inline is IN_STORE:
                 entry = self.objects.get(object_id)
                 if entry is None:
@@ -429,20 +426,26 @@ class ClusterMixin(RemoteObjectsMixin):
                                None if inline is not IN_STORE else source)
         for key in record.spec.contained:
             self._decref(key)
+        if record.spec.kind == ACTOR_CALL:
+            self._actor_decref(record.spec.actor_id)  # the call's hold on the actor
 
     # ------------------------------------------------------------------ actors
     def _route_actor(self, actor, record: TaskRecord) -> None:
         """An actor's constructor arguments exist: host it here, or have it placed."""
         spec = actor.spec
+        if actor.state == A_DEAD:
+            return  # out of scope (or killed) before its arguments were ready
         strategy = _strategy_of(spec)
         if self.cluster is None or (strategy is None and self.scheduler.is_feasible(spec.demand)) \
                 or (strategy is not None and strategy[0] == "node" and strategy[1] == self.rank
                     and self.scheduler.is_feasible(spec.demand)):
             self._localize(record, lambda _r: self._actor_deps_ready(actor))
             return
-        # Hosted elsewhere: this node keeps only a RemoteActor for its own calls.
+        # Hosted elsewhere: this node keeps only a RemoteActor for its own calls, which
+        # goes on counting the actor's handles for the whole cluster (borrowing.py).
         del self.actors[actor.actor_id]
-        self.remote_actors[actor.actor_id] = RemoteActor(actor.actor_id, None)
+        remote = self.remote_actors[actor.actor_id] = RemoteActor(actor.actor_id, None)
+        remote.take_handles(actor)
         deps = self._describe_deps(spec)
         if self.rank == 0:
             self._cm_forward(0, spec, deps, strategy, {})
@@ -455,6 +458,7 @@ class ClusterMixin(RemoteObjectsMixin):
         if remote is None:
             remote = self.remote_actors[actor_id] = RemoteActor(
                 actor_id, self.cluster.actor_locations.get(actor_id))
+        self._actor_incref(actor_id)  # until its `done`: the actor must not end before
         remote.queue.append(record)
         self._resolve_deps(record, lambda _r: self._pump_remote_actor(remote))
 
@@ -466,6 +470,7 @@ class ClusterMixin(RemoteObjectsMixin):
         while queue and queue[0].pending_deps == 0:
             record = queue.popleft()
             if record.cancelled:
+                self._actor_decref(remote.actor_id)
                 continue
             record.state = RUNNING
             self.tasks[record.spec.task_id] = record
@@ -486,6 +491,14 @@ class ClusterMixin(RemoteObjectsMixin):
         if remote is not None:
             remote.host = rank
             self._pump_remote_actor(remote)
+            if remote.owner == self.rank and remote.refs <= 0:
+                self._actor_unused(actor_id, remote)  # no handle left before it started
+
+    def _cm_end_actor(self, source: int, actor_id: bytes) -> None:
+        """The owner counted no handle left anywhere: end the actor hosted here."""
+        actor = self.actors.get(actor_id)
+        if actor is not None:
+            self._actor_out_of_scope(actor)
 
     def _cm_actor_call(self, source: int, spec, deps) -> None:
         record = TaskRecord(spec, 0)

@@ -114,9 +114,8 @@ class ObjectsMixin:
     def _incref(self, key: bytes) -> None:
         entry = self.objects.get(key)
         if entry is None:
-            actor = self.actors.get(key)
-            if actor is not None:
-                actor.refs += 1
+            if len(key) == ids.ACTOR_ID_SIZE:
+                self._actor_incref(key)  # an actor handle (actors.py)
                 return
             entry = self._remote_entry(key)  # a ref another node owns, new to this node
             if entry is None:
@@ -130,11 +129,8 @@ class ObjectsMixin:
             if entry.refs <= 0:
                 self._release_if_unused(key, entry)
             return
-        actor = self.actors.get(key)
-        if actor is not None:
-            actor.refs -= 1
-            if actor.refs <= 0 and actor.name is None and not actor.spec.options.get("detached"):
-                self._actor_out_of_scope(actor)
+        if len(key) == ids.ACTOR_ID_SIZE:
+            self._actor_decref(key)
 
     def _release_if_unused(self, key: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds `key`: the owner frees it once no other node holds
