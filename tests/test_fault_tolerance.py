@@ -245,3 +245,22 @@ def test_pins_of_a_killed_reader_are_released(ray_start):
     while any(oid == object_id for oid, _, _, _ in store.objects()):
         assert time.monotonic() < deadline, store.objects()
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("ray_start_custom", [{"num_cpus": 1}], indirect=True)
+def test_workers_that_cannot_start_fail_the_task_with_their_error(ray_start_custom):
+    # The store segment removed behind the runtime's back (a /dev/shm cleaner): a new
+    # worker cannot attach it. The task must fail with that reason, not wait forever
+    # while the node restarts workers in a loop.
+    from hpcray import context
+    from hpcray._store import Store
+
+    @hpcray.remote
+    def pid():
+        return os.getpid()
+
+    worker_pid = hpcray.get(pid.remote())
+    Store.unlink_name(context.driver_node.store_name)
+    os.kill(worker_pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashedError, match="No such file or directory"):
+        hpcray.get(pid.remote(), timeout=60)

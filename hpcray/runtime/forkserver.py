@@ -103,6 +103,10 @@ def main() -> None:
                     os.close(fds[1])
                     os.close(fds[2])
                     code = worker_module.main(fds[0], job, key, is_actor)
+                except BaseException:  # noqa: BLE001 - say why on its stderr, which the node reads
+                    import traceback
+                    traceback.print_exc()
+                    sys.stderr.flush()
                 finally:
                     os._exit(code)
             for fd in fds:

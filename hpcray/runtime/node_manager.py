@@ -15,6 +15,7 @@ It keeps:
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import os
@@ -43,7 +44,7 @@ from hpcray.serialization import error_bytes
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
-                 "pipes", "partial", "started_at", "interrupt_wait")
+                 "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -58,6 +59,7 @@ class WorkerHandle:
         self.partial = {}
         self.started_at = time.monotonic()
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
+        self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
 
 
 class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
@@ -91,6 +93,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         self._worker_keys = itertools.count(1)
         self._timer_seq = itertools.count()
         self._running = True
+        self._start_failures = 0
         self.store_name = store_name
         self.store = Store.create(store_name, store_capacity)
         self._epoll = select.epoll()
@@ -327,6 +330,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             if rest:
                 self._print_worker_lines(worker, stream_name, [rest])
             return
+        if stream_name == "stderr":
+            worker.stderr_tail.extend(data.decode(errors="replace").splitlines())
         if not self.config.log_to_driver:
             return
         data = worker.partial.pop(fd, b"") + data
@@ -337,7 +342,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
 
     def _print_worker_lines(self, worker, stream_name, lines) -> None:
         stream = sys.stdout if stream_name == "stdout" else sys.stderr
-        who = f"pid={worker.pid}"
+        who = f"pid={worker.pid}" if worker.pid else "starting worker"
         if worker.actor_id is not None and worker.actor_id in self.actors:
             who = f"{self.actors[worker.actor_id].info['class_name']} pid={worker.pid}"
         text = "".join(f"({who}) {line.decode(errors='replace')}\n" for line in lines)
@@ -350,6 +355,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
     def _msg_hello(self, worker: WorkerHandle, message) -> None:
         worker.pid = message[1]
         worker.ready = True
+        self._start_failures = 0
         if worker.actor_id is None:
             self._run_actions(self.scheduler.worker_started(worker.key))
         else:
@@ -378,7 +384,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         record = worker.task
         worker.task = None
         if not worker.ready:
-            self._run_actions(self.scheduler.worker_start_failed())
+            self._worker_start_failed(worker)
             return
         self._release_gpus(record)
         actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
@@ -396,6 +402,26 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                     f"The worker (pid={worker.pid}) running {record.spec.name} died "
                     "unexpectedly; the task ran out of retries."))
         self._run_actions(actions)
+
+    # Pool workers that die before saying hello, this many times in a row, mean no worker
+    # can start (the store segment was removed, the environment is broken): the queued
+    # tasks fail with the workers' own error instead of waiting on endless restarts.
+    _MAX_START_FAILURES = 3
+
+    def _worker_start_failed(self, worker: WorkerHandle) -> None:
+        for fd in list(worker.pipes):  # what it wrote before dying
+            self._on_worker_output(worker, fd)
+        self._start_failures += 1
+        if self._start_failures >= self._MAX_START_FAILURES:
+            detail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"
+            error = exceptions.WorkerCrashedError(
+                f"No worker process could start on this node ({self._start_failures} "
+                f"tried in a row); the last one said:\n{detail}")
+            for record in [r for r in self.tasks.values()
+                           if r.state == QUEUED and r.worker is None]:
+                self.scheduler.cancel(record.spec.task_id)
+                self._fail_task(record, error)
+        self._run_actions(self.scheduler.worker_start_failed())
 
     def _run_actions(self, actions) -> None:
         for action in actions:
