@@ -446,11 +446,30 @@ class ClusterMixin(RemoteObjectsMixin):
         del self.actors[actor.actor_id]
         remote = self.remote_actors[actor.actor_id] = RemoteActor(actor.actor_id, None)
         remote.take_handles(actor)
+        self._move_calls(actor, remote)
         deps = self._describe_deps(spec)
         if self.rank == 0:
             self._cm_forward(0, spec, deps, strategy, {})
         else:
             self._send_to(0, ("forward", spec, deps, strategy, {}))
+
+    def _move_calls(self, actor, remote) -> None:
+        """Calls made before the actor's arguments were ready go to its host instead."""
+        from hpcray.runtime.objects import _DependencyWaiter
+
+        def pump(_record) -> None:
+            self._pump_remote_actor(remote)
+
+        for record in actor.queue:
+            self._actor_incref(actor.actor_id)  # held until its `done`, as every remote call
+            remote.queue.append(record)
+            if record.pending_deps:
+                for dep in record.spec.deps:
+                    entry = self.objects.get(dep)
+                    for waiter in (entry.avail_waiters or ()) if entry is not None else ():
+                        if isinstance(waiter, _DependencyWaiter) and waiter.record is record:
+                            waiter.ready_callback = pump
+        actor.queue.clear()
 
     def _submit_remote_actor_call(self, record: TaskRecord) -> None:
         actor_id = record.spec.actor_id

@@ -150,3 +150,70 @@ def test_a_handle_returned_from_another_node_keeps_working(tmp_path, host):
     gc.collect()
     wait_until("the actor ends with the driver's handle", lambda: not alive({host}, pid))
     """)
+
+
+def test_a_pending_task_holds_the_handle_in_its_arguments(tmp_path):
+    # The task waits on its first argument while the driver drops its handle: the
+    # task's arguments still hold the actor, on node 0 and then on node 1.
+    run(tmp_path, 3, """
+    import threading
+
+    @ray.remote(num_cpus=0, max_concurrency=2)
+    class Gate:
+        def __init__(self):
+            self.event = threading.Event()
+        def wait(self):
+            return self.event.wait(60)
+        def open(self):
+            self.event.set()
+
+    @ray.remote
+    def use(opened, handles):
+        return opened, ray.get(handles[0].incr.remote())
+
+    gate = Gate.remote()
+    counter = Counter.options(scheduling_strategy=at(2)).remote()
+    pid = ray.get(counter.pid.remote())
+    result = use.options(scheduling_strategy=at(1)).remote(gate.wait.remote(), [counter])
+    del counter
+    gc.collect()
+    assert alive(2, pid)
+    gate.open.remote()
+    assert ray.get(result) == (True, 1)
+    wait_until("the actor ends with the task", lambda: not alive(2, pid))
+    """)
+
+
+
+def test_calls_made_before_a_remote_actors_arguments_exist_reach_it(tmp_path):
+    # The creator queues calls while the constructor's argument is pending, then hands
+    # the actor to node 2: the calls go with it, and the actor still ends by scope.
+    run(tmp_path, 3, """
+    import threading
+
+    @ray.remote(num_cpus=0, max_concurrency=2)
+    class Gate:
+        def __init__(self):
+            self.event = threading.Event()
+        def wait(self):
+            return self.event.wait(60)
+        def open(self):
+            self.event.set()
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def __init__(self, value):
+            self.value = value
+        def get(self):
+            return self.value, os.getpid()
+
+    gate = Gate.remote()
+    holder = Holder.options(scheduling_strategy=at(2)).remote(gate.wait.remote())
+    first = holder.get.remote()
+    gate.open.remote()
+    value, pid = ray.get(first, timeout=30)
+    assert value is True
+    del holder
+    gc.collect()
+    wait_until("the actor ends", lambda: not alive(2, pid))
+    """)
