@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from hpcray import exceptions, ids
 from hpcray.gcs import tables as gcs_tables
+from hpcray.runtime.objects import _DependencyWaiter
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
 if TYPE_CHECKING:
@@ -106,12 +107,32 @@ class ActorsMixin:
     def _host_actor(self, spec: TaskSpec) -> None:
         """Host an actor that another node created and the global scheduler placed here."""
         actor = ActorRecord(spec, spec.options["info"])
-        remote = self.remote_actors.get(spec.actor_id)
-        if remote is not None:  # its handles reached this node first: count them here now
-            actor.take_handles(remote)
         self.actors[spec.actor_id] = actor
+        remote = self.remote_actors.pop(spec.actor_id, None)
+        if remote is not None:  # its handles (or calls) reached this node first
+            actor.take_handles(remote)
+            calls = len(remote.queue)
+            for record in remote.queue:
+                record.retries_left = spec.options.get("max_task_retries", 0)
+            self._requeue_calls(remote.queue, actor.queue,
+                                lambda _record: self._pump_actor(actor))
+            for _ in range(calls):  # calls made here hold the actor only while remote
+                self._actor_decref(spec.actor_id)
         record = TaskRecord(spec, 0)
         self._localize(record, lambda _r: self._actor_deps_ready(actor))
+
+    def _requeue_calls(self, calls: collections.deque, queue: collections.deque, pump) -> None:
+        """Move calls not sent yet to another queue of the same actor (kept in order);
+        `pump(record)` runs once the arguments of one that waits are ready."""
+        for record in calls:
+            queue.append(record)
+            if record.pending_deps:
+                for dep in record.spec.deps:
+                    entry = self.objects.get(dep)
+                    for waiter in (entry.avail_waiters or ()) if entry is not None else ():
+                        if isinstance(waiter, _DependencyWaiter) and waiter.record is record:
+                            waiter.ready_callback = pump
+        calls.clear()
 
     def _actor_deps_ready(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD:

@@ -455,21 +455,10 @@ class ClusterMixin(RemoteObjectsMixin):
 
     def _move_calls(self, actor, remote) -> None:
         """Calls made before the actor's arguments were ready go to its host instead."""
-        from hpcray.runtime.objects import _DependencyWaiter
-
-        def pump(_record) -> None:
-            self._pump_remote_actor(remote)
-
-        for record in actor.queue:
+        for _ in actor.queue:
             self._actor_incref(actor.actor_id)  # held until its `done`, as every remote call
-            remote.queue.append(record)
-            if record.pending_deps:
-                for dep in record.spec.deps:
-                    entry = self.objects.get(dep)
-                    for waiter in (entry.avail_waiters or ()) if entry is not None else ():
-                        if isinstance(waiter, _DependencyWaiter) and waiter.record is record:
-                            waiter.ready_callback = pump
-        actor.queue.clear()
+        self._requeue_calls(actor.queue, remote.queue,
+                            lambda _record: self._pump_remote_actor(remote))
 
     def _submit_remote_actor_call(self, record: TaskRecord) -> None:
         actor_id = record.spec.actor_id

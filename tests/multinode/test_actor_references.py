@@ -217,3 +217,22 @@ def test_calls_made_before_a_remote_actors_arguments_exist_reach_it(tmp_path):
     gc.collect()
     wait_until("the actor ends", lambda: not alive(2, pid))
     """)
+
+
+def test_calls_reach_an_actor_the_global_scheduler_placed_back_on_its_creator(tmp_path):
+    # Node 1 creates SPREAD actors: rank 0 places some of them back on node 1, which
+    # had queued their first calls for another node meanwhile.
+    run(tmp_path, 2, """
+    @ray.remote(num_cpus=0)
+    class Where:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    @ray.remote
+    def make():
+        handles = [Where.options(scheduling_strategy="SPREAD").remote() for _ in range(4)]
+        return ray.get([h.node.remote() for h in handles], timeout=30)
+
+    nodes = ray.get(make.options(scheduling_strategy=at(1)).remote())
+    assert ids[1] in nodes, nodes
+    """)
