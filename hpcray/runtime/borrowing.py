@@ -71,7 +71,7 @@ class BorrowingMixin:
         if owner == self.rank:
             if entry is not None:
                 self._count_borrower(key, entry, rank, count)
-        elif entry is None or entry.lent > 0 or entry.escaped \
+        elif entry is None or entry.lent > 0 or (entry.escaped and entry.lender is None) \
                 or (entry.refs <= 0 and len(key) == ids.ACTOR_ID_SIZE):  # nothing holds it
             self._send_to(owner, ("borrow", key, rank, count))
         else:  # covered only by the task that brought it: its submitter registers
@@ -188,8 +188,8 @@ class BorrowingMixin:
             if entry is None:
                 continue
             reports = None
-            if entry.owner != self.rank and entry.lent == 0 and entry.lender == lender \
-                    and not entry.escaped:
+            # (an entry kept for good here reports itself too: its owner must count it)
+            if entry.owner != self.rank and entry.lent == 0 and entry.lender == lender:
                 reports = entry.deferred or {}
                 entry.deferred = None
             taken.append((key, entry, reports))
