@@ -57,7 +57,7 @@ class ActorRecord(ActorHandles):
     """An actor this node hosts (or created and has not placed yet)."""
 
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
-                 "name", "info", "death", "killed", "gpu_ids", "placed")
+                 "restarts", "name", "info", "death", "killed", "gpu_ids", "placed")
 
     def __init__(self, spec: TaskSpec, info: dict):
         super().__init__(spec.actor_id)
@@ -68,6 +68,7 @@ class ActorRecord(ActorHandles):
         self.queue: collections.deque = collections.deque()   # calls not yet sent, in order
         self.inflight: dict = {}                              # task id -> TaskRecord
         self.restarts_left = spec.options.get("max_restarts", 0)
+        self.restarts = 0
         self.name = spec.options.get("name")
         self.scoped = self.name is None and not spec.options.get("detached")
         self.info = info        # what an ActorHandle needs: class name, methods
@@ -152,6 +153,7 @@ class ActorsMixin:
             self.cluster.actor_locations[actor.actor_id] = self.rank
             self._transport.broadcast(("actor_at", actor.actor_id, self.rank))
             self._wake_cluster()
+            self._record_actor(actor, node=self.rank)
 
     def _send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
         spec = actor.spec
@@ -175,6 +177,7 @@ class ActorsMixin:
             self._send(worker, ("exit",))
             return
         actor.state = A_ALIVE
+        self._record_actor(actor, state=gcs_tables.ALIVE)
         self._pump_actor(actor)
 
     def _submit_actor_call(self, record: TaskRecord) -> None:
@@ -313,6 +316,8 @@ class ActorsMixin:
                 record.state = QUEUED
                 actor.queue.appendleft(record)
             actor.state = A_RESTARTING
+            actor.restarts += 1
+            self._record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
             actor.worker = self._start_worker(actor.actor_id)
             return
         cause = "was killed with kill()" if actor.killed else \
@@ -323,8 +328,7 @@ class ActorsMixin:
     def _actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
         actor.state = A_DEAD
         actor.death = error
-        if actor.name is not None and self.cluster is not None:
-            self.gcs.request("update_actor", actor.actor_id, {"state": gcs_tables.DEAD})
+        self._record_actor(actor, state=gcs_tables.DEAD)  # a name is free again
         for record in list(actor.inflight.values()) + list(actor.queue):
             self._fail_task(record, error)
         actor.inflight.clear()
@@ -367,6 +371,19 @@ class ActorsMixin:
         elif actor.state == A_PENDING:
             self._actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} was killed with kill()."))
+
+    def _record_actor(self, actor: ActorRecord, **fields) -> None:
+        """Keep the GCS actors table up to date (many nodes only): the hosting node
+        registers its actor when placing it (a named one is registered already, by its
+        name's claim), then updates state, node and restarts."""
+        if self.cluster is None:
+            return
+        if "node" in fields and actor.name is None:
+            self.gcs.register_actor(actor.actor_id, gcs_tables.ActorInfo(
+                state=gcs_tables.PENDING_CREATION, node=fields["node"],
+                class_name=actor.info["class_name"], info=actor.info))
+        else:
+            self.gcs.request("update_actor", actor.actor_id, fields)
 
     # ------------------------------------------------------------------ names
     # One node: the names live in `named_actors`. Many nodes: in the GCS (claimed there

@@ -344,3 +344,51 @@ def test_sigterm_to_an_init_driver_ends_the_job(tmp_path):
         pytest.fail(f"the job did not end after SIGTERM:\n{proc.communicate()[0]}")
     assert proc.returncode != 0, output
     assert not segment_leaks(before), f"segments left: {segment_leaks(before)}"
+
+
+def test_gcs_actor_table_follows_every_actor(tmp_path):
+    # The hosting node records each actor in the GCS: placed (node), ALIVE, RESTARTING
+    # with its count, DEAD; read back from the driver's node with the GCS client.
+    out = run_mpi(tmp_path, 3, """
+        import os, signal, threading, time, hpcray as ray
+        from hpcray import context
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1, gcs_shards=2)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        node = context.driver_node
+
+        def record(actor_id):
+            answered = threading.Event()
+            box = []
+            def got(info):
+                box.append(info)
+                answered.set()
+            with node.lock:
+                node.gcs.request("get_actor", actor_id, callback=got)
+            assert answered.wait(30)
+            return box[0]
+
+        def wait_for(actor_id, check):
+            deadline = time.monotonic() + 30
+            while not check(record(actor_id)):
+                assert time.monotonic() < deadline, record(actor_id)
+                time.sleep(0.02)
+
+        @ray.remote(max_restarts=1)
+        class A:
+            def pid(self):
+                return os.getpid()
+        a = A.options(scheduling_strategy=On(ids[2], soft=False)).remote()
+        pid = ray.get(a.pid.remote())
+        actor_id = a._actor_id
+        wait_for(actor_id, lambda r: r is not None and r.state == "ALIVE" and r.node == 2)
+        assert record(actor_id).class_name == "A"
+        os.kill(pid, signal.SIGKILL)  # same machine: rank 2's actor process
+        assert ray.get(a.pid.remote()) != pid
+        wait_for(actor_id, lambda r: r.restarts == 1 and r.state == "ALIVE")
+        ray.kill(a)
+        wait_for(actor_id, lambda r: r.state == "DEAD")
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
