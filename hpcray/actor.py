@@ -139,9 +139,11 @@ class ActorHandle:
         if info is None or name not in info["methods"]:
             raise AttributeError(f"Actor {info['class_name'] if info else '?'} has no method "
                                  f"{name!r}.")
-        bound = ActorMethod(self, name, info["methods"][name])
-        self.__dict__[name] = bound
-        return bound
+        # Not cached on the handle: the method holds the handle (so `A.remote().f.remote()`
+        # keeps a temporary handle, and with it the actor, alive until the call is
+        # submitted), and a cache would make that a cycle that keeps actors alive until
+        # the next garbage collection.
+        return ActorMethod(self, name, info["methods"][name])
 
     def __reduce__(self):
         _note_pickled(self._actor_id)
@@ -158,11 +160,10 @@ class ActorHandle:
 
 
 class ActorMethod:
-    # The actor's id, not its handle: the handle caches its methods, and a cycle would
-    # keep the handle (so the actor) alive until the next garbage collection.
-    __slots__ = ("_actor_id", "_name", "_num_returns", "_qualname")
+    __slots__ = ("_handle", "_actor_id", "_name", "_num_returns", "_qualname")
 
     def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+        self._handle = handle
         self._actor_id = handle._actor_id
         self._name = name
         self._num_returns = num_returns

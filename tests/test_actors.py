@@ -577,3 +577,22 @@ def test_dropped_handle_runs_pending_calls_first(ray_start, tmp_path):
     pid = hpcray.get(ref, timeout=30)
     assert out.read_text() == "done"
     assert _wait_until(lambda: _pid_gone(pid), deadline_s=30)
+
+
+@pytest.mark.parametrize("ray_start_custom", [{"num_cpus": 1}], indirect=True)
+def test_call_on_a_temporary_handle_runs(ray_start_custom):
+    # `A.remote().f.remote()`: the handle is gone right after the call is made, also
+    # while the actor still waits for a CPU; as in Ray the call runs, then the actor ends.
+    ray = ray_start_custom
+
+    @ray.remote(num_cpus=1)
+    class Busy:
+        def f(self):
+            return "ran"
+
+    assert ray.get(Busy.remote().f.remote()) == "ran"
+    holder = Busy.remote()
+    assert ray.get(holder.f.remote()) == "ran"   # holds the only CPU
+    pending = Busy.remote().f.remote()           # its actor waits for that CPU
+    del holder
+    assert ray.get(pending, timeout=60) == "ran"

@@ -289,7 +289,9 @@ class ActorsMixin:
         actor.restarts_left = 0
         if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
             self._send(actor.worker, ("exit",))
-        elif actor.state == A_PENDING:
+        elif actor.state == A_PENDING and not actor.queue:
+            # Not started and nothing to run. With calls queued (`A.remote().f.remote()`
+            # while A waits for a CPU) it starts, runs them, then exits (_pump_actor).
             self._actor_dead(actor, actor.death)
 
     def _actor_process_died(self, worker: WorkerHandle) -> None:
