@@ -32,8 +32,7 @@ class ActorHandles:
     record of the node that hosts the actor (ActorRecord) or of another node that holds
     its handles or calls it (RemoteActor). The fields mirror an ObjectEntry's."""
 
-    __slots__ = ("owner", "refs", "borrowers", "lent", "lender", "deferred", "escaped",
-                 "scoped")
+    __slots__ = ("owner", "refs", "borrowers", "lent", "lender", "deferred", "scoped")
 
     def __init__(self, actor_id: bytes):
         self.owner = ids.owner_rank(actor_id)  # the node that created it counts handles
@@ -42,7 +41,6 @@ class ActorHandles:
         self.lent = 0           # borrower: registrations the owner counts for this node
         self.lender = None      # borrower, unregistered: the owner of the task that brought it
         self.deferred = None    # borrower, unregistered: {rank: n} to register through lender
-        self.escaped = False    # inside a value that left this node: kept until the job ends
         self.scoped = False     # owner: unnamed and not detached, so it ends with its handles
 
     def take_handles(self, other: ActorHandles) -> None:
@@ -247,10 +245,10 @@ class ActorsMixin:
         handles = self._actor_handles(actor_id, create=True)
         if handles is None:
             return
-        if handles.refs <= 0 and handles.lent == 0 and not handles.escaped \
+        if handles.refs <= 0 and handles.lent == 0 and handles.lender is None \
                 and handles.owner != self.rank:
-            # New to this node outside any task that would cover it (found inside a value
-            # it read, or looked up by name): it registers itself with the owner.
+            # New to this node outside any task or value that would cover it (looked up
+            # by name): it registers itself with the owner.
             handles.lent = 1
             self._send_to(handles.owner, ("borrow", actor_id, self.rank, 1))
         handles.refs += 1
@@ -268,7 +266,7 @@ class ActorsMixin:
     def _actor_unused(self, actor_id: bytes, handles) -> None:
         """Nothing on this node may hold the actor's handle any more: another node tells
         the owner; the owner ends the actor once no other node holds one either."""
-        if handles.refs > 0 or handles.escaped:
+        if handles.refs > 0:
             return
         if handles.owner != self.rank and self.cluster is not None:
             self._drop_borrowed_actor(actor_id, handles)

@@ -16,10 +16,13 @@ still holds the object:
   in an actor, in a value); the submitter registers them before dropping its hold.
 - Refs inside the results of such a task: the executor registers the submitter with the
   owner (or with its own submitter, the same way) before sending `done`.
-- A ref new to a node that is in none of those (found inside a value it read): the node
-  asks the owner where the value is (`watch`), which registers it.
-Refs nested inside a value that leaves its owner node (an argument value or a value
-another node reads) are not traced: the owner node keeps them until the job ends.
+- Refs inside a value that reaches another node travel with it (the value's
+  description lists them) and the value holds them there as it does on its owner.
+  Described to a known node (the answer to its `watch`), the sender registers that
+  node for each of them; described as a task's argument, the submitter's hold on the
+  value covers them until `done`, whose report lists those the executor still holds.
+- A ref new to a node that is in none of those: the node asks the owner where the
+  value is (`watch`), which registers it.
 
 A borrower that received a large value keeps its copy in its store unpinned once it no
 longer holds it (evicted when space is needed, reused by a later pull). When the owner
@@ -71,7 +74,7 @@ class BorrowingMixin:
         if owner == self.rank:
             if entry is not None:
                 self._count_borrower(key, entry, rank, count)
-        elif entry is None or entry.lent > 0 or (entry.escaped and entry.lender is None) \
+        elif entry is None or entry.lent > 0 \
                 or (entry.refs <= 0 and len(key) == ids.ACTOR_ID_SIZE):  # nothing holds it
             self._send_to(owner, ("borrow", key, rank, count))
         else:  # covered only by the task that brought it: its submitter registers
@@ -132,24 +135,6 @@ class BorrowingMixin:
         if lent:
             self._send_to(handles.owner, ("release", actor_id, lent))
 
-    def _escape_actor(self, actor_id: bytes) -> None:
-        """An actor handle inside a value that leaves this node: keep it until the job
-        ends, registered with its owner now (while this node still holds it)."""
-        handles = self._actor_handles(actor_id)
-        if handles is None or handles.escaped:
-            return
-        handles.escaped = True
-        if handles.owner == self.rank or handles.refs <= 0:
-            return
-        deferred, handles.deferred = handles.deferred, None
-        if deferred:
-            for rank, count in deferred.items():
-                self._send_to(handles.owner, ("borrow", actor_id, rank, count))
-        if handles.lent == 0:
-            handles.lent = 1
-            handles.lender = None
-            self._send_to(handles.owner, ("borrow", actor_id, self.rank, 1))
-
     # ------------------------------------------------------------------ tasks run here
     def _hold_task_refs(self, spec, deps, lender: int) -> None:
         """A task from node `lender` runs here: hold its argument refs until it ends."""
@@ -167,34 +152,60 @@ class BorrowingMixin:
             entry.refs += 1
             described = where.get(key)
             if described is not None and entry.state == PENDING:
-                self._fill_entry(key, entry, described)
+                self._fill_entry(key, entry, described, lender)
 
     def _hold_task_actor(self, actor_id: bytes, lender: int) -> None:
         handles = self._actor_handles(actor_id, create=True)
         if handles is None:
             return
-        if handles.refs <= 0 and handles.lent == 0 and not handles.escaped \
-                and handles.owner != self.rank:
+        if handles.refs <= 0 and handles.lent == 0 and handles.owner != self.rank:
             handles.lender = lender
         handles.refs += 1
 
+    def _borrow_contained(self, contained, lender: int | None) -> None:
+        """Refs inside a value that reached this node: registered for it by the sender
+        (`lender` None), or covered by the task from `lender` that brought the value."""
+        for key in contained:
+            if ids.owner_rank(key) == self.rank:
+                continue  # this node owns it and counts its holders itself
+            if len(key) == ids.OBJECT_ID_SIZE:
+                entry = self.objects.get(key)
+                if entry is None:
+                    entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
+            else:
+                entry = self._actor_handles(key, create=True)
+                if entry is None:
+                    continue
+            if lender is None:
+                entry.lent += 1
+                entry.lender = None
+            elif entry.lent == 0 and entry.refs <= 0 and entry.lender is None:
+                entry.lender = lender
+
     def _release_task_holds(self, spec, lender: int) -> list:
         """The task from `lender` ended here: drop its holds; -> what this node keeps,
-        as [(id, [(rank, count), ...])] for the lender to register."""
+        as [(id, [(rank, count), ...])] for the lender to register. That includes refs
+        inside its argument values that something here still holds."""
         kept = []
         taken = []
-        for key in dict.fromkeys(spec.contained):
+        held_keys = dict.fromkeys(spec.contained)
+        inside = {}
+        for dep in spec.deps:
+            entry = self.objects.get(dep)
+            if entry is not None:
+                inside.update(dict.fromkeys(k for k in entry.contained if k not in held_keys))
+        for key in (*held_keys, *inside):
             entry = self._counted(key)
             if entry is None:
                 continue
             reports = None
-            # (an entry kept for good here reports itself too: its owner must count it)
             if entry.owner != self.rank and entry.lent == 0 and entry.lender == lender:
                 reports = entry.deferred or {}
                 entry.deferred = None
             taken.append((key, entry, reports))
         for key, _entry, _reports in taken:
-            self._decref(key)
+            if key in held_keys:
+                self._decref(key)
         for key, entry, reports in taken:
             if reports is None:
                 continue

@@ -22,7 +22,8 @@ Control messages between node managers (all on the transport's "control" channel
     function_request(id) / function(id, bytes) executor <-> the submitting node
     stop() / stopped()                         rank 0 <-> node (shutdown, see launch.py)
 
-`deps` describes each top-level argument as ("inline", bytes) or ("at", rank, size).
+`deps` describes each top-level argument as ("inline", bytes, contained) or ("at", rank,
+size, contained), `contained` being the refs inside the value (borrowing.py).
 """
 
 from __future__ import annotations
@@ -285,20 +286,20 @@ class ClusterMixin(RemoteObjectsMixin):
         The refs themselves stay held here until the task's `done` (borrowing.py)."""
         return [(dep, self._describe_value(self.objects[dep])) for dep in spec.deps]
 
-    def _describe_value(self, entry: ObjectEntry):
-        """Where another node gets this value; refs nested in it are kept for good."""
-        for key in entry.contained:
-            nested = self.objects.get(key)
-            if nested is not None:
-                nested.escaped = True
-            elif len(key) == ids.ACTOR_ID_SIZE:
-                self._escape_actor(key)
+    def _describe_value(self, entry: ObjectEntry, dest: int | None = None):
+        """Where another node gets this value, with the refs inside it. Sent to `dest`,
+        those refs are registered for it; without (a task's argument, its node not
+        chosen yet) this node's hold on the value covers them until the task's `done`."""
+        contained = tuple(entry.contained)
+        if dest is not None:
+            for key in contained:
+                self._register_borrower(key, dest)
         if entry.inline is not IN_STORE:
-            return ("inline", entry.inline)
+            return ("inline", entry.inline, contained)
         if entry.state == REMOTE:
-            return ("at", entry.location, entry.size)
+            return ("at", entry.location, entry.size, contained)
         entry.shipped = True
-        return ("at", self.rank, entry.size)
+        return ("at", self.rank, entry.size, contained)
 
     def _cm_forward(self, source: int, spec, deps, strategy, arg_bytes) -> None:
         """Rank 0, the global scheduler: place a task a node did not keep."""
@@ -328,13 +329,18 @@ class ClusterMixin(RemoteObjectsMixin):
         else:
             self._send_to(owner, ("done", spec.task_id, results, ()))
 
-    def _fill_entry(self, object_id: bytes, entry: ObjectEntry, where) -> None:
-        """The value of a PENDING entry is known: inline bytes or a location."""
+    def _fill_entry(self, object_id: bytes, entry: ObjectEntry, where,
+                    lender: int | None = None) -> None:
+        """The value of a PENDING entry is known: inline bytes or a location, and the refs
+        inside it, which the value holds here. Registered for this node by the sender
+        (`lender` None), or covered by the task from `lender` that brought the value."""
         entry.watched = True
+        contained = where[-1]
+        self._borrow_contained(contained, lender)
         if where[0] == "inline":
-            self._object_ready(object_id, where[1], (), len(where[1]))
+            self._object_ready(object_id, where[1], contained, len(where[1]))
         else:
-            self._object_ready(object_id, IN_STORE, (), where[2], where[1])
+            self._object_ready(object_id, IN_STORE, contained, where[2], where[1])
 
     def _cm_run(self, source: int, spec, deps) -> None:
         """Run a task the global scheduler placed here (maybe one this node forwarded)."""

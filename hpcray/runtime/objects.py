@@ -23,7 +23,7 @@ IN_STORE = None  # an entry whose inline value is None lives in the store
 
 class ObjectEntry:
     __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size",
-                 "owner", "location", "escaped", "avail_waiters", "pulling", "borrowers",
+                 "owner", "location", "avail_waiters", "pulling", "borrowers",
                  "lent", "lender", "deferred", "primary", "primary_at", "shipped", "watched")
 
     def __init__(self, owner: int = 0):
@@ -37,7 +37,6 @@ class ObjectEntry:
         self.size = 0
         self.owner = owner      # rank of the node that owns it (counts its references)
         self.location = None    # rank holding the value, while state is REMOTE
-        self.escaped = False    # kept until the job ends (see cluster.py: nested refs)
         self.avail_waiters = None  # run when the value exists anywhere (task placement)
         self.pulling = False
         # Reference counting across nodes (cluster.py explains the protocol).
@@ -135,7 +134,7 @@ class ObjectsMixin:
     def _release_if_unused(self, key: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds `key`: the owner frees it once no other node holds
         it either; another node drops its entry and tells the owner (cluster.py)."""
-        if entry.refs > 0 or entry.waiters or entry.escaped or entry.is_put or entry.pulling:
+        if entry.refs > 0 or entry.waiters or entry.is_put or entry.pulling:
             return
         if entry.owner == self.rank:
             if entry.state != PENDING and not entry.borrowers:

@@ -41,13 +41,14 @@ class RemoteObjectsMixin:
         if entry is None:
             self._send_to(source, ("located", object_id, ("inline", error_bytes(
                 exceptions.ObjectFreedError(f"Object {object_id.hex()} was freed before "
-                                            "another node read it.")))))
+                                            "another node read it.")), ())))
             return
         if register:
             self._count_borrower(object_id, entry, source, 1)
 
         def answer(_oid=None):
-            self._send_to(source, ("located", object_id, self._describe_value(entry)))
+            self._send_to(source, ("located", object_id,
+                                   self._describe_value(entry, dest=source)))
 
         if entry.state == PENDING:
             if entry.avail_waiters is None:

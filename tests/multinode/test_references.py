@@ -153,3 +153,39 @@ def test_refs_made_on_another_node_inside_a_result(tmp_path):
     gc.collect()
     wait_until("node 1 frees its puts", lambda: not holds(1, *hs))
     """)
+
+
+def test_refs_inside_a_value_that_leaves_its_node(tmp_path):
+    # [x] stored as a value and passed (as a value) to other nodes: x must live while a
+    # node holds the list, and be freed once none does (it was kept for good before).
+    run(tmp_path, 3, """
+    @ray.remote
+    def read_inner(values):
+        return int(ray.get(values[0]).sum())
+
+    @ray.remote
+    class Keeper:
+        def keep(self, values):
+            self.values = values
+            return True
+        def total(self):
+            return int(ray.get(self.values[0]).sum())
+        def drop(self):
+            self.values = None
+            gc.collect()
+            return True
+
+    x = ray.put(np.ones(1 << 20, dtype=np.int64))
+    hx = x.hex()
+    v = ray.put([x])
+    del x
+    assert ray.get(read_inner.options(scheduling_strategy=at(1)).remote(v)) == 1 << 20
+    keeper = Keeper.options(scheduling_strategy=at(2)).remote()
+    assert ray.get(keeper.keep.remote(v))
+    del v
+    gc.collect()
+    assert ray.get(keeper.total.remote()) == 1 << 20
+    assert holds(0, hx), "freed while node 2 holds the list"
+    assert ray.get(keeper.drop.remote())
+    wait_until("the owner frees x once no node holds the list", lambda: not holds(0, hx))
+    """)
