@@ -169,7 +169,7 @@ class DriverClient(CoreClient):
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         nm = self.nm
         with nm.lock:
-            nm.functions.setdefault(function_id, pickled)
+            nm.export_function(function_id, pickled)
         self.exported_functions.add(function_id)
 
     def submit(self, spec) -> None:

@@ -354,9 +354,18 @@ class ClusterMixin(RemoteObjectsMixin):
         self._with_function(spec.function_id, record.owner,
                             lambda: self._localize(record, self._enqueue))
 
+    def export_function(self, function_id: bytes, pickled: bytes) -> None:
+        """A process on this node defined a function or class: keep it, and with many
+        nodes record it in the GCS functions table too."""
+        if function_id in self.functions:
+            return
+        self.functions[function_id] = pickled
+        if self.cluster is not None:
+            self.gcs.request("put_function", function_id, pickled)
+
     def _with_function(self, function_id: bytes, submitter: int, then) -> None:
         """Run `then` once this node has the pickled function, fetched from the node that
-        submitted the task (its process exported the function there)."""
+        submitted the task (its process exported the function there), else the GCS."""
         if function_id is None or function_id in self.functions:
             then()
             return
@@ -371,10 +380,14 @@ class ClusterMixin(RemoteObjectsMixin):
         self._send_to(source, ("function", function_id, self.functions.get(function_id)))
 
     def _cm_function(self, source: int, function_id: bytes, pickled) -> None:
+        if pickled is None and source != self.rank:  # not there: ask the GCS
+            self.gcs.request("get_function", function_id, callback=lambda found:
+                             self._cm_function(self.rank, function_id, found))
+            return
         if pickled is not None:
             self.functions.setdefault(function_id, pickled)
         for then in self.cluster.function_waiters.pop(function_id, ()):
-            then()
+            then()  # without the function, the worker reports it as unknown
 
     def _localize(self, record: TaskRecord, then) -> None:
         """Pull the arguments that live on other nodes, then `then(record)`."""

@@ -24,7 +24,7 @@ class WorkerRequestsMixin:
             elif op == "put":
                 self.put(*body)
             elif op == "function":
-                self.functions.setdefault(body[0], body[1])
+                self.export_function(body[0], body[1])
             elif op == "release_actor_name":
                 self.release_actor_name(*body)
             elif op == "kill":

@@ -348,7 +348,8 @@ def test_sigterm_to_an_init_driver_ends_the_job(tmp_path):
 
 def test_gcs_actor_table_follows_every_actor(tmp_path):
     # The hosting node records each actor in the GCS: placed (node), ALIVE, RESTARTING
-    # with its count, DEAD; read back from the driver's node with the GCS client.
+    # with its count, DEAD; functions exported on any node are in the functions table.
+    # Read back from the driver's node with the GCS client.
     out = run_mpi(tmp_path, 3, """
         import os, signal, threading, time, hpcray as ray
         from hpcray import context
@@ -357,14 +358,14 @@ def test_gcs_actor_table_follows_every_actor(tmp_path):
         ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
         node = context.driver_node
 
-        def record(actor_id):
+        def record(actor_id, op="get_actor"):
             answered = threading.Event()
             box = []
             def got(info):
                 box.append(info)
                 answered.set()
             with node.lock:
-                node.gcs.request("get_actor", actor_id, callback=got)
+                node.gcs.request(op, actor_id, callback=got)
             assert answered.wait(30)
             return box[0]
 
@@ -388,6 +389,16 @@ def test_gcs_actor_table_follows_every_actor(tmp_path):
         wait_for(actor_id, lambda r: r.restarts == 1 and r.state == "ALIVE")
         ray.kill(a)
         wait_for(actor_id, lambda r: r.state == "DEAD")
+        assert record(A._class_id, "get_function") is not None  # the functions table
+        @ray.remote
+        def made_on_node_1():
+            @ray.remote
+            def inner():
+                return 7
+            return inner._function_id, ray.get(inner.remote())
+        on_1 = made_on_node_1.options(scheduling_strategy=On(ids[1], soft=False))
+        fid, seven = ray.get(on_1.remote())
+        assert seven == 7 and record(fid, "get_function") is not None
         ray.shutdown()
         print("OK")
     """)
