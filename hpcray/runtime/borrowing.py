@@ -182,6 +182,14 @@ class BorrowingMixin:
             elif entry.lent == 0 and entry.refs <= 0 and entry.lender is None:
                 entry.lender = lender
 
+    def _give_back(self, contained) -> None:
+        """Registrations made for this node that it will not use (a second description
+        of a value it already had): one release each, to each ref's owner."""
+        for key in contained:
+            owner = ids.owner_rank(key)
+            if owner != self.rank:
+                self._send_to(owner, ("release", key, 1))
+
     def _release_task_holds(self, spec, lender: int) -> list:
         """The task from `lender` ended here: drop its holds; -> what this node keeps,
         as [(id, [(rank, count), ...])] for the lender to register. That includes refs

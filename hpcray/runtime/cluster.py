@@ -336,6 +336,10 @@ class ClusterMixin(RemoteObjectsMixin):
         (`lender` None), or covered by the task from `lender` that brought the value."""
         entry.watched = True
         contained = where[-1]
+        if entry.contained:  # known already (held through it): not held twice
+            if lender is None:
+                self._give_back(contained)
+            contained = ()
         self._borrow_contained(contained, lender)
         if where[0] == "inline":
             self._object_ready(object_id, where[1], contained, len(where[1]))

@@ -62,6 +62,8 @@ class RemoteObjectsMixin:
         entry = self.objects.get(object_id)
         if entry is not None and entry.state == PENDING:
             self._fill_entry(object_id, entry, where)
+        else:  # known meanwhile (or dropped): the registrations made for us go back
+            self._give_back(where[-1])
 
     def _start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
         if entry.pulling or self._use_cached_copy(object_id, entry):
