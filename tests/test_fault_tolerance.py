@@ -264,3 +264,33 @@ def test_workers_that_cannot_start_fail_the_task_with_their_error(ray_start_cust
     os.kill(worker_pid, signal.SIGKILL)
     with pytest.raises(WorkerCrashedError, match="No such file or directory"):
         hpcray.get(pid.remote(), timeout=60)
+
+
+def test_refs_held_by_a_killed_worker_are_released(ray_start):
+    # An actor keeps a ref (nested in a list) and is SIGKILLed: a crash never reports
+    # its drops, so the node drops its holds itself and the object is freed once the
+    # driver lets go too.
+    import gc
+
+    import numpy as np
+
+    from hpcray import context
+
+    @hpcray.remote
+    class Keeper:
+        def keep(self, refs):
+            self.refs = refs
+            return os.getpid()
+
+    x = hpcray.put(np.ones(1 << 20))
+    object_id = x.binary()
+    keeper = Keeper.remote()
+    pid = hpcray.get(keeper.keep.remote([x]))
+    os.kill(pid, signal.SIGKILL)
+    del x
+    gc.collect()
+    store = context.get_client().store
+    deadline = time.monotonic() + 30
+    while any(oid == object_id for oid, _, _, _ in store.objects()):
+        assert time.monotonic() < deadline, "the killed actor's ref kept the object"
+        time.sleep(0.02)

@@ -44,7 +44,7 @@ from hpcray.serialization import error_bytes
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
-                 "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail")
+                 "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail", "holds")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -60,6 +60,7 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
         self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
+        self.holds = set()        # ids it holds refs to (its process counts once each)
 
 
 class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
@@ -312,6 +313,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             self._worker_died(worker)
             return
         for message in messages:
+            if message[0] != "hello":  # every other message ends with ref transitions
+                _note_holds(worker.holds, message[-1])
             getattr(self, "_msg_" + message[0])(worker, message)
         if worker.conn.closed and worker.alive:
             self._worker_died(worker)
@@ -378,6 +381,9 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         self.store.abort_dead_creators()
         if worker.pid:  # its socket closed: it is exiting, its zero-copy views are gone
             self.store.release_pins_of(worker.pid)
+        holds, worker.holds = worker.holds, set()
+        for key in holds:  # the refs its process held (a crash never reported them)
+            self._decref(key)
         if worker.actor_id is not None:
             self._actor_process_died(worker)
             return
@@ -607,6 +613,14 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                 setattr(entry, attribute, [
                     w for w in waiters
                     if not (isinstance(w, _DependencyWaiter) and w.record is record)] or None)
+
+
+def _note_holds(holds: set, transitions) -> None:
+    for key, delta in transitions:
+        if delta > 0:
+            holds.add(key)
+        else:
+            holds.discard(key)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,6 +9,8 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from hpcray.runtime.specs import ACTOR_CREATION
+
 if TYPE_CHECKING:
     from hpcray.runtime.node_manager import WorkerHandle
 
@@ -21,8 +23,11 @@ class WorkerRequestsMixin:
         try:
             if op == "submit":
                 self.submit(body, worker.task)
+                _note_owned(worker, body)
             elif op == "put":
                 self.put(*body)
+                if body[3]:  # the ref the putting process holds, counted at once
+                    worker.holds.add(body[0])
             elif op == "function":
                 self.export_function(body[0], body[1])
             elif op == "release_actor_name":
@@ -49,6 +54,7 @@ class WorkerRequestsMixin:
 
     def _req_submit(self, worker, req_id, spec) -> None:
         self.submit(spec)
+        _note_owned(worker, spec)
         self._reply(worker, req_id, None)
 
     def _req_get(self, worker, req_id, body) -> None:
@@ -134,3 +140,10 @@ class WorkerRequestsMixin:
     def available_resources(self) -> dict:
         return {k: max(0.0, v) for k, v in self.scheduler.available.items()}
 
+
+def _note_owned(worker, spec) -> None:
+    """The refs a submitting process holds from the start (counted by `submit`)."""
+    if spec.kind == ACTOR_CREATION:
+        worker.holds.add(spec.actor_id)
+    else:
+        worker.holds.update(spec.return_ids)
