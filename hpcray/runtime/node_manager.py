@@ -208,7 +208,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                 poll = self._cluster_poll_timeout()
                 timeout = poll if timeout < 0 else min(timeout, poll)
             try:
-                events = self._epoll.poll(timeout)
+                events = self._wait_for_events(timeout)
             except InterruptedError:
                 continue
             except (OSError, ValueError):
@@ -228,6 +228,15 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                 self._run_timers()
                 if cluster is not None:
                     self._poll_cluster()
+
+    def _wait_for_events(self, timeout: float) -> list:
+        """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so
+        the short waits of MPI polling (a reply or a transfer due) go through select on
+        the epoll descriptor, which keeps microseconds."""
+        if 0 < timeout < 0.001 and not (self.cluster is not None and self._transport.busy):
+            ready, _, _ = select.select((self._epoll,), (), (), timeout)
+            return self._epoll.poll(0) if ready else []
+        return self._epoll.poll(timeout)
 
     def _wake(self) -> None:
         """Make the event loop go round now (from another thread)."""
