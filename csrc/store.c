@@ -910,6 +910,12 @@ void store_write(store *s, uint64_t offset, const void *src, uint64_t n)
                   n >= POPULATE_RUN ? populate_runs : NULL, s);
 }
 
+void store_populate(store *s, uint64_t offset, uint64_t n)
+{
+    if (n >= POPULATE_RUN)
+        populate_runs(s, s->base + offset, n);
+}
+
 void store_set_copy_threads(store *s, unsigned threads)
 {
     s->copy_threads = threads ? threads : copy_default_threads();

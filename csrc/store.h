@@ -122,6 +122,11 @@ store_status store_abort(store *s, const uint8_t *id);
  * it), which costs a fraction of taking their page faults one by one. */
 void store_write(store *s, uint64_t offset, const void *src, uint64_t n);
 
+/* Populates the pages of [offset, offset + n) that this process's mapping has
+ * not touched before, as store_write does before a copy: for a buffer that
+ * something else will fill (an MPI receive). Does nothing under 2 MiB. */
+void store_populate(store *s, uint64_t offset, uint64_t n);
+
 /* Threads store_write uses for a large copy; 0 restores the default
  * (copy_default_threads: CPUs this process may run on, at most 8). */
 void store_set_copy_threads(store *s, unsigned threads);

@@ -62,6 +62,7 @@ cdef extern from "store.h" nogil:
     store_status store_seal(store *s, const uint8_t *id)
     store_status store_abort(store *s, const uint8_t *id)
     void store_write(store *s, uint64_t offset, const void *src, uint64_t n)
+    void store_populate(store *s, uint64_t offset, uint64_t n)
     void store_set_copy_threads(store *s, unsigned threads)
     unsigned store_copy_threads(const store *s)
     store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)

@@ -208,10 +208,12 @@ cdef class Store:
             raise StoreError(f"store {self._name!r} is closed")
         return self._s
 
-    def create_object(self, bytes object_id not None, size):
+    def create_object(self, bytes object_id not None, size, bint populate=False):
         """Reserves `size` bytes as a CREATED object pinned by the caller and
         returns a writable memoryview over them (zero-copy, 64-byte aligned).
-        May evict. Raises ObjectExistsError, StoreFullError, ObjectTooLargeError."""
+        `populate`: fault its pages in first (for a buffer MPI will receive
+        into; copy_into does it by itself). May evict. Raises
+        ObjectExistsError, StoreFullError, ObjectTooLargeError."""
         if size < 0:
             raise ValueError("size must be >= 0")
         cdef store *s = self._handle()
@@ -223,6 +225,8 @@ cdef class Store:
         with nogil:
             rc = store_create_object(s, cid, csize, &offset)
             err = errno
+            if rc == STORE_OK and populate:
+                store_populate(s, offset, csize)
         _check(rc, err, "create_object", object_id)
         return memoryview(_WritableBuffer._new(self, offset, csize))
 

@@ -71,7 +71,7 @@ class RemoteObjectsMixin:
         entry.pulling = True
         transport = self._transport
         try:
-            view = self.store.create_object(object_id, entry.size)
+            view = self.store.create_object(object_id, entry.size, populate=True)
         except Exception as exc:  # noqa: BLE001 - the store is full: readers get the error
             entry.pulling = False
             error = exceptions.ObjectStoreFullError(
