@@ -191,9 +191,28 @@ def leave_if_terminating(code: int) -> None:
     ranks that are dead or dying, until the launcher's SIGKILL."""
     if not _terminating:
         return
+    unlink_mpi_segments()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def unlink_mpi_segments() -> None:
+    """Remove the names of the MPI library's shared-memory segments this process maps.
+    MPICH removes its segment in MPI_Finalize, from the rank that created it; a rank that
+    leaves the job without finalizing would leave it in /dev/shm. The job is ending, so
+    the other ranks lose nothing: their mappings stay, only the name goes."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/dev/shm/mpich_shm_" in line}
+    except OSError:
+        return
+    for path in paths:
+        if path.startswith("/dev/shm/mpich_shm_"):  # not "(deleted)"
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def end_ranks(code: int) -> None:

@@ -321,6 +321,10 @@ def test_sigterm_to_an_init_driver_ends_the_job(tmp_path):
         def where():
             return ray.get_runtime_context().get_node_id()
         assert len(set(ray.get([where.remote() for _ in range(60)]))) >= 2
+        with open("/proc/self/maps") as maps:  # MPICH's segment, if it made one
+            mpi_segments = {l.split()[-1] for l in maps if "/dev/shm/mpich_shm_" in l}
+        with open("segments", "w") as f:
+            f.write(" ".join(mpi_segments))
         with open("pid.tmp", "w") as f:
             f.write(str(os.getpid()))
         os.rename("pid.tmp", "pid")
@@ -344,6 +348,9 @@ def test_sigterm_to_an_init_driver_ends_the_job(tmp_path):
         pytest.fail(f"the job did not end after SIGTERM:\n{proc.communicate()[0]}")
     assert proc.returncode != 0, output
     assert not segment_leaks(before), f"segments left: {segment_leaks(before)}"
+    # Rank 0 left without MPI_Finalize, which is where MPICH removes its own segment.
+    mpi_left = [p for p in (tmp_path / "segments").read_text().split() if os.path.exists(p)]
+    assert not mpi_left, f"MPI segments left: {mpi_left}"
 
 
 def test_gcs_actor_table_follows_every_actor(tmp_path):
