@@ -114,12 +114,7 @@ class BorrowingMixin:
         if entry.pin is not None:  # the copy stays, evictable, for a later pull
             entry.pin.release()
             entry.pin = None
-        owner = entry.owner
-        if entry.deferred:  # not reported through a task reply: register directly
-            for rank, count in entry.deferred.items():
-                self._send_to(owner, ("borrow", object_id, rank, count))
-        if entry.lent:
-            self._send_to(owner, ("release", object_id, entry.lent))
+        self._give_registrations_back(object_id, entry.owner, entry.deferred, entry.lent)
         for key in entry.contained:
             self._decref(key)
 
@@ -129,11 +124,16 @@ class BorrowingMixin:
         deferred, lent = handles.deferred, handles.lent
         handles.deferred = handles.lender = None
         handles.lent = 0
+        self._give_registrations_back(actor_id, handles.owner, deferred, lent)
+
+    def _give_registrations_back(self, key: bytes, owner: int, deferred, lent: int) -> None:
+        """This node lets go of `key`: registrations it still had to make (not reported
+        through a task reply) go straight to the owner, then its own `lent` come back."""
         if deferred:
             for rank, count in deferred.items():
-                self._send_to(handles.owner, ("borrow", actor_id, rank, count))
+                self._send_to(owner, ("borrow", key, rank, count))
         if lent:
-            self._send_to(handles.owner, ("release", actor_id, lent))
+            self._send_to(owner, ("release", key, lent))
 
     # ------------------------------------------------------------------ tasks run here
     def _hold_task_refs(self, spec, deps, lender: int) -> None:
@@ -237,19 +237,7 @@ class BorrowingMixin:
     def _foreign_results(self, results) -> None:
         """Results from another node hold refs that node registered for this one."""
         for _object_id, _inline, contained, _size in results:
-            for key in contained:
-                if ids.owner_rank(key) == self.rank:
-                    continue
-                if len(key) == ids.OBJECT_ID_SIZE:
-                    entry = self.objects.get(key)
-                    if entry is None:
-                        entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
-                else:
-                    entry = self._actor_handles(key, create=True)
-                    if entry is None:
-                        continue
-                entry.lent += 1
-                entry.lender = None
+            self._borrow_contained(contained, None)
 
     # ------------------------------------------------------------------ copies
     def _delete_copies(self, object_id: bytes) -> None:
