@@ -382,7 +382,7 @@ def test_gcs_actor_table_follows_every_actor(tmp_path):
                 assert time.monotonic() < deadline, record(actor_id)
                 time.sleep(0.02)
 
-        @ray.remote(max_restarts=1)
+        @ray.remote(max_restarts=1, max_task_retries=1)  # a call sent as it dies reruns
         class A:
             def pid(self):
                 return os.getpid()
