@@ -116,15 +116,17 @@ cdef class LocalScheduler:
             self.num_starting -= 1
         return self._schedule()
 
-    def task_finished(self, worker_key, dict demand):
-        """The worker finished its task: resources back, worker idle."""
+    def task_finished(self, worker_key, dict demand, bint retire=False):
+        """The worker finished its task: resources back, worker idle (or, with `retire`,
+        leaving: it reached its function's max_calls)."""
         if worker_key in self.blocked_workers:
             self.blocked_workers.discard(worker_key)
             self._release_cpu_free(demand)
         else:
             self.release(demand)
         self.busy_workers.discard(worker_key)
-        self.idle_workers.append(worker_key)
+        if not retire:
+            self.idle_workers.append(worker_key)
         return self._schedule()
 
     def worker_blocked(self, worker_key, dict demand):

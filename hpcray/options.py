@@ -4,7 +4,8 @@ from __future__ import annotations
 
 TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "num_returns", "max_retries",
                 "retry_exceptions", "name", "scheduling_strategy", "runtime_env",
-                "accelerator_type", "placement_group", "_metadata", "label_selector"}
+                "accelerator_type", "placement_group", "_metadata", "label_selector",
+                "max_calls"}
 ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespace",
                  "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
                  "scheduling_strategy", "runtime_env", "get_if_exists", "accelerator_type",
@@ -38,6 +39,10 @@ def check(options: dict, allowed: set, what: str) -> dict:
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"{key} must be an int >= -1, got {value!r}.")
+    max_calls = options.get("max_calls")
+    if max_calls is not None and (not isinstance(max_calls, int) or isinstance(max_calls, bool)
+                                  or max_calls < 0):
+        raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}.")
     max_concurrency = options.get("max_concurrency")
     if max_concurrency is not None and (not isinstance(max_concurrency, int)
                                         or max_concurrency < 1):

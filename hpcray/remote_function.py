@@ -37,6 +37,9 @@ class RemoteFunction:
         return (RemoteFunction, (self._function, self._options, self._function_id))
 
     def options(self, **task_options) -> _BoundOptions:
+        if "max_calls" in task_options:  # as in Ray: a worker counts calls per function
+            raise ValueError(f"max_calls cannot be overridden in .options() of {self._name}; "
+                             "set it in @remote(max_calls=...).")
         opts.check(task_options, opts.TASK_OPTIONS, f"task {self._name}")
         return _BoundOptions(self, {**self._options, **task_options})
 
@@ -59,11 +62,18 @@ class RemoteFunction:
         max_retries = options.get("max_retries")
         if max_retries is None:
             max_retries = client.config.default_max_retries
+        extra = {}
         strategy = opts.strategy_of(options)
+        if strategy:
+            extra["scheduling_strategy"] = strategy
+        max_calls = options.get("max_calls")
+        if max_calls is None:  # Ray's default: a GPU task's worker leaves after it
+            max_calls = 1 if "GPU" in demand else 0
+        if max_calls:
+            extra["max_calls"] = max_calls
         spec = TaskSpec(task_id, NORMAL_TASK, function_id, options.get("name") or self._name,
                         args_payload, deps, contained, return_ids, demand, max_retries,
-                        options.get("retry_exceptions", False), None, None,
-                        {"scheduling_strategy": strategy} if strategy else None)
+                        options.get("retry_exceptions", False), None, None, extra or None)
         client.submit(spec)
         return refs_for(return_ids)
 

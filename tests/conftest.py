@@ -18,9 +18,10 @@ def hpcray_segments() -> set:
 
 @pytest.fixture
 def ray_start():
-    """hpcray on 2 CPUs; shut down after the test, and no segment may remain."""
+    """hpcray on 2 CPUs and no GPU (whatever the machine has); shut down after the
+    test, and no segment may remain."""
     before = hpcray_segments()
-    hpcray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024)
+    hpcray.init(num_cpus=2, num_gpus=0, object_store_memory=256 * 1024 * 1024)
     try:
         yield hpcray
     finally:

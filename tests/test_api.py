@@ -1,5 +1,6 @@
 """The task API against the real runtime: Ray's semantics, errors at the call site."""
 
+import collections
 import os
 import threading
 import time
@@ -7,7 +8,7 @@ import time
 import pytest
 
 import hpcray
-from hpcray import exceptions
+from hpcray import exceptions, resources
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -329,3 +330,40 @@ def test_cancel_interrupts_a_task_blocked_in_get(ray_start, tmp_path):
     with pytest.raises(exceptions.TaskCancelledError):
         hpcray.get(ref, timeout=30)
     assert hpcray.get(identity.remote(1), timeout=30) == 1
+
+
+def test_max_calls_replaces_the_worker_after_that_many_runs(ray_start):
+    @hpcray.remote(max_calls=2)
+    def pid_twice():
+        return os.getpid()
+
+    @hpcray.remote
+    def pid_forever():
+        return os.getpid()
+
+    runs = collections.Counter(hpcray.get(pid_twice.remote()) for _ in range(6))
+    assert max(runs.values()) <= 2 and len(runs) >= 3, runs
+    # A function without max_calls keeps its worker.
+    assert len({hpcray.get(pid_forever.remote()) for _ in range(4)}) <= 2
+    with pytest.raises(ValueError, match="max_calls"):
+        pid_twice.options(max_calls=3)
+    with pytest.raises(ValueError, match="max_calls"):
+        hpcray.remote(max_calls=-1)(lambda: None)
+
+
+def test_gpu_tasks_get_a_fresh_worker_and_cpu_tasks_see_no_gpu():
+    # Ray's max_calls default for a task with GPUs is 1: its CUDA state leaves with its
+    # process. Where NVML detects no GPU (CI), the variable carries the asserted index.
+    detected = resources.detect_gpus()
+    expected = detected[0].uuid if detected else "0"
+    hpcray.init(num_cpus=2, num_gpus=1)
+    try:
+        @hpcray.remote(num_gpus=1)
+        def gpu_task():
+            return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), hpcray.get_gpu_ids()
+
+        runs = [hpcray.get(gpu_task.remote()) for _ in range(3)]
+        assert len({pid for pid, _, _ in runs}) == 3, runs
+        assert all(visible == expected and ids == [0] for _, visible, ids in runs), runs
+    finally:
+        hpcray.shutdown()

@@ -44,7 +44,8 @@ from hpcray.serialization import error_bytes
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
-                 "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail", "holds")
+                 "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail", "holds",
+                 "calls")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -61,6 +62,7 @@ class WorkerHandle:
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
         self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
         self.holds = set()        # ids it holds refs to (its process counts once each)
+        self.calls = None         # {function id: runs} of functions that set max_calls
 
 
 class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
@@ -524,16 +526,32 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             return
         spec = record.spec
         self._release_gpus(record)
+        retire = self._reached_max_calls(worker, spec)
+        if retire:
+            self._send(worker, ("exit",))
         if retry and record.retries_left != 0 and not record.cancelled:
             record.retries_left -= 1
             self._apply_transitions(transitions)
-            actions = self.scheduler.task_finished(worker.key, spec.demand)
+            actions = self.scheduler.task_finished(worker.key, spec.demand, retire)
             record.state = QUEUED
             actions += self.scheduler.task_ready(task_id, spec.demand)
             self._run_actions(actions)
             return
         self._finish_task(record, results, transitions)
-        self._run_actions(self.scheduler.task_finished(worker.key, spec.demand))
+        self._run_actions(self.scheduler.task_finished(worker.key, spec.demand, retire))
+
+    @staticmethod
+    def _reached_max_calls(worker: WorkerHandle, spec: TaskSpec) -> bool:
+        """Whether the worker must now leave: Ray's max_calls, which defaults to 1 for a
+        task with GPUs, so its CUDA context and GPU memory go with its process and the
+        next GPU task starts with CUDA_VISIBLE_DEVICES still unread."""
+        max_calls = spec.options.get("max_calls") if spec.options else None
+        if not max_calls:
+            return False
+        if worker.calls is None:
+            worker.calls = {}
+        runs = worker.calls[spec.function_id] = worker.calls.get(spec.function_id, 0) + 1
+        return runs >= max_calls
 
     def _finish_task(self, record: TaskRecord, results, transitions) -> None:
         record.state = FINISHED

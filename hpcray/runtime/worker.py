@@ -116,8 +116,11 @@ class Worker:
         return args, kwargs
 
     def _set_gpus(self, gpu_ids) -> None:
+        # As Ray does: a task sees exactly its GPUs, and one that asked for none sees
+        # none (""), also in a pool worker whose previous task had a GPU. Nodes without
+        # detected GPUs leave the variable as the user set it.
         self.local.gpu_ids = gpu_ids
-        if gpu_ids:
+        if gpu_ids or self.gpu_uuids:
             names = [self.gpu_uuids[i] if i < len(self.gpu_uuids) else str(i) for i in gpu_ids]
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(names)
 

@@ -1,0 +1,224 @@
+"""GPUs for real, on a machine with NVIDIA GPUs: NVML enumeration against nvidia-smi, what
+the CUDA driver shows a task or actor, GPU queuing, and ranks of one host sharing its GPUs.
+
+Where NVML finds no GPU (CI has none) these tests skip; run them on a GPU node with
+`python -m pytest tests/gpu`. The tests under tests/test_resources.py cover the same
+logic against a fake NVML on every machine.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import hpcray
+from hpcray import exceptions, resources
+from tests.multinode.test_multinode import run_mpi
+
+GPUS = resources.detect_gpus()
+REPO = str(Path(__file__).resolve().parents[2])
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(240),
+              pytest.mark.skipif(not GPUS, reason="NVML finds no NVIDIA GPU on this machine")]
+
+
+def cuda_device_uuids() -> list:
+    """The GPUs the CUDA driver shows this process, in CUDA order, named as NVML names
+    them. Creates a CUDA context's worth of driver state: call it in tasks only."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    status = cuda.cuInit(0)
+    if status == 100:  # CUDA_ERROR_NO_DEVICE: CUDA_VISIBLE_DEVICES hides every GPU
+        return []
+    assert status == 0, f"cuInit returned {status}"
+    count = ctypes.c_int()
+    assert cuda.cuDeviceGetCount(ctypes.byref(count)) == 0
+    uuids = []
+    for ordinal in range(count.value):
+        device = ctypes.c_int()
+        assert cuda.cuDeviceGet(ctypes.byref(device), ordinal) == 0
+        raw = (ctypes.c_ubyte * 16)()
+        assert cuda.cuDeviceGetUuid_v2(raw, device) == 0
+        h = bytes(raw).hex()
+        uuids.append(f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return uuids
+
+
+def maps_libcuda(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "libcuda.so" in maps.read()
+    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+        return False
+
+
+@pytest.fixture
+def gpu_node():
+    hpcray.init(num_cpus=4, object_store_memory=512 * 1024 * 1024)
+    try:
+        yield hpcray
+    finally:
+        hpcray.shutdown()
+
+
+def test_nvml_lists_what_nvidia_smi_lists():
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        pytest.skip("no nvidia-smi to compare with")
+    rows = subprocess.run([smi, "--query-gpu=uuid,name,memory.total",
+                           "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()
+    rows = [row.split(", ") for row in rows]
+    devices = resources.list_nvml_devices()
+    assert [d.uuid for d in devices] == [uuid for uuid, _, _ in rows]
+    assert [d.name for d in devices] == [name for _, name, _ in rows]
+    for device, (_, _, mib) in zip(devices, rows):
+        assert abs(device.memory / 2**20 - int(mib)) <= 1
+    started = time.perf_counter()
+    resources.list_nvml_devices()
+    print(f"NVML enumeration of {len(devices)} GPU(s): "
+          f"{(time.perf_counter() - started) * 1e3:.2f} ms")
+
+
+def test_node_resources_count_the_detected_gpus(gpu_node):
+    assert hpcray.cluster_resources()["GPU"] == len(GPUS)
+    with pytest.raises(exceptions.ResourceInfeasibleError, match="GPU"):
+        hpcray.remote(num_gpus=len(GPUS) + 1)(lambda: None).remote()
+
+
+def test_gpu_task_sees_exactly_its_gpu_through_cuda(gpu_node):
+    @hpcray.remote(num_gpus=1)
+    def on_gpu():
+        return (os.getpid(), os.environ["CUDA_VISIBLE_DEVICES"], hpcray.get_gpu_ids(),
+                cuda_device_uuids())
+
+    @hpcray.remote
+    def on_cpu():
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), hpcray.get_gpu_ids()
+
+    runs = hpcray.get([on_gpu.remote() for _ in range(3)])
+    for _, visible, ids, seen in runs:
+        assert len(ids) == 1
+        assert visible == GPUS[ids[0]].uuid
+        assert seen == [GPUS[ids[0]].uuid]  # CUDA itself shows that GPU and no other
+    assert len({pid for pid, _, _, _ in runs}) == 3  # max_calls=1: a fresh worker each
+    assert hpcray.get(on_cpu.remote()) == ("", [])
+
+
+def test_one_gpu_is_held_by_one_task_at_a_time(gpu_node, tmp_path):
+    @hpcray.remote(num_gpus=1)
+    def hold(marker):
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL)  # fails if another holder is inside
+        time.sleep(0.2)
+        os.close(fd)
+        os.unlink(marker)
+        return hpcray.get_gpu_ids()
+
+    holders = [hold.remote(str(tmp_path / f"gpu{i}")) for i in range(len(GPUS))
+               for _ in range(3)]
+    assert sorted(ids[0] for ids in hpcray.get(holders)) == sorted(
+        i for i in range(len(GPUS)) for _ in range(3))
+
+
+def test_half_gpu_tasks_share_one_gpu_at_the_same_time(gpu_node, tmp_path):
+    @hpcray.remote(num_gpus=0.5)
+    def meet(me, other):
+        (tmp_path / me).touch()
+        deadline = time.monotonic() + 60
+        while not (tmp_path / other).exists():  # both run at once, or this times out
+            assert time.monotonic() < deadline, "the other half-GPU task never ran alongside"
+            time.sleep(0.01)
+        return os.environ["CUDA_VISIBLE_DEVICES"], cuda_device_uuids()
+
+    first, second = hpcray.get([meet.remote("a", "b"), meet.remote("b", "a")])
+    assert first == second
+    assert first[1] == [first[0]]
+
+
+def test_gpu_actor_keeps_its_gpu_and_a_second_waits_for_it(gpu_node):
+    torch = pytest.importorskip("torch")
+
+    @hpcray.remote(num_gpus=1)
+    class Trainer:
+        def __init__(self):
+            self.weights = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+
+        def step(self):
+            self.weights *= 2
+            return self.weights.sum().item()
+
+        def weights_on_host(self):
+            return self.weights.cpu().numpy()
+
+        def device(self):
+            return os.environ["CUDA_VISIBLE_DEVICES"], torch.cuda.get_device_name(0)
+
+    trainers = [Trainer.remote() for _ in GPUS]
+    first = trainers[0]
+    total = float(sum(range(1 << 20)))
+    assert hpcray.get(first.step.remote()) == pytest.approx(2 * total)
+    assert hpcray.get(first.step.remote()) == pytest.approx(4 * total)
+    host = hpcray.get(first.weights_on_host.remote())  # 4 MiB through the object store
+    assert host.shape == (1 << 20,) and host[3] == 12.0
+    visible, name = hpcray.get(first.device.remote())
+    assert visible in {g.uuid for g in GPUS} and name == GPUS[0].name
+
+    waiting = Trainer.remote()  # every GPU is held: it stays pending
+    ready, _ = hpcray.wait([waiting.step.remote()], timeout=1.0)
+    assert not ready
+    hpcray.kill(first)
+    assert hpcray.get(waiting.step.remote(), timeout=120) > 0
+
+
+def test_driver_node_and_fork_server_never_load_cuda(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, psutil
+        sys.path.insert(0, {REPO!r})
+        import hpcray
+        from tests.gpu.test_gpu import cuda_device_uuids, maps_libcuda
+        hpcray.init(num_cpus=2)
+        @hpcray.remote
+        def nothing():
+            return os.getpid()
+        workers = set(hpcray.get([nothing.remote() for _ in range(4)]))
+        job = [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
+        assert not [pid for pid in job if maps_libcuda(pid)], "a process loaded CUDA"
+        @hpcray.remote(num_gpus=1)
+        def use_cuda():
+            return os.getpid(), cuda_device_uuids(), maps_libcuda(os.getpid())
+        pid, seen, loaded = hpcray.get(use_cuda.remote())
+        assert seen and loaded and pid not in workers
+        rest = [p.pid for p in psutil.Process().children(recursive=True) if p.pid != pid]
+        assert not maps_libcuda(os.getpid()) and not [p for p in rest if maps_libcuda(p)]
+        hpcray.shutdown()
+        print("NO-CUDA-OUTSIDE-GPU-TASKS")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=180)
+    assert "NO-CUDA-OUTSIDE-GPU-TASKS" in done.stdout, done.stdout + done.stderr
+
+
+def test_ranks_on_one_host_deal_its_gpus_out(tmp_path):
+    # Two ranks on this host: GPUs go round-robin, so with one GPU rank 0 has it and
+    # rank 1 has none; a GPU task from the driver runs where the GPU is.
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    out = run_mpi(tmp_path, 2, f"""
+        import hpcray as ray
+        from tests.gpu.test_gpu import cuda_device_uuids
+        ray.init(num_cpus=1)
+        per_node = sorted(n["Resources"].get("GPU", 0) for n in ray.nodes())
+        assert sum(per_node) == {len(GPUS)}, per_node
+        @ray.remote(num_gpus=1)
+        def where():
+            return ray.get_runtime_context().get_node_id(), cuda_device_uuids()
+        results = ray.get([where.remote() for _ in range({2 * len(GPUS)})])
+        gpu_nodes = {{n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}}
+        assert all(node in gpu_nodes and len(seen) == 1 for node, seen in results), results
+        print("RANKS-SHARE-GPUS", per_node)
+    """, env={"PYTHONPATH": path})
+    assert "RANKS-SHARE-GPUS" in out
