@@ -28,9 +28,11 @@ Environment read here (the defaults are "unset"):
   ``OMPI_COMM_WORLD_LOCAL_SIZE``/``_LOCAL_RANK`` from Open MPI, ``SLURM_LOCALID`` with
   ``SLURM_STEP_TASKS_PER_NODE``/``SLURM_NODEID`` from srun): each rank is a node, so
   they split the host instead of each claiming all of it. Memory is divided; CPUs are
-  divided when the launcher did not bind the rank to its own CPUs; detected GPUs are
-  dealt out round-robin (local rank i gets GPUs i, i+n, ...) when neither
-  ``CUDA_VISIBLE_DEVICES`` nor Slurm narrowed them per task.
+  divided when the launcher did not bind the rank to its own CPUs. GPUs are not dealt
+  from the environment: at job start the ranks tell rank 0 which GPUs (by UUID) they
+  see, and :func:`deal_host_gpus` gives each GPU of a host to one rank only, so a
+  ``CUDA_VISIBLE_DEVICES`` that every rank of a node inherits (``srun
+  --gpus-per-node``) is split, and GPUs the launcher bound per task stay where they are.
 - ``HPCRAY_RESOURCES``: a JSON object of this rank's custom resources, e.g.
   ``'{"special": 2}'``; ``init(resources=...)`` wins key by key.
 """
@@ -52,6 +54,7 @@ __all__ = [
     "detect_node_resources",
     "host_share",
     "detect_num_cpus",
+    "deal_host_gpus",
     "gpu_visible_devices_value",
     "list_nvml_devices",
     "parse_visible_devices",
@@ -484,6 +487,7 @@ def detect_node_resources(
     num_gpus: float | None = None,
     resources: Mapping[str, float] | None = None,
     environ: Mapping[str, str] = os.environ,
+    gpu_uuids: list[str] | None = None,
 ) -> NodeResources:
     """This node's resources: detected, with explicit arguments overriding.
 
@@ -491,14 +495,15 @@ def detect_node_resources(
     allows); the extra GPUs then have no device. When it is smaller, the first
     ``ceil(num_gpus)`` detected devices back it. Custom resources come from
     ``HPCRAY_RESOURCES`` and ``resources=``, the latter winning key by key.
-    Raises ValueError on negative or non-numeric quantities, and on ``CPU``, ``GPU``
-    or ``memory`` given as custom resources.
+    ``gpu_uuids``: the GPUs dealt to this rank (:func:`deal_host_gpus`); None keeps
+    every detected GPU. Raises ValueError on negative or non-numeric quantities, and on
+    ``CPU``, ``GPU`` or ``memory`` given as custom resources.
     """
     custom = _env_custom_resources(environ)
     if resources is not None:
         custom.update(_check_custom(resources, "resources"))
 
-    local_rank, local_size = host_share(environ)
+    _, local_size = host_share(environ)
     if num_cpus is None:
         cpus = detect_num_cpus(environ)
         if local_size > 1 and _unbound(environ):
@@ -508,8 +513,8 @@ def detect_node_resources(
         cpus = _check_quantity("num_cpus", num_cpus)
 
     gpus = detect_gpus(environ)
-    if local_size > 1 and len(gpus) > 1 and not _gpus_narrowed_per_task(environ):
-        gpus = gpus[local_rank % local_size::local_size]
+    if gpu_uuids is not None:
+        gpus = [gpu for gpu in gpus if gpu.uuid in gpu_uuids]
     if num_gpus is None:
         gpu_count = float(len(gpus))
     else:
@@ -525,7 +530,18 @@ def detect_node_resources(
     )
 
 
-def _gpus_narrowed_per_task(environ: Mapping[str, str]) -> bool:
-    """CUDA_VISIBLE_DEVICES or Slurm's step GPUs already give each rank its own GPUs."""
-    return environ.get("CUDA_VISIBLE_DEVICES") is not None or bool(
-        environ.get("SLURM_STEP_GPUS", "").strip())
+def deal_host_gpus(views: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """The GPUs each rank gets, from what each sees: ``views[rank] = (hostname, GPU
+    UUIDs it sees)``. A GPU goes to one rank only, among the ranks of its host that see
+    it: the one holding fewest so far, the lowest rank on ties. So ranks that all see a
+    node's GPUs get them round-robin (local rank i: GPUs i, i+n, ...), surplus ranks get
+    none, and GPUs the launcher bound to each rank stay with it."""
+    dealt: list[list[str]] = [[] for _ in views]
+    seen_by: dict[tuple[str, str], list[int]] = {}
+    for rank, (host, uuids) in enumerate(views):
+        for uuid in uuids:
+            seen_by.setdefault((host, uuid), []).append(rank)
+    for (_host, uuid), ranks in seen_by.items():
+        owner = min(ranks, key=lambda r: (len(dealt[r]), r))
+        dealt[owner].append(uuid)
+    return dealt

@@ -494,20 +494,42 @@ def test_ranks_sharing_a_host_split_it(four_gpus):
     alone = resources.detect_node_resources(environ={})
     shares = [resources.detect_node_resources(
         environ={"MPI_LOCALRANKID": str(i), "MPI_LOCALNRANKS": "2"}) for i in range(2)]
-    assert [node.gpus for node in shares] == [[D0, D2], [D1, D3]]
-    assert all(node.num_gpus == 2 for node in shares)
     assert all(node.memory == alone.memory // 2 for node in shares)
     assert all(node.num_cpus == max(1, alone.num_cpus // 2) for node in shares)
-
-
-def test_ranks_sharing_a_host_keep_what_the_launcher_gave_them(four_gpus):
-    env = {"MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "CUDA_VISIBLE_DEVICES": "3",
-           "SLURM_CPUS_PER_TASK": "1"}
-    node = resources.detect_node_resources(environ=env)
-    assert node.gpus == [D3] and node.num_cpus == 1.0
     explicit = resources.detect_node_resources(
         num_cpus=3, environ={"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "4"})
-    assert explicit.num_cpus == 3.0 and explicit.gpus == [D0]
+    assert explicit.num_cpus == 3.0
+    capped = resources.detect_node_resources(environ={
+        "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "SLURM_CPUS_PER_TASK": "1"})
+    assert capped.num_cpus == 1.0
+
+
+def test_a_rank_keeps_only_the_gpus_dealt_to_it(four_gpus):
+    node = resources.detect_node_resources(environ={}, gpu_uuids=[U3, U1])
+    assert node.gpus == [D1, D3] and node.num_gpus == 2  # in detection order
+    none = resources.detect_node_resources(environ={}, gpu_uuids=[])
+    assert none.gpus == [] and none.num_gpus == 0
+    visible = resources.detect_node_resources(environ={"CUDA_VISIBLE_DEVICES": "2"},
+                                              gpu_uuids=[U2, U3])
+    assert visible.gpus == [D2]
+
+
+@pytest.mark.parametrize("views, dealt", [
+    # every rank of the host sees all four (srun --gpus-per-node, or no binding)
+    ([("a", [U0, U1, U2, U3])] * 2, [[U0, U2], [U1, U3]]),
+    # more ranks than GPUs: surplus ranks get none, no GPU is counted twice
+    ([("a", [U0])] * 3, [[U0], [], []]),
+    # the launcher bound one GPU to each rank: they keep it
+    ([("a", [U2]), ("a", [U0]), ("a", [U3])], [[U2], [U0], [U3]]),
+    # two hosts whose GPUs have the same UUIDs in this table are still two hosts
+    ([("a", [U0, U1]), ("b", [U0, U1]), ("a", [U0, U1]), ("b", [U0, U1])],
+     [[U0], [U0], [U1], [U1]]),
+    # overlapping views: a GPU goes to whichever rank seeing it holds fewest
+    ([("a", [U0, U1]), ("a", [U1, U2])], [[U0], [U1, U2]]),
+    ([("a", []), ("a", [U0])], [[], [U0]]),
+])
+def test_deal_host_gpus(views, dealt):
+    assert resources.deal_host_gpus(views) == dealt
 
 
 @pytest.mark.parametrize("kwargs, message", [

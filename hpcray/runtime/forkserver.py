@@ -90,12 +90,18 @@ def main() -> None:
                     os.close(fd)
                 continue
             _kind, key, is_actor = pickle.loads(data[4:])
+            # SIGTERM stays blocked across the fork: otherwise a child could run this
+            # server's handler (sys.exit) inside Python's after-fork hooks.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             pid = os.fork()
-            if pid == 0:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            else:
                 code = 1
                 try:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
                     _set_parent_death_signal(libc, signal.SIGKILL)
                     control.close()
                     os.dup2(fds[1], 1)

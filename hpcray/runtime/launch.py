@@ -24,6 +24,7 @@ _world = None
 # Set when SIGTERM arrives on rank 0: the launcher (srun when a rank failed or the job was
 # cancelled, mpiexec on Ctrl-C) is ending every rank, so rank 0 stops waiting for the others.
 _terminating = False
+_dealt_gpus = None  # rank 0: the GPUs each rank gets, dealt once per process
 
 
 class LaunchError(RuntimeError):
@@ -47,9 +48,11 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
     config = Config(**job["config"])
     resources = dict(job.get("resources") or {})
     resources.update(rank_resources(rank))
+    gpu_shares = job.get("gpus_by_rank")
     node_resources = detect_node_resources(num_cpus=job.get("num_cpus"),
                                            num_gpus=job.get("num_gpus"),
-                                           resources=resources)
+                                           resources=resources,
+                                           gpu_uuids=gpu_shares[rank] if gpu_shares else None)
     store_bytes = config.object_store_memory or default_store_bytes()
     node_resources.custom.setdefault("object_store_memory", float(store_bytes))
     job_id = bytes.fromhex(job["job_id"])
@@ -150,11 +153,33 @@ def _collect(transport, kind: str, count: int, timeout: float) -> dict:
 
 def start_job(transport, job: dict, make_node) -> None:
     """Rank 0: start the node of every other rank, then its own (`make_node(nodes)`)."""
+    job["gpus_by_rank"] = _gpu_shares(transport)
     transport.broadcast(("start", job))
     started = _collect(transport, "started", transport.size - 1, 300.0)
     node = make_node(started)
     transport.broadcast(("go", node.cluster.nodes))
     return node
+
+
+def _gpu_shares(transport) -> list:
+    """Rank 0, once per process: which GPUs each rank gets. Every rank says which GPUs
+    it sees and on which host; each GPU then goes to one rank of its host only."""
+    global _dealt_gpus
+    if _dealt_gpus is None:
+        from hpcray.resources import deal_host_gpus
+        transport.broadcast(("describe_gpus",))
+        views = _collect(transport, "gpus_seen", transport.size - 1, 300.0)
+        views[0] = _gpus_seen()
+        _dealt_gpus = deal_host_gpus([views[rank] for rank in range(transport.size)])
+    return _dealt_gpus
+
+
+def _gpus_seen() -> tuple:
+    """(this host's name, the UUIDs of the GPUs this rank may use)."""
+    import socket
+
+    from hpcray.resources import detect_gpus
+    return socket.gethostname(), [gpu.uuid for gpu in detect_gpus()]
 
 
 def stop_job(transport) -> None:
@@ -234,6 +259,9 @@ def serve_ranks(transport, make_node) -> int:
         kind = message[0]
         if kind == "exit":
             return int(message[1])
+        if kind == "describe_gpus":
+            transport.send(0, ("gpus_seen", _gpus_seen()))
+            continue
         if kind != "start":
             continue
         try:
