@@ -31,6 +31,8 @@ read or a delete return None; records in results are copies (tables.py).
 | set_task_state     | task_id     | state                                  | TaskInfo or None     |
 | get_task           | task_id     |                                        | TaskInfo or None     |
 | delete_task        | task_id     |                                        | TaskInfo or None     |
+| task_events        | shard index | [(task_id, state, spec|None, rank|None)] | (no reply)     (8) |
+| list_tasks         | None        | (all shards; the client merges)        | list of summaries    |
 | claim_actor_name   | name        | actor_id                          (4)  | True or NameTaken    |
 | register_actor     | actor_id    | ActorInfo                         (4)  | True, False if known |
 | update_actor       | actor_id    | fields: dict (state, node, restarts,   | ActorInfo or None    |
@@ -68,6 +70,11 @@ read or a delete return None; records in results are copies (tables.py).
     object locations and subscriptions, the rank's own shard sets alive False. Result:
     {"lost_objects": ids left with no location and no inline value (lineage replays
     them), "actors": ids of non-dead actors placed on that rank (to restart)}.
+(8) The tasks table's writes, batched per shard (runtime/task_events.py): an event with
+    a spec creates the entry, a state moves it forward only, DELETED drops it. A state
+    for a task with no entry is dropped (it would be an entry without a spec), and so is
+    one for a recently deleted task (a late RUNNING). list_tasks returns, per task,
+    (task_id, name, state, owner rank, rank that ran it).
 
 Subscriptions are per rank: two parties on one rank share one; the node manager counts.
 """
@@ -84,7 +91,9 @@ from hpcray.gcs.tables import (
     ACTOR_MUTABLE_FIELDS,
     ACTOR_STATES,
     DEAD,
+    TASK_DELETED,
     TASK_PENDING,
+    TASK_STATE_ORDER,
     ActorInfo,
     NameTaken,
     NodeInfo,
@@ -147,6 +156,7 @@ class GcsShard:
         self.actor_subscribers: dict[bytes, set[int]] = {}
         # Object ids are never reused, so a deleted id seen again is a late report.
         self.deleted_objects: OrderedDict[bytes, None] = OrderedDict()
+        self.deleted_tasks: OrderedDict[bytes, None] = OrderedDict()
         self.log: deque[tuple[float, int, str, Any]] = deque(maxlen=LOG_LENGTH)
         self._ops: dict[str, Callable[..., Any]] = {
             op: getattr(self, "_op_" + op) for op in GCS_OPS
@@ -252,6 +262,37 @@ class GcsShard:
 
     def _op_delete_task(self, out: Outgoing, source: int, task_id: bytes) -> TaskInfo | None:
         return self.tasks.pop(task_id, None)
+
+    def _op_task_events(self, out: Outgoing, source: int, _shard: int, events: list) -> None:
+        self.apply_task_events(events)
+
+    def apply_task_events(self, events: list) -> None:
+        """(task_id, state, spec or None, rank or None) in the order one node wrote them."""
+        tasks = self.tasks
+        for task_id, state, spec, node in events:
+            if state == TASK_DELETED:
+                if tasks.pop(task_id, None) is not None:
+                    self.deleted_tasks[task_id] = None
+                    if len(self.deleted_tasks) > DELETED_OBJECTS_REMEMBERED:
+                        self.deleted_tasks.popitem(last=False)
+                continue
+            task = tasks.get(task_id)
+            if task is None:
+                if spec is not None and task_id not in self.deleted_tasks:
+                    tasks[task_id] = TaskInfo(spec, state, node)
+                continue
+            if TASK_STATE_ORDER[state] >= TASK_STATE_ORDER[task.state]:
+                task.state = state
+                if node is not None:
+                    task.node = node
+
+    def _op_list_tasks(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
+        return self.list_tasks()
+
+    def list_tasks(self) -> list[tuple]:
+        return [(task_id, getattr(task.spec, "name", None), task.state,
+                 int.from_bytes(task_id[:2], "big"), task.node)
+                for task_id, task in self.tasks.items()]
 
     # -- actors ----------------------------------------------------------------------
 
@@ -451,7 +492,7 @@ def _discard(subscriptions: dict, key, rank: int) -> bool:
 GCS_OPS = frozenset({
     "add_location", "remove_location", "get_object", "subscribe_object",
     "unsubscribe_object", "delete_object",
-    "put_task", "set_task_state", "get_task", "delete_task",
+    "put_task", "set_task_state", "get_task", "delete_task", "task_events", "list_tasks",
     "claim_actor_name", "register_actor", "update_actor", "release_actor_name", "get_actor",
     "lookup_actor_name", "subscribe_actor", "unsubscribe_actor",
     "put_function", "get_function",

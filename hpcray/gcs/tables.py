@@ -9,6 +9,7 @@ over MPI. Not for: routing, subscriptions, invariants (see `shard.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Actor lifecycle, as Ray names it. DEAD is terminal: a dead actor's name is free again.
 DEPENDENCIES_UNREADY = "DEPENDENCIES_UNREADY"
@@ -18,11 +19,16 @@ RESTARTING = "RESTARTING"
 DEAD = "DEAD"
 ACTOR_STATES = frozenset({DEPENDENCIES_UNREADY, PENDING_CREATION, ALIVE, RESTARTING, DEAD})
 
-# Task states kept beside the spec, for lineage replay and debugging.
+# Task states kept beside the spec, for lineage replay and list_tasks(). A task only moves
+# forward (a late RUNNING never undoes FINISHED); FINISHED means it ended with a value or
+# its own exception in its returns, FAILED that the system failed it (worker crashes past
+# its retries, cancel, a failed dependency).
 TASK_PENDING = "PENDING"
 TASK_RUNNING = "RUNNING"
 TASK_FINISHED = "FINISHED"
 TASK_FAILED = "FAILED"
+TASK_DELETED = "DELETED"  # an event only: the owner freed every return, drop the entry
+TASK_STATE_ORDER = {TASK_PENDING: 0, TASK_RUNNING: 1, TASK_FINISHED: 2, TASK_FAILED: 2}
 
 
 @dataclass(slots=True)
@@ -42,13 +48,15 @@ class ObjectInfo:
 
 @dataclass(slots=True)
 class TaskInfo:
-    """tasks: task_id (16 B) -> the pickled spec, for lineage replay, and its state."""
+    """tasks: task_id (16 B) -> the spec (a TaskSpec, or its pickle), for lineage replay,
+    its state, and the rank that ran it last."""
 
-    spec: bytes
+    spec: Any
     state: str = TASK_PENDING
+    node: int | None = None
 
     def copy(self) -> TaskInfo:
-        return TaskInfo(self.spec, self.state)
+        return TaskInfo(self.spec, self.state, self.node)
 
 
 @dataclass(slots=True)

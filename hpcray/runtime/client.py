@@ -262,6 +262,9 @@ class DriverClient(CoreClient):
         with self.nm.lock:
             return self.nm.describe_nodes()
 
+    def list_tasks(self) -> list:
+        return self._answer_of(self.nm.list_tasks)
+
 
 class WorkerClient(CoreClient):
     """A worker's client: requests over its socket to the node manager."""
@@ -318,6 +321,9 @@ class WorkerClient(CoreClient):
 
     def nodes(self) -> list:
         return self.channel.request("nodes", None)
+
+    def list_tasks(self) -> list:
+        return self.channel.request("list_tasks", None)
 
 
 class WorkerChannel:

@@ -38,7 +38,7 @@ from hpcray.gcs.shard import OBJECT_DELETED, GcsShard, is_gcs_request
 from hpcray.runtime.actors import A_DEAD, RemoteActor
 from hpcray.runtime.remote_objects import RemoteObjectsMixin
 from hpcray.runtime.objects import IN_STORE, REMOTE, ObjectEntry
-from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
+from hpcray.runtime.specs import ACTOR_CALL, NORMAL_TASK, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
 
 _IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
@@ -325,9 +325,9 @@ class ClusterMixin(RemoteObjectsMixin):
         results = [(oid, blob, (), len(blob)) for oid in spec.return_ids]
         owner = ids.owner_rank(spec.task_id)
         if owner == self.rank:
-            self._cm_done(self.rank, spec.task_id, results, ())
+            self._cm_done(self.rank, spec.task_id, results, (), True)
         else:
-            self._send_to(owner, ("done", spec.task_id, results, ()))
+            self._send_to(owner, ("done", spec.task_id, results, (), True))
 
     def _fill_entry(self, object_id: bytes, entry: ObjectEntry, where,
                     lender: int | None = None) -> None:
@@ -414,7 +414,8 @@ class ClusterMixin(RemoteObjectsMixin):
         self._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
 
     # ------------------------------------------------------------------ results
-    def _send_results_to_owner(self, record: TaskRecord, results, transitions) -> None:
+    def _send_results_to_owner(self, record: TaskRecord, results, transitions,
+                               failed: bool = False) -> None:
         """A task that another node owns finished here: its large results stay here (the
         primary copy), refs inside them are registered for the owner, and the reply
         says which of the task's refs this node keeps (borrowing.py)."""
@@ -432,13 +433,15 @@ class ClusterMixin(RemoteObjectsMixin):
                                  record.spec.task_id)
         self._apply_transitions(transitions)
         kept = self._release_task_holds(record.spec, owner)
-        self._send_to(owner, ("done", record.spec.task_id, results, kept))
+        self._send_to(owner, ("done", record.spec.task_id, results, kept, failed))
 
-    def _cm_done(self, source: int, task_id: bytes, results, kept) -> None:
+    def _cm_done(self, source: int, task_id: bytes, results, kept, failed=False) -> None:
         """Results of a task this node owns, run elsewhere (or failed there)."""
         record = self.tasks.pop(task_id, None)
         if record is None:
             return
+        if record.spec.kind == NORMAL_TASK:
+            self.task_events.ended(task_id, failed)
         self._register_kept(kept)
         if source != self.rank:
             self._foreign_results(results)

@@ -37,8 +37,9 @@ from hpcray.runtime.borrowing import BorrowingMixin
 from hpcray.runtime.cluster import ClusterMixin
 from hpcray.runtime.objects import ObjectEntry, ObjectsMixin, _DependencyWaiter
 from hpcray.runtime.requests import WorkerRequestsMixin
-from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, QUEUED, RUNNING,
-                                  WAITING, TaskRecord, TaskSpec)
+from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
+                                  RUNNING, WAITING, TaskRecord, TaskSpec)
+from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
 
 
@@ -72,6 +73,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         """`cluster`: a ClusterLink in multi-node mode. `run_thread`: the event loop runs
         in a thread of its own (the driver's node); else the caller runs `serve()`."""
         self._init_cluster(cluster)
+        self.task_events = TaskEvents(self.rank, self.gcs)
         self.remote_actors: dict = {}
         self.job_id = job_id
         self.node_id = node_id
@@ -229,6 +231,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                             traceback.print_exc()
                 self._run_timers()
                 if cluster is not None:
+                    self.task_events.flush()
                     self._poll_cluster()
 
     def _wait_for_events(self, timeout: float) -> list:
@@ -481,6 +484,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             self._submit_actor_call(record)
             return
         self.tasks[spec.task_id] = record
+        self.task_events.submitted(spec)
         if parent is not None:
             if parent.children is None:
                 parent.children = []
@@ -508,6 +512,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         record.worker = worker
         worker.task = record
         record.gpu_ids = self._take_gpus(spec.demand)
+        if spec.kind == NORMAL_TASK:
+            self.task_events.running(spec.task_id)
         function = None
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
@@ -553,12 +559,15 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         runs = worker.calls[spec.function_id] = worker.calls.get(spec.function_id, 0) + 1
         return runs >= max_calls
 
-    def _finish_task(self, record: TaskRecord, results, transitions) -> None:
+    def _finish_task(self, record: TaskRecord, results, transitions,
+                     failed: bool = False) -> None:
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
-            self._send_results_to_owner(record, results, transitions)
+            self._send_results_to_owner(record, results, transitions, failed)
             return
+        if record.spec.kind == NORMAL_TASK:
+            self.task_events.ended(record.spec.task_id, failed)
         for object_id, inline, contained, size in results:
             self._object_ready(object_id, inline, contained, size)
         self._apply_transitions(transitions)
@@ -568,7 +577,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
     def _fail_task(self, record: TaskRecord, error: BaseException) -> None:
         blob = error_bytes(error)
         self._finish_task(record, [(oid, blob, (), len(blob)) for oid in record.spec.return_ids],
-                          ())
+                          (), failed=True)
 
     def _take_gpus(self, demand: dict) -> tuple:
         count = demand.get("GPU", 0)

@@ -144,6 +144,7 @@ class ObjectsMixin:
 
     def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
         del self.objects[object_id]
+        self.task_events.freed(object_id)
         if entry.inline is None:
             if entry.pin is not None:
                 entry.pin.release()

@@ -124,6 +124,15 @@ class WorkerRequestsMixin:
     def _req_nodes(self, worker, req_id, _body) -> None:
         self._reply(worker, req_id, self.describe_nodes())
 
+    def _req_list_tasks(self, worker, req_id, _body) -> None:
+        self.list_tasks(lambda tasks: self._reply(worker, req_id, tasks))
+
+    def list_tasks(self, answer) -> None:
+        """answer(every task in the GCS tasks table), after the driver's dropped refs so
+        far (they wait for the event loop otherwise) have freed what they free."""
+        self._apply_transitions(self.driver_refs.drain())
+        self.task_events.list_tasks(answer)
+
     def describe_nodes(self) -> list:
         """Every node: id, rank, resources, liveness (Ray's `nodes()` fields)."""
         host = socket.gethostname()

@@ -410,3 +410,51 @@ def test_gcs_actor_table_follows_every_actor(tmp_path):
         print("OK")
     """)
     assert "OK" in out
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_tasks_table_follows_tasks_on_every_node(tmp_path, shards):
+    out = run_mpi(tmp_path, 3, f"""
+        import os, time, hpcray as ray
+        from hpcray.util.state import list_tasks
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        ray.init(num_cpus=2, gcs_shards={shards})
+        nodes = {{n["rank"]: n["NodeID"] for n in ray.nodes()}}
+        on = lambda rank: NodeAffinitySchedulingStrategy(nodes[rank], soft=False)
+        go = os.path.abspath("go")
+
+        def wait_for(predicate, what):
+            deadline = time.monotonic() + 60
+            while not predicate():
+                assert time.monotonic() < deadline, (what, list_tasks())
+                time.sleep(0.02)
+
+        @ray.remote
+        def hold(path):
+            while not os.path.exists(path):
+                time.sleep(0.01)
+            return ray.get_runtime_context().get_node_id()
+
+        @ray.remote
+        def outer():  # submits from rank 1, so rank 1 owns "inner"
+            return ray.get(hold.options(name="inner", scheduling_strategy=on(2)).remote(go))
+
+        held = [hold.options(name=f"hold{{r}}", scheduling_strategy=on(r)).remote(go)
+                for r in (1, 2)]
+        top = outer.options(name="outer", scheduling_strategy=on(1)).remote()
+        rows = lambda: {{t.name: t for t in list_tasks()}}
+        wait_for(lambda: {{t.state for t in rows().values()}} == {{"RUNNING"}} and
+                 len(rows()) == 4, "four RUNNING")
+        where = {{name: (t.node_id, t.owner_node_id) for name, t in rows().items()}}
+        assert where == {{"hold1": (nodes[1], nodes[0]), "hold2": (nodes[2], nodes[0]),
+                         "outer": (nodes[1], nodes[0]), "inner": (nodes[2], nodes[1])}}, where
+        open(go, "w").close()
+        assert ray.get(held + [top]) == [nodes[1], nodes[2], nodes[2]]
+        # inner's only ref died in outer: its lineage went with it.
+        wait_for(lambda: {{n: t.state for n, t in rows().items()}} ==
+                 {{"hold1": "FINISHED", "hold2": "FINISHED", "outer": "FINISHED"}}, "FINISHED")
+        del held, top
+        wait_for(lambda: not list_tasks(), "an empty table")
+        print("TASKS-TABLE-OK")
+    """)
+    assert "TASKS-TABLE-OK" in out
