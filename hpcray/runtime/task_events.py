@@ -9,14 +9,13 @@ freed every return, since nothing can ask for them any more.
 
 Writes wait in `pending` and leave once per event-loop pass, one message per shard, so
 a task costs a few tuple appends on its hot path; a query flushes them first. With no
-GCS (one node, no MPI) they go straight into a local shard. Normal tasks only: actor
+GCS (one node, no MPI) the node keeps the table itself, written in place. Normal tasks only: actor
 calls are not re-run from lineage, and the actors table follows actors.
 """
 
 from __future__ import annotations
 
 from hpcray import ids
-from hpcray.gcs.shard import GcsShard
 from hpcray.gcs.tables import (TASK_DELETED, TASK_FAILED, TASK_FINISHED, TASK_PENDING,
                                TASK_RUNNING)
 
@@ -25,22 +24,39 @@ class TaskEvents:
     def __init__(self, rank: int, gcs=None) -> None:
         self.rank = rank
         self.gcs = gcs  # a GcsClient, or None on one node
-        self.local_shard = GcsShard(0, 1) if gcs is None else None
         self.pending: list[tuple] = []
         self.live_returns: dict[bytes, int] = {}  # task id -> its returns not yet freed
+        # One node: the table itself, task id -> [spec, state, rank], written in place
+        # (no late writes from other nodes to guard against, and this is the hot path).
+        self.local: dict[bytes, list] | None = {} if gcs is None else None
 
     def submitted(self, spec) -> None:
-        self._add((spec.task_id, TASK_PENDING, spec, None))
+        if self.local is not None:
+            self.local[spec.task_id] = [spec, TASK_PENDING, None]
+        else:
+            self.pending.append((spec.task_id, TASK_PENDING, spec, None))
         if spec.return_ids:
             self.live_returns[spec.task_id] = len(spec.return_ids)
 
     def running(self, task_id: bytes) -> None:
-        self._add((task_id, TASK_RUNNING, None, self.rank))
+        if self.local is not None:
+            task = self.local.get(task_id)
+            if task is not None:
+                task[1] = TASK_RUNNING
+                task[2] = self.rank
+        else:
+            self.pending.append((task_id, TASK_RUNNING, None, self.rank))
 
     def ended(self, task_id: bytes, failed: bool = False) -> None:
-        self._add((task_id, TASK_FAILED if failed else TASK_FINISHED, None, None))
+        state = TASK_FAILED if failed else TASK_FINISHED
         if task_id not in self.live_returns:  # no returns: its lineage is of no use
-            self._add((task_id, TASK_DELETED, None, None))
+            self._deleted(task_id)
+        elif self.local is not None:
+            task = self.local.get(task_id)
+            if task is not None:
+                task[1] = state
+        else:
+            self.pending.append((task_id, state, None, None))
 
     def freed(self, object_id: bytes) -> None:
         """The owner freed `object_id`: the last freed return ends its task's entry."""
@@ -52,21 +68,20 @@ class TaskEvents:
             self.live_returns[task_id] = left - 1
             return
         del self.live_returns[task_id]
-        self._add((task_id, TASK_DELETED, None, None))
+        self._deleted(task_id)
 
-    def _add(self, event: tuple) -> None:
-        if self.local_shard is not None:
-            self.local_shard.apply_task_events((event,))
+    def _deleted(self, task_id: bytes) -> None:
+        if self.local is not None:
+            self.local.pop(task_id, None)
         else:
-            self.pending.append(event)
+            self.pending.append((task_id, TASK_DELETED, None, None))
 
     def flush(self) -> None:
         """Send what is pending, one message per shard."""
         if not self.pending:
             return
         events, self.pending = self.pending, []
-        shards = self.gcs.num_shards
-        if shards == 1:
+        if self.gcs.num_shards == 1:
             self.gcs.request("task_events", 0, events)
             return
         by_shard: dict[int, list] = {}
@@ -78,8 +93,9 @@ class TaskEvents:
     def list_tasks(self, answer) -> None:
         """answer([(task_id, name, state, owner rank, rank that ran it)]) of every task
         in the table, across shards."""
-        if self.local_shard is not None:
-            answer(self.local_shard.list_tasks())
+        if self.local is not None:
+            answer([(task_id, spec.name, state, ids.owner_rank(task_id), ran_on)
+                    for task_id, (spec, state, ran_on) in self.local.items()])
             return
         self.flush()
         self.gcs.fan_out("list_tasks", None, merge=lambda lists: [t for ts in lists for t in ts],
