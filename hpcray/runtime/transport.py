@@ -13,16 +13,25 @@ other. It moves two kinds of traffic between ranks:
   (a store segment) into the receiver's (a buffer allocated in its segment): no copy
   on either side.
 
-Nothing here blocks or spins: every MPI call is nonblocking (Isend, Improbe, Imrecv,
-Irecv, Test), because every MPI on the machines we run on burns a whole core inside a
-blocking receive. An event loop calls `poll` when it wakes up; a rank with nothing else
-to wait on sleeps in `wait_for_activity`, which polls with a growing back-off so that
-an idle job costs almost no CPU.
+The caller's thread never blocks or spins: every MPI call it makes is nonblocking
+(Isend, Improbe, Imrecv, Irecv, Test), because every MPI on the machines we run on
+burns a whole core inside a blocking receive. An event loop calls `poll` when it wakes
+up; a rank with nothing else to wait on sleeps in `wait_for_activity`, which polls with
+a growing back-off so that an idle job costs almost no CPU.
+
+The exception is `_Progress`, a thread that sits inside a blocking MPI_Wait while (and
+only while) an object transfer is outstanding. MPI moves the bytes of a large message
+only while some thread of each side is inside an MPI call: with single-copy CMA each
+side's few polls suffice, but where CMA is off (ptrace_scope, common on clusters) or
+over a network's rendezvous pipeline, a copy needs hundreds of progress calls, and an
+event loop that polls every millisecond moved 64 MiB at 0.04 GB/s. The thread's wait
+drives MPI continuously (its GIL released) and ends when the last transfer does.
 
 What it is not for: it knows nothing of tasks, objects ids, the store or the GCS; the
 node manager decides what the messages mean and where the bytes live. It is imported
 only in multi-node mode (it initialises MPI on import); single-node code paths never
-import it. A transport is used from one thread only.
+import it. A transport is used from one thread only (its progress thread waits only on
+its own receive).
 
 Each channel and the object data travel on their own duplicate of the communicator, so
 message tags and transfer tags can never match each other's receives.
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -157,6 +167,60 @@ class Transfer:
         self._view = None
 
 
+class _Progress:
+    """A thread that keeps MPI progressing while object transfers are outstanding (see
+    the module docstring): `on()` when the first transfer starts, `off()` when the last
+    ends. While on, it waits in MPI_Wait on a receive from itself that `off()` (or
+    `close()`) completes with a matching empty send; while off, it sleeps on an Event.
+    Every receive it posts gets exactly one send (the lock pairs them)."""
+
+    def __init__(self) -> None:
+        self._comm = MPI.COMM_SELF.Dup()
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._waiting = False  # a receive is posted and no send has answered it yet
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def on(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hpcray-mpi-progress",
+                                            daemon=True)
+            self._thread.start()
+        self._wanted.set()
+
+    def off(self) -> None:
+        with self._lock:
+            self._wanted.clear()
+            self._release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wanted.set()
+            self._release()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._comm.Free()
+
+    def _release(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._comm.Send([b"", MPI.BYTE], 0, 0)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            with self._lock:
+                if self._closing:
+                    return
+                if not self._wanted.is_set():
+                    continue
+                request = self._comm.Irecv([bytearray(0), MPI.BYTE], 0, 0)
+                self._waiting = True
+            request.Wait()  # GIL released; MPI progresses every outstanding request
+
+
 class MpiTransport:
     """Messages and object transfers between the ranks of one communicator.
 
@@ -189,6 +253,7 @@ class MpiTransport:
         self._receive_tags: set[int] = set()
         self._next_tag = 1
         self._finished_transfers: list[Transfer] = []
+        self._progress = _Progress()
         self._idle_sleep = _MIN_IDLE_SLEEP
         self._closed = False
 
@@ -289,7 +354,7 @@ class MpiTransport:
         transfer = Transfer(self._data_comm, source, tag, _byte_view(dest, writable=True),
                             False, self.chunk_bytes, self.window, None)
         self._receive_tags.add(tag)
-        self._transfers.append(transfer)
+        self._add_transfer(transfer)
         return transfer
 
     def start_send(self, dest: int, tag: int, src,
@@ -301,8 +366,13 @@ class MpiTransport:
         """
         transfer = Transfer(self._data_comm, dest, tag, _byte_view(src, writable=False),
                             True, self.chunk_bytes, self.window, on_done)
-        self._transfers.append(transfer)
+        self._add_transfer(transfer)
         return transfer
+
+    def _add_transfer(self, transfer: Transfer) -> None:
+        if not self._transfers:
+            self._progress.on()
+        self._transfers.append(transfer)
 
     def cancel_receive(self, transfer: Transfer) -> None:
         """Withdraw a receive whose sender will never send (it no longer has the object):
@@ -312,6 +382,8 @@ class MpiTransport:
         transfer._abandon()
         self._transfers.remove(transfer)
         self._receive_tags.discard(transfer.tag)
+        if not self._transfers:
+            self._progress.off()
 
     def progress(self) -> list[Transfer]:
         """Test what is outstanding; return the transfers that completed since last time.
@@ -367,6 +439,7 @@ class MpiTransport:
             transfer._abandon()
         self._transfers = []
         self._receive_tags.clear()
+        self._progress.close()
         for comm in (*self._channel_comms.values(), self._data_comm):
             comm.Free()
 
@@ -414,6 +487,8 @@ class MpiTransport:
             else:
                 still_running.append(transfer)
         self._transfers = still_running
+        if moved and not still_running:
+            self._progress.off()
         return moved
 
     def _receive_messages(self) -> bool:
