@@ -422,6 +422,14 @@ class MpiTransport:
         return bool(self._in_flight or self._queued or self._arriving or self._transfers
                     or self._finished_transfers)
 
+    @property
+    def poll_slowly(self) -> bool:
+        """True while polling MPI every few tens of microseconds slows a transfer down
+        (measured, causes inside MPICH not found): this rank sends an object's bytes,
+        or receives a large one, which the progress thread moves (the polls contend
+        with its wait)."""
+        return any(t.is_send or t.nbytes >= _PROGRESS_NOW_BYTES for t in self._transfers)
+
     def close(self, drain_timeout: float = 1.0) -> None:
         """Release everything: the communicators and whatever is still outstanding.
 
