@@ -25,7 +25,10 @@ only while some thread of each side is inside an MPI call: with single-copy CMA 
 side's few polls suffice, but where CMA is off (ptrace_scope, common on clusters) or
 over a network's rendezvous pipeline, a copy needs hundreds of progress calls, and an
 event loop that polls every millisecond moved 64 MiB at 0.04 GB/s. The thread's wait
-drives MPI continuously (its GIL released) and ends when the last transfer does.
+drives MPI continuously (its GIL released) and ends when the last transfer does. Its
+cost: MPICH spins inside the wait (yielding the CPU every 1000 polls), also while a
+posted receive waits for its sender to start, which takes the holder one poll of its
+event loop (milliseconds at most while it is busy).
 
 What it is not for: it knows nothing of tasks, objects ids, the store or the GCS; the
 node manager decides what the messages mean and where the bytes live. It is imported
