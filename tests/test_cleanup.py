@@ -278,3 +278,39 @@ def test_init_shutdown_init(tmp_path):
         hpcray.shutdown()
     for name in seen:
         assert not os.path.exists(_segment_path(name))
+
+
+def test_a_fork_server_whose_driver_died_before_it_started_unlinks_the_segment():
+    # The window a SIGKILL can hit: the node made its segment's name known to the fork
+    # server, which is still starting when the node dies. It must unlink the segment.
+    from hpcray._store import Store
+
+    name = f"/hpcray-{os.getpid()}-orphan-n0"
+    store = Store.create(name, 1 << 20)
+    store.close()
+    ours, theirs = __import__("socket").socketpair()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job = {"store_name": name, "driver_pid": dead.pid}
+    env = dict(os.environ, HPCRAY_FORKSERVER_JOB=json.dumps(job),
+               HPCRAY_FORKSERVER_FD=str(theirs.fileno()))
+    server = subprocess.Popen([sys.executable, "-m", "hpcray.runtime.forkserver"],
+                              pass_fds=[theirs.fileno()], env=env, cwd=REPO)
+    try:
+        assert server.wait(timeout=30) == 0
+    finally:
+        ours.close()
+        theirs.close()
+        left = os.path.exists("/dev/shm" + name)
+        if left:
+            Store.unlink_name(name)
+    assert not left, "the orphan's segment is still there"
+
+
+def test_init_that_cannot_make_its_store_leaves_nothing():
+    with pytest.raises(Exception, match="No space left|too large|object_store_memory"):
+        hpcray.init(num_cpus=1, object_store_memory=10**15)
+    assert not psutil.Process().children(recursive=True)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"hpcray-{os.getpid()}-")]
+    hpcray.init(num_cpus=1)  # and the runtime starts normally afterwards
+    hpcray.shutdown()

@@ -65,7 +65,8 @@ def main() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     _set_parent_death_signal(libc, signal.SIGTERM)
     if os.getppid() != job["driver_pid"]:
-        sys.exit(0)  # the driver died before we got here
+        _unlink_store(job)  # the driver died before we got here: nobody else will
+        sys.exit(0)
     # What every worker needs, imported once here instead of once per worker.
     import cloudpickle  # noqa: F401
     try:
@@ -125,12 +126,16 @@ def main() -> None:
         # us SIGTERM), and the segment's name goes first (workers keep their mappings).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        try:
-            from hpcray._store import Store
-            Store.unlink_name(job["store_name"])
-        except Exception:  # noqa: BLE001 - best effort at the very end
-            pass
+        _unlink_store(job)
         _kill_all(children)
+
+
+def _unlink_store(job: dict) -> None:
+    try:
+        from hpcray._store import Store
+        Store.unlink_name(job["store_name"])
+    except Exception:  # noqa: BLE001 - best effort at the very end
+        pass
 
 
 def _leave_on_sigterm(*_) -> None:

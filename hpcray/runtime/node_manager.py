@@ -100,11 +100,21 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         self._running = True
         self._start_failures = 0
         self.store_name = store_name
-        self.store = Store.create(store_name, store_capacity)
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(self._wake_r, self._on_wake)
+        # The fork server first: from the moment the segment exists, a process that
+        # outlives this one (even a SIGKILL) is there to unlink it.
         self._start_forkserver()
+        try:
+            self.store = Store.create(store_name, store_capacity)
+        except BaseException:
+            self._forkserver_sock.close()  # it exits at once, and unlinks the name
+            self.forkserver.wait(timeout=10)
+            self._epoll.close()
+            _close_fd(self._wake_r)
+            _close_fd(self._wake_w)
+            raise
         self._thread = None
         if run_thread:
             self._thread = threading.Thread(target=self._event_loop,
