@@ -218,12 +218,13 @@ def test_tasks(net):
 def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
     shard = GcsShard(0, 1)
     early, late, kept = (ids.new_task_id() for _ in range(3))
-    shard.apply_task_events([(early, "RUNNING", None, 2)])  # before its spec: dropped
-    assert early not in shard.tasks
-    shard.apply_task_events([(early, "PENDING", "spec", None), (early, "RUNNING", None, 2),
+    shard.apply_task_events([(early, "RUNNING", None, 2)])  # before its spec (another rank)
+    assert (shard.tasks[early].spec, shard.tasks[early].state) == (None, "RUNNING")
+    shard.apply_task_events([(early, "PENDING", "spec", None),  # the spec fills in
                              (kept, "PENDING", "spec", None), (kept, "FINISHED", None, None),
                              (kept, "RUNNING", None, 3)])  # a late RUNNING: ignored
-    assert (shard.tasks[early].state, shard.tasks[early].node) == ("RUNNING", 2)
+    assert (shard.tasks[early].spec, shard.tasks[early].state, shard.tasks[early].node) == \
+        ("spec", "RUNNING", 2)
     assert (shard.tasks[kept].state, shard.tasks[kept].node) == ("FINISHED", None)
     shard.apply_task_events([(late, "PENDING", "spec", None), (late, "DELETED", None, None),
                              (late, "RUNNING", None, 1), (late, "PENDING", "spec", None)])

@@ -70,10 +70,11 @@ read or a delete return None; records in results are copies (tables.py).
     object locations and subscriptions, the rank's own shard sets alive False. Result:
     {"lost_objects": ids left with no location and no inline value (lineage replays
     them), "actors": ids of non-dead actors placed on that rank (to restart)}.
-(8) The tasks table's writes, batched per shard (runtime/task_events.py): an event with
-    a spec creates the entry, a state moves it forward only, DELETED drops it. A state
-    for a task with no entry is dropped (it would be an entry without a spec), and so is
-    one for a recently deleted task (a late RUNNING). list_tasks returns, per task,
+(8) The tasks table's writes, batched per shard (runtime/task_events.py): the first
+    event of a task creates its entry, a state moves it forward only, the spec fills in
+    whenever it comes (the node that runs a task may report RUNNING before its owner's
+    spec arrives: they travel from different ranks), DELETED drops it. An event for a
+    recently deleted task (a late RUNNING) is ignored. list_tasks returns, per task,
     (task_id, name, state, owner rank, rank that ran it).
 
 Subscriptions are per rank: two parties on one rank share one; the node manager counts.
@@ -278,9 +279,12 @@ class GcsShard:
                 continue
             task = tasks.get(task_id)
             if task is None:
-                if spec is not None and task_id not in self.deleted_tasks:
+                # A state may come before the spec: they come from different nodes.
+                if task_id not in self.deleted_tasks:
                     tasks[task_id] = TaskInfo(spec, state, node)
                 continue
+            if spec is not None and task.spec is None:
+                task.spec = spec
             if TASK_STATE_ORDER[state] >= TASK_STATE_ORDER[task.state]:
                 task.state = state
                 if node is not None:
