@@ -443,8 +443,12 @@ def test_tasks_table_follows_tasks_on_every_node(tmp_path, shards):
                 for r in (1, 2)]
         top = outer.options(name="outer", scheduling_strategy=on(1)).remote()
         rows = lambda: {{t.name: t for t in list_tasks()}}
-        wait_for(lambda: {{t.state for t in rows().values()}} == {{"RUNNING"}} and
-                 len(rows()) == 4, "four RUNNING")
+
+        def all_running(count):  # one snapshot: the table may change between two reads
+            now = rows()
+            return len(now) == count and {{t.state for t in now.values()}} == {{"RUNNING"}}
+
+        wait_for(lambda: all_running(4), "four RUNNING")
         where = {{name: (t.node_id, t.owner_node_id) for name, t in rows().items()}}
         assert where == {{"hold1": (nodes[1], nodes[0]), "hold2": (nodes[2], nodes[0]),
                          "outer": (nodes[1], nodes[0]), "inner": (nodes[2], nodes[1])}}, where
