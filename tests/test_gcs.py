@@ -222,10 +222,10 @@ def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
     assert (shard.tasks[early].spec, shard.tasks[early].state) == (None, "RUNNING")
     shard.apply_task_events([(early, "PENDING", "spec", None),  # the spec fills in
                              (kept, "PENDING", "spec", None), (kept, "FINISHED", None, None),
-                             (kept, "RUNNING", None, 3)])  # a late RUNNING: ignored
+                             (kept, "RUNNING", None, 3)])  # a late RUNNING: where only
     assert (shard.tasks[early].spec, shard.tasks[early].state, shard.tasks[early].node) == \
         ("spec", "RUNNING", 2)
-    assert (shard.tasks[kept].state, shard.tasks[kept].node) == ("FINISHED", None)
+    assert (shard.tasks[kept].state, shard.tasks[kept].node) == ("FINISHED", 3)
     shard.apply_task_events([(late, "PENDING", "spec", None), (late, "DELETED", None, None),
                              (late, "RUNNING", None, 1), (late, "PENDING", "spec", None)])
     assert late not in shard.tasks

@@ -73,7 +73,8 @@ read or a delete return None; records in results are copies (tables.py).
 (8) The tasks table's writes, batched per shard (runtime/task_events.py): the first
     event of a task creates its entry, a state moves it forward only, the spec fills in
     whenever it comes (the node that runs a task may report RUNNING before its owner's
-    spec arrives: they travel from different ranks), DELETED drops it. An event for a
+    spec arrives: they travel from different ranks) and so does the rank that ran it
+    (its RUNNING may come after the owner's FINISHED), DELETED drops it. An event for a
     recently deleted task (a late RUNNING) is ignored. list_tasks returns, per task,
     (task_id, name, state, owner rank, rank that ran it).
 
@@ -287,8 +288,8 @@ class GcsShard:
                 task.spec = spec
             if TASK_STATE_ORDER[state] >= TASK_STATE_ORDER[task.state]:
                 task.state = state
-                if node is not None:
-                    task.node = node
+            if node is not None:  # a RUNNING that comes after FINISHED still says where
+                task.node = node
 
     def _op_list_tasks(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
         return self.list_tasks()

@@ -241,7 +241,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                             traceback.print_exc()
                 self._run_timers()
                 if cluster is not None:
-                    self.task_events.flush()
+                    self.task_events.flush_due()
                     self._poll_cluster()
 
     def _wait_for_events(self, timeout: float) -> list:
