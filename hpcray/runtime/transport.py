@@ -431,8 +431,8 @@ class MpiTransport:
         gains (measured): this rank sends an object's bytes (that made 7+ MiB pulls
         5-10x slower, causes inside MPICH not found), or receives a large one, which
         the progress thread moves (the polls contend with its wait), or only messages
-        are outstanding (a driver's rank forwarding a burst of tasks lost 8% of its
-        submission rate to its node manager's extra wake-ups)."""
+        are outstanding (as before transfers had a rule of their own: a rank sending
+        bursts of messages would wake many times per millisecond for nothing)."""
         if self._transfers:
             return any(t.is_send or t.nbytes >= _PROGRESS_NOW_BYTES for t in self._transfers)
         return self.busy
