@@ -1,6 +1,7 @@
 """The tasks table (`hpcray.util.state.list_tasks`), on one node: every task's state,
 kept while its returns may still be asked for."""
 
+import os
 import time
 
 import pytest
@@ -31,7 +32,7 @@ def quick():
 @hpcray.remote
 def wait_for_file(path):
     deadline = time.monotonic() + 60
-    while not __import__("os").path.exists(path):
+    while not os.path.exists(path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return 2

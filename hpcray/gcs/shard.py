@@ -102,6 +102,7 @@ from hpcray.gcs.tables import (
     ObjectInfo,
     TaskInfo,
 )
+from hpcray.ids import owner_rank
 
 Message = tuple
 Outgoing = list[tuple[int, Message]]
@@ -296,7 +297,7 @@ class GcsShard:
 
     def list_tasks(self) -> list[tuple]:
         return [(task_id, getattr(task.spec, "name", None), task.state,
-                 int.from_bytes(task_id[:2], "big"), task.node)
+                 owner_rank(task_id), task.node)
                 for task_id, task in self.tasks.items()]
 
     # -- actors ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from tests.multinode.test_multinode import run_mpi
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(200)]
 
 PRELUDE = """
-    import gc, os, time, hpcray as ray
+    import gc, os, threading, time, hpcray as ray
     from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
     ray.init(num_cpus=2)
     ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
@@ -47,6 +47,15 @@ PRELUDE = """
         def incr(self):
             self.n += 1
             return self.n
+
+    @ray.remote(num_cpus=0, max_concurrency=2)
+    class Gate:  # holds a call back until opened
+        def __init__(self):
+            self.event = threading.Event()
+        def wait(self):
+            return self.event.wait(60)
+        def open(self):
+            self.event.set()
 """
 
 
@@ -156,17 +165,6 @@ def test_a_pending_task_holds_the_handle_in_its_arguments(tmp_path):
     # The task waits on its first argument while the driver drops its handle: the
     # task's arguments still hold the actor, on node 0 and then on node 1.
     run(tmp_path, 3, """
-    import threading
-
-    @ray.remote(num_cpus=0, max_concurrency=2)
-    class Gate:
-        def __init__(self):
-            self.event = threading.Event()
-        def wait(self):
-            return self.event.wait(60)
-        def open(self):
-            self.event.set()
-
     @ray.remote
     def use(opened, handles):
         return opened, ray.get(handles[0].incr.remote())
@@ -189,17 +187,6 @@ def test_calls_made_before_a_remote_actors_arguments_exist_reach_it(tmp_path):
     # The creator queues calls while the constructor's argument is pending, then hands
     # the actor to node 2: the calls go with it, and the actor still ends by scope.
     run(tmp_path, 3, """
-    import threading
-
-    @ray.remote(num_cpus=0, max_concurrency=2)
-    class Gate:
-        def __init__(self):
-            self.event = threading.Event()
-        def wait(self):
-            return self.event.wait(60)
-        def open(self):
-            self.event.set()
-
     @ray.remote(num_cpus=1)
     class Holder:
         def __init__(self, value):
