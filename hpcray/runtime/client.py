@@ -113,7 +113,9 @@ class CoreClient:
         args_id = ids.object_id_for(task_id, 0xFFFFFFFF)
         _, contained, size = self.encode_value(args_id, (args, kwargs))
         self._register_args_object(args_id, contained, size)
-        return ("store", args_id), deps, contained + [args_id]
+        # The stored arguments are the task's first dependency: the node that runs the
+        # task pulls them like any other argument when they live on another node.
+        return ("store", args_id), [args_id] + deps, contained + [args_id]
 
     def check_feasible(self, name: str, demand: dict) -> None:
         """Raise at the call site when no node of the job can ever run this."""

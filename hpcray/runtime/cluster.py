@@ -165,10 +165,12 @@ class ClusterMixin(RemoteObjectsMixin):
         else:
             self.gcs.on_message(source, message)
 
-    def _report_load(self) -> None:
+    def _report_load(self, now_: bool = False) -> None:
+        """Tell the global scheduler this node's load when it changed (at most every
+        few ms; `now_`: at once, as before a placement that depends on it)."""
         cluster = self.cluster
         now = time.monotonic()
-        if now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
+        if not now_ and now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
             return
         load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued,
                 cluster.received)
@@ -301,9 +303,11 @@ class ClusterMixin(RemoteObjectsMixin):
         entry.shipped = True
         return ("at", self.rank, entry.size, contained)
 
-    def _cm_forward(self, source: int, spec, deps, strategy, arg_bytes) -> None:
-        """Rank 0, the global scheduler: place a task a node did not keep."""
+    def _cm_forward(self, source: int, spec, deps, strategy, arg_bytes, hops: int = 0) -> None:
+        """Rank 0, the global scheduler: place a task a node did not keep. `hops`: how
+        many nodes already sent this actor back for lack of room."""
         demand = spec.demand
+        self._report_load(now_=True)  # this node's own load is never stale
         rank = self.global_scheduler.place(demand, arg_bytes, strategy, source)
         if rank < 0:
             error = exceptions.ResourceInfeasibleError(
@@ -312,7 +316,7 @@ class ClusterMixin(RemoteObjectsMixin):
             self._task_failed_remotely(spec, error)
             return
         if spec.kind != ACTOR_CALL and spec.actor_id is not None:
-            message = ("run_actor", spec, deps)
+            message = ("run_actor", spec, deps, hops)
         else:
             message = ("run", spec, deps)
         if rank == self.rank:
@@ -462,7 +466,10 @@ class ClusterMixin(RemoteObjectsMixin):
         if actor.state == A_DEAD:
             return  # out of scope (or killed) before its arguments were ready
         strategy = _strategy_of(spec)
-        if self.cluster is None or (strategy is None and self.scheduler.is_feasible(spec.demand)) \
+        # An actor holds its resources for its whole life: it stays here only if they are
+        # free now, else the global scheduler finds a node with room (queued here, it
+        # would wait for actors that may never end while other nodes sit idle).
+        if self.cluster is None or (strategy is None and self.scheduler.fits(spec.demand)) \
                 or (strategy is not None and strategy[0] == "node" and strategy[1] == self.rank
                     and self.scheduler.is_feasible(spec.demand)):
             self._localize(record, lambda _r: self._actor_deps_ready(actor))
@@ -511,10 +518,21 @@ class ClusterMixin(RemoteObjectsMixin):
             self._send_to(remote.host, ("actor_call", record.spec,
                                         self._describe_deps(record.spec)))
 
-    def _cm_run_actor(self, source: int, spec, deps) -> None:
+    def _cm_run_actor(self, source: int, spec, deps, hops: int = 0) -> None:
         """Host an actor another node created (placed here by the global scheduler). Its
-        creator holds the constructor's refs for good, so this node's holds never end."""
+        creator holds the constructor's refs for good, so this node's holds never end.
+        An actor holds its resources for life, so one placed from a stale view of this
+        node's load goes back to the global scheduler (with this node's load first)
+        rather than wait here for actors that may never end; at most once per node."""
         self.cluster.received += 1
+        if _strategy_of(spec) is None and not self.scheduler.fits(spec.demand) \
+                and hops < self.cluster.size - 1:
+            self._report_load(now_=True)
+            if self.rank == 0:
+                self._cm_forward(0, spec, deps, None, {}, hops + 1)
+            else:
+                self._send_to(0, ("forward", spec, deps, None, {}, hops + 1))
+            return
         self._hold_task_refs(spec, deps, ids.owner_rank(spec.actor_id))
         self._with_function(spec.function_id, ids.owner_rank(spec.actor_id),
                             lambda: self._host_actor(spec))

@@ -96,19 +96,19 @@ class Worker:
         return function
 
     def _resolve_args(self, spec, dep_payloads):
-        kind, data = spec.args
-        if kind == "store":
-            (args, kwargs), = self.client.values_or_raise([data], [None])
-        else:
-            args, kwargs = cloudpickle.loads(data)
-        if not dep_payloads:
-            return args, kwargs
         values = {}
         for object_id, payload in dep_payloads:
             value = self.client.decode_value(object_id, payload)
             if type(value) is ErrorValue:
                 raise _DependencyFailed(value.error)
             values[object_id] = value
+        kind, data = spec.args
+        if kind == "store":  # the pickled (args, kwargs) is the first dependency
+            args, kwargs = values.pop(data)
+        else:
+            args, kwargs = cloudpickle.loads(data)
+        if not values:
+            return args, kwargs
         args = [values[a.binary()] if type(a) is ObjectRef else a for a in args]
         if kwargs:
             kwargs = {k: values[v.binary()] if type(v) is ObjectRef else v
