@@ -137,7 +137,11 @@ class BorrowingMixin:
 
     # ------------------------------------------------------------------ tasks run here
     def _hold_task_refs(self, spec, deps, lender: int) -> None:
-        """A task from node `lender` runs here: hold its argument refs until it ends."""
+        """A task from node `lender` runs here: hold its argument refs until it ends.
+        A task of this node's own that came back through the global scheduler is held
+        by its submission already (and its end releases only that)."""
+        if lender == self.rank:
+            return
         where = dict(deps)
         for key in dict.fromkeys(spec.contained):
             if len(key) != ids.OBJECT_ID_SIZE:
@@ -218,8 +222,13 @@ class BorrowingMixin:
             if reports is None:
                 continue
             registrations = list(reports.items())
-            held = entry.refs > 0 if len(key) == ids.ACTOR_ID_SIZE \
-                else self.objects.get(key) is entry
+            # Still used here: a holder, or (objects) a waiter or a pull in progress. An
+            # entry kept only as the primary copy of a task's result holds nothing: were
+            # it registered, the owner would wait for a release that never comes, and
+            # the owner's free is what ends the primary copy.
+            held = entry.refs > 0 or (len(key) == ids.OBJECT_ID_SIZE
+                                      and self.objects.get(key) is entry
+                                      and bool(entry.waiters or entry.pulling))
             if held:  # still held here afterwards
                 entry.lent += 1
                 entry.lender = None

@@ -339,12 +339,16 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         except EOFError:
             self._worker_died(worker)
             return
+        self.on_worker_messages(worker, messages)
+        if worker.conn.closed and worker.alive:
+            self._worker_died(worker)
+
+    def on_worker_messages(self, worker: WorkerHandle, messages) -> None:
+        """Handle what a worker sent, in order."""
         for message in messages:
             if message[0] != "hello":  # every other message ends with ref transitions
                 _note_holds(worker.holds, message[-1])
             getattr(self, "_msg_" + message[0])(worker, message)
-        if worker.conn.closed and worker.alive:
-            self._worker_died(worker)
 
     def _on_worker_output(self, worker: WorkerHandle, fd: int) -> None:
         try:

@@ -29,7 +29,7 @@ class _Cancelled(BaseException):
 
 
 class Worker:
-    def __init__(self, sock, job: dict, key: int, is_actor: bool):
+    def __init__(self, connection, job: dict, key: int, is_actor: bool):
         from hpcray import context
         from hpcray._store import Store
         from hpcray.config import Config
@@ -37,7 +37,7 @@ class Worker:
         config = Config(**job["config"])
         self.refs = LocalReferenceCounter()
         object_ref.reference_counter = self.refs
-        self.channel = WorkerChannel(protocol.BlockingConnection(sock), self.refs)
+        self.channel = WorkerChannel(connection, self.refs)
         self.store = Store.attach(job["store_name"])
         self.client = WorkerClient(self.channel, self.store, config, bytes.fromhex(job["job_id"]),
                                    bytes.fromhex(job["node_id"]), job["resources"])
@@ -63,6 +63,10 @@ class Worker:
     # -- main loop ---------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_sigint)
+        return self.serve()
+
+    def serve(self) -> int:
+        """Say hello, then run what the node manager sends until it says exit."""
         self.channel.send(("hello", os.getpid()))
         while True:
             try:
@@ -311,7 +315,7 @@ def main(fd: int, job: dict, key: int, is_actor: bool) -> int:
         except (AttributeError, ValueError):
             pass
     sock = socket.socket(fileno=fd)
-    worker = Worker(sock, job, key, is_actor)
+    worker = Worker(protocol.BlockingConnection(sock), job, key, is_actor)
     try:
         return worker.run()
     finally:

@@ -1,0 +1,215 @@
+"""Random Ray programs for the simulated cluster, written against the real API.
+
+Every value is `("v", tag, pad, refs)`: a tag the driver knows, padding that decides
+whether it travels inline or through a store, and refs it holds. Tasks check the tags
+of the values they get, so a lost or wrong object fails where it is read.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import random
+
+import hpcray as ray
+from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+SMALL, LARGE = 16, 2000   # bytes of padding: inline, and through the store (threshold 300)
+
+
+def value(tag, pad_bytes, refs=()):
+    return ("v", tag, b"p" * pad_bytes, list(refs))
+
+
+def check_value(got, tag) -> None:
+    if not (isinstance(got, tuple) and got[0] == "v" and got[1] == tag):
+        raise AssertionError(f"expected the value tagged {tag}, got {str(got)[:200]}")
+
+
+@ray.remote(max_retries=0)
+def make(tag, pad_bytes, refs):
+    """A value holding `refs` (refs passed inside a list stay refs: borrowed here)."""
+    return value(tag, pad_bytes, refs)
+
+
+@ray.remote(max_retries=0)
+def read(tag, got, got_tag, by_value):
+    """A top-level ref argument arrives as its value; `by_value` arrives as it was sent."""
+    check_value(got, got_tag)
+    return value(tag, SMALL if len(by_value) < 100 else LARGE, [])
+
+
+@ray.remote(max_retries=0)
+def nest(tag, children, pad_bytes, spread):
+    """Submit children (large arguments by value), get them, return their refs."""
+    strategy = "SPREAD" if spread else "DEFAULT"
+    refs = [make.options(scheduling_strategy=strategy).remote(tag * 100 + i, pad_bytes, [])
+            for i in range(children)]
+    for i, got in enumerate(ray.get(refs)):
+        check_value(got, tag * 100 + i)
+    big = [read.options(scheduling_strategy=strategy).remote(tag * 100 + 50 + i, refs[i],
+                                                             tag * 100 + i, b"x" * pad_bytes)
+           for i in range(children)]
+    for i, got in enumerate(ray.get(big)):
+        check_value(got, tag * 100 + 50 + i)
+    return value(tag, pad_bytes, refs)
+
+
+@ray.remote(max_retries=0)
+def split(depth, items):
+    """Quick-sort-like recursion: two children per level, halves passed by value."""
+    if depth == 0 or len(items) < 4:
+        return sorted(items)
+    half = len(items) // 2
+    left = split.remote(depth - 1, items[:half])
+    right = split.remote(depth - 1, items[half:])
+    return sorted(ray.get(left) + ray.get(right))
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Keeper:
+    """An actor that keeps refs it was given and hands them back."""
+
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, refs):
+        self.kept.extend(refs)
+        return len(self.kept)
+
+    def give(self, tag):
+        return value(tag, SMALL, self.kept)
+
+    def drop(self):
+        self.kept = []
+        return 0
+
+
+@ray.remote(max_retries=0)
+def hand_to(keeper, refs):
+    """A task that calls an actor whose handle it was given."""
+    return ray.get(keeper.keep.remote(refs))
+
+
+@ray.remote(num_cpus=0.25)
+class Child:
+    def one(self):
+        return 1
+
+
+@ray.remote(num_cpus=0.25)
+class Parent:
+    """An actor that creates actors and waits for them (the 3-rank hang of issue 8)."""
+
+    def __init__(self, children):
+        self.children = [Child.remote() for _ in range(children)]
+
+    def total(self):
+        return sum(ray.get([c.one.remote() for c in self.children]))
+
+
+def random_workload(sim) -> None:
+    """The driver: 8-20 random operations with pauses between them, then every held
+    value is read back and checked, and everything is dropped."""
+    rng = random.Random(sim.seed * 7919 + 1)
+    ranks = len(sim.nodes)
+    node_ids = [node.node_id.hex() for node in sim.nodes]
+    tags = itertools.count(1)
+    held: dict = {}        # ObjectRef -> tag
+    keepers: list = []
+
+    def strategy():
+        choice = rng.random()
+        if choice < 0.3:
+            return "SPREAD"
+        if choice < 0.6:
+            return NodeAffinitySchedulingStrategy(node_ids[rng.randrange(ranks)], soft=False)
+        return "DEFAULT"
+
+    def some_refs(most=3):
+        refs = list(held)
+        return rng.sample(refs, min(len(refs), rng.randint(0, most)))
+
+    def pad():
+        return rng.choice((SMALL, LARGE))
+
+    def op_put():
+        tag = next(tags)
+        held[ray.put(value(tag, pad(), some_refs()))] = tag
+
+    def op_make():
+        tag = next(tags)
+        held[make.options(scheduling_strategy=strategy()).remote(tag, pad(), some_refs())] = tag
+
+    def op_read():
+        if not held:
+            return
+        ref = rng.choice(list(held))
+        tag = next(tags)
+        by_value = b"b" * pad()
+        held[read.options(scheduling_strategy=strategy()).remote(tag, ref, held[ref],
+                                                                 by_value)] = tag
+
+    def op_nest():
+        tag = next(tags)
+        held[nest.options(scheduling_strategy=strategy()).remote(
+            tag, rng.randint(1, 3), pad(), rng.random() < 0.5)] = tag
+
+    def op_split():
+        items = [rng.randrange(1000) for _ in range(rng.choice((8, 200)))]
+        assert ray.get(split.options(scheduling_strategy=strategy()).remote(2, items)) == \
+            sorted(items)
+
+    def op_keeper():
+        if not keepers or rng.random() < 0.4:
+            keepers.append(Keeper.options(scheduling_strategy=strategy()).remote())
+        keeper = rng.choice(keepers)
+        if rng.random() < 0.5:
+            ray.get(keeper.keep.remote(some_refs()))
+        else:
+            ray.get(hand_to.options(scheduling_strategy=strategy()).remote(keeper, some_refs()))
+
+    def op_give():
+        if not keepers:
+            return
+        keeper = rng.choice(keepers)
+        tag = next(tags)
+        ref = keeper.give.remote(tag)
+        got = ray.get(ref)
+        check_value(got, tag)
+        for inner in got[3]:
+            if inner in held:
+                check_value(ray.get(inner), held[inner])
+        if rng.random() < 0.5:
+            ray.get(keeper.drop.remote())
+        if rng.random() < 0.3:
+            keepers.remove(keeper)
+
+    def op_drop():
+        for ref in some_refs(2):
+            del held[ref]
+
+    def op_get():
+        for ref in some_refs(3):
+            got = ray.get(ref)
+            check_value(got, held[ref])
+            for inner in got[3]:
+                if inner in held:
+                    check_value(ray.get(inner), held[inner])
+
+    def op_parents():
+        parents = [Parent.remote(3) for _ in range(2)]
+        assert ray.get([p.total.remote() for p in parents]) == [3, 3]
+
+    operations = [op_put, op_make, op_make, op_read, op_nest, op_split, op_keeper,
+                  op_give, op_drop, op_drop, op_get, op_get]
+    if rng.random() < 0.15:
+        operations.append(op_parents)
+    for _ in range(rng.randint(8, 20)):
+        rng.choice(operations)()
+        sim.pause()
+    for ref, tag in list(held.items()):
+        check_value(ray.get(ref), tag)
+    held.clear()
+    keepers.clear()
+    gc.collect()

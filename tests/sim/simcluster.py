@@ -1,0 +1,513 @@
+"""A many-node hpcray cluster inside one process, in an order a seed chooses.
+
+Every node is a real NodeManager (its object table, reference counting, borrowing,
+pulls, routing, actors, GCS shard, global scheduler) over a real shared-memory store;
+every worker and the driver are real `Worker` / `WorkerClient` code running the real
+API (`.remote`, `get`, `put`, actor handles). What is simulated is only what connects
+them: the MPI transport, the worker sockets and the processes themselves. Each process
+runs in a thread that moves only when the simulator hands it the baton, so exactly one
+thing happens at a time, and the simulator picks the next thing from every enabled
+event with a seeded random generator:
+
+    net      deliver the oldest message of one (source, dest, channel) queue (MPI keeps
+             order per pair and communicator; nothing else is ordered)
+    data     complete one object transfer whose receive is posted
+    up       deliver the oldest message a process sent to its node (socket order)
+    run      let one process go on until it blocks (a reply it waits for arrived, a task
+             arrived, or the driver paused between operations)
+    eof      a process ended: its node sees the socket close
+
+After every event `check` runs the invariants; at the end `check_quiescent` demands
+that everything was freed. A failure names its seed, and the same seed replays the
+same schedule (run with PYTHONHASHSEED=0: sets of ids iterate in hash order).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import random
+import threading
+import traceback
+
+from hpcray import context, ids, object_ref
+from hpcray._store import Store
+from hpcray.config import Config
+from hpcray.object_ref import LocalReferenceCounter
+from hpcray.resources import detect_node_resources
+from hpcray.runtime.client import WorkerChannel, WorkerClient
+from hpcray.runtime.cluster import ClusterLink
+from hpcray.runtime.node_manager import NodeManager, WorkerHandle
+from hpcray.runtime.worker import Worker
+
+_FAKE_PID_BASE = 1 << 30   # above any pid_max: signals to these pids reach nobody
+
+
+class SimulationFailure(AssertionError):
+    pass
+
+
+# ---------------------------------------------------------------------------- transport
+class SimTransfer:
+    __slots__ = ("peer", "tag", "view", "on_done", "is_send", "nbytes")
+
+    def __init__(self, peer, tag, view, is_send, on_done=None):
+        self.peer = peer
+        self.tag = tag
+        self.view = view
+        self.is_send = is_send
+        self.on_done = on_done
+        self.nbytes = len(view)
+
+
+class SimNetwork:
+    """Every message and transfer between nodes that has not arrived yet."""
+
+    def __init__(self):
+        self.queues: dict = {}            # (source, dest, channel) -> deque of messages
+        self.receives: dict = {}          # (dest, source, tag) -> SimTransfer
+        self.sends: list = []             # (source, dest, SimTransfer)
+        self.messages_sent = 0
+
+    def post(self, source, dest, channel, message) -> None:
+        # Pickled as MPI would: no object is shared between nodes.
+        copy = pickle.loads(pickle.dumps(message, protocol=5))
+        self.queues.setdefault((source, dest, channel), collections.deque()).append(copy)
+        self.messages_sent += 1
+
+    def idle(self) -> bool:
+        return not any(self.queues.values()) and not self.sends
+
+
+class SimTransport:
+    """MpiTransport's interface over a SimNetwork."""
+
+    busy = False
+    poll_slowly = False
+
+    def __init__(self, network: SimNetwork, rank: int, size: int):
+        self.network = network
+        self.rank = rank
+        self.size = size
+        self._tag = 0
+
+    def send(self, dest, message, channel="control") -> None:
+        self.network.post(self.rank, dest, channel, message)
+
+    def broadcast(self, message, channel="control") -> None:
+        for dest in range(self.size):
+            if dest != self.rank:
+                self.send(dest, message, channel)
+
+    def new_transfer_tag(self) -> int:
+        self._tag += 1
+        return self._tag
+
+    def start_receive(self, source, tag, dest) -> SimTransfer:
+        transfer = SimTransfer(source, tag, memoryview(dest).cast("B"), False)
+        self.network.receives[(self.rank, source, tag)] = transfer
+        return transfer
+
+    def start_send(self, dest, tag, src, on_done=None) -> SimTransfer:
+        transfer = SimTransfer(dest, tag, memoryview(src).cast("B"), True, on_done)
+        self.network.sends.append((self.rank, dest, transfer))
+        return transfer
+
+    def cancel_receive(self, transfer) -> None:
+        del self.network.receives[(self.rank, transfer.peer, transfer.tag)]
+
+    def poll(self) -> list:
+        return []
+
+    def progress(self) -> list:
+        return []
+
+
+# ---------------------------------------------------------------------------- processes
+class SimProcess:
+    """A worker or the driver: a thread that runs only while it holds the baton."""
+
+    def __init__(self, sim: Simulation, node: SimNode, name: str, body):
+        self.sim = sim
+        self.node = node
+        self.name = name
+        self.pid = _FAKE_PID_BASE + sim.next_pid()
+        self.inbox: collections.deque = collections.deque()   # node -> process
+        self.outbox: collections.deque = collections.deque()  # process -> node
+        self.state = "new"        # new, running, waiting (for a message), paused, done
+        self.killed = False
+        self.error = None
+        self.handle: WorkerHandle | None = None
+        self._go = threading.Semaphore(0)
+        # What the process has of its own: its ref counter, client, id prefix.
+        self.refs = LocalReferenceCounter()
+        self.saved = {"prefix": node.rank.to_bytes(2, "big") + sim.rng.randbytes(6),
+                      "counter": None, "client": None, "worker": None}
+        self._body = body
+        self.thread = threading.Thread(target=self._main, name=f"sim-{name}", daemon=True)
+
+    @property
+    def runnable(self) -> bool:
+        return self.state in ("new", "paused") or (self.state == "waiting" and
+                                                   (bool(self.inbox) or self.killed))
+
+    def _main(self) -> None:
+        self._go.acquire()
+        try:
+            self._body(self)
+        except BaseException as exc:  # noqa: BLE001 - reported by the simulator
+            self.error = "".join(traceback.format_exception(exc))
+        self.state = "done"
+        self.sim.baton.release()
+
+    def block(self, state: str) -> None:
+        """Give the baton back and wait until the simulator runs this process again."""
+        self.state = state
+        self.sim.baton.release()
+        self._go.acquire()
+        self.state = "running"
+
+    def resume(self) -> None:
+        """Simulator side: run the process until it blocks or ends."""
+        saved = self.saved
+        ids._prefix = saved["prefix"]
+        ids._counter = saved["counter"] or __import__("itertools").count(1)
+        object_ref.reference_counter = self.refs
+        context.client = saved["client"]
+        context.worker = saved["worker"]
+        if self.state == "new":
+            self.state = "running"
+            self.thread.start()
+        self._go.release()
+        self.sim.baton.acquire()
+        saved["counter"] = ids._counter
+        saved["client"] = context.client
+        saved["worker"] = context.worker
+        object_ref.reference_counter = self.sim.idle_counter
+        context.client = context.worker = None
+
+
+class ProcessConnection:
+    """The process's end of its socket (BlockingConnection's interface)."""
+
+    def __init__(self, process: SimProcess):
+        self.process = process
+
+    def send(self, message) -> None:
+        if message[0] == "hello":
+            message = ("hello", self.process.pid)
+        self.process.outbox.append(pickle.loads(pickle.dumps(message, protocol=5)))
+
+    def recv(self):
+        process = self.process
+        while not process.inbox:
+            if process.killed:
+                raise EOFError("simulation over")
+            process.block("waiting")
+        return process.inbox.popleft()
+
+    def close(self) -> None:
+        pass
+
+
+class NodeConnection:
+    """The node's end of a process's socket (NonBlockingConnection's interface)."""
+
+    closed = False
+    has_pending_output = False
+
+    def __init__(self, process: SimProcess):
+        self.process = process
+
+    def send(self, message) -> bool:
+        if not self.closed:
+            self.process.inbox.append(pickle.loads(pickle.dumps(message, protocol=5)))
+        return False
+
+    def fileno(self) -> int:
+        return -1
+
+    def flush(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+# ---------------------------------------------------------------------------- nodes
+class SimNode(NodeManager):
+    """A real NodeManager whose worker processes are SimProcesses and whose event loop
+    is the simulator (no fork server, no epoll waits, no timers that fire)."""
+
+    def __init__(self, sim: Simulation, rank: int, size: int, job: dict, config: Config,
+                 num_cpus: float):
+        self.sim = sim
+        self.freed_ids: set = set()
+        transport = SimTransport(sim.network, rank, size)
+        resources = detect_node_resources(num_cpus=num_cpus, num_gpus=0, resources={},
+                                          environ={}, gpu_uuids=[])
+        store_name = f"/hpcray-{os.getpid()}-sim{sim.seed}-n{rank}"
+        self.job_dict = {"store_name": store_name, "job_id": job["job_id"],
+                         "node_id": f"{rank:08x}" + "00" * 12, "resources": None,
+                         "config": config.as_dict(), "gpu_uuids": [], "rank": rank}
+        super().__init__(job_id=bytes.fromhex(job["job_id"]),
+                         node_id=bytes.fromhex(self.job_dict["node_id"]),
+                         node_resources=resources, config=config, store_name=store_name,
+                         store_capacity=sim.store_bytes, cluster=ClusterLink(transport, job),
+                         run_thread=False)
+        self.job_dict["resources"] = self.total_resources
+
+    # What the real node does with processes and its event loop, done by the simulator.
+    def _start_forkserver(self) -> None:
+        self.forkserver = None
+
+    def _start_worker(self, actor_id: bytes | None = None) -> WorkerHandle:
+        key = next(self._worker_keys)
+        process = self.sim.start_process(self, f"n{self.rank}w{key}", _worker_body(
+            self.job_dict, key, actor_id is not None))
+        worker = WorkerHandle(key, NodeConnection(process), {}, actor_id)
+        process.handle = worker
+        self.workers[key] = worker
+        return worker
+
+    def _wake(self) -> None:
+        pass
+
+    def _wake_always(self) -> None:
+        pass
+
+    def _add_timer(self, delay, callback) -> None:
+        self.sim.timers.append(callback)  # never fires: the simulation has no clock
+
+    def _free_object(self, object_id, entry) -> None:
+        self.freed_ids.add(object_id)
+        super()._free_object(object_id, entry)
+
+    def after_event(self) -> None:
+        """What the event loop does after handling events: load and task events out."""
+        self._report_load(now_=True)  # when it changed; no clock in the simulation
+        self.task_events.flush()
+
+    def close(self) -> None:
+        for entry in self.objects.values():
+            if entry.pin is not None:
+                entry.pin.release()
+        self.objects.clear()
+        Store.unlink_name(self.store_name)
+        self.store.close()
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+def _worker_body(job: dict, key: int, is_actor: bool):
+    def body(process: SimProcess) -> None:
+        worker = Worker(ProcessConnection(process), job, key, is_actor)
+        process.refs = worker.refs
+        worker.serve()
+    return body
+
+
+# ---------------------------------------------------------------------------- simulator
+class Simulation:
+    def __init__(self, seed: int, num_nodes: int = 3, num_cpus: float = 1.0,
+                 inline_threshold: int = 300, store_bytes: int = 16 << 20,
+                 gcs_shards: int = 1, max_steps: int = 40000):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.network = SimNetwork()
+        self.baton = threading.Semaphore(0)
+        self.idle_counter = LocalReferenceCounter()
+        self.idle_counter.enabled = False
+        self.processes: list[SimProcess] = []
+        self.timers: list = []
+        self.store_bytes = store_bytes
+        self.max_steps = max_steps
+        self.steps = 0
+        self.trace: collections.deque = collections.deque(
+            maxlen=int(os.environ.get("HPCRAY_SIM_TRACE", "40")))
+        self._pids = 0
+        config = Config(inline_threshold=inline_threshold, object_store_memory=store_bytes,
+                        log_to_driver=False)
+        job = {"job_id": f"{seed & 0xffffffff:08x}", "gcs_shards": gcs_shards}
+        object_ref.reference_counter = self.idle_counter
+        self.nodes: list[SimNode] = []
+        try:
+            for rank in range(num_nodes):
+                self.nodes.append(SimNode(self, rank, num_nodes, job, config, num_cpus))
+            described = {node.rank: {"node_id": node.node_id.hex(),
+                                      "resources": node.total_resources,
+                                      "hostname": f"sim{node.rank}"} for node in self.nodes}
+            for node in self.nodes:
+                node.set_cluster_nodes(described)
+                node.prestart_workers(max(1, int(num_cpus)))
+        except BaseException:
+            self.close()
+            raise
+
+    def next_pid(self) -> int:
+        self._pids += 1
+        return self._pids
+
+    def start_process(self, node: SimNode, name: str, body) -> SimProcess:
+        process = SimProcess(self, node, name, body)
+        self.processes.append(process)
+        return process
+
+    def start_driver(self, program) -> SimProcess:
+        """Run `program(sim)` as the job's driver, a client of node 0."""
+        node = self.nodes[0]
+
+        def body(process: SimProcess) -> None:
+            channel = WorkerChannel(ProcessConnection(process), process.refs)
+            context.client = WorkerClient(channel, node.store, node.config, node.job_id,
+                                          node.node_id, node.total_resources)
+            program(self)
+            # The driver's last drops reach its node with one more request.
+            channel.request("resources", None)
+
+        driver = self.start_process(node, "driver", body)
+        driver.refs.enabled = True
+        # A driver's node knows it as a worker that never runs tasks.
+        handle = WorkerHandle(0, NodeConnection(driver), {}, None)
+        handle.ready = True
+        driver.handle = handle
+        return driver
+
+    def pause(self) -> None:
+        """Called by the driver between operations: anything may happen meanwhile."""
+        current = threading.current_thread()
+        for process in self.processes:
+            if process.thread is current:
+                process.block("paused")
+                return
+
+    # -- events ----------------------------------------------------------------------
+    def enabled_events(self) -> list:
+        events = [("net", key) for key, queue in self.network.queues.items() if queue]
+        receives = self.network.receives
+        events += [("data", i) for i, (source, dest, transfer) in enumerate(self.network.sends)
+                   if (dest, source, transfer.tag) in receives]
+        for process in self.processes:
+            if process.outbox:
+                events.append(("up", process))
+            if process.runnable:
+                events.append(("run", process))
+            if process.state == "done" and process.handle is not None and \
+                    process.handle.alive and not process.outbox and process.handle.key != 0:
+                events.append(("eof", process))
+        return events
+
+    def step(self, event) -> None:
+        kind, what = event
+        if kind == "net":
+            source, dest, channel = what
+            message = self.network.queues[what].popleft()
+            self.trace.append(f"net {source}->{dest} {channel} {str(message)[:120]}")
+            node = self.nodes[dest]
+            node.handle_cluster_messages([(source, channel, message)])
+            node.after_event()
+        elif kind == "data":
+            source, dest, transfer = self.network.sends.pop(what)
+            receive = self.network.receives.pop((dest, source, transfer.tag))
+            self.trace.append(f"data {source}->{dest} {transfer.nbytes} B")
+            receive.view[:] = transfer.view
+            transfer.view.release()
+            if transfer.on_done is not None:
+                transfer.on_done()
+            self.nodes[source].after_event()
+            if receive.on_done is not None:
+                receive.on_done()
+            self.nodes[dest].after_event()
+        elif kind == "up":
+            message = what.outbox.popleft()
+            self.trace.append(f"up {what.name} {str(message)[:120]}")
+            what.node.on_worker_messages(what.handle, [message])
+            what.node.after_event()
+        elif kind == "run":
+            self.trace.append(f"run {what.name}")
+            what.resume()
+            if what.error is not None:
+                raise SimulationFailure(f"{what.name} raised:\n{what.error}")
+        elif kind == "eof":
+            self.trace.append(f"eof {what.name}")
+            what.node._worker_died(what.handle)
+            what.node.after_event()
+
+    def run(self, driver: SimProcess) -> None:
+        """Step until the driver is done and nothing else can happen."""
+        while True:
+            events = self.enabled_events()
+            if not events:
+                if driver.state != "done":
+                    raise SimulationFailure("deadlock: nothing can happen and the driver "
+                                            f"is {driver.state}")
+                return
+            self.steps += 1
+            if self.steps > self.max_steps:
+                raise SimulationFailure(f"no end after {self.max_steps} steps")
+            self.step(self.rng.choice(events))
+            self.check()
+
+    # -- invariants ------------------------------------------------------------------
+    def check(self) -> None:
+        """After every event: no object that a live process holds was freed by its owner."""
+        for process in self.processes:
+            if process.state == "done":
+                continue
+            for key in process.refs.counts:
+                if len(key) == ids.OBJECT_ID_SIZE:
+                    owner = self.nodes[ids.owner_rank(key)]
+                    if key in owner.freed_ids:
+                        raise SimulationFailure(
+                            f"{process.name} holds {key.hex()}, which node {owner.rank} "
+                            "freed")
+        for node in self.nodes:
+            node.scheduler.check_invariants()
+
+    def check_quiescent(self) -> None:
+        """Once the driver is done and every message delivered: everything is freed."""
+        problems = []
+        for node in self.nodes:
+            held = {key.hex(): (entry.state, entry.refs, entry.borrowers, entry.lent,
+                                entry.primary)
+                    for key, entry in node.objects.items()}
+            if held:
+                problems.append(f"node {node.rank} still has entries {held}")
+            if node.tasks:
+                problems.append(f"node {node.rank} still has tasks {list(node.tasks)}")
+            if node.cluster.pulls:
+                problems.append(f"node {node.rank} has pulls {node.cluster.pulls}")
+            stored = node.store.objects()
+            if stored:
+                problems.append(f"node {node.rank} store still holds {stored}")
+            pins = node.store.pins()
+            if pins:
+                problems.append(f"node {node.rank} store has pins {pins}")
+            live_actors = [a for a in node.actors.values() if a.death is None]
+            if live_actors:
+                problems.append(f"node {node.rank} has live actors {live_actors}")
+        if problems:
+            for process in self.processes:
+                if process.refs.counts or process.refs.transitions:
+                    problems.append(f"{process.name} ({process.state}) holds "
+                                    f"{[k.hex() for k in process.refs.counts]}, unsent "
+                                    f"{[(k.hex(), d) for k, d in process.refs.transitions]}")
+            raise SimulationFailure("not quiescent:\n" + "\n".join(problems))
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.killed = True
+        for process in self.processes:
+            if process.thread.is_alive() and process.state != "done":
+                process._go.release()
+                self.baton.acquire(timeout=5)
+        for node in self.nodes:
+            node.close()
+        object_ref.reference_counter = self.idle_counter
+        context.client = context.worker = None
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, step {self.steps}; last events:\n  " + \
+            "\n  ".join(self.trace)
