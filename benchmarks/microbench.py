@@ -1,6 +1,7 @@
 """hpcray's microbenchmark: the same Ray-API program timed on hpcray and on Ray.
 
     python benchmarks/microbench.py [--backends hpcray,ray] [--quick] [--json out.json]
+    python benchmarks/microbench.py --only nested_tasks --repeat 3 --ray-python /path/bin/python
     python benchmarks/microbench.py --ranks 1,2,4 [--quick]   # hpcray alone, 1 node vs mpiexec -n N
 
 Each backend runs in its own fresh subprocess, one after the other, so that neither
@@ -63,6 +64,8 @@ class Knobs:
         self.big_put_bytes = 800 * 1024**2  # as Ray's "put gigabytes": 100 Mi int64
         self.big_put_reps = 2 if quick else 5
         self.wait_refs = 1000
+        self.nested_parents = 40  # nested tasks: parents per step, each with ...
+        self.nested_children = 10  # ... this many child no-ops it submits and gets
         self.actors_to_create = 20 if quick else 100
         self.idle_settle_s = 1.0 if quick else 2.0
         self.idle_window_s = 2.0 if quick else 5.0
@@ -83,6 +86,7 @@ METRICS = [
     ("1:1 actor calls sync latency", "µs", "time", ("ratio", 5, "≤ 1/5")),
     ("1:1 actor calls async", "calls/s", "rate", ("ratio", 5, "≥ 5x")),
     ("n:n actor calls async", "calls/s", "rate", ("ratio", 5, "≥ 5x")),
+    ("nested tasks", "tasks/s", "rate", ("ratio", 3, "≥ 3x")),
     ("single client put calls", "calls/s", "rate", None),
     ("single client get calls", "calls/s", "rate", None),
     ("single client put gigabytes", "GB/s", "rate", ("ratio", 1, "≥ 1x")),
@@ -114,7 +118,13 @@ def define_remotes(ray):
         def ping(self):
             return b"ok"
 
-    return noop, Actor, call_actor, Trivial
+    @ray.remote
+    def parent(children):
+        # A task that submits tasks and waits for them (blocked in get, it lends its CPU).
+        ray.get([noop.remote() for _ in range(children)])
+        return children
+
+    return noop, Actor, call_actor, Trivial, parent
 
 
 def import_backend(name: str):
@@ -131,8 +141,10 @@ def import_backend(name: str):
 class Worker:
     """One backend, measured in this process; reports through two files."""
 
-    def __init__(self, backend: str, quick: bool, result_path: str, progress_path: str):
+    def __init__(self, backend: str, quick: bool, result_path: str, progress_path: str,
+                 only=None):
         self.backend = backend
+        self.only = only  # metric names to measure (startup always is); None: all
         # Under mpiexec the runtime is the whole job: account from mpiexec down.
         self.root_pid = job_root_pid()
         self.knobs = Knobs(quick)
@@ -165,6 +177,8 @@ class Worker:
         self.emit(event="pids", pids=keys)
 
     def measure(self, key, fn):
+        if self.only is not None and key not in self.only:
+            return
         self.emit(event="start", metric=key)
         try:
             fn()
@@ -182,7 +196,8 @@ class Worker:
         try:
             ray = self.ray = import_backend(self.backend)
             self.results["version"] = getattr(ray, "__version__", "")
-            self.noop, self.Actor, self.call_actor, self.Trivial = define_remotes(ray)
+            (self.noop, self.Actor, self.call_actor, self.Trivial,
+             self.parent) = define_remotes(ray)
         except Exception:  # noqa: BLE001 - reported, as any failure of the runtime
             self.fail("import")
             return 1
@@ -213,6 +228,7 @@ class Worker:
             self.measure("1:1 actor calls sync", self.actor_sync)
             self.measure("1:1 actor calls async", self.actor_async)
             self.measure("n:n actor calls async", self.n_n_actor_async)
+            self.measure("nested tasks", self.nested_tasks)
             self.measure("single client put calls", self.put_calls)
             self.measure("single client get calls", self.get_calls)
             self.measure("single client put gigabytes", self.put_gigabytes)
@@ -325,6 +341,20 @@ class Worker:
         r = self.rate(step)
         self.record("n:n actor calls async", r.value, "calls/s", trials=r.trials, n=NUM_CPUS)
 
+    def nested_tasks(self):
+        # Every step: 40 parents, each submitting 10 no-ops and getting them; the rate
+        # counts all 440 tasks (parents and children).
+        ray, k = self.ray, self.knobs
+        parents, children = k.nested_parents, k.nested_children
+
+        def step():
+            ray.get([self.parent.remote(children) for _ in range(parents)])
+            return parents * (1 + children)
+
+        r = self.rate(step)
+        self.record("nested tasks", r.value, "tasks/s", trials=r.trials,
+                    parents=parents, children_per_parent=children)
+
     def put_calls(self):
         ray, n = self.ray, self.knobs.small_ops_per_step
 
@@ -418,7 +448,9 @@ def job_root_pid() -> int:
 
 
 def worker_main(args) -> int:
-    worker = Worker(args.worker_backend, args.quick, args.result_file, args.progress_file)
+    only = parse_only(args.only) if args.only else None
+    worker = Worker(args.worker_backend, args.quick, args.result_file, args.progress_file,
+                    only)
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)  # so that `finally: shutdown()` runs
@@ -437,10 +469,32 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_backend(backend: str, quick: bool, ranks: int = 1) -> dict:
+def parse_only(text: str) -> set:
+    """`--only`: comma-separated metric names, `_` for spaces (nested_tasks); a latency
+    row comes with its rate row. Unknown names are an error."""
+    known = {key for key, *_ in METRICS}
+    chosen = set()
+    for name in text.split(","):
+        name = name.strip().replace("_", " ")
+        if not name:
+            continue
+        name = name.removesuffix(" latency")
+        if name not in known:
+            raise SystemExit(f"--only: unknown metric {name!r}; known: {', '.join(sorted(known))}")
+        chosen.add(name)
+    return chosen
+
+
+def selected(key: str, only) -> bool:
+    return only is None or key == "startup" or key.removesuffix(" latency") in only
+
+
+def run_backend(backend: str, quick: bool, ranks: int = 1, only: str | None = None,
+                python: str | None = None) -> dict:
     """Run one backend in a fresh subprocess; watch its progress, kill it if a metric hangs.
 
-    ranks > 1: the subprocess is `mpiexec -n ranks python -m hpcray` of the same worker."""
+    ranks > 1: the subprocess is `mpiexec -n ranks python -m hpcray` of the same worker.
+    `only`: the --only text, passed on; `python`: the interpreter (default this one)."""
     tmp = tempfile.mkdtemp(prefix=f"microbench-{backend}-")
     result_path = os.path.join(tmp, "result.json")
     progress_path = os.path.join(tmp, "progress.jsonl")
@@ -456,11 +510,13 @@ def run_backend(backend: str, quick: bool, ranks: int = 1) -> dict:
     ]
     if quick:
         worker_argv.append("--quick")
+    if only:
+        worker_argv += ["--only", only]
     if ranks > 1:
         cmd = _mpirun.launch_command(ranks, worker_argv)
         backend_label = f"{backend} -n {ranks}"
     else:
-        cmd = [sys.executable, *worker_argv]
+        cmd = [python or sys.executable, *worker_argv]
         backend_label = backend
     env = dict(os.environ)
     tag = env[_mpirun.TAG_VARIABLE] = os.urandom(8).hex()
@@ -580,11 +636,33 @@ def fmt_ratio(r):
     return "∞" if math.isinf(r) else _common.fmt_number(r) + "x"
 
 
-def build_rows(results: dict, quick: bool):
+def median_result(runs: list) -> dict:
+    """One backend's runs as one result: each metric the median of the runs that have it
+    (every run's figure kept in `runs`), errors and leftovers of all runs."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = {"backend": runs[0].get("backend"), "version": runs[0].get("version", ""),
+              "metrics": {}, "errors": {}, "leftover_processes": [], "runs": runs}
+    for i, run in enumerate(runs):
+        for key, error in run.get("errors", {}).items():
+            merged["errors"][f"{key} (run {i + 1})"] = error
+        merged["leftover_processes"] += run.get("leftover_processes", [])
+        merged["version"] = merged["version"] or run.get("version", "")
+    for key, unit, _kind, _aim in METRICS:
+        values = [r["metrics"][key]["value"] for r in runs if key in r.get("metrics", {})]
+        if values:
+            merged["metrics"][key] = {"value": statistics.median(values), "unit": unit,
+                                      "per_run": values}
+    return merged
+
+
+def build_rows(results: dict, quick: bool, only=None):
     hp = results.get("hpcray", {}).get("metrics", {})
     rr = results.get("ray", {}).get("metrics", {})
     rows = []
     for key, unit, kind, aim in METRICS:
+        if not selected(key, only):
+            continue
         ours = hp.get(key, {}).get("value")
         theirs = rr.get(key, {}).get("value")
         r = ratio(kind, ours, theirs)
@@ -627,7 +705,21 @@ def main(argv=None) -> int:
         help="hpcray only, once per rank count (1: no launcher; N: mpiexec -n N), e.g. 1,2,4",
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, help="with --ranks: runs per rank count, median shown"
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per backend (or per rank count with --ranks), interleaved; medians shown",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="LIST",
+        help="measure only these metrics (comma-separated, _ for spaces, e.g. nested_tasks); "
+        "startup is always measured",
+    )
+    parser.add_argument(
+        "--ray-python",
+        metavar="PATH",
+        help="the interpreter that runs the Ray backend (a venv with ray); default: this one",
     )
     parser.add_argument("--worker-backend", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -643,9 +735,13 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
     notes = []
-    if "ray" in backends and importlib.util.find_spec("ray") is None:
+    only = parse_only(args.only) if args.only else None
+    if "ray" in backends and not ray_available(args.ray_python):
         backends.remove("ray")
-        notes.append("Ray is not installed (pip install ray): hpcray's figures only.")
+        notes.append(
+            f"Ray is not installed in {args.ray_python or sys.executable} (pip install ray): "
+            "hpcray's figures only."
+        )
         log(notes[-1])
     if not backends:
         parser.error("no backend left to run")
@@ -655,12 +751,20 @@ def main(argv=None) -> int:
         "python": sys.version.split()[0],
         "quick": args.quick,
         "num_cpus": NUM_CPUS,
+        "repeat": args.repeat,
+        "only": sorted(only) if only else None,
+        "ray_python": args.ray_python,
     }
-    results = {}
-    for backend in backends:
-        results[backend] = run_backend(backend, args.quick)
+    runs = {backend: [] for backend in backends}
+    for rep in range(args.repeat):
+        for backend in backends:  # interleaved, so load drifts hit both backends alike
+            if args.repeat > 1:
+                log(f"== {backend}, run {rep + 1} of {args.repeat}")
+            python = args.ray_python if backend == "ray" else None
+            runs[backend].append(run_backend(backend, args.quick, only=args.only, python=python))
+    results = {backend: median_result(runs[backend]) for backend in backends}
 
-    rows = build_rows(results, args.quick)
+    rows = build_rows(results, args.quick, only)
     versions = {b: results[b].get("version", "") for b in backends}
     header = [
         "metric",
@@ -673,6 +777,17 @@ def main(argv=None) -> int:
     table = _common.markdown_table(header, rows)
     print(table)
     print("\nratio > 1 means hpcray is better (hpcray/ray for rates, ray/hpcray for times).")
+    if args.repeat > 1:
+        print(f"Each figure is the median of {args.repeat} runs per backend, interleaved.")
+        for key, *_ in METRICS:
+            per_run = {b: results[b]["metrics"].get(key, {}).get("per_run") for b in backends}
+            if any(per_run.values()):
+                text = "; ".join(
+                    f"{b} {' / '.join(_common.fmt_number(v) for v in vals)}"
+                    for b, vals in per_run.items()
+                    if vals
+                )
+                print(f"  {key}: {text}")
     if args.quick:
         print("--quick: shorter loops; 'create 100 actors' created 20 and is scaled ×5.")
     for backend in backends:
@@ -693,6 +808,14 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def ray_available(python: str | None) -> bool:
+    if not python:
+        return importlib.util.find_spec("ray") is not None
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('ray') is None)"
+    check = subprocess.run([python, "-c", probe], capture_output=True)
+    return check.returncode == 0
+
+
 def main_ranks(args) -> int:
     """hpcray at 1 rank and under mpiexec -n N: one column per rank count."""
     rank_counts = [int(r) for r in args.ranks.split(",") if r.strip()]
@@ -707,7 +830,7 @@ def main_ranks(args) -> int:
     for rep in range(args.repeat):
         for ranks in rank_counts:  # interleaved, so load drifts hit every column alike
             log(f"== ranks {ranks}, run {rep + 1} of {args.repeat}")
-            runs[ranks].append(run_backend("hpcray", args.quick, ranks))
+            runs[ranks].append(run_backend("hpcray", args.quick, ranks, only=args.only))
 
     def median_of(ranks, key):
         values = [r["metrics"][key]["value"] for r in runs[ranks] if key in r["metrics"]]
@@ -718,7 +841,10 @@ def main_ranks(args) -> int:
         "1 node" if r == 1 else f"mpiexec -n {r}" for r in rank_counts
     ] + [f"ratio -n {r} / {'1 node' if base == 1 else base}" for r in rank_counts[1:]]
     rows = []
+    only = parse_only(args.only) if args.only else None
     for key, unit, kind, _aim in METRICS:
+        if not selected(key, only):
+            continue
         values = [median_of(r, key) for r in rank_counts]
         label = key + (" (20, ×5)" if key == "create 100 actors" and args.quick else "")
         ratios = []
