@@ -118,6 +118,15 @@ class BorrowingMixin:
         for key in entry.contained:
             self._decref(key)
 
+    def _give_up_borrowing(self, object_id: bytes, entry: ObjectEntry) -> None:
+        """Nothing here holds an object whose primary copy this node keeps for its
+        owner: give the registrations back, keep the entry (and copy) until the owner
+        frees the object (the GCS's delete notice)."""
+        deferred, lent = entry.deferred, entry.lent
+        entry.deferred = entry.lender = None
+        entry.lent = 0
+        self._give_registrations_back(object_id, entry.owner, deferred, lent)
+
     def _drop_borrowed_actor(self, actor_id: bytes, handles) -> None:
         """Nothing on this node holds a handle of an actor another node owns: give its
         registrations back. The record stays (it hosts the actor or queues calls)."""
@@ -152,7 +161,8 @@ class BorrowingMixin:
                 if ids.owner_rank(key) == self.rank:
                     continue  # freed here already: the task gets ObjectFreedError
                 entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
-                entry.lender = lender
+            if entry.refs <= 0 and entry.lent == 0 and entry.lender is None:
+                entry.lender = lender  # nothing here covers it (new, or a primary copy)
             entry.refs += 1
             described = where.get(key)
             if described is not None and entry.state == PENDING:

@@ -28,6 +28,7 @@ size, contained), `contained` being the refs inside the value (borrowing.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -41,6 +42,7 @@ from hpcray.runtime.objects import IN_STORE, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, NORMAL_TASK, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
 
+log = logging.getLogger("hpcray.cluster")
 _IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
 _BUSY_MAX_SLEEP = 0.0002   # while transfers are in flight
 _LOAD_REPORT_PERIOD = 0.005
@@ -67,6 +69,10 @@ class ClusterLink:
         self.function_waiters: dict[bytes, list] = {}
         self.received = 0          # tasks the global scheduler placed here, so far
         self.keep_limit = 0        # queue length up to which own tasks stay here
+        # Rank 0: actor creations no node has room for now, (source, spec, deps, hops),
+        # placed as soon as a load report shows room (an actor holds its resources for
+        # life, so queued on a full node it could wait forever while others free up).
+        self.pending_actors: list = []
 
 
 class ClusterMixin(RemoteObjectsMixin):
@@ -129,8 +135,8 @@ class ClusterMixin(RemoteObjectsMixin):
                 else:
                     getattr(self, "_cm_" + message[0])(source, *message[1:])
             except Exception:  # noqa: BLE001 - one bad message must not kill the node
-                import traceback
-                traceback.print_exc()
+                log.exception("rank %d: message %.200r from rank %d failed", self.rank,
+                              message, source)
 
     def _wake_cluster(self) -> None:
         """Something was sent: poll MPI soon (replies come quickly)."""
@@ -180,6 +186,7 @@ class ClusterMixin(RemoteObjectsMixin):
         cluster.last_load_report = now
         if self.rank == 0:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2])
+            self._place_pending_actors()
         else:
             self._transport.send(0, ("load", dict(load[0]), load[1], load[2]))
 
@@ -188,6 +195,22 @@ class ClusterMixin(RemoteObjectsMixin):
 
     def _cm_load(self, source: int, available: dict, queued: int, received: int) -> None:
         self.global_scheduler.report(source, available, queued, received)
+        self._place_pending_actors()
+
+    def _room_now(self, demand: dict) -> bool:
+        """Rank 0: whether some node has `demand` free, as the global scheduler sees it."""
+        scheduler = self.global_scheduler
+        return any(all(amount <= scheduler.available[rank].get(name, 0.0) + 1e-9
+                       for name, amount in demand.items())
+                   for rank in scheduler.alive)
+
+    def _place_pending_actors(self) -> None:
+        pending = self.cluster.pending_actors
+        if not pending:
+            return
+        self.cluster.pending_actors = []
+        for source, spec, deps, hops in pending:
+            self._cm_forward(source, spec, deps, None, {}, hops)
 
     def _cm_stop(self, source: int) -> None:
         self.cluster.stop_requested = True
@@ -307,7 +330,12 @@ class ClusterMixin(RemoteObjectsMixin):
         """Rank 0, the global scheduler: place a task a node did not keep. `hops`: how
         many nodes already sent this actor back for lack of room."""
         demand = spec.demand
-        self._report_load(now_=True)  # this node's own load is never stale
+        if self.rank == 0:
+            self._report_load(now_=True)  # this node's own load is never stale
+        if strategy is None and spec.kind != ACTOR_CALL and spec.actor_id is not None \
+                and self.cluster_feasible(demand) and not self._room_now(demand):
+            self.cluster.pending_actors.append((source, spec, deps, hops))
+            return
         rank = self.global_scheduler.place(demand, arg_bytes, strategy, source)
         if rank < 0:
             error = exceptions.ResourceInfeasibleError(
@@ -399,19 +427,10 @@ class ClusterMixin(RemoteObjectsMixin):
 
     def _localize(self, record: TaskRecord, then) -> None:
         """Pull the arguments that live on other nodes, then `then(record)`."""
-        from hpcray.runtime.objects import _DependencyWaiter
-        pending = 0
-        waiter = None
-        for dep in record.spec.deps:
-            entry = self.objects.get(dep)
-            if entry is not None and entry.state == REMOTE:
-                if waiter is None:
-                    waiter = _DependencyWaiter(record, then)
-                if self._add_waiter(dep, waiter):
-                    pending += 1
-        record.pending_deps = pending
-        if pending == 0:
-            then(record)
+        objects = self.objects
+        remote = [dep for dep in record.spec.deps
+                  if (entry := objects.get(dep)) is not None and entry.state == REMOTE]
+        self._wait_for_objects(record, remote, self._add_waiter, then)
 
     def _enqueue(self, record: TaskRecord) -> None:
         record.state = QUEUED
@@ -523,10 +542,11 @@ class ClusterMixin(RemoteObjectsMixin):
         creator holds the constructor's refs for good, so this node's holds never end.
         An actor holds its resources for life, so one placed from a stale view of this
         node's load goes back to the global scheduler (with this node's load first)
-        rather than wait here for actors that may never end; at most once per node."""
+        rather than wait here for actors that may never end (a bounded number of times:
+        the global scheduler's view and this node's could disagree)."""
         self.cluster.received += 1
         if _strategy_of(spec) is None and not self.scheduler.fits(spec.demand) \
-                and hops < self.cluster.size - 1:
+                and hops < 3 * self.cluster.size:
             self._report_load(now_=True)
             if self.rank == 0:
                 self._cm_forward(0, spec, deps, None, {}, hops + 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import os
 import select
 import signal
@@ -41,6 +42,8 @@ from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_T
                                   RUNNING, WAITING, TaskRecord, TaskSpec)
 from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
+
+log = logging.getLogger("hpcray.node")
 
 
 class WorkerHandle:
@@ -237,8 +240,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                         try:
                             handler(fd, mask)
                         except Exception:  # noqa: BLE001 - one bad event must not kill the node
-                            import traceback
-                            traceback.print_exc()
+                            log.exception("rank %d: handling an event on fd %d failed",
+                                          self.rank, fd)
                 self._run_timers()
                 if cluster is not None:
                     self.task_events.flush_due()
@@ -294,7 +297,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             return
         if not data and self._running:
             self._unregister(fd)
-            print("hpcray: the fork server died; no new workers can start", file=sys.stderr)
+            log.error("rank %d: the fork server died; no new workers can start", self.rank)
 
     # ------------------------------------------------------------------ workers
     def _start_worker(self, actor_id: bytes | None = None) -> WorkerHandle:
@@ -509,13 +512,9 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         self._resolve_deps(record, self._on_task_deps_ready)
 
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
-        pending = 0
-        for dep in record.spec.deps:
-            if self._add_avail_waiter(dep, _DependencyWaiter(record, ready_callback)):
-                pending += 1
-        record.pending_deps = pending
-        if pending == 0:
-            ready_callback(record)
+        """`ready_callback(record)` once every argument exists on some node."""
+        self._wait_for_objects(record, record.spec.deps, self._add_avail_waiter,
+                               ready_callback)
 
     def _on_task_deps_ready(self, record: TaskRecord) -> None:
         self._route(record)

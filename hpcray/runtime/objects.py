@@ -141,6 +141,8 @@ class ObjectsMixin:
                 self._free_object(key, entry)
         elif not entry.primary:
             self._drop_borrowed(key, entry)
+        else:  # the primary copy stays until the owner frees it; the borrowing ends now
+            self._give_up_borrowing(key, entry)
 
     def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
         del self.objects[object_id]
@@ -199,6 +201,19 @@ class ObjectsMixin:
                     waiter(object_id)
         if entry.refs <= 0 and self.objects.get(object_id) is entry:
             self._release_if_unused(object_id, entry)
+
+    def _wait_for_objects(self, record: TaskRecord, object_ids, add_waiter, then) -> None:
+        """`then(record)` once `add_waiter` has called back for each of `object_ids`
+        that it registered. A waiter can run while being registered (a pull served by a
+        copy already in this store), so the count starts at one and that guard goes
+        last: the record cannot reach zero before every waiter is in."""
+        waiter = _DependencyWaiter(record, then)
+        record.pending_deps = 1
+        for object_id in object_ids:
+            record.pending_deps += 1
+            if not add_waiter(object_id, waiter):
+                record.pending_deps -= 1
+        waiter(None)
 
     def _add_waiter(self, object_id: bytes, waiter) -> bool:
         """Call `waiter(object_id)` once the value is on this node; False if it already is

@@ -5,11 +5,13 @@ each answered with `_reply` now or, for what waits on objects or the GCS, later.
 
 from __future__ import annotations
 
+import logging
 import socket
-import sys
 from typing import TYPE_CHECKING
 
 from hpcray.runtime.specs import ACTOR_CREATION
+
+log = logging.getLogger("hpcray.node")
 
 if TYPE_CHECKING:
     from hpcray.runtime.node_manager import WorkerHandle
@@ -36,8 +38,8 @@ class WorkerRequestsMixin:
                 self.kill_actor(*body)
             elif op == "cancel":
                 self.cancel(*body)
-        except Exception as exc:  # noqa: BLE001 - reported on the worker's stderr
-            print(f"hpcray: request {op} from pid={worker.pid} failed: {exc!r}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - a bad request must not kill the node
+            log.exception("rank %d: %s from pid=%s failed", self.rank, op, worker.pid)
         self._apply_transitions(transitions)
 
     def _msg_req(self, worker: WorkerHandle, message) -> None:

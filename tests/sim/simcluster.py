@@ -25,6 +25,7 @@ same schedule (run with PYTHONHASHSEED=0: sets of ids iterate in hash order).
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import pickle
 import random
@@ -46,6 +47,17 @@ _FAKE_PID_BASE = 1 << 30   # above any pid_max: signals to these pids reach nobo
 
 class SimulationFailure(AssertionError):
     pass
+
+
+class _ErrorsLogged(logging.Handler):
+    """The runtime logs what a handler raised and goes on; the simulation fails."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list = []
+
+    def emit(self, record) -> None:
+        self.records.append(record)
 
 
 # ---------------------------------------------------------------------------- transport
@@ -332,6 +344,8 @@ class Simulation:
                         log_to_driver=False)
         job = {"job_id": f"{seed & 0xffffffff:08x}", "gcs_shards": gcs_shards}
         object_ref.reference_counter = self.idle_counter
+        self.errors = _ErrorsLogged()
+        logging.getLogger("hpcray").addHandler(self.errors)
         self.nodes: list[SimNode] = []
         try:
             for rank in range(num_nodes):
@@ -442,12 +456,21 @@ class Simulation:
             if not events:
                 if driver.state != "done":
                     raise SimulationFailure("deadlock: nothing can happen and the driver "
-                                            f"is {driver.state}")
+                                            f"is {driver.state}\n" + self.describe_state())
                 return
             self.steps += 1
             if self.steps > self.max_steps:
                 raise SimulationFailure(f"no end after {self.max_steps} steps")
-            self.step(self.rng.choice(events))
+            try:
+                self.step(self.rng.choice(events))
+            except SimulationFailure:
+                raise
+            except Exception:  # noqa: BLE001 - a node's handler raised: a failure of the seed
+                raise SimulationFailure(f"step raised:\n{traceback.format_exc()}") from None
+            if self.errors.records:
+                record = self.errors.records[0]
+                raise SimulationFailure(f"the runtime logged an error: {record.getMessage()}"
+                                        f"\n{self.errors.format(record)}")
             self.check()
 
     # -- invariants ------------------------------------------------------------------
@@ -505,8 +528,23 @@ class Simulation:
                 self.baton.acquire(timeout=5)
         for node in self.nodes:
             node.close()
+        logging.getLogger("hpcray").removeHandler(self.errors)
         object_ref.reference_counter = self.idle_counter
         context.client = context.worker = None
+
+    def describe_state(self) -> str:
+        lines = []
+        for node in self.nodes:
+            tasks = {t.hex()[-6:]: (r.spec.name.split(".")[-1], r.state, r.pending_deps,
+                                    r.worker.key if r.worker else None)
+                     for t, r in node.tasks.items()}
+            lines.append(f"node {node.rank}: tasks {tasks} queued "
+                         f"{node.scheduler.num_queued} available {node.scheduler.available} "
+                         f"idle {node.scheduler.idle_workers} busy {node.scheduler.busy_workers}"
+                         f" blocked {node.scheduler.blocked_workers} starting "
+                         f"{node.scheduler.num_starting}")
+        lines += [f"{p.name}: {p.state}" for p in self.processes if p.state != "done"]
+        return "\n".join(lines)
 
     def describe(self) -> str:
         return f"seed {self.seed}, step {self.steps}; last events:\n  " + \
