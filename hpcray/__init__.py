@@ -14,7 +14,16 @@ from hpcray.runtime_context import get_runtime_context
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `ray.util` is there after `import ray`; here it loads on first use, which keeps
+    # `import hpcray` from paying for it (the import binds it, so this runs once).
+    if name == "util":
+        import importlib
+        return importlib.import_module("hpcray.util")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["ActorClass", "ActorHandle", "ObjectRef", "available_resources", "cancel",
            "cluster_resources", "exceptions", "get", "get_actor", "get_gpu_ids",
            "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes", "put",
-           "remote", "shutdown", "wait"]
+           "remote", "shutdown", "util", "wait"]

@@ -58,7 +58,10 @@ class ActorClass:
         return self._remote(args, kwargs, self._options)
 
     def _remote(self, args, kwargs, options: dict) -> ActorHandle:
-        client = context.get_client()
+        client = context.client
+        if client is None:  # Ray starts a local runtime at the first .remote()
+            from hpcray.api import client_or_init
+            client = client_or_init()
         name = options.get("name")
         if name is not None and options.get("get_if_exists"):
             found = client.get_actor_info(name)

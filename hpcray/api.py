@@ -145,6 +145,20 @@ def is_initialized() -> bool:
     return context.client is not None
 
 
+def client_or_init():
+    """This process's client, starting a local runtime first when none runs: Ray's
+    implicit `init()` at the first call that needs one (`put`, `get`, `wait`, `cancel`,
+    `kill`, `get_actor`, `get_gpu_ids`, `get_runtime_context`, `.remote()` on a function
+    or an actor class). Under `python -m hpcray` or a launcher, `init()` joins the job's
+    ranks as an explicit one would. RAY_ENABLE_AUTO_CONNECT=0 turns it off, as in Ray."""
+    client = context.client
+    if client is None:
+        if context.worker is None and os.environ.get("RAY_ENABLE_AUTO_CONNECT", "") != "0":
+            init(ignore_reinit_error=True)  # another thread may be starting it: join that one
+        client = context.get_client()
+    return client
+
+
 def _check_refs(object_refs, what: str) -> list:
     if not isinstance(object_refs, (list, tuple)):
         raise TypeError(f"{what} expects an ObjectRef or a list of ObjectRefs, "
@@ -158,7 +172,7 @@ def _check_refs(object_refs, what: str) -> list:
 
 def get(object_refs, *, timeout: float | None = None):
     """The value(s) of ObjectRef(s), waiting for them; raises the task's error if it failed."""
-    client = context.get_client()
+    client = client_or_init()
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0.")
     if isinstance(object_refs, ObjectRef):
@@ -175,13 +189,13 @@ def get(object_refs, *, timeout: float | None = None):
 
 def put(value) -> ObjectRef:
     """Store `value` (zero-copy for numpy data on `get`) and return its ObjectRef."""
-    return context.get_client().put(value)
+    return client_or_init().put(value)
 
 
 def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
          fetch_local: bool = True):
     """-> (ready, not_ready): the first `num_returns` ready refs, in the order given."""
-    client = context.get_client()
+    client = client_or_init()
     if not isinstance(object_refs, (list, tuple)):
         raise TypeError(f"wait() expects a list of ObjectRefs, got {type(object_refs).__name__}.")
     try:
@@ -216,21 +230,21 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     `get` of it raises TaskCancelledError. A finished task is left alone, as in Ray."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}.")
-    context.get_client().cancel(object_ref.binary(), force, recursive)
+    client_or_init().cancel(object_ref.binary(), force, recursive)
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     """Kill the actor's process now; calls to it then raise RayActorError."""
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() expects an actor handle, got {type(actor).__name__}.")
-    context.get_client().kill_actor(actor._actor_id, no_restart)
+    client_or_init().kill_actor(actor._actor_id, no_restart)
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor created with `.options(name=name)`."""
     if not isinstance(name, str) or not name:
         raise ValueError("get_actor() needs a non-empty actor name.")
-    found = context.get_client().get_actor_info(name)
+    found = client_or_init().get_actor_info(name)
     if found is None:
         raise ValueError(f"Failed to look up actor with name {name!r}: no live actor has it.")
     return ActorHandle(*found)
@@ -238,7 +252,7 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
 
 def get_gpu_ids() -> list:
     """The GPU indices assigned to the calling task or actor ([] in the driver)."""
-    context.get_client()
+    client_or_init()
     worker = context.worker
     return list(worker.gpu_ids) if worker is not None else []
 

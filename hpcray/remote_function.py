@@ -47,7 +47,10 @@ class RemoteFunction:
         return self._remote(args, kwargs, self._options)
 
     def _remote(self, args, kwargs, options: dict):
-        client = context.get_client()
+        client = context.client
+        if client is None:  # Ray starts a local runtime at the first .remote()
+            from hpcray.api import client_or_init
+            client = client_or_init()
         function_id = self._function_id
         if function_id not in client.exported_functions:
             if self._pickled is None:

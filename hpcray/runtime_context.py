@@ -54,5 +54,7 @@ class RuntimeContext:
 
 
 def get_runtime_context() -> RuntimeContext:
-    context.get_client()
+    """The caller's context; starts a local runtime when none runs, as Ray does."""
+    from hpcray.api import client_or_init
+    client_or_init()
     return RuntimeContext()
