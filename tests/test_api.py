@@ -23,7 +23,9 @@ def add(a, b):
     return a + b
 
 
-def test_calls_before_init_are_clear_errors():
+def test_calls_before_init_are_clear_errors(monkeypatch):
+    # Ray's implicit init is off here (tests/test_implicit_init.py has it on).
+    monkeypatch.setenv("RAY_ENABLE_AUTO_CONNECT", "0")
     assert not hpcray.is_initialized()
     with pytest.raises(hpcray.exceptions.RayError, match="init"):
         identity.remote(1)
