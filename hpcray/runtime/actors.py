@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from hpcray import exceptions, ids
 from hpcray.gcs import tables as gcs_tables
-from hpcray.runtime.objects import _DependencyWaiter
+from hpcray.runtime import messages
+from hpcray.runtime.object_table import _DependencyWaiter
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
 if TYPE_CHECKING:
@@ -90,37 +91,74 @@ class RemoteActor(ActorHandles):
         self.queue: collections.deque = collections.deque()
 
 
-class ActorsMixin:
-    """The actor part of NodeManager."""
+class Actors:
+    """The actors this node hosts (a mapping of actor id -> ActorRecord), the handles of
+    actors hosted elsewhere that it counts (RemoteActor), and, on one node, the names."""
 
-    def _create_actor(self, spec: TaskSpec) -> None:
+    def __init__(self, rank: int, link, node, objects, scheduler, gcs, peers) -> None:
+        self.rank = rank
+        self.cluster = link               # ClusterLink, or None on one node
+        self.node = node                  # workers, GPUs, task ends
+        self.objects = objects
+        self.scheduler = scheduler
+        self.gcs = gcs
+        self.peers = peers
+        self.functions = node.functions
+        self.hosted: dict[bytes, ActorRecord] = {}
+        self.remote_actors: dict[bytes, RemoteActor] = {}
+        self.named_actors: dict[str, bytes] = {}
+        self.router = self.borrowing = None   # bind()
+
+    HANDLES = {messages.ActorReady: "on_actor_ready"}
+
+    def bind(self, router, borrowing) -> None:
+        self.router = router
+        self.borrowing = borrowing
+
+    # A mapping of the hosted actors, as the other parts read it.
+    def get(self, actor_id: bytes):
+        return self.hosted.get(actor_id)
+
+    def __getitem__(self, actor_id: bytes) -> ActorRecord:
+        return self.hosted[actor_id]
+
+    def __delitem__(self, actor_id: bytes) -> None:
+        del self.hosted[actor_id]
+
+    def __contains__(self, actor_id: bytes) -> bool:
+        return actor_id in self.hosted
+
+    def values(self):
+        return self.hosted.values()
+
+    def create_actor(self, spec: TaskSpec) -> None:
         # A named actor's client claimed the name (claim_actor_name) before submitting.
         actor = ActorRecord(spec, spec.options["info"])
         actor.refs = 1  # the creator's handle
-        self.actors[spec.actor_id] = actor
+        self.hosted[spec.actor_id] = actor
         for key in spec.contained:
-            self._incref(key)
+            self.objects.incref(key)
         record = TaskRecord(spec, 0)
-        self._resolve_deps(record, lambda r, a=actor: self._route_actor(a, r))
+        self.node._resolve_deps(record, lambda r, a=actor: self.router.route_actor(a, r))
 
-    def _host_actor(self, spec: TaskSpec) -> None:
+    def host_actor(self, spec: TaskSpec) -> None:
         """Host an actor that another node created and the global scheduler placed here."""
         actor = ActorRecord(spec, spec.options["info"])
-        self.actors[spec.actor_id] = actor
+        self.hosted[spec.actor_id] = actor
         remote = self.remote_actors.pop(spec.actor_id, None)
         if remote is not None:  # its handles (or calls) reached this node first
             actor.take_handles(remote)
             calls = len(remote.queue)
             for record in remote.queue:
                 record.retries_left = spec.options.get("max_task_retries", 0)
-            self._requeue_calls(remote.queue, actor.queue,
-                                lambda _record: self._pump_actor(actor))
+            self.requeue_calls(remote.queue, actor.queue,
+                                lambda _record: self.pump_actor(actor))
             for _ in range(calls):  # calls made here hold the actor only while remote
-                self._actor_decref(spec.actor_id)
+                self.actor_decref(spec.actor_id)
         record = TaskRecord(spec, 0)
-        self._localize(record, lambda _r: self._actor_deps_ready(actor))
+        self.router.localize(record, lambda _r: self.actor_deps_ready(actor))
 
-    def _requeue_calls(self, calls: collections.deque, queue: collections.deque, pump) -> None:
+    def requeue_calls(self, calls: collections.deque, queue: collections.deque, pump) -> None:
         """Move calls not sent yet to another queue of the same actor (kept in order);
         `pump(record)` runs once the arguments of one that waits are ready."""
         for record in calls:
@@ -133,66 +171,65 @@ class ActorsMixin:
                             waiter.ready_callback = pump
         calls.clear()
 
-    def _actor_deps_ready(self, actor: ActorRecord) -> None:
+    def actor_deps_ready(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD:
             return
-        self._run_actions(self.scheduler.task_ready(actor.actor_id, actor.spec.demand,
+        self.node._run_actions(self.scheduler.task_ready(actor.actor_id, actor.spec.demand,
                                                     needs_worker=False))
 
-    def _place_actor(self, actor: ActorRecord) -> None:
+    def place_actor(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD:
             self.scheduler.release(actor.spec.demand)
             return
         actor.placed = True
-        actor.gpu_ids = self._take_gpus(actor.spec.demand)
+        actor.gpu_ids = self.node._take_gpus(actor.spec.demand)
         actor.state = A_STARTING
-        actor.worker = self._start_worker(actor.actor_id)
+        actor.worker = self.node._start_worker(actor.actor_id)
         if self.cluster is not None:  # every node learns where to send its calls
             self.cluster.actor_locations[actor.actor_id] = self.rank
-            self._transport.broadcast(("actor_at", actor.actor_id, self.rank))
-            self._wake_cluster()
-            self._record_actor(actor, node=self.rank)
+            self.peers.broadcast(messages.ActorAt(actor.actor_id, self.rank))
+            self.record_actor(actor, node=self.rank)
 
-    def _send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
+    def send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
         spec = actor.spec
         function = self.functions.get(spec.function_id)
         worker.functions.add(spec.function_id)
-        self._send(worker, ("actor_create", spec, function, self._dep_payloads(spec),
-                            actor.gpu_ids))
+        self.node.send_to_worker(worker, messages.CreateActor(
+            spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 
-    def _msg_actor_ready(self, worker: WorkerHandle, message) -> None:
-        _, actor_id, error_blob, transitions = message
-        self._apply_transitions(transitions)
-        actor = self.actors.get(actor_id)
+    def on_actor_ready(self, worker: WorkerHandle, actor_id: bytes, error_blob,
+                       transitions) -> None:
+        self.objects.apply_transitions(transitions)
+        actor = self.hosted.get(actor_id)
         if actor is None or actor.worker is not worker:
             return
         if error_blob is not None:
             from hpcray.serialization import deserialize_inline
             cause = deserialize_inline(error_blob).error
             actor.restarts_left = 0
-            self._actor_dead(actor, exceptions.ActorDiedError(
+            self.actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} died: its constructor raised:\n{cause}"))
-            self._send(worker, ("exit",))
+            self.node.send_to_worker(worker, messages.ExitWorker())
             return
         actor.state = A_ALIVE
-        self._record_actor(actor, state=gcs_tables.ALIVE)
-        self._pump_actor(actor)
+        self.record_actor(actor, state=gcs_tables.ALIVE)
+        self.pump_actor(actor)
 
-    def _submit_actor_call(self, record: TaskRecord) -> None:
-        actor = self.actors.get(record.spec.actor_id)
+    def submit_actor_call(self, record: TaskRecord) -> None:
+        actor = self.hosted.get(record.spec.actor_id)
         if actor is None and self.cluster is not None:
-            self._submit_remote_actor_call(record)
+            self.router.submit_remote_actor_call(record)
             return
         if actor is None or actor.state == A_DEAD:
             error = actor.death if actor is not None else exceptions.RayActorError(
                 "The actor is unknown or was killed.")
-            self._fail_task(record, error)
+            self.node._fail_task(record, error)
             return
         record.retries_left = actor.spec.options.get("max_task_retries", 0)
         actor.queue.append(record)
-        self._resolve_deps(record, lambda _r, a=actor: self._pump_actor(a))
+        self.node._resolve_deps(record, lambda _r, a=actor: self.pump_actor(a))
 
-    def _pump_actor(self, actor: ActorRecord) -> None:
+    def pump_actor(self, actor: ActorRecord) -> None:
         """Send the actor, in submission order, every call whose arguments are ready."""
         if actor.state != A_ALIVE:
             return
@@ -204,29 +241,30 @@ class ActorsMixin:
                 continue
             record.state = RUNNING
             actor.inflight[record.spec.task_id] = record
-            self._send(worker, ("task", record.spec, None, self._dep_payloads(record.spec), ()))
+            self.node.send_to_worker(worker, messages.RunTask(
+                record.spec, None, self.node._dep_payloads(record.spec), ()))
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
-            self._send(worker, ("exit",))
+            self.node.send_to_worker(worker, messages.ExitWorker())
 
-    def _actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
-        actor = self.actors.get(worker.actor_id)
+    def actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
+        actor = self.hosted.get(worker.actor_id)
         record = actor.inflight.pop(task_id, None) if actor is not None else None
         if record is None:
-            self._apply_transitions(transitions)
+            self.objects.apply_transitions(transitions)
             return
-        self._finish_task(record, results, transitions)
+        self.node._finish_task(record, results, transitions)
         if actor.death is not None and not actor.queue and not actor.inflight:
-            self._send(worker, ("exit",))
+            self.node.send_to_worker(worker, messages.ExitWorker())
 
     # ------------------------------------------------------------------ handles
     # One node: the ActorRecord counts the handles. Many nodes: each node counts its own
     # holders in its record of the actor, and the creator's record also counts the other
     # nodes that hold one (borrowing.py); the actor ends when the creator's count is zero.
 
-    def _actor_handles(self, actor_id: bytes, create: bool = False):
+    def actor_handles(self, actor_id: bytes, create: bool = False):
         """This node's count of an actor's handles: its ActorRecord when it hosts the
         actor, else its RemoteActor (made if `create`, for an actor another node owns)."""
-        handles = self.actors.get(actor_id)
+        handles = self.hosted.get(actor_id)
         if handles is None:
             handles = self.remote_actors.get(actor_id)
             if handles is None and create and self.cluster is not None:
@@ -236,13 +274,13 @@ class ActorsMixin:
                         actor_id, self.cluster.actor_locations.get(actor_id))
         return handles
 
-    def _actor_incref(self, actor_id: bytes) -> None:
+    def actor_incref(self, actor_id: bytes) -> None:
         if self.cluster is None:
-            actor = self.actors.get(actor_id)
+            actor = self.hosted.get(actor_id)
             if actor is not None:
                 actor.refs += 1
             return
-        handles = self._actor_handles(actor_id, create=True)
+        handles = self.actor_handles(actor_id, create=True)
         if handles is None:
             return
         if handles.refs <= 0 and handles.lent == 0 and handles.lender is None \
@@ -250,35 +288,35 @@ class ActorsMixin:
             # New to this node outside any task or value that would cover it (looked up
             # by name): it registers itself with the owner.
             handles.lent = 1
-            self._send_to(handles.owner, ("borrow", actor_id, self.rank, 1))
+            self.peers.send(handles.owner, messages.Borrow(actor_id, self.rank, 1))
         handles.refs += 1
 
-    def _actor_decref(self, actor_id: bytes) -> None:
-        handles = self.actors.get(actor_id)
+    def actor_decref(self, actor_id: bytes) -> None:
+        handles = self.hosted.get(actor_id)
         if handles is None:
             handles = self.remote_actors.get(actor_id)
             if handles is None:
                 return
         handles.refs -= 1
         if handles.refs <= 0:
-            self._actor_unused(actor_id, handles)
+            self.actor_unused(actor_id, handles)
 
-    def _actor_unused(self, actor_id: bytes, handles) -> None:
+    def actor_unused(self, actor_id: bytes, handles) -> None:
         """Nothing on this node may hold the actor's handle any more: another node tells
         the owner; the owner ends the actor once no other node holds one either."""
         if handles.refs > 0:
             return
         if handles.owner != self.rank and self.cluster is not None:
-            self._drop_borrowed_actor(actor_id, handles)
+            self.borrowing.drop_borrowed_actor(actor_id, handles)
             return
         if handles.borrowers or not handles.scoped:
             return
         if isinstance(handles, ActorRecord):
-            self._actor_out_of_scope(handles)
+            self.actor_out_of_scope(handles)
         elif handles.host is not None:  # else once the host says where it is (actor_at)
-            self._send_to(handles.host, ("end_actor", actor_id))
+            self.peers.send(handles.host, messages.EndActor(actor_id))
 
-    def _actor_out_of_scope(self, actor: ActorRecord) -> None:
+    def actor_out_of_scope(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD or actor.death is not None:
             return
         # As Ray: the actor ends once the calls it already has are done.
@@ -286,18 +324,18 @@ class ActorsMixin:
             f"The actor {actor.info['class_name']} went out of scope (no handle is left).")
         actor.restarts_left = 0
         if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
-            self._send(actor.worker, ("exit",))
+            self.node.send_to_worker(actor.worker, messages.ExitWorker())
         elif actor.state == A_PENDING and not actor.queue:
             # Not started and nothing to run. With calls queued (`A.remote().f.remote()`
             # while A waits for a CPU) it starts, runs them, then exits (_pump_actor).
-            self._actor_dead(actor, actor.death)
+            self.actor_dead(actor, actor.death)
 
-    def _actor_process_died(self, worker: WorkerHandle) -> None:
-        actor = self.actors.get(worker.actor_id)
+    def actor_process_died(self, worker: WorkerHandle) -> None:
+        actor = self.hosted.get(worker.actor_id)
         if actor is None or actor.worker is not worker or actor.state == A_DEAD:
             return
         if actor.death is not None and not actor.killed:
-            self._actor_dead(actor, actor.death)  # exited after going out of scope
+            self.actor_dead(actor, actor.death)  # exited after going out of scope
             return
         if actor.restarts_left != 0 and not actor.killed:
             if actor.restarts_left > 0:
@@ -307,7 +345,7 @@ class ActorsMixin:
                 (retry if record.retries_left != 0 else lost).append(record)
             actor.inflight = {}
             for record in lost:
-                self._fail_task(record, exceptions.RayActorError(
+                self.node._fail_task(record, exceptions.RayActorError(
                     f"The actor {actor.info['class_name']} (pid={worker.pid}) died while "
                     "running this call; it is restarting, but the call had no retries left."))
             for record in reversed(retry):
@@ -317,44 +355,44 @@ class ActorsMixin:
                 actor.queue.appendleft(record)
             actor.state = A_RESTARTING
             actor.restarts += 1
-            self._record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
-            actor.worker = self._start_worker(actor.actor_id)
+            self.record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
+            actor.worker = self.node._start_worker(actor.actor_id)
             return
         cause = "was killed with kill()" if actor.killed else \
             f"process (pid={worker.pid}) died unexpectedly"
-        self._actor_dead(actor, exceptions.ActorDiedError(
+        self.actor_dead(actor, exceptions.ActorDiedError(
             f"The actor {actor.info['class_name']} {cause}."))
 
-    def _actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
+    def actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
         actor.state = A_DEAD
         actor.death = error
-        self._record_actor(actor, state=gcs_tables.DEAD)  # a name is free again
+        self.record_actor(actor, state=gcs_tables.DEAD)  # a name is free again
         for record in list(actor.inflight.values()) + list(actor.queue):
-            self._fail_task(record, error)
+            self.node._fail_task(record, error)
         actor.inflight.clear()
         actor.queue.clear()
         if actor.placed:
             actor.placed = False
             self.scheduler.release(actor.spec.demand)
-            self._release_gpus(actor)
-            self._run_actions(self.scheduler.reschedule())
+            self.node._release_gpus(actor)
+            self.node._run_actions(self.scheduler.reschedule())
         else:
             self.scheduler.cancel(actor.actor_id)
         if actor.spec.contained:
             contained, actor.spec.contained = actor.spec.contained, ()
             for key in contained:
-                self._decref(key)
+                self.objects.decref(key)
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
-        actor = self.actors.get(actor_id)
+        actor = self.hosted.get(actor_id)
         if actor is None and self.cluster is not None:
             remote = self.remote_actors.get(actor_id)
             host = remote.host if remote is not None else \
                 self.cluster.actor_locations.get(actor_id)
             if host is not None:
-                self._send_to(host, ("kill_actor", actor_id, no_restart))
+                self.peers.send(host, messages.KillActor(actor_id, no_restart))
             else:
-                self._transport.broadcast(("kill_actor", actor_id, no_restart))
+                self.peers.broadcast(messages.KillActor(actor_id, no_restart))
             return
         if actor is None:
             raise ValueError("kill() got an unknown actor handle.")
@@ -369,10 +407,10 @@ class ActorsMixin:
             except ProcessLookupError:
                 pass
         elif actor.state == A_PENDING:
-            self._actor_dead(actor, exceptions.ActorDiedError(
+            self.actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} was killed with kill()."))
 
-    def _record_actor(self, actor: ActorRecord, **fields) -> None:
+    def record_actor(self, actor: ActorRecord, **fields) -> None:
         """Keep the GCS actors table up to date (many nodes only): the hosting node
         registers its actor when placing it (a named one is registered already, by its
         name's claim), then updates state, node and restarts."""
@@ -395,7 +433,7 @@ class ActorsMixin:
         actor already holds it."""
         if self.cluster is None:
             holder = self.named_actors.get(name)
-            if holder is not None and holder != actor_id and self._actor_alive(holder):
+            if holder is not None and holder != actor_id and self.actor_alive(holder):
                 answer(holder)
                 return
             self.named_actors[name] = actor_id
@@ -420,8 +458,8 @@ class ActorsMixin:
         """answer((actor_id, info)) of the live actor named `name`, or answer(None)."""
         if self.cluster is None:
             actor_id = self.named_actors.get(name)
-            answer((actor_id, self.actors[actor_id].info)
-                   if actor_id is not None and self._actor_alive(actor_id) else None)
+            answer((actor_id, self.hosted[actor_id].info)
+                   if actor_id is not None and self.actor_alive(actor_id) else None)
             return
 
         def found(actor_id) -> None:
@@ -434,6 +472,6 @@ class ActorsMixin:
 
         self.gcs.request("lookup_actor_name", name, callback=found)
 
-    def _actor_alive(self, actor_id: bytes) -> bool:
-        actor = self.actors.get(actor_id)
+    def actor_alive(self, actor_id: bytes) -> bool:
+        actor = self.hosted.get(actor_id)
         return actor is not None and actor.state != A_DEAD

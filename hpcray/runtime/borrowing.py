@@ -51,38 +51,53 @@ from __future__ import annotations
 
 from hpcray import ids
 from hpcray._store import StoreError
-from hpcray.runtime.objects import IN_STORE, PENDING, READY, ObjectEntry
+from hpcray.runtime import messages
+from hpcray.runtime.object_table import IN_STORE, PENDING, ObjectEntry
 
 
-class BorrowingMixin:
-    """The cross-node reference counting part of NodeManager (multi-node only)."""
+class Borrowing:
+    """Cross-node reference counts of this node: registrations it counts as an owner,
+    those counted for it elsewhere, and the holds of tasks run here for other nodes."""
+
+    HANDLES = {messages.Borrow: "on_borrow", messages.Release: "on_release"}
+
+    def __init__(self, rank: int, objects, store, gcs, peers) -> None:
+        self.rank = rank
+        self.objects = objects
+        self.store = store
+        self.gcs = gcs                    # GcsClient, or None on one node
+        self.peers = peers
+        self.actors = None                # bind()
+
+    def bind(self, actors) -> None:
+        self.actors = actors
 
     # ------------------------------------------------------------------ registering
-    def _counted(self, key: bytes):
+    def counted(self, key: bytes):
         """What counts the holders of `key` on this node: the ObjectEntry of an object,
         the ActorRecord or RemoteActor of an actor (None if this node has none)."""
         if len(key) == ids.OBJECT_ID_SIZE:
             return self.objects.get(key)
-        return self._actor_handles(key)
+        return self.actors.actor_handles(key)
 
-    def _register_borrower(self, key: bytes, rank: int, count: int = 1) -> None:
+    def register_borrower(self, key: bytes, rank: int, count: int = 1) -> None:
         """Have the owner count `rank` as a holder of `key`, `count` times more."""
         owner = ids.owner_rank(key)
         if rank == owner:
             return  # the owner counts its own holders
-        entry = self._counted(key)
+        entry = self.counted(key)
         if owner == self.rank:
             if entry is not None:
-                self._count_borrower(key, entry, rank, count)
+                self.count_borrower(key, entry, rank, count)
         elif entry is None or entry.lent > 0 \
                 or (entry.refs <= 0 and len(key) == ids.ACTOR_ID_SIZE):  # nothing holds it
-            self._send_to(owner, ("borrow", key, rank, count))
+            self.peers.send(owner, messages.Borrow(key, rank, count))
         else:  # covered only by the task that brought it: its submitter registers
             if entry.deferred is None:
                 entry.deferred = {}
             entry.deferred[rank] = entry.deferred.get(rank, 0) + count
 
-    def _count_borrower(self, key: bytes, entry, rank: int, delta: int) -> None:
+    def count_borrower(self, key: bytes, entry, rank: int, delta: int) -> None:
         borrowers = entry.borrowers
         if borrowers is None:
             borrowers = entry.borrowers = {}
@@ -94,58 +109,58 @@ class BorrowingMixin:
             if not borrowers:
                 entry.borrowers = None
                 if len(key) == ids.OBJECT_ID_SIZE:
-                    self._release_if_unused(key, entry)
+                    self.objects.release_if_unused(key, entry)
                 else:
-                    self._actor_unused(key, entry)
+                    self.actors.actor_unused(key, entry)
 
-    def _cm_borrow(self, source: int, key: bytes, rank: int, count: int) -> None:
-        entry = self._counted(key)
+    def on_borrow(self, source: int, key: bytes, rank: int, count: int) -> None:
+        entry = self.counted(key)
         if entry is not None:
-            self._count_borrower(key, entry, rank, count)
+            self.count_borrower(key, entry, rank, count)
 
-    def _cm_release(self, source: int, key: bytes, count: int) -> None:
-        entry = self._counted(key)
+    def on_release(self, source: int, key: bytes, count: int) -> None:
+        entry = self.counted(key)
         if entry is not None:
-            self._count_borrower(key, entry, source, -count)
+            self.count_borrower(key, entry, source, -count)
 
-    def _drop_borrowed(self, object_id: bytes, entry: ObjectEntry) -> None:
+    def drop_borrowed(self, object_id: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds an object another node owns: forget it."""
         del self.objects[object_id]
         if entry.pin is not None:  # the copy stays, evictable, for a later pull
             entry.pin.release()
             entry.pin = None
-        self._give_registrations_back(object_id, entry.owner, entry.deferred, entry.lent)
+        self.give_registrations_back(object_id, entry.owner, entry.deferred, entry.lent)
         for key in entry.contained:
-            self._decref(key)
+            self.objects.decref(key)
 
-    def _give_up_borrowing(self, object_id: bytes, entry: ObjectEntry) -> None:
+    def give_up_borrowing(self, object_id: bytes, entry: ObjectEntry) -> None:
         """Nothing here holds an object whose primary copy this node keeps for its
         owner: give the registrations back, keep the entry (and copy) until the owner
         frees the object (the GCS's delete notice)."""
         deferred, lent = entry.deferred, entry.lent
         entry.deferred = entry.lender = None
         entry.lent = 0
-        self._give_registrations_back(object_id, entry.owner, deferred, lent)
+        self.give_registrations_back(object_id, entry.owner, deferred, lent)
 
-    def _drop_borrowed_actor(self, actor_id: bytes, handles) -> None:
+    def drop_borrowed_actor(self, actor_id: bytes, handles) -> None:
         """Nothing on this node holds a handle of an actor another node owns: give its
         registrations back. The record stays (it hosts the actor or queues calls)."""
         deferred, lent = handles.deferred, handles.lent
         handles.deferred = handles.lender = None
         handles.lent = 0
-        self._give_registrations_back(actor_id, handles.owner, deferred, lent)
+        self.give_registrations_back(actor_id, handles.owner, deferred, lent)
 
-    def _give_registrations_back(self, key: bytes, owner: int, deferred, lent: int) -> None:
+    def give_registrations_back(self, key: bytes, owner: int, deferred, lent: int) -> None:
         """This node lets go of `key`: registrations it still had to make (not reported
         through a task reply) go straight to the owner, then its own `lent` come back."""
         if deferred:
             for rank, count in deferred.items():
-                self._send_to(owner, ("borrow", key, rank, count))
+                self.peers.send(owner, messages.Borrow(key, rank, count))
         if lent:
-            self._send_to(owner, ("release", key, lent))
+            self.peers.send(owner, messages.Release(key, lent))
 
     # ------------------------------------------------------------------ tasks run here
-    def _hold_task_refs(self, spec, deps, lender: int) -> None:
+    def hold_task_refs(self, spec, deps, lender: int) -> None:
         """A task from node `lender` runs here: hold its argument refs until it ends.
         A task of this node's own that came back through the global scheduler is held
         by its submission already (and its end releases only that)."""
@@ -154,7 +169,7 @@ class BorrowingMixin:
         where = dict(deps)
         for key in dict.fromkeys(spec.contained):
             if len(key) != ids.OBJECT_ID_SIZE:
-                self._hold_task_actor(key, lender)
+                self.hold_task_actor(key, lender)
                 continue
             entry = self.objects.get(key)
             if entry is None:
@@ -166,17 +181,17 @@ class BorrowingMixin:
             entry.refs += 1
             described = where.get(key)
             if described is not None and entry.state == PENDING:
-                self._fill_entry(key, entry, described, lender)
+                self.fill_entry(key, entry, described, lender)
 
-    def _hold_task_actor(self, actor_id: bytes, lender: int) -> None:
-        handles = self._actor_handles(actor_id, create=True)
+    def hold_task_actor(self, actor_id: bytes, lender: int) -> None:
+        handles = self.actors.actor_handles(actor_id, create=True)
         if handles is None:
             return
         if handles.refs <= 0 and handles.lent == 0 and handles.owner != self.rank:
             handles.lender = lender
         handles.refs += 1
 
-    def _borrow_contained(self, contained, lender: int | None) -> None:
+    def borrow_contained(self, contained, lender: int | None) -> None:
         """Refs inside a value that reached this node: registered for it by the sender
         (`lender` None), or covered by the task from `lender` that brought the value."""
         for key in contained:
@@ -187,7 +202,7 @@ class BorrowingMixin:
                 if entry is None:
                     entry = self.objects[key] = ObjectEntry(ids.owner_rank(key))
             else:
-                entry = self._actor_handles(key, create=True)
+                entry = self.actors.actor_handles(key, create=True)
                 if entry is None:
                     continue
             if lender is None:
@@ -196,15 +211,15 @@ class BorrowingMixin:
             elif entry.lent == 0 and entry.refs <= 0 and entry.lender is None:
                 entry.lender = lender
 
-    def _give_back(self, contained) -> None:
+    def give_back(self, contained) -> None:
         """Registrations made for this node that it will not use (a second description
         of a value it already had): one release each, to each ref's owner."""
         for key in contained:
             owner = ids.owner_rank(key)
             if owner != self.rank:
-                self._send_to(owner, ("release", key, 1))
+                self.peers.send(owner, messages.Release(key, 1))
 
-    def _release_task_holds(self, spec, lender: int) -> list:
+    def release_task_holds(self, spec, lender: int) -> list:
         """The task from `lender` ended here: drop its holds; -> what this node keeps,
         as [(id, [(rank, count), ...])] for the lender to register. That includes refs
         inside its argument values that something here still holds."""
@@ -217,7 +232,7 @@ class BorrowingMixin:
             if entry is not None:
                 inside.update(dict.fromkeys(k for k in entry.contained if k not in held_keys))
         for key in (*held_keys, *inside):
-            entry = self._counted(key)
+            entry = self.counted(key)
             if entry is None:
                 continue
             reports = None
@@ -227,7 +242,7 @@ class BorrowingMixin:
             taken.append((key, entry, reports))
         for key, _entry, _reports in taken:
             if key in held_keys:
-                self._decref(key)
+                self.objects.decref(key)
         for key, entry, reports in taken:
             if reports is None:
                 continue
@@ -247,29 +262,29 @@ class BorrowingMixin:
                 kept.append((key, registrations))
         return kept
 
-    def _register_kept(self, kept) -> None:
+    def register_kept(self, kept) -> None:
         """A task this node submitted reports the refs its executor kept."""
         for key, registrations in kept:
             for rank, count in registrations:
-                self._register_borrower(key, rank, count)
+                self.register_borrower(key, rank, count)
 
-    def _foreign_results(self, results) -> None:
+    def foreign_results(self, results) -> None:
         """Results from another node hold refs that node registered for this one."""
         for _object_id, _inline, contained, _size in results:
-            self._borrow_contained(contained, None)
+            self.borrow_contained(contained, None)
 
     # ------------------------------------------------------------------ copies
-    def _delete_copies(self, object_id: bytes) -> None:
+    def delete_copies(self, object_id: bytes) -> None:
         """The owner freed a value other nodes may have copies of: the GCS tells them."""
         self.gcs.request("delete_object", object_id)
 
-    def _on_object_deleted(self, object_id: bytes, _payload) -> None:
+    def on_object_deleted(self, object_id: bytes, _payload) -> None:
         entry = self.objects.get(object_id)
         if entry is not None:
             if entry.owner == self.rank or not entry.primary:
                 return  # still held here (a later copy, or a stale notice)
             entry.primary = False
-            self._release_if_unused(object_id, entry)
+            self.objects.release_if_unused(object_id, entry)
             if self.objects.get(object_id) is entry:
                 return
         try:
@@ -277,12 +292,19 @@ class BorrowingMixin:
         except StoreError:
             pass
 
-    def _use_cached_copy(self, object_id: bytes, entry: ObjectEntry) -> bool:
-        """A copy this node kept after it last held the object: no pull needed."""
-        buffer = self.store.get(object_id)
-        if buffer is None:
-            return False
-        buffer.release()
-        entry.state = PENDING
-        self._object_ready(object_id, IN_STORE, (), entry.size)
-        return entry.state == READY or self.objects.get(object_id) is not entry
+    def fill_entry(self, object_id: bytes, entry: ObjectEntry, where,
+                   lender: int | None = None) -> None:
+        """The value of a PENDING entry is known: inline bytes or a location, and the refs
+        inside it, which the value holds here. Registered for this node by the sender
+        (`lender` None), or covered by the task from `lender` that brought the value."""
+        entry.watched = True
+        contained = where[-1]
+        if entry.contained:  # known already (held through it): not held twice
+            if lender is None:
+                self.give_back(contained)
+            contained = ()
+        self.borrow_contained(contained, lender)
+        if where[0] == "inline":
+            self.objects.object_ready(object_id, where[1], contained, len(where[1]))
+        else:
+            self.objects.object_ready(object_id, IN_STORE, contained, where[2], where[1])

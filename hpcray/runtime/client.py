@@ -14,6 +14,7 @@ import threading
 from hpcray import exceptions, ids
 from hpcray._store import ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
+from hpcray.runtime.messages import ExitWorker, Notice, Reply, Request
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
                                   serialize)
 
@@ -146,13 +147,13 @@ class DriverClient(CoreClient):
     def _locked(self):
         nm = self.nm
         nm.lock.acquire()
-        nm._apply_transitions(nm.driver_refs.drain())
+        nm.objects.apply_transitions(nm.driver_refs.drain())
         return nm
 
     def _register_put(self, object_id, inline, contained, size) -> ObjectRef:
         nm = self._locked()
         try:
-            nm.put(object_id, inline, contained, True, size)
+            nm.objects.put(object_id, inline, contained, True, size)
         finally:
             nm.lock.release()
         return ObjectRef(object_id, True)
@@ -160,18 +161,18 @@ class DriverClient(CoreClient):
     def _register_args_object(self, args_id, contained, size) -> None:
         nm = self._locked()
         try:
-            nm.put(args_id, None, contained, False, size)
+            nm.objects.put(args_id, None, contained, False, size)
         finally:
             nm.lock.release()
 
     def _cluster_feasible(self, demand: dict) -> bool:
         with self.nm.lock:
-            return self.nm.cluster_feasible(demand)
+            return self.nm.network.cluster_feasible(demand)
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         nm = self.nm
         with nm.lock:
-            nm.export_function(function_id, pickled)
+            nm.router.export_function(function_id, pickled)
         self.exported_functions.add(function_id)
 
     def submit(self, spec) -> None:
@@ -184,38 +185,38 @@ class DriverClient(CoreClient):
     def get_payloads(self, object_ids: list, timeout):
         nm = self._locked()
         try:
-            waiter = nm.register_get(object_ids, len(object_ids))
+            waiter = nm.objects.register_get(object_ids, len(object_ids))
         finally:
             nm.lock.release()
         if waiter is not None:
             acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             if not acquired:
                 with nm.lock:
-                    nm.cancel_waiter(object_ids, waiter)
+                    nm.objects.cancel_waiter(object_ids, waiter)
                     if not waiter.done:
                         raise exceptions.GetTimeoutError(
                             f"get() timed out after {timeout} s waiting for "
                             f"{len(object_ids)} object(s).")
         with nm.lock:
-            return nm.payloads(object_ids)
+            return nm.objects.payloads(object_ids)
 
     def wait_ready(self, object_ids: list, num_returns: int, timeout,
                    fetch_local: bool = True) -> list:
         nm = self._locked()
         try:
-            ready = nm.ready_ids(object_ids, fetch_local)
+            ready = nm.objects.ready_ids(object_ids, fetch_local)
             if len(ready) >= num_returns or timeout == 0:
                 return ready
-            waiter = nm.register_get(object_ids, num_returns, None, fetch_local)
+            waiter = nm.objects.register_get(object_ids, num_returns, None, fetch_local)
         finally:
             nm.lock.release()
         if waiter is not None:
             acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             if not acquired:
                 with nm.lock:
-                    nm.cancel_waiter(object_ids, waiter)
+                    nm.objects.cancel_waiter(object_ids, waiter)
         with nm.lock:
-            return nm.ready_ids(object_ids, fetch_local)
+            return nm.objects.ready_ids(object_ids, fetch_local)
 
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         nm = self._locked()
@@ -227,7 +228,7 @@ class DriverClient(CoreClient):
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         nm = self._locked()
         try:
-            nm.kill_actor(actor_id, no_restart)
+            nm.actors.kill_actor(actor_id, no_restart)
         finally:
             nm.lock.release()
 
@@ -247,18 +248,18 @@ class DriverClient(CoreClient):
         return box[0]
 
     def claim_actor_name(self, name: str, actor_id: bytes, info: dict):
-        return self._answer_of(self.nm.claim_actor_name, name, actor_id, info)
+        return self._answer_of(self.nm.actors.claim_actor_name, name, actor_id, info)
 
     def release_actor_name(self, name: str, actor_id: bytes) -> None:
         with self.nm.lock:
-            self.nm.release_actor_name(name, actor_id)
+            self.nm.actors.release_actor_name(name, actor_id)
 
     def get_actor_info(self, name: str):
-        return self._answer_of(self.nm.lookup_actor, name)
+        return self._answer_of(self.nm.actors.lookup_actor, name)
 
     def resources(self):
         with self.nm.lock:
-            return self.nm.cluster_resources(), self.nm.cluster_available()
+            return self.nm.network.cluster_resources(), self.nm.network.cluster_available()
 
     def nodes(self) -> list:
         with self.nm.lock:
@@ -283,14 +284,14 @@ class WorkerClient(CoreClient):
         self.channel.send_oneway("put", (args_id, None, contained, False, size))
 
     def _cluster_feasible(self, demand: dict) -> bool:
-        return self.channel.request("feasible", demand)
+        return self.channel.request("feasible", (demand,))
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
-        self.channel.send_oneway("function", (function_id, pickled))
+        self.channel.send_oneway("export_function", (function_id, pickled))
         self.exported_functions.add(function_id)
 
     def submit(self, spec) -> None:
-        self.channel.send_oneway("submit", spec)
+        self.channel.send_oneway("submit", (spec,))
 
     def get_payloads(self, object_ids: list, timeout):
         answer = self.channel.request("get", (object_ids, timeout))
@@ -307,7 +308,7 @@ class WorkerClient(CoreClient):
         self.channel.send_oneway("cancel", (object_id, force, recursive))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
-        self.channel.send_oneway("kill", (actor_id, no_restart))
+        self.channel.send_oneway("kill_actor", (actor_id, no_restart))
 
     def claim_actor_name(self, name: str, actor_id: bytes, info: dict):
         return self.channel.request("claim_actor_name", (name, actor_id, info))
@@ -316,25 +317,27 @@ class WorkerClient(CoreClient):
         self.channel.send_oneway("release_actor_name", (name, actor_id))
 
     def get_actor_info(self, name: str):
-        return self.channel.request("get_actor", name)
+        return self.channel.request("get_actor", (name,))
 
     def resources(self):
-        return self.channel.request("resources", None)
+        return self.channel.request("resources", ())
 
     def nodes(self) -> list:
-        return self.channel.request("nodes", None)
+        return self.channel.request("nodes", ())
 
     def list_tasks(self) -> list:
-        return self.channel.request("list_tasks", None)
+        return self.channel.request("list_tasks", ())
 
 
 class WorkerChannel:
-    """A worker's socket: one-way messages, requests with replies, incoming work.
+    """A worker's socket: one-way node operations, requests with replies, incoming work
+    (the messages of messages.py's "up" and "down" channels).
 
     Without a reader thread (plain task workers and one-call-at-a-time actors) the
     thread that waits for a reply reads the socket itself and sets aside the work that
     arrives meanwhile. Concurrent actors start a reader thread that routes replies to
-    waiting threads and work to `inbox`.
+    waiting threads and work to `inbox`. A one-way operation that failed on the node
+    comes back as a Reply with request id 0: raised at this process's next node call.
     """
 
     def __init__(self, connection, reference_counter):
@@ -348,56 +351,75 @@ class WorkerChannel:
         self._send_lock = threading.Lock()
         self.in_io = False          # a signal must not interrupt a half-read message
         self.interrupted = False    # a cancel arrived meanwhile: raise once it is safe
+        self.failed_notices: list = []
 
     def send(self, message) -> None:
         self.conn.send(message)
 
-    def send_oneway(self, op: str, body) -> None:
+    def send_oneway(self, op: str, args: tuple) -> None:
+        self._raise_failed_notice()
         with self._send_lock:  # keeps the drained transitions in message order
-            self.conn.send(("msg", op, body, self.refs.drain()))
+            self.conn.send(Notice(op, args, self.refs.drain()))
 
-    def send_done(self, kind: str, *fields) -> None:
+    def send_done(self, record, *fields) -> None:
+        """A WorkDone or ActorReady, with the ref transitions so far."""
         with self._send_lock:
-            self.conn.send((kind, *fields, self.refs.drain()))
+            self.conn.send(record(*fields, self.refs.drain()))
 
     def next_work(self):
-        if self.inbox is not None:
-            return self.inbox.get()
-        if self.backlog:
-            return self.backlog.pop(0)
-        return self.conn.recv()
+        while True:
+            if self.inbox is not None:
+                message = self.inbox.get()
+            elif self.backlog:
+                message = self.backlog.pop(0)
+            else:
+                message = self.conn.recv()
+            if type(message) is Reply:  # a failed one-way operation, while idle
+                self._note_failed_notice(message)
+                continue
+            return message
 
-    def request(self, op: str, body):
+    def request(self, op: str, args: tuple):
+        self._raise_failed_notice()
         request_id = next(self._request_ids)
         if self.inbox is not None:
             slot = [threading.Lock(), None]
             slot[0].acquire()
             self._slots[request_id] = slot
             with self._send_lock:
-                self.conn.send(("req", request_id, op, body, self.refs.drain()))
+                self.conn.send(Request(request_id, op, args, self.refs.drain()))
             slot[0].acquire()
-            answer = slot[1]
+            reply = slot[1]
         else:
             with self._request_lock:
                 self.in_io = True
                 try:
                     with self._send_lock:
-                        self.conn.send(("req", request_id, op, body, self.refs.drain()))
+                        self.conn.send(Request(request_id, op, args, self.refs.drain()))
                     while True:
                         message = self.conn.recv()
-                        if message[0] == "reply" and message[1] == request_id:
-                            answer = message[2]
-                            break
-                        self.backlog.append(message)
+                        if type(message) is Reply:
+                            if message.request_id == request_id:
+                                reply = message
+                                break
+                            self._note_failed_notice(message)
+                        else:
+                            self.backlog.append(message)
                 finally:
                     self.in_io = False
                 if self.interrupted:
                     self.interrupted = False
                     raise KeyboardInterrupt("cancelled")
-        status, value = answer
-        if status == "error":
-            raise value
-        return value
+        if not reply.ok:
+            raise reply.value
+        return reply.value
+
+    def _note_failed_notice(self, reply) -> None:
+        self.failed_notices.append(reply.value)
+
+    def _raise_failed_notice(self) -> None:
+        if self.failed_notices:
+            raise self.failed_notices.pop(0)
 
     def start_reader(self, dispatch) -> None:
         """Route replies to their requests and everything else to `dispatch` (or inbox)."""
@@ -411,12 +433,14 @@ class WorkerChannel:
                 try:
                     message = self.conn.recv()
                 except (EOFError, OSError):
-                    self.inbox.put(("exit",))
+                    self.inbox.put(ExitWorker())
                     return
-                if message[0] == "reply":
-                    slot = self._slots.pop(message[1])
-                    slot[1] = message[2]
+                if type(message) is Reply and message.request_id in self._slots:
+                    slot = self._slots.pop(message.request_id)
+                    slot[1] = message
                     slot[0].release()
+                elif type(message) is Reply:
+                    self._note_failed_notice(message)
                 elif dispatch is None or not dispatch(message):
                     self.inbox.put(message)
 

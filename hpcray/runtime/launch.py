@@ -7,8 +7,9 @@ mpiexec can run init/shutdown many times (a test suite). When rank 0's program e
 it tells the others to exit with its status, so no rank outlives the driver and an
 uncaught exception in the driver ends the whole job with a non-zero status.
 
-Lifecycle messages (control channel): start(job) -> started(node) | start_failed(text),
-go(nodes), stop -> stopped, exit(code).
+Lifecycle messages (messages.py, "launch"; Stop on "control", since a serving node
+handles it): Start(job) -> Started(node) | StartFailed(reason), Go(nodes),
+Stop -> Stopped, Exit(code); DescribeGpus -> GpusSeen once per process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import signal
 import sys
 import threading
 import time
+
+from hpcray.runtime import messages
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
 _world = None
@@ -130,23 +133,25 @@ def rank_resources(rank: int, environ=os.environ) -> dict:
     return value
 
 
-def _collect(transport, kind: str, count: int, timeout: float) -> dict:
-    """Wait for `count` lifecycle replies of `kind` from other ranks: {rank: payload}."""
+def _collect(transport, kind: type, count: int, timeout: float) -> dict:
+    """Wait for `count` lifecycle replies of type `kind` from other ranks: {rank: its
+    one field, or None}."""
     replies: dict = {}
     deadline = time.monotonic() + timeout
     while len(replies) < count:
         for source, channel, message in transport.poll():
             if channel != "control":
                 continue
-            if message[0] == kind:
-                replies[source] = message[1] if len(message) > 1 else None
-            elif message[0] == "start_failed":
-                raise RuntimeError(f"hpcray could not start node {source}: {message[1]}")
+            if type(message) is kind:
+                replies[source] = message[0] if len(message) else None
+            elif type(message) is messages.StartFailed:
+                raise RuntimeError(f"hpcray could not start node {source}: {message.reason}")
         if len(replies) >= count:
             break
         if time.monotonic() > deadline:
             missing = sorted(set(range(1, transport.size)) - set(replies))
-            raise RuntimeError(f"hpcray: ranks {missing} did not answer {kind!r} in {timeout} s")
+            raise RuntimeError(f"hpcray: ranks {missing} did not answer {kind.__name__} in "
+                               f"{timeout} s")
         transport.wait_for_activity(0.01, timeout=0.5)
     return replies
 
@@ -154,10 +159,10 @@ def _collect(transport, kind: str, count: int, timeout: float) -> dict:
 def start_job(transport, job: dict, make_node) -> None:
     """Rank 0: start the node of every other rank, then its own (`make_node(nodes)`)."""
     job["gpus_by_rank"] = _gpu_shares(transport)
-    transport.broadcast(("start", job))
-    started = _collect(transport, "started", transport.size - 1, 300.0)
+    transport.broadcast(messages.Start(job))
+    started = _collect(transport, messages.Started, transport.size - 1, 300.0)
     node = make_node(started)
-    transport.broadcast(("go", node.cluster.nodes))
+    transport.broadcast(messages.Go(node.link.nodes))
     return node
 
 
@@ -167,8 +172,8 @@ def _gpu_shares(transport) -> list:
     global _dealt_gpus
     if _dealt_gpus is None:
         from hpcray.resources import deal_host_gpus
-        transport.broadcast(("describe_gpus",))
-        views = _collect(transport, "gpus_seen", transport.size - 1, 300.0)
+        transport.broadcast(messages.DescribeGpus())
+        views = _collect(transport, messages.GpusSeen, transport.size - 1, 300.0)
         views[0] = _gpus_seen()
         _dealt_gpus = deal_host_gpus([views[rank] for rank in range(transport.size)])
     return _dealt_gpus
@@ -184,13 +189,13 @@ def _gpus_seen() -> tuple:
 
 def stop_job(transport) -> None:
     """Rank 0: stop every other rank's node (they wait for the next job)."""
-    transport.broadcast(("stop",))
+    transport.broadcast(messages.Stop())
     if _terminating:
         # The other ranks are being ended too (or a dead one is why): waiting for their
         # answers would only hold the step until the launcher's SIGKILL (KillWait, 30 s by
         # default in Slurm). Each node's fork server removes its segment when its rank dies.
         return
-    _collect(transport, "stopped", transport.size - 1, 60.0)
+    _collect(transport, messages.Stopped, transport.size - 1, 60.0)
 
 
 def end_on_sigterm() -> None:
@@ -245,7 +250,7 @@ def end_ranks(code: int) -> None:
     transport = _world
     if transport is None or transport.rank != 0:
         return
-    transport.broadcast(("exit", code))
+    transport.broadcast(messages.Exit(code))
     deadline = time.monotonic() + (0.5 if _terminating else 5.0)
     while transport.busy and time.monotonic() < deadline:
         transport.poll()
@@ -256,31 +261,31 @@ def serve_ranks(transport, make_node) -> int:
     """Ranks > 0: run a node for each job rank 0 starts; return the exit status it sends."""
     while True:
         message = _next_lifecycle_message(transport)
-        kind = message[0]
-        if kind == "exit":
-            return int(message[1])
-        if kind == "describe_gpus":
-            transport.send(0, ("gpus_seen", _gpus_seen()))
+        kind = type(message)
+        if kind is messages.Exit:
+            return int(message.code)
+        if kind is messages.DescribeGpus:
+            transport.send(0, messages.GpusSeen(_gpus_seen()))
             continue
-        if kind != "start":
+        if kind is not messages.Start:
             continue
         try:
-            node = make_node(message[1])
+            node = make_node(message.job)
             node.describe_self = lambda n=node: {"node_id": n.node_id.hex(),
                                                  "resources": n.total_resources,
                                                  "hostname": n.info["hostname"]}
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
-            transport.send(0, ("start_failed", f"{type(exc).__name__}: {exc}"))
+            transport.send(0, messages.StartFailed(f"{type(exc).__name__}: {exc}"))
             continue
-        transport.send(0, ("started", node.describe_self()))
+        transport.send(0, messages.Started(node.describe_self()))
         early: list = []
-        go = _next_lifecycle_message(transport, want="go", others=early)
+        go = _next_lifecycle_message(transport, want=messages.Go, others=early)
         with node.lock:
-            node.set_cluster_nodes(go[1])
-            node.handle_cluster_messages(early)
+            node.set_cluster_nodes(go.nodes)
+            node.network.handle_cluster_messages(early)
         node.serve()
         node.shutdown()
-        transport.send(0, ("stopped",))
+        transport.send(0, messages.Stopped())
 
 
 def _next_lifecycle_message(transport, want=None, others=None):
@@ -289,7 +294,7 @@ def _next_lifecycle_message(transport, want=None, others=None):
         batch = transport.poll()
         for index, item in enumerate(batch):
             _source, channel, message = item
-            if channel == "control" and (want is None or message[0] in (want, "exit")):
+            if channel == "control" and (want is None or type(message) in (want, messages.Exit)):
                 if others is not None:
                     others.extend(batch[index + 1:])
                 return message

@@ -1,16 +1,18 @@
-"""The node manager: one per node, it owns the node's store, scheduler and workers.
+"""The node manager: one per node, the node's event loop, workers and tasks, and the
+parts it wires together (docs/ARCHITECTURE.md draws them):
+
+  objects    ObjectTable (object_table.py): id -> ObjectEntry, values, holders, waiters
+  borrowing  Borrowing (borrowing.py): reference counts across nodes
+  mover      ObjectMover (object_mover.py): values to and from other nodes
+  actors     Actors (actors.py): the actors hosted here, handles of the others
+  router     TaskRouter (task_router.py): keep or forward tasks, run placed ones
+  network    Network (cluster.py): MPI polling, dispatch, GCS, global scheduler
+  requests   WorkerRequests (worker_requests.py): the node operations of workers
 
 In the embedded (single-node) mode it lives inside the driver process: an event-loop
 thread waits on the workers' sockets and output pipes (epoll, no timeout when idle,
-so an idle node costs nothing), and the driver calls its methods directly. One lock
-guards all of its state; both the driver thread and the event loop take it.
-
-It keeps:
-  objects   id -> ObjectEntry: state, inline bytes or "in the store", reference count,
-            waiters, the refs the value contains;
-  tasks     task id -> TaskRecord: the spec, unresolved dependencies, the worker;
-  actors    actor id -> ActorRecord: its process, its ordered call queue, restarts;
-  workers   key -> WorkerHandle: pool workers and actor processes.
+so an idle node costs nothing), and the driver calls its operations directly. One
+lock guards all of its state; both the driver thread and the event loop take it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ from hpcray import exceptions
 from hpcray._scheduler import LocalScheduler
 from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
-from hpcray.runtime import protocol
-from hpcray.runtime.actors import A_DEAD, ActorRecord, ActorsMixin
-from hpcray.runtime.borrowing import BorrowingMixin
-from hpcray.runtime.cluster import ClusterMixin
-from hpcray.runtime.objects import ObjectEntry, ObjectsMixin, _DependencyWaiter
-from hpcray.runtime.requests import WorkerRequestsMixin
+from hpcray.gcs.shard import OBJECT_DELETED
+from hpcray.runtime import messages, protocol
+from hpcray.runtime.messages import Hello
+from hpcray.runtime.actors import A_DEAD, Actors
+from hpcray.runtime.borrowing import Borrowing
+from hpcray.runtime.cluster import Network
+from hpcray.runtime.object_mover import ObjectMover
+from hpcray.runtime.object_table import ObjectTable, _DependencyWaiter
+from hpcray.runtime.task_router import TaskRouter
+from hpcray.runtime.worker_requests import WorkerRequests
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
                                   RUNNING, WAITING, TaskRecord, TaskSpec)
 from hpcray.runtime.task_events import TaskEvents
@@ -69,15 +75,18 @@ class WorkerHandle:
         self.calls = None         # {function id: runs} of functions that set max_calls
 
 
-class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
-                  WorkerRequestsMixin):
+class NodeManager:
+    """One per node: its event loop, its worker processes and the tasks they run; it
+    builds the node's other parts and hands each what it depends on."""
+
+    HANDLES = {messages.Hello: "on_hello", messages.WorkDone: "on_work_done"}
+
     def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
                  store_name: str, store_capacity: int, cluster=None, run_thread: bool = True):
         """`cluster`: a ClusterLink in multi-node mode. `run_thread`: the event loop runs
         in a thread of its own (the driver's node); else the caller runs `serve()`."""
-        self._init_cluster(cluster)
-        self.task_events = TaskEvents(self.rank, self.gcs)
-        self.remote_actors: dict = {}
+        self.link = self.cluster = cluster  # ClusterLink, or None on one node
+        self.rank = cluster.rank if cluster is not None else 0
         self.job_id = job_id
         self.node_id = node_id
         self.config = config
@@ -88,10 +97,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                                         config.max_idle_extra_workers)
         self.free_gpus = list(range(len(node_resources.gpus) or int(node_resources.num_gpus)))
         self.lock = threading.Lock()
-        self.objects: dict[bytes, ObjectEntry] = {}
         self.tasks: dict[bytes, TaskRecord] = {}
-        self.actors: dict[bytes, ActorRecord] = {}
-        self.named_actors: dict[str, bytes] = {}
         self.functions: dict[bytes, bytes] = {}
         self.workers: dict[int, WorkerHandle] = {}
         self.driver_refs = LocalReferenceCounter()
@@ -118,11 +124,42 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             _close_fd(self._wake_r)
             _close_fd(self._wake_w)
             raise
+        self._build_parts()
         self._thread = None
         if run_thread:
             self._thread = threading.Thread(target=self._event_loop,
                                             name="hpcray-node-manager", daemon=True)
             self._thread.start()
+
+    def _build_parts(self) -> None:
+        """The node's parts, each handed what it depends on; the parts that depend on
+        each other both ways get the other through `bind`."""
+        rank, link, store, scheduler = self.rank, self.link, self.store, self.scheduler
+        self.network = Network(rank, link, scheduler, self.total_resources, self._wake)
+        self.gcs = gcs = self.network.gcs
+        self.transport = self.network.transport
+        peers = self.network.peers
+        self.task_events = TaskEvents(rank, gcs)
+        self.objects = ObjectTable(rank, store, self.task_events, link)
+        self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
+        self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, gcs, peers)
+        self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
+        self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
+                                 self.mover, self.actors, scheduler, self.task_events, peers)
+        self.requests = WorkerRequests(rank, self, self.objects, self.actors, self.router,
+                                       self.network, scheduler)
+        self.objects.bind(self.mover, self.borrowing, self.actors)
+        self.borrowing.bind(self.actors)
+        self.actors.bind(self.router, self.borrowing)
+        self.network.bind(self.router, messages.dispatch_table(
+            "control", self.network, self.router, self.borrowing, self.mover))
+        self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests)
+        if gcs is not None:
+            gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
+
+    def set_cluster_nodes(self, nodes: dict) -> None:
+        """Every node's id and totals (from the start handshake)."""
+        self.network.set_cluster_nodes(nodes)
 
     def serve(self) -> None:
         """Run the event loop in this thread until rank 0 says stop (ranks > 0)."""
@@ -164,7 +201,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             self._running = False
             for worker in self.workers.values():
                 if worker.alive:
-                    worker.conn.send(("exit",))
+                    worker.conn.send(messages.ExitWorker())
         os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -214,15 +251,15 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                 pass
 
     def _event_loop(self) -> None:
-        cluster = self.cluster
+        link = self.link
         while self._running:
             timeout = -1
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            if cluster is not None:
-                if cluster.stop_requested:
+            if link is not None:
+                if link.stop_requested:
                     return
-                poll = self._cluster_poll_timeout()
+                poll = self.network.cluster_poll_timeout()
                 timeout = poll if timeout < 0 else min(timeout, poll)
             try:
                 events = self._wait_for_events(timeout)
@@ -233,7 +270,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             with self.lock:
                 if not self._running:
                     return
-                self._apply_transitions(self.driver_refs.drain())
+                self.objects.apply_transitions(self.driver_refs.drain())
                 for fd, mask in events:
                     handler = self._handlers.get(fd)
                     if handler is not None:
@@ -243,9 +280,9 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                             log.exception("rank %d: handling an event on fd %d failed",
                                           self.rank, fd)
                 self._run_timers()
-                if cluster is not None:
+                if link is not None:
                     self.task_events.flush_due()
-                    self._poll_cluster()
+                    self.network.poll_cluster()
 
     def _wait_for_events(self, timeout: float) -> list:
         """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so
@@ -254,7 +291,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         sender polling every 50-200 us made pulls of 7 MiB and more 5-10x slower, and a
         receiver's polls slowed the progress thread's 64 MiB without CMA by 25%; a
         small pull's receiver notices its end sooner."""
-        if 0 < timeout < 0.001 and not (self.cluster is not None and self._transport.poll_slowly):
+        if 0 < timeout < 0.001 and not (self.link is not None and self.transport.poll_slowly):
             ready, _, _ = select.select((self._epoll,), (), (), timeout)
             return self._epoll.poll(0) if ready else []
         return self._epoll.poll(timeout)
@@ -321,7 +358,7 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             self._register(fd, lambda fd, mask, w=worker: self._on_worker_output(w, fd))
         return worker
 
-    def _send(self, worker: WorkerHandle, message) -> None:
+    def send_to_worker(self, worker: WorkerHandle, message) -> None:
         if worker.conn.send(message):
             try:
                 self._epoll.modify(worker.conn.fileno(), select.EPOLLIN | select.EPOLLOUT)
@@ -348,10 +385,11 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
 
     def on_worker_messages(self, worker: WorkerHandle, messages) -> None:
         """Handle what a worker sent, in order."""
+        handlers = self.worker_handlers
         for message in messages:
-            if message[0] != "hello":  # every other message ends with ref transitions
+            if type(message) is not Hello:  # every other message ends with ref transitions
                 _note_holds(worker.holds, message[-1])
-            getattr(self, "_msg_" + message[0])(worker, message)
+            handlers[type(message)](worker, *message)
 
     def _on_worker_output(self, worker: WorkerHandle, fd: int) -> None:
         try:
@@ -389,8 +427,8 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         except (OSError, ValueError):
             pass
 
-    def _msg_hello(self, worker: WorkerHandle, message) -> None:
-        worker.pid = message[1]
+    def on_hello(self, worker: WorkerHandle, pid: int) -> None:
+        worker.pid = pid
         worker.ready = True
         self._start_failures = 0
         if worker.actor_id is None:
@@ -398,9 +436,9 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         else:
             actor = self.actors.get(worker.actor_id)
             if actor is None or actor.state == A_DEAD:
-                self._send(worker, ("exit",))
+                self.send_to_worker(worker, messages.ExitWorker())
                 return
-            self._send_actor_creation(actor, worker)
+            self.actors.send_actor_creation(actor, worker)
 
     def _worker_died(self, worker: WorkerHandle) -> None:
         if not worker.alive:
@@ -417,9 +455,9 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             self.store.release_pins_of(worker.pid)
         holds, worker.holds = worker.holds, set()
         for key in holds:  # the refs its process held (a crash never reported them)
-            self._decref(key)
+            self.objects.decref(key)
         if worker.actor_id is not None:
-            self._actor_process_died(worker)
+            self.actors.actor_process_died(worker)
             return
         record = worker.task
         worker.task = None
@@ -469,13 +507,13 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
             if kind == "dispatch":
                 self._dispatch(self.tasks[action[1]], self.workers[action[2]])
             elif kind == "place":
-                self._place_actor(self.actors[action[1]])
+                self.actors.place_actor(self.actors[action[1]])
             elif kind == "start_worker":
                 self._start_worker()
             elif kind == "retire":
                 worker = self.workers.get(action[1])
                 if worker is not None and worker.alive:
-                    self._send(worker, ("exit",))
+                    self.send_to_worker(worker, messages.ExitWorker())
 
 
     # ------------------------------------------------------------------ tasks
@@ -483,25 +521,25 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         """A task from any client on this node; its return entries exist on return."""
         strategy = spec.options.get("scheduling_strategy") if spec.options else None
         if isinstance(strategy, tuple) and not strategy[2] and \
-                strategy[1] not in (self.cluster.nodes if self.cluster else (0,)):
+                strategy[1] not in (self.link.nodes if self.link else (0,)):
             raise exceptions.ResourceInfeasibleError(
                 f"{spec.name} must run on node rank {strategy[1]} (soft=False), "
                 "which is not part of this job.")
-        if not self.cluster_feasible(spec.demand):
+        if not self.network.cluster_feasible(spec.demand):
             raise exceptions.ResourceInfeasibleError(
                 f"{spec.name} requests {spec.demand}, but no node can ever satisfy it: "
-                f"this cluster has {self.cluster_resources()}.")
+                f"this cluster has {self.network.cluster_resources()}.")
         if spec.kind == ACTOR_CREATION:
-            self._create_actor(spec)
+            self.actors.create_actor(spec)
             return
         record = TaskRecord(spec, spec.max_retries)
         record.owner = self.rank
         for object_id in spec.return_ids:
-            self._entry(object_id).refs = 1  # the caller's ref (ObjectRef made "owned")
+            self.objects.entry(object_id).refs = 1  # the caller's ref (ObjectRef made "owned")
         for key in spec.contained:
-            self._incref(key)
+            self.objects.incref(key)
         if spec.kind == ACTOR_CALL:
-            self._submit_actor_call(record)
+            self.actors.submit_actor_call(record)
             return
         self.tasks[spec.task_id] = record
         self.task_events.submitted(spec)
@@ -513,14 +551,14 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
 
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
         """`ready_callback(record)` once every argument exists on some node."""
-        self._wait_for_objects(record, record.spec.deps, self._add_avail_waiter,
+        self.objects.wait_for_objects(record, record.spec.deps, self.objects.add_avail_waiter,
                                ready_callback)
 
     def _on_task_deps_ready(self, record: TaskRecord) -> None:
-        self._route(record)
+        self.router.route(record)
 
     def _dep_payloads(self, spec: TaskSpec) -> list:
-        return [(dep, self._payload(dep)) for dep in spec.deps]
+        return [(dep, self.objects.payload(dep)) for dep in spec.deps]
 
     def _dispatch(self, record: TaskRecord, worker: WorkerHandle) -> None:
         spec = record.spec
@@ -534,26 +572,27 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
             function = self.functions.get(spec.function_id)
-        self._send(worker, ("task", spec, function, self._dep_payloads(spec), record.gpu_ids))
+        self.send_to_worker(worker, messages.RunTask(spec, function, self._dep_payloads(spec),
+                                                      record.gpu_ids))
 
-    def _msg_done(self, worker: WorkerHandle, message) -> None:
-        _, task_id, results, retry, transitions = message
+    def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
+                     transitions) -> None:
         if worker.actor_id is not None:
-            self._actor_call_done(worker, task_id, results, retry, transitions)
+            self.actors.actor_call_done(worker, task_id, results, retry, transitions)
             return
         record = self.tasks.get(task_id)
         worker.task = None
         if record is None:
-            self._apply_transitions(transitions)
+            self.objects.apply_transitions(transitions)
             return
         spec = record.spec
         self._release_gpus(record)
         retire = self._reached_max_calls(worker, spec)
         if retire:
-            self._send(worker, ("exit",))
+            self.send_to_worker(worker, messages.ExitWorker())
         if retry and record.retries_left != 0 and not record.cancelled:
             record.retries_left -= 1
-            self._apply_transitions(transitions)
+            self.objects.apply_transitions(transitions)
             actions = self.scheduler.task_finished(worker.key, spec.demand, retire)
             record.state = QUEUED
             actions += self.scheduler.task_ready(task_id, spec.demand)
@@ -580,15 +619,15 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
-            self._send_results_to_owner(record, results, transitions, failed)
+            self.router.send_results_to_owner(record, results, transitions, failed)
             return
         if record.spec.kind == NORMAL_TASK:
             self.task_events.ended(record.spec.task_id, failed)
         for object_id, inline, contained, size in results:
-            self._object_ready(object_id, inline, contained, size)
-        self._apply_transitions(transitions)
+            self.objects.object_ready(object_id, inline, contained, size)
+        self.objects.apply_transitions(transitions)
         for key in record.spec.contained:
-            self._decref(key)
+            self.objects.decref(key)
 
     def _fail_task(self, record: TaskRecord, error: BaseException) -> None:
         blob = error_bytes(error)
@@ -612,6 +651,26 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
         if record is not None:
             record.gpu_ids = ()
 
+
+    # ------------------------------------------------------------------ queries
+    def list_tasks(self, answer) -> None:
+        """answer(every task in the GCS tasks table), after the driver's dropped refs so
+        far (they wait for the event loop otherwise) have freed what they free."""
+        self.objects.apply_transitions(self.driver_refs.drain())
+        self.task_events.list_tasks(answer)
+
+    def describe_nodes(self) -> list:
+        """Every node: id, rank, resources, liveness (Ray's `nodes()` fields)."""
+        host = socket.gethostname()
+        if self.link is None:
+            nodes = {0: {"node_id": self.node_id.hex(), "resources": self.total_resources}}
+        else:
+            nodes = self.link.nodes
+        return [{"NodeID": node["node_id"], "Alive": True, "alive": True, "rank": rank,
+                 "NodeManagerAddress": node.get("address", "127.0.0.1"),
+                 "NodeManagerHostname": node.get("hostname", host),
+                 "NodeName": node.get("hostname", host), "Resources": dict(node["resources"])}
+                for rank, node in sorted(nodes.items())]
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, object_id: bytes, force: bool, recursive: bool = True) -> None:
@@ -639,10 +698,9 @@ class NodeManager(ObjectsMixin, ActorsMixin, ClusterMixin, BorrowingMixin,
                 for dep in record.spec.deps:
                     self._remove_waiter_of_task(dep, record)
             self._fail_task(record, exceptions.TaskCancelledError())
-        elif record.state == RUNNING and record.worker is None and self.cluster is not None:
+        elif record.state == RUNNING and record.worker is None and self.link is not None:
             # Running on another node (this node forwarded it): whoever has it cancels it.
-            self._transport.broadcast(("cancel", task_id, force, recursive))
-            self._wake_cluster()
+            self.peers.broadcast(messages.Cancel(task_id, force, recursive))
         elif record.state == RUNNING and record.worker is not None:
             record.cancelled = True
             record.retries_left = 0

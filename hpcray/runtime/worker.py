@@ -21,6 +21,7 @@ from hpcray import exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
 from hpcray.runtime import protocol
 from hpcray.runtime.client import WorkerChannel, WorkerClient
+from hpcray.runtime.messages import ActorReady, CreateActor, ExitWorker, Hello, RunTask, WorkDone
 from hpcray.serialization import ErrorValue, error_bytes, make_error_value
 
 
@@ -67,18 +68,18 @@ class Worker:
 
     def serve(self) -> int:
         """Say hello, then run what the node manager sends until it says exit."""
-        self.channel.send(("hello", os.getpid()))
+        self.channel.send(Hello(os.getpid()))
         while True:
             try:
                 message = self.channel.next_work()
             except (EOFError, OSError):
                 return 0
-            kind = message[0]
-            if kind == "task":
-                self._run_and_report(*message[1:])
-            elif kind == "actor_create":
-                self._create_actor(*message[1:])
-            elif kind == "exit":
+            kind = type(message)
+            if kind is RunTask:
+                self._run_and_report(*message)
+            elif kind is CreateActor:
+                self._create_actor(*message)
+            elif kind is ExitWorker:
                 return 0
 
     def _on_sigint(self, _signum, _frame):
@@ -178,7 +179,7 @@ class Worker:
                 self._set_gpus(gpu_ids)
         except Exception as exc:  # noqa: BLE001
             exc_error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
-            self.channel.send_done("done", spec.task_id, _error_results(spec, exc_error), False)
+            self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error), False)
             return
         self.running_task = spec.task_id
         try:
@@ -186,7 +187,7 @@ class Worker:
         finally:
             self.running_task = None
         _flush_std()
-        self.channel.send_done("done", spec.task_id, results, retry)
+        self.channel.send_done(WorkDone, spec.task_id, results, retry)
 
     # -- actors ------------------------------------------------------------------
     def _create_actor(self, spec, pickled_class, dep_payloads, gpu_ids) -> None:
@@ -214,15 +215,15 @@ class Worker:
                 self.actor_mode = "threaded"
                 self._start_threaded_actor(options["max_concurrency"])
         blob = None if error is None else error_bytes(error)
-        self.channel.send_done("actor_ready", spec.actor_id, blob)
+        self.channel.send_done(ActorReady, spec.actor_id, blob)
 
     def _start_threaded_actor(self, max_concurrency: int) -> None:
         pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="hpcray-actor")
 
         def dispatch(message):
-            if message[0] != "task":
+            if type(message) is not RunTask:
                 return False
-            pool.submit(self._run_concurrent_call, *message[1:])
+            pool.submit(self._run_concurrent_call, *message)
             return True
 
         self.channel.start_reader(dispatch)
@@ -233,7 +234,7 @@ class Worker:
             results, retry = self._execute(spec, function, dep_payloads)
         except BaseException as exc:  # noqa: BLE001
             results, retry = _error_results(spec, exc), False
-        self.channel.send_done("done", spec.task_id, results, retry)
+        self.channel.send_done(WorkDone, spec.task_id, results, retry)
 
     def _start_async_actor(self, max_concurrency: int) -> None:
         loop = asyncio.new_event_loop()
@@ -257,12 +258,12 @@ class Worker:
                     error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
                     results = _error_results(spec, error)
                     retry = _should_retry(spec.retry_exceptions, exc)
-            self.channel.send_done("done", spec.task_id, results, retry)
+            self.channel.send_done(WorkDone, spec.task_id, results, retry)
 
         def dispatch(message):
-            if message[0] != "task":
+            if type(message) is not RunTask:
                 return False
-            spec, _function, dep_payloads, _gpu = message[1:]
+            spec, _function, dep_payloads, _gpu = message
             loop.call_soon_threadsafe(lambda: loop.create_task(run_call(spec, dep_payloads)))
             return True
 

@@ -39,6 +39,7 @@ from hpcray.object_ref import LocalReferenceCounter
 from hpcray.resources import detect_node_resources
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.cluster import ClusterLink
+from hpcray.runtime.messages import Hello
 from hpcray.runtime.node_manager import NodeManager, WorkerHandle
 from hpcray.runtime.worker import Worker
 
@@ -207,8 +208,8 @@ class ProcessConnection:
         self.process = process
 
     def send(self, message) -> None:
-        if message[0] == "hello":
-            message = ("hello", self.process.pid)
+        if type(message) is Hello:
+            message = Hello(self.process.pid)
         self.process.outbox.append(pickle.loads(pickle.dumps(message, protocol=5)))
 
     def recv(self):
@@ -292,13 +293,18 @@ class SimNode(NodeManager):
     def _add_timer(self, delay, callback) -> None:
         self.sim.timers.append(callback)  # never fires: the simulation has no clock
 
-    def _free_object(self, object_id, entry) -> None:
-        self.freed_ids.add(object_id)
-        super()._free_object(object_id, entry)
+    def _build_parts(self) -> None:
+        super()._build_parts()
+        free_object = self.objects.free_object
+
+        def recording_free(object_id, entry) -> None:
+            self.freed_ids.add(object_id)
+            free_object(object_id, entry)
+        self.objects.free_object = recording_free
 
     def after_event(self) -> None:
         """What the event loop does after handling events: load and task events out."""
-        self._report_load(now_=True)  # when it changed; no clock in the simulation
+        self.network.report_load(now_=True)  # when it changed; no clock in the simulation
         self.task_events.flush()
 
     def close(self) -> None:
@@ -379,7 +385,7 @@ class Simulation:
                                           node.node_id, node.total_resources)
             program(self)
             # The driver's last drops reach its node with one more request.
-            channel.request("resources", None)
+            channel.request("resources", ())
 
         driver = self.start_process(node, "driver", body)
         driver.refs.enabled = True
@@ -420,7 +426,7 @@ class Simulation:
             message = self.network.queues[what].popleft()
             self.trace.append(f"net {source}->{dest} {channel} {str(message)[:120]}")
             node = self.nodes[dest]
-            node.handle_cluster_messages([(source, channel, message)])
+            node.network.handle_cluster_messages([(source, channel, message)])
             node.after_event()
         elif kind == "data":
             source, dest, transfer = self.network.sends.pop(what)
@@ -500,8 +506,8 @@ class Simulation:
                 problems.append(f"node {node.rank} still has entries {held}")
             if node.tasks:
                 problems.append(f"node {node.rank} still has tasks {list(node.tasks)}")
-            if node.cluster.pulls:
-                problems.append(f"node {node.rank} has pulls {node.cluster.pulls}")
+            if node.link.pulls:
+                problems.append(f"node {node.rank} has pulls {node.link.pulls}")
             stored = node.store.objects()
             if stored:
                 problems.append(f"node {node.rank} store still holds {stored}")

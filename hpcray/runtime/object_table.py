@@ -1,4 +1,4 @@
-"""The node manager's object table: values, reference counts, waiters.
+"""The node's object table: values, reference counts, waiters.
 
 An entry exists from the moment a task that makes the object is submitted (or a value
 is put) until no holder is left: a process holding an `ObjectRef` (counted once per
@@ -90,62 +90,106 @@ class _Waiter:
                 self.lock.release()
 
 
-class ObjectsMixin:
-    """The object-table part of NodeManager (`self.objects`, `self.store`, `self.actors`).
+class ObjectTable:
+    """This node's objects: entry per id (its value or where it is, its holders here,
+    its waiters). A mapping of id -> ObjectEntry, with the operations on it.
 
-    With many nodes, ClusterMixin supplies `_remote_entry` (an entry for an id another
-    node owns), `_watch` (ask its owner where it is) and `_start_pull` (fetch a REMOTE
-    value into this node's store); BorrowingMixin `_drop_borrowed` and `_delete_copies`."""
+    It frees an object its node owns once nothing holds it here and no other node
+    borrows it; an object another node owns it forgets (and gives its registrations
+    back: Borrowing) once nothing here holds it. Values on other nodes come through
+    the ObjectMover; actor handles in ref transitions go to Actors.
+    """
 
-    def _entry(self, object_id: bytes) -> ObjectEntry:
-        entry = self.objects.get(object_id)
+    def __init__(self, rank: int, store, task_events, cluster) -> None:
+        self.rank = rank
+        self.store = store
+        self.task_events = task_events
+        self.cluster = cluster            # ClusterLink, or None on one node
+        self.entries: dict[bytes, ObjectEntry] = {}
+        self.mover = self.borrowing = self.actors = None  # bind()
+
+    def bind(self, mover, borrowing, actors) -> None:
+        self.mover = mover
+        self.borrowing = borrowing
+        self.actors = actors
+
+    # A mapping of the entries, as the other parts read it.
+    def get(self, object_id: bytes):
+        return self.entries.get(object_id)
+
+    def __getitem__(self, object_id: bytes) -> ObjectEntry:
+        return self.entries[object_id]
+
+    def __setitem__(self, object_id: bytes, entry: ObjectEntry) -> None:
+        self.entries[object_id] = entry
+
+    def __delitem__(self, object_id: bytes) -> None:
+        del self.entries[object_id]
+
+    def __contains__(self, object_id: bytes) -> bool:
+        return object_id in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def items(self):
+        return self.entries.items()
+
+    def values(self):
+        return self.entries.values()
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def entry(self, object_id: bytes) -> ObjectEntry:
+        entry = self.entries.get(object_id)
         if entry is None:
-            entry = self.objects[object_id] = ObjectEntry(self.rank)
+            entry = self.entries[object_id] = ObjectEntry(self.rank)
         return entry
 
-    def _apply_transitions(self, transitions) -> None:
+    def apply_transitions(self, transitions) -> None:
         for key, delta in transitions:
             if delta > 0:
-                self._incref(key)
+                self.incref(key)
             else:
-                self._decref(key)
+                self.decref(key)
 
-    def _incref(self, key: bytes) -> None:
-        entry = self.objects.get(key)
+    def incref(self, key: bytes) -> None:
+        entry = self.entries.get(key)
         if entry is None:
             if len(key) == ids.ACTOR_ID_SIZE:
-                self._actor_incref(key)  # an actor handle (actors.py)
+                self.actors.actor_incref(key)  # an actor handle (actors.py)
                 return
-            entry = self._remote_entry(key)  # a ref another node owns, new to this node
+            entry = self.mover.remote_entry(key)  # a ref another node owns, new to this node
             if entry is None:
                 return
         entry.refs += 1
 
-    def _decref(self, key: bytes) -> None:
-        entry = self.objects.get(key)
+    def decref(self, key: bytes) -> None:
+        entry = self.entries.get(key)
         if entry is not None:
             entry.refs -= 1
             if entry.refs <= 0:
-                self._release_if_unused(key, entry)
+                self.release_if_unused(key, entry)
             return
         if len(key) == ids.ACTOR_ID_SIZE:
-            self._actor_decref(key)
+            self.actors.actor_decref(key)
 
-    def _release_if_unused(self, key: bytes, entry: ObjectEntry) -> None:
+    def release_if_unused(self, key: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds `key`: the owner frees it once no other node holds
         it either; another node drops its entry and tells the owner (cluster.py)."""
         if entry.refs > 0 or entry.waiters or entry.is_put or entry.pulling:
             return
         if entry.owner == self.rank:
             if entry.state != PENDING and not entry.borrowers:
-                self._free_object(key, entry)
+                self.free_object(key, entry)
         elif not entry.primary:
-            self._drop_borrowed(key, entry)
+            self.borrowing.drop_borrowed(key, entry)
         else:  # the primary copy stays until the owner frees it; the borrowing ends now
-            self._give_up_borrowing(key, entry)
+            self.borrowing.give_up_borrowing(key, entry)
 
-    def _free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
-        del self.objects[object_id]
+    def free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
+        del self.entries[object_id]
         self.task_events.freed(object_id)
         if entry.inline is None:
             if entry.pin is not None:
@@ -156,17 +200,17 @@ class ObjectsMixin:
             except StoreError:
                 pass
             if entry.shipped or entry.primary_at is not None:
-                self._delete_copies(object_id)
+                self.borrowing.delete_copies(object_id)
         for key in entry.contained:
-            self._decref(key)
+            self.decref(key)
 
-    def _object_ready(self, object_id: bytes, inline, contained, size: int,
+    def object_ready(self, object_id: bytes, inline, contained, size: int,
                       location: int | None = None) -> None:
         """The value of `object_id` exists now: inline bytes, or sealed in the store of
         this node (location None) or of node `location`."""
-        entry = self.objects.get(object_id)
+        entry = self.entries.get(object_id)
         if entry is None:
-            entry = self.objects[object_id] = ObjectEntry(self.rank)
+            entry = self.entries[object_id] = ObjectEntry(self.rank)
         elif entry.state == READY:
             return  # a retried task made it again
         entry.inline = inline
@@ -184,7 +228,7 @@ class ObjectsMixin:
         if contained and not entry.contained:
             entry.contained = contained
             for key in contained:
-                self._incref(key)
+                self.incref(key)
         waiters = entry.avail_waiters
         if waiters:
             entry.avail_waiters = None
@@ -192,17 +236,17 @@ class ObjectsMixin:
                 waiter(object_id)
         if entry.state == REMOTE:
             if entry.waiters:
-                self._start_pull(object_id, entry)
+                self.mover.start_pull(object_id, entry)
         else:
             waiters = entry.waiters
             if waiters:
                 entry.waiters = None
                 for waiter in waiters:
                     waiter(object_id)
-        if entry.refs <= 0 and self.objects.get(object_id) is entry:
-            self._release_if_unused(object_id, entry)
+        if entry.refs <= 0 and self.entries.get(object_id) is entry:
+            self.release_if_unused(object_id, entry)
 
-    def _wait_for_objects(self, record: TaskRecord, object_ids, add_waiter, then) -> None:
+    def wait_for_objects(self, record: TaskRecord, object_ids, add_waiter, then) -> None:
         """`then(record)` once `add_waiter` has called back for each of `object_ids`
         that it registered. A waiter can run while being registered (a pull served by a
         copy already in this store), so the count starts at one and that guard goes
@@ -215,12 +259,12 @@ class ObjectsMixin:
                 record.pending_deps -= 1
         waiter(None)
 
-    def _add_waiter(self, object_id: bytes, waiter) -> bool:
+    def add_waiter(self, object_id: bytes, waiter) -> bool:
         """Call `waiter(object_id)` once the value is on this node; False if it already is
         (or is unknown here and cannot be fetched): then nothing is registered."""
-        entry = self.objects.get(object_id)
+        entry = self.entries.get(object_id)
         if entry is None:
-            entry = self._remote_entry(object_id)
+            entry = self.mover.remote_entry(object_id)
             if entry is None:
                 return False
         if entry.state == READY:
@@ -230,16 +274,16 @@ class ObjectsMixin:
         else:
             entry.waiters.append(waiter)
         if entry.state == REMOTE:
-            self._start_pull(object_id, entry)
+            self.mover.start_pull(object_id, entry)
         elif not entry.watched and entry.owner != self.rank:
-            self._watch(object_id, entry)
+            self.mover.watch(object_id, entry)
         return True
 
-    def _add_avail_waiter(self, object_id: bytes, waiter) -> bool:
+    def add_avail_waiter(self, object_id: bytes, waiter) -> bool:
         """Call `waiter(object_id)` once the value exists on any node; False if it does."""
-        entry = self.objects.get(object_id)
+        entry = self.entries.get(object_id)
         if entry is None:
-            entry = self._remote_entry(object_id)
+            entry = self.mover.remote_entry(object_id)
             if entry is None:
                 return False
         if entry.state != PENDING:
@@ -249,11 +293,11 @@ class ObjectsMixin:
         else:
             entry.avail_waiters.append(waiter)
         if not entry.watched and entry.owner != self.rank:
-            self._watch(object_id, entry)
+            self.mover.watch(object_id, entry)
         return True
 
-    def _remove_waiter(self, object_id: bytes, waiter) -> None:
-        entry = self.objects.get(object_id)
+    def remove_waiter(self, object_id: bytes, waiter) -> None:
+        entry = self.entries.get(object_id)
         if entry is None:
             return
         if entry.waiters and waiter in entry.waiters:
@@ -261,46 +305,46 @@ class ObjectsMixin:
         if entry.avail_waiters and waiter in entry.avail_waiters:
             entry.avail_waiters.remove(waiter)
 
-    def _payload(self, object_id: bytes):
+    def payload(self, object_id: bytes):
         """What a reader needs: inline bytes, IN_STORE, or an exception if gone."""
-        entry = self.objects.get(object_id)
+        entry = self.entries.get(object_id)
         if entry is None:
             return error_bytes(exceptions.ObjectFreedError(
                 f"Object {object_id.hex()} was freed (no reference held it) or never existed."))
         return entry.inline
 
     def put(self, object_id: bytes, inline, contained, owner_holds_ref: bool, size: int) -> None:
-        entry = self._entry(object_id)
+        entry = self.entry(object_id)
         entry.refs += 1 if owner_holds_ref else 0
         entry.is_put = True  # not freed at refs 0 before its holders count it
-        self._object_ready(object_id, inline, contained, size)
+        self.object_ready(object_id, inline, contained, size)
         entry.is_put = False
 
     def register_get(self, object_ids, num_returns: int, callback=None, local: bool = True):
         """A waiter released when `num_returns` of `object_ids` are here (`local`; else
         when they exist on any node, as `wait(fetch_local=False)`), or None if they are."""
-        objects = self.objects
+        objects = self.entries
         done = (READY,) if local else (READY, REMOTE)
         missing = [oid for oid in object_ids
-                   if (e := objects.get(oid)) is None and self._remote_entry(oid) is not None
+                   if (e := objects.get(oid)) is None and self.mover.remote_entry(oid) is not None
                    or e is not None and e.state not in done]
         ready = len(object_ids) - len(missing)
         if ready >= num_returns:
             return None
         waiter = _Waiter(num_returns - ready, callback)
-        add = self._add_waiter if local else self._add_avail_waiter
+        add = self.add_waiter if local else self.add_avail_waiter
         for oid in missing:
             add(oid, waiter)
         return waiter
 
     def cancel_waiter(self, object_ids, waiter) -> None:
         for oid in object_ids:
-            self._remove_waiter(oid, waiter)
+            self.remove_waiter(oid, waiter)
 
     def ready_ids(self, object_ids, local: bool = True) -> list:
         """The ids whose value is here (`local`; else anywhere), or that are unknown here
         for good (get raises)."""
-        objects = self.objects
+        objects = self.entries
         if self.cluster is None:
             return [oid for oid in object_ids
                     if (e := objects.get(oid)) is None or e.state == READY]
@@ -311,4 +355,4 @@ class ObjectsMixin:
                 or e is not None and e.state in done]
 
     def payloads(self, object_ids) -> list:
-        return [self._payload(oid) for oid in object_ids]
+        return [self.payload(oid) for oid in object_ids]

@@ -1,0 +1,347 @@
+"""Where this node's tasks run: here, or forwarded to the global scheduler.
+
+A task is owned by the node where it was submitted: that node resolves its arguments,
+keeps it (bottom-up) when it has the resources and a short queue, and otherwise
+forwards it to the global scheduler on rank 0 (cluster.py), which picks a node by
+resources, load and where the arguments' bytes are. The node that runs a task sends the
+results back to the owner: small values inline, large ones stay in its store and the
+owner records where. Calls to actors hosted elsewhere queue here until the host is
+known, then go to it in order. Functions travel to the node that runs them once.
+
+A task's `deps` describes each top-level argument as ("inline", bytes, contained) or
+("at", rank, size, contained), `contained` being the refs inside the value
+(borrowing.py).
+"""
+
+from __future__ import annotations
+
+from hpcray import ids
+from hpcray._scheduler import LOCALITY_BYTES
+from hpcray.runtime import messages
+from hpcray.runtime.actors import A_DEAD, RemoteActor
+from hpcray.runtime.object_table import IN_STORE, REMOTE, ObjectEntry
+from hpcray.runtime.specs import ACTOR_CALL, NORMAL_TASK, QUEUED, RUNNING, TaskRecord
+from hpcray.serialization import error_bytes
+
+
+class TaskRouter:
+    """Keeps or forwards this node's tasks and actors; runs what was placed here."""
+
+    HANDLES = {messages.Run: "on_run", messages.RunActor: "on_run_actor",
+               messages.TaskDone: "on_done", messages.FunctionRequest: "on_function_request",
+               messages.Function: "on_function", messages.ActorAt: "on_actor_at",
+               messages.EndActor: "on_end_actor", messages.ActorCall: "on_actor_call",
+               messages.KillActor: "on_kill_actor", messages.Cancel: "on_cancel"}
+
+    def __init__(self, rank: int, link, node, network, objects, borrowing, mover, actors,
+                 scheduler, task_events, peers) -> None:
+        self.rank = rank
+        self.link = link                  # ClusterLink, or None on one node
+        self.node = node                  # its tasks, workers and GPUs
+        self.network = network
+        self.objects = objects
+        self.borrowing = borrowing
+        self.mover = mover
+        self.actors = actors
+        self.scheduler = scheduler
+        self.task_events = task_events
+        self.peers = peers
+        self.tasks = node.tasks
+        self.functions = node.functions
+        self.gcs = network.gcs
+
+    # ------------------------------------------------------------------ routing tasks
+    def route(self, record: TaskRecord) -> None:
+        """Arguments exist somewhere: run the task here, or hand it to the global scheduler."""
+        spec = record.spec
+        if self.link is None:
+            self.localize(record, self.enqueue)
+            return
+        strategy = _strategy_of(spec)
+        arg_bytes = self.argument_bytes(spec)
+        local_bytes = arg_bytes.get(self.rank, 0)
+        keep = (strategy is None and self.scheduler.is_feasible(spec.demand)
+                and self.scheduler.num_queued < self.keep_limit()
+                and (self.scheduler.fits(spec.demand) or self.scheduler.num_queued == 0)
+                and max(arg_bytes.values(), default=0) - local_bytes < LOCALITY_BYTES)
+        if strategy is not None and strategy[0] == "node" and strategy[1] == self.rank \
+                and self.scheduler.is_feasible(spec.demand):
+            keep = True
+        if keep:
+            self.localize(record, self.enqueue)
+            return
+        record.state = RUNNING  # elsewhere, as far as this node is concerned
+        record.worker = None
+        deps = self.describe_deps(spec)
+        if self.rank == 0:
+            self.network.on_forward(0, spec, deps, strategy, arg_bytes)
+        else:
+            self.peers.send(0, messages.Forward(spec, deps, strategy, arg_bytes))
+
+    # Bottom-up spill threshold. A node keeps its own tasks while its queue is shorter
+    # than this; beyond, it forwards them. When the global scheduler sends a forwarded
+    # task straight back (no node was less loaded), the threshold doubles, so a node
+    # whose peers are as busy stops paying a round trip through rank 0 per task; when
+    # it places one elsewhere, the threshold halves back toward the base.
+    _KEEP_LIMIT_MAX_PER_CPU = 64
+
+    def keep_limit(self) -> int:
+        cluster = self.link
+        if cluster.keep_limit == 0:
+            cluster.keep_limit = self.base_keep_limit()
+        return cluster.keep_limit
+
+    def base_keep_limit(self) -> int:
+        return max(2, 2 * self.scheduler.target_workers)
+
+    def forwarded_task_placed(self, rank: int) -> None:
+        cluster = self.link
+        limit = self.keep_limit()
+        if rank == self.rank:
+            cluster.keep_limit = min(limit * 2, self._KEEP_LIMIT_MAX_PER_CPU
+                                     * max(1, self.scheduler.target_workers))
+        else:
+            cluster.keep_limit = max(self.base_keep_limit(), limit // 2)
+
+    def argument_bytes(self, spec) -> dict:
+        where: dict = {}
+        for dep in spec.deps:
+            entry = self.objects.get(dep)
+            if entry is None or entry.inline is not IN_STORE:
+                continue
+            rank = entry.location if entry.state == REMOTE else self.rank
+            where[rank] = where.get(rank, 0) + entry.size
+        return where
+
+    def describe_deps(self, spec) -> list:
+        """How another node finds each top-level argument: inline bytes or a location.
+        The refs themselves stay held here until the task's `done` (borrowing.py)."""
+        return [(dep, self.mover.describe_value(self.objects[dep])) for dep in spec.deps]
+
+    def task_failed_remotely(self, spec, error) -> None:
+        blob = error_bytes(error)
+        results = [(oid, blob, (), len(blob)) for oid in spec.return_ids]
+        owner = ids.owner_rank(spec.task_id)
+        if owner == self.rank:
+            self.on_done(self.rank, spec.task_id, results, (), True)
+        else:
+            self.peers.send(owner, messages.TaskDone(spec.task_id, results, (), True))
+
+    def on_run(self, source: int, spec, deps) -> None:
+        """Run a task the global scheduler placed here (maybe one this node forwarded)."""
+        self.link.received += 1
+        record = TaskRecord(spec, spec.max_retries)
+        record.owner = ids.owner_rank(spec.task_id)
+        if record.owner == self.rank:
+            self.forwarded_task_placed(self.rank)
+        self.tasks[spec.task_id] = record
+        self.borrowing.hold_task_refs(spec, deps, record.owner)
+        self.with_function(spec.function_id, record.owner,
+                            lambda: self.localize(record, self.enqueue))
+
+    def export_function(self, function_id: bytes, pickled: bytes) -> None:
+        """A process on this node defined a function or class: keep it, and with many
+        nodes record it in the GCS functions table too."""
+        if function_id in self.functions:
+            return
+        self.functions[function_id] = pickled
+        if self.link is not None:
+            self.gcs.request("put_function", function_id, pickled)
+
+    def with_function(self, function_id: bytes, submitter: int, then) -> None:
+        """Run `then` once this node has the pickled function, fetched from the node that
+        submitted the task (its process exported the function there), else the GCS."""
+        if function_id is None or function_id in self.functions:
+            then()
+            return
+        waiters = self.link.function_waiters.get(function_id)
+        if waiters is None:
+            self.link.function_waiters[function_id] = [then]
+            self.peers.send(submitter, messages.FunctionRequest(function_id))
+        else:
+            waiters.append(then)
+
+    def on_function_request(self, source: int, function_id: bytes) -> None:
+        self.peers.send(source, messages.Function(function_id, self.functions.get(function_id)))
+
+    def on_function(self, source: int, function_id: bytes, pickled) -> None:
+        if pickled is None and source != self.rank:  # not there: ask the GCS
+            self.gcs.request("get_function", function_id, callback=lambda found:
+                             self.on_function(self.rank, function_id, found))
+            return
+        if pickled is not None:
+            self.functions.setdefault(function_id, pickled)
+        for then in self.link.function_waiters.pop(function_id, ()):
+            then()  # without the function, the worker reports it as unknown
+
+    def localize(self, record: TaskRecord, then) -> None:
+        """Pull the arguments that live on other nodes, then `then(record)`."""
+        objects = self.objects
+        remote = [dep for dep in record.spec.deps
+                  if (entry := objects.get(dep)) is not None and entry.state == REMOTE]
+        self.objects.wait_for_objects(record, remote, self.objects.add_waiter, then)
+
+    def enqueue(self, record: TaskRecord) -> None:
+        record.state = QUEUED
+        self.node._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
+
+    # ------------------------------------------------------------------ results
+    def send_results_to_owner(self, record: TaskRecord, results, transitions,
+                               failed: bool = False) -> None:
+        """A task that another node owns finished here: its large results stay here (the
+        primary copy), refs inside them are registered for the owner, and the reply
+        says which of the task's refs this node keeps (borrowing.py)."""
+        owner = record.owner
+        for object_id, inline, contained, size in results:
+            for key in contained:
+                self.borrowing.register_borrower(key, owner)
+            if inline is IN_STORE:
+                entry = self.objects.get(object_id)
+                if entry is None:
+                    entry = self.objects[object_id] = ObjectEntry(owner)
+                entry.primary = True
+                self.objects.object_ready(object_id, IN_STORE, (), size)
+                self.gcs.request("add_location", object_id, self.rank, size, owner,
+                                 record.spec.task_id)
+        self.objects.apply_transitions(transitions)
+        kept = self.borrowing.release_task_holds(record.spec, owner)
+        self.peers.send(owner, messages.TaskDone(record.spec.task_id, results, kept, failed))
+
+    def on_done(self, source: int, task_id: bytes, results, kept, failed=False) -> None:
+        """Results of a task this node owns, run elsewhere (or failed there)."""
+        record = self.tasks.pop(task_id, None)
+        if record is None:
+            return
+        if record.spec.kind == NORMAL_TASK:
+            self.task_events.ended(task_id, failed)
+        self.borrowing.register_kept(kept)
+        if source != self.rank:
+            self.borrowing.foreign_results(results)
+            if record.spec.kind != ACTOR_CALL and _strategy_of(record.spec) is None:
+                self.forwarded_task_placed(source)
+        for object_id, inline, contained, size in results:
+            self.objects.object_ready(object_id, inline, contained, size,
+                               None if inline is not IN_STORE else source)
+        for key in record.spec.contained:
+            self.objects.decref(key)
+        if record.spec.kind == ACTOR_CALL:
+            self.actors.actor_decref(record.spec.actor_id)  # the call's hold on the actor
+
+    # ------------------------------------------------------------------ actors
+    def route_actor(self, actor, record: TaskRecord) -> None:
+        """An actor's constructor arguments exist: host it here, or have it placed."""
+        spec = actor.spec
+        if actor.state == A_DEAD:
+            return  # out of scope (or killed) before its arguments were ready
+        strategy = _strategy_of(spec)
+        # An actor holds its resources for its whole life: it stays here only if they are
+        # free now, else the global scheduler finds a node with room (queued here, it
+        # would wait for actors that may never end while other nodes sit idle).
+        if self.link is None or (strategy is None and self.scheduler.fits(spec.demand)) \
+                or (strategy is not None and strategy[0] == "node" and strategy[1] == self.rank
+                    and self.scheduler.is_feasible(spec.demand)):
+            self.localize(record, lambda _r: self.actors.actor_deps_ready(actor))
+            return
+        # Hosted elsewhere: this node keeps only a RemoteActor for its own calls, which
+        # goes on counting the actor's handles for the whole cluster (borrowing.py).
+        del self.actors[actor.actor_id]
+        remote = self.actors.remote_actors[actor.actor_id] = RemoteActor(actor.actor_id, None)
+        remote.take_handles(actor)
+        self.move_calls(actor, remote)
+        deps = self.describe_deps(spec)
+        if self.rank == 0:
+            self.network.on_forward(0, spec, deps, strategy, {})
+        else:
+            self.peers.send(0, messages.Forward(spec, deps, strategy, {}))
+
+    def move_calls(self, actor, remote) -> None:
+        """Calls made before the actor's arguments were ready go to its host instead."""
+        for _ in actor.queue:
+            self.actors.actor_incref(actor.actor_id)  # held until its `done`, as every remote call
+        self.actors.requeue_calls(actor.queue, remote.queue,
+                            lambda _record: self.pump_remote_actor(remote))
+
+    def submit_remote_actor_call(self, record: TaskRecord) -> None:
+        actor_id = record.spec.actor_id
+        remote = self.actors.remote_actors.get(actor_id)
+        if remote is None:
+            remote = self.actors.remote_actors[actor_id] = RemoteActor(
+                actor_id, self.link.actor_locations.get(actor_id))
+        self.actors.actor_incref(actor_id)  # until its `done`: the actor must not end before
+        remote.queue.append(record)
+        self.node._resolve_deps(record, lambda _r: self.pump_remote_actor(remote))
+
+    def pump_remote_actor(self, remote) -> None:
+        """Send the host, in submission order, every call whose arguments exist."""
+        if remote.host is None:
+            return
+        queue = remote.queue
+        while queue and queue[0].pending_deps == 0:
+            record = queue.popleft()
+            if record.cancelled:
+                self.actors.actor_decref(remote.actor_id)
+                continue
+            record.state = RUNNING
+            self.tasks[record.spec.task_id] = record
+            self.peers.send(remote.host, messages.ActorCall(record.spec,
+                                        self.describe_deps(record.spec)))
+
+    def on_run_actor(self, source: int, spec, deps, hops: int = 0) -> None:
+        """Host an actor another node created (placed here by the global scheduler). Its
+        creator holds the constructor's refs for good, so this node's holds never end.
+        An actor holds its resources for life, so one placed from a stale view of this
+        node's load goes back to the global scheduler (with this node's load first)
+        rather than wait here for actors that may never end (a bounded number of times:
+        the global scheduler's view and this node's could disagree)."""
+        self.link.received += 1
+        if _strategy_of(spec) is None and not self.scheduler.fits(spec.demand) \
+                and hops < 3 * self.link.size:
+            self.network.report_load(now_=True)
+            if self.rank == 0:
+                self.network.on_forward(0, spec, deps, None, {}, hops + 1)
+            else:
+                self.peers.send(0, messages.Forward(spec, deps, None, {}, hops + 1))
+            return
+        self.borrowing.hold_task_refs(spec, deps, ids.owner_rank(spec.actor_id))
+        self.with_function(spec.function_id, ids.owner_rank(spec.actor_id),
+                            lambda: self.actors.host_actor(spec))
+
+    def on_actor_at(self, source: int, actor_id: bytes, rank: int) -> None:
+        self.link.actor_locations[actor_id] = rank
+        remote = self.actors.remote_actors.get(actor_id)
+        if remote is not None:
+            remote.host = rank
+            self.pump_remote_actor(remote)
+            if remote.owner == self.rank and remote.refs <= 0:
+                self.actors.actor_unused(actor_id, remote)  # no handle left before it started
+
+    def on_end_actor(self, source: int, actor_id: bytes) -> None:
+        """The owner counted no handle left anywhere: end the actor hosted here."""
+        actor = self.actors.get(actor_id)
+        if actor is not None:
+            self.actors.actor_out_of_scope(actor)
+
+    def on_actor_call(self, source: int, spec, deps) -> None:
+        record = TaskRecord(spec, 0)
+        record.owner = ids.owner_rank(spec.task_id)
+        self.borrowing.hold_task_refs(spec, deps, record.owner)
+        self.actors.submit_actor_call(record)
+
+    def on_kill_actor(self, source: int, actor_id: bytes, no_restart: bool) -> None:
+        try:
+            self.actors.kill_actor(actor_id, no_restart)
+        except ValueError:
+            pass
+
+    def on_cancel(self, source: int, task_id: bytes, force: bool, recursive: bool) -> None:
+        self.node._cancel_task(task_id, force, recursive)
+
+
+def _strategy_of(spec):
+    options = spec.options
+    if not options:
+        return None
+    strategy = options.get("scheduling_strategy")
+    if strategy in (None, "DEFAULT"):
+        return None
+    return strategy

@@ -1,0 +1,161 @@
+"""What a node manager does for the processes on its node (workers; a driver calls the
+node in process instead): the node operations of messages.py, one-way (`Notice`) or
+answered (`Request` -> `Reply`, now or, for what waits on objects or the GCS, later).
+Each operation is one `op_<name>` method here; `messages.check_operations` holds this
+class to the declared list.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from hpcray.runtime import messages
+from hpcray.runtime.specs import ACTOR_CREATION
+
+log = logging.getLogger("hpcray.node")
+
+if TYPE_CHECKING:
+    from hpcray.runtime.node_manager import WorkerHandle
+
+
+class WorkerRequests:
+    """Serves the node operations its workers send."""
+
+    HANDLES = {messages.Notice: "on_notice", messages.Request: "on_request"}
+
+    def __init__(self, rank: int, node, objects, actors, router, network, scheduler) -> None:
+        self.rank = rank
+        self.node = node                  # submit, cancel, worker sockets, timers
+        self.objects = objects
+        self.actors = actors
+        self.router = router
+        self.network = network
+        self.scheduler = scheduler
+
+    def on_notice(self, worker: WorkerHandle, op: str, args: tuple, transitions) -> None:
+        try:
+            getattr(self, "op_" + op)(worker, *args)
+        except Exception as exc:  # noqa: BLE001 - the node goes on; the worker is told
+            log.exception("rank %d: %s from pid=%s failed", self.rank, op, worker.pid)
+            self.node.send_to_worker(worker, messages.Reply(0, False, exc))
+        self.objects.apply_transitions(transitions)
+
+    def on_request(self, worker: WorkerHandle, request_id: int, op: str, args: tuple,
+                   transitions) -> None:
+        self.objects.apply_transitions(transitions)
+        try:
+            getattr(self, "op_" + op)(worker, request_id, *args)
+        except Exception as exc:  # noqa: BLE001 - the worker re-raises it at its call site
+            self.node.send_to_worker(worker, messages.Reply(request_id, False, exc))
+
+    def reply(self, worker, request_id: int, value) -> None:
+        if worker.alive:
+            self.node.send_to_worker(worker, messages.Reply(request_id, True, value))
+
+    # ------------------------------------------------------------------ one-way
+    def op_submit(self, worker, spec) -> None:
+        self.node.submit(spec, worker.task)
+        # The refs the submitting process holds from the start (counted by submit).
+        if spec.kind == ACTOR_CREATION:
+            worker.holds.add(spec.actor_id)
+        else:
+            worker.holds.update(spec.return_ids)
+
+    def op_put(self, worker, object_id, inline, contained, holds_ref: bool, size: int) -> None:
+        self.objects.put(object_id, inline, contained, holds_ref, size)
+        if holds_ref:  # the ref the putting process holds, counted at once
+            worker.holds.add(object_id)
+
+    def op_export_function(self, worker, function_id: bytes, pickled: bytes) -> None:
+        self.router.export_function(function_id, pickled)
+
+    def op_release_actor_name(self, worker, name: str, actor_id: bytes) -> None:
+        self.actors.release_actor_name(name, actor_id)
+
+    def op_kill_actor(self, worker, actor_id: bytes, no_restart: bool) -> None:
+        self.actors.kill_actor(actor_id, no_restart)
+
+    def op_cancel(self, worker, object_id: bytes, force: bool, recursive: bool) -> None:
+        self.node.cancel(object_id, force, recursive)
+
+    # ------------------------------------------------------------------ answered
+    def op_get(self, worker, request_id, object_ids, timeout) -> None:
+        self.wait_for(worker, request_id, object_ids, len(object_ids), timeout,
+                      lambda: self.objects.payloads(object_ids), lambda: "timeout")
+
+    def op_wait(self, worker, request_id, object_ids, num_returns, timeout,
+                fetch_local) -> None:
+        answer = lambda: self.objects.ready_ids(object_ids, fetch_local)  # noqa: E731
+        self.wait_for(worker, request_id, object_ids, num_returns, timeout, answer, answer,
+                      fetch_local)
+
+    def op_feasible(self, worker, request_id, demand) -> None:
+        self.reply(worker, request_id, self.network.cluster_feasible(demand))
+
+    def op_get_actor(self, worker, request_id, name) -> None:
+        self.actors.lookup_actor(name, lambda found: self.reply(worker, request_id, found))
+
+    def op_claim_actor_name(self, worker, request_id, name, actor_id, info) -> None:
+        self.actors.claim_actor_name(name, actor_id, info,
+                                     lambda holder: self.reply(worker, request_id, holder))
+
+    def op_resources(self, worker, request_id) -> None:
+        self.reply(worker, request_id, (self.network.cluster_resources(),
+                                        self.network.cluster_available()))
+
+    def op_nodes(self, worker, request_id) -> None:
+        self.reply(worker, request_id, self.node.describe_nodes())
+
+    def op_list_tasks(self, worker, request_id) -> None:
+        self.node.list_tasks(lambda tasks: self.reply(worker, request_id, tasks))
+
+    # ------------------------------------------------------------------ waiting
+    def wait_for(self, worker, request_id, object_ids, num_returns, timeout, answer,
+                 timeout_answer, local: bool = True) -> None:
+        """Reply once `num_returns` of `object_ids` are here (or anywhere: not `local`);
+        meanwhile the worker is blocked and lends its CPU."""
+        state = {"done": False}
+
+        def finish(timed_out=False):
+            if state["done"]:
+                return
+            state["done"] = True
+            worker.interrupt_wait = None
+            self.set_blocked(worker, False)
+            self.reply(worker, request_id, timeout_answer() if timed_out else answer())
+
+        def interrupt(error):
+            if not state["done"]:
+                state["done"] = True
+                worker.interrupt_wait = None
+                self.objects.cancel_waiter(object_ids, waiter)
+                self.set_blocked(worker, False)
+                if worker.alive:
+                    self.node.send_to_worker(worker, messages.Reply(request_id, False, error))
+
+        waiter = self.objects.register_get(object_ids, num_returns, finish, local)
+        if waiter is None:
+            self.reply(worker, request_id, answer())
+            return
+        worker.interrupt_wait = interrupt
+        self.set_blocked(worker, True)
+        if timeout is not None:
+            def expire():
+                if not state["done"]:
+                    self.objects.cancel_waiter(object_ids, waiter)
+                    finish(timed_out=True)
+            self.node._add_timer(timeout, expire)
+
+    def set_blocked(self, worker, blocked: bool) -> None:
+        record = worker.task
+        if record is None or record.blocked == blocked:
+            return
+        record.blocked = blocked
+        if blocked:
+            self.node._run_actions(self.scheduler.worker_blocked(worker.key, record.spec.demand))
+        else:
+            self.scheduler.worker_unblocked(worker.key, record.spec.demand)
+
+
+messages.check_operations(WorkerRequests)
