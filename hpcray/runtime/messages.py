@@ -1,0 +1,338 @@
+"""Every message hpcray's processes exchange, declared once, with named fields.
+
+A message is a record (a NamedTuple: it pickles as its class and a tuple, and a handler
+may take it whole or unpacked). Its type is its kind: dispatch is a dict lookup on
+`type(message)`, and the tables are built from the handlers the runtime's parts declare
+(`HANDLES = {Message: "method_name"}`); `check_handlers` fails at import when a message
+of a channel has no handler or more than one, or names a method that does not exist.
+
+Channels
+    control   node manager <-> node manager, over MPI (transport "control" channel)
+    gcs       node manager <-> GCS shard: the shard's own wire table (gcs/shard.py);
+              requests are ("op", request_id, key, *args), answers GcsReply/GcsNotify
+    launch    rank 0 <-> the other ranks while a job starts and stops (launch.py)
+    up        worker (or a driver's stand-in) -> its node manager, over its socket
+    down      node manager -> worker
+
+Fields that hold values describe them as the runtime does everywhere: a value's
+"where" is ("inline", bytes, contained) or ("at", rank, size, contained); results are
+[(object_id, inline bytes or None (in the store), contained ids, size)]; ref
+transitions are [(id, +1 | -1)], the 0<->1 changes of a process's counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+CHANNELS: dict[str, list[type]] = {"control": [], "launch": [], "up": [], "down": []}
+
+
+def _on(channel: str):
+    def register(cls):
+        CHANNELS[channel].append(cls)
+        cls.channel = channel
+        return cls
+    return register
+
+
+# ---------------------------------------------------------------- control: tasks
+@_on("control")
+class Forward(NamedTuple):
+    """owner -> rank 0: place a task (or actor) this node did not keep."""
+    spec: Any
+    deps: list          # [(id, where)] of the top-level arguments
+    strategy: Any       # None, "SPREAD" or ("node", rank, soft)
+    arg_bytes: dict     # rank -> bytes of the arguments there
+    hops: int = 0       # nodes that sent this actor back for lack of room
+
+
+@_on("control")
+class Run(NamedTuple):
+    """rank 0 -> the node that runs a task."""
+    spec: Any
+    deps: list
+
+
+@_on("control")
+class RunActor(NamedTuple):
+    """rank 0 -> the node that hosts an actor (it may send it back: Forward, hops + 1)."""
+    spec: Any
+    deps: list
+    hops: int = 0
+
+
+@_on("control")
+class TaskDone(NamedTuple):
+    """executor -> owner: a task's results (`kept`: refs the executor still holds, as
+    [(id, [(rank, count)])] for the owner to register; borrowing.py)."""
+    task_id: bytes
+    results: list
+    kept: list
+    failed: bool = False
+
+
+@_on("control")
+class Cancel(NamedTuple):
+    """owner -> every node: cancel the task wherever it runs."""
+    task_id: bytes
+    force: bool
+    recursive: bool
+
+
+@_on("control")
+class Load(NamedTuple):
+    """node -> rank 0, when it changed: what the global scheduler places by."""
+    available: dict
+    queued: int
+    received: int       # tasks rank 0 had placed on this node, as the node counted them
+
+
+@_on("control")
+class FunctionRequest(NamedTuple):
+    """executor -> the submitting node: the pickled function of a task."""
+    function_id: bytes
+
+
+@_on("control")
+class Function(NamedTuple):
+    """the submitting node -> executor (None: ask the GCS)."""
+    function_id: bytes
+    pickled: bytes | None
+
+
+# ---------------------------------------------------------------- control: objects
+@_on("control")
+class Watch(NamedTuple):
+    """a node -> an object's owner: say where the value is once it exists (`register`:
+    count the asking node as a borrower too)."""
+    object_id: bytes
+    register: bool
+
+
+@_on("control")
+class Located(NamedTuple):
+    """owner -> the watching node: the value's where."""
+    object_id: bytes
+    where: tuple
+
+
+@_on("control")
+class Pull(NamedTuple):
+    """a node -> the node with the bytes: send them with transfer `tag`."""
+    object_id: bytes
+    tag: int
+
+
+@_on("control")
+class PullFailed(NamedTuple):
+    """the asked node no longer has the bytes."""
+    object_id: bytes
+    tag: int
+
+
+@_on("control")
+class Borrow(NamedTuple):
+    """a covered node -> owner: count `count` more registrations for `rank`."""
+    key: bytes          # an object id (20 bytes) or an actor id (16)
+    rank: int
+    count: int
+
+
+@_on("control")
+class Release(NamedTuple):
+    """borrower -> owner: it gives its `count` registrations back."""
+    key: bytes
+    count: int
+
+
+# ---------------------------------------------------------------- control: actors
+@_on("control")
+class ActorAt(NamedTuple):
+    """the actor's node -> every node: send its calls to `rank`."""
+    actor_id: bytes
+    rank: int
+
+
+@_on("control")
+class EndActor(NamedTuple):
+    """owner -> the actor's node: no handle is left anywhere."""
+    actor_id: bytes
+
+
+@_on("control")
+class ActorCall(NamedTuple):
+    """a caller's node -> the actor's node."""
+    spec: Any
+    deps: list
+
+
+@_on("control")
+class KillActor(NamedTuple):
+    actor_id: bytes
+    no_restart: bool
+
+
+# ---------------------------------------------------------------- launch (launch.py)
+@_on("launch")
+class Start(NamedTuple):
+    """rank 0 -> every rank: build your node for this job."""
+    job: dict
+
+
+@_on("launch")
+class DescribeGpus(NamedTuple):
+    """rank 0 -> every rank: which GPUs do you see?"""
+
+
+@_on("launch")
+class GpusSeen(NamedTuple):
+    gpus: tuple
+
+
+@_on("launch")
+class Started(NamedTuple):
+    node: dict
+
+
+@_on("launch")
+class StartFailed(NamedTuple):
+    reason: str
+
+
+@_on("launch")
+class Go(NamedTuple):
+    """rank 0 -> every rank: every node's id and resources; serve."""
+    nodes: dict
+
+
+@_on("control")
+class Stop(NamedTuple):
+    """rank 0 -> every rank (while its node serves): the driver shut down."""
+
+
+@_on("launch")
+class Stopped(NamedTuple):
+    pass
+
+
+@_on("launch")
+class Exit(NamedTuple):
+    """rank 0 -> every rank: leave the job with this status."""
+    code: int
+
+
+# ---------------------------------------------------------------- up: worker -> node
+@_on("up")
+class Hello(NamedTuple):
+    pid: int
+
+
+@_on("up")
+class WorkDone(NamedTuple):
+    """a task or actor call ended: its results; `retry`: it raised a retryable error."""
+    task_id: bytes
+    results: list
+    retry: bool
+    transitions: list
+
+
+@_on("up")
+class ActorReady(NamedTuple):
+    """the constructor ran (error: the pickled exception it raised, else None)."""
+    actor_id: bytes
+    error: bytes | None
+    transitions: list
+
+
+@_on("up")
+class Notice(NamedTuple):
+    """a one-way node operation (`op` one of ONEWAY_OPS) with its arguments."""
+    op: str
+    args: tuple
+    transitions: list
+
+
+@_on("up")
+class Request(NamedTuple):
+    """a node operation that answers (`op` one of REQUEST_OPS): Reply(request_id)."""
+    request_id: int
+    op: str
+    args: tuple
+    transitions: list
+
+
+# ---------------------------------------------------------------- down: node -> worker
+@_on("down")
+class RunTask(NamedTuple):
+    """run a task (or an actor call: `function` None, `gpu_ids` ())."""
+    spec: Any
+    function: bytes | None   # pickled, the first time this worker runs it
+    dep_payloads: list       # [(id, inline bytes or None: in the store)]
+    gpu_ids: tuple
+
+
+@_on("down")
+class CreateActor(NamedTuple):
+    spec: Any
+    cls: bytes | None
+    dep_payloads: list
+    gpu_ids: tuple
+
+
+@_on("down")
+class Reply(NamedTuple):
+    request_id: int
+    ok: bool
+    value: Any               # the answer, or the exception to raise at the call site
+
+
+@_on("down")
+class ExitWorker(NamedTuple):
+    pass
+
+
+# ---------------------------------------------------------------- node operations
+# What a process asks of its node manager: the driver calls these on its in-process
+# node (client.DriverClient), a worker sends them (Notice / Request), and the node's
+# WorkerRequests part serves them; `check_operations` holds all three to this list.
+ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
+              "cancel")
+REQUEST_OPS = ("get", "wait", "feasible", "get_actor", "claim_actor_name", "resources",
+               "nodes", "list_tasks")
+
+
+def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:
+    """{message type: (part class, method name)} for `channel`; raises unless every
+    message of the channel has exactly one handler among `parts`, and it exists."""
+    table: dict[type, tuple[type, str]] = {}
+    for part in parts:
+        for message, method in getattr(part, "HANDLES", {}).items():
+            if getattr(message, "channel", None) != channel:
+                continue
+            if message in table:
+                raise TypeError(f"{message.__name__} is handled twice: by "
+                                f"{table[message][0].__name__} and {part.__name__}")
+            if not callable(getattr(part, method, None)):
+                raise TypeError(f"{part.__name__}.{method} (the handler of "
+                                f"{message.__name__}) does not exist")
+            table[message] = (part, method)
+    missing = [m.__name__ for m in CHANNELS[channel] if m not in table]
+    if missing:
+        raise TypeError(f"no handler for the {channel} messages {missing}")
+    return table
+
+
+def check_operations(serving: type, prefix: str = "op_") -> None:
+    """Every node operation has its server method `prefix + op`, and only those."""
+    declared = set(ONEWAY_OPS) | set(REQUEST_OPS)
+    served = {name[len(prefix):] for name in dir(serving) if name.startswith(prefix)}
+    if declared != served:
+        raise TypeError(f"{serving.__name__} serves {sorted(served - declared)} that are not "
+                        f"declared and lacks {sorted(declared - served)}")
+
+
+def dispatch_table(channel: str, *parts) -> dict:
+    """{message type: bound handler} over these part instances (checked as above)."""
+    table = check_handlers(channel, *(type(part) for part in parts))
+    by_class = {type(part): part for part in parts}
+    return {message: getattr(by_class[cls], method) for message, (cls, method) in table.items()}
