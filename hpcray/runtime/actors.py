@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from hpcray import exceptions, ids
 from hpcray.gcs import tables as gcs_tables
 from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import _DependencyWaiter
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
@@ -187,14 +188,14 @@ class Actors:
         actor.worker = self.node._start_worker(actor.actor_id)
         if self.cluster is not None:  # every node learns where to send its calls
             self.cluster.actor_locations[actor.actor_id] = self.rank
-            self.peers.broadcast(messages.ActorAt(actor.actor_id, self.rank))
+            self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank))
             self.record_actor(actor, node=self.rank)
 
     def send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
         spec = actor.spec
         function = self.functions.get(spec.function_id)
         worker.functions.add(spec.function_id)
-        self.node.send_to_worker(worker, messages.CreateActor(
+        self.node.send_to_worker(worker, wire(messages.CreateActor,
             spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 
     def on_actor_ready(self, worker: WorkerHandle, actor_id: bytes, error_blob,
@@ -209,7 +210,7 @@ class Actors:
             actor.restarts_left = 0
             self.actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} died: its constructor raised:\n{cause}"))
-            self.node.send_to_worker(worker, messages.ExitWorker())
+            self.node.send_to_worker(worker, wire(messages.ExitWorker))
             return
         actor.state = A_ALIVE
         self.record_actor(actor, state=gcs_tables.ALIVE)
@@ -241,10 +242,10 @@ class Actors:
                 continue
             record.state = RUNNING
             actor.inflight[record.spec.task_id] = record
-            self.node.send_to_worker(worker, messages.RunTask(
+            self.node.send_to_worker(worker, wire(messages.RunTask,
                 record.spec, None, self.node._dep_payloads(record.spec), ()))
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
-            self.node.send_to_worker(worker, messages.ExitWorker())
+            self.node.send_to_worker(worker, wire(messages.ExitWorker))
 
     def actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
         actor = self.hosted.get(worker.actor_id)
@@ -254,7 +255,7 @@ class Actors:
             return
         self.node._finish_task(record, results, transitions)
         if actor.death is not None and not actor.queue and not actor.inflight:
-            self.node.send_to_worker(worker, messages.ExitWorker())
+            self.node.send_to_worker(worker, wire(messages.ExitWorker))
 
     # ------------------------------------------------------------------ handles
     # One node: the ActorRecord counts the handles. Many nodes: each node counts its own
@@ -288,7 +289,7 @@ class Actors:
             # New to this node outside any task or value that would cover it (looked up
             # by name): it registers itself with the owner.
             handles.lent = 1
-            self.peers.send(handles.owner, messages.Borrow(actor_id, self.rank, 1))
+            self.peers.send(handles.owner, wire(messages.Borrow, actor_id, self.rank, 1))
         handles.refs += 1
 
     def actor_decref(self, actor_id: bytes) -> None:
@@ -314,7 +315,7 @@ class Actors:
         if isinstance(handles, ActorRecord):
             self.actor_out_of_scope(handles)
         elif handles.host is not None:  # else once the host says where it is (actor_at)
-            self.peers.send(handles.host, messages.EndActor(actor_id))
+            self.peers.send(handles.host, wire(messages.EndActor, actor_id))
 
     def actor_out_of_scope(self, actor: ActorRecord) -> None:
         if actor.state == A_DEAD or actor.death is not None:
@@ -324,7 +325,7 @@ class Actors:
             f"The actor {actor.info['class_name']} went out of scope (no handle is left).")
         actor.restarts_left = 0
         if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
-            self.node.send_to_worker(actor.worker, messages.ExitWorker())
+            self.node.send_to_worker(actor.worker, wire(messages.ExitWorker))
         elif actor.state == A_PENDING and not actor.queue:
             # Not started and nothing to run. With calls queued (`A.remote().f.remote()`
             # while A waits for a CPU) it starts, runs them, then exits (_pump_actor).
@@ -390,9 +391,9 @@ class Actors:
             host = remote.host if remote is not None else \
                 self.cluster.actor_locations.get(actor_id)
             if host is not None:
-                self.peers.send(host, messages.KillActor(actor_id, no_restart))
+                self.peers.send(host, wire(messages.KillActor, actor_id, no_restart))
             else:
-                self.peers.broadcast(messages.KillActor(actor_id, no_restart))
+                self.peers.broadcast(wire(messages.KillActor, actor_id, no_restart))
             return
         if actor is None:
             raise ValueError("kill() got an unknown actor handle.")

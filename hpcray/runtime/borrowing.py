@@ -44,7 +44,7 @@ back, and counts as new to the node when a handle comes again.
 Messages (control channel):
     borrow(id, rank, n)   a covered node -> owner: count n more for `rank`
     release(id, n)        borrower -> owner: it gives back its n registrations
-    end_actor(actor_id)   owner -> the actor's host: no handle is left (cluster.py)
+    end_actor(actor_id)   owner -> the actor's host: no handle is left (task_router.py)
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from __future__ import annotations
 from hpcray import ids
 from hpcray._store import StoreError
 from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import IN_STORE, PENDING, ObjectEntry
 
 
@@ -91,7 +92,7 @@ class Borrowing:
                 self.count_borrower(key, entry, rank, count)
         elif entry is None or entry.lent > 0 \
                 or (entry.refs <= 0 and len(key) == ids.ACTOR_ID_SIZE):  # nothing holds it
-            self.peers.send(owner, messages.Borrow(key, rank, count))
+            self.peers.send(owner, wire(messages.Borrow, key, rank, count))
         else:  # covered only by the task that brought it: its submitter registers
             if entry.deferred is None:
                 entry.deferred = {}
@@ -155,9 +156,9 @@ class Borrowing:
         through a task reply) go straight to the owner, then its own `lent` come back."""
         if deferred:
             for rank, count in deferred.items():
-                self.peers.send(owner, messages.Borrow(key, rank, count))
+                self.peers.send(owner, wire(messages.Borrow, key, rank, count))
         if lent:
-            self.peers.send(owner, messages.Release(key, lent))
+            self.peers.send(owner, wire(messages.Release, key, lent))
 
     # ------------------------------------------------------------------ tasks run here
     def hold_task_refs(self, spec, deps, lender: int) -> None:
@@ -217,7 +218,7 @@ class Borrowing:
         for key in contained:
             owner = ids.owner_rank(key)
             if owner != self.rank:
-                self.peers.send(owner, messages.Release(key, 1))
+                self.peers.send(owner, wire(messages.Release, key, 1))
 
     def release_task_holds(self, spec, lender: int) -> list:
         """The task from `lender` ended here: drop its holds; -> what this node keeps,

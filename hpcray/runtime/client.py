@@ -14,10 +14,12 @@ import threading
 from hpcray import exceptions, ids
 from hpcray._store import ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
-from hpcray.runtime.messages import ExitWorker, Notice, Reply, Request
+from hpcray.runtime.messages import ExitWorker, Notice, Reply, Request, wire
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
                                   serialize)
 
+
+_NOTICE, _REQUEST, _REPLY = Notice.CODE, Request.CODE, Reply.CODE
 
 class CoreClient:
     """The parts of a client that do not depend on where the node manager is."""
@@ -359,12 +361,12 @@ class WorkerChannel:
     def send_oneway(self, op: str, args: tuple) -> None:
         self._raise_failed_notice()
         with self._send_lock:  # keeps the drained transitions in message order
-            self.conn.send(Notice(op, args, self.refs.drain()))
+            self.conn.send((_NOTICE, op, args, self.refs.drain()))
 
     def send_done(self, record, *fields) -> None:
         """A WorkDone or ActorReady, with the ref transitions so far."""
         with self._send_lock:
-            self.conn.send(record(*fields, self.refs.drain()))
+            self.conn.send((record.CODE, *fields, self.refs.drain()))
 
     def next_work(self):
         while True:
@@ -374,7 +376,7 @@ class WorkerChannel:
                 message = self.backlog.pop(0)
             else:
                 message = self.conn.recv()
-            if type(message) is Reply:  # a failed one-way operation, while idle
+            if message[0] == _REPLY:  # a failed one-way operation, while idle
                 self._note_failed_notice(message)
                 continue
             return message
@@ -387,7 +389,7 @@ class WorkerChannel:
             slot[0].acquire()
             self._slots[request_id] = slot
             with self._send_lock:
-                self.conn.send(Request(request_id, op, args, self.refs.drain()))
+                self.conn.send((_REQUEST, request_id, op, args, self.refs.drain()))
             slot[0].acquire()
             reply = slot[1]
         else:
@@ -395,11 +397,11 @@ class WorkerChannel:
                 self.in_io = True
                 try:
                     with self._send_lock:
-                        self.conn.send(Request(request_id, op, args, self.refs.drain()))
+                        self.conn.send((_REQUEST, request_id, op, args, self.refs.drain()))
                     while True:
                         message = self.conn.recv()
-                        if type(message) is Reply:
-                            if message.request_id == request_id:
+                        if message[0] == _REPLY:
+                            if message[1] == request_id:
                                 reply = message
                                 break
                             self._note_failed_notice(message)
@@ -410,12 +412,13 @@ class WorkerChannel:
                 if self.interrupted:
                     self.interrupted = False
                     raise KeyboardInterrupt("cancelled")
-        if not reply.ok:
-            raise reply.value
-        return reply.value
+        _, _, ok, value = reply
+        if not ok:
+            raise value
+        return value
 
     def _note_failed_notice(self, reply) -> None:
-        self.failed_notices.append(reply.value)
+        self.failed_notices.append(reply[3])
 
     def _raise_failed_notice(self) -> None:
         if self.failed_notices:
@@ -433,13 +436,13 @@ class WorkerChannel:
                 try:
                     message = self.conn.recv()
                 except (EOFError, OSError):
-                    self.inbox.put(ExitWorker())
+                    self.inbox.put(wire(ExitWorker))
                     return
-                if type(message) is Reply and message.request_id in self._slots:
-                    slot = self._slots.pop(message.request_id)
+                if message[0] == _REPLY and message[1] in self._slots:
+                    slot = self._slots.pop(message[1])
                     slot[1] = message
                     slot[0].release()
-                elif type(message) is Reply:
+                elif message[0] == _REPLY:
                     self._note_failed_notice(message)
                 elif dispatch is None or not dispatch(message):
                     self.inbox.put(message)

@@ -19,6 +19,7 @@ from hpcray._scheduler import GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import GcsShard, is_gcs_request
 from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
 from hpcray.runtime.peers import Peers
 from hpcray.runtime.specs import ACTOR_CALL
 
@@ -44,7 +45,7 @@ class ClusterLink:
         self.last_load_report = 0.0
         self.last_load = None
         self.stop_requested = False
-        self.pulls: dict = {}                     # transfer tag -> (object_id, dest view)
+        self.pulls: dict = {}                     # tag -> (object_id, dest view, transfer)
         self.actor_locations: dict[bytes, int] = {}
         self.function_waiters: dict[bytes, list] = {}
         self.received = 0          # tasks the global scheduler placed here, so far
@@ -129,7 +130,7 @@ class Network:
                 if channel == "gcs":
                     self.on_gcs_message(source, message)
                 else:
-                    handlers[type(message)](source, *message)
+                    handlers[message[0]](source, *message[1:])
             except Exception:  # noqa: BLE001 - one bad message must not kill the node
                 log.exception("rank %d: message %.200r from rank %d failed", self.rank,
                               message, source)
@@ -178,7 +179,7 @@ class Network:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2])
             self.place_pending_actors()
         else:
-            self.transport.send(0, messages.Load(dict(load[0]), load[1], load[2]))
+            self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2]))
 
     def on_load(self, source: int, available: dict, queued: int, received: int) -> None:
         self.global_scheduler.report(source, available, queued, received)
@@ -248,10 +249,10 @@ class Network:
             self.router.task_failed_remotely(spec, error)
             return
         if spec.kind != ACTOR_CALL and spec.actor_id is not None:
-            message = messages.RunActor(spec, deps, hops)
+            message = wire(messages.RunActor, spec, deps, hops)
         else:
-            message = messages.Run(spec, deps)
+            message = wire(messages.Run, spec, deps)
         if rank == self.rank:
-            self.handlers[type(message)](source, *message)
+            self.handlers[message[0]](source, *message[1:])
         else:
             self.peers.send(rank, message)

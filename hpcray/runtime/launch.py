@@ -21,6 +21,7 @@ import threading
 import time
 
 from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
 _world = None
@@ -142,10 +143,10 @@ def _collect(transport, kind: type, count: int, timeout: float) -> dict:
         for source, channel, message in transport.poll():
             if channel != "control":
                 continue
-            if type(message) is kind:
-                replies[source] = message[0] if len(message) else None
-            elif type(message) is messages.StartFailed:
-                raise RuntimeError(f"hpcray could not start node {source}: {message.reason}")
+            if message[0] == kind.CODE:
+                replies[source] = message[1] if len(message) > 1 else None
+            elif message[0] == messages.StartFailed.CODE:
+                raise RuntimeError(f"hpcray could not start node {source}: {message[1]}")
         if len(replies) >= count:
             break
         if time.monotonic() > deadline:
@@ -159,10 +160,10 @@ def _collect(transport, kind: type, count: int, timeout: float) -> dict:
 def start_job(transport, job: dict, make_node) -> None:
     """Rank 0: start the node of every other rank, then its own (`make_node(nodes)`)."""
     job["gpus_by_rank"] = _gpu_shares(transport)
-    transport.broadcast(messages.Start(job))
+    transport.broadcast(wire(messages.Start, job))
     started = _collect(transport, messages.Started, transport.size - 1, 300.0)
     node = make_node(started)
-    transport.broadcast(messages.Go(node.link.nodes))
+    transport.broadcast(wire(messages.Go, node.link.nodes))
     return node
 
 
@@ -172,7 +173,7 @@ def _gpu_shares(transport) -> list:
     global _dealt_gpus
     if _dealt_gpus is None:
         from hpcray.resources import deal_host_gpus
-        transport.broadcast(messages.DescribeGpus())
+        transport.broadcast(wire(messages.DescribeGpus))
         views = _collect(transport, messages.GpusSeen, transport.size - 1, 300.0)
         views[0] = _gpus_seen()
         _dealt_gpus = deal_host_gpus([views[rank] for rank in range(transport.size)])
@@ -189,7 +190,7 @@ def _gpus_seen() -> tuple:
 
 def stop_job(transport) -> None:
     """Rank 0: stop every other rank's node (they wait for the next job)."""
-    transport.broadcast(messages.Stop())
+    transport.broadcast(wire(messages.Stop))
     if _terminating:
         # The other ranks are being ended too (or a dead one is why): waiting for their
         # answers would only hold the step until the launcher's SIGKILL (KillWait, 30 s by
@@ -250,7 +251,7 @@ def end_ranks(code: int) -> None:
     transport = _world
     if transport is None or transport.rank != 0:
         return
-    transport.broadcast(messages.Exit(code))
+    transport.broadcast(wire(messages.Exit, code))
     deadline = time.monotonic() + (0.5 if _terminating else 5.0)
     while transport.busy and time.monotonic() < deadline:
         transport.poll()
@@ -260,12 +261,12 @@ def end_ranks(code: int) -> None:
 def serve_ranks(transport, make_node) -> int:
     """Ranks > 0: run a node for each job rank 0 starts; return the exit status it sends."""
     while True:
-        message = _next_lifecycle_message(transport)
+        message = messages.record(_next_lifecycle_message(transport))
         kind = type(message)
         if kind is messages.Exit:
             return int(message.code)
         if kind is messages.DescribeGpus:
-            transport.send(0, messages.GpusSeen(_gpus_seen()))
+            transport.send(0, wire(messages.GpusSeen, _gpus_seen()))
             continue
         if kind is not messages.Start:
             continue
@@ -275,17 +276,18 @@ def serve_ranks(transport, make_node) -> int:
                                                  "resources": n.total_resources,
                                                  "hostname": n.info["hostname"]}
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
-            transport.send(0, messages.StartFailed(f"{type(exc).__name__}: {exc}"))
+            transport.send(0, wire(messages.StartFailed, f"{type(exc).__name__}: {exc}"))
             continue
-        transport.send(0, messages.Started(node.describe_self()))
+        transport.send(0, wire(messages.Started, node.describe_self()))
         early: list = []
-        go = _next_lifecycle_message(transport, want=messages.Go, others=early)
+        go = messages.record(_next_lifecycle_message(transport, want=messages.Go,
+                                                     others=early))
         with node.lock:
             node.set_cluster_nodes(go.nodes)
             node.network.handle_cluster_messages(early)
         node.serve()
         node.shutdown()
-        transport.send(0, messages.Stopped())
+        transport.send(0, wire(messages.Stopped))
 
 
 def _next_lifecycle_message(transport, want=None, others=None):
@@ -294,7 +296,8 @@ def _next_lifecycle_message(transport, want=None, others=None):
         batch = transport.poll()
         for index, item in enumerate(batch):
             _source, channel, message = item
-            if channel == "control" and (want is None or type(message) in (want, messages.Exit)):
+            if channel == "control" and (want is None or
+                                         message[0] in (want.CODE, messages.Exit.CODE)):
                 if others is not None:
                     others.extend(batch[index + 1:])
                 return message

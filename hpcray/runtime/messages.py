@@ -1,10 +1,15 @@
 """Every message hpcray's processes exchange, declared once, with named fields.
 
-A message is a record (a NamedTuple: it pickles as its class and a tuple, and a handler
-may take it whole or unpacked). Its type is its kind: dispatch is a dict lookup on
-`type(message)`, and the tables are built from the handlers the runtime's parts declare
-(`HANDLES = {Message: "method_name"}`); `check_handlers` fails at import when a message
-of a channel has no handler or more than one, or names a method that does not exist.
+A message is declared as a record (a NamedTuple) and travels as a plain tuple
+`(CODE, *fields)`, made by `wire(Record, *fields)`: a record pickled whole costs ~2 us
+more per message than a tuple (its class is looked up by name on every load; measured),
+and a task's life is several messages. Dispatch is a dict lookup on the code, in tables
+built from the handlers the runtime's parts declare (`HANDLES = {Record: "method"}`,
+called with the fields as arguments); `check_handlers`, run when node_manager.py is
+imported (control and up channels), fails when a message has no handler or more than
+one, or names a method that does not exist; launch and down messages are few and read
+by launch.py and worker.py in order; and
+`record(wire_tuple)` rebuilds the record where names read better than positions.
 
 Channels
     control   node manager <-> node manager, over MPI (transport "control" channel)
@@ -25,14 +30,27 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 CHANNELS: dict[str, list[type]] = {"control": [], "launch": [], "up": [], "down": []}
+RECORDS: list[type] = []   # by code
 
 
 def _on(channel: str):
     def register(cls):
         CHANNELS[channel].append(cls)
         cls.channel = channel
+        cls.CODE = len(RECORDS)
+        RECORDS.append(cls)
         return cls
     return register
+
+
+def wire(record: type, *fields) -> tuple:
+    """The message `record(*fields)` as it travels: (code, *fields)."""
+    return (record.CODE, *fields)
+
+
+def record(message: tuple):
+    """The record of a message that arrived (a named view of its fields)."""
+    return RECORDS[message[0]]._make(message[1:])
 
 
 # ---------------------------------------------------------------- control: tasks
@@ -292,9 +310,10 @@ class ExitWorker(NamedTuple):
 
 
 # ---------------------------------------------------------------- node operations
-# What a process asks of its node manager: the driver calls these on its in-process
-# node (client.DriverClient), a worker sends them (Notice / Request), and the node's
-# WorkerRequests part serves them; `check_operations` holds all three to this list.
+# What a process asks of its node manager: the driver calls the parts of its
+# in-process node directly (client.DriverClient), a worker sends them (Notice /
+# Request), and the node's WorkerRequests part serves them, one op_<name> method each:
+# `check_operations` holds WorkerRequests to this list at import.
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "cancel")
 REQUEST_OPS = ("get", "wait", "feasible", "get_actor", "claim_actor_name", "resources",
@@ -332,7 +351,8 @@ def check_operations(serving: type, prefix: str = "op_") -> None:
 
 
 def dispatch_table(channel: str, *parts) -> dict:
-    """{message type: bound handler} over these part instances (checked as above)."""
+    """{message code: bound handler} over these part instances (checked as above)."""
     table = check_handlers(channel, *(type(part) for part in parts))
     by_class = {type(part): part for part in parts}
-    return {message: getattr(by_class[cls], method) for message, (cls, method) in table.items()}
+    return {message.CODE: getattr(by_class[cls], method)
+            for message, (cls, method) in table.items()}

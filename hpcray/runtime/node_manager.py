@@ -36,7 +36,7 @@ from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.gcs.shard import OBJECT_DELETED
 from hpcray.runtime import messages, protocol
-from hpcray.runtime.messages import Hello
+from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
 from hpcray.runtime.cluster import Network
@@ -50,6 +50,7 @@ from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
 
 log = logging.getLogger("hpcray.node")
+_HELLO = Hello.CODE
 
 
 class WorkerHandle:
@@ -201,7 +202,7 @@ class NodeManager:
             self._running = False
             for worker in self.workers.values():
                 if worker.alive:
-                    worker.conn.send(messages.ExitWorker())
+                    worker.conn.send(wire(messages.ExitWorker))
         os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -387,9 +388,9 @@ class NodeManager:
         """Handle what a worker sent, in order."""
         handlers = self.worker_handlers
         for message in messages:
-            if type(message) is not Hello:  # every other message ends with ref transitions
+            if message[0] != _HELLO:  # every other message ends with ref transitions
                 _note_holds(worker.holds, message[-1])
-            handlers[type(message)](worker, *message)
+            handlers[message[0]](worker, *message[1:])
 
     def _on_worker_output(self, worker: WorkerHandle, fd: int) -> None:
         try:
@@ -436,7 +437,7 @@ class NodeManager:
         else:
             actor = self.actors.get(worker.actor_id)
             if actor is None or actor.state == A_DEAD:
-                self.send_to_worker(worker, messages.ExitWorker())
+                self.send_to_worker(worker, wire(messages.ExitWorker))
                 return
             self.actors.send_actor_creation(actor, worker)
 
@@ -513,7 +514,7 @@ class NodeManager:
             elif kind == "retire":
                 worker = self.workers.get(action[1])
                 if worker is not None and worker.alive:
-                    self.send_to_worker(worker, messages.ExitWorker())
+                    self.send_to_worker(worker, wire(messages.ExitWorker))
 
 
     # ------------------------------------------------------------------ tasks
@@ -572,7 +573,7 @@ class NodeManager:
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
             function = self.functions.get(spec.function_id)
-        self.send_to_worker(worker, messages.RunTask(spec, function, self._dep_payloads(spec),
+        self.send_to_worker(worker, wire(messages.RunTask, spec, function, self._dep_payloads(spec),
                                                       record.gpu_ids))
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
@@ -589,7 +590,7 @@ class NodeManager:
         self._release_gpus(record)
         retire = self._reached_max_calls(worker, spec)
         if retire:
-            self.send_to_worker(worker, messages.ExitWorker())
+            self.send_to_worker(worker, wire(messages.ExitWorker))
         if retry and record.retries_left != 0 and not record.cancelled:
             record.retries_left -= 1
             self.objects.apply_transitions(transitions)
@@ -700,7 +701,7 @@ class NodeManager:
             self._fail_task(record, exceptions.TaskCancelledError())
         elif record.state == RUNNING and record.worker is None and self.link is not None:
             # Running on another node (this node forwarded it): whoever has it cancels it.
-            self.peers.broadcast(messages.Cancel(task_id, force, recursive))
+            self.network.peers.broadcast(wire(messages.Cancel, task_id, force, recursive))
         elif record.state == RUNNING and record.worker is not None:
             record.cancelled = True
             record.retries_left = 0
@@ -756,3 +757,8 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+# Every message of the node's channels has exactly one handler among its parts.
+messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover)
+messages.check_handlers("up", NodeManager, Actors, WorkerRequests)

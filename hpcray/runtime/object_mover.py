@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from hpcray import exceptions, ids
 from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import IN_STORE, PENDING, READY, REMOTE, ObjectEntry
 from hpcray.serialization import error_bytes
 
@@ -43,18 +44,18 @@ class ObjectMover:
         entry = self.objects[object_id] = ObjectEntry(owner)
         entry.lent = 1
         entry.watched = True
-        self.peers.send(owner, messages.Watch(object_id, True))
+        self.peers.send(owner, wire(messages.Watch, object_id, True))
         return entry
 
     def watch(self, object_id: bytes, entry: ObjectEntry) -> None:
         """Ask the owner where the value of an entry this node already holds is."""
         entry.watched = True
-        self.peers.send(entry.owner, messages.Watch(object_id, False))
+        self.peers.send(entry.owner, wire(messages.Watch, object_id, False))
 
     def on_watch(self, source: int, object_id: bytes, register: bool) -> None:
         entry = self.objects.get(object_id)
         if entry is None:
-            self.peers.send(source, messages.Located(object_id, ("inline", error_bytes(
+            self.peers.send(source, wire(messages.Located, object_id, ("inline", error_bytes(
                 exceptions.ObjectFreedError(f"Object {object_id.hex()} was freed before "
                                             "another node read it.")), ())))
             return
@@ -62,7 +63,7 @@ class ObjectMover:
             self.borrowing.count_borrower(object_id, entry, source, 1)
 
         def answer(_oid=None):
-            self.peers.send(source, messages.Located(object_id,
+            self.peers.send(source, wire(messages.Located, object_id,
                                    self.describe_value(entry, dest=source)))
 
         if entry.state == PENDING:
@@ -99,12 +100,12 @@ class ObjectMover:
         transfer = transport.start_receive(entry.location, tag, view)
         transfer.on_done = lambda: self.pull_done(tag)
         self.cluster.pulls[tag] = (object_id, view, transfer)
-        self.peers.send(entry.location, messages.Pull(object_id, tag))
+        self.peers.send(entry.location, wire(messages.Pull, object_id, tag))
 
     def on_pull(self, source: int, object_id: bytes, tag: int) -> None:
         buffer = self.store.get(object_id)
         if buffer is None:
-            self.peers.send(source, messages.PullFailed(object_id, tag))
+            self.peers.send(source, wire(messages.PullFailed, object_id, tag))
             return
         self.transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
         self.peers.on_sent()

@@ -39,7 +39,7 @@ class ObjectEntry:
         self.location = None    # rank holding the value, while state is REMOTE
         self.avail_waiters = None  # run when the value exists anywhere (task placement)
         self.pulling = False
-        # Reference counting across nodes (cluster.py explains the protocol).
+        # Reference counting across nodes (borrowing.py explains the protocol).
         self.borrowers = None   # owner: {rank: registrations} of nodes holding it too
         self.lent = 0           # borrower: registrations the owner counts for this node
         self.lender = None      # borrower, unregistered: the owner of the task that brought it
@@ -177,7 +177,7 @@ class ObjectTable:
 
     def release_if_unused(self, key: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds `key`: the owner frees it once no other node holds
-        it either; another node drops its entry and tells the owner (cluster.py)."""
+        it either; another node drops its entry and tells the owner (borrowing.py)."""
         if entry.refs > 0 or entry.waiters or entry.is_put or entry.pulling:
             return
         if entry.owner == self.rank:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from hpcray import ids
 from hpcray._scheduler import LOCALITY_BYTES
 from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
 from hpcray.runtime.actors import A_DEAD, RemoteActor
 from hpcray.runtime.object_table import IN_STORE, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, NORMAL_TASK, QUEUED, RUNNING, TaskRecord
@@ -76,7 +77,7 @@ class TaskRouter:
         if self.rank == 0:
             self.network.on_forward(0, spec, deps, strategy, arg_bytes)
         else:
-            self.peers.send(0, messages.Forward(spec, deps, strategy, arg_bytes))
+            self.peers.send(0, wire(messages.Forward, spec, deps, strategy, arg_bytes))
 
     # Bottom-up spill threshold. A node keeps its own tasks while its queue is shorter
     # than this; beyond, it forwards them. When the global scheduler sends a forwarded
@@ -125,7 +126,7 @@ class TaskRouter:
         if owner == self.rank:
             self.on_done(self.rank, spec.task_id, results, (), True)
         else:
-            self.peers.send(owner, messages.TaskDone(spec.task_id, results, (), True))
+            self.peers.send(owner, wire(messages.TaskDone, spec.task_id, results, (), True))
 
     def on_run(self, source: int, spec, deps) -> None:
         """Run a task the global scheduler placed here (maybe one this node forwarded)."""
@@ -157,12 +158,13 @@ class TaskRouter:
         waiters = self.link.function_waiters.get(function_id)
         if waiters is None:
             self.link.function_waiters[function_id] = [then]
-            self.peers.send(submitter, messages.FunctionRequest(function_id))
+            self.peers.send(submitter, wire(messages.FunctionRequest, function_id))
         else:
             waiters.append(then)
 
     def on_function_request(self, source: int, function_id: bytes) -> None:
-        self.peers.send(source, messages.Function(function_id, self.functions.get(function_id)))
+        self.peers.send(source, wire(messages.Function, function_id,
+                                     self.functions.get(function_id)))
 
     def on_function(self, source: int, function_id: bytes, pickled) -> None:
         if pickled is None and source != self.rank:  # not there: ask the GCS
@@ -205,7 +207,7 @@ class TaskRouter:
                                  record.spec.task_id)
         self.objects.apply_transitions(transitions)
         kept = self.borrowing.release_task_holds(record.spec, owner)
-        self.peers.send(owner, messages.TaskDone(record.spec.task_id, results, kept, failed))
+        self.peers.send(owner, wire(messages.TaskDone, record.spec.task_id, results, kept, failed))
 
     def on_done(self, source: int, task_id: bytes, results, kept, failed=False) -> None:
         """Results of a task this node owns, run elsewhere (or failed there)."""
@@ -252,7 +254,7 @@ class TaskRouter:
         if self.rank == 0:
             self.network.on_forward(0, spec, deps, strategy, {})
         else:
-            self.peers.send(0, messages.Forward(spec, deps, strategy, {}))
+            self.peers.send(0, wire(messages.Forward, spec, deps, strategy, {}))
 
     def move_calls(self, actor, remote) -> None:
         """Calls made before the actor's arguments were ready go to its host instead."""
@@ -283,7 +285,7 @@ class TaskRouter:
                 continue
             record.state = RUNNING
             self.tasks[record.spec.task_id] = record
-            self.peers.send(remote.host, messages.ActorCall(record.spec,
+            self.peers.send(remote.host, wire(messages.ActorCall, record.spec,
                                         self.describe_deps(record.spec)))
 
     def on_run_actor(self, source: int, spec, deps, hops: int = 0) -> None:
@@ -300,7 +302,7 @@ class TaskRouter:
             if self.rank == 0:
                 self.network.on_forward(0, spec, deps, None, {}, hops + 1)
             else:
-                self.peers.send(0, messages.Forward(spec, deps, None, {}, hops + 1))
+                self.peers.send(0, wire(messages.Forward, spec, deps, None, {}, hops + 1))
             return
         self.borrowing.hold_task_refs(spec, deps, ids.owner_rank(spec.actor_id))
         self.with_function(spec.function_id, ids.owner_rank(spec.actor_id),

@@ -21,9 +21,12 @@ from hpcray import exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
 from hpcray.runtime import protocol
 from hpcray.runtime.client import WorkerChannel, WorkerClient
-from hpcray.runtime.messages import ActorReady, CreateActor, ExitWorker, Hello, RunTask, WorkDone
+from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, RunTask,
+                                     WorkDone, wire)
 from hpcray.serialization import ErrorValue, error_bytes, make_error_value
 
+
+_RUN_TASK, _CREATE_ACTOR, _EXIT = RunTask.CODE, CreateActor.CODE, ExitWorker.CODE
 
 class _Cancelled(BaseException):
     """Raised in a task's thread to cancel it (SIGINT from the node manager)."""
@@ -68,18 +71,18 @@ class Worker:
 
     def serve(self) -> int:
         """Say hello, then run what the node manager sends until it says exit."""
-        self.channel.send(Hello(os.getpid()))
+        self.channel.send(wire(Hello, os.getpid()))
         while True:
             try:
                 message = self.channel.next_work()
             except (EOFError, OSError):
                 return 0
-            kind = type(message)
-            if kind is RunTask:
-                self._run_and_report(*message)
-            elif kind is CreateActor:
-                self._create_actor(*message)
-            elif kind is ExitWorker:
+            kind = message[0]
+            if kind == _RUN_TASK:
+                self._run_and_report(*message[1:])
+            elif kind == _CREATE_ACTOR:
+                self._create_actor(*message[1:])
+            elif kind == _EXIT:
                 return 0
 
     def _on_sigint(self, _signum, _frame):
@@ -221,9 +224,9 @@ class Worker:
         pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="hpcray-actor")
 
         def dispatch(message):
-            if type(message) is not RunTask:
+            if message[0] != _RUN_TASK:
                 return False
-            pool.submit(self._run_concurrent_call, *message)
+            pool.submit(self._run_concurrent_call, *message[1:])
             return True
 
         self.channel.start_reader(dispatch)
@@ -261,9 +264,9 @@ class Worker:
             self.channel.send_done(WorkDone, spec.task_id, results, retry)
 
         def dispatch(message):
-            if type(message) is not RunTask:
+            if message[0] != _RUN_TASK:
                 return False
-            spec, _function, dep_payloads, _gpu = message
+            spec, _function, dep_payloads, _gpu = message[1:]
             loop.call_soon_threadsafe(lambda: loop.create_task(run_call(spec, dep_payloads)))
             return True
 

@@ -75,3 +75,29 @@ def test_actors_creating_actors_fill_the_cluster(tmp_path):
         print("OK")
     """)
     assert "OK" in out
+
+
+def test_cancel_of_a_task_running_on_another_node(tmp_path):
+    # Found reading the split node: the owner's broadcast of Cancel named a part the
+    # node does not have. A task pinned to rank 1 sleeps; the driver cancels it.
+    out = run_mpi(tmp_path, 2, """
+        import time, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        rank1 = [n["NodeID"] for n in ray.nodes() if n["rank"] == 1][0]
+        @ray.remote(max_retries=0)
+        def sleeper():
+            time.sleep(1000)
+        ref = sleeper.options(scheduling_strategy=On(rank1, soft=False)).remote()
+        ready, _ = ray.wait([ref], timeout=1.0)
+        assert not ready
+        ray.cancel(ref, force=True)
+        try:
+            ray.get(ref, timeout=60)
+            raise AssertionError("a cancelled task returned a value")
+        except ray.exceptions.TaskCancelledError:
+            pass
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out

@@ -208,8 +208,8 @@ class ProcessConnection:
         self.process = process
 
     def send(self, message) -> None:
-        if type(message) is Hello:
-            message = Hello(self.process.pid)
+        if message[0] == Hello.CODE:
+            message = (Hello.CODE, self.process.pid)
         self.process.outbox.append(pickle.loads(pickle.dumps(message, protocol=5)))
 
     def recv(self):
