@@ -1,8 +1,8 @@
 # cython: language_level=3
 """The local scheduler of one node: resource accounting, ready queues, dispatch.
 
-A state machine with no I/O, as dask's scheduler is: the node manager tells it what
-happened (a task is ready, a worker started, a task finished, a worker blocked in
+A state machine with no I/O and no clock, as dask's scheduler is: the node manager tells
+it what happened (a task is ready, a worker started, a task finished, a worker blocked in
 `get`) and gets back the actions to carry out:
 
     ("dispatch", task_key, worker_key)   run the task on that idle pool worker
@@ -14,13 +14,32 @@ happened (a task is ready, a worker started, a task finished, a worker blocked i
 Ready tasks are queued by scheduling class (their resource shape), so a dispatch pass
 costs O(number of classes), not O(queue length), even with 100k tasks queued.
 A worker blocked in `get` gives its CPUs back (as Ray does), so nested tasks never
-deadlock a full node; more pool workers start while ready tasks fit the freed CPUs.
+deadlock a full node; more pool workers start while ready tasks fit the freed CPUs,
+several at once (as many as ready tasks fit the free resources, at most `max_starting`):
+a start takes milliseconds, and one at a time made a burst of nested tasks wait in line.
+
+Workers beyond the pool size (`target_workers`, plus `max_idle_extra` kept for good)
+retire once idle for `idle_timeout` seconds, as Ray retires idle workers above its soft
+limit, so the extra workers that nested tasks need stay warm from one burst to the next.
+The caller keeps the time: it passes `now` (seconds, monotonic) to the events that leave
+a worker idle (`worker_started`, `task_finished`), calls `retire_idle(now)` at
+`next_retire_at()`, and sets no timer when that is None (nothing could retire). A caller
+that never passes a time gets the behaviour from before timed retirement: workers above
+`target_workers + max_idle_extra` retire as soon as the queue empties.
 """
 
 from collections import deque
 
 _EPS = 1e-9
+_CLOCK_EPS = 1e-6  # a timer that fires a hair early (float rounding) still retires
 LOCALITY_BYTES = 1 << 20  # arguments this large pull a task toward the node holding them
+
+
+cdef bint _fits_in(dict available, dict demand):
+    for name, amount in demand.items():
+        if amount > available.get(name, 0.0) + _EPS:
+            return False
+    return True
 
 
 cdef class LocalScheduler:
@@ -29,26 +48,36 @@ cdef class LocalScheduler:
     cdef public dict queues           # class key -> deque of (task_key, demand)
     cdef public list class_order      # class keys in the order they first appeared
     cdef public list idle_workers     # worker keys, most recently idle last
+    cdef public dict idle_since       # idle worker key -> when it became idle (once timed)
     cdef public set busy_workers
     cdef public set blocked_workers
     cdef public int num_starting
     cdef public int target_workers    # pool size kept warm (num_cpus)
-    cdef public int max_idle_extra
+    cdef public int max_idle_extra    # idle workers beyond target_workers kept for good
+    cdef public double idle_timeout   # seconds an extra worker may idle before it retires
+    cdef public int max_starting      # worker starts in flight at most
+    cdef public object clock          # the latest `now` an event carried; None: untimed
     cdef public bint validate
     cdef public long num_queued
 
     def __init__(self, dict total, int target_workers, int max_idle_extra=0,
-                 bint validate=False):
+                 bint validate=False, double idle_timeout=1.0, int max_starting=0):
+        """`max_starting` 0: max(2, target_workers), as Ray starts up to num_cpus
+        workers at once."""
         self.total = {k: float(v) for k, v in total.items() if v}
         self.available = dict(self.total)
         self.queues = {}
         self.class_order = []
         self.idle_workers = []
+        self.idle_since = {}
         self.busy_workers = set()
         self.blocked_workers = set()
         self.num_starting = 0
         self.target_workers = target_workers
         self.max_idle_extra = max_idle_extra
+        self.idle_timeout = idle_timeout
+        self.max_starting = max_starting if max_starting > 0 else max(2, target_workers)
+        self.clock = None
         self.validate = validate
         self.num_queued = 0
 
@@ -61,14 +90,18 @@ cdef class LocalScheduler:
         return True
 
     cpdef bint fits(self, dict demand):
-        for name, amount in demand.items():
-            if amount > self.available.get(name, 0.0) + _EPS:
-                return False
-        return True
+        return _fits_in(self.available, demand)
 
     @property
     def num_workers(self):
         return len(self.idle_workers) + len(self.busy_workers) + self.num_starting
+
+    def next_retire_at(self):
+        """When `retire_idle` would next retire a worker (the `now` to call it with), or
+        None when no idle worker is beyond the kept pool: an idle node sets no timer."""
+        if self.clock is None or not self.idle_workers or self._excess() <= 0:
+            return None
+        return self.idle_since[self.idle_workers[0]] + self.idle_timeout
 
     # -- resources ---------------------------------------------------------------
     cpdef void acquire(self, dict demand):
@@ -105,10 +138,12 @@ cdef class LocalScheduler:
         """The node manager started a pool worker on its own (e.g. prestart at init)."""
         self.num_starting += 1
 
-    def worker_started(self, worker_key):
+    def worker_started(self, worker_key, now=None):
+        """A pool worker is up; `now`: the time (see the module docstring)."""
+        self._tick(now)
         if self.num_starting > 0:
             self.num_starting -= 1
-        self.idle_workers.append(worker_key)
+        self._make_idle(worker_key)
         return self._schedule()
 
     def worker_start_failed(self):
@@ -116,9 +151,11 @@ cdef class LocalScheduler:
             self.num_starting -= 1
         return self._schedule()
 
-    def task_finished(self, worker_key, dict demand, bint retire=False):
+    def task_finished(self, worker_key, dict demand, bint retire=False, now=None):
         """The worker finished its task: resources back, worker idle (or, with `retire`,
-        leaving: it reached its function's max_calls)."""
+        leaving: it reached its function's max_calls). `now`: the time, from which an
+        extra worker's idle timeout runs."""
+        self._tick(now)
         if worker_key in self.blocked_workers:
             self.blocked_workers.discard(worker_key)
             self._release_cpu_free(demand)
@@ -126,7 +163,7 @@ cdef class LocalScheduler:
             self.release(demand)
         self.busy_workers.discard(worker_key)
         if not retire:
-            self.idle_workers.append(worker_key)
+            self._make_idle(worker_key)
         return self._schedule()
 
     def worker_blocked(self, worker_key, dict demand):
@@ -151,6 +188,7 @@ cdef class LocalScheduler:
         """A pool worker exited; `demand` is what its running task held (or None)."""
         if worker_key in self.idle_workers:
             self.idle_workers.remove(worker_key)
+            self.idle_since.pop(worker_key, None)
         if worker_key in self.busy_workers:
             self.busy_workers.discard(worker_key)
             if demand is not None:
@@ -165,16 +203,55 @@ cdef class LocalScheduler:
         """A dispatch pass after resources came back outside a task (an actor ended)."""
         return self._schedule()
 
+    def retire_idle(self, now):
+        """Retire the workers beyond the kept pool (target_workers + max_idle_extra) that
+        have been idle for idle_timeout seconds by `now`, longest idle first."""
+        cdef list actions = []
+        self._tick(now)
+        cdef long excess = self._excess()
+        while excess > 0 and self.idle_workers:
+            worker_key = self.idle_workers[0]
+            if self.idle_since[worker_key] + self.idle_timeout > self.clock + _CLOCK_EPS:
+                break  # the rest became idle later still
+            del self.idle_workers[0]
+            del self.idle_since[worker_key]
+            actions.append(("retire", worker_key))
+            excess -= 1
+        if self.validate:
+            self.check_invariants()
+        return actions
+
     cdef void _release_cpu_free(self, dict demand):
         # A blocked worker already gave its CPU back: return only the rest.
         for name, amount in demand.items():
             if name != "CPU":
                 self.available[name] = self.available.get(name, 0.0) + amount
 
+    # -- idle workers and time ---------------------------------------------------
+    cdef void _tick(self, now):
+        if now is None:
+            return
+        if self.clock is None:
+            # The first time heard of: idle workers are counted idle from now on.
+            for worker_key in self.idle_workers:
+                self.idle_since[worker_key] = now
+            self.clock = now
+        elif now > self.clock:  # never backwards: idle_workers stays in idle order
+            self.clock = now
+
+    cdef void _make_idle(self, worker_key):
+        self.idle_workers.append(worker_key)
+        if self.clock is not None:
+            self.idle_since[worker_key] = self.clock
+
+    cdef long _excess(self):
+        """Workers (starting ones too) beyond those kept for good."""
+        return self.num_workers - self.target_workers - self.max_idle_extra
+
     # -- the dispatch pass -------------------------------------------------------
     cdef list _schedule(self):
         cdef list actions = []
-        cdef bint want_worker = False
+        cdef list starved = None      # queues whose head fits but found no idle worker
         for cls in self.class_order:
             queue = self.queues[cls]
             needs_worker = cls[0]
@@ -184,9 +261,13 @@ cdef class LocalScheduler:
                     break
                 if needs_worker:
                     if not self.idle_workers:
-                        want_worker = True
+                        if starved is None:
+                            starved = []
+                        starved.append(queue)
                         break
                     worker_key = self.idle_workers.pop()
+                    if self.clock is not None:
+                        del self.idle_since[worker_key]
                     self.busy_workers.add(worker_key)
                     queue.popleft()
                     self.acquire(demand)
@@ -196,10 +277,11 @@ cdef class LocalScheduler:
                     self.acquire(demand)
                     actions.append(("place", task_key))
                 self.num_queued -= 1
-        if want_worker and self.num_starting == 0:
-            self.num_starting += 1
-            actions.append(("start_worker",))
-        elif self.num_queued == 0:
+        if starved is not None:
+            for _ in range(self._workers_wanted(starved) - self.num_starting):
+                self.num_starting += 1
+                actions.append(("start_worker",))
+        elif self.clock is None and self.num_queued == 0:
             extra = len(self.idle_workers) + len(self.busy_workers) - self.target_workers
             while extra > self.max_idle_extra and self.idle_workers:
                 actions.append(("retire", self.idle_workers.pop(0)))
@@ -207,6 +289,20 @@ cdef class LocalScheduler:
         if self.validate:
             self.check_invariants()
         return actions
+
+    cdef long _workers_wanted(self, list starved):
+        """How many of the starved queues' tasks, heads first, fit the free resources
+        together (at most max_starting): the workers worth having on their way."""
+        cdef dict spare = dict(self.available)
+        cdef long wanted = 0
+        for queue in starved:
+            for _, demand in queue:
+                if wanted >= self.max_starting or not _fits_in(spare, demand):
+                    break
+                for name, amount in demand.items():
+                    spare[name] = spare.get(name, 0.0) - amount
+                wanted += 1
+        return wanted
 
     def check_invariants(self):
         """Raise AssertionError if the state is inconsistent (tests turn this on)."""
@@ -218,6 +314,19 @@ cdef class LocalScheduler:
         assert self.num_starting >= 0
         for name, amount in self.available.items():
             assert amount <= self.total.get(name, 0.0) + _EPS, f"{name} over its total"
+        if idle:
+            # The dispatch pass leaves no worker idle that a ready task could use now.
+            for cls in self.class_order:
+                queue = self.queues[cls]
+                assert not (cls[0] and queue and self.fits(queue[0][1])), \
+                    "a worker idles while a ready task fits"
+        if self.clock is None:
+            assert not self.idle_since, "idle times kept without a clock"
+        else:
+            assert set(self.idle_since) == idle, "idle times are not the idle workers'"
+            since = [self.idle_since[w] for w in self.idle_workers]
+            assert since == sorted(since), "idle workers out of idle order"
+            assert not since or since[-1] <= self.clock, "idle since after the clock"
 
 
 cdef class GlobalScheduler:

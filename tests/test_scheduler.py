@@ -1,5 +1,7 @@
 """The local scheduler as a state machine: no processes, no sockets, invariants checked."""
 
+import random
+
 import pytest
 
 from hpcray._scheduler import LocalScheduler
@@ -118,10 +120,235 @@ def test_many_queued_tasks_dispatch_in_bounded_passes():
     s.check_invariants()
 
 
+# -- idle workers beyond the pool, by time --------------------------------------------
+def timed(cpus=1, workers=1, **options):
+    return LocalScheduler({"CPU": cpus}, workers, validate=True, **options)
+
+
+def with_an_extra_worker(s, now):
+    """A parent on w1 blocks; its child runs on a second worker w2 and finishes."""
+    s.worker_starting()
+    s.worker_started("w1", now=now)
+    assert dispatched(s.task_ready("parent", {"CPU": 1})) == ["parent"]
+    s.task_ready("child", {"CPU": 1})
+    assert s.worker_blocked("w1", {"CPU": 1}) == [("start_worker",)]
+    assert s.worker_started("w2", now=now) == [("dispatch", "child", "w2")]
+    return s.task_finished("w2", {"CPU": 1}, now=None if now is None else now + 0.25)
+
+
+def test_extra_idle_worker_retires_after_idle_timeout_not_at_once():
+    s = timed(idle_timeout=1.0)
+    assert with_an_extra_worker(s, now=10.0) == []           # kept warm, not retired
+    assert s.idle_workers == ["w2"]
+    assert s.next_retire_at() == 11.25
+    assert s.retire_idle(11.0) == []                         # idle 0.75 s: too early
+    assert s.retire_idle(11.25) == [("retire", "w2")]
+    assert s.idle_workers == [] and s.num_workers == 1
+    assert s.next_retire_at() is None
+    assert s.retire_idle(20.0) == []                         # the pool itself never retires
+
+
+def test_no_timer_when_no_worker_is_beyond_the_pool():
+    s = timed(cpus=2, workers=2)
+    for w in ("w1", "w2"):
+        s.worker_starting()
+        s.worker_started(w, now=1.0)
+    assert len(s.idle_workers) == 2
+    assert s.next_retire_at() is None                        # an idle node arms nothing
+    assert s.retire_idle(100.0) == []
+    kept = timed(max_idle_extra=1)                           # one extra kept for good
+    with_an_extra_worker(kept, now=0.0)
+    assert kept.next_retire_at() is None
+    assert kept.retire_idle(100.0) == []
+    assert kept.idle_workers == ["w2"]
+
+
+def test_an_extra_worker_reused_in_time_stays():
+    s = timed(idle_timeout=1.0)
+    with_an_extra_worker(s, now=10.0)
+    actions = s.task_ready("again", {"CPU": 1})              # w1 is still blocked
+    assert actions == [("dispatch", "again", "w2")]
+    assert s.next_retire_at() is None                        # nobody idle
+    s.task_finished("w2", {"CPU": 1}, now=10.9)
+    assert s.retire_idle(11.25) == []                        # its idle time restarted
+    assert s.next_retire_at() == 11.9
+    assert s.retire_idle(11.9) == [("retire", "w2")]
+
+
+def two_extra_workers(**options):
+    """Target pool 1 on 2 CPUs: a parent on w1 blocks, its two children run on w2 and w3,
+    which go idle at 0.2 and 0.4."""
+    s = timed(cpus=2, workers=1, idle_timeout=1.0, **options)
+    s.worker_starting()
+    s.worker_started("w1", now=0.0)
+    s.task_ready("parent", {"CPU": 1})
+    assert s.task_ready("c1", {"CPU": 1}) == [("start_worker",)]   # the free CPU
+    assert s.task_ready("c2", {"CPU": 1}) == []
+    assert s.worker_blocked("w1", {"CPU": 1}) == [("start_worker",)]
+    assert s.num_starting == 2
+    assert s.worker_started("w2", now=0.1) == [("dispatch", "c1", "w2")]
+    assert s.worker_started("w3", now=0.15) == [("dispatch", "c2", "w3")]
+    s.task_finished("w2", {"CPU": 1}, now=0.2)
+    s.task_finished("w3", {"CPU": 1}, now=0.4)
+    return s
+
+
+def test_longest_idle_retires_first():
+    s = two_extra_workers()
+    assert s.idle_workers == ["w2", "w3"]
+    assert s.next_retire_at() == 1.2
+    assert s.retire_idle(1.3) == [("retire", "w2")]
+    assert s.next_retire_at() == 1.4
+    assert s.retire_idle(1.4) == [("retire", "w3")]
+    assert s.next_retire_at() is None
+
+
+def test_only_workers_beyond_the_kept_extras_retire():
+    s = two_extra_workers(max_idle_extra=1)
+    assert s.retire_idle(5.0) == [("retire", "w2")]          # w3 is the one kept extra
+    assert s.idle_workers == ["w3"] and s.next_retire_at() is None
+
+
+def test_time_never_runs_backwards():
+    s = timed()
+    with_an_extra_worker(s, now=10.0)
+    s.worker_died("w2", None)
+    s.worker_starting()
+    s.worker_started("w3", now=5.0)                          # a stale `now`
+    assert s.clock == 10.25
+
+
+def test_without_a_clock_extras_retire_at_once_as_before():
+    s = make(cpus=1, workers=1)
+    assert with_an_extra_worker(s, now=None) == [("retire", "w2")]
+    assert s.next_retire_at() is None
+
+
+# -- worker starts in flight -----------------------------------------------------------
+def test_several_worker_starts_in_flight_for_lent_cpus():
+    s = make(cpus=2, workers=2)
+    for w in ("w1", "w2"):
+        s.worker_starting()
+        s.worker_started(w)
+    s.task_ready("p1", {"CPU": 1})
+    s.task_ready("p2", {"CPU": 1})
+    for i in range(5):
+        assert s.task_ready(f"c{i}", {"CPU": 1}) == []       # the node is full
+    assert s.worker_blocked("w1", {"CPU": 1}) == [("start_worker",)]
+    assert s.worker_blocked("w2", {"CPU": 1}) == [("start_worker",)]
+    assert s.num_starting == 2                               # before: one at a time
+    assert s.worker_started("w3") == [("dispatch", "c0", "w3")]
+    assert s.num_starting == 1                               # 1 CPU free, 1 on its way
+    s.worker_started("w4")
+    assert s.num_starting == 0 and s.available["CPU"] == 0
+
+
+def test_worker_starts_bounded_by_free_resources_and_cap():
+    s = make(cpus=8, workers=8)
+    actions = s.reschedule()
+    for i in range(20):
+        actions += s.task_ready(i, {"CPU": 2})
+    assert actions.count(("start_worker",)) == 4             # 8 CPUs fit four tasks
+    assert s.num_starting == 4
+    capped = LocalScheduler({"CPU": 8}, 8, 0, True, max_starting=3)
+    actions = [a for i in range(20) for a in capped.task_ready(i, {"CPU": 0})]
+    assert actions.count(("start_worker",)) == 3             # zero-CPU tasks: the cap
+    assert capped.max_starting == 3 and make(cpus=8, workers=8).max_starting == 8
+
+
+def test_prestarted_workers_count_as_starts_in_flight():
+    s = make()
+    s.worker_starting(), s.worker_starting()
+    assert s.task_ready("a", {"CPU": 1}) == []
+    assert s.task_ready("b", {"CPU": 1}) == []
+    assert s.num_starting == 2
+
+
+def test_random_nested_workload_keeps_invariants_and_finishes():
+    rng = random.Random(7)
+    s = timed(cpus=2, workers=2, idle_timeout=0.05)
+    now = 0.0
+    starts = 0                                               # start_worker actions pending
+    running = {}                                             # worker -> task
+    children_left = {}                                       # parent -> children not done
+    next_worker = iter(range(10 ** 6))
+
+    def run(actions):
+        nonlocal starts
+        for action in actions:
+            if action[0] == "start_worker":
+                starts += 1
+            elif action[0] == "dispatch":
+                running[action[2]] = action[1]
+            elif action[0] == "retire":
+                assert action[1] not in running
+                s.worker_died(action[1], None)
+    for p in range(12):
+        run(s.task_ready(("parent", p), {"CPU": 1}))
+    finished = 0
+    while finished < 12 * 4:
+        now += rng.choice([0.001, 0.01, 0.03])
+        choice = rng.random()
+        if starts and choice < 0.4:
+            starts -= 1
+            run(s.worker_started(next(next_worker), now=now))
+        elif running and choice < 0.9:
+            worker = rng.choice(sorted(running))
+            task = running[worker]
+            if task[0] == "parent" and task not in children_left:
+                children_left[task] = 3
+                for c in range(3):
+                    run(s.task_ready(("child", task[1], c), {"CPU": 1}))
+                run(s.worker_blocked(worker, {"CPU": 1}))
+            elif task[0] == "parent" and children_left[task] > 0:
+                continue                                     # still blocked in get
+            else:
+                del running[worker]
+                if task[0] == "child":
+                    parent = ("parent", task[1])
+                    children_left[parent] -= 1
+                    if children_left[parent] == 0:
+                        holder = next(w for w, t in running.items() if t == parent)
+                        s.worker_unblocked(holder, {"CPU": 1})
+                run(s.task_finished(worker, {"CPU": 1}, now=now))
+                finished += 1
+        else:
+            run(s.retire_idle(now))
+            at = s.next_retire_at()
+            assert at is None or at > now
+        assert s.num_starting == starts
+        assert s.num_starting <= s.max_starting
+    run(s.retire_idle(now + 1.0))
+    assert s.num_queued == 0 and not running
+    assert s.num_workers - s.num_starting == 2               # back to the pool size
+    assert s.next_retire_at() is None
+
+
 def test_invariant_check_catches_corruption():
     s = make()
     s.idle_workers.extend(["w", "w"])
     with pytest.raises(AssertionError):
+        s.check_invariants()
+
+
+def test_invariant_check_catches_an_idle_worker_beside_a_ready_task():
+    s = make()
+    s.task_ready("t", {"CPU": 1})
+    s.idle_workers.append("w")                               # missed by a dispatch pass
+    with pytest.raises(AssertionError, match="idles while a ready task fits"):
+        s.check_invariants()
+
+
+def test_invariant_check_catches_idle_times_out_of_step():
+    s = timed()
+    with_an_extra_worker(s, now=1.0)
+    s.check_invariants()
+    s.idle_since["ghost"] = 1.0
+    with pytest.raises(AssertionError, match="idle times"):
+        s.check_invariants()
+    del s.idle_since["ghost"]
+    s.idle_since["w2"] = 5.0                                 # after the clock
+    with pytest.raises(AssertionError, match="after the clock"):
         s.check_invariants()
 
 
