@@ -33,6 +33,16 @@
  * dead. The table is bounded (one record per object slot, at least 1024);
  * a get that would need one record more than it holds fails.
  *
+ * Holders. The header also counts, per process, its CREATED objects and its
+ * pin records (a small open-addressed table keyed by pid, `holders`), so
+ * that the clean-up after a process died (store_release_pins_of,
+ * store_abort_dead_creators, store_release_dead_pins) answers at once when
+ * the dead held nothing, instead of walking tables sized by the data area.
+ * The counts are derived, like the LRU list: a holder killed mid-update
+ * leaves them to repair, which rebuilds them from the tables. A process
+ * that finds the holder table full sets holders_overflow, and until a
+ * rebuild finds room again the clean-up walks the tables as before.
+ *
  * Eviction. The evictable objects (SEALED, no pins) form a doubly linked
  * list through their table slots, oldest first, ordered by lru_tick: an
  * object joins at the new end when it becomes evictable (seal, last release)
@@ -57,11 +67,12 @@
 #include <unistd.h>
 
 #define STORE_MAGIC 0x3154535941524348ull /* "HCRAYST1" little-endian */
-#define STORE_VERSION 2u
+#define STORE_VERSION 3u
 #define STORE_PAGE 4096u
 #define STORE_MIN_TABLE 1024u
 #define STORE_MAX_TABLE (1ull << 31)
 #define PIN_MIN_TABLE 1024u
+#define HOLDER_SLOTS 4096u /* processes holding something, tracked at once (7/8 of it) */
 #define POPULATE_RUN (2ull << 20) /* store_write populates in runs this long */
 
 #ifndef MADV_POPULATE_WRITE
@@ -101,6 +112,14 @@ typedef struct pin_record {
 
 _Static_assert(sizeof(pin_record) == 32, "two pin records per cache line");
 
+/* What one process holds: the counts its clean-up looks at first. */
+typedef struct holder_record {
+    int32_t pid;          /* 0: an empty slot */
+    uint32_t created;     /* CREATED objects whose creator_pid it is */
+    uint32_t pin_records; /* live pin records under its pid */
+    uint32_t unused;
+} holder_record;
+
 typedef struct store_header {
     _Atomic uint64_t magic; /* written last by store_create */
     uint32_t version;
@@ -124,6 +143,10 @@ typedef struct store_header {
     uint64_t num_evictions;
     uint64_t num_recoveries;
     uint64_t num_pin_records;
+    uint64_t num_created;     /* CREATED objects */
+    uint32_t num_holders;     /* live slots in holders */
+    uint32_t holders_overflow; /* 1: a process holds something holders lacks */
+    holder_record holders[HOLDER_SLOTS]; /* linear probing on pid, no tombstones */
 } store_header;
 
 struct store {
@@ -338,6 +361,122 @@ static void lru_unlink(store *s, uint64_t slot)
     hdr->evictable_bytes -= alloc_block_size(e->size);
 }
 
+/* ---- holders: what each process holds ------------------------------------ */
+
+#define HOLDER_MASK (HOLDER_SLOTS - 1)
+
+static uint64_t holder_home(int32_t pid)
+{
+    return ((uint64_t)(uint32_t)pid * 0x9e3779b97f4a7c15ull) >> 32 & HOLDER_MASK;
+}
+
+/* Slot of pid's record in t, or -1 (always for a pid <= 0: none is kept). */
+static int64_t holder_slot(const holder_record *t, int32_t pid)
+{
+    if (pid <= 0)
+        return -1;
+    uint64_t i = holder_home(pid);
+    for (uint64_t n = 0; n < HOLDER_SLOTS; n++, i = (i + 1) & HOLDER_MASK) {
+        if (t[i].pid == pid)
+            return (int64_t)i;
+        if (t[i].pid == 0)
+            return -1;
+    }
+    return -1;
+}
+
+/* Counts `created` CREATED objects and `pins` pin records more for pid. A
+ * process that needs a record when the table is at its limit (or has no
+ * usable pid) goes uncounted, and holders_overflow says so. Lock held. */
+static void holder_add(store *s, int32_t pid, uint32_t created, uint32_t pins)
+{
+    store_header *hdr = s->hdr;
+    int64_t slot = holder_slot(hdr->holders, pid);
+    if (slot < 0) {
+        if (pid <= 0 || hdr->num_holders >= HOLDER_SLOTS - HOLDER_SLOTS / 8) {
+            hdr->holders_overflow = 1;
+            return;
+        }
+        /* Below the limit there is an empty slot on the probe path. */
+        uint64_t i = holder_home(pid);
+        while (hdr->holders[i].pid != 0)
+            i = (i + 1) & HOLDER_MASK;
+        hdr->holders[i].created = hdr->holders[i].pin_records = 0;
+        hdr->holders[i].pid = pid;
+        hdr->num_holders++;
+        slot = (int64_t)i;
+    }
+    crash_point(s);
+    hdr->holders[slot].created += created;
+    hdr->holders[slot].pin_records += pins;
+}
+
+/* Removes the record at slot `hole` by backward-shift deletion. Lock held. */
+static void holder_remove_at(store *s, uint64_t hole)
+{
+    holder_record *t = s->hdr->holders;
+    uint64_t j = hole;
+    for (uint64_t n = 0; n < HOLDER_MASK; n++) {
+        j = (j + 1) & HOLDER_MASK;
+        if (t[j].pid == 0)
+            break;
+        if (cyclic_between(hole, holder_home(t[j].pid), j))
+            continue; /* its probe path does not cross the hole */
+        t[hole] = t[j];
+        crash_point(s);
+        hole = j;
+    }
+    t[hole].pid = 0;
+    s->hdr->num_holders--;
+}
+
+/* Uncounts what holder_add counted; the record goes at zero. A process
+ * without a record (uncounted since an overflow) changes nothing. */
+static void holder_sub(store *s, int32_t pid, uint32_t created, uint32_t pins)
+{
+    int64_t slot = holder_slot(s->hdr->holders, pid);
+    if (slot < 0)
+        return;
+    holder_record *r = &s->hdr->holders[slot];
+    r->created -= created < r->created ? created : r->created;
+    r->pin_records -= pins < r->pin_records ? pins : r->pin_records;
+    if (r->created == 0 && r->pin_records == 0)
+        holder_remove_at(s, (uint64_t)slot);
+}
+
+/* The entry at e leaves the CREATED state (sealed, or freed). Lock held. */
+static void created_gone(store *s, const store_entry *e)
+{
+    if (s->hdr->num_created > 0)
+        s->hdr->num_created--;
+    holder_sub(s, e->creator_pid, 1, 0);
+}
+
+/* Recounts num_created and every process's holdings from the object and pin
+ * tables, clearing holders_overflow when they all fit now. Repair calls it,
+ * and the clean-up calls after a walk they made because of an overflow.
+ * Lock held. */
+static void holders_rebuild(store *s)
+{
+    store_header *hdr = s->hdr;
+    memset(hdr->holders, 0, sizeof hdr->holders);
+    hdr->num_holders = 0;
+    hdr->holders_overflow = 0;
+    hdr->num_created = 0;
+    for (uint64_t i = 0; i < hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        if (slot_state(e) == STORE_STATE_CREATED) {
+            hdr->num_created++;
+            holder_add(s, e->creator_pid, 1, 0);
+        }
+    }
+    for (uint64_t i = 0; i < hdr->pin_capacity; i++) {
+        const pin_record *r = &s->pin_table[i];
+        if (pin_state(r) == PIN_LIVE)
+            holder_add(s, r->pid, 0, 1);
+    }
+}
+
 /* ---- table removal ------------------------------------------------------- */
 
 /* Removes the entry at slot i, which must be off the LRU list, by
@@ -391,6 +530,8 @@ static void free_entry(store *s, uint64_t slot)
         lru_unlink(s, slot);
     if (e->pins > 0)
         hdr->num_pinned--;
+    if (slot_state(e) == STORE_STATE_CREATED)
+        created_gone(s, e);
     table_remove_at(s, slot);
     hdr->num_objects--;
     crash_point(s);
@@ -450,6 +591,7 @@ static int pin_add(store *s, const uint8_t *id, uint64_t h, int32_t pid)
     r->count = 1;
     set_pin_state(s, r, PIN_LIVE);
     s->hdr->num_pin_records++;
+    holder_add(s, pid, 0, 1);
     return 0;
 }
 
@@ -487,8 +629,10 @@ static void pin_drop(store *s, uint64_t i)
     pin_record *r = &s->pin_table[i];
     if (--r->count > 0)
         return;
+    int32_t pid = r->pid;
     pin_remove_at(s, i);
     s->hdr->num_pin_records--;
+    holder_sub(s, pid, 0, 1);
 }
 
 /* ---- the lock and its repair -------------------------------------------- */
@@ -650,6 +794,7 @@ static int store_repair(store *s)
     }
     hdr->num_objects = live;
     hdr->num_pinned = pinned;
+    holders_rebuild(s);
     return rebuild_derived(s, live, evictable);
 }
 
@@ -986,6 +1131,8 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
         set_state(s, e, STORE_STATE_CREATED);
         hdr->num_objects++;
         hdr->num_pinned++;
+        hdr->num_created++;
+        holder_add(s, e->creator_pid, 1, 0);
         *offset = data;
     }
     unlock_store(s);
@@ -1020,6 +1167,7 @@ store_status store_seal(store *s, const uint8_t *id)
         rc = STORE_BAD_STATE;
     } else {
         set_state(s, &s->table[slot], STORE_STATE_SEALED);
+        created_gone(s, &s->table[slot]);
         unpin(s, (uint64_t)slot);
     }
     unlock_store(s);
@@ -1120,70 +1268,6 @@ store_status store_delete(store *s, const uint8_t *id)
     return rc;
 }
 
-store_status store_abort_dead_creators(store *s, uint64_t *count)
-{
-    store_status rc = lock_store(s);
-    if (rc != STORE_OK)
-        return rc;
-    uint64_t n = 0;
-    for (uint64_t i = 0; i < s->hdr->table_capacity; i++) {
-        /* A removal shifts a later entry into i, so look at i again. */
-        for (;;) {
-            const store_entry *e = &s->table[i];
-            if (slot_state(e) != STORE_STATE_CREATED || e->creator_pid <= 0 ||
-                kill(e->creator_pid, 0) == 0 || errno != ESRCH)
-                break;
-            free_entry(s, i);
-            n++;
-        }
-    }
-    unlock_store(s);
-    if (count != NULL)
-        *count = n;
-    return STORE_OK;
-}
-
-/* Removes the pin record at slot i and drops its pins from its object, as
- * that many releases would. Returns how many pins it held. Lock held. */
-static uint64_t release_record(store *s, uint64_t i)
-{
-    pin_record *r = &s->pin_table[i];
-    uint8_t id[STORE_ID_SIZE];
-    memcpy(id, r->id, STORE_ID_SIZE);
-    uint32_t count = r->count;
-    /* Record first: a death in between leaves the pins to repair, which
-     * counts them from the records. */
-    pin_remove_at(s, i);
-    s->hdr->num_pin_records--;
-    int64_t slot = table_find(s, id);
-    if (slot < 0 || count == 0)
-        return count;
-    store_entry *e = &s->table[slot];
-    uint32_t drop = count < e->pins ? count : e->pins;
-    if (drop > 0) {
-        e->pins -= drop - 1;
-        unpin(s, (uint64_t)slot);
-    }
-    return count;
-}
-
-store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count)
-{
-    store_status rc = lock_store(s);
-    if (rc != STORE_OK)
-        return rc;
-    uint64_t n = 0;
-    for (uint64_t i = 0; i < s->hdr->pin_capacity; i++) {
-        /* A removal shifts a later record into i, so look at i again. */
-        while (pin_state(&s->pin_table[i]) == PIN_LIVE && s->pin_table[i].pid == pid)
-            n += release_record(s, i);
-    }
-    unlock_store(s);
-    if (count != NULL)
-        *count = n;
-    return STORE_OK;
-}
-
 /* What kill(pid, 0) said about the few pids a scan meets, so a table with
  * many records of one process asks once. */
 typedef struct pid_verdicts {
@@ -1205,18 +1289,117 @@ static bool pid_dead(pid_verdicts *v, int32_t pid)
     return dead;
 }
 
+/* Whether a process the holders table counts as holding CREATED objects
+ * (created) or pin records (!created) no longer exists. Lock held. */
+static bool some_holder_dead(const store *s, pid_verdicts *v, bool created)
+{
+    const holder_record *t = s->hdr->holders;
+    for (uint64_t i = 0; i < HOLDER_SLOTS; i++)
+        if (t[i].pid != 0 && (created ? t[i].created : t[i].pin_records) > 0 &&
+            pid_dead(v, t[i].pid))
+            return true;
+    return false;
+}
+
+store_status store_abort_dead_creators(store *s, uint64_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    store_header *hdr = s->hdr;
+    pid_verdicts verdicts = {.n = 0};
+    uint64_t n = 0;
+    /* The walk is for a dead creator the counts name, or one they may miss. */
+    bool walk = hdr->num_created > 0 &&
+                (hdr->holders_overflow || some_holder_dead(s, &verdicts, true));
+    for (uint64_t i = 0; walk && i < hdr->table_capacity; i++) {
+        /* A removal shifts a later entry into i, so look at i again. */
+        for (;;) {
+            const store_entry *e = &s->table[i];
+            if (slot_state(e) != STORE_STATE_CREATED || !pid_dead(&verdicts, e->creator_pid))
+                break;
+            free_entry(s, i);
+            n++;
+        }
+    }
+    if (walk && hdr->holders_overflow)
+        holders_rebuild(s);
+    unlock_store(s);
+    if (count != NULL)
+        *count = n;
+    return STORE_OK;
+}
+
+/* Removes the pin record at slot i and drops its pins from its object, as
+ * that many releases would. Returns how many pins it held. Lock held. */
+static uint64_t release_record(store *s, uint64_t i)
+{
+    pin_record *r = &s->pin_table[i];
+    uint8_t id[STORE_ID_SIZE];
+    memcpy(id, r->id, STORE_ID_SIZE);
+    uint32_t count = r->count;
+    int32_t pid = r->pid;
+    /* Record first: a death in between leaves the pins to repair, which
+     * counts them from the records. */
+    pin_remove_at(s, i);
+    s->hdr->num_pin_records--;
+    holder_sub(s, pid, 0, 1);
+    int64_t slot = table_find(s, id);
+    if (slot < 0 || count == 0)
+        return count;
+    store_entry *e = &s->table[slot];
+    uint32_t drop = count < e->pins ? count : e->pins;
+    if (drop > 0) {
+        e->pins -= drop - 1;
+        unpin(s, (uint64_t)slot);
+    }
+    return count;
+}
+
+store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    store_header *hdr = s->hdr;
+    bool counted = !hdr->holders_overflow;
+    int64_t slot = counted ? holder_slot(hdr->holders, pid) : -1;
+    /* Counted, the walk stops after the process's last record: none, most
+     * often (a worker that held no view when it exited). */
+    uint64_t left = slot >= 0 ? hdr->holders[slot].pin_records : 0;
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < hdr->pin_capacity && (!counted || left > 0); i++) {
+        /* A removal shifts a later record into i, so look at i again. */
+        while (pin_state(&s->pin_table[i]) == PIN_LIVE && s->pin_table[i].pid == pid) {
+            n += release_record(s, i);
+            left -= left > 0;
+        }
+    }
+    if (!counted)
+        holders_rebuild(s);
+    unlock_store(s);
+    if (count != NULL)
+        *count = n;
+    return STORE_OK;
+}
+
 store_status store_release_dead_pins(store *s, uint64_t *count)
 {
     store_status rc = lock_store(s);
     if (rc != STORE_OK)
         return rc;
+    store_header *hdr = s->hdr;
     pid_verdicts verdicts = {.n = 0};
     uint64_t n = 0;
-    for (uint64_t i = 0; i < s->hdr->pin_capacity; i++) {
+    bool walk = hdr->num_pin_records > 0 &&
+                (hdr->holders_overflow || some_holder_dead(s, &verdicts, false));
+    for (uint64_t i = 0; walk && i < hdr->pin_capacity; i++) {
         while (pin_state(&s->pin_table[i]) == PIN_LIVE &&
                pid_dead(&verdicts, s->pin_table[i].pid))
             n += release_record(s, i);
     }
+    if (walk && hdr->holders_overflow)
+        holders_rebuild(s);
     unlock_store(s);
     if (count != NULL)
         *count = n;
@@ -1260,6 +1443,9 @@ store_status store_get_stats(store *s, store_stats *out)
     out->num_recoveries = hdr->num_recoveries;
     out->num_pin_records = hdr->num_pin_records;
     out->pin_table_capacity = hdr->pin_capacity;
+    out->num_created = hdr->num_created;
+    out->num_holders = hdr->num_holders;
+    out->holders_overflow = hdr->holders_overflow;
     unlock_store(s);
     return STORE_OK;
 }
@@ -1308,6 +1494,11 @@ store_status store_debug_lock_forever(store *s, int notify_fd)
 void store_debug_crash_after(store *s, int64_t steps)
 {
     s->crash_countdown = steps;
+}
+
+void store_debug_set_pid(int32_t pid)
+{
+    atomic_store_explicit(&self_pid, pid, memory_order_relaxed);
 }
 
 /* Whether the LRU list holds exactly the evictable entries, oldest first,
@@ -1362,6 +1553,54 @@ static int pins_sound(const store *s)
     return sound && records == hdr->num_pin_records ? 0 : -1;
 }
 
+/* Whether num_created and the holders table count exactly what the object
+ * and pin tables hold (every process, unless holders_overflow), each record
+ * where its probe path finds it. Lock held. Returns -1 when out of memory. */
+static int holders_sound(const store *s)
+{
+    const store_header *hdr = s->hdr;
+    holder_record *left = malloc(sizeof hdr->holders);
+    if (left == NULL)
+        return -1;
+    memcpy(left, hdr->holders, sizeof hdr->holders);
+    bool sound = true;
+    uint64_t records = 0, created = 0;
+    for (uint64_t i = 0; i < HOLDER_SLOTS; i++) {
+        if (left[i].pid == 0)
+            continue;
+        records++;
+        if (left[i].pid < 0 || (left[i].created == 0 && left[i].pin_records == 0) ||
+            holder_slot(left, left[i].pid) != (int64_t)i)
+            sound = false;
+    }
+    for (uint64_t i = 0; i < hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        if (slot_state(e) != STORE_STATE_CREATED)
+            continue;
+        created++;
+        int64_t slot = holder_slot(left, e->creator_pid);
+        if (slot >= 0 && left[slot].created > 0)
+            left[slot].created--;
+        else if (!hdr->holders_overflow)
+            sound = false;
+    }
+    for (uint64_t i = 0; i < hdr->pin_capacity; i++) {
+        const pin_record *r = &s->pin_table[i];
+        if (pin_state(r) != PIN_LIVE)
+            continue;
+        int64_t slot = holder_slot(left, r->pid);
+        if (slot >= 0 && left[slot].pin_records > 0)
+            left[slot].pin_records--;
+        else if (!hdr->holders_overflow)
+            sound = false;
+    }
+    for (uint64_t i = 0; i < HOLDER_SLOTS; i++)
+        if (left[i].pid != 0 && (left[i].created != 0 || left[i].pin_records != 0))
+            sound = false; /* counts more than the tables hold */
+    free(left);
+    return sound && records == hdr->num_holders && created == hdr->num_created ? 0 : -1;
+}
+
 int store_debug_check(store *s)
 {
     if (lock_store(s) != STORE_OK)
@@ -1385,7 +1624,7 @@ int store_debug_check(store *s)
     }
     if (live != hdr->num_objects || pinned != hdr->num_pinned || !lru_sound(s, evictable) ||
         bytes != alloc_footprint(&hdr->alloc) || alloc_check(&hdr->alloc, s->base) != 0 ||
-        pins_sound(s) != 0)
+        pins_sound(s) != 0 || holders_sound(s) != 0)
         bad = 1;
     unlock_store(s);
     return bad ? -1 : 0;

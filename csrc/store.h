@@ -16,7 +16,10 @@
  * Every pin a get takes is recorded with the pid of the process that took
  * it, in a bounded pin table in the segment, so that the pins of a process
  * that died (a worker SIGKILLed while it held zero-copy views) can be given
- * back: store_release_pins_of, store_release_dead_pins.
+ * back: store_release_pins_of, store_release_dead_pins. The segment also
+ * counts, per process, its pin records and the objects it created and has
+ * not sealed, so that the clean-up after a process that held nothing (the
+ * usual worker exit) costs no walk of the tables.
  */
 #ifndef HPCRAY_STORE_H
 #define HPCRAY_STORE_H
@@ -54,6 +57,9 @@ typedef struct store_stats {
     uint64_t num_recoveries; /* times a dead lock holder was cleaned up after */
     uint64_t num_pin_records;    /* (process, object) pairs holding pins */
     uint64_t pin_table_capacity; /* slots in the pin table */
+    uint64_t num_created;        /* CREATED objects (made, not sealed yet) */
+    uint64_t num_holders;        /* processes counted as holding pins or CREATED objects */
+    uint64_t holders_overflow;   /* 1: more such processes than the count table takes */
 } store_stats;
 
 typedef struct store_object_info {
@@ -155,18 +161,23 @@ store_status store_delete(store *s, const uint8_t *id);
 /* Frees every CREATED object whose creating process no longer exists (it
  * died between create and seal); *count gets how many. Sound only when all
  * clients share this process's PID namespace. A reused PID hides a dead
- * creator (its object stays), it never frees a live one. */
+ * creator (its object stays), it never frees a live one. Walks the object
+ * table only when some process holding CREATED objects is dead (or more
+ * processes hold some than the counts track); else it costs one kill(pid, 0)
+ * per such process. */
 store_status store_abort_dead_creators(store *s, uint64_t *count);
 
 /* Drops every pin that process `pid` holds (it died; the caller knows, e.g.
  * from waitpid); objects left unpinned become evictable, or are freed when
- * delete-pending. *count gets how many pins were dropped. */
+ * delete-pending. *count gets how many pins were dropped. Returns at once
+ * when `pid` holds no pin; else walks the pin table up to its last record. */
 store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count);
 
 /* store_release_pins_of for every process holding pins that no longer
  * exists. The same PID-namespace caveat as store_abort_dead_creators: a
  * reused PID (or an unreaped zombie) hides a dead reader, it never releases
- * a live one's pins. */
+ * a live one's pins. Walks the pin table only when some holder is dead, as
+ * store_abort_dead_creators does. */
 store_status store_release_dead_pins(store *s, uint64_t *count);
 
 /* Copies up to `max` pin records into `out`; *count gets how many exist. */
@@ -190,5 +201,10 @@ int store_debug_check(store *s);
  * steps-th crash point from now (the points between the writes of a table,
  * LRU or allocator mutation). 0 disarms it. */
 void store_debug_crash_after(store *s, int64_t steps);
+
+/* Test hook: this process creates and pins under `pid` from now on, as if it
+ * were that process (a pid no process has makes it look dead to the
+ * clean-up); 0 goes back to its own pid. */
+void store_debug_set_pid(int32_t pid);
 
 #endif

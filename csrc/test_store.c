@@ -419,6 +419,123 @@ static void test_pin_table_full(void)
     CHECK(store_unlink(segment_name) == STORE_OK);
 }
 
+/* A pid no process has (above any pid_max): to the clean-up, a dead one. */
+#define GHOST_PID(k) ((int32_t)((1 << 30) + (k)))
+
+static store_stats stats_of(store *s)
+{
+    store_stats st;
+    CHECK(store_get_stats(s, &st) == STORE_OK);
+    return st;
+}
+
+static void get_as(store *s, int32_t pid, unsigned n)
+{
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off, size;
+    make_id(id, n);
+    store_debug_set_pid(pid);
+    CHECK(store_get(s, id, &off, &size) == STORE_OK);
+    store_debug_set_pid(0);
+}
+
+/* The per-process counts follow creates, seals, aborts, pins and releases,
+ * so the clean-up after a process that held nothing walks nothing, and after
+ * one that held something still finds all of it. */
+static void test_holders(void)
+{
+    store *s = fresh_store(1 << 20, 0);
+    uint8_t id[STORE_ID_SIZE];
+    uint64_t off, size, n;
+    store_stats st = stats_of(s);
+    CHECK(st.num_created == 0 && st.num_holders == 0 && st.holders_overflow == 0);
+
+    make_id(id, 1);
+    CHECK(store_create_object(s, id, 100, &off) == STORE_OK);
+    st = stats_of(s);
+    CHECK(st.num_created == 1 && st.num_holders == 1);
+    CHECK(store_abort_dead_creators(s, &n) == STORE_OK && n == 0); /* its creator lives */
+    CHECK(store_seal(s, id) == STORE_OK);
+    st = stats_of(s);
+    CHECK(st.num_created == 0 && st.num_holders == 0);
+    CHECK(store_get(s, id, &off, &size) == STORE_OK);
+    CHECK(store_get(s, id, &off, &size) == STORE_OK);
+    CHECK(stats_of(s).num_holders == 1);
+    CHECK(store_debug_check(s) == 0);
+    CHECK(store_release(s, id, off) == STORE_OK && stats_of(s).num_holders == 1);
+    CHECK(store_release(s, id, off) == STORE_OK && stats_of(s).num_holders == 0);
+
+    /* A dead process with an unsealed object and pins on 200 objects, among
+     * the pins of two others. */
+    for (unsigned i = 2; i < 202; i++)
+        put(s, i, 64);
+    make_id(id, 5000);
+    store_debug_set_pid(GHOST_PID(1));
+    CHECK(store_create_object(s, id, 64, &off) == STORE_OK);
+    store_debug_set_pid(0);
+    for (unsigned i = 2; i < 202; i++) {
+        get_as(s, GHOST_PID(1), i);
+        if (i % 3 == 0)
+            get_as(s, GHOST_PID(2), i);
+    }
+    get_as(s, GHOST_PID(1), 7); /* a second pin, same record */
+    get_as(s, (int32_t)getpid(), 9);
+    st = stats_of(s);
+    CHECK(st.num_holders == 3 && st.num_created == 1 && st.num_pin_records == 200 + 67 + 1);
+    CHECK(store_debug_check(s) == 0);
+    CHECK(store_release_pins_of(s, GHOST_PID(3), &n) == STORE_OK && n == 0);
+    CHECK(store_release_pins_of(s, GHOST_PID(1), &n) == STORE_OK && n == 201);
+    st = stats_of(s);
+    CHECK(st.num_holders == 3 && st.num_pin_records == 68); /* ghost 1 still creates */
+    CHECK(store_abort_dead_creators(s, &n) == STORE_OK && n == 1);
+    st = stats_of(s);
+    CHECK(st.num_holders == 2 && st.num_created == 0 && !has(s, 5000));
+    CHECK(store_release_dead_pins(s, &n) == STORE_OK && n == 67);
+    CHECK(store_release_dead_pins(s, &n) == STORE_OK && n == 0);
+    st = stats_of(s);
+    CHECK(st.num_holders == 1 && st.num_pin_records == 1);
+    CHECK(store_debug_check(s) == 0);
+    make_id(id, 9);
+    CHECK(store_get(s, id, &off, &size) == STORE_OK); /* the record this process has */
+    CHECK(store_release_pins_of(s, (int32_t)getpid(), &n) == STORE_OK && n == 2);
+    CHECK(stats_of(s).num_holders == 0 && store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
+/* More processes holding pins than the counts track: the clean-up walks the
+ * tables as before, misses nothing, and the counts come back once a walk
+ * finds them all fitting again. */
+static void test_holders_overflow(void)
+{
+    store *s = fresh_store(1 << 20, 8192); /* room for 7168 pin records */
+    uint64_t n;
+    put(s, 1, 64);
+    put(s, 2, 64);
+    enum { GHOSTS = 3700 };
+    for (int k = 0; k < GHOSTS; k++)
+        get_as(s, GHOST_PID(k), 1);
+    store_stats st = stats_of(s);
+    CHECK(st.holders_overflow == 1 && st.num_holders < GHOSTS && st.num_pin_records == GHOSTS);
+    CHECK(store_debug_check(s) == 0);
+    int32_t last = GHOST_PID(GHOSTS - 1); /* the last ones found no room */
+    CHECK(store_release_pins_of(s, last, &n) == STORE_OK && n == 1);
+    CHECK(stats_of(s).holders_overflow == 1); /* the walk recounted: still too many */
+    for (int k = 0; k < 200; k++)
+        CHECK(store_release_pins_of(s, GHOST_PID(k), &n) == STORE_OK && n == 1);
+    st = stats_of(s);
+    CHECK(st.holders_overflow == 0 && st.num_holders == GHOSTS - 201);
+    CHECK(store_debug_check(s) == 0);
+    get_as(s, GHOST_PID(GHOSTS - 2), 2);
+    CHECK(store_release_pins_of(s, GHOST_PID(GHOSTS - 2), &n) == STORE_OK && n == 2);
+    CHECK(store_release_dead_pins(s, &n) == STORE_OK && n == GHOSTS - 202);
+    st = stats_of(s);
+    CHECK(st.num_holders == 0 && st.num_pin_records == 0 && st.num_pinned == 0);
+    CHECK(store_debug_check(s) == 0);
+    store_close(s);
+    CHECK(store_unlink(segment_name) == STORE_OK);
+}
+
 /* Large copies split across threads land byte for byte, whatever the
  * alignment of either side and the thread count; store_write too. */
 static void test_parallel_copy(void)
@@ -609,6 +726,8 @@ int main(void)
     test_dead_lock_holder();
     test_dead_readers();
     test_pin_table_full();
+    test_holders();
+    test_holders_overflow();
     test_parallel_copy();
     test_crash_points();
     store_unlink(segment_name);

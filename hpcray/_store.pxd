@@ -35,6 +35,9 @@ cdef extern from "store.h" nogil:
         uint64_t num_recoveries
         uint64_t num_pin_records
         uint64_t pin_table_capacity
+        uint64_t num_created
+        uint64_t num_holders
+        uint64_t holders_overflow
 
     ctypedef struct store_object_info:
         uint8_t id[STORE_ID_SIZE]
@@ -78,3 +81,4 @@ cdef extern from "store.h" nogil:
     store_status store_debug_lock_forever(store *s, int notify_fd)
     int store_debug_check(store *s)
     void store_debug_crash_after(store *s, int64_t steps)
+    void store_debug_set_pid(int32_t pid)

@@ -374,7 +374,10 @@ cdef class Store:
 
     def stats(self):
         """capacity, used_bytes, num_objects, num_pinned, num_evictions,
-        table_capacity, num_recoveries, num_pin_records, pin_table_capacity."""
+        table_capacity, num_recoveries, num_pin_records, pin_table_capacity,
+        num_created (objects not sealed yet), num_holders (processes counted as
+        holding pins or unsealed objects), holders_overflow (1: more of them
+        than the counts track, so the clean-up after a death walks the tables)."""
         cdef store *s = self._handle()
         cdef store_stats st
         cdef store_status rc
@@ -393,6 +396,9 @@ cdef class Store:
             "num_recoveries": st.num_recoveries,
             "num_pin_records": st.num_pin_records,
             "pin_table_capacity": st.pin_table_capacity,
+            "num_created": st.num_created,
+            "num_holders": st.num_holders,
+            "holders_overflow": st.holders_overflow,
         }
 
     def objects(self):

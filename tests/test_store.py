@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -637,14 +638,14 @@ def test_death_at_crash_points(make_store):
 
 
 _READER_CHILD = """
-import os, sys
+import os, signal, sys
 import numpy as np
 store = _store.Store.attach(sys.argv[1])
 held = [store.get(bytes.fromhex(h)) for h in sys.argv[3:]]
 views = [np.frombuffer(buf, dtype=np.uint8) for buf in held]  # zero-copy views
 os.write(int(sys.argv[2]), b"P")
 while True:
-    os.pause()
+    signal.pause()
 """
 
 
@@ -710,6 +711,60 @@ def test_release_pins_of(make_store):
     assert store.release_pins_of(reader.pid) == 1
     assert store.stats()["num_pinned"] == 0 and store.pins() == []
     assert store.delete(oid(1)) and store.objects() == []
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(60)
+def test_clean_up_after_a_death_follows_the_counts(make_store):
+    """The store counts each process's pins and unsealed objects: the clean-up
+    after a process that held nothing has nothing to find, and after one that
+    held something it finds it all."""
+    store = make_store(64 * KiB)
+    put(store, oid(1), b"x" * 100)
+    put(store, oid(2), b"y" * 100)
+    assert store.stats()["num_holders"] == 0
+    mine = store.create_object(oid(3), 100)
+    assert {k: store.stats()[k] for k in ("num_created", "num_holders")} == {
+        "num_created": 1, "num_holders": 1}
+    reader = spawn_reader(store, oid(1), oid(2), oid(2))
+    creator = run_child(_ABANDON_CHILD, store.name)
+    assert creator.wait(timeout=30) == 0
+    kill(reader)
+    stats = store.stats()
+    assert (stats["num_created"], stats["num_holders"], stats["holders_overflow"]) == (2, 3, 0)
+    assert store.release_pins_of(creator.pid) == 0          # it pinned nothing
+    assert store.release_pins_of(reader.pid) == 3
+    assert store.abort_dead_creators() == 1                 # the abandoned one, not mine
+    assert store.abort_dead_creators() == 0
+    assert store.release_dead_pins() == 0
+    assert {k: store.stats()[k] for k in ("num_created", "num_holders", "num_pin_records")} \
+        == {"num_created": 1, "num_holders": 1, "num_pin_records": 0}
+    mine.release()
+    store.seal(oid(3))
+    assert store.stats()["num_holders"] == 0 and store.stats()["num_created"] == 0
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(60)
+def test_clean_up_of_a_process_that_held_nothing_walks_no_table(make_store):
+    """A worker that exits holding nothing costs no walk of tables sized by the
+    store: at 1 Mi slots a walk of both (96 MiB) takes milliseconds."""
+    store = make_store(64 * MiB, table_capacity=1 << 20)
+    put(store, oid(1), b"x")
+    held = store.get(oid(1))                                # a live holder: this process
+    unsealed = store.create_object(oid(2), 10)
+    timings = []
+    for _ in range(50):
+        start = time.perf_counter()
+        assert store.release_pins_of(os.getpid() + 1_000_000) == 0
+        assert store.abort_dead_creators() == 0
+        assert store.release_dead_pins() == 0
+        timings.append(time.perf_counter() - start)
+    timings.sort()
+    assert timings[len(timings) // 2] < 200e-6, timings[len(timings) // 2]
+    held.release()
+    unsealed.release()
+    store.abort(oid(2))
     assert store._debug_check()
 
 
