@@ -69,14 +69,42 @@ def demand_of(options: dict, default_cpus: float) -> dict:
     return demand
 
 
+SPREAD = "SPREAD"
+
+
+class NodeAffinity(tuple):
+    """NodeAffinitySchedulingStrategy as the schedulers take it: run on node `rank`
+    (`soft`: or elsewhere if it cannot). A tuple ("node", rank, soft) underneath, which
+    is how the Cython global scheduler reads it."""
+
+    __slots__ = ()
+
+    def __new__(cls, rank: int, soft: bool):
+        return tuple.__new__(cls, ("node", rank, soft))
+
+    def __reduce__(self):
+        return (NodeAffinity, (self[1], self[2]))
+
+    @property
+    def rank(self) -> int:
+        return self[1]
+
+    @property
+    def soft(self) -> bool:
+        return self[2]
+
+    def on(self, rank: int) -> bool:
+        return self[1] == rank
+
+
 def strategy_of(options: dict):
-    """The scheduling strategy in the form the schedulers take: None (DEFAULT), "SPREAD",
-    or ("node", rank, soft) for NodeAffinitySchedulingStrategy."""
+    """The scheduling strategy in the form the schedulers take: None (DEFAULT), SPREAD,
+    or a NodeAffinity."""
     strategy = options.get("scheduling_strategy")
     if strategy is None or strategy == "DEFAULT":
         return None
-    if strategy == "SPREAD":
-        return "SPREAD"
+    if strategy == SPREAD:
+        return SPREAD
     node_id = getattr(strategy, "node_id", None)
     if node_id is not None:
         try:
@@ -84,6 +112,6 @@ def strategy_of(options: dict):
         except ValueError:
             raise ValueError(f"NodeAffinitySchedulingStrategy got an unknown node id "
                              f"{node_id!r}; use a NodeID from hpcray.nodes().") from None
-        return ("node", rank, bool(strategy.soft))
+        return NodeAffinity(rank, bool(strategy.soft))
     raise ValueError(f"Unknown scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD' or "
                      "NodeAffinitySchedulingStrategy.")

@@ -179,8 +179,9 @@ class Actors:
                                                     needs_worker=False))
 
     def place_actor(self, actor: ActorRecord) -> None:
-        if actor.state == A_DEAD:
+        if actor.state == A_DEAD:  # ended while it waited for room: the room is free again
             self.scheduler.release(actor.spec.demand)
+            self.node._run_actions(self.scheduler.reschedule())
             return
         actor.placed = True
         actor.gpu_ids = self.node._take_gpus(actor.spec.demand)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from hpcray import ids
 from hpcray._scheduler import LOCALITY_BYTES
+from hpcray.options import NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.actors import A_DEAD, RemoteActor
@@ -65,7 +66,7 @@ class TaskRouter:
                 and self.scheduler.num_queued < self.keep_limit()
                 and (self.scheduler.fits(spec.demand) or self.scheduler.num_queued == 0)
                 and max(arg_bytes.values(), default=0) - local_bytes < LOCALITY_BYTES)
-        if strategy is not None and strategy[0] == "node" and strategy[1] == self.rank \
+        if isinstance(strategy, NodeAffinity) and strategy.on(self.rank) \
                 and self.scheduler.is_feasible(spec.demand):
             keep = True
         if keep:
@@ -240,7 +241,7 @@ class TaskRouter:
         # free now, else the global scheduler finds a node with room (queued here, it
         # would wait for actors that may never end while other nodes sit idle).
         if self.link is None or (strategy is None and self.scheduler.fits(spec.demand)) \
-                or (strategy is not None and strategy[0] == "node" and strategy[1] == self.rank
+                or (isinstance(strategy, NodeAffinity) and strategy.on(self.rank)
                     and self.scheduler.is_feasible(spec.demand)):
             self.localize(record, lambda _r: self.actors.actor_deps_ready(actor))
             return
