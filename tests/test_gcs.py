@@ -218,16 +218,21 @@ def test_tasks(net):
 def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
     shard = GcsShard(0, 1)
     early, late, kept = (ids.new_task_id() for _ in range(3))
-    shard.apply_task_events([(early, "RUNNING", None, 2)])  # before its spec (another rank)
+    # RUNNING before its spec (they come from different ranks), with the task's name.
+    shard.apply_task_events([(early, "RUNNING", None, 2, "f")])
     assert (shard.tasks[early].spec, shard.tasks[early].state) == (None, "RUNNING")
-    shard.apply_task_events([(early, "PENDING", "spec", None),  # the spec fills in
-                             (kept, "PENDING", "spec", None), (kept, "FINISHED", None, None),
-                             (kept, "RUNNING", None, 3)])  # a late RUNNING: where only
+    assert shard.list_tasks()[0][1] == "f"  # named before its spec arrives
+    shard.apply_task_events([(early, "PENDING", "spec", None, None),  # the spec fills in
+                             (kept, "PENDING", "spec", None, None),
+                             (kept, "FINISHED", None, None, None),
+                             (kept, "RUNNING", None, 3, "k")])  # a late RUNNING: where only
     assert (shard.tasks[early].spec, shard.tasks[early].state, shard.tasks[early].node) == \
         ("spec", "RUNNING", 2)
     assert (shard.tasks[kept].state, shard.tasks[kept].node) == ("FINISHED", 3)
-    shard.apply_task_events([(late, "PENDING", "spec", None), (late, "DELETED", None, None),
-                             (late, "RUNNING", None, 1), (late, "PENDING", "spec", None)])
+    shard.apply_task_events([(late, "PENDING", "spec", None, None),
+                             (late, "DELETED", None, None, None),
+                             (late, "RUNNING", None, 1, "l"),
+                             (late, "PENDING", "spec", None, None)])
     assert late not in shard.tasks
     assert sorted(row[2] for row in shard.list_tasks()) == ["FINISHED", "RUNNING"]
 

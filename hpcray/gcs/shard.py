@@ -31,7 +31,7 @@ read or a delete return None; records in results are copies (tables.py).
 | set_task_state     | task_id     | state                                  | TaskInfo or None     |
 | get_task           | task_id     |                                        | TaskInfo or None     |
 | delete_task        | task_id     |                                        | TaskInfo or None     |
-| task_events        | shard index | [(task_id, state, spec|None, rank|None)] | (no reply)     (8) |
+| task_events        | shard index | [(task_id, state, spec|None, rank|None, name|None)] (8) |
 | list_tasks         | None        | (all shards; the client merges)        | list of summaries    |
 | claim_actor_name   | name        | actor_id                          (4)  | True or NameTaken    |
 | register_actor     | actor_id    | ActorInfo                         (4)  | True, False if known |
@@ -75,7 +75,8 @@ read or a delete return None; records in results are copies (tables.py).
     whenever it comes (the node that runs a task may report RUNNING before its owner's
     spec arrives: they travel from different ranks) and so does the rank that ran it
     (its RUNNING may come after the owner's FINISHED), DELETED drops it. An event for a
-    recently deleted task (a late RUNNING) is ignored. list_tasks returns, per task,
+    recently deleted task (a late RUNNING) is ignored. A RUNNING carries the task's
+    name, so a task shown before its spec arrives is named. list_tasks returns, per task,
     (task_id, name, state, owner rank, rank that ran it).
 
 Subscriptions are per rank: two parties on one rank share one; the node manager counts.
@@ -270,9 +271,10 @@ class GcsShard:
         self.apply_task_events(events)
 
     def apply_task_events(self, events: list) -> None:
-        """(task_id, state, spec or None, rank or None) in the order one node wrote them."""
+        """(task_id, state, spec or None, rank or None, name or None) in the order one
+        node wrote them."""
         tasks = self.tasks
-        for task_id, state, spec, node in events:
+        for task_id, state, spec, node, name in events:
             if state == TASK_DELETED:
                 if tasks.pop(task_id, None) is not None:
                     self.deleted_tasks[task_id] = None
@@ -283,7 +285,7 @@ class GcsShard:
             if task is None:
                 # A state may come before the spec: they come from different nodes.
                 if task_id not in self.deleted_tasks:
-                    tasks[task_id] = TaskInfo(spec, state, node)
+                    tasks[task_id] = TaskInfo(spec, state, node, name)
                 continue
             if spec is not None and task.spec is None:
                 task.spec = spec
@@ -291,12 +293,14 @@ class GcsShard:
                 task.state = state
             if node is not None:  # a RUNNING that comes after FINISHED still says where
                 task.node = node
+            if name is not None:
+                task.name = name
 
     def _op_list_tasks(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
         return self.list_tasks()
 
     def list_tasks(self) -> list[tuple]:
-        return [(task_id, getattr(task.spec, "name", None), task.state,
+        return [(task_id, getattr(task.spec, "name", None) or task.name, task.state,
                  owner_rank(task_id), task.node)
                 for task_id, task in self.tasks.items()]
 

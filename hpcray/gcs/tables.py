@@ -49,14 +49,15 @@ class ObjectInfo:
 @dataclass(slots=True)
 class TaskInfo:
     """tasks: task_id (16 B) -> the spec (a TaskSpec, or its pickle), for lineage replay,
-    its state, and the rank that ran it last."""
+    its state, the rank that ran it last, and its name as that rank reported it."""
 
     spec: Any
     state: str = TASK_PENDING
     node: int | None = None
+    name: str | None = None
 
     def copy(self) -> TaskInfo:
-        return TaskInfo(self.spec, self.state, self.node)
+        return TaskInfo(self.spec, self.state, self.node, self.name)
 
 
 @dataclass(slots=True)

@@ -585,7 +585,7 @@ class NodeManager:
         worker.task = record
         record.gpu_ids = self._take_gpus(spec.demand)
         if spec.kind == NORMAL_TASK:
-            self.task_events.running(spec.task_id)
+            self.task_events.running(spec)
         function = None
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)

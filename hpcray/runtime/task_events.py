@@ -44,18 +44,20 @@ class TaskEvents:
         if self.local is not None:
             self.local[spec.task_id] = [spec, TASK_PENDING, None]
         else:
-            self.pending.append((spec.task_id, TASK_PENDING, spec, None))
+            self.pending.append((spec.task_id, TASK_PENDING, spec, None, None))
         if spec.return_ids:
             self.live_returns[spec.task_id] = len(spec.return_ids)
 
-    def running(self, task_id: bytes) -> None:
+    def running(self, spec) -> None:
+        task_id = spec.task_id
         if self.local is not None:
             task = self.local.get(task_id)
             if task is not None:
                 task[1] = TASK_RUNNING
                 task[2] = self.rank
         else:
-            self.pending.append((task_id, TASK_RUNNING, None, self.rank))
+            # The name too: the owner's spec may reach the GCS after this event.
+            self.pending.append((task_id, TASK_RUNNING, None, self.rank, spec.name))
 
     def ended(self, task_id: bytes, failed: bool = False) -> None:
         state = TASK_FAILED if failed else TASK_FINISHED
@@ -66,7 +68,7 @@ class TaskEvents:
             if task is not None:
                 task[1] = state
         else:
-            self.pending.append((task_id, state, None, None))
+            self.pending.append((task_id, state, None, None, None))
 
     def freed(self, object_id: bytes) -> None:
         """The owner freed `object_id`: the last freed return ends its task's entry."""
@@ -84,7 +86,7 @@ class TaskEvents:
         if self.local is not None:
             self.local.pop(task_id, None)
         else:
-            self.pending.append((task_id, TASK_DELETED, None, None))
+            self.pending.append((task_id, TASK_DELETED, None, None, None))
 
     def flush_due(self) -> None:
         """Flush if FLUSH_SECONDS passed since the last one or FLUSH_EVENTS wait."""
