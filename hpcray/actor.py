@@ -71,8 +71,6 @@ class ActorClass:
             if self._pickled is None:
                 self._pickled = _pickle_callable(self._cls, "actor class", self.__name__)
             client.export_function(self._class_id, self._pickled)
-        demand = opts.demand_of(options, 0)  # Ray: an actor holds no CPU unless asked
-        client.check_feasible(f"Actor {self.__name__}", demand)
         actor_id = ids.new_actor_id()
         if name is not None:
             holder = client.claim_actor_name(name, actor_id, self._info)
@@ -196,7 +194,7 @@ class ActorMethod:
         if options:
             num_returns = options.get("num_returns", num_returns)
             name = options.get("name") or name
-            retry_exceptions = options.get("retry_exceptions", False)
+            retry_exceptions = opts.retry_exceptions_of(options)
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
                         return_ids, {}, 0, retry_exceptions, self._actor_id, self._name)

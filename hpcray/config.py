@@ -43,6 +43,10 @@ class Config:
     # Threads that copy one large value (8 MiB or more) into the store; 0: the CPUs
     # this process may run on, at most 8 (two already double one thread's bandwidth).
     copy_threads: int = 0
+    # A task or actor no node of the job can ever run: "pending" (as Ray: it waits, with
+    # one warning per request shape, until cancelled) or "error" (its refs raise
+    # ResourceInfeasibleError / ActorUnschedulableError at once).
+    infeasible: str = "pending"
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -58,6 +62,11 @@ class Config:
         config.max_idle_extra_workers = _env_int("HPCRAY_MAX_IDLE_EXTRA_WORKERS",
                                                  config.max_idle_extra_workers)
         config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
+        infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
+        if infeasible not in ("pending", "error"):
+            raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "
+                             "default, as Ray) or 'error'.")
+        config.infeasible = infeasible
         return config
 
     def as_dict(self) -> dict:

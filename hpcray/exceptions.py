@@ -121,8 +121,33 @@ class OutOfMemoryError(RayError):
     """A worker ran out of memory."""
 
 
-class ResourceInfeasibleError(RayError, ValueError):
-    """No node of the cluster can ever satisfy the task's or actor's resource request."""
+class TaskUnschedulableError(RayError):
+    """The task cannot be scheduled (as Ray's): a hard NodeAffinitySchedulingStrategy
+    names a node that is not there or cannot run it."""
+
+    def __init__(self, error_message: str):
+        super().__init__(error_message)
+        self.error_message = error_message
+
+    def __str__(self) -> str:
+        return f"The task is not schedulable: {self.error_message}"
+
+
+class ActorUnschedulableError(RayError):
+    """The actor cannot be scheduled (as Ray's): no node can host it (with
+    HPCRAY_INFEASIBLE=error), or a hard node affinity cannot hold."""
+
+    def __init__(self, error_message: str):
+        super().__init__(error_message)
+        self.error_message = error_message
+
+    def __str__(self) -> str:
+        return f"The actor is not schedulable: {self.error_message}"
+
+
+class ResourceInfeasibleError(TaskUnschedulableError, ValueError):
+    """No node of the cluster can ever satisfy the task's resource request; raised by its
+    refs with HPCRAY_INFEASIBLE=error (by default such a task stays pending, as in Ray)."""
 
 
 __all__ = [name for name, value in list(globals().items())

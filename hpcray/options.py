@@ -27,6 +27,8 @@ def check(options: dict, allowed: set, what: str) -> dict:
         if not isinstance(resources, dict):
             raise ValueError(f"resources must be a dict, got {resources!r}.")
         for name, amount in resources.items():
+            if not isinstance(name, str):
+                raise ValueError(f"resource names must be strings, got {name!r}.")
             if name in ("CPU", "GPU", "memory"):
                 raise ValueError(f"Use num_cpus/num_gpus/memory instead of "
                                  f"resources={{{name!r}: ...}}.")
@@ -47,6 +49,16 @@ def check(options: dict, allowed: set, what: str) -> dict:
     if max_concurrency is not None and (not isinstance(max_concurrency, int)
                                         or max_concurrency < 1):
         raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}.")
+    name = options.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name must be a string, got {name!r}.")
+    retry_exceptions = options.get("retry_exceptions")
+    if retry_exceptions is not None and not isinstance(retry_exceptions, bool) and not (
+            isinstance(retry_exceptions, (list, tuple))
+            and all(isinstance(e, type) and issubclass(e, BaseException)
+                    for e in retry_exceptions)):
+        raise ValueError("retry_exceptions must be either a boolean or a list of exception "
+                         f"classes, got {retry_exceptions!r}.")
     lifetime = options.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {lifetime!r}.")
@@ -67,6 +79,28 @@ def demand_of(options: dict, default_cpus: float) -> dict:
     if not demand["CPU"]:
         del demand["CPU"]
     return demand
+
+
+# Exception classes named in retry_exceptions -> their cloudpickle (see retry_exceptions_of).
+_pickled_retry_exceptions: dict = {}
+
+
+def retry_exceptions_of(options: dict):
+    """retry_exceptions as a TaskSpec carries it: True/False, or the list of exception
+    classes pickled with cloudpickle (classes of the driver's script travel by value;
+    plain pickle would name `__main__`, which a worker has not got). Cached: the same
+    list pickles once."""
+    value = options.get("retry_exceptions", False)
+    if isinstance(value, bool):
+        return value
+    key = tuple(value)
+    if not key:
+        return False
+    pickled = _pickled_retry_exceptions.get(key)
+    if pickled is None:
+        import cloudpickle
+        pickled = _pickled_retry_exceptions[key] = cloudpickle.dumps(key, protocol=5)
+    return pickled
 
 
 SPREAD = "SPREAD"

@@ -57,7 +57,6 @@ class RemoteFunction:
                 self._pickled = _pickle_callable(self._function, "function", self._name)
             client.export_function(function_id, self._pickled)
         demand = opts.demand_of(options, 1)
-        client.check_feasible(f"Task {self._name}", demand)
         task_id = ids.new_task_id()
         args_payload, deps, contained = encode_call_args(client, task_id, args, kwargs, self._name)
         num_returns = options.get("num_returns", 1)
@@ -76,7 +75,7 @@ class RemoteFunction:
             extra["max_calls"] = max_calls
         spec = TaskSpec(task_id, NORMAL_TASK, function_id, options.get("name") or self._name,
                         args_payload, deps, contained, return_ids, demand, max_retries,
-                        options.get("retry_exceptions", False), None, None, extra or None)
+                        opts.retry_exceptions_of(options), None, None, extra or None)
         client.submit(spec)
         return refs_for(return_ids)
 
@@ -87,8 +86,21 @@ def encode_call_args(client, task_id, args, kwargs, name):
     except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
         if type(exc).__module__.startswith("hpcray"):
             raise
-        raise TypeError(f"Could not serialize the arguments of {name}: "
+        culprit = _unpicklable_argument(args, kwargs)
+        what = "the arguments" if culprit is None else f"the argument {culprit!r:.200}"
+        raise TypeError(f"Could not serialize {what} for a task or actor {name}: "
                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _unpicklable_argument(args, kwargs):
+    """The first argument that cannot be pickled (None if each alone can): named in the
+    error, as Ray does. Only on the error path, so the cost does not matter."""
+    for value in (*args, *kwargs.values()):
+        try:
+            cloudpickle.dumps(value, protocol=5)
+        except Exception:  # noqa: BLE001 - any pickling failure
+            return value
+    return None
 
 
 def refs_for(return_ids: list):

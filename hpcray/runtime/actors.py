@@ -132,13 +132,17 @@ class Actors:
     def values(self):
         return self.hosted.values()
 
-    def create_actor(self, spec: TaskSpec) -> None:
+    def create_actor(self, spec: TaskSpec, pending: bool = False) -> None:
+        """`pending`: no node of the job can host it; it stays A_PENDING here, unplaced,
+        its calls queued, until killed or out of scope (NodeManager._unschedulable)."""
         # A named actor's client claimed the name (claim_actor_name) before submitting.
         actor = ActorRecord(spec, spec.options["info"])
         actor.refs = 1  # the creator's handle
         self.hosted[spec.actor_id] = actor
         for key in spec.contained:
             self.objects.incref(key)
+        if pending:
+            return
         record = TaskRecord(spec, 0)
         self.node._resolve_deps(record, lambda r, a=actor: self.router.route_actor(a, r))
 

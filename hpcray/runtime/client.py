@@ -39,7 +39,14 @@ class CoreClient:
     def encode_value(self, object_id: bytes, value):
         """Serialize `value`; large ones are written to the store.
         -> (inline bytes, or None when in the store; contained ref ids; size in bytes)."""
-        sv = serialize(value, self.config.inline_threshold)
+        return self.encode_serialized(object_id, serialize(value, self.config.inline_threshold))
+
+    def serialize_value(self, value):
+        """The first half of encode_value: pickled, nothing written yet."""
+        return serialize(value, self.config.inline_threshold)
+
+    def encode_serialized(self, object_id: bytes, sv):
+        """The second half of encode_value: a serialized value inline, or into the store."""
         if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
             return sv.pickled, sv.contained, len(sv.pickled)
         try:
@@ -120,19 +127,6 @@ class CoreClient:
         # task pulls them like any other argument when they live on another node.
         return ("store", args_id), [args_id] + deps, contained + [args_id]
 
-    def check_feasible(self, name: str, demand: dict) -> None:
-        """Raise at the call site when no node of the job can ever run this."""
-        for resource, amount in demand.items():
-            if amount > self.total_resources.get(resource, 0.0) + 1e-9:
-                if not self._cluster_feasible(demand):
-                    raise exceptions.ResourceInfeasibleError(
-                        f"{name} requests {demand}, but no node can ever satisfy it: this "
-                        f"cluster has {self.resources()[0]}.")
-                return
-
-    def _cluster_feasible(self, demand: dict) -> bool:
-        return False  # this node is the whole cluster
-
 
 _EMPTY_ARGS = serialize(((), {}), 1 << 30).pickled
 
@@ -166,10 +160,6 @@ class DriverClient(CoreClient):
             nm.objects.put(args_id, None, contained, False, size)
         finally:
             nm.lock.release()
-
-    def _cluster_feasible(self, demand: dict) -> bool:
-        with self.nm.lock:
-            return self.nm.network.cluster_feasible(demand)
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         nm = self.nm
@@ -284,9 +274,6 @@ class WorkerClient(CoreClient):
 
     def _register_args_object(self, args_id, contained, size) -> None:
         self.channel.send_oneway("put", (args_id, None, contained, False, size))
-
-    def _cluster_feasible(self, demand: dict) -> bool:
-        return self.channel.request("feasible", (demand,))
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
         self.channel.send_oneway("export_function", (function_id, pickled))

@@ -18,6 +18,7 @@ from hpcray import exceptions
 from hpcray._scheduler import GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import GcsShard, is_gcs_request
+from hpcray.options import NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.peers import Peers
@@ -204,14 +205,25 @@ class Network:
         self.link.stop_requested = True
 
     # ------------------------------------------------------------------ feasibility
+    def unschedulable(self, demand: dict, strategy) -> str | None:
+        """Why no node of this job can ever run a request: None when one can;
+        "affinity" when a hard NodeAffinity names a node that is not in the job or lacks
+        the resources; "infeasible" when no node has them."""
+        if isinstance(strategy, NodeAffinity) and not strategy.soft:
+            if self.link is None:
+                total = self.total_resources if strategy.rank == 0 else None
+            else:
+                node = self.link.nodes.get(strategy.rank)
+                total = node["resources"] if node is not None else None
+            if total is None or not _within(demand, total):
+                return "affinity"
+            return None
+        return None if self.cluster_feasible(demand) else "infeasible"
+
     def cluster_feasible(self, demand: dict) -> bool:
         if self.link is None:
             return self.scheduler.is_feasible(demand)
-        for node in self.link.nodes.values():
-            total = node["resources"]
-            if all(amount <= total.get(name, 0.0) + 1e-9 for name, amount in demand.items()):
-                return True
-        return False
+        return any(_within(demand, node["resources"]) for node in self.link.nodes.values())
 
     def cluster_resources(self) -> dict:
         if self.link is None:
@@ -256,3 +268,7 @@ class Network:
             self.handlers[message[0]](source, *message[1:])
         else:
             self.peers.send(rank, message)
+
+
+def _within(demand: dict, total: dict) -> bool:
+    return all(amount <= total.get(name, 0.0) + 1e-9 for name, amount in demand.items())

@@ -316,8 +316,8 @@ class ExitWorker(NamedTuple):
 # `check_operations` holds WorkerRequests to this list at import.
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "cancel")
-REQUEST_OPS = ("get", "wait", "feasible", "get_actor", "claim_actor_name", "resources",
-               "nodes", "list_tasks")
+REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
+               "list_tasks")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

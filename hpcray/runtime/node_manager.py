@@ -34,7 +34,6 @@ from hpcray import exceptions
 from hpcray._scheduler import LocalScheduler
 from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
-from hpcray.options import NodeAffinity
 from hpcray.gcs.shard import OBJECT_DELETED
 from hpcray.runtime import messages, protocol
 from hpcray.runtime.messages import Hello, wire
@@ -98,6 +97,7 @@ class NodeManager:
                                         max(1, int(node_resources.num_cpus)),
                                         config.max_idle_extra_workers)
         self._retire_timer_at: float | None = None
+        self.infeasible_shapes_warned: set = set()  # (is actor, demand) warned of once
         self.free_gpus = list(range(len(node_resources.gpus) or int(node_resources.num_gpus)))
         self.lock = threading.Lock()
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -537,18 +537,14 @@ class NodeManager:
     # ------------------------------------------------------------------ tasks
     def submit(self, spec: TaskSpec, parent: TaskRecord | None = None) -> None:
         """A task from any client on this node; its return entries exist on return."""
-        strategy = spec.options.get("scheduling_strategy") if spec.options else None
-        if isinstance(strategy, NodeAffinity) and not strategy.soft and \
-                strategy.rank not in (self.link.nodes if self.link else (0,)):
-            raise exceptions.ResourceInfeasibleError(
-                f"{spec.name} must run on node rank {strategy.rank} (soft=False), "
-                "which is not part of this job.")
-        if not self.network.cluster_feasible(spec.demand):
-            raise exceptions.ResourceInfeasibleError(
-                f"{spec.name} requests {spec.demand}, but no node can ever satisfy it: "
-                f"this cluster has {self.network.cluster_resources()}.")
+        problem = None
+        if spec.kind != ACTOR_CALL:
+            problem = self.network.unschedulable(
+                spec.demand, spec.options.get("scheduling_strategy") if spec.options else None)
         if spec.kind == ACTOR_CREATION:
-            self.actors.create_actor(spec)
+            self.actors.create_actor(spec, pending=problem is not None)
+            if problem is not None:
+                self._unschedulable(spec, problem, None)
             return
         record = TaskRecord(spec, spec.max_retries)
         record.owner = self.rank
@@ -565,7 +561,53 @@ class NodeManager:
             if parent.children is None:
                 parent.children = []
             parent.children.append(spec.task_id)
+        if problem is not None:
+            self._unschedulable(spec, problem, record)
+            return
         self._resolve_deps(record, self._on_task_deps_ready)
+
+    def _unschedulable(self, spec: TaskSpec, problem: str, record: TaskRecord | None) -> None:
+        """No node of this job can run `spec` (a task's `record`, or an actor's creation):
+        a hard node affinity that cannot hold fails it at once, as in Ray. Otherwise, as
+        Ray does, it stays pending (WAITING on nothing, outside the scheduler, so it blocks
+        nothing) until cancelled, killed or the job ends, with one warning per request
+        shape; or, with HPCRAY_INFEASIBLE=error, it fails at once through its refs."""
+        is_actor = record is None
+        demand = dict(spec.demand)
+        cluster = self.network.cluster_resources()
+        what = f"{'Actor' if is_actor else 'Task'} {spec.name}"
+        if problem == "affinity":
+            strategy = spec.options["scheduling_strategy"]
+            message = (f"{what} requests {demand} on node rank {strategy.rank}: the node "
+                       "specified via NodeAffinitySchedulingStrategy doesn't exist or is "
+                       "infeasible, and soft=False was specified.")
+        elif self.config.infeasible == "error":
+            message = (f"{what} requests {demand}, but no node of this cluster can ever "
+                       f"satisfy it: the cluster has {cluster} (HPCRAY_INFEASIBLE=error).")
+        else:
+            shape = (is_actor, tuple(sorted(demand.items())))
+            if shape not in self.infeasible_shapes_warned:
+                self.infeasible_shapes_warned.add(shape)
+                kind = "actor" if is_actor else "task"
+                log.warning(
+                    "The %s %s (ID %s) cannot be scheduled right now. It requires %s for "
+                    "placement, however the cluster currently cannot provide the requested "
+                    "resources: no node has them (the cluster has %s). It stays pending "
+                    "until %s, as in Ray (but an hpcray job's nodes are fixed at launch, so "
+                    "it will not run in this job). Consider reducing the resource "
+                    "requirements of the %s, or set HPCRAY_INFEASIBLE=error to fail such "
+                    "requests through their refs instead.", kind, spec.name,
+                    (spec.actor_id if is_actor else spec.task_id).hex(), demand, cluster,
+                    "killed" if is_actor else "cancelled", kind)
+            return
+        if is_actor:
+            self.actors.actor_dead(self.actors[spec.actor_id],
+                                   exceptions.ActorUnschedulableError(message))
+        elif problem == "affinity":
+            self._fail_task(record, exceptions.TaskUnschedulableError(message))
+        else:
+            self._fail_task(record, exceptions.ResourceInfeasibleError(message))
+
 
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
         """`ready_callback(record)` once every argument exists on some node."""

@@ -32,6 +32,23 @@ class _Cancelled(BaseException):
     """Raised in a task's thread to cancel it (SIGINT from the node manager)."""
 
 
+class _Unusable(Exception):
+    """Something a task was sent could not be deserialized, or a value it returned could
+    not be serialized: the task's error names which, and the worker lives on."""
+
+    def __init__(self, failed: str, cause: BaseException):
+        super().__init__(failed)
+        self.failed = failed   # e.g. "deserialize the arguments"
+        self.cause = cause
+
+    def task_error(self, name: str, of: str = "task") -> exceptions.RayTaskError:
+        """`of` `name`: "task f", "actor A"."""
+        cause = self.cause
+        text = f"Could not {self.failed} of {of} {name}: {type(cause).__name__}: {cause}\n"
+        function_name = f"{name}.__init__" if of == "actor" else name
+        return exceptions.RayTaskError(function_name, text, cause, os.getpid())
+
+
 class Worker:
     def __init__(self, connection, job: dict, key: int, is_actor: bool):
         from hpcray import context
@@ -47,6 +64,7 @@ class Worker:
                                    bytes.fromhex(job["node_id"]), job["resources"])
         self.gpu_uuids = job.get("gpu_uuids", [])
         self.functions: dict = {}
+        self.retry_filters: dict = {}  # pickled retry_exceptions -> the classes
         self.actor = None
         self.actor_id = None
         self.actor_gpu_ids = ()
@@ -95,26 +113,54 @@ class Worker:
             return
         raise _Cancelled()
 
-    def _load_function(self, function_id: bytes, pickled):
+    def _load_function(self, function_id: bytes, pickled, what: str = "the function"):
         function = self.functions.get(function_id)
         if function is None:
             if pickled is None:
                 raise exceptions.RaySystemError("a worker got a task for an unknown function")
-            function = self.functions[function_id] = cloudpickle.loads(pickled)
+            try:
+                function = cloudpickle.loads(pickled)
+            except Exception as exc:  # noqa: BLE001 - a missing module, a class gone...
+                raise _Unusable(f"deserialize {what}", exc) from exc
+            self.functions[function_id] = function
         return function
+
+    def _retry_filter(self, spec):
+        """retry_exceptions as the task runs with it: True/False or exception classes
+        (they come pickled with cloudpickle, unpickled once per list)."""
+        pickled = spec.retry_exceptions
+        if type(pickled) is not bytes:
+            return pickled
+        classes = self.retry_filters.get(pickled)
+        if classes is None:
+            try:
+                classes = self.retry_filters[pickled] = cloudpickle.loads(pickled)
+            except Exception as exc:  # noqa: BLE001
+                raise _Unusable("deserialize the retry_exceptions option", exc) from exc
+        return classes
 
     def _resolve_args(self, spec, dep_payloads):
         values = {}
+        kind, data = spec.args
         for object_id, payload in dep_payloads:
-            value = self.client.decode_value(object_id, payload)
+            try:
+                value = self.client.decode_value(object_id, payload)
+            except exceptions.ObjectLostError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                what = "the arguments" if kind == "store" and object_id == data else \
+                    f"the argument {object_id.hex()} (an ObjectRef's value)"
+                raise _Unusable(f"deserialize {what}", exc) from exc
             if type(value) is ErrorValue:
                 raise _DependencyFailed(value.error)
             values[object_id] = value
-        kind, data = spec.args
         if kind == "store":  # the pickled (args, kwargs) is the first dependency
             args, kwargs = values.pop(data)
         else:
-            args, kwargs = cloudpickle.loads(data)
+            try:
+                args, kwargs = cloudpickle.loads(data)
+            except Exception as exc:  # noqa: BLE001
+                raise _Unusable("deserialize the arguments", exc) from exc
         if not values:
             return args, kwargs
         args = [values[a.binary()] if type(a) is ObjectRef else a for a in args]
@@ -135,8 +181,9 @@ class Worker:
     def _execute(self, spec, function, dep_payloads):
         """Run one task; -> (results, retry), results being (id, inline|None, contained, size)."""
         self.local.task_id = spec.task_id
-        retry = False
+        retry = retry_on = False
         try:
+            retry_on = self._retry_filter(spec)
             args, kwargs = self._resolve_args(spec, dep_payloads)
             outcome = function(*args, **kwargs)
             if asyncio.iscoroutine(outcome):
@@ -145,13 +192,15 @@ class Worker:
             return self._store_returns(spec, outcome), False
         except _DependencyFailed as failed:
             error = failed.error
+        except _Unusable as unusable:
+            error = unusable.task_error(spec.name)
         except (_Cancelled, KeyboardInterrupt):
             error = exceptions.TaskCancelledError(f"{spec.name} was cancelled.")
         except exceptions.ObjectStoreFullError as exc:
             error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
         except Exception as exc:  # noqa: BLE001 - the task's error is its result
             error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
-            retry = _should_retry(spec.retry_exceptions, exc)
+            retry = _should_retry(retry_on, exc)
         finally:
             self.local.task_id = None
         blob = error_bytes(error)
@@ -168,10 +217,17 @@ class Worker:
                 raise ValueError(f"{spec.name} has num_returns={len(return_ids)} but returned "
                                  f"{type(outcome).__name__} {outcome!r:.80}")
             values = outcome
-        results = []
-        for object_id, value in zip(return_ids, values):
-            results.append((object_id, *self.client.encode_value(object_id, value)))
-        return results
+        # Every value is pickled before any is written, so one that cannot be leaves
+        # nothing behind in the store.
+        serialized = []
+        for index, value in enumerate(values):
+            try:
+                serialized.append(self.client.serialize_value(value))
+            except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
+                what = "the return value" if len(values) == 1 else f"return value {index}"
+                raise _Unusable(f"serialize {what} {value!r:.100}", exc) from exc
+        return [(object_id, *self.client.encode_serialized(object_id, sv))
+                for object_id, sv in zip(return_ids, serialized)]
 
     def _run_and_report(self, spec, pickled_function, dep_payloads, gpu_ids) -> None:
         try:
@@ -180,6 +236,10 @@ class Worker:
             else:
                 function = self._load_function(spec.function_id, pickled_function)
                 self._set_gpus(gpu_ids)
+        except _Unusable as unusable:
+            exc_error = unusable.task_error(spec.name)
+            self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error), False)
+            return
         except Exception as exc:  # noqa: BLE001
             exc_error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
             self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error), False)
@@ -199,11 +259,13 @@ class Worker:
         self._set_gpus(gpu_ids)
         error = None
         try:
-            cls = self._load_function(spec.function_id, pickled_class)
+            cls = self._load_function(spec.function_id, pickled_class, "the actor class")
             args, kwargs = self._resolve_args(spec, dep_payloads)
             self.actor = cls(*args, **kwargs)
         except _DependencyFailed as failed:
             error = failed.error
+        except _Unusable as unusable:
+            error = unusable.task_error(spec.name, "actor")
         except Exception as exc:  # noqa: BLE001 - reported as the actor's death
             error = exceptions.RayTaskError(f"{spec.name}.__init__", _user_traceback(), exc,
                                             os.getpid())
@@ -249,7 +311,9 @@ class Worker:
                 semaphore = asyncio.Semaphore(max_concurrency)
             async with semaphore:
                 self.local.task_id = spec.task_id
+                retry_on = False
                 try:
+                    retry_on = self._retry_filter(spec)
                     args, kwargs = self._resolve_args(spec, dep_payloads)
                     outcome = getattr(self.actor, spec.method)(*args, **kwargs)
                     if asyncio.iscoroutine(outcome):
@@ -257,10 +321,13 @@ class Worker:
                     results, retry = self._store_returns(spec, outcome), False
                 except _DependencyFailed as failed:
                     results, retry = _error_results(spec, failed.error), False
+                except _Unusable as unusable:
+                    results = _error_results(spec, unusable.task_error(spec.name))
+                    retry = False
                 except Exception as exc:  # noqa: BLE001
                     error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
                     results = _error_results(spec, error)
-                    retry = _should_retry(spec.retry_exceptions, exc)
+                    retry = _should_retry(retry_on, exc)
             self.channel.send_done(WorkDone, spec.task_id, results, retry)
 
         def dispatch(message):

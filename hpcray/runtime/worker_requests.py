@@ -91,9 +91,6 @@ class WorkerRequests:
         self.wait_for(worker, request_id, object_ids, num_returns, timeout, answer, answer,
                       fetch_local)
 
-    def op_feasible(self, worker, request_id, demand) -> None:
-        self.reply(worker, request_id, self.network.cluster_feasible(demand))
-
     def op_get_actor(self, worker, request_id, name) -> None:
         self.actors.lookup_actor(name, lambda found: self.reply(worker, request_id, found))
 
