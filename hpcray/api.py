@@ -70,8 +70,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         else:
             def build_rank0(started: dict):
                 node = launch.build_node(job, transport)
-                nodes = {0: {"node_id": node.node_id.hex(), "resources": node.total_resources,
-                             "hostname": node.info["hostname"]}}
+                nodes = {0: node.describe_self()}
                 nodes.update(started)
                 with node.lock:
                     node.set_cluster_nodes(nodes)
@@ -136,7 +135,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         context.client = None
         context.driver_node = None
         node.shutdown()
-        if node.cluster is not None:
+        if node.cluster.size > 1:
             from hpcray.runtime import launch
             launch.stop_job(node.cluster.transport)
 

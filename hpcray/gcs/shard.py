@@ -273,23 +273,23 @@ class GcsShard:
     def apply_task_events(self, events: list) -> None:
         """(task_id, state, spec or None, rank or None, name or None) in the order one
         node wrote them."""
-        tasks = self.tasks
+        tasks, deleted, order = self.tasks, self.deleted_tasks, TASK_STATE_ORDER
         for task_id, state, spec, node, name in events:
             if state == TASK_DELETED:
                 if tasks.pop(task_id, None) is not None:
-                    self.deleted_tasks[task_id] = None
-                    if len(self.deleted_tasks) > DELETED_OBJECTS_REMEMBERED:
-                        self.deleted_tasks.popitem(last=False)
+                    deleted[task_id] = None
+                    if len(deleted) > DELETED_OBJECTS_REMEMBERED:
+                        deleted.popitem(last=False)
                 continue
             task = tasks.get(task_id)
             if task is None:
                 # A state may come before the spec: they come from different nodes.
-                if task_id not in self.deleted_tasks:
+                if task_id not in deleted:
                     tasks[task_id] = TaskInfo(spec, state, node, name)
                 continue
             if spec is not None and task.spec is None:
                 task.spec = spec
-            if TASK_STATE_ORDER[state] >= TASK_STATE_ORDER[task.state]:
+            if order[state] >= order[task.state]:
                 task.state = state
             if node is not None:  # a RUNNING that comes after FINISHED still says where
                 task.node = node

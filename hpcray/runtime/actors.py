@@ -93,12 +93,12 @@ class RemoteActor(ActorHandles):
 
 
 class Actors:
-    """The actors this node hosts (a mapping of actor id -> ActorRecord), the handles of
-    actors hosted elsewhere that it counts (RemoteActor), and, on one node, the names."""
+    """The actors this node hosts (a mapping of actor id -> ActorRecord) and the handles
+    of actors hosted elsewhere that it counts (RemoteActor)."""
 
     def __init__(self, rank: int, link, node, objects, scheduler, gcs, peers) -> None:
         self.rank = rank
-        self.cluster = link               # ClusterLink, or None on one node
+        self.cluster = link               # ClusterLink
         self.node = node                  # workers, GPUs, task ends
         self.objects = objects
         self.scheduler = scheduler
@@ -107,7 +107,6 @@ class Actors:
         self.functions = node.functions
         self.hosted: dict[bytes, ActorRecord] = {}
         self.remote_actors: dict[bytes, RemoteActor] = {}
-        self.named_actors: dict[str, bytes] = {}
         self.router = self.borrowing = None   # bind()
 
     HANDLES = {messages.ActorReady: "on_actor_ready"}
@@ -191,10 +190,10 @@ class Actors:
         actor.gpu_ids = self.node._take_gpus(actor.spec.demand)
         actor.state = A_STARTING
         actor.worker = self.node._start_worker(actor.actor_id)
-        if self.cluster is not None:  # every node learns where to send its calls
-            self.cluster.actor_locations[actor.actor_id] = self.rank
-            self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank))
-            self.record_actor(actor, node=self.rank)
+        # Every node learns where to send its calls.
+        self.cluster.actor_locations[actor.actor_id] = self.rank
+        self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank))
+        self.record_actor(actor, node=self.rank)
 
     def send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
         spec = actor.spec
@@ -222,8 +221,10 @@ class Actors:
         self.pump_actor(actor)
 
     def submit_actor_call(self, record: TaskRecord) -> None:
-        actor = self.hosted.get(record.spec.actor_id)
-        if actor is None and self.cluster is not None:
+        actor_id = record.spec.actor_id
+        actor = self.hosted.get(actor_id)
+        if actor is None and (actor_id in self.remote_actors
+                              or ids.owner_rank(actor_id) != self.rank):
             self.router.submit_remote_actor_call(record)
             return
         if actor is None or actor.state == A_DEAD:
@@ -263,8 +264,8 @@ class Actors:
             self.node.send_to_worker(worker, wire(messages.ExitWorker))
 
     # ------------------------------------------------------------------ handles
-    # One node: the ActorRecord counts the handles. Many nodes: each node counts its own
-    # holders in its record of the actor, and the creator's record also counts the other
+    # Each node counts its own holders in its record of the actor (the ActorRecord where
+    # it is hosted, else a RemoteActor), and the creator's record also counts the other
     # nodes that hold one (borrowing.py); the actor ends when the creator's count is zero.
 
     def actor_handles(self, actor_id: bytes, create: bool = False):
@@ -273,7 +274,7 @@ class Actors:
         handles = self.hosted.get(actor_id)
         if handles is None:
             handles = self.remote_actors.get(actor_id)
-            if handles is None and create and self.cluster is not None:
+            if handles is None and create:
                 owner = ids.owner_rank(actor_id)
                 if owner != self.rank and owner < self.cluster.size:
                     handles = self.remote_actors[actor_id] = RemoteActor(
@@ -281,11 +282,6 @@ class Actors:
         return handles
 
     def actor_incref(self, actor_id: bytes) -> None:
-        if self.cluster is None:
-            actor = self.hosted.get(actor_id)
-            if actor is not None:
-                actor.refs += 1
-            return
         handles = self.actor_handles(actor_id, create=True)
         if handles is None:
             return
@@ -312,7 +308,7 @@ class Actors:
         the owner; the owner ends the actor once no other node holds one either."""
         if handles.refs > 0:
             return
-        if handles.owner != self.rank and self.cluster is not None:
+        if handles.owner != self.rank:
             self.borrowing.drop_borrowed_actor(actor_id, handles)
             return
         if handles.borrowers or not handles.scoped:
@@ -391,17 +387,17 @@ class Actors:
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         actor = self.hosted.get(actor_id)
-        if actor is None and self.cluster is not None:
+        if actor is None:
             remote = self.remote_actors.get(actor_id)
             host = remote.host if remote is not None else \
                 self.cluster.actor_locations.get(actor_id)
             if host is not None:
                 self.peers.send(host, wire(messages.KillActor, actor_id, no_restart))
-            else:
+            elif remote is None and ids.owner_rank(actor_id) == self.rank:
+                raise ValueError("kill() got an unknown actor handle.")
+            else:  # its host has not said where it is yet
                 self.peers.broadcast(wire(messages.KillActor, actor_id, no_restart))
             return
-        if actor is None:
-            raise ValueError("kill() got an unknown actor handle.")
         if actor.state == A_DEAD:
             return
         if no_restart:
@@ -417,11 +413,9 @@ class Actors:
                 f"The actor {actor.info['class_name']} was killed with kill()."))
 
     def record_actor(self, actor: ActorRecord, **fields) -> None:
-        """Keep the GCS actors table up to date (many nodes only): the hosting node
-        registers its actor when placing it (a named one is registered already, by its
-        name's claim), then updates state, node and restarts."""
-        if self.cluster is None:
-            return
+        """Keep the GCS actors table up to date: the hosting node registers its actor
+        when placing it (a named one is registered already, by its name's claim), then
+        updates state, node and restarts."""
         if "node" in fields and actor.name is None:
             self.gcs.register_actor(actor.actor_id, gcs_tables.ActorInfo(
                 state=gcs_tables.PENDING_CREATION, node=fields["node"],
@@ -430,21 +424,13 @@ class Actors:
             self.gcs.request("update_actor", actor.actor_id, fields)
 
     # ------------------------------------------------------------------ names
-    # One node: the names live in `named_actors`. Many nodes: in the GCS (claimed there
-    # before the creation is submitted, released when the actor dies), so a name is
-    # unique across the job and visible from every node. Both answer through a callback.
+    # Names live in the GCS (claimed there before the creation is submitted, released
+    # when the actor dies), so a name is unique across the job and visible from every
+    # node. The answers come through a callback (at once from this rank's own shard).
 
     def claim_actor_name(self, name: str, actor_id: bytes, info: dict, answer) -> None:
         """answer(None) once `name` belongs to `actor_id`; answer(holder id) if a live
         actor already holds it."""
-        if self.cluster is None:
-            holder = self.named_actors.get(name)
-            if holder is not None and holder != actor_id and self.actor_alive(holder):
-                answer(holder)
-                return
-            self.named_actors[name] = actor_id
-            answer(None)
-            return
         record = gcs_tables.ActorInfo(name=name, class_name=info["class_name"], info=info)
 
         def registered(result) -> None:
@@ -454,20 +440,10 @@ class Actors:
 
     def release_actor_name(self, name: str, actor_id: bytes) -> None:
         """Give back a name whose actor was never submitted (its submission failed)."""
-        if self.cluster is None:
-            if self.named_actors.get(name) == actor_id:
-                del self.named_actors[name]
-        else:
-            self.gcs.request("update_actor", actor_id, {"state": gcs_tables.DEAD})
+        self.gcs.request("update_actor", actor_id, {"state": gcs_tables.DEAD})
 
     def lookup_actor(self, name: str, answer) -> None:
         """answer((actor_id, info)) of the live actor named `name`, or answer(None)."""
-        if self.cluster is None:
-            actor_id = self.named_actors.get(name)
-            answer((actor_id, self.hosted[actor_id].info)
-                   if actor_id is not None and self.actor_alive(actor_id) else None)
-            return
-
         def found(actor_id) -> None:
             if actor_id is None:
                 answer(None)
@@ -477,7 +453,3 @@ class Actors:
                 else (actor_id, record.info)))
 
         self.gcs.request("lookup_actor_name", name, callback=found)
-
-    def actor_alive(self, actor_id: bytes) -> bool:
-        actor = self.hosted.get(actor_id)
-        return actor is not None and actor.state != A_DEAD

@@ -66,7 +66,7 @@ class Borrowing:
         self.rank = rank
         self.objects = objects
         self.store = store
-        self.gcs = gcs                    # GcsClient, or None on one node
+        self.gcs = gcs                    # GcsClient
         self.peers = peers
         self.actors = None                # bind()
 

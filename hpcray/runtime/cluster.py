@@ -59,28 +59,24 @@ class ClusterLink:
 
 class Network:
     """This node's side of the cluster: the link to the other nodes, the GCS client (and
-    shard), load reports and, on rank 0, the global scheduler. On one node (`link`
-    None) it answers feasibility and resources for this node alone."""
+    shard), load reports and, on rank 0, the global scheduler. One node is a cluster of
+    one (loopback.py): the same parts, on rank 0."""
 
     HANDLES = {messages.Load: "on_load", messages.Forward: "on_forward",
                messages.Stop: "on_stop"}
 
-    def __init__(self, rank: int, link: ClusterLink | None, scheduler, total_resources: dict,
+    def __init__(self, rank: int, link: ClusterLink, scheduler, total_resources: dict,
                  wake) -> None:
         self.rank = rank
         self.link = link
         self.scheduler = scheduler            # this node's LocalScheduler (its load)
         self.total_resources = total_resources
         self.wake = wake                      # makes the event loop go round now
-        self.transport = link.transport if link is not None else None
-        self.gcs = None
+        self.transport = link.transport
         self.gcs_shard = None
         self.global_scheduler = None
         self.handlers: dict = {}              # control message type -> handler: bind()
         self.router = None
-        self.peers = None
-        if link is None:
-            return
         self.peers = Peers(self.transport, rank, self.wake_cluster)
         self.gcs = GcsClient(rank, link.gcs_shards, self.send_gcs)
         if rank < link.gcs_shards:
@@ -102,7 +98,10 @@ class Network:
 
     # ------------------------------------------------------------------ polling
     def cluster_poll_timeout(self) -> float:
+        """How long the event loop may sleep before polling again (-1: until woken)."""
         cluster = self.link
+        if not self.transport.needs_polling:  # one node: its own messages, next pass
+            return 0.0 if self.transport.busy else -1
         if self.transport.busy:
             return min(cluster.backoff, _BUSY_MAX_SLEEP)
         return cluster.backoff
@@ -111,6 +110,12 @@ class Network:
         """Receive and handle what other nodes sent; adjust the polling back-off."""
         cluster = self.link
         transport = self.transport
+        if not transport.needs_polling:
+            # A cluster of one: only its own messages, and no other rank to tell its
+            # load (a placement on rank 0 reads its own load first, see on_forward).
+            if transport.busy:
+                self.handle_cluster_messages(transport.poll())
+            return
         arrived = transport.poll()
         self.handle_cluster_messages(arrived)
         finished = transport.progress()  # completed pulls run their on_done (ObjectMover)
@@ -137,8 +142,9 @@ class Network:
                               message, source)
 
     def wake_cluster(self) -> None:
-        """Something was sent: poll MPI soon (replies come quickly)."""
-        if self.link is not None and self.link.backoff > 0:
+        """Something was sent: poll MPI soon (replies come quickly); one node sent itself
+        a message: go round now."""
+        if self.link.backoff > 0 or not self.transport.needs_polling:
             self.link.backoff = 0.0
             self.wake()
 
@@ -210,24 +216,17 @@ class Network:
         "affinity" when a hard NodeAffinity names a node that is not in the job or lacks
         the resources; "infeasible" when no node has them."""
         if isinstance(strategy, NodeAffinity) and not strategy.soft:
-            if self.link is None:
-                total = self.total_resources if strategy.rank == 0 else None
-            else:
-                node = self.link.nodes.get(strategy.rank)
-                total = node["resources"] if node is not None else None
+            node = self.link.nodes.get(strategy.rank)
+            total = node["resources"] if node is not None else None
             if total is None or not _within(demand, total):
                 return "affinity"
             return None
         return None if self.cluster_feasible(demand) else "infeasible"
 
     def cluster_feasible(self, demand: dict) -> bool:
-        if self.link is None:
-            return self.scheduler.is_feasible(demand)
         return any(_within(demand, node["resources"]) for node in self.link.nodes.values())
 
     def cluster_resources(self) -> dict:
-        if self.link is None:
-            return dict(self.total_resources)
         total: dict = {}
         for node in self.link.nodes.values():
             for name, amount in node["resources"].items():
@@ -235,12 +234,15 @@ class Network:
         return total
 
     def cluster_available(self) -> dict:
+        """What is free: this node's own now, the others' as their last load reports
+        said (rank 0; other ranks answer for themselves)."""
+        total = {k: max(0.0, v) for k, v in self.scheduler.available.items()}
         if self.global_scheduler is None:
-            return {k: max(0.0, v) for k, v in self.scheduler.available.items()}
-        total: dict = {}
+            return total
         for rank in self.global_scheduler.alive:
-            for name, amount in self.global_scheduler.available[rank].items():
-                total[name] = total.get(name, 0.0) + max(0.0, amount)
+            if rank != self.rank:
+                for name, amount in self.global_scheduler.available[rank].items():
+                    total[name] = total.get(name, 0.0) + max(0.0, amount)
         return total
 
     def on_forward(self, source: int, spec, deps, strategy, arg_bytes, hops: int = 0) -> None:

@@ -46,6 +46,7 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
     from hpcray.config import Config
     from hpcray.resources import detect_node_resources
     from hpcray.runtime.cluster import ClusterLink
+    from hpcray.runtime.loopback import LoopbackTransport
     from hpcray.runtime.node_manager import NodeManager
 
     rank = transport.rank if transport is not None else 0
@@ -62,13 +63,17 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
     job_id = bytes.fromhex(job["job_id"])
     node_id = rank.to_bytes(4, "big") + os.urandom(12)
     store_name = f"/hpcray-{os.getpid()}-{job['job_id']}-n{rank}"
-    cluster = ClusterLink(transport, job) if transport is not None else None
+    # One node is a cluster of one: the same parts over a transport to itself.
+    cluster = ClusterLink(transport if transport is not None else LoopbackTransport(), job)
     node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
                        config=config, store_name=store_name, store_capacity=store_bytes,
                        cluster=cluster, run_thread=run_thread)
     node.info = {"node_id": node_id.hex(), "job_id": job["job_id"], "rank": rank,
                  "object_store_name": store_name, "node_ip_address": "127.0.0.1",
                  "hostname": socket.gethostname()}
+    if transport is None:
+        with node.lock:
+            node.set_cluster_nodes({0: node.describe_self()})
     node.prestart_workers(max(1, int(node_resources.num_cpus)))
     return node
 
@@ -272,9 +277,6 @@ def serve_ranks(transport, make_node) -> int:
             continue
         try:
             node = make_node(message.job)
-            node.describe_self = lambda n=node: {"node_id": n.node_id.hex(),
-                                                 "resources": n.total_resources,
-                                                 "hostname": n.info["hostname"]}
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
             transport.send(0, wire(messages.StartFailed, f"{type(exc).__name__}: {exc}"))
             continue

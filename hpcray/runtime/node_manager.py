@@ -83,11 +83,12 @@ class NodeManager:
     HANDLES = {messages.Hello: "on_hello", messages.WorkDone: "on_work_done"}
 
     def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
-                 store_name: str, store_capacity: int, cluster=None, run_thread: bool = True):
-        """`cluster`: a ClusterLink in multi-node mode. `run_thread`: the event loop runs
-        in a thread of its own (the driver's node); else the caller runs `serve()`."""
-        self.link = self.cluster = cluster  # ClusterLink, or None on one node
-        self.rank = cluster.rank if cluster is not None else 0
+                 store_name: str, store_capacity: int, cluster, run_thread: bool = True):
+        """`cluster`: a ClusterLink (over a LoopbackTransport on one node). `run_thread`:
+        the event loop runs in a thread of its own (the driver's node); else the caller
+        runs `serve()`."""
+        self.link = self.cluster = cluster
+        self.rank = cluster.rank
         self.job_id = job_id
         self.node_id = node_id
         self.config = config
@@ -143,7 +144,7 @@ class NodeManager:
         self.transport = self.network.transport
         peers = self.network.peers
         self.task_events = TaskEvents(rank, gcs)
-        self.objects = ObjectTable(rank, store, self.task_events, link)
+        self.objects = ObjectTable(rank, store, self.task_events)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
         self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, gcs, peers)
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
@@ -157,8 +158,12 @@ class NodeManager:
         self.network.bind(self.router, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover))
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests)
-        if gcs is not None:
-            gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
+        gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
+
+    def describe_self(self) -> dict:
+        """This node as the start handshake tells the others."""
+        return {"node_id": self.node_id.hex(), "resources": self.total_resources,
+                "hostname": self.info["hostname"]}
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake)."""
@@ -254,16 +259,12 @@ class NodeManager:
                 pass
 
     def _event_loop(self) -> None:
-        link = self.link
-        while self._running:
-            timeout = -1
+        link, network = self.link, self.network
+        while self._running and not link.stop_requested:
+            timeout = network.cluster_poll_timeout()
             if self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            if link is not None:
-                if link.stop_requested:
-                    return
-                poll = self.network.cluster_poll_timeout()
-                timeout = poll if timeout < 0 else min(timeout, poll)
+                due = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = due if timeout < 0 else min(timeout, due)
             try:
                 events = self._wait_for_events(timeout)
             except InterruptedError:
@@ -283,9 +284,8 @@ class NodeManager:
                             log.exception("rank %d: handling an event on fd %d failed",
                                           self.rank, fd)
                 self._run_timers()
-                if link is not None:
-                    self.task_events.flush_due()
-                    self.network.poll_cluster()
+                self.task_events.flush_due()
+                network.poll_cluster()
 
     def _wait_for_events(self, timeout: float) -> list:
         """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so
@@ -294,7 +294,7 @@ class NodeManager:
         sender polling every 50-200 us made pulls of 7 MiB and more 5-10x slower, and a
         receiver's polls slowed the progress thread's 64 MiB without CMA by 25%; a
         small pull's receiver notices its end sooner."""
-        if 0 < timeout < 0.001 and not (self.link is not None and self.transport.poll_slowly):
+        if 0 < timeout < 0.001 and not self.transport.poll_slowly:
             ready, _, _ = select.select((self._epoll,), (), (), timeout)
             return self._epoll.poll(0) if ready else []
         return self._epoll.poll(timeout)
@@ -724,10 +724,7 @@ class NodeManager:
     def describe_nodes(self) -> list:
         """Every node: id, rank, resources, liveness (Ray's `nodes()` fields)."""
         host = socket.gethostname()
-        if self.link is None:
-            nodes = {0: {"node_id": self.node_id.hex(), "resources": self.total_resources}}
-        else:
-            nodes = self.link.nodes
+        nodes = self.link.nodes
         return [{"NodeID": node["node_id"], "Alive": True, "alive": True, "rank": rank,
                  "NodeManagerAddress": node.get("address", "127.0.0.1"),
                  "NodeManagerHostname": node.get("hostname", host),
@@ -760,7 +757,7 @@ class NodeManager:
                 for dep in record.spec.deps:
                     self._remove_waiter_of_task(dep, record)
             self._fail_task(record, exceptions.TaskCancelledError())
-        elif record.state == RUNNING and record.worker is None and self.link is not None:
+        elif record.state == RUNNING and record.worker is None:
             # Running on another node (this node forwarded it): whoever has it cancels it.
             self.network.peers.broadcast(wire(messages.Cancel, task_id, force, recursive))
         elif record.state == RUNNING and record.worker is not None:

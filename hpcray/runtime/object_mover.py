@@ -25,8 +25,8 @@ class ObjectMover:
 
     def __init__(self, rank: int, cluster, objects, borrowing, store, gcs, peers) -> None:
         self.rank = rank
-        self.cluster = cluster            # ClusterLink, or None on one node
-        self.transport = cluster.transport if cluster is not None else None
+        self.cluster = cluster            # ClusterLink
+        self.transport = cluster.transport
         self.objects = objects
         self.borrowing = borrowing
         self.store = store
@@ -36,7 +36,7 @@ class ObjectMover:
     def remote_entry(self, object_id: bytes):
         """An entry for a ref another node owns that this node has not seen: the owner
         registers this node as a borrower and says where the value is."""
-        if self.cluster is None or len(object_id) != ids.OBJECT_ID_SIZE:
+        if len(object_id) != ids.OBJECT_ID_SIZE:
             return None
         owner = ids.owner_rank(object_id)
         if owner == self.rank or owner >= self.cluster.size:

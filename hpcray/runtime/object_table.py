@@ -100,11 +100,10 @@ class ObjectTable:
     the ObjectMover; actor handles in ref transitions go to Actors.
     """
 
-    def __init__(self, rank: int, store, task_events, cluster) -> None:
+    def __init__(self, rank: int, store, task_events) -> None:
         self.rank = rank
         self.store = store
         self.task_events = task_events
-        self.cluster = cluster            # ClusterLink, or None on one node
         self.entries: dict[bytes, ObjectEntry] = {}
         self.mover = self.borrowing = self.actors = None  # bind()
 
@@ -345,9 +344,6 @@ class ObjectTable:
         """The ids whose value is here (`local`; else anywhere), or that are unknown here
         for good (get raises)."""
         objects = self.entries
-        if self.cluster is None:
-            return [oid for oid in object_ids
-                    if (e := objects.get(oid)) is None or e.state == READY]
         rank = self.rank
         done = (READY,) if local else (READY, REMOTE)
         return [oid for oid in object_ids

@@ -11,9 +11,9 @@ Writes wait in `pending` and leave every FLUSH_SECONDS (or FLUSH_EVENTS), one me
 per shard, so a task costs a few tuple appends on its hot path; the table lags by that
 much, as Ray's (which takes a second), and a query flushes the asking node's first.
 Flushing every event-loop pass cost 100k no-ops from a 4-rank driver ~8%: a busy node
-passes once per task, and each pass sent rank 0 a message. With no GCS (one node, no
-MPI) the node keeps the table itself, written in place. Normal tasks only: actor
-calls are not re-run from lineage, and the actors table follows actors.
+passes once per task, and each pass sent rank 0 a message. One node writes its own
+shard the same way. Normal tasks only: actor calls are not re-run from lineage, and
+the actors table follows actors.
 """
 
 from __future__ import annotations
@@ -30,43 +30,26 @@ FLUSH_EVENTS = 10_000
 
 
 class TaskEvents:
-    def __init__(self, rank: int, gcs=None) -> None:
+    def __init__(self, rank: int, gcs) -> None:
         self.rank = rank
-        self.gcs = gcs  # a GcsClient, or None on one node
+        self.gcs = gcs  # a GcsClient
         self.pending: list[tuple] = []
         self.next_flush = 0.0
         self.live_returns: dict[bytes, int] = {}  # task id -> its returns not yet freed
-        # One node: the table itself, task id -> [spec, state, rank], written in place
-        # (no late writes from other nodes to guard against, and this is the hot path).
-        self.local: dict[bytes, list] | None = {} if gcs is None else None
 
     def submitted(self, spec) -> None:
-        if self.local is not None:
-            self.local[spec.task_id] = [spec, TASK_PENDING, None]
-        else:
-            self.pending.append((spec.task_id, TASK_PENDING, spec, None, None))
+        self.pending.append((spec.task_id, TASK_PENDING, spec, None, None))
         if spec.return_ids:
             self.live_returns[spec.task_id] = len(spec.return_ids)
 
     def running(self, spec) -> None:
-        task_id = spec.task_id
-        if self.local is not None:
-            task = self.local.get(task_id)
-            if task is not None:
-                task[1] = TASK_RUNNING
-                task[2] = self.rank
-        else:
-            # The name too: the owner's spec may reach the GCS after this event.
-            self.pending.append((task_id, TASK_RUNNING, None, self.rank, spec.name))
+        # The name too: the owner's spec may reach the GCS after this event.
+        self.pending.append((spec.task_id, TASK_RUNNING, None, self.rank, spec.name))
 
     def ended(self, task_id: bytes, failed: bool = False) -> None:
         state = TASK_FAILED if failed else TASK_FINISHED
         if task_id not in self.live_returns:  # no returns: its lineage is of no use
             self._deleted(task_id)
-        elif self.local is not None:
-            task = self.local.get(task_id)
-            if task is not None:
-                task[1] = state
         else:
             self.pending.append((task_id, state, None, None, None))
 
@@ -83,10 +66,7 @@ class TaskEvents:
         self._deleted(task_id)
 
     def _deleted(self, task_id: bytes) -> None:
-        if self.local is not None:
-            self.local.pop(task_id, None)
-        else:
-            self.pending.append((task_id, TASK_DELETED, None, None, None))
+        self.pending.append((task_id, TASK_DELETED, None, None, None))
 
     def flush_due(self) -> None:
         """Flush if FLUSH_SECONDS passed since the last one or FLUSH_EVENTS wait."""
@@ -112,10 +92,6 @@ class TaskEvents:
     def list_tasks(self, answer) -> None:
         """answer([(task_id, name, state, owner rank, rank that ran it)]) of every task
         in the table, across shards."""
-        if self.local is not None:
-            answer([(task_id, spec.name, state, ids.owner_rank(task_id), ran_on)
-                    for task_id, (spec, state, ran_on) in self.local.items()])
-            return
         self.flush()
         self.gcs.fan_out("list_tasks", None, merge=lambda lists: [t for ts in lists for t in ts],
                          callback=answer)

@@ -38,7 +38,7 @@ class TaskRouter:
     def __init__(self, rank: int, link, node, network, objects, borrowing, mover, actors,
                  scheduler, task_events, peers) -> None:
         self.rank = rank
-        self.link = link                  # ClusterLink, or None on one node
+        self.link = link                  # ClusterLink
         self.node = node                  # its tasks, workers and GPUs
         self.network = network
         self.objects = objects
@@ -56,7 +56,7 @@ class TaskRouter:
     def route(self, record: TaskRecord) -> None:
         """Arguments exist somewhere: run the task here, or hand it to the global scheduler."""
         spec = record.spec
-        if self.link is None:
+        if self.link.size == 1:  # a cluster of one: nowhere else to weigh
             self.localize(record, self.enqueue)
             return
         strategy = _strategy_of(spec)
@@ -142,13 +142,12 @@ class TaskRouter:
                             lambda: self.localize(record, self.enqueue))
 
     def export_function(self, function_id: bytes, pickled: bytes) -> None:
-        """A process on this node defined a function or class: keep it, and with many
-        nodes record it in the GCS functions table too."""
+        """A process on this node defined a function or class: keep it, and record it
+        in the GCS functions table too."""
         if function_id in self.functions:
             return
         self.functions[function_id] = pickled
-        if self.link is not None:
-            self.gcs.request("put_function", function_id, pickled)
+        self.gcs.request("put_function", function_id, pickled)
 
     def with_function(self, function_id: bytes, submitter: int, then) -> None:
         """Run `then` once this node has the pickled function, fetched from the node that
@@ -240,7 +239,7 @@ class TaskRouter:
         # An actor holds its resources for its whole life: it stays here only if they are
         # free now, else the global scheduler finds a node with room (queued here, it
         # would wait for actors that may never end while other nodes sit idle).
-        if self.link is None or (strategy is None and self.scheduler.fits(spec.demand)) \
+        if self.link.size == 1 or (strategy is None and self.scheduler.fits(spec.demand)) \
                 or (isinstance(strategy, NodeAffinity) and strategy.on(self.rank)
                     and self.scheduler.is_feasible(spec.demand)):
             self.localize(record, lambda _r: self.actors.actor_deps_ready(actor))

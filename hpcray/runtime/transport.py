@@ -241,6 +241,8 @@ class MpiTransport:
     receives in chunks of the size the sender sends.
     """
 
+    needs_polling = True  # MPI messages arrive unannounced
+
     def __init__(self, comm=None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  window: int = DEFAULT_WINDOW):
         if chunk_bytes < 1 or window < 1:

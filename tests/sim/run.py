@@ -18,7 +18,9 @@ from tests.sim.simcluster import Simulation, SimulationFailure
 def run_seed(seed: int, nodes: int = 3, shards: int = 1) -> Simulation:
     """One schedule of the random workload; raises SimulationFailure with the seed."""
     gc.disable()  # collections at allocation thresholds would vary drops between runs
-    sim = Simulation(seed, num_nodes=nodes, gcs_shards=shards)
+    # One node gets the CPUs of three: the workload's actors need 2 CPUs at once.
+    sim = Simulation(seed, num_nodes=nodes, gcs_shards=shards,
+                     num_cpus=3.0 if nodes == 1 else 1.0)
     try:
         driver = sim.start_driver(programs.random_workload)
         try:

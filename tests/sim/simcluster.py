@@ -98,6 +98,7 @@ class SimTransport:
 
     busy = False
     poll_slowly = False
+    needs_polling = True
 
     def __init__(self, network: SimNetwork, rank: int, size: int):
         self.network = network

@@ -36,6 +36,12 @@ def test_four_nodes_two_gcs_shards():
     assert "300 schedules, 0 failed" in out
 
 
+def test_one_node_is_a_cluster_of_one():
+    # The same parts as many nodes (GCS shard, tasks table, names), no other rank.
+    out = run_schedules(200000, 300, "--nodes", "1")
+    assert "300 schedules, 0 failed" in out
+
+
 def test_a_seed_replays_the_same_schedule():
     first = run_schedules(7, 1, "--nodes", "3")
     again = run_schedules(7, 1, "--nodes", "3")
