@@ -165,6 +165,9 @@ struct store {
      * once lose no bit (a stale read only costs one more populate call). */
     _Atomic uint64_t *populated;
     atomic_bool populate_works; /* cleared when the kernel lacks it */
+    /* Clean-ups after a dead process (the three below) that walked a table,
+     * through this handle: the tests check that holding nothing walks none. */
+    uint64_t cleanup_walks;
 };
 
 /* Test hook: a point between two writes of a mutation made under the lock.
@@ -849,6 +852,7 @@ static store *wrap(uint8_t *base, size_t size)
     s->pin_table = (pin_record *)(void *)(base + s->hdr->pin_offset);
     s->pin_mask = s->hdr->pin_capacity - 1;
     s->crash_countdown = 0;
+    s->cleanup_walks = 0;
     s->copy_threads = copy_default_threads();
     s->populated = populated;
     atomic_init(&s->populate_works, true);
@@ -1312,6 +1316,7 @@ store_status store_abort_dead_creators(store *s, uint64_t *count)
     /* The walk is for a dead creator the counts name, or one they may miss. */
     bool walk = hdr->num_created > 0 &&
                 (hdr->holders_overflow || some_holder_dead(s, &verdicts, true));
+    s->cleanup_walks += walk;
     for (uint64_t i = 0; walk && i < hdr->table_capacity; i++) {
         /* A removal shifts a later entry into i, so look at i again. */
         for (;;) {
@@ -1368,6 +1373,7 @@ store_status store_release_pins_of(store *s, int32_t pid, uint64_t *count)
      * often (a worker that held no view when it exited). */
     uint64_t left = slot >= 0 ? hdr->holders[slot].pin_records : 0;
     uint64_t n = 0;
+    s->cleanup_walks += !counted || left > 0;
     for (uint64_t i = 0; i < hdr->pin_capacity && (!counted || left > 0); i++) {
         /* A removal shifts a later record into i, so look at i again. */
         while (pin_state(&s->pin_table[i]) == PIN_LIVE && s->pin_table[i].pid == pid) {
@@ -1393,6 +1399,7 @@ store_status store_release_dead_pins(store *s, uint64_t *count)
     uint64_t n = 0;
     bool walk = hdr->num_pin_records > 0 &&
                 (hdr->holders_overflow || some_holder_dead(s, &verdicts, false));
+    s->cleanup_walks += walk;
     for (uint64_t i = 0; walk && i < hdr->pin_capacity; i++) {
         while (pin_state(&s->pin_table[i]) == PIN_LIVE &&
                pid_dead(&verdicts, s->pin_table[i].pid))
@@ -1446,6 +1453,7 @@ store_status store_get_stats(store *s, store_stats *out)
     out->num_created = hdr->num_created;
     out->num_holders = hdr->num_holders;
     out->holders_overflow = hdr->holders_overflow;
+    out->cleanup_walks = s->cleanup_walks;
     unlock_store(s);
     return STORE_OK;
 }

@@ -60,6 +60,7 @@ typedef struct store_stats {
     uint64_t num_created;        /* CREATED objects (made, not sealed yet) */
     uint64_t num_holders;        /* processes counted as holding pins or CREATED objects */
     uint64_t holders_overflow;   /* 1: more such processes than the count table takes */
+    uint64_t cleanup_walks;      /* dead-process clean-ups that walked a table (this handle) */
 } store_stats;
 
 typedef struct store_object_info {

@@ -38,6 +38,7 @@ cdef extern from "store.h" nogil:
         uint64_t num_created
         uint64_t num_holders
         uint64_t holders_overflow
+        uint64_t cleanup_walks
 
     ctypedef struct store_object_info:
         uint8_t id[STORE_ID_SIZE]

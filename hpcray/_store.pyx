@@ -399,6 +399,7 @@ cdef class Store:
             "num_created": st.num_created,
             "num_holders": st.num_holders,
             "holders_overflow": st.holders_overflow,
+            "cleanup_walks": st.cleanup_walks,
         }
 
     def objects(self):
