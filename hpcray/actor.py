@@ -113,6 +113,13 @@ class _ActorOptions:
     def remote(self, *args, **kwargs) -> ActorHandle:
         return self._actor_class._remote(args, kwargs, self._options)
 
+    def get_or_create(self, *args, **kwargs) -> ActorHandle:
+        """The live actor of this name, else a new one made with these arguments (Ray's
+        `options(name=...).get_or_create(...)`: `get_if_exists=True` by another name)."""
+        if self._options.get("name") is None:
+            raise ValueError("get_or_create() needs a name: .options(name=...).get_or_create()")
+        return self._actor_class._remote(args, kwargs, {**self._options, "get_if_exists": True})
+
 
 class ActorHandle:
     """A handle to an actor: pass it anywhere, call `handle.method.remote(...)`."""

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from hpcray import context, exceptions, object_ref
 from hpcray.actor import ActorClass, ActorHandle
@@ -33,8 +34,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          log_to_driver: bool | None = None, **ray_only_options) -> RuntimeInfo:
     """Start hpcray on this machine (one node, no MPI), as `ray.init()`.
 
-    Ray options that have no meaning here (dashboard, namespace, runtime_env, ...) are
-    accepted and ignored, so Ray programs run unchanged.
+    Ray options that have no meaning here (dashboard, namespace, ...) are accepted and
+    ignored, so Ray programs run unchanged. `runtime_env={"env_vars": {...}}` sets
+    environment variables in every worker; its other fields (pip, working_dir, ...),
+    which would install things, are ignored with a warning.
     """
     global _atexit_registered
     from hpcray.runtime import launch
@@ -61,6 +64,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             config.log_to_driver = bool(log_to_driver)
         if object_store_memory is not None:
             config.object_store_memory = int(object_store_memory)
+        config.env_vars = job_env_vars(ray_only_options.get("runtime_env"))
         gcs_shards = ray_only_options.pop("gcs_shards", None) or \
             int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
         job = {"job_id": os.urandom(4).hex(), "num_cpus": num_cpus, "num_gpus": num_gpus,
@@ -87,6 +91,25 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             _install_excepthook()
             _atexit_registered = True
         return RuntimeInfo(node.info)
+
+
+def job_env_vars(runtime_env) -> dict:
+    """The env_vars of a job-level runtime_env, checked as Ray checks them."""
+    if runtime_env is None:
+        return {}
+    if not isinstance(runtime_env, dict):
+        raise TypeError(f"runtime_env must be a dict, got {type(runtime_env).__name__}.")
+    env_vars = runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
+        raise TypeError("runtime_env['env_vars'] must be a dict of str to str, got "
+                        f"{env_vars!r}.")
+    ignored = sorted(set(runtime_env) - {"env_vars"})
+    if ignored:
+        warnings.warn(f"hpcray ignores runtime_env fields {ignored}: it installs nothing; "
+                      "every rank runs the Python environment it was started in.",
+                      stacklevel=3)
+    return dict(env_vars)
 
 
 _driver_failed = False

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 def _env_int(name: str, default: int) -> int:
@@ -47,6 +47,9 @@ class Config:
     # one warning per request shape, until cancelled) or "error" (its refs raise
     # ResourceInfeasibleError / ActorUnschedulableError at once).
     infeasible: str = "pending"
+    # Environment variables every worker of the job gets: init(runtime_env={"env_vars":
+    # {...}}), as Ray's job-level runtime environment.
+    env_vars: dict = field(default_factory=dict)
 
     @classmethod
     def from_environment(cls) -> Config:

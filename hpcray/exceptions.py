@@ -109,6 +109,10 @@ class ObjectLostError(RayError):
     """The object's value is gone and cannot be recomputed."""
 
 
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object died, and with it what it knew of the object."""
+
+
 class ObjectFreedError(ObjectLostError):
     """The object was freed (all references dropped) before it was read."""
 

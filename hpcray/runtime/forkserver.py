@@ -67,6 +67,7 @@ def main() -> None:
     if os.getppid() != job["driver_pid"]:
         _unlink_store(job)  # the driver died before we got here: nobody else will
         sys.exit(0)
+    os.environ.update(job["config"].get("env_vars") or {})  # runtime_env: every worker's
     # What every worker needs, imported once here instead of once per worker.
     import cloudpickle  # noqa: F401
     try:
