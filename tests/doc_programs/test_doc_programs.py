@@ -55,21 +55,10 @@ GAPS = {
     ("anti_pattern_return_ray_put.py", None):
         "num_returns='streaming' (streaming generators) is rejected by options.check: "
         "'num_returns must be a non-negative int'",
-    ("fault_tolerance_tips.py", None):
-        "an infeasible request ({'node:127.0.0.3': 1}) raises ResourceInfeasibleError at "
-        ".remote() (client.check_feasible); Ray returns a ref and leaves the task pending",
     ("generator.py", None):
         "no DynamicObjectRefGenerator / num_returns='dynamic' in hpcray",
-    ("get_or_create.py", None):
-        "ActorClass.options(name=...).get_or_create() is missing (actor._ActorOptions)",
-    ("gotchas.py", None):
-        "ray.init(runtime_env={'env_vars': {'FOO': 'bar'}}) is accepted and ignored: the "
-        "task prints 'myenv is None', silently, with no warning",
     ("original_resource_unavailable_example.py", None):
         "no placement groups (ray.util.placement_group, PlacementGroupSchedulingStrategy)",
-    ("resources.py", None):
-        "an infeasible request (num_cpus=5 on a 3-CPU node) raises ResourceInfeasibleError "
-        "at .remote() (client.check_feasible); Ray leaves it pending",
     ("streaming_generator.py", None):
         "a generator task without num_returns is not a streaming generator: .remote() "
         "returns one ref, so next(gen) raises TypeError",
@@ -80,10 +69,6 @@ GAPS = {
     ("task_exceptions.py", None):
         "remote tracebacks name 'File \"<dynamic-code>\"' instead of the driver's file "
         "and line",
-    ("tasks_fault_tolerance.py", None):
-        "retry_exceptions=[RandomError] with RandomError defined in the driver script: the "
-        "worker cannot unpickle the options (\"Can't get attribute 'RandomError' on "
-        "hpcray.runtime.forkserver\"), dies, and get raises WorkerCrashedError",
 }
 
 RACY = {"tasks.py"}
