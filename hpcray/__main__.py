@@ -4,31 +4,140 @@ Runs the program as its driver, as `python app.py` would. Under a launcher every
 runs this; the ranks > 0 become node managers (the multi-node mode). An uncaught
 exception in the driver ends the program with a non-zero exit status after the
 runtime has shut down, so no worker or segment outlives it.
+
+What it is not: a cluster manager. There are no subcommands (`status`, `start`): a
+word that is not an option or an existing file is an error (exit status 2), as is an
+unknown option, before any MPI starts.
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
-USAGE = "usage: python -m hpcray app.py [args...] | python -m hpcray -m module [args...]"
+USAGE = "usage: python -m hpcray [-h] [--version] (app.py | -m module) [args...]"
+
+HELP = f"""{USAGE}
+
+Run a Ray program (`import hpcray as ray`) as the driver of an hpcray job. Alone it is
+one node (the CPUs, GPUs and memory this process may use); under an MPI launcher
+every rank is a node, rank 0 runs the program and the other ranks serve until it
+ends, then exit with its status. An uncaught exception ends every rank.
+
+  app.py [args...]     run a Python file, as `python app.py` would
+  -m module [args...]  run a module, as `python -m module` would
+  -h, --help           print this help and exit
+  --version            print hpcray's version and exit
+
+Examples (mpiexec and mpirun come with the MPI that mpi4py was built against: in
+a venv, activate it first or call .venv/bin/mpiexec):
+  python -m hpcray app.py                         one node, no launcher needed
+  mpiexec -n 4 python -m hpcray app.py            4 nodes (ranks), here or across hosts
+  srun --mpi=pmi2 -N 8 python -m hpcray app.py    Slurm: --mpi=pmi2 for MPICH, pmix
+                                                  for Open MPI (slurm/sbatch-template.sh)
+  mpiexec -n 3 python -m hpcray -m pytest tests/  a module as the driver
+
+init() arguments win over these environment variables (read in hpcray/config.py and
+where noted); each is read on every rank:
+  HPCRAY_OBJECT_STORE_MEMORY     bytes of each node's shared-memory store (default 30%
+                                 of memory, capped by /dev/shm; at least 75 MiB)
+  HPCRAY_INLINE_THRESHOLD        values smaller than this travel inside messages, not
+                                 the store (default 102400 bytes)
+  HPCRAY_DEFAULT_MAX_RETRIES     retries of a task whose worker died (default 3)
+  HPCRAY_LOG_TO_DRIVER           1: workers' output reaches the driver, 0: not (1)
+  HPCRAY_WORKER_START_TIMEOUT    seconds a worker may take to start (default 60)
+  HPCRAY_MAX_IDLE_EXTRA_WORKERS  idle workers kept beyond num_cpus (default 0)
+  HPCRAY_COPY_THREADS            threads copying a large value into the store (default
+                                 0: the CPUs this process may use, at most 8)
+  HPCRAY_INFEASIBLE              a task no node can run: pending (default, as Ray) or
+                                 error (its refs raise at once)
+  HPCRAY_RESOURCES               custom resources of every node, a JSON object:
+                                 '{{"ssd": 1}}' (default none)
+  HPCRAY_RESOURCES_RANK_<r>      the same for rank r only, added to HPCRAY_RESOURCES
+  HPCRAY_GCS_SHARDS              ranks holding a shard of the global control store
+                                 (default 1; init(gcs_shards=k) wins)
+  HPCRAY_TRACE                   1: print every message between nodes (default off)
+  RAY_ENABLE_AUTO_CONNECT        0: put/get/.remote() before init() raise instead of
+                                 starting a runtime (default 1, as Ray)
+Read from the launcher: SLURM_CPUS_PER_TASK (CPUs per node), CUDA_VISIBLE_DEVICES and
+Slurm's GPU variables (the GPUs a rank may use; ranks on one host split them).
+"""
+
+
+def _version() -> str:
+    from hpcray import __version__
+    return f"hpcray {__version__} (Python {sys.version.split()[0]})"
+
+
+def _first_rank() -> bool:
+    """Whether this process should print a usage error: rank 0, or no launcher (every
+    rank checks its arguments; one message is enough)."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name)
+        if value is not None:
+            return value == "0"
+    return True
+
+
+def _usage_error(message: str) -> int:
+    if _first_rank():
+        print(f"python -m hpcray: error: {message}; see python -m hpcray --help",
+              file=sys.stderr)
+    return 2
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def parse(argv: list[str]):
+    """-> ("help" | "version" | "module" | "file", target, the program's argv) or
+    ("error", message, None)."""
+    if not argv:
+        return "error", "no program to run", None
+    first = argv[0]
+    if first in ("-h", "--help"):
+        return "help", None, None
+    if first == "--version":
+        return "version", None, None
+    if first == "-m":
+        if len(argv) < 2 or argv[1].startswith("-"):
+            return "error", "-m needs a module name", None
+        if not _module_exists(argv[1]):
+            return "error", f"no module named {argv[1]!r}", None
+        return "module", argv[1], argv[1:]
+    if first.startswith("-"):
+        return "error", f"unknown option {first!r}", None
+    if not os.path.exists(first):
+        hint = " (hpcray has no subcommands)" if os.sep not in first and "." not in first \
+            else ""
+        return "error", f"no such file {first!r}{hint}", None
+    if os.path.isdir(first) and not os.path.exists(os.path.join(first, "__main__.py")):
+        return "error", f"{first!r} is a folder with no __main__.py", None
+    return "file", first, argv
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr if not argv else sys.stdout)
-        return 2 if not argv else 0
-    if argv[0] == "-m":
-        if len(argv) < 2:
-            print(USAGE, file=sys.stderr)
-            return 2
-        sys.argv = argv[1:]
-        run = lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True)  # noqa: E731
+    kind, target, program_argv = parse(argv)
+    if kind == "help":
+        print(HELP, end="")
+        return 0
+    if kind == "version":
+        print(_version())
+        return 0
+    if kind == "error":
+        return _usage_error(target)
+    sys.argv = program_argv
+    if kind == "module":
+        run = lambda: runpy.run_module(target, run_name="__main__", alter_sys=True)  # noqa: E731
     else:
-        sys.argv = argv
-        import os
-        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
-        run = lambda: runpy.run_path(argv[0], run_name="__main__")  # noqa: E731
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+        run = lambda: runpy.run_path(target, run_name="__main__")  # noqa: E731
     from hpcray.runtime import launch
     try:
         transport = launch.world()

@@ -1,0 +1,86 @@
+"""`python -m hpcray` as a user meets it: --help, --version, and usage errors that
+end with one line and exit status 2, never a traceback from inside hpcray."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hpcray
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+INTERNAL = {"HPCRAY_FORKSERVER_FD", "HPCRAY_FORKSERVER_JOB"}  # set by hpcray for its own
+
+
+def launch(*args, cwd=None, launcher=()):
+    return subprocess.run([*launcher, sys.executable, "-m", "hpcray", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=90)
+
+
+def variables_read_by_hpcray() -> set:
+    """Every HPCRAY_* name in hpcray's source (a per-rank one as HPCRAY_..._RANK_<r>)."""
+    names = set()
+    for path in list((ROOT / "hpcray").rglob("*.py")) + list((ROOT / "hpcray").rglob("*.pyx")):
+        for name in re.findall(r"HPCRAY_[A-Z_]*[A-Z]", path.read_text()):
+            names.add(name + "_<r>" if name.endswith("_RANK") else name)
+    return names - INTERNAL
+
+
+def test_help_explains_how_to_run_and_every_variable():
+    proc = launch("--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for needed in ("app.py", "-m module", "mpiexec -n", "srun --mpi=pmi2", "--version",
+                   ".venv/bin/mpiexec", "RAY_ENABLE_AUTO_CONNECT"):
+        assert needed in text, needed
+    variables = variables_read_by_hpcray()
+    assert {"HPCRAY_GCS_SHARDS", "HPCRAY_RESOURCES_RANK_<r>", "HPCRAY_TRACE",
+            "HPCRAY_INFEASIBLE", "HPCRAY_OBJECT_STORE_MEMORY"} <= variables
+    missing = sorted(name for name in variables if name not in text)
+    assert not missing, f"--help does not list {missing}"
+    assert launch("-h").stdout == text
+
+
+def test_version():
+    proc = launch("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(f"hpcray {hpcray.__version__} ")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["status"], "no such file 'status' (hpcray has no subcommands)"),
+    (["--num-cpus", "4", "app.py"], "unknown option '--num-cpus'"),
+    (["missing.py"], "no such file 'missing.py'"),
+    (["-m"], "-m needs a module name"),
+    (["-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
+    ([], "no program to run"),
+])
+def test_usage_errors_are_one_line_and_status_2(tmp_path, args, says):
+    (tmp_path / "app.py").write_text("print('ran')\n")
+    proc = launch(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("python -m hpcray: error: ") and says in lines[0], lines[0]
+    assert "--help" in lines[0]
+
+
+def test_a_program_and_a_module_still_run(tmp_path):
+    (tmp_path / "app.py").write_text("import sys\nprint('ran', sys.argv[1:])\n")
+    proc = launch("app.py", "--version", "x", cwd=tmp_path)  # its args are the program's
+    assert (proc.returncode, proc.stdout) == (0, "ran ['--version', 'x']\n"), proc.stderr
+    proc = launch("-m", "json.tool", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "json.tool" in proc.stdout
+
+
+@pytest.mark.multinode
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no {MPIEXEC}")
+def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
+    proc = launch("status", cwd=tmp_path, launcher=(str(MPIEXEC), "-n", "2"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("python -m hpcray: error:") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
