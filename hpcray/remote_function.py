@@ -9,11 +9,12 @@ import cloudpickle
 from hpcray import context, ids, options as opts
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime.specs import NORMAL_TASK, TaskSpec
+from hpcray.serialization import dumps_callable
 
 
 def _pickle_callable(obj, kind: str, name: str) -> bytes:
     try:
-        return cloudpickle.dumps(obj, protocol=5)
+        return dumps_callable(obj)
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's to fix
         raise TypeError(f"Could not serialize the {kind} {name}: {type(exc).__name__}: {exc}. "
                         "Check for captured locks, sockets, open files or other objects "

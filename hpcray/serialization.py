@@ -16,8 +16,11 @@ Store layout of one object (offsets from the object's 64-byte aligned start):
 
 from __future__ import annotations
 
+import collections
+import io
 import pickle
 import struct
+import types
 
 import cloudpickle
 
@@ -30,6 +33,32 @@ _HEAD = struct.Struct("<IIQ")
 _LEN = struct.Struct("<Q")
 _ALIGN = 64
 _PLAIN_TYPES = (int, float, str, bytes, bool, type(None))
+
+
+def _code_reduce_keeping_filename(code: types.CodeType):
+    """cloudpickle's reduction of a code object, with the code's own file name:
+    cloudpickle >= 3.1 writes "<dynamic-code>" instead, and a remote traceback would
+    then name no file and show no source line (Ray's bundled cloudpickle keeps it)."""
+    rebuild, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+_CLOUDPICKLE_CODE_REDUCE = getattr(getattr(cloudpickle, "cloudpickle", None),
+                                   "_code_reduce", None)
+
+
+class _CallablePickler(cloudpickle.Pickler):
+    if _CLOUDPICKLE_CODE_REDUCE is not None:
+        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_filename},
+                                              cloudpickle.Pickler.dispatch_table)
+
+
+def dumps_callable(obj) -> bytes:
+    """Pickle a task's function or an actor's class (by value where cloudpickle would),
+    keeping the file names of its code for tracebacks."""
+    out = io.BytesIO()
+    _CallablePickler(out, protocol=5).dump(obj)
+    return out.getvalue()
 
 
 def _align(n: int) -> int:

@@ -169,3 +169,26 @@ def test_driver_script_on_three_ranks(tmp_path):
     out = run_mpi(tmp_path, 3, textwrap.dedent(SCRIPT), timeout=180)
     assert "ranks 3" in out and "rank 2 ok" in out and out.rstrip().endswith("OK"), out
     assert "WorkerCrashedError" not in out, out
+
+
+def test_a_remote_traceback_names_the_driver_scripts_file_and_line(tmp_path):
+    # Functions of __main__ travel by value; cloudpickle >= 3.1 names their code
+    # "<dynamic-code>", which would leave the traceback without file or source line.
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import hpcray as ray
+        ray.init(num_cpus=1)
+        @ray.remote
+        def boom():
+            raise ValueError("here")
+        try:
+            ray.get(boom.remote())
+        except ValueError as error:
+            print(error)
+        ray.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=100, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f'File "{script}", line 6, in boom' in proc.stdout, proc.stdout
+    assert 'raise ValueError("here")' in proc.stdout and "<dynamic-code>" not in proc.stdout

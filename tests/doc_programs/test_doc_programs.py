@@ -66,9 +66,6 @@ GAPS = {
         "ray.cancel right after .remote() is lost some of the time (the task is not yet "
         "on the node); blocking_operation then sleeps 10e6 s, a running task is not "
         "interrupted, and ray.get waits until the test's timeout",
-    ("task_exceptions.py", None):
-        "remote tracebacks name 'File \"<dynamic-code>\"' instead of the driver's file "
-        "and line",
 }
 
 RACY = {"tasks.py"}
