@@ -2,9 +2,11 @@
 
 import collections
 import os
+import re
 import threading
 import time
 
+import psutil
 import pytest
 
 import hpcray
@@ -361,5 +363,38 @@ def test_gpu_tasks_get_a_fresh_worker_and_cpu_tasks_see_no_gpu():
         runs = [hpcray.get(gpu_task.remote()) for _ in range(3)]
         assert len({pid for pid, _, _ in runs}) == 3, runs
         assert all(visible == expected and ids == [0] for _, visible, ids in runs), runs
+    finally:
+        hpcray.shutdown()
+
+
+def test_store_sizes_that_cannot_work_are_refused_saying_why(monkeypatch):
+    """Too small (under Ray's 75 MiB) or larger than /dev/shm's free space: a ValueError
+    naming the argument and the bound, and nothing started; a good size still works."""
+    def nothing_started():
+        assert not psutil.Process().children(recursive=True)
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"hpcray-{os.getpid()}-")]
+        assert not hpcray.is_initialized()
+
+    with pytest.raises(ValueError, match=r"object_store_memory=10 is too small: the minimum "
+                                         r"is 78643200 bytes \(75 MiB\)"):
+        hpcray.init(num_cpus=1, object_store_memory=10)
+    nothing_started()
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    with pytest.raises(ValueError) as info:
+        hpcray.init(num_cpus=1, object_store_memory=10**15)
+    message = str(info.value)
+    assert "object_store_memory=1000000000000000 bytes" in message
+    assert "does not fit in /dev/shm" in message
+    free_said = int(re.search(r"which has (\d+) bytes", message).group(1))
+    assert abs(free_said - free) < 2**30, (free_said, free)  # other jobs write there too
+    nothing_started()
+    monkeypatch.setenv("HPCRAY_OBJECT_STORE_MEMORY", "1000")
+    with pytest.raises(ValueError, match="HPCRAY_OBJECT_STORE_MEMORY"):
+        hpcray.init(num_cpus=1)
+    nothing_started()
+    monkeypatch.delenv("HPCRAY_OBJECT_STORE_MEMORY")
+    hpcray.init(num_cpus=1, object_store_memory=75 * 1024 * 1024)
+    try:
+        assert hpcray.get(hpcray.put(1)) == 1
     finally:
         hpcray.shutdown()

@@ -26,7 +26,7 @@ DRIVER = textwrap.dedent('''
 
     mode = sys.argv[1]
     scratch = sys.argv[2]
-    hpcray.init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
+    hpcray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024)
 
     @hpcray.remote
     def pid_of_worker(i):
@@ -261,7 +261,7 @@ def test_init_shutdown_init(tmp_path):
     seen = []
     try:
         for round_ in range(2):
-            hpcray.init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
+            hpcray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024)
             assert hpcray.is_initialized()
             node = hpcray.context.driver_node
             forkserver = node.forkserver.pid

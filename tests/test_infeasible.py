@@ -166,7 +166,7 @@ DRIVER = textwrap.dedent('''
     import json, os, psutil
     import hpcray
 
-    hpcray.init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
+    hpcray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024)
 
     @hpcray.remote
     def f(x):

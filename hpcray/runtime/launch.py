@@ -14,15 +14,19 @@ Stop -> Stopped, Exit(code); DescribeGpus -> GpusSeen once per process.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import threading
 import time
 
+from hpcray._store import StoreError
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 
+# Ray's floor (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES): a smaller store is refused.
+OBJECT_STORE_MINIMUM_BYTES = 75 * 1024 * 1024
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
 _world = None
 # Set when SIGTERM arrives on rank 0: the launcher (srun when a rank failed or the job was
@@ -59,15 +63,23 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
                                            resources=resources,
                                            gpu_uuids=gpu_shares[rank] if gpu_shares else None)
     store_bytes = config.object_store_memory or default_store_bytes()
+    check_store_size(store_bytes, chosen=bool(config.object_store_memory))
     node_resources.custom.setdefault("object_store_memory", float(store_bytes))
     job_id = bytes.fromhex(job["job_id"])
     node_id = rank.to_bytes(4, "big") + os.urandom(12)
     store_name = f"/hpcray-{os.getpid()}-{job['job_id']}-n{rank}"
     # One node is a cluster of one: the same parts over a transport to itself.
     cluster = ClusterLink(transport if transport is not None else LoopbackTransport(), job)
-    node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
-                       config=config, store_name=store_name, store_capacity=store_bytes,
-                       cluster=cluster, run_thread=run_thread)
+    try:
+        node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
+                           config=config, store_name=store_name, store_capacity=store_bytes,
+                           cluster=cluster, run_thread=run_thread)
+    except StoreError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # /dev/shm filled up since the check (another rank of this host, another job).
+        raise ValueError(_no_room_message(store_bytes, bool(config.object_store_memory))) \
+            from exc
     node.info = {"node_id": node_id.hex(), "job_id": job["job_id"], "rank": rank,
                  "object_store_name": store_name, "node_ip_address": "127.0.0.1",
                  "hostname": socket.gethostname()}
@@ -76,6 +88,47 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
             node.set_cluster_nodes({0: node.describe_self()})
     node.prestart_workers(max(1, int(node_resources.num_cpus)))
     return node
+
+
+def check_store_size(store_bytes: int, chosen: bool = True) -> None:
+    """Refuse a store size that cannot work, saying what to do instead: below Ray's
+    minimum, or more than /dev/shm (where the segment lives) has free on this host.
+    `chosen`: the size came from init() or the environment, not the default."""
+    if store_bytes < OBJECT_STORE_MINIMUM_BYTES:
+        raise ValueError(
+            f"object_store_memory={store_bytes} is too small: the minimum is "
+            f"{OBJECT_STORE_MINIMUM_BYTES} bytes (75 MiB), as in Ray. Pass a larger "
+            "init(object_store_memory=...) or HPCRAY_OBJECT_STORE_MEMORY, or leave both "
+            "unset (30% of memory, capped by /dev/shm).")
+    free, _total = shm_space()
+    if free is not None and store_bytes > free:
+        raise ValueError(_no_room_message(store_bytes, chosen))
+
+
+def shm_space() -> tuple[int | None, int | None]:
+    """(bytes free, bytes in all) of /dev/shm; (None, None) where it cannot be read."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None, None
+    return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
+
+def _no_room_message(store_bytes: int, chosen: bool) -> str:
+    import socket
+    free, total = shm_space()
+    where = ("object_store_memory" if chosen else
+             "the default object store (object_store_memory unset: 30% of memory)")
+    return (f"{where}={store_bytes} bytes ({_gib(store_bytes)}) does not fit in /dev/shm on "
+            f"{socket.gethostname()}, which has {free} bytes ({_gib(free)}) free of "
+            f"{total} ({_gib(total)}); each node's store is a segment there. Pass a smaller "
+            "init(object_store_memory=...) or HPCRAY_OBJECT_STORE_MEMORY (ranks sharing "
+            "a host each take that much), or make /dev/shm larger (a container's "
+            "--shm-size).")
+
+
+def _gib(size: int | None) -> str:
+    return "?" if size is None else f"{size / 2**30:.2f} GiB"
 
 
 def default_store_bytes() -> int:
@@ -88,7 +141,7 @@ def default_store_bytes() -> int:
         want = min(want, int(stat.f_bavail * stat.f_frsize * 0.9))
     except OSError:
         pass
-    return max(want // host_share()[1], 64 * 1024 * 1024)
+    return max(want // host_share()[1], OBJECT_STORE_MINIMUM_BYTES)
 
 
 def launched_world_size(environ=os.environ) -> int:
@@ -164,6 +217,9 @@ def _collect(transport, kind: type, count: int, timeout: float) -> dict:
 
 def start_job(transport, job: dict, make_node) -> None:
     """Rank 0: start the node of every other rank, then its own (`make_node(nodes)`)."""
+    store_bytes = job["config"].get("object_store_memory")
+    if store_bytes:  # refused here before any rank starts, as it would be on each
+        check_store_size(store_bytes)
     job["gpus_by_rank"] = _gpu_shares(transport)
     transport.broadcast(wire(messages.Start, job))
     started = _collect(transport, messages.Started, transport.size - 1, 300.0)
