@@ -39,7 +39,7 @@ PRELUDE = """
 """
 
 
-def run(tmp_path, ranks, body, store_mb=64):
+def run(tmp_path, ranks, body, store_mb=80):
     script = PRELUDE.replace("STORE", str(store_mb << 20)) + body + """
     ray.shutdown()
     print("OK")
@@ -50,8 +50,8 @@ def run(tmp_path, ranks, body, store_mb=64):
 
 
 def test_remote_results_are_freed_where_they_were_made(tmp_path):
-    # 60 results of 8 MiB made on node 1 in a 64 MiB store: without freeing the primary
-    # copies the store fills after 7 and the next task fails with ObjectStoreFullError.
+    # 60 results of 8 MiB made on node 1 in an 80 MiB store: without freeing the primary
+    # copies the store fills after 9 and the next task fails with ObjectStoreFullError.
     run(tmp_path, 2, """
     @ray.remote
     def make(i):
