@@ -27,6 +27,11 @@ from hpcray.runtime.specs import ACTOR_CALL
 log = logging.getLogger("hpcray.cluster")
 _IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
 _BUSY_MAX_SLEEP = 0.0002   # while transfers are in flight
+# For this long after its last message a node polls every _HOT_SLEEP at most: replies
+# (a pull of a result just reported, a call's answer) come within milliseconds, and
+# the exponential back-off alone had reached ~2 ms by then (remote get of 1 MiB).
+_HOT_WINDOW = 0.005
+_HOT_SLEEP = 0.0001
 _LOAD_REPORT_PERIOD = 0.005
 # HPCRAY_TRACE=1 prints every message between node managers (debugging).
 _TRACE = bool(os.environ.get("HPCRAY_TRACE"))
@@ -43,6 +48,7 @@ class ClusterLink:
         self.gcs_shards = min(int(job.get("gcs_shards", 1)), transport.size)
         self.nodes: dict[int, dict] = {}          # rank -> {"node_id", "resources"}
         self.backoff = 0.0
+        self.last_activity = 0.0   # monotonic time of the last message in or out
         self.last_load_report = 0.0
         self.last_load = None
         self.stop_requested = False
@@ -120,10 +126,14 @@ class Network:
         self.handle_cluster_messages(arrived)
         finished = transport.progress()  # completed pulls run their on_done (ObjectMover)
         self.report_load()
+        now = time.monotonic()
         if arrived or finished:
             cluster.backoff = 0.0
+            cluster.last_activity = now
+        elif now - cluster.last_activity < _HOT_WINDOW:
+            cluster.backoff = _HOT_SLEEP
         else:
-            cluster.backoff = min(_IDLE_MAX_SLEEP, max(5e-5, cluster.backoff * 2))
+            cluster.backoff = min(_IDLE_MAX_SLEEP, max(_HOT_SLEEP, cluster.backoff * 2))
 
     def handle_cluster_messages(self, arrived) -> None:
         """Hand each message to the part that declared it (messages.py)."""
@@ -144,6 +154,7 @@ class Network:
     def wake_cluster(self) -> None:
         """Something was sent: poll MPI soon (replies come quickly); one node sent itself
         a message: go round now."""
+        self.link.last_activity = time.monotonic()
         if self.link.backoff > 0 or not self.transport.needs_polling:
             self.link.backoff = 0.0
             self.wake()
