@@ -22,8 +22,9 @@ from hpcray.gcs import (
     shard_of,
     validate_shards,
 )
+from hpcray.gcs import shard as shard_module
 from hpcray.gcs.shard import LOG_LENGTH
-from hpcray.gcs.tables import ALIVE, DEAD, RESTARTING
+from hpcray.gcs.tables import ALIVE, DEAD, RESTARTING, TASK_ROW_FIELDS
 
 NUM_RANKS = 4
 
@@ -217,24 +218,53 @@ def test_tasks(net):
 
 def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
     shard = GcsShard(0, 1)
-    early, late, kept = (ids.new_task_id() for _ in range(3))
+    early, late, kept, failed = (ids.new_task_id() for _ in range(4))
+    parent = ids.new_task_id()
     # RUNNING before its spec (they come from different ranks), with the task's name.
-    shard.apply_task_events([(early, "RUNNING", None, 2, "f")])
+    shard.apply_task_events([(early, "RUNNING", None, 2, "f", 1000, 41)])
     assert (shard.tasks[early].spec, shard.tasks[early].state) == (None, "RUNNING")
     assert shard.list_tasks()[0][1] == "f"  # named before its spec arrives
-    shard.apply_task_events([(early, "PENDING", "spec", None, None),  # the spec fills in
-                             (kept, "PENDING", "spec", None, None),
-                             (kept, "FINISHED", None, None, None),
-                             (kept, "RUNNING", None, 3, "k")])  # a late RUNNING: where only
+    shard.apply_task_events([(early, "PENDING", "spec", None, None, 900, parent),  # fills in
+                             (kept, "PENDING", "spec", None, None, 901, None),
+                             (kept, "FINISHED", None, None, None, 1100, None),
+                             (kept, "RUNNING", None, 3, "k", 1050, 42)])  # late: where only
     assert (shard.tasks[early].spec, shard.tasks[early].state, shard.tasks[early].node) == \
         ("spec", "RUNNING", 2)
     assert (shard.tasks[kept].state, shard.tasks[kept].node) == ("FINISHED", 3)
-    shard.apply_task_events([(late, "PENDING", "spec", None, None),
-                             (late, "DELETED", None, None, None),
-                             (late, "RUNNING", None, 1, "l"),
-                             (late, "PENDING", "spec", None, None)])
-    assert late not in shard.tasks
-    assert sorted(row[2] for row in shard.list_tasks()) == ["FINISHED", "RUNNING"]
+    row = dict(zip(TASK_ROW_FIELDS, shard.tasks[early].row(early, 7)))
+    assert (row["parent_task_id"], row["creation_time_ms"], row["start_time_ms"],
+            row["worker_pid"], row["owner"], row["type"]) == (parent, 900, 1000, 41, 7,
+                                                               "NORMAL_TASK")
+    # FINISHED and FAILED are final; a FAILED names its error type and ends once.
+    shard.apply_task_events([(failed, "PENDING", "spec", None, None, 902, None),
+                             (failed, "FAILED", None, None, None, 1200, "TASK_CANCELLED"),
+                             (failed, "FINISHED", None, None, None, 1300, None),
+                             (kept, "FAILED", None, None, None, 1400, "WORKER_DIED")])
+    row = dict(zip(TASK_ROW_FIELDS, shard.tasks[failed].row(failed, 0)))
+    assert (row["state"], row["error_type"], row["end_time_ms"]) == \
+        ("FAILED", "TASK_CANCELLED", 1200)
+    assert (shard.tasks[kept].state, shard.tasks[kept].error_type) == ("FINISHED", None)
+    # DELETED ends the lineage: the spec goes, what list_tasks shows stays in the history,
+    # and a late event only fills it in (it never brings the entry back).
+    shard.apply_task_events([(late, "PENDING", "spec", None, None, 903, None),
+                             (late, "DELETED", None, None, None, None, None),
+                             (late, "RUNNING", None, 1, "l", 1500, 43),
+                             (late, "PENDING", "spec", None, None, 904, None)])
+    assert late not in shard.tasks and shard.task_history[late].spec is None
+    rows = {row[0]: dict(zip(TASK_ROW_FIELDS, row)) for row in shard.list_tasks()}
+    assert (rows[late]["state"], rows[late]["node"], rows[late]["worker_pid"]) == \
+        ("RUNNING", 1, 43)
+    assert sorted(row["state"] for row in rows.values()) == \
+        ["FAILED", "FINISHED", "RUNNING", "RUNNING"]
+    # The history is bounded; an event for a task that left it is ignored.
+    for _ in range(shard_module.TASK_HISTORY):
+        task_id = ids.new_task_id()
+        shard.apply_task_events([(task_id, "PENDING", "spec", None, None, 1, None),
+                                 (task_id, "DELETED", None, None, None, None, None)])
+    assert late not in shard.task_history
+    assert len(shard.task_history) == shard_module.TASK_HISTORY
+    shard.apply_task_events([(late, "FINISHED", None, None, None, 1600, None)])
+    assert late not in shard.tasks and late not in shard.task_history
 
 
 def test_functions_idempotent(net):

@@ -31,14 +31,16 @@ read or a delete return None; records in results are copies (tables.py).
 | set_task_state     | task_id     | state                                  | TaskInfo or None     |
 | get_task           | task_id     |                                        | TaskInfo or None     |
 | delete_task        | task_id     |                                        | TaskInfo or None     |
-| task_events        | shard index | [(task_id, state, spec|None, rank|None, name|None)] (8) |
-| list_tasks         | None        | (all shards; the client merges)        | list of summaries    |
+| task_events        | shard index | [(task_id, state, spec|None, rank|None, name|None,     |
+|                    |             | time_ms|None, detail)]            (8)  | None                 |
+| list_tasks         | None        | (all shards; the client merges)   (8)  | list of rows         |
 | claim_actor_name   | name        | actor_id                          (4)  | True or NameTaken    |
 | register_actor     | actor_id    | ActorInfo                         (4)  | True, False if known |
 | update_actor       | actor_id    | fields: dict (state, node, restarts,   | ActorInfo or None    |
 |                    |             | info)                             (5)  |                      |
 | release_actor_name | name        | actor_id   (peer message, see 5)       | bool: released       |
 | get_actor          | actor_id    |                                        | ActorInfo or None    |
+| list_actors        | None        | (all shards; the client merges)        | [(id, ActorInfo)]    |
 | lookup_actor_name  | name        |                                        | actor_id or None     |
 | subscribe_actor    | actor_id    | (5)                                    | ActorInfo or None    |
 | unsubscribe_actor  | actor_id    |                                        | bool: was subscribed |
@@ -74,10 +76,13 @@ read or a delete return None; records in results are copies (tables.py).
     event of a task creates its entry, a state moves it forward only, the spec fills in
     whenever it comes (the node that runs a task may report RUNNING before its owner's
     spec arrives: they travel from different ranks) and so does the rank that ran it
-    (its RUNNING may come after the owner's FINISHED), DELETED drops it. An event for a
-    recently deleted task (a late RUNNING) is ignored. A RUNNING carries the task's
-    name, so a task shown before its spec arrives is named. list_tasks returns, per task,
-    (task_id, name, state, owner rank, rank that ran it).
+    (its RUNNING may come after the owner's FINISHED); FINISHED and FAILED are final.
+    DELETED ends its lineage: the spec goes and the rest moves to `task_history` (the
+    last TASK_HISTORY), which a late event (a RUNNING after DELETED) only fills in. A
+    RUNNING carries the task's name, so a task shown before its spec arrives is named.
+    Events carry their time (ms since the epoch) and a detail: a PENDING its parent task
+    id, a RUNNING the worker's pid, a FAILED Ray's error type. list_tasks returns a
+    tables.TASK_ROW_FIELDS tuple per task, live or in the history.
 
 Subscriptions are per rank: two parties on one rank share one; the node manager counts.
 """
@@ -95,8 +100,9 @@ from hpcray.gcs.tables import (
     ACTOR_STATES,
     DEAD,
     TASK_DELETED,
+    TASK_FAILED,
     TASK_PENDING,
-    TASK_STATE_ORDER,
+    TASK_RUNNING,
     ActorInfo,
     NameTaken,
     NodeInfo,
@@ -120,6 +126,9 @@ ACTOR_CHANNEL = "actor"
 LOG_LENGTH = 1000
 # How many deleted object ids a shard remembers, to turn away a copy reported late.
 DELETED_OBJECTS_REMEMBERED = 100_000
+# How many tasks whose returns were all freed a shard still lists (Ray keeps finished
+# tasks up to a limit too); their specs are dropped, so each costs a few hundred bytes.
+TASK_HISTORY = 10_000
 
 
 def shard_of(key: bytes | str | int, num_shards: int) -> int:
@@ -160,7 +169,10 @@ class GcsShard:
         self.actor_subscribers: dict[bytes, set[int]] = {}
         # Object ids are never reused, so a deleted id seen again is a late report.
         self.deleted_objects: OrderedDict[bytes, None] = OrderedDict()
-        self.deleted_tasks: OrderedDict[bytes, None] = OrderedDict()
+        # Tasks whose lineage ended (the owner freed every return), newest last: what
+        # list_tasks shows of them, without their specs.
+        self.task_history: OrderedDict[bytes, TaskInfo] = OrderedDict()
+        self.deleted_tasks: OrderedDict[bytes, None] = OrderedDict()  # as deleted_objects
         self.log: deque[tuple[float, int, str, Any]] = deque(maxlen=LOG_LENGTH)
         self._ops: dict[str, Callable[..., Any]] = {
             op: getattr(self, "_op_" + op) for op in GCS_OPS
@@ -271,38 +283,65 @@ class GcsShard:
         self.apply_task_events(events)
 
     def apply_task_events(self, events: list) -> None:
-        """(task_id, state, spec or None, rank or None, name or None) in the order one
-        node wrote them."""
-        tasks, deleted, order = self.tasks, self.deleted_tasks, TASK_STATE_ORDER
-        for task_id, state, spec, node, name in events:
-            if state == TASK_DELETED:
-                if tasks.pop(task_id, None) is not None:
-                    deleted[task_id] = None
-                    if len(deleted) > DELETED_OBJECTS_REMEMBERED:
-                        deleted.popitem(last=False)
-                continue
+        """(task_id, state, spec or None, rank or None, name or None, time_ms or None,
+        detail) in the order one node wrote them; detail: the parent task id of a
+        PENDING, the worker pid of a RUNNING, the error type of a FAILED."""
+        tasks, history, deleted = self.tasks, self.task_history, self.deleted_tasks
+        for task_id, state, spec, node, name, at, detail in events:
             task = tasks.get(task_id)
             if task is None:
-                # A state may come before the spec: they come from different nodes.
-                if task_id not in deleted:
-                    tasks[task_id] = TaskInfo(spec, state, node, name)
+                if state == TASK_DELETED:
+                    continue
+                task = history.get(task_id)  # a late event: it only fills in
+                if task is None:
+                    if task_id in deleted:
+                        continue
+                    # A state may come before the spec: they come from different nodes.
+                    task = tasks[task_id] = TaskInfo(None)
+                else:
+                    spec = None
+            elif state == TASK_DELETED:
+                del tasks[task_id]
+                deleted[task_id] = None
+                if len(deleted) > DELETED_OBJECTS_REMEMBERED:
+                    deleted.popitem(last=False)
+                # Its lineage ends; what list_tasks shows of it stays a while, as Ray
+                # keeps finished tasks up to a limit.
+                task.spec = None
+                history[task_id] = task
+                if len(history) > TASK_HISTORY:
+                    history.popitem(last=False)
                 continue
-            if spec is not None and task.spec is None:
-                task.spec = spec
-            if order[state] >= order[task.state]:
+            if state == TASK_PENDING:
+                if spec is not None and task.spec is None:
+                    task.take_spec(spec)
+                task.created_ms = at
+                if detail is not None:
+                    task.parent = detail
+            elif state == TASK_RUNNING:
+                if task.state == TASK_PENDING:
+                    task.state = TASK_RUNNING
+                task.node = node  # a RUNNING that comes after FINISHED still says where
+                if task.name is None:
+                    task.name = name
+                task.started_ms = at
+                task.worker_pid = detail
+            elif task.ended_ms is None:  # FINISHED or FAILED: the first end is final
                 task.state = state
-            if node is not None:  # a RUNNING that comes after FINISHED still says where
-                task.node = node
-            if name is not None:
-                task.name = name
+                task.ended_ms = at
+                if state == TASK_FAILED:
+                    task.error_type = detail
 
     def _op_list_tasks(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
         return self.list_tasks()
 
     def list_tasks(self) -> list[tuple]:
-        return [(task_id, getattr(task.spec, "name", None) or task.name, task.state,
-                 owner_rank(task_id), task.node)
-                for task_id, task in self.tasks.items()]
+        """Every task this shard knows, its lineage live or ended (the last TASK_HISTORY),
+        as tables.TASK_ROW_FIELDS tuples."""
+        rows = [task.row(task_id, owner_rank(task_id)) for task_id, task in self.tasks.items()]
+        rows += [task.row(task_id, owner_rank(task_id))
+                 for task_id, task in self.task_history.items()]
+        return rows
 
     # -- actors ----------------------------------------------------------------------
 
@@ -364,6 +403,9 @@ class GcsShard:
     def _op_get_actor(self, out: Outgoing, source: int, actor_id: bytes) -> ActorInfo | None:
         actor = self.actors.get(actor_id)
         return None if actor is None else actor.copy()
+
+    def _op_list_actors(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
+        return [(actor_id, actor.copy()) for actor_id, actor in self.actors.items()]
 
     def _op_lookup_actor_name(self, out: Outgoing, source: int, name: str) -> bytes | None:
         return self.actor_names.get(name)
@@ -504,7 +546,7 @@ GCS_OPS = frozenset({
     "unsubscribe_object", "delete_object",
     "put_task", "set_task_state", "get_task", "delete_task", "task_events", "list_tasks",
     "claim_actor_name", "register_actor", "update_actor", "release_actor_name", "get_actor",
-    "lookup_actor_name", "subscribe_actor", "unsubscribe_actor",
+    "list_actors", "lookup_actor_name", "subscribe_actor", "unsubscribe_actor",
     "put_function", "get_function",
     "register_node", "heartbeat", "get_nodes", "mark_node_dead",
 })

@@ -20,15 +20,22 @@ DEAD = "DEAD"
 ACTOR_STATES = frozenset({DEPENDENCIES_UNREADY, PENDING_CREATION, ALIVE, RESTARTING, DEAD})
 
 # Task states kept beside the spec, for lineage replay and list_tasks(). A task only moves
-# forward (a late RUNNING never undoes FINISHED); FINISHED means it ended with a value or
-# its own exception in its returns, FAILED that the system failed it (worker crashes past
-# its retries, cancel, a failed dependency).
+# forward (a late RUNNING never undoes FINISHED), and FINISHED and FAILED are final:
+# FINISHED means it ended with a value, FAILED that its returns hold an error (it raised,
+# was cancelled, its worker or actor died, it could not be scheduled), as Ray shows them.
 TASK_PENDING = "PENDING"
 TASK_RUNNING = "RUNNING"
 TASK_FINISHED = "FINISHED"
 TASK_FAILED = "FAILED"
 TASK_DELETED = "DELETED"  # an event only: the owner freed every return, drop the entry
-TASK_STATE_ORDER = {TASK_PENDING: 0, TASK_RUNNING: 1, TASK_FINISHED: 2, TASK_FAILED: 2}
+
+# Ray's TaskType names, by the runtime's spec kinds (runtime/specs.py).
+TASK_TYPES = ("NORMAL_TASK", "ACTOR_CREATION_TASK", "ACTOR_TASK")
+
+# What list_tasks returns per task, in this order (hpcray.util.state names them as Ray).
+TASK_ROW_FIELDS = ("task_id", "name", "state", "owner", "node", "type", "actor_id",
+                   "parent_task_id", "required_resources", "creation_time_ms",
+                   "start_time_ms", "end_time_ms", "worker_pid", "error_type")
 
 
 @dataclass(slots=True)
@@ -49,15 +56,44 @@ class ObjectInfo:
 @dataclass(slots=True)
 class TaskInfo:
     """tasks: task_id (16 B) -> the spec (a TaskSpec, or its pickle), for lineage replay,
-    its state, the rank that ran it last, and its name as that rank reported it."""
+    its state, the rank that ran it last, and what list_tasks shows: its name (from the
+    spec, or as the rank that ran it reported it), its kind, actor and parent, and the
+    times (ms since the epoch), worker pid and error type its events carried."""
 
     spec: Any
     state: str = TASK_PENDING
     node: int | None = None
     name: str | None = None
+    kind: int = 0
+    actor_id: bytes | None = None
+    parent: bytes | None = None
+    demand: dict | None = None
+    created_ms: int | None = None
+    started_ms: int | None = None
+    ended_ms: int | None = None
+    worker_pid: int | None = None
+    error_type: str | None = None
 
     def copy(self) -> TaskInfo:
-        return TaskInfo(self.spec, self.state, self.node, self.name)
+        return TaskInfo(self.spec, self.state, self.node, self.name, self.kind, self.actor_id,
+                        self.parent, self.demand, self.created_ms, self.started_ms,
+                        self.ended_ms, self.worker_pid, self.error_type)
+
+    def take_spec(self, spec) -> None:
+        """Copy what list_tasks shows out of `spec`, so the entry can outlive it."""
+        self.spec = spec
+        self.name = getattr(spec, "name", None) or self.name
+        self.kind = getattr(spec, "kind", 0) or 0
+        self.actor_id = getattr(spec, "actor_id", None)
+        demand = getattr(spec, "demand", None)
+        self.demand = dict(demand) if demand is not None else None
+
+    def row(self, task_id: bytes, owner: int) -> tuple:
+        """The TASK_ROW_FIELDS of this task."""
+        kind = self.kind if 0 <= self.kind < len(TASK_TYPES) else 0
+        return (task_id, self.name, self.state, owner, self.node, TASK_TYPES[kind],
+                self.actor_id, self.parent, self.demand, self.created_ms, self.started_ms,
+                self.ended_ms, self.worker_pid, self.error_type)
 
 
 @dataclass(slots=True)
@@ -70,14 +106,16 @@ class ActorInfo:
     name: str | None = None
     class_name: str = ""
     info: dict = field(default_factory=dict)  # free-form: options, creation task id, ...
+    pid: int | None = None  # its worker process, once it runs
+    death_cause: str | None = None  # why it is DEAD
 
     def copy(self) -> ActorInfo:
         return ActorInfo(self.state, self.node, self.restarts, self.name, self.class_name,
-                         dict(self.info))
+                         dict(self.info), self.pid, self.death_cause)
 
 
 # update_actor may change these; name and class_name are fixed at registration.
-ACTOR_MUTABLE_FIELDS = frozenset({"state", "node", "restarts", "info"})
+ACTOR_MUTABLE_FIELDS = frozenset({"state", "node", "restarts", "info", "pid", "death_cause"})
 
 
 @dataclass(slots=True)

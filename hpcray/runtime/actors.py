@@ -199,6 +199,7 @@ class Actors:
         spec = actor.spec
         function = self.functions.get(spec.function_id)
         worker.functions.add(spec.function_id)
+        self.node.task_events.running(spec, worker.pid)
         self.node.send_to_worker(worker, wire(messages.CreateActor,
             spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 
@@ -248,6 +249,7 @@ class Actors:
                 continue
             record.state = RUNNING
             actor.inflight[record.spec.task_id] = record
+            self.node.task_events.running(record.spec, worker.pid)
             self.node.send_to_worker(worker, wire(messages.RunTask,
                 record.spec, None, self.node._dep_payloads(record.spec), ()))
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
@@ -415,7 +417,16 @@ class Actors:
     def record_actor(self, actor: ActorRecord, **fields) -> None:
         """Keep the GCS actors table up to date: the hosting node registers its actor
         when placing it (a named one is registered already, by its name's claim), then
-        updates state, node and restarts."""
+        updates state, node and restarts. Alive or dead, its creation task has ended
+        (the tasks table shows it FINISHED or FAILED)."""
+        state = fields.get("state")
+        if state == gcs_tables.ALIVE:
+            fields["pid"] = actor.worker.pid
+            self.node.task_events.actor_created(actor.spec)
+        elif state == gcs_tables.DEAD:
+            if actor.death is not None:
+                fields["death_cause"] = str(actor.death)
+            self.node.task_events.actor_created(actor.spec, "ACTOR_DIED")
         if "node" in fields and actor.name is None:
             self.gcs.register_actor(actor.actor_id, gcs_tables.ActorInfo(
                 state=gcs_tables.PENDING_CREATION, node=fields["node"],

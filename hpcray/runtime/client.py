@@ -257,8 +257,8 @@ class DriverClient(CoreClient):
         with self.nm.lock:
             return self.nm.describe_nodes()
 
-    def list_tasks(self) -> list:
-        return self._answer_of(self.nm.list_tasks)
+    def list_state(self, table: str) -> list:
+        return self._answer_of(self.nm.list_state, table)
 
 
 class WorkerClient(CoreClient):
@@ -314,8 +314,8 @@ class WorkerClient(CoreClient):
     def nodes(self) -> list:
         return self.channel.request("nodes", ())
 
-    def list_tasks(self) -> list:
-        return self.channel.request("list_tasks", ())
+    def list_state(self, table: str) -> list:
+        return self.channel.request("list_state", (table,))
 
 
 class WorkerChannel:

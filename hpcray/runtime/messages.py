@@ -191,6 +191,20 @@ class KillActor(NamedTuple):
 
 
 # ---------------------------------------------------------------- launch (launch.py)
+@_on("control")
+class StateQuery(NamedTuple):
+    """a node -> every other node: your rows of a state table (state_queries.py)."""
+    request_id: int
+    table: str
+
+
+@_on("control")
+class StateRows(NamedTuple):
+    """the answer to a StateQuery."""
+    request_id: int
+    rows: list
+
+
 @_on("launch")
 class Start(NamedTuple):
     """rank 0 -> every rank: build your node for this job."""
@@ -317,7 +331,7 @@ class ExitWorker(NamedTuple):
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "cancel")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_tasks")
+               "list_state")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

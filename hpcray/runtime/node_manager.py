@@ -46,6 +46,7 @@ from hpcray.runtime.task_router import TaskRouter
 from hpcray.runtime.worker_requests import WorkerRequests
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
                                   RUNNING, WAITING, TaskRecord, TaskSpec)
+from hpcray.runtime.state_queries import StateQueries
 from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
 
@@ -152,11 +153,14 @@ class NodeManager:
                                  self.mover, self.actors, scheduler, self.task_events, peers)
         self.requests = WorkerRequests(rank, self, self.objects, self.actors, self.router,
                                        self.network, scheduler)
+        self.state_queries = StateQueries(rank, link, self, self.objects, gcs,
+                                          self.task_events, peers)
         self.objects.bind(self.mover, self.borrowing, self.actors)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
         self.network.bind(self.router, messages.dispatch_table(
-            "control", self.network, self.router, self.borrowing, self.mover))
+            "control", self.network, self.router, self.borrowing, self.mover,
+            self.state_queries))
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
 
@@ -541,6 +545,7 @@ class NodeManager:
         if spec.kind != ACTOR_CALL:
             problem = self.network.unschedulable(
                 spec.demand, spec.options.get("scheduling_strategy") if spec.options else None)
+        self.task_events.submitted(spec, parent.spec.task_id if parent is not None else None)
         if spec.kind == ACTOR_CREATION:
             self.actors.create_actor(spec, pending=problem is not None)
             if problem is not None:
@@ -556,7 +561,6 @@ class NodeManager:
             self.actors.submit_actor_call(record)
             return
         self.tasks[spec.task_id] = record
-        self.task_events.submitted(spec)
         if parent is not None:
             if parent.children is None:
                 parent.children = []
@@ -627,7 +631,7 @@ class NodeManager:
         worker.task = record
         record.gpu_ids = self._take_gpus(spec.demand)
         if spec.kind == NORMAL_TASK:
-            self.task_events.running(spec)
+            self.task_events.running(spec, worker.pid)
         function = None
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
@@ -683,8 +687,7 @@ class NodeManager:
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
             self.router.send_results_to_owner(record, results, transitions, failed)
             return
-        if record.spec.kind == NORMAL_TASK:
-            self.task_events.ended(record.spec.task_id, failed)
+        self.task_events.ended(record.spec.task_id, results, failed, record.cancelled)
         for object_id, inline, contained, size in results:
             self.objects.object_ready(object_id, inline, contained, size)
         self.objects.apply_transitions(transitions)
@@ -715,11 +718,12 @@ class NodeManager:
 
 
     # ------------------------------------------------------------------ queries
-    def list_tasks(self, answer) -> None:
-        """answer(every task in the GCS tasks table), after the driver's dropped refs so
-        far (they wait for the event loop otherwise) have freed what they free."""
+    def list_state(self, table: str, answer) -> None:
+        """answer(the rows of a state table: "tasks", "actors", "nodes" or "objects";
+        state_queries.py), after the driver's dropped refs so far (they wait for the
+        event loop otherwise) have freed what they free."""
         self.objects.apply_transitions(self.driver_refs.drain())
-        self.task_events.list_tasks(answer)
+        self.state_queries.query(table, answer)
 
     def describe_nodes(self) -> list:
         """Every node: id, rank, resources, liveness (Ray's `nodes()` fields)."""
@@ -818,5 +822,6 @@ def _close_fd(fd: int) -> None:
 
 
 # Every message of the node's channels has exactly one handler among its parts.
-messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover)
+messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
+                        StateQueries)
 messages.check_handlers("up", NodeManager, Actors, WorkerRequests)

@@ -1,32 +1,47 @@
-"""The writer of the GCS tasks table: each task's spec and state, batched per shard.
+"""What list_tasks shows, written as tasks move: the GCS tasks table, and actor calls.
 
-The table holds the spec of every task whose returns some process may still ask for
-(lineage: what to re-run if every copy of a return is lost) and its state, which
-`hpcray.util.state.list_tasks()` shows. The owner (the node the task was submitted
-on) writes the spec when the task is submitted and FINISHED or FAILED when its returns
-arrive; the node that runs it writes RUNNING; the owner writes DELETED once it has
-freed every return, since nothing can ask for them any more.
+The GCS tasks table holds the spec of every task whose returns some process may still
+ask for (lineage: what to re-run if every copy of a return is lost) and its state. The
+owner (the node the task was submitted on) writes the spec when the task is submitted
+and FINISHED or FAILED when its returns arrive; the node that runs it writes RUNNING;
+the owner writes DELETED once it has freed every return, since nothing can ask for
+them any more (the shard then keeps what list_tasks shows of it, without the spec, in
+a bounded history). Actor creations go there too.
 
-Writes wait in `pending` and leave every FLUSH_SECONDS (or FLUSH_EVENTS), one message
-per shard, so a task costs a few tuple appends on its hot path; the table lags by that
-much, as Ray's (which takes a second), and a query flushes the asking node's first.
-Flushing every event-loop pass cost 100k no-ops from a 4-rank driver ~8%: a busy node
-passes once per task, and each pass sent rank 0 a message. One node writes its own
-shard the same way. Normal tasks only: actor calls are not re-run from lineage, and
-the actors table follows actors.
+Actor calls do not: nothing re-runs them from lineage, and four GCS events per call
+halved the 1:1 actor calls rows of the microbench (its shard work runs on rank 0, ~2 us
+an event). Each node keeps its own instead, at the cost of a few appends per call: the
+owner its calls not ended yet (`calls`) and the last CALL_HISTORY that ended
+(`calls_ended`), the node that ran one when and in which worker (`calls_run`).
+state_queries.py asks every node for them and merges them by task id.
+
+FAILED is Ray's: the task raised, was cancelled, or the system failed it (its worker or
+actor died, no node could run it), and the event names Ray's error type. The owner
+reads it from the error value in the task's returns (`error_type`), without unpickling:
+a node never runs user code to list a task.
+
+GCS writes wait in `pending` and leave every FLUSH_SECONDS (or FLUSH_EVENTS), one
+message per shard, so a task costs a few tuple appends on its hot path; the table lags
+by that much, as Ray's (which takes a second), and a query flushes the asking node's
+first. Flushing every event-loop pass cost 100k no-ops from a 4-rank driver ~8%: a
+busy node passes once per task, and each pass sent rank 0 a message. One node writes
+its own shard the same way.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 
 from hpcray import ids
 from hpcray.gcs.tables import (TASK_DELETED, TASK_FAILED, TASK_FINISHED, TASK_PENDING,
-                               TASK_RUNNING)
+                               TASK_RUNNING, TASK_TYPES)
+from hpcray.runtime.specs import ACTOR_CALL
 
 
 FLUSH_SECONDS = 0.1
 FLUSH_EVENTS = 10_000
+CALL_HISTORY = 10_000  # ended actor calls a node still lists (as the GCS, tasks)
 
 
 class TaskEvents:
@@ -36,22 +51,64 @@ class TaskEvents:
         self.pending: list[tuple] = []
         self.next_flush = 0.0
         self.live_returns: dict[bytes, int] = {}  # task id -> its returns not yet freed
+        self.calls: dict[bytes, tuple] = {}  # owner: call id -> (spec, created ms, parent)
+        # owner: (call id, that tuple, state, ended ms, error type), rows made on a query
+        self.calls_ended: collections.deque = collections.deque(maxlen=CALL_HISTORY)
+        # where they ran: (call id, worker pid, started ms)
+        self.calls_run: collections.deque = collections.deque(maxlen=CALL_HISTORY)
 
-    def submitted(self, spec) -> None:
-        self.pending.append((spec.task_id, TASK_PENDING, spec, None, None))
+    def submitted(self, spec, parent_id: bytes | None = None) -> None:
+        """`spec` was submitted on this node (its owner), by task `parent_id` if any."""
+        if spec.kind == ACTOR_CALL:
+            self.calls[spec.task_id] = (spec, _now_ms(), parent_id)
+            return
+        self.pending.append((spec.task_id, TASK_PENDING, spec, None, None, _now_ms(),
+                             parent_id))
         if spec.return_ids:
             self.live_returns[spec.task_id] = len(spec.return_ids)
 
-    def running(self, spec) -> None:
+    def running(self, spec, worker_pid: int | None = None) -> None:
+        if spec.kind == ACTOR_CALL:
+            self.calls_run.append((spec.task_id, worker_pid, _now_ms()))
+            return
         # The name too: the owner's spec may reach the GCS after this event.
-        self.pending.append((spec.task_id, TASK_RUNNING, None, self.rank, spec.name))
+        self.pending.append((spec.task_id, TASK_RUNNING, None, self.rank, spec.name,
+                             _now_ms(), worker_pid))
 
-    def ended(self, task_id: bytes, failed: bool = False) -> None:
-        state = TASK_FAILED if failed else TASK_FINISHED
+    def ended(self, task_id: bytes, results=(), failed: bool = False,
+              cancelled: bool = False) -> None:
+        """The owner has the task's `results` ([(id, inline or None, contained, size)]):
+        FAILED if they hold an error (or it was cancelled, or the system `failed` it),
+        else FINISHED."""
+        kind = "TASK_CANCELLED" if cancelled else None
+        if kind is None and results:
+            kind = error_type(results[0][1])
+        if kind is None and failed:
+            kind = "TASK_EXECUTION_EXCEPTION"
+        state = TASK_FINISHED if kind is None else TASK_FAILED
+        call = self.calls.pop(task_id, None)
+        if call is not None:
+            self.calls_ended.append((task_id, call, state, _now_ms(), kind))
+            return
+        self.pending.append((task_id, state, None, None, None, _now_ms(), kind))
         if task_id not in self.live_returns:  # no returns: its lineage is of no use
             self._deleted(task_id)
-        else:
-            self.pending.append((task_id, state, None, None, None))
+
+    def actor_created(self, spec, error: str | None = None) -> None:
+        """The constructor of the actor of creation task `spec` ran (or, `error` being
+        Ray's error type, it raised or the actor died first)."""
+        self.pending.append((spec.task_id, TASK_FINISHED if error is None else TASK_FAILED,
+                             None, None, None, _now_ms(), error))
+        self._deleted(spec.task_id)
+
+    def call_rows(self) -> tuple[list, list]:
+        """(the actor calls this node owns, as tables.TASK_ROW_FIELDS tuples with no
+        node; (task id, rank, worker pid, start ms) of the calls this node ran)."""
+        rows = [_call_row(task_id, call, TASK_PENDING, None, None)
+                for task_id, call in self.calls.items()]
+        rows += [_call_row(*ended) for ended in self.calls_ended]
+        return rows, [(task_id, self.rank, pid, started)
+                      for task_id, pid, started in self.calls_run]
 
     def freed(self, object_id: bytes) -> None:
         """The owner freed `object_id`: the last freed return ends its task's entry."""
@@ -66,7 +123,7 @@ class TaskEvents:
         self._deleted(task_id)
 
     def _deleted(self, task_id: bytes) -> None:
-        self.pending.append((task_id, TASK_DELETED, None, None, None))
+        self.pending.append((task_id, TASK_DELETED, None, None, None, None, None))
 
     def flush_due(self) -> None:
         """Flush if FLUSH_SECONDS passed since the last one or FLUSH_EVENTS wait."""
@@ -90,8 +147,62 @@ class TaskEvents:
             self.gcs.request("task_events", shard, batch)
 
     def list_tasks(self, answer) -> None:
-        """answer([(task_id, name, state, owner rank, rank that ran it)]) of every task
-        in the table, across shards."""
+        """answer([a tables.TASK_ROW_FIELDS tuple per task]) of every task in the table,
+        across shards."""
         self.flush()
         self.gcs.fan_out("list_tasks", None, merge=lambda lists: [t for ts in lists for t in ts],
                          callback=answer)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _call_row(task_id: bytes, call: tuple, state: str, ended_ms, error) -> tuple:
+    spec, created_ms, parent = call
+    return (task_id, spec.name, state, ids.owner_rank(task_id), None, TASK_TYPES[ACTOR_CALL],
+            spec.actor_id, parent, spec.demand, created_ms, None, ended_ms, None, error)
+
+
+# The classes of hpcray.exceptions a failed task's returns may hold, by Ray's ErrorType.
+_ERROR_TYPES = {
+    "RayTaskError": "TASK_EXECUTION_EXCEPTION",
+    "TaskCancelledError": "TASK_CANCELLED",
+    "WorkerCrashedError": "WORKER_DIED",
+    "RayActorError": "ACTOR_DIED",
+    "ActorDiedError": "ACTOR_DIED",
+    "ActorUnschedulableError": "ACTOR_UNSCHEDULABLE_ERROR",
+    "TaskUnschedulableError": "TASK_UNSCHEDULABLE_ERROR",
+    "ResourceInfeasibleError": "TASK_UNSCHEDULABLE_ERROR",
+    "ObjectLostError": "OBJECT_LOST",
+    "OwnerDiedError": "OWNER_DIED",
+    "ObjectFreedError": "OBJECT_FREED",
+    "OutOfMemoryError": "OUT_OF_MEMORY",
+}
+# How serialization.error_bytes begins (cloudpickle, protocol 5, after the frame
+# header): ErrorValue's class, then the error's module and class as two short strings.
+_ERROR_HEAD = b"\x8c\x14hpcray.serialization\x94\x8c\x0aErrorValue\x94\x93\x94"
+
+
+def error_type(inline) -> str | None:
+    """Ray's error type of the value in `inline` (a result's inline bytes) if it is an
+    error value (serialization.error_bytes), None if it is a value. Read from the first
+    opcodes of the pickle, without unpickling it; an error of a class this does not know
+    is a TASK_EXECUTION_EXCEPTION."""
+    if type(inline) is not bytes:
+        return None
+    at = inline.find(_ERROR_HEAD, 0, 16 + len(_ERROR_HEAD))
+    if at < 0:
+        return None
+    pos = at + len(_ERROR_HEAD)
+    names = []
+    for _ in range(2):  # \x8c <length> <module> \x94, then the same for the class name
+        if pos + 2 > len(inline) or inline[pos] != 0x8C:
+            break
+        length = inline[pos + 1]
+        names.append(inline[pos + 2:pos + 2 + length])
+        pos += 2 + length + 1
+    if len(names) == 2 and names[0] == b"hpcray.exceptions":
+        return _ERROR_TYPES.get(names[1].decode("ascii", "replace"),
+                                "TASK_EXECUTION_EXCEPTION")
+    return "TASK_EXECUTION_EXCEPTION"

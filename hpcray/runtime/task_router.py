@@ -22,7 +22,7 @@ from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.actors import A_DEAD, RemoteActor
 from hpcray.runtime.object_table import IN_STORE, REMOTE, ObjectEntry
-from hpcray.runtime.specs import ACTOR_CALL, NORMAL_TASK, QUEUED, RUNNING, TaskRecord
+from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
 
 
@@ -214,8 +214,7 @@ class TaskRouter:
         record = self.tasks.pop(task_id, None)
         if record is None:
             return
-        if record.spec.kind == NORMAL_TASK:
-            self.task_events.ended(task_id, failed)
+        self.task_events.ended(task_id, results, failed, record.cancelled)
         self.borrowing.register_kept(kept)
         if source != self.rank:
             self.borrowing.foreign_results(results)

@@ -105,8 +105,8 @@ class WorkerRequests:
     def op_nodes(self, worker, request_id) -> None:
         self.reply(worker, request_id, self.node.describe_nodes())
 
-    def op_list_tasks(self, worker, request_id) -> None:
-        self.node.list_tasks(lambda tasks: self.reply(worker, request_id, tasks))
+    def op_list_state(self, worker, request_id, table: str) -> None:
+        self.node.list_state(table, lambda rows: self.reply(worker, request_id, rows))
 
     # ------------------------------------------------------------------ waiting
     def wait_for(self, worker, request_id, object_ids, num_returns, timeout, answer,

@@ -457,11 +457,120 @@ def test_tasks_table_follows_tasks_on_every_node(tmp_path, shards):
                          "outer": (nodes[1], nodes[0]), "inner": (nodes[2], nodes[1])}}, where
         open(go, "w").close()
         assert ray.get(held + [top]) == [nodes[1], nodes[2], nodes[2]]
-        # inner's only ref died in outer: its lineage went with it.
+        # inner's only ref died in outer: its lineage went with it, and the table still
+        # shows it (as Ray keeps finished tasks), with outer as its parent.
         wait_for(lambda: {{n: t.state for n, t in rows().items()}} ==
-                 {{"hold1": "FINISHED", "hold2": "FINISHED", "outer": "FINISHED"}}, "FINISHED")
+                 {{"hold1": "FINISHED", "hold2": "FINISHED", "outer": "FINISHED",
+                  "inner": "FINISHED"}}, "FINISHED")
+        assert rows()["inner"].parent_task_id == top.task_id().hex()
         del held, top
-        wait_for(lambda: not list_tasks(), "an empty table")
+        time.sleep(0.3)  # freed returns end the lineage; what the table shows stays
+        assert {{t.state for t in list_tasks()}} == {{"FINISHED"}}, list_tasks()
         print("TASKS-TABLE-OK")
     """)
     assert "TASKS-TABLE-OK" in out
+
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_state_api_across_ranks(tmp_path, shards):
+    """list_tasks (actor calls, a failed task, detail), list_actors, list_nodes,
+    list_objects and summarize_tasks of a 3-rank job, asked from the driver and from a
+    task on another rank; eventually consistent, so each is polled with a deadline."""
+    out = run_mpi(tmp_path, 3, f"""
+        import os, time, hpcray as ray
+        from hpcray.util.state import (list_actors, list_nodes, list_objects, list_tasks,
+                                       summarize_tasks)
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        ray.init(num_cpus=2, gcs_shards={shards})
+        nodes = {{n["rank"]: n["NodeID"] for n in ray.nodes()}}
+        on = lambda rank: NodeAffinitySchedulingStrategy(nodes[rank], soft=False)
+
+        def wait_for(predicate, what):
+            deadline = time.monotonic() + 60
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                assert time.monotonic() < deadline, (what, list_tasks(detail=True))
+                time.sleep(0.05)
+
+        @ray.remote
+        class Keeper:
+            def __init__(self):
+                self.kept = None
+            def pid(self):
+                return os.getpid()
+            def keep(self, refs):
+                self.kept = refs[0]
+                return True
+
+        @ray.remote
+        def fails():
+            raise KeyError("no")
+
+        @ray.remote
+        def call_from_rank1(keeper):
+            return ray.get(keeper.pid.remote())
+
+        @ray.remote
+        def look():
+            return sorted(a.state for a in list_actors()), len(list_nodes())
+
+        keeper = Keeper.options(name="keeper", scheduling_strategy=on(2)).remote()
+        pid = ray.get(keeper.pid.remote())
+        assert ray.get(call_from_rank1.options(scheduling_strategy=on(1)).remote(keeper)) == pid
+        failed = fails.options(name="fails", scheduling_strategy=on(1)).remote()
+        try:
+            ray.get(failed)
+        except KeyError:
+            pass
+        big = ray.put(b"x" * 300_000)
+        assert ray.get(keeper.keep.remote([big]))
+
+        def ended():
+            rows = list_tasks(detail=True)
+            # RUNNING (where, which worker) comes from the node that ran a task, the end
+            # from its owner: wait for both.
+            return rows if len(rows) == 6 and all(
+                t.state in ("FINISHED", "FAILED") and t.node_id is not None
+                for t in rows) else None
+        rows = wait_for(ended, "six ended tasks, each with where it ran")
+        by_type = {{}}
+        for t in rows:
+            by_type.setdefault(t.type, []).append(t)
+        assert len(by_type["ACTOR_TASK"]) == 3 and len(by_type["ACTOR_CREATION_TASK"]) == 1
+        for t in by_type["ACTOR_TASK"] + by_type["ACTOR_CREATION_TASK"]:
+            assert (t.node_id, t.worker_pid, t.actor_id, t.state) == \
+                (nodes[2], pid, keeper._actor_id.hex(), "FINISHED"), t
+        owners = sorted(t.owner_node_id for t in by_type["ACTOR_TASK"])
+        assert owners == sorted([nodes[0], nodes[0], nodes[1]]), owners
+        [failing] = [t for t in rows if t.name == "fails"]
+        assert (failing.state, failing.error_type, failing.node_id) == \
+            ("FAILED", "TASK_EXECUTION_EXCEPTION", nodes[1]), failing
+        assert all(t.start_time_ms <= t.end_time_ms for t in rows)
+        summary = summarize_tasks()["cluster"]
+        assert (summary["total_tasks"], summary["total_actor_tasks"],
+                summary["total_actor_scheduled"]) == (2, 3, 1), summary
+
+        [actor] = wait_for(lambda: [a for a in list_actors() if a.state == "ALIVE"], "ALIVE")
+        assert (actor.name, actor.node_id, actor.pid) == ("keeper", nodes[2], pid), actor
+        listed = list_nodes()
+        assert [(n.rank, n.node_id, n.state, n.is_head_node) for n in listed] == \
+            [(0, nodes[0], "ALIVE", True), (1, nodes[1], "ALIVE", False),
+             (2, nodes[2], "ALIVE", False)], listed
+
+        refs = lambda: {{(o.node_id, o.type, o.pid, o.owner_node_id)
+                        for o in list_objects(filters=[("object_id", "=", big.hex())])}}
+        wait_for(lambda: refs() == {{(nodes[0], "DRIVER", os.getpid(), nodes[0]),
+                                    (nodes[2], "WORKER", pid, nodes[0])}},
+                 "the driver's and the actor's references")
+        assert ray.get(look.options(scheduling_strategy=on(1)).remote()) == (["ALIVE"], 3)
+
+        ray.kill(keeper)
+        wait_for(lambda: [a.state for a in list_actors()] == ["DEAD"], "DEAD")
+        wait_for(lambda: {{o.node_id for o in list_objects()}} == {{nodes[0]}},
+                 "the actor's references gone")
+        print("STATE-API-OK")
+    """)
+    assert "STATE-API-OK" in out
