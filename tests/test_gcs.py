@@ -221,13 +221,13 @@ def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
     early, late, kept, failed = (ids.new_task_id() for _ in range(4))
     parent = ids.new_task_id()
     # RUNNING before its spec (they come from different ranks), with the task's name.
-    shard.apply_task_events([(early, "RUNNING", None, 2, "f", 1000, 41)])
+    shard.apply_task_events([(early, "RUNNING", None, 2, "f", 1.0, 41)])
     assert (shard.tasks[early].spec, shard.tasks[early].state) == (None, "RUNNING")
     assert shard.list_tasks()[0][1] == "f"  # named before its spec arrives
-    shard.apply_task_events([(early, "PENDING", "spec", None, None, 900, parent),  # fills in
-                             (kept, "PENDING", "spec", None, None, 901, None),
-                             (kept, "FINISHED", None, None, None, 1100, None),
-                             (kept, "RUNNING", None, 3, "k", 1050, 42)])  # late: where only
+    shard.apply_task_events([(early, "PENDING", "spec", None, None, 0.9, parent),  # fills in
+                             (kept, "PENDING", "spec", None, None, 0.901, None),
+                             (kept, "FINISHED", None, None, None, 1.1, None),
+                             (kept, "RUNNING", None, 3, "k", 1.05, 42)])  # late: where only
     assert (shard.tasks[early].spec, shard.tasks[early].state, shard.tasks[early].node) == \
         ("spec", "RUNNING", 2)
     assert (shard.tasks[kept].state, shard.tasks[kept].node) == ("FINISHED", 3)
@@ -236,21 +236,21 @@ def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
             row["worker_pid"], row["owner"], row["type"]) == (parent, 900, 1000, 41, 7,
                                                                "NORMAL_TASK")
     # FINISHED and FAILED are final; a FAILED names its error type and ends once.
-    shard.apply_task_events([(failed, "PENDING", "spec", None, None, 902, None),
-                             (failed, "FAILED", None, None, None, 1200, "TASK_CANCELLED"),
-                             (failed, "FINISHED", None, None, None, 1300, None),
-                             (kept, "FAILED", None, None, None, 1400, "WORKER_DIED")])
+    shard.apply_task_events([(failed, "PENDING", "spec", None, None, 0.902, None),
+                             (failed, "FAILED", None, None, None, 1.2, "TASK_CANCELLED"),
+                             (failed, "FINISHED", None, None, None, 1.3, None),
+                             (kept, "FAILED", None, None, None, 1.4, "WORKER_DIED")])
     row = dict(zip(TASK_ROW_FIELDS, shard.tasks[failed].row(failed, 0)))
     assert (row["state"], row["error_type"], row["end_time_ms"]) == \
         ("FAILED", "TASK_CANCELLED", 1200)
     assert (shard.tasks[kept].state, shard.tasks[kept].error_type) == ("FINISHED", None)
     # DELETED ends the lineage: the spec goes, what list_tasks shows stays in the history,
     # and a late event only fills it in (it never brings the entry back).
-    shard.apply_task_events([(late, "PENDING", "spec", None, None, 903, None),
+    shard.apply_task_events([(late, "PENDING", "spec", None, None, 0.903, None),
                              (late, "DELETED", None, None, None, None, None),
-                             (late, "RUNNING", None, 1, "l", 1500, 43),
-                             (late, "PENDING", "spec", None, None, 904, None)])
-    assert late not in shard.tasks and shard.task_history[late].spec is None
+                             (late, "RUNNING", None, 1, "l", 1.5, 43),
+                             (late, "PENDING", "spec", None, None, 0.904, None)])
+    assert late not in shard.tasks and late in shard.task_history
     rows = {row[0]: dict(zip(TASK_ROW_FIELDS, row)) for row in shard.list_tasks()}
     assert (rows[late]["state"], rows[late]["node"], rows[late]["worker_pid"]) == \
         ("RUNNING", 1, 43)
@@ -259,11 +259,11 @@ def test_task_events_move_forward_and_deleted_tasks_stay_deleted():
     # The history is bounded; an event for a task that left it is ignored.
     for _ in range(shard_module.TASK_HISTORY):
         task_id = ids.new_task_id()
-        shard.apply_task_events([(task_id, "PENDING", "spec", None, None, 1, None),
+        shard.apply_task_events([(task_id, "PENDING", "spec", None, None, 0.001, None),
                                  (task_id, "DELETED", None, None, None, None, None)])
     assert late not in shard.task_history
     assert len(shard.task_history) == shard_module.TASK_HISTORY
-    shard.apply_task_events([(late, "FINISHED", None, None, None, 1600, None)])
+    shard.apply_task_events([(late, "FINISHED", None, None, None, 1.6, None)])
     assert late not in shard.tasks and late not in shard.task_history
 
 

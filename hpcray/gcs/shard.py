@@ -32,7 +32,7 @@ read or a delete return None; records in results are copies (tables.py).
 | get_task           | task_id     |                                        | TaskInfo or None     |
 | delete_task        | task_id     |                                        | TaskInfo or None     |
 | task_events        | shard index | [(task_id, state, spec|None, rank|None, name|None,     |
-|                    |             | time_ms|None, detail)]            (8)  | None                 |
+|                    |             | time|None, detail)]               (8)  | None                 |
 | list_tasks         | None        | (all shards; the client merges)   (8)  | list of rows         |
 | claim_actor_name   | name        | actor_id                          (4)  | True or NameTaken    |
 | register_actor     | actor_id    | ActorInfo                         (4)  | True, False if known |
@@ -80,9 +80,9 @@ read or a delete return None; records in results are copies (tables.py).
     DELETED ends its lineage: the spec goes and the rest moves to `task_history` (the
     last TASK_HISTORY), which a late event (a RUNNING after DELETED) only fills in. A
     RUNNING carries the task's name, so a task shown before its spec arrives is named.
-    Events carry their time (ms since the epoch) and a detail: a PENDING its parent task
-    id, a RUNNING the worker's pid, a FAILED Ray's error type. list_tasks returns a
-    tables.TASK_ROW_FIELDS tuple per task, live or in the history.
+    Events carry their time (seconds since the epoch; rows say ms) and a detail: a
+    PENDING its parent task id, a RUNNING the worker's pid, a FAILED Ray's error type.
+    list_tasks returns a tables.TASK_ROW_FIELDS tuple per task, live or in the history.
 
 Subscriptions are per rank: two parties on one rank share one; the node manager counts.
 """
@@ -171,7 +171,7 @@ class GcsShard:
         self.deleted_objects: OrderedDict[bytes, None] = OrderedDict()
         # Tasks whose lineage ended (the owner freed every return), newest last: what
         # list_tasks shows of them, without their specs.
-        self.task_history: OrderedDict[bytes, TaskInfo] = OrderedDict()
+        self.task_history: OrderedDict[bytes, tuple] = OrderedDict()  # id -> its row
         self.deleted_tasks: OrderedDict[bytes, None] = OrderedDict()  # as deleted_objects
         self.log: deque[tuple[float, int, str, Any]] = deque(maxlen=LOG_LENGTH)
         self._ops: dict[str, Callable[..., Any]] = {
@@ -283,54 +283,36 @@ class GcsShard:
         self.apply_task_events(events)
 
     def apply_task_events(self, events: list) -> None:
-        """(task_id, state, spec or None, rank or None, name or None, time_ms or None,
+        """(task_id, state, spec or None, rank or None, name or None, time or None,
         detail) in the order one node wrote them; detail: the parent task id of a
         PENDING, the worker pid of a RUNNING, the error type of a FAILED."""
         tasks, history, deleted = self.tasks, self.task_history, self.deleted_tasks
         for task_id, state, spec, node, name, at, detail in events:
             task = tasks.get(task_id)
             if task is None:
-                if state == TASK_DELETED:
+                if state == TASK_DELETED or task_id in deleted:
+                    row = history.get(task_id)
+                    if row is not None and state != TASK_DELETED:  # a late event fills in
+                        task = TaskInfo.from_row(row)
+                        _apply_task_event(task, state, None, node, name, at, detail)
+                        history[task_id] = task.row(task_id, row[3])
                     continue
-                task = history.get(task_id)  # a late event: it only fills in
-                if task is None:
-                    if task_id in deleted:
-                        continue
-                    # A state may come before the spec: they come from different nodes.
-                    task = tasks[task_id] = TaskInfo(None)
-                else:
-                    spec = None
+                # A state may come before the spec: they come from different nodes.
+                task = tasks[task_id] = TaskInfo(None)
             elif state == TASK_DELETED:
                 del tasks[task_id]
                 deleted[task_id] = None
                 if len(deleted) > DELETED_OBJECTS_REMEMBERED:
                     deleted.popitem(last=False)
                 # Its lineage ends; what list_tasks shows of it stays a while, as Ray
-                # keeps finished tasks up to a limit.
-                task.spec = None
-                history[task_id] = task
+                # keeps finished tasks up to a limit: a row of plain values (no spec,
+                # nothing the cyclic GC walks: 10,000 objects kept alive and promoted
+                # cost the driver's process full collections).
+                history[task_id] = task.row(task_id, owner_rank(task_id))
                 if len(history) > TASK_HISTORY:
                     history.popitem(last=False)
                 continue
-            if state == TASK_PENDING:
-                if spec is not None and task.spec is None:
-                    task.take_spec(spec)
-                task.created_ms = at
-                if detail is not None:
-                    task.parent = detail
-            elif state == TASK_RUNNING:
-                if task.state == TASK_PENDING:
-                    task.state = TASK_RUNNING
-                task.node = node  # a RUNNING that comes after FINISHED still says where
-                if task.name is None:
-                    task.name = name
-                task.started_ms = at
-                task.worker_pid = detail
-            elif task.ended_ms is None:  # FINISHED or FAILED: the first end is final
-                task.state = state
-                task.ended_ms = at
-                if state == TASK_FAILED:
-                    task.error_type = detail
+            _apply_task_event(task, state, spec, node, name, at, detail)
 
     def _op_list_tasks(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
         return self.list_tasks()
@@ -339,8 +321,7 @@ class GcsShard:
         """Every task this shard knows, its lineage live or ended (the last TASK_HISTORY),
         as tables.TASK_ROW_FIELDS tuples."""
         rows = [task.row(task_id, owner_rank(task_id)) for task_id, task in self.tasks.items()]
-        rows += [task.row(task_id, owner_rank(task_id))
-                 for task_id, task in self.task_history.items()]
+        rows += self.task_history.values()
         return rows
 
     # -- actors ----------------------------------------------------------------------
@@ -512,6 +493,30 @@ class GcsShard:
             assert node.rank == rank, (rank, node)
             assert node.load >= 0, node
         assert len(self.log) <= LOG_LENGTH
+
+
+def _apply_task_event(task: TaskInfo, state: str, spec, node, name, at, detail) -> None:
+    """One tasks-table event (not DELETED) on `task`: a state only moves forward, and
+    FINISHED and FAILED are final (the first end counts)."""
+    if state == TASK_PENDING:
+        if spec is not None and task.spec is None:
+            task.take_spec(spec)
+        task.created = at
+        if detail is not None:
+            task.parent = detail
+    elif state == TASK_RUNNING:
+        if task.state == TASK_PENDING:
+            task.state = TASK_RUNNING
+        task.node = node  # a RUNNING that comes after FINISHED still says where
+        if task.name is None:
+            task.name = name
+        task.started = at
+        task.worker_pid = detail
+    elif task.ended is None:
+        task.state = state
+        task.ended = at
+        if state == TASK_FAILED:
+            task.error_type = detail
 
 
 def validate_shards(shards: list[GcsShard]) -> None:

@@ -58,7 +58,7 @@ class TaskInfo:
     """tasks: task_id (16 B) -> the spec (a TaskSpec, or its pickle), for lineage replay,
     its state, the rank that ran it last, and what list_tasks shows: its name (from the
     spec, or as the rank that ran it reported it), its kind, actor and parent, and the
-    times (ms since the epoch), worker pid and error type its events carried."""
+    times, worker pid and error type its events carried."""
 
     spec: Any
     state: str = TASK_PENDING
@@ -68,16 +68,16 @@ class TaskInfo:
     actor_id: bytes | None = None
     parent: bytes | None = None
     demand: dict | None = None
-    created_ms: int | None = None
-    started_ms: int | None = None
-    ended_ms: int | None = None
+    created: float | None = None  # seconds since the epoch, as events carry them
+    started: float | None = None
+    ended: float | None = None
     worker_pid: int | None = None
     error_type: str | None = None
 
     def copy(self) -> TaskInfo:
         return TaskInfo(self.spec, self.state, self.node, self.name, self.kind, self.actor_id,
-                        self.parent, self.demand, self.created_ms, self.started_ms,
-                        self.ended_ms, self.worker_pid, self.error_type)
+                        self.parent, self.demand, self.created, self.started, self.ended,
+                        self.worker_pid, self.error_type)
 
     def take_spec(self, spec) -> None:
         """Copy what list_tasks shows out of `spec`, so the entry can outlive it."""
@@ -85,15 +85,23 @@ class TaskInfo:
         self.name = getattr(spec, "name", None) or self.name
         self.kind = getattr(spec, "kind", 0) or 0
         self.actor_id = getattr(spec, "actor_id", None)
-        demand = getattr(spec, "demand", None)
-        self.demand = dict(demand) if demand is not None else None
+        self.demand = getattr(spec, "demand", None)
+
+    @classmethod
+    def from_row(cls, row: tuple) -> TaskInfo:
+        """The entry a row (`row`) was made from, without its spec."""
+        (_task_id, name, state, _owner, node, kind, actor_id, parent, demand, created,
+         started, ended, pid, error_type) = row
+        return cls(None, state, node, name, TASK_TYPES.index(kind), actor_id, parent,
+                   demand, _seconds(created), _seconds(started), _seconds(ended), pid,
+                   error_type)
 
     def row(self, task_id: bytes, owner: int) -> tuple:
         """The TASK_ROW_FIELDS of this task."""
         kind = self.kind if 0 <= self.kind < len(TASK_TYPES) else 0
         return (task_id, self.name, self.state, owner, self.node, TASK_TYPES[kind],
-                self.actor_id, self.parent, self.demand, self.created_ms, self.started_ms,
-                self.ended_ms, self.worker_pid, self.error_type)
+                self.actor_id, self.parent, self.demand, _ms(self.created), _ms(self.started),
+                _ms(self.ended), self.worker_pid, self.error_type)
 
 
 @dataclass(slots=True)
@@ -112,6 +120,14 @@ class ActorInfo:
     def copy(self) -> ActorInfo:
         return ActorInfo(self.state, self.node, self.restarts, self.name, self.class_name,
                          dict(self.info), self.pid, self.death_cause)
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * 1000)
+
+
+def _seconds(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
 # update_actor may change these; name and class_name are fixed at registration.

@@ -52,45 +52,54 @@ class TaskEvents:
         self.next_flush = 0.0
         self.live_returns: dict[bytes, int] = {}  # task id -> its returns not yet freed
         self.calls: dict[bytes, tuple] = {}  # owner: call id -> (spec, created ms, parent)
-        # owner: (call id, that tuple, state, ended ms, error type), rows made on a query
+        # owner: the calls that ended, the last CALL_HISTORY, as (call id, name, actor id,
+        # demand, created, parent, state, ended, error type): plain values, no spec kept
+        # alive and nothing the cyclic GC walks
         self.calls_ended: collections.deque = collections.deque(maxlen=CALL_HISTORY)
-        # where they ran: (call id, worker pid, started ms)
+        # where they ran: (call id, worker pid, started)
         self.calls_run: collections.deque = collections.deque(maxlen=CALL_HISTORY)
 
     def submitted(self, spec, parent_id: bytes | None = None) -> None:
         """`spec` was submitted on this node (its owner), by task `parent_id` if any."""
         if spec.kind == ACTOR_CALL:
-            self.calls[spec.task_id] = (spec, _now_ms(), parent_id)
+            self.calls[spec.task_id] = (spec, _now(), parent_id)
             return
-        self.pending.append((spec.task_id, TASK_PENDING, spec, None, None, _now_ms(),
+        self.pending.append((spec.task_id, TASK_PENDING, spec, None, None, _now(),
                              parent_id))
         if spec.return_ids:
             self.live_returns[spec.task_id] = len(spec.return_ids)
 
     def running(self, spec, worker_pid: int | None = None) -> None:
         if spec.kind == ACTOR_CALL:
-            self.calls_run.append((spec.task_id, worker_pid, _now_ms()))
+            self.calls_run.append((spec.task_id, worker_pid, _now()))
             return
         # The name too: the owner's spec may reach the GCS after this event.
         self.pending.append((spec.task_id, TASK_RUNNING, None, self.rank, spec.name,
-                             _now_ms(), worker_pid))
+                             _now(), worker_pid))
 
     def ended(self, task_id: bytes, results=(), failed: bool = False,
               cancelled: bool = False) -> None:
         """The owner has the task's `results` ([(id, inline or None, contained, size)]):
         FAILED if they hold an error (or it was cancelled, or the system `failed` it),
         else FINISHED."""
-        kind = "TASK_CANCELLED" if cancelled else None
-        if kind is None and results:
-            kind = error_type(results[0][1])
+        kind = None
+        if cancelled:
+            kind = "TASK_CANCELLED"
+        elif results:
+            inline = results[0][1]
+            # An error value is a framed pickle; a small plain value is not: no call.
+            if type(inline) is bytes and inline[2:3] == b"\x95":
+                kind = error_type(inline)
         if kind is None and failed:
             kind = "TASK_EXECUTION_EXCEPTION"
         state = TASK_FINISHED if kind is None else TASK_FAILED
         call = self.calls.pop(task_id, None)
         if call is not None:
-            self.calls_ended.append((task_id, call, state, _now_ms(), kind))
+            spec, created, parent = call
+            self.calls_ended.append((task_id, spec.name, spec.actor_id, spec.demand, created,
+                                     parent, state, _now(), kind))
             return
-        self.pending.append((task_id, state, None, None, None, _now_ms(), kind))
+        self.pending.append((task_id, state, None, None, None, _now(), kind))
         if task_id not in self.live_returns:  # no returns: its lineage is of no use
             self._deleted(task_id)
 
@@ -98,16 +107,17 @@ class TaskEvents:
         """The constructor of the actor of creation task `spec` ran (or, `error` being
         Ray's error type, it raised or the actor died first)."""
         self.pending.append((spec.task_id, TASK_FINISHED if error is None else TASK_FAILED,
-                             None, None, None, _now_ms(), error))
+                             None, None, None, _now(), error))
         self._deleted(spec.task_id)
 
     def call_rows(self) -> tuple[list, list]:
         """(the actor calls this node owns, as tables.TASK_ROW_FIELDS tuples with no
         node; (task id, rank, worker pid, start ms) of the calls this node ran)."""
-        rows = [_call_row(task_id, call, TASK_PENDING, None, None)
-                for task_id, call in self.calls.items()]
+        rows = [_call_row(task_id, spec.name, spec.actor_id, spec.demand, created, parent,
+                          TASK_PENDING, None, None)
+                for task_id, (spec, created, parent) in self.calls.items()]
         rows += [_call_row(*ended) for ended in self.calls_ended]
-        return rows, [(task_id, self.rank, pid, started)
+        return rows, [(task_id, self.rank, pid, _ms(started))
                       for task_id, pid, started in self.calls_run]
 
     def freed(self, object_id: bytes) -> None:
@@ -154,14 +164,17 @@ class TaskEvents:
                          callback=answer)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+_now = time.time  # events carry seconds; rows say milliseconds, as Ray
 
 
-def _call_row(task_id: bytes, call: tuple, state: str, ended_ms, error) -> tuple:
-    spec, created_ms, parent = call
-    return (task_id, spec.name, state, ids.owner_rank(task_id), None, TASK_TYPES[ACTOR_CALL],
-            spec.actor_id, parent, spec.demand, created_ms, None, ended_ms, None, error)
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * 1000)
+
+
+def _call_row(task_id: bytes, name, actor_id, demand, created, parent, state, ended,
+              error) -> tuple:
+    return (task_id, name, state, ids.owner_rank(task_id), None, TASK_TYPES[ACTOR_CALL],
+            actor_id, parent, demand, _ms(created), None, _ms(ended), None, error)
 
 
 # The classes of hpcray.exceptions a failed task's returns may hold, by Ray's ErrorType.
