@@ -248,8 +248,13 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that makes `object_ref` (and, if recursive, the tasks it submitted);
-    `get` of it raises TaskCancelledError. A finished task is left alone, as in Ray."""
+    """Cancel the task that makes `object_ref`, as Ray does: one not running yet never
+    runs; a running one gets a KeyboardInterrupt (`force`: its worker is killed); it is
+    never retried and `get` of it raises TaskCancelledError. `recursive`: the tasks and
+    actor calls it submitted too. An actor call not yet sent to the actor never runs; a
+    running one sees `get_runtime_context().is_canceled()` (async actors: its coroutine
+    is cancelled); `force` raises ValueError for actor calls. A finished task is left
+    alone. Works wherever the task is (runtime/cancellation.py)."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}.")
     client_or_init().cancel(object_ref.binary(), force, recursive)

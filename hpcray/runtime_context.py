@@ -24,6 +24,16 @@ class RuntimeContext:
             return None
         return worker.actor_id.hex()
 
+    def is_canceled(self) -> bool:
+        """Whether the calling task or actor method was cancelled (`cancel`): a method
+        of a sync or threaded actor, which a cancel does not interrupt, polls this to
+        stop. RuntimeError in the driver and in async actors, as in Ray."""
+        worker = context.worker
+        if worker is None:
+            raise RuntimeError("is_canceled() is only available inside a task or an actor "
+                               "method, not in the driver.")
+        return worker.is_canceled()
+
     def get_worker_id(self) -> str:
         import os
         return f"{os.getpid():016x}"

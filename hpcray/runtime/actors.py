@@ -346,7 +346,8 @@ class Actors:
                 actor.restarts_left -= 1
             retry, lost = [], []
             for record in actor.inflight.values():
-                (retry if record.retries_left != 0 else lost).append(record)
+                (retry if record.retries_left != 0 and not record.cancelled
+                 else lost).append(record)
             actor.inflight = {}
             for record in lost:
                 self.node._fail_task(record, exceptions.RayActorError(

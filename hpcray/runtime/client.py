@@ -14,12 +14,14 @@ import threading
 from hpcray import exceptions, ids
 from hpcray._store import ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
-from hpcray.runtime.messages import ExitWorker, Notice, Reply, Request, wire
+from hpcray.runtime.messages import (CancelTask, ExitWorker, Notice, Reply, Request, RunTask,
+                                     WorkDone, wire)
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
                                   serialize)
 
 
 _NOTICE, _REQUEST, _REPLY = Notice.CODE, Request.CODE, Reply.CODE
+_RUN_TASK, _CANCEL_TASK = RunTask.CODE, CancelTask.CODE
 
 class CoreClient:
     """The parts of a client that do not depend on where the node manager is."""
@@ -97,8 +99,12 @@ class CoreClient:
             if type(value) is ErrorValue:
                 error = value.error
                 if isinstance(error, exceptions.RayTaskError):
-                    raise error.as_instanceof_cause()
-                raise error
+                    error = error.as_instanceof_cause()
+                del value, values  # the error's traceback holds this frame: no cycle
+                try:
+                    raise error
+                finally:
+                    del error
             values.append(value)
         return values
 
@@ -294,7 +300,7 @@ class WorkerClient(CoreClient):
         return self.channel.request("wait", (object_ids, num_returns, timeout, fetch_local))
 
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
-        self.channel.send_oneway("cancel", (object_id, force, recursive))
+        self.channel.request("cancel", (object_id, force, recursive))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         self.channel.send_oneway("kill_actor", (actor_id, no_restart))
@@ -327,6 +333,12 @@ class WorkerChannel:
     arrives meanwhile. Concurrent actors start a reader thread that routes replies to
     waiting threads and work to `inbox`. A one-way operation that failed on the node
     comes back as a Reply with request id 0: raised at this process's next node call.
+
+    Cancels (CancelTask) are noted wherever they are read: `cancelled_tasks` holds those
+    of the calls this process was sent and has not finished (`known_tasks`); one for the
+    pool task running in the main thread (`interruptible`) sets `interrupt_pending`,
+    which the worker's SIGINT handler, or the end of the main thread's current node
+    call, turns into a KeyboardInterrupt (never in the middle of a message: `main_io`).
     """
 
     def __init__(self, connection, reference_counter):
@@ -336,24 +348,47 @@ class WorkerChannel:
         self.inbox: queue.SimpleQueue | None = None
         self._slots: dict = {}
         self._request_ids = itertools.count(1)
-        self._request_lock = threading.Lock()
+        self._request_lock = threading.Lock()  # held by the thread that reads the socket
         self._send_lock = threading.Lock()
-        self.in_io = False          # a signal must not interrupt a half-read message
-        self.interrupted = False    # a cancel arrived meanwhile: raise once it is safe
         self.failed_notices: list = []
+        self.known_tasks: set = set()       # RunTask read, its WorkDone not sent yet
+        self.cancelled_tasks: set = set()   # those of them the node cancelled
+        self.interruptible = None           # the pool task whose thread a cancel interrupts
+        self.interrupt_pending = False
+        self.main_io = False                # the main thread is sending or receiving
+        self.on_cancel = None               # async actors: called with a cancelled call's id
 
     def send(self, message) -> None:
         self.conn.send(message)
 
     def send_oneway(self, op: str, args: tuple) -> None:
         self._raise_failed_notice()
+        main = threading.get_ident() == threading.main_thread().ident
         with self._send_lock:  # keeps the drained transitions in message order
-            self.conn.send((_NOTICE, op, args, self.refs.drain()))
+            if main:
+                self.main_io = True
+            try:
+                self.conn.send((_NOTICE, op, args, self.refs.drain()))
+            finally:
+                if main:
+                    self.main_io = False
+        if main and self.interrupt_pending:
+            self._interrupt()
 
     def send_done(self, record, *fields) -> None:
         """A WorkDone or ActorReady, with the ref transitions so far."""
+        main = threading.get_ident() == threading.main_thread().ident
         with self._send_lock:
-            self.conn.send((record.CODE, *fields, self.refs.drain()))
+            if main:
+                self.main_io = True
+            try:
+                self.conn.send((record.CODE, *fields, self.refs.drain()))
+            finally:
+                if main:
+                    self.main_io = False
+        if record is WorkDone:
+            self.known_tasks.discard(fields[0])
+            self.cancelled_tasks.discard(fields[0])
 
     def next_work(self):
         while True:
@@ -362,11 +397,53 @@ class WorkerChannel:
             elif self.backlog:
                 message = self.backlog.pop(0)
             else:
-                message = self.conn.recv()
+                with self._request_lock:
+                    message = self.conn.recv()
+                if self._arrived(message):
+                    continue
             if message[0] == _REPLY:  # a failed one-way operation, while idle
                 self._note_failed_notice(message)
                 continue
             return message
+
+    def _arrived(self, message) -> bool:
+        """Note a message as it is read from the socket; True if it is a cancel (consumed)."""
+        code = message[0]
+        if code == _RUN_TASK:
+            self.known_tasks.add(message[1].task_id)
+        elif code == _CANCEL_TASK:
+            task_id = message[1]
+            if task_id in self.known_tasks:  # else it ended before the cancel came
+                self.cancelled_tasks.add(task_id)
+                if task_id == self.interruptible:
+                    self.interrupt_pending = True
+                if self.on_cancel is not None:
+                    self.on_cancel(task_id)
+            return True
+        return False
+
+    def poll_cancels(self) -> None:
+        """Read what has arrived, without waiting: cancels are noted, the rest is set
+        aside. Nothing to do while another thread reads (it notes them itself)."""
+        if self.inbox is not None or not self._request_lock.acquire(blocking=False):
+            return
+        try:
+            while True:
+                message = self.conn.recv_nowait()
+                if message is None:
+                    return
+                if message[0] == _REPLY:
+                    self._note_failed_notice(message)
+                elif not self._arrived(message):
+                    self.backlog.append(message)
+        except (EOFError, OSError):
+            return
+        finally:
+            self._request_lock.release()
+
+    def _interrupt(self) -> None:
+        self.interrupt_pending = False
+        raise KeyboardInterrupt("cancelled")
 
     def request(self, op: str, args: tuple):
         self._raise_failed_notice()
@@ -380,8 +457,10 @@ class WorkerChannel:
             slot[0].acquire()
             reply = slot[1]
         else:
+            main = threading.get_ident() == threading.main_thread().ident
             with self._request_lock:
-                self.in_io = True
+                if main:
+                    self.main_io = True
                 try:
                     with self._send_lock:
                         self.conn.send((_REQUEST, request_id, op, args, self.refs.drain()))
@@ -392,16 +471,20 @@ class WorkerChannel:
                                 reply = message
                                 break
                             self._note_failed_notice(message)
-                        else:
+                        elif not self._arrived(message):
                             self.backlog.append(message)
                 finally:
-                    self.in_io = False
-                if self.interrupted:
-                    self.interrupted = False
-                    raise KeyboardInterrupt("cancelled")
+                    if main:
+                        self.main_io = False
+            if main and self.interrupt_pending:
+                self._interrupt()
         _, _, ok, value = reply
         if not ok:
-            raise value
+            reply = message = None  # the error's traceback holds this frame: no cycle
+            try:
+                raise value
+            finally:
+                del value
         return value
 
     def _note_failed_notice(self, reply) -> None:
@@ -431,6 +514,8 @@ class WorkerChannel:
                     slot[0].release()
                 elif message[0] == _REPLY:
                     self._note_failed_notice(message)
+                elif self._arrived(message):
+                    continue
                 elif dispatch is None or not dispatch(message):
                     self.inbox.put(message)
 

@@ -91,7 +91,17 @@ class TaskDone(NamedTuple):
 
 @_on("control")
 class Cancel(NamedTuple):
-    """owner -> every node: cancel the task wherever it runs."""
+    """a node whose process cancelled a task another node owns -> that owner; the owner
+    of an actor call -> the actor's node: cancel it (cancellation.py)."""
+    task_id: bytes
+    force: bool
+    recursive: bool
+
+
+@_on("control")
+class CancelPlaced(NamedTuple):
+    """owner -> rank 0 (after the task's Forward), rank 0 -> every node (after any Run it
+    sent of it): cancel the task wherever the global scheduler placed it."""
     task_id: bytes
     force: bool
     recursive: bool
@@ -323,15 +333,21 @@ class ExitWorker(NamedTuple):
     pass
 
 
+@_on("down")
+class CancelTask(NamedTuple):
+    """the task or actor call this worker was sent was cancelled (a SIGINT follows for a
+    pool task, which interrupts it, and for a one-call-at-a-time actor, which only looks)."""
+    task_id: bytes
+
+
 # ---------------------------------------------------------------- node operations
 # What a process asks of its node manager: the driver calls the parts of its
 # in-process node directly (client.DriverClient), a worker sends them (Notice /
 # Request), and the node's WorkerRequests part serves them, one op_<name> method each:
 # `check_operations` holds WorkerRequests to this list at import.
-ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
-              "cancel")
+ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_state")
+               "list_state", "cancel")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

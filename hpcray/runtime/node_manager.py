@@ -39,13 +39,14 @@ from hpcray.runtime import messages, protocol
 from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
+from hpcray.runtime.cancellation import Canceller
 from hpcray.runtime.cluster import Network
 from hpcray.runtime.object_mover import ObjectMover
-from hpcray.runtime.object_table import ObjectTable, _DependencyWaiter
+from hpcray.runtime.object_table import ObjectTable
 from hpcray.runtime.task_router import TaskRouter
 from hpcray.runtime.worker_requests import WorkerRequests
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
-                                  RUNNING, WAITING, TaskRecord, TaskSpec)
+                                  RUNNING, TaskRecord, TaskSpec)
 from hpcray.runtime.state_queries import StateQueries
 from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
@@ -57,7 +58,7 @@ _HELLO = Hello.CODE
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
                  "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail", "holds",
-                 "calls")
+                 "calls", "sigint_after_flush")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -75,6 +76,7 @@ class WorkerHandle:
         self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
         self.holds = set()        # ids it holds refs to (its process counts once each)
         self.calls = None         # {function id: runs} of functions that set max_calls
+        self.sigint_after_flush = False  # a CancelTask waits to go out: signal after it
 
 
 class NodeManager:
@@ -151,6 +153,8 @@ class NodeManager:
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
                                  self.mover, self.actors, scheduler, self.task_events, peers)
+        self.canceller = Canceller(rank, link, self, self.objects, self.borrowing, self.actors,
+                                   scheduler, store, peers)
         self.requests = WorkerRequests(rank, self, self.objects, self.actors, self.router,
                                        self.network, scheduler)
         self.state_queries = StateQueries(rank, link, self, self.objects, gcs,
@@ -160,7 +164,7 @@ class NodeManager:
         self.actors.bind(self.router, self.borrowing)
         self.network.bind(self.router, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
-            self.state_queries))
+            self.state_queries, self.canceller))
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
 
@@ -379,6 +383,12 @@ class NodeManager:
                     self._epoll.modify(worker.conn.fileno(), select.EPOLLIN)
                 except OSError:
                     pass
+                if worker.sigint_after_flush and worker.alive and worker.pid:
+                    worker.sigint_after_flush = False  # its CancelTask is out (cancellation.py)
+                    try:
+                        os.kill(worker.pid, signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
         if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
             return
         try:
@@ -474,8 +484,14 @@ class NodeManager:
         self._release_gpus(record)
         actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
         if record is not None:
-            if record.cancelled:
-                self._fail_task(record, exceptions.TaskCancelledError())
+            if record.cancelled:  # cancel(force=True) killed it: a new worker takes its place
+                self._fail_task(record, exceptions.TaskCancelledError(
+                    f"{record.spec.name} was cancelled (force=True: its worker was killed)."))
+                scheduler = self.scheduler
+                if len(scheduler.idle_workers) + len(scheduler.busy_workers) + \
+                        scheduler.num_starting < scheduler.target_workers:
+                    scheduler.worker_starting()
+                    actions = actions + [("start_worker",)]
             elif record.retries_left != 0:
                 record.retries_left -= 1
                 record.state = QUEUED
@@ -557,14 +573,14 @@ class NodeManager:
             self.objects.entry(object_id).refs = 1  # the caller's ref (ObjectRef made "owned")
         for key in spec.contained:
             self.objects.incref(key)
+        if parent is not None:  # what a recursive cancel of the parent cancels too
+            if parent.children is None:
+                parent.children = []
+            parent.children.append(spec.task_id)
         if spec.kind == ACTOR_CALL:
             self.actors.submit_actor_call(record)
             return
         self.tasks[spec.task_id] = record
-        if parent is not None:
-            if parent.children is None:
-                parent.children = []
-            parent.children.append(spec.task_id)
         if problem is not None:
             self._unschedulable(spec, problem, record)
             return
@@ -611,7 +627,6 @@ class NodeManager:
             self._fail_task(record, exceptions.TaskUnschedulableError(message))
         else:
             self._fail_task(record, exceptions.ResourceInfeasibleError(message))
-
 
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
         """`ready_callback(record)` once every argument exists on some node."""
@@ -684,6 +699,8 @@ class NodeManager:
                      failed: bool = False) -> None:
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
+        if record.cancelled and not failed:  # never a value once cancelled
+            results = self.canceller.cancelled_results(record, results)
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
             self.router.send_results_to_owner(record, results, transitions, failed)
             return
@@ -737,55 +754,8 @@ class NodeManager:
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, object_id: bytes, force: bool, recursive: bool = True) -> None:
-        self._cancel_task(object_id[:16], force, recursive)
-
-    def _cancel_task(self, task_id: bytes, force: bool, recursive: bool) -> None:
-        record = self.tasks.get(task_id)
-        if record is None:
-            for actor in self.actors.values():
-                for queued in actor.queue:
-                    if queued.spec.task_id == task_id:
-                        queued.cancelled = True
-                        actor.queue.remove(queued)
-                        self._fail_task(queued, exceptions.TaskCancelledError())
-                        return
-            return  # finished already, or an actor call in flight: nothing to do, as Ray
-        if recursive and record.children:
-            for child_id in record.children:
-                self._cancel_task(child_id, force, recursive)
-        if record.state in (WAITING, QUEUED):
-            record.cancelled = True
-            if record.state == QUEUED:
-                self.scheduler.cancel(task_id)
-            else:
-                for dep in record.spec.deps:
-                    self._remove_waiter_of_task(dep, record)
-            self._fail_task(record, exceptions.TaskCancelledError())
-        elif record.state == RUNNING and record.worker is None:
-            # Running on another node (this node forwarded it): whoever has it cancels it.
-            self.network.peers.broadcast(wire(messages.Cancel, task_id, force, recursive))
-        elif record.state == RUNNING and record.worker is not None:
-            record.cancelled = True
-            record.retries_left = 0
-            worker = record.worker
-            if not force and worker.interrupt_wait is not None:
-                worker.interrupt_wait(exceptions.TaskCancelledError())
-            pid = worker.pid
-            try:
-                os.kill(pid, signal.SIGKILL if force else signal.SIGINT)
-            except ProcessLookupError:
-                pass
-
-    def _remove_waiter_of_task(self, dep: bytes, record: TaskRecord) -> None:
-        entry = self.objects.get(dep)
-        if entry is None:
-            return
-        for attribute in ("waiters", "avail_waiters"):
-            waiters = getattr(entry, attribute)
-            if waiters:
-                setattr(entry, attribute, [
-                    w for w in waiters
-                    if not (isinstance(w, _DependencyWaiter) and w.record is record)] or None)
+        """A process on this node cancels the task of `object_id` (cancellation.py)."""
+        self.canceller.cancel(object_id[:16], force, recursive)
 
 
 def _note_holds(holds: set, transitions) -> None:
@@ -823,5 +793,5 @@ def _close_fd(fd: int) -> None:
 
 # Every message of the node's channels has exactly one handler among its parts.
 messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
-                        StateQueries)
+                        StateQueries, Canceller)
 messages.check_handlers("up", NodeManager, Actors, WorkerRequests)

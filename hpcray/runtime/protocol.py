@@ -33,11 +33,11 @@ def tune(sock: socket.socket) -> None:
 
 
 class BlockingConnection:
-    """A worker's end: blocking receive, thread-safe send."""
+    """A worker's end: blocking receive (or `recv_nowait`), thread-safe send."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._inbox = bytearray()
         self._send_lock = threading.Lock()
 
     def send(self, message) -> None:
@@ -47,21 +47,53 @@ class BlockingConnection:
 
     def recv(self):
         """The next message; EOFError when the peer is gone."""
-        header = self._rfile.read(4)
-        if len(header) < 4:
+        while True:
+            message = self._take()
+            if message is not _NOTHING:
+                return message
+            self._fill(0)
+
+    def recv_nowait(self):
+        """The next message if one has arrived, else None (never waits)."""
+        message = self._take()
+        if message is _NOTHING:
+            try:
+                self._fill(socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            message = self._take()
+        return None if message is _NOTHING else message
+
+    def _take(self):
+        inbox = self._inbox
+        if len(inbox) < 4:
+            return _NOTHING
+        (size,) = _FRAME.unpack_from(inbox, 0)
+        end = 4 + size
+        if len(inbox) < end:
+            return _NOTHING
+        message = pickle.loads(inbox[4:end])
+        del inbox[:end]
+        return message
+
+    def _fill(self, flags: int) -> None:
+        inbox = self._inbox
+        want = 1 << 16
+        if len(inbox) >= 4:  # the rest of a large message in one call
+            want = max(want, 4 + _FRAME.unpack_from(inbox, 0)[0] - len(inbox))
+        chunk = self.sock.recv(want, flags)
+        if not chunk:
             raise EOFError("node manager closed the connection")
-        (size,) = _FRAME.unpack(header)
-        data = self._rfile.read(size)
-        if len(data) < size:
-            raise EOFError("node manager closed the connection")
-        return pickle.loads(data)
+        inbox += chunk
 
     def close(self) -> None:
         try:
-            self._rfile.close()
             self.sock.close()
         except OSError:
             pass
+
+
+_NOTHING = object()
 
 
 class NonBlockingConnection:

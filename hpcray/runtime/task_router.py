@@ -33,7 +33,7 @@ class TaskRouter:
                messages.TaskDone: "on_done", messages.FunctionRequest: "on_function_request",
                messages.Function: "on_function", messages.ActorAt: "on_actor_at",
                messages.EndActor: "on_end_actor", messages.ActorCall: "on_actor_call",
-               messages.KillActor: "on_kill_actor", messages.Cancel: "on_cancel"}
+               messages.KillActor: "on_kill_actor"}
 
     def __init__(self, rank: int, link, node, network, objects, borrowing, mover, actors,
                  scheduler, task_events, peers) -> None:
@@ -178,6 +178,8 @@ class TaskRouter:
 
     def localize(self, record: TaskRecord, then) -> None:
         """Pull the arguments that live on other nodes, then `then(record)`."""
+        if record.cancelled:  # while its function was on its way (cancellation.py)
+            return
         objects = self.objects
         remote = [dep for dep in record.spec.deps
                   if (entry := objects.get(dep)) is not None and entry.state == REMOTE]
@@ -216,6 +218,9 @@ class TaskRouter:
             return
         self.task_events.ended(task_id, results, failed, record.cancelled)
         self.borrowing.register_kept(kept)
+        if record.cancelled:  # it ended before the cancel reached it: never a value
+            results = self.node.canceller.cancelled_results(
+                record, results, source if source != self.rank else None)
         if source != self.rank:
             self.borrowing.foreign_results(results)
             if record.spec.kind != ACTOR_CALL and _strategy_of(record.spec) is None:
@@ -333,9 +338,6 @@ class TaskRouter:
             self.actors.kill_actor(actor_id, no_restart)
         except ValueError:
             pass
-
-    def on_cancel(self, source: int, task_id: bytes, force: bool, recursive: bool) -> None:
-        self.node._cancel_task(task_id, force, recursive)
 
 
 def _strategy_of(spec):

@@ -28,8 +28,9 @@ from hpcray.serialization import ErrorValue, error_bytes, make_error_value
 
 _RUN_TASK, _CREATE_ACTOR, _EXIT = RunTask.CODE, CreateActor.CODE, ExitWorker.CODE
 
-class _Cancelled(BaseException):
-    """Raised in a task's thread to cancel it (SIGINT from the node manager)."""
+class _Cancelled(KeyboardInterrupt):
+    """Raised in a pool task's thread to cancel it (the node manager's CancelTask, then
+    SIGINT; cancellation.py): a KeyboardInterrupt, as Ray raises."""
 
 
 class _Unusable(Exception):
@@ -68,8 +69,8 @@ class Worker:
         self.actor = None
         self.actor_id = None
         self.actor_gpu_ids = ()
-        self.running_task = None
-        self.cancel_requested = False
+        self.actor_mode = None      # "sync", "threaded" or "async" once an actor
+        self.cancel_hint = False    # a SIGINT came: look for a CancelTask before a call
         self.local = threading.local()
         context.set_worker(self)
 
@@ -104,14 +105,39 @@ class Worker:
                 return 0
 
     def _on_sigint(self, _signum, _frame):
-        # The node manager's cancel(): interrupt only a running task, never the loop, and
-        # never in the middle of reading a message (the channel raises once it has one).
-        if self.running_task is None:
+        # The node manager sent CancelTask, then this signal. Interrupt only a pool task's
+        # own code, and only for a cancel of that task (the signal may be late, for a task
+        # that ended), never in the middle of a message (the channel raises at the end
+        # of the node call the main thread is in). An actor is never interrupted.
+        self.cancel_hint = True
+        channel = self.channel
+        if channel.interruptible is None:
             return
-        if self.channel.in_io:
-            self.channel.interrupted = True
-            return
-        raise _Cancelled()
+        channel.poll_cancels()
+        self.cancel_hint = False
+        if channel.interrupt_pending and not channel.main_io:
+            channel.interrupt_pending = False
+            raise _Cancelled()
+
+    def is_canceled(self) -> bool:
+        """Whether the task or actor call this thread runs was cancelled (Ray's
+        `get_runtime_context().is_canceled()`)."""
+        if self.actor_mode == "async":
+            raise RuntimeError("is_canceled() is not supported in async actors: a cancelled "
+                               "call gets asyncio.CancelledError.")
+        task_id = self.current_task_id
+        if task_id is None:
+            raise RuntimeError("is_canceled() is only available inside a task or an actor "
+                               "method.")
+        self.channel.poll_cancels()
+        return task_id in self.channel.cancelled_tasks
+
+    def _cancelled_before_start(self, task_id: bytes) -> bool:
+        """A call whose cancel is here already (pipelined to an actor) never runs."""
+        if self.cancel_hint:
+            self.cancel_hint = False
+            self.channel.poll_cancels()
+        return task_id in self.channel.cancelled_tasks
 
     def _load_function(self, function_id: bytes, pickled, what: str = "the function"):
         function = self.functions.get(function_id)
@@ -185,9 +211,14 @@ class Worker:
         try:
             retry_on = self._retry_filter(spec)
             args, kwargs = self._resolve_args(spec, dep_payloads)
+            if self.actor is None:  # a pool task: a cancel interrupts it from here...
+                self.channel.interruptible = spec.task_id
+                if self._cancelled_before_start(spec.task_id):
+                    raise _Cancelled()
             outcome = function(*args, **kwargs)
             if asyncio.iscoroutine(outcome):
                 outcome = asyncio.run(outcome)
+            self.channel.interruptible = None  # ...to here
             del args, kwargs
             return self._store_returns(spec, outcome), False
         except _DependencyFailed as failed:
@@ -195,7 +226,7 @@ class Worker:
         except _Unusable as unusable:
             error = unusable.task_error(spec.name)
         except (_Cancelled, KeyboardInterrupt):
-            error = exceptions.TaskCancelledError(f"{spec.name} was cancelled.")
+            error = _cancel_error(spec)
         except exceptions.ObjectStoreFullError as exc:
             error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
         except Exception as exc:  # noqa: BLE001 - the task's error is its result
@@ -203,6 +234,9 @@ class Worker:
             retry = _should_retry(retry_on, exc)
         finally:
             self.local.task_id = None
+            if self.actor is None:
+                self.channel.interruptible = None
+                self.channel.interrupt_pending = False
         blob = error_bytes(error)
         return [(oid, blob, (), len(blob)) for oid in spec.return_ids], retry
 
@@ -244,11 +278,11 @@ class Worker:
             exc_error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
             self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error), False)
             return
-        self.running_task = spec.task_id
-        try:
-            results, retry = self._execute(spec, function, dep_payloads)
-        finally:
-            self.running_task = None
+        if self.actor is not None and self._cancelled_before_start(spec.task_id):
+            self.channel.send_done(WorkDone, spec.task_id,
+                                   _error_results(spec, _cancel_error(spec, False)), False)
+            return
+        results, retry = self._execute(spec, function, dep_payloads)
         _flush_std()
         self.channel.send_done(WorkDone, spec.task_id, results, retry)
 
@@ -294,6 +328,10 @@ class Worker:
         self.channel.start_reader(dispatch)
 
     def _run_concurrent_call(self, spec, _function, dep_payloads, _gpu_ids) -> None:
+        if spec.task_id in self.channel.cancelled_tasks:  # cancelled while it waited
+            self.channel.send_done(WorkDone, spec.task_id,
+                                   _error_results(spec, _cancel_error(spec, False)), False)
+            return
         try:
             function = getattr(self.actor, spec.method)
             results, retry = self._execute(spec, function, dep_payloads)
@@ -304,8 +342,28 @@ class Worker:
     def _start_async_actor(self, max_concurrency: int) -> None:
         loop = asyncio.new_event_loop()
         semaphore = None
+        calls: dict = {}  # task id -> the asyncio.Task running that call
+
+        def cancel_call(task_id) -> None:  # Ray's cancel of an async call: asyncio's
+            call = calls.get(task_id)
+            if call is not None:
+                call.cancel()
+
+        self.channel.on_cancel = lambda task_id: loop.call_soon_threadsafe(cancel_call, task_id)
 
         async def run_call(spec, dep_payloads):
+            calls[spec.task_id] = asyncio.current_task()
+            try:
+                if spec.task_id in self.channel.cancelled_tasks:
+                    raise asyncio.CancelledError()
+                results, retry = await run_call_body(spec, dep_payloads)
+            except asyncio.CancelledError:  # before it ran (or after: its own catch)
+                results, retry = _error_results(spec, _cancel_error(spec, False)), False
+            finally:
+                del calls[spec.task_id]
+            self.channel.send_done(WorkDone, spec.task_id, results, retry)
+
+        async def run_call_body(spec, dep_payloads):
             nonlocal semaphore
             if semaphore is None:
                 semaphore = asyncio.Semaphore(max_concurrency)
@@ -324,11 +382,13 @@ class Worker:
                 except _Unusable as unusable:
                     results = _error_results(spec, unusable.task_error(spec.name))
                     retry = False
+                except asyncio.CancelledError:  # cancel(): interrupted at an await
+                    results, retry = _error_results(spec, _cancel_error(spec)), False
                 except Exception as exc:  # noqa: BLE001
                     error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
                     results = _error_results(spec, error)
                     retry = _should_retry(retry_on, exc)
-            self.channel.send_done(WorkDone, spec.task_id, results, retry)
+            return results, retry
 
         def dispatch(message):
             if message[0] != _RUN_TASK:
@@ -339,6 +399,15 @@ class Worker:
 
         threading.Thread(target=loop.run_forever, name="hpcray-async-actor", daemon=True).start()
         self.channel.start_reader(dispatch)
+
+
+def _cancel_error(spec, interrupted: bool = True) -> BaseException:
+    """What a cancelled task reports: as in Ray, TaskCancelledError if it never ran, a
+    RayTaskError whose cause is one (an instance of both) if it was interrupted."""
+    cancelled = exceptions.TaskCancelledError(f"{spec.name} was cancelled.")
+    if not interrupted:
+        return cancelled
+    return exceptions.RayTaskError(spec.name, _user_traceback(), cancelled, os.getpid())
 
 
 class _DependencyFailed(Exception):

@@ -77,9 +77,6 @@ class WorkerRequests:
     def op_kill_actor(self, worker, actor_id: bytes, no_restart: bool) -> None:
         self.actors.kill_actor(actor_id, no_restart)
 
-    def op_cancel(self, worker, object_id: bytes, force: bool, recursive: bool) -> None:
-        self.node.cancel(object_id, force, recursive)
-
     # ------------------------------------------------------------------ answered
     def op_get(self, worker, request_id, object_ids, timeout) -> None:
         self.wait_for(worker, request_id, object_ids, len(object_ids), timeout,
@@ -104,6 +101,13 @@ class WorkerRequests:
 
     def op_nodes(self, worker, request_id) -> None:
         self.reply(worker, request_id, self.node.describe_nodes())
+
+    def op_cancel(self, worker, request_id, object_id: bytes, force: bool,
+                  recursive: bool) -> None:
+        """Answered, so that the worker's cancel raises what the driver's would (force on
+        an actor call) and returns once this node has done its part."""
+        self.node.cancel(object_id, force, recursive)
+        self.reply(worker, request_id, None)
 
     def op_list_state(self, worker, request_id, table: str) -> None:
         self.node.list_state(table, lambda rows: self.reply(worker, request_id, rows))
@@ -132,6 +136,13 @@ class WorkerRequests:
                 if worker.alive:
                     self.node.send_to_worker(worker, wire(messages.Reply, request_id, False, error))
 
+        record = worker.task
+        if record is not None and record.cancelled:  # a pool task the cancel has not
+            # interrupted yet (the SIGINT is on its way): it does not wait any more
+            self.node.send_to_worker(worker, wire(messages.Reply, request_id, False,
+                                                  KeyboardInterrupt(
+                                                      f"{record.spec.name} was cancelled.")))
+            return
         waiter = self.objects.register_get(object_ids, num_returns, finish, local)
         if waiter is None:
             self.reply(worker, request_id, answer())

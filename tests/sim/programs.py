@@ -12,6 +12,7 @@ import itertools
 import random
 
 import hpcray as ray
+from hpcray.exceptions import TaskCancelledError
 from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 SMALL, LARGE = 16, 2000   # bytes of padding: inline, and through the store (threshold 300)
@@ -116,6 +117,7 @@ def random_workload(sim) -> None:
     node_ids = [node.node_id.hex() for node in sim.nodes]
     tags = itertools.count(1)
     held: dict = {}        # ObjectRef -> tag
+    cancelled: dict = {}   # ObjectRef -> tag, of a task cancelled (it may have ended first)
     keepers: list = []
 
     def strategy():
@@ -197,12 +199,38 @@ def random_workload(sim) -> None:
                 if inner in held:
                     check_value(ray.get(inner), held[inner])
 
+    def op_cancel():
+        """Cancel a task (or an actor call) at once or after a pause: its get raises
+        TaskCancelledError, or gives its value if it ended before the cancel."""
+        tag = next(tags)
+        choice = rng.random()
+        if choice < 0.4:
+            ref = make.options(scheduling_strategy=strategy()).remote(tag, pad(), some_refs())
+        elif choice < 0.8 or not keepers:
+            ref = nest.options(scheduling_strategy=strategy()).remote(
+                tag, rng.randint(1, 3), pad(), rng.random() < 0.5)
+        else:
+            tag = None  # a count, not a value
+            ref = rng.choice(keepers).keep.remote(some_refs())
+        if rng.random() < 0.5:
+            sim.pause()
+        ray.cancel(ref, recursive=rng.random() < 0.7)
+        cancelled[ref] = tag
+
+    def check_cancelled(ref, tag):
+        try:
+            got = ray.get(ref)
+        except TaskCancelledError:
+            return
+        if tag is not None:
+            check_value(got, tag)
+
     def op_parents():
         parents = [Parent.remote(3) for _ in range(2)]
         assert ray.get([p.total.remote() for p in parents]) == [3, 3]
 
     operations = [op_put, op_make, op_make, op_read, op_nest, op_split, op_keeper,
-                  op_give, op_drop, op_drop, op_get, op_get]
+                  op_give, op_drop, op_drop, op_get, op_get, op_cancel]
     if rng.random() < 0.15:
         operations.append(op_parents)
     for _ in range(rng.randint(8, 20)):
@@ -210,6 +238,9 @@ def random_workload(sim) -> None:
         sim.pause()
     for ref, tag in list(held.items()):
         check_value(ray.get(ref), tag)
+    for ref, tag in list(cancelled.items()):
+        check_cancelled(ref, tag)
     held.clear()
+    cancelled.clear()
     keepers.clear()
     gc.collect()

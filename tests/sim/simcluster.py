@@ -221,6 +221,10 @@ class ProcessConnection:
             process.block("waiting")
         return process.inbox.popleft()
 
+    def recv_nowait(self):
+        inbox = self.process.inbox
+        return inbox.popleft() if inbox else None
+
     def close(self) -> None:
         pass
 
