@@ -53,10 +53,9 @@ class Canceller:
 
     HANDLES = {messages.Cancel: "on_cancel", messages.CancelPlaced: "on_cancel_placed"}
 
-    def __init__(self, rank: int, link, node, objects, borrowing, actors, scheduler,
-                 store, peers) -> None:
+    def __init__(self, rank: int, node, objects, borrowing, actors, scheduler, store,
+                 peers) -> None:
         self.rank = rank
-        self.link = link                  # ClusterLink, or None on one node
         self.node = node                  # tasks, workers, task ends
         self.objects = objects
         self.borrowing = borrowing
@@ -110,7 +109,7 @@ class Canceller:
         record, where = self._find(task_id)
         if record is None:
             owner = ids.owner_rank(task_id)
-            if route and strict and owner != self.rank and self.link is not None:
+            if route and strict and owner != self.rank:
                 self.peers.send(owner, wire(messages.Cancel, task_id, force, recursive))
             return  # finished already (or never here): nothing to do, as in Ray
         if record.spec.kind == ACTOR_CALL:
@@ -139,7 +138,7 @@ class Canceller:
             self.node._fail_task(record, _cancelled_error(record))
         elif state == RUNNING and record.worker is None:
             # Forwarded by this node (its owner): to rank 0, behind the Forward.
-            if route and self.link is not None and (first or force):
+            if route and (first or force):
                 self.send_placed(record.spec.task_id, force, recursive)
         elif state == RUNNING:
             self._interrupt(record, force, first)

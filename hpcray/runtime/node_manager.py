@@ -153,7 +153,7 @@ class NodeManager:
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
                                  self.mover, self.actors, scheduler, self.task_events, peers)
-        self.canceller = Canceller(rank, link, self, self.objects, self.borrowing, self.actors,
+        self.canceller = Canceller(rank, self, self.objects, self.borrowing, self.actors,
                                    scheduler, store, peers)
         self.requests = WorkerRequests(rank, self, self.objects, self.actors, self.router,
                                        self.network, scheduler)
