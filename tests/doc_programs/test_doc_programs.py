@@ -48,10 +48,6 @@ GAPS = {
     ("actor_creator_failure.py", None):
         "owner death: a non-detached actor created by an actor whose process is killed "
         "stays alive ('actor.ping: hello'); Ray kills it with its owner",
-    ("actors.py", None):
-        "ray.cancel of a running async actor method is ignored: the coroutine is not "
-        "cancelled (no asyncio.CancelledError, 'Actor task canceled.' never printed) and "
-        "runs its full 5 s",
     ("anti_pattern_return_ray_put.py", None):
         "num_returns='streaming' (streaming generators) is rejected by options.check: "
         "'num_returns must be a non-negative int'",
@@ -62,13 +58,9 @@ GAPS = {
     ("streaming_generator.py", None):
         "a generator task without num_returns is not a streaming generator: .remote() "
         "returns one ref, so next(gen) raises TypeError",
-    ("tasks.py", None):
-        "ray.cancel right after .remote() is lost some of the time (the task is not yet "
-        "on the node); blocking_operation then sleeps 10e6 s, a running task is not "
-        "interrupted, and ray.get waits until the test's timeout",
 }
 
-RACY = {"tasks.py"}
+RACY: set = set()
 
 # What Ray's documentation says the program prints (in its comments or text), where a
 # program would otherwise exit 0 with a wrong result.
