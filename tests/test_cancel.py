@@ -192,6 +192,32 @@ def test_a_task_that_catches_the_interrupt_still_returns_no_value(ray_start, tmp
         ray.get(ref, timeout=30)
 
 
+def test_a_task_interrupted_once_can_still_call_get_to_clean_up(ray_start, tmp_path):
+    signal = Signal.remote()
+    started, cleaned = tmp_path / "started", tmp_path / "cleaned"
+
+    @ray.remote
+    def helper():
+        return "helped"
+
+    @ray.remote
+    def careful(ref_list, path, done):
+        touch(path)
+        try:
+            ray.get(ref_list[0])
+        except KeyboardInterrupt:
+            touch(done, ray.get(helper.remote(), timeout=30))
+            raise
+
+    ref = careful.remote([signal.wait.remote()], str(started), str(cleaned))
+    wait_for_file(started)
+    ray.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        ray.get(ref, timeout=30)
+    assert cleaned.read_text() == "helped"
+    ray.get(signal.send.remote())
+
+
 def test_cancel_task_blocked_in_get(ray_start, tmp_path):
     signal = Signal.remote()
     started = tmp_path / "started"

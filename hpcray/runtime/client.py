@@ -355,6 +355,7 @@ class WorkerChannel:
         self.cancelled_tasks: set = set()   # those of them the node cancelled
         self.interruptible = None           # the pool task whose thread a cancel interrupts
         self.interrupt_pending = False
+        self.interrupted = None             # the task its KeyboardInterrupt was raised for
         self.main_io = False                # the main thread is sending or receiving
         self.on_cancel = None               # async actors: called with a cancelled call's id
 
@@ -415,7 +416,7 @@ class WorkerChannel:
             task_id = message[1]
             if task_id in self.known_tasks:  # else it ended before the cancel came
                 self.cancelled_tasks.add(task_id)
-                if task_id == self.interruptible:
+                if task_id == self.interruptible and task_id != self.interrupted:
                     self.interrupt_pending = True
                 if self.on_cancel is not None:
                     self.on_cancel(task_id)
@@ -443,11 +444,13 @@ class WorkerChannel:
 
     def _interrupt(self) -> None:
         self.interrupt_pending = False
+        self.interrupted = self.interruptible  # once per task: a later cancel notice is seen
         raise KeyboardInterrupt("cancelled")
 
     def request(self, op: str, args: tuple):
         self._raise_failed_notice()
         request_id = next(self._request_ids)
+        main = threading.get_ident() == threading.main_thread().ident
         if self.inbox is not None:
             slot = [threading.Lock(), None]
             slot[0].acquire()
@@ -457,7 +460,6 @@ class WorkerChannel:
             slot[0].acquire()
             reply = slot[1]
         else:
-            main = threading.get_ident() == threading.main_thread().ident
             with self._request_lock:
                 if main:
                     self.main_io = True
@@ -471,7 +473,13 @@ class WorkerChannel:
                                 reply = message
                                 break
                             self._note_failed_notice(message)
-                        elif not self._arrived(message):
+                        elif self._arrived(message):
+                            if main and self.interrupt_pending:  # the node may hold this
+                                # request (a get) for a long time: it answers at once now
+                                with self._send_lock:
+                                    self.conn.send((_NOTICE, "interrupt_wait", (),
+                                                    self.refs.drain()))
+                        else:
                             self.backlog.append(message)
                 finally:
                     if main:
@@ -480,6 +488,8 @@ class WorkerChannel:
                 self._interrupt()
         _, _, ok, value = reply
         if not ok:
+            if type(value) is KeyboardInterrupt and self.interruptible is not None and main:
+                self.interrupted = self.interruptible  # the node interrupted its wait
             reply = message = None  # the error's traceback holds this frame: no cycle
             try:
                 raise value

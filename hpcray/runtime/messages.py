@@ -345,7 +345,8 @@ class CancelTask(NamedTuple):
 # in-process node directly (client.DriverClient), a worker sends them (Notice /
 # Request), and the node's WorkerRequests part serves them, one op_<name> method each:
 # `check_operations` holds WorkerRequests to this list at import.
-ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor")
+ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
+              "interrupt_wait")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
                "list_state", "cancel")
 

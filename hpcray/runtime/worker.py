@@ -117,6 +117,7 @@ class Worker:
         self.cancel_hint = False
         if channel.interrupt_pending and not channel.main_io:
             channel.interrupt_pending = False
+            channel.interrupted = channel.interruptible
             raise _Cancelled()
 
     def is_canceled(self) -> bool:
@@ -229,13 +230,17 @@ class Worker:
             error = _cancel_error(spec)
         except exceptions.ObjectStoreFullError as exc:
             error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
+            exc.__traceback__ = None  # else error -> exc -> traceback -> this frame -> error
         except Exception as exc:  # noqa: BLE001 - the task's error is its result
             error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
             retry = _should_retry(retry_on, exc)
+            # A cycle (error -> exc -> its traceback -> this frame -> error) would keep the
+            # task's frames, and the refs in them, until a collection, after its WorkDone.
+            exc.__traceback__ = None
         finally:
             self.local.task_id = None
             if self.actor is None:
-                self.channel.interruptible = None
+                self.channel.interruptible = self.channel.interrupted = None
                 self.channel.interrupt_pending = False
         blob = error_bytes(error)
         return [(oid, blob, (), len(blob)) for oid in spec.return_ids], retry
@@ -388,6 +393,7 @@ class Worker:
                     error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
                     results = _error_results(spec, error)
                     retry = _should_retry(retry_on, exc)
+                    exc.__traceback__ = None  # no cycle through this frame (see _execute)
             return results, retry
 
         def dispatch(message):

@@ -77,6 +77,14 @@ class WorkerRequests:
     def op_kill_actor(self, worker, actor_id: bytes, no_restart: bool) -> None:
         self.actors.kill_actor(actor_id, no_restart)
 
+    def op_interrupt_wait(self, worker) -> None:
+        """The worker read the cancel of the task it runs while blocked in a get or wait
+        sent before it: that ends now, with the KeyboardInterrupt of a cancel (one sent
+        after the cancel waits as usual: a task may clean up after catching it)."""
+        if worker.interrupt_wait is not None and worker.task is not None \
+                and worker.task.cancelled:
+            worker.interrupt_wait(KeyboardInterrupt(f"{worker.task.spec.name} was cancelled."))
+
     # ------------------------------------------------------------------ answered
     def op_get(self, worker, request_id, object_ids, timeout) -> None:
         self.wait_for(worker, request_id, object_ids, len(object_ids), timeout,
@@ -136,13 +144,6 @@ class WorkerRequests:
                 if worker.alive:
                     self.node.send_to_worker(worker, wire(messages.Reply, request_id, False, error))
 
-        record = worker.task
-        if record is not None and record.cancelled:  # a pool task the cancel has not
-            # interrupted yet (the SIGINT is on its way): it does not wait any more
-            self.node.send_to_worker(worker, wire(messages.Reply, request_id, False,
-                                                  KeyboardInterrupt(
-                                                      f"{record.spec.name} was cancelled.")))
-            return
         waiter = self.objects.register_get(object_ids, num_returns, finish, local)
         if waiter is None:
             self.reply(worker, request_id, answer())
