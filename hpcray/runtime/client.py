@@ -428,6 +428,10 @@ class WorkerChannel:
         aside. Nothing to do while another thread reads (it notes them itself)."""
         if self.inbox is not None or not self._request_lock.acquire(blocking=False):
             return
+        main = threading.get_ident() == threading.main_thread().ident
+        main_io = self.main_io  # a signal now must not interrupt a half-read message
+        if main:
+            self.main_io = True
         try:
             while True:
                 message = self.conn.recv_nowait()
@@ -440,6 +444,8 @@ class WorkerChannel:
         except (EOFError, OSError):
             return
         finally:
+            if main:
+                self.main_io = main_io
             self._request_lock.release()
 
     def _interrupt(self) -> None:
