@@ -10,6 +10,7 @@ from hpcray.api import (available_resources, cancel, cluster_resources, get, get
                         get_gpu_ids, init, is_initialized, kill, nodes, put, remote, shutdown,
                         wait)
 from hpcray.object_ref import ObjectRef
+from hpcray.object_ref_generator import DynamicObjectRefGenerator, ObjectRefGenerator
 from hpcray.runtime_context import get_runtime_context
 
 __version__ = "0.1.0"
@@ -23,7 +24,8 @@ def __getattr__(name: str):
         return importlib.import_module("hpcray.util")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ActorClass", "ActorHandle", "ObjectRef", "available_resources", "cancel",
+__all__ = ["ActorClass", "ActorHandle", "DynamicObjectRefGenerator", "ObjectRef",
+           "ObjectRefGenerator", "available_resources", "cancel",
            "cluster_resources", "exceptions", "get", "get_actor", "get_gpu_ids",
            "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes", "put",
            "remote", "shutdown", "util", "wait"]

@@ -6,15 +6,20 @@ import inspect
 
 from hpcray import context, ids, options as opts
 from hpcray.object_ref import _note_pickled
-from hpcray.remote_function import _pickle_callable, encode_call_args, refs_for
+from hpcray.remote_function import (_pickle_callable, default_returns, encode_call_args,
+                                    generator_refs)
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
 from hpcray import object_ref as _object_ref
 
 
-def method(*, num_returns: int = 1, **_ray_only):
+def method(*, num_returns=None, **_ray_only):
     """`@hpcray.method(num_returns=n)` on an actor method, as `ray.method`."""
+    if num_returns is not None:
+        opts.check({"num_returns": num_returns}, {"num_returns"}, "ray.method")
+
     def decorate(function):
-        function.__hpcray_num_returns__ = num_returns
+        if num_returns is not None:
+            function.__hpcray_num_returns__ = num_returns
         return function
     return decorate
 
@@ -25,7 +30,8 @@ def _describe(cls) -> dict:
     for name, member in inspect.getmembers(cls):
         if not callable(member) or (name.startswith("__") and name != "__call__"):
             continue
-        methods[name] = getattr(member, "__hpcray_num_returns__", 1)
+        num_returns = getattr(member, "__hpcray_num_returns__", None)
+        methods[name] = default_returns(member) if num_returns is None else num_returns
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     return {"class_name": cls.__name__, "methods": methods, "is_async": is_async}
@@ -202,11 +208,15 @@ class ActorMethod:
             num_returns = options.get("num_returns", num_returns)
             name = options.get("name") or name
             retry_exceptions = opts.retry_exceptions_of(options)
+        generator = None
+        if num_returns in opts.GENERATOR_RETURNS:
+            generator, num_returns = num_returns, 1  # its one return: the completion
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
-                        return_ids, {}, 0, retry_exceptions, self._actor_id, self._name)
+                        return_ids, {}, 0, retry_exceptions, self._actor_id, self._name,
+                        {"generator": generator} if generator else None)
         client.submit(spec)
-        return refs_for(return_ids)
+        return generator_refs(generator, return_ids)
 
 
 class _MethodOptions:

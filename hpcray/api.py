@@ -7,12 +7,14 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 from hpcray import context, exceptions, object_ref
 from hpcray.actor import ActorClass, ActorHandle
 from hpcray.config import Config
 from hpcray.object_ref import ObjectRef
+from hpcray.object_ref_generator import ObjectRefGenerator
 from hpcray.remote_function import RemoteFunction
 from hpcray.options import ACTOR_OPTIONS, TASK_OPTIONS, check
 
@@ -220,6 +222,8 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
     client = client_or_init()
     if not isinstance(object_refs, (list, tuple)):
         raise TypeError(f"wait() expects a list of ObjectRefs, got {type(object_refs).__name__}.")
+    if any(type(ref) is ObjectRefGenerator for ref in object_refs):
+        return _wait_with_generators(client, object_refs, num_returns, timeout, fetch_local)
     try:
         object_ids = [ref._id for ref in object_refs]
     except AttributeError:
@@ -247,6 +251,42 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
     return ready, not_ready
 
 
+def _wait_with_generators(client, object_refs, num_returns, timeout, fetch_local):
+    """wait() of refs and ObjectRefGenerators, as Ray: a generator is ready when its
+    next item is there (or it has ended: `next` raises StopIteration at once)."""
+    if len(set(map(id, object_refs))) != len(object_refs):
+        raise ValueError("wait() got duplicate ObjectRefs.")
+    if not isinstance(num_returns, int) or not 0 <= num_returns <= len(object_refs):
+        raise ValueError(f"num_returns must be between 0 and len(object_refs) = "
+                         f"{len(object_refs)}, got {num_returns!r}.")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        ready, blocking_ids = [], []
+        refs = [ref for ref in object_refs if type(ref) is not ObjectRefGenerator]
+        for ref in refs:
+            if not isinstance(ref, ObjectRef):
+                _check_refs([ref], "wait()")
+        ready_refs = set(client.wait_ready([r.binary() for r in refs], len(refs), 0,
+                                           fetch_local)) if refs else set()
+        for ref in object_refs:
+            if type(ref) is ObjectRefGenerator:
+                is_ready, wait_ids = ref._next_ready()
+                blocking_ids.extend(wait_ids)
+            else:
+                is_ready = ref.binary() in ready_refs
+                if not is_ready:
+                    blocking_ids.append(ref.binary())
+            if is_ready:
+                ready.append(ref)
+        left = None if deadline is None else deadline - time.monotonic()
+        if len(ready) >= num_returns or (left is not None and left <= 0):
+            ready = ready[:num_returns]
+            return ready, [ref for ref in object_refs if all(ref is not r for r in ready)]
+        # Something changes: a ref or a generator's item becomes ready (or a generator
+        # ends: its completion); then look again.
+        client.wait_ready(list(dict.fromkeys(blocking_ids)), 1, left, fetch_local)
+
+
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that makes `object_ref`, as Ray does: one not running yet never
     runs; a running one gets a KeyboardInterrupt (`force`: its worker is killed); it is
@@ -254,7 +294,10 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     actor calls it submitted too. An actor call not yet sent to the actor never runs; a
     running one sees `get_runtime_context().is_canceled()` (async actors: its coroutine
     is cancelled); `force` raises ValueError for actor calls. A finished task is left
-    alone. Works wherever the task is (runtime/cancellation.py)."""
+    alone. Works wherever the task is (runtime/cancellation.py). An ObjectRefGenerator's
+    task is cancelled as Ray does: what it yielded before comes first, then the error."""
+    if type(object_ref) is ObjectRefGenerator:
+        object_ref = object_ref.completed()
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}.")
     client_or_init().cancel(object_ref.binary(), force, recursive)

@@ -6,6 +6,8 @@ TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "num_returns", "m
                 "retry_exceptions", "name", "scheduling_strategy", "runtime_env",
                 "accelerator_type", "placement_group", "_metadata", "label_selector",
                 "max_calls"}
+# num_returns of a generator task (runtime/generators.py); a generator function's default
+GENERATOR_RETURNS = ("streaming", "dynamic")
 ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespace",
                  "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
                  "scheduling_strategy", "runtime_env", "get_if_exists", "accelerator_type",
@@ -35,8 +37,10 @@ def check(options: dict, allowed: set, what: str) -> dict:
             if not isinstance(amount, (int, float)) or amount < 0:
                 raise ValueError(f"resources[{name!r}] must be a non-negative number.")
     num_returns = options.get("num_returns")
-    if num_returns is not None and (not isinstance(num_returns, int) or num_returns < 0):
-        raise ValueError(f"num_returns must be a non-negative int, got {num_returns!r}.")
+    if num_returns is not None and num_returns not in GENERATOR_RETURNS and (
+            not isinstance(num_returns, int) or num_returns < 0):
+        raise ValueError(f"num_returns must be a non-negative int, 'streaming' or 'dynamic', "
+                         f"got {num_returns!r}.")
     for key in ("max_retries", "max_restarts", "max_task_retries"):
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or value < -1):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import cloudpickle
 
 from hpcray import context, ids, options as opts
 from hpcray.object_ref import ObjectRef
+from hpcray.object_ref_generator import ObjectRefGenerator
 from hpcray.runtime.specs import NORMAL_TASK, TaskSpec
 from hpcray.serialization import dumps_callable
 
@@ -28,6 +30,7 @@ class RemoteFunction:
         self._name = f"{getattr(function, '__module__', '?')}.{function.__qualname__}"
         self._function_id = function_id or ids.new_task_id()
         self._pickled = None
+        self._default_returns = default_returns(function)
         functools.update_wrapper(self, function, updated=())
 
     def __call__(self, *args, **kwargs):
@@ -60,12 +63,17 @@ class RemoteFunction:
         demand = opts.demand_of(options, 1)
         task_id = ids.new_task_id()
         args_payload, deps, contained = encode_call_args(client, task_id, args, kwargs, self._name)
-        num_returns = options.get("num_returns", 1)
+        num_returns = options.get("num_returns", self._default_returns)
+        generator = None
+        if num_returns in opts.GENERATOR_RETURNS:
+            generator, num_returns = num_returns, 1  # its one return: the completion
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         max_retries = options.get("max_retries")
         if max_retries is None:
             max_retries = client.config.default_max_retries
         extra = {}
+        if generator is not None:
+            extra["generator"] = generator
         strategy = opts.strategy_of(options)
         if strategy:
             extra["scheduling_strategy"] = strategy
@@ -78,7 +86,21 @@ class RemoteFunction:
                         args_payload, deps, contained, return_ids, demand, max_retries,
                         opts.retry_exceptions_of(options), None, None, extra or None)
         client.submit(spec)
-        return refs_for(return_ids)
+        return generator_refs(generator, return_ids)
+
+
+def default_returns(function):
+    """Ray's default num_returns: "streaming" for a generator function, else 1."""
+    if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+        return "streaming"
+    return 1
+
+
+def generator_refs(generator, return_ids: list):
+    """What `.remote()` returns: its refs, or an ObjectRefGenerator for a streaming task."""
+    if generator == "streaming":
+        return ObjectRefGenerator(ObjectRef(return_ids[0], True))
+    return refs_for(return_ids)
 
 
 def encode_call_args(client, task_id, args, kwargs, name):

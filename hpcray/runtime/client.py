@@ -216,6 +216,14 @@ class DriverClient(CoreClient):
         with nm.lock:
             return nm.objects.ready_ids(object_ids, fetch_local)
 
+    def generator_next(self, task_id: bytes, index: int, take: bool):
+        """(status, item id) of a generator task's item `index` (generators.next_item)."""
+        nm = self._locked()
+        try:
+            return nm.generators.next_item(task_id, index, take)
+        finally:
+            nm.lock.release()
+
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         nm = self._locked()
         try:
@@ -298,6 +306,9 @@ class WorkerClient(CoreClient):
     def wait_ready(self, object_ids: list, num_returns: int, timeout,
                    fetch_local: bool = True) -> list:
         return self.channel.request("wait", (object_ids, num_returns, timeout, fetch_local))
+
+    def generator_next(self, task_id: bytes, index: int, take: bool):
+        return self.channel.request("generator_next", (task_id, index, take))
 
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         self.channel.request("cancel", (object_id, force, recursive))

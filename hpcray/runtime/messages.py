@@ -90,6 +90,15 @@ class TaskDone(NamedTuple):
 
 
 @_on("control")
+class TaskItem(NamedTuple):
+    """executor -> owner: item `index` a generator task yielded, as it was yielded (a
+    result as in TaskDone; it comes before the task's TaskDone; generators.py)."""
+    task_id: bytes
+    index: int
+    result: tuple
+
+
+@_on("control")
 class Cancel(NamedTuple):
     """a node whose process cancelled a task another node owns -> that owner; the owner
     of an actor call -> the actor's node: cancel it (cancellation.py)."""
@@ -279,6 +288,16 @@ class WorkDone(NamedTuple):
 
 
 @_on("up")
+class ItemReady(NamedTuple):
+    """a generator task yielded item `index` (a result: (id, inline or None, contained,
+    size)); before its WorkDone."""
+    task_id: bytes
+    index: int
+    result: tuple
+    transitions: list
+
+
+@_on("up")
 class ActorReady(NamedTuple):
     """the constructor ran (error: the pickled exception it raised, else None)."""
     actor_id: bytes
@@ -348,7 +367,7 @@ class CancelTask(NamedTuple):
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "interrupt_wait")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_state", "cancel")
+               "list_state", "cancel", "generator_next")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

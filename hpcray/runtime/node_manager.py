@@ -41,6 +41,7 @@ from hpcray.runtime.actors import A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
 from hpcray.runtime.cancellation import Canceller
 from hpcray.runtime.cluster import Network
+from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
 from hpcray.runtime.task_router import TaskRouter
@@ -159,13 +160,17 @@ class NodeManager:
                                        self.network, scheduler)
         self.state_queries = StateQueries(rank, link, self, self.objects, gcs,
                                           self.task_events, peers)
-        self.objects.bind(self.mover, self.borrowing, self.actors)
+        self.generators = Generators(rank, self, self.objects, self.borrowing, self.actors,
+                                     self.router, peers)
+        self.objects.bind(self.mover, self.borrowing, self.actors, self.generators)
+        self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
         self.network.bind(self.router, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
-            self.state_queries, self.canceller))
-        self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests)
+            self.state_queries, self.canceller, self.generators))
+        self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests,
+                                                       self.generators)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
 
     def describe_self(self) -> dict:
@@ -577,6 +582,8 @@ class NodeManager:
             if parent.children is None:
                 parent.children = []
             parent.children.append(spec.task_id)
+        if generator_kind(spec) is not None:
+            self.generators.submitted(spec)
         if spec.kind == ACTOR_CALL:
             self.actors.submit_actor_call(record)
             return
@@ -705,6 +712,8 @@ class NodeManager:
             self.router.send_results_to_owner(record, results, transitions, failed)
             return
         self.task_events.ended(record.spec.task_id, results, failed, record.cancelled)
+        if record.spec.task_id in self.generators.streams:
+            self.generators.task_ended(record.spec.task_id, results)
         for object_id, inline, contained, size in results:
             self.objects.object_ready(object_id, inline, contained, size)
         self.objects.apply_transitions(transitions)
@@ -793,5 +802,5 @@ def _close_fd(fd: int) -> None:
 
 # Every message of the node's channels has exactly one handler among its parts.
 messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
-                        StateQueries, Canceller)
-messages.check_handlers("up", NodeManager, Actors, WorkerRequests)
+                        StateQueries, Canceller, Generators)
+messages.check_handlers("up", NodeManager, Actors, WorkerRequests, Generators)

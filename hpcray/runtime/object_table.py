@@ -105,12 +105,13 @@ class ObjectTable:
         self.store = store
         self.task_events = task_events
         self.entries: dict[bytes, ObjectEntry] = {}
-        self.mover = self.borrowing = self.actors = None  # bind()
+        self.mover = self.borrowing = self.actors = self.generators = None  # bind()
 
-    def bind(self, mover, borrowing, actors) -> None:
+    def bind(self, mover, borrowing, actors, generators=None) -> None:
         self.mover = mover
         self.borrowing = borrowing
         self.actors = actors
+        self.generators = generators
 
     # A mapping of the entries, as the other parts read it.
     def get(self, object_id: bytes):
@@ -180,6 +181,9 @@ class ObjectTable:
         if entry.refs > 0 or entry.waiters or entry.is_put or entry.pulling:
             return
         if entry.owner == self.rank:
+            generators = self.generators
+            if generators is not None and generators.streams:
+                generators.completion_unused(key)  # a generator's consumer is gone
             if entry.state != PENDING and not entry.borrowers:
                 self.free_object(key, entry)
         elif not entry.primary:

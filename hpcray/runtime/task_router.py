@@ -51,6 +51,10 @@ class TaskRouter:
         self.tasks = node.tasks
         self.functions = node.functions
         self.gcs = network.gcs
+        self.generators = None  # bind()
+
+    def bind(self, generators) -> None:
+        self.generators = generators
 
     # ------------------------------------------------------------------ routing tasks
     def route(self, record: TaskRecord) -> None:
@@ -196,6 +200,14 @@ class TaskRouter:
         primary copy), refs inside them are registered for the owner, and the reply
         says which of the task's refs this node keeps (borrowing.py)."""
         owner = record.owner
+        self.keep_results_for_owner(owner, record.spec.task_id, results)
+        self.objects.apply_transitions(transitions)
+        kept = self.borrowing.release_task_holds(record.spec, owner)
+        self.peers.send(owner, wire(messages.TaskDone, record.spec.task_id, results, kept, failed))
+
+    def keep_results_for_owner(self, owner: int, task_id: bytes, results) -> None:
+        """Results (or a generator's items) made here for `owner`: refs inside them are
+        registered for it, large values stay here as the primary copy."""
         for object_id, inline, contained, size in results:
             for key in contained:
                 self.borrowing.register_borrower(key, owner)
@@ -205,11 +217,7 @@ class TaskRouter:
                     entry = self.objects[object_id] = ObjectEntry(owner)
                 entry.primary = True
                 self.objects.object_ready(object_id, IN_STORE, (), size)
-                self.gcs.request("add_location", object_id, self.rank, size, owner,
-                                 record.spec.task_id)
-        self.objects.apply_transitions(transitions)
-        kept = self.borrowing.release_task_holds(record.spec, owner)
-        self.peers.send(owner, wire(messages.TaskDone, record.spec.task_id, results, kept, failed))
+                self.gcs.request("add_location", object_id, self.rank, size, owner, task_id)
 
     def on_done(self, source: int, task_id: bytes, results, kept, failed=False) -> None:
         """Results of a task this node owns, run elsewhere (or failed there)."""
@@ -225,6 +233,8 @@ class TaskRouter:
             self.borrowing.foreign_results(results)
             if record.spec.kind != ACTOR_CALL and _strategy_of(record.spec) is None:
                 self.forwarded_task_placed(source)
+        if task_id in self.generators.streams:
+            self.generators.task_ended(task_id, results)
         for object_id, inline, contained, size in results:
             self.objects.object_ready(object_id, inline, contained, size,
                                None if inline is not IN_STORE else source)

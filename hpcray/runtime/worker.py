@@ -8,7 +8,9 @@ classes arrive pickled once and are cached by id.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -21,12 +23,13 @@ from hpcray import exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
 from hpcray.runtime import protocol
 from hpcray.runtime.client import WorkerChannel, WorkerClient
-from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, RunTask,
-                                     WorkDone, wire)
+from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
+                                     RunTask, WorkDone, wire)
 from hpcray.serialization import ErrorValue, error_bytes, make_error_value
 
 
 _RUN_TASK, _CREATE_ACTOR, _EXIT = RunTask.CODE, CreateActor.CODE, ExitWorker.CODE
+_NONE_PICKLED = pickle.dumps(None, protocol=5)  # a generator task's completion
 
 class _Cancelled(KeyboardInterrupt):
     """Raised in a pool task's thread to cancel it (the node manager's CancelTask, then
@@ -217,11 +220,21 @@ class Worker:
                 if self._cancelled_before_start(spec.task_id):
                     raise _Cancelled()
             outcome = function(*args, **kwargs)
-            if asyncio.iscoroutine(outcome):
+            if inspect.iscoroutine(outcome):
                 outcome = asyncio.run(outcome)
-            self.channel.interruptible = None  # ...to here
             del args, kwargs
-            return self._store_returns(spec, outcome), False
+            if spec.options and spec.options.get("generator"):  # its code runs as it streams
+                if inspect.isasyncgen(outcome):
+                    results = asyncio.run(self._stream_async(spec, outcome))
+                else:
+                    results = self._stream(spec, outcome)
+                self.channel.interruptible = None  # ...to here
+                return results, False
+            if not inspect.isgenerator(outcome):  # (num_returns=N: its code runs here)
+                self.channel.interruptible = None  # ...to here
+            results = self._store_returns(spec, outcome, function)
+            self.channel.interruptible = None
+            return results, False
         except _DependencyFailed as failed:
             error = failed.error
         except _Unusable as unusable:
@@ -245,8 +258,74 @@ class Worker:
         blob = error_bytes(error)
         return [(oid, blob, (), len(blob)) for oid in spec.return_ids], retry
 
-    def _store_returns(self, spec, outcome) -> list:
+    # -- generators (runtime/generators.py) --------------------------------------------
+    def _stream(self, spec, items) -> list:
+        """Report each item of a generator task as it is yielded; -> the completion."""
+        if not hasattr(items, "__iter__") or isinstance(items, (str, bytes, dict)):
+            raise TypeError(f"{spec.name} has num_returns={spec.options['generator']!r} but "
+                            f"returned {type(items).__name__}, not a generator.")
+        skip = spec.options.get("generator_skip", 0)
+        for index, value in enumerate(items):
+            if index >= skip:  # a re-run: the node has the first `skip` already
+                self._report_item(spec, index, value)
+        return self._completion(spec)
+
+    async def _stream_async(self, spec, items) -> list:
+        skip = spec.options.get("generator_skip", 0)
+        index = 0
+        async for value in items:
+            if index >= skip:
+                self._report_item(spec, index, value)
+            index += 1
+        return self._completion(spec)
+
+    def _report_item(self, spec, index: int, value) -> None:
+        object_id = ids.object_id_for(spec.task_id, index + 2)
+        try:
+            serialized = self.client.serialize_value(value)
+        except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
+            raise _Unusable(f"serialize item {index} {value!r:.100}", exc) from exc
+        self.channel.send_done(ItemReady, spec.task_id, index,
+                               (object_id, *self.client.encode_serialized(object_id, serialized)))
+
+    def _completion(self, spec) -> list:
+        return [(spec.return_ids[0], _NONE_PICKLED, (), len(_NONE_PICKLED))]
+
+    def _generator_returns(self, spec, items) -> list:
+        """A generator with num_returns=N, as Ray: its N items are the N returns; if it
+        raises after k < N, the other returns hold the error."""
         return_ids = spec.return_ids
+        values = []
+        failed = None
+        try:
+            for value in items:
+                if len(values) == len(return_ids):
+                    failed = ValueError(f"{spec.name} has num_returns={len(return_ids)} but "
+                                        "yielded more values.")
+                    break
+                values.append(value)
+        except Exception as exc:  # noqa: BLE001 - the task's error is the other returns'
+            if len(values) < len(return_ids):  # (raised after all of them: Ray only logs it)
+                error = exceptions.RayTaskError(spec.name, _user_traceback(), exc, os.getpid())
+                exc.__traceback__ = None  # no cycle through this frame (see _execute)
+                blob = error_bytes(error)
+                return (self._store_values(spec, return_ids[:len(values)], values)
+                        + [(oid, blob, (), len(blob)) for oid in return_ids[len(values):]])
+        if failed is None and len(values) != len(return_ids):
+            failed = ValueError(f"{spec.name} has num_returns={len(return_ids)} but yielded "
+                                f"{len(values)} values.")
+        if failed is not None:
+            raise failed
+        return self._store_values(spec, return_ids, values)
+
+    def _store_returns(self, spec, outcome, function=None) -> list:
+        return_ids = spec.return_ids
+        if inspect.isgenerator(outcome):
+            if function is not None and not inspect.isgeneratorfunction(function):
+                raise TypeError(f"{spec.name} returned a generator object, which cannot be "
+                                "stored: write it as a generator function (yield in its "
+                                "body) to stream its items, or return a list.")
+            return self._generator_returns(spec, outcome)
         if len(return_ids) == 1:
             values = (outcome,)
         elif not return_ids:
@@ -256,6 +335,9 @@ class Worker:
                 raise ValueError(f"{spec.name} has num_returns={len(return_ids)} but returned "
                                  f"{type(outcome).__name__} {outcome!r:.80}")
             values = outcome
+        return self._store_values(spec, return_ids, values)
+
+    def _store_values(self, spec, return_ids, values) -> list:
         # Every value is pickled before any is written, so one that cannot be leaves
         # nothing behind in the store.
         serialized = []
@@ -379,9 +461,18 @@ class Worker:
                     retry_on = self._retry_filter(spec)
                     args, kwargs = self._resolve_args(spec, dep_payloads)
                     outcome = getattr(self.actor, spec.method)(*args, **kwargs)
-                    if asyncio.iscoroutine(outcome):
+                    if inspect.iscoroutine(outcome):
                         outcome = await outcome
-                    results, retry = self._store_returns(spec, outcome), False
+                    if spec.options and spec.options.get("generator"):
+                        if inspect.isasyncgen(outcome):
+                            results = await self._stream_async(spec, outcome)
+                        else:
+                            results = self._stream(spec, outcome)
+                        retry = False
+                    else:
+                        if inspect.isasyncgen(outcome):  # num_returns=N
+                            outcome = _replay(*await _drain(outcome))
+                        results, retry = self._store_returns(spec, outcome), False
                 except _DependencyFailed as failed:
                     results, retry = _error_results(spec, failed.error), False
                 except _Unusable as unusable:
@@ -420,6 +511,23 @@ class _DependencyFailed(Exception):
     def __init__(self, error):
         super().__init__(str(error))
         self.error = error
+
+
+async def _drain(items) -> tuple:
+    """An async generator's values, and the exception that ended it (or None)."""
+    values = []
+    try:
+        async for value in items:
+            values.append(value)
+    except Exception as exc:  # noqa: BLE001 - replayed to the caller
+        return values, exc
+    return values, None
+
+
+def _replay(values, error):
+    yield from values
+    if error is not None:
+        raise error
 
 
 def _error_results(spec, error) -> list:

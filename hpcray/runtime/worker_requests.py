@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from hpcray.runtime import messages
+from hpcray.runtime.generators import ITEM
 from hpcray.runtime.messages import wire
 from hpcray.runtime.specs import ACTOR_CREATION
 
@@ -119,6 +120,13 @@ class WorkerRequests:
 
     def op_list_state(self, worker, request_id, table: str) -> None:
         self.node.list_state(table, lambda rows: self.reply(worker, request_id, rows))
+
+    def op_generator_next(self, worker, request_id, task_id: bytes, index: int,
+                          take: bool) -> None:
+        status, object_id = self.node.generators.next_item(task_id, index, take)
+        if take and status == ITEM:  # the item's ref is the asking process's now
+            worker.holds.add(object_id)
+        self.reply(worker, request_id, (status, object_id))
 
     # ------------------------------------------------------------------ waiting
     def wait_for(self, worker, request_id, object_ids, num_returns, timeout, answer,

@@ -48,16 +48,8 @@ GAPS = {
     ("actor_creator_failure.py", None):
         "owner death: a non-detached actor created by an actor whose process is killed "
         "stays alive ('actor.ping: hello'); Ray kills it with its owner",
-    ("anti_pattern_return_ray_put.py", None):
-        "num_returns='streaming' (streaming generators) is rejected by options.check: "
-        "'num_returns must be a non-negative int'",
-    ("generator.py", None):
-        "no DynamicObjectRefGenerator / num_returns='dynamic' in hpcray",
     ("original_resource_unavailable_example.py", None):
         "no placement groups (ray.util.placement_group, PlacementGroupSchedulingStrategy)",
-    ("streaming_generator.py", None):
-        "a generator task without num_returns is not a streaming generator: .remote() "
-        "returns one ref, so next(gen) raises TypeError",
 }
 
 RACY: set = set()

@@ -57,6 +57,15 @@ def nest(tag, children, pad_bytes, spread):
 
 
 @ray.remote(max_retries=0)
+def produce(tag, pads, refs):
+    """A generator task: its items (holding `refs`, or a ref made here) stream to the
+    owner as they are yielded."""
+    for i, pad_bytes in enumerate(pads):
+        inner = refs if i % 2 == 0 else [ray.put(value(-i, pad_bytes))]
+        yield value(tag * 100 + i, pad_bytes, inner)
+
+
+@ray.remote(max_retries=0)
 def split(depth, items):
     """Quick-sort-like recursion: two children per level, halves passed by value."""
     if depth == 0 or len(items) < 4:
@@ -225,12 +234,34 @@ def random_workload(sim) -> None:
         if tag is not None:
             check_value(got, tag)
 
+    def op_generator():
+        tag = next(tags)
+        pads = [pad() for _ in range(rng.randint(0, 4))]
+        if rng.random() < 0.3:
+            items = list(ray.get(produce.options(
+                scheduling_strategy=strategy(), num_returns="dynamic").remote(
+                    tag, pads, some_refs())))
+        else:
+            gen = produce.options(scheduling_strategy=strategy()).remote(tag, pads, some_refs())
+            taking = rng.randint(0, len(pads) + 1)
+            items = [ref for _, ref in zip(range(taking), gen)]  # a consumer may stop early
+            del gen
+        for i, ref in enumerate(items):
+            if rng.random() < 0.5:
+                held[ref] = tag * 100 + i  # an item is an ordinary ref
+            else:
+                got = ray.get(ref)
+                check_value(got, tag * 100 + i)
+                if i % 2:  # a ref the task put, lent to the owner with the item
+                    check_value(ray.get(got[3][0]), -i)
+
     def op_parents():
         parents = [Parent.remote(3) for _ in range(2)]
         assert ray.get([p.total.remote() for p in parents]) == [3, 3]
 
     operations = [op_put, op_make, op_make, op_read, op_nest, op_split, op_keeper,
-                  op_give, op_drop, op_drop, op_get, op_get, op_cancel]
+                  op_give, op_drop, op_drop, op_get, op_get, op_cancel,
+                  op_generator]
     if rng.random() < 0.15:
         operations.append(op_parents)
     for _ in range(rng.randint(8, 20)):

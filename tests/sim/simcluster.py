@@ -511,6 +511,9 @@ class Simulation:
                 problems.append(f"node {node.rank} still has entries {held}")
             if node.tasks:
                 problems.append(f"node {node.rank} still has tasks {list(node.tasks)}")
+            if node.generators.streams:
+                problems.append(f"node {node.rank} still has generator streams "
+                                f"{[t.hex() for t in node.generators.streams]}")
             if node.link.pulls:
                 problems.append(f"node {node.rank} has pulls {node.link.pulls}")
             stored = node.store.objects()

@@ -1,0 +1,365 @@
+"""Generator tasks on one node (hpcray/runtime/generators.py): streaming (Ray's default
+for a generator function), num_returns="dynamic", num_returns=N, actor methods, wait,
+retries, and that no item outlives its last reference.
+
+Streaming is proved by handshakes through files: the task waits for a file the driver
+writes only after it got an earlier item, so a runtime that delivered items at the end
+of the task would hang (and time out) instead of passing.
+"""
+
+import asyncio
+import gc
+import os
+import time
+
+import numpy as np
+import pytest
+
+import hpcray
+from hpcray import context
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def wait_for_file(path: str, seconds: float = 60) -> None:
+    """In a task: block until `path` exists (the driver's side of a handshake)."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+
+
+def wait_until(what: str, check, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting until " + what
+        time.sleep(0.02)
+        hpcray.put(0)  # a call: the node applies the driver's released refs
+
+
+def node():
+    return context.driver_node
+
+
+def store_objects() -> int:
+    return node().store.stats()["num_objects"]
+
+
+def nothing_left() -> bool:
+    gc.collect()
+    hpcray.put(0)
+    nm = node()
+    with nm.lock:
+        return not nm.generators.streams and store_objects() == 0 and not nm.tasks
+
+
+def test_a_generator_function_returns_an_object_ref_generator(ray_start):
+    @hpcray.remote
+    def numbers(n):
+        for i in range(n):
+            yield i * 10
+
+    gen = numbers.remote(4)
+    assert isinstance(gen, hpcray.ObjectRefGenerator)
+    from hpcray._raylet import ObjectRefGenerator
+    assert ObjectRefGenerator is hpcray.ObjectRefGenerator
+    refs = list(gen)
+    assert all(isinstance(r, hpcray.ObjectRef) for r in refs)
+    assert hpcray.get(refs) == [0, 10, 20, 30]
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert gen.is_finished()
+    explicit = numbers.options(num_returns="streaming").remote(2)
+    assert [hpcray.get(r) for r in explicit] == [0, 10]
+    del gen, refs, explicit
+    wait_until("every item is freed", nothing_left)
+
+
+def test_items_arrive_while_the_task_still_runs(ray_start, tmp_path):
+    @hpcray.remote
+    def handshake(folder):
+        for i in range(3):
+            yield i
+            wait_for_file(os.path.join(folder, f"got{i}"))  # the driver has item i
+
+    gen = handshake.remote(str(tmp_path))
+    for i in range(3):
+        assert hpcray.get(next(gen)) == i
+        (tmp_path / f"got{i}").touch()
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_an_error_comes_after_the_items_yielded_before_it(ray_start):
+    @hpcray.remote
+    def fails_after_two():
+        yield "a"
+        yield "b"
+        raise ValueError("boom")
+
+    gen = fails_after_two.remote()
+    a, b, error_ref = next(gen), next(gen), next(gen)
+    assert hpcray.get([a, b]) == ["a", "b"]
+    with pytest.raises(ValueError, match="boom"):
+        hpcray.get(error_ref)
+    with pytest.raises(StopIteration):
+        next(gen)
+    with pytest.raises(ValueError, match="boom"):
+        hpcray.get(gen.completed())
+
+
+def test_an_endless_generator_whose_consumer_stops(ray_start, tmp_path):
+    # Three large items reach the node, the consumer takes one and drops the generator
+    # while the task still runs: the two it did not take are freed at once, and what
+    # the task yields afterwards is freed as it comes.
+    @hpcray.remote
+    def endless(folder):
+        i = 0
+        while True:
+            yield np.full(200_000, i)
+            i += 1
+            if i == 3:
+                wait_for_file(os.path.join(folder, "dropped"))
+            if os.path.exists(os.path.join(folder, "stop")):
+                return
+
+    gen = endless.remote(str(tmp_path))
+    wait_until("three items are in the store", lambda: store_objects() == 3)
+    first = next(gen)
+    del gen
+    wait_until("the two items not taken are freed", lambda: store_objects() == 1)
+    (tmp_path / "dropped").touch()
+    (tmp_path / "stop").touch()
+    wait_until("the task ends", lambda: not node().tasks and not node().generators.streams)
+    assert store_objects() == 1
+    assert hpcray.get(first)[0] == 0
+    del first
+    wait_until("every item is freed", nothing_left)
+
+
+def test_cancel_a_generator(ray_start):
+    @hpcray.remote
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+            time.sleep(0.01)
+
+    gen = endless.remote()
+    assert hpcray.get(next(gen)) == 0
+    hpcray.cancel(gen)
+    with pytest.raises(hpcray.exceptions.TaskCancelledError):
+        for ref in gen:  # what was yielded before, then the cancellation
+            hpcray.get(ref)
+    del gen, ref
+    wait_until("every item is freed", nothing_left)
+
+
+def test_wait_on_generators_and_refs(ray_start, tmp_path):
+    @hpcray.remote
+    def gated(folder):
+        wait_for_file(os.path.join(folder, "go"))
+        yield 1
+        wait_for_file(os.path.join(folder, "go2"))
+        yield 2
+
+    @hpcray.remote
+    def plain():
+        return "plain"
+
+    gen = gated.remote(str(tmp_path))
+    ready, unready = hpcray.wait([gen], timeout=0)
+    assert ready == [] and unready == [gen]
+    (tmp_path / "go").touch()
+    ready, unready = hpcray.wait([gen])
+    assert ready == [gen] and unready == []
+    assert hpcray.get(next(gen)) == 1
+    ref = plain.remote()
+    ready, unready = hpcray.wait([gen, ref], num_returns=1)
+    assert ready == [ref] and unready == [gen]
+    (tmp_path / "go2").touch()
+    ready, _ = hpcray.wait([gen, ref], num_returns=2)
+    assert ready == [gen, ref]
+    assert hpcray.get(next(gen)) == 2
+    ready, _ = hpcray.wait([gen], timeout=30)  # ended: next raises StopIteration at once
+    assert ready == [gen]
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_async_for_over_a_generator(ray_start):
+    @hpcray.remote
+    def numbers():
+        yield from range(3)
+
+    async def consume():
+        return [await ref async for ref in numbers.remote()]
+
+    assert asyncio.run(consume()) == [0, 1, 2]
+
+
+def test_actor_generator_methods(ray_start):
+    @hpcray.remote
+    class Plain:
+        def count(self, n):
+            yield from range(n)
+
+    @hpcray.remote
+    class Async:
+        async def count(self, n):
+            for i in range(n):
+                await asyncio.sleep(0)
+                yield i
+
+    @hpcray.remote(max_concurrency=3)
+    class Threaded:
+        def count(self, n):
+            yield from range(n)
+
+    for cls in (Plain, Async, Threaded):
+        actor = cls.remote()
+        gen = actor.count.remote(3)
+        assert isinstance(gen, hpcray.ObjectRefGenerator)
+        assert [hpcray.get(r) for r in gen] == [0, 1, 2]
+        dynamic = hpcray.get(actor.count.options(num_returns="dynamic").remote(2))
+        assert [hpcray.get(r) for r in dynamic] == [0, 1]
+        assert hpcray.get(actor.count.options(num_returns=2).remote(2)) == [0, 1]
+    del actor, gen, dynamic
+    wait_until("every item is freed", nothing_left)
+
+
+def test_a_task_consumes_a_generator(ray_start):
+    @hpcray.remote
+    def numbers(n):
+        for i in range(n):
+            yield np.full(100_000, i)  # large: in the store
+
+    @hpcray.remote
+    def total(n):
+        return sum(int(hpcray.get(ref)[0]) for ref in numbers.remote(n))
+
+    assert hpcray.get(total.remote(5)) == 10
+    wait_until("every item is freed", nothing_left)
+
+
+def test_generator_refs_can_be_passed_but_not_the_generator(ray_start):
+    @hpcray.remote
+    def numbers():
+        yield from range(3)
+
+    @hpcray.remote
+    def double(x):
+        return 2 * x
+
+    gen = numbers.remote()
+    assert hpcray.get([double.remote(ref) for ref in gen]) == [0, 2, 4]
+    with pytest.raises(TypeError, match="ObjectRefGenerator cannot be serialized"):
+        double.remote(numbers.remote())
+
+
+def test_dynamic_generators(ray_start):
+    @hpcray.remote(num_returns="dynamic")
+    def split(array, size):
+        while len(array):
+            yield array[:size]
+            array = array[size:]
+
+    @hpcray.remote
+    def count(generator):
+        return sum(len(hpcray.get(ref)) for ref in generator)
+
+    dynamic_ref = split.remote(np.zeros(250_000), 100_000)
+    generator = hpcray.get(dynamic_ref)
+    assert isinstance(generator, hpcray.DynamicObjectRefGenerator)
+    assert [len(hpcray.get(r)) for r in generator] == [100_000, 100_000, 50_000]
+    assert hpcray.get(count.remote(dynamic_ref)) == 250_000
+    assert hpcray.get(count.remote(generator)) == 250_000
+    del dynamic_ref, generator
+    wait_until("every item is freed", nothing_left)
+
+    @hpcray.remote(num_returns="dynamic")
+    def fails():
+        yield 1
+        raise ValueError("late")
+
+    first, last = hpcray.get(fails.remote())  # Ray: the error is the last ref
+    assert hpcray.get(first) == 1
+    with pytest.raises(ValueError, match="late"):
+        hpcray.get(last)
+
+
+def test_num_returns_n_with_a_generator(ray_start):
+    @hpcray.remote
+    def two_then_error():
+        yield 0
+        yield 1
+        raise ValueError("after two")
+
+    r1, r2, r3, r4 = two_then_error.options(num_returns=4).remote()
+    assert hpcray.get([r1, r2]) == [0, 1]
+    for ref in (r3, r4):
+        with pytest.raises(ValueError, match="after two"):
+            hpcray.get(ref)
+    a, b = two_then_error.options(num_returns=2).remote()  # Ray only logs the late error
+    assert hpcray.get([a, b]) == [0, 1]
+    with pytest.raises(ValueError, match="yielded more values"):
+        hpcray.get(two_then_error.options(num_returns=1).remote())
+
+
+def test_a_retried_generator_does_not_repeat_its_items(ray_start, tmp_path):
+    # The first run dies after two items; the re-run skips what the first reported.
+    marker = str(tmp_path / "died")
+
+    @hpcray.remote(max_retries=1)
+    def dies_once(marker):
+        for i in range(4):
+            yield i
+            if i == 1 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+
+    assert [hpcray.get(r) for r in dies_once.remote(marker)] == [0, 1, 2, 3]
+    assert os.path.exists(marker)
+
+    @hpcray.remote(max_retries=0)
+    def dies(marker):
+        yield 0
+        os._exit(1)
+
+    refs = list(dies.remote(marker))
+    assert hpcray.get(refs[0]) == 0
+    with pytest.raises(hpcray.exceptions.WorkerCrashedError):
+        hpcray.get(refs[1])
+    del refs
+    wait_until("every item is freed", nothing_left)
+
+
+def test_a_generator_object_returned_as_a_value_is_a_clear_error(ray_start):
+    def numbers():
+        yield 1
+
+    @hpcray.remote
+    def returns_a_generator():
+        return numbers()
+
+    with pytest.raises(TypeError, match="returned a generator object"):
+        hpcray.get(returns_a_generator.remote())
+
+
+def test_cancel_a_generator_with_num_returns(ray_start, tmp_path):
+    # A num_returns=N generator runs its body after the call returned: still cancellable.
+    @hpcray.remote(num_returns=2)
+    def stuck(folder):
+        yield 1
+        open(os.path.join(folder, "running"), "w").close()
+        time.sleep(10e6)
+        yield 2
+
+    first, second = stuck.remote(str(tmp_path))
+    wait_until("it runs", lambda: (tmp_path / "running").exists())
+    hpcray.cancel(first)
+    for ref in (first, second):
+        with pytest.raises(hpcray.exceptions.TaskCancelledError):
+            hpcray.get(ref, timeout=60)
