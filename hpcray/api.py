@@ -222,11 +222,12 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
     client = client_or_init()
     if not isinstance(object_refs, (list, tuple)):
         raise TypeError(f"wait() expects a list of ObjectRefs, got {type(object_refs).__name__}.")
-    if any(type(ref) is ObjectRefGenerator for ref in object_refs):
-        return _wait_with_generators(client, object_refs, num_returns, timeout, fetch_local)
     try:
         object_ids = [ref._id for ref in object_refs]
-    except AttributeError:
+    except AttributeError:  # not only refs (a generator has no _id): off the fast path
+        if any(type(ref) is ObjectRefGenerator for ref in object_refs):
+            return _wait_with_generators(client, object_refs, num_returns, timeout,
+                                         fetch_local)
         _check_refs(object_refs, "wait()")
         raise
     if len(set(object_ids)) != len(object_ids):
