@@ -2,6 +2,7 @@
 its lineage kept while its returns may still be asked for, then a bounded history),
 actors, nodes, objects and the task summary. tests/multinode runs it across ranks."""
 
+import math
 import os
 import time
 
@@ -161,11 +162,11 @@ def test_detail_adds_times_resources_and_language(ray_start):
     def my_pid():
         return os.getpid()
 
-    before = int(time.time() * 1000)
+    before = math.floor(time.time() * 1000)  # rows round to the millisecond
     pid = hpcray.get(my_pid.options(name="p", num_cpus=2).remote())
     row = wait_for(lambda: next((t for t in list_tasks(detail=True)
                                  if t.state == "FINISHED"), None), "FINISHED")
-    after = int(time.time() * 1000)
+    after = math.ceil(time.time() * 1000)
     assert row.worker_pid == pid
     assert before <= row.creation_time_ms <= row.start_time_ms <= row.end_time_ms <= after
     assert (row.required_resources, row.language) == ({"CPU": 2.0}, "PYTHON")
