@@ -3,6 +3,9 @@
 import asyncio
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -596,3 +599,31 @@ def test_call_on_a_temporary_handle_runs(ray_start_custom):
     pending = Busy.remote().f.remote()           # its actor waits for that CPU
     del holder
     assert ray.get(pending, timeout=60) == "ran"
+
+
+def test_sys_exit_in_an_actor_method_ends_the_actor_quietly(tmp_path):
+    # As Ray: the actor's process ends, its callers get RayActorError, and no traceback
+    # of hpcray's worker loop reaches the driver's output.
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import sys, hpcray as ray
+        ray.init(num_cpus=1)
+        @ray.remote
+        class W:
+            def crash(self):
+                sys.exit(1)
+            def ok(self):
+                return 1
+        w = W.remote()
+        assert ray.get(w.ok.remote()) == 1
+        try:
+            ray.get(w.crash.remote())
+        except ray.exceptions.RayActorError:
+            print("ACTOR-ERROR")
+        ray.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=100, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "ACTOR-ERROR" in out, out
+    assert "Traceback" not in out and "SystemExit" not in out, out

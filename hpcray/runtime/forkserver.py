@@ -111,6 +111,8 @@ def main() -> None:
                     os.close(fds[1])
                     os.close(fds[2])
                     code = worker_module.main(fds[0], job, key, is_actor)
+                except SystemExit as exc:  # user code called sys.exit(): it ends, quietly (Ray)
+                    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
                 except BaseException:  # noqa: BLE001 - say why on its stderr, which the node reads
                     import traceback
                     traceback.print_exc()

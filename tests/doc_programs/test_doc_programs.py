@@ -41,10 +41,6 @@ ONE, RANKS3 = "one node", "3 ranks"
 # its line here is removed, except for the programs in RACY, which fail only some of the
 # time (a pass there proves nothing; remove the line once they pass every time).
 GAPS = {
-    ("actor_checkpointing.py", None):
-        "a sync actor method that calls sys.exit(1) ends its actor as in Ray, but the "
-        "worker prints hpcray's own traceback (forkserver.main -> worker._execute -> "
-        "'SystemExit: 1'); Ray ends the actor quietly",
     ("actor_creator_failure.py", None):
         "owner death: a non-detached actor created by an actor whose process is killed "
         "stays alive ('actor.ping: hello'); Ray kills it with its owner",
