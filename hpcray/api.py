@@ -69,7 +69,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         config.env_vars = job_env_vars(ray_only_options.get("runtime_env"))
         gcs_shards = ray_only_options.pop("gcs_shards", None) or \
             int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
-        job = {"job_id": os.urandom(4).hex(), "num_cpus": num_cpus, "num_gpus": num_gpus,
+        job_id = os.urandom(4).hex()
+        config.log_dir = _log_folder(job_id, config.log_dir)
+        job = {"job_id": job_id, "num_cpus": num_cpus, "num_gpus": num_gpus,
                "resources": resources, "config": config.as_dict(), "gcs_shards": gcs_shards}
         if transport is None:
             node = launch.build_node(job)
@@ -93,6 +95,15 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             _install_excepthook()
             _atexit_registered = True
         return RuntimeInfo(node.info)
+
+
+def _log_folder(job_id: str, chosen: str) -> str:
+    """The job's log folder (job_logs.py), said once on stderr when hpcray named it."""
+    from hpcray.runtime.job_logs import choose_folder
+    folder, announce = choose_folder(job_id, chosen)
+    if announce:
+        print(f"hpcray: job {announce}: logs in {folder}", file=sys.stderr, flush=True)
+    return folder
 
 
 def job_env_vars(runtime_env) -> dict:

@@ -50,6 +50,9 @@ class Config:
     # Environment variables every worker of the job gets: init(runtime_env={"env_vars":
     # {...}}), as Ray's job-level runtime environment.
     env_vars: dict = field(default_factory=dict)
+    # The job's log folder (job_logs.py): HPCRAY_LOG_DIR, else hpcray-logs/<job id> where
+    # the job was submitted; rank 0 makes it absolute and every node writes there.
+    log_dir: str = ""
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -65,6 +68,7 @@ class Config:
         config.max_idle_extra_workers = _env_int("HPCRAY_MAX_IDLE_EXTRA_WORKERS",
                                                  config.max_idle_extra_workers)
         config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
+        config.log_dir = os.environ.get("HPCRAY_LOG_DIR", "")
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "

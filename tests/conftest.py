@@ -1,10 +1,22 @@
 """Shared fixtures: a fresh single-node runtime per test, and leak checks."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 import hpcray
+
+# Every job the tests start (in this process and the mpiexec jobs and drivers they run as
+# subprocesses, which inherit it) writes its logs here, not to ./hpcray-logs in the repo.
+# A test that reads logs sets its own folder.
+if not os.environ.get("HPCRAY_LOG_DIR"):
+    _LOG_DIR = tempfile.mkdtemp(prefix="hpcray-test-logs-")
+    os.environ["HPCRAY_LOG_DIR"] = _LOG_DIR
+
+    def pytest_unconfigure(config):
+        shutil.rmtree(_LOG_DIR, ignore_errors=True)
 
 
 def hpcray_segments() -> set:

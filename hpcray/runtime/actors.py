@@ -407,6 +407,7 @@ class Actors:
             actor.killed = True
         worker = actor.worker
         if worker is not None and worker.pid and worker.alive:
+            self.node.job_logs.kill_on_purpose(worker.pid, "kill()")
             try:
                 os.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -155,6 +155,7 @@ class Canceller:
         if not worker.alive or not worker.pid:
             return
         if force:  # its death fails the task (node_manager._worker_died)
+            self.node.job_logs.kill_on_purpose(worker.pid, "cancel(force=True)")
             _signal(worker.pid, signal.SIGKILL)
             return
         if not first:

@@ -3,7 +3,9 @@
 The driver may have threads and any library loaded, so it never forks itself; at
 `init` it starts this process, which imports the worker's modules once and then forks
 a worker in a few milliseconds for each request (what makes creating 100 actors fast).
-Each request carries the worker's socket and its stdout/stderr pipes (SCM_RIGHTS).
+Each request (messages.ForkWorker) carries the worker's socket and its stdout/stderr
+pipes (SCM_RIGHTS); it tells the node how each worker ended (WorkerExited), so a crash
+is logged with its signal or exit status (job_logs.py).
 
 It is also the job's undertaker: when the driver goes away (its socket closes, even
 after SIGKILL), it kills every worker it made and unlinks the node's store segment,
@@ -15,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import pickle
 import signal
 import socket
 import sys
 import time
+
+from hpcray.runtime import messages, protocol
+from hpcray.runtime.messages import wire
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,15 +35,22 @@ def _set_parent_death_signal(libc, signum: int) -> None:
         pass
 
 
-def _reap(children: set) -> None:
+def _reap(children: set, control: socket.socket | None = None) -> None:
+    """Reap exited workers; tell the node on `control` how each ended (WorkerExited)."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
         children.discard(pid)
+        if control is not None:
+            try:  # never block in a signal handler: the node reads its socket promptly
+                control.send(protocol.encode(wire(messages.WorkerExited, pid, status)),
+                             socket.MSG_DONTWAIT)
+            except OSError:
+                pass
 
 
 def _kill_all(children: set) -> None:
@@ -77,7 +88,7 @@ def main() -> None:
     from hpcray.runtime import worker as worker_module
 
     children: set = set()
-    signal.signal(signal.SIGCHLD, lambda *_: _reap(children))
+    signal.signal(signal.SIGCHLD, lambda *_: _reap(children, control))
     signal.signal(signal.SIGTERM, _leave_on_sigterm)
     try:
         while True:
@@ -91,7 +102,8 @@ def main() -> None:
                 for fd in fds:
                     os.close(fd)
                 continue
-            _kind, key, is_actor = pickle.loads(data[4:])
+            request = messages.record(protocol.decode(data))
+            key, is_actor = request.key, request.is_actor
             # SIGTERM stays blocked across the fork: otherwise a child could run this
             # server's handler (sys.exit) inside Python's after-fork hooks.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

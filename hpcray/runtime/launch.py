@@ -15,6 +15,7 @@ Stop -> Stopped, Exit(code); DescribeGpus -> GpusSeen once per process.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from hpcray._store import StoreError
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 
+log = logging.getLogger("hpcray.launch")
 # Ray's floor (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES): a smaller store is refused.
 OBJECT_STORE_MINIMUM_BYTES = 75 * 1024 * 1024
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
@@ -83,6 +85,9 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
     node.info = {"node_id": node_id.hex(), "job_id": job["job_id"], "rank": rank,
                  "object_store_name": store_name, "node_ip_address": "127.0.0.1",
                  "hostname": socket.gethostname()}
+    log.info("node %s started on %s (pid %d) for job %s: %s, store %d bytes, logs in %s",
+             node_id.hex(), node.info["hostname"], os.getpid(), job["job_id"],
+             node.total_resources, store_bytes, config.log_dir or "(none)")
     if transport is None:
         with node.lock:
             node.set_cluster_nodes({0: node.describe_self()})

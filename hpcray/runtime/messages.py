@@ -18,6 +18,7 @@ Channels
     launch    rank 0 <-> the other ranks while a job starts and stops (launch.py)
     up        worker (or a driver's stand-in) -> its node manager, over its socket
     down      node manager -> worker
+    fork      node manager <-> its fork server (forkserver.py), over a SEQPACKET socket
 
 Fields that hold values describe them as the runtime does everywhere: a value's
 "where" is ("inline", bytes, contained) or ("at", rank, size, contained); results are
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-CHANNELS: dict[str, list[type]] = {"control": [], "launch": [], "up": [], "down": []}
+CHANNELS: dict[str, list[type]] = {"control": [], "launch": [], "up": [], "down": [],
+                                   "fork": []}
 RECORDS: list[type] = []   # by code
 
 
@@ -357,6 +359,23 @@ class CancelTask(NamedTuple):
     """the task or actor call this worker was sent was cancelled (a SIGINT follows for a
     pool task, which interrupts it, and for a one-call-at-a-time actor, which only looks)."""
     task_id: bytes
+
+
+# ---------------------------------------------------------------- fork: node <-> fork server
+@_on("fork")
+class ForkWorker(NamedTuple):
+    """node -> fork server: start worker `key` (its socket and stdout/stderr pipes travel
+    with the message, SCM_RIGHTS)."""
+    key: int
+    is_actor: bool
+
+
+@_on("fork")
+class WorkerExited(NamedTuple):
+    """fork server -> node: it reaped worker `pid`; `status` as os.waitpid gives it (the
+    node logs a crash with what the worker was running: job_logs.py)."""
+    pid: int
+    status: int
 
 
 # ---------------------------------------------------------------- node operations

@@ -42,6 +42,7 @@ from hpcray.runtime.borrowing import Borrowing
 from hpcray.runtime.cancellation import Canceller
 from hpcray.runtime.cluster import Network
 from hpcray.runtime.generators import Generators, generator_kind
+from hpcray.runtime.job_logs import JobLogs, WorkerStreams
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
 from hpcray.runtime.task_router import TaskRouter
@@ -58,7 +59,7 @@ _HELLO = Hello.CODE
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
-                 "pipes", "partial", "started_at", "interrupt_wait", "stderr_tail", "holds",
+                 "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
                  "calls", "sigint_after_flush")
 
     def __init__(self, key, conn, pipes, actor_id=None):
@@ -71,7 +72,7 @@ class WorkerHandle:
         self.functions = set()    # function ids this worker has been sent
         self.actor_id = actor_id
         self.pipes = pipes        # {fd: stream name} of its stdout/stderr
-        self.partial = {}
+        self.output = WorkerStreams()  # its lines not ended yet, its log files
         self.started_at = time.monotonic()
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
         self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
@@ -120,6 +121,8 @@ class NodeManager:
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(self._wake_r, self._on_wake)
+        self.job_logs = JobLogs(config.log_dir, self.rank, cluster.size > 1,
+                                config.log_to_driver, self._actor_class_name)
         # The fork server first: from the moment the segment exists, a process that
         # outlives this one (even a SIGKILL) is there to unlink it.
         self._start_forkserver()
@@ -131,6 +134,7 @@ class NodeManager:
             self._epoll.close()
             _close_fd(self._wake_r)
             _close_fd(self._wake_w)
+            self.job_logs.close()
             raise
         self._build_parts()
         self._thread = None
@@ -236,6 +240,7 @@ class NodeManager:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        self._read_exit_reports(deadline=time.monotonic() + 1.0)
         try:
             self._forkserver_sock.close()  # the fork server reaps its children and exits
         except OSError:
@@ -247,8 +252,9 @@ class NodeManager:
             self.forkserver.wait()
         for worker in self.workers.values():
             worker.conn.close()
-            for fd in worker.pipes:
+            for fd, stream_name in worker.pipes.items():
                 _close_fd(fd)
+                self.job_logs.output_ended(worker, stream_name)
         for entry in self.objects.values():
             if entry.pin is not None:
                 entry.pin.release()
@@ -258,6 +264,17 @@ class NodeManager:
         self._epoll.close()
         _close_fd(self._wake_r)
         _close_fd(self._wake_w)
+        log.info("node stopped")
+        self.job_logs.close()
+
+    def _read_exit_reports(self, deadline: float) -> None:
+        """At shutdown: the exit statuses of workers that died while the node ran, so
+        their crash is logged (the fork server reports them as it reaps them)."""
+        sock = self._forkserver_sock
+        while self.job_logs.ran and time.monotonic() < deadline:
+            ready, _, _ = select.select((sock,), (), (), max(0.0, deadline - time.monotonic()))
+            if not ready or not self._on_forkserver_message():
+                return
 
     # ------------------------------------------------------------------ event loop
     def _register(self, fd: int, handler, events=select.EPOLLIN) -> None:
@@ -344,13 +361,24 @@ class NodeManager:
             os.write(self._wake_w, b"t")
 
     def _on_forkserver(self, fd, _mask) -> None:
-        try:
-            data = self._forkserver_sock.recv(65536)
-        except BlockingIOError:
-            return
-        if not data and self._running:
+        if not self._on_forkserver_message() and self._running:
             self._unregister(fd)
             log.error("rank %d: the fork server died; no new workers can start", self.rank)
+
+    def _on_forkserver_message(self) -> bool:
+        """Read one report of the fork server; False once it is gone."""
+        try:
+            data = self._forkserver_sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        message = messages.record(protocol.decode(data))
+        if type(message) is messages.WorkerExited:
+            self.job_logs.exited(message.pid, message.status)
+        return True
 
     # ------------------------------------------------------------------ workers
     def _start_worker(self, actor_id: bytes | None = None) -> WorkerHandle:
@@ -359,7 +387,7 @@ class NodeManager:
         protocol.tune(ours)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        request = protocol.encode(("fork", key, actor_id is not None))
+        request = protocol.encode(wire(messages.ForkWorker, key, actor_id is not None))
         socket.send_fds(self._forkserver_sock, [request], [theirs.fileno(), out_w, err_w])
         theirs.close()
         os.close(out_w)
@@ -423,35 +451,20 @@ class NodeManager:
             self._unregister(fd)
             _close_fd(fd)
             worker.pipes.pop(fd, None)
-            rest = worker.partial.pop(fd, b"")
-            if rest:
-                self._print_worker_lines(worker, stream_name, [rest])
+            self.job_logs.output_ended(worker, stream_name)
             return
         if stream_name == "stderr":
             worker.stderr_tail.extend(data.decode(errors="replace").splitlines())
-        if not self.config.log_to_driver:
-            return
-        data = worker.partial.pop(fd, b"") + data
-        lines = data.split(b"\n")
-        if lines[-1]:
-            worker.partial[fd] = lines[-1]
-        self._print_worker_lines(worker, stream_name, lines[:-1])
+        self.job_logs.output(worker, stream_name, data)
 
-    def _print_worker_lines(self, worker, stream_name, lines) -> None:
-        stream = sys.stdout if stream_name == "stdout" else sys.stderr
-        who = f"pid={worker.pid}" if worker.pid else "starting worker"
-        if worker.actor_id is not None and worker.actor_id in self.actors:
-            who = f"{self.actors[worker.actor_id].info['class_name']} pid={worker.pid}"
-        text = "".join(f"({who}) {line.decode(errors='replace')}\n" for line in lines)
-        try:
-            stream.write(text)
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    def _actor_class_name(self, actor_id: bytes) -> str | None:
+        actor = self.actors.get(actor_id)
+        return actor.info["class_name"] if actor is not None else None
 
     def on_hello(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
         worker.ready = True
+        self.job_logs.hello(worker)
         self._start_failures = 0
         if worker.actor_id is None:
             self._run_actions(self.scheduler.worker_started(worker.key, now=time.monotonic()))
@@ -470,6 +483,7 @@ class NodeManager:
         worker.conn.close()
         if not self._running:
             return
+        self.job_logs.died(worker)
         # It may have died halfway through writing an object (reaped ones only: a zombie
         # still counts as alive; the store-full path retries this too).
         self.store.abort_dead_creators()

@@ -24,6 +24,11 @@ def encode(message) -> bytes:
     return _FRAME.pack(len(data)) + data
 
 
+def decode(frame: bytes):
+    """The message of one whole frame (a SEQPACKET socket keeps frames apart)."""
+    return pickle.loads(frame[_FRAME.size:])
+
+
 def tune(sock: socket.socket) -> None:
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:

@@ -1,0 +1,239 @@
+"""The job's log folder: what a batch job leaves behind, and workers' output on the terminal.
+
+One folder per job, on the file system the job was submitted from (not node-local
+/tmp, which goes with the allocation): `HPCRAY_LOG_DIR`, or by default
+`hpcray-logs/<job id>/` in the submission directory (SLURM_SUBMIT_DIR under Slurm, else
+the driver's working directory). The job id is SLURM_JOB_ID under Slurm, else the
+driver's start time and hpcray's job id (`20261203-162545-1a2b3c4d`), said once on
+stderr. Rank 0 picks the folder; every node gets it in the job's config. In it:
+
+    node-<rank>.log            the `logging` records of the node's process (the hpcray.*
+                               loggers), the rank on every record: starts, stops,
+                               warnings, and every worker that crashed, with the task or
+                               actor it was running
+    worker-<pid>.out / .err    what each worker wrote to stdout / stderr, whole
+
+Workers' lines still reach the driver's terminal (rank 0's directly, the others' through
+the MPI launcher) prefixed as Ray does: `(pid=123)`, `(Counter pid=123)`, with the rank
+when the job has several nodes (`(pid=123, rank=1)`). Not for: logs of the driver
+program itself (its own prints and loggers are the user's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+log = logging.getLogger("hpcray.node")
+
+_FORMAT = "%(asctime)s rank %(rank)s %(levelname)s %(name)s: %(message)s"
+
+
+def choose_folder(job_id: str, chosen: str = "", environ=os.environ) -> tuple[str, str | None]:
+    """(the job's log folder as an absolute path, the job name to announce or None).
+
+    `chosen`: HPCRAY_LOG_DIR, used as it is. Otherwise hpcray-logs/<job name> in the
+    directory the job was submitted from; the name is announced when hpcray made it
+    (no SLURM_JOB_ID to name it by), so the user can find it."""
+    if chosen:
+        return os.path.abspath(chosen), None
+    base = environ.get("SLURM_SUBMIT_DIR") or os.getcwd()
+    slurm_job = environ.get("SLURM_JOB_ID")
+    name = slurm_job or f"{time.strftime('%Y%m%d-%H%M%S')}-{job_id}"
+    return os.path.join(os.path.abspath(base), "hpcray-logs", name), \
+        (None if slurm_job else name)
+
+
+class _RankOnRecord(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+class WorkerStreams:
+    """One worker's output as the node reads it: the line not ended yet per stream
+    (printed once whole), its open files, and what it wrote before its pid was known."""
+    __slots__ = ("partial", "files", "early")
+
+    def __init__(self) -> None:
+        self.partial: dict[str, bytes] = {}
+        self.files: dict[str, object] = {}
+        self.early: list[tuple[str, bytes]] = []
+
+
+class JobLogs:
+    """A node's share of the job's log folder, and of the terminal.
+
+    Handed the folder ("" for none: workers' output then only reaches the terminal), the
+    rank, whether the job has several nodes (the prefix then says the rank), whether
+    workers' output goes to the terminal (log_to_driver), and `actor_name(actor_id)`."""
+
+    def __init__(self, folder: str, rank: int, several_nodes: bool, to_terminal: bool,
+                 actor_name) -> None:
+        self.folder = folder
+        self.rank = rank
+        self.several_nodes = several_nodes
+        self.to_terminal = to_terminal
+        self.actor_name = actor_name
+        self.by_pid: dict[int, object] = {}   # live workers that said hello
+        self.ran: dict[int, str] = {}         # pid -> what a dead worker was running
+        self.killing: dict[int, str] = {}     # pid -> why the node itself killed it
+        self._handlers: list[logging.Handler] = []
+        self._level = None
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self._attach_node_log()
+
+    # ------------------------------------------------------------------ node log
+    def _attach_node_log(self) -> None:
+        logger = logging.getLogger("hpcray")
+        to_file = logging.FileHandler(os.path.join(self.folder, f"node-{self.rank}.log"))
+        to_file.setFormatter(logging.Formatter(_FORMAT))
+        to_file.addFilter(_RankOnRecord(self.rank))
+        self._handlers.append(to_file)
+        if not logging.getLogger().handlers:
+            # With a handler of its own the hpcray logger no longer falls back to
+            # logging's last resort: warnings keep reaching stderr as before.
+            console = logging.StreamHandler()
+            console.setLevel(logging.WARNING)
+            self._handlers.append(console)
+        for handler in self._handlers:
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            self._level = logger.level
+            logger.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        """Detach the node log and close every worker file (the node is shutting down)."""
+        logger = logging.getLogger("hpcray")
+        for handler in self._handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        self._handlers = []
+        if self._level is not None:
+            logger.setLevel(self._level)
+            self._level = None
+
+    # ------------------------------------------------------------------ workers
+    def hello(self, worker) -> None:
+        """`worker` said hello: its pid names its files; what it wrote before goes there."""
+        self.by_pid[worker.pid] = worker
+        early, worker.output.early = worker.output.early, []
+        for stream_name, data in early:
+            self._to_file(worker, stream_name, data)
+
+    def output(self, worker, stream_name: str, data: bytes) -> None:
+        """`data` read from the worker's stdout or stderr pipe."""
+        self._to_file(worker, stream_name, data)
+        if not self.to_terminal:
+            return
+        streams = worker.output
+        data = streams.partial.pop(stream_name, b"") + data
+        lines = data.split(b"\n")
+        if lines[-1]:
+            streams.partial[stream_name] = lines[-1]
+        self._print(worker, stream_name, lines[:-1])
+
+    def output_ended(self, worker, stream_name: str) -> None:
+        """The worker's pipe closed: print its last line if unended, close its file."""
+        streams = worker.output
+        rest = streams.partial.pop(stream_name, b"")
+        if rest and self.to_terminal:
+            self._print(worker, stream_name, [rest])
+        file = streams.files.pop(stream_name, None)
+        if file is not None:
+            file.close()
+
+    def _to_file(self, worker, stream_name: str, data: bytes) -> None:
+        if not self.folder:
+            return
+        streams = worker.output
+        if worker.pid is None:
+            streams.early.append((stream_name, data))
+            return
+        file = streams.files.get(stream_name)
+        if file is None:
+            suffix = "out" if stream_name == "stdout" else "err"
+            try:
+                # Unbuffered: what a worker wrote is on disk even if the node is killed.
+                file = open(os.path.join(self.folder, f"worker-{worker.pid}.{suffix}"),
+                            "ab", buffering=0)
+            except OSError as exc:
+                log.warning("cannot write worker %d's %s to %s: %s", worker.pid, stream_name,
+                            self.folder, exc)
+                self.folder = ""
+                return
+            streams.files[stream_name] = file
+        file.write(data)
+
+    def _print(self, worker, stream_name: str, lines) -> None:
+        stream = sys.stdout if stream_name == "stdout" else sys.stderr
+        who = f"pid={worker.pid}" if worker.pid else "starting worker"
+        if worker.actor_id is not None:
+            name = self.actor_name(worker.actor_id)
+            if name:
+                who = f"{name} {who}"
+        if self.several_nodes:
+            who += f", rank={self.rank}"
+        text = "".join(f"({who}) {line.decode(errors='replace')}\n" for line in lines)
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ crashes
+    def describe(self, worker) -> str:
+        """What `worker` runs, for a log line: a task, an actor, or nothing."""
+        if worker.actor_id is not None:
+            return f"actor {self.actor_name(worker.actor_id) or '?'} " \
+                   f"(actor id {worker.actor_id.hex()})"
+        record = worker.task
+        if record is not None:
+            return f"task {record.spec.name!r} (task id {record.spec.task_id.hex()})"
+        return "no task"
+
+    def kill_on_purpose(self, pid: int, why: str) -> None:
+        """The node is about to kill worker `pid` (kill(), cancel(force=True)): not a crash."""
+        self.killing[pid] = why
+
+    def died(self, worker) -> None:
+        """The worker's socket closed (before the node forgets what it ran): its exit
+        status, from the fork server, will be logged with this."""
+        if worker.pid:
+            self.ran[worker.pid] = self.describe(worker)
+
+    def exited(self, pid: int, status: int) -> None:
+        """The fork server reaped worker `pid` (`status` as os.waitpid gives it)."""
+        worker = self.by_pid.pop(pid, None)
+        what = self.ran.pop(pid, None)
+        if what is None:
+            what = self.describe(worker) if worker is not None else "no task"
+        files = f"worker-{pid}.out/.err" if self.folder else "no log files"
+        why = self.killing.pop(pid, None)
+        if why is not None:
+            log.info("worker pid=%d was killed by %s while running %s", pid, why, what)
+        elif os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = "?"
+            log.warning("worker pid=%d was killed by signal %d (%s) while running %s; its "
+                        "output: %s", pid, number, name, what, files)
+        elif os.waitstatus_to_exitcode(status) != 0:
+            tail = "\n".join(worker.stderr_tail) if worker is not None else ""
+            log.warning("worker pid=%d exited with status %d while running %s; its output: "
+                        "%s%s", pid, os.waitstatus_to_exitcode(status), what, files,
+                        f"; its stderr ended:\n{tail}" if tail else "")
+        elif what == "no task":
+            log.info("worker pid=%d exited", pid)
+        else:
+            log.info("worker pid=%d exited with status 0 while running %s", pid, what)
