@@ -58,8 +58,8 @@ where noted); each is read on every rank:
   HPCRAY_GCS_SHARDS              ranks holding a shard of the global control store
                                  (default 1; init(gcs_shards=k) wins)
   HPCRAY_LOG_DIR                 the job's log folder: node-<rank>.log (each node's
-                                 log) and worker-<pid>.out/.err (each worker's output)
-                                 (default hpcray-logs/<job id> in the directory the job
+                                 log), node-<rank>-worker-<pid>.out/.err (each worker's
+                                 output) (default hpcray-logs/<job id> in the directory the job
                                  was submitted from: SLURM_SUBMIT_DIR, else the current
                                  one; job id: SLURM_JOB_ID, else said at start)
   HPCRAY_TRACE                   1: print every message between nodes (default off)

@@ -1,5 +1,5 @@
 """The job's log folder (hpcray/runtime/job_logs.py): node-<rank>.log with the rank on
-every record, worker-<pid>.out/.err, crashes logged with the task or actor they hit,
+every record, node-<rank>-worker-<pid>.out/.err, crashes logged with the task or actor they hit,
 the default folder and its name; on one node and under mpiexec -n 3.
 
 Each case runs a real driver (a subprocess, real workers, real signals) and reads what
@@ -78,8 +78,8 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     assert f"(pid={talker}) said on stderr" in proc.stderr.splitlines()
     assert "logs in" not in proc.stderr  # a folder the user chose is not announced
     # Each worker's output, whole, in its own files.
-    assert (folder / f"worker-{talker}.out").read_text() == "said on stdout\n"
-    assert (folder / f"worker-{talker}.err").read_text() == "said on stderr\n"
+    assert (folder / f"node-0-worker-{talker}.out").read_text() == "said on stdout\n"
+    assert (folder / f"node-0-worker-{talker}.err").read_text() == "said on stderr\n"
     log = (folder / "node-0.log").read_text()
     lines = log.splitlines()
     assert lines and all(" rank 0 " in line for line in lines if line[:4].isdigit()), log
@@ -143,7 +143,7 @@ def test_every_rank_writes_its_node_log_and_its_workers_output(tmp_path):
     talker, node1 = re.search(r"TALKER=(\d+) NODE1=(\w+)", out).groups()
     assert "CRASH SEEN" in out
     assert f"(pid={talker}, rank=1) hello from {node1}" in out.splitlines(), out
-    assert (folder / f"worker-{talker}.out").read_text() == f"hello from {node1}\n"
+    assert (folder / f"node-1-worker-{talker}.out").read_text() == f"hello from {node1}\n"
     for rank in range(3):
         log = (folder / f"node-{rank}.log").read_text()
         records = [line for line in log.splitlines() if line[:4].isdigit()]

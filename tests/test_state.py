@@ -10,8 +10,9 @@ import pytest
 
 import hpcray
 from hpcray import context, exceptions
-from hpcray.util.state import (list_actors, list_nodes, list_objects, list_tasks,
-                               summarize_tasks)
+from hpcray.util.state import (RayStateApiException, get_log, list_actors, list_logs,
+                               list_nodes, list_objects, list_tasks, list_workers,
+                               summarize_actors, summarize_objects, summarize_tasks)
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0):
@@ -79,10 +80,13 @@ def test_a_cancelled_task_is_failed_and_bad_filters_raise(ray_start, tmp_path):
     assert row.node_id is None  # it never ran
     (tmp_path / "go").touch()
     hpcray.get(blocker)
-    with pytest.raises(ValueError, match="predicate"):
+    # Ray's errors, with Ray's messages.
+    with pytest.raises(ValueError, match="Unsupported filter predicate ~ is given"):
         list_tasks(filters=[("state", "~", "x")])
-    with pytest.raises(ValueError, match="Unknown task field"):
+    with pytest.raises(RayStateApiException, match="filter column colour is not supported"):
         list_tasks(filters=[("colour", "=", "x")])
+    with pytest.raises(RayStateApiException, match="required_resources is not supported"):
+        list_tasks(filters=[("required_resources", "=", "x")])  # Ray filters not on it
 
 
 def test_list_tasks_from_a_task(ray_start):
@@ -181,7 +185,8 @@ def test_list_actors_follows_an_actor_to_its_death(ray_start):
     pid = hpcray.get(holder.pid.remote())
     [row] = wait_for(lambda: [a for a in list_actors() if a.state == "ALIVE"], "ALIVE")
     assert (row.actor_id, row.class_name, row.name, row.pid, row.num_restarts) == \
-        (holder._actor_id.hex(), "Holder", "keeper", pid, 0)
+        (holder._actor_id.hex(), "Holder", "keeper", pid, None)  # detail only, as Ray
+    assert list_actors(detail=True)[0].num_restarts == 0
     assert row.node_id == hpcray.get_runtime_context().get_node_id()
     assert row.death_cause is None
     hpcray.kill(holder)
@@ -191,7 +196,7 @@ def test_list_actors_follows_an_actor_to_its_death(ray_start):
                      "DEAD")
     assert "kill" in row.death_cause
     assert list_actors(filters=[("state", "=", "ALIVE")]) == []
-    with pytest.raises(ValueError, match="Unknown actor field"):
+    with pytest.raises(RayStateApiException, match="filter column colour"):
         list_actors(filters=[("colour", "=", "x")])
 
 
@@ -245,3 +250,104 @@ def test_state_from_inside_a_task(ray_start):
     hpcray.get(holder.pid.remote())
     actors, nodes, types, _pid = hpcray.get(look.remote())
     assert (actors, nodes, types) == (["Holder"], 1, ["WORKER"])
+
+
+def test_filters_compare_as_ray_does_and_limit_caps(ray_start):
+    hpcray.get([quick.remote() for _ in range(5)])
+    wait_for(lambda: len(list_tasks(filters=[("state", "=", "FINISHED")])) == 5, "5 done")
+    # A string column ignores case; an int column takes the value as text or a number.
+    assert len(list_tasks(filters=[("state", "=", "finished")])) == 5
+    assert list_tasks(filters=[("state", "!=", "FINISHED")]) == []
+    assert len(list_tasks(limit=2)) == 2
+    pid = list_tasks()[0].worker_pid
+    assert list_tasks(filters=[("worker_pid", "=", str(pid))]) == \
+        list_tasks(filters=[("worker_pid", "=", pid)]) != []
+    assert len(list_tasks(filters=[("type", "=", "normal_task"), ("worker_pid", "!=", pid)])) == \
+        5 - len(list_tasks(filters=[("worker_pid", "=", pid)]))
+
+
+def test_list_workers_and_how_they_ended(ray_start):
+    @hpcray.remote(max_retries=0)
+    def crash():
+        os._exit(7)
+
+    holder = Holder.remote()
+    actor_pid = hpcray.get(holder.pid.remote())
+    with pytest.raises(exceptions.WorkerCrashedError):
+        hpcray.get(crash.remote())
+    hpcray.kill(holder)
+    node_id = hpcray.get_runtime_context().get_node_id()
+
+    def ended(pid):
+        return [w for w in list_workers(detail=True) if w.pid == pid and w.exit_type]
+
+    [actor] = wait_for(lambda: ended(actor_pid), "the actor's worker to end")
+    assert (actor.is_alive, actor.worker_type, actor.exit_type, actor.node_id) == \
+        (False, "WORKER", "INTENDED_USER_EXIT", node_id)
+    assert "kill()" in actor.exit_detail and actor.end_time_ms >= actor.start_time_ms
+    [crashed] = wait_for(lambda: list_workers(filters=[("exit_type", "=", "SYSTEM_ERROR")]),
+                         "the crashed worker")
+    assert crashed.exit_detail is None  # detail only
+    [crashed] = list_workers(filters=[("pid", "=", crashed.pid)], detail=True)
+    assert "exited with status 7 while running task" in crashed.exit_detail
+    [driver] = list_workers(filters=[("worker_type", "=", "DRIVER")])
+    assert (driver.pid, driver.is_alive) == (os.getpid(), True)
+    alive = list_workers(filters=[("is_alive", "=", "true"), ("worker_type", "=", "WORKER")])
+    assert len(alive) >= 1 and all(w.exit_type is None for w in alive)
+    with pytest.raises(RayStateApiException, match="exit_detail is not supported"):
+        list_workers(filters=[("exit_detail", "=", "x")])
+
+
+def test_summarize_actors_and_objects(ray_start):
+    holders = [Holder.remote() for _ in range(2)]
+    hpcray.get([h.pid.remote() for h in holders])
+    hpcray.kill(holders[1])
+    wait_for(lambda: summarize_actors()["cluster"]["summary"].get("Holder", {}).get(
+        "state_counts") == {"ALIVE": 1, "DEAD": 1}, "one alive, one dead")
+    assert summarize_actors()["cluster"]["total_actors"] == 2
+    refs = [hpcray.put(b"x" * 2**20), hpcray.put(1)]
+    summary = summarize_objects()["cluster"]
+    assert summary["total_objects"] == 2 and summary["callsite_enabled"] is False
+    group = summary["summary"]["disabled"]
+    assert group["ref_type_counts"] == {"LOCAL_REFERENCE": 2}
+    assert group["task_state_counts"] == {"NIL": 2}
+    assert (group["total_num_workers"], group["total_num_nodes"]) == (1, 1)
+    assert 1.0 <= summary["total_size_mb"] < 1.1
+    del refs
+
+
+def test_get_log_by_pid_actor_task_and_file(ray_start):
+    @hpcray.remote
+    def talk():
+        print("from a task")
+        print("to stderr", file=__import__("sys").stderr)
+        return os.getpid()
+
+    @hpcray.remote
+    class Talker:
+        def say(self, text):
+            print(text)
+            return os.getpid()
+
+    ref = talk.remote()
+    pid = hpcray.get(ref)
+    talker = Talker.remote()
+    actor_pid = hpcray.get([talker.say.remote("one"), talker.say.remote("two")])[1]
+    node_id = hpcray.get_runtime_context().get_node_id()
+    wait_for(lambda: "from a task" in list(get_log(node_id=node_id, pid=pid)), "the file")
+    assert list(get_log(node_id=node_id, pid=pid, suffix="err")) == ["to stderr"]
+    wait_for(lambda: list(get_log(actor_id=talker._actor_id.hex())) == ["one", "two"],
+             "the actor's lines")
+    assert list(get_log(actor_id=talker._actor_id.hex(), tail=1)) == ["two"]
+    task_id = ref.task_id().hex()
+    wait_for(lambda: "from a task" in list(get_log(task_id=task_id)), "the task's worker")
+    files = list_logs(node_id=node_id)
+    assert files["node"] == ["node-0.log"]
+    assert f"node-0-worker-{pid}.out" in files["worker"]
+    assert f"node-0-worker-{actor_pid}.out" in files["worker"]
+    node_log = list(get_log(node_id=node_id, filename="node-0.log"))
+    assert any("hpcray.launch: node" in line for line in node_log)
+    with pytest.raises(ValueError, match="node_id or node_ip must be provided"):
+        list(get_log(filename="node-0.log"))
+    with pytest.raises(RayStateApiException, match="does not exist"):
+        list(get_log(node_id=node_id, filename="nothing.log"))

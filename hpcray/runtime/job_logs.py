@@ -11,7 +11,9 @@ stderr. Rank 0 picks the folder; every node gets it in the job's config. In it:
                                loggers), the rank on every record: starts, stops,
                                warnings, and every worker that crashed, with the task or
                                actor it was running
-    worker-<pid>.out / .err    what each worker wrote to stdout / stderr, whole
+    node-<rank>-worker-<pid>.out / .err
+                               what each worker of that node wrote to stdout / stderr,
+                               whole (pids repeat across hosts: the rank keeps them apart)
 
 Workers' lines still reach the driver's terminal (rank 0's directly, the others' through
 the MPI launcher) prefixed as Ray does: `(pid=123)`, `(Counter pid=123)`, with the rank
@@ -45,6 +47,15 @@ def choose_folder(job_id: str, chosen: str = "", environ=os.environ) -> tuple[st
     name = slurm_job or f"{time.strftime('%Y%m%d-%H%M%S')}-{job_id}"
     return os.path.join(os.path.abspath(base), "hpcray-logs", name), \
         (None if slurm_job else name)
+
+
+def node_file(rank: int) -> str:
+    return f"node-{rank}.log"
+
+
+def worker_file(rank: int, pid: int, suffix: str) -> str:
+    """The name of a worker's output file; `suffix` "out" (stdout) or "err" (stderr)."""
+    return f"node-{rank}-worker-{pid}.{suffix}"
 
 
 class _RankOnRecord(logging.Filter):
@@ -85,6 +96,8 @@ class JobLogs:
         self.by_pid: dict[int, object] = {}   # live workers that said hello
         self.ran: dict[int, str] = {}         # pid -> what a dead worker was running
         self.killing: dict[int, str] = {}     # pid -> why the node itself killed it
+        # pid -> (end ms, Ray's exit type, exit detail) of the workers reaped (list_workers)
+        self.exits: dict[int, tuple] = {}
         self._handlers: list[logging.Handler] = []
         self._level = None
         if folder:
@@ -94,7 +107,7 @@ class JobLogs:
     # ------------------------------------------------------------------ node log
     def _attach_node_log(self) -> None:
         logger = logging.getLogger("hpcray")
-        to_file = logging.FileHandler(os.path.join(self.folder, f"node-{self.rank}.log"))
+        to_file = logging.FileHandler(os.path.join(self.folder, node_file(self.rank)))
         to_file.setFormatter(logging.Formatter(_FORMAT))
         to_file.addFilter(_RankOnRecord(self.rank))
         self._handlers.append(to_file)
@@ -163,7 +176,7 @@ class JobLogs:
             suffix = "out" if stream_name == "stdout" else "err"
             try:
                 # Unbuffered: what a worker wrote is on disk even if the node is killed.
-                file = open(os.path.join(self.folder, f"worker-{worker.pid}.{suffix}"),
+                file = open(os.path.join(self.folder, worker_file(self.rank, worker.pid, suffix)),
                             "ab", buffering=0)
             except OSError as exc:
                 log.warning("cannot write worker %d's %s to %s: %s", worker.pid, stream_name,
@@ -216,24 +229,30 @@ class JobLogs:
         what = self.ran.pop(pid, None)
         if what is None:
             what = self.describe(worker) if worker is not None else "no task"
-        files = f"worker-{pid}.out/.err" if self.folder else "no log files"
+        files = worker_file(self.rank, pid, "out/.err") if self.folder else "no log files"
         why = self.killing.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
         if why is not None:
-            log.info("worker pid=%d was killed by %s while running %s", pid, why, what)
-        elif os.WIFSIGNALED(status):
-            number = os.WTERMSIG(status)
+            exit_type, detail = "INTENDED_USER_EXIT", f"killed by {why} while running {what}"
+            log.info("worker pid=%d was %s", pid, detail)
+        elif code < 0:
             try:
-                name = signal.Signals(number).name
+                name = signal.Signals(-code).name
             except ValueError:
                 name = "?"
-            log.warning("worker pid=%d was killed by signal %d (%s) while running %s; its "
-                        "output: %s", pid, number, name, what, files)
-        elif os.waitstatus_to_exitcode(status) != 0:
+            exit_type = "SYSTEM_ERROR"
+            detail = f"killed by signal {-code} ({name}) while running {what}"
+            log.warning("worker pid=%d was %s; its output: %s", pid, detail, files)
+        elif code != 0:
             tail = "\n".join(worker.stderr_tail) if worker is not None else ""
-            log.warning("worker pid=%d exited with status %d while running %s; its output: "
-                        "%s%s", pid, os.waitstatus_to_exitcode(status), what, files,
+            exit_type = "SYSTEM_ERROR"
+            detail = f"exited with status {code} while running {what}"
+            log.warning("worker pid=%d %s; its output: %s%s", pid, detail, files,
                         f"; its stderr ended:\n{tail}" if tail else "")
         elif what == "no task":
+            exit_type, detail = "INTENDED_SYSTEM_EXIT", "exited (idle, retired or stopped)"
             log.info("worker pid=%d exited", pid)
         else:
-            log.info("worker pid=%d exited with status 0 while running %s", pid, what)
+            exit_type, detail = "INTENDED_USER_EXIT", f"exited with status 0 while running {what}"
+            log.info("worker pid=%d %s", pid, detail)
+        self.exits[pid] = (round(time.time() * 1000), exit_type, detail)

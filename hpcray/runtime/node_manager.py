@@ -60,7 +60,7 @@ _HELLO = Hello.CODE
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
                  "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
-                 "calls", "sigint_after_flush")
+                 "calls", "sigint_after_flush", "launched_ms", "ready_ms")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -74,6 +74,8 @@ class WorkerHandle:
         self.pipes = pipes        # {fd: stream name} of its stdout/stderr
         self.output = WorkerStreams()  # its lines not ended yet, its log files
         self.started_at = time.monotonic()
+        self.launched_ms = round(time.time() * 1000)  # for list_workers
+        self.ready_ms = None
         self.interrupt_wait = None  # ends the worker's pending get/wait with an error
         self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
         self.holds = set()        # ids it holds refs to (its process counts once each)
@@ -464,6 +466,7 @@ class NodeManager:
     def on_hello(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
         worker.ready = True
+        worker.ready_ms = round(time.time() * 1000)
         self.job_logs.hello(worker)
         self._start_failures = 0
         if worker.actor_id is None:

@@ -10,9 +10,11 @@
              for the references no process holds (pending tasks' arguments, refs inside
              other values), as Ray lists each reference; object ids only, actor handles
              are list_actors'.
+    workers  every node's worker processes, live and ended, and the driver (rank 0), with
+             how each ended (job_logs.py reads the fork server's reports)
 
 Any node can ask (a worker asks its node); the answer comes through a callback once
-every shard or node has replied. Not for: turning rows into Ray's records (util/state.py
+every shard or node has replied. Not for: turning rows into Ray's records (util/state/
 does, with the node ids), or anything on the hot path: a query walks its tables.
 """
 
@@ -28,6 +30,9 @@ from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import PENDING
 
 _PUT_INDEX = bytes(ids.OBJECT_ID_SIZE - ids.TASK_ID_SIZE)  # the return index of a put
+# What a workers row holds, in this order.
+WORKER_ROW_FIELDS = ("worker_id", "rank", "pid", "is_alive", "worker_type", "exit_type",
+                     "exit_detail", "launch_ms", "start_ms", "end_ms")
 # What an objects row holds, in this order.
 OBJECT_ROW_FIELDS = ("object_id", "object_size", "task_status", "owner", "rank", "pid",
                      "type", "reference_type")
@@ -50,7 +55,7 @@ class StateQueries:
     def query(self, table: str, answer) -> None:
         """answer(rows of `table`): tables.TASK_ROW_FIELDS tuples for "tasks",
         [(actor id, ActorInfo)] for "actors", [NodeInfo] for "nodes",
-        OBJECT_ROW_FIELDS tuples for "objects"."""
+        OBJECT_ROW_FIELDS tuples for "objects", WORKER_ROW_FIELDS tuples for "workers"."""
         if table == "tasks":
             self.task_events.list_tasks(lambda rows: self._ask_every_node(
                 "calls", lambda parts: answer(rows + merge_calls(parts))))
@@ -59,7 +64,7 @@ class StateQueries:
                              merge=lambda lists: [row for rows in lists for row in rows])
         elif table == "nodes":
             self.gcs.get_nodes(answer)
-        elif table == "objects":
+        elif table in ("objects", "workers"):
             self._ask_every_node(table, answer)
         else:
             raise ValueError(f"no state table {table!r}")
@@ -92,6 +97,8 @@ class StateQueries:
             return [self.task_events.call_rows()]
         if table == "objects":
             return self.object_rows()
+        if table == "workers":
+            return self.worker_rows()
         raise ValueError(f"no per-node state table {table!r}")
 
     def object_rows(self) -> list[tuple]:
@@ -121,6 +128,20 @@ class StateQueries:
                 rows.append(self._row(key, entry, None, None, kind))
         return rows
 
+    def worker_rows(self) -> list[tuple]:
+        """This node's workers (and the driver, on rank 0), as WORKER_ROW_FIELDS tuples."""
+        rows = []
+        if self.rank == 0:
+            rows.append((_worker_id(self.rank, 0), self.rank, os.getpid(), True, "DRIVER",
+                         None, None, None, None, None))
+        exits = self.node.job_logs.exits
+        for key, worker in list(self.node.workers.items()):
+            end_ms, exit_type, detail = exits.get(worker.pid, (None, None, None))
+            rows.append((_worker_id(self.rank, key), self.rank, worker.pid, worker.alive,
+                         "WORKER", None if worker.alive else exit_type, detail,
+                         worker.launched_ms, worker.ready_ms, end_ms))
+        return rows
+
     def _row(self, key: bytes, entry, pid, kind, reference_type) -> tuple:
         if key[ids.TASK_ID_SIZE:] == _PUT_INDEX:  # a put: no task made it
             size, status = entry.size, "NIL"
@@ -129,6 +150,11 @@ class StateQueries:
         else:
             size, status = entry.size, "FINISHED"
         return (key, size, status, entry.owner, self.rank, pid, kind, reference_type)
+
+
+def _worker_id(rank: int, key: int) -> str:
+    """A worker's id: its node's rank and its key there (0: the driver), as hex."""
+    return f"{rank:08x}{key:016x}"
 
 
 def merge_calls(parts: list) -> list[tuple]:

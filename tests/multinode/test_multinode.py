@@ -574,3 +574,67 @@ def test_state_api_across_ranks(tmp_path, shards):
         print("STATE-API-OK")
     """)
     assert "STATE-API-OK" in out
+
+
+def test_workers_summaries_and_logs_across_ranks(tmp_path):
+    """list_workers, summarize_actors/objects, list_logs and get_log of a 3-rank job,
+    asked from the driver and from a task on rank 1: every rank's workers, an actor on
+    rank 2 read back by its id, a worker on rank 1 by node and pid."""
+    out = run_mpi(tmp_path, 3, """
+        import os, time, hpcray as ray
+        from hpcray.util.state import (get_log, list_logs, list_workers, summarize_actors,
+                                       summarize_objects)
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        ray.init(num_cpus=1)
+        nodes = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        on = lambda rank: NodeAffinitySchedulingStrategy(nodes[rank], soft=False)
+
+        def wait_for(predicate, what):
+            deadline = time.monotonic() + 60
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                assert time.monotonic() < deadline, what
+                time.sleep(0.05)
+
+        @ray.remote
+        class Speaker:
+            def say(self, text):
+                print(text)
+                return os.getpid()
+
+        @ray.remote
+        def talk():
+            print("rank 1 speaking")
+            return os.getpid()
+
+        @ray.remote
+        def look(actor_id):
+            return (sorted({w.node_id for w in list_workers()}),
+                    list(get_log(actor_id=actor_id)))
+
+        speaker = Speaker.options(scheduling_strategy=on(2)).remote()
+        actor_pid = ray.get(speaker.say.remote("rank 2 speaking"))
+        pid = ray.get(talk.options(scheduling_strategy=on(1)).remote())
+        workers = list_workers(limit=1000)
+        assert {w.node_id for w in workers} == set(nodes.values()), workers
+        [actor_worker] = [w for w in workers if w.pid == actor_pid and w.node_id == nodes[2]]
+        assert actor_worker.is_alive and actor_worker.worker_type == "WORKER"
+        assert len([w for w in workers if w.worker_type == "DRIVER"]) == 1
+        assert summarize_actors()["cluster"]["summary"]["Speaker"]["state_counts"] == \\
+            {"ALIVE": 1}
+        ref = ray.put(b"x" * 300_000)
+        assert summarize_objects()["cluster"]["total_objects"] == 1
+        actor_id = speaker._actor_id.hex()
+        wait_for(lambda: list(get_log(actor_id=actor_id)) == ["rank 2 speaking"], "rank 2")
+        wait_for(lambda: list(get_log(node_id=nodes[1], pid=pid)) == ["rank 1 speaking"],
+                 "rank 1")
+        node_ids, lines = ray.get(look.options(scheduling_strategy=on(1)).remote(actor_id))
+        assert node_ids == sorted(nodes.values()) and lines == ["rank 2 speaking"]
+        assert list_logs(node_id=nodes[2])["node"] == ["node-2.log"]
+        assert f"node-1-worker-{pid}.out" in list_logs()["worker"]
+        ray.shutdown()
+        print("OK")
+    """, env={"HPCRAY_LOG_DIR": str(tmp_path / "logs")})
+    assert "OK" in out

@@ -1,0 +1,347 @@
+"""Ray's state API, as `ray.util.state`: the job's tasks, actors, nodes and objects.
+
+Where each comes from (runtime/state_queries.py): tasks, actors and nodes from the GCS
+tables, objects from every node's references. Each call answers across every node of
+the job, on one node too (a cluster of one), from the driver or from a task.
+
+Tasks: normal tasks, actor creations and actor calls. The GCS keeps a task while some
+process may still ask for its returns (its lineage) and, after that, what it showed,
+for the last 10,000 such tasks per GCS shard; each node keeps the actor calls it owns,
+the last 10,000 that ended (Ray also keeps finished tasks up to a limit). States:
+PENDING (submitted, waiting for arguments or a worker), RUNNING, FINISHED, FAILED (as
+in Ray 2.x: it raised, was cancelled, or the system failed it; `error_type` says which:
+TASK_EXECUTION_EXCEPTION, TASK_CANCELLED, WORKER_DIED, ACTOR_DIED,
+TASK_UNSCHEDULABLE_ERROR, ...). The GCS table is written in batches, every 0.1 s per
+node (task_events.py): what another node did shows up that much later, so a test polls
+with a deadline.
+
+Workers: every node's worker processes, live and ended, and the driver. Logs
+(`get_log`, `list_logs`): the files of the job's log folder (runtime/job_logs.py), read
+by the calling process: the folder is where the job was submitted, which every node of
+a cluster sees (a shared file system).
+
+Rows (common.py) are dataclasses with Ray's field names, also readable as dicts
+(`row["state"]`); `filters` are Ray's [(column, "=" or "!=", value)] on the columns Ray
+lets a filter name; `limit` caps the rows (Ray's default 100); `detail=True` fills the
+fields Ray fills only then. Summaries are Ray's `{"cluster": {...}}`. `address`,
+`timeout`, `raise_on_missing_output` and `_explain` are Ray's and change nothing here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+from hpcray import context
+from hpcray.runtime.job_logs import worker_file
+from hpcray.util.state.common import (DEFAULT_LIMIT, ActorState, NodeState, ObjectState,
+                                      TaskState, WorkerState, check_filters, limited)
+from hpcray.util.state.exception import RayStateApiException
+
+__all__ = ["ActorState", "NodeState", "ObjectState", "RayStateApiException", "TaskState",
+           "WorkerState", "get_log", "list_actors", "list_logs", "list_nodes",
+           "list_objects", "list_tasks", "list_workers", "summarize_actors",
+           "summarize_objects", "summarize_tasks"]
+
+_LANGUAGE = "PYTHON"
+
+
+def list_tasks(address: str | None = None, filters: list | None = None,
+               limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
+               raise_on_missing_output: bool = True, _explain: bool = False
+               ) -> list[TaskState]:
+    """The tasks of this job (normal tasks, actor creations, actor calls), oldest first."""
+    checks = check_filters(TaskState, filters)
+    client = context.get_client()
+    nodes = _nodes(client)
+    job_id = client.job_id.hex()
+    return limited((_task_row(row, nodes, job_id, detail)
+                    for row in sorted(client.list_state("tasks"), key=_task_order)),
+                   checks, limit)
+
+
+def _task_row(row: tuple, nodes: dict, job_id: str, detail: bool) -> TaskState:
+    (task_id, name, state, owner, ran_on, kind, actor_id, parent, demand, created,
+     started, ended, pid, error_type) = row
+    extra = {}
+    if detail:
+        events = [{"state": "PENDING_ARGS_AVAIL", "created_ms": created}]
+        if started is not None:
+            events.append({"state": "RUNNING", "created_ms": started})
+        if ended is not None and state in ("FINISHED", "FAILED"):
+            events.append({"state": state, "created_ms": ended})
+        extra = dict(language=_LANGUAGE, required_resources=dict(demand or {}),
+                     events=events, creation_time_ms=created, start_time_ms=started,
+                     end_time_ms=ended, task_log_info=(
+                         None if pid is None or ran_on is None else
+                         {"stdout_file": worker_file(ran_on, pid, "out"),
+                          "stderr_file": worker_file(ran_on, pid, "err")}))
+    return TaskState(
+        task_id=task_id.hex(), attempt_number=0, name=name or "", state=state,
+        job_id=job_id, actor_id=actor_id.hex() if actor_id else None, type=kind,
+        func_or_class_name=name or "", parent_task_id=parent.hex() if parent else None,
+        node_id=_node_id(nodes, ran_on), worker_id=None, worker_pid=pid,
+        error_type=error_type, owner_node_id=_node_id(nodes, owner), **extra)
+
+
+def list_actors(address: str | None = None, filters: list | None = None,
+                limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
+                raise_on_missing_output: bool = True, _explain: bool = False
+                ) -> list[ActorState]:
+    """The actors of this job, live and dead, from the GCS actors table."""
+    checks = check_filters(ActorState, filters)
+    client = context.get_client()
+    nodes = _nodes(client)
+    job_id = client.job_id.hex()
+    return limited((_actor_row(actor_id, info, nodes, job_id, detail) for actor_id, info
+                    in sorted(client.list_state("actors"), key=lambda row: row[0])),
+                   checks, limit)
+
+
+def _actor_row(actor_id: bytes, info, nodes: dict, job_id: str, detail: bool) -> ActorState:
+    extra = {}
+    if detail:
+        extra = dict(death_cause=info.death_cause, is_detached=bool(info.info.get("detached")),
+                     repr_name="", num_restarts=info.restarts,
+                     num_restarts_due_to_lineage_reconstruction=0)
+    return ActorState(actor_id=actor_id.hex(), class_name=info.class_name, state=info.state,
+                      job_id=job_id, name=info.name or "", node_id=_node_id(nodes, info.node),
+                      pid=info.pid, ray_namespace=None, **extra)
+
+
+def list_nodes(address: str | None = None, filters: list | None = None,
+               limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
+               raise_on_missing_output: bool = True, _explain: bool = False
+               ) -> list[NodeState]:
+    """The nodes of this job (one per rank) from the GCS nodes table; rank 0, where the
+    driver runs, is the head node."""
+    checks = check_filters(NodeState, filters)
+    client = context.get_client()
+    nodes = _nodes(client)
+    return limited((NodeState(
+        node_id=nodes.get(info.rank, {}).get("NodeID", ""),
+        node_ip=nodes.get(info.rank, {}).get("NodeManagerAddress", ""),
+        is_head_node=info.rank == 0, state="ALIVE" if info.alive else "DEAD",
+        state_message=None, node_name=nodes.get(info.rank, {}).get("NodeName", ""),
+        resources_total=dict(info.resources), labels={}, rank=info.rank)
+        for info in client.list_state("nodes")), checks, limit)
+
+
+def list_workers(address: str | None = None, filters: list | None = None,
+                 limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
+                 raise_on_missing_output: bool = True, _explain: bool = False
+                 ) -> list[WorkerState]:
+    """The worker processes of every node, live and ended, and the driver, by node and
+    start."""
+    checks = check_filters(WorkerState, filters)
+    client = context.get_client()
+    nodes = _nodes(client)
+    rows = sorted(client.list_state("workers"), key=lambda row: (row[1], row[0]))
+    return limited((_worker_row(row, nodes, detail) for row in rows), checks, limit)
+
+
+def _worker_row(row: tuple, nodes: dict, detail: bool) -> WorkerState:
+    worker_id, rank, pid, alive, kind, exit_type, exit_detail, launch, start, end = row
+    node = nodes.get(rank, {})
+    extra = {}
+    if detail:
+        extra = dict(exit_detail=exit_detail, worker_launch_time_ms=launch,
+                     worker_launched_time_ms=start, start_time_ms=start, end_time_ms=end)
+    return WorkerState(worker_id=worker_id, is_alive=alive, worker_type=kind,
+                       exit_type=exit_type, node_id=node.get("NodeID", ""),
+                       ip=node.get("NodeManagerAddress", ""), pid=pid, **extra)
+
+
+def list_objects(address: str | None = None, filters: list | None = None,
+                 limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
+                 raise_on_missing_output: bool = True, _explain: bool = False
+                 ) -> list[ObjectState]:
+    """The references to objects that the processes and pending tasks of every node
+    hold, one row per reference (as Ray)."""
+    checks = check_filters(ObjectState, filters)
+    client = context.get_client()
+    nodes = _nodes(client)
+    rows = sorted(client.list_state("objects"), key=lambda row: (row[0], row[4], row[5] or 0))
+    return limited((ObjectState(
+        object_id=object_id.hex(), pid=pid, ip=nodes.get(rank, {}).get("NodeManagerAddress", ""),
+        call_site="disabled", task_status=status, type=kind, reference_type=reference_type,
+        object_size=size, node_id=_node_id(nodes, rank), owner_node_id=_node_id(nodes, owner))
+        for (object_id, size, status, owner, rank, pid, kind, reference_type) in rows),
+        checks, limit)
+
+
+def summarize_tasks(address: str | None = None, timeout: int = 30,
+                    raise_on_missing_output: bool = True, _explain: bool = False) -> dict:
+    """Ray's task summary: per function or class name, its type and how many tasks are
+    in each state; totals of normal tasks, actor calls and actors created."""
+    summary: dict[str, dict] = {}
+    totals = {"NORMAL_TASK": 0, "ACTOR_TASK": 0, "ACTOR_CREATION_TASK": 0}
+    for task in list_tasks(limit=2**62):
+        entry = summary.setdefault(task.func_or_class_name, {
+            "func_or_class_name": task.func_or_class_name, "type": task.type,
+            "state_counts": {}})
+        _count(entry["state_counts"], task.state)
+        totals[task.type] = totals.get(task.type, 0) + 1
+    return {"cluster": {"summary": summary, "total_tasks": totals["NORMAL_TASK"],
+                        "total_actor_tasks": totals["ACTOR_TASK"],
+                        "total_actor_scheduled": totals["ACTOR_CREATION_TASK"],
+                        "summary_by": "func_name"}}
+
+
+def summarize_actors(address: str | None = None, timeout: int = 30,
+                     raise_on_missing_output: bool = True, _explain: bool = False) -> dict:
+    """Ray's actor summary: per class, how many actors are in each state."""
+    summary: dict[str, dict] = {}
+    actors = list_actors(limit=2**62)
+    for actor in actors:
+        entry = summary.setdefault(actor.class_name, {"class_name": actor.class_name,
+                                                      "state_counts": {}})
+        _count(entry["state_counts"], actor.state)
+    return {"cluster": {"summary": summary, "total_actors": len(actors),
+                        "summary_by": "class"}}
+
+
+def summarize_objects(address: str | None = None, timeout: int = 30,
+                      raise_on_missing_output: bool = True, _explain: bool = False) -> dict:
+    """Ray's object summary, by call site (hpcray records none: one group, "disabled"):
+    references, their total size in MiB, how many processes and nodes hold them, and
+    counts by task status and reference type."""
+    summary: dict[str, dict] = {}
+    holders: dict[str, tuple[set, set]] = {}
+    references = list_objects(limit=2**62)
+    total_mb = 0.0
+    for ref in references:
+        entry = summary.setdefault(ref.call_site, {
+            "total_objects": 0, "total_size_mb": 0.0, "total_num_workers": 0,
+            "total_num_nodes": 0, "task_state_counts": {}, "ref_type_counts": {}})
+        entry["total_objects"] += 1
+        _count(entry["task_state_counts"], ref.task_status)
+        _count(entry["ref_type_counts"], ref.reference_type)
+        if ref.object_size:
+            entry["total_size_mb"] += ref.object_size / 2**20
+            total_mb += ref.object_size / 2**20
+        pids, node_ids = holders.setdefault(ref.call_site, (set(), set()))
+        if ref.pid is not None:
+            pids.add((ref.node_id, ref.pid))
+        node_ids.add(ref.node_id)
+    for call_site, (pids, node_ids) in holders.items():
+        summary[call_site]["total_num_workers"] = len(pids)
+        summary[call_site]["total_num_nodes"] = len(node_ids)
+    return {"cluster": {"summary": summary, "total_objects": len(references),
+                        "total_size_mb": total_mb, "callsite_enabled": False,
+                        "summary_by": "callsite"}}
+
+
+def list_logs(address: str | None = None, node_id: str | None = None,
+              node_ip: str | None = None, glob_filter: str | None = None,
+              timeout: int = 30) -> dict[str, list[str]]:
+    """The files of the job's log folder, as Ray's {group: [filename]}: "node" (the node
+    logs) and "worker" (workers' stdout and stderr); `node_id` keeps one node's."""
+    folder = _log_folder()
+    rank = None if node_id is None else _rank_of(node_id)
+    groups: dict[str, list[str]] = {"node": [], "worker": []}
+    for name in sorted(os.listdir(folder)):
+        parts = name.split("-")
+        if parts[0] != "node" or (rank is not None and parts[1].split(".")[0] != str(rank)):
+            continue
+        if glob_filter and not fnmatch.fnmatch(name, glob_filter):
+            continue
+        groups["worker" if "-worker-" in name else "node"].append(name)
+    return groups
+
+
+def get_log(address: str | None = None, node_id: str | None = None,
+            node_ip: str | None = None, filename: str | None = None,
+            actor_id: str | None = None, task_id: str | None = None, pid: int | None = None,
+            follow: bool = False, tail: int = -1, timeout: int = 30, suffix: str = "out",
+            encoding: str | None = "utf-8", errors: str | None = "strict",
+            submission_id: str | None = None, attempt_number: int = 0,
+            _interval: float | None = None, filter_ansi_code: bool = False):
+    """The lines of one file of the job's log folder, as Ray's get_log: by `node_id` and
+    `filename` (list_logs names them: node-<rank>.log, node-<rank>-worker-<pid>.out), or
+    the stdout (`suffix="out"`) or stderr ("err") of a worker found by `pid` (with
+    `node_id`), `actor_id` or `task_id` (its worker's whole output: hpcray does not cut
+    out one task's lines). `tail` keeps the last lines (-1: all). Returns an iterator of
+    lines without their newlines."""
+    if suffix not in ("out", "err"):
+        raise ValueError(f"Invalid suffix: {suffix}. Must be one of 'out' or 'err'.")
+    if follow:
+        raise ValueError("hpcray's get_log reads a file as it is (follow=True is not "
+                         "supported); call it again for newer lines.")
+    if not (node_id or node_ip) and not (actor_id or task_id):
+        raise ValueError("node_id or node_ip must be provided as constructor arguments when "
+                         "no actor or task_id is supplied as arguments.")
+    if not (actor_id or task_id or pid or filename):
+        raise ValueError("None of actor_id, task_id, pid, submission_id or filename is "
+                         "provided. At least one of them is required to fetch logs.")
+    path = os.path.join(_log_folder(), _log_file_name(node_id, node_ip, filename, actor_id,
+                                                      task_id, pid, suffix))
+    try:
+        with open(path, encoding=encoding, errors=errors) as file:
+            lines = file.read().splitlines()
+    except FileNotFoundError:
+        raise RayStateApiException(f"Log file {os.path.basename(path)} does not exist in "
+                                   f"{os.path.dirname(path)} (the worker wrote nothing "
+                                   "there yet, or no such file: see list_logs()).") from None
+    return iter(lines if tail is None or tail < 0 else lines[len(lines) - tail:])
+
+
+def _log_file_name(node_id, node_ip, filename, actor_id, task_id, pid, suffix) -> str:
+    if filename:
+        if os.path.basename(filename) != filename:
+            raise ValueError(f"filename {filename!r} must name a file of the job's log "
+                             "folder (see list_logs()), not a path.")
+        return filename
+    if actor_id:
+        found = list_actors(filters=[("actor_id", "=", actor_id)], detail=True)
+        if not found or found[0].pid is None:
+            raise RayStateApiException(f"Actor {actor_id} not found, or not started yet.")
+        return worker_file(_rank_of(found[0].node_id), found[0].pid, suffix)
+    if task_id:
+        found = list_tasks(filters=[("task_id", "=", task_id)])
+        if not found or found[0].worker_pid is None:
+            raise RayStateApiException(f"Task {task_id} not found, or not run yet.")
+        return worker_file(_rank_of(found[0].node_id), found[0].worker_pid, suffix)
+    rank = _rank_of(node_id) if node_id else _rank_of_ip(node_ip)
+    return worker_file(rank, int(pid), suffix)
+
+
+def _log_folder() -> str:
+    folder = context.get_client().config.log_dir
+    if not folder:
+        raise RayStateApiException("This job writes no log folder.")
+    return folder
+
+
+def _rank_of(node_id: str) -> int:
+    for node in context.get_client().nodes():
+        if node["NodeID"] == node_id:
+            return node["rank"]
+    raise RayStateApiException(f"Node {node_id} is not a node of this job.")
+
+
+def _rank_of_ip(node_ip: str) -> int:
+    ranks = [node["rank"] for node in context.get_client().nodes()
+             if node["NodeManagerAddress"] == node_ip]
+    if len(ranks) != 1:
+        raise RayStateApiException(f"node_ip {node_ip!r} names {len(ranks)} nodes of this "
+                                   "job; pass node_id.")
+    return ranks[0]
+
+
+def _count(counts: dict, key) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _nodes(client) -> dict:
+    return {node["rank"]: node for node in client.nodes()}
+
+
+def _node_id(nodes: dict, rank) -> str | None:
+    node = nodes.get(rank)
+    return None if node is None else node["NodeID"]
+
+
+def _task_order(row: tuple):
+    # Submission order where it is known (the creation time), then the id.
+    return (row[9] if row[9] is not None else float("inf"), row[0])
