@@ -41,7 +41,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     environment variables in every worker; its other fields (pip, working_dir, ...),
     which would install things, are ignored with a warning.
     """
-    global _atexit_registered
+    global _atexit_registered, _status_line
     from hpcray.runtime import launch
     from hpcray.runtime.client import DriverClient
 
@@ -89,6 +89,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         counter.enabled = True
         context.driver_node = node
         context.client = DriverClient(node, node.store, config, node.job_id, node.node_id)
+        if config.status_interval > 0:
+            from hpcray.runtime.status import StatusLine
+            client = context.client
+            _status_line = StatusLine(config.status_interval,
+                                      lambda: client.list_state("status"))
         if not _atexit_registered:
             atexit.register(_at_exit)
             _install_sigterm_handler()
@@ -126,6 +131,7 @@ def job_env_vars(runtime_env) -> dict:
 
 
 _driver_failed = False
+_status_line = None  # HPCRAY_STATUS_INTERVAL's thread (runtime/status.py)
 
 
 def _install_excepthook() -> None:
@@ -163,10 +169,14 @@ def _install_sigterm_handler() -> None:
 
 def shutdown(_exiting_interpreter: bool = False) -> None:
     """Stop every worker and free the object store. Safe to call twice."""
+    global _status_line
     with _init_lock:
         node = context.driver_node
         if node is None:
             return
+        if _status_line is not None:
+            _status_line.stop()
+            _status_line = None
         object_ref.reference_counter.enabled = False
         context.client = None
         context.driver_node = None

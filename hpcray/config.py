@@ -19,6 +19,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -53,6 +63,8 @@ class Config:
     # The job's log folder (job_logs.py): HPCRAY_LOG_DIR, else hpcray-logs/<job id> where
     # the job was submitted; rank 0 makes it absolute and every node writes there.
     log_dir: str = ""
+    # Seconds between the driver's status lines on stderr (runtime/status.py); 0: none.
+    status_interval: float = 0.0
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -69,6 +81,7 @@ class Config:
                                                  config.max_idle_extra_workers)
         config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
         config.log_dir = os.environ.get("HPCRAY_LOG_DIR", "")
+        config.status_interval = _env_float("HPCRAY_STATUS_INTERVAL", config.status_interval)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "

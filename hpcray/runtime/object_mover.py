@@ -32,6 +32,8 @@ class ObjectMover:
         self.store = store
         self.gcs = gcs
         self.peers = peers
+        self.bytes_pulled = 0  # what the status line says moved (status.py)
+        self.bytes_sent = 0
 
     def remote_entry(self, object_id: bytes):
         """An entry for a ref another node owns that this node has not seen: the owner
@@ -108,6 +110,7 @@ class ObjectMover:
             self.peers.send(source, wire(messages.PullFailed, object_id, tag))
             return
         self.transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
+        self.bytes_sent += len(buffer)
         self.peers.on_sent()
 
     def on_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
@@ -138,6 +141,7 @@ class ObjectMover:
             return
         entry.pulling = False
         entry.state = PENDING
+        self.bytes_pulled += entry.size
         self.objects.object_ready(object_id, IN_STORE, (), entry.size)
         self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)
 

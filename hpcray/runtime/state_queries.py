@@ -10,6 +10,7 @@
              for the references no process holds (pending tasks' arguments, refs inside
              other values), as Ray lists each reference; object ids only, actor handles
              are list_actors'.
+    status   what each node says of itself for the status line (status.py)
     workers  every node's worker processes, live and ended, and the driver (rank 0), with
              how each ended (job_logs.py reads the fork server's reports)
 
@@ -28,6 +29,7 @@ from hpcray.gcs.tables import TASK_PENDING, TASK_RUNNING
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import PENDING
+from hpcray.runtime.status import node_status
 
 _PUT_INDEX = bytes(ids.OBJECT_ID_SIZE - ids.TASK_ID_SIZE)  # the return index of a put
 # What a workers row holds, in this order.
@@ -64,7 +66,7 @@ class StateQueries:
                              merge=lambda lists: [row for rows in lists for row in rows])
         elif table == "nodes":
             self.gcs.get_nodes(answer)
-        elif table in ("objects", "workers"):
+        elif table in ("objects", "workers", "status"):
             self._ask_every_node(table, answer)
         else:
             raise ValueError(f"no state table {table!r}")
@@ -99,6 +101,8 @@ class StateQueries:
             return self.object_rows()
         if table == "workers":
             return self.worker_rows()
+        if table == "status":
+            return [node_status(self.node)]
         raise ValueError(f"no per-node state table {table!r}")
 
     def object_rows(self) -> list[tuple]:
