@@ -58,10 +58,14 @@ where noted); each is read on every rank:
   HPCRAY_GCS_SHARDS              ranks holding a shard of the global control store
                                  (default 1; init(gcs_shards=k) wins)
   HPCRAY_LOG_DIR                 the job's log folder: node-<rank>.log (each node's
-                                 log), node-<rank>-worker-<pid>.out/.err (each worker's
-                                 output) (default hpcray-logs/<job id> in the directory the job
-                                 was submitted from: SLURM_SUBMIT_DIR, else the current
-                                 one; job id: SLURM_JOB_ID, else said at start)
+                                 log), node-<rank>-worker-<pid>.out/.err (each
+                                 worker's output) (default hpcray-logs/<job id> in the
+                                 directory the job was submitted from: SLURM_SUBMIT_DIR,
+                                 else the current one; job id: SLURM_JOB_ID, else said
+                                 at start)
+  HPCRAY_STATUS_INTERVAL         seconds between status lines on stderr: tasks done,
+                                 running and queued, CPUs and store per node, bytes
+                                 moved (default 0: none)
   HPCRAY_TRACE                   1: print every message between nodes (default off)
   RAY_ENABLE_AUTO_CONNECT        0: put/get/.remote() before init() raise instead of
                                  starting a runtime (default 1, as Ray)
@@ -87,7 +91,8 @@ def _first_rank() -> bool:
 
 def _usage_error(message: str) -> int:
     if _first_rank():
-        print(f"python -m hpcray: error: {message}; see python -m hpcray --help",
+        see = " See" if message.endswith(".") else "; see"
+        print(f"python -m hpcray: error: {message}{see} python -m hpcray --help",
               file=sys.stderr)
     return 2
 
@@ -116,6 +121,11 @@ def parse(argv: list[str]):
         if not _module_exists(argv[1]):
             return "error", f"no module named {argv[1]!r}", None
         return "module", argv[1], argv[1:]
+    if first in ("-n", "-np", "--np", "-N") or first.startswith(("-n=", "--np=")):
+        from hpcray.runtime.launch import mpiexec_hint
+        ranks = argv[1] if len(argv) > 1 and argv[1].isdigit() else "N"
+        return "error", (f"{first} is an option of the MPI launcher, not of python -m "
+                         f"hpcray. {mpiexec_hint(ranks)}"), None
     if first.startswith("-"):
         return "error", f"unknown option {first!r}", None
     if not os.path.exists(first):

@@ -84,3 +84,56 @@ def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("python -m hpcray: error:") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_launcher_option_names_the_mpiexec_to_use(tmp_path):
+    (tmp_path / "app.py").write_text("print('ran')\n")
+    proc = launch("-n", "4", "app.py", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "-n is an option of the MPI launcher" in proc.stderr
+    assert f"Run `{MPIEXEC} -n 4 {sys.executable} -m hpcray app.py`." in proc.stderr
+
+
+def test_no_mpiexec_says_how_to_get_one(tmp_path):
+    """A Python with no mpiexec beside it and none on PATH (hpcray installed without the
+    `mpi` extra): the error says how to get one."""
+    import os
+    import site
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + site.getsitepackages())}
+    proc = subprocess.run([str(bare / "python"), "-m", "hpcray", "-n", "2", "app.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert f"No mpiexec was found beside {bare / 'python'} or on PATH" in proc.stderr
+    assert "pip install mpich" in proc.stderr
+
+
+def _alone_in_mpi(tmp_path, env: dict):
+    """Start `python -m hpcray app.py` with what a launcher sets for its rank 0; mpi4py's
+    MPI then starts as a singleton, as it does under a launcher it cannot talk to."""
+    import os
+    (tmp_path / "app.py").write_text("print('NOT REACHED')\n")
+    proc = subprocess.run([sys.executable, "-m", "hpcray", "app.py"], cwd=tmp_path,
+                          env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=90)
+    assert proc.returncode == 1 and "NOT REACHED" not in proc.stdout, proc.stdout
+    return proc.stderr
+
+
+def test_srun_without_the_mpi_plugin_names_the_plugin(tmp_path):
+    said = _alone_in_mpi(tmp_path, {"SLURM_NTASKS": "3", "SLURM_STEP_ID": "0",
+                                    "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"})
+    assert "srun started 3 tasks but MPI sees one: each task became a singleton" in said
+    assert "Launch with `srun --mpi=pmi2` (MPICH" in said, said  # the venv's MPI is MPICH
+    assert "Traceback" not in said
+
+
+def test_a_launcher_of_another_mpi_names_the_right_mpiexec(tmp_path):
+    said = _alone_in_mpi(tmp_path, {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
+    assert ("the launcher started 2 processes (OMPI_COMM_WORLD_SIZE=2) but MPI sees one in "
+            "each: that launcher belongs to another MPI than the one mpi4py uses (MPICH") in said
+    assert f"Run `{MPIEXEC} -n 2 {sys.executable} -m hpcray app.py`." in said
+    assert "Traceback" not in said

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -192,3 +193,38 @@ def test_a_remote_traceback_names_the_driver_scripts_file_and_line(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f'File "{script}", line 6, in boom' in proc.stdout, proc.stdout
     assert 'raise ValueError("here")' in proc.stdout and "<dynamic-code>" not in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_an_unpicklable_result_names_the_task_the_value_and_what_to_do(ray_start):
+    @ray_start.remote(num_returns=2)
+    def two():
+        return 1, threading.Lock()
+
+    @ray_start.remote
+    def items():
+        yield 1
+        yield threading.Lock()
+
+    @ray_start.remote
+    class Keeper:
+        def lock(self):
+            return threading.Lock()
+
+    first, second = two.remote()
+    for ref in (first, second):  # one task's error: every return raises it
+        with pytest.raises(TypeError) as error:
+            ray_start.get(ref)
+        text = str(error.value)
+        assert "Could not serialize return value 1 (counting from 0, of 2) " \
+               "<unlocked _thread.lock" in text, text
+        assert "of task test_serialization_errors." in text and "<locals>.two:" in text
+        assert "__reduce__" in text
+    stream = items.remote()
+    assert ray_start.get(next(stream)) == 1
+    with pytest.raises(TypeError, match=r"Could not serialize item 1 .* of task "
+                                        r"test_serialization_errors\..*items"):
+        ray_start.get(next(stream))
+    with pytest.raises(TypeError, match=r"Could not serialize the return value .*of task "
+                                        r"Keeper.lock(.|\n)*keep locks, open files"):
+        ray_start.get(Keeper.remote().lock.remote())

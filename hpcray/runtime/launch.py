@@ -160,6 +160,53 @@ def launched_world_size(environ=os.environ) -> int:
     return 1
 
 
+def launcher_size_variable(environ=os.environ) -> tuple[str, int] | None:
+    """(name, value) of the launcher's variable that says it started several ranks."""
+    for name in _SIZE_VARIABLES:
+        value = environ.get(name)
+        if value and value.isdigit() and int(value) > 1:
+            return name, int(value)
+    return None
+
+
+def mpi_library() -> str:
+    """The first line of the MPI library's version (MPICH, Open MPI, ...)."""
+    from mpi4py import MPI
+    return " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+
+
+def srun_hint() -> str:
+    """Which --mpi plugin srun needs for mpi4py's MPI."""
+    library = mpi_library()
+    if "Open MPI" in library:
+        return ("Launch with `srun --mpi=pmix` (Open MPI; `srun --mpi=list` shows the "
+                "plugins this Slurm has), or with mpiexec inside the allocation.")
+    return ("Launch with `srun --mpi=pmi2` (MPICH and the MPIs built on it; `srun "
+            "--mpi=list` shows the plugins this Slurm has), or with mpiexec inside the "
+            "allocation.")
+
+
+def mpiexec_path() -> str | None:
+    """The mpiexec to launch hpcray with: the one beside this Python (a venv's MPICH from
+    PyPI), else the one on PATH, else None."""
+    import shutil
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("mpiexec")
+
+
+def mpiexec_hint(ranks: str = "N") -> str:
+    """How to start `ranks` ranks of hpcray, naming the mpiexec to use, or how to get one."""
+    path = mpiexec_path()
+    if path is None:
+        return (f"No mpiexec was found beside {sys.executable} or on PATH: install one "
+                "that matches mpi4py (`pip install mpich`, hpcray's `mpi` extra, or your "
+                "site's MPI module), then run `mpiexec -n "
+                f"{ranks} python -m hpcray app.py`.")
+    return f"Run `{path} -n {ranks} {sys.executable} -m hpcray app.py`."
+
+
 def in_world() -> bool:
     """True once this process is one of several ranks (world() found them)."""
     return _world is not None
@@ -178,8 +225,14 @@ def world():
             if slurm_tasks > 1 and os.environ.get("SLURM_STEP_ID") is not None:
                 raise LaunchError(
                     f"srun started {slurm_tasks} tasks but MPI sees one: each task became a "
-                    "singleton. Launch with `srun --mpi=pmi2` (MPICH) or `--mpi=pmix` "
-                    "(Open MPI).")
+                    "singleton, as srun does without the PMI plugin of mpi4py's MPI "
+                    f"({mpi_library()}). {srun_hint()}")
+            said = launcher_size_variable()
+            if said is not None:
+                raise LaunchError(
+                    f"the launcher started {said[1]} processes ({said[0]}={said[1]}) but MPI "
+                    "sees one in each: that launcher belongs to another MPI than the one "
+                    f"mpi4py uses ({mpi_library()}). {mpiexec_hint(str(said[1]))}")
             return None
         _world = MpiTransport(MPI.COMM_WORLD)
     return _world

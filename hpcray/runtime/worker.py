@@ -36,19 +36,29 @@ class _Cancelled(KeyboardInterrupt):
     SIGINT; cancellation.py): a KeyboardInterrupt, as Ray raises."""
 
 
+# What to do when a task's result cannot be pickled (it must leave the worker's process).
+_RETURN_HINT = ("A task's results leave its worker process pickled (cloudpickle): return "
+                "plain data, or what rebuilds the object, or give its class __reduce__; "
+                "keep locks, open files, sockets and clients inside the process that uses "
+                "them (an actor can hold them).")
+
+
 class _Unusable(Exception):
     """Something a task was sent could not be deserialized, or a value it returned could
     not be serialized: the task's error names which, and the worker lives on."""
 
-    def __init__(self, failed: str, cause: BaseException):
+    def __init__(self, failed: str, cause: BaseException, hint: str = ""):
         super().__init__(failed)
         self.failed = failed   # e.g. "deserialize the arguments"
         self.cause = cause
+        self.hint = hint       # what to do about it
 
     def task_error(self, name: str, of: str = "task") -> exceptions.RayTaskError:
         """`of` `name`: "task f", "actor A"."""
         cause = self.cause
         text = f"Could not {self.failed} of {of} {name}: {type(cause).__name__}: {cause}\n"
+        if self.hint:
+            text += self.hint + "\n"
         function_name = f"{name}.__init__" if of == "actor" else name
         return exceptions.RayTaskError(function_name, text, cause, os.getpid())
 
@@ -284,7 +294,8 @@ class Worker:
         try:
             serialized = self.client.serialize_value(value)
         except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
-            raise _Unusable(f"serialize item {index} {value!r:.100}", exc) from exc
+            raise _Unusable(f"serialize item {index} {value!r:.100}", exc,
+                            _RETURN_HINT) from exc
         self.channel.send_done(ItemReady, spec.task_id, index,
                                (object_id, *self.client.encode_serialized(object_id, serialized)))
 
@@ -345,8 +356,9 @@ class Worker:
             try:
                 serialized.append(self.client.serialize_value(value))
             except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
-                what = "the return value" if len(values) == 1 else f"return value {index}"
-                raise _Unusable(f"serialize {what} {value!r:.100}", exc) from exc
+                what = "the return value" if len(values) == 1 else \
+                    f"return value {index} (counting from 0, of {len(values)})"
+                raise _Unusable(f"serialize {what} {value!r:.100}", exc, _RETURN_HINT) from exc
         return [(object_id, *self.client.encode_serialized(object_id, sv))
                 for object_id, sv in zip(return_ids, serialized)]
 
