@@ -33,6 +33,13 @@ def talk():
 def crash():
     os.kill(os.getpid(), signal.SIGKILL)
 
+class Escape(BaseException):  # not an Exception: it leaves the worker's loop
+    pass
+
+@hpcray.remote(max_retries=0)
+def escape():
+    raise Escape("out of the worker loop")
+
 @hpcray.remote(max_restarts=0)
 class Doomed:
     def pid(self):
@@ -45,6 +52,10 @@ try:
     hpcray.get(crash.remote())
 except hpcray.exceptions.WorkerCrashedError:
     print("CRASH SEEN")
+try:
+    hpcray.get(escape.remote())
+except hpcray.exceptions.WorkerCrashedError:
+    print("ESCAPE SEEN")
 doomed = Doomed.remote()
 doomed_pid = hpcray.get(doomed.pid.remote())
 try:
@@ -72,7 +83,7 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     folder = tmp_path / "logs"
     proc = _run(tmp_path, {"HPCRAY_LOG_DIR": str(folder)}, tmp_path)
     talker, doomed = map(int, re.search(r"TALKER=(\d+) DOOMED=(\d+)", proc.stdout).groups())
-    assert "CRASH SEEN" in proc.stdout and "ACTOR DIED" in proc.stdout
+    assert all(seen in proc.stdout for seen in ("CRASH SEEN", "ESCAPE SEEN", "ACTOR DIED"))
     # The terminal still gets every line, prefixed as before.
     assert f"(pid={talker}) said on stdout" in proc.stdout.splitlines()
     assert f"(pid={talker}) said on stderr" in proc.stderr.splitlines()
@@ -87,6 +98,11 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     # The crashes, each with what it was running.
     assert re.search(r"WARNING hpcray.node: worker pid=\d+ was killed by signal 9 \(SIGKILL\) "
                      r"while running task '__main__.crash' \(task id [0-9a-f]+\)", log), log
+    # An exception that escaped the worker's loop: its last line, and where the rest is.
+    assert re.search(r"WARNING hpcray.node: worker pid=(\d+) exited with status 1 while running "
+                     r"task '__main__.escape' \(task id [0-9a-f]+\); its stderr ended with: "
+                     r"Escape: out of the worker loop; its output: "
+                     r"node-0-worker-\1.out/.err", log), log
     assert re.search(rf"WARNING hpcray.node: worker pid={doomed} exited with status 3 while "
                      r"running actor Doomed \(actor id [0-9a-f]+\)", log), log
     assert not (tmp_path / "hpcray-logs").exists()

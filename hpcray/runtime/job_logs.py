@@ -244,11 +244,15 @@ class JobLogs:
             detail = f"killed by signal {-code} ({name}) while running {what}"
             log.warning("worker pid=%d was %s; its output: %s", pid, detail, files)
         elif code != 0:
-            tail = "\n".join(worker.stderr_tail) if worker is not None else ""
+            # Its last line on stderr says why (an exception that escaped the worker's
+            # loop ends with its type and message); the whole of it is in its .err file.
+            last = [line for line in (worker.stderr_tail if worker is not None else ())
+                    if line.strip()]
             exit_type = "SYSTEM_ERROR"
             detail = f"exited with status {code} while running {what}"
-            log.warning("worker pid=%d %s; its output: %s%s", pid, detail, files,
-                        f"; its stderr ended:\n{tail}" if tail else "")
+            if last:
+                detail += f"; its stderr ended with: {last[-1].strip()}"
+            log.warning("worker pid=%d %s; its output: %s", pid, detail, files)
         elif what == "no task":
             exit_type, detail = "INTENDED_SYSTEM_EXIT", "exited (idle, retired or stopped)"
             log.info("worker pid=%d exited", pid)

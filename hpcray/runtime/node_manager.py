@@ -380,6 +380,9 @@ class NodeManager:
             return False
         message = messages.record(protocol.decode(data))
         if type(message) is messages.WorkerExited:
+            worker = self.job_logs.by_pid.get(message.pid)
+            if worker is not None:  # its last words first: the log line quotes them
+                self._read_all_output(worker)
             self.job_logs.exited(message.pid, message.status)
         return True
 
@@ -444,21 +447,30 @@ class NodeManager:
                 _note_holds(worker.holds, message[-1])
             handlers[message[0]](worker, *message[1:])
 
-    def _on_worker_output(self, worker: WorkerHandle, fd: int) -> None:
+    def _on_worker_output(self, worker: WorkerHandle, fd: int) -> bool:
+        """Read what the worker wrote on `fd`; False once nothing more is there now."""
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
-            return
+            return False
         stream_name = worker.pipes.get(fd)
         if not data:
             self._unregister(fd)
             _close_fd(fd)
             worker.pipes.pop(fd, None)
             self.job_logs.output_ended(worker, stream_name)
-            return
+            return False
         if stream_name == "stderr":
             worker.stderr_tail.extend(data.decode(errors="replace").splitlines())
         self.job_logs.output(worker, stream_name, data)
+        return True
+
+    def _read_all_output(self, worker: WorkerHandle) -> None:
+        """Everything a worker that ended left in its pipes (before saying why it ended)."""
+        for fd in list(worker.pipes):
+            for _ in range(64):  # bounded: a child it left behind may still be writing
+                if not self._on_worker_output(worker, fd):
+                    break
 
     def _actor_class_name(self, actor_id: bytes) -> str | None:
         actor = self.actors.get(actor_id)
@@ -533,8 +545,7 @@ class NodeManager:
     _MAX_START_FAILURES = 3
 
     def _worker_start_failed(self, worker: WorkerHandle) -> None:
-        for fd in list(worker.pipes):  # what it wrote before dying
-            self._on_worker_output(worker, fd)
+        self._read_all_output(worker)  # what it wrote before dying
         self._start_failures += 1
         if self._start_failures >= self._MAX_START_FAILURES:
             detail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"
