@@ -10,7 +10,8 @@ import pytest
 
 import hpcray
 from hpcray import context, exceptions
-from hpcray.util.state import (RayStateApiException, get_log, list_actors, list_logs,
+from hpcray.util.state import (RayStateApiException, get_actor, get_log, get_node,
+                               get_objects, get_task, get_worker, list_actors, list_logs,
                                list_nodes, list_objects, list_tasks, list_workers,
                                summarize_actors, summarize_objects, summarize_tasks)
 
@@ -351,3 +352,36 @@ def test_get_log_by_pid_actor_task_and_file(ray_start):
         list(get_log(filename="node-0.log"))
     with pytest.raises(RayStateApiException, match="does not exist"):
         list(get_log(node_id=node_id, filename="nothing.log"))
+
+
+def test_get_apis_and_following_a_log(ray_start, tmp_path):
+    @hpcray.remote
+    class Talker:
+        def say(self, text):
+            print(text, flush=True)
+            return os.getpid()
+
+    talker = Talker.remote()
+    pid = hpcray.get(talker.say.remote("first"))
+    actor_id = talker._actor_id.hex()
+    actor = wait_for(lambda: get_actor(actor_id), "the actor")
+    assert (actor.pid, actor.num_restarts) == (pid, 0)  # a get API fills every field
+    assert get_actor("00" * 16) is None
+    ref = quick.remote()
+    hpcray.get(ref)
+    [task] = wait_for(lambda: get_task(ref), "the task")
+    assert task.task_id == ref.task_id().hex() and task.language == "PYTHON"
+    assert get_task(task.task_id) == [task] and get_task("ff" * 16) is None
+    node_id = hpcray.get_runtime_context().get_node_id()
+    assert get_node(node_id).rank == 0 and get_node("x") is None
+    [worker] = list_workers(filters=[("pid", "=", pid)])
+    assert get_worker(worker.worker_id).pid == pid
+    big = hpcray.put(b"x" * 200_000)
+    assert [(o.object_id, o.type) for o in get_objects(big.hex())] == [(big.hex(), "DRIVER")]
+    # follow: what is there, then each line as it comes (the actor says one more only
+    # after we read the first, so the second is read by following the file).
+    lines = get_log(actor_id=actor_id, follow=True, _interval=0.05)
+    assert next(lines) == "first"
+    talker.say.remote("second")
+    assert next(lines) == "second"
+    lines.close()

@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import time
 
 from hpcray import context
+from hpcray.object_ref import ObjectRef
 from hpcray.runtime.job_logs import worker_file
 from hpcray.util.state.common import (DEFAULT_LIMIT, ActorState, NodeState, ObjectState,
                                       TaskState, WorkerState, check_filters, limited)
 from hpcray.util.state.exception import RayStateApiException
 
 __all__ = ["ActorState", "NodeState", "ObjectState", "RayStateApiException", "TaskState",
-           "WorkerState", "get_log", "list_actors", "list_logs", "list_nodes",
-           "list_objects", "list_tasks", "list_workers", "summarize_actors",
-           "summarize_objects", "summarize_tasks"]
+           "WorkerState", "get_actor", "get_log", "get_node", "get_objects", "get_task",
+           "get_worker", "list_actors", "list_logs", "list_nodes", "list_objects",
+           "list_tasks", "list_workers", "summarize_actors", "summarize_objects",
+           "summarize_tasks"]
 
 _LANGUAGE = "PYTHON"
 
@@ -170,6 +173,44 @@ def list_objects(address: str | None = None, filters: list | None = None,
         checks, limit)
 
 
+def get_actor(id: str, address: str | None = None, timeout: int = 30,
+              _explain: bool = False) -> ActorState | None:
+    """The actor with this id (hex), with every field (detail), or None."""
+    found = list_actors(filters=[("actor_id", "=", id)], detail=True)
+    return found[0] if found else None
+
+
+def get_task(id, address: str | None = None, timeout: int = 30,
+             _explain: bool = False) -> list[TaskState] | None:
+    """The attempts of the task with this id (hex) or of the task that makes this
+    ObjectRef, with every field (detail), as Ray: a list (one attempt here: a retry
+    updates its row), or None."""
+    if isinstance(id, ObjectRef):
+        id = id.task_id().hex()
+    found = list_tasks(filters=[("task_id", "=", id)], detail=True)
+    return found or None
+
+
+def get_node(id: str, address: str | None = None, timeout: int = 30,
+             _explain: bool = False) -> NodeState | None:
+    """The node with this id, or None."""
+    found = list_nodes(filters=[("node_id", "=", id)], detail=True)
+    return found[0] if found else None
+
+
+def get_worker(id: str, address: str | None = None, timeout: int = 30,
+               _explain: bool = False) -> WorkerState | None:
+    """The worker with this id (list_workers' worker_id), with every field, or None."""
+    found = list_workers(filters=[("worker_id", "=", id)], detail=True)
+    return found[0] if found else None
+
+
+def get_objects(id: str, address: str | None = None, timeout: int = 30,
+                _explain: bool = False) -> list[ObjectState]:
+    """Every reference to the object with this id (hex), as Ray: a list."""
+    return list_objects(filters=[("object_id", "=", id)], detail=True, limit=2**62)
+
+
 def summarize_tasks(address: str | None = None, timeout: int = 30,
                     raise_on_missing_output: bool = True, _explain: bool = False) -> dict:
     """Ray's task summary: per function or class name, its type and how many tasks are
@@ -261,13 +302,11 @@ def get_log(address: str | None = None, node_id: str | None = None,
     `filename` (list_logs names them: node-<rank>.log, node-<rank>-worker-<pid>.out), or
     the stdout (`suffix="out"`) or stderr ("err") of a worker found by `pid` (with
     `node_id`), `actor_id` or `task_id` (its worker's whole output: hpcray does not cut
-    out one task's lines). `tail` keeps the last lines (-1: all). Returns an iterator of
-    lines without their newlines."""
+    out one task's lines). `tail` keeps the last lines (-1: all); `follow` then yields
+    each line appended later, read every `_interval` seconds (0.5), until the caller stops
+    iterating. Returns an iterator of lines without their newlines."""
     if suffix not in ("out", "err"):
         raise ValueError(f"Invalid suffix: {suffix}. Must be one of 'out' or 'err'.")
-    if follow:
-        raise ValueError("hpcray's get_log reads a file as it is (follow=True is not "
-                         "supported); call it again for newer lines.")
     if not (node_id or node_ip) and not (actor_id or task_id):
         raise ValueError("node_id or node_ip must be provided as constructor arguments when "
                          "no actor or task_id is supplied as arguments.")
@@ -277,13 +316,31 @@ def get_log(address: str | None = None, node_id: str | None = None,
     path = os.path.join(_log_folder(), _log_file_name(node_id, node_ip, filename, actor_id,
                                                       task_id, pid, suffix))
     try:
-        with open(path, encoding=encoding, errors=errors) as file:
-            lines = file.read().splitlines()
+        file = open(path, encoding=encoding, errors=errors)
     except FileNotFoundError:
         raise RayStateApiException(f"Log file {os.path.basename(path)} does not exist in "
                                    f"{os.path.dirname(path)} (the worker wrote nothing "
                                    "there yet, or no such file: see list_logs()).") from None
-    return iter(lines if tail is None or tail < 0 else lines[len(lines) - tail:])
+    return _lines(file, tail, follow, _interval or 0.5)
+
+
+def _lines(file, tail: int | None, follow: bool, interval: float):
+    """The file's lines (the last `tail`), then, with `follow`, each line appended later,
+    read every `interval` seconds, until the caller stops iterating."""
+    with file:
+        *lines, rest = file.read().split("\n")  # rest: a last line not ended yet, or ""
+        if rest and not follow:
+            lines.append(rest)
+        if tail is not None and tail >= 0:
+            lines = lines[len(lines) - tail:] if tail else []
+        yield from lines
+        while follow:
+            more = file.read()
+            if not more:
+                time.sleep(interval)
+                continue
+            *done, rest = (rest + more).split("\n")
+            yield from done
 
 
 def _log_file_name(node_id, node_ip, filename, actor_id, task_id, pid, suffix) -> str:
