@@ -22,5 +22,5 @@ extensions = [
 setup(
     ext_modules=cythonize(extensions, language_level=3,
                           compiler_directives={"embedsignature": True}),
-    package_data={"hpcray": ["*.pyi", "*.pxd", "py.typed"]},
+    package_data={"hpcray": ["*.pyi", "*.pxd", "py.typed", "util/*.js"]},
 )

@@ -8,7 +8,7 @@ from hpcray import exceptions
 from hpcray.actor import ActorClass, ActorHandle, method
 from hpcray.api import (available_resources, cancel, cluster_resources, get, get_actor,
                         get_gpu_ids, init, is_initialized, kill, nodes, put, remote, shutdown,
-                        wait)
+                        timeline, wait)
 from hpcray.object_ref import ObjectRef
 from hpcray.object_ref_generator import DynamicObjectRefGenerator, ObjectRefGenerator
 from hpcray.runtime_context import get_runtime_context
@@ -28,4 +28,4 @@ __all__ = ["ActorClass", "ActorHandle", "DynamicObjectRefGenerator", "ObjectRef"
            "ObjectRefGenerator", "available_resources", "cancel",
            "cluster_resources", "exceptions", "get", "get_actor", "get_gpu_ids",
            "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes", "put",
-           "remote", "shutdown", "util", "wait"]
+           "remote", "shutdown", "timeline", "util", "wait"]

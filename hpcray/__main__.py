@@ -66,6 +66,13 @@ where noted); each is read on every rank:
   HPCRAY_STATUS_INTERVAL         seconds between status lines on stderr: tasks done,
                                  running and queued, CPUs and store per node, bytes
                                  moved (default 0: none)
+  HPCRAY_TIMELINE_EVENTS         task spans, submissions and transfers each node keeps
+                                 for hpcray.timeline() and the report; older ones are
+                                 dropped (default 100000; 0 keeps none)
+  HPCRAY_REPORT                  write the job's report page (one HTML file, every
+                                 rank) there at shutdown (default none; init(report=))
+  HPCRAY_REPORT_INTERVAL         seconds between a node's CPU/GPU/store readings for
+                                 the report (default 1)
   HPCRAY_TRACE                   1: print every message between nodes (default off)
   RAY_ENABLE_AUTO_CONNECT        0: put/get/.remote() before init() raise instead of
                                  starting a runtime (default 1, as Ray)

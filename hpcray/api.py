@@ -33,13 +33,15 @@ class RuntimeInfo(dict):
 def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None,
          object_store_memory: int | None = None, ignore_reinit_error: bool = False,
-         log_to_driver: bool | None = None, **ray_only_options) -> RuntimeInfo:
+         log_to_driver: bool | None = None, report: str | None = None,
+         **ray_only_options) -> RuntimeInfo:
     """Start hpcray on this machine (one node, no MPI), as `ray.init()`.
 
     Ray options that have no meaning here (dashboard, namespace, ...) are accepted and
     ignored, so Ray programs run unchanged. `runtime_env={"env_vars": {...}}` sets
     environment variables in every worker; its other fields (pip, working_dir, ...),
-    which would install things, are ignored with a warning.
+    which would install things, are ignored with a warning. `report="job.html"` (or
+    HPCRAY_REPORT) writes the job's report page there at shutdown (util/report.py).
     """
     global _atexit_registered, _status_line
     from hpcray.runtime import launch
@@ -67,6 +69,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if object_store_memory is not None:
             config.object_store_memory = int(object_store_memory)
         config.env_vars = job_env_vars(ray_only_options.get("runtime_env"))
+        if report is not None:
+            config.report = report
+        if config.report:  # where the driver started: it may chdir before shutdown
+            config.report = os.path.abspath(config.report)
         gcs_shards = ray_only_options.pop("gcs_shards", None) or \
             int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
         job_id = os.urandom(4).hex()
@@ -174,6 +180,9 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         node = context.driver_node
         if node is None:
             return
+        if node.config.report:
+            from hpcray.util.report import write_job_report
+            write_job_report(context.client, node)
         if _status_line is not None:
             _status_line.stop()
             _status_line = None
@@ -184,6 +193,14 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         if node.cluster.size > 1:
             from hpcray.runtime import launch
             launch.stop_job(node.cluster.transport)
+
+
+def timeline(filename: str | None = None):
+    """Ray's `timeline()`: every node's tasks, actor calls, submissions and transfers
+    as Chrome trace events (hpcray/util/timeline.py), returned, or written to
+    `filename` as JSON. Always recorded, nothing to enable (Ray needs RAY_PROFILING)."""
+    from hpcray.util.timeline import timeline as gather
+    return gather(filename)
 
 
 def is_initialized() -> bool:

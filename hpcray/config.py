@@ -65,6 +65,13 @@ class Config:
     log_dir: str = ""
     # Seconds between the driver's status lines on stderr (runtime/status.py); 0: none.
     status_interval: float = 0.0
+    # Each node keeps the last this many task spans, submissions and transfers for
+    # hpcray.timeline() and the report (runtime/recorder.py); older ones are dropped.
+    timeline_events: int = 100_000
+    # The report page written at shutdown (init(report=...)); "" writes none.
+    report: str = ""
+    # Seconds between a node's readings of its CPU/GPU/store use, while a report is due.
+    report_interval: float = 1.0
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -82,6 +89,9 @@ class Config:
         config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
         config.log_dir = os.environ.get("HPCRAY_LOG_DIR", "")
         config.status_interval = _env_float("HPCRAY_STATUS_INTERVAL", config.status_interval)
+        config.timeline_events = _env_int("HPCRAY_TIMELINE_EVENTS", config.timeline_events)
+        config.report = os.environ.get("HPCRAY_REPORT", config.report)
+        config.report_interval = _env_float("HPCRAY_REPORT_INTERVAL", config.report_interval)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "

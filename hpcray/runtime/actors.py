@@ -255,12 +255,13 @@ class Actors:
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
             self.node.send_to_worker(worker, wire(messages.ExitWorker))
 
-    def actor_call_done(self, worker, task_id, results, retry, transitions) -> None:
+    def actor_call_done(self, worker, task_id, results, retry, started, transitions) -> None:
         actor = self.hosted.get(worker.actor_id)
         record = actor.inflight.pop(task_id, None) if actor is not None else None
         if record is None:
             self.objects.apply_transitions(transitions)
             return
+        self.node.recorder.ran(record.spec, worker.pid, started, results)
         self.node._finish_task(record, results, transitions)
         if actor.death is not None and not actor.queue and not actor.inflight:
             self.node.send_to_worker(worker, wire(messages.ExitWorker))
@@ -356,10 +357,12 @@ class Actors:
             for record in reversed(retry):
                 if record.retries_left > 0:
                     record.retries_left -= 1
+                self.node.recorder.count("retries")
                 record.state = QUEUED
                 actor.queue.appendleft(record)
             actor.state = A_RESTARTING
             actor.restarts += 1
+            self.node.recorder.count("actor_restarts")
             self.record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
             actor.worker = self.node._start_worker(actor.actor_id)
             return

@@ -238,9 +238,10 @@ class DriverClient(CoreClient):
         finally:
             nm.lock.release()
 
-    def _answer_of(self, method, *args):
+    def _answer_of(self, method, *args, timeout: float | None = None):
         """Call a node-manager method that answers through a callback (maybe later, from
-        the node manager's thread when the GCS replies) and wait for the answer."""
+        the node manager's thread when the GCS replies) and wait for the answer
+        (TimeoutError after `timeout` seconds)."""
         answered = threading.Event()
         box = []
 
@@ -250,7 +251,8 @@ class DriverClient(CoreClient):
 
         with self.nm.lock:
             method(*args, answer)
-        answered.wait()
+        if not answered.wait(timeout):
+            raise TimeoutError(f"no answer from {method.__name__} in {timeout} s")
         return box[0]
 
     def claim_actor_name(self, name: str, actor_id: bytes, info: dict):
@@ -271,8 +273,8 @@ class DriverClient(CoreClient):
         with self.nm.lock:
             return self.nm.describe_nodes()
 
-    def list_state(self, table: str) -> list:
-        return self._answer_of(self.nm.list_state, table)
+    def list_state(self, table: str, timeout: float | None = None) -> list:
+        return self._answer_of(self.nm.list_state, table, timeout=timeout)
 
 
 class WorkerClient(CoreClient):

@@ -282,10 +282,13 @@ class Hello(NamedTuple):
 
 @_on("up")
 class WorkDone(NamedTuple):
-    """a task or actor call ended: its results; `retry`: it raised a retryable error."""
+    """a task or actor call ended: its results; `retry`: it raised a retryable error;
+    `started`: when the worker began it (time.time(); None if it never ran), for the
+    timeline (recorder.py)."""
     task_id: bytes
     results: list
     retry: bool
+    started: float | None
     transitions: list
 
 

@@ -50,6 +50,8 @@ from hpcray.runtime.worker_requests import WorkerRequests
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
                                   RUNNING, TaskRecord, TaskSpec)
 from hpcray.runtime.state_queries import StateQueries
+from hpcray.runtime.recorder import Recorder
+from hpcray.runtime.sampler import Sampler
 from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
 
@@ -116,6 +118,7 @@ class NodeManager:
         self.driver_refs.on_actor_released = self._wake_always
         self._handlers: dict[int, object] = {}
         self._timers: list = []
+        self._thread = None
         self._worker_keys = itertools.count(1)
         self._timer_seq = itertools.count()
         self._running = True
@@ -155,9 +158,16 @@ class NodeManager:
         self.transport = self.network.transport
         peers = self.network.peers
         self.task_events = TaskEvents(rank, gcs)
+        self.recorder = Recorder(rank, self.config.timeline_events)
+        if self.config.report:
+            self.recorder.sampler = Sampler(store, self.total_resources.get("CPU", 1),
+                                            [g.uuid for g in self.node_resources.gpus],
+                                            self.config.report_interval)
+            self._add_timer(0.0, self._sample)
         self.objects = ObjectTable(rank, store, self.task_events)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
-        self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, gcs, peers)
+        self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, gcs, peers,
+                                 self.recorder)
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
                                  self.mover, self.actors, scheduler, self.task_events, peers)
@@ -166,7 +176,7 @@ class NodeManager:
         self.requests = WorkerRequests(rank, self, self.objects, self.actors, self.router,
                                        self.network, scheduler)
         self.state_queries = StateQueries(rank, link, self, self.objects, gcs,
-                                          self.task_events, peers)
+                                          self.task_events, self.recorder, peers)
         self.generators = Generators(rank, self, self.objects, self.borrowing, self.actors,
                                      self.router, peers)
         self.objects.bind(self.mover, self.borrowing, self.actors, self.generators)
@@ -258,6 +268,8 @@ class NodeManager:
             for fd, stream_name in worker.pipes.items():
                 _close_fd(fd)
                 self.job_logs.output_ended(worker, stream_name)
+        if self.recorder.sampler is not None:
+            self.recorder.sampler.close()
         for entry in self.objects.values():
             if entry.pin is not None:
                 entry.pin.release()
@@ -357,6 +369,15 @@ class NodeManager:
         while self._timers and self._timers[0][0] <= now:
             _, _, callback = heapq.heappop(self._timers)
             callback()
+
+    def _sample(self) -> None:
+        """The report's reading of this node (sampler.py), then the next one's timer."""
+        self.sample()
+        self._add_timer(self.recorder.sampler.interval, self._sample)
+
+    def sample(self) -> None:
+        self.recorder.sampler.sample([w.pid for w in self.workers.values()
+                                      if w.alive and w.pid])
 
     def _add_timer(self, delay: float, callback) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
@@ -508,6 +529,8 @@ class NodeManager:
         holds, worker.holds = worker.holds, set()
         for key in holds:  # the refs its process held (a crash never reported them)
             self.objects.decref(key)
+        if worker.ready and (worker.task is not None or worker.actor_id is not None):
+            self.recorder.count("worker_deaths")
         if worker.actor_id is not None:
             self.actors.actor_process_died(worker)
             return
@@ -529,6 +552,7 @@ class NodeManager:
                     actions = actions + [("start_worker",)]
             elif record.retries_left != 0:
                 record.retries_left -= 1
+                self.recorder.count("retries")
                 record.state = QUEUED
                 record.worker = None
                 actions = actions + self.scheduler.task_ready(record.spec.task_id,
@@ -595,7 +619,11 @@ class NodeManager:
         if spec.kind != ACTOR_CALL:
             problem = self.network.unschedulable(
                 spec.demand, spec.options.get("scheduling_strategy") if spec.options else None)
-        self.task_events.submitted(spec, parent.spec.task_id if parent is not None else None)
+        if parent is None:
+            self.task_events.submitted(spec)
+        else:
+            self.task_events.submitted(spec, parent.spec.task_id)
+            self.recorder.submitted(parent.spec.task_id, spec.task_id)
         if spec.kind == ACTOR_CREATION:
             self.actors.create_actor(spec, pending=problem is not None)
             if problem is not None:
@@ -691,10 +719,10 @@ class NodeManager:
                                                       record.gpu_ids))
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
-                     transitions) -> None:
+                     started, transitions) -> None:
         self.tasks_done += 1
         if worker.actor_id is not None:
-            self.actors.actor_call_done(worker, task_id, results, retry, transitions)
+            self.actors.actor_call_done(worker, task_id, results, retry, started, transitions)
             return
         record = self.tasks.get(task_id)
         worker.task = None
@@ -702,12 +730,14 @@ class NodeManager:
             self.objects.apply_transitions(transitions)
             return
         spec = record.spec
+        self.recorder.ran(spec, worker.pid, started, results)
         self._release_gpus(record)
         retire = self._reached_max_calls(worker, spec)
         if retire:
             self.send_to_worker(worker, wire(messages.ExitWorker))
         if retry and record.retries_left != 0 and not record.cancelled:
             record.retries_left -= 1
+            self.recorder.count("retries")
             self.objects.apply_transitions(transitions)
             actions = self.scheduler.task_finished(worker.key, spec.demand, retire,
                                                    now=time.monotonic())

@@ -23,7 +23,8 @@ class ObjectMover:
     HANDLES = {messages.Watch: "on_watch", messages.Located: "on_located",
                messages.Pull: "on_pull", messages.PullFailed: "on_pull_failed"}
 
-    def __init__(self, rank: int, cluster, objects, borrowing, store, gcs, peers) -> None:
+    def __init__(self, rank: int, cluster, objects, borrowing, store, gcs, peers,
+                 recorder) -> None:
         self.rank = rank
         self.cluster = cluster            # ClusterLink
         self.transport = cluster.transport
@@ -34,6 +35,7 @@ class ObjectMover:
         self.peers = peers
         self.bytes_pulled = 0  # what the status line says moved (status.py)
         self.bytes_sent = 0
+        self.recorder = recorder  # records each pull for the timeline
 
     def remote_entry(self, object_id: bytes):
         """An entry for a ref another node owns that this node has not seen: the owner
@@ -102,6 +104,7 @@ class ObjectMover:
         transfer = transport.start_receive(entry.location, tag, view)
         transfer.on_done = lambda: self.pull_done(tag)
         self.cluster.pulls[tag] = (object_id, view, transfer)
+        self.recorder.pull_started(tag)
         self.peers.send(entry.location, wire(messages.Pull, object_id, tag))
 
     def on_pull(self, source: int, object_id: bytes, tag: int) -> None:
@@ -118,6 +121,7 @@ class ObjectMover:
         if pulled is None:
             return
         _, view, transfer = pulled
+        self.recorder.pull_ended(tag, object_id, source, -1)
         self.transport.cancel_receive(transfer)  # the buffer is ours again
         view.release()
         self.store.abort(object_id)
@@ -137,11 +141,13 @@ class ObjectMover:
         self.store.seal(object_id)
         entry = self.objects.get(object_id)
         if entry is None:
+            self.recorder.pull_ended(tag, object_id, -1, -1)
             self.store.delete(object_id)
             return
         entry.pulling = False
         entry.state = PENDING
         self.bytes_pulled += entry.size
+        self.recorder.pull_ended(tag, object_id, entry.location, entry.size)
         self.objects.object_ready(object_id, IN_STORE, (), entry.size)
         self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)
 

@@ -13,6 +13,8 @@
     status   what each node says of itself for the status line (status.py)
     workers  every node's worker processes, live and ended, and the driver (rank 0), with
              how each ended (job_logs.py reads the fork server's reports)
+    timeline every node's Recorder (recorder.py): what it ran, submitted and pulled,
+             when; hpcray.timeline() and the report page read it
 
 Any node can ask (a worker asks its node); the answer comes through a callback once
 every shard or node has replied. Not for: turning rows into Ray's records (util/state/
@@ -43,13 +45,15 @@ OBJECT_ROW_FIELDS = ("object_id", "object_size", "task_status", "owner", "rank",
 class StateQueries:
     HANDLES = {messages.StateQuery: "on_state_query", messages.StateRows: "on_state_rows"}
 
-    def __init__(self, rank: int, link, node, objects, gcs, task_events, peers) -> None:
+    def __init__(self, rank: int, link, node, objects, gcs, task_events, recorder,
+                 peers) -> None:
         self.rank = rank
         self.link = link
         self.node = node
         self.objects = objects
         self.gcs = gcs
         self.task_events = task_events
+        self.recorder = recorder
         self.peers = peers
         self.waiting: dict[int, list] = {}  # request id -> [rows so far, answers due, answer]
         self._request_ids = itertools.count(1)
@@ -57,7 +61,8 @@ class StateQueries:
     def query(self, table: str, answer) -> None:
         """answer(rows of `table`): tables.TASK_ROW_FIELDS tuples for "tasks",
         [(actor id, ActorInfo)] for "actors", [NodeInfo] for "nodes",
-        OBJECT_ROW_FIELDS tuples for "objects", WORKER_ROW_FIELDS tuples for "workers"."""
+        OBJECT_ROW_FIELDS tuples for "objects", WORKER_ROW_FIELDS tuples for "workers",
+        every node's Recorder.rows() for "timeline" (recorder.py)."""
         if table == "tasks":
             self.task_events.list_tasks(lambda rows: self._ask_every_node(
                 "calls", lambda parts: answer(rows + merge_calls(parts))))
@@ -66,7 +71,7 @@ class StateQueries:
                              merge=lambda lists: [row for rows in lists for row in rows])
         elif table == "nodes":
             self.gcs.get_nodes(answer)
-        elif table in ("objects", "workers", "status"):
+        elif table in ("objects", "workers", "status", "timeline"):
             self._ask_every_node(table, answer)
         else:
             raise ValueError(f"no state table {table!r}")
@@ -103,6 +108,10 @@ class StateQueries:
             return self.worker_rows()
         if table == "status":
             return [node_status(self.node)]
+        if table == "timeline":
+            if self.recorder.sampler is not None:
+                self.node.sample()  # a reading up to now, for the report's last stretch
+            return [self.recorder.rows(self.node.store.stats())]
         raise ValueError(f"no per-node state table {table!r}")
 
     def object_rows(self) -> list[tuple]:

@@ -14,6 +14,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -363,6 +364,7 @@ class Worker:
                 for object_id, sv in zip(return_ids, serialized)]
 
     def _run_and_report(self, spec, pickled_function, dep_payloads, gpu_ids) -> None:
+        started = time.time()
         try:
             if self.actor is not None:
                 function = getattr(self.actor, spec.method)
@@ -371,19 +373,21 @@ class Worker:
                 self._set_gpus(gpu_ids)
         except _Unusable as unusable:
             exc_error = unusable.task_error(spec.name)
-            self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error), False)
+            self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error),
+                                   False, started)
             return
         except Exception as exc:  # noqa: BLE001
             exc_error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
-            self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error), False)
+            self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error),
+                                   False, started)
             return
         if self.actor is not None and self._cancelled_before_start(spec.task_id):
             self.channel.send_done(WorkDone, spec.task_id,
-                                   _error_results(spec, _cancel_error(spec, False)), False)
+                                   _error_results(spec, _cancel_error(spec, False)), False, None)
             return
         results, retry = self._execute(spec, function, dep_payloads)
         _flush_std()
-        self.channel.send_done(WorkDone, spec.task_id, results, retry)
+        self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
     # -- actors ------------------------------------------------------------------
     def _create_actor(self, spec, pickled_class, dep_payloads, gpu_ids) -> None:
@@ -429,14 +433,15 @@ class Worker:
     def _run_concurrent_call(self, spec, _function, dep_payloads, _gpu_ids) -> None:
         if spec.task_id in self.channel.cancelled_tasks:  # cancelled while it waited
             self.channel.send_done(WorkDone, spec.task_id,
-                                   _error_results(spec, _cancel_error(spec, False)), False)
+                                   _error_results(spec, _cancel_error(spec, False)), False, None)
             return
+        started = time.time()
         try:
             function = getattr(self.actor, spec.method)
             results, retry = self._execute(spec, function, dep_payloads)
         except BaseException as exc:  # noqa: BLE001
             results, retry = _error_results(spec, exc), False
-        self.channel.send_done(WorkDone, spec.task_id, results, retry)
+        self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
     def _start_async_actor(self, max_concurrency: int) -> None:
         loop = asyncio.new_event_loop()
@@ -451,6 +456,7 @@ class Worker:
         self.channel.on_cancel = lambda task_id: loop.call_soon_threadsafe(cancel_call, task_id)
 
         async def run_call(spec, dep_payloads):
+            started = time.time()
             calls[spec.task_id] = asyncio.current_task()
             try:
                 if spec.task_id in self.channel.cancelled_tasks:
@@ -460,7 +466,7 @@ class Worker:
                 results, retry = _error_results(spec, _cancel_error(spec, False)), False
             finally:
                 del calls[spec.task_id]
-            self.channel.send_done(WorkDone, spec.task_id, results, retry)
+            self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
         async def run_call_body(spec, dep_payloads):
             nonlocal semaphore

@@ -1,0 +1,101 @@
+"""What each node records of the job for `hpcray.timeline()` and the report page.
+
+Always on, and bounded. Per node, in memory, as plain tuples (nothing the cyclic GC
+keeps walking):
+
+    spans      the tasks and actor calls this node ran, one per attempt: (task id,
+               name, kind, worker pid, start, end, failed), start as the worker saw it
+               (WorkDone.started), end when the node read its WorkDone
+    submits    (parent task id, child task id, when) for each task a task submitted
+               here: the timeline's flow arrows
+    transfers  (object id, from rank, to rank, bytes, start, end) of each pull this
+               node made (the receiving node records it)
+    counters   named counts any part may add to (`count`): retries, worker deaths,
+               ... (the report's summary shows every name it finds)
+    samples    a Sampler's (sampler.py) readings, where one runs
+
+Each buffer keeps its last `limit` entries (HPCRAY_TIMELINE_EVENTS, 100,000 by
+default: ~20 MB at most per node; 0 keeps none); older ones are dropped and counted
+in `dropped`, which the timeline and the report say. A span costs the node a tuple
+append and a clock read (~2 us); nothing is sent until someone asks:
+`hpcray.timeline()` and the report at shutdown gather every node's buffers with the
+state API's StateQuery ("timeline", state_queries.py). Not for: live progress (nothing
+here is pushed), nor list_tasks (task_events.py, which this does not replace: that
+keeps states, this keeps times).
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import time
+
+from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION
+from hpcray.runtime.task_events import error_type
+
+KINDS = {0: "task", ACTOR_CREATION: "actor_creation", ACTOR_CALL: "actor_call"}
+
+
+class Recorder:
+    def __init__(self, rank: int, limit: int) -> None:
+        self.rank = rank
+        self.limit = max(0, limit)  # 0 keeps nothing (all counted as dropped)
+        self.spans: collections.deque = collections.deque(maxlen=self.limit)
+        self.submits: collections.deque = collections.deque(maxlen=self.limit)
+        self.transfers: collections.deque = collections.deque(maxlen=self.limit)
+        self.counters: collections.Counter = collections.Counter()
+        # appended to a full deque: how many fell off its front
+        self.dropped = {"spans": 0, "submits": 0, "transfers": 0}
+        self.pull_starts: dict[int, float] = {}  # pull tag -> when it started
+        self.sampler = None                      # a Sampler, when the report wants one
+        self.started = time.time()               # rank 0's: when the job started
+
+    def ran(self, spec, pid: int, started, results) -> None:
+        """The worker `pid` ended an attempt of `spec`, begun at `started` (its clock)."""
+        end = time.time()
+        spans = self.spans
+        if len(spans) == self.limit:
+            self.dropped["spans"] += 1
+        spans.append((spec.task_id, spec.name, spec.kind, pid,
+                      end if started is None else started, end, _failed(results)))
+
+    def submitted(self, parent_id: bytes, task_id: bytes) -> None:
+        if len(self.submits) == self.limit:
+            self.dropped["submits"] += 1
+        self.submits.append((parent_id, task_id, time.time()))
+
+    def pull_started(self, tag: int) -> None:
+        self.pull_starts[tag] = time.time()
+
+    def pull_ended(self, tag: int, object_id: bytes, source: int, size: int) -> None:
+        """The pull on transfer `tag` brought `size` bytes from `source` (or, size -1,
+        failed)."""
+        start = self.pull_starts.pop(tag, None)
+        if start is None or size < 0:
+            return
+        if len(self.transfers) == self.limit:
+            self.dropped["transfers"] += 1
+        self.transfers.append((object_id, source, self.rank, size, start, time.time()))
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] += amount
+
+    def rows(self, store_stats: dict) -> dict:
+        """This node's records, as plain data for StateRows."""
+        return {"rank": self.rank, "host": socket.gethostname(), "now": time.time(),
+                "started": self.started,
+                "spans": list(self.spans), "submits": list(self.submits),
+                "transfers": list(self.transfers), "counters": dict(self.counters),
+                "dropped": dict(self.dropped), "store": dict(store_stats),
+                "samples": self.sampler.rows() if self.sampler is not None else None}
+
+
+def _failed(results) -> bool:
+    """Whether a task's results hold an error value (task_events.error_type reads which):
+    an error value is a framed pickle, a small plain value is not."""
+    if not results:
+        return False
+    inline = results[0][1]
+    if type(inline) is not bytes or inline[2:3] != b"\x95":
+        return False
+    return error_type(inline) is not None

@@ -1,0 +1,100 @@
+"""hpcray.timeline() and the report page of a 3-rank job (mpiexec -n 3 python -m hpcray)."""
+
+import json
+import re
+
+import pytest
+
+from tests.browser import render
+from tests.multinode.test_multinode import run_mpi
+from tests.test_timeline import summary_of
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
+
+JOB = """
+    import json, os, time, numpy as np, hpcray as ray
+    from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+    ray.init(num_cpus=1)
+    nodes = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+    def on(rank):
+        return On(nodes[rank], soft=False)
+
+    @ray.remote
+    def leaf(i):
+        time.sleep(0.01)
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    @ray.remote
+    def parent():  # on rank 1, its children on rank 2
+        return ray.get([leaf.options(scheduling_strategy=on(2)).remote(i)
+                        for i in range(3)]), os.getpid()
+
+    @ray.remote
+    def total(array):  # pulls the array from rank 0's store
+        return float(array.sum()), os.getpid()
+
+    @ray.remote
+    class Echo:
+        def echo(self, x):
+            return os.getpid()
+
+    ran = {"leaf": [ray.get(leaf.options(scheduling_strategy=on(r)).remote(r))
+                    for r in range(3)]}
+    children, parent_pid = ray.get(parent.options(scheduling_strategy=on(1)).remote())
+    array = ray.put(np.ones(4 << 20, dtype=np.uint8))  # 4 MiB, on rank 0
+    _sum, total_pid = ray.get(total.options(scheduling_strategy=on(1)).remote(array))
+    echo = Echo.options(scheduling_strategy=on(2)).remote()
+    echo_pids = set(ray.get([echo.echo.remote(i) for i in range(4)]))
+
+    events = ray.timeline()
+    rank_of = {v: k for k, v in nodes.items()}
+    X = [e for e in events if e["ph"] == "X"]
+    tasks = [e for e in X if e["cat"] == "task"]
+    assert len(tasks) == 3 + 1 + 3 + 1, len(tasks)
+    for node_id, pid in ran["leaf"] + children:
+        assert any(e["pid"] == rank_of[node_id] and e["tid"] == pid for e in tasks), pid
+    assert any(e["pid"] == 1 and e["tid"] == parent_pid and e["name"].endswith("parent")
+               for e in tasks)
+    calls = [e for e in X if e["cat"] == "actor_call"]
+    assert len(calls) == 4 and {(e["pid"], e["tid"]) for e in calls} == \\
+        {(2, p) for p in echo_pids}
+    flows = [e for e in events if e["ph"] in "sf"]
+    assert sorted((e["ph"], e["pid"]) for e in flows) == [("f", 2)] * 3 + [("s", 1)] * 3
+    assert {e["tid"] for e in flows if e["ph"] == "s"} == {parent_pid}
+    moves = [e for e in X if e["cat"] == "transfer"]
+    assert [(e["args"]["from"], e["args"]["to"], e["pid"]) for e in moves] == [(0, 1, 1)]
+    assert moves[0]["args"]["bytes"] >= 4 << 20
+    ray.timeline(filename="trace.json")
+    assert len(json.load(open("trace.json"))) == len(events)
+    print("RAN", json.dumps({"tasks": len(tasks), "calls": len(calls),
+                             "bytes": moves[0]["args"]["bytes"]}))
+    time.sleep(0.5)  # a reading of every node after the work
+"""
+
+
+def test_timeline_and_report_cover_every_rank(tmp_path):
+    out = run_mpi(tmp_path, 3, JOB, env={"HPCRAY_REPORT": "job.html",
+                                         "HPCRAY_REPORT_INTERVAL": "0.25"})
+    ran = json.loads(re.search(r"^RAN (.*)$", out, re.M).group(1))
+    page_path = tmp_path / "job.html"
+    page = page_path.read_text()
+    summary = summary_of(page)
+    assert summary["tasks"] == ran["tasks"] and summary["actor_calls"] == ran["calls"]
+    assert summary["nodes"] == 3 and summary["failures"] == 0
+    assert summary["transfers"] == 1 and summary["bytes_moved"] == ran["bytes"]
+    assert re.search(rf'data-from="0" data-to="1" data-bytes="{ran["bytes"]}"', page)
+    data = json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    assert sorted(data["samples"]) == ["0", "1", "2"]
+    assert all(len(samples) >= 2 for samples in data["samples"].values())
+    assert {span[0] for span in data["spans"]} == {0, 1, 2}
+
+    dom, pixels = render(page_path, tmp_path)
+    spans = ran["tasks"] + ran["calls"]
+    assert re.search(rf'id="gantt-svg"[^>]*data-spans="{spans}"', dom)
+    assert dom.count('class="span"') == spans
+    assert re.search(r'id="cpu-svg"[^>]*data-series="3"', dom)
+    assert re.search(r'id="store-svg"[^>]*data-series="3"', dom)
+    flat = pixels.reshape(-1, 3)
+    assert (flat != 255).any(axis=1).mean() > 0.05
+    assert len({tuple(p) for p in flat[::97]}) > 20

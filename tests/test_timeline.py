@@ -1,0 +1,171 @@
+"""hpcray.timeline() and the report page on one node (3 ranks: tests/multinode/
+test_timeline_multinode.py)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import hpcray
+from tests.browser import render
+
+
+def spans(events, cat=None):
+    return [e for e in events if e["ph"] == "X" and (cat is None or e["cat"] == cat)]
+
+
+def test_timeline_has_every_task_and_call_with_its_worker_and_flows(ray_start, tmp_path):
+    @hpcray.remote
+    def leaf(seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+    @hpcray.remote
+    def parent(n):
+        return hpcray.get([leaf.remote(0.02) for _ in range(n)]), os.getpid()
+
+    @hpcray.remote
+    def fails():
+        raise ValueError("no")
+
+    @hpcray.remote
+    class Counter:
+        def add(self, x):
+            return os.getpid()
+
+    leaf_pids, parent_pid = hpcray.get(parent.remote(4))
+    with pytest.raises(ValueError):
+        hpcray.get(fails.remote())
+    counter = Counter.remote()
+    actor_pids = set(hpcray.get([counter.add.remote(i) for i in range(5)]))
+
+    events = hpcray.timeline()
+    tasks = spans(events, "task")
+    by_name = {}
+    for event in tasks:
+        by_name.setdefault(event["name"].rsplit(".", 1)[-1], []).append(event)
+    assert len(by_name["leaf"]) == 4 and len(by_name["parent"]) == 1
+    assert sorted(e["tid"] for e in by_name["leaf"]) == sorted(leaf_pids)
+    assert by_name["parent"][0]["tid"] == parent_pid
+    assert all(e["dur"] >= 20_000 for e in by_name["leaf"])  # microseconds
+    assert all(e["pid"] == 0 and e["args"]["node"] == 0 for e in tasks)
+    assert [e["args"]["failed"] for e in by_name["fails"]] == [True]
+    assert not any(e["args"]["failed"] for e in by_name["leaf"])
+    # The parent's slice encloses its children's.
+    p = by_name["parent"][0]
+    assert all(p["ts"] <= e["ts"] and e["ts"] + e["dur"] <= p["ts"] + p["dur"]
+               for e in by_name["leaf"])
+    calls = spans(events, "actor_call")
+    assert len(calls) == 5 and {e["tid"] for e in calls} == actor_pids
+    # One arrow per child, from the parent's worker to the child's.
+    starts = {e["id"]: e for e in events if e["ph"] == "s"}
+    ends = {e["id"]: e for e in events if e["ph"] == "f"}
+    assert len(starts) == 4 and starts.keys() == ends.keys()
+    assert {e["tid"] for e in starts.values()} == {parent_pid}
+    assert sorted(e["tid"] for e in ends.values()) == sorted(leaf_pids)
+    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert names[(0, parent_pid)] == f"worker {parent_pid}"
+
+    path = tmp_path / "trace.json"
+    assert hpcray.timeline(filename=str(path)) is None
+    written = json.loads(path.read_text())
+    assert len(spans(written)) == len(spans(events)) + 0  # nothing ran in between
+
+
+def test_timeline_before_init_raises():
+    with pytest.raises(RuntimeError):
+        hpcray.timeline()
+
+
+def run_script(tmp_path, script, env):
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(script))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=dict(os.environ, **env))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.timeout(200)
+def test_records_past_the_bound_are_dropped_and_said(tmp_path):
+    out = run_script(tmp_path, """
+        import json, hpcray as ray
+        ray.init(num_cpus=1)
+        @ray.remote
+        def f(i):
+            return i
+        ray.get([f.remote(i) for i in range(12)])
+        events = ray.timeline()
+        print("SPANS", sum(e["ph"] == "X" for e in events))
+        print("NOTES", json.dumps([e["name"] for e in events if e["ph"] == "i"]))
+        ray.shutdown()
+    """, {"HPCRAY_TIMELINE_EVENTS": "5", "HPCRAY_REPORT": "report.html"})
+    assert "SPANS 5" in out
+    assert "dropped its oldest records: {'spans': 7}" in out
+    page = (tmp_path / "report.html").read_text()
+    assert "dropped {&#x27;spans&#x27;: 7}" in page
+
+
+def summary_of(page: str) -> dict:
+    return {key: float(value) for key, value in
+            re.findall(r'<td data-key="([a-z_]+)">([0-9.]+)</td>', page)}
+
+
+@pytest.mark.timeout(300)
+def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
+    out = run_script(tmp_path, """
+        import time, hpcray as ray
+        ray.init(num_cpus=2, report="job.html")
+        @ray.remote
+        def work(i):
+            time.sleep(0.01)
+            return i
+        @ray.remote
+        def broken():
+            raise KeyError("x")
+        @ray.remote
+        class Actor:
+            def call(self):
+                return 1
+        ray.get([work.remote(i) for i in range(30)])
+        try:
+            ray.get(broken.remote())
+        except KeyError:
+            pass
+        actor = Actor.remote()
+        ray.get([actor.call.remote() for _ in range(7)])
+        end = time.time() + 1.2  # CPU for the sampler to see
+        while time.time() < end:
+            pass
+        print("DONE")
+    """, {"HPCRAY_REPORT_INTERVAL": "0.2"})
+    assert "DONE" in out
+    page_path = tmp_path / "job.html"
+    page = page_path.read_text()
+    summary = summary_of(page)
+    assert summary["tasks"] == 31 and summary["actor_calls"] == 7
+    assert summary["failures"] == 1 and summary["actors"] == 1 and summary["nodes"] == 1
+    assert summary["wall_time_s"] > 1.2
+    # Nothing to fetch: no src/href, no CSS url() or @import.
+    assert not re.search(r"\b(src|href)\s*=|url\(|@import", page)
+    data = json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    cpu = [s[1] for s in data["samples"]["0"]]
+    assert max(cpu) > 0.2, cpu  # the driver's busy second, on 2 CPUs
+
+    dom, pixels = render(page_path, tmp_path)
+    assert 'data-rendered="1"' in dom
+    assert re.search(r'id="gantt-svg"[^>]*data-spans="38"', dom), dom[:2000]
+    assert dom.count('class="span') == 38 and dom.count('class="span failed"') == 1
+    assert re.search(r'id="cpu-svg"[^>]*data-series="1"', dom)
+    assert re.search(r'id="store-svg"[^>]*data-series="1"', dom)
+    # Not blank: many pixels are neither the page's white nor one flat colour.
+    flat = pixels.reshape(-1, 3)
+    assert (flat != 255).any(axis=1).mean() > 0.05
+    assert len({tuple(p) for p in flat[::97]}) > 20
