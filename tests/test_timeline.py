@@ -62,6 +62,8 @@ def test_timeline_has_every_task_and_call_with_its_worker_and_flows(ray_start, t
                for e in by_name["leaf"])
     calls = spans(events, "actor_call")
     assert len(calls) == 5 and {e["tid"] for e in calls} == actor_pids
+    [constructor] = spans(events, "actor_creation")
+    assert constructor["tid"] in actor_pids and constructor["ts"] <= min(e["ts"] for e in calls)
     # One arrow per child, from the parent's worker to the child's.
     starts = {e["id"]: e for e in events if e["ph"] == "s"}
     ends = {e["id"]: e for e in events if e["ph"] == "f"}
@@ -150,6 +152,7 @@ def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
     page = page_path.read_text()
     summary = summary_of(page)
     assert summary["tasks"] == 31 and summary["actor_calls"] == 7
+    assert summary["actor_creations"] == 1
     assert summary["failures"] == 1 and summary["actors"] == 1 and summary["nodes"] == 1
     assert summary["wall_time_s"] > 1.2
     # Nothing to fetch: no src/href, no CSS url() or @import.
@@ -161,8 +164,8 @@ def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
 
     dom, pixels = render(page_path, tmp_path)
     assert 'data-rendered="1"' in dom
-    assert re.search(r'id="gantt-svg"[^>]*data-spans="38"', dom), dom[:2000]
-    assert dom.count('class="span') == 38 and dom.count('class="span failed"') == 1
+    assert re.search(r'id="gantt-svg"[^>]*data-spans="39"', dom), dom[:2000]
+    assert dom.count('class="span') == 39 and dom.count('class="span failed"') == 1
     assert re.search(r'id="cpu-svg"[^>]*data-series="1"', dom)
     assert re.search(r'id="store-svg"[^>]*data-series="1"', dom)
     # Not blank: many pixels are neither the page's white nor one flat colour.

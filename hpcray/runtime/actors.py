@@ -200,6 +200,7 @@ class Actors:
         function = self.functions.get(spec.function_id)
         worker.functions.add(spec.function_id)
         self.node.task_events.running(spec, worker.pid)
+        self.node.recorder.creating(spec.actor_id)
         self.node.send_to_worker(worker, wire(messages.CreateActor,
             spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 
@@ -209,6 +210,7 @@ class Actors:
         actor = self.hosted.get(actor_id)
         if actor is None or actor.worker is not worker:
             return
+        self.node.recorder.created(actor.spec, worker.pid, error_blob is not None)
         if error_blob is not None:
             from hpcray.serialization import deserialize_inline
             cause = deserialize_inline(error_blob).error
@@ -372,6 +374,7 @@ class Actors:
             f"The actor {actor.info['class_name']} {cause}."))
 
     def actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
+        self.node.recorder.constructing.pop(actor.actor_id, None)
         actor.state = A_DEAD
         actor.death = error
         self.record_actor(actor, state=gcs_tables.DEAD)  # a name is free again

@@ -5,7 +5,8 @@ keeps walking):
 
     spans      the tasks and actor calls this node ran, one per attempt: (task id,
                name, kind, worker pid, start, end, failed), start as the worker saw it
-               (WorkDone.started), end when the node read its WorkDone
+               (WorkDone.started), end when the node read its WorkDone; and the actor
+               constructors it ran, from CreateActor sent to ActorReady read
     submits    (parent task id, child task id, when) for each task a task submitted
                here: the timeline's flow arrows
     transfers  (object id, from rank, to rank, bytes, start, end) of each pull this
@@ -47,6 +48,7 @@ class Recorder:
         # appended to a full deque: how many fell off its front
         self.dropped = {"spans": 0, "submits": 0, "transfers": 0}
         self.pull_starts: dict[int, float] = {}  # pull tag -> when it started
+        self.constructing: dict[bytes, float] = {}  # actor id -> when CreateActor left
         self.sampler = None                      # a Sampler, when the report wants one
         self.started = time.time()               # rank 0's: when the job started
 
@@ -58,6 +60,18 @@ class Recorder:
             self.dropped["spans"] += 1
         spans.append((spec.task_id, spec.name, spec.kind, pid,
                       end if started is None else started, end, _failed(results)))
+
+    def creating(self, actor_id: bytes) -> None:
+        self.constructing[actor_id] = time.time()
+
+    def created(self, spec, pid: int, failed: bool) -> None:
+        """The constructor of `spec`'s actor ended in worker `pid` (or raised)."""
+        started = self.constructing.pop(spec.actor_id, None)
+        end = time.time()
+        if len(self.spans) == self.limit:
+            self.dropped["spans"] += 1
+        self.spans.append((spec.task_id, spec.name, spec.kind, pid,
+                           end if started is None else started, end, failed))
 
     def submitted(self, parent_id: bytes, task_id: bytes) -> None:
         if len(self.submits) == self.limit:

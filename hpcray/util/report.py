@@ -6,9 +6,10 @@ gathers every node's records (runtime/recorder.py, the same StateQuery as
 page with no outside reference: its script (report_page.js, inlined) draws SVG from
 the data embedded in the page; nothing is fetched when it is opened.
 
-    summary        tasks, actor calls, failures, retries, actor restarts, worker deaths,
-                   reconstructions, spills, transfers, wall time; every other counter
-                   a node recorded; the slowest task kinds (by total time)
+    summary        tasks, actor calls and constructors run, failures, retries, actor
+                   restarts, worker deaths, reconstructions, spills, transfers, wall
+                   time; every other counter a node recorded; the slowest task kinds
+                   (by total time)
     Gantt          a row per node and worker, a bar per task attempt (failed: red)
     utilization    CPU (and GPU, where a node has one) use per node over time
     object store   bytes used per node over time
@@ -101,6 +102,7 @@ def report_data(parts: list[dict], actors: list, started: float, ended: float) -
     summary = {
         "tasks": sum(1 for kind in ran if KINDS.get(kind) == "task"),
         "actor_calls": sum(1 for kind in ran if KINDS.get(kind) == "actor_call"),
+        "actor_creations": sum(1 for kind in ran if KINDS.get(kind) == "actor_creation"),
         "attempts": len(spans),
         "failures": sum(1 for _s, _k, failed in last_attempt.values() if failed),
         "retries": counters.pop("retries", 0),
@@ -137,7 +139,8 @@ def report_data(parts: list[dict], actors: list, started: float, ended: float) -
             "summary": summary, "slowest": slowest, "notes": notes}
 
 
-_LABELS = {"tasks": "tasks", "actor_calls": "actor calls", "attempts": "attempts run",
+_LABELS = {"tasks": "tasks", "actor_calls": "actor calls",
+           "actor_creations": "actors constructed", "attempts": "attempts run",
            "failures": "failed (tasks and calls)", "retries": "retries",
            "actor_restarts": "actor restarts", "actors": "actors",
            "worker_deaths": "worker deaths", "reconstructions": "reconstructions",

@@ -28,7 +28,9 @@
       text(svg, x, y + 12, t.toFixed(t < 10 ? 2 : 0) + " s", "middle");
     }
   }
-  function nodeColor(rank) { return hue(rank * 3 + 1); }
+  var NODE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+                     "#7f7f7f", "#bcbd22", "#17becf", "#d62728"];
+  function nodeColor(rank) { return NODE_COLORS[rank % NODE_COLORS.length]; }
 
   function gantt() {
     var rows = {}, order = [];
@@ -117,7 +119,17 @@
                          : null;
     }, percent);
   }
-  var capacity = Math.max.apply(null, data.nodes.map(function (n) { return n.capacity || 1; }));
-  lines("store", "store-svg", capacity, function (s) { return s[2]; }, bytes);
+  // Scaled to the most any node used (its capacity is said below), so that a few MiB
+  // in a store of many GiB still shows.
+  var used = 1;
+  data.nodes.forEach(function (n) {
+    (data.samples[n.rank] || []).forEach(function (s) { used = Math.max(used, s[2]); });
+  });
+  lines("store", "store-svg", used * 1.1, function (s) { return s[2]; }, bytes);
+  var capacities = document.createElement("p");
+  capacities.textContent = "Capacity: " + data.nodes.map(function (n) {
+    return "node " + n.rank + " " + bytes(n.capacity || 0);
+  }).join(", ");
+  document.getElementById("store").appendChild(capacities);
   document.body.setAttribute("data-rendered", "1");
 })();

@@ -66,7 +66,9 @@ JOB = """
     assert moves[0]["args"]["bytes"] >= 4 << 20
     ray.timeline(filename="trace.json")
     assert len(json.load(open("trace.json"))) == len(events)
-    print("RAN", json.dumps({"tasks": len(tasks), "calls": len(calls),
+    [constructor] = [e for e in X if e["cat"] == "actor_creation"]
+    assert (constructor["pid"], constructor["tid"]) == (2, next(iter(echo_pids)))
+    print("RAN", json.dumps({"tasks": len(tasks), "calls": len(calls), "actors": 1,
                              "bytes": moves[0]["args"]["bytes"]}))
     time.sleep(0.5)  # a reading of every node after the work
 """
@@ -80,6 +82,7 @@ def test_timeline_and_report_cover_every_rank(tmp_path):
     page = page_path.read_text()
     summary = summary_of(page)
     assert summary["tasks"] == ran["tasks"] and summary["actor_calls"] == ran["calls"]
+    assert summary["actor_creations"] == summary["actors"] == ran["actors"]
     assert summary["nodes"] == 3 and summary["failures"] == 0
     assert summary["transfers"] == 1 and summary["bytes_moved"] == ran["bytes"]
     assert re.search(rf'data-from="0" data-to="1" data-bytes="{ran["bytes"]}"', page)
@@ -90,7 +93,7 @@ def test_timeline_and_report_cover_every_rank(tmp_path):
     assert {span[0] for span in data["spans"]} == {0, 1, 2}
 
     dom, pixels = render(page_path, tmp_path)
-    spans = ran["tasks"] + ran["calls"]
+    spans = ran["tasks"] + ran["calls"] + ran["actors"]
     assert re.search(rf'id="gantt-svg"[^>]*data-spans="{spans}"', dom)
     assert dom.count('class="span"') == spans
     assert re.search(r'id="cpu-svg"[^>]*data-series="3"', dom)
