@@ -88,6 +88,9 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     assert f"(pid={talker}) said on stdout" in proc.stdout.splitlines()
     assert f"(pid={talker}) said on stderr" in proc.stderr.splitlines()
     assert "logs in" not in proc.stderr  # a folder the user chose is not announced
+    # Warnings still reach stderr (logging's last resort), the INFO records only the file.
+    assert re.search(r"^worker pid=\d+ was killed by signal 9", proc.stderr, re.M), proc.stderr
+    assert "node stopped" not in proc.stderr
     # Each worker's output, whole, in its own files.
     assert (folder / f"node-0-worker-{talker}.out").read_text() == "said on stdout\n"
     assert (folder / f"node-0-worker-{talker}.err").read_text() == "said on stderr\n"
@@ -98,6 +101,9 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     # The crashes, each with what it was running.
     assert re.search(r"WARNING hpcray.node: worker pid=\d+ was killed by signal 9 \(SIGKILL\) "
                      r"while running task '__main__.crash' \(task id [0-9a-f]+\)", log), log
+    assert re.search(r"INFO hpcray.tasks: task '__main__.crash' \(task id [0-9a-f]+\) failed: "
+                     r"WORKER_DIED", log), log
+    assert re.search(rf"INFO hpcray.node: worker pid={doomed} started \(actor Doomed", log), log
     # An exception that escaped the worker's loop: its last line, and where the rest is.
     assert re.search(r"WARNING hpcray.node: worker pid=(\d+) exited with status 1 while running "
                      r"task '__main__.escape' \(task id [0-9a-f]+\); its stderr ended with: "
@@ -106,6 +112,25 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     assert re.search(rf"WARNING hpcray.node: worker pid={doomed} exited with status 3 while "
                      r"running actor Doomed \(actor id [0-9a-f]+\)", log), log
     assert not (tmp_path / "hpcray-logs").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_users_logging_setup_sees_what_it_saw_before(tmp_path):
+    """A driver that configured logging (root at WARNING, its own format) gets hpcray's
+    warnings through its handler, not the INFO records the node log takes."""
+    folder = tmp_path / "logs"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.replace("import hpcray\n", "import hpcray, logging\n"
+                                     "logging.basicConfig(level=logging.WARNING, "
+                                     "format='USER %(name)s %(message)s')\n", 1))
+    env = dict(os.environ, HPCRAY_LOG_DIR=str(folder), PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^USER hpcray.node worker pid=\d+ was killed by signal 9", proc.stderr,
+                     re.M), proc.stderr
+    assert "node stopped" not in proc.stderr and "hpcray.launch" not in proc.stderr
+    assert "node stopped" in (folder / "node-0.log").read_text()
 
 
 @pytest.mark.timeout(120)

@@ -68,6 +68,27 @@ class _RankOnRecord(logging.Filter):
         return True
 
 
+class _ToRootAsBefore(logging.Handler):
+    """Hands the root logger's handlers the records they had before the node log: those
+    at or above the root's level (with no handler there, logging's last resort prints
+    them). A handler that is on the hpcray logger too (pytest puts its capture on every
+    logger that does not propagate) has the record already."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
+        if record.levelno < root.getEffectiveLevel() or not root.filter(record):
+            return
+        if not root.handlers:
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
+            return
+        ours = logging.getLogger("hpcray").handlers
+        for handler in root.handlers:
+            if handler not in ours and record.levelno >= handler.level:
+                handler.handle(record)
+
+
 class WorkerStreams:
     """One worker's output as the node reads it: the line not ended yet per stream
     (printed once whole), its open files, and what it wrote before its pid was known."""
@@ -99,29 +120,28 @@ class JobLogs:
         # pid -> (end ms, Ray's exit type, exit detail) of the workers reaped (list_workers)
         self.exits: dict[int, tuple] = {}
         self._handlers: list[logging.Handler] = []
-        self._level = None
+        self._previous = None  # the hpcray logger's (level, propagate) before the file
         if folder:
             os.makedirs(folder, exist_ok=True)
             self._attach_node_log()
 
     # ------------------------------------------------------------------ node log
     def _attach_node_log(self) -> None:
+        """The file gets the hpcray loggers' INFO records too; what else sees them is as
+        before: the records the root logger's level lets through go to its handlers (or
+        logging's last resort, stderr), not the INFO ones a file wants."""
         logger = logging.getLogger("hpcray")
         to_file = logging.FileHandler(os.path.join(self.folder, node_file(self.rank)))
         to_file.setFormatter(logging.Formatter(_FORMAT))
         to_file.addFilter(_RankOnRecord(self.rank))
-        self._handlers.append(to_file)
-        if not logging.getLogger().handlers:
-            # With a handler of its own the hpcray logger no longer falls back to
-            # logging's last resort: warnings keep reaching stderr as before.
-            console = logging.StreamHandler()
-            console.setLevel(logging.WARNING)
-            self._handlers.append(console)
+        self._handlers = [to_file]
+        if logger.level == logging.NOTSET:  # a level the user chose stays, as it works
+            self._previous = (logger.level, logger.propagate)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            self._handlers.append(_ToRootAsBefore())
         for handler in self._handlers:
             logger.addHandler(handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            self._level = logger.level
-            logger.setLevel(logging.INFO)
 
     def close(self) -> None:
         """Detach the node log and close every worker file (the node is shutting down)."""
@@ -130,14 +150,17 @@ class JobLogs:
             logger.removeHandler(handler)
             handler.close()
         self._handlers = []
-        if self._level is not None:
-            logger.setLevel(self._level)
-            self._level = None
+        if self._previous is not None:
+            logger.setLevel(self._previous[0])
+            logger.propagate = self._previous[1]
+            self._previous = None
 
     # ------------------------------------------------------------------ workers
     def hello(self, worker) -> None:
         """`worker` said hello: its pid names its files; what it wrote before goes there."""
         self.by_pid[worker.pid] = worker
+        log.info("worker pid=%d started (%s)", worker.pid,
+                 "task pool" if worker.actor_id is None else self.describe(worker))
         early, worker.output.early = worker.output.early, []
         for stream_name, data in early:
             self._to_file(worker, stream_name, data)

@@ -771,7 +771,8 @@ class NodeManager:
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
             self.router.send_results_to_owner(record, results, transitions, failed)
             return
-        self.task_events.ended(record.spec.task_id, results, failed, record.cancelled)
+        self.task_events.ended(record.spec.task_id, results, failed, record.cancelled,
+                               record.spec.name)
         if record.spec.task_id in self.generators.streams:
             self.generators.task_ended(record.spec.task_id, results)
         for object_id, inline, contained, size in results:

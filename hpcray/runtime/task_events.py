@@ -31,6 +31,7 @@ its own shard the same way.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 from hpcray import ids
@@ -38,6 +39,8 @@ from hpcray.gcs.tables import (TASK_DELETED, TASK_FAILED, TASK_FINISHED, TASK_PE
                                TASK_RUNNING, TASK_TYPES)
 from hpcray.runtime.specs import ACTOR_CALL
 
+
+log = logging.getLogger("hpcray.tasks")
 
 FLUSH_SECONDS = 0.1
 FLUSH_EVENTS = 10_000
@@ -82,10 +85,10 @@ class TaskEvents:
                              _now(), worker_pid))
 
     def ended(self, task_id: bytes, results=(), failed: bool = False,
-              cancelled: bool = False) -> None:
+              cancelled: bool = False, name: str = "") -> None:
         """The owner has the task's `results` ([(id, inline or None, contained, size)]):
         FAILED if they hold an error (or it was cancelled, or the system `failed` it),
-        else FINISHED."""
+        else FINISHED. A failure is logged (the node's log, job_logs.py) with `name`."""
         kind = None
         if cancelled:
             kind = "TASK_CANCELLED"
@@ -97,6 +100,8 @@ class TaskEvents:
         if kind is None and failed:
             kind = "TASK_EXECUTION_EXCEPTION"
         state = TASK_FINISHED if kind is None else TASK_FAILED
+        if kind is not None:
+            log.info("task %r (task id %s) failed: %s", name, task_id.hex(), kind)
         call = self.calls.pop(task_id, None)
         if call is not None:
             name, actor_id, demand, created, parent = call

@@ -224,7 +224,7 @@ class TaskRouter:
         record = self.tasks.pop(task_id, None)
         if record is None:
             return
-        self.task_events.ended(task_id, results, failed, record.cancelled)
+        self.task_events.ended(task_id, results, failed, record.cancelled, record.spec.name)
         self.borrowing.register_kept(kept)
         if record.cancelled:  # it ended before the cancel reached it: never a value
             results = self.node.canceller.cancelled_results(
