@@ -111,7 +111,6 @@ class NodeManager:
         self.free_gpus = list(range(len(node_resources.gpus) or int(node_resources.num_gpus)))
         self.lock = threading.Lock()
         self.tasks: dict[bytes, TaskRecord] = {}
-        self.tasks_done = 0  # tasks and actor calls that ran here (the status line's)
         self.functions: dict[bytes, bytes] = {}
         self.workers: dict[int, WorkerHandle] = {}
         self.driver_refs = LocalReferenceCounter()
@@ -720,7 +719,6 @@ class NodeManager:
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
                      started, transitions) -> None:
-        self.tasks_done += 1
         if worker.actor_id is not None:
             self.actors.actor_call_done(worker, task_id, results, retry, started, transitions)
             return

@@ -33,8 +33,6 @@ class ObjectMover:
         self.store = store
         self.gcs = gcs
         self.peers = peers
-        self.bytes_pulled = 0  # what the status line says moved (status.py)
-        self.bytes_sent = 0
         self.recorder = recorder  # records each pull for the timeline
 
     def remote_entry(self, object_id: bytes):
@@ -113,7 +111,7 @@ class ObjectMover:
             self.peers.send(source, wire(messages.PullFailed, object_id, tag))
             return
         self.transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
-        self.bytes_sent += len(buffer)
+        self.recorder.count("bytes_sent", len(buffer))
         self.peers.on_sent()
 
     def on_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
@@ -146,7 +144,6 @@ class ObjectMover:
             return
         entry.pulling = False
         entry.state = PENDING
-        self.bytes_pulled += entry.size
         self.recorder.pull_ended(tag, object_id, entry.location, entry.size)
         self.objects.object_ready(object_id, IN_STORE, (), entry.size)
         self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)

@@ -12,7 +12,9 @@ keeps walking):
     transfers  (object id, from rank, to rank, bytes, start, end) of each pull this
                node made (the receiving node records it)
     counters   named counts any part may add to (`count`): retries, worker deaths,
-               ... (the report's summary shows every name it finds)
+               tasks_run (attempts ended here), bytes_pulled, bytes_sent, ... (the
+               report's summary shows every name it finds; the status line of
+               status.py reads some)
     samples    a Sampler's (sampler.py) readings, where one runs
 
 Each buffer keeps its last `limit` entries (HPCRAY_TIMELINE_EVENTS, 100,000 by
@@ -55,6 +57,7 @@ class Recorder:
     def ran(self, spec, pid: int, started, results) -> None:
         """The worker `pid` ended an attempt of `spec`, begun at `started` (its clock)."""
         end = time.time()
+        self.counters["tasks_run"] += 1
         spans = self.spans
         if len(spans) == self.limit:
             self.dropped["spans"] += 1
@@ -87,6 +90,7 @@ class Recorder:
         start = self.pull_starts.pop(tag, None)
         if start is None or size < 0:
             return
+        self.counters["bytes_pulled"] += size
         if len(self.transfers) == self.limit:
             self.dropped["transfers"] += 1
         self.transfers.append((object_id, source, self.rank, size, start, time.time()))

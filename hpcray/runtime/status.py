@@ -4,7 +4,7 @@
       of 1.6 GiB | moved 1.2 GiB, 2 pulls | node 0: 4/4 CPU, 3 queued, store 100 MiB | ...
 
 What each node says of itself (`node_status`, the "status" state table, asked of every
-node like list_objects): tasks and actor calls that ran there, pool workers busy, tasks
+node like list_objects): tasks and actor calls that ran there (the Recorder's counters), pool workers busy, tasks
 queued for a worker, CPUs in use, its store's bytes, pulls in flight and bytes moved.
 A thread of the driver asks every N seconds, and sleeps in between: nothing runs, and
 no thread exists, when the variable is unset. Jobs of more than 8 nodes show the
@@ -32,11 +32,12 @@ def node_status(node) -> tuple:
     """This node's STATUS_ROW_FIELDS tuple."""
     scheduler = node.scheduler
     stats = node.store.stats()
+    counters = node.recorder.counters  # recorder.py
     cpu_total = scheduler.total.get("CPU", 0.0)
-    return (node.rank, node.tasks_done, len(scheduler.busy_workers), scheduler.num_queued,
-            cpu_total - scheduler.available.get("CPU", 0.0), cpu_total, stats["used_bytes"],
-            stats["capacity"], len(node.link.pulls), node.mover.bytes_pulled,
-            node.mover.bytes_sent)
+    return (node.rank, counters["tasks_run"], len(scheduler.busy_workers),
+            scheduler.num_queued, cpu_total - scheduler.available.get("CPU", 0.0), cpu_total,
+            stats["used_bytes"], stats["capacity"], len(node.link.pulls),
+            counters["bytes_pulled"], counters["bytes_sent"])
 
 
 def format_status(rows: list, elapsed: float) -> str:
