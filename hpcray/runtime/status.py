@@ -4,8 +4,9 @@
       of 1.6 GiB | moved 1.2 GiB, 2 pulls | node 0: 4/4 CPU, 3 queued, store 100 MiB | ...
 
 What each node says of itself (`node_status`, the "status" state table, asked of every
-node like list_objects): tasks and actor calls that ran there (the Recorder's counters), pool workers busy, tasks
-queued for a worker, CPUs in use, its store's bytes, pulls in flight and bytes moved.
+node like list_objects): tasks and actor calls that ran there (the Recorder's counters),
+pool workers busy, tasks queued for a worker, CPUs in use, its store's bytes, pulls in
+flight and bytes moved.
 A thread of the driver asks every N seconds, and sleeps in between: nothing runs, and
 no thread exists, when the variable is unset. Jobs of more than 8 nodes show the
 totals and the busiest and idlest node rather than every node.
