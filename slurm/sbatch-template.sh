@@ -26,6 +26,13 @@ set -euo pipefail
 # (the site's MPI on a cluster, e.g. `module load mpich`; not the PyPI mpich wheel).
 # source ~/venvs/hpcray/bin/activate
 
+# What the job leaves behind, in the directory you submitted from: hpcray-<job id>.out (the
+# driver's output and every worker's lines, prefixed "(pid=..., rank=r)") and the folder
+# hpcray-logs/<job id>/: node-<rank>.log (each node's log: starts, warnings, workers that
+# crashed and what they ran, tasks that failed) and node-<rank>-worker-<pid>.out/.err.
+# A status line (tasks done/running/queued, CPUs, store, bytes moved) every minute:
+# export HPCRAY_STATUS_INTERVAL=60
+
 # --mpi=pmi2 starts MPICH (and MPICH-based MPIs: Cray MPICH, Intel MPI, MVAPICH). With Open MPI
 # use --mpi=pmix instead (`srun --mpi=list` shows what the site's Slurm offers). With no or the
 # wrong plugin every task comes up as an MPI world of size 1, and hpcray stops with an error.
