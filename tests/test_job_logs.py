@@ -134,6 +134,16 @@ def test_a_users_logging_setup_sees_what_it_saw_before(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_folder_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _run(tmp_path, {"HPCRAY_LOG_DIR": str(blocker / "logs")}, tmp_path)
+    assert "CRASH SEEN" in proc.stdout
+    assert f"rank 0 cannot write the job's logs to {blocker / 'logs'}" in proc.stderr
+    assert "set HPCRAY_LOG_DIR to a folder every node can write" in proc.stderr
+
+
+@pytest.mark.timeout(120)
 def test_default_folder_is_named_and_said_once(tmp_path):
     proc = _run(tmp_path, {}, tmp_path)
     jobs = os.listdir(tmp_path / "hpcray-logs")

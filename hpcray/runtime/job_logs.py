@@ -122,8 +122,14 @@ class JobLogs:
         self._handlers: list[logging.Handler] = []
         self._previous = None  # the hpcray logger's (level, propagate) before the file
         if folder:
-            os.makedirs(folder, exist_ok=True)
-            self._attach_node_log()
+            try:
+                os.makedirs(folder, exist_ok=True)
+                self._attach_node_log()
+            except OSError as exc:  # a job runs without its log files rather than not at all
+                self.folder = ""
+                log.warning("rank %d cannot write the job's logs to %s (%s); set "
+                            "HPCRAY_LOG_DIR to a folder every node can write", rank, folder,
+                            exc)
 
     # ------------------------------------------------------------------ node log
     def _attach_node_log(self) -> None:
