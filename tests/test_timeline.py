@@ -172,3 +172,32 @@ def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
     flat = pixels.reshape(-1, 3)
     assert (flat != 255).any(axis=1).mean() > 0.05
     assert len({tuple(p) for p in flat[::97]}) > 20
+
+
+@pytest.mark.timeout(200)
+def test_report_counts_retries_worker_deaths_and_actor_restarts(tmp_path):
+    run_script(tmp_path, """
+        import os, hpcray as ray
+        ray.init(num_cpus=1, report="job.html")
+        @ray.remote(max_retries=2)
+        def dies_once(marker):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return 1
+        @ray.remote(max_restarts=1, max_task_retries=1)
+        class Fragile:
+            def crash_once(self, marker):
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)
+                return 2
+        assert ray.get(dies_once.remote("task.marker")) == 1
+        actor = Fragile.remote()
+        assert ray.get(actor.crash_once.remote("actor.marker")) == 2
+    """, {})
+    summary = summary_of((tmp_path / "job.html").read_text())
+    assert summary["retries"] == 2 and summary["worker_deaths"] == 2
+    assert summary["actor_restarts"] == 1 and summary["actor_creations"] == 1
+    assert summary["tasks"] == 1 and summary["actor_calls"] == 1
+    assert summary["failures"] == 0

@@ -99,7 +99,7 @@ class _NvmlUtilization:
             if self.nvml.nvmlInit_v2() != 0:
                 self.nvml = None
                 return
-        except OSError:
+        except (OSError, AttributeError):  # no library, or one without the symbol
             self.nvml = None
             return
         for uuid in uuids:
