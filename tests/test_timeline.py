@@ -114,6 +114,11 @@ def test_records_past_the_bound_are_dropped_and_said(tmp_path):
     assert "dropped {&#x27;spans&#x27;: 7}" in page
 
 
+def page_data(page: str) -> dict:
+    return json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+
+
 def summary_of(page: str) -> dict:
     return {key: float(value) for key, value in
             re.findall(r'<td data-key="([a-z_]+)">([0-9.]+)</td>', page)}
@@ -157,9 +162,7 @@ def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
     assert summary["wall_time_s"] > 1.2
     # Nothing to fetch: no src/href, no CSS url() or @import.
     assert not re.search(r"\b(src|href)\s*=|url\(|@import", page)
-    data = json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
-                      .group(1).replace("<\\/", "</"))
-    cpu = [s[1] for s in data["samples"]["0"]]
+    cpu = [s[1] for s in page_data(page)["samples"]["0"]]
     assert max(cpu) > 0.2, cpu  # the driver's busy second, on 2 CPUs
 
     dom, pixels = render(page_path, tmp_path)
@@ -196,8 +199,13 @@ def test_report_counts_retries_worker_deaths_and_actor_restarts(tmp_path):
         actor = Fragile.remote()
         assert ray.get(actor.crash_once.remote("actor.marker")) == 2
     """, {})
-    summary = summary_of((tmp_path / "job.html").read_text())
+    page = (tmp_path / "job.html").read_text()
+    summary = summary_of(page)
     assert summary["retries"] == 2 and summary["worker_deaths"] == 2
     assert summary["actor_restarts"] == 1 and summary["actor_creations"] == 1
     assert summary["tasks"] == 1 and summary["actor_calls"] == 1
     assert summary["failures"] == 0
+    # The attempt whose worker died is a failed bar, the retry a good one.
+    data = page_data(page)
+    name = data["names"].index("__main__.dies_once")
+    assert sorted(s[6] for s in data["spans"] if s[4] == name) == [0, 1]

@@ -528,7 +528,10 @@ class NodeManager:
         holds, worker.holds = worker.holds, set()
         for key in holds:  # the refs its process held (a crash never reported them)
             self.objects.decref(key)
-        if worker.ready and (worker.task is not None or worker.actor_id is not None):
+        if worker.ready and worker.task is not None:
+            self.recorder.count("worker_deaths")
+            self.recorder.died(worker.task.spec, worker.pid, worker.task.dispatched)
+        elif worker.ready and worker.actor_id is not None:
             self.recorder.count("worker_deaths")
         if worker.actor_id is not None:
             self.actors.actor_process_died(worker)
@@ -706,6 +709,7 @@ class NodeManager:
         spec = record.spec
         record.state = RUNNING
         record.worker = worker
+        record.dispatched = time.time()
         worker.task = record
         record.gpu_ids = self._take_gpus(spec.demand)
         if spec.kind == NORMAL_TASK:

@@ -5,8 +5,9 @@ keeps walking):
 
     spans      the tasks and actor calls this node ran, one per attempt: (task id,
                name, kind, worker pid, start, end, failed), start as the worker saw it
-               (WorkDone.started), end when the node read its WorkDone; and the actor
-               constructors it ran, from CreateActor sent to ActorReady read
+               (WorkDone.started), end when the node read its WorkDone; an attempt
+               whose pool worker died, from when it was sent to the death (failed);
+               and the actor constructors, from CreateActor sent to ActorReady read
     submits    (parent task id, child task id, when) for each task a task submitted
                here: the timeline's flow arrows
     transfers  (object id, from rank, to rank, bytes, start, end) of each pull this
@@ -64,12 +65,18 @@ class Recorder:
         spans.append((spec.task_id, spec.name, spec.kind, pid,
                       end if started is None else started, end, _failed(results)))
 
+    def died(self, spec, pid: int, dispatched) -> None:
+        """The pool worker `pid` died running `spec`, sent to it at `dispatched`."""
+        self._span(spec, pid, dispatched, True)
+
     def creating(self, actor_id: bytes) -> None:
         self.constructing[actor_id] = time.time()
 
     def created(self, spec, pid: int, failed: bool) -> None:
         """The constructor of `spec`'s actor ended in worker `pid` (or raised)."""
-        started = self.constructing.pop(spec.actor_id, None)
+        self._span(spec, pid, self.constructing.pop(spec.actor_id, None), failed)
+
+    def _span(self, spec, pid: int, started, failed: bool) -> None:
         end = time.time()
         if len(self.spans) == self.limit:
             self.dropped["spans"] += 1

@@ -55,7 +55,7 @@ class TaskRecord:
     """A node manager's state of one task it runs or owns."""
 
     __slots__ = ("spec", "state", "pending_deps", "worker", "retries_left", "cancelled",
-                 "gpu_ids", "blocked", "children", "owner")
+                 "gpu_ids", "blocked", "children", "owner", "dispatched")
 
     def __init__(self, spec: TaskSpec, retries: int):
         self.spec = spec
@@ -68,3 +68,4 @@ class TaskRecord:
         self.blocked = False
         self.children = None    # ids of the tasks this one submitted (recursive cancel)
         self.owner = 0          # rank of the node that owns its results
+        self.dispatched = None  # when a pool worker was sent it (the timeline's, if it dies)

@@ -146,7 +146,8 @@ _LABELS = {"tasks": "tasks", "actor_calls": "actor calls",
            "worker_deaths": "worker deaths", "reconstructions": "reconstructions",
            "spills": "spills", "transfers": "object transfers",
            "bytes_moved": "bytes moved between nodes", "nodes": "nodes",
-           "wall_time_s": "wall time (s)"}
+           "wall_time_s": "wall time (s)", "tasks_run": "attempts ended",
+           "bytes_pulled": "bytes pulled by nodes", "bytes_sent": "bytes sent by nodes"}
 
 
 def _summary_html(summary: dict) -> str:

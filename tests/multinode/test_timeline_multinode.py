@@ -7,7 +7,7 @@ import pytest
 
 from tests.browser import render
 from tests.multinode.test_multinode import run_mpi
-from tests.test_timeline import summary_of
+from tests.test_timeline import page_data, summary_of
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
 
@@ -86,8 +86,7 @@ def test_timeline_and_report_cover_every_rank(tmp_path):
     assert summary["nodes"] == 3 and summary["failures"] == 0
     assert summary["transfers"] == 1 and summary["bytes_moved"] == ran["bytes"]
     assert re.search(rf'data-from="0" data-to="1" data-bytes="{ran["bytes"]}"', page)
-    data = json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
-                      .group(1).replace("<\\/", "</"))
+    data = page_data(page)
     assert sorted(data["samples"]) == ["0", "1", "2"]
     assert all(len(samples) >= 2 for samples in data["samples"].values())
     assert {span[0] for span in data["spans"]} == {0, 1, 2}
