@@ -66,6 +66,12 @@ JOB = """
     assert moves[0]["args"]["bytes"] >= 4 << 20
     ray.timeline(filename="trace.json")
     assert len(json.load(open("trace.json"))) == len(events)
+
+    @ray.remote
+    def look():  # from a task on another rank: every node's spans, its own being run
+        return sum(e["ph"] == "X" and e["cat"] == "task" for e in ray.timeline())
+    assert ray.get(look.options(scheduling_strategy=on(2)).remote()) == len(tasks)
+    tasks.append("look")
     [constructor] = [e for e in X if e["cat"] == "actor_creation"]
     assert (constructor["pid"], constructor["tid"]) == (2, next(iter(echo_pids)))
     print("RAN", json.dumps({"tasks": len(tasks), "calls": len(calls), "actors": 1,
