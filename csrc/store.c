@@ -67,7 +67,7 @@
 #include <unistd.h>
 
 #define STORE_MAGIC 0x3154535941524348ull /* "HCRAYST1" little-endian */
-#define STORE_VERSION 3u
+#define STORE_VERSION 4u
 #define STORE_PAGE 4096u
 #define STORE_MIN_TABLE 1024u
 #define STORE_MAX_TABLE (1ull << 31)
@@ -88,8 +88,9 @@
 
 typedef struct store_entry {
     uint8_t id[STORE_ID_SIZE];
-    _Atomic uint16_t state;  /* SLOT_*, or store_state once published */
-    uint16_t delete_pending; /* freed when the last pin drops */
+    _Atomic uint16_t state; /* SLOT_*, or store_state once published */
+    uint8_t delete_pending; /* freed when the last pin drops */
+    uint8_t unclaimed;      /* sealed for a taker: not evictable before its first get */
     uint64_t offset;         /* data block, from the segment base */
     uint64_t size;           /* bytes asked for */
     uint64_t lru_tick;       /* lru_clock when last read or made evictable */
@@ -225,10 +226,12 @@ static bool slot_live(const store_entry *e)
 }
 
 /* Whether the entry is on the LRU list: sealed, unpinned, not being deleted
- * (unpin tests this with pins already 0 and delete_pending still set). */
+ * (unpin tests this with pins already 0 and delete_pending still set), and
+ * not waiting for its taker's first get (store_seal_unclaimed). */
 static bool slot_evictable(const store_entry *e)
 {
-    return slot_state(e) == STORE_STATE_SEALED && e->pins == 0 && !e->delete_pending;
+    return slot_state(e) == STORE_STATE_SEALED && e->pins == 0 && !e->delete_pending &&
+           !e->unclaimed;
 }
 
 /* Writes a slot's state word. The compiler fences on both sides keep it in
@@ -1130,6 +1133,7 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
         e->lru_tick = ++hdr->lru_clock;
         e->pins = 1;
         e->delete_pending = 0;
+        e->unclaimed = 0;
         e->creator_pid = current_pid();
         e->lru_prev = e->lru_next = LRU_NIL;
         set_state(s, e, STORE_STATE_CREATED);
@@ -1144,7 +1148,7 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
 }
 
 /* Drops one pin; on the last one the object is freed if delete-pending,
- * else it becomes evictable. Lock held. */
+ * else it becomes evictable (unless unclaimed). Lock held. */
 static void unpin(store *s, uint64_t slot)
 {
     store_entry *e = &s->table[slot];
@@ -1155,11 +1159,12 @@ static void unpin(store *s, uint64_t slot)
     crash_point(s);
     if (e->delete_pending)
         free_entry(s, slot);
-    else
+    else if (!e->unclaimed)
         lru_push_newest(s, slot);
 }
 
-store_status store_seal(store *s, const uint8_t *id)
+/* CREATED -> SEALED; `unclaimed` keeps it off the LRU list until a get. */
+static store_status seal(store *s, const uint8_t *id, bool unclaimed)
 {
     store_status rc = lock_store(s);
     if (rc != STORE_OK)
@@ -1170,12 +1175,24 @@ store_status store_seal(store *s, const uint8_t *id)
     } else if (slot_state(&s->table[slot]) != STORE_STATE_CREATED) {
         rc = STORE_BAD_STATE;
     } else {
+        /* Before the state word: an unclaimed object never shows as evictable. */
+        s->table[slot].unclaimed = unclaimed;
         set_state(s, &s->table[slot], STORE_STATE_SEALED);
         created_gone(s, &s->table[slot]);
         unpin(s, (uint64_t)slot);
     }
     unlock_store(s);
     return rc;
+}
+
+store_status store_seal(store *s, const uint8_t *id)
+{
+    return seal(s, id, false);
+}
+
+store_status store_seal_unclaimed(store *s, const uint8_t *id)
+{
+    return seal(s, id, true);
 }
 
 store_status store_abort(store *s, const uint8_t *id)
@@ -1210,11 +1227,12 @@ store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *
         rc = STORE_TOO_MANY_PINS;
     } else {
         crash_point(s);
-        if (e->pins == 0) {
+        if (slot_evictable(e))
             lru_unlink(s, (uint64_t)slot);
+        if (e->pins == 0)
             s->hdr->num_pinned++;
-        }
         e->pins++;
+        e->unclaimed = 0;
         e->lru_tick = ++s->hdr->lru_clock;
         *offset = e->offset;
         *size = e->size;
@@ -1223,7 +1241,12 @@ store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *
     return rc;
 }
 
-store_status store_release(store *s, const uint8_t *id, uint64_t offset)
+/* Drops one of the caller's pins on the object at `offset`: any one (`sole`
+ * false), or only the last one, which then frees the object at once (`sole`:
+ * *freed says whether it did). Shared by store_release and
+ * store_release_if_sole. */
+static store_status release_pin(store *s, const uint8_t *id, uint64_t offset, bool sole,
+                                int *freed)
 {
     uint64_t h = id_hash(id);
     store_status rc = lock_store(s);
@@ -1236,12 +1259,30 @@ store_status store_release(store *s, const uint8_t *id, uint64_t offset)
     else if (slot_state(&s->table[slot]) != STORE_STATE_SEALED || s->table[slot].pins == 0 ||
              (pin = pin_find(s, id, h, current_pid())) < 0)
         rc = STORE_BAD_STATE;
-    else {
+    else if (!sole) {
         pin_drop(s, (uint64_t)pin);
         unpin(s, (uint64_t)slot);
+    } else if (s->table[slot].pins == 1 && !s->table[slot].delete_pending) {
+        /* Record first, as a release: a death in between leaves the pin count
+         * to repair, never an entry whose last pin dropped. */
+        pin_drop(s, (uint64_t)pin);
+        free_entry(s, (uint64_t)slot);
+        *freed = 1;
     }
     unlock_store(s);
     return rc;
+}
+
+store_status store_release(store *s, const uint8_t *id, uint64_t offset)
+{
+    int freed = 0;
+    return release_pin(s, id, offset, false, &freed);
+}
+
+store_status store_release_if_sole(store *s, const uint8_t *id, uint64_t offset, int *freed)
+{
+    *freed = 0;
+    return release_pin(s, id, offset, true, freed);
 }
 
 store_status store_contains(store *s, const uint8_t *id, int *found)
@@ -1476,10 +1517,46 @@ store_status store_list(store *s, store_object_info *out, size_t max, size_t *co
             out[n].pins = e->pins;
             out[n].delete_pending = e->delete_pending;
             out[n].creator_pid = e->creator_pid;
+            out[n].lru_tick = e->lru_tick;
         }
         n++;
     }
     unlock_store(s);
+    *count = n;
+    return STORE_OK;
+}
+
+static int info_tick_cmp(const void *x, const void *y)
+{
+    const store_object_info *a = x, *b = y;
+    return (a->lru_tick > b->lru_tick) - (a->lru_tick < b->lru_tick);
+}
+
+store_status store_list_sole_pinned(store *s, store_object_info *out, size_t max, size_t *count)
+{
+    store_status rc = lock_store(s);
+    if (rc != STORE_OK)
+        return rc;
+    size_t n = 0;
+    for (uint64_t i = 0; i < s->hdr->table_capacity; i++) {
+        const store_entry *e = &s->table[i];
+        if (slot_state(e) != STORE_STATE_SEALED || e->pins != 1 || e->delete_pending)
+            continue;
+        if (n < max) {
+            memcpy(out[n].id, e->id, STORE_ID_SIZE);
+            out[n].offset = e->offset;
+            out[n].size = e->size;
+            out[n].state = STORE_STATE_SEALED;
+            out[n].pins = 1;
+            out[n].delete_pending = 0;
+            out[n].creator_pid = e->creator_pid;
+            out[n].lru_tick = e->lru_tick;
+        }
+        n++;
+    }
+    unlock_store(s);
+    if (n <= max)
+        qsort(out, n, sizeof *out, info_tick_cmp);
     *count = n;
     return STORE_OK;
 }

@@ -71,6 +71,7 @@ typedef struct store_object_info {
     uint32_t pins;
     uint32_t delete_pending;
     int32_t creator_pid;
+    uint64_t lru_tick; /* when it was last read (or made evictable): larger is newer */
 } store_object_info;
 
 /* One process's pins on one object, as store_list_pins reports them. */
@@ -118,6 +119,12 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
  * is visible to every later store_get. */
 store_status store_seal(store *s, const uint8_t *id);
 
+/* store_seal for an object made for another process to take (a worker's
+ * value, which its node pins when told): it stays off the eviction list,
+ * though unpinned, until its first store_get, so that nothing evicts it in
+ * between. One that nobody ever gets stays until deleted. */
+store_status store_seal_unclaimed(store *s, const uint8_t *id);
+
 /* Frees a CREATED object (its creator gave up). BAD_STATE if sealed. */
 store_status store_abort(store *s, const uint8_t *id);
 
@@ -151,6 +158,12 @@ store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *
  * releasing its parent's). */
 store_status store_release(store *s, const uint8_t *id, uint64_t offset);
 
+/* As store_release, but only when the caller's pin is the object's only
+ * one (and it is not delete-pending): then the pin drops and the object is
+ * freed at once, *freed = 1. Otherwise nothing changes, *freed = 0: someone
+ * else reads it. What spilling an object to disk ends with. */
+store_status store_release_if_sole(store *s, const uint8_t *id, uint64_t offset, int *freed);
+
 /* *found = 1 if a SEALED, not delete-pending object has this id, else 0. */
 store_status store_contains(store *s, const uint8_t *id, int *found);
 
@@ -183,6 +196,12 @@ store_status store_release_dead_pins(store *s, uint64_t *count);
 
 /* Copies up to `max` pin records into `out`; *count gets how many exist. */
 store_status store_list_pins(store *s, store_pin_info *out, size_t max, size_t *count);
+
+/* Copies up to `max` entries of the SEALED, not delete-pending objects with
+ * exactly one pin into `out`, least recently read first (sorted only when
+ * all fit); *count gets how many exist. What spilling chooses from. */
+store_status store_list_sole_pinned(store *s, store_object_info *out, size_t max,
+                                    size_t *count);
 
 /* Counters, read under the lock. */
 store_status store_get_stats(store *s, store_stats *out);

@@ -48,6 +48,7 @@ cdef extern from "store.h" nogil:
         uint32_t pins
         uint32_t delete_pending
         int32_t creator_pid
+        uint64_t lru_tick
 
     ctypedef struct store_pin_info:
         uint8_t id[STORE_ID_SIZE]
@@ -64,6 +65,7 @@ cdef extern from "store.h" nogil:
     store_status store_create_object(store *s, const uint8_t *id, uint64_t size,
                                      uint64_t *offset)
     store_status store_seal(store *s, const uint8_t *id)
+    store_status store_seal_unclaimed(store *s, const uint8_t *id)
     store_status store_abort(store *s, const uint8_t *id)
     void store_write(store *s, uint64_t offset, const void *src, uint64_t n)
     void store_populate(store *s, uint64_t offset, uint64_t n)
@@ -71,6 +73,8 @@ cdef extern from "store.h" nogil:
     unsigned store_copy_threads(const store *s)
     store_status store_get(store *s, const uint8_t *id, uint64_t *offset, uint64_t *size)
     store_status store_release(store *s, const uint8_t *id, uint64_t offset)
+    store_status store_release_if_sole(store *s, const uint8_t *id, uint64_t offset,
+                                       int *freed)
     store_status store_contains(store *s, const uint8_t *id, int *found)
     store_status store_delete(store *s, const uint8_t *id)
     store_status store_abort_dead_creators(store *s, uint64_t *count)
@@ -79,6 +83,8 @@ cdef extern from "store.h" nogil:
     store_status store_list_pins(store *s, store_pin_info *out, size_t max, size_t *count)
     store_status store_get_stats(store *s, store_stats *out)
     store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
+    store_status store_list_sole_pinned(store *s, store_object_info *out, size_t max,
+                                        size_t *count)
     store_status store_debug_lock_forever(store *s, int notify_fd)
     int store_debug_check(store *s)
     void store_debug_crash_after(store *s, int64_t steps)

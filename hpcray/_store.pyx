@@ -106,6 +106,10 @@ def copy_into(dest, Py_ssize_t offset, src):
         PyBuffer_Release(&to)
 
 
+ctypedef store_status (*_object_lister)(store *, store_object_info *, size_t,
+                                        size_t *) noexcept nogil
+
+
 cdef const uint8_t *_id_ptr(bytes object_id) except NULL:
     if len(object_id) != STORE_ID_SIZE:
         raise ValueError(f"object ids are {STORE_ID_SIZE} bytes, got {len(object_id)}")
@@ -230,15 +234,20 @@ cdef class Store:
         _check(rc, err, "create_object", object_id)
         return memoryview(_WritableBuffer._new(self, offset, csize))
 
-    def seal(self, bytes object_id not None):
+    def seal(self, bytes object_id not None, bint unclaimed=False):
         """CREATED -> SEALED; drops the creator's pin. Writes made before seal
-        are visible to every later get, in any process."""
+        are visible to every later get, in any process. `unclaimed`: a value
+        for the node to take in (it pins it when told): it is not evicted
+        before its first get."""
         cdef store *s = self._handle()
         cdef const uint8_t *cid = _id_ptr(object_id)
         cdef store_status rc
         cdef int err = 0
         with nogil:
-            rc = store_seal(s, cid)
+            if unclaimed:
+                rc = store_seal_unclaimed(s, cid)
+            else:
+                rc = store_seal(s, cid)
             err = errno
         _check(rc, err, "seal", object_id)
 
@@ -372,6 +381,13 @@ cdef class Store:
         finally:
             free(infos)
 
+    def sole_pinned(self):
+        """[(object_id, size)] of the sealed objects with exactly one pin, least
+        recently read first: what the node that holds that pin may spill."""
+        return [(info[0], info[1]) for info in
+                self._list_objects(store_list_sole_pinned, self.stats()["num_pinned"],
+                                   "sole_pinned")]
+
     def stats(self):
         """capacity, used_bytes, num_objects, num_pinned, num_evictions,
         table_capacity, num_recoveries, num_pin_records, pin_table_capacity,
@@ -405,8 +421,15 @@ cdef class Store:
     def objects(self):
         """[(object_id, size, state, pins)], state one of "CREATED", "SEALED",
         "DELETE_PENDING". For tests and debugging: walks the whole table."""
+        return [(object_id, size, "DELETE_PENDING" if delete_pending else
+                 "SEALED" if state == STORE_STATE_SEALED else "CREATED", pins)
+                for object_id, size, state, pins, delete_pending in
+                self._list_objects(store_list, self.stats()["num_objects"], "objects")]
+
+    cdef list _list_objects(self, _object_lister lister, size_t expected, str what):
+        """[(object_id, size, state, pins, delete_pending)] from a table walk."""
         cdef store *s = self._handle()
-        cdef size_t room = self.stats()["num_objects"] + 64
+        cdef size_t room = expected + 64
         cdef size_t count = 0
         cdef store_object_info *infos = NULL
         cdef store_status rc
@@ -416,7 +439,7 @@ cdef class Store:
             if infos == NULL:
                 raise MemoryError()
             with nogil:
-                rc = store_list(s, infos, room, &count)
+                rc = lister(s, infos, room, &count)
                 err = errno
             if rc == STORE_OK and count > room:
                 free(infos)
@@ -424,18 +447,10 @@ cdef class Store:
                 continue
             break
         try:
-            _check(rc, err, "objects")
-            result = []
-            for i in range(count):
-                if infos[i].delete_pending:
-                    state = "DELETE_PENDING"
-                elif infos[i].state == STORE_STATE_SEALED:
-                    state = "SEALED"
-                else:
-                    state = "CREATED"
-                result.append((bytes((<char *>infos[i].id)[:STORE_ID_SIZE]),
-                               infos[i].size, state, infos[i].pins))
-            return result
+            _check(rc, err, what)
+            return [(bytes((<char *>infos[i].id)[:STORE_ID_SIZE]), infos[i].size,
+                     infos[i].state, infos[i].pins, infos[i].delete_pending)
+                    for i in range(count)]
         finally:
             free(infos)
 
@@ -568,6 +583,27 @@ cdef class StoreBuffer:
     def release(self):
         """Drops this buffer's pin (once; later calls do nothing)."""
         self._unpin()
+
+    def release_if_sole(self):
+        """Drops this buffer's pin and frees the object at once, when that pin is
+        the object's only one; returns True then. Otherwise (another pin: someone
+        reads it) changes nothing and returns False. No view of this buffer may
+        be left when it returns True: the bytes are gone."""
+        if self._released or self._store is None:
+            return False
+        cdef store *s = self._store._handle()
+        cdef const uint8_t *cid = <const uint8_t *><const char *>self._object_id
+        cdef uint64_t offset = self._offset
+        cdef int freed = 0
+        cdef store_status rc
+        cdef int err = 0
+        with nogil:
+            rc = store_release_if_sole(s, cid, offset, &freed)
+            err = errno
+        _check(rc, err, "release_if_sole", self._object_id)
+        if freed:
+            self._released = True
+        return bool(freed)
 
     cdef void _unpin(self) noexcept:
         if self._released or self._store is None:

@@ -73,6 +73,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             config.report = report
         if config.report:  # where the driver started: it may chdir before shutdown
             config.report = os.path.abspath(config.report)
+        if ray_only_options.get("object_spilling_directory"):
+            config.spill_dir = str(ray_only_options["object_spilling_directory"])
         gcs_shards = ray_only_options.pop("gcs_shards", None) or \
             int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
         job_id = os.urandom(4).hex()

@@ -57,6 +57,10 @@ class Config:
     # one warning per request shape, until cancelled) or "error" (its refs raise
     # ResourceInfeasibleError / ActorUnschedulableError at once).
     infeasible: str = "pending"
+    # Where a node spills referenced objects when its store is full: a folder of its own
+    # (removed at exit) is made in this one; "" means $SLURM_TMPDIR, $TMPDIR or /tmp.
+    # init(object_spilling_directory=...), as Ray.
+    spill_dir: str = ""
     # Environment variables every worker of the job gets: init(runtime_env={"env_vars":
     # {...}}), as Ray's job-level runtime environment.
     env_vars: dict = field(default_factory=dict)
@@ -92,6 +96,7 @@ class Config:
         config.timeline_events = _env_int("HPCRAY_TIMELINE_EVENTS", config.timeline_events)
         config.report = os.environ.get("HPCRAY_REPORT", config.report)
         config.report_interval = _env_float("HPCRAY_REPORT_INTERVAL", config.report_interval)
+        config.spill_dir = os.environ.get("HPCRAY_SPILL_DIR") or config.spill_dir
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "

@@ -93,13 +93,15 @@ def test_object_larger_than_the_store_is_a_clear_error(ray_start):
     assert hpcray.get(hpcray.put(np.ones(10))).sum() == 10
 
 
-def test_full_store_raises_and_recovers_when_refs_are_dropped(ray_start):
+def test_full_store_raises_and_recovers_when_views_are_dropped(ray_start):
+    """Referenced objects are spilled to disk (test_spilling.py); objects that processes
+    map (zero-copy views) cannot be, so a store full of them raises."""
     chunk = np.zeros(60 * 1024 * 1024 // 8)
-    refs = [hpcray.put(chunk) for _ in range(4)]
-    with pytest.raises(exceptions.ObjectStoreFullError):
+    views = [hpcray.get(hpcray.put(chunk)) for _ in range(4)]
+    with pytest.raises(exceptions.ObjectStoreFullError, match="in use"):
         for _ in range(4):
-            refs.append(hpcray.put(chunk))
-    del refs
+            views.append(hpcray.get(hpcray.put(chunk)))
+    del views
     gc.collect()
     hpcray.put(0)
     assert hpcray.get(hpcray.put(chunk)).nbytes == chunk.nbytes

@@ -855,3 +855,54 @@ def test_put_one_gib_is_one_copy(make_store):
     del got
     gc.collect()
     assert store.delete(oid(1))
+
+
+@pytest.mark.timeout(30)
+def test_unclaimed_objects_wait_for_their_first_get(make_store):
+    """A value sealed for the node to take in is not evicted before the node's get."""
+    store = make_store(64 * KiB)
+    for i in range(8):
+        store.create_object(oid(i), 8192).release()
+        store.seal(oid(i), unclaimed=True)
+    with pytest.raises(StoreFullError):
+        store.create_object(oid(50), 8192)
+    assert all(store.contains(oid(i)) for i in range(8))
+    store.get(oid(3)).release()  # taken in, then let go: evictable as usual
+    store.create_object(oid(50), 8192).release()
+    assert not store.contains(oid(3))
+    assert all(store.contains(oid(i)) for i in range(8) if i != 3)
+    assert store.delete(oid(5))  # a delete still frees it at once
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(30)
+def test_release_if_sole(make_store):
+    store = make_store(64 * KiB)
+    put(store, oid(1), b"a" * 4096)
+    mine = store.get(oid(1))
+    reader = store.get(oid(1))
+    assert not mine.release_if_sole()  # another pin: nothing changes
+    assert store.contains(oid(1)) and memoryview(reader).tobytes() == b"a" * 4096
+    reader.release()
+    assert mine.release_if_sole()
+    assert not store.contains(oid(1))
+    assert store.stats()["num_objects"] == 0
+    assert not mine.release_if_sole()  # released: no second drop
+    with pytest.raises(BufferError):
+        memoryview(mine)
+    assert store._debug_check()
+
+
+@pytest.mark.timeout(30)
+def test_sole_pinned_lists_least_recently_read_first(make_store):
+    store = make_store(256 * KiB)
+    for i in range(6):
+        put(store, oid(i), bytes([i]) * (1000 + i))
+    pins = [store.get(oid(i)) for i in range(6)]
+    extra = store.get(oid(2))  # two pins: not listed
+    store.get(oid(4)).release()  # read again: the newest
+    assert store.sole_pinned() == [(oid(i), 1000 + i) for i in (0, 1, 3, 5, 4)]
+    extra.release()
+    del pins
+    assert store.sole_pinned() == []
+    assert store._debug_check()

@@ -127,9 +127,7 @@ class Borrowing:
     def drop_borrowed(self, object_id: bytes, entry: ObjectEntry) -> None:
         """Nothing on this node holds an object another node owns: forget it."""
         del self.objects[object_id]
-        if entry.pin is not None:  # the copy stays, evictable, for a later pull
-            entry.pin.release()
-            entry.pin = None
+        self.objects.let_go(object_id, entry)  # the copy stays, evictable, for a later pull
         self.give_registrations_back(object_id, entry.owner, entry.deferred, entry.lent)
         for key in entry.contained:
             self.objects.decref(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 
 from hpcray import exceptions, ids
 from hpcray._store import ObjectTooLargeError, StoreFullError
@@ -52,22 +53,11 @@ class CoreClient:
         if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
             return sv.pickled, sv.contained, len(sv.pickled)
         try:
-            try:
-                dest = self.store.create_object(object_id, sv.store_size)
-            except StoreFullError:
-                # Space held by dead processes: writers that never sealed, readers' pins.
-                if not self.store.abort_dead_creators() + self.store.release_dead_pins():
-                    raise
-                dest = self.store.create_object(object_id, sv.store_size)
-        except ObjectTooLargeError:
-            raise exceptions.ObjectStoreFullError(
-                f"An object of {sv.store_size} bytes is larger than this node's whole object "
-                f"store ({self.store.capacity} bytes); start with a larger "
-                "object_store_memory.") from None
+            dest = self.store.create_object(object_id, sv.store_size)
         except StoreFullError:
-            raise exceptions.ObjectStoreFullError(
-                f"The object store ({self.store.capacity} bytes) has no room for "
-                f"{sv.store_size} more bytes: everything in it is still referenced.") from None
+            dest = None
+        if dest is None:  # outside the handler: an error raised has no context (below)
+            dest = self._create_when_full(object_id, sv.store_size)
         try:
             sv.write_into(dest)
         except BaseException:
@@ -75,8 +65,42 @@ class CoreClient:
             self.store.abort(object_id)
             raise
         dest.release()
-        self.store.seal(object_id)
+        self.store.seal(object_id, unclaimed=True)  # not evicted before its node pins it
         return None, sv.contained, sv.store_size
+
+    def _create_when_full(self, object_id: bytes, size: int):
+        """store.create_object after it failed: what dead processes held is freed, then the
+        node spills referenced objects to disk until it fits (or nothing more can go).
+        Its errors are raised outside any handler: an exception's __context__ would keep
+        the caller's frames (and the refs in them) alive after a task reported it."""
+        store = self.store
+        cleaned = False
+        backoff = _Backoff()
+        while True:
+            too_large = False
+            try:
+                return store.create_object(object_id, size)
+            except ObjectTooLargeError:
+                too_large = True
+            except StoreFullError:
+                pass
+            if too_large:
+                raise exceptions.ObjectStoreFullError(
+                    f"An object of {size} bytes is larger than this node's whole object "
+                    f"store ({store.capacity} bytes); start with a larger "
+                    "object_store_memory.")
+            # Space held by dead processes: writers that never sealed, readers' pins.
+            if not cleaned:
+                cleaned = True
+                if store.abort_dead_creators() + store.release_dead_pins():
+                    continue
+            if self.make_room(size):
+                continue
+            if not backoff.wait():
+                raise exceptions.ObjectStoreFullError(
+                    f"The object store ({store.capacity} bytes) has no room for {size} more "
+                    "bytes: everything in it stayed in use (mapped by a process, being read "
+                    f"or written) for {_FULL_GRACE_S:g} s, so nothing can be spilled to disk.")
 
     def decode_value(self, object_id: bytes, payload):
         """The value for a payload the node manager handed out (inline bytes or None)."""
@@ -85,12 +109,35 @@ class CoreClient:
         else:
             buffer = self.store.get(object_id)
             if buffer is None:
-                raise exceptions.ObjectLostError(
-                    f"Object {object_id.hex()} is no longer in the object store.")
+                buffer = self._read_back(object_id)
             value, views_store = deserialize_from_store(memoryview(buffer))
             if not views_store:
                 buffer.release()
         return value
+
+    def _read_back(self, object_id: bytes):
+        """The node said the value is in the store and it is not: spilled to disk since.
+        The node restores it (again if it was spilled once more before this get; after a
+        wait if the store is full of objects in use). The pin of a get, or an error."""
+        backoff = _Backoff()
+        while True:
+            full = None
+            try:
+                restored = self.restore(object_id)
+            except exceptions.ObjectStoreFullError as error:
+                restored, full = True, error
+            buffer = self.store.get(object_id) if restored else None
+            if buffer is not None:
+                return buffer
+            if not restored:
+                raise exceptions.ObjectLostError(
+                    f"Object {object_id.hex()} is no longer in the object store.")
+            if not backoff.wait():
+                if full is None:
+                    raise exceptions.ObjectLostError(
+                        f"Object {object_id.hex()} was restored but spilled again before "
+                        f"this process could read it, for {_FULL_GRACE_S:g} s.")
+                raise full
 
     def values_or_raise(self, object_ids, payloads) -> list:
         values = []
@@ -135,6 +182,25 @@ class CoreClient:
 
 
 _EMPTY_ARGS = serialize(((), {}), 1 << 30).pickled
+# How long a create or a restore waits for the store's readers to let go (a send in flight,
+# a value its node has not pinned yet, a task's views) before it fails, as Ray's do.
+_FULL_GRACE_S = 5.0
+
+
+class _Backoff:
+    """Sleeps 1 ms, 2 ms, ... up to 100 ms between tries; False once the grace is over."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + _FULL_GRACE_S
+        self.delay = 0.001
+
+    def wait(self) -> bool:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(self.delay, left))
+        self.delay = min(self.delay * 2, 0.1)
+        return True
 
 
 class DriverClient(CoreClient):
@@ -276,6 +342,20 @@ class DriverClient(CoreClient):
     def list_state(self, table: str, timeout: float | None = None) -> list:
         return self._answer_of(self.nm.list_state, table, timeout=timeout)
 
+    def make_room(self, size: int) -> int:
+        nm = self._locked()
+        try:
+            return nm.spiller.make_room(size)
+        finally:
+            nm.lock.release()
+
+    def restore(self, object_id: bytes) -> bool:
+        nm = self._locked()
+        try:
+            return nm.spiller.restore(object_id)
+        finally:
+            nm.lock.release()
+
 
 class WorkerClient(CoreClient):
     """A worker's client: requests over its socket to the node manager."""
@@ -335,6 +415,12 @@ class WorkerClient(CoreClient):
 
     def list_state(self, table: str) -> list:
         return self.channel.request("list_state", (table,))
+
+    def make_room(self, size: int) -> int:
+        return self.channel.request("make_room", (size,))
+
+    def restore(self, object_id: bytes) -> bool:
+        return self.channel.request("restore", (object_id,))
 
 
 class WorkerChannel:

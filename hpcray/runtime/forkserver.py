@@ -8,8 +8,8 @@ pipes (SCM_RIGHTS); it tells the node how each worker ended (WorkerExited), so a
 is logged with its signal or exit status (job_logs.py).
 
 It is also the job's undertaker: when the driver goes away (its socket closes, even
-after SIGKILL), it kills every worker it made and unlinks the node's store segment,
-so no process and no /dev/shm segment outlives the job.
+after SIGKILL), it kills every worker it made, unlinks the node's store segment and
+removes its spill folder, so no process, /dev/shm segment or spill file outlives the job.
 """
 
 from __future__ import annotations
@@ -74,23 +74,24 @@ def main() -> None:
     control.setblocking(True)
     os.setsid()  # the terminal's Ctrl-C goes to the driver, not to every worker
     libc = ctypes.CDLL(None, use_errno=True)
-    _set_parent_death_signal(libc, signal.SIGTERM)
-    if os.getppid() != job["driver_pid"]:
-        _unlink_store(job)  # the driver died before we got here: nobody else will
-        sys.exit(0)
-    os.environ.update(job["config"].get("env_vars") or {})  # runtime_env: every worker's
-    # What every worker needs, imported once here instead of once per worker.
-    import cloudpickle  # noqa: F401
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        pass
-    from hpcray.runtime import worker as worker_module
-
-    children: set = set()
-    signal.signal(signal.SIGCHLD, lambda *_: _reap(children, control))
+    # Before the parent-death signal: a driver that dies while this process still
+    # imports (a SIGKILL right after init) gets the clean-up below too, not a bare exit.
     signal.signal(signal.SIGTERM, _leave_on_sigterm)
+    _set_parent_death_signal(libc, signal.SIGTERM)
+    children: set = set()
     try:
+        if os.getppid() != job["driver_pid"]:
+            return  # the driver died before we got here: nobody else will clean up
+        os.environ.update(job["config"].get("env_vars") or {})  # runtime_env: every worker's
+        # What every worker needs, imported once here instead of once per worker.
+        import cloudpickle  # noqa: F401
+        try:
+            import numpy  # noqa: F401
+        except ImportError:
+            pass
+        from hpcray.runtime import worker as worker_module
+
+        signal.signal(signal.SIGCHLD, lambda *_: _reap(children, control))
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(control, 65536, 3)
@@ -151,6 +152,9 @@ def _unlink_store(job: dict) -> None:
         Store.unlink_name(job["store_name"])
     except Exception:  # noqa: BLE001 - best effort at the very end
         pass
+    if job.get("spill_dir"):
+        import shutil
+        shutil.rmtree(job["spill_dir"], ignore_errors=True)
 
 
 def _leave_on_sigterm(*_) -> None:

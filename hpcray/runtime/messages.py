@@ -389,7 +389,7 @@ class WorkerExited(NamedTuple):
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "interrupt_wait")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_state", "cancel", "generator_next")
+               "list_state", "cancel", "generator_next", "make_room", "restore")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

@@ -45,6 +45,7 @@ from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs, WorkerStreams
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
+from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
 from hpcray.runtime.task_router import TaskRouter
 from hpcray.runtime.worker_requests import WorkerRequests
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
@@ -123,6 +124,7 @@ class NodeManager:
         self._running = True
         self._start_failures = 0
         self.store_name = store_name
+        self.spill_dir = spill_directory(config, store_name)
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(self._wake_r, self._on_wake)
@@ -136,6 +138,7 @@ class NodeManager:
         except BaseException:
             self._forkserver_sock.close()  # it exits at once, and unlinks the name
             self.forkserver.wait(timeout=10)
+            remove_directory(self.spill_dir)
             self._epoll.close()
             _close_fd(self._wake_r)
             _close_fd(self._wake_w)
@@ -164,21 +167,23 @@ class NodeManager:
                                             self.config.report_interval)
             self._add_timer(0.0, self._sample)
         self.objects = ObjectTable(rank, store, self.task_events)
+        self.spiller = Spiller(rank, self.objects, store, self.spill_dir)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
-        self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, gcs, peers,
-                                 self.recorder)
+        self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, self.spiller,
+                                 gcs, peers, self.recorder)
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
                                  self.mover, self.actors, scheduler, self.task_events, peers)
         self.canceller = Canceller(rank, self, self.objects, self.borrowing, self.actors,
                                    scheduler, store, peers)
         self.requests = WorkerRequests(rank, self, self.objects, self.actors, self.router,
-                                       self.network, scheduler)
+                                       self.network, scheduler, self.spiller)
         self.state_queries = StateQueries(rank, link, self, self.objects, gcs,
                                           self.task_events, self.recorder, peers)
         self.generators = Generators(rank, self, self.objects, self.borrowing, self.actors,
                                      self.router, peers)
-        self.objects.bind(self.mover, self.borrowing, self.actors, self.generators)
+        self.objects.bind(self.mover, self.borrowing, self.actors, self.generators,
+                          self.spiller)
         self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
@@ -211,7 +216,8 @@ class NodeManager:
         job = {"store_name": self.store_name, "job_id": self.job_id.hex(),
                "node_id": self.node_id.hex(), "resources": self.total_resources,
                "config": self.config.as_dict(), "driver_pid": os.getpid(),
-               "gpu_uuids": [g.uuid for g in self.node_resources.gpus], "rank": self.rank}
+               "gpu_uuids": [g.uuid for g in self.node_resources.gpus], "rank": self.rank,
+               "spill_dir": self.spill_dir}
         env = dict(os.environ, HPCRAY_FORKSERVER_JOB=json.dumps(job),
                    HPCRAY_FORKSERVER_FD=str(theirs.fileno()))
         # The driver's sys.path, so workers import the same modules (tests, __main__'s dir).
@@ -273,6 +279,7 @@ class NodeManager:
             if entry.pin is not None:
                 entry.pin.release()
         self.objects.clear()
+        self.spiller.close()
         Store.unlink_name(self.store_name)
         self.store.close()
         self._epoll.close()

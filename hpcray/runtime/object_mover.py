@@ -23,7 +23,7 @@ class ObjectMover:
     HANDLES = {messages.Watch: "on_watch", messages.Located: "on_located",
                messages.Pull: "on_pull", messages.PullFailed: "on_pull_failed"}
 
-    def __init__(self, rank: int, cluster, objects, borrowing, store, gcs, peers,
+    def __init__(self, rank: int, cluster, objects, borrowing, store, spiller, gcs, peers,
                  recorder) -> None:
         self.rank = rank
         self.cluster = cluster            # ClusterLink
@@ -31,6 +31,7 @@ class ObjectMover:
         self.objects = objects
         self.borrowing = borrowing
         self.store = store
+        self.spiller = spiller
         self.gcs = gcs
         self.peers = peers
         self.recorder = recorder  # records each pull for the timeline
@@ -89,7 +90,7 @@ class ObjectMover:
         entry.pulling = True
         transport = self.transport
         try:
-            view = self.store.create_object(object_id, entry.size, populate=True)
+            view = self.spiller.create_object(object_id, entry.size, populate=True)
         except Exception as exc:  # noqa: BLE001 - the store is full: readers get the error
             entry.pulling = False
             error = exceptions.ObjectStoreFullError(
@@ -107,11 +108,17 @@ class ObjectMover:
 
     def on_pull(self, source: int, object_id: bytes, tag: int) -> None:
         buffer = self.store.get(object_id)
-        if buffer is None:
-            self.peers.send(source, wire(messages.PullFailed, object_id, tag))
-            return
-        self.transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
-        self.recorder.count("bytes_sent", len(buffer))
+        if buffer is not None:
+            self.transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
+            self.recorder.count("bytes_sent", len(buffer))
+        else:  # spilled: sent from its file, this node's store left alone
+            entry = self.objects.get(object_id)
+            view = self.spiller.file_view(object_id) if entry is not None else None
+            if view is None:
+                self.peers.send(source, wire(messages.PullFailed, object_id, tag))
+                return
+            self.transport.start_send(source, tag, view)  # unmapped when the send lets go
+            self.recorder.count("bytes_sent", len(view))
         self.peers.on_sent()
 
     def on_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
@@ -136,7 +143,7 @@ class ObjectMover:
             return
         object_id, view, _ = pulled
         view.release()
-        self.store.seal(object_id)
+        self.store.seal(object_id, unclaimed=True)
         entry = self.objects.get(object_id)
         if entry is None:
             self.recorder.pull_ended(tag, object_id, -1, -1)

@@ -24,7 +24,8 @@ IN_STORE = None  # an entry whose inline value is None lives in the store
 class ObjectEntry:
     __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size",
                  "owner", "location", "avail_waiters", "pulling", "borrowers",
-                 "lent", "lender", "deferred", "primary", "primary_at", "shipped", "watched")
+                 "lent", "lender", "deferred", "primary", "primary_at", "shipped", "watched",
+                 "spilled")
 
     def __init__(self, owner: int = 0):
         self.state = PENDING
@@ -33,6 +34,7 @@ class ObjectEntry:
         self.waiters = None     # callables(object_id) run when the value is here
         self.contained = ()     # ids this value holds alive
         self.pin = None         # StoreBuffer: the node's pin on its copy
+        self.spilled = False    # READY, its bytes in a spill file, not in the store
         self.is_put = False
         self.size = 0
         self.owner = owner      # rank of the node that owns it (counts its references)
@@ -106,12 +108,14 @@ class ObjectTable:
         self.task_events = task_events
         self.entries: dict[bytes, ObjectEntry] = {}
         self.mover = self.borrowing = self.actors = self.generators = None  # bind()
+        self.spiller = None
 
-    def bind(self, mover, borrowing, actors, generators=None) -> None:
+    def bind(self, mover, borrowing, actors, generators=None, spiller=None) -> None:
         self.mover = mover
         self.borrowing = borrowing
         self.actors = actors
         self.generators = generators
+        self.spiller = spiller
 
     # A mapping of the entries, as the other parts read it.
     def get(self, object_id: bytes):
@@ -195,9 +199,7 @@ class ObjectTable:
         del self.entries[object_id]
         self.task_events.freed(object_id)
         if entry.inline is None:
-            if entry.pin is not None:
-                entry.pin.release()
-                entry.pin = None
+            self.let_go(object_id, entry)
             try:
                 self.store.delete(object_id)
             except StoreError:
@@ -206,6 +208,16 @@ class ObjectTable:
                 self.borrowing.delete_copies(object_id)
         for key in entry.contained:
             self.decref(key)
+
+    def let_go(self, object_id: bytes, entry: ObjectEntry) -> None:
+        """This node stops keeping a value in its store: its pin goes (the bytes stay
+        until deleted or evicted), and its spill file."""
+        if entry.pin is not None:
+            entry.pin.release()
+            entry.pin = None
+        spiller = self.spiller
+        if spiller is not None and spiller.files:
+            spiller.discard(object_id)
 
     def object_ready(self, object_id: bytes, inline, contained, size: int,
                       location: int | None = None) -> None:

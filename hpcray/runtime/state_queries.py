@@ -15,6 +15,8 @@
              how each ended (job_logs.py reads the fork server's reports)
     timeline every node's Recorder (recorder.py): what it ran, submitted and pulled,
              when; hpcray.timeline() and the report page read it
+    store    every node's object store: its counters (store.stats()) and what it spilled
+             and restored (spilling.py), asked of each node; one (rank, counters) row each
 
 Any node can ask (a worker asks its node); the answer comes through a callback once
 every shard or node has replied. Not for: turning rows into Ray's records (util/state/
@@ -71,7 +73,7 @@ class StateQueries:
                              merge=lambda lists: [row for rows in lists for row in rows])
         elif table == "nodes":
             self.gcs.get_nodes(answer)
-        elif table in ("objects", "workers", "status", "timeline"):
+        elif table in ("objects", "workers", "status", "timeline", "store"):
             self._ask_every_node(table, answer)
         else:
             raise ValueError(f"no state table {table!r}")
@@ -111,7 +113,13 @@ class StateQueries:
         if table == "timeline":
             if self.recorder.sampler is not None:
                 self.node.sample()  # a reading up to now, for the report's last stretch
-            return [self.recorder.rows(self.node.store.stats())]
+            stats = self.node.store.stats()
+            stats.update(self.node.spiller.totals())  # the report's "spills"
+            return [self.recorder.rows(stats)]
+        if table == "store":
+            counters = self.node.store.stats()
+            counters.update(self.node.spiller.counters())
+            return [(self.rank, counters)]
         raise ValueError(f"no per-node state table {table!r}")
 
     def object_rows(self) -> list[tuple]:

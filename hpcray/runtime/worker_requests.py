@@ -26,7 +26,8 @@ class WorkerRequests:
 
     HANDLES = {messages.Notice: "on_notice", messages.Request: "on_request"}
 
-    def __init__(self, rank: int, node, objects, actors, router, network, scheduler) -> None:
+    def __init__(self, rank: int, node, objects, actors, router, network, scheduler,
+                 spiller) -> None:
         self.rank = rank
         self.node = node                  # submit, cancel, worker sockets, timers
         self.objects = objects
@@ -34,6 +35,7 @@ class WorkerRequests:
         self.router = router
         self.network = network
         self.scheduler = scheduler
+        self.spiller = spiller
 
     def on_notice(self, worker: WorkerHandle, op: str, args: tuple, transitions) -> None:
         try:
@@ -127,6 +129,14 @@ class WorkerRequests:
         if take and status == ITEM:  # the item's ref is the asking process's now
             worker.holds.add(object_id)
         self.reply(worker, request_id, (status, object_id))
+
+    def op_make_room(self, worker, request_id, size: int) -> None:
+        """The worker's create of `size` bytes found the store full: spill (spilling.py)."""
+        self.reply(worker, request_id, self.spiller.make_room(size))
+
+    def op_restore(self, worker, request_id, object_id: bytes) -> None:
+        """The worker found an object it was told is in the store gone: spilled."""
+        self.reply(worker, request_id, self.spiller.restore(object_id))
 
     # ------------------------------------------------------------------ waiting
     def wait_for(self, worker, request_id, object_ids, num_returns, timeout, answer,

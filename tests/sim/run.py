@@ -15,12 +15,13 @@ from tests.sim import programs
 from tests.sim.simcluster import Simulation, SimulationFailure
 
 
-def run_seed(seed: int, nodes: int = 3, shards: int = 1) -> Simulation:
+def run_seed(seed: int, nodes: int = 3, shards: int = 1, store_bytes: int = 16 << 20
+             ) -> Simulation:
     """One schedule of the random workload; raises SimulationFailure with the seed."""
     gc.disable()  # collections at allocation thresholds would vary drops between runs
     # One node gets the CPUs of three: the workload's actors need 2 CPUs at once.
     sim = Simulation(seed, num_nodes=nodes, gcs_shards=shards,
-                     num_cpus=3.0 if nodes == 1 else 1.0)
+                     num_cpus=3.0 if nodes == 1 else 1.0, store_bytes=store_bytes)
     try:
         driver = sim.start_driver(programs.random_workload)
         try:
@@ -40,16 +41,20 @@ def main(argv=None) -> int:
     parser.add_argument("count", type=int)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--store-bytes", type=int, default=16 << 20,
+                        help="each node's store (a few KiB: most values get spilled)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--stop", action="store_true", help="stop at the first failure")
     args = parser.parse_args(argv)
     failed = []
-    steps = messages = 0
+    steps = messages = spilled = restored = 0
     start = time.monotonic()
     for seed in range(args.first, args.first + args.count):
         try:
-            sim = run_seed(seed, args.nodes, args.shards)
+            sim = run_seed(seed, args.nodes, args.shards, args.store_bytes)
             steps += sim.steps
+            spilled += sum(node.spiller.stats.spilled_objects for node in sim.nodes)
+            restored += sum(node.spiller.stats.restored_objects for node in sim.nodes)
             messages += sim.network.messages_sent
         except SimulationFailure as failure:
             failed.append(seed)
@@ -60,7 +65,8 @@ def main(argv=None) -> int:
                 break
     elapsed = time.monotonic() - start
     print(f"{args.count} schedules, {len(failed)} failed {failed[:20]}, {steps} steps, "
-          f"{messages} messages between nodes, {elapsed:.1f} s", flush=True)
+          f"{messages} messages between nodes, {spilled} spills, {restored} restores, "
+          f"{elapsed:.1f} s", flush=True)
     return 1 if failed else 0
 
 

@@ -317,6 +317,7 @@ class SimNode(NodeManager):
             if entry.pin is not None:
                 entry.pin.release()
         self.objects.clear()
+        self.spiller.close()
         Store.unlink_name(self.store_name)
         self.store.close()
         self._epoll.close()
@@ -499,6 +500,25 @@ class Simulation:
                             "freed")
         for node in self.nodes:
             node.scheduler.check_invariants()
+            self.check_spilled(node)
+
+    @staticmethod
+    def check_spilled(node) -> None:
+        """A value this node keeps in its store is pinned there, or spilled: in a file of
+        the spiller and not in the store; the spiller has a file of no freed object."""
+        spiller = node.spiller
+        for key, entry in node.objects.items():
+            if entry.spilled:
+                if entry.pin is not None or key not in spiller.files:
+                    raise SimulationFailure(f"node {node.rank}: {key.hex()} spilled with pin "
+                                            f"{entry.pin} and no file")
+                if node.store.contains(key):
+                    raise SimulationFailure(f"node {node.rank}: {key.hex()} spilled and "
+                                            "still in the store")
+        for key in spiller.files:
+            if key not in node.objects:
+                raise SimulationFailure(f"node {node.rank}: a spill file of {key.hex()}, "
+                                        "which this node no longer keeps")
 
     def check_quiescent(self) -> None:
         """Once the driver is done and every message delivered: everything is freed."""
@@ -522,6 +542,10 @@ class Simulation:
             pins = node.store.pins()
             if pins:
                 problems.append(f"node {node.rank} store has pins {pins}")
+            if node.spiller.files or os.path.exists(node.spill_dir) and \
+                    os.listdir(node.spill_dir):
+                problems.append(f"node {node.rank} has spill files "
+                                f"{[k.hex() for k in node.spiller.files]}")
             live_actors = [a for a in node.actors.values() if a.death is None]
             if live_actors:
                 problems.append(f"node {node.rank} has live actors {live_actors}")

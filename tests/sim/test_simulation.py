@@ -48,3 +48,13 @@ def test_a_seed_replays_the_same_schedule():
     steps = [line for line in first.splitlines() if "schedules" in line]
     assert steps and steps[0].split(" steps")[0] == \
         [line for line in again.splitlines() if "schedules" in line][0].split(" steps")[0]
+
+
+def test_stores_of_a_few_values_spill():
+    # Stores of 12-20 KiB hold a handful of the workload's 2 KB values: most creates
+    # spill others to disk, and reads, task arguments and pulls restore or serve them.
+    out = run_schedules(300000, 300, "--store-bytes", str(12 << 10))
+    assert "300 schedules, 0 failed" in out
+    assert int(out.split(" spills")[0].rsplit(" ", 1)[-1]) > 300, out
+    out = run_schedules(400000, 200, "--nodes", "1", "--store-bytes", str(20 << 10))
+    assert "200 schedules, 0 failed" in out

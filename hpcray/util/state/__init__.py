@@ -43,8 +43,8 @@ from hpcray.util.state.exception import RayStateApiException
 __all__ = ["ActorState", "NodeState", "ObjectState", "RayStateApiException", "TaskState",
            "WorkerState", "get_actor", "get_log", "get_node", "get_objects", "get_task",
            "get_worker", "list_actors", "list_logs", "list_nodes", "list_objects",
-           "list_tasks", "list_workers", "summarize_actors", "summarize_objects",
-           "summarize_tasks"]
+           "list_tasks", "list_workers", "object_store_stats", "summarize_actors",
+           "summarize_objects", "summarize_tasks"]
 
 _LANGUAGE = "PYTHON"
 
@@ -271,6 +271,28 @@ def summarize_objects(address: str | None = None, timeout: int = 30,
     return {"cluster": {"summary": summary, "total_objects": len(references),
                         "total_size_mb": total_mb, "callsite_enabled": False,
                         "summary_by": "callsite"}}
+
+
+# Counters of object_store_stats() summed over the nodes for its "cluster" entry.
+_STORE_TOTALS = ("capacity", "used_bytes", "num_objects", "num_evictions", "spilled_objects",
+                 "spilled_bytes", "written_bytes", "spill_seconds", "restored_objects",
+                 "restored_bytes", "restore_seconds", "served_from_disk", "files",
+                 "bytes_on_disk")
+
+
+def object_store_stats() -> dict:
+    """hpcray's own (Ray prints these in `ray memory --stats-only`): each node's object
+    store and what it spilled to disk and restored, and the sums over the nodes.
+
+    {"cluster": {...sums...}, "nodes": {rank: {...}}}. Per node: the store's counters
+    (capacity, used_bytes, num_objects, num_pinned, num_evictions, ...) and spilling's:
+    spilled_objects / spilled_bytes (moved out of the store to disk), written_bytes and
+    spill_seconds (file writes), restored_objects / restored_bytes / restore_seconds
+    (read back), served_from_disk (other nodes' pulls answered from a file), files and
+    bytes_on_disk (spill files now)."""
+    nodes = dict(context.get_client().list_state("store"))
+    cluster = {key: sum(node.get(key, 0) for node in nodes.values()) for key in _STORE_TOTALS}
+    return {"cluster": cluster, "nodes": dict(sorted(nodes.items()))}
 
 
 def list_logs(address: str | None = None, node_id: str | None = None,

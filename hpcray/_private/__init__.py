@@ -1,0 +1,1 @@
+"""Ray's `ray._private` modules that Ray programs and tools call."""

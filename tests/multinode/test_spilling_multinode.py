@@ -1,0 +1,69 @@
+"""Spilling across nodes: `mpiexec -n 3`, every node's store 80 MiB, each holding three
+times that; other ranks read the spilled objects (served from the spill files) and every
+value comes back right; no spill folder is left after the job."""
+
+import os
+
+import pytest
+
+from tests.multinode.test_multinode import run_mpi
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
+
+
+def test_spilled_objects_move_between_nodes(tmp_path):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = run_mpi(tmp_path, 3, """
+        import os, sys, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        from hpcray.util.state import object_store_stats
+        MiB = 1 << 20
+        STORE, BLOCK = 80 * MiB, 8 * MiB
+        COUNT = 3 * STORE // BLOCK
+        ray.init(num_cpus=1, object_store_memory=STORE)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+
+        def block(i):
+            return np.full(BLOCK // 8, i, dtype=np.int64)
+
+        @ray.remote
+        def make(i):
+            return block(1000 + i)
+
+        @ray.remote
+        def firsts(refs):  # pulls each from the node that holds it (spilled or not)
+            return [int(ray.get(ref)[-1]) for ref in refs]
+
+        # Puts on rank 0, three times its store: rank 2 reads them all.
+        puts = [ray.put(block(i)) for i in range(COUNT)]
+        on2 = On(ids[2], soft=False)
+        assert ray.get(firsts.options(scheduling_strategy=on2).remote(puts)) == \\
+            list(range(COUNT))
+        # Results made on rank 1 (their primary copies stay there, three times its
+        # store): the driver on rank 0 reads them all, and rank 2 as arguments.
+        on1 = On(ids[1], soft=False)
+        results = [make.options(scheduling_strategy=on1).remote(i) for i in range(COUNT)]
+        for i, ref in enumerate(results):
+            value = ray.get(ref)
+            assert value[0] == 1000 + i and value.sum() == (1000 + i) * (BLOCK // 8)
+            del value
+        assert ray.get(firsts.options(scheduling_strategy=on2).remote(results)) == \\
+            [1000 + i for i in range(COUNT)]
+        for i, ref in enumerate(puts):  # and the driver's own, restored on rank 0
+            assert ray.get(ref)[3] == i
+        nodes = object_store_stats()["nodes"]
+        for rank in (0, 1, 2):
+            print("NODE", rank, {k: nodes[rank][k] for k in (
+                "spilled_objects", "restored_objects", "served_from_disk", "files")})
+        assert nodes[0]["spilled_objects"] > 0 and nodes[1]["spilled_objects"] > 0
+        assert nodes[0]["served_from_disk"] + nodes[1]["served_from_disk"] > 0
+        assert nodes[0]["restored_objects"] > 0
+        print("FOLDERS", sorted(os.listdir(os.environ["HPCRAY_SPILL_DIR"])))
+        ray.shutdown()
+        print("OK")
+    """, env={"HPCRAY_SPILL_DIR": str(spill)}, timeout=280)
+    assert "OK" in out, out
+    folders = [line for line in out.splitlines() if line.startswith("FOLDERS")]
+    assert folders and "-n0" in folders[0] and "-n1" in folders[0], out
+    assert os.listdir(spill) == [], out  # every rank removed its folder

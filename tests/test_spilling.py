@@ -1,0 +1,169 @@
+"""Spilling on one node: more referenced objects than the store holds go to disk and
+come back (runtime/spilling.py), with what Ray promises: contents intact, zero-copy
+views never spilled, files removed when freed and at exit, a clear error only for an
+object larger than the store."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import hpcray
+from hpcray import context, exceptions
+from hpcray._private.internal_api import memory_summary
+from hpcray.util.report import report_data
+from hpcray.util.state import object_store_stats
+
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1 << 20
+STORE = 80 * MiB
+BLOCK = 8 * MiB  # 30 of them: 3x the store
+COUNT = 3 * STORE // BLOCK
+
+
+def block(i: int) -> np.ndarray:
+    return np.full(BLOCK // 8, i, dtype=np.int64)
+
+
+def spill_folders(base) -> list:
+    return sorted(name for name in os.listdir(base) if name.startswith("hpcray-spill-"))
+
+
+def spill_files(base) -> list:
+    return [name for folder in spill_folders(base) for name in os.listdir(base / folder)]
+
+
+@pytest.fixture
+def spilling_node(tmp_path):
+    base = tmp_path / "spill"
+    base.mkdir()
+    hpcray.init(num_cpus=2, object_store_memory=STORE, object_spilling_directory=str(base))
+    yield base
+    hpcray.shutdown()
+    assert spill_folders(base) == []  # removed at shutdown
+
+
+def test_puts_of_three_times_the_store_come_back(spilling_node):
+    refs = [hpcray.put(block(i)) for i in range(COUNT)]
+    stats = object_store_stats()["cluster"]
+    assert stats["spilled_objects"] >= COUNT - STORE // BLOCK
+    assert len(spill_files(spilling_node)) == stats["files"] > 0
+    for i, ref in enumerate(refs):  # each read restores it, spilling others
+        value = hpcray.get(ref)
+        assert value[0] == i and value[-1] == i and value.sum() == i * (BLOCK // 8)
+        del value
+    for i, ref in reversed(list(enumerate(refs))):
+        assert hpcray.get(ref)[BLOCK // 16] == i
+    stats = object_store_stats()["cluster"]
+    assert stats["restored_objects"] >= COUNT - STORE // BLOCK
+    assert stats["restored_bytes"] >= stats["restored_objects"] * BLOCK
+    summary = memory_summary(stats_only=True)
+    assert "Spilled " in summary and "Restored " in summary, summary
+    # The report page's summary counts them as "spills" (util/report.py).
+    parts = context.get_client().list_state("timeline")
+    data = report_data(parts, [], min(p["started"] for p in parts), time.time())
+    assert data["summary"]["spills"] == object_store_stats()["cluster"]["spilled_objects"] > 0
+
+
+def test_task_results_of_three_times_the_store_come_back(spilling_node):
+    @hpcray.remote
+    def make(i):
+        return block(1000 + i)
+
+    @hpcray.remote
+    def check(i, value):  # the argument is restored for the worker if it was spilled
+        return bool(value[0] == 1000 + i and value[-1] == 1000 + i)
+
+    refs = [make.remote(i) for i in range(COUNT)]
+    hpcray.wait(refs, num_returns=COUNT, timeout=None)
+    assert object_store_stats()["cluster"]["spilled_objects"] > 0
+    assert hpcray.get([check.remote(i, ref) for i, ref in enumerate(refs)]) == [True] * COUNT
+    for i, ref in enumerate(refs):
+        assert hpcray.get(ref)[7] == 1000 + i
+
+
+def test_a_task_puts_three_times_the_store(spilling_node):
+    @hpcray.remote
+    def put_many(n):
+        refs = [hpcray.put(block(i)) for i in range(n)]  # the worker asks its node for room
+        return refs, [int(hpcray.get(ref)[3]) for ref in refs]
+
+    refs, seen = hpcray.get(put_many.remote(COUNT))
+    assert seen == list(range(COUNT))
+    assert [int(hpcray.get(ref)[-1]) for ref in refs] == list(range(COUNT))
+
+
+def test_a_value_in_use_is_never_spilled(spilling_node):
+    kept = hpcray.get(hpcray.put(block(7)))  # a zero-copy view into the store
+    address = kept.__array_interface__["data"][0]
+    refs = [hpcray.put(block(i)) for i in range(COUNT)]
+    assert kept.__array_interface__["data"][0] == address
+    assert kept[0] == 7 and kept[-1] == 7 and kept.sum() == 7 * (BLOCK // 8)
+    assert [int(hpcray.get(ref)[1]) for ref in refs] == list(range(COUNT))
+    # Views of every object the store holds: nothing can go, and the error says so.
+    views = []
+    with pytest.raises(exceptions.ObjectStoreFullError, match="in use"):
+        for ref in refs:
+            views.append(hpcray.get(ref))
+    assert len(views) < STORE // BLOCK
+    del views
+    assert int(hpcray.get(hpcray.put(block(5)))[0]) == 5  # room again once they go
+
+
+def test_freeing_a_spilled_object_removes_its_file(spilling_node):
+    refs = [hpcray.put(block(i)) for i in range(COUNT)]
+    assert len(spill_files(spilling_node)) > 0
+    del refs
+    # A state query applies the driver's dropped refs first (else the node's loop does
+    # at its next event).
+    assert object_store_stats()["cluster"]["files"] == 0
+    assert spill_files(spilling_node) == []
+
+
+def test_an_object_larger_than_the_store_names_both_sizes(spilling_node):
+    too_big = np.zeros(STORE // 8 + 1024, dtype=np.int64)
+    with pytest.raises(exceptions.ObjectStoreFullError) as error:
+        hpcray.put(too_big)
+    message = str(error.value)
+    size = too_big.nbytes
+    assert "larger than this node's whole object store" in message
+    assert f"({STORE} bytes)" in message  # the store's size
+    assert any(str(n) in message for n in range(size, size + 4096)), message
+
+
+def test_spill_folder_goes_when_the_driver_is_killed(tmp_path):
+    """SIGKILL: no shutdown runs; the fork server (the node's undertaker) removes it."""
+    base = tmp_path / "spill"
+    base.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, numpy as np, hpcray
+        hpcray.init(num_cpus=1, object_store_memory={STORE})
+        refs = [hpcray.put(np.full({BLOCK} // 8, i)) for i in range({COUNT})]
+        print("SPILLED", flush=True)
+        sys.stdin.read(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    env = dict(os.environ, HPCRAY_SPILL_DIR=str(base),
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    with subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "SPILLED"
+            assert spill_files(base)
+            proc.stdin.write("x")
+            proc.stdin.flush()
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    deadline = time.monotonic() + 30
+    while spill_folders(base) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spill_folders(base) == []
