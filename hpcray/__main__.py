@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 
 USAGE = "usage: python -m hpcray [-h] [--version] (app.py | -m module) [args...]"
@@ -160,7 +161,11 @@ def main(argv: list[str]) -> int:
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
         run = lambda: runpy.run_path(target, run_name="__main__")  # noqa: E731
-    from hpcray.runtime import launch
+    from hpcray.runtime import guardian, launch
+    rank = guardian.launcher_rank()
+    if rank is not None and launch.under_launcher():
+        # Before MPI starts: a parent that outlives this rank reports its death.
+        guardian.guard(rank, target)
     try:
         transport = launch.world()
     except launch.LaunchError as exc:
@@ -168,8 +173,10 @@ def main(argv: list[str]) -> int:
         return 1
     if transport is not None and transport.rank != 0:
         # Only rank 0 runs the program; the other ranks are its nodes until it ends.
-        return launch.serve_ranks(transport, lambda job: launch.build_node(
+        code = launch.serve_ranks(transport, lambda job: launch.build_node(
             job, transport, run_thread=False))
+        launch.leave_if_ranks_lost(code)
+        return code
     if transport is not None:
         launch.end_on_sigterm()
     code = 0
@@ -177,6 +184,10 @@ def main(argv: list[str]) -> int:
         run()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        import traceback
+        traceback.print_exc()
+        code = 128 + signal.SIGINT  # what a shell reports for Ctrl-C
     except BaseException:
         import traceback
         traceback.print_exc()
@@ -185,7 +196,7 @@ def main(argv: list[str]) -> int:
         from hpcray import api
         api.shutdown()
         launch.end_ranks(code)
-    launch.leave_if_terminating(code)
+    launch.leave_if_ranks_lost(code)
     return code
 
 

@@ -156,8 +156,9 @@ def _install_excepthook() -> None:
 def _at_exit() -> None:
     from hpcray.runtime import launch
     shutdown()
-    launch.end_ranks(1 if _driver_failed else 0)
-    launch.leave_if_terminating(128 + signal.SIGTERM)  # skips MPI_Finalize after SIGTERM
+    code = 128 + signal.SIGTERM if launch.terminating() else int(_driver_failed)
+    launch.end_ranks(code)
+    launch.leave_if_ranks_lost(code)
 
 
 def _install_sigterm_handler() -> None:

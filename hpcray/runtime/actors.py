@@ -201,6 +201,7 @@ class Actors:
         worker.functions.add(spec.function_id)
         self.node.task_events.running(spec, worker.pid)
         self.node.recorder.creating(spec.actor_id)
+        self.node.activity.running(worker.key, f"actor {actor.info['class_name']}")
         self.node.send_to_worker(worker, wire(messages.CreateActor,
             spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 

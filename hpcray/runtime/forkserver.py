@@ -79,6 +79,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _leave_on_sigterm)
     _set_parent_death_signal(libc, signal.SIGTERM)
     children: set = set()
+    # Slurm signals every process of a step (scancel -s, --signal, srun's forwarding):
+    # these are for the rank to act on, and must not end this server or its workers
+    # (which inherit the dispositions; a worker sets its own SIGINT handler for cancel).
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         if os.getppid() != job["driver_pid"]:
             return  # the driver died before we got here: nobody else will clean up

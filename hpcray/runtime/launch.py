@@ -32,9 +32,11 @@ OBJECT_STORE_MINIMUM_BYTES = 75 * 1024 * 1024
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
 _world = None
 # Set when SIGTERM arrives on rank 0: the launcher (srun when a rank failed or the job was
-# cancelled, mpiexec on Ctrl-C) is ending every rank, so rank 0 stops waiting for the others.
+# cancelled, mpiexec on SIGTERM) is ending every rank, so rank 0 waits for them briefly.
 _terminating = False
 _dealt_gpus = None  # rank 0: the GPUs each rank gets, dealt once per process
+# A rank did not answer Stop (dead): no rank may wait in MPI_Finalize (leave_if_ranks_lost).
+_skip_finalize = False
 
 
 class LaunchError(RuntimeError):
@@ -51,6 +53,7 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
 
     from hpcray.config import Config
     from hpcray.resources import detect_node_resources
+    from hpcray.runtime import guardian
     from hpcray.runtime.cluster import ClusterLink
     from hpcray.runtime.loopback import LoopbackTransport
     from hpcray.runtime.node_manager import NodeManager
@@ -75,7 +78,8 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
     try:
         node = NodeManager(job_id=job_id, node_id=node_id, node_resources=node_resources,
                            config=config, store_name=store_name, store_capacity=store_bytes,
-                           cluster=cluster, run_thread=run_thread)
+                           cluster=cluster, run_thread=run_thread,
+                           activity=guardian.board())
     except StoreError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -207,6 +211,12 @@ def mpiexec_hint(ranks: str = "N") -> str:
     return f"Run `{path} -n {ranks} {sys.executable} -m hpcray app.py`."
 
 
+def under_launcher(environ=os.environ) -> bool:
+    """Whether a launcher started this process as one of several ranks (before MPI)."""
+    slurm_tasks = environ.get("SLURM_NTASKS", "1") or "1"
+    return launched_world_size(environ) > 1 or (slurm_tasks.isdigit() and int(slurm_tasks) > 1)
+
+
 def in_world() -> bool:
     """True once this process is one of several ranks (world() found them)."""
     return _world is not None
@@ -216,9 +226,9 @@ def world():
     """The MpiTransport of this process (MPI starts on first use), or None on one node."""
     global _world
     if _world is None:
-        slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-        if launched_world_size() <= 1 and slurm_tasks <= 1:
+        if not under_launcher():
             return None
+        slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
         from mpi4py import MPI
         from hpcray.runtime.transport import MpiTransport
         if MPI.COMM_WORLD.size == 1:
@@ -281,6 +291,7 @@ def start_job(transport, job: dict, make_node) -> None:
     job["gpus_by_rank"] = _gpu_shares(transport)
     transport.broadcast(wire(messages.Start, job))
     started = _collect(transport, messages.Started, transport.size - 1, 300.0)
+    unlink_mpi_segments()  # every rank has finished MPI_Init: each opened them
     node = make_node(started)
     transport.broadcast(wire(messages.Go, node.link.nodes))
     return node
@@ -309,20 +320,30 @@ def _gpus_seen() -> tuple:
 
 def stop_job(transport) -> None:
     """Rank 0: stop every other rank's node (they wait for the next job)."""
+    global _skip_finalize
     transport.broadcast(wire(messages.Stop))
-    if _terminating:
-        # The other ranks are being ended too (or a dead one is why): waiting for their
-        # answers would only hold the step until the launcher's SIGKILL (KillWait, 30 s by
-        # default in Slurm). Each node's fork server removes its segment when its rank dies.
+    if not _terminating:
+        try:
+            _collect(transport, messages.Stopped, transport.size - 1, 60.0)
+        except RuntimeError:
+            _skip_finalize = True
+            raise
         return
-    _collect(transport, messages.Stopped, transport.size - 1, 60.0)
+    # SIGTERM: the other ranks got it too and wait for this Stop (serve_ranks), but the
+    # launcher's SIGKILL follows (Slurm's KillWait, 30 s by default): a short wait only.
+    # A rank that does not answer is left to its fork server, which cleans its node.
+    try:
+        _collect(transport, messages.Stopped, transport.size - 1, 3.0)
+    except RuntimeError as exc:
+        _skip_finalize = True
+        log.warning("%s", exc)
 
 
 def end_on_sigterm() -> None:
     """Rank 0 under a launcher: SIGTERM ends the program as SystemExit(128 + SIGTERM), so
-    the driver shuts down and leaves no worker or segment behind, without waiting on ranks
-    that are being ended at the same time. Only from the main thread, and only when the
-    program has not chosen its own SIGTERM handler."""
+    the driver shuts down and leaves no worker or segment behind, waiting only briefly
+    for the other ranks (they got the SIGTERM too; serve_ranks). Only from the main
+    thread, and only when the program has not chosen its own SIGTERM handler."""
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -336,29 +357,24 @@ def end_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def leave_if_terminating(code: int) -> None:
-    """After SIGTERM, leave without MPI_Finalize (mpi4py calls it at exit): it waits for
-    ranks that are dead or dying, until the launcher's SIGKILL."""
-    if not _terminating:
-        return
-    unlink_mpi_segments()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def unlink_mpi_segments() -> None:
-    """Remove the names of the MPI library's shared-memory segments this process maps.
-    MPICH removes its segment in MPI_Finalize, from the rank that created it; a rank that
-    leaves the job without finalizing would leave it in /dev/shm. The job is ending, so
-    the other ranks lose nothing: their mappings stay, only the name goes."""
+    """Remove the names of MPICH's shared-memory segments of this job, once every rank
+    has opened them. MPICH (4 and later) opens `mpich_shm_<world id>_<host index>` (and
+    `mpich_vci_...`) by name in MPI_Init only, and unlinks it in MPI_Finalize from the
+    rank that created it; a job that ends any other way (a rank killed, Hydra's SIGKILL
+    of the rest, a SIGTERM) would leave it in /dev/shm. Without its name the segment
+    lives while a rank maps it and goes with the last one, however the job ends: the
+    unlink-after-attach of POSIX shared memory. Only names this process maps are
+    removed, so another job's segments are never touched; MPICH's own unlink at
+    finalize then fails quietly."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/dev/shm/mpich_shm_" in line}
+            paths = {line.split()[-1] for line in maps
+                     if "/dev/shm/mpich_shm_" in line or "/dev/shm/mpich_vci_" in line}
     except OSError:
         return
     for path in paths:
-        if path.startswith("/dev/shm/mpich_shm_"):  # not "(deleted)"
+        if path.startswith(("/dev/shm/mpich_shm_", "/dev/shm/mpich_vci_")):  # not "(deleted)"
             try:
                 os.unlink(path)
             except OSError:
@@ -370,7 +386,7 @@ def end_ranks(code: int) -> None:
     transport = _world
     if transport is None or transport.rank != 0:
         return
-    transport.broadcast(wire(messages.Exit, code))
+    transport.broadcast(wire(messages.Exit, code, not _skip_finalize))
     deadline = time.monotonic() + (0.5 if _terminating else 5.0)
     while transport.busy and time.monotonic() < deadline:
         transport.poll()
@@ -379,10 +395,13 @@ def end_ranks(code: int) -> None:
 
 def serve_ranks(transport, make_node) -> int:
     """Ranks > 0: run a node for each job rank 0 starts; return the exit status it sends."""
+    global _skip_finalize
+    _defer_signals_to_rank0()
     while True:
         message = messages.record(_next_lifecycle_message(transport))
         kind = type(message)
         if kind is messages.Exit:
+            _skip_finalize = not message.finalize
             return int(message.code)
         if kind is messages.DescribeGpus:
             transport.send(0, wire(messages.GpusSeen, _gpus_seen()))
@@ -398,12 +417,48 @@ def serve_ranks(transport, make_node) -> int:
         early: list = []
         go = messages.record(_next_lifecycle_message(transport, want=messages.Go,
                                                      others=early))
+        unlink_mpi_segments()  # rank 0 had every rank's Started: each opened them
         with node.lock:
             node.set_cluster_nodes(go.nodes)
             node.network.handle_cluster_messages(early)
         node.serve()
         node.shutdown()
         transport.send(0, wire(messages.Stopped))
+
+
+# A rank > 0 that got SIGTERM leaves on its own after this long without rank 0's Exit.
+_SIGTERM_GRACE = 5.0
+
+
+def _defer_signals_to_rank0() -> None:
+    """Ranks > 0: the launcher delivers Ctrl-C and SIGTERM to every rank (Hydra signals
+    each rank's process group, Slurm every process of the step), but only rank 0 runs the
+    program: it decides (a KeyboardInterrupt the program may catch, SystemExit on
+    SIGTERM) and then stops the job, whose nodes must still answer. So SIGINT does
+    nothing here, and SIGTERM only arms a fallback: when rank 0 does not end the job
+    within _SIGTERM_GRACE seconds (it is gone), this rank leaves (its fork server then
+    ends its workers and removes its store)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigint(_signum, _frame):
+        log.debug("rank %d: SIGINT is rank 0's to act on", _world.rank if _world else -1)
+
+    def on_sigterm(signum, _frame):
+        timer = threading.Timer(_SIGTERM_GRACE, _leave_without_rank0, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+        signal.signal(signal.SIGTERM, on_sigint)  # one fallback is enough
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _leave_without_rank0(code: int) -> None:
+    log.error("hpcray: rank %d got SIGTERM and rank 0 did not end the job in %.0f s; "
+              "leaving", _world.rank if _world else -1, _SIGTERM_GRACE)
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _next_lifecycle_message(transport, want=None, others=None):
@@ -430,4 +485,26 @@ def exit_rank(code: int) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+    leave_if_ranks_lost(code)
     sys.exit(code)
+
+
+def leave_if_ranks_lost(code: int) -> None:
+    """Leave without MPI_Finalize (mpi4py calls it at exit) when a rank did not answer
+    rank 0's Stop: MPICH's finalize waits for every rank, so it would wait for the dead
+    one until the launcher's SIGKILL (Hydra's, or Slurm's after KillWait). Every rank
+    skips it alike (Exit.finalize), since one finalizing waits for the others. Nothing is
+    lost: the nodes are shut down and MPICH's segments have no name left to remove
+    (unlink_mpi_segments). With every rank alive, all finalize: that keeps their exits
+    together, and a launcher sees a failure status only once all have left (Hydra and
+    Slurm end the others when one leaves with a failure)."""
+    if _world is None or not _skip_finalize:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def terminating() -> bool:
+    """Whether rank 0 got SIGTERM (end_on_sigterm)."""
+    return _terminating

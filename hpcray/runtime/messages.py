@@ -270,8 +270,10 @@ class Stopped(NamedTuple):
 
 @_on("launch")
 class Exit(NamedTuple):
-    """rank 0 -> every rank: leave the job with this status."""
+    """rank 0 -> every rank: leave the job with this status; `finalize`: every rank is
+    alive, so MPI_Finalize (which waits for all of them) can run (launch.py)."""
     code: int
+    finalize: bool
 
 
 # ---------------------------------------------------------------- up: worker -> node

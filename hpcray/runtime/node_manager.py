@@ -37,12 +37,13 @@ from hpcray.object_ref import LocalReferenceCounter
 from hpcray.gcs.shard import OBJECT_DELETED
 from hpcray.runtime import messages, protocol
 from hpcray.runtime.messages import Hello, wire
-from hpcray.runtime.actors import A_DEAD, Actors
+from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
 from hpcray.runtime.cancellation import Canceller
 from hpcray.runtime.cluster import Network
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs, WorkerStreams
+from hpcray.runtime.guardian import NoBoard
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
 from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
@@ -93,11 +94,15 @@ class NodeManager:
     HANDLES = {messages.Hello: "on_hello", messages.WorkDone: "on_work_done"}
 
     def __init__(self, *, job_id: bytes, node_id: bytes, node_resources, config,
-                 store_name: str, store_capacity: int, cluster, run_thread: bool = True):
+                 store_name: str, store_capacity: int, cluster, run_thread: bool = True,
+                 activity=None):
         """`cluster`: a ClusterLink (over a LoopbackTransport on one node). `run_thread`:
         the event loop runs in a thread of its own (the driver's node); else the caller
-        runs `serve()`."""
+        runs `serve()`. `activity`: where the names of what workers run are kept for the
+        rank's guardian (guardian.py), or None."""
         self.link = self.cluster = cluster
+        self.activity = activity if activity is not None else NoBoard()
+        self.activity.reset()
         self.rank = cluster.rank
         self.job_id = job_id
         self.node_id = node_id
@@ -242,9 +247,19 @@ class NodeManager:
             if not self._running:
                 return
             self._running = False
+            busy = []
             for worker in self.workers.values():
-                if worker.alive:
+                if worker.alive and worker.pid and self._busy(worker):
+                    busy.append(worker.pid)
+                elif worker.alive:
                     worker.conn.send(wire(messages.ExitWorker))
+        # A busy worker reads its ExitWorker only when its task ends: after a Ctrl-C,
+        # maybe never. It goes now (Ray's shutdown kills workers too).
+        for pid in busy:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -296,6 +311,13 @@ class NodeManager:
             ready, _, _ = select.select((sock,), (), (), max(0.0, deadline - time.monotonic()))
             if not ready or not self._on_forkserver_message():
                 return
+
+    def _busy(self, worker: WorkerHandle) -> bool:
+        """Whether the worker runs a task, an actor call or an actor's constructor."""
+        if worker.actor_id is None:
+            return worker.task is not None
+        actor = self.actors.hosted.get(worker.actor_id)
+        return actor is not None and (bool(actor.inflight) or actor.state != A_ALIVE)
 
     # ------------------------------------------------------------------ event loop
     def _register(self, fd: int, handler, events=select.EPOLLIN) -> None:
@@ -524,6 +546,7 @@ class NodeManager:
         worker.alive = False
         self._unregister(worker.conn.fileno())
         worker.conn.close()
+        self.activity.idle(worker.key)
         if not self._running:
             return
         self.job_logs.died(worker)
@@ -718,6 +741,7 @@ class NodeManager:
         record.worker = worker
         record.dispatched = time.time()
         worker.task = record
+        self.activity.running(worker.key, spec.name)
         record.gpu_ids = self._take_gpus(spec.demand)
         if spec.kind == NORMAL_TASK:
             self.task_events.running(spec, worker.pid)
@@ -735,6 +759,7 @@ class NodeManager:
             return
         record = self.tasks.get(task_id)
         worker.task = None
+        self.activity.idle(worker.key)
         if record is None:
             self.objects.apply_transitions(transitions)
             return
