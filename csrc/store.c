@@ -511,6 +511,7 @@ static void table_remove_at(store *s, uint64_t i)
         h->lru_tick = e->lru_tick;
         h->pins = e->pins;
         h->delete_pending = e->delete_pending;
+        h->unclaimed = e->unclaimed;
         h->creator_pid = e->creator_pid;
         h->lru_prev = e->lru_prev;
         h->lru_next = e->lru_next;
@@ -1499,7 +1500,10 @@ store_status store_get_stats(store *s, store_stats *out)
     return STORE_OK;
 }
 
-store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
+/* Copies the entries that `keep` accepts (up to `max`) into `out`; *count
+ * gets how many there are. Shared by store_list and store_list_sole_pinned. */
+static store_status list_entries(store *s, bool (*keep)(const store_entry *),
+                                 store_object_info *out, size_t max, size_t *count)
 {
     store_status rc = lock_store(s);
     if (rc != STORE_OK)
@@ -1507,7 +1511,7 @@ store_status store_list(store *s, store_object_info *out, size_t max, size_t *co
     size_t n = 0;
     for (uint64_t i = 0; i < s->hdr->table_capacity; i++) {
         const store_entry *e = &s->table[i];
-        if (!slot_live(e))
+        if (!keep(e))
             continue;
         if (n < max) {
             memcpy(out[n].id, e->id, STORE_ID_SIZE);
@@ -1526,6 +1530,17 @@ store_status store_list(store *s, store_object_info *out, size_t max, size_t *co
     return STORE_OK;
 }
 
+store_status store_list(store *s, store_object_info *out, size_t max, size_t *count)
+{
+    return list_entries(s, slot_live, out, max, count);
+}
+
+/* Whether only one pin holds a sealed object that is not being deleted. */
+static bool sole_pinned(const store_entry *e)
+{
+    return slot_state(e) == STORE_STATE_SEALED && e->pins == 1 && !e->delete_pending;
+}
+
 static int info_tick_cmp(const void *x, const void *y)
 {
     const store_object_info *a = x, *b = y;
@@ -1534,31 +1549,10 @@ static int info_tick_cmp(const void *x, const void *y)
 
 store_status store_list_sole_pinned(store *s, store_object_info *out, size_t max, size_t *count)
 {
-    store_status rc = lock_store(s);
-    if (rc != STORE_OK)
-        return rc;
-    size_t n = 0;
-    for (uint64_t i = 0; i < s->hdr->table_capacity; i++) {
-        const store_entry *e = &s->table[i];
-        if (slot_state(e) != STORE_STATE_SEALED || e->pins != 1 || e->delete_pending)
-            continue;
-        if (n < max) {
-            memcpy(out[n].id, e->id, STORE_ID_SIZE);
-            out[n].offset = e->offset;
-            out[n].size = e->size;
-            out[n].state = STORE_STATE_SEALED;
-            out[n].pins = 1;
-            out[n].delete_pending = 0;
-            out[n].creator_pid = e->creator_pid;
-            out[n].lru_tick = e->lru_tick;
-        }
-        n++;
-    }
-    unlock_store(s);
-    if (n <= max)
-        qsort(out, n, sizeof *out, info_tick_cmp);
-    *count = n;
-    return STORE_OK;
+    store_status rc = list_entries(s, sole_pinned, out, max, count);
+    if (rc == STORE_OK && *count <= max)
+        qsort(out, *count, sizeof *out, info_tick_cmp);
+    return rc;
 }
 
 /* ---- test hooks --------------------------------------------------------- */

@@ -621,8 +621,9 @@ static void check_contents(store *s)
     }
 }
 
-/* Every kind of mutation: colliding inserts, seals, aborts, pins and
- * unpins, immediate and pending deletes, evictions. */
+/* Every kind of mutation: colliding inserts, seals (also unclaimed), aborts,
+ * pins and unpins, releases that free, immediate and pending deletes,
+ * evictions. */
 static void workload(store *s, unsigned first, unsigned count)
 {
     uint8_t id[STORE_ID_SIZE];
@@ -634,6 +635,13 @@ static void workload(store *s, unsigned first, unsigned count)
         fill(s, off, n);
         if (n % 7 == 3) {
             CHECK(store_abort(s, id) == STORE_OK);
+            continue;
+        }
+        if (n % 11 == 5) { /* sealed for a taker, taken, spilled (freed by its sole pin) */
+            int freed = 0;
+            CHECK(store_seal_unclaimed(s, id) == STORE_OK);
+            CHECK(store_get(s, id, &off, &size) == STORE_OK);
+            CHECK(store_release_if_sole(s, id, off, &freed) == STORE_OK && freed == 1);
             continue;
         }
         CHECK(store_seal(s, id) == STORE_OK);
