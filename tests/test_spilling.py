@@ -167,3 +167,36 @@ def test_spill_folder_goes_when_the_driver_is_killed(tmp_path):
     while spill_folders(base) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert spill_folders(base) == []
+
+
+def test_no_room_on_disk_is_an_error_naming_the_sizes(tmp_path):
+    """A spill file that cannot be written (here: a file size limit, as a full disk or a
+    quota would) makes the put fail with the sizes and the folder, and nothing breaks."""
+    base = tmp_path / "spill"
+    base.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import resource, numpy as np, hpcray
+        from hpcray import exceptions
+        hpcray.init(num_cpus=1, object_store_memory={STORE})
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({BLOCK} // 2, resource.RLIM_INFINITY))
+        refs = []
+        try:
+            for i in range({COUNT}):
+                refs.append(hpcray.put(np.full({BLOCK} // 8, i)))
+        except exceptions.ObjectStoreFullError as error:
+            print("ERROR", error)
+        assert len(refs) < {COUNT}
+        assert [int(hpcray.get(ref)[0]) for ref in refs] == list(range(len(refs)))
+        hpcray.shutdown()
+        print("OK")
+    """))
+    env = dict(os.environ, HPCRAY_SPILL_DIR=str(base),
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    error = [line for line in proc.stdout.splitlines() if line.startswith("ERROR")][0]
+    assert f"({STORE} bytes) is full" in error and str(base) in error, error
+    assert "File too large" in error and " bytes) cannot be spilled to make room for " in error
+    assert spill_folders(base) == []

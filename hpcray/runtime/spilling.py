@@ -37,6 +37,8 @@ log = logging.getLogger("hpcray.spill")
 
 _IO_CHUNK = 1 << 30  # one read or write call moves at most this much
 _BATCH_FRACTION = 32  # make_room spills at least this part of the store
+# A write that failed for want of room: a full disk, a quota, a file size limit.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def spill_directory(config, store_name: str) -> str:
@@ -103,6 +105,7 @@ class Spiller:
         capacity = self.store.capacity
         if size > capacity:
             return 0
+        wanted = size
         # A batch at a time: each call walks the store's table once to choose.
         size = max(size, capacity // _BATCH_FRACTION)
         freed = 0
@@ -110,13 +113,13 @@ class Spiller:
             entry = self.objects.get(object_id)
             if entry is None or entry.pin is None or entry.state != READY:
                 continue  # not this node's pin (a process's view of a freed object)
-            if self.spill(object_id, entry):
+            if self.spill(object_id, entry, wanted):
                 freed += max(object_size, 1)
                 if freed >= size:
                     break
         return freed
 
-    def spill(self, object_id: bytes, entry) -> bool:
+    def spill(self, object_id: bytes, entry, wanted: int = 0) -> bool:
         """Write one object's bytes to its file (unless there from an earlier spill) and
         free it from the store; False when another process mapped it meanwhile."""
         pin = entry.pin
@@ -124,7 +127,7 @@ class Spiller:
         stats = self.stats
         if object_id not in self.files:
             started = time.perf_counter()
-            self._write(object_id, pin)
+            self._write(object_id, pin, wanted)
             self.files[object_id] = size
             stats.spill_seconds += time.perf_counter() - started
             stats.written_bytes += size
@@ -136,35 +139,42 @@ class Spiller:
         stats.spilled_bytes += size
         return True
 
-    def _write(self, object_id: bytes, pin) -> None:
+    def _write(self, object_id: bytes, pin, wanted: int) -> None:
         if not self._made_directory:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._made_directory = True
         size = pin.size
         free_disk = _free_bytes(self.directory)
         if free_disk < size:
-            raise self._disk_full(object_id, size, free_disk)
+            raise self._disk_full(object_id, size, wanted, f"{free_disk} bytes free")
         path = self.path(object_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        failed = None
         try:
             with memoryview(pin) as view:
                 written = 0
                 while written < size:
                     written += os.write(fd, view[written:written + _IO_CHUNK])
         except OSError as exc:
-            os.close(fd)
-            os.unlink(path)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._disk_full(object_id, size, _free_bytes(self.directory)) from None
-            raise
+            failed = exc.errno
         os.close(fd)
+        if failed is None:
+            return
+        # Raised here, not in the handler: its context would keep the callers' frames.
+        os.unlink(path)
+        if failed in _NO_ROOM:
+            raise self._disk_full(object_id, size, wanted,
+                                  f"{_free_bytes(self.directory)} bytes free, "
+                                  f"and the write failed: {os.strerror(failed)}")
+        raise OSError(failed, f"writing spill file {path}: {os.strerror(failed)}")
 
-    def _disk_full(self, object_id: bytes, size: int, free_disk: int):
+    def _disk_full(self, object_id: bytes, size: int, wanted: int, room: str):
         return exceptions.ObjectStoreFullError(
             f"The object store of node {self.rank} ({self.store.capacity} bytes) is full and "
-            f"object {object_id.hex()} ({size} bytes) cannot be spilled to make room: "
-            f"{self.directory} has {free_disk} bytes free. Set HPCRAY_SPILL_DIR to a larger "
-            "local disk, or start with a larger object_store_memory.")
+            f"object {object_id.hex()} ({size} bytes) cannot be spilled to make room for "
+            f"{wanted} bytes: "
+            f"{self.directory} has {room}. Set HPCRAY_SPILL_DIR to a larger local disk, or "
+            "start with a larger object_store_memory.")
 
     # ------------------------------------------------------------------ reading back
     def restore(self, object_id: bytes) -> bool:
