@@ -74,11 +74,24 @@ where noted); each is read on every rank:
                                  rank) there at shutdown (default none; init(report=))
   HPCRAY_REPORT_INTERVAL         seconds between a node's CPU/GPU/store readings for
                                  the report (default 1)
+  HPCRAY_DRAIN_SIGNALS           signals that drain the job (sbatch --signal=B:USR1@N,
+                                 scancel -s USR1): no new task starts, running ones
+                                 finish, hpcray.util.on_drain callbacks run, then the
+                                 program ends with status 0; names, comma-separated
+                                 (default USR1; USR1,TERM drains at Slurm's time limit
+                                 too; none: no drain)
+  HPCRAY_DRAIN_GRACE             seconds a drain lets running tasks finish before they
+                                 are cancelled and the program ends (default 30)
   HPCRAY_TRACE                   1: print every message between nodes (default off)
   RAY_ENABLE_AUTO_CONNECT        0: put/get/.remote() before init() raise instead of
                                  starting a runtime (default 1, as Ray)
 Read from the launcher: SLURM_CPUS_PER_TASK (CPUs per node), CUDA_VISIBLE_DEVICES and
 Slurm's GPU variables (the GPUs a rank may use; ranks on one host split them).
+
+Signals: Ctrl-C (SIGINT) raises KeyboardInterrupt in the program, then the whole job
+ends with status 130; SIGTERM the same as SystemExit, status 143. Under a launcher a
+rank killed by a signal is named in one line (rank, host, pid, what its node ran) by
+its guardian, a parent process that outlives it ("hpcray-guard" in ps).
 """
 
 
@@ -161,6 +174,7 @@ def main(argv: list[str]) -> int:
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
         run = lambda: runpy.run_path(target, run_name="__main__")  # noqa: E731
+    from hpcray.config import drain_signals
     from hpcray.runtime import guardian, launch
     rank = guardian.launcher_rank()
     if rank is not None and launch.under_launcher():
@@ -177,7 +191,7 @@ def main(argv: list[str]) -> int:
             job, transport, run_thread=False))
         launch.leave_if_ranks_lost(code)
         return code
-    if transport is not None:
+    if transport is not None and signal.SIGTERM not in drain_signals():
         launch.end_on_sigterm()
     code = 0
     try:

@@ -134,6 +134,18 @@ cdef class LocalScheduler:
                     return True
         return False
 
+    def take_queued(self):
+        """Remove every queued task that needs a pool worker (actor placements stay) and
+        return their keys, in queue order per class: a draining node holds them."""
+        taken = []
+        for cls in self.class_order:
+            if cls[0]:
+                queue = self.queues[cls]
+                taken.extend(item[0] for item in queue)
+                self.num_queued -= len(queue)
+                queue.clear()
+        return taken
+
     def worker_starting(self):
         """The node manager started a pool worker on its own (e.g. prestart at init)."""
         self.num_starting += 1

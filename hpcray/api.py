@@ -12,10 +12,11 @@ import warnings
 
 from hpcray import context, exceptions, object_ref
 from hpcray.actor import ActorClass, ActorHandle
-from hpcray.config import Config
+from hpcray.config import Config, drain_signals
 from hpcray.object_ref import ObjectRef
 from hpcray.object_ref_generator import ObjectRefGenerator
 from hpcray.remote_function import RemoteFunction
+from hpcray.runtime import drain
 from hpcray.options import ACTOR_OPTIONS, TASK_OPTIONS, check
 
 _init_lock = threading.Lock()
@@ -104,6 +105,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                                       lambda: client.list_state("status"))
         if not _atexit_registered:
             atexit.register(_at_exit)
+            drain.install(drain_signals(), lambda: context.client)  # before SIGTERM's
             _install_sigterm_handler()
             _install_excepthook()
             _atexit_registered = True
@@ -192,6 +194,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         object_ref.reference_counter.enabled = False
         context.client = None
         context.driver_node = None
+        drain.job_ended()
         node.shutdown()
         if node.cluster.size > 1:
             from hpcray.runtime import launch

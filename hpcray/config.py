@@ -76,6 +76,9 @@ class Config:
     report: str = ""
     # Seconds between a node's readings of its CPU/GPU/store use, while a report is due.
     report_interval: float = 1.0
+    # After a drain signal (drain_signals), seconds the running tasks get to finish
+    # before the program ends anyway (runtime/drain.py).
+    drain_grace: float = 30.0
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -97,6 +100,7 @@ class Config:
         config.report = os.environ.get("HPCRAY_REPORT", config.report)
         config.report_interval = _env_float("HPCRAY_REPORT_INTERVAL", config.report_interval)
         config.spill_dir = os.environ.get("HPCRAY_SPILL_DIR") or config.spill_dir
+        config.drain_grace = _env_float("HPCRAY_DRAIN_GRACE", config.drain_grace)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "
@@ -106,3 +110,29 @@ class Config:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def drain_signals(environ=os.environ) -> list:
+    """The signals that drain a job (runtime/drain.py): HPCRAY_DRAIN_SIGNALS, names or
+    numbers separated by commas (default USR1, as `sbatch --signal=B:USR1@N` is used;
+    add TERM to drain at Slurm's time limit too; "none": no drain). Read on every rank
+    at start, before any job: ranks > 0 must not die of them."""
+    import signal
+    raw = environ.get("HPCRAY_DRAIN_SIGNALS")
+    raw = "USR1" if raw is None else raw
+    if raw.strip().lower() in ("", "none"):
+        return []
+    found = []
+    for item in raw.split(","):
+        name = item.strip().upper()
+        try:
+            signum = int(name) if name.isdigit() else \
+                signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+        except KeyError:
+            raise ValueError(f"HPCRAY_DRAIN_SIGNALS={raw!r}: {item.strip()!r} is not a "
+                             "signal (use names such as USR1,TERM)") from None
+        if signum in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT):
+            raise ValueError(f"HPCRAY_DRAIN_SIGNALS={raw!r}: {item.strip()} cannot drain "
+                             "(SIGINT is Ctrl-C's KeyboardInterrupt)")
+        found.append(signal.Signals(signum))
+    return found

@@ -19,6 +19,11 @@
 #SBATCH --time=01:00:00
 #SBATCH --job-name=hpcray
 #SBATCH --output=hpcray-%j.out
+# Ending before the time limit (a drain): 120 s before it Slurm sends SIGUSR1 to this script,
+# which passes it to the step (the trap below): no new task starts, running ones get
+# HPCRAY_DRAIN_GRACE seconds (30) to finish, callbacks registered with
+# hpcray.util.on_drain run (save a checkpoint), then the program ends with status 0.
+#SBATCH --signal=B:USR1@120
 
 set -euo pipefail
 
@@ -38,4 +43,13 @@ set -euo pipefail
 # wrong plugin every task comes up as an MPI world of size 1, and hpcray stops with an error.
 # --cpus-per-task again: since Slurm 22.05 srun does not inherit it from sbatch, and each task
 # would be given (and, with task/affinity, bound to) one CPU.
-srun --mpi=pmi2 --cpus-per-task="$SLURM_CPUS_PER_TASK" python -m hpcray app.py
+# In the background, so this script can pass the drain signal on (bash runs a trap only
+# between commands, and `wait` returns when one comes).
+srun --mpi=pmi2 --cpus-per-task="$SLURM_CPUS_PER_TASK" python -m hpcray app.py &
+srun_pid=$!
+trap 'kill -USR1 "$srun_pid"' USR1
+status=0
+while kill -0 "$srun_pid" 2>/dev/null; do
+    wait "$srun_pid" && status=0 || status=$?
+done
+exit "$status"

@@ -15,8 +15,8 @@ import time
 from hpcray import exceptions, ids
 from hpcray._store import ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
-from hpcray.runtime.messages import (CancelTask, ExitWorker, Notice, Reply, Request, RunTask,
-                                     WorkDone, wire)
+from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
+                                     RunTask, WorkDone, wire)
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
                                   serialize)
 
@@ -341,6 +341,12 @@ class DriverClient(CoreClient):
 
     def list_state(self, table: str, timeout: float | None = None) -> list:
         return self._answer_of(self.nm.list_state, table, timeout=timeout)
+
+    def drain(self) -> None:
+        """Start no new task on any node (runtime/drain.py)."""
+        with self.nm.lock:
+            self.nm.router.on_drain(self.nm.rank)
+            self.nm.network.peers.broadcast(wire(Drain))
 
     def make_room(self, size: int) -> int:
         nm = self._locked()

@@ -434,15 +434,17 @@ def _defer_signals_to_rank0() -> None:
     """Ranks > 0: the launcher delivers Ctrl-C and SIGTERM to every rank (Hydra signals
     each rank's process group, Slurm every process of the step), but only rank 0 runs the
     program: it decides (a KeyboardInterrupt the program may catch, SystemExit on
-    SIGTERM) and then stops the job, whose nodes must still answer. So SIGINT does
-    nothing here, and SIGTERM only arms a fallback: when rank 0 does not end the job
-    within _SIGTERM_GRACE seconds (it is gone), this rank leaves (its fork server then
-    ends its workers and removes its store)."""
+    SIGTERM, a drain) and then stops the job, whose nodes must still answer. So SIGINT
+    and the drain signals do nothing here, and SIGTERM (unless it drains) only arms a
+    fallback: when rank 0 does not end the job within _SIGTERM_GRACE seconds (it is
+    gone), this rank leaves (its fork server then ends its workers and its store)."""
+    from hpcray.config import drain_signals
     if threading.current_thread() is not threading.main_thread():
         return
 
-    def on_sigint(_signum, _frame):
-        log.debug("rank %d: SIGINT is rank 0's to act on", _world.rank if _world else -1)
+    def on_sigint(signum, _frame):
+        log.debug("rank %d: %s is rank 0's to act on", _world.rank if _world else -1,
+                  signal.Signals(signum).name)
 
     def on_sigterm(signum, _frame):
         timer = threading.Timer(_SIGTERM_GRACE, _leave_without_rank0, (128 + signum,))
@@ -452,6 +454,8 @@ def _defer_signals_to_rank0() -> None:
 
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigterm)
+    for signum in drain_signals():  # rank 0 drains the job (drain.py)
+        signal.signal(signum, on_sigint)
 
 
 def _leave_without_rank0(code: int) -> None:

@@ -259,6 +259,12 @@ class Go(NamedTuple):
 
 
 @_on("control")
+class Drain(NamedTuple):
+    """rank 0 -> every rank: the job drains (a drain signal, runtime/drain.py): start no
+    task that is not running yet; they wait until the job ends."""
+
+
+@_on("control")
 class Stop(NamedTuple):
     """rank 0 -> every rank (while its node serves): the driver shut down."""
 

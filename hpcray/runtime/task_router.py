@@ -33,7 +33,7 @@ class TaskRouter:
                messages.TaskDone: "on_done", messages.FunctionRequest: "on_function_request",
                messages.Function: "on_function", messages.ActorAt: "on_actor_at",
                messages.EndActor: "on_end_actor", messages.ActorCall: "on_actor_call",
-               messages.KillActor: "on_kill_actor"}
+               messages.KillActor: "on_kill_actor", messages.Drain: "on_drain"}
 
     def __init__(self, rank: int, link, node, network, objects, borrowing, mover, actors,
                  scheduler, task_events, peers) -> None:
@@ -52,6 +52,7 @@ class TaskRouter:
         self.functions = node.functions
         self.gcs = network.gcs
         self.generators = None  # bind()
+        self.held = None  # draining: the tasks that would start now wait here, in order
 
     def bind(self, generators) -> None:
         self.generators = generators
@@ -191,7 +192,17 @@ class TaskRouter:
 
     def enqueue(self, record: TaskRecord) -> None:
         record.state = QUEUED
+        if self.held is not None:
+            self.held.append(record)
+            return
         self.node._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
+
+    def on_drain(self, _source: int) -> None:
+        """The job drains: no task starts here any more (running ones and their retries
+        go on, as do actor calls: a program saving its state may need its actors)."""
+        if self.held is None:  # and those already waiting for a worker
+            self.held = [self.tasks[key] for key in self.scheduler.take_queued()
+                         if key in self.tasks]
 
     # ------------------------------------------------------------------ results
     def send_results_to_owner(self, record: TaskRecord, results, transitions,

@@ -4,7 +4,8 @@
 `actor_pool`) load on first use, so `hpcray.util.queue.Queue` works after a plain
 `import hpcray` (as `ray.util.queue` does after `import ray`) and `import hpcray` pays
 for none of them until then. `progress(refs)` and `as_completed(refs)` (progress_bar.py:
-how far a batch has come) load on first use too.
+how far a batch has come) and `on_drain(callback)`, `draining()`, `DrainExit` (a job
+drained by a signal before its allocation ends: runtime/drain.py) load on first use too.
 """
 
 import importlib
@@ -13,6 +14,7 @@ from hpcray.util.actor_pool import ActorPool
 
 _SUBMODULES = ("actor_pool", "queue", "scheduling_strategies", "state")
 _FROM_PROGRESS_BAR = ("progress", "as_completed")
+_FROM_DRAIN = ("on_drain", "draining", "DrainExit")  # runtime/drain.py
 
 
 def __getattr__(name: str):
@@ -21,11 +23,14 @@ def __getattr__(name: str):
         return importlib.import_module(f"{__name__}.{name}")
     if name in _FROM_PROGRESS_BAR:
         return getattr(importlib.import_module(f"{__name__}.progress_bar"), name)
+    if name in _FROM_DRAIN:
+        return getattr(importlib.import_module("hpcray.runtime.drain"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_SUBMODULES) | set(_FROM_PROGRESS_BAR))
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_FROM_PROGRESS_BAR) |
+                  set(_FROM_DRAIN))
 
 
-__all__ = ["ActorPool", "as_completed", "progress"]
+__all__ = ["ActorPool", "DrainExit", "as_completed", "draining", "on_drain", "progress"]

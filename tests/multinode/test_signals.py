@@ -233,3 +233,98 @@ def test_a_clean_job_still_ends_with_status_0(tmp_path):
     assert status == 0, output
     assert "BAD TERMINATION" not in output and "hpcray: lost" not in output, output
     assert not alive and not left, (alive, left)
+
+
+DRAIN_JOB = textwrap.dedent("""
+    import os, sys, time
+    import hpcray as ray
+
+    scratch = sys.argv[1]
+    ray.init(num_cpus=1)
+
+    @ray.remote(num_cpus=1)
+    def step(i, scratch=scratch):
+        open(os.path.join(scratch, f"started-{i}"), "w").close()
+        while not os.path.exists(os.path.join(scratch, "..", "release")):
+            time.sleep(0.01)
+        return i
+
+    def save_state(signum):
+        print("callback: draining", ray.util.draining(), "signal", signum, flush=True)
+        open(os.path.join(scratch, "..", "drain-callback"), "w").close()
+
+    ray.util.on_drain(save_state)
+    refs = [step.options(scheduling_strategy="SPREAD").remote(i) for i in range(9)]
+    while len(os.listdir(scratch)) < 3:
+        time.sleep(0.01)
+    print("RUNNING", flush=True)
+    try:
+        print("results", ray.get(refs), flush=True)
+    except ray.util.DrainExit:
+        print("the program got DrainExit", flush=True)
+        raise
+    finally:
+        print("the program's finally ran", flush=True)
+""")
+
+
+def _wait_for(path, proc, seconds=60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, "the job ended first"
+        assert time.monotonic() < deadline, f"no {path.name} after {seconds} s"
+        time.sleep(0.02)
+
+
+def test_usr1_drains_the_job_running_tasks_finish_queued_ones_never_start(tmp_path):
+    # sbatch --signal=B:USR1@N, passed on by the batch script to the step, as mpiexec
+    # passes a SIGUSR1 to every rank. 9 tasks on 3 one-CPU nodes: 3 run, 6 wait.
+    job = Job(tmp_path, DRAIN_JOB)
+    os.killpg(job.proc.pid, signal.SIGUSR1)
+    _wait_for(tmp_path / "drain-callback", job.proc)
+    # Every node holds its waiting tasks before the callback runs; now the 3 may end.
+    (tmp_path / "release").touch()
+    status, output, seconds = job.finish()
+    alive, left = job.leftovers()
+    print(f"drain: the program ended {seconds:.2f} s after the running tasks were released")
+    assert status == 0, output
+    assert "callback: draining True signal 10" in output, output
+    assert "hpcray: SIGUSR1: the job drains" in output and "hpcray: drained in" in output, \
+        output
+    assert "the program got DrainExit" in output and "the program's finally ran" in output
+    assert "results" not in output, output
+    started = sorted(name for name in os.listdir(tmp_path / "scratch"))
+    assert len(started) == 3, f"tasks started during the drain: {started}"
+    assert not alive, f"processes left: {alive}"
+    assert not left, f"/dev/shm names left: {left}"
+
+
+def test_a_drain_ends_running_tasks_after_its_grace(tmp_path):
+    job = Job(tmp_path, DRAIN_JOB, env={"HPCRAY_DRAIN_GRACE": "1"})
+    sent = time.monotonic()
+    os.killpg(job.proc.pid, signal.SIGUSR1)
+    status, output, _ = job.finish()
+    alive, left = job.leftovers()
+    took = time.monotonic() - sent
+    print(f"drain with a 1 s grace: every process gone {took:.2f} s after SIGUSR1")
+    assert status == 0, output
+    assert "the drain's grace of 1 s is over with 3 tasks running" in output, output
+    assert "the program got DrainExit" in output and "the program's finally ran" in output
+    assert len(os.listdir(tmp_path / "scratch")) == 3
+    assert not alive, f"processes left: {alive}"
+    assert not left, f"/dev/shm names left: {left}"
+
+
+def test_sigterm_drains_when_asked(tmp_path):
+    # HPCRAY_DRAIN_SIGNALS=USR1,TERM: Slurm's SIGTERM at the time limit drains too
+    # (within KillWait); every rank must outlive its SIGTERM for that.
+    job = Job(tmp_path, DRAIN_JOB, env={"HPCRAY_DRAIN_SIGNALS": "USR1,TERM"})
+    os.killpg(job.proc.pid, signal.SIGTERM)
+    _wait_for(tmp_path / "drain-callback", job.proc)
+    (tmp_path / "release").touch()
+    status, output, _ = job.finish()
+    alive, left = job.leftovers()
+    assert status == 0, output
+    assert "hpcray: SIGTERM: the job drains" in output and "callback: draining True" in output
+    assert len(os.listdir(tmp_path / "scratch")) == 3
+    assert not alive and not left, (alive, left)
