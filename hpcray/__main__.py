@@ -74,6 +74,10 @@ where noted); each is read on every rank:
                                  rank) there at shutdown (default none; init(report=))
   HPCRAY_REPORT_INTERVAL         seconds between a node's CPU/GPU/store readings for
                                  the report (default 1)
+  HPCRAY_SPILL_DIR               where a full store spills referenced objects: each
+                                 node makes its own folder there and removes it at
+                                 exit (default $SLURM_TMPDIR, $TMPDIR or /tmp;
+                                 init(object_spilling_directory=) wins)
   HPCRAY_DRAIN_SIGNALS           signals that drain the job (sbatch --signal=B:USR1@N,
                                  scancel -s USR1): no new task starts, running ones
                                  finish, hpcray.util.on_drain callbacks run, then the

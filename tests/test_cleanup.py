@@ -337,8 +337,8 @@ def test_python_m_hpcray_on_one_node_ends_on_a_signal_with_128_plus_it(tmp_path,
         refs = [long_task.remote(i) for i in range(2)]
         while len(os.listdir({str(scratch)!r})) < 2:
             time.sleep(0.01)
-        print("RUNNING", flush=True)
-        try:
+        try:  # the test signals once it reads RUNNING: inside the try
+            print("RUNNING", flush=True)
             hpcray.get(refs)
         except (KeyboardInterrupt, SystemExit) as exc:
             print("caught", type(exc).__name__, flush=True)

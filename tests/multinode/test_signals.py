@@ -23,7 +23,7 @@ from tests.multinode.test_multinode import MPIEXEC
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(180)]
 
 BUSY_JOB = textwrap.dedent("""
-    import json, os, sys, time
+    import os, sys, time
     import hpcray as ray
     from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -48,8 +48,8 @@ BUSY_JOB = textwrap.dedent("""
         node_ids[rank], soft=False)).remote(rank) for rank in range(3)]
     while len(os.listdir(scratch)) < 3:
         time.sleep(0.01)
-    print("RUNNING", json.dumps({"driver": os.getpid()}), flush=True)
-    try:
+    try:  # the test signals once it reads RUNNING: inside the try
+        print("RUNNING", flush=True)
         ray.get(refs)
     except KeyboardInterrupt:
         print("the program caught KeyboardInterrupt", flush=True)
@@ -257,8 +257,8 @@ DRAIN_JOB = textwrap.dedent("""
     refs = [step.options(scheduling_strategy="SPREAD").remote(i) for i in range(9)]
     while len(os.listdir(scratch)) < 3:
         time.sleep(0.01)
-    print("RUNNING", flush=True)
     try:
+        print("RUNNING", flush=True)
         print("results", ray.get(refs), flush=True)
     except ray.util.DrainExit:
         print("the program got DrainExit", flush=True)
