@@ -7,7 +7,7 @@ import inspect
 from hpcray import context, ids, options as opts
 from hpcray.object_ref import _note_pickled
 from hpcray.remote_function import (_pickle_callable, default_returns, encode_call_args,
-                                    generator_refs)
+                                    generator_refs, refs_for)
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
 from hpcray import object_ref as _object_ref
 
@@ -211,11 +211,16 @@ class ActorMethod:
         generator = None
         if num_returns in opts.GENERATOR_RETURNS:
             generator, num_returns = num_returns, 1  # its one return: the completion
-        return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
+        if num_returns == 1:
+            return_ids = [ids.object_id_for(task_id, 1)]
+        else:
+            return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
                         return_ids, {}, 0, retry_exceptions, self._actor_id, self._name,
                         {"generator": generator} if generator else None)
         client.submit(spec)
+        if generator is None:
+            return refs_for(return_ids)
         return generator_refs(generator, return_ids)
 
 

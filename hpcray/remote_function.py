@@ -31,6 +31,7 @@ class RemoteFunction:
         self._function_id = function_id or ids.new_task_id()
         self._pickled = None
         self._default_returns = default_returns(function)
+        self._template = None  # _CallTemplate of the decorator's options
         functools.update_wrapper(self, function, updated=())
 
     def __call__(self, *args, **kwargs):
@@ -60,33 +61,62 @@ class RemoteFunction:
             if self._pickled is None:
                 self._pickled = _pickle_callable(self._function, "function", self._name)
             client.export_function(function_id, self._pickled)
-        demand = opts.demand_of(options, 1)
+        if options is self._options:  # the decorator's options: read them once per runtime
+            template = self._template
+            if template is None or template.client is not client:
+                template = self._template = _CallTemplate(self, options, client)
+        else:
+            template = _CallTemplate(self, options, client)
         task_id = ids.new_task_id()
         args_payload, deps, contained = encode_call_args(client, task_id, args, kwargs, self._name)
-        num_returns = options.get("num_returns", self._default_returns)
-        generator = None
+        num_returns = template.num_returns
+        if num_returns == 1:
+            return_ids = [ids.object_id_for(task_id, 1)]
+        else:
+            return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
+        extra = template.extra
+        spec = TaskSpec(task_id, NORMAL_TASK, function_id, template.name, args_payload, deps,
+                        contained, return_ids, template.demand, template.max_retries,
+                        template.retry_exceptions, None, None,
+                        None if extra is None else dict(extra))  # a spec's options change
+        client.submit(spec)
+        if template.generator == "streaming":
+            return ObjectRefGenerator(ObjectRef(return_ids[0], True))
+        return refs_for(return_ids)
+
+
+class _CallTemplate:
+    """What every call of a function with the same options shares, read from the options
+    once: a TaskSpec's fields but the task's own (ids, arguments)."""
+
+    __slots__ = ("client", "name", "demand", "num_returns", "generator", "max_retries",
+                 "retry_exceptions", "extra")
+
+    def __init__(self, function: RemoteFunction, options: dict, client):
+        self.client = client
+        self.name = options.get("name") or function._name
+        self.demand = opts.demand_of(options, 1)
+        num_returns = options.get("num_returns", function._default_returns)
+        self.generator = None
         if num_returns in opts.GENERATOR_RETURNS:
-            generator, num_returns = num_returns, 1  # its one return: the completion
-        return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
+            self.generator, num_returns = num_returns, 1  # its one return: the completion
+        self.num_returns = num_returns
         max_retries = options.get("max_retries")
-        if max_retries is None:
-            max_retries = client.config.default_max_retries
+        self.max_retries = client.config.default_max_retries if max_retries is None \
+            else max_retries
+        self.retry_exceptions = opts.retry_exceptions_of(options)
         extra = {}
-        if generator is not None:
-            extra["generator"] = generator
+        if self.generator is not None:
+            extra["generator"] = self.generator
         strategy = opts.strategy_of(options)
         if strategy:
             extra["scheduling_strategy"] = strategy
         max_calls = options.get("max_calls")
         if max_calls is None:  # Ray's default: a GPU task's worker leaves after it
-            max_calls = 1 if "GPU" in demand else 0
+            max_calls = 1 if "GPU" in self.demand else 0
         if max_calls:
             extra["max_calls"] = max_calls
-        spec = TaskSpec(task_id, NORMAL_TASK, function_id, options.get("name") or self._name,
-                        args_payload, deps, contained, return_ids, demand, max_retries,
-                        opts.retry_exceptions_of(options), None, None, extra or None)
-        client.submit(spec)
-        return generator_refs(generator, return_ids)
+        self.extra = extra or None
 
 
 def default_returns(function):

@@ -108,6 +108,7 @@ from hpcray.gcs.tables import (
     NodeInfo,
     ObjectInfo,
     TaskInfo,
+    record_row,
 )
 from hpcray.ids import owner_rank
 
@@ -171,7 +172,7 @@ class GcsShard:
         self.deleted_objects: OrderedDict[bytes, None] = OrderedDict()
         # Tasks whose lineage ended (the owner freed every return), newest last: what
         # list_tasks shows of them, without their specs.
-        self.task_history: OrderedDict[bytes, tuple] = OrderedDict()  # id -> its row
+        self.task_history: OrderedDict[bytes, tuple] = OrderedDict()  # id -> ended_record()
         self.deleted_tasks: OrderedDict[bytes, None] = OrderedDict()  # as deleted_objects
         self.log: deque[tuple[float, int, str, Any]] = deque(maxlen=LOG_LENGTH)
         self._ops: dict[str, Callable[..., Any]] = {
@@ -291,11 +292,11 @@ class GcsShard:
             task = tasks.get(task_id)
             if task is None:
                 if state == TASK_DELETED or task_id in deleted:
-                    row = history.get(task_id)
-                    if row is not None and state != TASK_DELETED:  # a late event fills in
-                        task = TaskInfo.from_row(row)
+                    record = history.get(task_id)
+                    if record is not None and state != TASK_DELETED:  # a late event fills in
+                        task = TaskInfo(*record)
                         _apply_task_event(task, state, None, node, name, at, detail)
-                        history[task_id] = task.row(task_id, row[3])
+                        history[task_id] = task.ended_record()
                     continue
                 # A state may come before the spec: they come from different nodes.
                 task = tasks[task_id] = TaskInfo(None)
@@ -308,11 +309,17 @@ class GcsShard:
                 # keeps finished tasks up to a limit: a row of plain values (no spec,
                 # nothing the cyclic GC walks: 10,000 objects kept alive and promoted
                 # cost the driver's process full collections).
-                history[task_id] = task.row(task_id, owner_rank(task_id))
+                history[task_id] = task.ended_record()
                 if len(history) > TASK_HISTORY:
                     history.popitem(last=False)
                 continue
-            _apply_task_event(task, state, spec, node, name, at, detail)
+            if state == TASK_PENDING and spec is not None and task.spec is None:
+                task.take_spec(spec)  # (the common first event, without a call more)
+                task.created = at
+                if detail is not None:
+                    task.parent = detail
+            else:
+                _apply_task_event(task, state, spec, node, name, at, detail)
 
     def _op_list_tasks(self, out: Outgoing, source: int, _key: None) -> list[tuple]:
         return self.list_tasks()
@@ -321,7 +328,8 @@ class GcsShard:
         """Every task this shard knows, its lineage live or ended (the last TASK_HISTORY),
         as tables.TASK_ROW_FIELDS tuples."""
         rows = [task.row(task_id, owner_rank(task_id)) for task_id, task in self.tasks.items()]
-        rows += self.task_history.values()
+        rows += [record_row(task_id, owner_rank(task_id), record)
+                 for task_id, record in self.task_history.items()]
         return rows
 
     # -- actors ----------------------------------------------------------------------

@@ -82,26 +82,34 @@ class TaskInfo:
     def take_spec(self, spec) -> None:
         """Copy what list_tasks shows out of `spec`, so the entry can outlive it."""
         self.spec = spec
-        self.name = getattr(spec, "name", None) or self.name
-        self.kind = getattr(spec, "kind", 0) or 0
-        self.actor_id = getattr(spec, "actor_id", None)
-        self.demand = getattr(spec, "demand", None)
+        try:
+            name, kind, actor_id, demand = spec.name, spec.kind, spec.actor_id, spec.demand
+        except AttributeError:  # pickled: nothing to read without unpickling it
+            return
+        self.name = name or self.name
+        self.kind = kind or 0
+        self.actor_id = actor_id
+        self.demand = demand
 
-    @classmethod
-    def from_row(cls, row: tuple) -> TaskInfo:
-        """The entry a row (`row`) was made from, without its spec."""
-        (_task_id, name, state, _owner, node, kind, actor_id, parent, demand, created,
-         started, ended, pid, error_type) = row
-        return cls(None, state, node, name, TASK_TYPES.index(kind), actor_id, parent,
-                   demand, _seconds(created), _seconds(started), _seconds(ended), pid,
-                   error_type)
+    def ended_record(self) -> tuple:
+        """What a shard keeps of a task whose lineage ended: every field but the spec, as
+        they are (made for each task, so cheap; rows are made when they are asked for)."""
+        return (None, self.state, self.node, self.name, self.kind, self.actor_id, self.parent,
+                self.demand, self.created, self.started, self.ended, self.worker_pid,
+                self.error_type)
 
     def row(self, task_id: bytes, owner: int) -> tuple:
         """The TASK_ROW_FIELDS of this task."""
-        kind = self.kind if 0 <= self.kind < len(TASK_TYPES) else 0
-        return (task_id, self.name, self.state, owner, self.node, TASK_TYPES[kind],
-                self.actor_id, self.parent, self.demand, _ms(self.created), _ms(self.started),
-                _ms(self.ended), self.worker_pid, self.error_type)
+        return record_row(task_id, owner, self.ended_record())
+
+
+def record_row(task_id: bytes, owner: int, record: tuple) -> tuple:
+    """The TASK_ROW_FIELDS of a task from its TaskInfo.ended_record()."""
+    (_spec, state, node, name, kind, actor_id, parent, demand, created, started, ended, pid,
+     error_type) = record
+    kind = kind if 0 <= kind < len(TASK_TYPES) else 0
+    return (task_id, name, state, owner, node, TASK_TYPES[kind], actor_id, parent, demand,
+            _ms(created), _ms(started), _ms(ended), pid, error_type)
 
 
 @dataclass(slots=True)
@@ -124,10 +132,6 @@ class ActorInfo:
 
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else round(seconds * 1000)
-
-
-def _seconds(ms: int | None) -> float | None:
-    return None if ms is None else ms / 1000
 
 
 # update_actor may change these; name and class_name are fixed at registration.

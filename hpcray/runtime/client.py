@@ -463,13 +463,14 @@ class WorkerChannel:
         self.interrupted = None             # the task its KeyboardInterrupt was raised for
         self.main_io = False                # the main thread is sending or receiving
         self.on_cancel = None               # async actors: called with a cancelled call's id
+        self._main_ident = threading.main_thread().ident
 
     def send(self, message) -> None:
         self.conn.send(message)
 
     def send_oneway(self, op: str, args: tuple) -> None:
         self._raise_failed_notice()
-        main = threading.get_ident() == threading.main_thread().ident
+        main = threading.get_ident() == self._main_ident
         with self._send_lock:  # keeps the drained transitions in message order
             if main:
                 self.main_io = True
@@ -483,7 +484,7 @@ class WorkerChannel:
 
     def send_done(self, record, *fields) -> None:
         """A WorkDone or ActorReady, with the ref transitions so far."""
-        main = threading.get_ident() == threading.main_thread().ident
+        main = threading.get_ident() == self._main_ident
         with self._send_lock:
             if main:
                 self.main_io = True
@@ -494,7 +495,8 @@ class WorkerChannel:
                     self.main_io = False
         if record is WorkDone:
             self.known_tasks.discard(fields[0])
-            self.cancelled_tasks.discard(fields[0])
+            if self.cancelled_tasks:
+                self.cancelled_tasks.discard(fields[0])
 
     def next_work(self):
         while True:
@@ -533,7 +535,7 @@ class WorkerChannel:
         aside. Nothing to do while another thread reads (it notes them itself)."""
         if self.inbox is not None or not self._request_lock.acquire(blocking=False):
             return
-        main = threading.get_ident() == threading.main_thread().ident
+        main = threading.get_ident() == self._main_ident
         main_io = self.main_io  # a signal now must not interrupt a half-read message
         if main:
             self.main_io = True
@@ -561,7 +563,7 @@ class WorkerChannel:
     def request(self, op: str, args: tuple):
         self._raise_failed_notice()
         request_id = next(self._request_ids)
-        main = threading.get_ident() == threading.main_thread().ident
+        main = threading.get_ident() == self._main_ident
         if self.inbox is not None:
             slot = [threading.Lock(), None]
             slot[0].acquire()

@@ -80,6 +80,7 @@ class Network:
         self.wake = wake                      # makes the event loop go round now
         self.transport = link.transport
         self.gcs_shard = None
+        self._feasible: set = set()           # demands some node has (cluster_feasible)
         self.global_scheduler = None
         self.handlers: dict = {}              # control message type -> handler: bind()
         self.router = None
@@ -235,7 +236,15 @@ class Network:
         return None if self.cluster_feasible(demand) else "infeasible"
 
     def cluster_feasible(self, demand: dict) -> bool:
-        return any(_within(demand, node["resources"]) for node in self.link.nodes.values())
+        # Asked on every submit: a demand found feasible is remembered (a job's nodes
+        # are fixed at launch).
+        key = tuple(demand.items())
+        if key in self._feasible:
+            return True
+        if any(_within(demand, node["resources"]) for node in self.link.nodes.values()):
+            self._feasible.add(key)
+            return True
+        return False
 
     def cluster_resources(self) -> dict:
         total: dict = {}

@@ -266,6 +266,11 @@ class ObjectTable:
         that it registered. A waiter can run while being registered (a pull served by a
         copy already in this store), so the count starts at one and that guard goes
         last: the record cannot reach zero before every waiter is in."""
+        if not object_ids:  # no arguments to wait for (most tasks): no waiter to make
+            record.pending_deps = 0
+            if not record.cancelled:
+                then(record)
+            return
         waiter = _DependencyWaiter(record, then)
         record.pending_deps = 1
         for object_id in object_ids:
@@ -361,10 +366,14 @@ class ObjectTable:
         for good (get raises)."""
         objects = self.entries
         rank = self.rank
-        done = (READY,) if local else (READY, REMOTE)
+        owner_rank = ids.owner_rank
+        if local:  # (the usual case first: wait() over 1,000 refs asks this per call)
+            return [oid for oid in object_ids
+                    if (e := objects.get(oid)) is not None and e.state == READY
+                    or e is None and owner_rank(oid) == rank]
         return [oid for oid in object_ids
-                if (e := objects.get(oid)) is None and ids.owner_rank(oid) == rank
-                or e is not None and e.state in done]
+                if (e := objects.get(oid)) is not None and (e.state == READY or e.state == REMOTE)
+                or e is None and owner_rank(oid) == rank]
 
     def payloads(self, object_ids) -> list:
         return [self.payload(oid) for oid in object_ids]

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from types import CoroutineType, GeneratorType
 
 import cloudpickle
 
@@ -231,7 +232,7 @@ class Worker:
                 if self._cancelled_before_start(spec.task_id):
                     raise _Cancelled()
             outcome = function(*args, **kwargs)
-            if inspect.iscoroutine(outcome):
+            if type(outcome) is CoroutineType:
                 outcome = asyncio.run(outcome)
             del args, kwargs
             if spec.options and spec.options.get("generator"):  # its code runs as it streams
@@ -241,7 +242,7 @@ class Worker:
                     results = self._stream(spec, outcome)
                 self.channel.interruptible = None  # ...to here
                 return results, False
-            if not inspect.isgenerator(outcome):  # (num_returns=N: its code runs here)
+            if type(outcome) is not GeneratorType:  # (num_returns=N: its code runs here)
                 self.channel.interruptible = None  # ...to here
             results = self._store_returns(spec, outcome, function)
             self.channel.interruptible = None
@@ -332,7 +333,7 @@ class Worker:
 
     def _store_returns(self, spec, outcome, function=None) -> list:
         return_ids = spec.return_ids
-        if inspect.isgenerator(outcome):
+        if type(outcome) is GeneratorType:
             if function is not None and not inspect.isgeneratorfunction(function):
                 raise TypeError(f"{spec.name} returned a generator object, which cannot be "
                                 "stored: write it as a generator function (yield in its "
