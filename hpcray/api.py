@@ -74,8 +74,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             config.report = report
         if config.report:  # where the driver started: it may chdir before shutdown
             config.report = os.path.abspath(config.report)
-        if ray_only_options.get("object_spilling_directory"):
-            config.spill_dir = str(ray_only_options["object_spilling_directory"])
+        config.spill_dir = spill_directory_option(ray_only_options) or config.spill_dir
         gcs_shards = ray_only_options.pop("gcs_shards", None) or \
             int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
         job_id = os.urandom(4).hex()
@@ -119,6 +118,24 @@ def _log_folder(job_id: str, chosen: str) -> str:
     if announce:
         print(f"hpcray: job {announce}: logs in {folder}", file=sys.stderr, flush=True)
     return folder
+
+
+def spill_directory_option(options: dict) -> str:
+    """Where init() asks to spill, as Ray takes it: object_spilling_directory=..., or the
+    older _system_config={"object_spilling_config": json.dumps({"type": "filesystem",
+    "params": {"directory_path": ...}})} (a list of folders: the first); "" if neither."""
+    if options.get("object_spilling_directory"):
+        return str(options["object_spilling_directory"])
+    spilling = (options.get("_system_config") or {}).get("object_spilling_config")
+    if not spilling:
+        return ""
+    import json
+    spilling = json.loads(spilling) if isinstance(spilling, str) else spilling
+    if spilling.get("type", "filesystem") != "filesystem":
+        raise ValueError(f"object_spilling_config type {spilling.get('type')!r}: hpcray "
+                         "spills to a local folder only ('filesystem').")
+    path = (spilling.get("params") or {}).get("directory_path") or ""
+    return str(path[0] if isinstance(path, (list, tuple)) else path)
 
 
 def job_env_vars(runtime_env) -> dict:

@@ -3,6 +3,7 @@ come back (runtime/spilling.py), with what Ray promises: contents intact, zero-c
 views never spilled, files removed when freed and at exit, a clear error only for an
 object larger than the store."""
 
+import json
 import os
 import signal
 import subprocess
@@ -200,3 +201,16 @@ def test_no_room_on_disk_is_an_error_naming_the_sizes(tmp_path):
     assert f"({STORE} bytes) is full" in error and str(base) in error, error
     assert "File too large" in error and " bytes) cannot be spilled to make room for " in error
     assert spill_folders(base) == []
+
+
+def test_rays_older_spilling_config_is_taken(tmp_path):
+    config = {"object_spilling_config": json.dumps(
+        {"type": "filesystem", "params": {"directory_path": str(tmp_path)}})}
+    hpcray.init(num_cpus=1, object_store_memory=STORE, _system_config=config)
+    try:
+        refs = [hpcray.put(block(i)) for i in range(STORE // BLOCK + 2)]
+        assert spill_files(tmp_path)
+        assert int(hpcray.get(refs[0])[0]) == 0
+    finally:
+        hpcray.shutdown()
+    assert spill_folders(tmp_path) == []
