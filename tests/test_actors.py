@@ -627,3 +627,57 @@ def test_sys_exit_in_an_actor_method_ends_the_actor_quietly(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "ACTOR-ERROR" in out, out
     assert "Traceback" not in out and "SystemExit" not in out, out
+
+
+@hpcray.remote(max_restarts=-1)
+class _Child:
+    def ping(self):
+        return "hello"
+
+
+@hpcray.remote
+class _Owner:
+    def make(self):
+        self.child = _Child.remote()
+        self.detached = _Child.options(name="survivor", lifetime="detached").remote()
+        return self.child, self.detached, os.getpid()
+
+
+@hpcray.remote
+def _make_child():
+    child = _Child.remote()
+    hpcray.get(child.ping.remote())
+    return child
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["sigkill", "kill"])
+def test_actors_die_with_the_process_that_created_them(ray_start, how):
+    """As Ray (doc_code/actor_creator_failure.py): an actor's owner is the process that
+    created it; when that process dies (killed, or its actor killed with kill()), the
+    actors it created die too, even with max_restarts=-1 and while others hold their
+    handles; a detached actor lives on."""
+    owner = _Owner.remote()
+    child, detached, pid = hpcray.get(owner.make.remote())
+    assert hpcray.get(child.ping.remote()) == "hello"
+    if how == "sigkill":
+        os.kill(pid, 9)
+    else:
+        hpcray.kill(owner)
+    # Calls made before the node has seen the death may still run (as in Ray, the
+    # death is noticed asynchronously); once it has, every call fails.
+    with pytest.raises(RayActorError, match="owner has died"):
+        while True:
+            hpcray.get(child.ping.remote(), timeout=30)
+            time.sleep(0.02)
+    with pytest.raises(RayActorError, match="owner has died"):
+        hpcray.get(child.ping.remote(), timeout=30)
+    assert hpcray.get(detached.ping.remote(), timeout=30) == "hello"
+    hpcray.kill(detached)
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_made_by_a_task_outlives_the_task(ray_start):
+    """The task's process lives on after the task (a pool worker), so the actor does."""
+    child = hpcray.get(_make_child.remote())
+    assert hpcray.get([child.ping.remote() for _ in range(3)]) == ["hello"] * 3

@@ -57,7 +57,8 @@ class ActorRecord(ActorHandles):
     """An actor this node hosts (or created and has not placed yet)."""
 
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
-                 "restarts", "name", "info", "death", "killed", "gpu_ids", "placed")
+                 "restarts", "name", "info", "death", "killed", "kill_cause", "gpu_ids",
+                 "placed")
 
     def __init__(self, spec: TaskSpec, info: dict):
         super().__init__(spec.actor_id)
@@ -74,6 +75,7 @@ class ActorRecord(ActorHandles):
         self.info = info        # what an ActorHandle needs: class name, methods
         self.death = None       # the exception calls get once the actor is dead
         self.killed = False
+        self.kill_cause = None  # what its death says when it was not kill() (owner_died)
         self.gpu_ids = ()
         self.placed = False
 
@@ -369,7 +371,7 @@ class Actors:
             self.record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
             actor.worker = self.node._start_worker(actor.actor_id)
             return
-        cause = "was killed with kill()" if actor.killed else \
+        cause = (actor.kill_cause or "was killed with kill()") if actor.killed else \
             f"process (pid={worker.pid}) died unexpectedly"
         self.actor_dead(actor, exceptions.ActorDiedError(
             f"The actor {actor.info['class_name']} {cause}."))
@@ -395,23 +397,27 @@ class Actors:
             for key in contained:
                 self.objects.decref(key)
 
-    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True,
+                   cause: str | None = None) -> None:
+        """kill() (or, with `cause`, the death of the process that created the actor:
+        owner_died), wherever the actor is hosted."""
         actor = self.hosted.get(actor_id)
         if actor is None:
             remote = self.remote_actors.get(actor_id)
             host = remote.host if remote is not None else \
                 self.cluster.actor_locations.get(actor_id)
             if host is not None:
-                self.peers.send(host, wire(messages.KillActor, actor_id, no_restart))
+                self.peers.send(host, wire(messages.KillActor, actor_id, no_restart, cause))
             elif remote is None and ids.owner_rank(actor_id) == self.rank:
                 raise ValueError("kill() got an unknown actor handle.")
             else:  # its host has not said where it is yet
-                self.peers.broadcast(wire(messages.KillActor, actor_id, no_restart))
+                self.peers.broadcast(wire(messages.KillActor, actor_id, no_restart, cause))
             return
         if actor.state == A_DEAD:
             return
         if no_restart:
             actor.killed = True
+            actor.kill_cause = cause
         worker = actor.worker
         if worker is not None and worker.pid and worker.alive:
             self.node.job_logs.kill_on_purpose(worker.pid, "kill()")
@@ -421,7 +427,18 @@ class Actors:
                 pass
         elif actor.state == A_PENDING:
             self.actor_dead(actor, exceptions.ActorDiedError(
-                f"The actor {actor.info['class_name']} was killed with kill()."))
+                f"The actor {actor.info['class_name']} {cause or 'was killed with kill()'}."))
+
+    def owner_died(self, worker: WorkerHandle) -> None:
+        """As Ray: the actors a process created die with it (fate sharing with their
+        owner), detached ones excepted, whoever else still holds their handles."""
+        cause = (f"is dead because its owner has died (the process, pid={worker.pid}, "
+                 "that created it)")
+        for actor_id in worker.owned_actors:
+            try:
+                self.kill_actor(actor_id, True, cause)
+            except ValueError:  # never submitted (its creation failed)
+                pass
 
     def record_actor(self, actor: ActorRecord, **fields) -> None:
         """Keep the GCS actors table up to date: the hosting node registers its actor

@@ -209,6 +209,7 @@ class ActorCall(NamedTuple):
 class KillActor(NamedTuple):
     actor_id: bytes
     no_restart: bool
+    cause: str | None = None  # why, when not kill(): what the actor's death says
 
 
 # ---------------------------------------------------------------- launch (launch.py)

@@ -64,7 +64,8 @@ _HELLO = Hello.CODE
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
                  "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
-                 "calls", "sigint_after_flush", "launched_ms", "ready_ms")
+                 "calls", "sigint_after_flush", "launched_ms", "ready_ms", "owned_actors",
+                 "retiring")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -85,6 +86,8 @@ class WorkerHandle:
         self.holds = set()        # ids it holds refs to (its process counts once each)
         self.calls = None         # {function id: runs} of functions that set max_calls
         self.sigint_after_flush = False  # a CancelTask waits to go out: signal after it
+        self.owned_actors = None  # ids of the (not detached) actors its process created
+        self.retiring = False     # a pool worker sent ExitWorker: its exit is no death
 
 
 class NodeManager:
@@ -563,6 +566,10 @@ class NodeManager:
             self.recorder.died(worker.task.spec, worker.pid, worker.task.dispatched)
         elif worker.ready and worker.actor_id is not None:
             self.recorder.count("worker_deaths")
+        # A pool worker that left when told keeps its actors alive (in Ray a worker that
+        # owns something is not retired); an actor's process, however it ended, does not.
+        if worker.owned_actors and (worker.actor_id is not None or not worker.retiring):
+            self.actors.owner_died(worker)
         if worker.actor_id is not None:
             self.actors.actor_process_died(worker)
             return
@@ -626,6 +633,7 @@ class NodeManager:
             elif kind == "retire":
                 worker = self.workers.get(action[1])
                 if worker is not None and worker.alive:
+                    worker.retiring = True
                     self.send_to_worker(worker, wire(messages.ExitWorker))
         self._arm_retire_timer()
 
@@ -768,6 +776,7 @@ class NodeManager:
         self._release_gpus(record)
         retire = self._reached_max_calls(worker, spec)
         if retire:
+            worker.retiring = True
             self.send_to_worker(worker, wire(messages.ExitWorker))
         if retry and record.retries_left != 0 and not record.cancelled:
             record.retries_left -= 1

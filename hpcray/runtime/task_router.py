@@ -354,9 +354,10 @@ class TaskRouter:
         self.borrowing.hold_task_refs(spec, deps, record.owner)
         self.actors.submit_actor_call(record)
 
-    def on_kill_actor(self, source: int, actor_id: bytes, no_restart: bool) -> None:
+    def on_kill_actor(self, source: int, actor_id: bytes, no_restart: bool,
+                      cause: str | None = None) -> None:
         try:
-            self.actors.kill_actor(actor_id, no_restart)
+            self.actors.kill_actor(actor_id, no_restart, cause)
         except ValueError:
             pass
 
