@@ -31,6 +31,19 @@ class RuntimeInfo(dict):
         return self
 
 
+# Ray's other init() keywords (accepted; those that mean something here are read from
+# **ray_only_options), and hpcray's gcs_shards. Any other is an error, as in Ray.
+_RAY_INIT_OPTIONS = frozenset({
+    "labels", "local_mode", "include_dashboard", "dashboard_host", "dashboard_port",
+    "job_config", "configure_logging", "logging_level", "logging_format", "logging_config",
+    "namespace", "runtime_env", "storage", "enable_resource_isolation",
+    "system_reserved_cpu", "system_reserved_memory", "object_spilling_directory",
+    "_enable_object_reconstruction", "_redis_max_memory", "_plasma_directory",
+    "_node_ip_address", "_driver_object_store_memory", "_memory", "_redis_password",
+    "_temp_dir", "_metrics_export_port", "_system_config", "_tracing_startup_hook",
+    "_node_name", "_skip_env_hook", "_cgroup_path", "gcs_shards"})
+
+
 def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None,
          object_store_memory: int | None = None, ignore_reinit_error: bool = False,
@@ -48,6 +61,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     from hpcray.runtime import launch
     from hpcray.runtime.client import DriverClient
 
+    unknown = [name for name in ray_only_options if name not in _RAY_INIT_OPTIONS]
+    if unknown:  # as Ray: most likely a typo (num_cpu=1), never silently ignored
+        raise RuntimeError(f"Unknown keyword argument(s): {', '.join(unknown)}")
     if context.worker is not None:
         raise RuntimeError("hpcray.init() cannot be called inside a task or actor.")
     if address not in (None, "local", "auto"):

@@ -401,3 +401,18 @@ def test_store_sizes_that_cannot_work_are_refused_saying_why(monkeypatch):
         assert hpcray.get(hpcray.put(1)) == 1
     finally:
         hpcray.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_init_rejects_unknown_keywords_as_ray():
+    """init(num_cpu=1) (a typo) is an error naming the keyword, as in Ray, and starts
+    nothing; Ray's own keywords that mean nothing here are accepted."""
+    with pytest.raises(RuntimeError, match="Unknown keyword argument.*num_cpu, object_store_mem"):
+        hpcray.init(num_cpu=1, object_store_mem=1)
+    assert not hpcray.is_initialized()
+    hpcray.init(num_cpus=1, namespace="ns", include_dashboard=False, configure_logging=False,
+                _temp_dir="/tmp/unused")
+    try:
+        assert hpcray.get(hpcray.put(7)) == 7
+    finally:
+        hpcray.shutdown()
