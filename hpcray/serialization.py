@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import io
+import sys
 import pickle
 import struct
 import types
@@ -55,10 +56,21 @@ class _CallablePickler(cloudpickle.Pickler):
 
 def dumps_callable(obj) -> bytes:
     """Pickle a task's function or an actor's class (by value where cloudpickle would),
-    keeping the file names of its code for tracebacks."""
+    keeping the file names of its code for tracebacks, with this process's sys.path:
+    loads_callable puts what a worker lacks of it on the worker's (as Ray ships the
+    driver's sys.path), so a module the driver imported from a folder it added at run
+    time imports in every worker, on every node, started before or after."""
     out = io.BytesIO()
     _CallablePickler(out, protocol=5).dump(obj)
-    return out.getvalue()
+    return pickle.dumps((tuple(sys.path), out.getvalue()), protocol=5)
+
+
+def loads_callable(data: bytes):
+    """The function or class of dumps_callable(), once its sys.path is on this one's."""
+    paths, pickled = pickle.loads(data)
+    known = set(sys.path)
+    sys.path.extend(path for path in paths if path not in known)
+    return cloudpickle.loads(pickled)
 
 
 def _align(n: int) -> int:

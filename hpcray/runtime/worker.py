@@ -27,7 +27,7 @@ from hpcray.runtime import protocol
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
                                      RunTask, WorkDone, wire)
-from hpcray.serialization import ErrorValue, error_bytes, make_error_value
+from hpcray.serialization import ErrorValue, error_bytes, loads_callable, make_error_value
 
 
 _RUN_TASK, _CREATE_ACTOR, _EXIT = RunTask.CODE, CreateActor.CODE, ExitWorker.CODE
@@ -161,7 +161,7 @@ class Worker:
             if pickled is None:
                 raise exceptions.RaySystemError("a worker got a task for an unknown function")
             try:
-                function = cloudpickle.loads(pickled)
+                function = loads_callable(pickled)
             except Exception as exc:  # noqa: BLE001 - a missing module, a class gone...
                 raise _Unusable(f"deserialize {what}", exc) from exc
             self.functions[function_id] = function

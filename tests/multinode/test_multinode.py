@@ -638,3 +638,45 @@ def test_workers_summaries_and_logs_across_ranks(tmp_path):
         print("OK")
     """, env={"HPCRAY_LOG_DIR": str(tmp_path / "logs")})
     assert "OK" in out
+
+
+def test_driver_sys_path_reaches_every_node(tmp_path):
+    """A module the driver imports from a folder it put on sys.path at run time (as
+    pytest does with test folders) imports in workers on every rank, as in Ray, for
+    tasks and actors, workers started before and after."""
+    mods = tmp_path / "late_folder"
+    mods.mkdir()
+    (mods / "late_module_xyz.py").write_text(textwrap.dedent("""
+        def double(x):
+            return 2 * x
+
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def add(self, k):
+                self.n += k
+                return self.n
+    """))
+    out = run_mpi(tmp_path, 3, f"""
+        import sys, hpcray as ray
+        ray.init(num_cpus=1)
+        @ray.remote
+        def warm(i):
+            return i
+        ray.get([warm.options(scheduling_strategy="SPREAD").remote(i) for i in range(6)])
+        sys.path.insert(0, {str(mods)!r})   # after the workers started
+        import late_module_xyz
+        @ray.remote
+        def run(i):
+            return late_module_xyz.double(i), ray.get_runtime_context().get_node_id()
+        results = ray.get([run.options(scheduling_strategy="SPREAD").remote(i)
+                           for i in range(12)])
+        assert [r[0] for r in results] == [2 * i for i in range(12)], results
+        print("NODES", len({{r[1] for r in results}}))
+        Counter = ray.remote(late_module_xyz.Counter)
+        counters = [Counter.options(scheduling_strategy="SPREAD").remote() for _ in range(3)]
+        assert ray.get([c.add.remote(5) for c in counters]) == [5, 5, 5]
+        print("OK")
+    """)
+    assert "OK" in out and "NODES 3" in out, out
