@@ -181,8 +181,10 @@ def main(argv: list[str]) -> int:
     from hpcray.config import drain_signals
     from hpcray.runtime import guardian, launch
     rank = guardian.launcher_rank()
-    if rank is not None and launch.under_launcher():
-        # Before MPI starts: a parent that outlives this rank reports its death.
+    if rank is not None and launch.under_launcher() and not launch.ulfm_enabled():
+        # Before MPI starts: a parent that outlives this rank reports its death. Not under
+        # ULFM: the job goes on and the survivors say so (node_failures.py), and Open MPI
+        # then misses the death of a rank that is not the process it started.
         guardian.guard(rank, target)
     try:
         transport = launch.world()

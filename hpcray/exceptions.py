@@ -94,6 +94,10 @@ class WorkerCrashedError(RayError):
         super().__init__(message)
 
 
+class NodeDiedError(RayError):
+    """The node running the task died (its MPI rank was lost)."""
+
+
 class GetTimeoutError(RayError, TimeoutError):
     """`get` ran past its timeout."""
 

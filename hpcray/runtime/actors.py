@@ -85,13 +85,14 @@ class RemoteActor(ActorHandles):
     order until the host is known and their arguments exist, then go to the host. Each
     call counts as a holder of the actor until its `done` comes back."""
 
-    __slots__ = ("actor_id", "host", "queue")
+    __slots__ = ("actor_id", "host", "queue", "creation")
 
     def __init__(self, actor_id: bytes, host: int | None):
         super().__init__(actor_id)
         self.actor_id = actor_id
-        self.host = host
+        self.host = host        # its rank; None: not known yet; -1: the actor is dead
         self.queue: collections.deque = collections.deque()
+        self.creation = None    # owner: the creation spec, to restart it if its node dies
 
 
 class Actors:
@@ -323,7 +324,7 @@ class Actors:
             return
         if isinstance(handles, ActorRecord):
             self.actor_out_of_scope(handles)
-        elif handles.host is not None:  # else once the host says where it is (actor_at)
+        elif handles.host is not None and handles.host >= 0:  # else once the host says
             self.peers.send(handles.host, wire(messages.EndActor, actor_id))
 
     def actor_out_of_scope(self, actor: ActorRecord) -> None:
@@ -375,6 +376,41 @@ class Actors:
             f"process (pid={worker.pid}) died unexpectedly"
         self.actor_dead(actor, exceptions.ActorDiedError(
             f"The actor {actor.info['class_name']} {cause}."))
+
+    def node_died(self, dead: int) -> None:
+        """Rank `dead` is gone (node_failures.py): calls to its actors wait for their
+        new host; this node restarts the ones it owns elsewhere, or declares them dead."""
+        locations = self.cluster.actor_locations
+        for actor_id in [a for a, rank in locations.items() if rank == dead]:
+            del locations[actor_id]
+        for remote in list(self.remote_actors.values()):
+            if remote.host != dead:
+                continue
+            remote.host = None
+            if remote.owner == self.rank:
+                self.restart_elsewhere(remote, dead)
+
+    def restart_elsewhere(self, remote: RemoteActor, dead: int) -> None:
+        spec = remote.creation
+        left = spec.options.get("max_restarts", 0) if spec is not None else 0
+        if left == 0:
+            self.gcs.request("update_actor", remote.actor_id, {
+                "state": gcs_tables.DEAD,
+                "death_cause": f"its node (rank {dead}) died and max_restarts is spent"})
+            self.cluster.actor_locations[remote.actor_id] = -1
+            self.peers.broadcast(wire(messages.ActorAt, remote.actor_id, -1))
+            self.router.on_actor_at(self.rank, remote.actor_id, -1)
+            return
+        options = dict(spec.options)
+        if left > 0:
+            options["max_restarts"] = left - 1
+        spec = remote.creation = TaskSpec(
+            spec.task_id, spec.kind, spec.function_id, spec.name, spec.args, spec.deps,
+            spec.contained, spec.return_ids, spec.demand, spec.max_retries,
+            spec.retry_exceptions, spec.actor_id, spec.method, options)
+        self.node.recorder.count("actor_restarts")
+        self.gcs.request("update_actor", remote.actor_id, {"state": gcs_tables.RESTARTING})
+        self.router.forward_actor(spec)
 
     def actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
         self.node.recorder.constructing.pop(actor.actor_id, None)

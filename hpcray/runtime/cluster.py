@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from hpcray import exceptions
+from hpcray import exceptions, ids
 from hpcray._scheduler import GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import GcsShard, is_gcs_request
@@ -46,6 +46,14 @@ class ClusterLink:
         self.size = transport.size
         self.job = job
         self.gcs_shards = min(int(job.get("gcs_shards", 1)), transport.size)
+        self.fault_tolerant = getattr(transport, "fault_tolerant", False)
+        if self.fault_tolerant and self.gcs_shards > 1:
+            # A shard on a lost rank would take its tables with it: under ULFM the GCS
+            # stays on rank 0, whose loss ends the job anyway.
+            if transport.rank == 0:
+                log.warning("gcs_shards=%d: under ULFM the GCS is one shard on rank 0 "
+                            "(a shard on a lost rank would be lost with it)", self.gcs_shards)
+            self.gcs_shards = 1
         self.nodes: dict[int, dict] = {}          # rank -> {"node_id", "resources"}
         self.backoff = 0.0
         self.last_activity = 0.0   # monotonic time of the last message in or out
@@ -61,6 +69,13 @@ class ClusterLink:
         # placed as soon as a load report shows room (an actor holds its resources for
         # life, so queued on a full node it could wait forever while others free up).
         self.pending_actors: list = []
+        # ULFM (node_failures.py): rank 0's record of the tasks it placed on each other
+        # rank and has not heard ended, rank -> {task id: owner}; on the other ranks, the
+        # placed tasks they run (`placed_here`) and those ended since the last Load.
+        self.placed: dict[int, dict] = {}
+        self.placed_here: set | None = set() if self.fault_tolerant and self.rank else None
+        self.ended_placed: list = []
+        self.dead_nodes: set[int] = set()
 
 
 class Network:
@@ -83,7 +98,7 @@ class Network:
         self._feasible: set = set()           # demands some node has (cluster_feasible)
         self.global_scheduler = None
         self.handlers: dict = {}              # control message type -> handler: bind()
-        self.router = None
+        self.router = self.failures = None
         self.peers = Peers(self.transport, rank, self.wake_cluster)
         self.gcs = GcsClient(rank, link.gcs_shards, self.send_gcs)
         if rank < link.gcs_shards:
@@ -91,8 +106,9 @@ class Network:
         if rank == 0:
             self.global_scheduler = GlobalScheduler()
 
-    def bind(self, router, handlers: dict) -> None:
+    def bind(self, router, failures, handlers: dict) -> None:
         self.router = router
+        self.failures = failures
         self.handlers = handlers
 
     def set_cluster_nodes(self, nodes: dict) -> None:
@@ -125,6 +141,10 @@ class Network:
             return
         arrived = transport.poll()
         self.handle_cluster_messages(arrived)
+        if cluster.fault_tolerant:
+            ranks, transfers = transport.take_lost()
+            if ranks or transfers:
+                self.failures.peers_lost(ranks, transfers)
         finished = transport.progress()  # completed pulls run their on_done (ObjectMover)
         self.report_load()
         now = time.monotonic()
@@ -190,7 +210,7 @@ class Network:
             return
         load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued,
                 cluster.received)
-        if load == cluster.last_load:
+        if load == cluster.last_load and not cluster.ended_placed:
             return
         cluster.last_load = load
         cluster.last_load_report = now
@@ -198,9 +218,17 @@ class Network:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2])
             self.place_pending_actors()
         else:
-            self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2]))
+            ended, cluster.ended_placed = tuple(cluster.ended_placed), []
+            self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2],
+                                        ended))
 
-    def on_load(self, source: int, available: dict, queued: int, received: int) -> None:
+    def on_load(self, source: int, available: dict, queued: int, received: int,
+                ended: tuple = ()) -> None:
+        if ended:
+            placed = self.link.placed.get(source)
+            if placed is not None:
+                for task_id in ended:
+                    placed.pop(task_id, None)
         self.global_scheduler.report(source, available, queued, received)
         self.place_pending_actors()
 
@@ -236,19 +264,27 @@ class Network:
         return None if self.cluster_feasible(demand) else "infeasible"
 
     def cluster_feasible(self, demand: dict) -> bool:
-        # Asked on every submit: a demand found feasible is remembered (a job's nodes
-        # are fixed at launch).
+        # Asked on every submit: a demand found feasible is remembered (until a node of
+        # the job dies: node_died).
         key = tuple(demand.items())
         if key in self._feasible:
             return True
-        if any(_within(demand, node["resources"]) for node in self.link.nodes.values()):
+        if any(_within(demand, node["resources"]) for rank, node in self.link.nodes.items()
+               if rank not in self.link.dead_nodes):
             self._feasible.add(key)
             return True
         return False
 
+    def node_died(self, rank: int) -> None:
+        """Rank `rank` is gone (node_failures.py): what only it could run is infeasible."""
+        self.link.dead_nodes.add(rank)
+        self._feasible.clear()
+
     def cluster_resources(self) -> dict:
         total: dict = {}
-        for node in self.link.nodes.values():
+        for rank, node in self.link.nodes.items():
+            if rank in self.link.dead_nodes:
+                continue
             for name, amount in node["resources"].items():
                 total[name] = total.get(name, 0.0) + amount
         return total
@@ -269,6 +305,8 @@ class Network:
         """Rank 0, the global scheduler: place a task a node did not keep. `hops`: how
         many nodes already sent this actor back for lack of room."""
         demand = spec.demand
+        if source in self.link.placed:  # an actor its node sent back (hops)
+            self.link.placed[source].pop(spec.actor_id, None)
         if self.rank == 0:
             self.report_load(now_=True)  # this node's own load is never stale
         if strategy is None and spec.kind != ACTOR_CALL and spec.actor_id is not None \
@@ -284,8 +322,14 @@ class Network:
             return
         if spec.kind != ACTOR_CALL and spec.actor_id is not None:
             message = wire(messages.RunActor, spec, deps, hops)
+            if self.link.fault_tolerant and rank != self.rank:  # until its ActorAt
+                self.link.placed.setdefault(rank, {})[spec.actor_id] = \
+                    ids.owner_rank(spec.actor_id)
         else:
             message = wire(messages.Run, spec, deps)
+            if self.link.fault_tolerant and rank != self.rank:
+                self.link.placed.setdefault(rank, {})[spec.task_id] = \
+                    ids.owner_rank(spec.task_id)
         if rank == self.rank:
             self.handlers[message[0]](source, *message[1:])
         else:

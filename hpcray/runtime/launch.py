@@ -244,8 +244,17 @@ def world():
                     "sees one in each: that launcher belongs to another MPI than the one "
                     f"mpi4py uses ({mpi_library()}). {mpiexec_hint(str(said[1]))}")
             return None
-        _world = MpiTransport(MPI.COMM_WORLD)
+        _world = MpiTransport(MPI.COMM_WORLD, fault_tolerant=ulfm_enabled())
     return _world
+
+
+def ulfm_enabled(environ=os.environ) -> bool:
+    """Whether the job survives a lost rank: Open MPI started with `mpiexec --with-ft
+    ulfm` (which sets OMPI_MCA_mpi_ft_enable for its ranks); HPCRAY_ULFM=0/1 overrides."""
+    said = environ.get("HPCRAY_ULFM")
+    if said:
+        return said not in ("0", "false", "no")
+    return environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes")
 
 
 def rank_resources(rank: int, environ=os.environ) -> dict:
@@ -265,7 +274,10 @@ def _collect(transport, kind: type, count: int, timeout: float) -> dict:
     one field, or None}."""
     replies: dict = {}
     deadline = time.monotonic() + timeout
-    while len(replies) < count:
+    def waiting() -> bool:  # a lost rank (ULFM) never answers
+        return len(replies) < count and bool(set(range(1, transport.size)) - set(replies)
+                                             - transport.dead)
+    while waiting():
         for source, channel, message in transport.poll():
             if channel != "control":
                 continue
@@ -273,10 +285,10 @@ def _collect(transport, kind: type, count: int, timeout: float) -> dict:
                 replies[source] = message[1] if len(message) > 1 else None
             elif message[0] == messages.StartFailed.CODE:
                 raise RuntimeError(f"hpcray could not start node {source}: {message[1]}")
-        if len(replies) >= count:
+        if not waiting():
             break
         if time.monotonic() > deadline:
-            missing = sorted(set(range(1, transport.size)) - set(replies))
+            missing = sorted(set(range(1, transport.size)) - set(replies) - transport.dead)
             raise RuntimeError(f"hpcray: ranks {missing} did not answer {kind.__name__} in "
                                f"{timeout} s")
         transport.wait_for_activity(0.01, timeout=0.5)
@@ -423,6 +435,9 @@ def serve_ranks(transport, make_node) -> int:
             node.network.handle_cluster_messages(early)
         node.serve()
         node.shutdown()
+        if 0 in transport.dead:  # ULFM: the driver's rank died (node_failures.py)
+            _skip_finalize = True
+            return 1
         transport.send(0, wire(messages.Stopped))
 
 
@@ -469,6 +484,9 @@ def _next_lifecycle_message(transport, want=None, others=None):
     """The next lifecycle message; node messages that arrive first go to `others`."""
     while True:
         batch = transport.poll()
+        if 0 in transport.dead:  # ULFM: the driver's rank died between jobs
+            log.error("hpcray: lost rank 0 (the driver); the job ends")
+            return wire(messages.Exit, 1, False)
         for index, item in enumerate(batch):
             _source, channel, message = item
             if channel == "control" and (want is None or

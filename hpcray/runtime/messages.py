@@ -124,6 +124,15 @@ class Load(NamedTuple):
     available: dict
     queued: int
     received: int       # tasks rank 0 had placed on this node, as the node counted them
+    ended: tuple = ()   # tasks rank 0 placed here that ended since the last report (ULFM)
+
+
+@_on("control")
+class NodeDied(NamedTuple):
+    """rank 0 -> every survivor (ULFM): rank `rank` is gone for the job; `lost`: the
+    tasks the receiver owns that rank 0 had placed there (node_failures.py)."""
+    rank: int
+    lost: list
 
 
 @_on("control")

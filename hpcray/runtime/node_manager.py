@@ -44,6 +44,7 @@ from hpcray.runtime.cluster import Network
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs, WorkerStreams
 from hpcray.runtime.guardian import NoBoard
+from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
 from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
@@ -195,9 +196,11 @@ class NodeManager:
         self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
-        self.network.bind(self.router, messages.dispatch_table(
+        self.failures = NodeFailures(rank, link, self, self.network, self.objects,
+                                     self.actors, self.router, self.mover, gcs, peers)
+        self.network.bind(self.router, self.failures, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
-            self.state_queries, self.canceller, self.generators))
+            self.state_queries, self.canceller, self.generators, self.failures))
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests,
                                                        self.generators)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
@@ -809,6 +812,10 @@ class NodeManager:
                      failed: bool = False) -> None:
         record.state = FINISHED
         self.tasks.pop(record.spec.task_id, None)
+        placed_here = self.link.placed_here
+        if placed_here and record.spec.task_id in placed_here:  # ULFM: rank 0 forgets it
+            placed_here.discard(record.spec.task_id)
+            self.link.ended_placed.append(record.spec.task_id)
         if record.cancelled and not failed:  # never a value once cancelled
             results = self.canceller.cancelled_results(record, results)
         if record.owner != self.rank:  # the owner holds the arguments and gets the results
@@ -859,7 +866,9 @@ class NodeManager:
         """Every node: id, rank, resources, liveness (Ray's `nodes()` fields)."""
         host = socket.gethostname()
         nodes = self.link.nodes
-        return [{"NodeID": node["node_id"], "Alive": True, "alive": True, "rank": rank,
+        dead = self.link.dead_nodes
+        return [{"NodeID": node["node_id"], "Alive": rank not in dead,
+                 "alive": rank not in dead, "rank": rank,
                  "NodeManagerAddress": node.get("address", "127.0.0.1"),
                  "NodeManagerHostname": node.get("hostname", host),
                  "NodeName": node.get("hostname", host), "Resources": dict(node["resources"])}
@@ -906,5 +915,5 @@ def _close_fd(fd: int) -> None:
 
 # Every message of the node's channels has exactly one handler among its parts.
 messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
-                        StateQueries, Canceller, Generators)
+                        StateQueries, Canceller, Generators, NodeFailures)
 messages.check_handlers("up", NodeManager, Actors, WorkerRequests, Generators)

@@ -15,7 +15,7 @@ A task's `deps` describes each top-level argument as ("inline", bytes, contained
 
 from __future__ import annotations
 
-from hpcray import ids
+from hpcray import exceptions, ids
 from hpcray._scheduler import LOCALITY_BYTES
 from hpcray.options import NodeAffinity
 from hpcray.runtime import messages
@@ -137,6 +137,8 @@ class TaskRouter:
     def on_run(self, source: int, spec, deps) -> None:
         """Run a task the global scheduler placed here (maybe one this node forwarded)."""
         self.link.received += 1
+        if self.link.placed_here is not None:  # rank 0 is told when it ends (Load)
+            self.link.placed_here.add(spec.task_id)
         record = TaskRecord(spec, spec.max_retries)
         record.owner = ids.owner_rank(spec.task_id)
         if record.owner == self.rank:
@@ -274,7 +276,14 @@ class TaskRouter:
         del self.actors[actor.actor_id]
         remote = self.actors.remote_actors[actor.actor_id] = RemoteActor(actor.actor_id, None)
         remote.take_handles(actor)
+        remote.creation = spec
         self.move_calls(actor, remote)
+        self.forward_actor(spec)
+
+    def forward_actor(self, spec) -> None:
+        """Have the global scheduler place an actor (its first start, or a restart after
+        its node died: node_failures.py)."""
+        strategy = _strategy_of(spec)
         deps = self.describe_deps(spec)
         if self.rank == 0:
             self.network.on_forward(0, spec, deps, strategy, {})
@@ -303,6 +312,14 @@ class TaskRouter:
         if remote.host is None:
             return
         queue = remote.queue
+        if remote.host < 0:  # dead, its node lost with no restart left (node_failures.py)
+            while queue:
+                record = queue.popleft()
+                record.state = RUNNING
+                self.tasks[record.spec.task_id] = record
+                self.task_failed_remotely(record.spec, exceptions.ActorDiedError(
+                    f"The actor of {record.spec.name} died with its node."))
+            return
         while queue and queue[0].pending_deps == 0:
             record = queue.popleft()
             if record.cancelled:
@@ -335,11 +352,13 @@ class TaskRouter:
 
     def on_actor_at(self, source: int, actor_id: bytes, rank: int) -> None:
         self.link.actor_locations[actor_id] = rank
+        if source in self.link.placed:  # rank 0 under ULFM: its placement arrived
+            self.link.placed[source].pop(actor_id, None)
         remote = self.actors.remote_actors.get(actor_id)
         if remote is not None:
             remote.host = rank
             self.pump_remote_actor(remote)
-            if remote.owner == self.rank and remote.refs <= 0:
+            if remote.owner == self.rank and remote.refs <= 0 and rank >= 0:
                 self.actors.actor_unused(actor_id, remote)  # no handle left before it started
 
     def on_end_actor(self, source: int, actor_id: bytes) -> None:

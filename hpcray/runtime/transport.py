@@ -39,6 +39,16 @@ its own receive).
 Each channel and the object data travel on their own duplicate of the communicator, so
 message tags and transfer tags can never match each other's receives.
 
+Fault tolerance (`fault_tolerant=True`, Open MPI's ULFM: `mpiexec --with-ft ulfm`): every
+communicator returns errors instead of aborting, and an MPI error in a pass over what is
+outstanding means a peer may be gone. The transport then acknowledges the failures
+(Ack_failed, so receives from any source work again), learns which ranks died
+(Get_failed), and forgets everything it had with them: sends to them are dropped (now and
+later), messages from them no longer arrive, transfers with them end (`lost`, taken by
+`take_lost`). The communicators are neither revoked nor shrunk: a rank's number is its
+node's id everywhere (object and task ids carry it), so the survivors keep talking on the
+same ones. What the loss means is the node manager's business (cluster.py).
+
 Messages to one peer on one channel have at most `_SENDS_IN_FLIGHT` MPI sends
 outstanding; while that many are, later messages wait in a queue and leave together as
 one MPI message (a list) once one completes. A rank that forwards thousands of tasks to
@@ -49,6 +59,7 @@ messages. A message to an idle peer still leaves at once.
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import threading
@@ -59,6 +70,7 @@ from collections.abc import Callable
 from mpi4py import MPI
 
 CHANNELS = ("control", "gcs")
+log = logging.getLogger("hpcray.transport")
 
 # Measured with benchmarks/transfer_bandwidth.py (PyPI MPICH 5.0.2, two ranks on one
 # 2-core host, which copies with process_vm_readv): 8 MiB chunks with 4 in flight reach
@@ -79,6 +91,14 @@ _BUSY_MAX_SLEEP = 200e-6
 # Buffers of requests that `close` had to abandon (a peer that never received or sent):
 # MPI may still touch them, so they live as long as the process.
 _abandoned_buffers: list = []
+
+
+def _free_quietly(request) -> None:
+    """Free a request with a dead peer (ULFM may have completed it with an error)."""
+    try:
+        request.Free()
+    except MPI.Exception:
+        pass
 
 
 def _byte_view(buffer, writable: bool) -> memoryview:
@@ -244,7 +264,7 @@ class MpiTransport:
     needs_polling = True  # MPI messages arrive unannounced
 
     def __init__(self, comm=None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 window: int = DEFAULT_WINDOW):
+                 window: int = DEFAULT_WINDOW, fault_tolerant: bool = False):
         if chunk_bytes < 1 or window < 1:
             raise ValueError("chunk_bytes and window must be positive")
         base = MPI.COMM_WORLD if comm is None else comm
@@ -272,12 +292,22 @@ class MpiTransport:
         self._progress_from = 0.0  # small transfers get the progress thread from then on
         self._idle_sleep = _MIN_IDLE_SLEEP
         self._closed = False
+        self.fault_tolerant = fault_tolerant
+        self.dead: set[int] = set()   # ranks known gone (fault-tolerant mode only)
+        self._lost_ranks: list[int] = []
+        self._lost_transfers: list[Transfer] = []
+        self._failure_logged = 0.0
+        if fault_tolerant:
+            for comm in self._comms():
+                comm.Set_errhandler(MPI.ERRORS_RETURN)
 
     # ------------------------------------------------------------------ messages
 
     def send(self, dest: int, message, channel: str = "control") -> None:
         """Send `message` (pickled) to rank `dest`; returns at once, never blocks."""
         self._channel_comm(channel)  # checks the name
+        if dest in self.dead:
+            return
         key = (dest, channel)
         queued = self._queued.get(key)
         if queued:
@@ -290,8 +320,19 @@ class MpiTransport:
     def broadcast(self, message, channel: str = "control") -> None:
         """Send `message` to every rank but this one."""
         for dest in range(self.size):
-            if dest != self.rank:
+            if dest != self.rank and dest not in self.dead:
                 self.send(dest, message, channel)
+
+    def live_ranks(self) -> list[int]:
+        """Every rank not known dead, this one included."""
+        return [rank for rank in range(self.size) if rank not in self.dead]
+
+    def take_lost(self) -> tuple[list[int], list[Transfer]]:
+        """Ranks found dead since the last call, and the receives from them that will
+        never complete (their `dest` buffers are free again); fault-tolerant mode."""
+        ranks, self._lost_ranks = self._lost_ranks, []
+        transfers, self._lost_transfers = self._lost_transfers, []
+        return ranks, transfers
 
     def _post(self, key: tuple[int, str], messages: list) -> None:
         payload = pickle.dumps(messages, protocol=5)
@@ -367,6 +408,13 @@ class MpiTransport:
             raise ValueError(f"tag {tag} is already used by an outstanding receive")
         if not 0 <= tag <= self._tag_ub:
             raise ValueError(f"tag {tag} is outside 0..{self._tag_ub}")
+        if source in self.dead:  # it never comes: reported lost at the next take_lost
+            transfer = Transfer.__new__(Transfer)
+            transfer.tag, transfer.peer, transfer.is_send, transfer.done = tag, source, False, False
+            transfer.nbytes, transfer.on_done, transfer._requests = len(dest), None, []
+            transfer._view = None
+            self._lost_transfers.append(transfer)
+            return transfer
         transfer = Transfer(self._data_comm, source, tag, _byte_view(dest, writable=True),
                             False, self.chunk_bytes, self.window, None)
         self._receive_tags.add(tag)
@@ -380,6 +428,8 @@ class MpiTransport:
         The transfer keeps a view of `src`, so its memory stays alive until the transfer
         is done; `on_done()` is then called from `poll` or `progress`.
         """
+        if dest in self.dead:
+            raise ValueError(f"rank {dest} is dead")
         transfer = Transfer(self._data_comm, dest, tag, _byte_view(src, writable=False),
                             True, self.chunk_bytes, self.window, on_done)
         self._add_transfer(transfer)
@@ -395,6 +445,11 @@ class MpiTransport:
     def cancel_receive(self, transfer: Transfer) -> None:
         """Withdraw a receive whose sender will never send (it no longer has the object):
         its posted chunks are cancelled, so `dest` may be reused once this returns."""
+        if transfer in self._lost_transfers:
+            self._lost_transfers.remove(transfer)
+            return
+        if transfer.peer in self.dead and transfer not in self._transfers:
+            return  # already ended with its peer
         if transfer.is_send or transfer not in self._transfers:
             raise ValueError(f"{transfer!r} is not an outstanding receive")
         transfer._abandon()
@@ -470,7 +525,7 @@ class MpiTransport:
         self._transfers = []
         self._receive_tags.clear()
         self._progress.close()
-        for comm in (*self._channel_comms.values(), self._data_comm):
+        for comm in self._comms():
             comm.Free()
 
     # ------------------------------------------------------------------ internals
@@ -481,10 +536,82 @@ class MpiTransport:
         except KeyError:
             raise ValueError(f"unknown channel {channel!r}; use one of {CHANNELS}") from None
 
+    def _comms(self) -> tuple:
+        return (*self._channel_comms.values(), self._data_comm)
+
     def _advance(self) -> bool:
         """One nonblocking pass over everything outstanding; true if anything moved."""
         if self._closed:
             raise RuntimeError("the transport is closed")
+        if not self.fault_tolerant:
+            return self._advance_once()
+        try:
+            return self._advance_once()
+        except MPI.Exception as exc:
+            return self._peers_failed(exc)
+
+    def _peers_failed(self, exc) -> bool:
+        """An MPI call failed: acknowledge the failures, learn which ranks are gone and
+        forget what was outstanding with them. True if a rank was newly found dead."""
+        failed: set[int] = set()
+        for comm in self._comms():
+            comm.Ack_failed()
+            group = comm.Get_failed()
+            try:
+                failed.update(group.Translate_ranks(list(range(group.Get_size())),
+                                                    comm.Get_group()))
+            finally:
+                group.Free()
+        new = sorted(failed - self.dead - {self.rank})
+        if not new:
+            now = time.monotonic()
+            if now - self._failure_logged > 10:  # an error that named no dead rank
+                self._failure_logged = now
+                log.warning("rank %d: MPI error with no failed rank: %s", self.rank, exc)
+            return False
+        self.dead.update(new)
+        self._lost_ranks.extend(new)
+        self._forget(set(new))
+        return True
+
+    def _forget(self, dead: set) -> None:
+        for key in [key for key in self._in_flight if key[0] in dead]:
+            for request, payload in self._in_flight.pop(key):
+                _free_quietly(request)
+                _abandoned_buffers.append(payload)
+        for key in [key for key in self._queued if key[0] in dead]:
+            del self._queued[key]
+        still_arriving = []
+        for entry in self._arriving:
+            if entry[0] in dead:
+                _free_quietly(entry[2])
+                _abandoned_buffers.append(entry[3])
+            else:
+                still_arriving.append(entry)
+        self._arriving = still_arriving
+        self._inbox = [item for item in self._inbox if item[0] not in dead]
+        still_running = []
+        for transfer in self._transfers:
+            if transfer.peer not in dead:
+                still_running.append(transfer)
+                continue
+            for request in transfer._requests:
+                _free_quietly(request)
+            if transfer.is_send and transfer._view is not None:
+                _abandoned_buffers.append(transfer._view)
+            transfer._requests = []
+            transfer._view = None
+            if transfer.is_send:
+                if transfer.on_done is not None:  # lets go of what it sent from
+                    self._finished_transfers.append(transfer)
+            else:
+                self._receive_tags.discard(transfer.tag)
+                self._lost_transfers.append(transfer)
+        self._transfers = still_running
+        if not still_running:
+            self._progress.off()
+
+    def _advance_once(self) -> bool:
         moved = self._progress_sends()
         moved |= self._progress_transfers()
         moved |= self._receive_messages()

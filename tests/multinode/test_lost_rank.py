@@ -84,3 +84,119 @@ def test_job_runs_under_open_mpi_ulfm(tmp_path):
         print("OK")
     """)
     assert "OK" in out
+
+
+# A node's process is the parent of its fork server, which is every worker's parent.
+NODE_PID = """
+        def node_pid():
+            with open(f"/proc/{os.getppid()}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
+"""
+
+
+def test_kill_one_of_four_ranks_mid_run(tmp_path):
+    """SIGKILL of rank 2 while it runs one of the job's tasks (a file says so): the
+    survivors see it, nodes() shows it dead, the tasks it had are run elsewhere, and
+    every result is right."""
+    out = run_ulfm(tmp_path, 4, """
+        import os, signal, time, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        here = os.getcwd()
+    """ + NODE_PID + """
+        pid = ray.get(ray.remote(node_pid).options(
+            scheduling_strategy=On(ids[2], soft=False)).remote())
+
+        @ray.remote(max_retries=3)
+        def work(i):
+            me = ray.get_runtime_context().get_node_id()
+            open(os.path.join(here, f"started-{i}-{me}"), "w").close()
+            time.sleep(0.2)
+            return i * i
+
+        refs = [work.options(scheduling_strategy=On(ids[i % 4], soft=True)).remote(i)
+                for i in range(80)]
+        while not any(name.endswith(ids[2]) for name in os.listdir(here)):
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
+            time.sleep(0.001)
+        print(f"DETECTED {time.monotonic() - t0:.3f}", flush=True)
+        assert ray.get(refs) == [i * i for i in range(80)]
+        print(f"RECOVERED {time.monotonic() - t0:.3f}", flush=True)
+        assert [n["Alive"] for n in ray.nodes()] == [True, True, False, True]
+        @ray.remote
+        def after(i):
+            return i + 1
+        assert ray.get([after.remote(i) for i in range(40)]) == list(range(1, 41))
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+    assert re.search(r"rank 0: \d+ tasks it owns were on rank 2: [1-9]\d* run again", out), out
+    print(re.findall(r"(?:DETECTED|RECOVERED) [\d.]+", out))
+
+
+def test_actor_on_lost_rank_restarts_elsewhere(tmp_path):
+    """An actor whose node dies starts again on a survivor while max_restarts allows
+    (a fresh instance, as Ray); one without restarts raises RayActorError."""
+    out = run_ulfm(tmp_path, 4, """
+        import os, signal, time, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+    """ + NODE_PID + """
+        @ray.remote(num_cpus=0)
+        class Counter:
+            def __init__(self):
+                self.n = 0
+            def incr(self):
+                self.n += 1
+                return self.n, ray.get_runtime_context().get_node_id()
+            def pid(self):
+                return node_pid()
+
+        on2 = On(ids[2], soft=True)
+        survivor = Counter.options(max_restarts=1, scheduling_strategy=on2).remote()
+        mortal = Counter.options(max_restarts=0, scheduling_strategy=on2).remote()
+        assert ray.get(survivor.incr.remote()) == (1, ids[2])
+        assert ray.get(mortal.incr.remote()) == (1, ids[2])
+        pid = ray.get(survivor.pid.remote())
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
+            time.sleep(0.001)
+        n, where = ray.get(survivor.incr.remote())
+        print(f"RESTARTED {time.monotonic() - t0:.3f}", flush=True)
+        assert where != ids[2] and n == 1, (where, n)
+        assert ray.get(survivor.incr.remote())[0] == 2
+        try:
+            ray.get(mortal.incr.remote())
+            raise AssertionError("a call to an actor lost with its node returned")
+        except ray.exceptions.RayActorError:
+            pass
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+    print(re.findall(r"RESTARTED [\d.]+", out))
+
+
+def test_lost_driver_rank_ends_the_job(tmp_path):
+    """Rank 0 (the driver, the global scheduler) killed: the other ranks say so once
+    and leave; the job's status is not 0 and nothing of it is left."""
+    out = run_ulfm(tmp_path, 4, """
+        import os, signal, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        rank1 = [n["NodeID"] for n in ray.nodes() if n["rank"] == 1][0]
+        @ray.remote
+        def kill(pid):
+            os.kill(pid, signal.SIGKILL)
+        ray.get(kill.options(scheduling_strategy=On(rank1, soft=False)).remote(os.getpid()))
+        print("NOT REACHED")
+    """, expect_code=1)
+    assert "NOT REACHED" not in out
+    assert out.count("hpcray: lost rank 0 (the driver and the global scheduler") == 1, out

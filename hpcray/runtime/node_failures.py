@@ -1,0 +1,142 @@
+"""A lost node (Open MPI's ULFM): the survivors go on without it.
+
+Only with a fault-tolerant transport (transport.py: `mpiexec --with-ft ulfm`). Every
+survivor's transport finds the dead rank by itself (its next MPI call fails) and at once
+forgets what it had with it; pulls from it end as ObjectLostError (ObjectMover). What
+the loss means for tasks and actors is decided once, by rank 0, which holds the global
+scheduler: it stops placing on the rank, marks the node dead in the GCS, and tells
+every survivor which of the tasks that survivor owns it had placed there (`NodeDied`).
+That message is the agreement: each survivor acts on rank 0's word, in the order rank 0
+sent it, not on its own view (which may come earlier or later).
+
+On NodeDied(rank, lost) a survivor
+- re-submits the tasks in `lost` it still waits for (and restarts the actors in it that
+  never said they started there), within their `max_retries` (else
+  their refs raise NodeDiedError, as Ray's raylet-died case);
+- fails the actor calls it had sent to that rank (ActorDiedError: the call may have run);
+- restarts, as their owner, the actors that rank hosted, on another node, within
+  `max_restarts` (the creation spec is kept by the owner: RemoteActor.creation), else
+  tells every node the actor is dead (ActorAt with rank -1);
+
+Rank 0 dying ends the job: every other rank logs one line and leaves (launch.py).
+Rank 0 knows what it placed where (`ClusterLink.placed`, rank -> {task id: owner});
+each node reports the placed tasks that ended in its Load reports (`ended`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hpcray import exceptions
+from hpcray.runtime import messages
+from hpcray.runtime.messages import wire
+from hpcray.runtime.specs import ACTOR_CALL, RUNNING
+
+log = logging.getLogger("hpcray.node_failures")
+
+
+class NodeFailures:
+    HANDLES = {messages.NodeDied: "on_node_died"}
+
+    def __init__(self, rank: int, link, node, network, objects, actors, router, mover,
+                 gcs, peers) -> None:
+        self.rank = rank
+        self.link = link
+        self.node = node
+        self.network = network
+        self.objects = objects
+        self.actors = actors
+        self.router = router
+        self.mover = mover
+        self.gcs = gcs
+        self.peers = peers
+        self.transport = link.transport
+
+    # ------------------------------------------------------------------ detection
+    def peers_lost(self, ranks: list, transfers: list) -> None:
+        """This node's transport found `ranks` dead (and receives from them ended)."""
+        for transfer in transfers:
+            self._pull_lost(transfer)
+        if 0 in ranks and self.rank != 0:
+            if self.rank == self.transport.live_ranks()[0]:  # one line for the job
+                log.error("hpcray: lost rank 0 (the driver and the global scheduler, host "
+                          "%s); the job ends", self._host(0))
+            self.link.stop_requested = True
+            return
+        for rank in ranks:
+            log.warning("rank %d: lost rank %d (host %s); the job goes on without it",
+                        self.rank, rank, self._host(rank))
+        if self.rank == 0:
+            for rank in ranks:
+                self._decide(rank)
+
+    def _host(self, rank: int) -> str:
+        return self.link.nodes.get(rank, {}).get("hostname", "?")
+
+    def _pull_lost(self, transfer) -> None:
+        for tag, (object_id, _view, pulled) in list(self.link.pulls.items()):
+            if pulled is transfer:
+                self.mover.on_pull_failed(transfer.peer, object_id, tag)
+
+    def _decide(self, dead: int) -> None:
+        """Rank 0: the node is gone for the whole job; tell each survivor what it lost."""
+        scheduler = self.network.global_scheduler
+        scheduler.remove_node(dead)
+        self.gcs.mark_node_dead(dead)
+        placed = self.link.placed.pop(dead, {})
+        by_owner: dict = {}
+        for task_id, owner in placed.items():
+            by_owner.setdefault(owner, []).append(task_id)
+        for rank in self.transport.live_ranks():
+            message = wire(messages.NodeDied, dead, by_owner.get(rank, []))
+            if rank == self.rank:
+                self.on_node_died(self.rank, *message[1:])
+            else:
+                self.peers.send(rank, message)
+        self.network.place_pending_actors()
+
+    # ------------------------------------------------------------------ recovery
+    def on_node_died(self, source: int, dead: int, lost: list) -> None:
+        self.network.node_died(dead)
+        self._fail_calls_sent_to(dead)
+        self.actors.node_died(dead)
+        rerun = 0
+        for task_id in lost:
+            remote = self.actors.remote_actors.get(task_id)  # an actor placed there
+            if remote is not None:
+                if remote.host is None and remote.owner == self.rank:
+                    self.actors.restart_elsewhere(remote, dead)
+                continue
+            record = self.node.tasks.get(task_id)
+            if record is None or record.state != RUNNING or record.worker is not None:
+                continue  # ended (its TaskDone came first) or run again already
+            self._rerun(record, dead)
+            rerun += 1
+        if lost:
+            log.warning("rank %d: %d tasks it owns were on rank %d: %d run again",
+                        self.rank, len(lost), dead, rerun)
+
+    def _rerun(self, record, dead: int) -> None:
+        spec = record.spec
+        if record.retries_left == 0:
+            self.router.task_failed_remotely(spec, exceptions.NodeDiedError(
+                f"Task {spec.name} was running on node {dead} (rank {dead}), which died; "
+                "it has no retries left (max_retries)."))
+            return
+        if record.retries_left > 0:
+            record.retries_left -= 1
+        self.node.recorder.count("retries")
+        self.router.route(record)
+
+    def _fail_calls_sent_to(self, dead: int) -> None:
+        """Actor calls this node sent to the dead rank never come back."""
+        hosts = self.link.actor_locations
+        for record in list(self.node.tasks.values()):
+            spec = record.spec
+            if spec.kind != ACTOR_CALL or record.state != RUNNING or record.worker is not None:
+                continue
+            if hosts.get(spec.actor_id) != dead:
+                continue
+            self.router.task_failed_remotely(spec, exceptions.ActorDiedError(
+                f"The actor running {spec.name} was on node {dead} (rank {dead}), which "
+                "died during the call."))
