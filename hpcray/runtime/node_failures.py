@@ -14,6 +14,7 @@ On NodeDied(rank, lost) a survivor
   never said they started there), within their `max_retries` (else
   their refs raise NodeDiedError, as Ray's raylet-died case);
 - fails the actor calls it had sent to that rank (ActorDiedError: the call may have run);
+- rebuilds the values it owns whose only copy was there (lineage.py);
 - restarts, as their owner, the actors that rank hosted, on another node, within
   `max_restarts` (the creation spec is kept by the owner: RemoteActor.creation), else
   tells every node the actor is dead (ActorAt with rank -1);
@@ -26,10 +27,14 @@ each node reports the placed tasks that ended in its Load reports (`ended`).
 from __future__ import annotations
 
 import logging
+import socket
 
 from hpcray import exceptions
+from hpcray._store import Store
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
+from hpcray.runtime.object_mover import owner_died
+from hpcray.runtime.object_table import PENDING
 from hpcray.runtime.specs import ACTOR_CALL, RUNNING
 
 log = logging.getLogger("hpcray.node_failures")
@@ -39,7 +44,7 @@ class NodeFailures:
     HANDLES = {messages.NodeDied: "on_node_died"}
 
     def __init__(self, rank: int, link, node, network, objects, actors, router, mover,
-                 gcs, peers) -> None:
+                 lineage, gcs, peers) -> None:
         self.rank = rank
         self.link = link
         self.node = node
@@ -48,6 +53,7 @@ class NodeFailures:
         self.actors = actors
         self.router = router
         self.mover = mover
+        self.lineage = lineage
         self.gcs = gcs
         self.peers = peers
         self.transport = link.transport
@@ -66,16 +72,34 @@ class NodeFailures:
         for rank in ranks:
             log.warning("rank %d: lost rank %d (host %s); the job goes on without it",
                         self.rank, rank, self._host(rank))
+            self._unlink_store(rank)
         if self.rank == 0:
             for rank in ranks:
                 self._decide(rank)
+
+    def _unlink_store(self, dead: int) -> None:
+        """The dead node's store segment, if it shares this host: its fork server unlinks
+        it when its node dies, unless Open MPI's cleanup kills that server first (seen:
+        the segment stayed). Every survivor of the host tries; the name goes once."""
+        node = self.link.nodes.get(dead, {})
+        if node.get("store_name") and node.get("hostname") == socket.gethostname():
+            try:
+                Store.unlink_name(node["store_name"])
+            except Exception:  # noqa: BLE001 - gone already (another survivor, its server)
+                pass
 
     def _host(self, rank: int) -> str:
         return self.link.nodes.get(rank, {}).get("hostname", "?")
 
     def _pull_lost(self, transfer) -> None:
         for tag, (object_id, _view, pulled) in list(self.link.pulls.items()):
-            if pulled is transfer:
+            if pulled is not transfer:
+                continue
+            entry = self.objects.get(object_id)
+            if entry is not None and entry.owner == self.rank:
+                # Left REMOTE on the dead rank: rebuilt from lineage at NodeDied.
+                self.mover.abandon_pull(transfer.peer, object_id, tag)
+            else:
                 self.mover.on_pull_failed(transfer.peer, object_id, tag)
 
     def _decide(self, dead: int) -> None:
@@ -112,6 +136,14 @@ class NodeFailures:
                 continue  # ended (its TaskDone came first) or run again already
             self._rerun(record, dead)
             rerun += 1
+        for object_id, entry in list(self.objects.entries.items()):
+            if entry.owner == dead and entry.state == PENDING:  # its owner would have said
+                self.objects.object_ready(object_id, owner_died(object_id, dead), (), 0)
+        lost_values = self.lineage.lost_with(dead)
+        if lost_values:
+            log.warning("rank %d: %d values it owns had their only copy on rank %d: "
+                        "rebuilding them from lineage", self.rank, len(lost_values), dead)
+            self.lineage.rebuild(lost_values)
         if lost:
             log.warning("rank %d: %d tasks it owns were on rank %d: %d run again",
                         self.rank, len(lost), dead, rerun)

@@ -44,6 +44,7 @@ from hpcray.runtime.cluster import Network
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs, WorkerStreams
 from hpcray.runtime.guardian import NoBoard
+from hpcray.runtime.lineage import Lineage
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
@@ -196,8 +197,10 @@ class NodeManager:
         self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
+        self.lineage = Lineage(rank, self, self.objects, gcs)
         self.failures = NodeFailures(rank, link, self, self.network, self.objects,
-                                     self.actors, self.router, self.mover, gcs, peers)
+                                     self.actors, self.router, self.mover, self.lineage,
+                                     gcs, peers)
         self.network.bind(self.router, self.failures, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
             self.state_queries, self.canceller, self.generators, self.failures))
@@ -208,7 +211,7 @@ class NodeManager:
     def describe_self(self) -> dict:
         """This node as the start handshake tells the others."""
         return {"node_id": self.node_id.hex(), "resources": self.total_resources,
-                "hostname": self.info["hostname"]}
+                "hostname": self.info["hostname"], "store_name": self.store_name}
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake)."""

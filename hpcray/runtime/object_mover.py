@@ -45,6 +45,9 @@ class ObjectMover:
         if owner == self.rank or owner >= self.cluster.size:
             return None
         entry = self.objects[object_id] = ObjectEntry(owner)
+        if owner in self.cluster.dead_nodes:  # ULFM: nobody can say where it is
+            self.objects.object_ready(object_id, owner_died(object_id, owner), (), 0)
+            return entry
         entry.lent = 1
         entry.watched = True
         self.peers.send(owner, wire(messages.Watch, object_id, True))
@@ -122,9 +125,18 @@ class ObjectMover:
         self.peers.on_sent()
 
     def on_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
+        entry = self.abandon_pull(source, object_id, tag)
+        if entry is not None:
+            entry.state = PENDING
+            self.objects.object_ready(object_id, error_bytes(exceptions.ObjectLostError(
+                f"Object {object_id.hex()} is no longer on node {source}.")), (), 0)
+
+    def abandon_pull(self, source: int, object_id: bytes, tag: int):
+        """Give up a pull from `source`: its buffer is freed; returns the object's entry
+        (still REMOTE, no longer pulling), or None if the pull or the entry is gone."""
         pulled = self.cluster.pulls.pop(tag, None)
         if pulled is None:
-            return
+            return None
         _, view, transfer = pulled
         self.recorder.pull_ended(tag, object_id, source, -1)
         self.transport.cancel_receive(transfer)  # the buffer is ours again
@@ -133,9 +145,7 @@ class ObjectMover:
         entry = self.objects.get(object_id)
         if entry is not None:
             entry.pulling = False
-            entry.state = PENDING
-            self.objects.object_ready(object_id, error_bytes(exceptions.ObjectLostError(
-                f"Object {object_id.hex()} is no longer on node {source}.")), (), 0)
+        return entry
 
     def pull_done(self, tag: int) -> None:
         pulled = self.cluster.pulls.pop(tag, None)
@@ -179,3 +189,9 @@ class ObjectMover:
             return ("at", entry.location, entry.size, contained)
         entry.shipped = True
         return ("at", self.rank, entry.size, contained)
+
+
+def owner_died(object_id: bytes, owner: int) -> bytes:
+    """The error value of an object whose owner's node died (Ray's OwnerDiedError)."""
+    return error_bytes(exceptions.OwnerDiedError(
+        f"Object {object_id.hex()} was lost: its owner, node {owner} (rank {owner}), died."))

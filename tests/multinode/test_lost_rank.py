@@ -200,3 +200,58 @@ def test_lost_driver_rank_ends_the_job(tmp_path):
     """, expect_code=1)
     assert "NOT REACHED" not in out
     assert out.count("hpcray: lost rank 0 (the driver and the global scheduler") == 1, out
+
+
+def test_lost_values_are_rebuilt_from_lineage(tmp_path):
+    """Values whose only copy was in the killed rank's store are made again by
+    re-running their tasks, recursively through a chain 100 deep; a `put` value lost
+    with its owner raises ObjectLostError."""
+    out = run_ulfm(tmp_path, 4, """
+        import os, signal, time, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        on2 = On(ids[2], soft=True)
+    """ + NODE_PID + """
+        @ray.remote(max_retries=2)
+        def make(i):
+            return np.full(50_000, i, dtype=np.int64)   # 400 KB: in rank 2's store
+
+        @ray.remote(max_retries=2)
+        def step(x):
+            return x + 1
+
+        @ray.remote
+        def put_there():
+            return [ray.put(np.ones(50_000))]
+
+        singles = [make.options(scheduling_strategy=on2).remote(i) for i in range(5)]
+        chain = [make.options(scheduling_strategy=on2).remote(0)]
+        for _ in range(100):
+            chain.append(step.options(scheduling_strategy=on2).remote(chain[-1]))
+        [put_ref] = ray.get(put_there.options(scheduling_strategy=On(ids[2], soft=False)).remote())
+        ready, _ = ray.wait(singles + chain, num_returns=len(singles) + len(chain),
+                            fetch_local=False)
+        assert len(ready) == 106
+        pid = ray.get(ray.remote(node_pid).options(
+            scheduling_strategy=On(ids[2], soft=False)).remote())
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
+            time.sleep(0.001)
+        for i, ref in enumerate(singles):
+            assert (ray.get(ref) == i).all()
+        assert (ray.get(chain[-1]) == 100).all()
+        print(f"REBUILT {time.monotonic() - t0:.3f}", flush=True)
+        assert (ray.get(chain[50]) == 50).all()
+        try:
+            ray.get(put_ref)
+            raise AssertionError("a put value lost with its node was read")
+        except ray.exceptions.ObjectLostError as exc:
+            print("PUT", type(exc).__name__, flush=True)
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+    assert "values it owns had their only copy on rank 2" in out, out
+    print(re.findall(r"REBUILT [\d.]+", out))
