@@ -14,7 +14,9 @@ On NodeDied(rank, lost) a survivor
   never said they started there), within their `max_retries` (else
   their refs raise NodeDiedError, as Ray's raylet-died case);
 - fails the actor calls it had sent to that rank (ActorDiedError: the call may have run);
-- rebuilds the values it owns whose only copy was there (lineage.py);
+- rebuilds the values it owns whose only copy was there (lineage.py), and asks the
+  owners of the values it borrows that were there where they are now;
+- forgets the rank as a borrower of its objects;
 - restarts, as their owner, the actors that rank hosted, on another node, within
   `max_restarts` (the creation spec is kept by the owner: RemoteActor.creation), else
   tells every node the actor is dead (ActorAt with rank -1);
@@ -34,7 +36,7 @@ from hpcray._store import Store
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.object_mover import owner_died
-from hpcray.runtime.object_table import PENDING
+from hpcray.runtime.object_table import PENDING, REMOTE
 from hpcray.runtime.specs import ACTOR_CALL, RUNNING
 
 log = logging.getLogger("hpcray.node_failures")
@@ -96,11 +98,21 @@ class NodeFailures:
             if pulled is not transfer:
                 continue
             entry = self.objects.get(object_id)
-            if entry is not None and entry.owner == self.rank:
-                # Left REMOTE on the dead rank: rebuilt from lineage at NodeDied.
-                self.mover.abandon_pull(transfer.peer, object_id, tag)
-            else:
+            if entry is None or entry.owner in self.transport.dead:
                 self.mover.on_pull_failed(transfer.peer, object_id, tag)
+                continue
+            # Left REMOTE on the dead rank: its owner rebuilds it from lineage at NodeDied
+            # (this node, or another, which a borrower asks again then).
+            self.mover.abandon_pull(transfer.peer, object_id, tag)
+            if entry.owner != self.rank and transfer.peer in self.link.dead_nodes:
+                self._ask_owner_again(object_id, entry)
+
+    def _ask_owner_again(self, object_id: bytes, entry) -> None:
+        """A borrowed value whose copy was lost: where is it now? (The owner answers
+        once it has made it again.)"""
+        entry.state = PENDING
+        entry.location = None
+        self.mover.watch(object_id, entry)
 
     def _decide(self, dead: int) -> None:
         """Rank 0: the node is gone for the whole job; tell each survivor what it lost."""
@@ -136,9 +148,7 @@ class NodeFailures:
                 continue  # ended (its TaskDone came first) or run again already
             self._rerun(record, dead)
             rerun += 1
-        for object_id, entry in list(self.objects.entries.items()):
-            if entry.owner == dead and entry.state == PENDING:  # its owner would have said
-                self.objects.object_ready(object_id, owner_died(object_id, dead), (), 0)
+        self._objects_after(dead)
         lost_values = self.lineage.lost_with(dead)
         if lost_values:
             log.warning("rank %d: %d values it owns had their only copy on rank %d: "
@@ -147,6 +157,21 @@ class NodeFailures:
         if lost:
             log.warning("rank %d: %d tasks it owns were on rank %d: %d run again",
                         self.rank, len(lost), dead, rerun)
+
+    def _objects_after(self, dead: int) -> None:
+        """Values the dead rank owned are lost (Ray's OwnerDiedError) unless a copy is
+        here or being pulled from elsewhere; those it held for other owners are asked
+        of their owners again; it no longer borrows anything."""
+        for object_id, entry in list(self.objects.entries.items()):
+            lost_here = entry.state == REMOTE and entry.location == dead and not entry.pulling
+            if entry.owner == dead:
+                if entry.state == PENDING or lost_here:
+                    self.objects.object_ready(object_id, owner_died(object_id, dead), (), 0)
+            elif lost_here and entry.owner != self.rank:
+                self._ask_owner_again(object_id, entry)
+            elif entry.borrowers and dead in entry.borrowers:
+                self.node.borrowing.count_borrower(object_id, entry, dead,
+                                                   -entry.borrowers[dead])
 
     def _rerun(self, record, dead: int) -> None:
         spec = record.spec

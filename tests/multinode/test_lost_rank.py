@@ -204,8 +204,8 @@ def test_lost_driver_rank_ends_the_job(tmp_path):
 
 def test_lost_values_are_rebuilt_from_lineage(tmp_path):
     """Values whose only copy was in the killed rank's store are made again by
-    re-running their tasks, recursively through a chain 100 deep; a `put` value lost
-    with its owner raises ObjectLostError."""
+    re-running their tasks, recursively through a chain 100 deep, and read on the owner
+    and on another node; a `put` value lost with its owner raises ObjectLostError."""
     out = run_ulfm(tmp_path, 4, """
         import os, signal, time, numpy as np, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
@@ -233,17 +233,37 @@ def test_lost_values_are_rebuilt_from_lineage(tmp_path):
         ready, _ = ray.wait(singles + chain, num_returns=len(singles) + len(chain),
                             fetch_local=False)
         assert len(ready) == 106
+        @ray.remote
+        def later(refs, go):   # rank 3 knows the value is on rank 2, then reads it
+            ray.wait(refs, fetch_local=False)
+            open("located", "w").close()
+            while not os.path.exists(go):
+                time.sleep(0.01)
+            return int(ray.get(refs[0]).sum())
+        go = os.path.join(os.getcwd(), "go")
+        reader = later.options(scheduling_strategy=On(ids[3], soft=False)).remote(
+            [singles[4]], go)
+        while not os.path.exists("located"):
+            time.sleep(0.01)
         pid = ray.get(ray.remote(node_pid).options(
             scheduling_strategy=On(ids[2], soft=False)).remote())
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
             time.sleep(0.001)
+        open(go, "w").close()
+        assert ray.get(reader) == 200_000
         for i, ref in enumerate(singles):
             assert (ray.get(ref) == i).all()
         assert (ray.get(chain[-1]) == 100).all()
         print(f"REBUILT {time.monotonic() - t0:.3f}", flush=True)
         assert (ray.get(chain[50]) == 50).all()
+
+        @ray.remote
+        def total(refs):   # rank 3 borrows a value rebuilt elsewhere
+            return int(ray.get(refs[0]).sum())
+        on3 = On(ids[3], soft=False)
+        assert ray.get(total.options(scheduling_strategy=on3).remote([singles[3]])) == 150_000
         try:
             ray.get(put_ref)
             raise AssertionError("a put value lost with its node was read")
