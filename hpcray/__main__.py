@@ -89,6 +89,9 @@ where noted); each is read on every rank:
   HPCRAY_TRACE                   1: print every message between nodes (default off)
   HPCRAY_ULFM                    1: survive a lost rank (Open MPI's `mpiexec --with-ft
                                  ulfm`, which this follows by default), 0: do not
+  HPCRAY_RANK_PID                set by each rank for its children (not by you): a
+                                 program a driver or task starts that uses hpcray runs
+                                 a runtime of its own, not one more rank
   RAY_ENABLE_AUTO_CONNECT        0: put/get/.remote() before init() raise instead of
                                  starting a runtime (default 1, as Ray)
 Read from the launcher: SLURM_CPUS_PER_TASK (CPUs per node), CUDA_VISIBLE_DEVICES and

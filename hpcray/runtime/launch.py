@@ -211,8 +211,17 @@ def mpiexec_hint(ranks: str = "N") -> str:
     return f"Run `{path} -n {ranks} {sys.executable} -m hpcray app.py`."
 
 
+# Set by a rank for its children: a program that a driver or a task starts as a
+# subprocess inherits the launcher's variables (PMI_*, SLURM_NTASKS) but is no rank (MPI
+# start-up would fail in it: "PMI_Init returned -1"): it starts a runtime of its own.
+RANK_PID_VARIABLE = "HPCRAY_RANK_PID"
+
+
 def under_launcher(environ=os.environ) -> bool:
     """Whether a launcher started this process as one of several ranks (before MPI)."""
+    rank_pid = environ.get(RANK_PID_VARIABLE)
+    if rank_pid is not None and rank_pid != str(os.getpid()):
+        return False  # a subprocess of a rank (or of its workers)
     slurm_tasks = environ.get("SLURM_NTASKS", "1") or "1"
     return launched_world_size(environ) > 1 or (slurm_tasks.isdigit() and int(slurm_tasks) > 1)
 
@@ -228,6 +237,7 @@ def world():
     if _world is None:
         if not under_launcher():
             return None
+        os.environ[RANK_PID_VARIABLE] = str(os.getpid())  # what its children inherit
         slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
         from mpi4py import MPI
         from hpcray.runtime.transport import MpiTransport

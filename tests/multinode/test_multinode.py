@@ -680,3 +680,30 @@ def test_driver_sys_path_reaches_every_node(tmp_path):
         print("OK")
     """)
     assert "OK" in out and "NODES 3" in out, out
+
+
+def test_a_subprocess_of_a_rank_starts_its_own_runtime(tmp_path):
+    """A Python program started as a subprocess of the driver or of a task, that uses
+    hpcray itself, inherits the launcher's PMI variables but is no rank: it starts a
+    runtime of its own (one node) instead of dying in MPI start-up."""
+    out = run_mpi(tmp_path, 2, """
+        import subprocess, sys, hpcray as ray
+        ray.init(num_cpus=1)
+        code = ("import hpcray as ray; ray.init(num_cpus=1); "
+                "print('CHILD', ray.get(ray.put(5)), len(ray.nodes())); ray.shutdown()")
+        def child():
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                 text=True, timeout=90)
+            return run.returncode, run.stdout + run.stderr
+        @ray.remote
+        def in_task():
+            return child(), ray.get_runtime_context().get_node_id()
+        assert child()[0] == 0 and "CHILD 5 1" in child()[1], child()
+        results = ray.get([in_task.options(scheduling_strategy="SPREAD").remote()
+                           for _ in range(2)])
+        assert len({node for _, node in results}) == 2, results
+        for (code_, output), _ in results:
+            assert code_ == 0 and "CHILD 5 1" in output, output
+        print("OK")
+    """)
+    assert "OK" in out, out
