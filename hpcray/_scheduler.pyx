@@ -112,6 +112,31 @@ cdef class LocalScheduler:
         for name, amount in demand.items():
             self.available[name] = self.available.get(name, 0.0) + amount
 
+    cpdef void add_resources(self, dict resources):
+        """A placement group's bundle became this node's (placement_groups.py): its
+        resources, under the group's names, join the totals and the free pool."""
+        for name, amount in resources.items():
+            self.total[name] = self.total.get(name, 0.0) + amount
+            self.available[name] = self.available.get(name, 0.0) + amount
+        self._drop_spent()
+
+    cpdef void remove_resources(self, dict resources):
+        """A group's bundle went: its names leave the totals. What tasks still hold of
+        them comes back when they end (their workers are being killed)."""
+        for name, amount in resources.items():
+            self.total[name] = self.total.get(name, 0.0) - amount
+            self.available[name] = self.available.get(name, 0.0) - amount
+        self._drop_spent()
+
+    cdef void _drop_spent(self):
+        """Names whose total reached zero leave the totals (no new task fits them); their
+        free amount goes too once nothing holds any (it is back to zero)."""
+        for name in [n for n, v in self.total.items() if v <= _EPS]:
+            del self.total[name]
+        for name in [n for n, v in self.available.items()
+                     if n not in self.total and -_EPS <= v <= _EPS]:
+            del self.available[name]
+
     # -- events ------------------------------------------------------------------
     def task_ready(self, task_key, dict demand, bint needs_worker=True):
         """A task (or actor creation, needs_worker=False) has its arguments ready."""
@@ -380,6 +405,21 @@ cdef class GlobalScheduler:
         self.in_flight[rank] = deque()
         self.placed_total[rank] = 0
         self.reported[rank] = (dict(self.totals[rank]), 0)
+
+    def add_resources(self, int rank, dict resources):
+        """A placement group's bundle was committed on `rank`: its group-named resources."""
+        for target in (self.totals[rank], self.available[rank]):
+            for name, amount in resources.items():
+                target[name] = target.get(name, 0.0) + amount
+
+    def remove_resources(self, int rank, dict resources):
+        for target in (self.totals[rank], self.available[rank]):
+            for name, amount in resources.items():
+                left = target.get(name, 0.0) - amount
+                if left > _EPS:
+                    target[name] = left
+                else:
+                    target.pop(name, None)
 
     def remove_node(self, int rank):
         self.alive.discard(rank)

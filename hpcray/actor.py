@@ -103,9 +103,11 @@ class ActorClass:
             "max_restarts": options.get("max_restarts") or 0,
             "max_task_retries": options.get("max_task_retries") or 0,
             "max_concurrency": options.get("max_concurrency"),
-            "scheduling_strategy": opts.strategy_of(options),
+            "scheduling_strategy": opts.strategy_of(options, context.group),
         }
         demand = opts.demand_of(options, 0)
+        if type(spec_options["scheduling_strategy"]) is opts.InGroup:
+            demand = opts.demand_in_group(demand, spec_options["scheduling_strategy"])
         spec = TaskSpec(actor_id, ACTOR_CREATION, self._class_id, self.__name__, args_payload,
                         deps, contained, [], demand, 0, False, actor_id, None, spec_options)
         client.submit(spec)

@@ -7,6 +7,7 @@ from hpcray import exceptions
 client = None          # the CoreClient of this process, once init() ran (or in a worker)
 worker = None          # the Worker, in a worker process
 driver_node = None     # the NodeManager, in the driver
+group = None           # the placement group (options.InGroup) the running task or actor is in
 
 
 class NotInitializedError(exceptions.RayError, RuntimeError):

@@ -5,13 +5,15 @@ from __future__ import annotations
 TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "num_returns", "max_retries",
                 "retry_exceptions", "name", "scheduling_strategy", "runtime_env",
                 "accelerator_type", "placement_group", "_metadata", "label_selector",
-                "max_calls"}
+                "max_calls", "placement_group_bundle_index",
+                "placement_group_capture_child_tasks"}
 # num_returns of a generator task (runtime/generators.py); a generator function's default
 GENERATOR_RETURNS = ("streaming", "dynamic")
 ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespace",
                  "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
                  "scheduling_strategy", "runtime_env", "get_if_exists", "accelerator_type",
-                 "concurrency_groups", "max_pending_calls", "placement_group", "label_selector"}
+                 "concurrency_groups", "max_pending_calls", "placement_group", "label_selector",
+                 "placement_group_bundle_index", "placement_group_capture_child_tasks"}
 
 
 def check(options: dict, allowed: set, what: str) -> dict:
@@ -110,7 +112,17 @@ def retry_exceptions_of(options: dict):
 SPREAD = "SPREAD"
 
 
-class NodeAffinity(tuple):
+class _Strategy(tuple):
+    """A strategy record: a tuple (kind, *fields), which is how the Cython global
+    scheduler reads it, pickled as its class and fields."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (type(self), tuple(self[1:]))
+
+
+class NodeAffinity(_Strategy):
     """NodeAffinitySchedulingStrategy as the schedulers take it: run on node `rank`
     (`soft`: or elsewhere if it cannot). A tuple ("node", rank, soft) underneath, which
     is how the Cython global scheduler reads it."""
@@ -119,9 +131,6 @@ class NodeAffinity(tuple):
 
     def __new__(cls, rank: int, soft: bool):
         return tuple.__new__(cls, ("node", rank, soft))
-
-    def __reduce__(self):
-        return (NodeAffinity, (self[1], self[2]))
 
     @property
     def rank(self) -> int:
@@ -135,14 +144,81 @@ class NodeAffinity(tuple):
         return self[1] == rank
 
 
-def strategy_of(options: dict):
+class InGroup(_Strategy):
+    """PlacementGroupSchedulingStrategy as the runtime takes it: run in bundle `index`
+    (-1: any) of placement group `group_id`; `capture`: what runs there puts its own
+    children into the group too. A tuple ("group", group_id, index, capture)."""
+
+    __slots__ = ()
+
+    def __new__(cls, group_id: bytes, index: int, capture: bool):
+        return tuple.__new__(cls, ("group", group_id, index, capture))
+
+    @property
+    def group_id(self) -> bytes:
+        return self[1]
+
+    @property
+    def index(self) -> int:
+        return self[2]
+
+    @property
+    def capture(self) -> bool:
+        return self[3]
+
+
+BUNDLE_RESOURCE = "bundle"      # every bundle has 1000 of it (Ray's marker resource)
+BUNDLE_MARKER_UNITS = 1000.0
+_MARKER_DEMAND = 0.001          # what each task asks of it: even a 0-CPU task lands there
+
+
+def group_resource(name: str, group_hex: str, index: int = -1) -> str:
+    """Ray's name of a group's share of `name`: `CPU_group_<i>_<id>` for bundle i, and
+    `CPU_group_<id>` for the group as a whole (any bundle)."""
+    if index < 0:
+        return f"{name}_group_{group_hex}"
+    return f"{name}_group_{index}_{group_hex}"
+
+
+def demand_in_group(demand: dict, strategy: InGroup) -> dict:
+    """A demand renamed into the group's resources, as Ray does: only the node holding
+    the bundle has them, so the schedulers keep the task there and nowhere else."""
+    group_hex = strategy.group_id.hex()
+    index = strategy.index
+    renamed = {}
+    for name, amount in {**demand, BUNDLE_RESOURCE: _MARKER_DEMAND}.items():
+        renamed[group_resource(name, group_hex)] = amount
+        if index >= 0:
+            renamed[group_resource(name, group_hex, index)] = amount
+    return renamed
+
+
+def strategy_of(options: dict, group: InGroup | None = None):
     """The scheduling strategy in the form the schedulers take: None (DEFAULT), SPREAD,
-    or a NodeAffinity."""
+    a NodeAffinity or an InGroup. `group`: the group the caller runs in (context.group),
+    which an unspecified strategy joins when it captures child tasks, as in Ray."""
     strategy = options.get("scheduling_strategy")
-    if strategy is None or strategy == "DEFAULT":
+    if strategy is None:
+        if group is None and "placement_group" not in options:
+            return None  # the common case first: a plain task's submission pays this only
+        legacy = options.get("placement_group", "default")
+        if legacy == "default":  # a captured child may use any bundle of the group
+            if group is not None and group.capture:
+                return InGroup(group.group_id, -1, True)
+            return None
+        if legacy is None:
+            return None
+        return _in_group(legacy, options.get("placement_group_bundle_index", -1),
+                         options.get("placement_group_capture_child_tasks"))
+    if strategy == "DEFAULT":
         return None
     if strategy == SPREAD:
         return SPREAD
+    if hasattr(strategy, "placement_group_bundle_index"):
+        if strategy.placement_group is None:  # Ray's way to opt out of capturing
+            return None
+        return _in_group(strategy.placement_group, strategy.placement_group_bundle_index,
+                         strategy.placement_group_capture_child_tasks)
     node_id = getattr(strategy, "node_id", None)
     if node_id is not None:
         try:
@@ -151,5 +227,14 @@ def strategy_of(options: dict):
             raise ValueError(f"NodeAffinitySchedulingStrategy got an unknown node id "
                              f"{node_id!r}; use a NodeID from hpcray.nodes().") from None
         return NodeAffinity(rank, bool(strategy.soft))
-    raise ValueError(f"Unknown scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD' or "
-                     "NodeAffinitySchedulingStrategy.")
+    raise ValueError(f"Unknown scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD', "
+                     "NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy.")
+
+
+def _in_group(group, index, capture) -> InGroup:
+    index = -1 if index is None else index
+    count = group.bundle_count
+    if not isinstance(index, int) or not -1 <= index < count:
+        raise ValueError(f"Invalid placement_group_bundle_index {index!r}: the placement "
+                         f"group has {count} bundles (use -1 for any, or 0 to {count - 1}).")
+    return InGroup(group.id.binary(), index, bool(capture))

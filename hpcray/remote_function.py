@@ -67,6 +67,13 @@ class RemoteFunction:
                 template = self._template = _CallTemplate(self, options, client)
         else:
             template = _CallTemplate(self, options, client)
+        group = context.group
+        if group is not None and group.capture and template.strategy is None:
+            # Run in a group that captures child tasks: this call joins it, unless its
+            # options opt out (read per call: a worker's group changes from task to task).
+            captured = _CallTemplate(self, options, client, group)
+            if captured.strategy is not None:
+                template = captured
         task_id = ids.new_task_id()
         args_payload, deps, contained = encode_call_args(client, task_id, args, kwargs, self._name)
         num_returns = template.num_returns
@@ -90,9 +97,9 @@ class _CallTemplate:
     once: a TaskSpec's fields but the task's own (ids, arguments)."""
 
     __slots__ = ("client", "name", "demand", "num_returns", "generator", "max_retries",
-                 "retry_exceptions", "extra")
+                 "retry_exceptions", "strategy", "extra")
 
-    def __init__(self, function: RemoteFunction, options: dict, client):
+    def __init__(self, function: RemoteFunction, options: dict, client, group=None):
         self.client = client
         self.name = options.get("name") or function._name
         self.demand = opts.demand_of(options, 1)
@@ -108,7 +115,7 @@ class _CallTemplate:
         extra = {}
         if self.generator is not None:
             extra["generator"] = self.generator
-        strategy = opts.strategy_of(options)
+        self.strategy = strategy = opts.strategy_of(options, group)
         if strategy:
             extra["scheduling_strategy"] = strategy
         max_calls = options.get("max_calls")
@@ -117,6 +124,8 @@ class _CallTemplate:
         if max_calls:
             extra["max_calls"] = max_calls
         self.extra = extra or None
+        if strategy and type(strategy) is opts.InGroup:  # the bundle's resources instead
+            self.demand = opts.demand_in_group(self.demand, strategy)
 
 
 def default_returns(function):

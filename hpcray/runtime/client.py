@@ -348,6 +348,18 @@ class DriverClient(CoreClient):
             self.nm.router.on_drain(self.nm.rank)
             self.nm.network.peers.broadcast(wire(Drain))
 
+    def create_group(self, group_id: bytes, bundles: list, strategy: str, name: str,
+                     detached: bool) -> None:
+        with self.nm.lock:
+            self.nm.bundles.create(group_id, bundles, strategy, name, detached)
+
+    def remove_group(self, group_id: bytes) -> None:
+        with self.nm.lock:
+            self.nm.bundles.remove(group_id)
+
+    def group_rows(self, group_id, name) -> list:
+        return self._answer_of(self.nm.bundles.rows, group_id, name)
+
     def make_room(self, size: int) -> int:
         nm = self._locked()
         try:
@@ -421,6 +433,16 @@ class WorkerClient(CoreClient):
 
     def list_state(self, table: str) -> list:
         return self.channel.request("list_state", (table,))
+
+    def create_group(self, group_id: bytes, bundles: list, strategy: str, name: str,
+                     detached: bool) -> None:
+        self.channel.send_oneway("create_group", (group_id, bundles, strategy, name, detached))
+
+    def remove_group(self, group_id: bytes) -> None:
+        self.channel.send_oneway("remove_group", (group_id,))
+
+    def group_rows(self, group_id, name) -> list:
+        return self.channel.request("group_rows", (group_id, name))
 
     def make_room(self, size: int) -> int:
         return self.channel.request("make_room", (size,))

@@ -18,7 +18,7 @@ from hpcray import exceptions, ids
 from hpcray._scheduler import GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import GcsShard, is_gcs_request
-from hpcray.options import NodeAffinity
+from hpcray.options import InGroup, NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.peers import Peers
@@ -76,6 +76,7 @@ class ClusterLink:
         self.placed_here: set | None = set() if self.fault_tolerant and self.rank else None
         self.ended_placed: list = []
         self.dead_nodes: set[int] = set()
+        self.removed_groups: set = set()  # placement groups removed (placement_groups.py)
 
 
 class Network:
@@ -99,6 +100,7 @@ class Network:
         self.global_scheduler = None
         self.handlers: dict = {}              # control message type -> handler: bind()
         self.router = self.failures = None
+        self.groups = None                    # GroupDirectory: bind()
         self.peers = Peers(self.transport, rank, self.wake_cluster)
         self.gcs = GcsClient(rank, link.gcs_shards, self.send_gcs)
         if rank < link.gcs_shards:
@@ -106,10 +108,11 @@ class Network:
         if rank == 0:
             self.global_scheduler = GlobalScheduler()
 
-    def bind(self, router, failures, handlers: dict) -> None:
+    def bind(self, router, failures, handlers: dict, groups) -> None:
         self.router = router
         self.failures = failures
         self.handlers = handlers
+        self.groups = groups
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake): feasibility and placement."""
@@ -138,6 +141,8 @@ class Network:
             # load (a placement on rank 0 reads its own load first, see on_forward).
             if transport.busy:
                 self.handle_cluster_messages(transport.poll())
+            if self.groups.waiting:  # a placement group waits for room: look again
+                self.report_load(now_=True)
             return
         arrived = transport.poll()
         self.handle_cluster_messages(arrived)
@@ -217,6 +222,8 @@ class Network:
         if self.rank == 0:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2])
             self.place_pending_actors()
+            if self.groups.waiting:
+                self.groups.try_next()
         else:
             ended, cluster.ended_placed = tuple(cluster.ended_placed), []
             self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2],
@@ -231,6 +238,8 @@ class Network:
                     placed.pop(task_id, None)
         self.global_scheduler.report(source, available, queued, received)
         self.place_pending_actors()
+        if self.groups.waiting:
+            self.groups.try_next()
 
     def room_now(self, demand: dict) -> bool:
         """Rank 0: whether some node has `demand` free, as the global scheduler sees it."""
@@ -255,6 +264,8 @@ class Network:
         """Why no node of this job can ever run a request: None when one can;
         "affinity" when a hard NodeAffinity names a node that is not in the job or lacks
         the resources; "infeasible" when no node has them."""
+        if type(strategy) is InGroup:  # its group's bundles exist, or will, or it is gone
+            return "removed" if strategy.group_id in self.link.removed_groups else None
         if isinstance(strategy, NodeAffinity) and not strategy.soft:
             node = self.link.nodes.get(strategy.rank)
             total = node["resources"] if node is not None else None
@@ -292,13 +303,17 @@ class Network:
     def cluster_available(self) -> dict:
         """What is free: this node's own now, the others' as their last load reports
         said (rank 0; other ranks answer for themselves)."""
-        total = {k: max(0.0, v) for k, v in self.scheduler.available.items()}
+        scheduler = self.scheduler
+        # (a removed placement group's names linger at 0 until its last task ends)
+        total = {k: max(0.0, v) for k, v in scheduler.available.items()
+                 if k in scheduler.total}
         if self.global_scheduler is None:
             return total
         for rank in self.global_scheduler.alive:
             if rank != self.rank:
                 for name, amount in self.global_scheduler.available[rank].items():
-                    total[name] = total.get(name, 0.0) + max(0.0, amount)
+                    if amount > 0 or name in self.global_scheduler.totals[rank]:
+                        total[name] = total.get(name, 0.0) + max(0.0, amount)
         return total
 
     def on_forward(self, source: int, spec, deps, strategy, arg_bytes, hops: int = 0) -> None:
@@ -307,6 +322,9 @@ class Network:
         demand = spec.demand
         if source in self.link.placed:  # an actor its node sent back (hops)
             self.link.placed[source].pop(spec.actor_id, None)
+        if type(strategy) is InGroup and self.groups.hold(source, spec, deps, strategy,
+                                                           arg_bytes, hops):
+            return  # its group is not created yet (or is removed)
         if self.rank == 0:
             self.report_load(now_=True)  # this node's own load is never stale
         if strategy is None and spec.kind != ACTOR_CALL and spec.actor_id is not None \

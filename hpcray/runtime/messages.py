@@ -221,6 +221,71 @@ class KillActor(NamedTuple):
     cause: str | None = None  # why, when not kill(): what the actor's death says
 
 
+# ---------------------------------------------------------------- control: placement groups
+@_on("control")
+class CreateGroup(NamedTuple):
+    """a node -> rank 0: create this placement group (placement_groups.py)."""
+    group_id: bytes
+    bundles: list       # [{resource: amount}] per bundle
+    strategy: str       # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD
+    name: str
+    detached: bool
+
+
+@_on("control")
+class RemoveGroup(NamedTuple):
+    """a node -> rank 0: remove this placement group."""
+    group_id: bytes
+
+
+@_on("control")
+class GroupQuery(NamedTuple):
+    """a node -> rank 0: the table rows of one group (by id or name) or of all (both None)."""
+    request_id: int
+    group_id: bytes | None
+    name: str | None
+
+
+@_on("control")
+class GroupRows(NamedTuple):
+    """rank 0 -> the asking node: the answer to a GroupQuery."""
+    request_id: int
+    rows: list
+
+
+@_on("control")
+class PrepareBundles(NamedTuple):
+    """rank 0 -> a chosen node: reserve these bundles, [(index, {resource: amount})]."""
+    group_id: bytes
+    bundles: list
+
+
+@_on("control")
+class BundlesPrepared(NamedTuple):
+    """the node -> rank 0: whether it reserved them (all of them, or none)."""
+    group_id: bytes
+    ok: bool
+
+
+@_on("control")
+class CommitBundles(NamedTuple):
+    """rank 0 -> each node that prepared: every node did; the bundles are the group's now."""
+    group_id: bytes
+
+
+@_on("control")
+class ReturnBundles(NamedTuple):
+    """rank 0 -> each node that prepared: another node refused; free them again."""
+    group_id: bytes
+
+
+@_on("control")
+class GroupRemoved(NamedTuple):
+    """rank 0 -> every node: the group is gone: free its bundles, fail its tasks, kill
+    its actors."""
+    group_id: bytes
+
+
 # ---------------------------------------------------------------- launch (launch.py)
 @_on("control")
 class StateQuery(NamedTuple):
@@ -405,9 +470,10 @@ class WorkerExited(NamedTuple):
 # Request), and the node's WorkerRequests part serves them, one op_<name> method each:
 # `check_operations` holds WorkerRequests to this list at import.
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
-              "interrupt_wait")
+              "interrupt_wait", "create_group", "remove_group")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_state", "cancel", "generator_next", "make_room", "restore")
+               "list_state", "cancel", "generator_next", "make_room", "restore",
+               "group_rows")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

@@ -48,6 +48,7 @@ from hpcray.runtime.lineage import Lineage
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
+from hpcray.runtime.placement_groups import Bundles, GroupDirectory
 from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
 from hpcray.runtime.task_router import TaskRouter
 from hpcray.runtime.worker_requests import WorkerRequests
@@ -192,6 +193,10 @@ class NodeManager:
                                           self.task_events, self.recorder, peers)
         self.generators = Generators(rank, self, self.objects, self.borrowing, self.actors,
                                      self.router, peers)
+        self.groups = GroupDirectory(rank, link, self.network, scheduler, peers)
+        self.bundles = Bundles(rank, self, self.network, self.actors, self.canceller,
+                               scheduler, peers)
+        self.groups.bind(self.router)
         self.objects.bind(self.mover, self.borrowing, self.actors, self.generators,
                           self.spiller)
         self.router.bind(self.generators)
@@ -203,7 +208,8 @@ class NodeManager:
                                      gcs, peers)
         self.network.bind(self.router, self.failures, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
-            self.state_queries, self.canceller, self.generators, self.failures))
+            self.state_queries, self.canceller, self.generators, self.failures,
+            self.groups, self.bundles), self.groups)
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests,
                                                        self.generators)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
@@ -706,7 +712,10 @@ class NodeManager:
         demand = dict(spec.demand)
         cluster = self.network.cluster_resources()
         what = f"{'Actor' if is_actor else 'Task'} {spec.name}"
-        if problem == "affinity":
+        if problem == "removed":  # into a placement group already removed
+            message = (f"{what} cannot be scheduled: its placement group "
+                       f"{spec.options['scheduling_strategy'].group_id.hex()} was removed.")
+        elif problem == "affinity":
             strategy = spec.options["scheduling_strategy"]
             message = (f"{what} requests {demand} on node rank {strategy.rank}: the node "
                        "specified via NodeAffinitySchedulingStrategy doesn't exist or is "
@@ -733,7 +742,7 @@ class NodeManager:
         if is_actor:
             self.actors.actor_dead(self.actors[spec.actor_id],
                                    exceptions.ActorUnschedulableError(message))
-        elif problem == "affinity":
+        elif problem in ("affinity", "removed"):
             self._fail_task(record, exceptions.TaskUnschedulableError(message))
         else:
             self._fail_task(record, exceptions.ResourceInfeasibleError(message))
@@ -918,5 +927,6 @@ def _close_fd(fd: int) -> None:
 
 # Every message of the node's channels has exactly one handler among its parts.
 messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
-                        StateQueries, Canceller, Generators, NodeFailures)
+                        StateQueries, Canceller, Generators, NodeFailures,
+                        GroupDirectory, Bundles)
 messages.check_handlers("up", NodeManager, Actors, WorkerRequests, Generators)

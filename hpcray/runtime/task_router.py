@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from hpcray import exceptions, ids
 from hpcray._scheduler import LOCALITY_BYTES
-from hpcray.options import NodeAffinity
+from hpcray.options import InGroup, NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.actors import A_DEAD, RemoteActor
@@ -74,6 +74,9 @@ class TaskRouter:
         if isinstance(strategy, NodeAffinity) and strategy.on(self.rank) \
                 and self.scheduler.is_feasible(spec.demand):
             keep = True
+        elif type(strategy) is InGroup and self.scheduler.is_feasible(spec.demand) and (
+                strategy.index >= 0 or self.scheduler.fits(spec.demand)):
+            keep = True  # its bundle is here (any bundle: one here has room now)
         if keep:
             self.localize(record, self.enqueue)
             return
@@ -268,7 +271,8 @@ class TaskRouter:
         # would wait for actors that may never end while other nodes sit idle).
         if self.link.size == 1 or (strategy is None and self.scheduler.fits(spec.demand)) \
                 or (isinstance(strategy, NodeAffinity) and strategy.on(self.rank)
-                    and self.scheduler.is_feasible(spec.demand)):
+                    and self.scheduler.is_feasible(spec.demand)) \
+                or (type(strategy) is InGroup and self.scheduler.is_feasible(spec.demand)):
             self.localize(record, lambda _r: self.actors.actor_deps_ready(actor))
             return
         # Hosted elsewhere: this node keeps only a RemoteActor for its own calls, which

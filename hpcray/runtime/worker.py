@@ -21,8 +21,9 @@ from types import CoroutineType, GeneratorType
 
 import cloudpickle
 
-from hpcray import exceptions, ids, object_ref
+from hpcray import context, exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
+from hpcray.options import InGroup
 from hpcray.runtime import protocol
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
@@ -67,7 +68,6 @@ class _Unusable(Exception):
 
 class Worker:
     def __init__(self, connection, job: dict, key: int, is_actor: bool):
-        from hpcray import context
         from hpcray._store import Store
         from hpcray.config import Config
 
@@ -223,6 +223,8 @@ class Worker:
     def _execute(self, spec, function, dep_payloads):
         """Run one task; -> (results, retry), results being (id, inline|None, contained, size)."""
         self.local.task_id = spec.task_id
+        if self.actor is None and (spec.options or context.group is not None):
+            context.group = _group_of(spec)  # what get_current_placement_group() says
         retry = retry_on = False
         try:
             retry_on = self._retry_filter(spec)
@@ -393,6 +395,7 @@ class Worker:
     # -- actors ------------------------------------------------------------------
     def _create_actor(self, spec, pickled_class, dep_payloads, gpu_ids) -> None:
         self.actor_id = spec.actor_id
+        context.group = _group_of(spec)
         self.actor_gpu_ids = gpu_ids
         self._set_gpus(gpu_ids)
         error = None
@@ -515,6 +518,12 @@ class Worker:
 
         threading.Thread(target=loop.run_forever, name="hpcray-async-actor", daemon=True).start()
         self.channel.start_reader(dispatch)
+
+
+def _group_of(spec):
+    """The placement group a task or actor was scheduled into (options.InGroup), or None."""
+    strategy = spec.options.get("scheduling_strategy") if spec.options else None
+    return strategy if type(strategy) is InGroup else None
 
 
 def _cancel_error(spec, interrupted: bool = True) -> BaseException:

@@ -84,6 +84,13 @@ class WorkerRequests:
     def op_kill_actor(self, worker, actor_id: bytes, no_restart: bool) -> None:
         self.actors.kill_actor(actor_id, no_restart)
 
+    def op_create_group(self, worker, group_id: bytes, bundles: list, strategy: str,
+                        name: str, detached: bool) -> None:
+        self.node.bundles.create(group_id, bundles, strategy, name, detached)
+
+    def op_remove_group(self, worker, group_id: bytes) -> None:
+        self.node.bundles.remove(group_id)
+
     def op_interrupt_wait(self, worker) -> None:
         """The worker read the cancel of the task it runs while blocked in a get or wait
         sent before it: that ends now, with the KeyboardInterrupt of a cancel (one sent
@@ -123,6 +130,9 @@ class WorkerRequests:
         an actor call) and returns once this node has done its part."""
         self.node.cancel(object_id, force, recursive)
         self.reply(worker, request_id, None)
+
+    def op_group_rows(self, worker, request_id, group_id, name) -> None:
+        self.node.bundles.rows(group_id, name, lambda rows: self.reply(worker, request_id, rows))
 
     def op_list_state(self, worker, request_id, table: str) -> None:
         self.node.list_state(table, lambda rows: self.reply(worker, request_id, rows))

@@ -6,11 +6,17 @@
 for none of them until then. `progress(refs)` and `as_completed(refs)` (progress_bar.py:
 how far a batch has come) and `on_drain(callback)`, `draining()`, `DrainExit` (a job
 drained by a signal before its allocation ends: runtime/drain.py) load on first use too.
+The placement group calls are here at once, as in Ray: `hpcray.util.placement_group`
+is the function (the module's name is taken by it, as Ray's is), `from
+hpcray.util.placement_group import ...` the module.
 """
 
 import importlib
 
 from hpcray.util.actor_pool import ActorPool
+from hpcray.util.placement_group import (get_current_placement_group, get_placement_group,
+                                         placement_group, placement_group_table,
+                                         remove_placement_group)
 
 _SUBMODULES = ("actor_pool", "queue", "scheduling_strategies", "state")
 _FROM_PROGRESS_BAR = ("progress", "as_completed")
@@ -33,4 +39,7 @@ def __dir__() -> list:
                   set(_FROM_DRAIN))
 
 
-__all__ = ["ActorPool", "DrainExit", "as_completed", "draining", "on_drain", "progress"]
+__all__ = ["ActorPool", "DrainExit", "as_completed", "draining",
+           "get_current_placement_group", "get_placement_group", "on_drain",
+           "placement_group", "placement_group_table", "progress",
+           "remove_placement_group"]

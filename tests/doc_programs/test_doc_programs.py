@@ -45,8 +45,6 @@ GAPS = {
         "owner death is noticed asynchronously: the child actor dies with its owner, but "
         "a call made right after os.kill (before the node reads the owner's exit) may still "
         "run ('actor.ping: hello'); 1 run in 5 printed Ray's failure",
-    ("original_resource_unavailable_example.py", None):
-        "no placement groups (ray.util.placement_group, PlacementGroupSchedulingStrategy)",
 }
 
 RACY: set = {"actor_creator_failure.py"}

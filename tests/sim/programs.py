@@ -13,7 +13,9 @@ import random
 
 import hpcray as ray
 from hpcray.exceptions import TaskCancelledError
-from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from hpcray.util.placement_group import placement_group, remove_placement_group
+from hpcray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                               PlacementGroupSchedulingStrategy)
 
 SMALL, LARGE = 16, 2000   # bytes of padding: inline, and through the store (threshold 300)
 
@@ -259,9 +261,25 @@ def random_workload(sim) -> None:
         parents = [Parent.remote(3) for _ in range(2)]
         assert ray.get([p.total.remote() for p in parents]) == [3, 3]
 
+    def op_group():
+        """A placement group of half-CPU bundles, tasks in each bundle, then removed
+        (two phases across nodes; its resources come back)."""
+        strategy = rng.choice(("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"))
+        count = rng.randint(1, 2 if strategy == "STRICT_PACK" else ranks)  # nodes of 1 CPU
+        group = placement_group([{"CPU": 0.5}] * count, strategy=strategy)
+        inside = {}
+        for _ in range(rng.randint(1, 3)):
+            tag = next(tags)
+            inside[make.options(num_cpus=0.5, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, rng.randrange(-1, count))).remote(tag, pad(), some_refs())] = tag
+        ray.get(group.ready())
+        for ref, tag in inside.items():
+            check_value(ray.get(ref), tag)
+        remove_placement_group(group)
+
     operations = [op_put, op_make, op_make, op_read, op_nest, op_split, op_keeper,
                   op_give, op_drop, op_drop, op_get, op_get, op_cancel,
-                  op_generator]
+                  op_generator, op_group]
     if rng.random() < 0.15:
         operations.append(op_parents)
     for _ in range(rng.randint(8, 20)):
