@@ -214,3 +214,17 @@ def test_rays_older_spilling_config_is_taken(tmp_path):
     finally:
         hpcray.shutdown()
     assert spill_folders(tmp_path) == []
+
+
+def test_a_rerun_replaces_a_copy_its_node_never_took_in(spilling_node):
+    """A task's value written by a run that died before its node pinned it (sealed
+    unclaimed: never evicted) is replaced when the re-run writes the same id."""
+    client = context.get_client()
+    object_id = os.urandom(20)
+    client.encode_value(object_id, block(1))  # the first run: sealed, then it died
+    assert client.store.contains(object_id)
+    client.encode_value(object_id, block(2))  # the re-run
+    buffer = client.store.get(object_id)
+    assert np.frombuffer(memoryview(buffer)[-8:], dtype=np.int64)[0] == 2
+    buffer.release()
+    assert client.store.delete(object_id)

@@ -13,7 +13,7 @@ import threading
 import time
 
 from hpcray import exceptions, ids
-from hpcray._store import ObjectTooLargeError, StoreFullError
+from hpcray._store import ObjectExistsError, ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
                                      RunTask, WorkDone, wire)
@@ -55,6 +55,12 @@ class CoreClient:
         try:
             dest = self.store.create_object(object_id, sv.store_size)
         except StoreFullError:
+            dest = None
+        except ObjectExistsError:
+            # A re-run (a retry, an actor restart) of what wrote it, whose first run died
+            # after sealing, before its node took the value in: that copy goes (sealed
+            # unclaimed, it would never be evicted).
+            self.store.delete(object_id)
             dest = None
         if dest is None:  # outside the handler: an error raised has no context (below)
             dest = self._create_when_full(object_id, sv.store_size)
