@@ -42,6 +42,12 @@ cdef bint _fits_in(dict available, dict demand):
     return True
 
 
+cdef inline bint _lent_while_blocked(str name):
+    """CPUs, and a placement group's CPUs (`CPU_group_...`, options.demand_in_group), go
+    back to the pool while their task's worker waits in `get`: its children can run."""
+    return name == "CPU" or name.startswith("CPU_group_")
+
+
 cdef class LocalScheduler:
     cdef public dict total            # resource name -> capacity of this node
     cdef public dict available        # resource name -> capacity not held right now
@@ -204,21 +210,22 @@ cdef class LocalScheduler:
         return self._schedule()
 
     def worker_blocked(self, worker_key, dict demand):
-        """The worker waits in `get`: lend its CPUs to other tasks meanwhile."""
+        """The worker waits in `get`: lend its CPUs (a placement group bundle's too) to
+        other tasks meanwhile."""
         if worker_key in self.busy_workers and worker_key not in self.blocked_workers:
             self.blocked_workers.add(worker_key)
-            cpu = demand.get("CPU", 0.0)
-            if cpu:
-                self.available["CPU"] = self.available.get("CPU", 0.0) + cpu
+            for name, amount in demand.items():
+                if _lent_while_blocked(name):
+                    self.available[name] = self.available.get(name, 0.0) + amount
         return self._schedule()
 
     def worker_unblocked(self, worker_key, dict demand):
         """The worker's `get` returned: it takes its CPUs back, even if that oversubscribes."""
         if worker_key in self.blocked_workers:
             self.blocked_workers.discard(worker_key)
-            cpu = demand.get("CPU", 0.0)
-            if cpu:
-                self.available["CPU"] = self.available.get("CPU", 0.0) - cpu
+            for name, amount in demand.items():
+                if _lent_while_blocked(name):
+                    self.available[name] = self.available.get(name, 0.0) - amount
         return []
 
     def worker_died(self, worker_key, demand):
@@ -261,7 +268,7 @@ cdef class LocalScheduler:
     cdef void _release_cpu_free(self, dict demand):
         # A blocked worker already gave its CPU back: return only the rest.
         for name, amount in demand.items():
-            if name != "CPU":
+            if not _lent_while_blocked(name):
                 self.available[name] = self.available.get(name, 0.0) + amount
 
     # -- idle workers and time ---------------------------------------------------

@@ -181,6 +181,12 @@ def test_capture_child_tasks(four_cpus):
 
     assert hpcray.get(opted_out.options(scheduling_strategy=into(group, capture=True))
                       .remote(), timeout=30) is None
+    # A parent that holds its whole 1-CPU bundle lends it while it waits in get: its
+    # captured child runs in the same bundle (no other has room), as nested tasks do.
+    small = placement_group([{"CPU": 1}])
+    assert small.wait(30)
+    assert hpcray.get(parent.options(scheduling_strategy=into(small, 0, True)).remote(),
+                      timeout=30) == small.id.hex()
     # The legacy options say the same.
     assert hpcray.get(parent.options(placement_group=group,
                                      placement_group_capture_child_tasks=True).remote(),
