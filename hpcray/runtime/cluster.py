@@ -60,7 +60,7 @@ class ClusterLink:
         self.last_load_report = 0.0
         self.last_load = None
         self.stop_requested = False
-        self.pulls: dict = {}                     # tag -> (object_id, dest view, transfer)
+        self.pulls: dict = {}   # tag -> (holder, [(object_id, entry, view)], header, transfer)
         self.actor_locations: dict[bytes, int] = {}
         self.function_waiters: dict[bytes, list] = {}
         self.received = 0          # tasks the global scheduler placed here, so far
@@ -101,6 +101,7 @@ class Network:
         self.handlers: dict = {}              # control message type -> handler: bind()
         self.router = self.failures = None
         self.groups = None                    # GroupDirectory: bind()
+        self.mover = None                     # bind(): pulls asked for by a batch go as one
         self.peers = Peers(self.transport, rank, self.wake_cluster)
         self.gcs = GcsClient(rank, link.gcs_shards, self.send_gcs)
         if rank < link.gcs_shards:
@@ -108,11 +109,12 @@ class Network:
         if rank == 0:
             self.global_scheduler = GlobalScheduler()
 
-    def bind(self, router, failures, handlers: dict, groups) -> None:
+    def bind(self, router, failures, handlers: dict, groups, mover) -> None:
         self.router = router
         self.failures = failures
         self.handlers = handlers
         self.groups = groups
+        self.mover = mover
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake): feasibility and placement."""
@@ -163,6 +165,12 @@ class Network:
 
     def handle_cluster_messages(self, arrived) -> None:
         """Hand each message to the part that declared it (messages.py)."""
+        if not arrived:
+            return
+        with self.mover.batched():
+            self._handle(arrived)
+
+    def _handle(self, arrived) -> None:
         handlers = self.handlers
         for source, channel, message in arrived:
             if _TRACE:

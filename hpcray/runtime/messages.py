@@ -166,16 +166,12 @@ class Located(NamedTuple):
 
 @_on("control")
 class Pull(NamedTuple):
-    """a node -> the node with the bytes: send them with transfer `tag`."""
-    object_id: bytes
+    """a node -> the node with the bytes: send these objects, in this order, on
+    transfer `tag` (one pull per holder for all the objects wanted at once). The
+    transfer's first segment says which the holder had (one byte each, 1: sent; 0: an
+    empty message stands in its place)."""
     tag: int
-
-
-@_on("control")
-class PullFailed(NamedTuple):
-    """the asked node no longer has the bytes."""
-    object_id: bytes
-    tag: int
+    objects: list       # [(object_id, size)]
 
 
 @_on("control")

@@ -94,18 +94,17 @@ class NodeFailures:
         return self.link.nodes.get(rank, {}).get("hostname", "?")
 
     def _pull_lost(self, transfer) -> None:
-        for tag, (object_id, _view, pulled) in list(self.link.pulls.items()):
-            if pulled is not transfer:
+        for tag, pulled in list(self.link.pulls.items()):
+            if pulled[-1] is not transfer:
                 continue
-            entry = self.objects.get(object_id)
-            if entry is None or entry.owner in self.transport.dead:
-                self.mover.on_pull_failed(transfer.peer, object_id, tag)
-                continue
-            # Left REMOTE on the dead rank: its owner rebuilds it from lineage at NodeDied
-            # (this node, or another, which a borrower asks again then).
-            self.mover.abandon_pull(transfer.peer, object_id, tag)
-            if entry.owner != self.rank and transfer.peer in self.link.dead_nodes:
-                self._ask_owner_again(object_id, entry)
+            for object_id, entry in self.mover.abandon_pull(tag):
+                if entry is None or entry.owner in self.transport.dead:
+                    self.mover.object_lost(object_id, entry, transfer.peer)
+                    continue
+                # Left REMOTE on the dead rank: its owner rebuilds it from lineage at
+                # NodeDied (this node, or another, which a borrower asks again then).
+                if entry.owner != self.rank and transfer.peer in self.link.dead_nodes:
+                    self._ask_owner_again(object_id, entry)
 
     def _ask_owner_again(self, object_id: bytes, entry) -> None:
         """A borrowed value whose copy was lost: where is it now? (The owner answers

@@ -209,7 +209,7 @@ class NodeManager:
         self.network.bind(self.router, self.failures, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
             self.state_queries, self.canceller, self.generators, self.failures,
-            self.groups, self.bundles), self.groups)
+            self.groups, self.bundles), self.groups, self.mover)
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests,
                                                        self.generators)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)

@@ -3,11 +3,20 @@
 A node that needs an object it does not have asks its owner ("watch"); the owner
 answers ("located") with the inline bytes or the rank holding them, once the value
 exists. The node then pulls the bytes from that rank, chunk by chunk over MPI, straight
-into a buffer it allocated in its own store ("pull"; "pull_failed" when that rank no
-longer has them), and the GCS records the new copy.
+into a buffer it allocated in its own store ("pull"), and the GCS records the new copy.
+
+Pulls are batched: the objects wanted while one `get` registers its waiters, or while
+one batch of messages is handled (`batched`), go as one `Pull` per holder and one
+transfer, each object into its own buffer (a segment). The transfer's first segment
+says which of them the holder still had; an empty message stands in for each it had
+not, so the rest still match their receives (that object's readers get
+ObjectLostError). A `get` of 10,000 objects from one node is thus a few messages and
+transfers, not 10,000 of each.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from hpcray import exceptions, ids
 from hpcray.runtime import messages
@@ -16,12 +25,18 @@ from hpcray.runtime.object_table import IN_STORE, PENDING, READY, REMOTE, Object
 from hpcray.serialization import error_bytes
 
 
+# One pull's objects at most: a large `get` becomes several transfers that each end
+# (and make their objects ready) as soon as their bytes are in.
+_BATCH_OBJECTS = 1024
+_BATCH_BYTES = 64 << 20
+
+
 class ObjectMover:
     """Values this node needs from other nodes: asking owners where they are, pulling
     the bytes into this node's store, serving other nodes' pulls."""
 
     HANDLES = {messages.Watch: "on_watch", messages.Located: "on_located",
-               messages.Pull: "on_pull", messages.PullFailed: "on_pull_failed"}
+               messages.Pull: "on_pull"}
 
     def __init__(self, rank: int, cluster, objects, borrowing, store, spiller, gcs, peers,
                  recorder) -> None:
@@ -35,6 +50,8 @@ class ObjectMover:
         self.gcs = gcs
         self.peers = peers
         self.recorder = recorder  # records each pull for the timeline
+        self._batching = 0        # > 0 inside `batched`: pulls wait for its end
+        self._wanted: dict[int, list] = {}   # holder rank -> [(object_id, entry)]
 
     def remote_entry(self, object_id: bytes):
         """An entry for a ref another node owns that this node has not seen: the owner
@@ -87,13 +104,47 @@ class ObjectMover:
         else:  # known meanwhile (or dropped): the registrations made for us go back
             self.borrowing.give_back(where[-1])
 
+    @contextlib.contextmanager
+    def batched(self):
+        """Pulls started inside go out together at the end, one per holder."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching and self._wanted:
+                self.flush_pulls()
+
     def start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
         if entry.pulling or self.use_cached_copy(object_id, entry):
             return
         entry.pulling = True
-        transport = self.transport
+        self._wanted.setdefault(entry.location, []).append((object_id, entry))
+        if not self._batching:
+            self.flush_pulls()
+
+    def flush_pulls(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        for location, items in wanted.items():
+            batch, batch_bytes = [], 0
+            for object_id, entry in items:
+                if self.objects.get(object_id) is not entry or not entry.pulling:
+                    continue  # dropped meanwhile
+                view = self._create(object_id, entry)
+                if view is None:
+                    continue
+                batch.append((object_id, entry, view))
+                batch_bytes += entry.size
+                if len(batch) >= _BATCH_OBJECTS or batch_bytes >= _BATCH_BYTES:
+                    self._pull(location, batch)
+                    batch, batch_bytes = [], 0
+            if batch:
+                self._pull(location, batch)
+
+    def _create(self, object_id: bytes, entry: ObjectEntry):
+        """A buffer in this store for a pulled copy, or None (readers get the error)."""
         try:
-            view = self.spiller.create_object(object_id, entry.size, populate=True)
+            return self.spiller.create_object(object_id, entry.size, populate=True)
         except Exception as exc:  # noqa: BLE001 - the store is full: readers get the error
             entry.pulling = False
             error = exceptions.ObjectStoreFullError(
@@ -101,69 +152,103 @@ class ObjectMover:
                 f"{object_id.hex()} pulled from node {entry.location}: {exc}")
             entry.state = PENDING
             self.objects.object_ready(object_id, error_bytes(error), (), 0)
-            return
-        tag = transport.new_transfer_tag()
-        transfer = transport.start_receive(entry.location, tag, view)
-        transfer.on_done = lambda: self.pull_done(tag)
-        self.cluster.pulls[tag] = (object_id, view, transfer)
-        self.recorder.pull_started(tag)
-        self.peers.send(entry.location, wire(messages.Pull, object_id, tag))
+            return None
 
-    def on_pull(self, source: int, object_id: bytes, tag: int) -> None:
-        buffer = self.store.get(object_id)
-        if buffer is not None:
-            self.transport.start_send(source, tag, memoryview(buffer), on_done=buffer.release)
-            self.recorder.count("bytes_sent", len(buffer))
-        else:  # spilled: sent from its file, this node's store left alone
-            entry = self.objects.get(object_id)
-            view = self.spiller.file_view(object_id) if entry is not None else None
-            if view is None:
-                self.peers.send(source, wire(messages.PullFailed, object_id, tag))
-                return
-            self.transport.start_send(source, tag, view)  # unmapped when the send lets go
-            self.recorder.count("bytes_sent", len(view))
+    def _pull(self, location: int, batch: list) -> None:
+        transport = self.transport
+        tag = transport.new_transfer_tag()
+        header = bytearray(len(batch))
+        transfer = transport.start_receive(location, tag, [header] + [v for _, _, v in batch])
+        transfer.on_done = lambda: self.pull_done(tag)
+        self.cluster.pulls[tag] = (location, batch, header, transfer)
+        self.recorder.pull_started(tag)
+        self.peers.send(location, wire(messages.Pull, tag,
+                                       [(object_id, entry.size) for object_id, entry, _ in batch]))
+
+    def on_pull(self, source: int, tag: int, objects: list) -> None:
+        header = bytearray(len(objects))
+        segments = [header]
+        pins = []
+        for i, (object_id, size) in enumerate(objects):
+            buffer = self.store.get(object_id)
+            if buffer is not None:
+                pins.append(buffer)
+                view = memoryview(buffer)
+            else:  # spilled: sent from its file, this node's store left alone
+                view = self.spiller.file_view(object_id) if object_id in self.objects else None
+            if view is None or len(view) != size:
+                segments.append(b"")  # not here: the puller's readers get ObjectLostError
+                continue
+            header[i] = 1
+            segments.append(view)  # a file view is unmapped when the send lets go
+            self.recorder.count("bytes_sent", size)
+
+        def release() -> None:
+            for buffer in pins:
+                buffer.release()
+        self.transport.start_send(source, tag, segments, on_done=release)
         self.peers.on_sent()
 
-    def on_pull_failed(self, source: int, object_id: bytes, tag: int) -> None:
-        entry = self.abandon_pull(source, object_id, tag)
+    def pull_done(self, tag: int) -> None:
+        pulled = self.cluster.pulls.pop(tag, None)
+        if pulled is None:
+            return
+        source, batch, header, _ = pulled
+        for i, (object_id, _, view) in enumerate(batch):
+            view.release()
+            last = i == len(batch) - 1
+            if not header[i]:
+                self.recorder.pull_ended(tag, object_id, source, -1, last)
+                self._lost(object_id, source)
+                continue
+            self.store.seal(object_id, unclaimed=True)
+            entry = self.objects.get(object_id)
+            if entry is None:
+                self.recorder.pull_ended(tag, object_id, -1, -1, last)
+                self.store.delete(object_id)
+                continue
+            entry.pulling = False
+            entry.state = PENDING
+            self.recorder.pull_ended(tag, object_id, source, entry.size, last)
+            self.objects.object_ready(object_id, IN_STORE, (), entry.size)
+            self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner,
+                             None)
+
+    def _lost(self, object_id: bytes, source: int) -> None:
+        """The holder no longer had the bytes: the readers get ObjectLostError."""
+        self.object_lost(object_id, self._abandon(object_id), source)
+
+    def object_lost(self, object_id: bytes, entry, source: int) -> None:
+        """A pull given up: the readers of the object get ObjectLostError."""
         if entry is not None:
             entry.state = PENDING
             self.objects.object_ready(object_id, error_bytes(exceptions.ObjectLostError(
                 f"Object {object_id.hex()} is no longer on node {source}.")), (), 0)
 
-    def abandon_pull(self, source: int, object_id: bytes, tag: int):
-        """Give up a pull from `source`: its buffer is freed; returns the object's entry
-        (still REMOTE, no longer pulling), or None if the pull or the entry is gone."""
-        pulled = self.cluster.pulls.pop(tag, None)
-        if pulled is None:
-            return None
-        _, view, transfer = pulled
-        self.recorder.pull_ended(tag, object_id, source, -1)
-        self.transport.cancel_receive(transfer)  # the buffer is ours again
-        view.release()
+    def _abandon(self, object_id: bytes):
+        """The buffer of a pull given up is freed; returns the object's entry (still
+        REMOTE, no longer pulling), or None if it is gone."""
         self.store.abort(object_id)
         entry = self.objects.get(object_id)
         if entry is not None:
             entry.pulling = False
         return entry
 
-    def pull_done(self, tag: int) -> None:
+    def abandon_pull(self, tag: int) -> list:
+        """Give up pull `tag` (its holder died, node_failures.py): its buffers are
+        freed; returns [(object_id, entry)] of its objects (each entry still REMOTE and
+        no longer pulling, or None if gone), for the caller to decide their fate."""
         pulled = self.cluster.pulls.pop(tag, None)
         if pulled is None:
-            return
-        object_id, view, _ = pulled
-        view.release()
-        self.store.seal(object_id, unclaimed=True)
-        entry = self.objects.get(object_id)
-        if entry is None:
-            self.recorder.pull_ended(tag, object_id, -1, -1)
-            self.store.delete(object_id)
-            return
-        entry.pulling = False
-        entry.state = PENDING
-        self.recorder.pull_ended(tag, object_id, entry.location, entry.size)
-        self.objects.object_ready(object_id, IN_STORE, (), entry.size)
-        self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)
+            return []
+        source, batch, _, transfer = pulled
+        self.transport.cancel_receive(transfer)  # the buffers are ours again
+        abandoned = []
+        for i, (object_id, _, view) in enumerate(batch):
+            self.recorder.pull_ended(tag, object_id, source, -1, i == len(batch) - 1)
+            view.release()
+            abandoned.append((object_id, self._abandon(object_id)))
+        return abandoned
 
     def use_cached_copy(self, object_id: bytes, entry: ObjectEntry) -> bool:
         """A copy this node kept after it last held the object: no pull needed."""

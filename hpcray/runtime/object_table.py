@@ -273,10 +273,11 @@ class ObjectTable:
             return
         waiter = _DependencyWaiter(record, then)
         record.pending_deps = 1
-        for object_id in object_ids:
-            record.pending_deps += 1
-            if not add_waiter(object_id, waiter):
-                record.pending_deps -= 1
+        with self.mover.batched():  # one pull per holder for all of them
+            for object_id in object_ids:
+                record.pending_deps += 1
+                if not add_waiter(object_id, waiter):
+                    record.pending_deps -= 1
         waiter(None)
 
     def add_waiter(self, object_id: bytes, waiter) -> bool:
@@ -353,8 +354,9 @@ class ObjectTable:
             return None
         waiter = _Waiter(num_returns - ready, callback)
         add = self.add_waiter if local else self.add_avail_waiter
-        for oid in missing:
-            add(oid, waiter)
+        with self.mover.batched():  # one pull per holder for all of them
+            for oid in missing:
+                add(oid, waiter)
         return waiter
 
     def cancel_waiter(self, object_ids, waiter) -> None:

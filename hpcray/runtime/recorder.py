@@ -91,10 +91,11 @@ class Recorder:
     def pull_started(self, tag: int) -> None:
         self.pull_starts[tag] = time.time()
 
-    def pull_ended(self, tag: int, object_id: bytes, source: int, size: int) -> None:
-        """The pull on transfer `tag` brought `size` bytes from `source` (or, size -1,
-        failed)."""
-        start = self.pull_starts.pop(tag, None)
+    def pull_ended(self, tag: int, object_id: bytes, source: int, size: int,
+                   last: bool = True) -> None:
+        """The pull on transfer `tag` brought `size` bytes of `object_id` from `source`
+        (or, size -1, failed); `last`: the transfer's last object."""
+        start = self.pull_starts.pop(tag, None) if last else self.pull_starts.get(tag)
         if start is None or size < 0:
             return
         self.counters["bytes_pulled"] += size

@@ -84,6 +84,7 @@ _MESSAGE_TAG = 0
 _SENDS_IN_FLIGHT = 4        # per peer and channel; more messages wait and go as one
 _MAX_BATCH = 4096           # messages in one MPI message at most
 _MIN_IDLE_SLEEP = 50e-6
+_MAX_REQUESTS = 64          # chunks of one transfer in flight at most (small segments)
 # While a transfer is outstanding its chunks move only while someone calls into MPI, so
 # the idle back-off stops growing at this (about 3% of a core in Iprobe/Test).
 _BUSY_MAX_SLEEP = 200e-6
@@ -113,35 +114,47 @@ def _byte_view(buffer, writable: bool) -> memoryview:
     return view
 
 
+def _byte_views(buffers, writable: bool) -> list:
+    """One buffer or a list of them (segments) as a list of flat byte views."""
+    if isinstance(buffers, list):
+        return [_byte_view(buffer, writable) for buffer in buffers]
+    return [_byte_view(buffers, writable)]
+
+
 class Transfer:
     """One half (send or receive) of an object transfer with one peer.
 
-    `done` turns true when every chunk has completed on this side; `on_done` (if any) is
-    then called once, from the next `poll` or `progress` of the transport.
+    A transfer moves one buffer, or several (`segments`: the objects of one batched
+    pull, each straight from or into its own buffer); both sides list the same sizes in
+    the same order. `done` turns true when every chunk has completed on this side;
+    `on_done` (if any) is then called once, from the next `poll` or `progress` of the
+    transport.
     """
 
     __slots__ = ("tag", "peer", "nbytes", "done", "on_done", "is_send",
-                 "_comm", "_view", "_chunk_bytes", "_window", "_next_offset",
-                 "_chunks_left", "_requests")
+                 "_comm", "_views", "_chunk_bytes", "_window", "_segment", "_next_offset",
+                 "_chunks_left", "_requests", "_in_flight_bytes")
 
-    def __init__(self, comm, peer: int, tag: int, view: memoryview, is_send: bool,
+    def __init__(self, comm, peer: int, tag: int, views: list, is_send: bool,
                  chunk_bytes: int, window: int, on_done: Callable[[], None] | None):
         self.tag = tag
         self.peer = peer
-        self.nbytes = len(view)
+        self.nbytes = sum(len(view) for view in views)
         self.done = False
         self.on_done = on_done
         self.is_send = is_send
         self._comm = comm
-        self._view = view
+        self._views = views
         self._chunk_bytes = chunk_bytes
         self._window = window
+        self._segment = 0
         self._next_offset = 0
-        # A zero-length object still travels as one empty message, so that a sender and
-        # a receiver that disagree on the size get a truncation error instead of a hang
-        # on one side.
-        self._chunks_left = max(1, math.ceil(self.nbytes / chunk_bytes))
+        # A zero-length segment still travels as one empty message, so that a sender
+        # and a receiver that disagree on the size get a truncation error instead of a
+        # hang on one side.
+        self._chunks_left = sum(max(1, math.ceil(len(view) / chunk_bytes)) for view in views)
         self._requests: list = []
+        self._in_flight_bytes: list[int] = []
         self._post_chunks()
 
     def __repr__(self) -> str:
@@ -151,18 +164,30 @@ class Transfer:
 
     def _post_chunks(self) -> None:
         # Chunks share one tag: MPI matches messages with the same source, tag and
-        # communicator in the order they were sent, so chunk i lands in receive i.
-        while self._chunks_left and len(self._requests) < self._window:
+        # communicator in the order they were sent, so chunk i lands in receive i. The
+        # window is in bytes (`window` full chunks), so many small segments pipeline
+        # too, up to _MAX_REQUESTS messages at once.
+        budget = self._window * self._chunk_bytes - sum(self._in_flight_bytes)
+        while self._chunks_left and len(self._requests) < _MAX_REQUESTS:
+            view = self._views[self._segment]
             start = self._next_offset
-            end = min(start + self._chunk_bytes, self.nbytes)
-            chunk = [self._view[start:end], MPI.BYTE]
+            end = min(start + self._chunk_bytes, len(view))
+            if self._requests and end - start > budget:
+                break
+            chunk = [view[start:end], MPI.BYTE]
             if self.is_send:
                 request = self._comm.Isend(chunk, self.peer, self.tag)
             else:
                 request = self._comm.Irecv(chunk, self.peer, self.tag)
             self._requests.append(request)
-            self._next_offset = end
+            self._in_flight_bytes.append(end - start)
+            budget -= end - start
             self._chunks_left -= 1
+            if end >= len(view):
+                self._segment += 1
+                self._next_offset = 0
+            else:
+                self._next_offset = end
 
     def _advance(self) -> bool:
         """Test the chunks in flight and post the next ones; true if any completed."""
@@ -171,10 +196,12 @@ class Transfer:
             return False
         finished = set(completed)
         self._requests = [r for i, r in enumerate(self._requests) if i not in finished]
+        self._in_flight_bytes = [n for i, n in enumerate(self._in_flight_bytes)
+                                 if i not in finished]
         self._post_chunks()
         if not self._requests:
             self.done = True
-            self._view = None
+            self._views = None
         return True
 
     def _abandon(self) -> None:
@@ -185,9 +212,10 @@ class Transfer:
                 request.Cancel()
                 request.Wait()
         if self._requests and self.is_send:
-            _abandoned_buffers.append(self._view)
+            _abandoned_buffers.append(self._views)
         self._requests = []
-        self._view = None
+        self._in_flight_bytes = []
+        self._views = None
 
 
 # The progress thread starts with a transfer of this size or more; a smaller one gets
@@ -401,8 +429,9 @@ class MpiTransport:
     def start_receive(self, source: int, tag: int, dest) -> Transfer:
         """Receive the object that rank `source` sends with `tag` straight into `dest`.
 
-        `dest` is a writable, C-contiguous buffer of exactly the object's size. It must
-        stay alive and untouched until the transfer is done.
+        `dest` is a writable, C-contiguous buffer of exactly the object's size, or a
+        list of them (the segments the sender lists in the same order). It must stay
+        alive and untouched until the transfer is done.
         """
         if tag in self._receive_tags:
             raise ValueError(f"tag {tag} is already used by an outstanding receive")
@@ -411,11 +440,11 @@ class MpiTransport:
         if source in self.dead:  # it never comes: reported lost at the next take_lost
             transfer = Transfer.__new__(Transfer)
             transfer.tag, transfer.peer, transfer.is_send, transfer.done = tag, source, False, False
-            transfer.nbytes, transfer.on_done, transfer._requests = len(dest), None, []
-            transfer._view = None
+            transfer.nbytes, transfer.on_done, transfer._requests = 0, None, []
+            transfer._views = None
             self._lost_transfers.append(transfer)
             return transfer
-        transfer = Transfer(self._data_comm, source, tag, _byte_view(dest, writable=True),
+        transfer = Transfer(self._data_comm, source, tag, _byte_views(dest, writable=True),
                             False, self.chunk_bytes, self.window, None)
         self._receive_tags.add(tag)
         self._add_transfer(transfer)
@@ -423,14 +452,15 @@ class MpiTransport:
 
     def start_send(self, dest: int, tag: int, src,
                    on_done: Callable[[], None] | None = None) -> Transfer:
-        """Send the bytes of `src` (read-only is fine) to rank `dest`, which asked with `tag`.
+        """Send the bytes of `src` (read-only is fine; or a list of segments) to rank
+        `dest`, which asked with `tag`.
 
         The transfer keeps a view of `src`, so its memory stays alive until the transfer
         is done; `on_done()` is then called from `poll` or `progress`.
         """
         if dest in self.dead:
             raise ValueError(f"rank {dest} is dead")
-        transfer = Transfer(self._data_comm, dest, tag, _byte_view(src, writable=False),
+        transfer = Transfer(self._data_comm, dest, tag, _byte_views(src, writable=False),
                             True, self.chunk_bytes, self.window, on_done)
         self._add_transfer(transfer)
         return transfer
@@ -597,10 +627,10 @@ class MpiTransport:
                 continue
             for request in transfer._requests:
                 _free_quietly(request)
-            if transfer.is_send and transfer._view is not None:
-                _abandoned_buffers.append(transfer._view)
+            if transfer.is_send and transfer._views is not None:
+                _abandoned_buffers.append(transfer._views)
             transfer._requests = []
-            transfer._view = None
+            transfer._views = None
             if transfer.is_send:
                 if transfer.on_done is not None:  # lets go of what it sent from
                     self._finished_transfers.append(transfer)

@@ -93,6 +93,47 @@ def test_objects_move_between_nodes(tmp_path):
     assert "OK" in out
 
 
+def test_one_get_of_many_objects_from_other_nodes(tmp_path):
+    # Batched pulls: one get of 2,500 objects held by two other nodes (put by an actor
+    # there: owned there too; or results of tasks run there: owned by the driver),
+    # large and small mixed, some pulled already. Every value comes back whole, and a
+    # task on node 1 gets the objects node 2 holds in one get as well.
+    out = run_mpi(tmp_path, 3, """
+        import numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1, object_store_memory=600 << 20)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote(num_cpus=0)
+        class Maker:
+            def puts(self, n):
+                return [ray.put(np.full(150_000 if i % 3 else 1000, i % 251, np.uint8))
+                        for i in range(n)]
+        @ray.remote
+        def make(i):
+            return np.full(120_000 + i, i % 251, np.uint8)
+        @ray.remote
+        def check(refs):
+            values = ray.get(refs)
+            return all(v[0] == i % 251 for i, v in enumerate(values))
+        on = {r: On(ids[r], soft=False) for r in (1, 2)}
+        held = ray.get(Maker.options(scheduling_strategy=on[2]).remote().puts.remote(2000))
+        made = [make.options(scheduling_strategy=on[1]).remote(i) for i in range(500)]
+        ray.wait(made, num_returns=len(made), fetch_local=False)
+        ray.get(held[:10])                       # some are here already
+        values = ray.get(held + made)
+        assert len(values) == 2500
+        for i, v in enumerate(values[:2000]):
+            assert v[0] == v[-1] == i % 251 and len(v) == (150_000 if i % 3 else 1000), i
+        for i, v in enumerate(values[2000:]):
+            assert v[0] == v[-1] == i % 251 and len(v) == 120_000 + i, i
+        del values
+        assert ray.get(check.options(scheduling_strategy=on[1]).remote(held))
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+
+
 def test_locality_puts_a_task_where_its_argument_is(tmp_path):
     out = run_mpi(tmp_path, 4, """
         import numpy as np, hpcray as ray

@@ -199,6 +199,46 @@ def test_transfers(tmp_path):
     assert set(reports) == {0, 1}
 
 
+def test_a_transfer_of_many_segments(tmp_path):
+    # A batched pull: 3,000 objects of mixed sizes (empty, small, one over a chunk) in
+    # one transfer, each into its own buffer; where the sender lacks one it sends an
+    # empty message instead, and the rest still land in their own buffers. The window
+    # keeps at most _MAX_REQUESTS chunks in flight on each side.
+    reports = run_mpi(tmp_path, 2, """
+        from hpcray.runtime import transport as transport_module
+        SIZES = [(i * 977) % 20000 for i in range(3000)] + [0, (9 << 20) + 1, 5]
+        MISSING = {7, 2999}
+        if t.rank == 1:
+            (_, _, tag), = poll_until(lambda got: got, "the pull")
+            segments = [b"" if i in MISSING else pattern(n, seed=i)
+                        for i, n in enumerate(SIZES)]
+            sent = []
+            transfer = t.start_send(0, tag, segments, on_done=lambda: sent.append(1))
+            assert transfer.nbytes == sum(map(len, segments))
+            most = 0
+            while not sent:
+                most = max(most, len(transfer._requests))
+                t.poll()
+                t.wait_for_activity(0.001, timeout=0.01)
+            assert most <= transport_module._MAX_REQUESTS, most
+        else:
+            dests = [np.full(n, 0xEE, np.uint8) for n in SIZES]
+            tag = t.new_transfer_tag()
+            transfer = t.start_receive(1, tag, dests)
+            assert transfer.nbytes == sum(SIZES)
+            t.send(1, tag)
+            poll_until(lambda _: transfer.done, "the segments")
+            for i, (n, dest) in enumerate(zip(SIZES, dests)):
+                if i in MISSING:
+                    assert (dest == 0xEE).all(), i
+                else:
+                    assert (dest == pattern(n, seed=i)).all(), i
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1}
+
+
 def test_many_messages_to_a_busy_peer_stay_few_requests(tmp_path):
     # Rank 1 does not poll for a while: rank 0's 30k messages wait in a few MPI sends
     # and a queue (not 30k requests), then all arrive, in order, as separate messages.

@@ -62,16 +62,23 @@ class _ErrorsLogged(logging.Handler):
 
 
 # ---------------------------------------------------------------------------- transport
-class SimTransfer:
-    __slots__ = ("peer", "tag", "view", "on_done", "is_send", "nbytes")
+def _segments(buffers) -> list:
+    """A transfer's buffer, or its list of segments (a batched pull), as byte views."""
+    if not isinstance(buffers, list):
+        buffers = [buffers]
+    return [memoryview(buffer).cast("B") for buffer in buffers]
 
-    def __init__(self, peer, tag, view, is_send, on_done=None):
+
+class SimTransfer:
+    __slots__ = ("peer", "tag", "views", "on_done", "is_send", "nbytes")
+
+    def __init__(self, peer, tag, views, is_send, on_done=None):
         self.peer = peer
         self.tag = tag
-        self.view = view
+        self.views = views
         self.is_send = is_send
         self.on_done = on_done
-        self.nbytes = len(view)
+        self.nbytes = sum(len(view) for view in views)
 
 
 class SimNetwork:
@@ -119,12 +126,12 @@ class SimTransport:
         return self._tag
 
     def start_receive(self, source, tag, dest) -> SimTransfer:
-        transfer = SimTransfer(source, tag, memoryview(dest).cast("B"), False)
+        transfer = SimTransfer(source, tag, _segments(dest), False)
         self.network.receives[(self.rank, source, tag)] = transfer
         return transfer
 
     def start_send(self, dest, tag, src, on_done=None) -> SimTransfer:
-        transfer = SimTransfer(dest, tag, memoryview(src).cast("B"), True, on_done)
+        transfer = SimTransfer(dest, tag, _segments(src), True, on_done)
         self.network.sends.append((self.rank, dest, transfer))
         return transfer
 
@@ -438,8 +445,15 @@ class Simulation:
             source, dest, transfer = self.network.sends.pop(what)
             receive = self.network.receives.pop((dest, source, transfer.tag))
             self.trace.append(f"data {source}->{dest} {transfer.nbytes} B")
-            receive.view[:] = transfer.view
-            transfer.view.release()
+            # As MPI matches them: segment i into receive i; a shorter message (an
+            # object the holder no longer had) fills the start of its buffer.
+            if len(receive.views) != len(transfer.views) or any(
+                    len(src) > len(dst) for src, dst in zip(transfer.views, receive.views)):
+                raise SimulationFailure(f"transfer {transfer.tag} {source}->{dest}: "
+                                        "segments do not match the receive's")
+            for src, dst in zip(transfer.views, receive.views):
+                dst[:len(src)] = src
+                src.release()
             if transfer.on_done is not None:
                 transfer.on_done()
             self.nodes[source].after_event()
