@@ -70,6 +70,22 @@ def driver(args) -> int:
                    "cpus": ray.cluster_resources().get("CPU")}, f)
     os.replace(args.marker + ".tmp", args.marker)
     time.sleep(args.sleep)
+    # What the idle costs in latency: a task pinned to each other rank, one after the
+    # other (each rank still idle when its turn comes), then warm calls to rank 1.
+    from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def round_trip(node) -> float:
+        start = time.perf_counter()
+        ray.get(where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote())
+        return time.perf_counter() - start
+
+    others = [n for n in nodes if n["rank"] != 0]
+    after_idle = [round_trip(node) for node in others]
+    warm = [round_trip(others[0]) for _ in range(20)] if others else []
+    with open(args.marker + ".latency", "w") as f:
+        json.dump({"after_idle_ms": [1e3 * t for t in after_idle],
+                   "warm_ms": [1e3 * t for t in warm]}, f)
     del actors
     ray.shutdown()
     return 0
@@ -233,6 +249,9 @@ def main(argv=None) -> int:
             for p in job.problems():
                 problems.append(f"run {i + 1}: {p}")
                 _mpirun.log(problems[-1])
+            if os.path.exists(marker + ".latency"):
+                with open(marker + ".latency") as f:
+                    out.update(json.load(f))
             if "percent" in out:
                 results.append(out)
                 _mpirun.log(f"run {i + 1}: {out['percent']:.2f}% of a core "
@@ -270,6 +289,14 @@ def main(argv=None) -> int:
                  f"{statistics.median(r['wakeups_per_s'] for r in results):,.0f}"])
     print(_common.markdown_table(["processes", "count", "% of one core (median)",
                                   "wakeups/s"], rows))
+    after_idle = [t for r in results for t in r.get("after_idle_ms", ())]
+    warm = [t for r in results for t in r.get("warm_ms", ())]
+    if after_idle and warm:
+        print(f"\nlatency: a task pinned to an idle rank (the first after "
+              f"{args.settle + args.window + 2:g} s of idle), round trip: median "
+              f"{statistics.median(after_idle):.1f} ms, max {max(after_idle):.1f} ms "
+              f"({len(after_idle)} calls); warm, to rank 1: median "
+              f"{statistics.median(warm):.1f} ms")
     print("\nper run: " + ", ".join(
         f"{r['percent']:.2f}% ({r['percent_ticks']:.1f}% by ticks)" for r in results))
     verdict = "meets" if median < AIM_PERCENT else "MISSES"

@@ -25,7 +25,14 @@ from hpcray.runtime.peers import Peers
 from hpcray.runtime.specs import ACTOR_CALL
 
 log = logging.getLogger("hpcray.cluster")
-_IDLE_MAX_SLEEP = 0.01     # an idle node polls MPI 100 times a second at most
+# An idle node backs off to polling MPI every _IDLE_MAX_SLEEP, and once idle for T
+# seconds every T * _IDLE_SHARE, up to _LONG_IDLE_MAX_SLEEP (from 1 s of idle on): a
+# poll of an idle rank costs ~200 us of CPU on a loaded 2-core host (idle_cost.py), so
+# 100 polls a second cost ~2% of a core per rank and 40 cost ~0.8%. The price: the
+# first message after a long idle waits up to 25 ms for its receiver to look.
+_IDLE_MAX_SLEEP = 0.01
+_LONG_IDLE_MAX_SLEEP = 0.025
+_IDLE_SHARE = 1 / 40
 _BUSY_MAX_SLEEP = 0.0002   # while transfers are in flight
 # For this long after its last message a node polls every _HOT_SLEEP at most: replies
 # (a pull of a result just reported, a call's answer) come within milliseconds, and
@@ -57,6 +64,7 @@ class ClusterLink:
         self.nodes: dict[int, dict] = {}          # rank -> {"node_id", "resources"}
         self.backoff = 0.0
         self.last_activity = 0.0   # monotonic time of the last message in or out
+        self.last_busy = 0.0       # ... of the last event-loop pass with other work
         self.last_load_report = 0.0
         self.last_load = None
         self.stop_requested = False
@@ -134,8 +142,9 @@ class Network:
             return min(cluster.backoff, _BUSY_MAX_SLEEP)
         return cluster.backoff
 
-    def poll_cluster(self) -> None:
-        """Receive and handle what other nodes sent; adjust the polling back-off."""
+    def poll_cluster(self, active: bool = False) -> None:
+        """Receive and handle what other nodes sent; adjust the polling back-off
+        (`active`: the node had other work this pass, so it is not idle)."""
         cluster = self.link
         transport = self.transport
         if not transport.needs_polling:
@@ -158,10 +167,15 @@ class Network:
         if arrived or finished:
             cluster.backoff = 0.0
             cluster.last_activity = now
-        elif now - cluster.last_activity < _HOT_WINDOW:
+            return
+        if active:
+            cluster.last_busy = now
+        if now - cluster.last_activity < _HOT_WINDOW:
             cluster.backoff = _HOT_SLEEP
         else:
-            cluster.backoff = min(_IDLE_MAX_SLEEP, max(_HOT_SLEEP, cluster.backoff * 2))
+            idle = now - max(cluster.last_activity, cluster.last_busy)
+            ceiling = min(_LONG_IDLE_MAX_SLEEP, max(_IDLE_MAX_SLEEP, idle * _IDLE_SHARE))
+            cluster.backoff = min(ceiling, max(_HOT_SLEEP, cluster.backoff * 2))
 
     def handle_cluster_messages(self, arrived) -> None:
         """Hand each message to the part that declared it (messages.py)."""

@@ -373,7 +373,7 @@ class NodeManager:
                                           self.rank, fd)
                 self._run_timers()
                 self.task_events.flush_due()
-                network.poll_cluster()
+                network.poll_cluster(active=bool(events))
 
     def _wait_for_events(self, timeout: float) -> list:
         """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so

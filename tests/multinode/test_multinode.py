@@ -134,6 +134,50 @@ def test_one_get_of_many_objects_from_other_nodes(tmp_path):
     assert "OK" in out
 
 
+def test_an_idle_rank_polls_mpi_less_often_the_longer_it_idles(tmp_path):
+    # After a second of idle a node polls MPI every 25 ms, not every 10 ms: rank 1's
+    # threads are put on a CPU fewer than 60 times a second (at 10 ms: ~100). A loaded
+    # machine only delays wake-ups, so it makes fewer of them, never more. Then the
+    # first task sent to it still runs.
+    out = run_mpi(tmp_path, 2, """
+        import glob, os, time, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        rank1 = [n["NodeID"] for n in ray.nodes() if n["rank"] == 1][0]
+        @ray.remote
+        def f():
+            return 1
+        @ray.remote
+        def forkserver_pid():
+            return os.getppid()  # a worker's parent is its node's fork server
+        def rank_1_pid():
+            forkserver = ray.get(forkserver_pid.options(
+                scheduling_strategy=On(rank1, soft=False)).remote())
+            with open(f"/proc/{forkserver}/stat") as fh:
+                pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                assert b"PMI_RANK=1" in fh.read().split(b"\\0")
+            return pid
+        def switches(pid):
+            total = 0
+            for status in glob.glob(f"/proc/{pid}/task/*/status"):
+                with open(status) as fh:
+                    total += sum(int(line.split()[1]) for line in fh
+                                 if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+            return total
+        pid = rank_1_pid()
+        time.sleep(1.5)
+        before, start = switches(pid), time.monotonic()
+        time.sleep(3)
+        rate = (switches(pid) - before) / (time.monotonic() - start)
+        assert rate < 60, rate
+        assert ray.get(f.options(scheduling_strategy=On(rank1, soft=False)).remote()) == 1
+        ray.shutdown()
+        print("OK", rate)
+    """)
+    assert "OK" in out
+
+
 def test_locality_puts_a_task_where_its_argument_is(tmp_path):
     out = run_mpi(tmp_path, 4, """
         import numpy as np, hpcray as ray
