@@ -74,16 +74,23 @@ def main() -> None:
     control.setblocking(True)
     os.setsid()  # the terminal's Ctrl-C goes to the driver, not to every worker
     libc = ctypes.CDLL(None, use_errno=True)
-    # Before the parent-death signal: a driver that dies while this process still
-    # imports (a SIGKILL right after init) gets the clean-up below too, not a bare exit.
-    signal.signal(signal.SIGTERM, _leave_on_sigterm)
-    _set_parent_death_signal(libc, signal.SIGTERM)
+    # The node's end is the driver's socket (never inherited): its close, or the
+    # driver's death however it dies, is the EOF that starts the clean-up below. No
+    # signal does: a parent-death signal comes when the thread that started this
+    # process ends (os._exit ends the driver's threads one by one: the first came while
+    # the driver still lived, a second one in the middle of the clean-up), and Slurm
+    # sends SIGTERM to every process of a step, while its node may still need it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     children: set = set()
     # Slurm signals every process of a step (scancel -s, --signal, srun's forwarding):
     # these are for the rank to act on, and must not end this server or its workers
     # (which inherit the dispositions; a worker sets its own SIGINT handler for cancel).
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    # A SIGTERM that drains the job (HPCRAY_DRAIN_SIGNALS=USR1,TERM) must not end the
+    # tasks the drain lets finish; otherwise a worker keeps SIGTERM's default.
+    from hpcray.config import drain_signals
+    worker_sigterm = signal.SIG_IGN if signal.SIGTERM in drain_signals() else signal.SIG_DFL
     try:
         if os.getppid() != job["driver_pid"]:
             return  # the driver died before we got here: nobody else will clean up
@@ -110,18 +117,12 @@ def main() -> None:
                 continue
             request = messages.record(protocol.decode(data))
             key, is_actor = request.key, request.is_actor
-            # SIGTERM stays blocked across the fork: otherwise a child could run this
-            # server's handler (sys.exit) inside Python's after-fork hooks.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             pid = os.fork()
-            if pid != 0:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-            else:
+            if pid == 0:
                 code = 1
                 try:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                    signal.signal(signal.SIGTERM, worker_sigterm)
                     _set_parent_death_signal(libc, signal.SIGKILL)
                     control.close()
                     os.dup2(fds[1], 1)
@@ -143,9 +144,7 @@ def main() -> None:
     except (ConnectionResetError, OSError):
         pass
     finally:
-        # The driver is gone: nothing may interrupt the cleanup (its death also sends
-        # us SIGTERM), and the segment's name goes first (workers keep their mappings).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The driver is gone: the segment's name goes first (workers keep their mappings).
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _unlink_store(job)
         _kill_all(children)
@@ -160,13 +159,6 @@ def _unlink_store(job: dict) -> None:
     if job.get("spill_dir"):
         import shutil
         shutil.rmtree(job["spill_dir"], ignore_errors=True)
-
-
-def _leave_on_sigterm(*_) -> None:
-    # A second SIGTERM (a launcher killing the whole step, then the node manager's death)
-    # must not interrupt the cleanup that this exit runs.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -351,11 +351,12 @@ def stop_job(transport) -> None:
             _skip_finalize = True
             raise
         return
-    # SIGTERM: the other ranks got it too and wait for this Stop (serve_ranks), but the
-    # launcher's SIGKILL follows (Slurm's KillWait, 30 s by default): a short wait only.
-    # A rank that does not answer is left to its fork server, which cleans its node.
+    # SIGTERM: the other ranks got it too and wait for this Stop (serve_ranks), which
+    # they answer before stopping their nodes; but the launcher's SIGKILL follows
+    # (Slurm's KillWait, 30 s by default, 2 s in slurm/local-cluster.sh): a short wait
+    # only. A rank that does not answer is dead: its fork server cleans its node.
     try:
-        _collect(transport, messages.Stopped, transport.size - 1, 3.0)
+        _collect(transport, messages.Stopped, transport.size - 1, _SIGTERM_STOP_WAIT)
     except RuntimeError as exc:
         _skip_finalize = True
         log.warning("%s", exc)
@@ -444,6 +445,12 @@ def serve_ranks(transport, make_node) -> int:
             node.set_cluster_nodes(go.nodes)
             node.network.handle_cluster_messages(early)
         node.serve()
+        if _sigterm_seen and 0 not in transport.dead:
+            # Rank 0 waits only briefly for this after a SIGTERM (stop_job): answer first.
+            transport.send(0, wire(messages.Stopped))
+            _send_now(transport)
+            node.shutdown()
+            continue
         node.shutdown()
         if 0 in transport.dead:  # ULFM: the driver's rank died (node_failures.py)
             _skip_finalize = True
@@ -451,8 +458,20 @@ def serve_ranks(transport, make_node) -> int:
         transport.send(0, wire(messages.Stopped))
 
 
-# A rank > 0 that got SIGTERM leaves on its own after this long without rank 0's Exit.
-_SIGTERM_GRACE = 5.0
+def _send_now(transport, seconds: float = 0.5) -> None:
+    """Progress what this rank sends (no message is taken in: the next is read later)."""
+    deadline = time.monotonic() + seconds
+    while transport.busy and time.monotonic() < deadline:
+        transport.progress()
+        time.sleep(0.0005)
+
+
+# A rank > 0 that got SIGTERM leaves on its own after this long without rank 0's Exit:
+# rank 0 is gone (with it alive the job ends within a second or two).
+_SIGTERM_GRACE = 20.0
+# After SIGTERM rank 0 waits this long for every rank's Stopped (sent at once by a live one).
+_SIGTERM_STOP_WAIT = 1.0
+_sigterm_seen = False  # ranks > 0: a SIGTERM came
 
 
 def _defer_signals_to_rank0() -> None:
@@ -472,6 +491,8 @@ def _defer_signals_to_rank0() -> None:
                   signal.Signals(signum).name)
 
     def on_sigterm(signum, _frame):
+        global _sigterm_seen
+        _sigterm_seen = True
         timer = threading.Timer(_SIGTERM_GRACE, _leave_without_rank0, (128 + signum,))
         timer.daemon = True
         timer.start()

@@ -167,8 +167,9 @@ def test_driver_exception_fails_the_step(run_app):
 
 
 def test_dead_rank_ends_the_step(run_app, slurm_cluster, tmp_path):
-    """A rank's node manager killed: Slurm ends the step (KillOnBadExit), rank 0 leaves on
-    the SIGTERM without waiting for the dead, and every node's segment and workers go."""
+    """A rank's process killed: Slurm ends the step (KillOnBadExit), rank 0 leaves on the
+    SIGTERM after waiting at most 1 s for the dead, and every node's segment and workers
+    go. (Its guardian is the task srun started; killing it kills the rank with it.)"""
     _, env, outputs = run_app
     app = tmp_path / "app.py"
     app.write_text(PRELUDE + textwrap.dedent("""
@@ -208,8 +209,10 @@ def test_dead_rank_ends_the_step(run_app, slurm_cluster, tmp_path):
     outputs.append(output)
     assert srun.returncode != 0, output
     assert "task 1: Killed" in output, output
-    # Rank 0 ended by itself on SIGTERM (exit 143), not by the SIGKILL after KillWait.
-    assert "task 0: Exited with exit code 143" in output, output
+    # Rank 0 ended by itself on SIGTERM (exit 143), not by the SIGKILL after KillWait
+    # (2 s here), and so did rank 2, which waited for rank 0's word ("tasks 0,2").
+    assert re.search(r"tasks? 0(,\d+)*: Exited with exit code 143", output), output
+    assert "fork server died" not in output, output
 
 
 def test_srun_python_m_hpcray_m_module(run_app, tmp_path):
@@ -287,3 +290,65 @@ def test_processes_with_finds_a_marked_process():
         sleeper.kill()
         sleeper.wait()
     assert not processes_with(marker)
+
+
+def test_scancel_usr1_drains_the_step(run_app, tmp_path):
+    """`scancel --signal=USR1` (what --signal=USR1@N sends before the time limit): Slurm
+    signals every process of the step, guardians, ranks, fork servers and workers; only
+    the driver acts. The running tasks finish, the waiting ones never start, exit 0."""
+    _, env, outputs = run_app
+    (tmp_path / "started").mkdir()
+    app = tmp_path / "app.py"
+    app.write_text(PRELUDE + textwrap.dedent("""
+        import time
+        here = sys.argv[1]
+
+        @ray.remote(num_cpus=1)
+        def step(i, here=here):
+            open(os.path.join(here, "started", str(i)), "w").close()
+            while not os.path.exists(os.path.join(here, "release")):
+                time.sleep(0.01)
+            return i
+
+        ray.util.on_drain(lambda signum: open(os.path.join(here, "callback"), "w").close())
+        refs = [step.options(scheduling_strategy="SPREAD").remote(i) for i in range(6)]
+        while len(os.listdir(os.path.join(here, "started"))) < 3:
+            time.sleep(0.01)
+        try:
+            print("RUNNING", os.environ["SLURM_JOB_ID"], flush=True)
+            ray.get(refs)
+        finally:
+            print("finally ran", ray.util.draining(), flush=True)
+    """))
+    srun = subprocess.Popen(
+        ["srun", "--mpi=pmi2", "-n", "3", "--cpus-per-task=1", VENV_PYTHON, "-m", "hpcray",
+         str(app), str(tmp_path)], env=dict(env, HPCRAY_DRAIN_GRACE="60"), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in srun.stdout:
+            lines.append(line)
+            if line.startswith("RUNNING"):
+                break
+        assert lines and lines[-1].startswith("RUNNING"), "".join(lines)
+        subprocess.run(["scancel", "--signal=USR1", lines[-1].split()[1]], env=env,
+                       check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "callback").exists():
+            assert srun.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        (tmp_path / "release").touch()
+        rest, _ = srun.communicate(timeout=STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        srun.kill()
+        rest, _ = srun.communicate()
+        pytest.fail(f"the step did not end: {''.join(lines)}{rest}")
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+    output = "".join(lines) + rest
+    outputs.append(output)
+    assert srun.returncode == 0, output
+    assert "hpcray: drained in" in output and "finally ran True" in output, output
+    assert len(list((tmp_path / "started").iterdir())) == 3, output
