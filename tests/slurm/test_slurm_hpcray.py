@@ -166,6 +166,31 @@ def test_driver_exception_fails_the_step(run_app):
     assert re.search(r"tasks? 0-2: Exited with exit code 1", output), output
 
 
+def srun_until(args: list, env: dict, cwd, marker: str, act) -> tuple:
+    """`srun --mpi=pmi2 *args` until it prints a line starting with `marker`, then
+    `act(that line)`; -> (its status, its output) once it ended."""
+    srun = subprocess.Popen(["srun", "--mpi=pmi2", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in srun.stdout:
+            lines.append(line)
+            if line.startswith(marker):
+                break
+        assert lines and lines[-1].startswith(marker), "".join(lines)
+        act(lines[-1])
+        rest, _ = srun.communicate(timeout=STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        srun.kill()
+        rest, _ = srun.communicate()
+        pytest.fail(f"the step did not end: {''.join(lines)}{rest}")
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+    return srun.returncode, "".join(lines) + rest
+
+
 def test_dead_rank_ends_the_step(run_app, slurm_cluster, tmp_path):
     """A rank's process killed: Slurm ends the step (KillOnBadExit), rank 0 leaves on the
     SIGTERM after waiting at most 1 s for the dead, and every node's segment and workers
@@ -181,33 +206,17 @@ def test_dead_rank_ends_the_step(run_app, slurm_cluster, tmp_path):
         print("READY", flush=True)
         time.sleep(STEP_TIMEOUT_S)
     """).replace("STEP_TIMEOUT_S", str(STEP_TIMEOUT_S)))
-    srun = subprocess.Popen(
-        ["srun", "--mpi=pmi2", "-n", "3", VENV_PYTHON, "-m", "hpcray", str(app)],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for line in srun.stdout:
-            lines.append(line)
-            if line.startswith("READY"):
-                break
-        assert lines and lines[-1].startswith("READY"), "".join(lines)
+    def kill_rank_1(_line):
         rank_1 = [proc for proc in processes_with(env["HPCRAY_TEST_RUN"])
                   if proc.environ().get("SLURM_PROCID") == "1"
                   and proc.parent() is not None and proc.parent().name() == "slurmstepd"]
         assert len(rank_1) == 1, describe(rank_1)
         rank_1[0].send_signal(signal.SIGKILL)
-        rest, _ = srun.communicate(timeout=STEP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        srun.kill()
-        rest, _ = srun.communicate()
-        pytest.fail(f"the step outlived its dead rank: {''.join(lines)}{rest}")
-    finally:
-        if srun.poll() is None:
-            srun.kill()
-            srun.wait()
-    output = "".join(lines) + rest
+
+    code, output = srun_until(["-n", "3", VENV_PYTHON, "-m", "hpcray", str(app)], env,
+                              tmp_path, "READY", kill_rank_1)
     outputs.append(output)
-    assert srun.returncode != 0, output
+    assert code != 0, output
     assert "task 1: Killed" in output, output
     # Rank 0 ended by itself on SIGTERM (exit 143), not by the SIGKILL after KillWait
     # (2 s here), and so did rank 2, which waited for rank 0's word ("tasks 0,2").
@@ -320,35 +329,19 @@ def test_scancel_usr1_drains_the_step(run_app, tmp_path):
         finally:
             print("finally ran", ray.util.draining(), flush=True)
     """))
-    srun = subprocess.Popen(
-        ["srun", "--mpi=pmi2", "-n", "3", "--cpus-per-task=1", VENV_PYTHON, "-m", "hpcray",
-         str(app), str(tmp_path)], env=dict(env, HPCRAY_DRAIN_GRACE="60"), cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in srun.stdout:
-            lines.append(line)
-            if line.startswith("RUNNING"):
-                break
-        assert lines and lines[-1].startswith("RUNNING"), "".join(lines)
-        subprocess.run(["scancel", "--signal=USR1", lines[-1].split()[1]], env=env,
-                       check=True, timeout=30)
+    def drain(line):
+        subprocess.run(["scancel", "--signal=USR1", line.split()[1]], env=env, check=True,
+                       timeout=30)
         deadline = time.monotonic() + 60
-        while not (tmp_path / "callback").exists():
-            assert srun.poll() is None and time.monotonic() < deadline, "".join(lines)
+        while not (tmp_path / "callback").exists():  # every node holds its waiting tasks
+            assert time.monotonic() < deadline, "no drain callback"
             time.sleep(0.05)
         (tmp_path / "release").touch()
-        rest, _ = srun.communicate(timeout=STEP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        srun.kill()
-        rest, _ = srun.communicate()
-        pytest.fail(f"the step did not end: {''.join(lines)}{rest}")
-    finally:
-        if srun.poll() is None:
-            srun.kill()
-            srun.wait()
-    output = "".join(lines) + rest
+
+    code, output = srun_until(["-n", "3", "--cpus-per-task=1", VENV_PYTHON, "-m", "hpcray",
+                               str(app), str(tmp_path)], dict(env, HPCRAY_DRAIN_GRACE="60"),
+                              tmp_path, "RUNNING", drain)
     outputs.append(output)
-    assert srun.returncode == 0, output
+    assert code == 0, output
     assert "hpcray: drained in" in output and "finally ran True" in output, output
     assert len(list((tmp_path / "started").iterdir())) == 3, output
