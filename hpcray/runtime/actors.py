@@ -392,6 +392,11 @@ class Actors:
 
     def restart_elsewhere(self, remote: RemoteActor, dead: int) -> None:
         spec = remote.creation
+        if remote.refs <= 0 and not remote.borrowers and remote.scoped:
+            # Out of scope: it was ended (EndActor), or would have been; never again.
+            self.cluster.actor_locations[remote.actor_id] = -1
+            self.router.on_actor_at(self.rank, remote.actor_id, -1)
+            return
         left = spec.options.get("max_restarts", 0) if spec is not None else 0
         if left == 0:
             self.gcs.request("update_actor", remote.actor_id, {

@@ -6,7 +6,8 @@ value it owns: the entry goes back to PENDING (its waiters stay), the task's spe
 from the GCS tasks table (kept there until the owner frees every return: task_events.py)
 and the task is submitted again with the same ids. Its arguments are resolved as for any
 task, so an argument lost too (reset the same way, before any task is re-run) is rebuilt
-first: the recursion follows the arguments, however deep the chain. Not rebuilt, as Ray:
+first: the recursion follows the arguments, however deep the chain. A copy another live
+node holds (the GCS objects table knows it) serves instead of a re-run. Not rebuilt, as Ray:
 values made by `put` (no task made them) and actor call results (an actor's state moved
 on); their readers get ObjectLostError. Each task is re-run at most `max_retries` times
 in all (-1: without limit).
@@ -50,19 +51,38 @@ class Lineage:
             entry.location = None
             entry.pulling = False
         for object_id in object_ids:
-            task_id = ids.task_id_of(object_id)
-            if object_id[ids.TASK_ID_SIZE:] == _PUT_INDEX:
-                self._fail(object_id, "it was made by put, which lineage cannot make again")
-                continue
-            if task_id in self.node.tasks:
-                continue  # running again already: its result comes
-            waiting = self.asked.get(task_id)
-            if waiting is not None:
-                waiting.append(object_id)
-                continue
-            self.asked[task_id] = [object_id]
-            self.gcs.request("get_task", task_id,
-                             callback=lambda info, t=task_id: self._replay(t, info))
+            self.gcs.request("get_object", object_id,
+                             callback=lambda info, o=object_id: self._copy_or_replay(o, info))
+
+    def _copy_or_replay(self, object_id: bytes, info) -> None:
+        """A copy on another live node (a reader pulled one) serves; else re-run."""
+        entry = self.objects.entries.get(object_id)
+        if entry is None or entry.state != PENDING:
+            return
+        dead = self.node.link.dead_nodes
+        copies = sorted(r for r in (info.locations if info is not None else ())
+                        if r not in dead and r != self.rank)
+        if copies:
+            self.objects.object_ready(object_id, IN_STORE, entry.contained, entry.size,
+                                      copies[0])
+            return
+        self._replay_task_of(object_id)
+
+    def _replay_task_of(self, object_id: bytes) -> None:
+        task_id = ids.task_id_of(object_id)
+        if object_id[ids.TASK_ID_SIZE:] == _PUT_INDEX:
+            self._fail(object_id, "it was made by put, which lineage cannot make again")
+            return
+        if task_id in self.node.tasks:
+            return  # running again already: its result comes
+        waiting = self.asked.get(task_id)
+        if waiting is not None:
+            waiting.append(object_id)
+            return
+        self.asked[task_id] = [object_id]
+        self.gcs.request("get_task", task_id,
+                         callback=lambda info, t=task_id: self._replay(t, info))
+
 
     def _replay(self, task_id: bytes, info) -> None:
         lost = self.asked.pop(task_id, [])

@@ -118,6 +118,9 @@ class ObjectMover:
     def start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
         if entry.pulling or self.use_cached_copy(object_id, entry):
             return
+        if entry.location in getattr(self.transport, "dead", ()) and \
+                entry.location not in self.cluster.dead_nodes:
+            return  # lost with its node: NodeDied (soon) rebuilds it or asks its owner
         entry.pulling = True
         self._wanted.setdefault(entry.location, []).append((object_id, entry))
         if not self._batching:

@@ -51,7 +51,7 @@ def run_ulfm(tmp_path, ranks, script, timeout=150, expect_code=0):
     path.write_text(textwrap.dedent(script))
     before = set(os.listdir("/dev/shm"))
     env = dict(os.environ, **OMPI_ENV)
-    env.pop("PYTHONPATH", None)  # the venv's hpcray (this tree, installed editable)
+    env["PYTHONPATH"] = str(REPO)  # this tree's hpcray, whichever the venv installed
     proc = subprocess.Popen([str(MPIEXEC), "--with-ft", "ulfm", "-n", str(ranks),
                              str(PYTHON), "-m", "hpcray", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

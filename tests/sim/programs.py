@@ -293,3 +293,72 @@ def random_workload(sim) -> None:
     cancelled.clear()
     keepers.clear()
     gc.collect()
+
+
+@ray.remote(max_retries=-1)
+def step(tag, pad_bytes, previous, previous_tag):
+    """One link of a chain: checks the link before it (a top-level ref argument)."""
+    if previous is not None:
+        check_value(previous, previous_tag)
+    return value(tag, pad_bytes, [])
+
+
+@ray.remote(max_retries=-1)
+def read_inside(refs, tag):
+    """Reads a value it borrows (a ref inside a list)."""
+    check_value(ray.get(refs[0]), tag)
+    return value(-tag, SMALL, [])
+
+
+@ray.remote(max_restarts=-1)
+class Echo:
+    def echo(self, tag):
+        return value(tag, SMALL, [])
+
+
+def failure_workload(sim) -> None:
+    """The driver while a node dies (Simulation(kill=True)): tasks that may run there,
+    chains of stored values made there (rebuilt from lineage when lost), values read on
+    other nodes, and an actor that restarts; every result is checked."""
+    rng = random.Random(sim.seed * 7919 + 2)
+    ranks = len(sim.nodes)
+    node_ids = [node.node_id.hex() for node in sim.nodes]
+    tags = itertools.count(1)
+    held: dict = {}
+
+    def anywhere():
+        return NodeAffinitySchedulingStrategy(node_ids[rng.randrange(ranks)], soft=True)
+
+    def op_chain():
+        previous, previous_tag = None, None
+        for _ in range(rng.randint(1, 4)):
+            tag = next(tags)
+            previous = step.options(scheduling_strategy=anywhere()).remote(
+                tag, rng.choice((SMALL, LARGE)), previous, previous_tag)
+            previous_tag = tag
+            held[previous] = tag
+
+    def op_read_elsewhere():
+        if held:
+            ref = rng.choice(list(held))
+            got = read_inside.options(scheduling_strategy=anywhere()).remote([ref], held[ref])
+            held[got] = -held[ref]
+
+    def op_actor():
+        actor = Echo.options(scheduling_strategy=anywhere()).remote()
+        for _ in range(2):
+            tag = next(tags)
+            try:
+                check_value(ray.get(actor.echo.remote(tag)), tag)
+            except ray.exceptions.RayActorError:
+                assert sim.killed is not None  # a call sent to a node that died, as Ray
+            sim.pause()
+
+    operations = [op_chain, op_chain, op_read_elsewhere, op_actor]
+    for _ in range(rng.randint(6, 14)):
+        rng.choice(operations)()
+        sim.pause()
+    for ref, tag in list(held.items()):
+        check_value(ray.get(ref), tag)
+    held.clear()
+    gc.collect()

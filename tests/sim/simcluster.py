@@ -89,6 +89,27 @@ class SimNetwork:
         self.receives: dict = {}          # (dest, source, tag) -> SimTransfer
         self.sends: list = []             # (source, dest, SimTransfer)
         self.messages_sent = 0
+        self.dead: set = set()            # ranks killed (a node's transport learns later)
+        self.late_lost: list = []         # (rank, receive) posted from a rank it knew dead
+
+    def kill(self, rank: int) -> None:
+        """Rank `rank` dies: nothing more leaves it; what it sent may still arrive until
+        each receiver's transport finds out (SimTransport.lose)."""
+        self.dead.add(rank)
+        for key in [k for k in self.queues if k[1] == rank]:
+            del self.queues[key]
+        for key in [k for k in self.receives if k[0] == rank]:
+            del self.receives[key]
+        sends = []
+        for source, dest, transfer in self.sends:
+            if source == rank:
+                continue  # its bytes never come (the receiver's loss reports the receive)
+            if dest == rank:
+                if transfer.on_done is not None:
+                    transfer.on_done()  # the sender lets go of the buffer (_forget)
+                continue
+            sends.append((source, dest, transfer))
+        self.sends = sends
 
     def post(self, source, dest, channel, message) -> None:
         # Pickled as MPI would: no object is shared between nodes.
@@ -107,19 +128,47 @@ class SimTransport:
     poll_slowly = False
     needs_polling = True
 
-    def __init__(self, network: SimNetwork, rank: int, size: int):
+    def __init__(self, network: SimNetwork, rank: int, size: int,
+                 fault_tolerant: bool = False):
         self.network = network
         self.rank = rank
         self.size = size
         self._tag = 0
+        self.fault_tolerant = fault_tolerant
+        self.dead: set = set()    # ranks this node's transport found dead ("lost" event)
 
     def send(self, dest, message, channel="control") -> None:
-        self.network.post(self.rank, dest, channel, message)
+        if dest not in self.dead and dest not in self.network.dead:
+            self.network.post(self.rank, dest, channel, message)
 
     def broadcast(self, message, channel="control") -> None:
         for dest in range(self.size):
             if dest != self.rank:
                 self.send(dest, message, channel)
+
+    def live_ranks(self) -> list:
+        return [rank for rank in range(self.size) if rank not in self.dead]
+
+    def lose(self, rank: int) -> list:
+        """This node's MPI finds `rank` dead (MpiTransport._peers_failed): messages from
+        it not yet delivered are gone; the receives posted from it, returned, never end."""
+        self.dead.add(rank)
+        network = self.network
+        for key in [k for k in network.queues if k[0] == rank and k[1] == self.rank]:
+            del network.queues[key]
+        lost = [t for (dest, source, _tag), t in network.receives.items()
+                if dest == self.rank and source == rank]
+        for transfer in lost:
+            del network.receives[(self.rank, rank, transfer.tag)]
+        sends = []
+        for source, dest, transfer in network.sends:  # begun before it knew: let go
+            if source == self.rank and dest == rank:
+                if transfer.on_done is not None:
+                    transfer.on_done()
+            else:
+                sends.append((source, dest, transfer))
+        network.sends = sends
+        return lost
 
     def new_transfer_tag(self) -> int:
         self._tag += 1
@@ -128,6 +177,8 @@ class SimTransport:
     def start_receive(self, source, tag, dest) -> SimTransfer:
         transfer = SimTransfer(source, tag, _segments(dest), False)
         self.network.receives[(self.rank, source, tag)] = transfer
+        if source in self.dead:  # never comes: reported with the next "lost" of this node
+            self.network.late_lost.append((self.rank, transfer))
         return transfer
 
     def start_send(self, dest, tag, src, on_done=None) -> SimTransfer:
@@ -136,7 +187,7 @@ class SimTransport:
         return transfer
 
     def cancel_receive(self, transfer) -> None:
-        del self.network.receives[(self.rank, transfer.peer, transfer.tag)]
+        self.network.receives.pop((self.rank, transfer.peer, transfer.tag), None)
 
     def poll(self) -> list:
         return []
@@ -269,7 +320,7 @@ class SimNode(NodeManager):
                  num_cpus: float):
         self.sim = sim
         self.freed_ids: set = set()
-        transport = SimTransport(sim.network, rank, size)
+        transport = SimTransport(sim.network, rank, size, sim.kill_at is not None)
         resources = detect_node_resources(num_cpus=num_cpus, num_gpus=0, resources={},
                                           environ={}, gpu_uuids=[])
         store_name = f"/hpcray-{os.getpid()}-sim{sim.seed}-n{rank}"
@@ -344,9 +395,15 @@ def _worker_body(job: dict, key: int, is_actor: bool):
 class Simulation:
     def __init__(self, seed: int, num_nodes: int = 3, num_cpus: float = 1.0,
                  inline_threshold: int = 300, store_bytes: int = 16 << 20,
-                 gcs_shards: int = 1, max_steps: int = 40000):
+                 gcs_shards: int = 1, max_steps: int = 40000, kill: bool = False):
         self.seed = seed
+        # With `kill`: a node other than the driver's dies at a random step (ULFM), and
+        # each survivor's transport finds out at a step of its own ("lost" events).
+        self.kill_at = None
+        self.killed = None
         self.rng = random.Random(seed)
+        if kill and num_nodes > 1:
+            self.kill_at = self.rng.randrange(20, 400)
         self.network = SimNetwork()
         self.baton = threading.Semaphore(0)
         self.idle_counter = LocalReferenceCounter()
@@ -417,12 +474,23 @@ class Simulation:
                 return
 
     # -- events ----------------------------------------------------------------------
+    def alive(self, node) -> bool:
+        return node.rank not in self.network.dead
+
     def enabled_events(self) -> list:
+        if self.kill_at is not None and self.killed is None and self.steps >= self.kill_at:
+            return [("kill", self.rng.randrange(1, len(self.nodes)))]
         events = [("net", key) for key, queue in self.network.queues.items() if queue]
+        if self.killed is not None:
+            late = {rank for rank, _ in self.network.late_lost}
+            events += [("lost", node) for node in self.nodes if self.alive(node)
+                       and (self.killed not in node.transport.dead or node.rank in late)]
         receives = self.network.receives
         events += [("data", i) for i, (source, dest, transfer) in enumerate(self.network.sends)
                    if (dest, source, transfer.tag) in receives]
         for process in self.processes:
+            if not self.alive(process.node):
+                continue
             if process.outbox:
                 events.append(("up", process))
             if process.runnable:
@@ -474,6 +542,22 @@ class Simulation:
             self.trace.append(f"eof {what.name}")
             what.node._worker_died(what.handle)
             what.node.after_event()
+        elif kind == "kill":
+            self.trace.append(f"kill node {what}")
+            self.killed = what
+            self.network.kill(what)
+        elif kind == "lost":
+            self.trace.append(f"lost: node {what.rank} finds node {self.killed} dead")
+            first = self.killed not in what.transport.dead
+            transfers = what.transport.lose(self.killed) if first else []
+            transfers += [t for rank, t in self.network.late_lost if rank == what.rank]
+            for transfer in transfers:  # as MpiTransport: no view of the buffer is kept
+                for view in transfer.views:
+                    view.release()
+            self.network.late_lost = [(r, t) for r, t in self.network.late_lost
+                                      if r != what.rank]
+            what.failures.peers_lost([self.killed] if first else [], transfers)
+            what.after_event()
 
     def run(self, driver: SimProcess) -> None:
         """Step until the driver is done and nothing else can happen."""
@@ -503,18 +587,19 @@ class Simulation:
     def check(self) -> None:
         """After every event: no object that a live process holds was freed by its owner."""
         for process in self.processes:
-            if process.state == "done":
+            if process.state == "done" or not self.alive(process.node):
                 continue
             for key in process.refs.counts:
                 if len(key) == ids.OBJECT_ID_SIZE:
                     owner = self.nodes[ids.owner_rank(key)]
-                    if key in owner.freed_ids:
+                    if key in owner.freed_ids and self.alive(owner):
                         raise SimulationFailure(
                             f"{process.name} holds {key.hex()}, which node {owner.rank} "
                             "freed")
         for node in self.nodes:
-            node.scheduler.check_invariants()
-            self.check_spilled(node)
+            if self.alive(node):
+                node.scheduler.check_invariants()
+                self.check_spilled(node)
 
     @staticmethod
     def check_spilled(node) -> None:
@@ -538,6 +623,8 @@ class Simulation:
         """Once the driver is done and every message delivered: everything is freed."""
         problems = []
         for node in self.nodes:
+            if not self.alive(node):
+                continue
             held = {key.hex(): (entry.state, entry.refs, entry.borrowers, entry.lent,
                                 entry.primary)
                     for key, entry in node.objects.items()}
