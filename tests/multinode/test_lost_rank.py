@@ -95,9 +95,9 @@ NODE_PID = """
 
 
 def test_kill_one_of_four_ranks_mid_run(tmp_path):
-    """SIGKILL of rank 2 while it runs one of the job's tasks (a file says so): the
-    survivors see it, nodes() shows it dead, the tasks it had are run elsewhere, and
-    every result is right."""
+    """SIGKILL of rank 2 while it runs one of the job's tasks (a file says so; no task
+    ends before the kill is seen): the survivors see it, nodes() shows it dead, the tasks
+    it had are run elsewhere, and every result is right."""
     out = run_ulfm(tmp_path, 4, """
         import os, signal, time, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
@@ -108,11 +108,14 @@ def test_kill_one_of_four_ranks_mid_run(tmp_path):
         pid = ray.get(ray.remote(node_pid).options(
             scheduling_strategy=On(ids[2], soft=False)).remote())
 
+        go = os.path.join(here, "go")
+
         @ray.remote(max_retries=3)
-        def work(i):
+        def work(i):   # every node's first task waits until rank 2 is dead
             me = ray.get_runtime_context().get_node_id()
             open(os.path.join(here, f"started-{i}-{me}"), "w").close()
-            time.sleep(0.2)
+            while not os.path.exists(go):
+                time.sleep(0.01)
             return i * i
 
         refs = [work.options(scheduling_strategy=On(ids[i % 4], soft=True)).remote(i)
@@ -124,6 +127,7 @@ def test_kill_one_of_four_ranks_mid_run(tmp_path):
         while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
             time.sleep(0.001)
         print(f"DETECTED {time.monotonic() - t0:.3f}", flush=True)
+        open(go, "w").close()
         assert ray.get(refs) == [i * i for i in range(80)]
         print(f"RECOVERED {time.monotonic() - t0:.3f}", flush=True)
         assert [n["Alive"] for n in ray.nodes()] == [True, True, False, True]
