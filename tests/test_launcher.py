@@ -116,8 +116,13 @@ def _alone_in_mpi(tmp_path, env: dict):
     MPI then starts as a singleton, as it does under a launcher it cannot talk to."""
     import os
     (tmp_path / "app.py").write_text("print('NOT REACHED')\n")
+    # Not what this process's own launcher set, if the suite runs under one (mpirun -n 3
+    # ... -m pytest): the program must look started by the launcher `env` describes.
+    inherited = {name: value for name, value in os.environ.items()
+                 if not name.startswith(("PMI_", "PMIX_", "HYDI_", "MPI_LOCAL", "OMPI_",
+                                         "SLURM_", "HPCRAY_RANK_PID"))}
     proc = subprocess.run([sys.executable, "-m", "hpcray", "app.py"], cwd=tmp_path,
-                          env=dict(os.environ, **env), capture_output=True, text=True,
+                          env=dict(inherited, **env), capture_output=True, text=True,
                           timeout=90)
     assert proc.returncode == 1 and "NOT REACHED" not in proc.stdout, proc.stdout
     return proc.stderr

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -217,11 +218,26 @@ def mpiexec_hint(ranks: str = "N") -> str:
 RANK_PID_VARIABLE = "HPCRAY_RANK_PID"
 
 
+def child_of_a_rank(environ=os.environ) -> bool:
+    """Whether this process only inherited a rank's launcher variables. Under a PMI-1/2
+    launcher (MPICH's Hydra, srun --mpi=pmi2) a rank has PMI_FD open, a socket to the
+    launcher, and a process it starts has not (subprocess closes it; ranks make it
+    non-inheritable): exact, also for an mpiexec started from inside a job, whose ranks
+    have their own. Otherwise (PMIx) HPCRAY_RANK_PID tells: set, and not this process."""
+    fd = environ.get("PMI_FD")
+    if fd is not None and fd.isdigit():
+        try:
+            return not stat.S_ISSOCK(os.fstat(int(fd)).st_mode)
+        except OSError:
+            return True
+    rank_pid = environ.get(RANK_PID_VARIABLE)
+    return rank_pid is not None and rank_pid != str(os.getpid())
+
+
 def under_launcher(environ=os.environ) -> bool:
     """Whether a launcher started this process as one of several ranks (before MPI)."""
-    rank_pid = environ.get(RANK_PID_VARIABLE)
-    if rank_pid is not None and rank_pid != str(os.getpid()):
-        return False  # a subprocess of a rank (or of its workers)
+    if child_of_a_rank(environ):
+        return False  # a subprocess of a rank (or of its workers): a runtime of its own
     slurm_tasks = environ.get("SLURM_NTASKS", "1") or "1"
     return launched_world_size(environ) > 1 or (slurm_tasks.isdigit() and int(slurm_tasks) > 1)
 
@@ -238,6 +254,12 @@ def world():
         if not under_launcher():
             return None
         os.environ[RANK_PID_VARIABLE] = str(os.getpid())  # what its children inherit
+        fd = os.environ.get("PMI_FD", "")
+        if fd.isdigit():  # nor does any child get the launcher's connection (os.system)
+            try:
+                os.set_inheritable(int(fd), False)
+            except OSError:
+                pass
         slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
         from mpi4py import MPI
         from hpcray.runtime.transport import MpiTransport
