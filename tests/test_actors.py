@@ -346,6 +346,7 @@ def _make_dead_actor(how: str, tmp_path):
     return a
 
 
+@pytest.mark.one_node
 @pytest.mark.parametrize("how", ["kill", "constructor", "exit", "restarts_exhausted"])
 @pytest.mark.timeout(60)
 def test_call_on_dead_actor_raises_actor_error(ray_start, tmp_path, how):
@@ -510,6 +511,7 @@ def test_runtime_context_actor_id(ray_start):
     assert hpcray.get(task_actor_id.remote()) is None
 
 
+@pytest.mark.one_node
 @pytest.mark.timeout(60)
 def test_actor_with_two_cpus_holds_both(ray_start):
     @hpcray.remote(num_cpus=2)

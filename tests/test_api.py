@@ -200,6 +200,7 @@ def test_two_cpu_task_runs_alone(ray_start, tmp_path):
 
 @pytest.mark.parametrize("ray_start_custom", [{"num_cpus": 2, "resources": {"special": 1}}],
                          indirect=True)
+@pytest.mark.one_node
 def test_custom_resources_are_accounted(ray_start_custom):
     assert hpcray.cluster_resources()["special"] == 1
 
@@ -214,6 +215,7 @@ def test_custom_resources_are_accounted(ray_start_custom):
         assert start >= end, "two tasks held the single 'special' resource at once"
 
 
+@pytest.mark.one_node
 def test_resources_and_nodes(ray_start):
     total = hpcray.cluster_resources()
     assert total["CPU"] == 2
@@ -279,6 +281,7 @@ def test_shutdown_and_init_again():
     hpcray.shutdown()
 
 
+@pytest.mark.one_node
 def test_recursive_cancel_reaches_child_tasks(ray_start, tmp_path):
     marker = tmp_path / "child_started"
 

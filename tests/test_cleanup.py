@@ -239,6 +239,7 @@ def test_init_twice_raises(ray_start):
     assert hpcray.get(hpcray.put(5)) == 5
 
 
+@pytest.mark.one_node
 @pytest.mark.timeout(60)
 def test_init_ignore_reinit_error(ray_start):
     hpcray.init(ignore_reinit_error=True)

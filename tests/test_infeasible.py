@@ -32,6 +32,7 @@ def infeasible_warnings(caplog) -> list:
             if r.name == "hpcray.node" and WARNING in r.getMessage()]
 
 
+@pytest.mark.one_node
 def test_infeasible_task_stays_pending_and_warns_once_per_shape(ray_start, caplog):
     caplog.set_level(logging.WARNING, logger="hpcray.node")
     big = [identity.options(num_cpus=3).remote(i) for i in range(3)]
@@ -131,6 +132,7 @@ def test_hard_node_affinity_that_cannot_hold_fails_through_the_ref(ray_start):
     assert hpcray.get(identity.options(scheduling_strategy=here).remote(2), timeout=30) == 2
 
 
+@pytest.mark.one_node
 def test_error_mode_fails_infeasible_requests_through_their_refs(monkeypatch, caplog):
     caplog.set_level(logging.WARNING, logger="hpcray.node")
     monkeypatch.setenv("HPCRAY_INFEASIBLE", "error")

@@ -40,6 +40,7 @@ def into(group, index=-1, capture=None):
     return PlacementGroupSchedulingStrategy(group, index, capture)
 
 
+@pytest.mark.one_node
 def test_bundles_are_reserved_and_only_their_tasks_use_them(four_cpus):
     group = placement_group([{"CPU": 1}, {"CPU": 2}], strategy="STRICT_PACK", name="pair")
     assert hpcray.get(group.ready(), timeout=30) == group
@@ -88,6 +89,7 @@ def test_a_bundle_runs_no_more_than_it_holds(four_cpus, tmp_path):
     remove_placement_group(group)
 
 
+@pytest.mark.one_node
 def test_an_infeasible_group_stays_pending_then_removed(four_cpus, caplog):
     caplog.set_level(logging.WARNING, logger="hpcray.placement_groups")
     group = placement_group([{"CPU": 3}, {"CPU": 3}], strategy="STRICT_PACK")
@@ -107,6 +109,7 @@ def test_an_infeasible_group_stays_pending_then_removed(four_cpus, caplog):
         hpcray.get(current_group.options(scheduling_strategy=into(group)).remote(), timeout=30)
 
 
+@pytest.mark.one_node
 def test_a_group_that_fits_later_is_created(four_cpus):
     @hpcray.remote(num_cpus=3)
     class Hog:
@@ -123,6 +126,7 @@ def test_a_group_that_fits_later_is_created(four_cpus):
     assert placement_group_table(group)["state"] == "CREATED"
 
 
+@pytest.mark.one_node
 def test_removal_kills_its_actors_and_running_tasks_and_frees_resources(four_cpus, tmp_path):
     group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
     assert group.wait(30)

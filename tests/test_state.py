@@ -239,6 +239,7 @@ def test_list_objects_one_row_per_reference(ray_start):
     wait_for(lambda: not list_objects(), "no reference left")
 
 
+@pytest.mark.one_node
 def test_state_from_inside_a_task(ray_start):
     @hpcray.remote
     def look():

@@ -222,6 +222,7 @@ def test_shutdown_ends_the_actor(ray_start):
             hpcray.get(actor.empty.remote(), timeout=20)
 
 
+@pytest.mark.one_node
 def test_queue_holds_no_cpu_unless_asked(ray_start):
     assert hpcray.available_resources()["CPU"] == 2
     q = Queue()
