@@ -69,6 +69,7 @@ class NodeFailures:
             if self.rank == self.transport.live_ranks()[0]:  # one line for the job
                 log.error("hpcray: lost rank 0 (the driver and the global scheduler, host "
                           "%s); the job ends", self._host(0))
+            self._unlink_store(0)
             self.link.stop_requested = True
             return
         for rank in ranks:
