@@ -108,7 +108,11 @@ def _tasks_on_node(tasks_per_node: str, node_index: int) -> int | None:
 
 def host_share(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(this rank's index among the ranks on its host, how many there are), as the
-    launcher tells it; (0, 1) when it does not."""
+    launcher tells it; (0, 1) when it does not, and in a process a rank started (which
+    inherits the launcher's variables but shares the host with nobody)."""
+    from hpcray.runtime.launch import child_of_a_rank
+    if child_of_a_rank(environ):
+        return 0, 1
     for rank_key, size_key in (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
                                ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")):
         local_rank = _int_or_none(environ.get(rank_key))

@@ -19,6 +19,7 @@ def spans(events, cat=None):
     return [e for e in events if e["ph"] == "X" and (cat is None or e["cat"] == cat)]
 
 
+@pytest.mark.one_node
 def test_timeline_has_every_task_and_call_with_its_worker_and_flows(ray_start, tmp_path):
     @hpcray.remote
     def leaf(seconds):
