@@ -5,6 +5,7 @@
 """
 
 from hpcray import exceptions
+from hpcray.runtime import rank_child  # noqa: F401 - read before this process opens sockets
 from hpcray.actor import ActorClass, ActorHandle, method
 from hpcray.api import (available_resources, cancel, cluster_resources, get, get_actor,
                         get_gpu_ids, init, is_initialized, kill, nodes, put, remote, shutdown,

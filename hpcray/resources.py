@@ -110,7 +110,7 @@ def host_share(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(this rank's index among the ranks on its host, how many there are), as the
     launcher tells it; (0, 1) when it does not, and in a process a rank started (which
     inherits the launcher's variables but shares the host with nobody)."""
-    from hpcray.runtime.launch import child_of_a_rank
+    from hpcray.runtime.rank_child import child_of_a_rank
     if child_of_a_rank(environ):
         return 0, 1
     for rank_key, size_key in (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),

@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import signal
-import stat
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ import time
 from hpcray._store import StoreError
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
+from hpcray.runtime.rank_child import RANK_PID_VARIABLE, child_of_a_rank
 
 log = logging.getLogger("hpcray.launch")
 # Ray's floor (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES): a smaller store is refused.
@@ -210,28 +210,6 @@ def mpiexec_hint(ranks: str = "N") -> str:
                 "site's MPI module), then run `mpiexec -n "
                 f"{ranks} python -m hpcray app.py`.")
     return f"Run `{path} -n {ranks} {sys.executable} -m hpcray app.py`."
-
-
-# Set by a rank for its children: a program that a driver or a task starts as a
-# subprocess inherits the launcher's variables (PMI_*, SLURM_NTASKS) but is no rank (MPI
-# start-up would fail in it: "PMI_Init returned -1"): it starts a runtime of its own.
-RANK_PID_VARIABLE = "HPCRAY_RANK_PID"
-
-
-def child_of_a_rank(environ=os.environ) -> bool:
-    """Whether this process only inherited a rank's launcher variables. Under a PMI-1/2
-    launcher (MPICH's Hydra, srun --mpi=pmi2) a rank has PMI_FD open, a socket to the
-    launcher, and a process it starts has not (subprocess closes it; ranks make it
-    non-inheritable): exact, also for an mpiexec started from inside a job, whose ranks
-    have their own. Otherwise (PMIx) HPCRAY_RANK_PID tells: set, and not this process."""
-    fd = environ.get("PMI_FD")
-    if fd is not None and fd.isdigit():
-        try:
-            return not stat.S_ISSOCK(os.fstat(int(fd)).st_mode)
-        except OSError:
-            return True
-    rank_pid = environ.get(RANK_PID_VARIABLE)
-    return rank_pid is not None and rank_pid != str(os.getpid())
 
 
 def under_launcher(environ=os.environ) -> bool:
