@@ -89,6 +89,75 @@ def test_calls_from_one_caller_run_in_submission_order(ray_start):
     assert hpcray.get(log.read.remote()) == list(range(500))
 
 
+@hpcray.remote
+class Busy:
+    """One call at a time: while `hold` waits, the calls after it wait at the node."""
+
+    def __init__(self):
+        self.seen = []
+
+    def hold(self, path):
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return os.getpid()
+
+    def note(self, i):
+        self.seen.append(i)
+        return i
+
+    def notes(self):
+        return self.seen
+
+    def die_once(self, marker, gate="/"):
+        self.hold(gate)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return "survived"
+
+
+@pytest.mark.timeout(90)
+def test_calls_behind_a_busy_call_keep_their_order_and_a_cancel(ray_start, tmp_path):
+    gate = tmp_path / "gate"
+    a = Busy.remote()
+    hpcray.get(a.notes.remote())
+    held = a.hold.remote(str(gate))
+    notes = [a.note.remote(i) for i in range(300)]
+    hpcray.cancel(notes[50])  # never sent to the process: it never runs
+    gate.write_text("")
+    hpcray.get(held)
+    with pytest.raises(hpcray.exceptions.TaskCancelledError):
+        hpcray.get(notes[50], timeout=30)
+    kept = [i for i in range(300) if i != 50]
+    assert [hpcray.get(notes[i], timeout=30) for i in kept] == kept
+    assert hpcray.get(a.notes.remote()) == kept
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("retries", [0, -1])
+def test_calls_behind_a_call_that_kills_the_actor_count_as_sent(ray_start, tmp_path, retries):
+    """As in Ray, where every call is sent to the actor at once: when its process dies,
+    the calls submitted before fail without retries, and run on the restarted actor with."""
+    a = Busy.options(max_restarts=1, max_task_retries=retries).remote()
+    first_pid = hpcray.get(a.hold.remote("/"))
+    gate = tmp_path / "gate"
+    died = a.die_once.remote(str(tmp_path / "died"), str(gate))
+    after = [a.note.remote(i) for i in range(20)]  # all submitted before it dies
+    gate.write_text("")
+    if retries == 0:
+        with pytest.raises(RayActorError):
+            hpcray.get(died, timeout=30)
+        for ref in after:
+            with pytest.raises(RayActorError):
+                hpcray.get(ref, timeout=30)
+        assert hpcray.get(a.notes.remote(), timeout=30) == []
+    else:
+        assert hpcray.get(died, timeout=30) == "survived"
+        assert hpcray.get(after, timeout=30) == list(range(20))
+        assert hpcray.get(a.notes.remote(), timeout=30) == list(range(20))
+    assert hpcray.get(a.hold.remote("/"), timeout=30) != first_pid  # restarted
+
+
 @pytest.mark.timeout(60)
 def test_method_num_returns_decorator_and_options(ray_start):
     @hpcray.remote

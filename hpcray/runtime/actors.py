@@ -19,6 +19,7 @@ from hpcray import exceptions, ids
 from hpcray.gcs import tables as gcs_tables
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
+from hpcray.runtime.protocol import encode
 from hpcray.runtime.object_table import _DependencyWaiter
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
@@ -58,7 +59,7 @@ class ActorRecord(ActorHandles):
 
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
                  "restarts", "name", "info", "death", "killed", "kill_cause", "gpu_ids",
-                 "placed")
+                 "placed", "serial")
 
     def __init__(self, spec: TaskSpec, info: dict):
         super().__init__(spec.actor_id)
@@ -78,6 +79,9 @@ class ActorRecord(ActorHandles):
         self.kill_cause = None  # what its death says when it was not kill() (owner_died)
         self.gpu_ids = ()
         self.placed = False
+        # runs one call at a time (no async methods, no threads): see submit_actor_call
+        self.serial = (not info.get("is_async") and spec.options.get("max_concurrency") in (None, 1)
+                       and not spec.options.get("concurrency_groups"))
 
 
 class RemoteActor(ActorHandles):
@@ -241,6 +245,13 @@ class Actors:
             return
         record.retries_left = actor.spec.options.get("max_task_retries", 0)
         actor.queue.append(record)
+        if actor.serial and actor.inflight and not record.spec.deps:
+            # Busy with a call whose end pumps the queue: this one leaves then, in one write
+            # with the others queued meanwhile (one system call and one wake-up of the
+            # worker for many calls, which it would run one at a time anyway). If the
+            # process dies first, these count as sent (actor_process_died), as in Ray.
+            record.pending_deps = 0
+            return
         self.node._resolve_deps(record, lambda _r, a=actor: self.pump_actor(a))
 
     def pump_actor(self, actor: ActorRecord) -> None:
@@ -249,15 +260,20 @@ class Actors:
             return
         worker = actor.worker
         queue = actor.queue
+        frames, started = [], []
         while queue and queue[0].pending_deps == 0:
             record = queue.popleft()
             if record.cancelled:
                 continue
             record.state = RUNNING
-            actor.inflight[record.spec.task_id] = record
-            self.node.task_events.running(record.spec, worker.pid)
-            self.node.send_to_worker(worker, wire(messages.RunTask,
-                record.spec, None, self.node._dep_payloads(record.spec), ()))
+            spec = record.spec
+            actor.inflight[spec.task_id] = record
+            started.append(spec.task_id)
+            frames.append(encode(wire(messages.RunTask, spec, None,
+                                      self.node._dep_payloads(spec), ())))
+        if frames:
+            self.node.task_events.calls_running(started, worker.pid)
+            self.node.send_frames_to_worker(worker, frames)
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
             self.node.send_to_worker(worker, wire(messages.ExitWorker))
 
@@ -269,7 +285,9 @@ class Actors:
             return
         self.node.recorder.ran(record.spec, worker.pid, started, results)
         self.node._finish_task(record, results, transitions)
-        if actor.death is not None and not actor.queue and not actor.inflight:
+        if actor.queue:
+            self.pump_actor(actor)  # what waited for this call's end (and ExitWorker after)
+        elif actor.death is not None and not actor.inflight:
             self.node.send_to_worker(worker, wire(messages.ExitWorker))
 
     # ------------------------------------------------------------------ handles
@@ -351,8 +369,14 @@ class Actors:
         if actor.restarts_left != 0 and not actor.killed:
             if actor.restarts_left > 0:
                 actor.restarts_left -= 1
+            sent = list(actor.inflight.values())
+            if actor.state == A_ALIVE:  # and the calls submit_actor_call held back
+                while actor.queue and actor.queue[0].pending_deps == 0:
+                    record = actor.queue.popleft()
+                    if not record.cancelled:  # (a cancelled one has ended already)
+                        sent.append(record)
             retry, lost = [], []
-            for record in actor.inflight.values():
+            for record in sent:
                 (retry if record.retries_left != 0 and not record.cancelled
                  else lost).append(record)
             actor.inflight = {}

@@ -76,10 +76,14 @@ class TaskEvents:
         if spec.return_ids:
             self.live_returns[spec.task_id] = len(spec.return_ids)
 
+    def calls_running(self, call_ids: list, worker_pid: int) -> None:
+        """The actor calls `call_ids` were sent to the actor's worker `worker_pid`, in one
+        pass of the node (one clock read for them all)."""
+        now = _now()
+        self.calls_run.extend([(call_id, worker_pid, now) for call_id in call_ids])
+
     def running(self, spec, worker_pid: int | None = None) -> None:
-        if spec.kind == ACTOR_CALL:
-            self.calls_run.append((spec.task_id, worker_pid, _now()))
-            return
+        """A task (not an actor call: calls_running) was sent to worker `worker_pid`."""
         # The name too: the owner's spec may reach the GCS after this event.
         self.pending.append((spec.task_id, TASK_RUNNING, None, self.rank, spec.name,
                              _now(), worker_pid))
