@@ -12,29 +12,41 @@ from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
 from hpcray import object_ref as _object_ref
 
 
-def method(*, num_returns=None, **_ray_only):
-    """`@hpcray.method(num_returns=n)` on an actor method, as `ray.method`."""
+def method(*, num_returns=None, _generator_backpressure_num_objects=None, **_ray_only):
+    """`@hpcray.method(num_returns=n)` on an actor method, as `ray.method` (also its
+    `_generator_backpressure_num_objects`)."""
     if num_returns is not None:
         opts.check({"num_returns": num_returns}, {"num_returns"}, "ray.method")
+    limit = opts.backpressure_of(
+        {"_generator_backpressure_num_objects": _generator_backpressure_num_objects})
 
     def decorate(function):
         if num_returns is not None:
             function.__hpcray_num_returns__ = num_returns
+        if limit is not None:
+            function.__hpcray_backpressure__ = limit
         return function
     return decorate
 
 
 def _describe(cls) -> dict:
     methods = {}
+    backpressure = {}
     is_async = False
     for name, member in inspect.getmembers(cls):
         if not callable(member) or (name.startswith("__") and name != "__call__"):
             continue
         num_returns = getattr(member, "__hpcray_num_returns__", None)
         methods[name] = default_returns(member) if num_returns is None else num_returns
+        limit = getattr(member, "__hpcray_backpressure__", None)
+        if limit is not None:
+            backpressure[name] = limit
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
-    return {"class_name": cls.__name__, "methods": methods, "is_async": is_async}
+    info = {"class_name": cls.__name__, "methods": methods, "is_async": is_async}
+    if backpressure:  # method -> its _generator_backpressure_num_objects
+        info["backpressure"] = backpressure
+    return info
 
 
 class ActorClass:
@@ -191,7 +203,8 @@ class ActorMethod:
 
     def options(self, **call_options) -> _MethodOptions:
         opts.check(call_options, {"num_returns", "name", "max_task_retries",
-                                  "retry_exceptions", "concurrency_group"},
+                                  "retry_exceptions", "concurrency_group",
+                                  "_generator_backpressure_num_objects"},
                    f"actor method {self._qualname}")
         return _MethodOptions(self, call_options)
 
@@ -210,16 +223,23 @@ class ActorMethod:
             num_returns = options.get("num_returns", num_returns)
             name = options.get("name") or name
             retry_exceptions = opts.retry_exceptions_of(options)
-        generator = None
+        generator = call_options = None
         if num_returns in opts.GENERATOR_RETURNS:
             generator, num_returns = num_returns, 1  # its one return: the completion
+            call_options = {"generator": generator}
+            limit = opts.backpressure_of(options) if options else None
+            if limit is None and not (options and "_generator_backpressure_num_objects"
+                                      in options):
+                limit = self._handle._info.get("backpressure", {}).get(self._name)
+            if limit is not None and generator == "streaming":
+                call_options["backpressure"] = limit
         if num_returns == 1:
             return_ids = [ids.object_id_for(task_id, 1)]
         else:
             return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
                         return_ids, {}, 0, retry_exceptions, self._actor_id, self._name,
-                        {"generator": generator} if generator else None)
+                        call_options)
         client.submit(spec)
         if generator is None:
             return refs_for(return_ids)

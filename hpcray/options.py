@@ -6,7 +6,7 @@ TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "num_returns", "m
                 "retry_exceptions", "name", "scheduling_strategy", "runtime_env",
                 "accelerator_type", "placement_group", "_metadata", "label_selector",
                 "max_calls", "placement_group_bundle_index",
-                "placement_group_capture_child_tasks"}
+                "placement_group_capture_child_tasks", "_generator_backpressure_num_objects"}
 # num_returns of a generator task (runtime/generators.py); a generator function's default
 GENERATOR_RETURNS = ("streaming", "dynamic")
 ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespace",
@@ -47,6 +47,7 @@ def check(options: dict, allowed: set, what: str) -> dict:
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"{key} must be an int >= -1, got {value!r}.")
+    backpressure_of(options)
     max_calls = options.get("max_calls")
     if max_calls is not None and (not isinstance(max_calls, int) or isinstance(max_calls, bool)
                                   or max_calls < 0):
@@ -69,6 +70,21 @@ def check(options: dict, allowed: set, what: str) -> dict:
     if lifetime not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {lifetime!r}.")
     return options
+
+
+def backpressure_of(options: dict) -> int | None:
+    """`_generator_backpressure_num_objects` (Ray's): how many items a streaming
+    generator task may have yielded and not yet taken by its consumer before it pauses;
+    None (or -1, as in Ray): no limit."""
+    limit = options.get("_generator_backpressure_num_objects")
+    if limit is None or limit == -1:
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < -1:
+        raise ValueError("_generator_backpressure_num_objects must be an int >= 1 (or -1: "
+                         f"no limit), got {limit!r}.")
+    if limit == 0:
+        raise ValueError("_generator_backpressure_num_objects=0 is not allowed.")
+    return limit
 
 
 def demand_of(options: dict, default_cpus: float) -> dict:

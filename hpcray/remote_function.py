@@ -115,6 +115,9 @@ class _CallTemplate:
         extra = {}
         if self.generator is not None:
             extra["generator"] = self.generator
+            limit = opts.backpressure_of(options)
+            if limit is not None and self.generator == "streaming":
+                extra["backpressure"] = limit
         self.strategy = strategy = opts.strategy_of(options, group)
         if strategy:
             extra["scheduling_strategy"] = strategy

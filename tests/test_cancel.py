@@ -531,6 +531,128 @@ def test_cancelled_actor_call_is_not_retried_and_the_actor_lives_on(ray_start, t
     assert ray.get(actor.count.remote(), timeout=30) == 1
 
 
+# ------------------------------------------------ recursive cancel of actor calls
+@ray.remote
+def child_task(ref_list, started, interrupted):
+    touch(started)
+    try:
+        value = ray.get(ref_list[0])
+    except KeyboardInterrupt:  # a recursive cancel reached it
+        touch(interrupted)
+        raise
+    return value
+
+
+@ray.remote
+class Spawner:
+    """Each call submits a child task and waits for it (Ray's test_cancel_recursive_tree,
+    with the actor's three execution models)."""
+
+    def spawn(self, ref_list, started, interrupted):
+        return ray.get(child_task.remote(ref_list, started, interrupted))
+
+
+@ray.remote
+class AsyncSpawner:
+    async def spawn(self, ref_list, started, interrupted):
+        return await child_task.remote(ref_list, started, interrupted)
+
+
+@pytest.mark.parametrize("model", ["sync", "threaded", "async"])
+def test_recursive_cancel_of_an_actor_call_reaches_only_its_children(ray_start, tmp_path,
+                                                                     model):
+    # Two calls run at once where the actor allows it (threaded, async), each with a
+    # child: cancelling one reaches its own child only, so the node must know which call
+    # submitted which child (the worker names the call: worker.py _running_call).
+    signal = Signal.remote()
+    if model == "async":
+        actor = AsyncSpawner.remote()
+    else:
+        actor = Spawner.options(max_concurrency=4 if model == "threaded" else 1).remote()
+    paths = {name: str(tmp_path / name) for name in ("a", "a-int", "b", "b-int", "c", "c-int")}
+    victim = actor.spawn.remote([signal.wait.remote()], paths["a"], paths["a-int"])
+    wait_for_file(paths["a"])
+    other = None
+    if model != "sync":  # a second call running beside it
+        other = actor.spawn.remote([signal.wait.remote()], paths["b"], paths["b-int"])
+        wait_for_file(paths["b"])
+    ray.cancel(victim, recursive=True)
+    with pytest.raises(TaskCancelledError):
+        ray.get(victim, timeout=30)
+    wait_for_file(paths["a-int"])
+    ray.get(signal.send.remote(), timeout=30)
+    if other is not None:
+        assert ray.get(other, timeout=30) is None  # Signal.wait returns None
+        assert not os.path.exists(paths["b-int"])
+    # Not recursive: the call is cancelled, its child runs to its end.
+    signal2 = Signal.remote()
+    victim = actor.spawn.remote([signal2.wait.remote()], paths["c"], paths["c-int"])
+    wait_for_file(paths["c"])
+    ray.cancel(victim, recursive=False)
+    ray.get(signal2.send.remote(), timeout=30)
+    with pytest.raises(TaskCancelledError):
+        ray.get(victim, timeout=30)
+    assert not os.path.exists(paths["c-int"])
+
+
+def test_recursive_cancel_goes_down_a_chain_of_actor_calls(ray_start, tmp_path):
+    # Ray's test_cancel_recursive_chain: each actor's call calls the next actor's and
+    # awaits it; a recursive cancel of the first reaches every one down the chain.
+    @ray.remote(num_cpus=0)
+    class Link:
+        def __init__(self, child=None):
+            self.child = child
+            self.child_ref = None
+
+        async def run(self, ref_list, started):
+            if self.child is None:
+                touch(started)
+                await ref_list[0]
+                return "end"
+            self.child_ref = self.child.run.remote(ref_list, started)
+            return await self.child_ref
+
+        async def child_refs(self):
+            return [self.child_ref]
+
+    for recursive in (True, False):
+        signal = Signal.remote()
+        started = tmp_path / f"started-{recursive}"
+        chain = [Link.remote()]
+        for _ in range(3):
+            chain.append(Link.remote(chain[-1]))
+        ref = chain[-1].run.remote([signal.wait.remote()], str(started))
+        wait_for_file(started)
+        ray.cancel(ref, recursive=recursive)
+        ray.get(signal.send.remote(), timeout=30)
+        with pytest.raises(TaskCancelledError):
+            ray.get(ref, timeout=30)
+        for link in chain[1:]:
+            [child_ref] = ray.get(link.child_refs.remote(), timeout=30)
+            if recursive:
+                with pytest.raises(TaskCancelledError):
+                    ray.get(child_ref, timeout=30)
+            else:
+                assert ray.get(child_ref, timeout=30) == "end"
+
+
+def test_get_task_id_in_concurrent_async_calls(ray_start):
+    # Each call of an async actor sees its own id, also while another call runs.
+    @ray.remote
+    class Ids:
+        async def task_id(self, ref_list):
+            before = ray.get_runtime_context().get_task_id()
+            await ref_list[0]
+            return before, ray.get_runtime_context().get_task_id()
+
+    signal = Signal.remote()
+    actor = Ids.remote()
+    refs = [actor.task_id.remote([signal.wait.remote()]) for _ in range(3)]
+    ray.get(signal.send.remote(), timeout=30)
+    for ref, (before, after) in zip(refs, ray.get(refs, timeout=30)):
+        assert before == after == ref.task_id().hex()
+
+
 # ---------------------------------------------------------------------------- leaks
 def test_nothing_leaks_after_many_cancels(tmp_path):
     from tests.conftest import hpcray_segments

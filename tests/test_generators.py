@@ -363,3 +363,117 @@ def test_cancel_a_generator_with_num_returns(ray_start, tmp_path):
     for ref in (first, second):
         with pytest.raises(hpcray.exceptions.TaskCancelledError):
             hpcray.get(ref, timeout=60)
+
+
+# ------------------------------------------------------------------ backpressure
+# Ray's `_generator_backpressure_num_objects=N`: a streaming generator pauses while N of
+# its items are not taken by its consumer. The generator checks this itself: before it
+# makes item i, the consumer must have asked for at least i + 1 - N items (it writes
+# asked-j before its next() for item j), else it writes a violation file. That check
+# cannot fail where backpressure holds, whatever the load.
+
+def _backpressured(folder: str, limit: int, n: int):
+    def body():
+        for i in range(n):
+            asked = sum(1 for name in os.listdir(folder) if name.startswith("asked-"))
+            if asked < i + 1 - limit:
+                open(os.path.join(folder, f"violation-{i}-asked-{asked}"), "w").close()
+            open(os.path.join(folder, f"made-{i}"), "w").close()
+            yield i
+    return body
+
+
+def _consume(gen, folder: str, limit: int, n: int) -> None:
+    wait_for_file(os.path.join(folder, f"made-{limit - 1}"))
+    time.sleep(0.5)  # a generator without backpressure would make more meanwhile
+    for i in range(n):
+        open(os.path.join(folder, f"asked-{i}"), "w").close()
+        assert hpcray.get(next(gen), timeout=30) == i
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert not [name for name in os.listdir(folder) if name.startswith("violation")]
+
+
+@pytest.mark.parametrize("where", ["task", "actor", "async actor", "method option"])
+def test_backpressure_pauses_the_generator_until_its_items_are_taken(ray_start, tmp_path,
+                                                                     where):
+    folder, limit, n = str(tmp_path), 2, 8
+    body = _backpressured(folder, limit, n)
+    if where == "task":
+        gen = hpcray.remote(_generator_backpressure_num_objects=limit)(body).remote()
+    elif where == "async actor":
+        @hpcray.remote
+        class AsyncMaker:
+            @hpcray.method(_generator_backpressure_num_objects=limit)
+            async def make(self):
+                for value in body():
+                    await asyncio.sleep(0)
+                    yield value
+        gen = AsyncMaker.remote().make.remote()
+    else:
+        @hpcray.remote
+        class Maker:
+            @hpcray.method(_generator_backpressure_num_objects=limit if where == "actor"
+                           else None)
+            def make(self):
+                yield from body()
+        method = Maker.remote().make
+        if where == "method option":
+            method = method.options(_generator_backpressure_num_objects=limit)
+        gen = method.remote()
+    _consume(gen, folder, limit, n)
+
+
+def test_a_dropped_backpressured_generator_runs_to_its_end(ray_start, tmp_path):
+    # Ray: deleting the generator ends the backpressure (nothing will take the items).
+    folder = str(tmp_path)
+    gen = hpcray.remote(_generator_backpressure_num_objects=1)(
+        _backpressured(folder, 1, 5)).remote()
+    open(os.path.join(folder, "asked-0"), "w").close()
+    assert hpcray.get(next(gen), timeout=30) == 0
+    del gen
+    gc.collect()
+    hpcray.put(0)  # the driver's dropped refs reach its node with its next call
+    wait_for_file(os.path.join(folder, "made-4"), 30)
+    wait_until("nothing is left", nothing_left)
+
+
+def test_a_paused_generator_task_can_be_cancelled(ray_start, tmp_path):
+    closed = tmp_path / "closed"
+
+    @hpcray.remote(_generator_backpressure_num_objects=1)
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:  # paused after a yield: the cancel ends the task, which closes it
+            open(closed, "w").close()
+
+    gen = endless.remote()
+    assert hpcray.get(next(gen), timeout=30) == 0
+    hpcray.cancel(gen)
+    with pytest.raises(hpcray.exceptions.TaskCancelledError):
+        for ref in gen:
+            hpcray.get(ref, timeout=30)
+    wait_for_file(str(closed), 30)
+
+
+def test_backpressure_option_is_checked_as_ray_does(ray_start):
+    with pytest.raises(ValueError, match="=0 is not allowed"):
+        @hpcray.remote(_generator_backpressure_num_objects=0)
+        def zero():
+            yield 1
+    with pytest.raises(ValueError, match="int"):
+        @hpcray.remote(_generator_backpressure_num_objects="2")
+        def text():
+            yield 1
+
+    @hpcray.remote(_generator_backpressure_num_objects=-1)  # -1: no limit, as in Ray
+    def three():
+        yield from range(3)
+
+    gen = three.remote()
+    hpcray.get(gen.completed(), timeout=30)  # it ran to its end with nothing taken
+    assert [hpcray.get(ref) for ref in gen] == [0, 1, 2]

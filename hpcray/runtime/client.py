@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 
-from hpcray import exceptions, ids
+from hpcray import context, exceptions, ids
 from hpcray._store import ObjectExistsError, ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
@@ -400,7 +400,10 @@ class WorkerClient(CoreClient):
         self.exported_functions.add(function_id)
 
     def submit(self, spec) -> None:
-        self.channel.send_oneway("submit", (spec,))
+        # The call it comes from: an actor's process runs several (recursive cancel).
+        worker = context.worker
+        parent_id = worker.current_task_id if worker is not None else None
+        self.channel.send_oneway("submit", (spec, parent_id))
 
     def get_payloads(self, object_ids: list, timeout):
         answer = self.channel.request("get", (object_ids, timeout))
@@ -415,6 +418,11 @@ class WorkerClient(CoreClient):
 
     def generator_next(self, task_id: bytes, index: int, take: bool):
         return self.channel.request("generator_next", (task_id, index, take))
+
+    def generator_pause(self, task_id: bytes, needed: int) -> int:
+        """A generator task this worker runs waits until `needed` of its items are
+        taken; -> the count taken (generators.NO_LIMIT once nobody takes them)."""
+        return self.channel.request("generator_pause", (task_id, needed))
 
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         self.channel.request("cancel", (object_id, force, recursive))

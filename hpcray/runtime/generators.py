@@ -25,6 +25,18 @@ before the completion. The owner keeps a `Stream` per generator task it submitte
   value a DynamicObjectRefGenerator of the items (the value holds them; a task error
   becomes its last item, as in Ray).
 
+Backpressure (Ray's `_generator_backpressure_num_objects=N`, streaming only): after
+reporting item `i`, a worker whose consumer may have N items not taken asks its node
+(`generator_pause`) to answer once `i + 2 - N` are taken; it learns the count taken
+then, so it asks again only when N more are outstanding. The owner keeps the waiting
+answers in the stream (`pauses`) and gives them when the consumer takes items, when it
+is gone, or when the task ended (NO_LIMIT: never pause again):
+
+    executing node ---GeneratorPaused(task, needed)---> owner    (when they differ)
+    owner ---GeneratorResume(task, taken)---> executing node
+
+A pool task paused there is cancelled like one blocked in `get` (`interrupt_wait`).
+
 Retries: the node that runs the task counts the items it got in the spec's options
 (`generator_skip`); a re-run (worker died, retryable error, actor restarted) skips that
 many yields without reporting them, as Ray does, so no item is duplicated. A re-run must
@@ -43,6 +55,7 @@ COMPLETION_INDEX = ids.object_id_for(b"", 1)   # the completion's 4-byte return 
 
 # next_item's answers
 ITEM, END, WAIT = 0, 1, 2
+NO_LIMIT = 1 << 62   # a pause's answer when nobody will take items any more
 
 
 def item_id(task_id: bytes, index: int) -> bytes:
@@ -58,7 +71,7 @@ def generator_kind(spec):
 class Stream:
     """The owner's state of one generator task's items."""
 
-    __slots__ = ("reported", "taken", "done", "released", "dynamic")
+    __slots__ = ("reported", "taken", "done", "released", "dynamic", "pauses")
 
     def __init__(self, dynamic: bool) -> None:
         self.reported = 0        # items that reached this node (0 .. reported-1)
@@ -66,12 +79,15 @@ class Stream:
         self.done = False        # the completion came
         self.released = False    # nothing holds the completion: no consumer any more
         self.dynamic = dynamic
+        self.pauses = None       # [(items taken needed, answer)] of a paused generator
 
 
 class Generators:
     """The items of generator tasks: reported where the task runs, kept where it is owned."""
 
-    HANDLES = {messages.ItemReady: "on_item_ready", messages.TaskItem: "on_task_item"}
+    HANDLES = {messages.ItemReady: "on_item_ready", messages.TaskItem: "on_task_item",
+               messages.GeneratorPaused: "on_generator_paused",
+               messages.GeneratorResume: "on_generator_resume"}
 
     def __init__(self, rank: int, node, objects, borrowing, actors, router, peers) -> None:
         self.rank = rank
@@ -82,6 +98,7 @@ class Generators:
         self.router = router
         self.peers = peers
         self.streams: dict[bytes, Stream] = {}   # task id -> its owner's stream
+        self.paused: dict = {}   # task id -> the answer of a pause its owner was asked for
 
     # ------------------------------------------------------------------ owner: a task
     def submitted(self, spec) -> None:
@@ -95,6 +112,7 @@ class Generators:
         if stream is None:
             return
         stream.done = True
+        self._resume(stream, NO_LIMIT)
         self._drop_waiting_entry(task_id, stream)
         if not stream.dynamic:
             if stream.released:
@@ -123,6 +141,7 @@ class Generators:
             return
         task_id = key[:ids.TASK_ID_SIZE]
         stream.released = True
+        self._resume(stream, NO_LIMIT)
         for index in range(stream.taken, stream.reported):
             self.objects.decref(item_id(task_id, index))
         if stream.done:
@@ -148,12 +167,60 @@ class Generators:
         if index < stream.reported:
             if take:
                 stream.taken = index + 1
+                if stream.pauses:
+                    self._resume(stream, stream.taken)
             return ITEM, item_id(task_id, index)
         if stream.done:
             return END, None
         next_id = item_id(task_id, index)
         self.objects.entry(next_id)  # PENDING: what the consumer's wait registers on
         return WAIT, next_id
+
+    # ------------------------------------------------------------------ backpressure
+    def pause(self, worker, task_id: bytes, needed: int, answer) -> None:
+        """A worker of this node paused generator task `task_id` until `needed` of its
+        items are taken: `answer(taken)` then (NO_LIMIT once nobody takes them)."""
+        record = self._running_record(worker, task_id)
+        if record is None:
+            answer(NO_LIMIT)
+        elif record.owner == self.rank:
+            self.when_taken(task_id, needed, answer)
+        else:
+            self.paused[task_id] = answer
+            self.peers.send(record.owner, messages.wire(messages.GeneratorPaused, task_id,
+                                                        needed))
+
+    def when_taken(self, task_id: bytes, needed: int, answer) -> None:
+        """Owner: `answer(taken)` once the consumer of `task_id` took `needed` items."""
+        stream = self.streams.get(task_id)
+        if stream is None or stream.released or stream.done:
+            answer(NO_LIMIT)
+        elif stream.taken >= needed:
+            answer(stream.taken)
+        else:
+            if stream.pauses is None:
+                stream.pauses = []
+            stream.pauses.append((needed, answer))
+
+    def on_generator_paused(self, source: int, task_id: bytes, needed: int) -> None:
+        self.when_taken(task_id, needed, lambda taken: self.peers.send(
+            source, messages.wire(messages.GeneratorResume, task_id, taken)))
+
+    def on_generator_resume(self, source: int, task_id: bytes, taken: int) -> None:
+        answer = self.paused.pop(task_id, None)
+        if answer is not None:
+            answer(taken)
+
+    def _resume(self, stream: Stream, taken: int) -> None:
+        if not stream.pauses:
+            return
+        waiting = []
+        for needed, answer in stream.pauses:
+            if taken >= needed:
+                answer(taken)
+            else:
+                waiting.append((needed, answer))
+        stream.pauses = waiting or None
 
     # ------------------------------------------------------------------ owner: items
     def item_reported(self, task_id: bytes, index: int, result, location) -> None:

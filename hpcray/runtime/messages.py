@@ -101,6 +101,22 @@ class TaskItem(NamedTuple):
 
 
 @_on("control")
+class GeneratorPaused(NamedTuple):
+    """executor -> owner: a generator task with a backpressure limit waits until its
+    consumer has taken `needed` items (after its TaskItem; generators.py)."""
+    task_id: bytes
+    needed: int
+
+
+@_on("control")
+class GeneratorResume(NamedTuple):
+    """owner -> executor: the consumer has taken `taken` items (or is gone, or the task
+    ended: generators.NO_LIMIT); the paused generator goes on."""
+    task_id: bytes
+    taken: int
+
+
+@_on("control")
 class Cancel(NamedTuple):
     """a node whose process cancelled a task another node owns -> that owner; the owner
     of an actor call -> the actor's node: cancel it (cancellation.py)."""
@@ -468,8 +484,8 @@ class WorkerExited(NamedTuple):
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "interrupt_wait", "create_group", "remove_group")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_state", "cancel", "generator_next", "make_room", "restore",
-               "group_rows")
+               "list_state", "cancel", "generator_next", "generator_pause", "make_room",
+               "restore", "group_rows")
 
 
 def check_handlers(channel: str, *parts: type) -> dict[type, tuple[type, str]]:

@@ -8,6 +8,7 @@ classes arrive pickled once and are cached by id.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import os
 import pickle
@@ -33,6 +34,10 @@ from hpcray.serialization import ErrorValue, error_bytes, loads_callable, make_e
 
 _RUN_TASK, _CREATE_ACTOR, _EXIT = RunTask.CODE, CreateActor.CODE, ExitWorker.CODE
 _NONE_PICKLED = pickle.dumps(None, protocol=5)  # a generator task's completion
+# The task or actor call the running code belongs to: per thread, and per asyncio task in
+# an async actor, whose calls share one thread (what get_task_id() says, is_canceled()
+# looks at, and a submit names as its parent for a recursive cancel).
+_running_call: contextvars.ContextVar = contextvars.ContextVar("hpcray_call", default=None)
 
 class _Cancelled(KeyboardInterrupt):
     """Raised in a pool task's thread to cancel it (the node manager's CancelTask, then
@@ -92,7 +97,7 @@ class Worker:
     # -- context ------------------------------------------------------------------
     @property
     def current_task_id(self):
-        return getattr(self.local, "task_id", None)
+        return _running_call.get()
 
     @property
     def gpu_ids(self):
@@ -222,7 +227,7 @@ class Worker:
 
     def _execute(self, spec, function, dep_payloads):
         """Run one task; -> (results, retry), results being (id, inline|None, contained, size)."""
-        self.local.task_id = spec.task_id
+        _running_call.set(spec.task_id)
         if self.actor is None and (spec.options or context.group is not None):
             context.group = _group_of(spec)  # what get_current_placement_group() says
         retry = retry_on = False
@@ -265,7 +270,7 @@ class Worker:
             # task's frames, and the refs in them, until a collection, after its WorkDone.
             exc.__traceback__ = None
         finally:
-            self.local.task_id = None
+            _running_call.set(None)
             if self.actor is None:
                 self.channel.interruptible = self.channel.interrupted = None
                 self.channel.interrupt_pending = False
@@ -279,17 +284,27 @@ class Worker:
             raise TypeError(f"{spec.name} has num_returns={spec.options['generator']!r} but "
                             f"returned {type(items).__name__}, not a generator.")
         skip = spec.options.get("generator_skip", 0)
+        limit = spec.options.get("backpressure")
+        taken = 0  # items the consumer took, as last heard
         for index, value in enumerate(items):
             if index >= skip:  # a re-run: the node has the first `skip` already
                 self._report_item(spec, index, value)
+                if limit is not None and index + 1 - taken >= limit:
+                    taken = self.client.generator_pause(spec.task_id, index + 2 - limit)
         return self._completion(spec)
 
     async def _stream_async(self, spec, items) -> list:
         skip = spec.options.get("generator_skip", 0)
+        limit = spec.options.get("backpressure")
+        taken = 0
         index = 0
         async for value in items:
             if index >= skip:
                 self._report_item(spec, index, value)
+                if limit is not None and index + 1 - taken >= limit:
+                    # In a thread: the actor's other calls go on meanwhile.
+                    taken = await asyncio.get_running_loop().run_in_executor(
+                        None, self.client.generator_pause, spec.task_id, index + 2 - limit)
             index += 1
         return self._completion(spec)
 
@@ -477,7 +492,7 @@ class Worker:
             if semaphore is None:
                 semaphore = asyncio.Semaphore(max_concurrency)
             async with semaphore:
-                self.local.task_id = spec.task_id
+                _running_call.set(spec.task_id)  # this call's asyncio task only
                 retry_on = False
                 try:
                     retry_on = self._retry_filter(spec)

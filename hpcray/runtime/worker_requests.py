@@ -58,8 +58,8 @@ class WorkerRequests:
             self.node.send_to_worker(worker, wire(messages.Reply, request_id, True, value))
 
     # ------------------------------------------------------------------ one-way
-    def op_submit(self, worker, spec) -> None:
-        self.node.submit(spec, worker.task)
+    def op_submit(self, worker, spec, parent_id: bytes | None) -> None:
+        self.node.submit(spec, self._parent(worker, parent_id))
         # The refs the submitting process holds from the start (counted by submit).
         if spec.kind == ACTOR_CREATION:
             worker.holds.add(spec.actor_id)
@@ -69,6 +69,15 @@ class WorkerRequests:
                 worker.owned_actors.append(spec.actor_id)
         else:
             worker.holds.update(spec.return_ids)
+
+    def _parent(self, worker, parent_id: bytes | None):
+        """The record of the task or actor call a submit came from (a recursive cancel of
+        it cancels what it submitted): a pool worker's task, or the call of an actor's
+        process that `parent_id` names (running, so sent: in `inflight`)."""
+        if worker.actor_id is None:
+            return worker.task
+        actor = self.actors.get(worker.actor_id) if parent_id is not None else None
+        return actor.inflight.get(parent_id) if actor is not None else None
 
     def op_put(self, worker, object_id, inline, contained, holds_ref: bool, size: int) -> None:
         self.objects.put(object_id, inline, contained, holds_ref, size)
@@ -143,6 +152,28 @@ class WorkerRequests:
         if take and status == ITEM:  # the item's ref is the asking process's now
             worker.holds.add(object_id)
         self.reply(worker, request_id, (status, object_id))
+
+    def op_generator_pause(self, worker, request_id, task_id: bytes, needed: int) -> None:
+        """A generator task with a backpressure limit waits until `needed` of its items
+        are taken (generators.py); answered with the count taken. A pool task's cancel
+        ends the wait with its KeyboardInterrupt, as it ends a get."""
+        state = {"done": False}
+
+        def answer(value, ok: bool = True) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            if worker.interrupt_wait is interrupt:
+                worker.interrupt_wait = None
+            if worker.alive:
+                self.node.send_to_worker(worker, wire(messages.Reply, request_id, ok, value))
+
+        def interrupt(error) -> None:
+            answer(error, ok=False)
+
+        if worker.actor_id is None:
+            worker.interrupt_wait = interrupt
+        self.node.generators.pause(worker, task_id, needed, answer)
 
     def op_make_room(self, worker, request_id, size: int) -> None:
         """The worker's create of `size` bytes found the store full: spill (spilling.py)."""

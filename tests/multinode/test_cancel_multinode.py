@@ -64,6 +64,17 @@ def sleeper(name, seconds=10e6):
     return "slept"
 
 @ray.remote
+def child(refs, name):
+    touch(name)
+    try:
+        value = ray.get(refs[0])
+    except KeyboardInterrupt:
+        touch(name + "-interrupted")
+        raise
+    touch(name + "-done")
+    return value
+
+@ray.remote
 def pid_of():
     return os.getpid()
 
@@ -169,16 +180,6 @@ def test_recursive_cancel_and_refs_owned_elsewhere(tmp_path):
     run_case(tmp_path, """
 # A parent on rank 1 whose child runs on rank 2: a recursive cancel reaches the child.
 signal = Signal.remote()
-@ray.remote
-def child(refs, name):
-    touch(name)
-    try:
-        value = ray.get(refs[0])
-    except KeyboardInterrupt:
-        touch(name + "-interrupted")
-        raise
-    touch(name + "-done")
-    return value
 @ray.remote
 def parent(refs, name):
     return ray.get(child.options(scheduling_strategy=on(2)).remote(refs, name))
@@ -287,4 +288,61 @@ ray.cancel(ref)
 expect_cancelled(ref)
 assert ray.get(sleeper_actor.was_cancelled.remote(), timeout=60)
 print("actors OK")
+""")
+
+
+def test_recursive_cancel_of_actor_calls_across_nodes(tmp_path):
+    run_case(tmp_path, """
+# An actor on rank 1 whose calls each submit a task to rank 2 and call an actor on rank 0:
+# a recursive cancel of one call (from the driver, which owns the call) reaches its own
+# children on both other nodes and no other call's.
+signal = Signal.remote()
+
+@ray.remote(num_cpus=0)
+class Waiter:
+    def __init__(self):
+        self.cancelled = []
+    async def wait(self, refs, name):
+        touch(name)
+        try:
+            return await refs[0]
+        except asyncio.CancelledError:
+            self.cancelled.append(name)
+            raise
+    async def cancelled_calls(self):
+        return self.cancelled
+
+waiter = Waiter.options(scheduling_strategy=on(0)).remote()
+
+@ray.remote
+class Spawner:
+    def spawn(self, refs, name):
+        task = child.options(scheduling_strategy=on(2)).remote(refs, name + "-task")
+        call = waiter.wait.remote(refs, name + "-call")
+        return ray.get([task, call])
+
+for concurrency in (1, 3):
+    spawner = Spawner.options(scheduling_strategy=on(1),
+                              max_concurrency=concurrency).remote()
+    victim = spawner.spawn.remote([signal.wait.remote()], f"v{concurrency}")
+    wait_for(f"v{concurrency}-task")
+    wait_for(f"v{concurrency}-call")
+    bystander = None
+    if concurrency > 1:
+        bystander = spawner.spawn.remote([signal.wait.remote()], "b")
+        wait_for("b-task")
+        wait_for("b-call")
+    ray.cancel(victim, recursive=True)
+    expect_cancelled(victim)
+    wait_for(f"v{concurrency}-task-interrupted")
+    deadline = time.monotonic() + 60
+    while f"v{concurrency}-call" not in ray.get(waiter.cancelled_calls.remote(), timeout=60):
+        assert time.monotonic() < deadline, "the child actor call was not cancelled"
+        time.sleep(0.05)
+    if bystander is not None:
+        ray.get(signal.send.remote(), timeout=60)
+        assert ray.get(bystander, timeout=60) == [None, None]
+        assert not os.path.exists(path("b-task-interrupted"))
+        assert "b-call" not in ray.get(waiter.cancelled_calls.remote(), timeout=60)
+print("recursive actor calls OK")
 """)

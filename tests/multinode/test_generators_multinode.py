@@ -182,3 +182,69 @@ def test_a_retried_generator_on_another_rank_does_not_repeat_items(tmp_path):
     assert os.path.exists(marker)
     print("RETRIED")
     """)
+
+
+def test_backpressure_across_ranks(tmp_path):
+    # `_generator_backpressure_num_objects=N` with the generator on another rank than its
+    # owner (GeneratorPaused / GeneratorResume): before it makes item i, the consumer
+    # must have asked for i + 1 - N items (checked by the generator itself: a violation
+    # file otherwise); a consumer on rank 1 owns a stream made on rank 2 too; dropping
+    # the generator lets it run to its end.
+    run(tmp_path, 3, HELPERS + f"""
+    root = {str(tmp_path)!r}
+
+    def backpressured(folder, limit, n):
+        for i in range(n):
+            asked = sum(1 for name in os.listdir(folder) if name.startswith("asked-"))
+            if asked < i + 1 - limit:
+                open(os.path.join(folder, f"violation-{{i}}-asked-{{asked}}"), "w").close()
+            open(os.path.join(folder, f"made-{{i}}"), "w").close()
+            yield i
+
+    def consume(gen, folder, limit, n):
+        wait_for_file(os.path.join(folder, f"made-{{limit - 1}}"))
+        time.sleep(0.5)  # without backpressure it would make more meanwhile
+        for i in range(n):
+            open(os.path.join(folder, f"asked-{{i}}"), "w").close()
+            assert ray.get(next(gen), timeout=60) == i
+        assert not [f for f in os.listdir(folder) if f.startswith("violation")]
+        return "consumed"
+
+    task = ray.remote(_generator_backpressure_num_objects=2)(backpressured)
+
+    @ray.remote
+    class Maker:
+        @ray.method(_generator_backpressure_num_objects=1)
+        async def make(self, folder, n):
+            for value in backpressured(folder, 1, n):
+                yield value
+
+    @ray.remote
+    def consumer_elsewhere(folder):
+        gen = task.options(scheduling_strategy=at(2)).remote(folder, 2, 6)
+        return consume(gen, folder, 2, 6)
+
+    def folder(name):
+        path = os.path.join(root, name)
+        os.mkdir(path)
+        return path
+
+    here = folder("driver")
+    consume(task.options(scheduling_strategy=at(2)).remote(here, 2, 6), here, 2, 6)
+    actor_folder = folder("actor")
+    maker = Maker.options(scheduling_strategy=at(1)).remote()
+    consume(maker.make.remote(actor_folder, 5), actor_folder, 1, 5)
+    elsewhere = folder("elsewhere")
+    assert ray.get(consumer_elsewhere.options(scheduling_strategy=at(1)).remote(elsewhere),
+                   timeout=120) == "consumed"
+
+    dropped = folder("dropped")
+    gen = task.options(scheduling_strategy=at(1)).remote(dropped, 1, 5)
+    open(os.path.join(dropped, "asked-0"), "w").close()
+    assert ray.get(next(gen), timeout=60) == 0
+    del gen
+    gc.collect()
+    ray.put(0)
+    wait_for_file(os.path.join(dropped, "made-4"))
+    wait_until("the dropped stream is gone", nothing_left)
+    """)
