@@ -21,13 +21,17 @@ from hpcray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def four_cpus():
-    hpcray.init(num_cpus=4, num_gpus=0, object_store_memory=128 * 1024 * 1024)
+def _started(num_gpus: int):
+    hpcray.init(num_cpus=4, num_gpus=num_gpus, object_store_memory=128 * 1024 * 1024)
     try:
         yield hpcray
     finally:
         hpcray.shutdown()
+
+
+@pytest.fixture
+def four_cpus():
+    yield from _started(0)
 
 
 @hpcray.remote(num_cpus=1)
@@ -227,3 +231,85 @@ def test_argument_errors(four_cpus):
     # `hpcray.util.placement_group` is the function; the module is importable as well.
     assert hpcray.util.placement_group is placement_group
     assert sys.modules["hpcray.util.placement_group"].placement_group is placement_group
+
+
+@pytest.fixture
+def four_fake_gpus():
+    # GPUs declared with no hardware: ids 0..3, which workers see in CUDA_VISIBLE_DEVICES.
+    yield from _started(4)
+
+
+@hpcray.remote(num_cpus=0, num_gpus=1)
+def gpu_ids():
+    ids = hpcray.get_gpu_ids()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(str(i) for i in ids)
+    return ids
+
+
+@pytest.mark.one_node
+def test_tasks_and_actors_in_a_gpu_bundle_get_the_bundles_gpus(four_fake_gpus):
+    # As Ray: a bundle's GPUs are fixed ids, and what runs in the bundle sees those ids.
+    group = placement_group([{"GPU": 1}, {"GPU": 2}], strategy="STRICT_PACK")
+    assert group.wait(30)
+    first = hpcray.get([gpu_ids.options(scheduling_strategy=into(group, 0)).remote()
+                        for _ in range(3)], timeout=60)
+    assert len(first[0]) == 1 and first == [first[0]] * 3
+    second = hpcray.get(gpu_ids.options(num_gpus=2, scheduling_strategy=into(group, 1))
+                        .remote(), timeout=60)
+    assert len(second) == 2 and not set(second) & set(first[0])
+    # Outside the group: the one GPU no bundle holds.
+    outside = hpcray.get(gpu_ids.remote(), timeout=60)
+    assert set(outside) == {0, 1, 2, 3} - set(first[0]) - set(second)
+    # Any bundle (index -1), a fraction of a GPU, and an actor.
+    anywhere = hpcray.get(gpu_ids.options(scheduling_strategy=into(group)).remote(),
+                          timeout=60)
+    assert set(anywhere) <= set(first[0]) | set(second)
+    half = hpcray.get(gpu_ids.options(num_gpus=0.5, scheduling_strategy=into(group, 0))
+                      .remote(), timeout=60)
+    assert half == first[0]
+
+    @hpcray.remote(num_cpus=0, num_gpus=2)
+    class Trainer:
+        def ids(self):
+            return hpcray.get_gpu_ids()
+
+    trainer = Trainer.options(scheduling_strategy=into(group, 1)).remote()
+    assert sorted(hpcray.get(trainer.ids.remote(), timeout=60)) == sorted(second)
+    # Removal gives the ids back: a task outside may now take all four.
+    remove_placement_group(group)
+    assert sorted(hpcray.get(gpu_ids.options(num_gpus=4).remote(), timeout=60)) == [0, 1, 2, 3]
+
+
+@pytest.mark.one_node
+def test_list_placement_groups_has_rays_fields(four_cpus):
+    from hpcray.util.state import get_placement_group as state_of, list_placement_groups
+
+    kept = placement_group([{"CPU": 1}, {"CPU": 2}], strategy="PACK", name="kept")
+    assert kept.wait(30)
+    never = placement_group([{"CPU": 8}], name="never")
+    gone = placement_group([{"CPU": 1}])
+    assert gone.wait(30)
+    remove_placement_group(gone)
+    deadline = time.monotonic() + 30
+    while placement_group_table(gone)["state"] != "REMOVED":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rows = {row.placement_group_id: row for row in list_placement_groups()}
+    job_id = hpcray.get_runtime_context().get_job_id()
+    assert {rows[g.id.hex()].state for g in (kept, never, gone)} == \
+        {"CREATED", "PENDING", "REMOVED"}
+    assert rows[kept.id.hex()].name == "kept" and rows[kept.id.hex()].creator_job_id == job_id
+    assert rows[kept.id.hex()].bundles is None  # a detail field, as in Ray
+    assert [row.name for row in list_placement_groups(filters=[("state", "=", "PENDING")])] \
+        == ["never"]
+    detail = state_of(kept.id.hex())
+    node_id = hpcray.get_runtime_context().get_node_id()
+    assert detail.bundles == [
+        {"bundle_id": {"placement_group_id": kept.id.hex(), "bundle_index": 0},
+         "unit_resources": {"CPU": 1.0}, "node_id": node_id},
+        {"bundle_id": {"placement_group_id": kept.id.hex(), "bundle_index": 1},
+         "unit_resources": {"CPU": 2.0}, "node_id": node_id}]
+    assert detail.is_detached is False and detail.stats["scheduling_state"] == "FINISHED"
+    assert detail["state"] == "CREATED"  # rows read as dicts too
+    assert state_of("00" * 18) is None
+    remove_placement_group(never)

@@ -194,7 +194,7 @@ class Actors:
             self.node._run_actions(self.scheduler.reschedule())
             return
         actor.placed = True
-        actor.gpu_ids = self.node._take_gpus(actor.spec.demand)
+        actor.gpu_ids = self.node._take_gpus(actor.spec)
         actor.state = A_STARTING
         actor.worker = self.node._start_worker(actor.actor_id)
         # Every node learns where to send its calls.

@@ -48,7 +48,7 @@ from hpcray.runtime.lineage import Lineage
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
-from hpcray.runtime.placement_groups import Bundles, GroupDirectory
+from hpcray.runtime.placement_groups import Bundles, GroupDirectory, group_of, take_gpu_ids
 from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
 from hpcray.runtime.task_router import TaskRouter
 from hpcray.runtime.worker_requests import WorkerRequests
@@ -775,7 +775,7 @@ class NodeManager:
         record.dispatched = time.time()
         worker.task = record
         self.activity.running(worker.key, spec.name)
-        record.gpu_ids = self._take_gpus(spec.demand)
+        record.gpu_ids = self._take_gpus(spec)
         if spec.kind == NORMAL_TASK:
             self.task_events.running(spec, worker.pid)
         function = None
@@ -858,22 +858,24 @@ class NodeManager:
         self._finish_task(record, [(oid, blob, (), len(blob)) for oid in record.spec.return_ids],
                           (), failed=True)
 
-    def _take_gpus(self, demand: dict) -> tuple:
-        count = demand.get("GPU", 0)
-        if not count:
-            return ()
-        need = max(1, int(-(-count // 1)))
-        taken = tuple(self.free_gpus[:need])
-        if count >= 1:
-            del self.free_gpus[:need]
-        return taken
+    def _take_gpus(self, spec: TaskSpec) -> tuple:
+        """The GPU ids a task or actor gets: from the node's free ones, or, in a placement
+        group, from those its bundle reserved (placement_groups.Bundles)."""
+        group = group_of(spec)
+        if group is not None:
+            return self.bundles.take_gpus(group, spec.demand)
+        return take_gpu_ids(self.free_gpus, spec.demand.get("GPU", 0))
 
     def _release_gpus(self, record) -> None:
-        if record is not None and record.gpu_ids and record.spec.demand.get("GPU", 0) >= 1:
+        if record is None or not record.gpu_ids:
+            return
+        group = group_of(record.spec)
+        if group is not None:
+            self.bundles.release_gpus(group, record.spec.demand, record.gpu_ids)
+        elif record.spec.demand.get("GPU", 0) >= 1:
             self.free_gpus.extend(record.gpu_ids)
             self.free_gpus.sort()
-        if record is not None:
-            record.gpu_ids = ()
+        record.gpu_ids = ()
 
 
     # ------------------------------------------------------------------ queries

@@ -20,6 +20,12 @@ local and global schedulers keep such tasks on the bundle's node, and only there
 nothing new in their paths: a task outside any group costs what it did. On removal a
 node frees the bundles, fails the group's tasks that wait or are queued
 (TaskUnschedulableError), kills the workers running its tasks and its actors.
+
+GPUs: a bundle that holds GPUs reserves their ids when it is prepared (whole ones from
+the node's free ids; a fraction of one takes an id to share), and a task or actor in the
+group gets its ids from its bundle's (any bundle of the group on this node for index
+-1), as in Ray: CUDA_VISIBLE_DEVICES and get_gpu_ids() name the bundle's GPUs. The ids go
+back to the node's free ones when the bundles are returned or the group removed.
 """
 
 from __future__ import annotations
@@ -282,6 +288,7 @@ class Bundles:
         self.committed: dict = {}         # group id -> (taken, named) of its bundles here
         self.removed = network.link.removed_groups  # (submit fails a task into one)
         self.asks: dict = {}              # request id -> answer(rows)
+        self.gpus: dict = {}              # group id -> {index: [reserved ids, free ids]}
         self._request_ids = itertools.count(1)
 
     # ------------------------------------------------------------------ this node's processes
@@ -311,6 +318,7 @@ class Bundles:
         if ok:
             self.scheduler.acquire(taken)
             self.prepared[group_id] = bundles
+            self.reserve_gpus(group_id, bundles)
         deliver(self.network, self.peers, source,
                 wire(messages.BundlesPrepared, group_id, ok))
 
@@ -325,8 +333,49 @@ class Bundles:
     def on_return_bundles(self, source: int, group_id: bytes) -> None:
         bundles = self.prepared.pop(group_id, None)
         if bundles is not None:
+            self.return_gpus(group_id)
             self.scheduler.release(group_resources(group_id, bundles)[0])
             self.node._run_actions(self.scheduler.reschedule())
+
+    # ------------------------------------------------------------------ GPU ids
+    def reserve_gpus(self, group_id: bytes, bundles: list) -> None:
+        reserved = {}
+        for index, demand in bundles:
+            ids = take_gpu_ids(self.node.free_gpus, demand.get("GPU", 0), whole=True)
+            if ids:
+                reserved[index] = [ids, list(ids)]
+        if reserved:
+            self.gpus[group_id] = reserved
+
+    def return_gpus(self, group_id: bytes) -> None:
+        reserved = self.gpus.pop(group_id, None)
+        if reserved:  # what its killed tasks still hold comes back here, not twice
+            free = self.node.free_gpus
+            free.extend(i for ids, _ in reserved.values() for i in ids if i not in free)
+            free.sort()
+
+    def take_gpus(self, group: InGroup, demand: dict) -> tuple:
+        """The ids for a task or actor of `group` asking `demand` (renamed into the
+        group's resources): from its bundle's, or the first bundle here with room."""
+        count = demand.get(group_resource("GPU", group.group_id.hex()), 0)
+        reserved = self.gpus.get(group.group_id)
+        if not count or not reserved:
+            return ()
+        need = max(1, int(-(-count // 1)))
+        for index in ([group.index] if group.index >= 0 else sorted(reserved)):
+            free = reserved[index][1] if index in reserved else ()
+            if len(free) >= need:
+                return take_gpu_ids(free, count)
+        return ()
+
+    def release_gpus(self, group: InGroup, demand: dict, ids: tuple) -> None:
+        if demand.get(group_resource("GPU", group.group_id.hex()), 0) < 1:
+            return  # a fraction: the ids were shared, not taken
+        for reserved, free in self.gpus.get(group.group_id, {}).values():
+            if ids[0] in reserved:
+                free.extend(ids)
+                free.sort()
+                return
 
     # ------------------------------------------------------------------ removal
     def on_group_removed(self, source: int, group_id: bytes) -> None:
@@ -334,6 +383,7 @@ class Bundles:
         self.fail_tasks(group_id)
         self.end_actors(group_id)
         self.on_return_bundles(source, group_id)
+        self.return_gpus(group_id)
         held = self.committed.pop(group_id, None)
         if held is not None:
             taken, named = held
@@ -365,6 +415,25 @@ class Bundles:
                 self.actors.kill_actor(actor.actor_id, no_restart=True)
 
 
+def take_gpu_ids(free: list, count: float, whole: bool = False) -> tuple:
+    """Ids for `count` GPUs from the sorted `free` ids: whole GPUs are taken out of it;
+    a fraction of one names an id it shares with others (left in `free`), unless
+    `whole` (a bundle reserves the id of its fraction)."""
+    if not count:
+        return ()
+    need = max(1, int(-(-count // 1)))
+    taken = tuple(free[:need])
+    if count >= 1 or whole:
+        del free[:need]
+    return taken
+
+
+def group_of(spec) -> InGroup | None:
+    options = spec.options
+    strategy = options.get("scheduling_strategy") if options else None
+    return strategy if type(strategy) is InGroup else None
+
+
 def removed_error(spec, group_id: bytes) -> exceptions.TaskUnschedulableError:
     return exceptions.TaskUnschedulableError(
         f"The task {spec.name} cannot be scheduled: its placement group {group_id.hex()} "
@@ -372,9 +441,8 @@ def removed_error(spec, group_id: bytes) -> exceptions.TaskUnschedulableError:
 
 
 def _in(spec, group_id: bytes) -> bool:
-    options = spec.options
-    strategy = options.get("scheduling_strategy") if options else None
-    return type(strategy) is InGroup and strategy.group_id == group_id
+    group = group_of(spec)
+    return group is not None and group.group_id == group_id
 
 
 def _kill(node, worker, why: str) -> None:

@@ -104,6 +104,24 @@ def test_gpu_task_sees_exactly_its_gpu_through_cuda(gpu_node):
     assert hpcray.get(on_cpu.remote()) == ("", [])
 
 
+def test_a_task_in_a_gpu_bundle_sees_the_bundles_gpu(gpu_node):
+    from hpcray.util.placement_group import placement_group, remove_placement_group
+    from hpcray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @hpcray.remote(num_gpus=1)
+    def on_gpu():
+        return os.environ["CUDA_VISIBLE_DEVICES"], hpcray.get_gpu_ids(), cuda_device_uuids()
+
+    group = placement_group([{"GPU": 1}])
+    assert group.wait(60)
+    runs = hpcray.get([on_gpu.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, 0)).remote() for _ in range(2)])
+    (visible, ids, seen), again = runs
+    assert len(ids) == 1 and again == runs[0]  # the bundle's GPU, every time
+    assert visible == GPUS[ids[0]].uuid and seen == [visible]
+    remove_placement_group(group)
+
+
 def test_one_gpu_is_held_by_one_task_at_a_time(gpu_node, tmp_path):
     @hpcray.remote(num_gpus=1)
     def hold(marker):

@@ -113,3 +113,58 @@ def test_strategies_removal_and_table_across_three_ranks(tmp_path):
     for line in ("STRICT_SPREAD ok", "STRICT_PACK ok", "infeasible ok", "removal ok",
                  "capture ok"):
         assert line in out, out
+
+
+def test_gpu_bundles_and_the_state_list_across_three_ranks(tmp_path):
+    # Each rank declares 2 GPUs (no hardware: ids 0 and 1). A bundle's GPU is a fixed id
+    # on its node: tasks and actors in it see that id, a task outside the group on that
+    # node the other one. list_placement_groups from a task on another rank.
+    out = run_mpi(tmp_path, 3, """
+        import os, hpcray as ray
+        from hpcray.util.placement_group import (placement_group, placement_group_table,
+                                                 remove_placement_group)
+        from hpcray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as In
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        from hpcray.util.state import list_placement_groups
+        ray.init(num_cpus=2, num_gpus=2)
+        assert ray.cluster_resources()["GPU"] == 6.0
+
+        @ray.remote(num_cpus=0, num_gpus=1)
+        def gpus():
+            ids = ray.get_gpu_ids()
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, ids))
+            return ray.get_runtime_context().get_node_id(), ids
+
+        @ray.remote(num_cpus=0, num_gpus=1)
+        class Holder:
+            def gpus(self):
+                return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+        group = placement_group([{"GPU": 1}] * 3, strategy="STRICT_SPREAD")
+        assert group.wait(60)
+        where = placement_group_table(group)["bundles_to_node_id"]
+        for i in range(3):
+            seen = ray.get([gpus.options(scheduling_strategy=In(group, i)).remote()
+                            for _ in range(3)], timeout=60)
+            assert {node for node, _ in seen} == {where[i]} and len({tuple(ids) for _, ids
+                                                                     in seen}) == 1, seen
+            mine = seen[0][1]
+            holder = Holder.options(scheduling_strategy=In(group, i)).remote()
+            assert ray.get(holder.gpus.remote(), timeout=60) == (where[i], mine)
+            node, other = ray.get(gpus.options(
+                scheduling_strategy=On(where[i], soft=False)).remote(), timeout=60)
+            assert node == where[i] and len(other) == 1 and other != mine, (mine, other)
+
+        @ray.remote(num_cpus=0)
+        def listed():
+            return [(row.placement_group_id, row.state, len(row.bundles))
+                    for row in list_placement_groups(detail=True)]
+
+        rank2 = {n["rank"]: n["NodeID"] for n in ray.nodes()}[2]
+        assert ray.get(listed.options(scheduling_strategy=On(rank2, soft=False)).remote(),
+                       timeout=60) == [(group.id.hex(), "CREATED", 3)]
+        remove_placement_group(group)
+        print("gpu bundles ok", flush=True)
+        ray.shutdown()
+    """)
+    assert "gpu bundles ok" in out, out

@@ -37,14 +37,16 @@ from hpcray import context
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime.job_logs import worker_file
 from hpcray.util.state.common import (DEFAULT_LIMIT, ActorState, NodeState, ObjectState,
-                                      TaskState, WorkerState, check_filters, limited)
+                                      PlacementGroupState, TaskState, WorkerState,
+                                      check_filters, limited)
 from hpcray.util.state.exception import RayStateApiException
 
-__all__ = ["ActorState", "NodeState", "ObjectState", "RayStateApiException", "TaskState",
-           "WorkerState", "get_actor", "get_log", "get_node", "get_objects", "get_task",
-           "get_worker", "list_actors", "list_logs", "list_nodes", "list_objects",
-           "list_tasks", "list_workers", "object_store_stats", "summarize_actors",
-           "summarize_objects", "summarize_tasks"]
+__all__ = ["ActorState", "NodeState", "ObjectState", "PlacementGroupState",
+           "RayStateApiException", "TaskState", "WorkerState", "get_actor", "get_log",
+           "get_node", "get_objects", "get_placement_group", "get_task", "get_worker",
+           "list_actors", "list_logs", "list_nodes", "list_objects",
+           "list_placement_groups", "list_tasks", "list_workers", "object_store_stats",
+           "summarize_actors", "summarize_objects", "summarize_tasks"]
 
 _LANGUAGE = "PYTHON"
 
@@ -130,6 +132,34 @@ def list_nodes(address: str | None = None, filters: list | None = None,
         for info in client.list_state("nodes")), checks, limit)
 
 
+def list_placement_groups(address: str | None = None, filters: list | None = None,
+                          limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
+                          raise_on_missing_output: bool = True, _explain: bool = False
+                          ) -> list[PlacementGroupState]:
+    """The placement groups of this job, in the order they were asked for, from rank 0's
+    directory (runtime/placement_groups.py; `placement_group_table`'s rows)."""
+    checks = check_filters(PlacementGroupState, filters)
+    client = context.get_client()
+    job_id = client.job_id.hex()
+    return limited((_group_row(row, job_id, detail) for row in client.group_rows(None, None)),
+                   checks, limit)
+
+
+def _group_row(row: dict, job_id: str, detail: bool) -> PlacementGroupState:
+    extra = {}
+    if detail:
+        group_hex = row["placement_group_id"]
+        where = row["bundles_to_node_id"]
+        extra = dict(
+            bundles=[{"bundle_id": {"placement_group_id": group_hex, "bundle_index": index},
+                      "unit_resources": dict(bundle), "node_id": where.get(index)}
+                     for index, bundle in sorted(row["bundles"].items())],
+            is_detached=row["is_detached"], stats=dict(row["stats"]))
+    return PlacementGroupState(placement_group_id=row["placement_group_id"],
+                               name=row["name"] or "", creator_job_id=job_id,
+                               state=row["state"], **extra)
+
+
 def list_workers(address: str | None = None, filters: list | None = None,
                  limit: int = DEFAULT_LIMIT, timeout: int = 30, detail: bool = False,
                  raise_on_missing_output: bool = True, _explain: bool = False
@@ -195,6 +225,13 @@ def get_node(id: str, address: str | None = None, timeout: int = 30,
              _explain: bool = False) -> NodeState | None:
     """The node with this id, or None."""
     found = list_nodes(filters=[("node_id", "=", id)], detail=True)
+    return found[0] if found else None
+
+
+def get_placement_group(id: str, address: str | None = None, timeout: int = 30,
+                        _explain: bool = False) -> PlacementGroupState | None:
+    """The placement group with this id (hex), with every field (detail), or None."""
+    found = list_placement_groups(filters=[("placement_group_id", "=", id)], detail=True)
     return found[0] if found else None
 
 

@@ -192,6 +192,27 @@ class ObjectState(StateSchema):
                             "call_site", "type", "pid", "ip"})
 
 
+@dataclass(frozen=True)
+class PlacementGroupState(StateSchema):
+    """One row of list_placement_groups(). `state`: PENDING, CREATED or REMOVED (Ray's
+    RESCHEDULING does not occur: bundles on a lost rank are not moved). `bundles`
+    (detail): Ray's [{"bundle_id": {"placement_group_id", "bundle_index"},
+    "unit_resources", "node_id"}], node_id None until created; `stats` (detail): Ray's
+    creation latency, attempts and scheduling state."""
+
+    placement_group_id: str
+    name: str
+    creator_job_id: str
+    state: str
+    bundles: list | None = None
+    is_detached: bool | None = None
+    stats: dict | None = None
+
+    FILTERABLE = frozenset({"placement_group_id", "name", "creator_job_id", "state",
+                            "is_detached"})
+    DETAIL = frozenset({"bundles", "is_detached", "stats"})
+
+
 _PREDICATES = ("=", "!=")
 
 
