@@ -20,6 +20,8 @@ On NodeDied(rank, lost) a survivor
 - restarts, as their owner, the actors that rank hosted, on another node, within
   `max_restarts` (the creation spec is kept by the owner: RemoteActor.creation), else
   tells every node the actor is dead (ActorAt with rank -1);
+and rank 0 places the placement-group bundles that were there again
+(placement_groups.GroupDirectory.node_died): what re-runs into them waits for that.
 
 Rank 0 dying ends the job: every other rank logs one line and leaves (launch.py).
 Rank 0 knows what it placed where (`ClusterLink.placed`, rank -> {task id: owner});
@@ -119,6 +121,9 @@ class NodeFailures:
         scheduler = self.network.global_scheduler
         scheduler.remove_node(dead)
         self.gcs.mark_node_dead(dead)
+        # Before NodeDied: the re-runs it brings, into bundles that were there, must
+        # find their groups rescheduling (and wait), not created on a dead rank.
+        self.network.groups.node_died(dead)
         placed = self.link.placed.pop(dead, {})
         by_owner: dict = {}
         for task_id, owner in placed.items():

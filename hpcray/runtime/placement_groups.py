@@ -6,11 +6,13 @@ one at a time, in two phases: it picks a node per bundle by the group's strategy
 what it knows of each node's free resources, sends each chosen node `PrepareBundles`,
 and once every one answered `BundlesPrepared(ok)` sends them `CommitBundles`; one
 refusal (the node's own view is fresher) rolls the others back (`ReturnBundles`) and the
-group waits. A group no set of nodes could ever hold stays PENDING with one warning, as
-in Ray; one that fits the totals but not what is free now is tried again whenever a
-node's load changes (cluster.py: a Load report, or rank 0's own load) while it waits,
-and costs nothing otherwise. Removing a group (`GroupRemoved`, to every node) fails the
-tasks parked for it.
+group waits. Under ULFM, the bundles of a created group that were on a lost rank are
+placed again the same way, before any new group (`node_died`; the group is RESCHEDULING
+meanwhile and what is forwarded into those bundles is parked). A group no set of nodes
+could ever hold stays PENDING with one warning, as in Ray; one that fits the totals but
+not what is free now is tried again whenever a node's load changes (cluster.py: a Load
+report, or rank 0's own load) while it waits, and costs nothing otherwise. Removing a
+group (`GroupRemoved`, to every node) fails the tasks parked for it.
 
 Every node's `Bundles` part reserves on its LocalScheduler: a prepared bundle takes its
 resources out of the free pool; a committed one gives them back under the group's
@@ -45,7 +47,7 @@ from hpcray.runtime.specs import ACTOR_CREATION, QUEUED, RUNNING, WAITING
 
 log = logging.getLogger("hpcray.placement_groups")
 
-PENDING, CREATED, REMOVED = "PENDING", "CREATED", "REMOVED"
+PENDING, CREATED, REMOVED, RESCHEDULING = "PENDING", "CREATED", "REMOVED", "RESCHEDULING"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -75,7 +77,7 @@ def group_resources(group_id: bytes, bundles) -> tuple[dict, dict]:
 class _Group:
     __slots__ = ("group_id", "bundles", "strategy", "name", "detached", "state", "nodes",
                  "waiting", "prepared", "refused", "infeasible", "created_at", "attempts",
-                 "submitted")
+                 "submitted", "lost")
 
     def __init__(self, group_id, bundles, strategy, name, detached):
         self.group_id = group_id
@@ -92,6 +94,12 @@ class _Group:
         self.submitted = time.time()
         self.created_at = None
         self.attempts = 0
+        self.lost = None             # RESCHEDULING: indexes of the bundles placed again
+
+    def placed_bundles(self) -> list:
+        """Indexes of the bundles that hold their node's resources now."""
+        lost = self.lost or ()
+        return [i for i in range(len(self.bundles)) if i not in lost]
 
 
 class GroupDirectory:
@@ -137,14 +145,14 @@ class GroupDirectory:
         group = self.groups.get(group_id)
         if group is None or group.state == REMOVED:
             return
-        committed = group.state == CREATED
+        committed = group.state in (CREATED, RESCHEDULING)
         group.state = REMOVED
         if group in self.pending:
             self.pending.remove(group)
         if self.creating is group:
             self.creating = None  # the nodes that reserved free it on GroupRemoved
         if committed:
-            for rank, bundles in _by_rank(group).items():
+            for rank, bundles in _by_rank(group, group.placed_bundles()).items():
                 self.network.global_scheduler.remove_resources(
                     rank, group_resources(group_id, bundles)[1])
         for parked in self.parked.pop(group_id, ()):
@@ -165,8 +173,9 @@ class GroupDirectory:
         end = group.created_at
         return {"placement_group_id": group.group_id.hex(), "name": group.name,
                 "bundles": {i: dict(b) for i, b in enumerate(group.bundles)},
-                "bundles_to_node_id": {i: node_ids.get(rank) for i, rank in
-                                       enumerate(group.nodes) if group.state == CREATED},
+                "bundles_to_node_id": {i: node_ids.get(group.nodes[i])
+                                       for i in group.placed_bundles()
+                                       if group.state in (CREATED, RESCHEDULING)},
                 "strategy": group.strategy, "state": group.state,
                 "is_detached": group.detached,
                 "stats": {"end_to_end_creation_latency_ms":
@@ -174,7 +183,8 @@ class GroupDirectory:
                           "scheduling_attempt": group.attempts,
                           "scheduling_state": {PENDING: "INFEASIBLE" if group.infeasible
                                                else "QUEUED", CREATED: "FINISHED",
-                                               REMOVED: "REMOVED"}[group.state]}}
+                                               REMOVED: "REMOVED",
+                                               RESCHEDULING: "QUEUED"}[group.state]}}
 
     # ------------------------------------------------------------------ creation
     def try_next(self) -> None:
@@ -187,7 +197,8 @@ class GroupDirectory:
         for group in self.pending:
             if group.infeasible:
                 continue
-            nodes = choose_nodes(group.bundles, group.strategy, free)
+            nodes = choose_nodes(group.bundles, group.strategy, free) if group.lost is None \
+                else self.choose_again(group, free)
             if nodes is None:
                 self.waiting = True
                 continue
@@ -208,7 +219,7 @@ class GroupDirectory:
         group.nodes = nodes
         group.refused = False
         group.prepared = set()
-        by_rank = _by_rank(group)
+        by_rank = _by_rank(group, group.lost)
         group.waiting = set(by_rank)
         for rank, bundles in by_rank.items():
             deliver(self.network, self.peers, rank,
@@ -232,23 +243,68 @@ class GroupDirectory:
             self.pending.insert(0, group)
             self.waiting = True  # the refusing node's next load report brings a retry
             return
-        group.state = CREATED
-        group.created_at = time.time()
-        for rank, bundles in _by_rank(group).items():
+        if group.created_at is None:
+            group.created_at = time.time()
+        for rank, bundles in _by_rank(group, group.lost).items():
             self.network.global_scheduler.add_resources(rank,
                                                         group_resources(group_id, bundles)[1])
             deliver(self.network, self.peers, rank, wire(messages.CommitBundles, group_id))
+        group.state = CREATED
+        group.lost = None
         for source, spec, deps, arg_bytes, hops in self.parked.pop(group_id, ()):
             self.network.on_forward(source, spec, deps, spec.options["scheduling_strategy"],
                                     arg_bytes, hops)
         self.try_next()
+
+    # ------------------------------------------------------------------ a lost rank
+    def node_died(self, dead: int) -> None:
+        """Rank 0, under ULFM (node_failures.py), once the global scheduler dropped the
+        rank: the bundles that were there are placed again, before any group not yet
+        created (as Ray); their group is RESCHEDULING meanwhile, and what is forwarded
+        into those bundles is parked until then. A prepare in flight there fails."""
+        creating = self.creating
+        if creating is not None and dead in (creating.waiting | creating.prepared):
+            creating.prepared.discard(dead)
+            if dead in creating.waiting:
+                self.on_bundles_prepared(dead, creating.group_id, False)
+            else:
+                creating.refused = True  # rolled back when the others have answered
+        for group in self.groups.values():
+            if group.state not in (CREATED, RESCHEDULING) or dead not in group.nodes:
+                continue
+            lost = {i for i, rank in enumerate(group.nodes) if rank == dead}
+            group.lost = sorted(lost | set(group.lost or ()))
+            if group.state == CREATED:
+                group.state = RESCHEDULING
+                self.pending.insert(0, group)
+            log.warning("placement group %s: bundles %s were on the lost rank %d; placing "
+                        "them again", group.group_id.hex(), sorted(lost), dead)
+        self.try_next()
+
+    def choose_again(self, group: _Group, free: dict) -> list | None:
+        """Nodes for a RESCHEDULING group: its placed bundles stay; the lost ones go
+        where the strategy allows beside them (STRICT_SPREAD: not on their nodes)."""
+        placed = {group.nodes[i] for i in group.placed_bundles()}
+        view = free
+        if group.strategy == "STRICT_SPREAD":
+            view = {rank: left for rank, left in free.items() if rank not in placed}
+        elif group.strategy == "STRICT_PACK" and placed:
+            view = {rank: left for rank, left in free.items() if rank in placed}
+        chosen = choose_nodes([group.bundles[i] for i in group.lost], group.strategy, view)
+        if chosen is None:
+            return None
+        nodes = list(group.nodes)
+        for index, rank in zip(group.lost, chosen):
+            nodes[index] = rank
+        return nodes
 
     # ------------------------------------------------------------------ tasks forwarded
     def hold(self, source: int, spec, deps, strategy: InGroup, arg_bytes, hops) -> bool:
         """Rank 0, a task or actor forwarded into a group: True when it is parked (the
         group is not created yet) or refused (removed); False: place it now."""
         group = self.groups.get(strategy.group_id)
-        if group is not None and group.state == CREATED:
+        if group is not None and (group.state == CREATED or (
+                group.state == RESCHEDULING and _still_placed(group, strategy.index))):
             return False
         if group is not None and group.state == REMOVED:
             self.refuse(strategy.group_id, source, spec, deps, arg_bytes, hops)
@@ -326,14 +382,18 @@ class Bundles:
         bundles = self.prepared.pop(group_id, None)
         if bundles is None:
             return
-        taken, named = self.committed[group_id] = group_resources(group_id, bundles)
+        taken, named = group_resources(group_id, bundles)
+        held = self.committed.get(group_id)
+        # (A bundle placed again after a lost rank joins the group's others here.)
+        self.committed[group_id] = (taken, named) if held is None else \
+            (_sum([held[0], taken]), _sum([held[1], named]))
         self.scheduler.add_resources(named)
         self.node._run_actions(self.scheduler.reschedule())  # tasks queued for them
 
     def on_return_bundles(self, source: int, group_id: bytes) -> None:
         bundles = self.prepared.pop(group_id, None)
         if bundles is not None:
-            self.return_gpus(group_id)
+            self.return_gpus(group_id, [index for index, _ in bundles])
             self.scheduler.release(group_resources(group_id, bundles)[0])
             self.node._run_actions(self.scheduler.reschedule())
 
@@ -345,14 +405,21 @@ class Bundles:
             if ids:
                 reserved[index] = [ids, list(ids)]
         if reserved:
-            self.gpus[group_id] = reserved
+            self.gpus.setdefault(group_id, {}).update(reserved)
 
-    def return_gpus(self, group_id: bytes) -> None:
-        reserved = self.gpus.pop(group_id, None)
-        if reserved:  # what its killed tasks still hold comes back here, not twice
-            free = self.node.free_gpus
-            free.extend(i for ids, _ in reserved.values() for i in ids if i not in free)
-            free.sort()
+    def return_gpus(self, group_id: bytes, indexes=None) -> None:
+        """The ids the group's bundles here reserved (`indexes`: those bundles only) go
+        back to the node; what its killed tasks still hold comes back here, not twice."""
+        reserved = self.gpus.get(group_id)
+        if not reserved:
+            return
+        free = self.node.free_gpus
+        for index in list(reserved) if indexes is None else indexes:
+            ids, _ = reserved.pop(index, ((), None))
+            free.extend(i for i in ids if i not in free)
+        free.sort()
+        if not reserved:
+            del self.gpus[group_id]
 
     def take_gpus(self, group: InGroup, demand: dict) -> tuple:
         """The ids for a task or actor of `group` asking `demand` (renamed into the
@@ -454,11 +521,17 @@ def _kill(node, worker, why: str) -> None:
             pass
 
 
-def _by_rank(group: _Group) -> dict:
-    """rank -> [(index, demand)] of the group's bundles there."""
+def _still_placed(group: _Group, index: int) -> bool:
+    """Whether a RESCHEDULING group's bundle `index` (-1: any of them) is on a node."""
+    placed = group.placed_bundles()
+    return index in placed if index >= 0 else bool(placed)
+
+
+def _by_rank(group: _Group, indexes=None) -> dict:
+    """rank -> [(index, demand)] of the group's bundles there (`indexes`: those only)."""
     by_rank: dict = {}
-    for index, rank in enumerate(group.nodes):
-        by_rank.setdefault(rank, []).append((index, group.bundles[index]))
+    for index in range(len(group.bundles)) if indexes is None else indexes:
+        by_rank.setdefault(group.nodes[index], []).append((index, group.bundles[index]))
     return by_rank
 
 

@@ -279,3 +279,68 @@ def test_lost_values_are_rebuilt_from_lineage(tmp_path):
     assert "OK" in out
     assert "values it owns had their only copy on rank 2" in out, out
     print(re.findall(r"REBUILT [\d.]+", out))
+
+
+def test_placement_group_bundles_on_a_lost_rank_are_placed_again(tmp_path):
+    """As Ray: the bundles of a created group that were on the dead rank are placed again
+    on survivors (STRICT_SPREAD: away from its other bundles); meanwhile the group is
+    RESCHEDULING and what runs into those bundles waits; then its task re-runs there and
+    its actor restarts there."""
+    out = run_ulfm(tmp_path, 4, """
+        import os, signal, time, hpcray as ray
+        from hpcray.util.placement_group import placement_group, placement_group_table
+        from hpcray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as In
+        from hpcray.util.state import list_placement_groups
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        rank_of = {node: rank for rank, node in ids.items()}
+    """ + NODE_PID + """
+        group = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+        assert group.wait(60)
+        where = placement_group_table(group)["bundles_to_node_id"]
+        victim = next(i for i in range(3) if rank_of[where[i]] != 0)
+        dead = rank_of[where[victim]]
+        in_victim = In(group, victim)
+
+        @ray.remote(num_cpus=0)
+        class Member:
+            def node(self):
+                return ray.get_runtime_context().get_node_id()
+            def pid(self):
+                return node_pid()
+
+        @ray.remote(num_cpus=1)
+        def waits(go):
+            open(f"started-{os.getpid()}", "w").close()
+            while not os.path.exists(go):
+                time.sleep(0.01)
+            return ray.get_runtime_context().get_node_id()
+
+        member = Member.options(scheduling_strategy=in_victim, max_restarts=1).remote()
+        assert ray.get(member.node.remote()) == where[victim]
+        go = os.path.join(os.getcwd(), "go")
+        running = waits.options(scheduling_strategy=in_victim).remote(go)
+        while not any(name.startswith("started-") for name in os.listdir(".")):
+            time.sleep(0.01)
+        pid = ray.get(member.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        while {n["rank"]: n["Alive"] for n in ray.nodes()}[dead]:
+            time.sleep(0.001)
+        open(go, "w").close()
+        moved = ray.get(running, timeout=120)
+        row = placement_group_table(group)
+        assert row["state"] == "CREATED", row
+        after = row["bundles_to_node_id"]
+        assert moved == after[victim] and rank_of[moved] != dead, (moved, after)
+        assert len(set(after.values())) == 3  # still one bundle per node
+        assert all(after[i] == where[i] for i in range(3) if i != victim)
+        assert ray.get(member.node.remote(), timeout=120) == after[victim]
+        assert ray.get(waits.options(scheduling_strategy=in_victim).remote(go),
+                       timeout=120) == after[victim]
+        assert [r.state for r in list_placement_groups()] == ["CREATED"]
+        print("MOVED", dead, "->", rank_of[after[victim]], flush=True)
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out
+    assert re.search(r"bundles \[\d\] were on the lost rank", out), out

@@ -319,7 +319,8 @@ class Echo:
 def failure_workload(sim) -> None:
     """The driver while a node dies (Simulation(kill=True)): tasks that may run there,
     chains of stored values made there (rebuilt from lineage when lost), values read on
-    other nodes, and an actor that restarts; every result is checked."""
+    other nodes, an actor that restarts, and placement groups whose bundles there are
+    placed again; every result is checked."""
     rng = random.Random(sim.seed * 7919 + 2)
     ranks = len(sim.nodes)
     node_ids = [node.node_id.hex() for node in sim.nodes]
@@ -354,7 +355,25 @@ def failure_workload(sim) -> None:
                 assert sim.killed is not None  # a call sent to a node that died, as Ray
             sim.pause()
 
-    operations = [op_chain, op_chain, op_read_elsewhere, op_actor]
+    def op_group():
+        """A group of half-CPU bundles with tasks in them: bundles on a node that dies
+        are placed again on survivors (at most ranks - 1 bundles, so they fit), and the
+        tasks that ran there run again in them."""
+        strategy = rng.choice(("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"))
+        count = rng.randint(1, 2 if strategy == "STRICT_PACK" else ranks - 1)
+        group = placement_group([{"CPU": 0.5}] * count, strategy=strategy)
+        inside = {}
+        for _ in range(rng.randint(1, 3)):
+            tag = next(tags)
+            inside[step.options(num_cpus=0.5, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, rng.randrange(-1, count))).remote(tag, rng.choice((SMALL, LARGE)),
+                                                         None, None)] = tag
+            sim.pause()
+        for ref, tag in inside.items():
+            check_value(ray.get(ref), tag)
+        remove_placement_group(group)
+
+    operations = [op_chain, op_chain, op_read_elsewhere, op_actor, op_group]
     for _ in range(rng.randint(6, 14)):
         rng.choice(operations)()
         sim.pause()

@@ -194,8 +194,8 @@ class ObjectState(StateSchema):
 
 @dataclass(frozen=True)
 class PlacementGroupState(StateSchema):
-    """One row of list_placement_groups(). `state`: PENDING, CREATED or REMOVED (Ray's
-    RESCHEDULING does not occur: bundles on a lost rank are not moved). `bundles`
+    """One row of list_placement_groups(). `state`: PENDING, CREATED, REMOVED, or
+    RESCHEDULING (some bundles were on a lost rank and are being placed again). `bundles`
     (detail): Ray's [{"bundle_id": {"placement_group_id", "bundle_index"},
     "unit_resources", "node_id"}], node_id None until created; `stats` (detail): Ray's
     creation latency, attempts and scheduling state."""
