@@ -144,24 +144,27 @@ def _hpcray_segments() -> set[str]:
 
 
 def run_job(ranks: int, argv: list[str], timeout_s: float, env: dict | None = None,
-            cwd: str | None = None, on_start=None, linger_s: float = 10.0) -> JobResult:
+            cwd: str | None = None, on_start=None, linger_s: float = 10.0,
+            root: str | None = None) -> JobResult:
     """Run `mpiexec -n ranks python -m hpcray argv...`; never waits longer than timeout_s.
 
     `on_start(popen, tag)` is called in a thread once the job is started (idle_cost.py
     measures from there). After the job ends, processes of the job get `linger_s` to go
-    on their own before they are reported and killed.
+    on their own before they are reported and killed. `root`: the checkout whose hpcray
+    the job runs (default: this one), for A/B runs against another built tree.
     """
+    root = root or str(REPO_ROOT)
     tag = uuid.uuid4().hex
     full_env = dict(os.environ, **(env or {}))
     full_env[TAG_VARIABLE] = tag
     # A checkout that was not pip-installed still finds the package.
     full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
+        p for p in (root, full_env.get("PYTHONPATH", "")) if p)
     segments_before = _hpcray_segments()
     command = launch_command(ranks, argv)
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=full_env, cwd=cwd or str(REPO_ROOT),
+                            text=True, env=full_env, cwd=cwd or root,
                             start_new_session=True)
     watcher = _TreeWatcher(proc.pid)
     watcher.start()

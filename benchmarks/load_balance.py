@@ -16,6 +16,12 @@ Two workloads: no-op tasks (the scheduler's own cost: where do tasks go when the
 work to spread?) and tasks that sleep `--sleep-ms` (where spilling to other nodes pays:
 a balanced run approaches RANKS × NUM_CPUS × 1000 / sleep_ms tasks/s).
 
+Also reported: the CPU seconds the job's processes used in the timed window, per task
+(rank 0's process: the driver and its node; the other ranks; the workers), which says
+more than tasks/s on a machine shared with other jobs. `--compare TREE` runs every job
+a second time against another built checkout (e.g. an older commit), interleaved (this
+tree, then TREE, run after run), and prints both and the ratio of the medians.
+
 What it is not: the paper's Figure 8a proper (that figure is locality-aware placement:
 tasks go to where their argument is; tests/multinode checks that behaviour).
 """
@@ -57,11 +63,13 @@ def driver(args) -> int:
     # Warm-up: every node's workers started and the function exported everywhere.
     ray.get([task.remote(0.01) for _ in range(4 * len(rank_of) * args.num_cpus)])
 
+    cpu_before = job_cpu_seconds()
     start = time.perf_counter()
     refs = [task.remote(sleep_s) for _ in range(args.tasks)]
     submitted = time.perf_counter()
     where = ray.get(refs)
     end = time.perf_counter()
+    cpu_after = job_cpu_seconds()
     counts = {rank: 0 for rank in sorted(rank_of.values())}
     for node_id in where:
         counts[rank_of[node_id]] += 1
@@ -74,6 +82,8 @@ def driver(args) -> int:
         "total_s": end - start,
         "tasks_per_s": args.tasks / (end - start),
         "per_rank": counts,
+        "cpu_s": {group: sum(after - cpu_before.get(key, 0.0) for key, after in seconds.items())
+                  for group, seconds in cpu_after.items()},
     }
     del refs, where
     ray.shutdown()
@@ -82,32 +92,66 @@ def driver(args) -> int:
     return 0
 
 
+def job_cpu_seconds() -> dict:
+    """{group: {(pid, start time): CPU seconds so far}} for this job's processes (they
+    carry its tag): "rank 0" (this process: the driver and its node manager), "other
+    ranks" (node managers, their guardians), "workers" (and the fork servers)."""
+    import psutil
+    groups: dict = {"rank 0": {}, "other ranks": {}, "workers": {}}
+    me = os.getpid()
+    for proc in _mpirun.tagged_processes(os.environ.get(_mpirun.TAG_VARIABLE, "-")) + \
+            [psutil.Process(me)]:
+        try:
+            command = " ".join(proc.cmdline())
+            times = proc.cpu_times()
+            key = (proc.pid, proc.create_time())
+        except psutil.Error:
+            continue
+        if proc.pid == me:
+            group = "rank 0"
+        elif "forkserver" in command:
+            group = "workers"
+        elif "-m hpcray" in command:
+            group = "other ranks"
+        else:
+            continue  # mpiexec and its proxies
+        groups[group][key] = times.user + times.system
+    return groups
+
+
 # --------------------------------------------------------------------------- the harness
 
 
-def run_variant(args, tasks: int, sleep_ms: float) -> dict:
-    runs, problems = [], []
+def run_variant(args, tasks: int, sleep_ms: float) -> list[dict]:
+    """One result per tree (this one, then `--compare`'s), their jobs interleaved."""
+    trees = [None] + ([os.path.abspath(args.compare)] if args.compare else [])
+    variants = [{"tree": tree or str(_mpirun.REPO_ROOT), "tasks": tasks, "sleep_ms": sleep_ms,
+                 "runs": [], "problems": []} for tree in trees]
+    script = str(Path(__file__).resolve())
     for i in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="hpcray-lb-") as tmp:
-            out = os.path.join(tmp, "result.json")
-            argv = [str(Path(__file__).resolve()), "--driver", "--tasks", str(tasks),
-                    "--sleep-ms", str(sleep_ms), "--num-cpus", str(args.num_cpus), "--out", out]
-            job = _mpirun.run_job(args.ranks, argv, timeout_s=args.timeout)
-            if os.path.exists(out):
-                with open(out) as f:
-                    runs.append(json.load(f))
-                r = runs[-1]
-                _mpirun.log(f"  run {i + 1}: {tasks} tasks of {sleep_ms} ms: "
-                            f"{r['total_s']:.2f} s, {r['tasks_per_s']:,.0f} tasks/s, "
-                            f"per rank {list(r['per_rank'].values())}")
-            else:
-                _mpirun.log(f"  run {i + 1}: no result")
-            for p in job.problems():
-                problems.append(f"run {i + 1}: {p}")
-                _mpirun.log(f"  run {i + 1}: PROBLEM: {p}")
-            if job.problems() and not os.path.exists(out):
-                _mpirun.log("  output tail:\n" + job.output[-3000:])
-    return {"tasks": tasks, "sleep_ms": sleep_ms, "runs": runs, "problems": problems}
+        for tree, variant in zip(trees, variants):
+            with tempfile.TemporaryDirectory(prefix="hpcray-lb-") as tmp:
+                out = os.path.join(tmp, "result.json")
+                argv = [script, "--driver", "--tasks", str(tasks), "--sleep-ms", str(sleep_ms),
+                        "--num-cpus", str(args.num_cpus), "--out", out]
+                job = _mpirun.run_job(args.ranks, argv, timeout_s=args.timeout, root=tree)
+                name = f"run {i + 1}{'' if tree is None else ' (' + tree + ')'}"
+                if os.path.exists(out):
+                    with open(out) as f:
+                        variant["runs"].append(json.load(f))
+                    r = variant["runs"][-1]
+                    r["load"] = os.getloadavg()[0]
+                    _mpirun.log(f"  {name}: {tasks} tasks of {sleep_ms} ms: "
+                                f"{r['total_s']:.2f} s, {r['tasks_per_s']:,.0f} tasks/s, "
+                                f"per rank {list(r['per_rank'].values())}, load {r['load']:.1f}")
+                else:
+                    _mpirun.log(f"  {name}: no result")
+                for p in job.problems():
+                    variant["problems"].append(f"{name}: {p}")
+                    _mpirun.log(f"  {name}: PROBLEM: {p}")
+                if job.problems() and not os.path.exists(out):
+                    _mpirun.log("  output tail:\n" + job.output[-3000:])
+    return variants
 
 
 def summarise(variant: dict, ranks: int, num_cpus: int) -> list[str]:
@@ -126,7 +170,7 @@ def summarise(variant: dict, ranks: int, num_cpus: int) -> list[str]:
     submit = statistics.median(r["submit_s"] for r in runs)
     lines = [
         f"{variant['tasks']:,} tasks of {variant['sleep_ms']:g} ms, {ranks} ranks × "
-        f"{num_cpus} CPU, {len(runs)} runs:",
+        f"{num_cpus} CPU, {len(runs)} runs, tree {variant['tree']}:",
         "",
         _common.markdown_table(header, rows),
         "",
@@ -137,6 +181,11 @@ def summarise(variant: dict, ranks: int, num_cpus: int) -> list[str]:
     if variant["sleep_ms"]:
         ideal = ranks * num_cpus * 1000 / variant["sleep_ms"]
         lines[-1] += f" (ideal with every CPU busy: {ideal:,.0f} tasks/s)"
+    if all("cpu_s" in r for r in runs):
+        lines.append("CPU per task (median µs): " + ", ".join(
+            f"{group} {statistics.median(1e6 * r['cpu_s'][group] / r['tasks'] for r in runs):.0f}"
+            for group in runs[0]["cpu_s"]) + "; load average during the runs: "
+            + ", ".join(f"{r.get('load', 0):.1f}" for r in runs))
     for p in variant["problems"]:
         lines.append(f"PROBLEM {p}")
     return lines
@@ -153,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mpiexec job")
     parser.add_argument("--json", metavar="PATH", help="write every run's figures here")
+    parser.add_argument("--compare", metavar="TREE",
+                        help="another built checkout, run interleaved with this one")
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -160,18 +211,24 @@ def main(argv=None) -> int:
         return driver(args)
 
     state = _mpirun.machine_state()
-    variants = []
+    workloads = []
     if args.tasks:
         _mpirun.log(f"{args.tasks} no-op tasks, {args.ranks} ranks, {args.runs} runs")
-        variants.append(run_variant(args, args.tasks, 0))
+        workloads.append(run_variant(args, args.tasks, 0))
     if args.sleep_tasks:
         _mpirun.log(f"{args.sleep_tasks} tasks of {args.sleep_ms} ms, {args.ranks} ranks")
-        variants.append(run_variant(args, args.sleep_tasks, args.sleep_ms))
+        workloads.append(run_variant(args, args.sleep_tasks, args.sleep_ms))
     print(f"# load balance: mpiexec -n {args.ranks}, init(num_cpus={args.num_cpus}); "
           f"at start: {state}; at end: load {os.getloadavg()[0]:.2f}")
-    for variant in variants:
-        print()
-        print("\n".join(summarise(variant, args.ranks, args.num_cpus)))
+    for variants in workloads:
+        for variant in variants:
+            print()
+            print("\n".join(summarise(variant, args.ranks, args.num_cpus)))
+        if len(variants) == 2 and variants[0]["runs"] and variants[1]["runs"]:
+            rates = [statistics.median(r["tasks_per_s"] for r in v["runs"]) for v in variants]
+            print(f"\ntasks/s, this tree / {variants[1]['tree']}: {rates[0] / rates[1]:.2f}x "
+                  f"(medians {rates[0]:,.0f} / {rates[1]:,.0f})")
+    variants = [variant for variants in workloads for variant in variants]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine_at_start": state, "variants": variants}, f, indent=2)

@@ -62,6 +62,11 @@ from hpcray.serialization import error_bytes
 
 log = logging.getLogger("hpcray.node")
 _HELLO = Hello.CODE
+# The driver's queued submissions: taken this many at a time, the node's workers answered
+# between batches, for at most _SUBMIT_BUDGET seconds a pass of the node's thread (then
+# MPI is polled: the forwarded tasks leave).
+_SUBMIT_BATCH = 16
+_SUBMIT_BUDGET = 0.002
 
 
 class WorkerHandle:
@@ -127,6 +132,10 @@ class NodeManager:
         self.workers: dict[int, WorkerHandle] = {}
         self.driver_refs = LocalReferenceCounter()
         self.driver_refs.on_actor_released = self._wake_always
+        # Tasks the driver submitted in a job of several nodes, for this node's thread
+        # (take_driver_work): the driver never waits for the lock to submit one.
+        self.driver_submissions: collections.deque = collections.deque()
+        self._held_transitions: list = []
         self._handlers: dict[int, object] = {}
         self._timers: list = []
         self._thread = None
@@ -349,7 +358,7 @@ class NodeManager:
     def _event_loop(self) -> None:
         link, network = self.link, self.network
         while self._running and not link.stop_requested:
-            timeout = network.cluster_poll_timeout()
+            timeout = 0.0 if self.driver_submissions else network.cluster_poll_timeout()
             if self._timers:
                 due = max(0.0, self._timers[0][0] - time.monotonic())
                 timeout = due if timeout < 0 else min(timeout, due)
@@ -362,18 +371,69 @@ class NodeManager:
             with self.lock:
                 if not self._running:
                     return
-                self.objects.apply_transitions(self.driver_refs.drain())
-                for fd, mask in events:
-                    handler = self._handlers.get(fd)
-                    if handler is not None:
-                        try:
-                            handler(fd, mask)
-                        except Exception:  # noqa: BLE001 - one bad event must not kill the node
-                            log.exception("rank %d: handling an event on fd %d failed",
-                                          self.rank, fd)
+                self.take_driver_work(_SUBMIT_BUDGET)
+                self._handle_events(events)
                 self._run_timers()
                 self.task_events.flush_due()
                 network.poll_cluster(active=bool(events))
+
+    def _handle_events(self, events) -> None:
+        for fd, mask in events:
+            handler = self._handlers.get(fd)
+            if handler is not None:
+                try:
+                    handler(fd, mask)
+                except Exception:  # noqa: BLE001 - one bad event must not kill the node
+                    log.exception("rank %d: handling an event on fd %d failed",
+                                  self.rank, fd)
+
+    # ------------------------------------------------------------------ the driver's work
+    def queue_driver_submission(self, spec: TaskSpec) -> None:
+        """The driver's thread, without the lock: a task for `take_driver_work` to submit."""
+        queue = self.driver_submissions
+        queue.append(spec)
+        if len(queue) == 1:
+            self._wake()
+
+    def take_driver_work(self, budget: float | None = None) -> None:
+        """Under the lock: submit the tasks the driver queued, then apply the refs it
+        dropped meanwhile (never before the submissions queued ahead of them, which may
+        hold the same objects). `budget`: the node's thread stops after this many seconds
+        (the rest waits for its next pass); the driver's thread takes everything (what
+        it does next needs them submitted)."""
+        transitions = self.driver_refs.drain()
+        queue = self.driver_submissions
+        if queue:
+            self._submit_queued(queue, budget)
+            if queue:  # out of time: these refs wait for the submissions still queued
+                self._held_transitions.extend(transitions)
+                return
+        if self._held_transitions:
+            transitions = self._held_transitions + transitions
+            self._held_transitions = []
+        self.objects.apply_transitions(transitions)
+
+    def _submit_queued(self, queue, budget: float | None) -> None:
+        """Submit the queued tasks a batch at a time; between batches, whatever this
+        node's workers sent (they get their next task), and every _SUBMIT_BUDGET the
+        other nodes' messages (the tasks forwarded so far leave)."""
+        start = polled = time.monotonic()
+        while queue:
+            for _ in range(min(len(queue), _SUBMIT_BATCH)):
+                spec = queue.popleft()
+                try:
+                    self.submit(spec)
+                except Exception:  # noqa: BLE001 - one bad task must not stop the others
+                    log.exception("rank %d: submitting %s failed", self.rank, spec.name)
+            if not queue:
+                return
+            now = time.monotonic()
+            if budget is not None and now - start >= budget:
+                return
+            self._handle_events(self._epoll.poll(0))
+            if now - polled >= _SUBMIT_BUDGET:
+                polled = now
+                self.network.poll_cluster(active=True)
 
     def _wait_for_events(self, timeout: float) -> list:
         """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so
@@ -883,7 +943,7 @@ class NodeManager:
         """answer(the rows of a state table: "tasks", "actors", "nodes" or "objects";
         state_queries.py), after the driver's dropped refs so far (they wait for the
         event loop otherwise) have freed what they free."""
-        self.objects.apply_transitions(self.driver_refs.drain())
+        self.take_driver_work()
         self.state_queries.query(table, answer)
 
     def describe_nodes(self) -> list:
