@@ -41,6 +41,7 @@ from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.cluster import ClusterLink
 from hpcray.runtime.messages import Hello
 from hpcray.runtime.node_manager import NodeManager, WorkerHandle
+from hpcray.runtime.protocol import _FRAME
 from hpcray.runtime.worker import Worker
 
 _FAKE_PID_BASE = 1 << 30   # above any pid_max: signals to these pids reach nobody
@@ -299,6 +300,16 @@ class NodeConnection:
     def send(self, message) -> bool:
         if not self.closed:
             self.process.inbox.append(pickle.loads(pickle.dumps(message, protocol=5)))
+        return False
+
+    def send_raw(self, data) -> bool:
+        """Messages already encoded (protocol.encode), several in one write."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            (size,) = _FRAME.unpack_from(view, pos)
+            self.send(pickle.loads(view[pos + 4:pos + 4 + size]))
+            pos += 4 + size
         return False
 
     def fileno(self) -> int:
