@@ -79,6 +79,11 @@ class Config:
     # After a drain signal (drain_signals), seconds the running tasks get to finish
     # before the program ends anyway (runtime/drain.py).
     drain_grace: float = 30.0
+    # One object pulled by many nodes (runtime/relay.py): a pull of an object this size
+    # or more may be served by a node that has (or is receiving) a copy; its holder
+    # sends it itself to `relay_fanout` pullers, each copy to as many more.
+    relay_min_bytes: int = 8 << 20
+    relay_fanout: int = 2
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -101,6 +106,8 @@ class Config:
         config.report_interval = _env_float("HPCRAY_REPORT_INTERVAL", config.report_interval)
         config.spill_dir = os.environ.get("HPCRAY_SPILL_DIR") or config.spill_dir
         config.drain_grace = _env_float("HPCRAY_DRAIN_GRACE", config.drain_grace)
+        config.relay_min_bytes = _env_int("HPCRAY_RELAY_MIN_BYTES", config.relay_min_bytes)
+        config.relay_fanout = _env_int("HPCRAY_RELAY_FANOUT", config.relay_fanout)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "

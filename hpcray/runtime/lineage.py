@@ -37,10 +37,12 @@ class Lineage:
         self.asked: dict[bytes, list] = {}        # task id -> lost returns, spec asked for
 
     def lost_with(self, dead: int) -> list:
-        """The values this node owns whose only known copy was on rank `dead`."""
+        """The values this node owns whose only known copy was on rank `dead`, and that
+        no pull is bringing in (one through a live relay may still; one that fails is
+        rebuilt then: NodeFailures.copy_lost)."""
         return [object_id for object_id, entry in self.objects.entries.items()
                 if entry.owner == self.rank and entry.inline is IN_STORE
-                and entry.state == REMOTE and entry.location == dead]
+                and entry.state == REMOTE and entry.location == dead and not entry.pulling]
 
     def rebuild(self, object_ids: list) -> None:
         """Make these lost values again (all reset first, so that a task re-run waits for

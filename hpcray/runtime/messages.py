@@ -205,6 +205,55 @@ class Release(NamedTuple):
     count: int
 
 
+# ------------------------------------------- control: one object pulled by many (relay.py)
+@_on("control")
+class Relay(NamedTuple):
+    """the holder -> a node with a copy (or receiving one): send it to `puller` on the
+    puller's transfer `tag` (segments: 1, the bytes, a trailer byte), from its sealed
+    copy or its own pull `source_tag` as it arrives, or refuse."""
+    puller: int
+    tag: int
+    object_id: bytes
+    size: int
+    source_tag: int
+
+
+@_on("control")
+class PullFrom(NamedTuple):
+    """a relay -> the puller: transfer `tag` (this object) comes from me, with a
+    trailer byte (1: whole; 0: my copy failed, ask the holder itself)."""
+    tag: int
+    object_id: bytes
+    size: int
+
+
+@_on("control")
+class RelayRefused(NamedTuple):
+    """a relay -> the holder: I have no copy; send it to `puller` yourself."""
+    puller: int
+    tag: int
+    object_id: bytes
+    size: int
+
+
+@_on("control")
+class RelayGone(NamedTuple):
+    """the holder -> a puller it pointed to a relay that died: unless that relay said
+    PullFrom already, pull it from the holder again (PullDirect)."""
+    tag: int
+    object_id: bytes
+    relay: int
+
+
+@_on("control")
+class PullDirect(NamedTuple):
+    """a puller -> the holder: as Pull, and send it yourself (the relay `failed`
+    gave no copy: it died, or its own copy failed)."""
+    tag: int
+    objects: list       # [(object_id, size)]
+    failed: int
+
+
 # ---------------------------------------------------------------- control: actors
 @_on("control")
 class ActorAt(NamedTuple):

@@ -77,6 +77,7 @@ class NodeFailures:
         for rank in ranks:
             log.warning("rank %d: lost rank %d (host %s); the job goes on without it",
                         self.rank, rank, self._host(rank))
+            self.node.relay.node_lost(rank)
             self._unlink_store(rank)
         if self.rank == 0:
             for rank in ranks:
@@ -100,14 +101,26 @@ class NodeFailures:
         for tag, pulled in list(self.link.pulls.items()):
             if pulled[-1] is not transfer:
                 continue
+            if self.node.relay.relay_lost(tag):
+                continue  # its relay died: pulled from the holder itself again
             for object_id, entry in self.mover.abandon_pull(tag):
-                if entry is None or entry.owner in self.transport.dead:
+                if entry is None:
                     self.mover.object_lost(object_id, entry, transfer.peer)
-                    continue
-                # Left REMOTE on the dead rank: its owner rebuilds it from lineage at
-                # NodeDied (this node, or another, which a borrower asks again then).
-                if entry.owner != self.rank and transfer.peer in self.link.dead_nodes:
-                    self._ask_owner_again(object_id, entry)
+                else:
+                    self.copy_lost(object_id, entry, transfer.peer)
+
+    def copy_lost(self, object_id: bytes, entry, holder: int) -> None:
+        """A pull from `holder`, which died, ended without the value (here, or through
+        a relay whose own copy failed: relay.py)."""
+        if entry.owner in self.transport.dead:
+            self.mover.object_lost(object_id, entry, holder)
+        elif holder in self.link.dead_nodes:  # rank 0 declared it dead already
+            if entry.owner == self.rank:
+                self.lineage.rebuild([object_id])
+            else:
+                self._ask_owner_again(object_id, entry)
+        # Else left REMOTE on the dead rank, not pulling: at NodeDied its owner rebuilds
+        # it from lineage (this node, or another, which a borrower asks again then).
 
     def _ask_owner_again(self, object_id: bytes, entry) -> None:
         """A borrowed value whose copy was lost: where is it now? (The owner answers

@@ -49,6 +49,7 @@ from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
 from hpcray.runtime.placement_groups import Bundles, GroupDirectory, group_of, take_gpu_ids
+from hpcray.runtime.relay import ObjectRelay
 from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
 from hpcray.runtime.task_router import TaskRouter
 from hpcray.runtime.worker_requests import WorkerRequests
@@ -191,6 +192,10 @@ class NodeManager:
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
         self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, self.spiller,
                                  gcs, peers, self.recorder)
+        self.relay = ObjectRelay(rank, link, self.objects, store, self.spiller, peers,
+                                 self.recorder, self.config.relay_min_bytes,
+                                 self.config.relay_fanout)
+        self.mover.bind(self.relay)
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
                                  self.mover, self.actors, scheduler, self.task_events, peers)
@@ -207,7 +212,7 @@ class NodeManager:
                                scheduler, peers)
         self.groups.bind(self.router)
         self.objects.bind(self.mover, self.borrowing, self.actors, self.generators,
-                          self.spiller)
+                          self.spiller, self.relay)
         self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
@@ -215,10 +220,11 @@ class NodeManager:
         self.failures = NodeFailures(rank, link, self, self.network, self.objects,
                                      self.actors, self.router, self.mover, self.lineage,
                                      gcs, peers)
+        self.relay.bind(self.mover, self.failures.copy_lost)
         self.network.bind(self.router, self.failures, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
             self.state_queries, self.canceller, self.generators, self.failures,
-            self.groups, self.bundles), self.groups, self.mover)
+            self.groups, self.bundles, self.relay), self.groups, self.mover)
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests,
                                                        self.generators)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
@@ -1000,5 +1006,5 @@ def _close_fd(fd: int) -> None:
 # Every message of the node's channels has exactly one handler among its parts.
 messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
                         StateQueries, Canceller, Generators, NodeFailures,
-                        GroupDirectory, Bundles)
+                        GroupDirectory, Bundles, ObjectRelay)
 messages.check_handlers("up", NodeManager, Actors, WorkerRequests, Generators)

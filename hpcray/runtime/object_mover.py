@@ -11,7 +11,8 @@ transfer, each object into its own buffer (a segment). The transfer's first segm
 says which of them the holder still had; an empty message stands in for each it had
 not, so the rest still match their receives (that object's readers get
 ObjectLostError). A `get` of 10,000 objects from one node is thus a few messages and
-transfers, not 10,000 of each.
+transfers, not 10,000 of each. An object of the relay's size (relay.py) goes alone, so
+that its holder may have a node with a copy send it instead.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class ObjectMover:
         self.recorder = recorder  # records each pull for the timeline
         self._batching = 0        # > 0 inside `batched`: pulls wait for its end
         self._wanted: dict[int, list] = {}   # holder rank -> [(object_id, entry)]
+        self.relay = None         # bind(): ObjectRelay (relay.py)
+
+    def bind(self, relay) -> None:
+        self.relay = relay
 
     def remote_entry(self, object_id: bytes):
         """An entry for a ref another node owns that this node has not seen: the owner
@@ -116,7 +121,8 @@ class ObjectMover:
                 self.flush_pulls()
 
     def start_pull(self, object_id: bytes, entry: ObjectEntry) -> None:
-        if entry.pulling or self.use_cached_copy(object_id, entry):
+        if entry.pulling or self.use_cached_copy(object_id, entry) or \
+                self.relay.buffer_busy(object_id, entry):
             return
         if entry.location in getattr(self.transport, "dead", ()) and \
                 entry.location not in self.cluster.dead_nodes:
@@ -135,6 +141,9 @@ class ObjectMover:
                     continue  # dropped meanwhile
                 view = self._create(object_id, entry)
                 if view is None:
+                    continue
+                if entry.size >= self.relay.min_bytes:  # alone: its holder may relay it
+                    self._pull(location, [(object_id, entry, view)])
                     continue
                 batch.append((object_id, entry, view))
                 batch_bytes += entry.size
@@ -157,7 +166,16 @@ class ObjectMover:
             self.objects.object_ready(object_id, error_bytes(error), (), 0)
             return None
 
-    def _pull(self, location: int, batch: list) -> None:
+    def pull_direct(self, object_id: bytes, entry: ObjectEntry, failed: int) -> None:
+        """Pull again from the holder itself: the relay `failed` gave no copy."""
+        if entry.pulling or self.relay.buffer_busy(object_id, entry):
+            return
+        entry.pulling = True
+        view = self._create(object_id, entry)
+        if view is not None:
+            self._pull(entry.location, [(object_id, entry, view)], failed)
+
+    def _pull(self, location: int, batch: list, failed_relay: int | None = None) -> None:
         transport = self.transport
         tag = transport.new_transfer_tag()
         header = bytearray(len(batch))
@@ -165,10 +183,19 @@ class ObjectMover:
         transfer.on_done = lambda: self.pull_done(tag)
         self.cluster.pulls[tag] = (location, batch, header, transfer)
         self.recorder.pull_started(tag)
-        self.peers.send(location, wire(messages.Pull, tag,
-                                       [(object_id, entry.size) for object_id, entry, _ in batch]))
+        objects = [(object_id, entry.size) for object_id, entry, _ in batch]
+        if failed_relay is None:
+            self.peers.send(location, wire(messages.Pull, tag, objects))
+        else:
+            self.peers.send(location, wire(messages.PullDirect, tag, objects, failed_relay))
 
     def on_pull(self, source: int, tag: int, objects: list) -> None:
+        if not self.relay.redirect(source, tag, objects):
+            self.serve(source, tag, objects)
+
+    def serve(self, source: int, tag: int, objects: list) -> None:
+        """Send these objects to `source` on its transfer `tag` (the ones not here: a 0
+        in the first segment and an empty message)."""
         header = bytearray(len(objects))
         segments = [header]
         pins = []
@@ -205,6 +232,7 @@ class ObjectMover:
                 self._lost(object_id, source)
                 continue
             self.store.seal(object_id, unclaimed=True)
+            self.relay.received(object_id)
             entry = self.objects.get(object_id)
             if entry is None:
                 self.recorder.pull_ended(tag, object_id, -1, -1, last)
@@ -231,7 +259,8 @@ class ObjectMover:
     def _abandon(self, object_id: bytes):
         """The buffer of a pull given up is freed; returns the object's entry (still
         REMOTE, no longer pulling), or None if it is gone."""
-        self.store.abort(object_id)
+        if not self.relay.receive_failed(object_id):  # else after the relays from it
+            self.store.abort(object_id)
         entry = self.objects.get(object_id)
         if entry is not None:
             entry.pulling = False
@@ -245,7 +274,8 @@ class ObjectMover:
         if pulled is None:
             return []
         source, batch, _, transfer = pulled
-        self.transport.cancel_receive(transfer)  # the buffers are ours again
+        if not transfer.done:
+            self.transport.cancel_receive(transfer)  # the buffers are ours again
         abandoned = []
         for i, (object_id, _, view) in enumerate(batch):
             self.recorder.pull_ended(tag, object_id, source, -1, i == len(batch) - 1)

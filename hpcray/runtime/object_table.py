@@ -109,13 +109,16 @@ class ObjectTable:
         self.entries: dict[bytes, ObjectEntry] = {}
         self.mover = self.borrowing = self.actors = self.generators = None  # bind()
         self.spiller = None
+        self.relay = None       # the copies this node seeded as holder (relay.py)
 
-    def bind(self, mover, borrowing, actors, generators=None, spiller=None) -> None:
+    def bind(self, mover, borrowing, actors, generators=None, spiller=None,
+             relay=None) -> None:
         self.mover = mover
         self.borrowing = borrowing
         self.actors = actors
         self.generators = generators
         self.spiller = spiller
+        self.relay = relay
 
     # A mapping of the entries, as the other parts read it.
     def get(self, object_id: bytes):
@@ -218,6 +221,8 @@ class ObjectTable:
         spiller = self.spiller
         if spiller is not None and spiller.files:
             spiller.discard(object_id)
+        if self.relay is not None and self.relay.trees:
+            self.relay.forget(object_id)  # no longer its holder: the copies it seeded
 
     def object_ready(self, object_id: bytes, inline, contained, size: int,
                       location: int | None = None) -> None:

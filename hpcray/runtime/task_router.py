@@ -21,7 +21,7 @@ from hpcray.options import InGroup, NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.actors import A_DEAD, RemoteActor
-from hpcray.runtime.object_table import IN_STORE, REMOTE, ObjectEntry
+from hpcray.runtime.object_table import IN_STORE, READY, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
 
@@ -191,8 +191,10 @@ class TaskRouter:
         if record.cancelled:  # while its function was on its way (cancellation.py)
             return
         objects = self.objects
+        # Not only REMOTE: an argument may be PENDING again by now (its copy was lost
+        # with a node while the function came: NodeDied asks its owner again).
         remote = [dep for dep in record.spec.deps
-                  if (entry := objects.get(dep)) is not None and entry.state == REMOTE]
+                  if (entry := objects.get(dep)) is not None and entry.state != READY]
         self.objects.wait_for_objects(record, remote, self.objects.add_waiter, then)
 
     def enqueue(self, record: TaskRecord) -> None:

@@ -129,17 +129,25 @@ class Transfer:
     the same order. `done` turns true when every chunk has completed on this side;
     `on_done` (if any) is then called once, from the next `poll` or `progress` of the
     transport.
+
+    A send may have a `gate(segment, end)`: a chunk is posted only once it says true
+    for that chunk (a relay sends an object on as its own receive brings it in,
+    relay.py); the sizes and order of the chunks stay the same.
     """
 
     __slots__ = ("tag", "peer", "nbytes", "done", "on_done", "is_send",
                  "_comm", "_views", "_chunk_bytes", "_window", "_segment", "_next_offset",
-                 "_chunks_left", "_requests", "_in_flight_bytes")
+                 "_chunks_left", "_requests", "_in_flight_bytes", "_posted", "_sizes",
+                 "_gate")
 
     def __init__(self, comm, peer: int, tag: int, views: list, is_send: bool,
-                 chunk_bytes: int, window: int, on_done: Callable[[], None] | None):
+                 chunk_bytes: int, window: int, on_done: Callable[[], None] | None,
+                 gate: Callable[[int, int], bool] | None = None):
         self.tag = tag
         self.peer = peer
-        self.nbytes = sum(len(view) for view in views)
+        self._sizes = [len(view) for view in views]
+        self.nbytes = sum(self._sizes)
+        self._gate = gate
         self.done = False
         self.on_done = on_done
         self.is_send = is_send
@@ -155,6 +163,7 @@ class Transfer:
         self._chunks_left = sum(max(1, math.ceil(len(view) / chunk_bytes)) for view in views)
         self._requests: list = []
         self._in_flight_bytes: list[int] = []
+        self._posted: list[tuple[int, int]] = []  # (segment, start) of each request
         self._post_chunks()
 
     def __repr__(self) -> str:
@@ -174,6 +183,8 @@ class Transfer:
             end = min(start + self._chunk_bytes, len(view))
             if self._requests and end - start > budget:
                 break
+            if self._gate is not None and not self._gate(self._segment, end):
+                break
             chunk = [view[start:end], MPI.BYTE]
             if self.is_send:
                 request = self._comm.Isend(chunk, self.peer, self.tag)
@@ -181,6 +192,7 @@ class Transfer:
                 request = self._comm.Irecv(chunk, self.peer, self.tag)
             self._requests.append(request)
             self._in_flight_bytes.append(end - start)
+            self._posted.append((self._segment, start))
             budget -= end - start
             self._chunks_left -= 1
             if end >= len(view):
@@ -189,19 +201,41 @@ class Transfer:
             else:
                 self._next_offset = end
 
+    def segment_received(self, index: int) -> int:
+        """Bytes of segment `index` that have arrived, from its start without a gap (a
+        receive; chunks are posted in order, so they end where the oldest still
+        outstanding one begins)."""
+        if self.done:
+            return self._sizes[index]
+        if self._views is None:
+            return 0  # ended with its peer (or never posted: a dead one)
+        segment, start = self._posted[0] if self._posted else \
+            (self._segment, self._next_offset)
+        if segment != index:
+            return self._sizes[index] if segment > index else 0
+        return start
+
     def _advance(self) -> bool:
         """Test the chunks in flight and post the next ones; true if any completed."""
-        completed = MPI.Request.Testsome(self._requests)
+        posted = False
+        if self._gate is not None and self._chunks_left and \
+                len(self._requests) < _MAX_REQUESTS:
+            before = len(self._requests)  # the gate may have opened since the last pass
+            self._post_chunks()
+            posted = len(self._requests) > before
+        completed = MPI.Request.Testsome(self._requests) if self._requests else None
         if not completed:
-            return False
+            return posted
         finished = set(completed)
         self._requests = [r for i, r in enumerate(self._requests) if i not in finished]
         self._in_flight_bytes = [n for i, n in enumerate(self._in_flight_bytes)
                                  if i not in finished]
+        self._posted = [p for i, p in enumerate(self._posted) if i not in finished]
         self._post_chunks()
-        if not self._requests:
+        if not self._requests and not self._chunks_left:
             self.done = True
             self._views = None
+            self._gate = None
         return True
 
     def _abandon(self) -> None:
@@ -215,7 +249,9 @@ class Transfer:
             _abandoned_buffers.append(self._views)
         self._requests = []
         self._in_flight_bytes = []
+        self._posted = []
         self._views = None
+        self._gate = None
 
 
 # The progress thread starts with a transfer of this size or more; a smaller one gets
@@ -451,17 +487,20 @@ class MpiTransport:
         return transfer
 
     def start_send(self, dest: int, tag: int, src,
-                   on_done: Callable[[], None] | None = None) -> Transfer:
+                   on_done: Callable[[], None] | None = None,
+                   gate: Callable[[int, int], bool] | None = None) -> Transfer:
         """Send the bytes of `src` (read-only is fine; or a list of segments) to rank
         `dest`, which asked with `tag`.
 
         The transfer keeps a view of `src`, so its memory stays alive until the transfer
-        is done; `on_done()` is then called from `poll` or `progress`.
+        is done; `on_done()` is then called from `poll` or `progress`. With a `gate`,
+        the chunk of segment s ending at byte e is sent once `gate(s, e)` is true
+        (asked again at every pass over the transfers until it is).
         """
         if dest in self.dead:
             raise ValueError(f"rank {dest} is dead")
         transfer = Transfer(self._data_comm, dest, tag, _byte_views(src, writable=False),
-                            True, self.chunk_bytes, self.window, on_done)
+                            True, self.chunk_bytes, self.window, on_done, gate)
         self._add_transfer(transfer)
         return transfer
 

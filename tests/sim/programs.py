@@ -381,3 +381,66 @@ def failure_workload(sim) -> None:
         check_value(ray.get(ref), tag)
     held.clear()
     gc.collect()
+
+
+@ray.remote(max_retries=-1)
+def make_weights(tag):
+    """The object every node reads, made by a task (rebuilt if its node dies)."""
+    return value(tag, LARGE, [])
+
+
+@ray.remote(max_retries=-1)
+def take(tag, weights, weights_tag):
+    """A task that needs the object every node reads (a top-level argument)."""
+    check_value(weights, weights_tag)
+    return value(tag, SMALL, [])
+
+
+@ray.remote(max_retries=-1)
+def take_inside(tag, boxed, weights_tag):
+    """The same, got by the task itself (a ref inside a list: Watch, then a pull)."""
+    check_value(ray.get(boxed[0]), weights_tag)
+    return value(tag, SMALL, [])
+
+
+def relay_workload(sim) -> None:
+    """One large object read on every node at about the same time (relay.py): put by the
+    driver or made by a task on a random node, then a task on each node (in a random
+    order, some twice) reads it; the driver may drop its ref while they run."""
+    rng = random.Random(sim.seed * 7919 + 3)
+    ranks = len(sim.nodes)
+    node_ids = [node.node_id.hex() for node in sim.nodes]
+    tags = itertools.count(1)
+    weights_tag = next(tags)
+    if rng.random() < 0.5:
+        weights = ray.put(value(weights_tag, LARGE))
+    else:
+        weights = make_weights.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_ids[rng.randrange(ranks)], soft=True)).remote(weights_tag)
+        ray.wait([weights], fetch_local=False)
+    object_id = weights.binary()
+    readers = list(range(ranks)) + rng.sample(range(ranks), rng.randint(0, ranks // 4))
+    rng.shuffle(readers)
+    results = {}
+    for rank in readers:
+        tag = next(tags)
+        where = NodeAffinitySchedulingStrategy(node_ids[rank], soft=True)
+        if rng.random() < 0.7:
+            results[take.options(scheduling_strategy=where).remote(
+                tag, weights, weights_tag)] = tag
+        else:
+            results[take_inside.options(scheduling_strategy=where).remote(
+                tag, [weights], weights_tag)] = tag
+        if rng.random() < 0.1:
+            sim.pause()
+    if rng.random() < 0.3:
+        weights = None
+    for ref, tag in results.items():
+        check_value(ray.get(ref), tag)
+        entry = sim.nodes[0].objects.get(object_id)  # the driver's node owns it
+        if entry is not None and sim.relay_object is None:
+            sim.relay_object = (entry.primary_at if entry.primary_at is not None else 0,
+                                entry.size)
+    weights = None
+    results.clear()
+    gc.collect()

@@ -7,6 +7,7 @@ prints the last events of a failing schedule. Exit status 1 if any seed failed.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import sys
 import time
@@ -15,16 +16,22 @@ from tests.sim import programs
 from tests.sim.simcluster import Simulation, SimulationFailure
 
 
+WORKLOADS = {"random": programs.random_workload, "failure": programs.failure_workload,
+             "relay": programs.relay_workload}
+
+
 def run_seed(seed: int, nodes: int = 3, shards: int = 1, store_bytes: int = 16 << 20,
-             kill: bool = False) -> Simulation:
-    """One schedule of the random workload; raises SimulationFailure with the seed."""
+             kill: bool = False, workload: str | None = None,
+             relay_min_bytes: int | None = None, relay_fanout: int = 2) -> Simulation:
+    """One schedule of a workload (default: random, or failure with `kill`); raises
+    SimulationFailure with the seed."""
     gc.disable()  # collections at allocation thresholds would vary drops between runs
     # One node gets the CPUs of three: the workload's actors need 2 CPUs at once.
     sim = Simulation(seed, num_nodes=nodes, gcs_shards=shards,
-                     num_cpus=3.0 if nodes == 1 else 1.0, store_bytes=store_bytes, kill=kill)
+                     num_cpus=3.0 if nodes == 1 else 1.0, store_bytes=store_bytes, kill=kill,
+                     relay_min_bytes=relay_min_bytes, relay_fanout=relay_fanout)
     try:
-        driver = sim.start_driver(programs.failure_workload if kill
-                                  else programs.random_workload)
+        driver = sim.start_driver(WORKLOADS[workload or ("failure" if kill else "random")])
         try:
             sim.run(driver)
             sim.check_quiescent()
@@ -46,18 +53,29 @@ def main(argv=None) -> int:
                         help="each node's store (a few KiB: most values get spilled)")
     parser.add_argument("--kill", action="store_true",
                         help="a node dies at a random step (ULFM); the failure workload")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS),
+                        help="default: random (failure with --kill)")
+    parser.add_argument("--relay-min-bytes", type=int, default=None,
+                        help="objects this size or more may be relayed (relay.py; the "
+                             "workloads' stored values are ~2 KB)")
+    parser.add_argument("--fanout", type=int, default=2, help="the relay tree's fanout")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--stop", action="store_true", help="stop at the first failure")
     args = parser.parse_args(argv)
     failed = []
-    steps = messages = spilled = restored = 0
+    steps = messages = spilled = restored = relayed = 0
+    copies = []  # per schedule: (most copies one node sent, copies the holder sent)
     start = time.monotonic()
     for seed in range(args.first, args.first + args.count):
         try:
-            sim = run_seed(seed, args.nodes, args.shards, args.store_bytes, args.kill)
+            sim = run_seed(seed, args.nodes, args.shards, args.store_bytes, args.kill,
+                           args.workload, args.relay_min_bytes, args.fanout)
+            if sim.relay_object is not None:
+                copies.append(copies_sent(sim))
             steps += sim.steps
             spilled += sum(node.spiller.stats.spilled_objects for node in sim.nodes)
             restored += sum(node.spiller.stats.restored_objects for node in sim.nodes)
+            relayed += sum(node.recorder.counters["relayed"] for node in sim.nodes)
             messages += sim.network.messages_sent
         except SimulationFailure as failure:
             failed.append(seed)
@@ -69,8 +87,22 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - start
     print(f"{args.count} schedules, {len(failed)} failed {failed[:20]}, {steps} steps, "
           f"{messages} messages between nodes, {spilled} spills, {restored} restores, "
-          f"{elapsed:.1f} s", flush=True)
+          f"{relayed} relayed copies, {elapsed:.1f} s", flush=True)
+    if copies:
+        holder = collections.Counter(h for _, h in copies)
+        most = collections.Counter(m for m, _ in copies)
+        print(f"relay: copies the holder sent {sorted(holder.items())}, most copies one node "
+              f"sent {sorted(most.items())} ([(copies, schedules)])", flush=True)
     return 1 if failed else 0
+
+
+def copies_sent(sim: Simulation) -> tuple[int, int]:
+    """The relay workload's object: (the most copies of it one node sent, the copies
+    its holder sent), from each node's count of bytes sent (nothing else it moves
+    through a store)."""
+    holder, size = sim.relay_object
+    sent = [node.recorder.counters["bytes_sent"] // size for node in sim.nodes]
+    return max(sent), sent[holder]
 
 
 if __name__ == "__main__":

@@ -71,15 +71,28 @@ def _segments(buffers) -> list:
 
 
 class SimTransfer:
-    __slots__ = ("peer", "tag", "views", "on_done", "is_send", "nbytes")
+    """One half of a transfer; its bytes move in one "data" event. A send with a
+    `gate` (a relay's, relay.py) moves only once the gate lets its last segment go."""
 
-    def __init__(self, peer, tag, views, is_send, on_done=None):
+    __slots__ = ("peer", "tag", "views", "on_done", "is_send", "nbytes", "gate", "done",
+                 "sizes")
+
+    def __init__(self, peer, tag, views, is_send, on_done=None, gate=None):
         self.peer = peer
         self.tag = tag
         self.views = views
         self.is_send = is_send
         self.on_done = on_done
-        self.nbytes = sum(len(view) for view in views)
+        self.gate = gate
+        self.done = False
+        self.sizes = [len(view) for view in views]
+        self.nbytes = sum(self.sizes)
+
+    def ready(self) -> bool:
+        return self.gate is None or self.gate(len(self.sizes) - 1, self.sizes[-1])
+
+    def segment_received(self, index: int) -> int:
+        return self.sizes[index] if self.done else 0
 
 
 class SimNetwork:
@@ -182,8 +195,8 @@ class SimTransport:
             self.network.late_lost.append((self.rank, transfer))
         return transfer
 
-    def start_send(self, dest, tag, src, on_done=None) -> SimTransfer:
-        transfer = SimTransfer(dest, tag, _segments(src), True, on_done)
+    def start_send(self, dest, tag, src, on_done=None, gate=None) -> SimTransfer:
+        transfer = SimTransfer(dest, tag, _segments(src), True, on_done, gate)
         self.network.sends.append((self.rank, dest, transfer))
         return transfer
 
@@ -406,8 +419,10 @@ def _worker_body(job: dict, key: int, is_actor: bool):
 class Simulation:
     def __init__(self, seed: int, num_nodes: int = 3, num_cpus: float = 1.0,
                  inline_threshold: int = 300, store_bytes: int = 16 << 20,
-                 gcs_shards: int = 1, max_steps: int = 40000, kill: bool = False):
+                 gcs_shards: int = 1, max_steps: int = 40000, kill: bool = False,
+                 relay_min_bytes: int | None = None, relay_fanout: int = 2):
         self.seed = seed
+        self.relay_object = None   # the relay workload's object: (holder rank, size)
         # With `kill`: a node other than the driver's dies at a random step (ULFM), and
         # each survivor's transport finds out at a step of its own ("lost" events).
         self.kill_at = None
@@ -428,7 +443,9 @@ class Simulation:
             maxlen=int(os.environ.get("HPCRAY_SIM_TRACE", "40")))
         self._pids = 0
         config = Config(inline_threshold=inline_threshold, object_store_memory=store_bytes,
-                        log_to_driver=False)
+                        log_to_driver=False, relay_fanout=relay_fanout)
+        if relay_min_bytes is not None:  # the workload's stored values are ~2 KB
+            config.relay_min_bytes = relay_min_bytes
         job = {"job_id": f"{seed & 0xffffffff:08x}", "gcs_shards": gcs_shards}
         object_ref.reference_counter = self.idle_counter
         self.errors = _ErrorsLogged()
@@ -498,7 +515,7 @@ class Simulation:
                        and (self.killed not in node.transport.dead or node.rank in late)]
         receives = self.network.receives
         events += [("data", i) for i, (source, dest, transfer) in enumerate(self.network.sends)
-                   if (dest, source, transfer.tag) in receives]
+                   if (dest, source, transfer.tag) in receives and transfer.ready()]
         for process in self.processes:
             if not self.alive(process.node):
                 continue
@@ -533,6 +550,7 @@ class Simulation:
             for src, dst in zip(transfer.views, receive.views):
                 dst[:len(src)] = src
                 src.release()
+            transfer.done = receive.done = True
             if transfer.on_done is not None:
                 transfer.on_done()
             self.nodes[source].after_event()
@@ -648,6 +666,11 @@ class Simulation:
                                 f"{[t.hex() for t in node.generators.streams]}")
             if node.link.pulls:
                 problems.append(f"node {node.rank} has pulls {node.link.pulls}")
+            relay = node.relay
+            if not relay.idle():
+                problems.append(f"node {node.rank} has relay state: trees "
+                                f"{[k.hex() for k in relay.trees]}, sources "
+                                f"{[k.hex() for k in relay.sources]}, relayed {relay.relayed}")
             stored = node.store.objects()
             if stored:
                 problems.append(f"node {node.rank} store still holds {stored}")

@@ -6,6 +6,7 @@ Replay a failure with: PYTHONHASHSEED=0 python -m tests.sim.run SEED 1 --verbose
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,58 @@ def test_a_node_dies():
 def test_a_node_dies_known_failures(seed, nodes):
     out = run_schedules(seed, 1, "--kill", "--nodes", str(nodes))
     assert "1 schedules, 0 failed" in out
+
+
+# One large object read on every node (programs.relay_workload, runtime/relay.py): the
+# workload's stored values are ~2 KB, so relays start at 1,000 bytes here.
+RELAY = ("--workload", "relay", "--relay-min-bytes", "1000", "--store-bytes", str(1 << 20))
+
+
+def relay_copies(out: str) -> tuple[dict, dict]:
+    """From run.py's relay line: {copies the holder sent: schedules} and {most copies one
+    node sent: schedules}."""
+    line = next(line for line in out.splitlines() if line.startswith("relay: "))
+    holder, most = re.findall(r"\[((?:\(\d+, \d+\)(?:, )?)*)\]", line)[:2]
+    parse = lambda text: {int(a): int(b) for a, b in re.findall(r"\((\d+), (\d+)\)", text)}  # noqa: E731
+    return parse(holder), parse(most)
+
+
+@pytest.mark.parametrize("nodes,count", [(8, 40), (16, 20), (32, 8)])
+def test_one_object_read_everywhere_leaves_its_holder_twice(nodes, count):
+    # Fanout 2: the holder sends the object to two nodes, each copy to two more, as
+    # the pulls come (a copy still arriving sends on what it has), whatever the order.
+    out = run_schedules(0, count, "--nodes", str(nodes), *RELAY)
+    assert f"{count} schedules, 0 failed" in out
+    holder, most = relay_copies(out)
+    assert sum(holder.values()) >= count * 0.9, out   # the object was found and counted
+    assert max(holder) <= 2, out
+    assert max(most) <= 4, out  # a node that got a copy may also be named as a holder
+
+
+def test_one_object_read_everywhere_without_relays_leaves_its_holder_n_times():
+    # The same workload with relays off (objects under 8 MiB): the holder sends a copy
+    # to nearly every node, which is what the relay removes.
+    out = run_schedules(0, 6, "--nodes", "16", "--workload", "relay")
+    holder, _ = relay_copies(out)
+    assert "6 schedules, 0 failed" in out and max(holder) >= 12, out
+
+
+def test_one_object_read_everywhere_as_a_chain():
+    # Fanout 1: one copy from the holder, then a chain, most of it relayed while the
+    # copy it comes from is still arriving.
+    out = run_schedules(0, 40, "--nodes", "12", "--fanout", "1", *RELAY)
+    assert "40 schedules, 0 failed" in out
+    holder, _ = relay_copies(out)
+    assert max(holder) <= 1, out
+
+
+def test_one_object_read_everywhere_while_a_node_dies():
+    # A relay dies (its pullers ask the holder itself: PullDirect), a holder dies (the
+    # relays from it end with a trailer of 0, the value is rebuilt or read elsewhere),
+    # a relay's own copy fails while it sends (its buffer is freed after): no reader
+    # gets a wrong or lost value, nothing is left behind.
+    out = run_schedules(0, 60, "--kill", "--nodes", "8", *RELAY)
+    assert "60 schedules, 0 failed" in out
+    out = run_schedules(0, 40, "--kill", "--nodes", "12", "--fanout", "1", *RELAY)
+    assert "40 schedules, 0 failed" in out
+    assert int(out.split(" relayed copies")[0].rsplit(" ", 1)[-1]) > 200, out
