@@ -16,7 +16,7 @@ from hpcray.config import Config, drain_signals
 from hpcray.object_ref import ObjectRef
 from hpcray.object_ref_generator import ObjectRefGenerator
 from hpcray.remote_function import RemoteFunction
-from hpcray.runtime import drain
+from hpcray.runtime import drain, hops
 from hpcray.options import ACTOR_OPTIONS, TASK_OPTIONS, check
 
 _init_lock = threading.Lock()
@@ -279,7 +279,10 @@ def get(object_refs, *, timeout: float | None = None):
     if isinstance(object_refs, ObjectRef):
         object_id = object_refs.binary()
         payloads = client.get_payloads([object_id], timeout)
-        return client.values_or_raise([object_id], payloads)[0]
+        value = client.values_or_raise([object_id], payloads)[0]
+        if hops.ENABLED:
+            hops.stamp("get.end")
+        return value
     refs = _check_refs(object_refs, "get()")
     if not refs:
         return []

@@ -16,6 +16,7 @@ import time
 from hpcray import context, exceptions, ids
 from hpcray._store import ObjectExistsError, ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
+from hpcray.runtime import hops
 from hpcray.runtime.specs import NORMAL_TASK
 from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
                                      RunTask, WorkDone, wire)
@@ -274,13 +275,19 @@ class DriverClient(CoreClient):
             nm.lock.release()
 
     def get_payloads(self, object_ids: list, timeout):
+        if hops.ENABLED:
+            hops.stamp("get.start")
         nm = self._locked()
         try:
             waiter = nm.objects.register_get(object_ids, len(object_ids))
         finally:
             nm.lock.release()
+        if hops.ENABLED:
+            hops.stamp("get.registered")
         if waiter is not None:
             acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+            if hops.ENABLED:
+                hops.stamp("get.woken")
             if not acquired:
                 with nm.lock:
                     nm.objects.cancel_waiter(object_ids, waiter)

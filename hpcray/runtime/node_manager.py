@@ -35,7 +35,7 @@ from hpcray._scheduler import LocalScheduler
 from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.gcs.shard import OBJECT_DELETED
-from hpcray.runtime import messages, protocol
+from hpcray.runtime import hops, messages, protocol
 from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
@@ -331,6 +331,7 @@ class NodeManager:
         _close_fd(self._wake_r)
         _close_fd(self._wake_w)
         log.info("node stopped")
+        hops.dump(self.rank)
         self.job_logs.close()
 
     def _read_exit_reports(self, deadline: float) -> None:
@@ -447,8 +448,9 @@ class NodeManager:
         the epoll descriptor, which keeps microseconds. Not while `poll_slowly`: a
         sender polling every 50-200 us made pulls of 7 MiB and more 5-10x slower, and a
         receiver's polls slowed the progress thread's 64 MiB without CMA by 25%; a
-        small pull's receiver notices its end sooner."""
-        if 0 < timeout < 0.001 and not self.transport.poll_slowly:
+        small pull's receiver notices its end sooner. A small transfer just started
+        (`expecting`) is polled for on both sides."""
+        if 0 < timeout < 0.001 and (self.transport.expecting or not self.transport.poll_slowly):
             ready, _, _ = select.select((self._epoll,), (), (), timeout)
             return self._epoll.poll(0) if ready else []
         return self._epoll.poll(timeout)

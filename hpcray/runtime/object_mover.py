@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 
 from hpcray import exceptions, ids
-from hpcray.runtime import messages
+from hpcray.runtime import hops, messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import IN_STORE, PENDING, READY, REMOTE, ObjectEntry
 from hpcray.serialization import error_bytes
@@ -139,7 +139,11 @@ class ObjectMover:
             for object_id, entry in items:
                 if self.objects.get(object_id) is not entry or not entry.pulling:
                     continue  # dropped meanwhile
+                if hops.ENABLED:
+                    hops.stamp("pull.create")
                 view = self._create(object_id, entry)
+                if hops.ENABLED:
+                    hops.stamp("pull.created")
                 if view is None:
                     continue
                 if entry.size >= self.relay.min_bytes:  # alone: its holder may relay it
@@ -188,6 +192,8 @@ class ObjectMover:
             self.peers.send(location, wire(messages.Pull, tag, objects))
         else:
             self.peers.send(location, wire(messages.PullDirect, tag, objects, failed_relay))
+        if hops.ENABLED:
+            hops.stamp("pull.sent")
 
     def on_pull(self, source: int, tag: int, objects: list) -> None:
         if not self.relay.redirect(source, tag, objects):
@@ -196,6 +202,8 @@ class ObjectMover:
     def serve(self, source: int, tag: int, objects: list) -> None:
         """Send these objects to `source` on its transfer `tag` (the ones not here: a 0
         in the first segment and an empty message)."""
+        if hops.ENABLED:
+            hops.stamp("serve.start")
         header = bytearray(len(objects))
         segments = [header]
         pins = []
@@ -218,8 +226,12 @@ class ObjectMover:
                 buffer.release()
         self.transport.start_send(source, tag, segments, on_done=release)
         self.peers.on_sent()
+        if hops.ENABLED:
+            hops.stamp("serve.posted")
 
     def pull_done(self, tag: int) -> None:
+        if hops.ENABLED:
+            hops.stamp("pull.done")
         pulled = self.cluster.pulls.pop(tag, None)
         if pulled is None:
             return
@@ -244,6 +256,8 @@ class ObjectMover:
             self.objects.object_ready(object_id, IN_STORE, (), entry.size)
             self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner,
                              None)
+        if hops.ENABLED:
+            hops.stamp("pull.ready")
 
     def _lost(self, object_id: bytes, source: int) -> None:
         """The holder no longer had the bytes: the readers get ObjectLostError."""

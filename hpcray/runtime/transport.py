@@ -69,6 +69,8 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
+from hpcray.runtime import hops
+
 CHANNELS = ("control", "gcs")
 log = logging.getLogger("hpcray.transport")
 
@@ -236,6 +238,8 @@ class Transfer:
             self.done = True
             self._views = None
             self._gate = None
+            if hops.ENABLED:
+                hops.stamp("send.complete" if self.is_send else "recv.complete")
         return True
 
     def _abandon(self) -> None:
@@ -259,6 +263,12 @@ class Transfer:
 # done by then, and waking the thread costs a 1 MB transfer ~30 µs on a busy 2-core host).
 _PROGRESS_NOW_BYTES = 2 << 20
 _PROGRESS_SMALL_AFTER = 100e-6
+# A transfer under _PROGRESS_NOW_BYTES ends within a poll or two of both sides (a CMA
+# copy of ~50 us for 1 MiB; without CMA both must call MPI while it moves): for its first
+# _EXPECT_FOR seconds both event loops poll every few tens of microseconds (`expecting`,
+# cluster.py). Sleeps of 100-200 us cost the receiver of a remote get of 1 MiB ~250 us of
+# its ~650 (wake-ups on a loaded 2-core host), and the sender waited in 1 ms epolls.
+_EXPECT_FOR = 0.002
 
 
 class _Progress:
@@ -277,6 +287,8 @@ class _Progress:
         self._thread: threading.Thread | None = None
 
     def on(self) -> None:
+        if hops.ENABLED:
+            hops.stamp("progress.on")
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="hpcray-mpi-progress",
                                             daemon=True)
@@ -338,6 +350,7 @@ class MpiTransport:
         self.window = window
         self._channel_comms = {channel: base.Dup() for channel in CHANNELS}
         self._data_comm = base.Dup()
+
         self._tag_ub: int = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self._status = MPI.Status()
         # Per (peer, channel): MPI sends not yet complete with the pickles they read
@@ -354,6 +367,7 @@ class MpiTransport:
         self._finished_transfers: list[Transfer] = []
         self._progress = _Progress()
         self._progress_from = 0.0  # small transfers get the progress thread from then on
+        self._expect_until = 0.0   # `expecting` until then (a small transfer started)
         self._idle_sleep = _MIN_IDLE_SLEEP
         self._closed = False
         self.fault_tolerant = fault_tolerant
@@ -507,8 +521,11 @@ class MpiTransport:
     def _add_transfer(self, transfer: Transfer) -> None:
         if transfer.nbytes >= _PROGRESS_NOW_BYTES:
             self._progress.on()
-        elif not self._transfers:
-            self._progress_from = time.monotonic() + _PROGRESS_SMALL_AFTER
+        else:
+            now = time.monotonic()
+            if not self._transfers:
+                self._progress_from = now + _PROGRESS_SMALL_AFTER
+            self._expect_until = now + _EXPECT_FOR
         self._transfers.append(transfer)
 
     def cancel_receive(self, transfer: Transfer) -> None:
@@ -550,6 +567,17 @@ class MpiTransport:
         """
         return bool(self._in_flight or self._queued or self._arriving or self._transfers
                     or self._finished_transfers)
+
+    @property
+    def expecting(self) -> bool:
+        """True while a transfer under _PROGRESS_NOW_BYTES started less than _EXPECT_FOR
+        ago is outstanding: its end is due within microseconds, so poll often."""
+        return bool(self._transfers) and time.monotonic() < self._expect_until
+
+    @property
+    def has_messages(self) -> bool:
+        """True when messages were taken in (by `progress`) that `poll` has not returned."""
+        return bool(self._inbox)
 
     @property
     def poll_slowly(self) -> bool:
@@ -730,6 +758,8 @@ class MpiTransport:
                 message = comm.Improbe(MPI.ANY_SOURCE, _MESSAGE_TAG, status)
                 if message is None:
                     break
+                if hops.ENABLED:
+                    hops.stamp("msg.matched")
                 buffer = bytearray(status.Get_count(MPI.BYTE))
                 request = message.Irecv([buffer, MPI.BYTE])
                 self._arriving.append((status.Get_source(), channel, request, buffer))

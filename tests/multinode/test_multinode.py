@@ -178,6 +178,41 @@ def test_an_idle_rank_polls_mpi_less_often_the_longer_it_idles(tmp_path):
     assert "OK" in out
 
 
+def test_a_remote_get_traced_hop_by_hop(tmp_path):
+    # HPCRAY_TRACE_HOPS (runtime/hops.py) stamps each step of a get along its path;
+    # benchmarks/remote_get.py --hops reads them. Every get of an object on rank 1 goes
+    # the one way: Pull sent, taken in and served by rank 1, received into rank 0's store,
+    # made ready, the driver woken.
+    hops = tmp_path / "hops"
+    hops.mkdir()
+    run_mpi(tmp_path, 2, """
+        import numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        def make(n):
+            return np.ones(n, np.uint8)
+        for size in (1 << 20, 1 << 20, 8 << 20):
+            ref = make.options(scheduling_strategy=On(ids[1], soft=False)).remote(size)
+            ray.wait([ref], fetch_local=False)
+            assert ray.get(ref).nbytes == size
+        ray.shutdown()
+    """, env={"HPCRAY_TRACE_HOPS": str(hops)})
+    stamps = sorted((int(ns), int(rank), what) for path in hops.glob("hops-*.txt")
+                    for ns, rank, what in (line.split() for line in path.read_text().splitlines()))
+    # (rank 1 stamps serve.posted after its Isend: rank 0 may have the bytes by then)
+    path = [(0, "get.start"), (0, "pull.create"), (0, "pull.created"), (0, "pull.sent"),
+            (1, "serve.start"), (0, "recv.complete"), (0, "pull.done"), (0, "pull.ready"),
+            (0, "get.woken"), (0, "get.end")]
+    starts = [i for i, (_, rank, what) in enumerate(stamps) if what == "get.start"]
+    assert len(starts) == 3, stamps
+    for begin, end in zip(starts, starts[1:] + [len(stamps)]):
+        seen = [(rank, what) for _, rank, what in stamps[begin:end] if (rank, what) in path]
+        assert seen[:len(path)] == path, seen
+        assert (1, "serve.posted") in [(rank, what) for _, rank, what in stamps[begin:end]]
+
+
 def test_locality_puts_a_task_where_its_argument_is(tmp_path):
     out = run_mpi(tmp_path, 4, """
         import numpy as np, hpcray as ray

@@ -322,6 +322,55 @@ def test_transfers_without_cma_and_the_progress_thread(tmp_path, monkeypatch):
     assert set(reports) == {0, 1}
 
 
+def test_messages_taken_in_by_progress_wait_for_poll_and_say_so(tmp_path):
+    # progress() also takes in messages (it passes over every channel); the node's loop
+    # asks has_messages after it, so such a message is handled in the same pass instead
+    # of after the next sleep (up to 25 ms on an idle node).
+    reports = run_mpi(tmp_path, 2, """
+        if t.rank == 1:
+            t.send(0, "hello")
+        else:
+            deadline = time.monotonic() + 30
+            while not t.has_messages:
+                assert time.monotonic() < deadline, "progress() never took the message in"
+                t.progress()
+                time.sleep(0.001)
+            assert t.poll() == [(1, "control", "hello")]
+            assert not t.has_messages
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1}
+
+
+def test_a_small_transfer_is_expected_and_a_large_one_is_not(tmp_path):
+    # Both sides of a transfer under 2 MiB poll every few tens of µs while it is young (its end
+    # is due within microseconds); a large one has the progress thread instead.
+    reports = run_mpi(tmp_path, 2, """
+        sizes = [1 << 20, 8 << 20]
+        seen = []
+        for n in sizes:
+            if t.rank == 0:
+                buffer = np.zeros(n, np.uint8)
+                transfer = t.start_receive(1, n, buffer)
+                seen.append(t.expecting)
+                t.send(1, "go")
+                poll_until(lambda _: transfer.done, "the transfer")
+                assert digest(buffer) == digest(pattern(n, 3))
+            else:
+                poll_until(lambda got: got, "go")
+                transfer = t.start_send(0, n, pattern(n, 3))
+                seen.append(t.expecting)
+                poll_until(lambda _: transfer.done, "the send")
+            poll_until(lambda _: not t.busy, "the end")
+            assert not t.expecting  # nothing outstanding: nothing expected
+        assert seen == [True, False], seen
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1}
+
+
 def test_idle_cpu(tmp_path):
     reports = run_mpi(tmp_path, 2, """
         t.send(1 - t.rank, "ready")  # both ranks up before the clock starts

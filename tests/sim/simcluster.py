@@ -141,6 +141,8 @@ class SimTransport:
     busy = False
     poll_slowly = False
     needs_polling = True
+    has_messages = False  # messages arrive by the simulator's "net" events, not polls
+    expecting = False
 
     def __init__(self, network: SimNetwork, rank: int, size: int,
                  fault_tolerant: bool = False):
