@@ -13,8 +13,9 @@ off as on clusters that forbid ptrace):
   numpy array of the size (its bytes stay in rank 1's store); once the driver on rank 0
   knows it exists (`wait(fetch_local=False)`), its `get` is timed: the Pull to rank 1,
   the transfer over MPI into rank 0's store, the wake-up of the driver, the decode.
-- raw MPI: `mpiexec -n 2 python` (no hpcray), one mpi4py `Send` / `Recv` of the same
-  bytes between warm numpy buffers, timed on the receiver from a barrier; and the same
+- raw MPI: `mpiexec -n 2 python` (no hpcray runtime), one mpi4py `Send` / `Recv` of the
+  same bytes between warm numpy buffers, timed on the receiver from a barrier
+  (transfer_bandwidth.time_raw); and the same
   between two mapped /dev/shm files (4 KiB tmpfs pages, as the object store's).
 - Ray (`--ray-python PATH` or `--ray` under Ray's interpreter): the same program on
   `ray.cluster_utils.Cluster` with a head and one more raylet, the task pinned with
@@ -146,9 +147,11 @@ def _shm_buffer(nbytes: int):
 
 
 def raw_job(sizes: list[int], repeat: int) -> None:
-    """Rank 1 sends, rank 0 receives and times (from a barrier to the last byte in)."""
+    """Rank 0 sends, rank 1 receives and times (from a barrier to the last byte in)."""
     import numpy as np
     from mpi4py import MPI
+
+    from transfer_bandwidth import time_raw
 
     comm = MPI.COMM_WORLD
     if comm.size != 2:
@@ -157,19 +160,10 @@ def raw_job(sizes: list[int], repeat: int) -> None:
     for nbytes in sizes:
         for kind in ("numpy", "shm"):
             buffer = np.ones(nbytes, np.uint8) if kind == "numpy" else _shm_buffer(nbytes)
-            times = []
-            for i in range(repeat + 1):
-                comm.Barrier()
-                start = time.perf_counter()
-                if comm.rank == 1:
-                    comm.Send([buffer, MPI.BYTE], 0, 7)
-                else:
-                    comm.Recv([buffer, MPI.BYTE], 1, 7)
-                if i:
-                    times.append(time.perf_counter() - start)
-            results[kind][nbytes] = times
+            times = [time_raw(comm, buffer, buffer) for _ in range(repeat + 1)]
+            results[kind][nbytes] = times[1:]
             del buffer
-    if comm.rank == 0:
+    if comm.rank == 1:
         print(_RESULT + json.dumps(results), flush=True)
 
 

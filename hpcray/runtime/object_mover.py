@@ -224,7 +224,7 @@ class ObjectMover:
         def release() -> None:
             for buffer in pins:
                 buffer.release()
-        self.transport.start_send(source, tag, segments, on_done=release)
+        self.transport.start_send(source, tag, segments, on_done=release, stage=True)
         self.peers.on_sent()
         if hops.ENABLED:
             hops.stamp("serve.posted")

@@ -9,9 +9,11 @@ other. It moves two kinds of traffic between ranks:
 - object transfers: the bytes of one object, pulled by the node that needs it. The
   receiver picks a tag (`new_transfer_tag`), tells the owner about it in a message, and
   both sides start their halves (`start_receive`, `start_send`). The bytes go in chunks,
-  a few in flight at a time so that they pipeline, straight from the sender's buffer
-  (a store segment) into the receiver's (a buffer allocated in its segment): no copy
-  on either side.
+  a few in flight at a time so that they pipeline, from the sender's buffer (a store
+  segment) straight into the receiver's (a buffer allocated in its segment). One
+  exception: to a rank on the same host while MPICH copies with CMA, chunks of 1 MiB and
+  more of a store object are first copied into a staging buffer of huge pages (see
+  `_Staging`: the receiver's process_vm_readv of 4 KiB tmpfs pages costs ~3x its CPU).
 
 The caller's thread never blocks or spins: every MPI call it makes is nonblocking
 (Isend, Improbe, Imrecv, Irecv, Test), because every MPI on the machines we run on
@@ -59,8 +61,11 @@ messages. A message to an idle peer still leaves at once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import mmap
+import os
 import pickle
 import threading
 import time
@@ -123,6 +128,67 @@ def _byte_views(buffers, writable: bool) -> list:
     return [_byte_view(buffers, writable)]
 
 
+# Sends of store objects to a rank on this host go through staging buffers when MPI
+# copies with CMA (process_vm_readv). The store's pages are 4 KiB tmpfs pages (shared
+# memory gets no transparent huge pages unless the host enables shmem_enabled), and the
+# receiver's process_vm_readv pins the sender's pages one by one: it spent 11-13 ms of
+# CPU per 64 MiB read from /dev/shm pages against 4.2 ms from huge-page anonymous memory
+# (getrusage, receiver side). Copying each chunk first into an anonymous buffer advised
+# MADV_HUGEPAGE costs the sender ~4 ms per 64 MiB, on its own core, pipelined with the
+# receiver's reads. Without CMA MPICH copies through its shared cells (the sender's copy
+# is then the cell copy) and staging would only add one.
+_STAGE_MIN_CHUNK = 1 << 20    # smaller chunks go as they are (latency first)
+_STAGE_BUFFERS = 4            # per rank: a window of chunks (32 MiB of 8 MiB chunks)
+_HUGE_PAGE = 2 << 20
+
+
+def _cma_enabled() -> bool:
+    """Whether MPICH copies between ranks of a host with CMA (its default)."""
+    value = os.environ.get("MPIR_CVAR_CH4_CMA_ENABLE", "1").strip().lower()
+    return value not in ("0", "no", "false", "off")
+
+
+class _Staging:
+    """A rank's staging buffers for sends (see _STAGE_MIN_CHUNK): made on first use,
+    kept for the transport's life. `copy_in` returns None when every one is in flight;
+    that chunk is then sent from where it is."""
+
+    def __init__(self, chunk_bytes: int, count: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._count = count
+        self._free: list = []
+        self._made = 0
+
+    def copy_in(self, chunk: memoryview):
+        """A staging buffer holding `chunk` at its start, or None (none free)."""
+        if len(chunk) > self.chunk_bytes:
+            return None
+        buffer = self._take()
+        if buffer is not None:
+            # ctypes.memmove releases the GIL: the driver thread goes on meanwhile
+            ctypes.memmove(MPI.buffer(buffer).address, MPI.buffer(chunk).address, len(chunk))
+        return buffer
+
+    def give_back(self, buffer: memoryview) -> None:
+        self._free.append(buffer)
+
+    def _take(self):
+        if self._free:
+            return self._free.pop()
+        if self._made >= self._count:
+            return None
+        # Private (a shared anonymous mapping is tmpfs again) and 2 MiB-aligned, so that
+        # transparent huge pages can back all of it.
+        area = mmap.mmap(-1, self.chunk_bytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+        start = -MPI.buffer(area).address % _HUGE_PAGE
+        try:
+            area.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # no THP here: still one copy, fewer pins
+            pass
+        self._made += 1
+        return memoryview(area)[start:start + self.chunk_bytes]
+
+
 class Transfer:
     """One half (send or receive) of an object transfer with one peer.
 
@@ -140,11 +206,12 @@ class Transfer:
     __slots__ = ("tag", "peer", "nbytes", "done", "on_done", "is_send",
                  "_comm", "_views", "_chunk_bytes", "_window", "_segment", "_next_offset",
                  "_chunks_left", "_requests", "_in_flight_bytes", "_posted", "_sizes",
-                 "_gate")
+                 "_gate", "_staging", "_staged")
 
     def __init__(self, comm, peer: int, tag: int, views: list, is_send: bool,
                  chunk_bytes: int, window: int, on_done: Callable[[], None] | None,
-                 gate: Callable[[int, int], bool] | None = None):
+                 gate: Callable[[int, int], bool] | None = None,
+                 staging: _Staging | None = None):
         self.tag = tag
         self.peer = peer
         self._sizes = [len(view) for view in views]
@@ -166,6 +233,8 @@ class Transfer:
         self._requests: list = []
         self._in_flight_bytes: list[int] = []
         self._posted: list[tuple[int, int]] = []  # (segment, start) of each request
+        self._staging = staging      # a send's chunks are copied through it (see _Staging)
+        self._staged: list = []      # per request: its staging buffer, or None
         self._post_chunks()
 
     def __repr__(self) -> str:
@@ -187,12 +256,18 @@ class Transfer:
                 break
             if self._gate is not None and not self._gate(self._segment, end):
                 break
-            chunk = [view[start:end], MPI.BYTE]
+            chunk = view[start:end]
+            staged = None
             if self.is_send:
-                request = self._comm.Isend(chunk, self.peer, self.tag)
+                if self._staging is not None and end - start >= _STAGE_MIN_CHUNK:
+                    staged = self._staging.copy_in(chunk)
+                    if staged is not None:
+                        chunk = staged[:end - start]
+                request = self._comm.Isend([chunk, MPI.BYTE], self.peer, self.tag)
             else:
-                request = self._comm.Irecv(chunk, self.peer, self.tag)
+                request = self._comm.Irecv([chunk, MPI.BYTE], self.peer, self.tag)
             self._requests.append(request)
+            self._staged.append(staged)
             self._in_flight_bytes.append(end - start)
             self._posted.append((self._segment, start))
             budget -= end - start
@@ -233,6 +308,10 @@ class Transfer:
         self._in_flight_bytes = [n for i, n in enumerate(self._in_flight_bytes)
                                  if i not in finished]
         self._posted = [p for i, p in enumerate(self._posted) if i not in finished]
+        for i in finished:
+            if self._staged[i] is not None:
+                self._staging.give_back(self._staged[i])
+        self._staged = [b for i, b in enumerate(self._staged) if i not in finished]
         self._post_chunks()
         if not self._requests and not self._chunks_left:
             self.done = True
@@ -251,9 +330,11 @@ class Transfer:
                 request.Wait()
         if self._requests and self.is_send:
             _abandoned_buffers.append(self._views)
+            _abandoned_buffers.append(self._staged)  # MPI may still read them
         self._requests = []
         self._in_flight_bytes = []
         self._posted = []
+        self._staged = []
         self._views = None
         self._gate = None
 
@@ -350,7 +431,8 @@ class MpiTransport:
         self.window = window
         self._channel_comms = {channel: base.Dup() for channel in CHANNELS}
         self._data_comm = base.Dup()
-
+        self._staging = _Staging(chunk_bytes, _STAGE_BUFFERS)
+        self._stage_peers = self._peers_to_stage_for(base)
         self._tag_ub: int = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self._status = MPI.Status()
         # Per (peer, channel): MPI sends not yet complete with the pickles they read
@@ -491,7 +573,7 @@ class MpiTransport:
             transfer = Transfer.__new__(Transfer)
             transfer.tag, transfer.peer, transfer.is_send, transfer.done = tag, source, False, False
             transfer.nbytes, transfer.on_done, transfer._requests = 0, None, []
-            transfer._views = None
+            transfer._views, transfer._staged = None, []
             self._lost_transfers.append(transfer)
             return transfer
         transfer = Transfer(self._data_comm, source, tag, _byte_views(dest, writable=True),
@@ -502,19 +584,23 @@ class MpiTransport:
 
     def start_send(self, dest: int, tag: int, src,
                    on_done: Callable[[], None] | None = None,
-                   gate: Callable[[int, int], bool] | None = None) -> Transfer:
+                   gate: Callable[[int, int], bool] | None = None,
+                   stage: bool = False) -> Transfer:
         """Send the bytes of `src` (read-only is fine; or a list of segments) to rank
         `dest`, which asked with `tag`.
 
         The transfer keeps a view of `src`, so its memory stays alive until the transfer
         is done; `on_done()` is then called from `poll` or `progress`. With a `gate`,
         the chunk of segment s ending at byte e is sent once `gate(s, e)` is true
-        (asked again at every pass over the transfers until it is).
+        (asked again at every pass over the transfers until it is). `stage`: `src` is
+        in shared memory of 4 KiB pages (the object store, a mapped file): large chunks
+        go through this rank's staging buffers where that is faster (_Staging).
         """
         if dest in self.dead:
             raise ValueError(f"rank {dest} is dead")
+        staging = self._staging if stage and dest in self._stage_peers else None
         transfer = Transfer(self._data_comm, dest, tag, _byte_views(src, writable=False),
-                            True, self.chunk_bytes, self.window, on_done, gate)
+                            True, self.chunk_bytes, self.window, on_done, gate, staging)
         self._add_transfer(transfer)
         return transfer
 
@@ -633,6 +719,26 @@ class MpiTransport:
         except KeyError:
             raise ValueError(f"unknown channel {channel!r}; use one of {CHANNELS}") from None
 
+    @staticmethod
+    def _peers_to_stage_for(base) -> frozenset:
+        """The ranks whose receives read this rank's memory with CMA: those on this host,
+        unless CMA is off. HPCRAY_STAGED_SENDS=0 stages for none, =1 for every rank.
+        Collective over `base` (as the Dups are)."""
+        local = base.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            group, base_group = local.Get_group(), base.Get_group()
+            ranks = MPI.Group.Translate_ranks(group, list(range(local.Get_size())), base_group)
+            group.Free()
+            base_group.Free()
+        finally:
+            local.Free()
+        forced = os.environ.get("HPCRAY_STAGED_SENDS", "")
+        if forced == "0" or (not forced and not _cma_enabled()):
+            return frozenset()
+        if forced == "1":
+            return frozenset(range(base.Get_size()))
+        return frozenset(ranks)
+
     def _comms(self) -> tuple:
         return (*self._channel_comms.values(), self._data_comm)
 
@@ -696,7 +802,9 @@ class MpiTransport:
                 _free_quietly(request)
             if transfer.is_send and transfer._views is not None:
                 _abandoned_buffers.append(transfer._views)
+                _abandoned_buffers.append(transfer._staged)
             transfer._requests = []
+            transfer._staged = []
             transfer._views = None
             if transfer.is_send:
                 if transfer.on_done is not None:  # lets go of what it sent from

@@ -197,7 +197,8 @@ class SimTransport:
             self.network.late_lost.append((self.rank, transfer))
         return transfer
 
-    def start_send(self, dest, tag, src, on_done=None, gate=None) -> SimTransfer:
+    def start_send(self, dest, tag, src, on_done=None, gate=None, stage=False) -> SimTransfer:
+        # (stage: MpiTransport may copy through staging buffers; the bytes are the same)
         transfer = SimTransfer(dest, tag, _segments(src), True, on_done, gate)
         self.network.sends.append((self.rank, dest, transfer))
         return transfer
