@@ -172,21 +172,23 @@ def hops_table(folder: str) -> str:
     """The median time between consecutive HOPS of each get traced into `folder`."""
     stamps = []
     for path in glob.glob(os.path.join(folder, "hops-*.txt")):
+        pid = path.rsplit("-", 1)[1]
         with open(path) as lines:
             for line in lines:
                 ns, rank, what = line.split()
-                stamps.append((int(ns), int(rank), what))
+                stamps.append((int(ns), int(rank), what, pid))
     stamps.sort()
-    gets, current = [], None
-    for ns, rank, what in stamps:
+    gets, current, drivers = [], None, set()
+    for ns, rank, what, pid in stamps:
         if what == "get.start" and rank == 0:
-            current = {}
+            current = {} if pid in drivers else None  # (each job's first get warms up)
+            drivers.add(pid)
         if current is not None:
             current.setdefault((rank, what), ns)
             if what == "get.end":
                 gets.append(current)
                 current = None
-    gets = [g for g in gets[1:] if all(hop in g for hop in HOPS)]  # (the first warms up)
+    gets = [g for g in gets if all(hop in g for hop in HOPS)]
     if not gets:
         return "(no complete get traced)"
     rows = ["| from | to | median µs |", "| --- | --- | --- |"]

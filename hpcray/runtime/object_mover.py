@@ -182,11 +182,8 @@ class ObjectMover:
     def _pull(self, location: int, batch: list, failed_relay: int | None = None) -> None:
         transport = self.transport
         tag = transport.new_transfer_tag()
-        header = bytearray(len(batch))
-        transfer = transport.start_receive(location, tag, [header] + [v for _, _, v in batch])
-        transfer.on_done = lambda: self.pull_done(tag)
-        self.cluster.pulls[tag] = (location, batch, header, transfer)
-        self.recorder.pull_started(tag)
+        # The Pull leaves before the receives are posted (MPI keeps what arrives first for
+        # them, in order): the holder starts serving ~30-100 us sooner.
         objects = [(object_id, entry.size) for object_id, entry, _ in batch]
         if failed_relay is None:
             self.peers.send(location, wire(messages.Pull, tag, objects))
@@ -194,6 +191,11 @@ class ObjectMover:
             self.peers.send(location, wire(messages.PullDirect, tag, objects, failed_relay))
         if hops.ENABLED:
             hops.stamp("pull.sent")
+        header = bytearray(len(batch))
+        transfer = transport.start_receive(location, tag, [header] + [v for _, _, v in batch])
+        transfer.on_done = lambda: self.pull_done(tag)
+        self.cluster.pulls[tag] = (location, batch, header, transfer)
+        self.recorder.pull_started(tag)
 
     def on_pull(self, source: int, tag: int, objects: list) -> None:
         if not self.relay.redirect(source, tag, objects):
