@@ -142,6 +142,19 @@ _STAGE_BUFFERS = 4            # per rank: a window of chunks (32 MiB of 8 MiB ch
 _HUGE_PAGE = 2 << 20
 
 
+def _ranks_on_this_host(base) -> frozenset:
+    """The ranks of `base` on this host (collective over `base`, as its Dups are)."""
+    local = base.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        group, base_group = local.Get_group(), base.Get_group()
+        ranks = MPI.Group.Translate_ranks(group, list(range(local.Get_size())), base_group)
+        group.Free()
+        base_group.Free()
+    finally:
+        local.Free()
+    return frozenset(ranks)
+
+
 def _cma_enabled() -> bool:
     """Whether MPICH copies between ranks of a host with CMA (its default)."""
     value = os.environ.get("MPIR_CVAR_CH4_CMA_ENABLE", "1").strip().lower()
@@ -339,9 +352,10 @@ class Transfer:
         self._gate = None
 
 
-# The progress thread starts with a transfer of this size or more; a smaller one gets
-# it only if still running after _PROGRESS_SMALL_AFTER seconds (with CMA a 1 MB copy is
-# done by then, and waking the thread costs a 1 MB transfer ~30 µs on a busy 2-core host).
+# The progress thread starts with a transfer of this size or more, or with a peer that
+# does not copy with CMA; a smaller one to a CMA peer gets it only if still running after
+# _PROGRESS_SMALL_AFTER seconds (with CMA a 1 MB copy is done by then, and waking the
+# thread costs a 1 MB transfer ~30 µs on a busy 2-core host).
 _PROGRESS_NOW_BYTES = 2 << 20
 _PROGRESS_SMALL_AFTER = 100e-6
 # A transfer under _PROGRESS_NOW_BYTES ends within a poll or two of both sides (a CMA
@@ -432,7 +446,10 @@ class MpiTransport:
         self._channel_comms = {channel: base.Dup() for channel in CHANNELS}
         self._data_comm = base.Dup()
         self._staging = _Staging(chunk_bytes, _STAGE_BUFFERS)
-        self._stage_peers = self._peers_to_stage_for(base)
+        # The ranks that copy from this one's memory themselves (CMA on this host): a
+        # transfer with any other moves only while both sides are inside MPI
+        self._cma_peers = _ranks_on_this_host(base) if _cma_enabled() else frozenset()
+        self._stage_peers = self._peers_to_stage_for(base.Get_size())
         self._tag_ub: int = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self._status = MPI.Status()
         # Per (peer, channel): MPI sends not yet complete with the pickles they read
@@ -605,7 +622,9 @@ class MpiTransport:
         return transfer
 
     def _add_transfer(self, transfer: Transfer) -> None:
-        if transfer.nbytes >= _PROGRESS_NOW_BYTES:
+        if transfer.nbytes >= _PROGRESS_NOW_BYTES or transfer.peer not in self._cma_peers:
+            # (without CMA a 1 MiB remote get took 1.1-4 ms, 0.6-0.7 ms with the thread
+            # at once; with it, waking the thread costs a small transfer more than CMA)
             self._progress.on()
         else:
             now = time.monotonic()
@@ -719,25 +738,15 @@ class MpiTransport:
         except KeyError:
             raise ValueError(f"unknown channel {channel!r}; use one of {CHANNELS}") from None
 
-    @staticmethod
-    def _peers_to_stage_for(base) -> frozenset:
-        """The ranks whose receives read this rank's memory with CMA: those on this host,
-        unless CMA is off. HPCRAY_STAGED_SENDS=0 stages for none, =1 for every rank.
-        Collective over `base` (as the Dups are)."""
-        local = base.Split_type(MPI.COMM_TYPE_SHARED)
-        try:
-            group, base_group = local.Get_group(), base.Get_group()
-            ranks = MPI.Group.Translate_ranks(group, list(range(local.Get_size())), base_group)
-            group.Free()
-            base_group.Free()
-        finally:
-            local.Free()
+    def _peers_to_stage_for(self, size: int) -> frozenset:
+        """The ranks whose receives read this rank's memory with CMA (_Staging).
+        HPCRAY_STAGED_SENDS=0 stages for none, =1 for every rank."""
         forced = os.environ.get("HPCRAY_STAGED_SENDS", "")
-        if forced == "0" or (not forced and not _cma_enabled()):
+        if forced == "0":
             return frozenset()
         if forced == "1":
-            return frozenset(range(base.Get_size()))
-        return frozenset(ranks)
+            return frozenset(range(size))
+        return self._cma_peers
 
     def _comms(self) -> tuple:
         return (*self._channel_comms.values(), self._data_comm)
