@@ -124,7 +124,7 @@ def measure(args) -> tuple[float, float, float, float] | None:
         src = np.full(nbytes, 7, np.uint8)
         dst = np.ones(nbytes, np.uint8)
         times = []
-        for i in range(args.warmup + args.repeat):
+        for _ in range(args.warmup + args.repeat):
             t = next(tag)
             comm.Barrier()
             start = time.perf_counter()
@@ -139,7 +139,7 @@ def measure(args) -> tuple[float, float, float, float] | None:
         src = np.full(nbytes, 7, np.uint8)
         dst = np.ones(nbytes, np.uint8)
         times = []
-        for i in range(args.warmup + args.repeat):
+        for _ in range(args.warmup + args.repeat):
             t = next(tag)
             dst[:] = 1
             comm.Barrier()
@@ -149,7 +149,7 @@ def measure(args) -> tuple[float, float, float, float] | None:
             elif rank == 1:
                 receive = transport.start_receive(0, t, dst)
                 send = transport.start_send(
-                    2, t, dst, gate=lambda seg, end: end <= receive.segment_received(0))
+                    2, t, dst, gate=lambda seg, end, r=receive: end <= r.segment_received(0))
                 _wait(transport, [receive, send], args.poll)
             else:
                 _wait(transport, [transport.start_receive(1, t, dst)], 0)
