@@ -12,11 +12,15 @@ from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
 from hpcray import object_ref as _object_ref
 
 
-def method(*, num_returns=None, _generator_backpressure_num_objects=None, **_ray_only):
-    """`@hpcray.method(num_returns=n)` on an actor method, as `ray.method` (also its
-    `_generator_backpressure_num_objects`)."""
+def method(*, num_returns=None, max_task_retries=None,
+           _generator_backpressure_num_objects=None, **_ray_only):
+    """`@hpcray.method(num_returns=n, max_task_retries=m)` on an actor method, as
+    `ray.method` (also its `_generator_backpressure_num_objects`): the method's own
+    defaults, before its call's `.options()`."""
     if num_returns is not None:
         opts.check({"num_returns": num_returns}, {"num_returns"}, "ray.method")
+    if max_task_retries is not None:
+        opts.check({"max_task_retries": max_task_retries}, {"max_task_retries"}, "ray.method")
     limit = opts.backpressure_of(
         {"_generator_backpressure_num_objects": _generator_backpressure_num_objects})
 
@@ -25,6 +29,8 @@ def method(*, num_returns=None, _generator_backpressure_num_objects=None, **_ray
             function.__hpcray_num_returns__ = num_returns
         if limit is not None:
             function.__hpcray_backpressure__ = limit
+        if max_task_retries is not None:
+            function.__hpcray_max_task_retries__ = max_task_retries
         return function
     return decorate
 
@@ -32,6 +38,7 @@ def method(*, num_returns=None, _generator_backpressure_num_objects=None, **_ray
 def _describe(cls) -> dict:
     methods = {}
     backpressure = {}
+    method_retries = {}  # a method's own max_task_retries (@method), over the actor's
     is_async = False
     for name, member in inspect.getmembers(cls):
         if not callable(member) or (name.startswith("__") and name != "__call__"):
@@ -41,11 +48,16 @@ def _describe(cls) -> dict:
         limit = getattr(member, "__hpcray_backpressure__", None)
         if limit is not None:
             backpressure[name] = limit
+        retries = getattr(member, "__hpcray_max_task_retries__", None)
+        if retries is not None:
+            method_retries[name] = retries
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     info = {"class_name": cls.__name__, "methods": methods, "is_async": is_async}
     if backpressure:  # method -> its _generator_backpressure_num_objects
         info["backpressure"] = backpressure
+    if method_retries:  # method -> its max_task_retries
+        info["method_retries"] = method_retries
     return info
 
 
@@ -90,26 +102,29 @@ class ActorClass:
                 self._pickled = _pickle_callable(self._cls, "actor class", self.__name__)
             client.export_function(self._class_id, self._pickled)
         actor_id = ids.new_actor_id()
+        # What every handle of this actor carries: its callers resolve each call's retries.
+        info = {**self._info, "max_task_retries": options.get("max_task_retries") or 0}
         if name is not None:
-            holder = client.claim_actor_name(name, actor_id, self._info)
+            holder = client.claim_actor_name(name, actor_id, info)
             if holder is not None:
                 found = client.get_actor_info(name) if options.get("get_if_exists") else None
                 if found is not None:
                     return ActorHandle(*found)
                 raise ValueError(f"An actor named {name!r} already exists.")
         try:
-            self._submit(client, actor_id, args, kwargs, options)
+            self._submit(client, actor_id, info, args, kwargs, options)
         except BaseException:
             if name is not None:  # the name goes back: this actor never existed
                 client.release_actor_name(name, actor_id)
             raise
-        return ActorHandle(actor_id, self._info, True)
+        return ActorHandle(actor_id, info, True)
 
-    def _submit(self, client, actor_id: bytes, args, kwargs, options: dict) -> None:
+    def _submit(self, client, actor_id: bytes, info: dict, args, kwargs,
+                options: dict) -> None:
         args_payload, deps, contained = encode_call_args(client, actor_id, args, kwargs,
                                                          f"{self.__name__}.__init__")
         spec_options = {
-            "info": self._info,
+            "info": info,
             "name": options.get("name"),
             "detached": options.get("lifetime") == "detached",
             "max_restarts": options.get("max_restarts") or 0,
@@ -219,10 +234,18 @@ class ActorMethod:
         num_returns = self._num_returns
         name = self._qualname
         retry_exceptions = False
+        info = self._handle._info
+        # Ray's order: the call's options, the method's @method, the actor's option. A
+        # call carries the result as its max_retries: each node that loses it (its actor
+        # process, or its node) retries it within that.
+        retries = info.get("method_retries", {}).get(self._name,
+                                                     info.get("max_task_retries", 0))
         if options:
             num_returns = options.get("num_returns", num_returns)
             name = options.get("name") or name
             retry_exceptions = opts.retry_exceptions_of(options)
+            if options.get("max_task_retries") is not None:
+                retries = options["max_task_retries"]
         generator = call_options = None
         if num_returns in opts.GENERATOR_RETURNS:
             generator, num_returns = num_returns, 1  # its one return: the completion
@@ -238,7 +261,7 @@ class ActorMethod:
         else:
             return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         spec = TaskSpec(task_id, ACTOR_CALL, None, name, args_payload, deps, contained,
-                        return_ids, {}, 0, retry_exceptions, self._actor_id, self._name,
+                        return_ids, {}, retries, retry_exceptions, self._actor_id, self._name,
                         call_options)
         client.submit(spec)
         if generator is None:

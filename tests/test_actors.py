@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -450,6 +451,91 @@ def test_max_task_retries_retries_the_call_that_killed_the_actor(ray_start, tmp_
     with open(marker) as f:
         assert int(f.read()) != pid
     assert hpcray.get(a.risky.remote(marker)) == ("ok", 2, pid)
+
+
+@hpcray.remote
+class Gate:
+    """Each call says it started (a file), then waits for the gate file."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def pid(self):
+        return os.getpid()
+
+    def call(self, i):
+        open(os.path.join(self.folder, f"started-{i}-{os.getpid()}"), "w").close()
+        while not os.path.exists(os.path.join(self.folder, "gate")):
+            time.sleep(0.01)
+        return i, os.getpid()
+
+    @hpcray.method(max_task_retries=-1)
+    def call_retried(self, i):
+        return self.call(i)
+
+
+def _kill_with_calls_in_flight(actor, folder, calls: int, method: str = "call",
+                               options: dict | None = None):
+    """Send `calls` calls, SIGKILL the actor's process while the first runs (the others
+    wait in its process), open the gate -> (old pid, each call's pid or exception)."""
+    pid = hpcray.get(actor.pid.remote(), timeout=60)
+    target = getattr(actor, method)
+    if options:
+        target = target.options(**options)
+    refs = [target.remote(i) for i in range(calls)]
+    assert _wait_until(lambda: any(n.startswith("started-0-") for n in os.listdir(folder)), 60)
+    os.kill(pid, signal.SIGKILL)
+    open(os.path.join(folder, "gate"), "w").close()
+    results = []
+    for i, ref in enumerate(refs):
+        try:
+            index, ran_in = hpcray.get(ref, timeout=60)
+            assert index == i
+            results.append(ran_in)
+        except RayActorError as exc:
+            results.append(exc)
+    return pid, results
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["actor", "call_options", "method_decorator"])
+def test_calls_in_flight_are_retried_after_a_restart(ray_start, tmp_path, how):
+    """Ray's at-least-once actor calls: the calls the actor's process had (running or
+    waiting in it) when it was SIGKILLed run again on the restarted actor, within
+    max_task_retries (-1: no limit), whichever of the actor's option, the call's
+    .options() or @method sets it."""
+    folder = str(tmp_path)
+    if how == "actor":
+        actor = Gate.options(max_restarts=1, max_task_retries=-1).remote(folder)
+        pid, results = _kill_with_calls_in_flight(actor, folder, 5)
+    elif how == "call_options":
+        actor = Gate.options(max_restarts=1).remote(folder)
+        pid, results = _kill_with_calls_in_flight(actor, folder, 5,
+                                                  options={"max_task_retries": 2})
+    else:
+        actor = Gate.options(max_restarts=1).remote(folder)
+        pid, results = _kill_with_calls_in_flight(actor, folder, 5, "call_retried")
+    assert all(isinstance(ran_in, int) for ran_in in results), results
+    assert pid not in results and len(set(results)) == 1  # all on the restarted process
+    assert hpcray.get(actor.call.remote(9), timeout=60)[1] == results[0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["default", "call_options"])
+def test_calls_in_flight_fail_without_task_retries(ray_start, tmp_path, how):
+    """max_task_retries=0 (the default, or a call's .options() over the actor's -1):
+    at-most-once; the calls in flight raise RayActorError, and the restarted actor
+    takes new calls."""
+    folder = str(tmp_path)
+    if how == "default":
+        actor = Gate.options(max_restarts=1).remote(folder)
+        pid, results = _kill_with_calls_in_flight(actor, folder, 3)
+    else:
+        actor = Gate.options(max_restarts=1, max_task_retries=-1).remote(folder)
+        pid, results = _kill_with_calls_in_flight(actor, folder, 3,
+                                                  options={"max_task_retries": 0})
+    assert all(isinstance(error, RayActorError) for error in results), results
+    assert hpcray.get(actor.call.remote(9), timeout=60)[1] != pid
 
 
 @pytest.mark.timeout(60)

@@ -89,13 +89,16 @@ class RemoteActor(ActorHandles):
     order until the host is known and their arguments exist, then go to the host. Each
     call counts as a holder of the actor until its `done` comes back."""
 
-    __slots__ = ("actor_id", "host", "queue", "creation")
+    __slots__ = ("actor_id", "host", "queue", "sent", "creation")
 
     def __init__(self, actor_id: bytes, host: int | None):
         super().__init__(actor_id)
         self.actor_id = actor_id
         self.host = host        # its rank; None: not known yet; -1: the actor is dead
         self.queue: collections.deque = collections.deque()
+        # Calls sent and not answered, in the order sent: task id -> (the rank they went
+        # to, TaskRecord). If that rank dies they are retried (max_task_retries) or fail.
+        self.sent: dict = {}
         self.creation = None    # owner: the creation spec, to restart it if its node dies
 
 
@@ -160,8 +163,6 @@ class Actors:
         if remote is not None:  # its handles (or calls) reached this node first
             actor.take_handles(remote)
             calls = len(remote.queue)
-            for record in remote.queue:
-                record.retries_left = spec.options.get("max_task_retries", 0)
             self.requeue_calls(remote.queue, actor.queue,
                                 lambda _record: self.pump_actor(actor))
             for _ in range(calls):  # calls made here hold the actor only while remote
@@ -243,7 +244,6 @@ class Actors:
                 "The actor is unknown or was killed.")
             self.node._fail_task(record, error)
             return
-        record.retries_left = actor.spec.options.get("max_task_retries", 0)
         actor.queue.append(record)
         if actor.serial and actor.inflight and not record.spec.deps:
             # Busy with a call whose end pumps the queue: this one leaves then, in one write
@@ -403,7 +403,9 @@ class Actors:
 
     def node_died(self, dead: int) -> None:
         """Rank `dead` is gone (node_failures.py): calls to its actors wait for their
-        new host; this node restarts the ones it owns elsewhere, or declares them dead."""
+        new host; this node restarts the ones it owns elsewhere, or declares them dead.
+        Actors the dead rank created die with it (as Ray: fate sharing with the owner),
+        detached ones excepted: no node could restart them."""
         locations = self.cluster.actor_locations
         for actor_id in [a for a, rank in locations.items() if rank == dead]:
             del locations[actor_id]
@@ -413,6 +415,13 @@ class Actors:
             remote.host = None
             if remote.owner == self.rank:
                 self.restart_elsewhere(remote, dead)
+            elif remote.owner == dead:  # its owner and host both gone: never again
+                locations[remote.actor_id] = remote.host = -1
+                self.router.pump_remote_actor(remote)
+        cause = f"is dead because its owner's node (rank {dead}) died"
+        for actor in list(self.hosted.values()):
+            if actor.owner == dead and not actor.spec.options.get("detached"):
+                self.kill_actor(actor.actor_id, True, cause)
 
     def restart_elsewhere(self, remote: RemoteActor, dead: int) -> None:
         spec = remote.creation

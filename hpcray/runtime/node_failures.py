@@ -13,7 +13,8 @@ On NodeDied(rank, lost) a survivor
 - re-submits the tasks in `lost` it still waits for (and restarts the actors in it that
   never said they started there), within their `max_retries` (else
   their refs raise NodeDiedError, as Ray's raylet-died case);
-- fails the actor calls it had sent to that rank (ActorDiedError: the call may have run);
+- sends the actor calls it had sent to that rank again, to the actor's next host, within
+  their `max_task_retries` (else ActorDiedError: the call may have run);
 - rebuilds the values it owns whose only copy was there (lineage.py), and asks the
   owners of the values it borrows that were there where they are now;
 - forgets the rank as a borrower of its objects;
@@ -39,7 +40,7 @@ from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.object_mover import owner_died
 from hpcray.runtime.object_table import PENDING, REMOTE
-from hpcray.runtime.specs import ACTOR_CALL, RUNNING
+from hpcray.runtime.specs import QUEUED, RUNNING
 
 log = logging.getLogger("hpcray.node_failures")
 
@@ -152,8 +153,12 @@ class NodeFailures:
     # ------------------------------------------------------------------ recovery
     def on_node_died(self, source: int, dead: int, lost: list) -> None:
         self.network.node_died(dead)
-        self._fail_calls_sent_to(dead)
+        # Before the restarts: one placed on this node takes the queue of calls with it.
+        requeued = self._requeue_calls_sent_to(dead)
         self.actors.node_died(dead)
+        for remote in requeued:
+            if self.actors.remote_actors.get(remote.actor_id) is remote:
+                self.router.pump_remote_actor(remote)  # to the new host, if known yet
         rerun = 0
         for task_id in lost:
             remote = self.actors.remote_actors.get(task_id)  # an actor placed there
@@ -203,15 +208,32 @@ class NodeFailures:
         self.node.recorder.count("retries")
         self.router.route(record)
 
-    def _fail_calls_sent_to(self, dead: int) -> None:
-        """Actor calls this node sent to the dead rank never come back."""
-        hosts = self.link.actor_locations
-        for record in list(self.node.tasks.values()):
-            spec = record.spec
-            if spec.kind != ACTOR_CALL or record.state != RUNNING or record.worker is not None:
-                continue
-            if hosts.get(spec.actor_id) != dead:
-                continue
-            self.router.task_failed_remotely(spec, exceptions.ActorDiedError(
-                f"The actor running {spec.name} was on node {dead} (rank {dead}), which "
-                "died during the call."))
+    def _requeue_calls_sent_to(self, dead: int) -> list:
+        """Actor calls this node sent to the dead rank never come back: as Ray, each goes
+        back in its actor's queue, ahead of the calls not sent yet, for the actor's next
+        host (after its restart) while its max_task_retries allows, else fails
+        (ActorDiedError: it may have run). -> the RemoteActors with calls put back."""
+        tasks = self.node.tasks
+        requeued = []
+        for remote in list(self.actors.remote_actors.values()):
+            lost = [(task_id, record) for task_id, (host, record) in remote.sent.items()
+                    if host == dead]
+            retry = []
+            for task_id, record in lost:
+                if record.retries_left == 0 or record.cancelled:
+                    self.router.task_failed_remotely(record.spec, exceptions.ActorDiedError(
+                        f"The actor running {record.spec.name} was on node {dead} (rank "
+                        f"{dead}), which died during the call; the call had no retries "
+                        "left (max_task_retries)."))
+                    continue
+                del remote.sent[task_id]
+                if record.retries_left > 0:
+                    record.retries_left -= 1
+                self.node.recorder.count("retries")
+                tasks.pop(task_id, None)
+                record.state = QUEUED
+                retry.append(record)
+            if retry:
+                remote.queue.extendleft(reversed(retry))
+                requeued.append(remote)
+        return requeued

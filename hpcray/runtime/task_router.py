@@ -259,6 +259,9 @@ class TaskRouter:
         for key in record.spec.contained:
             self.objects.decref(key)
         if record.spec.kind == ACTOR_CALL:
+            remote = self.actors.remote_actors.get(record.spec.actor_id)
+            if remote is not None:
+                remote.sent.pop(task_id, None)
             self.actors.actor_decref(record.spec.actor_id)  # the call's hold on the actor
 
     # ------------------------------------------------------------------ actors
@@ -333,6 +336,7 @@ class TaskRouter:
                 continue
             record.state = RUNNING
             self.tasks[record.spec.task_id] = record
+            remote.sent[record.spec.task_id] = (remote.host, record)
             self.peers.send(remote.host, wire(messages.ActorCall, record.spec,
                                         self.describe_deps(record.spec)))
 
@@ -374,7 +378,7 @@ class TaskRouter:
             self.actors.actor_out_of_scope(actor)
 
     def on_actor_call(self, source: int, spec, deps) -> None:
-        record = TaskRecord(spec, 0)
+        record = TaskRecord(spec, spec.max_retries)  # the caller's max_task_retries
         record.owner = ids.owner_rank(spec.task_id)
         self.borrowing.hold_task_refs(spec, deps, record.owner)
         self.actors.submit_actor_call(record)
