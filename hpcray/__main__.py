@@ -221,6 +221,7 @@ def main(argv: list[str]) -> int:
         from hpcray import api
         api.shutdown()
         launch.end_ranks(code)
+        launch.report_lost_ranks(code)
     launch.leave_if_ranks_lost(code)
     return code
 

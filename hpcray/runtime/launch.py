@@ -416,6 +416,20 @@ def end_ranks(code: int) -> None:
         time.sleep(0.001)
 
 
+def report_lost_ranks(code: int) -> None:
+    """Rank 0 at exit under ULFM: one line naming the ranks the job lost. The job's exit
+    status stays the program's (as a Ray job's status is its driver's): a program that
+    finished right without a node succeeded. Open MPI's mpiexec --with-ft ulfm reports
+    only that status, not the loss, so this line is where a batch log shows it."""
+    transport = _world
+    if transport is None or transport.rank != 0 or not transport.dead:
+        return
+    lost = sorted(transport.dead)
+    log.warning("hpcray: the job lost rank%s %s and the program went on without %s; the "
+                "exit status (%d) is the program's", "s" if len(lost) > 1 else "",
+                ", ".join(map(str, lost)), "them" if len(lost) > 1 else "it", code)
+
+
 def serve_ranks(transport, make_node) -> int:
     """Ranks > 0: run a node for each job rank 0 starts; return the exit status it sends."""
     global _skip_finalize

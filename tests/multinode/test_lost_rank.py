@@ -344,3 +344,29 @@ def test_placement_group_bundles_on_a_lost_rank_are_placed_again(tmp_path):
     """)
     assert "OK" in out
     assert re.search(r"bundles \[\d\] were on the lost rank", out), out
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_exit_status_is_the_programs_after_a_lost_rank(tmp_path, status):
+    """Open MPI's mpiexec --with-ft ulfm exits 0 whatever rank died; hpcray keeps the
+    job's status the program's own (a Ray job's status is its driver's: one that ran to
+    the end without a node succeeded), and says once, at the end, which rank was lost."""
+    out = run_ulfm(tmp_path, 3, """
+        import os, signal, sys, time, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+    """ + NODE_PID + f"""
+        pid = ray.get(ray.remote(node_pid).options(
+            scheduling_strategy=On(ids[2], soft=False)).remote())
+        os.kill(pid, signal.SIGKILL)
+        while {{n["rank"]: n["Alive"] for n in ray.nodes()}}[2]:
+            time.sleep(0.01)
+        assert ray.get([ray.remote(abs).remote(-i) for i in range(20)]) == list(range(20))
+        print("FINISHED", flush=True)
+        sys.exit({status})
+    """, expect_code=status)
+    assert "FINISHED" in out
+    line = ("hpcray: the job lost rank 2 and the program went on without it; the exit "
+            f"status ({status}) is the program's")
+    assert out.count(line) == 1, out
