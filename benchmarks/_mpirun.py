@@ -59,10 +59,25 @@ def launched_ranks(environ=os.environ) -> int:
     return 1
 
 
-def launch_command(ranks: int, argv: list[str]) -> list[str]:
+def launch_command(ranks: int, argv: list[str], ulfm_venv: Path | None = None) -> list[str]:
     """`mpiexec -n ranks python -m hpcray argv...` (MPICH's Hydra: fine as root, and
-    accepts more ranks than cores without a flag)."""
+    accepts more ranks than cores without a flag); with `ulfm_venv` (a venv with Open MPI
+    5 from PyPI and mpi4py), its `mpiexec --with-ft ulfm` and its python instead, so the
+    job survives a lost rank."""
+    if ulfm_venv is not None:
+        return [str(ulfm_venv / "bin" / "mpiexec"), "--with-ft", "ulfm", "-n", str(ranks),
+                str(ulfm_venv / "bin" / "python"), "-m", "hpcray", *argv]
     return [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "hpcray", *argv]
+
+
+# What Open MPI 5 from PyPI needs here (../shared/notes/MPI-SLURM-GPU.md): run as root,
+# more ranks than cores, no 1 s OFI stall in MPI_Init, no bogus UCX window error.
+OPEN_MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT": "1", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMPI_MCA_btl": "^ofi", "OMPI_MCA_osc": "^ucx",
+}
 
 
 @dataclass
@@ -111,6 +126,26 @@ def tagged_processes(tag: str) -> list:
     return found
 
 
+def kill_tagged(pid: int, tag: str) -> bool:
+    """SIGKILL `pid` if it is a process of the job tagged `tag` (inside a job: a worker
+    a benchmark kills on purpose). The pidfd pins the process while its environment is
+    read, so a pid another process took meanwhile is never hit."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"{TAG_VARIABLE}={tag}".encode() not in f.read().split(b"\0"):
+                return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    finally:
+        os.close(fd)
+
+
 class _TreeWatcher(threading.Thread):
     """Remembers every pid that was ever in the job's tree (for the segment check), so that
     a process that exits before the end is still known as one of ours."""
@@ -145,8 +180,9 @@ def _hpcray_segments() -> set[str]:
 
 def run_job(ranks: int, argv: list[str], timeout_s: float, env: dict | None = None,
             cwd: str | None = None, on_start=None, linger_s: float = 10.0,
-            root: str | None = None) -> JobResult:
+            root: str | None = None, ulfm_venv: Path | None = None) -> JobResult:
     """Run `mpiexec -n ranks python -m hpcray argv...`; never waits longer than timeout_s.
+    With `ulfm_venv`, under that venv's Open MPI with ULFM (launch_command).
 
     `on_start(popen, tag)` is called in a thread once the job is started (idle_cost.py
     measures from there). After the job ends, processes of the job get `linger_s` to go
@@ -155,13 +191,14 @@ def run_job(ranks: int, argv: list[str], timeout_s: float, env: dict | None = No
     """
     root = root or str(REPO_ROOT)
     tag = uuid.uuid4().hex
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, **(OPEN_MPI_ENV if ulfm_venv is not None else {}),
+                    **(env or {}))
     full_env[TAG_VARIABLE] = tag
     # A checkout that was not pip-installed still finds the package.
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (root, full_env.get("PYTHONPATH", "")) if p)
     segments_before = _hpcray_segments()
-    command = launch_command(ranks, argv)
+    command = launch_command(ranks, argv, ulfm_venv)
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=full_env, cwd=cwd or root,

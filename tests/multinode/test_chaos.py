@@ -15,44 +15,33 @@ asserts correctness and counts, never speed.
 import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from benchmarks._mpirun import TAG_VARIABLE, tagged_processes
 from tests.multinode.test_multinode import run_mpi
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900)]
 
 DRIVER = """
-import collections, os, random, signal, threading, time
+import collections, os, random, sys, threading, time
 import numpy as np
 import hpcray as ray
 from hpcray.util.state import list_actors, list_workers
 from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
 
-SEED, TAG = int(os.environ["CHAOS_SEED"]), os.environ["CHAOS_TAG"]
+sys.path.insert(0, os.environ["CHAOS_BENCHMARKS"])
+from _mpirun import TAG_VARIABLE, kill_tagged   # SIGKILL through a pidfd, if tagged
+
+SEED, TAG = int(os.environ["CHAOS_SEED"]), os.environ[TAG_VARIABLE]
 ROUNDS, KILLS_PER_NODE = int(os.environ["CHAOS_ROUNDS"]), int(os.environ["CHAOS_KILLS"])
 ray.init(num_cpus=2)
 ranks = {n["NodeID"]: n["rank"] for n in ray.nodes()}
 ids = {rank: node_id for node_id, rank in ranks.items()}
 here = os.getcwd()
-
-
-def kill_if_ours(pid):
-    # The pidfd pins the process: if it is this job's (the tag), the signal reaches it.
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"CHAOS_TAG={TAG}".encode() not in f.read().split(b"\\0"):
-                return False
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-        return True
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-    finally:
-        os.close(fd)
 
 
 class Killer(threading.Thread):
@@ -92,7 +81,7 @@ class Killer(threading.Thread):
                                   filters=[("is_alive", "=", True)], limit=100_000)
                               if w.pid and w.worker_type == "WORKER"
                               and ranks.get(w.node_id) == rank)
-                if pids and kill_if_ours(self.rng.choice(pids)):
+                if pids and kill_tagged(self.rng.choice(pids), TAG):
                     with self.cond:
                         self.kills[rank] += 1
                         self.cond.notify_all()
@@ -197,27 +186,12 @@ print("OK")
 """
 
 
-def tagged_processes(tag: str) -> list:
-    """Live processes whose environment carries the job's tag (every process the job
-    started: ranks, fork servers, workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if f"CHAOS_TAG={tag}".encode() in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_worker_kills_on_every_node(tmp_path, seed):
     tag = uuid.uuid4().hex
     out = run_mpi(tmp_path, 3, DRIVER, timeout=800, env={
-        "CHAOS_SEED": str(seed), "CHAOS_TAG": tag, "CHAOS_ROUNDS": "4", "CHAOS_KILLS": "3"})
+        "CHAOS_SEED": str(seed), TAG_VARIABLE: tag, "CHAOS_BENCHMARKS": str(BENCHMARKS),
+        "CHAOS_ROUNDS": "4", "CHAOS_KILLS": "3"})
     assert "OK" in out, out
     print([line for line in out.splitlines() if line.startswith(("TASKS", "round"))])
     restarts = int(out.split("ACTOR_RESTARTS ")[1].split()[0])
