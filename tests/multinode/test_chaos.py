@@ -1,6 +1,6 @@
 """Chaos across ranks (issue 10): worker processes SIGKILLed at random on every node of an
 `mpiexec -n 3` job while thousands of tasks run (with dependencies, nested tasks, large
-values that move between nodes, and actors with max_restarts and max_task_retries);
+values that move between nodes, and 24 actors with max_restarts and max_task_retries);
 every result must be right, and nothing of the job may be left afterwards.
 
 The killer is a thread of the driver, seeded: it picks a node (the one killed least so
@@ -140,7 +140,7 @@ with open("segments", "w") as f:
     f.write("\\n".join(sorted(names)))
 
 actors = [Scale.options(scheduling_strategy=On(ids[i % 3], soft=True)).remote(i + 1)
-          for i in range(12)]
+          for i in range(24)]
 killer = Killer(SEED)
 killer.start()
 tasks = 0
@@ -157,7 +157,7 @@ for r in range(ROUNDS):
     totals = [total.options(scheduling_strategy=On(ids[(i + 1) % 3], soft=True)).remote(b)
               for i, b in enumerate(blocks)]
     calls = [(a, i, a.mul.remote(squares[i] if i % 2 else base + i))
-             for a in actors for i in range(12)]
+             for a in actors for i in range(6)]
     tasks += len(held) + 400 + 100 + 4 * 40 + 40 + len(calls)
     killer.allow(KILLS_PER_NODE * len(ids))
     killer.wait_idle()   # this round's kills are done, its gated tasks still wait
