@@ -154,7 +154,10 @@ class JobLogs:
         logger = logging.getLogger("hpcray")
         for handler in self._handlers:
             logger.removeHandler(handler)
-            handler.close()
+            try:
+                handler.close()
+            except OSError:  # its last flush failed (disk full, a file size limit): the
+                pass         # records are lost, the shutdown must still finish
         self._handlers = []
         if self._previous is not None:
             logger.setLevel(self._previous[0])
