@@ -87,6 +87,9 @@ where noted); each is read on every rank:
   HPCRAY_DRAIN_GRACE             seconds a drain lets running tasks finish before they
                                  are cancelled and the program ends (default 30)
   HPCRAY_TRACE                   1: print every message between nodes (default off)
+  HPCRAY_TEST_CLOCK_SKEW         for tests: seconds added to the clock this rank and
+                                 its workers stamp the timeline with, as if its host's
+                                 clock were off (default 0; the timeline aligns it)
   HPCRAY_ULFM                    1: survive a lost rank (Open MPI's `mpiexec --with-ft
                                  ulfm`, which this follows by default), 0: do not
   HPCRAY_RANK_PID                set by each rank for its children (not by you): a

@@ -9,7 +9,8 @@ uncaught exception in the driver ends the whole job with a non-zero status.
 
 Lifecycle messages (messages.py, "launch"; Stop on "control", since a serving node
 handles it): Start(job) -> Started(node) | StartFailed(reason), Go(nodes),
-Stop -> Stopped, Exit(code); DescribeGpus -> GpusSeen once per process.
+Stop -> Stopped, Exit(code); DescribeGpus -> GpusSeen once per process; ClockPing ->
+ClockPong a few times per rank before each Start (clock.py: the timeline's offsets).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 
 from hpcray._store import StoreError
-from hpcray.runtime import messages
+from hpcray.runtime import clock, messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.rank_child import RANK_PID_VARIABLE, child_of_a_rank
 
@@ -311,6 +312,8 @@ def start_job(transport, job: dict, make_node) -> None:
     if store_bytes:  # refused here before any rank starts, as it would be on each
         check_store_size(store_bytes)
     job["gpus_by_rank"] = _gpu_shares(transport)
+    offsets = clock.measure_offsets(transport)
+    job["clock"] = [offsets.get(rank) for rank in range(transport.size)]
     transport.broadcast(wire(messages.Start, job))
     started = _collect(transport, messages.Started, transport.size - 1, 300.0)
     unlink_mpi_segments()  # every rank has finished MPI_Init: each opened them
@@ -442,6 +445,9 @@ def serve_ranks(transport, make_node) -> int:
             return int(message.code)
         if kind is messages.DescribeGpus:
             transport.send(0, wire(messages.GpusSeen, _gpus_seen()))
+            continue
+        if kind is messages.ClockPing:
+            clock.answer_ping(transport, message)
             continue
         if kind is not messages.Start:
             continue

@@ -379,6 +379,20 @@ class GpusSeen(NamedTuple):
 
 
 @_on("launch")
+class ClockPing(NamedTuple):
+    """rank 0 -> a rank, before Start: what time is it on your clock? (clock.py)"""
+    seq: int
+
+
+@_on("launch")
+class ClockPong(NamedTuple):
+    """the answer to ClockPing `seq`: the rank's clock.now() when it read it, its host."""
+    seq: int
+    time: float
+    host: str
+
+
+@_on("launch")
 class Started(NamedTuple):
     node: dict
 
@@ -427,7 +441,7 @@ class Hello(NamedTuple):
 @_on("up")
 class WorkDone(NamedTuple):
     """a task or actor call ended: its results; `retry`: it raised a retryable error;
-    `started`: when the worker began it (time.time(); None if it never ran), for the
+    `started`: when the worker began it (clock.now(); None if it never ran), for the
     timeline (recorder.py)."""
     task_id: bytes
     results: list

@@ -35,7 +35,7 @@ from hpcray._scheduler import LocalScheduler
 from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.gcs.shard import OBJECT_DELETED
-from hpcray.runtime import hops, messages, protocol
+from hpcray.runtime import clock, hops, messages, protocol
 from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
@@ -181,7 +181,8 @@ class NodeManager:
         self.transport = self.network.transport
         peers = self.network.peers
         self.task_events = TaskEvents(rank, gcs)
-        self.recorder = Recorder(rank, self.config.timeline_events)
+        self.recorder = Recorder(rank, self.config.timeline_events,
+                                 (link.job.get("clock") or {rank: None})[rank])
         if self.config.report:
             self.recorder.sampler = Sampler(store, self.total_resources.get("CPU", 1),
                                             [g.uuid for g in self.node_resources.gpus],
@@ -840,7 +841,7 @@ class NodeManager:
         spec = record.spec
         record.state = RUNNING
         record.worker = worker
-        record.dispatched = time.time()
+        record.dispatched = clock.now()
         worker.task = record
         self.activity.running(worker.key, spec.name)
         record.gpu_ids = self._take_gpus(spec)

@@ -18,6 +18,10 @@ keeps walking):
                status.py reads some)
     samples    a Sampler's (sampler.py) readings, where one runs
 
+Times are this host's clock (clock.now). `rows()` puts them on rank 0's clock: it
+subtracts this rank's offset, measured at the job's start (clock.py), so the
+recording itself costs nothing more.
+
 Each buffer keeps its last `limit` entries (HPCRAY_TIMELINE_EVENTS, 100,000 by
 default: ~20 MB at most per node; 0 keeps none); older ones are dropped and counted
 in `dropped`, which the timeline and the report say. A span costs the node a tuple
@@ -32,8 +36,8 @@ from __future__ import annotations
 
 import collections
 import socket
-import time
 
+from hpcray.runtime.clock import now
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION
 from hpcray.runtime.task_events import error_type
 
@@ -41,8 +45,11 @@ KINDS = {0: "task", ACTOR_CREATION: "actor_creation", ACTOR_CALL: "actor_call"}
 
 
 class Recorder:
-    def __init__(self, rank: int, limit: int) -> None:
+    def __init__(self, rank: int, limit: int, clock=None) -> None:
+        """`clock`: (offset, bound) of this rank's clock against rank 0's (clock.py);
+        None: not measured (one node, or rank 0)."""
         self.rank = rank
+        self.clock_offset, self.clock_bound = clock or (0.0, 0.0)
         self.limit = max(0, limit)  # 0 keeps nothing (all counted as dropped)
         self.spans: collections.deque = collections.deque(maxlen=self.limit)
         self.submits: collections.deque = collections.deque(maxlen=self.limit)
@@ -53,11 +60,11 @@ class Recorder:
         self.pull_starts: dict[int, float] = {}  # pull tag -> when it started
         self.constructing: dict[bytes, float] = {}  # actor id -> when CreateActor left
         self.sampler = None                      # a Sampler, when the report wants one
-        self.started = time.time()               # rank 0's: when the job started
+        self.started = now()                     # rank 0's: when the job started
 
     def ran(self, spec, pid: int, started, results) -> None:
         """The worker `pid` ended an attempt of `spec`, begun at `started` (its clock)."""
-        end = time.time()
+        end = now()
         self.counters["tasks_run"] += 1
         spans = self.spans
         if len(spans) == self.limit:
@@ -70,14 +77,14 @@ class Recorder:
         self._span(spec, pid, dispatched, True)
 
     def creating(self, actor_id: bytes) -> None:
-        self.constructing[actor_id] = time.time()
+        self.constructing[actor_id] = now()
 
     def created(self, spec, pid: int, failed: bool) -> None:
         """The constructor of `spec`'s actor ended in worker `pid` (or raised)."""
         self._span(spec, pid, self.constructing.pop(spec.actor_id, None), failed)
 
     def _span(self, spec, pid: int, started, failed: bool) -> None:
-        end = time.time()
+        end = now()
         if len(self.spans) == self.limit:
             self.dropped["spans"] += 1
         self.spans.append((spec.task_id, spec.name, spec.kind, pid,
@@ -86,10 +93,10 @@ class Recorder:
     def submitted(self, parent_id: bytes, task_id: bytes) -> None:
         if len(self.submits) == self.limit:
             self.dropped["submits"] += 1
-        self.submits.append((parent_id, task_id, time.time()))
+        self.submits.append((parent_id, task_id, now()))
 
     def pull_started(self, tag: int) -> None:
-        self.pull_starts[tag] = time.time()
+        self.pull_starts[tag] = now()
 
     def pull_ended(self, tag: int, object_id: bytes, source: int, size: int,
                    last: bool = True) -> None:
@@ -101,19 +108,28 @@ class Recorder:
         self.counters["bytes_pulled"] += size
         if len(self.transfers) == self.limit:
             self.dropped["transfers"] += 1
-        self.transfers.append((object_id, source, self.rank, size, start, time.time()))
+        self.transfers.append((object_id, source, self.rank, size, start, now()))
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
 
     def rows(self, store_stats: dict) -> dict:
-        """This node's records, as plain data for StateRows."""
-        return {"rank": self.rank, "host": socket.gethostname(), "now": time.time(),
-                "started": self.started,
-                "spans": list(self.spans), "submits": list(self.submits),
-                "transfers": list(self.transfers), "counters": dict(self.counters),
-                "dropped": dict(self.dropped), "store": dict(store_stats),
-                "samples": self.sampler.rows() if self.sampler is not None else None}
+        """This node's records, as plain data for StateRows, on rank 0's clock."""
+        shift = -self.clock_offset
+        spans, submits, transfers = list(self.spans), list(self.submits), list(self.transfers)
+        samples = self.sampler.rows() if self.sampler is not None else None
+        if shift:
+            spans = [(*s[:4], s[4] + shift, s[5] + shift, s[6]) for s in spans]
+            submits = [(parent, child, at + shift) for parent, child, at in submits]
+            transfers = [(*t[:4], t[4] + shift, t[5] + shift) for t in transfers]
+            if samples is not None:
+                samples["samples"] = [(s[0] + shift, *s[1:]) for s in samples["samples"]]
+        return {"rank": self.rank, "host": socket.gethostname(), "now": now() + shift,
+                "started": self.started + shift, "clock_offset": self.clock_offset,
+                "clock_bound": self.clock_bound,
+                "spans": spans, "submits": submits, "transfers": transfers,
+                "counters": dict(self.counters), "dropped": dict(self.dropped),
+                "store": dict(store_stats), "samples": samples}
 
 
 def _failed(results) -> bool:

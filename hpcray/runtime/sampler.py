@@ -22,7 +22,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
+
+from hpcray.runtime import clock
 
 log = logging.getLogger("hpcray.sampler")
 
@@ -39,12 +40,12 @@ class Sampler:
         times = os.times()
         # pid -> its CPU seconds at the last reading (a worker new since: all of it)
         self.cpu_seen: dict[int, float] = {os.getpid(): times.user + times.system}
-        self.last_time = time.time()
+        self.last_time = clock.now()
         self.gpus = _NvmlUtilization(gpu_uuids) if gpu_uuids else None
 
     def sample(self, pids) -> None:
         """Read the node now; `pids`: its worker processes."""
-        now = time.time()
+        now = clock.now()
         used = 0.0
         seen = {}
         times = os.times()

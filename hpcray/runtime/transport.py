@@ -536,6 +536,8 @@ class MpiTransport:
         """
         self.progress()
         messages, self._inbox = self._inbox, []
+        if messages:  # activity: the next wait_for_activity starts from short sleeps
+            self._idle_sleep = _MIN_IDLE_SLEEP
         return messages
 
     def wait_for_activity(self, max_sleep: float, timeout: float | None = None) -> bool:

@@ -15,7 +15,6 @@ import pickle
 import signal
 import sys
 import threading
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from types import CoroutineType, GeneratorType
@@ -25,7 +24,7 @@ import cloudpickle
 from hpcray import context, exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
 from hpcray.options import InGroup
-from hpcray.runtime import protocol
+from hpcray.runtime import clock, protocol
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
                                      RunTask, WorkDone, wire)
@@ -382,7 +381,7 @@ class Worker:
                 for object_id, sv in zip(return_ids, serialized)]
 
     def _run_and_report(self, spec, pickled_function, dep_payloads, gpu_ids) -> None:
-        started = time.time()
+        started = clock.now()
         try:
             if self.actor is not None:
                 function = getattr(self.actor, spec.method)
@@ -454,7 +453,7 @@ class Worker:
             self.channel.send_done(WorkDone, spec.task_id,
                                    _error_results(spec, _cancel_error(spec, False)), False, None)
             return
-        started = time.time()
+        started = clock.now()
         try:
             function = getattr(self.actor, spec.method)
             results, retry = self._execute(spec, function, dep_payloads)
@@ -475,7 +474,7 @@ class Worker:
         self.channel.on_cancel = lambda task_id: loop.call_soon_threadsafe(cancel_call, task_id)
 
         async def run_call(spec, dep_payloads):
-            started = time.time()
+            started = clock.now()
             calls[spec.task_id] = asyncio.current_task()
             try:
                 if spec.task_id in self.channel.cancelled_tasks:

@@ -25,9 +25,9 @@ import html
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
+from hpcray.runtime import clock
 from hpcray.runtime.recorder import KINDS
 
 log = logging.getLogger("hpcray.report")
@@ -40,7 +40,7 @@ def write_report(path: str, parts: list[dict], actors: list, started: float,
                  ended: float | None = None) -> dict:
     """Write the page to `path` from every node's Recorder.rows() and the GCS actor
     rows ([(actor id, ActorInfo)]); -> the summary it shows."""
-    ended = time.time() if ended is None else ended
+    ended = clock.now() if ended is None else ended
     data = report_data(parts, actors, started, ended)
     script = (Path(__file__).with_name("report_page.js")).read_text()
     page = _PAGE.format(

@@ -12,6 +12,10 @@ worker process (tid = the worker's pid; tid 0 holds the node's object transfers)
        (cat "transfer", args: object_id, from, to, bytes)
     M  process and thread names; i: a note if a node dropped its oldest records
 
+Times are rank 0's clock: each node's records come shifted by its clock's offset,
+measured at the job's start (runtime/clock.py); a node whose clock was off says by how
+much in its process name.
+
 Every node records this as it runs (runtime/recorder.py: always on, bounded by
 HPCRAY_TIMELINE_EVENTS per node); this gathers it from every node when called.
 """
@@ -47,7 +51,9 @@ def chrome_trace(parts: list[dict]) -> list[dict]:
     for part in sorted(parts, key=lambda p: p["rank"]):
         rank = part["rank"]
         events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
-                       "args": {"name": f"node {rank} ({part['host']})"}})
+                       "args": {"name": f"node {rank} ({part['host']}{_clock(part)})",
+                                "clock_offset": part.get("clock_offset", 0.0),
+                                "clock_bound": part.get("clock_bound", 0.0)}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
                        "args": {"sort_index": rank}})
         pids = set()
@@ -83,6 +89,14 @@ def chrome_trace(parts: list[dict]) -> list[dict]:
                            "tid": 0, "ts": part["now"] * _US})
     events.extend(_flows(parts, where, last_start))
     return events
+
+
+def _clock(part: dict) -> str:
+    """How far this node's clock was from rank 0's (its times are shifted by that)."""
+    offset = part.get("clock_offset")
+    if not offset:
+        return ""
+    return f", clock {offset:+.6f} s \u00b1 {part['clock_bound'] * 1e3:.3f} ms, aligned"
 
 
 def _flows(parts, where, last_start) -> list[dict]:

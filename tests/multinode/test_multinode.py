@@ -32,13 +32,25 @@ def segment_leaks(before: set) -> set:
     return leaked
 
 
-def run_mpi(tmp_path, ranks, script, env=None, timeout=150, expect_code=0):
+def run_mpi(tmp_path, ranks, script, env=None, timeout=150, expect_code=0, rank_env=None):
+    """`rank_env`: a dict of variables per rank, each set for that rank only (Hydra's
+    per-executable `-env`)."""
     path = tmp_path / "driver.py"
     path.write_text(textwrap.dedent(script))
     before = set(os.listdir("/dev/shm"))
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.Popen([str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "hpcray",
-                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    program = [sys.executable, "-m", "hpcray", str(path)]
+    command = [str(MPIEXEC), "-n", str(ranks), *program]
+    if rank_env is not None:
+        assert len(rank_env) == ranks
+        command = [str(MPIEXEC)]
+        for rank, variables in enumerate(rank_env):
+            command += [":"] if rank else []
+            command += ["-n", "1"]
+            for name, value in variables.items():
+                command += ["-env", name, str(value)]
+            command += program
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=full_env, cwd=str(tmp_path), start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)

@@ -47,6 +47,9 @@ JOB = """
     echo_pids = set(ray.get([echo.echo.remote(i) for i in range(4)]))
 
     events = ray.timeline()
+    # Every rank runs on this host: one clock, nothing shifted.
+    assert [e["args"]["clock_offset"] for e in events if e["name"] == "process_name"] \
+        == [0.0, 0.0, 0.0]
     rank_of = {v: k for k, v in nodes.items()}
     X = [e for e in events if e["ph"] == "X"]
     tasks = [e for e in X if e["cat"] == "task"]
@@ -106,3 +109,85 @@ def test_timeline_and_report_cover_every_rank(tmp_path):
     flat = pixels.reshape(-1, 3)
     assert (flat != 255).any(axis=1).mean() > 0.05
     assert len({tuple(p) for p in flat[::97]}) > 20
+
+
+SKEWED_JOB = """
+    import json, time, numpy as np, hpcray as ray
+    from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+    ray.init(num_cpus=1)
+    nodes = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+    def on(rank):
+        return On(nodes[rank], soft=False)
+
+    @ray.remote
+    def leaf(i):
+        return i
+
+    @ray.remote
+    def parent():  # on rank 1, its children on rank 2
+        return ray.get([leaf.options(scheduling_strategy=on(2)).remote(i) for i in range(3)])
+
+    @ray.remote
+    def make():  # on rank 2: a value large enough to go through the store
+        return np.ones(1 << 20, dtype=np.uint8)
+
+    @ray.remote
+    def total(array):  # on rank 1: pulls it from rank 2
+        return int(array.sum())
+
+    assert ray.get(parent.options(scheduling_strategy=on(1)).remote()) == [0, 1, 2]
+    made = make.options(scheduling_strategy=on(2)).remote()
+    assert ray.get(total.options(scheduling_strategy=on(1)).remote(made)) == 1 << 20
+    ray.timeline(filename="trace.json")
+    print("DONE")
+"""
+
+
+def test_timeline_aligns_ranks_whose_clocks_are_off(tmp_path):
+    # Rank 1's clock runs 30 s ahead, rank 2's 20 s behind, rank 0's 7 s ahead: unaligned,
+    # the children on rank 2 would start ~50 s before rank 1 submitted them.
+    skews = [7.0, 30.0, -20.0]
+    out = run_mpi(tmp_path, 3, SKEWED_JOB, env={"HPCRAY_REPORT": "job.html"},
+                  rank_env=[{"HPCRAY_TEST_CLOCK_SKEW": skew} for skew in skews])
+    assert "DONE" in out
+    events = json.loads((tmp_path / "trace.json").read_text())
+    clock = {e["pid"]: (e["args"]["clock_offset"], e["args"]["clock_bound"])
+             for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    for rank in (1, 2):  # measured against rank 0's clock, within the stated bound
+        offset, bound = clock[rank]
+        assert bound < 0.5 and abs(offset - (skews[rank] - skews[0])) <= bound + 1e-3, clock
+    assert clock[0] == (0.0, 0.0)
+
+    def slack(*ranks):  # seconds the aligned clocks of these ranks may still differ by
+        return sum(clock[rank][1] for rank in ranks) * 1e6  # microseconds
+    X = {}
+    for e in events:
+        if e["ph"] == "X":
+            X.setdefault(e["name"].rsplit(".", 1)[-1], []).append(e)
+    [parent], leaves = X["parent"], X["leaf"]
+    assert parent["pid"] == 1 and {e["pid"] for e in leaves} == {2} and len(leaves) == 3
+    # A child never starts before its parent submitted it, and ends before the parent
+    # (which waited for it) ends.
+    starts = {e["id"]: e for e in events if e["ph"] == "s"}
+    ends = {e["id"]: e for e in events if e["ph"] == "f"}
+    assert len(starts) == 3 and starts.keys() == ends.keys()
+    for flow_id, submitted in starts.items():
+        assert submitted["pid"] == 1 and ends[flow_id]["pid"] == 2
+        assert parent["ts"] <= submitted["ts"] <= ends[flow_id]["ts"] + slack(1, 2)
+    for leaf in leaves:
+        assert leaf["ts"] + leaf["dur"] <= parent["ts"] + parent["dur"] + slack(1, 2)
+    # The array is pulled by rank 1 after rank 2 made it; the pull ends after it starts.
+    [made] = X["make"]
+    [pull] = [e for e in events if e["ph"] == "X" and e["cat"] == "transfer"]
+    assert (pull["pid"], pull["args"]["from"]) == (1, 2) and made["pid"] == 2
+    assert pull["ts"] + slack(1, 2) >= made["ts"] + made["dur"]
+    assert pull["dur"] >= 0
+    [consumer] = X["total"]
+    assert consumer["ts"] >= pull["ts"] + pull["dur"]  # one node: one clock
+    # The report's bars are on the job's time line too: within its wall time.
+    data = page_data((tmp_path / "job.html").read_text())
+    wall = data["summary"]["wall_time_s"]
+    assert all(0 <= span[2] and span[2] + span[3] <= wall for span in data["spans"]), \
+        (wall, data["spans"])
+    assert all(0 <= sample[0] <= wall + 0.5 for samples in data["samples"].values()
+               for sample in samples)
