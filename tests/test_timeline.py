@@ -212,3 +212,58 @@ def test_report_counts_retries_worker_deaths_and_actor_restarts(tmp_path):
     data = page_data(page)
     name = data["names"].index("__main__.dies_once")
     assert sorted(s[6] for s in data["spans"] if s[4] == name) == [0, 1]
+
+
+@pytest.mark.timeout(300)
+def test_report_draws_gpu_use_from_the_nodes_gpu_source(tmp_path):
+    # No GPU here: the node's GPU source (sampler.gpu_utilization, NVML's on a GPU node)
+    # is replaced by one that reads a script; the Sampler, the node's timer, the gather,
+    # the page and the browser are the real ones. On hardware: tests/gpu.
+    out = run_script(tmp_path, """
+        import json, time, hpcray as ray
+        from hpcray.runtime import sampler
+
+        class TwoScriptedGpus:
+            def __init__(self):
+                self.reads = 0
+            def read(self):
+                self.reads += 1  # the first climbs 10% a reading; the second is unreadable once
+                return (min(1.0, self.reads / 10), None if self.reads == 2 else 0.5)
+            def close(self):
+                print("CLOSED", self.reads)
+
+        sampler.gpu_utilization = lambda uuids: TwoScriptedGpus()
+        ray.init(num_cpus=1, report="job.html")
+        time.sleep(1.0)
+    """, {"HPCRAY_REPORT_INTERVAL": "0.1"})
+    closed = int(re.search(r"^CLOSED (\d+)$", out, re.M).group(1))
+    page_path = tmp_path / "job.html"
+    samples = page_data(page_path.read_text())["samples"]["0"]
+    gpus = [s[3] for s in samples]
+    # Every reading up to the report's gather reached the page, in order (the node may
+    # read once more before it closes the source).
+    assert 5 <= len(gpus) <= closed
+    assert gpus == [[min(1.0, i / 10), None if i == 2 else 0.5]
+                    for i in range(1, len(gpus) + 1)]
+    dom, pixels = render(page_path, tmp_path)
+    assert '<div id="gpu">' in dom  # the section the script adds when a node has GPUs
+    match = re.search(r'<svg[^>]*id="gpu-svg"[^>]*data-series="1".*?</svg>', dom, re.S)
+    assert match, dom[:3000]
+    [line] = re.findall(r'<polyline points="([^"]+)"', match.group(0))
+    assert len(line.split()) == len(gpus)  # a point per reading: its readable GPUs' mean
+
+
+@pytest.mark.timeout(200)
+def test_report_has_no_gpu_plot_without_gpus(tmp_path):
+    run_script(tmp_path, """
+        import hpcray as ray
+        from hpcray.runtime import sampler
+        assert sampler.gpu_utilization([]) is None  # no GPU: no source
+        ray.init(num_cpus=1, report="job.html")
+    """, {"HPCRAY_REPORT_INTERVAL": "0.1"})
+    page_path = tmp_path / "job.html"
+    samples = page_data(page_path.read_text())["samples"]["0"]
+    assert samples and all(s[3] == [] for s in samples)
+    dom, _pixels = render(page_path, tmp_path)
+    assert 'data-rendered="1"' in dom and 'id="cpu-svg"' in dom
+    assert '<div id="gpu">' not in dom and 'id="gpu-svg"' not in dom

@@ -35,7 +35,7 @@ from hpcray._scheduler import LocalScheduler
 from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.gcs.shard import OBJECT_DELETED
-from hpcray.runtime import clock, hops, messages, protocol
+from hpcray.runtime import clock, hops, messages, protocol, sampler
 from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
@@ -57,7 +57,6 @@ from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_T
                                   RUNNING, TaskRecord, TaskSpec)
 from hpcray.runtime.state_queries import StateQueries
 from hpcray.runtime.recorder import Recorder
-from hpcray.runtime.sampler import Sampler
 from hpcray.runtime.task_events import TaskEvents
 from hpcray.serialization import error_bytes
 
@@ -184,9 +183,9 @@ class NodeManager:
         self.recorder = Recorder(rank, self.config.timeline_events,
                                  (link.job.get("clock") or {rank: None})[rank])
         if self.config.report:
-            self.recorder.sampler = Sampler(store, self.total_resources.get("CPU", 1),
-                                            [g.uuid for g in self.node_resources.gpus],
-                                            self.config.report_interval)
+            gpus = sampler.gpu_utilization([g.uuid for g in self.node_resources.gpus])
+            self.recorder.sampler = sampler.Sampler(store, self.total_resources.get("CPU", 1),
+                                                    gpus, self.config.report_interval)
             self._add_timer(0.0, self._sample)
         self.objects = ObjectTable(rank, store, self.task_events)
         self.spiller = Spiller(rank, self.objects, store, self.spill_dir)

@@ -8,7 +8,10 @@ is (time, CPU use, store bytes used, GPU use per device or (), store counters):
     CPU use     CPU-seconds the node's processes (its node manager, which on rank 0
                 is also the driver, and its workers, read from /proc) used since the
                 last reading, over the seconds passed and the node's CPUs: 1.0 = all
-    GPU use     NVML's utilization of each of the node's GPUs, 0..1 (none: ())
+    GPU use     each of the node's GPUs' utilization, 0..1, or None where it could not
+                be read: from its GPU source, `gpu_utilization(uuids)` (NVML, what
+                nvidia-smi reads: the share of the last 1/6 to 1 s a kernel ran); no
+                source, no GPUs or no driver: () and the report draws no GPU plot
     counters    the store's counters whose names say spill or evict (spilling adds its
                 own; the report shows what it finds)
 
@@ -31,8 +34,23 @@ MAX_SAMPLES = 1024
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def gpu_utilization(uuids):
+    """The GPU source of a node with these GPUs (their NVML UUIDs): an object whose
+    `read()` gives a utilization per GPU and `close()` ends it; None when there are none
+    or NVML reads none of them (no driver, a MIG instance). The node's one call to make
+    the source, so a test can hand the Sampler another."""
+    if not uuids:
+        return None
+    source = NvmlUtilization(uuids)
+    if not source.handles:
+        source.close()
+        return None
+    return source
+
+
 class Sampler:
-    def __init__(self, store, num_cpus: float, gpu_uuids, interval: float) -> None:
+    def __init__(self, store, num_cpus: float, gpus, interval: float) -> None:
+        """`gpus`: the node's GPU source (gpu_utilization), or None."""
         self.store = store
         self.num_cpus = max(1.0, float(num_cpus))
         self.interval = max(0.05, interval)
@@ -41,7 +59,7 @@ class Sampler:
         # pid -> its CPU seconds at the last reading (a worker new since: all of it)
         self.cpu_seen: dict[int, float] = {os.getpid(): times.user + times.system}
         self.last_time = clock.now()
-        self.gpus = _NvmlUtilization(gpu_uuids) if gpu_uuids else None
+        self.gpus = gpus
 
     def sample(self, pids) -> None:
         """Read the node now; `pids`: its worker processes."""
@@ -90,7 +108,7 @@ class _Utilization(ctypes.Structure):
     _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
 
 
-class _NvmlUtilization:
+class NvmlUtilization:
     """NVML's utilization of the node's GPUs (by UUID); no CUDA context is made."""
 
     def __init__(self, uuids) -> None:

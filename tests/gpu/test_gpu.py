@@ -7,7 +7,9 @@ logic against a fake NVML on every machine.
 """
 
 import ctypes
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +257,61 @@ def test_ranks_on_one_host_deal_its_gpus_out(tmp_path):
         print("RANKS-SHARE-GPUS", per_node)
     """, env={"PYTHONPATH": path})
     assert "RANKS-SHARE-GPUS" in out
+
+
+def test_report_reads_each_gpus_utilization_as_nvidia_smi_does(tmp_path):
+    """The report's GPU readings on real GPUs (sampler.NvmlUtilization): one per GPU of
+    the node, each within 0..1, and, where a task keeps a GPU busy (torch or cupy,
+    whichever imports), that GPU reads busy, as nvidia-smi says it is."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        pytest.skip("no nvidia-smi to compare with")
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import json, subprocess, sys, time, hpcray as ray
+        ray.init(report="job.html")
+
+        @ray.remote(num_gpus=1)
+        def busy(seconds):  # keeps its GPU busy; None when no GPU library is installed
+            try:
+                import torch
+                x = torch.rand(4096, 4096, device="cuda")
+                end = time.time() + seconds
+                while time.time() < end:
+                    x = x @ x
+                    x = x / x.norm()
+                torch.cuda.synchronize()
+            except ImportError:
+                try:
+                    import cupy
+                except ImportError:
+                    return None
+                x = cupy.random.rand(4096, 4096, dtype=cupy.float32)
+                end = time.time() + seconds
+                while time.time() < end:
+                    x = x @ x
+                    x = x / cupy.linalg.norm(x)
+                cupy.cuda.Device().synchronize()
+            smi = subprocess.run([sys.argv[1], "--query-gpu=uuid,utilization.gpu",
+                                  "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True).stdout
+            return ray.get_runtime_context().get_accelerator_ids()["GPU"], smi
+        print("BUSY", json.dumps(ray.get(busy.remote(4.0))))
+    """))
+    done = subprocess.run([sys.executable, str(script), smi], capture_output=True, text=True,
+                          timeout=200, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO,
+                                                              HPCRAY_REPORT_INTERVAL="0.5"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    page = (tmp_path / "job.html").read_text()
+    data = json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    readings = [s[3] for s in data["samples"]["0"]]
+    assert readings and all(len(r) == len(GPUS) for r in readings), readings
+    assert all(v is None or 0.0 <= v <= 1.0 for r in readings for v in r)
+    busy = json.loads(re.search(r"^BUSY (.*)$", done.stdout, re.M).group(1))
+    if busy is None:
+        pytest.skip("neither torch nor cupy imports here: utilization not loaded")
+    gpu_ids, smi_rows = busy
+    print("nvidia-smi during the busy task:", smi_rows, "readings:", readings)
+    index = int(gpu_ids[0]) if str(gpu_ids[0]).isdigit() else 0
+    assert max(r[index] or 0.0 for r in readings) > 0.3, readings
