@@ -95,6 +95,9 @@ where noted); each is read on every rank:
   HPCRAY_RANK_PID                set by each rank for its children (not by you): a
                                  program a driver or task starts that uses hpcray runs
                                  a runtime of its own, not one more rank
+  RAY_record_ref_creation_sites  1: record where each object ref was created, for
+                                 list_objects' call_site and summarize_objects (default
+                                 0: "disabled", as Ray)
   RAY_ENABLE_AUTO_CONNECT        0: put/get/.remote() before init() raise instead of
                                  starting a runtime (default 1, as Ray)
 Read from the launcher: SLURM_CPUS_PER_TASK (CPUs per node), CUDA_VISIBLE_DEVICES and

@@ -84,6 +84,9 @@ class Config:
     # sends it itself to `relay_fanout` pullers, each copy to as many more.
     relay_min_bytes: int = 8 << 20
     relay_fanout: int = 2
+    # Record where each object reference was created, for list_objects' call_site and
+    # summarize_objects (runtime/call_sites.py): Ray's RAY_record_ref_creation_sites.
+    record_ref_creation_sites: bool = False
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -108,6 +111,8 @@ class Config:
         config.drain_grace = _env_float("HPCRAY_DRAIN_GRACE", config.drain_grace)
         config.relay_min_bytes = _env_int("HPCRAY_RELAY_MIN_BYTES", config.relay_min_bytes)
         config.relay_fanout = _env_int("HPCRAY_RELAY_FANOUT", config.relay_fanout)
+        config.record_ref_creation_sites = _env_bool("RAY_record_ref_creation_sites",
+                                                     config.record_ref_creation_sites)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible
         if infeasible not in ("pending", "error"):
             raise ValueError(f"HPCRAY_INFEASIBLE={infeasible!r}: use 'pending' (the "

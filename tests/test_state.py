@@ -318,6 +318,61 @@ def test_summarize_actors_and_objects(ray_start):
     del refs
 
 
+CALL_SITES_JOB = """\
+import json, sys, hpcray as ray
+from hpcray.util.state import list_objects, summarize_objects
+ray.init(num_cpus=1)
+
+@ray.remote
+def make():
+    return b"y" * 300_000
+
+@ray.remote
+class Keeper:
+    def keep(self):
+        self.kept = ray.put(7)  # line 12, held by the actor's worker
+        return 1
+
+put_refs = [ray.put(i) for i in range(3)]  # line 15
+made = make.remote()  # line 16
+keeper = Keeper.remote()
+ray.get([made, keeper.keep.remote()])  # line 18
+print("SUMMARY", json.dumps(summarize_objects()))
+print("SITES", json.dumps(sorted((o.call_site, o.type) for o in list_objects())))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_summarize_objects_groups_by_call_site_when_recorded(tmp_path):
+    import json
+    import re
+    import subprocess
+    import sys
+    script = tmp_path / "sites.py"
+    script.write_text(CALL_SITES_JOB)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=100, cwd=tmp_path,
+                          env=dict(os.environ, RAY_record_ref_creation_sites="1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(re.search(r"^SUMMARY (.*)$", done.stdout, re.M).group(1))["cluster"]
+    assert summary["callsite_enabled"] is True and summary["summary_by"] == "callsite"
+    where = str(script)
+    put_site = f"(put object) | {where}:15:<listcomp> | {where}:15:<module>"
+    groups = summary["summary"]
+    assert groups[put_site]["total_objects"] == 3
+    assert groups[put_site]["task_state_counts"] == {"NIL": 3}
+    made_site = f"(task call) | {where}:16:<module>"
+    assert groups[made_site]["total_objects"] == 1
+    assert groups[made_site]["task_state_counts"] == {"FINISHED": 1}
+    assert 0.28 < groups[made_site]["total_size_mb"] < 0.3
+    kept_site = f"(put object) | {where}:12:keep"
+    assert groups[kept_site]["total_objects"] == 1
+    assert groups[kept_site]["total_num_workers"] == 1
+    sites = json.loads(re.search(r"^SITES (.*)$", done.stdout, re.M).group(1))
+    assert [kept_site, "WORKER"] in sites and [put_site, "DRIVER"] in sites
+    assert summary["total_objects"] == sum(g["total_objects"] for g in groups.values())
+
+
 def test_get_log_by_pid_actor_task_and_file(ray_start):
     @hpcray.remote
     def talk():

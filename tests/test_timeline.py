@@ -148,6 +148,7 @@ def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
             pass
         actor = Actor.remote()
         ray.get([actor.call.remote() for _ in range(7)])
+        kept = ray.put(b"z" * 300_000)  # still referenced when the page is written
         start = time.process_time()  # 1.2 CPU-seconds for the sampler to see, however
         while time.process_time() - start < 1.2:  # long a loaded machine takes to give them
             pass
@@ -161,6 +162,9 @@ def test_report_page_renders_in_a_browser_with_the_jobs_numbers(tmp_path):
     assert summary["actor_creations"] == 1
     assert summary["failures"] == 1 and summary["actors"] == 1 and summary["nodes"] == 1
     assert summary["wall_time_s"] > 1.2
+    assert summary["objects_referenced_at_end"] == 1
+    assert re.search(r'<td class="site">disabled</td><td class="count">1</td><td>0.286</td>',
+                     page)
     # Nothing to fetch: no src/href, no CSS url() or @import.
     assert not re.search(r"\b(src|href)\s*=|url\(|@import", page)
     samples = page_data(page)["samples"]["0"]

@@ -17,7 +17,8 @@ from hpcray import context, exceptions, ids
 from hpcray._store import ObjectExistsError, ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime import hops
-from hpcray.runtime.specs import NORMAL_TASK
+from hpcray.runtime.call_sites import creation_site
+from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, NORMAL_TASK
 from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
                                      RunTask, WorkDone, wire)
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
@@ -25,6 +26,8 @@ from hpcray.serialization import (ErrorValue, deserialize_from_store, deserializ
 
 
 _NOTICE, _REQUEST, _REPLY = Notice.CODE, Request.CODE, Reply.CODE
+# What made a ref, by the kind of its task (specs.py), as Ray's call sites say it.
+_CALLED = {NORMAL_TASK: "task call", ACTOR_CREATION: "actor creation", ACTOR_CALL: "actor call"}
 _RUN_TASK, _CANCEL_TASK = RunTask.CODE, CancelTask.CODE
 
 class CoreClient:
@@ -40,6 +43,7 @@ class CoreClient:
         self.total_resources = total_resources
         self.exported_functions: set = set()
         store.copy_threads = config.copy_threads
+        self.record_sites = config.record_ref_creation_sites  # call_sites.py
 
     # -- values ------------------------------------------------------------------
     def encode_value(self, object_id: bytes, value):
@@ -169,7 +173,10 @@ class CoreClient:
             raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself.")
         object_id = ids.new_put_id()
         inline, contained, size = self.encode_value(object_id, value)
-        return self._register_put(object_id, inline, contained, size)
+        ref = self._register_put(object_id, inline, contained, size)
+        if self.record_sites:
+            self.note_call_sites([object_id], creation_site("put object"))
+        return ref
 
     # -- arguments ---------------------------------------------------------------
     def encode_args(self, task_id: bytes, args: tuple, kwargs: dict):
@@ -273,6 +280,12 @@ class DriverClient(CoreClient):
             nm.submit(spec)
         finally:
             nm.lock.release()
+        if self.record_sites:
+            self.note_call_sites(spec.return_ids, creation_site(_CALLED[spec.kind]))
+
+    def note_call_sites(self, object_ids: list, site: str) -> None:
+        with self.nm.lock:
+            self.nm.call_sites.note(object_ids, site)
 
     def get_payloads(self, object_ids: list, timeout):
         if hops.ENABLED:
@@ -432,6 +445,11 @@ class WorkerClient(CoreClient):
         worker = context.worker
         parent_id = worker.current_task_id if worker is not None else None
         self.channel.send_oneway("submit", (spec, parent_id))
+        if self.record_sites:
+            self.note_call_sites(spec.return_ids, creation_site(_CALLED[spec.kind]))
+
+    def note_call_sites(self, object_ids: list, site: str) -> None:
+        self.channel.send_oneway("call_sites", (object_ids, site))
 
     def get_payloads(self, object_ids: list, timeout):
         answer = self.channel.request("get", (object_ids, timeout))

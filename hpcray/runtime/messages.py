@@ -545,7 +545,7 @@ class WorkerExited(NamedTuple):
 # Request), and the node's WorkerRequests part serves them, one op_<name> method each:
 # `check_operations` holds WorkerRequests to this list at import.
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
-              "interrupt_wait", "create_group", "remove_group")
+              "interrupt_wait", "create_group", "remove_group", "call_sites")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
                "list_state", "cancel", "generator_next", "generator_pause", "make_room",
                "restore", "group_rows")

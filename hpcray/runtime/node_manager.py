@@ -39,6 +39,7 @@ from hpcray.runtime import clock, hops, messages, protocol, sampler
 from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
+from hpcray.runtime.call_sites import CallSites
 from hpcray.runtime.cancellation import Canceller
 from hpcray.runtime.cluster import Network
 from hpcray.runtime.generators import Generators, generator_kind
@@ -188,6 +189,7 @@ class NodeManager:
                                                     gpus, self.config.report_interval)
             self._add_timer(0.0, self._sample)
         self.objects = ObjectTable(rank, store, self.task_events)
+        self.call_sites = CallSites(self.objects.entries)
         self.spiller = Spiller(rank, self.objects, store, self.spill_dir)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
         self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, self.spiller,

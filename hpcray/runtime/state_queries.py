@@ -41,7 +41,7 @@ WORKER_ROW_FIELDS = ("worker_id", "rank", "pid", "is_alive", "worker_type", "exi
                      "exit_detail", "launch_ms", "start_ms", "end_ms")
 # What an objects row holds, in this order.
 OBJECT_ROW_FIELDS = ("object_id", "object_size", "task_status", "owner", "rank", "pid",
-                     "type", "reference_type")
+                     "type", "reference_type", "call_site")
 
 
 class StateQueries:
@@ -170,7 +170,8 @@ class StateQueries:
             size, status = None, "PENDING"
         else:
             size, status = entry.size, "FINISHED"
-        return (key, size, status, entry.owner, self.rank, pid, kind, reference_type)
+        return (key, size, status, entry.owner, self.rank, pid, kind, reference_type,
+                self.node.call_sites.get(key))
 
 
 def _worker_id(rank: int, key: int) -> str:

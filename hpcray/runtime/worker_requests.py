@@ -84,6 +84,9 @@ class WorkerRequests:
         if holds_ref:  # the ref the putting process holds, counted at once
             worker.holds.add(object_id)
 
+    def op_call_sites(self, worker, object_ids: list, site: str) -> None:
+        self.node.call_sites.note(object_ids, site)
+
     def op_export_function(self, worker, function_id: bytes, pickled: bytes) -> None:
         self.router.export_function(function_id, pickled)
 

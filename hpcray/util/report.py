@@ -14,6 +14,9 @@ the data embedded in the page; nothing is fetched when it is opened.
     utilization    CPU (and GPU, where a node has one) use per node over time
     object store   bytes used per node over time
     transfers      bytes pulled between nodes, as a from x to table
+    objects        the references still held when the page was written (the driver's,
+                   workers', pending tasks'), as `summarize_objects()` groups them: by
+                   call site with RAY_record_ref_creation_sites=1, else one group
 
 The summary is written as HTML (readable without the script), each figure with a
 `data-key`; the script draws the plots. Not for: live monitoring (it is written once).
@@ -37,16 +40,20 @@ SLOWEST_KINDS = 10
 
 
 def write_report(path: str, parts: list[dict], actors: list, started: float,
-                 ended: float | None = None) -> dict:
-    """Write the page to `path` from every node's Recorder.rows() and the GCS actor
-    rows ([(actor id, ActorInfo)]); -> the summary it shows."""
+                 ended: float | None = None, objects: dict | None = None) -> dict:
+    """Write the page to `path` from every node's Recorder.rows(), the GCS actor rows
+    ([(actor id, ActorInfo)]) and summarize_objects()'s "cluster" part; -> the summary
+    it shows."""
     ended = clock.now() if ended is None else ended
     data = report_data(parts, actors, started, ended)
+    objects = objects or {"summary": {}, "total_objects": 0, "total_size_mb": 0.0}
+    data["summary"]["objects_referenced_at_end"] = objects["total_objects"]
     script = (Path(__file__).with_name("report_page.js")).read_text()
     page = _PAGE.format(
         title=html.escape(f"hpcray job {os.path.basename(path)}"),
         summary=_summary_html(data["summary"]), slowest=_slowest_html(data["slowest"]),
         transfers=_transfers_html(data["transfers"], len(data["nodes"])),
+        objects=_objects_html(objects),
         notes=_notes_html(data["notes"]),
         data=json.dumps(data, separators=(",", ":")).replace("</", "<\\/"),
         script=script.replace("</", "<\\/"))
@@ -147,7 +154,8 @@ _LABELS = {"tasks": "tasks", "actor_calls": "actor calls",
            "spills": "spills", "transfers": "object transfers",
            "bytes_moved": "bytes moved between nodes", "nodes": "nodes",
            "wall_time_s": "wall time (s)", "tasks_run": "attempts ended",
-           "bytes_pulled": "bytes pulled by nodes", "bytes_sent": "bytes sent by nodes"}
+           "bytes_pulled": "bytes pulled by nodes", "bytes_sent": "bytes sent by nodes",
+           "objects_referenced_at_end": "objects referenced at the end"}
 
 
 def _summary_html(summary: dict) -> str:
@@ -179,6 +187,25 @@ def _transfers_html(transfers: list, num_nodes: int) -> str:
     return f'<table class="transfers" id="transfers"><tr><th></th>{head}</tr>{body}</table>'
 
 
+def _objects_html(objects: dict) -> str:
+    rows = "".join(
+        f'<tr><td class="site">{html.escape(site)}</td>'
+        f'<td class="count">{group["total_objects"]}</td>'
+        f'<td>{group["total_size_mb"]:.3f}</td><td>{group["total_num_workers"]}</td>'
+        f'<td>{group["total_num_nodes"]}</td>'
+        f'<td>{html.escape(_counts(group["task_state_counts"]))}</td>'
+        f'<td>{html.escape(_counts(group["ref_type_counts"]))}</td></tr>'
+        for site, group in sorted(objects["summary"].items(),
+                                  key=lambda item: -item[1]["total_size_mb"]))
+    return ('<table class="objects" id="objects"><tr><th>call site</th><th>references'
+            '</th><th>MiB</th><th>processes</th><th>nodes</th><th>task states</th>'
+            '<th>reference types</th></tr>' + rows + "</table>")
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+
+
 def _notes_html(notes: list) -> str:
     return "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
 
@@ -197,7 +224,7 @@ _PAGE = """<!DOCTYPE html>
 body {{ font: 13px system-ui, sans-serif; margin: 16px; color: #222; background: #fff; }}
 h1 {{ font-size: 18px; }} h2 {{ font-size: 15px; margin-top: 24px; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 2px 8px; text-align: right; }}
-table.summary th, table.slowest td:first-child {{ text-align: left; }}
+table.summary th, table.slowest td:first-child, td.site {{ text-align: left; }}
 tr:nth-child(even) {{ background: #f3f3f3; }} .note {{ color: #a33; }}
 svg {{ display: block; border: 1px solid #ddd; background: #fcfcfc; }}
 svg text {{ font-size: 10px; fill: #444; }} .legend span {{ margin-right: 12px; }}
@@ -211,6 +238,10 @@ svg text {{ font-size: 10px; fill: #444; }} .legend span {{ margin-right: 12px; 
 <div id="gpu-section"></div>
 <h2>Object store use per node</h2><div id="store"></div>
 <h2>Bytes moved between nodes</h2>{transfers}
+<h2>Objects still referenced at the end, by call site</h2>
+<p>As <code>hpcray.util.state.summarize_objects()</code> groups them; call sites are
+recorded with <code>RAY_record_ref_creation_sites=1</code>, else one group, "disabled".</p>
+{objects}
 <script type="application/json" id="hpcray-data">{data}</script>
 <script>{script}</script>
 </body></html>
@@ -224,11 +255,14 @@ def write_job_report(client, node) -> None:
     """At the driver's shutdown, while every node still runs: gather and write the page
     to the job's config.report. A failure is logged, never raised: the job's own
     outcome must not depend on its report."""
+    from hpcray.util.state import summarize_objects
     path = node.config.report
     try:
         parts = client.list_state("timeline", timeout=GATHER_TIMEOUT)
         actors = client.list_state("actors", timeout=GATHER_TIMEOUT)
-        summary = write_report(path, parts, actors, node.recorder.started)
+        objects = summarize_objects(timeout=GATHER_TIMEOUT)["cluster"]
+        summary = write_report(path, parts, actors, node.recorder.started,
+                               objects=objects)
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("the job's report page could not be written to %s", path)
         return

@@ -195,12 +195,16 @@ def list_objects(address: str | None = None, filters: list | None = None,
     client = context.get_client()
     nodes = _nodes(client)
     rows = sorted(client.list_state("objects"), key=lambda row: (row[0], row[4], row[5] or 0))
+    # As Ray: "disabled" unless RAY_record_ref_creation_sites=1 (runtime/call_sites.py);
+    # then "" for a ref no process of its node made (it came from another node).
+    unknown = "" if client.config.record_ref_creation_sites else "disabled"
     return limited((ObjectState(
         object_id=object_id.hex(), pid=pid, ip=nodes.get(rank, {}).get("NodeManagerAddress", ""),
-        call_site="disabled", task_status=status, type=kind, reference_type=reference_type,
-        object_size=size, node_id=_node_id(nodes, rank), owner_node_id=_node_id(nodes, owner))
-        for (object_id, size, status, owner, rank, pid, kind, reference_type) in rows),
-        checks, limit)
+        call_site=call_site or unknown, task_status=status, type=kind,
+        reference_type=reference_type, object_size=size, node_id=_node_id(nodes, rank),
+        owner_node_id=_node_id(nodes, owner))
+        for (object_id, size, status, owner, rank, pid, kind, reference_type, call_site)
+        in rows), checks, limit)
 
 
 def get_actor(id: str, address: str | None = None, timeout: int = 30,
@@ -281,9 +285,10 @@ def summarize_actors(address: str | None = None, timeout: int = 30,
 
 def summarize_objects(address: str | None = None, timeout: int = 30,
                       raise_on_missing_output: bool = True, _explain: bool = False) -> dict:
-    """Ray's object summary, by call site (hpcray records none: one group, "disabled"):
-    references, their total size in MiB, how many processes and nodes hold them, and
-    counts by task status and reference type."""
+    """Ray's object summary, by call site: references, their total size in MiB, how many
+    processes and nodes hold them, and counts by task status and reference type. Call
+    sites are recorded with RAY_record_ref_creation_sites=1, as in Ray; otherwise every
+    reference is in one group, "disabled", and callsite_enabled is False."""
     summary: dict[str, dict] = {}
     holders: dict[str, tuple[set, set]] = {}
     references = list_objects(limit=2**62)
@@ -306,7 +311,8 @@ def summarize_objects(address: str | None = None, timeout: int = 30,
         summary[call_site]["total_num_workers"] = len(pids)
         summary[call_site]["total_num_nodes"] = len(node_ids)
     return {"cluster": {"summary": summary, "total_objects": len(references),
-                        "total_size_mb": total_mb, "callsite_enabled": False,
+                        "total_size_mb": total_mb,
+                        "callsite_enabled": "disabled" not in summary,
                         "summary_by": "callsite"}}
 
 
