@@ -41,6 +41,11 @@ a venv, activate it first or call .venv/bin/mpiexec):
 
 init() arguments win over these environment variables (read in hpcray/config.py and
 where noted); each is read on every rank:
+  HPCRAY_NUM_CPUS                CPUs of each node (rank) (default: the CPUs the rank
+                                 may run on: its affinity, SLURM_CPUS_PER_TASK)
+  HPCRAY_NUM_GPUS                GPUs of each node (default: the NVIDIA GPUs NVML shows
+                                 the rank, after CUDA_VISIBLE_DEVICES and Slurm's; ranks
+                                 on one host split them)
   HPCRAY_OBJECT_STORE_MEMORY     bytes of each node's shared-memory store (default 30%
                                  of memory, capped by /dev/shm; at least 75 MiB)
   HPCRAY_INLINE_THRESHOLD        values smaller than this travel inside messages, not

@@ -95,6 +95,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             int(os.environ.get("HPCRAY_GCS_SHARDS", "1") or 1)
         job_id = os.urandom(4).hex()
         config.log_dir = _log_folder(job_id, config.log_dir)
+        num_cpus = config.num_cpus if num_cpus is None else num_cpus
+        num_gpus = config.num_gpus if num_gpus is None else num_gpus
         job = {"job_id": job_id, "num_cpus": num_cpus, "num_gpus": num_gpus,
                "resources": resources, "config": config.as_dict(), "gcs_shards": gcs_shards}
         if transport is None:

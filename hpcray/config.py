@@ -29,6 +29,20 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
+def _env_quantity(name: str) -> float | None:
+    """A count of CPUs or GPUs (fractions allowed), None when unset."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"{name}={raw!r} must not be negative")
+    return value
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -38,6 +52,11 @@ def _env_bool(name: str, default: bool) -> bool:
 
 @dataclass
 class Config:
+    # CPUs and GPUs of each node (every rank); None: what the rank may use (its
+    # affinity, SLURM_CPUS_PER_TASK; the GPUs NVML shows it). init(num_cpus=, num_gpus=)
+    # wins, as it does over Ray's detection.
+    num_cpus: float | None = None
+    num_gpus: float | None = None
     # Values whose serialized size is under this travel inside messages, not the store.
     inline_threshold: int = 100 * 1024
     # Bytes of the node's shared-memory store; 0 means 30% of memory, capped by /dev/shm.
@@ -91,6 +110,8 @@ class Config:
     @classmethod
     def from_environment(cls) -> Config:
         config = cls()
+        config.num_cpus = _env_quantity("HPCRAY_NUM_CPUS")
+        config.num_gpus = _env_quantity("HPCRAY_NUM_GPUS")
         config.inline_threshold = _env_int("HPCRAY_INLINE_THRESHOLD", config.inline_threshold)
         config.object_store_memory = _env_int("HPCRAY_OBJECT_STORE_MEMORY",
                                               config.object_store_memory)

@@ -1,6 +1,7 @@
 """`python -m hpcray` as a user meets it: --help, --version, and usage errors that
 end with one line and exit status 2, never a traceback from inside hpcray."""
 
+import os
 import re
 import subprocess
 import sys
@@ -75,6 +76,40 @@ def test_a_program_and_a_module_still_run(tmp_path):
     assert (proc.returncode, proc.stdout) == (0, "ran ['--version', 'x']\n"), proc.stderr
     proc = launch("-m", "json.tool", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "json.tool" in proc.stdout
+
+
+NODE_SIZE_JOB = """
+import hpcray as ray
+ray.init({args})
+print("SIZE", ray.cluster_resources().get("CPU"), ray.cluster_resources().get("GPU", 0),
+      len(ray.nodes()))
+"""
+
+
+@pytest.mark.parametrize("env, args, says", [
+    ({"HPCRAY_NUM_CPUS": "3", "HPCRAY_NUM_GPUS": "2"}, "", "SIZE 3.0 2.0 1"),
+    ({"HPCRAY_NUM_CPUS": "3", "HPCRAY_NUM_GPUS": "2"}, "num_cpus=1, num_gpus=0",
+     "SIZE 1.0 0 1"),  # init() wins
+])
+def test_cpus_and_gpus_per_node_from_the_environment(tmp_path, env, args, says):
+    (tmp_path / "app.py").write_text(NODE_SIZE_JOB.format(args=args))
+    proc = subprocess.run([sys.executable, "-m", "hpcray", "app.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=90,
+                          env=dict(os.environ, **env))
+    assert proc.returncode == 0, proc.stderr
+    assert says in proc.stdout, proc.stdout
+
+
+@pytest.mark.multinode
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no {MPIEXEC}")
+def test_cpus_per_node_from_the_environment_on_every_rank(tmp_path):
+    (tmp_path / "app.py").write_text(NODE_SIZE_JOB.format(args=""))
+    proc = subprocess.run([str(MPIEXEC), "-n", "3", sys.executable, "-m", "hpcray", "app.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=110,
+                          env=dict(os.environ, HPCRAY_NUM_CPUS="2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "SIZE 6.0 0 3" in proc.stdout, proc.stdout
 
 
 @pytest.mark.multinode
