@@ -11,14 +11,17 @@ from tests.test_timeline import page_data, summary_of
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
 
-JOB = """
+# Every job here: three nodes of one CPU, and on(rank) to place a task on a rank.
+ON_RANKS = """
     import json, os, time, numpy as np, hpcray as ray
     from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
     ray.init(num_cpus=1)
     nodes = {n["rank"]: n["NodeID"] for n in ray.nodes()}
     def on(rank):
         return On(nodes[rank], soft=False)
+"""
 
+JOB = ON_RANKS + """
     @ray.remote
     def leaf(i):
         time.sleep(0.01)
@@ -111,14 +114,7 @@ def test_timeline_and_report_cover_every_rank(tmp_path):
     assert len({tuple(p) for p in flat[::97]}) > 20
 
 
-SKEWED_JOB = """
-    import json, time, numpy as np, hpcray as ray
-    from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
-    ray.init(num_cpus=1)
-    nodes = {n["rank"]: n["NodeID"] for n in ray.nodes()}
-    def on(rank):
-        return On(nodes[rank], soft=False)
-
+SKEWED_JOB = ON_RANKS + """
     @ray.remote
     def leaf(i):
         return i
