@@ -241,6 +241,29 @@ class FakeNvml:
         return self._handle(mig_handle, ("mig", (gpu, slot.value)))
 
 
+class FakeNvmlUtilization(FakeNvml):
+    """With what the report's GPU source reads: handles by UUID and utilization rates
+    (status 3, NOT_SUPPORTED, for a GPU in `unreadable`, as NVML says of MIG)."""
+
+    def __init__(self, gpus, busy, unreadable=()):
+        super().__init__(gpus)
+        self.busy = busy  # uuid -> percent
+        self.unreadable = set(unreadable)
+
+    def _nvmlDeviceGetHandleByUUID(self, uuid, handle):
+        uuids = [gpu[0] for gpu in self.gpus]
+        if uuid.decode() not in uuids:
+            return 13  # NVML_ERROR_NOT_FOUND
+        return self._handle(handle, ("gpu", uuids.index(uuid.decode())))
+
+    def _nvmlDeviceGetUtilizationRates(self, handle, rates):
+        uuid = self._info(handle)[0]
+        if uuid in self.unreadable:
+            return 3
+        rates._obj.gpu = self.busy[uuid]
+        return 0
+
+
 @pytest.fixture
 def fake_nvml(monkeypatch):
     def install(fake):
@@ -590,3 +613,27 @@ def test_module_imports_only_the_standard_library():
     out = run_isolated("print(sorted(m for m in sys.modules if m.split('.')[0] in "
                        "('hpcray', 'numpy', 'torch', 'cupy')))")
     assert out == "[]"
+
+
+def test_report_gpu_source_reads_nvml_utilization(fake_nvml):
+    from hpcray.runtime import sampler
+    nvml = fake_nvml(FakeNvmlUtilization(
+        [(U0, "A", GiB), (U1, "B", GiB), (U2, "C", GiB)], {U0: 37, U1: 100, U2: 5},
+        unreadable=[U2]))
+    source = sampler.gpu_utilization([U1, U0, U2, U3])  # U3: not on this host
+    assert source.read() == (1.0, 0.37, None)  # in the order asked, unreadable as None
+    source.close()
+    assert nvml.calls[0] == "nvmlInit_v2" and nvml.calls[-1] == "nvmlShutdown"
+    assert sampler.gpu_utilization([]) is None
+
+
+def test_report_gpu_source_is_absent_without_a_driver(fake_nvml):
+    from hpcray.runtime import sampler
+    fake_nvml(OSError("libnvidia-ml.so.1: cannot open shared object file"))
+    assert sampler.gpu_utilization([U0]) is None
+    nvml = fake_nvml(FakeNvmlUtilization([(U0, "A", GiB)], {U0: 1}))
+    nvml.fail["nvmlInit_v2"] = 9  # NVML_ERROR_DRIVER_NOT_LOADED
+    assert sampler.gpu_utilization([U0]) is None
+    nvml = fake_nvml(FakeNvmlUtilization([(U0, "A", GiB)], {U0: 1}))
+    assert sampler.gpu_utilization([U3]) is None  # none of its GPUs found
+    assert nvml.calls[-1] == "nvmlShutdown"
