@@ -91,7 +91,16 @@ where noted); each is read on every rank:
                                  too; none: no drain)
   HPCRAY_DRAIN_GRACE             seconds a drain lets running tasks finish before they
                                  are cancelled and the program ends (default 30)
+  HPCRAY_RELAY_MIN_BYTES         an object this large or larger pulled by many nodes
+                                 may be served by a node that has a copy (default
+                                 8388608)
+  HPCRAY_RELAY_FANOUT            how many pullers each copy of such an object serves
+                                 (default 2)
+  HPCRAY_STAGED_SENDS            0: never stage a send for a peer that reads memory
+                                 with CMA, 1: for every peer (default: as detected)
   HPCRAY_TRACE                   1: print every message between nodes (default off)
+  HPCRAY_TRACE_HOPS              a folder: every process writes there the timestamps
+                                 of each remote get's steps (default off)
   HPCRAY_TEST_CLOCK_SKEW         for tests: seconds added to the clock this rank and
                                  its workers stamp the timeline with, as if its host's
                                  clock were off (default 0; the timeline aligns it)
