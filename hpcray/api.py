@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import sys
@@ -19,8 +20,13 @@ from hpcray.remote_function import RemoteFunction
 from hpcray.runtime import drain, hops
 from hpcray.options import ACTOR_OPTIONS, TASK_OPTIONS, check
 
+log = logging.getLogger(__name__)
+
 _init_lock = threading.Lock()
 _atexit_registered = False
+# How long init waits for its node's fork server to be ready (its imports: ~0.2 s on a
+# quiet host, seconds on a loaded one); past it, init returns and workers start late.
+FORKSERVER_READY_TIMEOUT_S = 60
 
 
 class RuntimeInfo(dict):
@@ -110,6 +116,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                     node.set_cluster_nodes(nodes)
                 return node
             node = launch.start_job(transport, job, build_rank0)
+        if not node.wait_forkserver_ready(FORKSERVER_READY_TIMEOUT_S):
+            log.warning("the fork server has not finished its imports after %d s; "
+                        "init returns, the first workers will start late",
+                        FORKSERVER_READY_TIMEOUT_S)
         counter = node.driver_refs
         object_ref.reference_counter = counter
         counter.enabled = True

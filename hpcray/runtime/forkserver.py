@@ -103,6 +103,7 @@ def main() -> None:
             pass
         from hpcray.runtime import worker as worker_module
 
+        control.send(protocol.encode(wire(messages.ForkServerReady, os.getpid())))
         signal.signal(signal.SIGCHLD, lambda *_: _reap(children, control))
         while True:
             try:

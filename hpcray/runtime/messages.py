@@ -532,6 +532,13 @@ class ForkWorker(NamedTuple):
 
 
 @_on("fork")
+class ForkServerReady(NamedTuple):
+    """fork server -> node: it has imported what workers need; from now a worker asked
+    for starts in milliseconds (init waits for this: see NodeManager.wait_forkserver_ready)."""
+    pid: int
+
+
+@_on("fork")
 class WorkerExited(NamedTuple):
     """fork server -> node: it reaped worker `pid`; `status` as os.waitpid gives it (the
     node logs a crash with what the worker was running: job_logs.py)."""

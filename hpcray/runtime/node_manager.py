@@ -265,7 +265,17 @@ class NodeManager:
             env=env, stdin=subprocess.DEVNULL, start_new_session=False)
         theirs.close()
         self._forkserver_sock = ours
+        self._forkserver_ready = threading.Event()
         self._register(ours.fileno(), self._on_forkserver)
+
+    def wait_forkserver_ready(self, timeout: float) -> bool:
+        """Wait until the fork server has imported what workers need (or died).
+
+        The driver's init waits for this so that the first worker it asks for starts in
+        milliseconds: otherwise the first actor waits for the server's imports (~1-2 s on
+        a loaded host), after init returned, and a program that cancels its first actor
+        call "once it has started" (Ray's actors.py) cancels it before it runs."""
+        return self._forkserver_ready.wait(timeout)
 
     def prestart_workers(self, count: int) -> None:
         with self.lock:
@@ -499,6 +509,7 @@ class NodeManager:
 
     def _on_forkserver(self, fd, _mask) -> None:
         if not self._on_forkserver_message() and self._running:
+            self._forkserver_ready.set()  # nothing to wait for any more
             self._unregister(fd)
             log.error("rank %d: the fork server died; no new workers can start", self.rank)
 
@@ -513,7 +524,9 @@ class NodeManager:
         if not data:
             return False
         message = messages.record(protocol.decode(data))
-        if type(message) is messages.WorkerExited:
+        if type(message) is messages.ForkServerReady:
+            self._forkserver_ready.set()
+        elif type(message) is messages.WorkerExited:
             worker = self.job_logs.by_pid.get(message.pid)
             if worker is not None:  # its last words first: the log line quotes them
                 self._read_all_output(worker)
