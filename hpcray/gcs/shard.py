@@ -27,6 +27,7 @@ read or a delete return None; records in results are copies (tables.py).
 | subscribe_object   | object_id   | (2)                                    | ObjectInfo or None   |
 | unsubscribe_object | object_id   |                                        | bool: was subscribed |
 | delete_object      | object_id   | (3)                                    | ObjectInfo or None   |
+| rebuild_object     | object_id   | (9)                                    | ObjectInfo or None   |
 | put_task           | task_id     | spec_bytes, state="PENDING" (replaces) | True                 |
 | set_task_state     | task_id     | state                                  | TaskInfo or None     |
 | get_task           | task_id     |                                        | TaskInfo or None     |
@@ -83,6 +84,10 @@ read or a delete return None; records in results are copies (tables.py).
     Events carry their time (seconds since the epoch; rows say ms) and a detail: a
     PENDING its parent task id, a RUNNING the worker's pid, a FAILED Ray's error type.
     list_tasks returns a tables.TASK_ROW_FIELDS tuple per task, live or in the history.
+(9) The owner makes the object again from lineage (runtime/lineage.py): the shard
+    forgets that it was deleted (if it was: a value freed, then needed again to rebuild
+    a lost one downstream), so the copies its re-run reports are recorded and not
+    turned away as late; returns what get_object returns (live copies serve instead).
 
 Subscriptions are per rank: two parties on one rank share one; the node manager counts.
 """
@@ -234,6 +239,11 @@ class GcsShard:
     def _op_get_object(self, out: Outgoing, source: int, object_id: bytes) -> ObjectInfo | None:
         info = self.objects.get(object_id)
         return None if info is None else info.copy()
+
+    def _op_rebuild_object(self, out: Outgoing, source: int,
+                           object_id: bytes) -> ObjectInfo | None:
+        self.deleted_objects.pop(object_id, None)
+        return self._op_get_object(out, source, object_id)
 
     def _op_subscribe_object(self, out: Outgoing, source: int,
                              object_id: bytes) -> ObjectInfo | None:
@@ -556,7 +566,7 @@ def _discard(subscriptions: dict, key, rank: int) -> bool:
 
 GCS_OPS = frozenset({
     "add_location", "remove_location", "get_object", "subscribe_object",
-    "unsubscribe_object", "delete_object",
+    "unsubscribe_object", "delete_object", "rebuild_object",
     "put_task", "set_task_state", "get_task", "delete_task", "task_events", "list_tasks",
     "claim_actor_name", "register_actor", "update_actor", "release_actor_name", "get_actor",
     "list_actors", "lookup_actor_name", "subscribe_actor", "unsubscribe_actor",

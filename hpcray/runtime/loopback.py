@@ -31,6 +31,9 @@ class LoopbackTransport:
     def broadcast(self, message, channel: str = "control") -> None:
         """To every other rank: there is none."""
 
+    def live_ranks(self) -> list:
+        return [0]
+
     def poll(self) -> list:
         messages, self._inbox = self._inbox, []
         return messages

@@ -21,8 +21,12 @@ On NodeDied(rank, lost) a survivor
 - restarts, as their owner, the actors that rank hosted, on another node, within
   `max_restarts` (the creation spec is kept by the owner: RemoteActor.creation), else
   tells every node the actor is dead (ActorAt with rank -1);
+- answers the state queries that waited for the rank's rows without them;
 and rank 0 places the placement-group bundles that were there again
 (placement_groups.GroupDirectory.node_died): what re-runs into them waits for that.
+
+Every survivor on the dead rank's host also removes what it left there (its store
+segment, its spill folder) as soon as its transport finds it dead.
 
 Rank 0 dying ends the job: every other rank logs one line and leaves (launch.py).
 Rank 0 knows what it placed where (`ClusterLink.placed`, rank -> {task id: owner});
@@ -40,6 +44,7 @@ from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.object_mover import owner_died
 from hpcray.runtime.object_table import PENDING, REMOTE
+from hpcray.runtime.spilling import remove_directory
 from hpcray.runtime.specs import QUEUED, RUNNING
 
 log = logging.getLogger("hpcray.node_failures")
@@ -72,31 +77,38 @@ class NodeFailures:
             if self.rank == self.transport.live_ranks()[0]:  # one line for the job
                 log.error("hpcray: lost rank 0 (the driver and the global scheduler, host "
                           "%s); the job ends", self._host(0))
-            self._unlink_store(0)
+            self._clean_up_after(0)
             self.link.stop_requested = True
             return
         for rank in ranks:
             log.warning("rank %d: lost rank %d (host %s); the job goes on without it",
                         self.rank, rank, self._host(rank))
             self.node.relay.node_lost(rank)
-            self._unlink_store(rank)
+            self._clean_up_after(rank)
         if self.rank == 0:
             for rank in ranks:
                 self._decide(rank)
 
-    def _unlink_store(self, dead: int) -> None:
-        """The dead node's store segment, if it shares this host: its fork server unlinks
-        it when its node dies, unless Open MPI's cleanup kills that server first (seen:
-        the segment stayed). Every survivor of the host tries; the name goes once."""
+    def _clean_up_after(self, dead: int) -> None:
+        """What the dead node leaves on this host, if it shares it: its store segment and
+        its spill folder. Its fork server removes both when its node dies, unless Open
+        MPI's cleanup (or anything else) kills that server first (seen: the segment
+        stayed). Every survivor of the host tries; each goes once. A host left with no
+        survivor keeps them (under Slurm the default spill folder is in $SLURM_TMPDIR,
+        which Slurm empties at the end of the job)."""
         node = self.link.nodes.get(dead, {})
-        if node.get("store_name") and node.get("hostname") == socket.gethostname():
+        if node.get("hostname") != self._host(self.rank, socket.gethostname()):
+            return
+        if node.get("store_name"):
             try:
                 Store.unlink_name(node["store_name"])
             except Exception:  # noqa: BLE001 - gone already (another survivor, its server)
                 pass
+        if node.get("spill_dir"):
+            remove_directory(node["spill_dir"])
 
-    def _host(self, rank: int) -> str:
-        return self.link.nodes.get(rank, {}).get("hostname", "?")
+    def _host(self, rank: int, unknown: str = "?") -> str:
+        return self.link.nodes.get(rank, {}).get("hostname", unknown)
 
     def _pull_lost(self, transfer) -> None:
         for tag, pulled in list(self.link.pulls.items()):
@@ -115,6 +127,9 @@ class NodeFailures:
         a relay whose own copy failed: relay.py)."""
         if entry.owner in self.transport.dead:
             self.mover.object_lost(object_id, entry, holder)
+        elif entry.owner == self.rank and entry.state == PENDING:
+            # a reader's copy it pulled to rebuild the value: another, or a re-run
+            self.lineage.copy_missing(object_id, entry, holder)
         elif holder in self.link.dead_nodes:  # rank 0 declared it dead already
             if entry.owner == self.rank:
                 self.lineage.rebuild([object_id])
@@ -153,13 +168,11 @@ class NodeFailures:
     # ------------------------------------------------------------------ recovery
     def on_node_died(self, source: int, dead: int, lost: list) -> None:
         self.network.node_died(dead)
+        self.node.state_queries.node_died(dead)
         # Before the restarts: one placed on this node takes the queue of calls with it.
         requeued = self._requeue_calls_sent_to(dead)
         self.actors.node_died(dead)
-        for remote in requeued:
-            if self.actors.remote_actors.get(remote.actor_id) is remote:
-                self.router.pump_remote_actor(remote)  # to the new host, if known yet
-        rerun = 0
+        rerun = []
         for task_id in lost:
             remote = self.actors.remote_actors.get(task_id)  # an actor placed there
             if remote is not None:
@@ -169,17 +182,25 @@ class NodeFailures:
             record = self.node.tasks.get(task_id)
             if record is None or record.state != RUNNING or record.worker is not None:
                 continue  # ended (its TaskDone came first) or run again already
-            self._rerun(record, dead)
-            rerun += 1
+            rerun.append(record)
+        # Values before tasks: a task run again must find its lost arguments PENDING (it
+        # waits for them), not REMOTE on the dead rank (it would pull from it, into the
+        # buffer its rebuild then makes: ObjectExistsError). And the tasks to run again
+        # are known first: lineage re-runs the task of a lost value unless it is one.
         self._objects_after(dead)
         lost_values = self.lineage.lost_with(dead)
         if lost_values:
             log.warning("rank %d: %d values it owns had their only copy on rank %d: "
                         "rebuilding them from lineage", self.rank, len(lost_values), dead)
             self.lineage.rebuild(lost_values)
+        for remote in requeued:  # after the values: no call describes one as on the dead rank
+            if self.actors.remote_actors.get(remote.actor_id) is remote:
+                self.router.pump_remote_actor(remote)  # to the new host, if known yet
+        for record in rerun:
+            self._rerun(record, dead)
         if lost:
             log.warning("rank %d: %d tasks it owns were on rank %d: %d run again",
-                        self.rank, len(lost), dead, rerun)
+                        self.rank, len(lost), dead, len(rerun))
 
     def _objects_after(self, dead: int) -> None:
         """Values the dead rank owned are lost (Ray's OwnerDiedError) unless a copy is
@@ -206,7 +227,8 @@ class NodeFailures:
         if record.retries_left > 0:
             record.retries_left -= 1
         self.node.recorder.count("retries")
-        self.router.route(record)
+        # Its arguments again: one may have been lost too (rebuilt, or asked of its owner).
+        self.node._resolve_deps(record, self.node._on_task_deps_ready)
 
     def _requeue_calls_sent_to(self, dead: int) -> list:
         """Actor calls this node sent to the dead rank never come back: as Ray, each goes

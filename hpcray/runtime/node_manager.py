@@ -45,7 +45,7 @@ from hpcray.runtime.cluster import Network
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs, WorkerStreams
 from hpcray.runtime.guardian import NoBoard
-from hpcray.runtime.lineage import Lineage
+from hpcray.runtime.lineage import Lineage, LineagePins
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
@@ -188,7 +188,8 @@ class NodeManager:
             self.recorder.sampler = sampler.Sampler(store, self.total_resources.get("CPU", 1),
                                                     gpus, self.config.report_interval)
             self._add_timer(0.0, self._sample)
-        self.objects = ObjectTable(rank, store, self.task_events)
+        self.pins = LineagePins(self.task_events)
+        self.objects = ObjectTable(rank, store, self.pins)
         self.call_sites = CallSites(self.objects.entries)
         self.spiller = Spiller(rank, self.objects, store, self.spill_dir)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
@@ -218,7 +219,8 @@ class NodeManager:
         self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
         self.actors.bind(self.router, self.borrowing)
-        self.lineage = Lineage(rank, self, self.objects, gcs)
+        self.lineage = Lineage(rank, self, self.objects, self.pins, gcs)
+        self.mover.copy_missing = self.lineage.copy_missing
         self.failures = NodeFailures(rank, link, self, self.network, self.objects,
                                      self.actors, self.router, self.mover, self.lineage,
                                      gcs, peers)
@@ -234,7 +236,8 @@ class NodeManager:
     def describe_self(self) -> dict:
         """This node as the start handshake tells the others."""
         return {"node_id": self.node_id.hex(), "resources": self.total_resources,
-                "hostname": self.info["hostname"], "store_name": self.store_name}
+                "hostname": self.info["hostname"], "store_name": self.store_name,
+                "spill_dir": self.spill_dir}
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake)."""
@@ -769,6 +772,7 @@ class NodeManager:
         else:
             self.task_events.submitted(spec, parent.spec.task_id)
             self.recorder.submitted(parent.spec.task_id, spec.task_id)
+        self.pins.submitted(spec)
         if spec.kind == ACTOR_CREATION:
             self.actors.create_actor(spec, pending=problem is not None)
             if problem is not None:

@@ -52,6 +52,7 @@ class ObjectMover:
         self.peers = peers
         self.recorder = recorder  # records each pull for the timeline
         self._batching = 0        # > 0 inside `batched`: pulls wait for its end
+        self.copy_missing = None  # Lineage.copy_missing: an owned value's copy was gone
         self._wanted: dict[int, list] = {}   # holder rank -> [(object_id, entry)]
         self.relay = None         # bind(): ObjectRelay (relay.py)
 
@@ -262,8 +263,13 @@ class ObjectMover:
             hops.stamp("pull.ready")
 
     def _lost(self, object_id: bytes, source: int) -> None:
-        """The holder no longer had the bytes: the readers get ObjectLostError."""
-        self.object_lost(object_id, self._abandon(object_id), source)
+        """The holder no longer had the bytes: the owner makes the value again (lineage);
+        another node's readers get ObjectLostError."""
+        entry = self._abandon(object_id)
+        if entry is not None and entry.owner == self.rank:
+            self.copy_missing(object_id, entry, source)
+            return
+        self.object_lost(object_id, entry, source)
 
     def object_lost(self, object_id: bytes, entry, source: int) -> None:
         """A pull given up: the readers of the object get ObjectLostError."""

@@ -102,10 +102,10 @@ class ObjectTable:
     the ObjectMover; actor handles in ref transitions go to Actors.
     """
 
-    def __init__(self, rank: int, store, task_events) -> None:
+    def __init__(self, rank: int, store, pins) -> None:
         self.rank = rank
         self.store = store
-        self.task_events = task_events
+        self.pins = pins  # LineagePins: a freed return may release its task's spec
         self.entries: dict[bytes, ObjectEntry] = {}
         self.mover = self.borrowing = self.actors = self.generators = None  # bind()
         self.spiller = None
@@ -200,7 +200,7 @@ class ObjectTable:
 
     def free_object(self, object_id: bytes, entry: ObjectEntry) -> None:
         del self.entries[object_id]
-        self.task_events.freed(object_id)
+        self.pins.freed(object_id)
         if entry.inline is None:
             self.let_go(object_id, entry)
             try:

@@ -57,7 +57,7 @@ class StateQueries:
         self.task_events = task_events
         self.recorder = recorder
         self.peers = peers
-        self.waiting: dict[int, list] = {}  # request id -> [rows so far, answers due, answer]
+        self.waiting: dict[int, list] = {}  # request id -> [rows so far, ranks due, answer]
         self._request_ids = itertools.count(1)
 
     def query(self, table: str, answer) -> None:
@@ -79,14 +79,21 @@ class StateQueries:
             raise ValueError(f"no state table {table!r}")
 
     def _ask_every_node(self, table: str, answer) -> None:
+        """Every live node's rows (ULFM: a dead one is not asked, nor waited for)."""
         rows = self.local_rows(table)
-        others = self.link.size - 1
-        if others == 0:
+        others = {rank for rank in self.link.transport.live_ranks() if rank != self.rank}
+        if not others:
             answer(rows)
             return
         request_id = next(self._request_ids)
         self.waiting[request_id] = [rows, others, answer]
         self.peers.broadcast(wire(messages.StateQuery, request_id, table))
+
+    def node_died(self, rank: int) -> None:
+        """Rank `rank` is gone (node_failures.py): what waits for its rows waits no more."""
+        for request_id, waiting in list(self.waiting.items()):
+            if rank in waiting[1]:
+                self._answered(request_id, waiting, rank)
 
     def on_state_query(self, source: int, request_id: int, table: str) -> None:
         self.peers.send(source, wire(messages.StateRows, request_id, self.local_rows(table)))
@@ -96,8 +103,11 @@ class StateQueries:
         if waiting is None:
             return
         waiting[0].extend(rows)
-        waiting[1] -= 1
-        if waiting[1] == 0:
+        self._answered(request_id, waiting, source)
+
+    def _answered(self, request_id: int, waiting: list, rank: int) -> None:
+        waiting[1].discard(rank)
+        if not waiting[1]:
             del self.waiting[request_id]
             waiting[2](waiting[0])
 
@@ -119,6 +129,7 @@ class StateQueries:
         if table == "store":
             counters = self.node.store.stats()
             counters.update(self.node.spiller.counters())
+            counters.update(self.node.pins.counters())
             return [(self.rank, counters)]
         raise ValueError(f"no per-node state table {table!r}")
 

@@ -1,12 +1,12 @@
 """What list_tasks shows, written as tasks move: the GCS tasks table, and actor calls.
 
 The GCS tasks table holds the spec of every task whose returns some process may still
-ask for (lineage: what to re-run if every copy of a return is lost) and its state. The
-owner (the node the task was submitted on) writes the spec when the task is submitted
-and FINISHED or FAILED when its returns arrive; the node that runs it writes RUNNING;
-the owner writes DELETED once it has freed every return, since nothing can ask for
-them any more (the shard then keeps what list_tasks shows of it, without the spec, in
-a bounded history). Actor creations go there too.
+ask for, or that a lost value downstream may need re-run (lineage: lineage.py decides,
+`LineagePins`), and its state. The owner (the node the task was submitted on) writes
+the spec when the task is submitted and FINISHED or FAILED when its returns arrive; the
+node that runs it writes RUNNING; the owner writes DELETED once its lineage is released
+(the shard then keeps what list_tasks shows of it, without the spec, in a bounded
+history). Actor creations go there too.
 
 Actor calls do not: nothing re-runs them from lineage, and four GCS events per call
 halved the 1:1 actor calls rows of the microbench (its shard work runs on rank 0, ~2 us
@@ -53,7 +53,6 @@ class TaskEvents:
         self.gcs = gcs  # a GcsClient
         self.pending: list[tuple] = []
         self.next_flush = 0.0
-        self.live_returns: dict[bytes, int] = {}  # task id -> its returns not yet freed
         # owner: call id -> (name, actor id, demand or None, created, parent) of the calls
         # not ended yet: plain values, not the spec, so the cyclic GC soon stops tracking
         # them (keeping the spec here cost 1:1 async actor calls ~25%, measured)
@@ -73,8 +72,6 @@ class TaskEvents:
             return
         self.pending.append((spec.task_id, TASK_PENDING, spec, None, None, _now(),
                              parent_id))
-        if spec.return_ids:
-            self.live_returns[spec.task_id] = len(spec.return_ids)
 
     def calls_running(self, call_ids: list, worker_pid: int) -> None:
         """The actor calls `call_ids` were sent to the actor's worker `worker_pid`, in one
@@ -113,15 +110,15 @@ class TaskEvents:
                                      parent, state, _now(), kind))
             return
         self.pending.append((task_id, state, None, None, None, _now(), kind))
-        if task_id not in self.live_returns:  # no returns: its lineage is of no use
-            self._deleted(task_id)
+        if not results:  # no returns: its lineage is of no use
+            self.deleted(task_id)
 
     def actor_created(self, spec, error: str | None = None) -> None:
         """The constructor of the actor of creation task `spec` ran (or, `error` being
         Ray's error type, it raised or the actor died first)."""
         self.pending.append((spec.task_id, TASK_FINISHED if error is None else TASK_FAILED,
                              None, None, None, _now(), error))
-        self._deleted(spec.task_id)
+        self.deleted(spec.task_id)
 
     def call_rows(self) -> tuple[list, list]:
         """(the actor calls this node owns, as tables.TASK_ROW_FIELDS tuples with no
@@ -133,19 +130,8 @@ class TaskEvents:
         return rows, [(task_id, self.rank, pid, _ms(started))
                       for task_id, pid, started in self.calls_run]
 
-    def freed(self, object_id: bytes) -> None:
-        """The owner freed `object_id`: the last freed return ends its task's entry."""
-        task_id = ids.task_id_of(object_id)
-        left = self.live_returns.get(task_id)
-        if left is None:
-            return
-        if left > 1:
-            self.live_returns[task_id] = left - 1
-            return
-        del self.live_returns[task_id]
-        self._deleted(task_id)
-
-    def _deleted(self, task_id: bytes) -> None:
+    def deleted(self, task_id: bytes) -> None:
+        """The task's lineage ends: the GCS drops its spec (lineage.py says when)."""
         self.pending.append((task_id, TASK_DELETED, None, None, None, None, None))
 
     def flush_due(self) -> None:

@@ -187,7 +187,9 @@ class TaskRouter:
             then()  # without the function, the worker reports it as unknown
 
     def localize(self, record: TaskRecord, then) -> None:
-        """Pull the arguments that live on other nodes, then `then(record)`."""
+        """Pull the arguments that live on other nodes, then `then(record)`. One PENDING
+        again (its only copy was lost with a node: being rebuilt, or asked of its owner
+        again) is waited for too."""
         if record.cancelled:  # while its function was on its way (cancellation.py)
             return
         objects = self.objects

@@ -46,11 +46,11 @@ def segment_leaks(before: set) -> set:
     return leaked
 
 
-def run_ulfm(tmp_path, ranks, script, timeout=150, expect_code=0):
+def run_ulfm(tmp_path, ranks, script, timeout=150, expect_code=0, env=None):
     path = tmp_path / "driver.py"
     path.write_text(textwrap.dedent(script))
     before = set(os.listdir("/dev/shm"))
-    env = dict(os.environ, **OMPI_ENV)
+    env = dict(os.environ, **OMPI_ENV, **(env or {}))
     env["PYTHONPATH"] = str(REPO)  # this tree's hpcray, whichever the venv installed
     proc = subprocess.Popen([str(MPIEXEC), "--with-ft", "ulfm", "-n", str(ranks),
                              str(PYTHON), "-m", "hpcray", str(path)],
@@ -91,6 +91,15 @@ NODE_PID = """
         def node_pid():
             with open(f"/proc/{os.getppid()}/stat") as f:
                 return int(f.read().rsplit(")", 1)[1].split()[1])
+
+        def kill_rank(rank, ids):   # -> when; returns once nodes() shows it dead
+            pid = ray.get(ray.remote(node_pid).options(
+                scheduling_strategy=On(ids[rank], soft=False)).remote())
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while {n["rank"]: n["Alive"] for n in ray.nodes()}[rank]:
+                time.sleep(0.001)
+            return t0
 """
 
 
@@ -249,12 +258,7 @@ def test_lost_values_are_rebuilt_from_lineage(tmp_path):
             [singles[4]], go)
         while not os.path.exists("located"):
             time.sleep(0.01)
-        pid = ray.get(ray.remote(node_pid).options(
-            scheduling_strategy=On(ids[2], soft=False)).remote())
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
-            time.sleep(0.001)
+        t0 = kill_rank(2, ids)
         open(go, "w").close()
         assert ray.get(reader) == 200_000
         for i, ref in enumerate(singles):
@@ -370,3 +374,84 @@ def test_exit_status_is_the_programs_after_a_lost_rank(tmp_path, status):
     line = ("hpcray: the job lost rank 2 and the program went on without it; the exit "
             f"status ({status}) is the program's")
     assert out.count(line) == 1, out
+
+
+def test_a_chain_held_by_its_last_link_is_rebuilt(tmp_path):
+    """x_i = step(x_{i-1}), 100 deep, all on rank 2, the program holding only x_100: the
+    99 links before were freed, but their specs stay pinned (lineage ref counting);
+    rank 2 dies and x_100 is made again by re-running the whole chain. Dropping x_100
+    then releases the 100 specs."""
+    out = run_ulfm(tmp_path, 3, """
+        import os, signal, time, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        from hpcray.util.state import object_store_stats
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        on2 = On(ids[2], soft=True)
+    """ + NODE_PID + """
+        def lineage():
+            stats = object_store_stats()["nodes"][0]
+            return stats["lineage_tasks"], stats["lineage_only"], stats["lineage_released"]
+
+        @ray.remote(max_retries=2)
+        def step(x):
+            return (np.zeros(50_000, dtype=np.int64) if x is None else x) + 1  # 400 KB
+
+        x = step.options(scheduling_strategy=on2).remote(None)
+        for _ in range(99):
+            x = step.options(scheduling_strategy=on2).remote(x)
+        ray.wait([x], fetch_local=False)
+        assert lineage() == (100, 99, 0), lineage()
+        print("PINNED", lineage(), flush=True)
+        t0 = kill_rank(2, ids)
+        assert (ray.get(x) == 100).all()
+        print(f"REBUILT {time.monotonic() - t0:.3f}", flush=True)
+        assert lineage()[0] == 100, lineage()
+        del x
+        assert lineage()[:2] == (0, 0) and lineage()[2] >= 100, lineage()
+        print("OK", flush=True)
+    """)
+    assert "OK" in out and "rank 0: 1 values it owns had their only copy on rank 2" in out, out
+    print(re.findall(r"(?:PINNED|REBUILT) .*", out))
+
+
+def test_a_dead_ranks_spill_folder_is_removed(tmp_path):
+    """Rank 2 spilled to its folder (HPCRAY_SPILL_DIR), then died with its fork server
+    (SIGKILL of both, the server first: as when Open MPI's cleanup kills it, it cannot
+    remove the folder). A survivor on its host removes the folder; nothing is left in
+    the spill directory once the job ends."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = run_ulfm(tmp_path, 3, """
+        import os, signal, time, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        from hpcray.util.state import object_store_stats
+        ray.init(num_cpus=1, object_store_memory=80 << 20)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        on2 = On(ids[2], soft=False)
+    """ + NODE_PID + """
+        @ray.remote
+        def block(i):
+            return np.full(1 << 20, i, dtype=np.int64)  # 8 MiB: 12 of them spill on rank 2
+
+        @ray.remote
+        def pids():
+            return os.getppid(), node_pid()   # its fork server, its node
+
+        refs = [block.options(scheduling_strategy=on2).remote(i) for i in range(12)]
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        stats = object_store_stats()["nodes"][2]
+        folders = os.listdir(os.environ["HPCRAY_SPILL_DIR"])
+        assert stats["files"] > 0 and len(folders) == 1, (stats, folders)
+        print("SPILLED", stats["files"], flush=True)
+        server, node = ray.get(pids.options(scheduling_strategy=on2).remote())
+        os.kill(server, signal.SIGKILL)
+        os.kill(node, signal.SIGKILL)
+        while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
+            time.sleep(0.001)
+        assert not os.path.exists(os.path.join(os.environ["HPCRAY_SPILL_DIR"], folders[0]))
+        ray.shutdown()
+        print("OK")
+    """, env={"HPCRAY_SPILL_DIR": str(spill)})
+    assert "OK" in out and "SPILLED" in out, out
+    assert os.listdir(spill) == [], out

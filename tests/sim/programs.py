@@ -318,9 +318,10 @@ class Echo:
 
 def failure_workload(sim) -> None:
     """The driver while a node dies (Simulation(kill=True)): tasks that may run there,
-    chains of stored values made there (rebuilt from lineage when lost), values read on
-    other nodes, an actor that restarts, and placement groups whose bundles there are
-    placed again; every result is checked."""
+    chains of stored values made there (rebuilt from lineage when lost), chains of which
+    only the last link is held (the others freed, rebuilt from pinned lineage), values
+    read on other nodes, an actor that restarts, and placement groups whose bundles
+    there are placed again; every result is checked."""
     rng = random.Random(sim.seed * 7919 + 2)
     ranks = len(sim.nodes)
     node_ids = [node.node_id.hex() for node in sim.nodes]
@@ -331,14 +332,32 @@ def failure_workload(sim) -> None:
     def anywhere():
         return NodeAffinitySchedulingStrategy(node_ids[rng.randrange(ranks)], soft=True)
 
-    def op_chain():
+    def chain(links: int, hold_each: bool):
         previous, previous_tag = None, None
-        for _ in range(rng.randint(1, 4)):
+        for _ in range(links):
             tag = next(tags)
             previous = step.options(scheduling_strategy=anywhere()).remote(
                 tag, rng.choice((SMALL, LARGE)), previous, previous_tag)
             previous_tag = tag
-            held[previous] = tag
+            if hold_each:
+                held[previous] = tag
+        held[previous] = previous_tag
+
+    def op_chain():
+        chain(rng.randint(1, 4), True)
+
+    def op_long_chain():
+        """A chain whose links the driver drops as it goes: only the last is held, so
+        rebuilding it (its node died) re-runs links freed long ago, from pinned lineage."""
+        chain(rng.randint(3, 10), False)
+
+    def op_pile():
+        """Several stored values made on one node (a small store spills some to disk:
+        its folder is cleaned up by its host's other node if it dies)."""
+        where = anywhere()
+        for _ in range(rng.randint(2, 6)):
+            tag = next(tags)
+            held[step.options(scheduling_strategy=where).remote(tag, LARGE, None, None)] = tag
 
     def op_read_elsewhere():
         if held:
@@ -379,7 +398,8 @@ def failure_workload(sim) -> None:
             check_value(ray.get(ref), tag)
         remove_placement_group(group)
 
-    operations = [op_chain, op_chain, op_read_elsewhere, op_actor, op_group]
+    operations = [op_chain, op_chain, op_long_chain, op_pile, op_read_elsewhere,
+                  op_actor, op_group]
     for _ in range(rng.randint(6, 14)):
         rng.choice(operations)()
         sim.pause()

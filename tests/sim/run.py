@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stop", action="store_true", help="stop at the first failure")
     args = parser.parse_args(argv)
     failed = []
-    steps = messages = spilled = restored = relayed = 0
+    steps = messages = spilled = restored = relayed = rebuilt = revived = 0
     copies = []  # per schedule: (most copies one node sent, copies the holder sent)
     start = time.monotonic()
     for seed in range(args.first, args.first + args.count):
@@ -77,6 +77,9 @@ def main(argv=None) -> int:
             restored += sum(node.spiller.stats.restored_objects for node in sim.nodes)
             relayed += sum(node.recorder.counters["relayed"] for node in sim.nodes)
             messages += sim.network.messages_sent
+            rebuilt += sum(node.recorder.counters.get("reconstructions", 0)
+                           for node in sim.nodes)
+            revived += sum(node.recorder.counters.get("revived", 0) for node in sim.nodes)
         except SimulationFailure as failure:
             failed.append(seed)
             text = str(failure)
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - start
     print(f"{args.count} schedules, {len(failed)} failed {failed[:20]}, {steps} steps, "
           f"{messages} messages between nodes, {spilled} spills, {restored} restores, "
-          f"{relayed} relayed copies, {elapsed:.1f} s", flush=True)
+          f"{relayed} relayed copies, {rebuilt} tasks re-run by lineage, {revived} freed "
+          f"values revived, {elapsed:.1f} s", flush=True)
     if copies:
         holder = collections.Counter(h for _, h in copies)
         most = collections.Counter(m for m, _ in copies)

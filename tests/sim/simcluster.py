@@ -457,9 +457,12 @@ class Simulation:
         try:
             for rank in range(num_nodes):
                 self.nodes.append(SimNode(self, rank, num_nodes, job, config, num_cpus))
+            # Two nodes a host: the survivor of a host cleans up after its dead neighbour.
             described = {node.rank: {"node_id": node.node_id.hex(),
                                       "resources": node.total_resources,
-                                      "hostname": f"sim{node.rank}"} for node in self.nodes}
+                                      "hostname": f"sim{node.rank // 2}",
+                                      "store_name": node.store_name,
+                                      "spill_dir": node.spill_dir} for node in self.nodes}
             for node in self.nodes:
                 node.set_cluster_nodes(described)
                 node.prestart_workers(max(1, int(num_cpus)))
@@ -656,6 +659,9 @@ class Simulation:
         problems = []
         for node in self.nodes:
             if not self.alive(node):
+                if os.path.exists(node.spill_dir) and self.alive(self.nodes[node.rank ^ 1]):
+                    problems.append(f"dead node {node.rank}'s spill folder is left on its "
+                                    "host, whose other node lives")
                 continue
             held = {key.hex(): (entry.state, entry.refs, entry.borrowers, entry.lent,
                                 entry.primary)
@@ -684,6 +690,14 @@ class Simulation:
                     os.listdir(node.spill_dir):
                 problems.append(f"node {node.rank} has spill files "
                                 f"{[k.hex() for k in node.spiller.files]}")
+            if node.pins.tasks:
+                problems.append(f"node {node.rank} keeps the lineage of tasks "
+                                f"{[t.hex() for t in node.pins.tasks]}")
+            shard = node.network.gcs_shard
+            kept = [t.hex() for t, task in (shard.tasks.items() if shard else ())
+                    if task.spec is not None and self.alive(self.nodes[ids.owner_rank(t)])]
+            if kept:
+                problems.append(f"GCS shard {node.rank} keeps the specs of {kept}")
             live_actors = [a for a in node.actors.values() if a.death is None]
             if live_actors:
                 problems.append(f"node {node.rank} has live actors {live_actors}")

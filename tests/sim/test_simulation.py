@@ -64,26 +64,26 @@ def test_stores_of_a_few_values_spill():
 def test_a_node_dies():
     # ULFM: a node other than the driver's dies at a random step, each survivor's
     # transport finds out at a random later step; tasks re-run, chains rebuilt from
-    # lineage, reads on other nodes, restarting actors (programs.failure_workload).
+    # lineage (links freed long before made again from pinned specs), reads on other
+    # nodes, restarting actors, placement groups (programs.failure_workload). Seeds 245
+    # and 261 (4 nodes), 1090, 1203 and 1071 (3 nodes) of the workload before
+    # op_long_chain found the re-run ordering bugs of node_failures.py and
+    # task_router.localize.
     out = run_schedules(0, 200, "--kill", "--nodes", "4")
     assert "200 schedules, 0 failed" in out
-    out = run_schedules(1000, 71, "--kill", "--nodes", "3")
-    assert "71 schedules, 0 failed" in out
-    out = run_schedules(1072, 19, "--kill", "--nodes", "3")  # 1071: known, below
-    assert "19 schedules, 0 failed" in out
+    assert int(out.split(" freed values revived")[0].rsplit(" ", 1)[-1]) > 20, out
+    out = run_schedules(1000, 90, "--kill", "--nodes", "3")
+    assert "90 schedules, 0 failed" in out
 
 
-@pytest.mark.xfail(reason="known, not fixed: a task re-run after a node died finds an "
-                   "unsealed copy of its return in its node's store (ObjectExistsError), "
-                   "or a rebuilt argument is gone from the store (ObjectLostError)",
-                   strict=False)
-# 1071 on 3 nodes since the failure workload has placement groups (every schedule
-# changed): a chain's rebuilt argument gone from the store, the second kind above (with
-# the bundles' rescheduling switched off it deadlocks instead: a bundle never comes back).
-@pytest.mark.parametrize("seed,nodes", [(245, 4), (261, 4), (1090, 3), (1203, 3), (1071, 3)])
-def test_a_node_dies_known_failures(seed, nodes):
-    out = run_schedules(seed, 1, "--kill", "--nodes", str(nodes))
-    assert "1 schedules, 0 failed" in out
+def test_a_node_dies_while_stores_spill():
+    # Stores of 12 KiB: values are spilled, restored, and evicted as cached copies (a
+    # copy the GCS lists may be gone: the owner then rebuilds from another, or from
+    # lineage). Two nodes share a simulated host: a dead node's spill folder must be
+    # removed by the other (check_quiescent).
+    out = run_schedules(2000, 150, "--kill", "--nodes", "4", "--store-bytes", str(12 << 10))
+    assert "150 schedules, 0 failed" in out
+    assert int(out.split(" spills")[0].rsplit(" ", 1)[-1]) > 300, out
 
 
 # One large object read on every node (programs.relay_workload, runtime/relay.py): the

@@ -320,7 +320,7 @@ def summarize_objects(address: str | None = None, timeout: int = 30,
 _STORE_TOTALS = ("capacity", "used_bytes", "num_objects", "num_evictions", "spilled_objects",
                  "spilled_bytes", "written_bytes", "spill_seconds", "restored_objects",
                  "restored_bytes", "restore_seconds", "served_from_disk", "files",
-                 "bytes_on_disk")
+                 "bytes_on_disk", "lineage_tasks", "lineage_only", "lineage_released")
 
 
 def object_store_stats() -> dict:
@@ -332,7 +332,9 @@ def object_store_stats() -> dict:
     spilled_objects / spilled_bytes (moved out of the store to disk), written_bytes and
     spill_seconds (file writes), restored_objects / restored_bytes / restore_seconds
     (read back), served_from_disk (other nodes' pulls answered from a file), files and
-    bytes_on_disk (spill files now)."""
+    bytes_on_disk (spill files now); and lineage's (runtime/lineage.py): lineage_tasks
+    (specs of the tasks this node owns that the GCS keeps), lineage_only (of them, those
+    kept only to rebuild a lost value downstream) and lineage_released."""
     nodes = dict(context.get_client().list_state("store"))
     cluster = {key: sum(node.get(key, 0) for node in nodes.values()) for key in _STORE_TOTALS}
     return {"cluster": cluster, "nodes": dict(sorted(nodes.items()))}
