@@ -27,11 +27,6 @@ def step(x):
     return x + 1
 
 
-@hpcray.remote(max_retries=0)
-def step_once(x):
-    return x + 1
-
-
 def kept() -> tuple[int, int, int]:
     """(specs the owner keeps, of them kept only for a task downstream, specs in the GCS)."""
     stats = object_store_stats()["cluster"]
@@ -115,7 +110,7 @@ def main() -> None:
         elapsed = (time.perf_counter() - start) * 1000
         print(f"{links:>7} {owner:>6} {only:>6} {in_gcs:>7} {size / 1024:>10.1f} "
               f"{elapsed:>11.1f} {after[0]:>11}")
-    x = chain(step_once, 1000)
+    x = chain(step.options(max_retries=0), 1000)
     print(f"max_retries=0, 1000 links: kept {kept()[0]}, in GCS {kept()[2]}")
     del x
     hpcray.shutdown()
