@@ -143,7 +143,7 @@ class Actors:
 
     def create_actor(self, spec: TaskSpec, pending: bool = False) -> None:
         """`pending`: no node of the job can host it; it stays A_PENDING here, unplaced,
-        its calls queued, until killed or out of scope (NodeManager._unschedulable)."""
+        its calls queued, until killed or out of scope (unschedulable.py)."""
         # A named actor's client claimed the name (claim_actor_name) before submitting.
         actor = ActorRecord(spec, spec.options["info"])
         actor.refs = 1  # the creator's handle

@@ -232,7 +232,7 @@ class DriverClient(CoreClient):
         nm = self.nm
         nm.lock.acquire()
         try:
-            nm.take_driver_work()
+            nm.driver_feed.take()
         except BaseException:
             nm.lock.release()
             raise
@@ -273,7 +273,7 @@ class DriverClient(CoreClient):
             # The node's thread submits it, between its workers' messages; taking the lock
             # for each task, the driver left that thread, and so this node's workers, idle
             # while it submitted (a 100k burst ran ~5% of its tasks on rank 0).
-            self.nm.queue_driver_submission(spec)
+            self.nm.driver_feed.queue_submission(spec)
             return
         nm = self._locked()
         try:

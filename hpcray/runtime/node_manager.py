@@ -57,18 +57,14 @@ from hpcray.runtime.worker_requests import WorkerRequests
 from hpcray.runtime.specs import (ACTOR_CALL, ACTOR_CREATION, FINISHED, NORMAL_TASK, QUEUED,
                                   RUNNING, TaskRecord, TaskSpec)
 from hpcray.runtime.state_queries import StateQueries
+from hpcray.runtime.driver_feed import SUBMIT_BUDGET, DriverFeed
 from hpcray.runtime.recorder import Recorder
 from hpcray.runtime.task_events import TaskEvents
+from hpcray.runtime.unschedulable import Unschedulable
 from hpcray.serialization import error_bytes
 
 log = logging.getLogger("hpcray.node")
 _HELLO = Hello.CODE
-# The driver's queued submissions: taken this many at a time, the node's workers answered
-# between batches, for at most _SUBMIT_BUDGET seconds a pass of the node's thread (then
-# MPI is polled: the forwarded tasks leave).
-_SUBMIT_BATCH = 16
-_SUBMIT_BUDGET = 0.002
-
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
@@ -125,7 +121,6 @@ class NodeManager:
                                         max(1, int(node_resources.num_cpus)),
                                         config.max_idle_extra_workers)
         self._retire_timer_at: float | None = None
-        self.infeasible_shapes_warned: set = set()  # (is actor, demand) warned of once
         self.free_gpus = list(range(len(node_resources.gpus) or int(node_resources.num_gpus)))
         self.lock = threading.Lock()
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -133,10 +128,9 @@ class NodeManager:
         self.workers: dict[int, WorkerHandle] = {}
         self.driver_refs = LocalReferenceCounter()
         self.driver_refs.on_actor_released = self._wake_always
-        # Tasks the driver submitted in a job of several nodes, for this node's thread
-        # (take_driver_work): the driver never waits for the lock to submit one.
-        self.driver_submissions: collections.deque = collections.deque()
-        self._held_transitions: list = []
+        # Tasks the driver submitted in a job of several nodes, for this node's thread:
+        # the driver never waits for the lock to submit one.
+        self.driver_feed = DriverFeed(self, self.driver_refs)
         self._handlers: dict[int, object] = {}
         self._timers: list = []
         self._thread = None
@@ -200,6 +194,8 @@ class NodeManager:
                                  self.config.relay_fanout)
         self.mover.bind(self.relay)
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
+        self.unschedulable = Unschedulable(self.network, self.config.infeasible, self.actors,
+                                           self._fail_task)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
                                  self.mover, self.actors, scheduler, self.task_events, peers)
         self.canceller = Canceller(rank, self, self.objects, self.borrowing, self.actors,
@@ -380,7 +376,7 @@ class NodeManager:
     def _event_loop(self) -> None:
         link, network = self.link, self.network
         while self._running and not link.stop_requested:
-            timeout = 0.0 if self.driver_submissions else network.cluster_poll_timeout()
+            timeout = 0.0 if self.driver_feed.queue else network.cluster_poll_timeout()
             if self._timers:
                 due = max(0.0, self._timers[0][0] - time.monotonic())
                 timeout = due if timeout < 0 else min(timeout, due)
@@ -393,11 +389,15 @@ class NodeManager:
             with self.lock:
                 if not self._running:
                     return
-                self.take_driver_work(_SUBMIT_BUDGET)
+                self.driver_feed.take(SUBMIT_BUDGET)
                 self._handle_events(events)
                 self._run_timers()
                 self.task_events.flush_due()
                 network.poll_cluster(active=bool(events))
+
+    def handle_ready_events(self) -> None:
+        """Under the lock: what this node's sockets have now (its workers' messages)."""
+        self._handle_events(self._epoll.poll(0))
 
     def _handle_events(self, events) -> None:
         for fd, mask in events:
@@ -408,54 +408,6 @@ class NodeManager:
                 except Exception:  # noqa: BLE001 - one bad event must not kill the node
                     log.exception("rank %d: handling an event on fd %d failed",
                                   self.rank, fd)
-
-    # ------------------------------------------------------------------ the driver's work
-    def queue_driver_submission(self, spec: TaskSpec) -> None:
-        """The driver's thread, without the lock: a task for `take_driver_work` to submit."""
-        queue = self.driver_submissions
-        queue.append(spec)
-        if len(queue) == 1:
-            self._wake()
-
-    def take_driver_work(self, budget: float | None = None) -> None:
-        """Under the lock: submit the tasks the driver queued, then apply the refs it
-        dropped meanwhile (never before the submissions queued ahead of them, which may
-        hold the same objects). `budget`: the node's thread stops after this many seconds
-        (the rest waits for its next pass); the driver's thread takes everything (what
-        it does next needs them submitted)."""
-        transitions = self.driver_refs.drain()
-        queue = self.driver_submissions
-        if queue:
-            self._submit_queued(queue, budget)
-            if queue:  # out of time: these refs wait for the submissions still queued
-                self._held_transitions.extend(transitions)
-                return
-        if self._held_transitions:
-            transitions = self._held_transitions + transitions
-            self._held_transitions = []
-        self.objects.apply_transitions(transitions)
-
-    def _submit_queued(self, queue, budget: float | None) -> None:
-        """Submit the queued tasks a batch at a time; between batches, whatever this
-        node's workers sent (they get their next task), and every _SUBMIT_BUDGET the
-        other nodes' messages (the tasks forwarded so far leave)."""
-        start = polled = time.monotonic()
-        while queue:
-            for _ in range(min(len(queue), _SUBMIT_BATCH)):
-                spec = queue.popleft()
-                try:
-                    self.submit(spec)
-                except Exception:  # noqa: BLE001 - one bad task must not stop the others
-                    log.exception("rank %d: submitting %s failed", self.rank, spec.name)
-            if not queue:
-                return
-            now = time.monotonic()
-            if budget is not None and now - start >= budget:
-                return
-            self._handle_events(self._epoll.poll(0))
-            if now - polled >= _SUBMIT_BUDGET:
-                polled = now
-                self.network.poll_cluster(active=True)
 
     def _wait_for_events(self, timeout: float) -> list:
         """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so
@@ -776,7 +728,7 @@ class NodeManager:
         if spec.kind == ACTOR_CREATION:
             self.actors.create_actor(spec, pending=problem is not None)
             if problem is not None:
-                self._unschedulable(spec, problem, None)
+                self.unschedulable.handle(spec, problem, None)
             return
         record = TaskRecord(spec, spec.max_retries)
         record.owner = self.rank
@@ -795,54 +747,9 @@ class NodeManager:
             return
         self.tasks[spec.task_id] = record
         if problem is not None:
-            self._unschedulable(spec, problem, record)
+            self.unschedulable.handle(spec, problem, record)
             return
         self._resolve_deps(record, self._on_task_deps_ready)
-
-    def _unschedulable(self, spec: TaskSpec, problem: str, record: TaskRecord | None) -> None:
-        """No node of this job can run `spec` (a task's `record`, or an actor's creation):
-        a hard node affinity that cannot hold fails it at once, as in Ray. Otherwise, as
-        Ray does, it stays pending (WAITING on nothing, outside the scheduler, so it blocks
-        nothing) until cancelled, killed or the job ends, with one warning per request
-        shape; or, with HPCRAY_INFEASIBLE=error, it fails at once through its refs."""
-        is_actor = record is None
-        demand = dict(spec.demand)
-        cluster = self.network.cluster_resources()
-        what = f"{'Actor' if is_actor else 'Task'} {spec.name}"
-        if problem == "removed":  # into a placement group already removed
-            message = (f"{what} cannot be scheduled: its placement group "
-                       f"{spec.options['scheduling_strategy'].group_id.hex()} was removed.")
-        elif problem == "affinity":
-            strategy = spec.options["scheduling_strategy"]
-            message = (f"{what} requests {demand} on node rank {strategy.rank}: the node "
-                       "specified via NodeAffinitySchedulingStrategy doesn't exist or is "
-                       "infeasible, and soft=False was specified.")
-        elif self.config.infeasible == "error":
-            message = (f"{what} requests {demand}, but no node of this cluster can ever "
-                       f"satisfy it: the cluster has {cluster} (HPCRAY_INFEASIBLE=error).")
-        else:
-            shape = (is_actor, tuple(sorted(demand.items())))
-            if shape not in self.infeasible_shapes_warned:
-                self.infeasible_shapes_warned.add(shape)
-                kind = "actor" if is_actor else "task"
-                log.warning(
-                    "The %s %s (ID %s) cannot be scheduled right now. It requires %s for "
-                    "placement, however the cluster currently cannot provide the requested "
-                    "resources: no node has them (the cluster has %s). It stays pending "
-                    "until %s, as in Ray (but an hpcray job's nodes are fixed at launch, so "
-                    "it will not run in this job). Consider reducing the resource "
-                    "requirements of the %s, or set HPCRAY_INFEASIBLE=error to fail such "
-                    "requests through their refs instead.", kind, spec.name,
-                    (spec.actor_id if is_actor else spec.task_id).hex(), demand, cluster,
-                    "killed" if is_actor else "cancelled", kind)
-            return
-        if is_actor:
-            self.actors.actor_dead(self.actors[spec.actor_id],
-                                   exceptions.ActorUnschedulableError(message))
-        elif problem in ("affinity", "removed"):
-            self._fail_task(record, exceptions.TaskUnschedulableError(message))
-        else:
-            self._fail_task(record, exceptions.ResourceInfeasibleError(message))
 
     def _resolve_deps(self, record: TaskRecord, ready_callback) -> None:
         """`ready_callback(record)` once every argument exists on some node."""
@@ -970,7 +877,7 @@ class NodeManager:
         """answer(the rows of a state table: "tasks", "actors", "nodes" or "objects";
         state_queries.py), after the driver's dropped refs so far (they wait for the
         event loop otherwise) have freed what they free."""
-        self.take_driver_work()
+        self.driver_feed.take()
         self.state_queries.query(table, answer)
 
     def describe_nodes(self) -> list:
