@@ -13,6 +13,7 @@ class LoopbackTransport:
     rank = 0
     size = 1
     poll_slowly = False
+    expecting = False  # no transfer between ranks is ever in flight (MpiTransport.expecting)
     needs_polling = False  # the event loop sleeps until woken: an idle node costs nothing
 
     def __init__(self) -> None:
