@@ -17,6 +17,7 @@ def test_loopback_has_the_properties_the_event_loop_reads():
         assert getattr(LoopbackTransport(), name) is False
 
 
+@pytest.mark.one_node  # under mpiexec -n 3 the transport is MPI's
 def test_a_sub_millisecond_wait_on_one_node():
     hpcray.init(num_cpus=1)
     try:

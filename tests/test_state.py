@@ -201,6 +201,7 @@ def test_list_actors_follows_an_actor_to_its_death(ray_start):
         list_actors(filters=[("colour", "=", "x")])
 
 
+@pytest.mark.one_node
 def test_list_nodes_is_this_node(ray_start):
     [node] = list_nodes()
     assert node.node_id == hpcray.get_runtime_context().get_node_id()
