@@ -104,6 +104,8 @@ class ActorClass:
         actor_id = ids.new_actor_id()
         # What every handle of this actor carries: its callers resolve each call's retries.
         info = {**self._info, "max_task_retries": options.get("max_task_retries") or 0}
+        if context.worker is not None and options.get("lifetime") != "detached":
+            info["owner_checked"] = True  # it dies with this process (runtime/owners.py)
         if name is not None:
             holder = client.claim_actor_name(name, actor_id, info)
             if holder is not None:
@@ -256,6 +258,10 @@ class ActorMethod:
                 limit = self._handle._info.get("backpressure", {}).get(self._name)
             if limit is not None and generator == "streaming":
                 call_options["backpressure"] = limit
+        if info.get("owner_checked") and not ids.made_here(self._actor_id):
+            # Another process made the actor, and it dies with that process: the call
+            # must not run if that process is dead by now (runtime/owners.py).
+            call_options = {**(call_options or {}), "check_owner": True}
         if num_returns == 1:
             return_ids = [ids.object_id_for(task_id, 1)]
         else:

@@ -34,6 +34,11 @@ def owner_rank(any_id: bytes) -> int:
     return int.from_bytes(any_id[:2], "big")
 
 
+def made_here(any_id: bytes) -> bool:
+    """Whether this process (since its last reseed) made this task, object or actor id."""
+    return any_id[:8] == _prefix
+
+
 def new_task_id() -> bytes:
     return _prefix + _pack_counter(next(_counter))
 

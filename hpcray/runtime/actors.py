@@ -21,6 +21,7 @@ from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.protocol import encode
 from hpcray.runtime.object_table import _DependencyWaiter
+from hpcray.runtime.owners import FAILED, HELD
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
 if TYPE_CHECKING:
@@ -117,13 +118,14 @@ class Actors:
         self.functions = node.functions
         self.hosted: dict[bytes, ActorRecord] = {}
         self.remote_actors: dict[bytes, RemoteActor] = {}
-        self.router = self.borrowing = None   # bind()
+        self.router = self.borrowing = self.owners = None   # bind()
 
     HANDLES = {messages.ActorReady: "on_actor_ready"}
 
-    def bind(self, router, borrowing) -> None:
+    def bind(self, router, borrowing, owners) -> None:
         self.router = router
         self.borrowing = borrowing
+        self.owners = owners
 
     # A mapping of the hosted actors, as the other parts read it.
     def get(self, actor_id: bytes):
@@ -232,12 +234,20 @@ class Actors:
         self.record_actor(actor, state=gcs_tables.ALIVE)
         self.pump_actor(actor)
 
-    def submit_actor_call(self, record: TaskRecord) -> None:
+    def submit_actor_call(self, record: TaskRecord, check_owner: bool = False) -> None:
+        """`check_owner`: a call made here to an actor that another worker process
+        created; it leaves once that process is seen alive (owners.py)."""
         actor_id = record.spec.actor_id
+        held = False
+        if check_owner:
+            admitted = self.owners.admit(record)
+            if admitted == FAILED:
+                return
+            held = admitted == HELD
         actor = self.hosted.get(actor_id)
         if actor is None and (actor_id in self.remote_actors
                               or ids.owner_rank(actor_id) != self.rank):
-            self.router.submit_remote_actor_call(record)
+            self.router.submit_remote_actor_call(record, held)
             return
         if actor is None or actor.state == A_DEAD:
             error = actor.death if actor is not None else exceptions.RayActorError(
@@ -245,6 +255,8 @@ class Actors:
             self.node._fail_task(record, error)
             return
         actor.queue.append(record)
+        if held:
+            return
         if actor.serial and actor.inflight and not record.spec.deps:
             # Busy with a call whose end pumps the queue: this one leaves then, in one write
             # with the others queued meanwhile (one system call and one wake-up of the
@@ -254,9 +266,17 @@ class Actors:
             return
         self.node._resolve_deps(record, lambda _r, a=actor: self.pump_actor(a))
 
+    def pump_calls(self, actor_id: bytes) -> None:
+        """Send what can go of the actor's calls queued here, wherever it is hosted."""
+        actor = self.hosted.get(actor_id)
+        if actor is not None:
+            self.pump_actor(actor)
+        elif actor_id in self.remote_actors:
+            self.router.pump_remote_actor(self.remote_actors[actor_id])
+
     def pump_actor(self, actor: ActorRecord) -> None:
         """Send the actor, in submission order, every call whose arguments are ready."""
-        if actor.state != A_ALIVE:
+        if actor.state != A_ALIVE or actor.killed:  # a killed one's calls fail at its end
             return
         worker = actor.worker
         queue = actor.queue
@@ -422,6 +442,7 @@ class Actors:
         for actor in list(self.hosted.values()):
             if actor.owner == dead and not actor.spec.options.get("detached"):
                 self.kill_actor(actor.actor_id, True, cause)
+        self.owners.node_died(dead)
 
     def restart_elsewhere(self, remote: RemoteActor, dead: int) -> None:
         spec = remote.creation
@@ -506,13 +527,20 @@ class Actors:
     def owner_died(self, worker: WorkerHandle) -> None:
         """As Ray: the actors a process created die with it (fate sharing with their
         owner), detached ones excepted, whoever else still holds their handles."""
-        cause = (f"is dead because its owner has died (the process, pid={worker.pid}, "
-                 "that created it)")
+        cause = _owner_died(worker.pid)
         for actor_id in worker.owned_actors:
             try:
                 self.kill_actor(actor_id, True, cause)
             except ValueError:  # never submitted (its creation failed)
                 pass
+
+    def owner_died_cause(self, actor_id: bytes, pid: int | None) -> str:
+        """What a call to an actor whose owner (process `pid`) died says."""
+        actor = self.hosted.get(actor_id)
+        remote = self.remote_actors.get(actor_id)
+        spec = actor.spec if actor is not None else remote.creation if remote else None
+        name = f" {spec.options['info']['class_name']}" if spec is not None else ""
+        return f"The actor{name} {_owner_died(pid)}."
 
     def record_actor(self, actor: ActorRecord, **fields) -> None:
         """Keep the GCS actors table up to date: the hosting node registers its actor
@@ -564,3 +592,8 @@ class Actors:
                 else (actor_id, record.info)))
 
         self.gcs.request("lookup_actor_name", name, callback=found)
+
+
+def _owner_died(pid: int | None) -> str:
+    process = "the process" if pid is None else f"the process, pid={pid},"
+    return f"is dead because its owner has died ({process} that created it)"

@@ -282,6 +282,21 @@ class KillActor(NamedTuple):
     cause: str | None = None  # why, when not kill(): what the actor's death says
 
 
+@_on("control")
+class OwnerCheck(NamedTuple):
+    """a caller's node -> the node of the worker process that created the actor: is that
+    process alive now? (calls wait for the answer: owners.py)"""
+    actor_id: bytes
+
+
+@_on("control")
+class OwnerAnswer(NamedTuple):
+    """the owner's node -> the caller's node: None if the owner lives, else what the
+    actor's death says (the owner's death was processed before this was sent)."""
+    actor_id: bytes
+    death: str | None
+
+
 # ---------------------------------------------------------------- control: placement groups
 @_on("control")
 class CreateGroup(NamedTuple):

@@ -49,6 +49,7 @@ from hpcray.runtime.lineage import Lineage, LineagePins
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
+from hpcray.runtime.owners import ActorOwners
 from hpcray.runtime.placement_groups import Bundles, GroupDirectory, group_of, take_gpu_ids
 from hpcray.runtime.relay import ObjectRelay
 from hpcray.runtime.spilling import Spiller, remove_directory, spill_directory
@@ -194,6 +195,7 @@ class NodeManager:
                                  self.config.relay_fanout)
         self.mover.bind(self.relay)
         self.actors = Actors(rank, link, self, self.objects, scheduler, gcs, peers)
+        self.owners = ActorOwners(rank, self, self.actors, peers)
         self.unschedulable = Unschedulable(self.network, self.config.infeasible, self.actors,
                                            self._fail_task)
         self.router = TaskRouter(rank, link, self, self.network, self.objects, self.borrowing,
@@ -214,7 +216,7 @@ class NodeManager:
                           self.spiller, self.relay)
         self.router.bind(self.generators)
         self.borrowing.bind(self.actors)
-        self.actors.bind(self.router, self.borrowing)
+        self.actors.bind(self.router, self.borrowing, self.owners)
         self.lineage = Lineage(rank, self, self.objects, self.pins, gcs)
         self.mover.copy_missing = self.lineage.copy_missing
         self.failures = NodeFailures(rank, link, self, self.network, self.objects,
@@ -224,7 +226,7 @@ class NodeManager:
         self.network.bind(self.router, self.failures, messages.dispatch_table(
             "control", self.network, self.router, self.borrowing, self.mover,
             self.state_queries, self.canceller, self.generators, self.failures,
-            self.groups, self.bundles, self.relay), self.groups, self.mover)
+            self.groups, self.bundles, self.relay, self.owners), self.groups, self.mover)
         self.worker_handlers = messages.dispatch_table("up", self, self.actors, self.requests,
                                                        self.generators)
         gcs.subscribe_handler(OBJECT_DELETED, self.borrowing.on_object_deleted)
@@ -329,6 +331,7 @@ class NodeManager:
             for fd, stream_name in worker.pipes.items():
                 _close_fd(fd)
                 self.job_logs.output_ended(worker, stream_name)
+        self.owners.close()
         if self.recorder.sampler is not None:
             self.recorder.sampler.close()
         for entry in self.objects.values():
@@ -598,7 +601,7 @@ class NodeManager:
             self._run_actions(self.scheduler.worker_started(worker.key, now=time.monotonic()))
         else:
             actor = self.actors.get(worker.actor_id)
-            if actor is None or actor.state == A_DEAD:
+            if actor is None or actor.state == A_DEAD or actor.killed:  # (killed: it ends)
                 self.send_to_worker(worker, wire(messages.ExitWorker))
                 return
             self.actors.send_actor_creation(actor, worker)
@@ -626,10 +629,7 @@ class NodeManager:
             self.recorder.died(worker.task.spec, worker.pid, worker.task.dispatched)
         elif worker.ready and worker.actor_id is not None:
             self.recorder.count("worker_deaths")
-        # A pool worker that left when told keeps its actors alive (in Ray a worker that
-        # owns something is not retired); an actor's process, however it ended, does not.
-        if worker.owned_actors and (worker.actor_id is not None or not worker.retiring):
-            self.actors.owner_died(worker)
+        self.owners.worker_died(worker)  # the actors it created die with it (most often)
         if worker.actor_id is not None:
             self.actors.actor_process_died(worker)
             return
@@ -743,7 +743,8 @@ class NodeManager:
         if generator_kind(spec) is not None:
             self.generators.submitted(spec)
         if spec.kind == ACTOR_CALL:
-            self.actors.submit_actor_call(record)
+            self.actors.submit_actor_call(record, spec.options is not None
+                                          and "check_owner" in spec.options)
             return
         self.tasks[spec.task_id] = record
         if problem is not None:
@@ -934,5 +935,5 @@ def _close_fd(fd: int) -> None:
 # Every message of the node's channels has exactly one handler among its parts.
 messages.check_handlers("control", Network, TaskRouter, Borrowing, ObjectMover,
                         StateQueries, Canceller, Generators, NodeFailures,
-                        GroupDirectory, Bundles, ObjectRelay)
+                        GroupDirectory, Bundles, ObjectRelay, ActorOwners)
 messages.check_handlers("up", NodeManager, Actors, WorkerRequests, Generators)

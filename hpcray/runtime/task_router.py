@@ -308,7 +308,8 @@ class TaskRouter:
         self.actors.requeue_calls(actor.queue, remote.queue,
                             lambda _record: self.pump_remote_actor(remote))
 
-    def submit_remote_actor_call(self, record: TaskRecord) -> None:
+    def submit_remote_actor_call(self, record: TaskRecord, held: bool = False) -> None:
+        """`held`: waiting for an owner check (owners.py), which releases it."""
         actor_id = record.spec.actor_id
         remote = self.actors.remote_actors.get(actor_id)
         if remote is None:
@@ -316,7 +317,8 @@ class TaskRouter:
                 actor_id, self.link.actor_locations.get(actor_id))
         self.actors.actor_incref(actor_id)  # until its `done`: the actor must not end before
         remote.queue.append(record)
-        self.node._resolve_deps(record, lambda _r: self.pump_remote_actor(remote))
+        if not held:
+            self.node._resolve_deps(record, lambda _r: self.pump_remote_actor(remote))
 
     def pump_remote_actor(self, remote) -> None:
         """Send the host, in submission order, every call whose arguments exist."""

@@ -63,10 +63,8 @@ class WorkerRequests:
         # The refs the submitting process holds from the start (counted by submit).
         if spec.kind == ACTOR_CREATION:
             worker.holds.add(spec.actor_id)
-            if not spec.options.get("detached"):  # it dies with this process (owner_died)
-                if worker.owned_actors is None:
-                    worker.owned_actors = []
-                worker.owned_actors.append(spec.actor_id)
+            if not spec.options.get("detached"):  # it dies with this process (owners.py)
+                self.actors.owners.created(worker, spec.actor_id)
         else:
             worker.holds.update(spec.return_ids)
 

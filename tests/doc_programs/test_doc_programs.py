@@ -40,14 +40,9 @@ ONE, RANKS3 = "one node", "3 ranks"
 # None for both) -> the gap. strict: a fix turns the test into a failure (XPASS) until
 # its line here is removed, except for the programs in RACY, which fail only some of the
 # time (a pass there proves nothing; remove the line once they pass every time).
-GAPS = {
-    ("actor_creator_failure.py", None):
-        "owner death is noticed asynchronously: the child actor dies with its owner, but "
-        "a call made right after os.kill (before the node reads the owner's exit) may still "
-        "run ('actor.ping: hello'); 1 run in 5 printed Ray's failure",
-}
+GAPS: dict = {}
 
-RACY: set = {"actor_creator_failure.py"}
+RACY: set = set()
 
 # What Ray's documentation says the program prints (in its comments or text), where a
 # program would otherwise exit 0 with a wrong result.
