@@ -134,6 +134,9 @@ class ActorClass:
             "max_concurrency": options.get("max_concurrency"),
             "scheduling_strategy": opts.strategy_of(options, context.group),
         }
+        budget = opts.actor_backpressure_of(options)
+        if budget is not None:  # its generator methods share it (runtime/generator_budget.py)
+            spec_options["generator_budget"] = budget
         demand = opts.demand_of(options, 0)
         if type(spec_options["scheduling_strategy"]) is opts.InGroup:
             demand = opts.demand_in_group(demand, spec_options["scheduling_strategy"])

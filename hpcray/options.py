@@ -13,7 +13,8 @@ ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespa
                  "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
                  "scheduling_strategy", "runtime_env", "get_if_exists", "accelerator_type",
                  "concurrency_groups", "max_pending_calls", "placement_group", "label_selector",
-                 "placement_group_bundle_index", "placement_group_capture_child_tasks"}
+                 "placement_group_bundle_index", "placement_group_capture_child_tasks",
+                 "_actor_generator_backpressure_num_objects"}
 
 
 def check(options: dict, allowed: set, what: str) -> dict:
@@ -48,6 +49,7 @@ def check(options: dict, allowed: set, what: str) -> dict:
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"{key} must be an int >= -1, got {value!r}.")
     backpressure_of(options)
+    actor_backpressure_of(options)
     max_calls = options.get("max_calls")
     if max_calls is not None and (not isinstance(max_calls, int) or isinstance(max_calls, bool)
                                   or max_calls < 0):
@@ -84,6 +86,20 @@ def backpressure_of(options: dict) -> int | None:
                          f"no limit), got {limit!r}.")
     if limit == 0:
         raise ValueError("_generator_backpressure_num_objects=0 is not allowed.")
+    return limit
+
+
+def actor_backpressure_of(options: dict) -> int | None:
+    """`_actor_generator_backpressure_num_objects` (Ray's): how many items, of all the
+    streaming generator methods running on the actor, may be yielded and not yet taken
+    by their consumers (runtime/generator_budget.py); None (or -1): no limit."""
+    limit = options.get("_actor_generator_backpressure_num_objects")
+    if limit is None or limit == -1:
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError("_actor_generator_backpressure_num_objects must be > 0 to cap the "
+                         "actor's total unconsumed generator objects, or -1 to disable. "
+                         f"Got {limit!r}.")
     return limit
 
 

@@ -477,3 +477,124 @@ def test_backpressure_option_is_checked_as_ray_does(ray_start):
     gen = three.remote()
     hpcray.get(gen.completed(), timeout=30)  # it ran to its end with nothing taken
     assert [hpcray.get(ref) for ref in gen] == [0, 1, 2]
+
+
+# Ray's actor option `_actor_generator_backpressure_num_objects=N`: all the streaming
+# generator methods running on the actor share one budget of N items not taken. Each
+# generator checks it before making an item: the items made by all of them, less those
+# the consumer asked for (it writes asked-<key>-<j> before taking item j of <key>), must
+# be fewer than N (else a violation file); and its method's own limit, if it has one,
+# holds for its own items. Neither check can fail where the budgets hold, whatever the
+# load.
+
+def _count(folder: str, prefix: str) -> int:
+    return sum(1 for name in os.listdir(folder) if name.startswith(prefix))
+
+
+def _shared(folder: str, key: str, n: int, actor_limit: int, method_limit):
+    for i in range(n):
+        made, asked = _count(folder, "made-"), _count(folder, "asked-")
+        if made - asked >= actor_limit:
+            open(os.path.join(folder, f"violation-{key}{i}-made-{made}-asked-{asked}"),
+                 "w").close()
+        if method_limit is not None and \
+                _count(folder, f"made-{key}") - _count(folder, f"asked-{key}") >= method_limit:
+            open(os.path.join(folder, f"violation-{key}{i}-own-limit"), "w").close()
+        open(os.path.join(folder, f"made-{key}-{i}"), "w").close()
+        yield i
+
+
+def _on_another_rank():
+    """Rank 1's node in a job of several ranks (the driver is on rank 0), else None."""
+    from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    nodes = sorted((node["rank"], node["NodeID"]) for node in hpcray.nodes())
+    return NodeAffinitySchedulingStrategy(nodes[1][1], soft=False) if len(nodes) > 1 else None
+
+
+@pytest.mark.parametrize("how", ["decorator", "options", "async", "with a method limit"])
+def test_an_actor_wide_backpressure_budget_is_shared_by_its_generators(ray_start, tmp_path,
+                                                                       how):
+    folder, limit, n = str(tmp_path), 3, 6
+    method_limit = 2 if how == "with a method limit" else None
+
+    class Maker:
+        @hpcray.method(_generator_backpressure_num_objects=method_limit or -1)
+        def make(self, key):
+            yield from _shared(folder, key, n, limit, method_limit)
+
+    class AsyncMaker:
+        async def make(self, key):
+            for value in _shared(folder, key, n, limit, None):
+                await asyncio.sleep(0)
+                yield value
+
+    where = {"scheduling_strategy": _on_another_rank()}
+    if how == "options":
+        maker = hpcray.remote(max_concurrency=2)(Maker).options(
+            _actor_generator_backpressure_num_objects=limit, **where).remote()
+    else:
+        cls = AsyncMaker if how == "async" else Maker
+        maker = hpcray.remote(max_concurrency=2, _actor_generator_backpressure_num_objects=limit)(
+            cls).options(**where).remote()
+    first = maker.make.remote("a")
+    wait_until("it pauses", lambda: _count(folder, "made-") >= (method_limit or limit))
+    time.sleep(0.5)  # without the budget, the first would make more meanwhile
+    second = maker.make.remote("b")
+    time.sleep(0.5)  # and the second would start (a budget of its own)
+    got = {"a": [], "b": []}
+    pending = {"a": first, "b": second}
+    while pending:  # take from whichever has an item ready (any order could wait forever)
+        ready, _ = hpcray.wait(list(pending.values()), num_returns=1, timeout=60)
+        assert ready, f"no item came; got {got}"
+        key = next(k for k, gen in pending.items() if gen is ready[0])
+        open(os.path.join(folder, f"asked-{key}-{len(got[key])}"), "w").close()
+        try:
+            got[key].append(hpcray.get(next(pending[key]), timeout=30))
+        except StopIteration:
+            del pending[key]
+    assert got == {"a": list(range(n)), "b": list(range(n))}
+    assert not [name for name in os.listdir(folder) if name.startswith("violation")]
+
+
+def test_the_actor_wide_budget_counts_an_ended_generator_until_its_items_go(ray_start,
+                                                                             tmp_path):
+    # As Ray: a generator that ended holds the budget with its items not taken yet; a
+    # consumer that drops its generator frees them.
+    folder = str(tmp_path)
+
+    @hpcray.remote(max_concurrency=2, _actor_generator_backpressure_num_objects=3)
+    class Maker:
+        def make(self, key, n):
+            yield from _shared(folder, key, n, 100, None)  # (no check: counted below)
+
+    maker = Maker.options(scheduling_strategy=_on_another_rank()).remote()
+    short = maker.make.remote("a", 2)
+    hpcray.get(short.completed(), timeout=30)  # ended, its 2 items not taken
+    longer = maker.make.remote("b", 4)
+    wait_until("the budget's last slot is used", lambda: _count(folder, "made-b") >= 1)
+    time.sleep(0.5)  # it would make more meanwhile if the ended one had freed its items
+    assert _count(folder, "made-b") == 1
+    del short
+    gc.collect()
+    hpcray.put(0)  # the driver's dropped refs reach its node with its next call
+    assert [hpcray.get(ref, timeout=30) for ref in longer] == [0, 1, 2, 3]
+
+
+def test_actor_backpressure_options_are_checked_as_ray_does(ray_start):
+    with pytest.raises(ValueError, match="must be > 0"):
+        @hpcray.remote(_actor_generator_backpressure_num_objects=0)
+        class Zero:
+            pass
+    with pytest.raises(ValueError, match="_generator_backpressure_num_objects"):
+        @hpcray.remote(_generator_backpressure_num_objects=2)  # Ray: a task option only
+        class TaskOption:
+            pass
+
+    @hpcray.remote(_actor_generator_backpressure_num_objects=-1)  # -1: no limit
+    class Free:
+        def make(self):
+            yield from range(3)
+
+    gen = Free.remote().make.remote()
+    hpcray.get(gen.completed(), timeout=30)  # it ran to its end with nothing taken
+    assert [hpcray.get(ref) for ref in gen] == [0, 1, 2]

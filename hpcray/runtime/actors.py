@@ -304,6 +304,8 @@ class Actors:
             self.objects.apply_transitions(transitions)
             return
         self.node.recorder.ran(record.spec, worker.pid, started, results)
+        if "generator_budget" in actor.spec.options:
+            self.node.generators.budgets.call_ended(actor.actor_id, task_id)
         self.node._finish_task(record, results, transitions)
         if actor.queue:
             self.pump_actor(actor)  # what waited for this call's end (and ExitWorker after)
@@ -383,6 +385,7 @@ class Actors:
         actor = self.hosted.get(worker.actor_id)
         if actor is None or actor.worker is not worker or actor.state == A_DEAD:
             return
+        self.node.generators.budgets.process_died(actor.actor_id)
         if actor.death is not None and not actor.killed:
             self.actor_dead(actor, actor.death)  # exited after going out of scope
             return
@@ -473,6 +476,7 @@ class Actors:
 
     def actor_dead(self, actor: ActorRecord, error: BaseException) -> None:
         self.node.recorder.constructing.pop(actor.actor_id, None)
+        self.node.generators.budgets.actor_dead(actor.actor_id)
         actor.state = A_DEAD
         actor.death = error
         self.record_actor(actor, state=gcs_tables.DEAD)  # a name is free again

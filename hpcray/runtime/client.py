@@ -470,6 +470,11 @@ class WorkerClient(CoreClient):
         taken; -> the count taken (generators.NO_LIMIT once nobody takes them)."""
         return self.channel.request("generator_pause", (task_id, needed))
 
+    def generator_slot(self, task_id: bytes) -> None:
+        """A generator method of this actor makes its next item once its actor's
+        budget of items not taken has room (runtime/generator_budget.py)."""
+        self.channel.request("generator_slot", (task_id,))
+
     def cancel(self, object_id: bytes, force: bool, recursive: bool) -> None:
         self.channel.request("cancel", (object_id, force, recursive))
 

@@ -36,6 +36,10 @@ is gone, or when the task ended (NO_LIMIT: never pause again):
     owner ---GeneratorResume(task, taken)---> executing node
 
 A pool task paused there is cancelled like one blocked in `get` (`interrupt_wait`).
+An actor's shared budget (Ray's actor option `_actor_generator_backpressure_num_objects`,
+generator_budget.py) watches its calls' consumers the same way (`watch`: GeneratorPaused
+with `watch`, answered also after the task ended, once the count is reached or the
+consumer is gone).
 
 Retries: the node that runs the task counts the items it got in the spec's options
 (`generator_skip`); a re-run (worker died, retryable error, actor restarted) skips that
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 from hpcray import ids
 from hpcray.runtime import messages
+from hpcray.runtime.generator_budget import GeneratorBudgets
 from hpcray.runtime.object_table import IN_STORE, PENDING
 from hpcray.runtime.task_events import error_type
 
@@ -98,7 +103,9 @@ class Generators:
         self.router = router
         self.peers = peers
         self.streams: dict[bytes, Stream] = {}   # task id -> its owner's stream
-        self.paused: dict = {}   # task id -> the answer of a pause its owner was asked for
+        # task id -> the answers of the pauses and watches its owner was asked for
+        self.paused: dict[bytes, list] = {}
+        self.budgets = GeneratorBudgets(self)    # actors' shared budgets (generator_budget.py)
 
     # ------------------------------------------------------------------ owner: a task
     def submitted(self, spec) -> None:
@@ -112,7 +119,7 @@ class Generators:
         if stream is None:
             return
         stream.done = True
-        self._resume(stream, NO_LIMIT)
+        self._resume(stream, NO_LIMIT, ended=True)
         self._drop_waiting_entry(task_id, stream)
         if not stream.dynamic:
             if stream.released:
@@ -183,43 +190,51 @@ class Generators:
         record = self._running_record(worker, task_id)
         if record is None:
             answer(NO_LIMIT)
-        elif record.owner == self.rank:
-            self.when_taken(task_id, needed, answer)
         else:
-            self.paused[task_id] = answer
-            self.peers.send(record.owner, messages.wire(messages.GeneratorPaused, task_id,
-                                                        needed))
+            self.watch(task_id, record.owner, needed, answer, watch=False)
 
-    def when_taken(self, task_id: bytes, needed: int, answer) -> None:
+    def watch(self, task_id: bytes, owner: int, needed: int, answer, watch: bool = True) -> None:
+        """`answer(taken)` once the consumer of `task_id` (on node `owner`) took `needed`
+        items, or NO_LIMIT once it is gone; `watch`: also after the task ended (an
+        actor's budget counts its items until they are taken), else NO_LIMIT then."""
+        if owner == self.rank:
+            self.when_taken(task_id, needed, answer, watch)
+            return
+        self.paused.setdefault(task_id, []).append(answer)
+        self.peers.send(owner, messages.wire(messages.GeneratorPaused, task_id, needed, watch))
+
+    def when_taken(self, task_id: bytes, needed: int, answer, watch: bool = False) -> None:
         """Owner: `answer(taken)` once the consumer of `task_id` took `needed` items."""
         stream = self.streams.get(task_id)
-        if stream is None or stream.released or stream.done:
+        if stream is None or stream.released or (stream.done and not watch):
             answer(NO_LIMIT)
         elif stream.taken >= needed:
             answer(stream.taken)
         else:
             if stream.pauses is None:
                 stream.pauses = []
-            stream.pauses.append((needed, answer))
+            stream.pauses.append((needed, answer, watch))
 
-    def on_generator_paused(self, source: int, task_id: bytes, needed: int) -> None:
+    def on_generator_paused(self, source: int, task_id: bytes, needed: int,
+                            watch: bool = False) -> None:
         self.when_taken(task_id, needed, lambda taken: self.peers.send(
-            source, messages.wire(messages.GeneratorResume, task_id, taken)))
+            source, messages.wire(messages.GeneratorResume, task_id, taken)), watch)
 
     def on_generator_resume(self, source: int, task_id: bytes, taken: int) -> None:
-        answer = self.paused.pop(task_id, None)
-        if answer is not None:
+        # Every answer waiting on this task gets the count: one asked for more asks again.
+        for answer in self.paused.pop(task_id, ()):
             answer(taken)
 
-    def _resume(self, stream: Stream, taken: int) -> None:
+    def _resume(self, stream: Stream, taken: int, ended: bool = False) -> None:
+        """Answer the pauses `taken` satisfies (`ended`: all but the watches)."""
         if not stream.pauses:
             return
         waiting = []
-        for needed, answer in stream.pauses:
-            if taken >= needed:
+        for needed, answer, watch in stream.pauses:
+            if taken >= needed and not (ended and watch):
                 answer(taken)
             else:
-                waiting.append((needed, answer))
+                waiting.append((needed, answer, watch))
         stream.pauses = waiting or None
 
     # ------------------------------------------------------------------ owner: items
@@ -249,6 +264,8 @@ class Generators:
             self._discard(result)
         else:
             record.spec.options["generator_skip"] = index + 1  # what a re-run skips
+            if worker.actor_id is not None and self.budgets.budgets:
+                self.budgets.item_reported(worker.actor_id, task_id)
             if record.owner == self.rank:
                 self.item_reported(task_id, index, result, None)
             else:

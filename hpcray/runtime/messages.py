@@ -103,9 +103,11 @@ class TaskItem(NamedTuple):
 @_on("control")
 class GeneratorPaused(NamedTuple):
     """executor -> owner: a generator task with a backpressure limit waits until its
-    consumer has taken `needed` items (after its TaskItem; generators.py)."""
+    consumer has taken `needed` items (after its TaskItem; generators.py); `watch`: its
+    actor's budget waits for that, even after the task ended (generator_budget.py)."""
     task_id: bytes
     needed: int
+    watch: bool = False
 
 
 @_on("control")
@@ -569,7 +571,8 @@ class WorkerExited(NamedTuple):
 ONEWAY_OPS = ("submit", "put", "export_function", "release_actor_name", "kill_actor",
               "interrupt_wait", "create_group", "remove_group", "call_sites")
 REQUEST_OPS = ("get", "wait", "get_actor", "claim_actor_name", "resources", "nodes",
-               "list_state", "cancel", "generator_next", "generator_pause", "make_room",
+               "list_state", "cancel", "generator_next", "generator_pause", "generator_slot",
+               "make_room",
                "restore", "group_rows")
 
 

@@ -88,6 +88,8 @@ class Worker:
         self.actor = None
         self.actor_id = None
         self.actor_gpu_ids = ()
+        # The actor's shared budget of generator items not taken (generator_budget.py)
+        self.generator_budget = None
         self.actor_mode = None      # "sync", "threaded" or "async" once an actor
         self.cancel_hint = False    # a SIGINT came: look for a CancelTask before a call
         self.local = threading.local()
@@ -284,25 +286,44 @@ class Worker:
                             f"returned {type(items).__name__}, not a generator.")
         skip = spec.options.get("generator_skip", 0)
         limit = spec.options.get("backpressure")
+        budget = self.generator_budget if spec.options["generator"] == "streaming" else None
         taken = 0  # items the consumer took, as last heard
-        for index, value in enumerate(items):
+        items = iter(items)
+        index = 0
+        while True:
+            if budget and index >= skip:  # the actor's shared budget has room for one
+                self.client.generator_slot(spec.task_id)
+            try:
+                value = next(items)
+            except StopIteration:
+                break
             if index >= skip:  # a re-run: the node has the first `skip` already
                 self._report_item(spec, index, value)
-                if limit is not None and index + 1 - taken >= limit:
+                while limit is not None and index + 1 - taken >= limit:
                     taken = self.client.generator_pause(spec.task_id, index + 2 - limit)
+            index += 1
         return self._completion(spec)
 
     async def _stream_async(self, spec, items) -> list:
         skip = spec.options.get("generator_skip", 0)
         limit = spec.options.get("backpressure")
+        budget = self.generator_budget if spec.options["generator"] == "streaming" else None
+        loop = asyncio.get_running_loop()
         taken = 0
         index = 0
-        async for value in items:
+        items = aiter(items)
+        while True:
+            if budget and index >= skip:  # in a thread: the actor's other calls go on
+                await loop.run_in_executor(None, self.client.generator_slot, spec.task_id)
+            try:
+                value = await anext(items)
+            except StopAsyncIteration:
+                break
             if index >= skip:
                 self._report_item(spec, index, value)
-                if limit is not None and index + 1 - taken >= limit:
+                while limit is not None and index + 1 - taken >= limit:
                     # In a thread: the actor's other calls go on meanwhile.
-                    taken = await asyncio.get_running_loop().run_in_executor(
+                    taken = await loop.run_in_executor(
                         None, self.client.generator_pause, spec.task_id, index + 2 - limit)
             index += 1
         return self._completion(spec)
@@ -411,6 +432,7 @@ class Worker:
         self.actor_id = spec.actor_id
         context.group = _group_of(spec)
         self.actor_gpu_ids = gpu_ids
+        self.generator_budget = spec.options.get("generator_budget")
         self._set_gpus(gpu_ids)
         error = None
         try:

@@ -176,6 +176,17 @@ class WorkerRequests:
             worker.interrupt_wait = interrupt
         self.node.generators.pause(worker, task_id, needed, answer)
 
+    def op_generator_slot(self, worker, request_id, task_id: bytes) -> None:
+        """A generator method of an actor with a shared budget of items not taken makes
+        its next item once this answers (generator_budget.py)."""
+        actor = self.actors.get(worker.actor_id)
+        record = actor.inflight.get(task_id) if actor is not None else None
+        if record is None:  # not running here any more: nothing to hold it for
+            self.reply(worker, request_id, None)
+            return
+        self.node.generators.budgets.request_slot(
+            actor, record, lambda _none: self.reply(worker, request_id, None))
+
     def op_make_room(self, worker, request_id, size: int) -> None:
         """The worker's create of `size` bytes found the store full: spill (spilling.py)."""
         self.reply(worker, request_id, self.spiller.make_room(size))
