@@ -10,7 +10,6 @@ tasks; the refs it yields are ordinary refs.
 
 from __future__ import annotations
 
-import asyncio
 import pickle
 
 from hpcray import context
@@ -102,6 +101,7 @@ class ObjectRefGenerator:
         return self
 
     async def __anext__(self) -> ObjectRef:
+        import asyncio  # not at import: it was a third of `import hpcray` (whoever awaits has it)
         ref = await asyncio.get_running_loop().run_in_executor(None, self._next, None)
         if ref is None:
             raise StopAsyncIteration

@@ -3,6 +3,7 @@
 import collections
 import os
 import re
+import sys
 import threading
 import time
 
@@ -35,6 +36,25 @@ def test_calls_before_init_are_clear_errors(monkeypatch):
         hpcray.put(1)
     with pytest.raises(hpcray.exceptions.RayError, match="init"):
         hpcray.get_runtime_context()
+
+
+@pytest.mark.parametrize("chosen", [None, 0.01])
+def test_the_node_thread_gets_the_gil_sooner_unless_the_program_chose(chosen):
+    # The driver's thread and its node's thread share the GIL: init shortens Python's
+    # switch interval (runtime/node_manager.py) while it runs, and only the default.
+    default = sys.getswitchinterval()
+    if chosen is not None:
+        sys.setswitchinterval(chosen)
+    try:
+        hpcray.init(num_cpus=1)
+        try:
+            during = sys.getswitchinterval()
+        finally:
+            hpcray.shutdown()
+        assert during == pytest.approx(0.0002 if chosen is None else chosen)
+        assert sys.getswitchinterval() == pytest.approx(default if chosen is None else chosen)
+    finally:
+        sys.setswitchinterval(default)
 
 
 def test_remote_function_cannot_be_called_directly(ray_start):

@@ -21,6 +21,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import os
 import select
 import signal
@@ -66,6 +67,15 @@ from hpcray.serialization import error_bytes
 
 log = logging.getLogger("hpcray.node")
 _HELLO = Hello.CODE
+
+# The node's thread shares the GIL with the driver's. A thread that wants it gets it
+# only once the holder has run a whole switch interval (5 ms by default): while the
+# driver submits in a loop, its node's thread, and with it every worker waiting for its
+# next call, waited that long per turn. Measured, 1:1 async actor calls on one node:
+# 25-37k/s at 5 ms, 46-53k/s at 0.2 ms. Set while the node runs in a driver's process,
+# unless the program chose an interval of its own.
+NODE_SWITCH_INTERVAL = 0.0002
+PYTHON_SWITCH_INTERVAL = 0.005  # Python's default
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
@@ -162,7 +172,11 @@ class NodeManager:
             raise
         self._build_parts()
         self._thread = None
+        self._switch_interval = None
         if run_thread:
+            if math.isclose(sys.getswitchinterval(), PYTHON_SWITCH_INTERVAL):
+                self._switch_interval = PYTHON_SWITCH_INTERVAL
+                sys.setswitchinterval(NODE_SWITCH_INTERVAL)
             self._thread = threading.Thread(target=self._event_loop,
                                             name="hpcray-node-manager", daemon=True)
             self._thread.start()
@@ -306,6 +320,9 @@ class NodeManager:
         os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._switch_interval is not None and math.isclose(sys.getswitchinterval(),
+                                                               NODE_SWITCH_INTERVAL):
+            sys.setswitchinterval(self._switch_interval)
         deadline = time.monotonic() + 2.0
         pids = [w.pid for w in self.workers.values() if w.alive and w.pid]
         for pid in pids:
