@@ -787,7 +787,8 @@ class NodeManager:
         record.dispatched = clock.now()
         worker.task = record
         self.activity.running(worker.key, spec.name)
-        record.gpu_ids = self._take_gpus(spec)
+        # (no options: no placement group; no GPU asked: none to take)
+        record.gpu_ids = self._take_gpus(spec) if spec.options or "GPU" in spec.demand else ()
         if spec.kind == NORMAL_TASK:
             self.task_events.running(spec, worker.pid)
         function = None
@@ -810,8 +811,9 @@ class NodeManager:
             return
         spec = record.spec
         self.recorder.ran(spec, worker.pid, started, results)
-        self._release_gpus(record)
-        retire = self._reached_max_calls(worker, spec)
+        if record.gpu_ids:
+            self._release_gpus(record)
+        retire = spec.options is not None and self._reached_max_calls(worker, spec)
         if retire:
             worker.retiring = True
             self.send_to_worker(worker, wire(messages.ExitWorker))
