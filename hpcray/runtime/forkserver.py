@@ -15,6 +15,7 @@ removes its spill folder, so no process, /dev/shm segment or spill file outlives
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -102,6 +103,10 @@ def main() -> None:
         except ImportError:
             pass
         from hpcray.runtime import worker as worker_module
+        # What every worker inherits stays out of its collections (never garbage: modules,
+        # classes, numpy's): a worker's collection walks its own objects only, and does
+        # not write the inherited pages (copy-on-write).
+        gc.freeze()
 
         control.send(protocol.encode(wire(messages.ForkServerReady, os.getpid())))
         signal.signal(signal.SIGCHLD, lambda *_: _reap(children, control))
