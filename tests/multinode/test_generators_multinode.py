@@ -133,10 +133,12 @@ def test_items_not_taken_are_freed_on_the_rank_that_made_them(tmp_path):
     # An endless generator on rank 2 yields large items (their primary copies stay on
     # rank 2); the driver takes one and drops the generator while it runs: the items it
     # did not take go from rank 2's store, the one it took stays until it is dropped.
+    # The generator takes no CPU: rank 2 has one, and the probes (holds) run there while
+    # it does (with it, they waited for its wait_for_file to time out, after the task).
     run(tmp_path, 3, HELPERS + f"""
     folder = {str(tmp_path)!r}
 
-    @ray.remote
+    @ray.remote(num_cpus=0)
     def endless():
         i = 0
         while not os.path.exists(os.path.join(folder, "stop")):
@@ -144,6 +146,7 @@ def test_items_not_taken_are_freed_on_the_rank_that_made_them(tmp_path):
             i += 1
             if i == 3:
                 wait_for_file(os.path.join(folder, "dropped"))
+                open(os.path.join(folder, "resumed"), "w").close()
 
     gen = endless.options(scheduling_strategy=at(2)).remote()
     first = next(gen)
@@ -156,6 +159,8 @@ def test_items_not_taken_are_freed_on_the_rank_that_made_them(tmp_path):
     open(os.path.join(folder, "dropped"), "w").close()
     open(os.path.join(folder, "stop"), "w").close()
     wait_until("the task ends", nothing_left)
+    # it ran on until told to (not ended by wait_for_file's timeout)
+    assert os.path.exists(os.path.join(folder, "resumed"))
     assert sorted(holds(2, *made)) == [made[0]]
     del first
     gc.collect()
