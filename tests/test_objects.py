@@ -7,6 +7,7 @@ import pytest
 
 import hpcray
 from hpcray import context, exceptions
+from hpcray.runtime import client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,12 +94,16 @@ def test_object_larger_than_the_store_is_a_clear_error(ray_start):
     assert hpcray.get(hpcray.put(np.ones(10))).sum() == 10
 
 
-def test_full_store_raises_and_recovers_when_views_are_dropped(ray_start):
+def test_full_store_raises_and_recovers_when_views_are_dropped(ray_start, monkeypatch):
     """Referenced objects are spilled to disk (test_spilling.py); objects that processes
     map (zero-copy views) cannot be, so a store full of them raises."""
     chunk = np.zeros(60 * 1024 * 1024 // 8)
     views = [hpcray.get(hpcray.put(chunk)) for _ in range(4)]
-    with pytest.raises(exceptions.ObjectStoreFullError, match="in use"):
+    # Nothing here releases a view: a short grace proves the error as well as the 5 s
+    # that lets a real reader finish (client._FULL_GRACE_S).
+    with monkeypatch.context() as patch, \
+            pytest.raises(exceptions.ObjectStoreFullError, match="in use"):
+        patch.setattr(client, "_FULL_GRACE_S", 0.3)
         for _ in range(4):
             views.append(hpcray.get(hpcray.put(chunk)))
     del views
