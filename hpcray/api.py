@@ -108,14 +108,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if transport is None:
             node = launch.build_node(job)
         else:
-            def build_rank0(started: dict):
-                node = launch.build_node(job, transport)
-                nodes = {0: node.describe_self()}
-                nodes.update(started)
-                with node.lock:
-                    node.set_cluster_nodes(nodes)
-                return node
-            node = launch.start_job(transport, job, build_rank0)
+            node = launch.start_job(transport, job, lambda: launch.build_node(
+                job, transport, run_thread=False))
         if not node.wait_forkserver_ready(FORKSERVER_READY_TIMEOUT_S):
             log.warning("the fork server has not finished its imports after %d s; "
                         "init returns, the first workers will start late",

@@ -169,3 +169,8 @@ def _unlink_store(job: dict) -> None:
 
 if __name__ == "__main__":
     main()
+    # Its clean-up is done (main's finally): skip the interpreter's teardown of what it
+    # imported for the workers (40-80 ms of each shutdown, which waits for this exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

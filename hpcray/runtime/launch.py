@@ -306,18 +306,32 @@ def _collect(transport, kind: type, count: int, timeout: float) -> dict:
     return replies
 
 
-def start_job(transport, job: dict, make_node) -> None:
-    """Rank 0: start the node of every other rank, then its own (`make_node(nodes)`)."""
+def start_job(transport, job: dict, make_node):
+    """Rank 0: start its own node (`make_node()`, whose event loop is not running yet)
+    and every other rank's; return its own, running, once each knows every node.
+
+    Rank 0's node comes first: its fork server's imports, the longest part of a start,
+    go on while the clocks are measured and the other ranks start theirs (its own
+    clock offset is 0 by definition, so its node needs no measurement)."""
     store_bytes = job["config"].get("object_store_memory")
     if store_bytes:  # refused here before any rank starts, as it would be on each
         check_store_size(store_bytes)
     job["gpus_by_rank"] = _gpu_shares(transport)
-    offsets = clock.measure_offsets(transport)
-    job["clock"] = [offsets.get(rank) for rank in range(transport.size)]
-    transport.broadcast(wire(messages.Start, job))
-    started = _collect(transport, messages.Started, transport.size - 1, 300.0)
+    node = make_node()
+    try:
+        offsets = clock.measure_offsets(transport)
+        job["clock"] = [offsets.get(rank) for rank in range(transport.size)]
+        transport.broadcast(wire(messages.Start, job))
+        started = _collect(transport, messages.Started, transport.size - 1, 300.0)
+    except BaseException:
+        node.shutdown()
+        raise
     unlink_mpi_segments()  # every rank has finished MPI_Init: each opened them
-    node = make_node(started)
+    nodes = {0: node.describe_self()}
+    nodes.update(started)
+    with node.lock:
+        node.set_cluster_nodes(nodes)
+    node.start_thread()
     transport.broadcast(wire(messages.Go, node.link.nodes))
     return node
 

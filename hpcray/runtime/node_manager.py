@@ -174,12 +174,16 @@ class NodeManager:
         self._thread = None
         self._switch_interval = None
         if run_thread:
-            if math.isclose(sys.getswitchinterval(), PYTHON_SWITCH_INTERVAL):
-                self._switch_interval = PYTHON_SWITCH_INTERVAL
-                sys.setswitchinterval(NODE_SWITCH_INTERVAL)
-            self._thread = threading.Thread(target=self._event_loop,
-                                            name="hpcray-node-manager", daemon=True)
-            self._thread.start()
+            self.start_thread()
+
+    def start_thread(self) -> None:
+        """Run the event loop in a thread of its own (the driver's node), from now on."""
+        if math.isclose(sys.getswitchinterval(), PYTHON_SWITCH_INTERVAL):
+            self._switch_interval = PYTHON_SWITCH_INTERVAL
+            sys.setswitchinterval(NODE_SWITCH_INTERVAL)
+        self._thread = threading.Thread(target=self._event_loop,
+                                        name="hpcray-node-manager", daemon=True)
+        self._thread.start()
 
     def _build_parts(self) -> None:
         """The node's parts, each handed what it depends on; the parts that depend on
