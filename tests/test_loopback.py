@@ -23,7 +23,9 @@ def test_a_sub_millisecond_wait_on_one_node():
     try:
         node = hpcray.context.driver_node
         assert isinstance(node.transport, LoopbackTransport)
-        assert node._wait_for_events(0.0005) == []
+        # No AttributeError; what it returns is whatever is due meanwhile (a worker of
+        # the pool saying hello), so only its type is certain.
+        assert isinstance(node._wait_for_events(0.0005), list)
         assert hpcray.get(hpcray.put(1)) == 1
     finally:
         hpcray.shutdown()
