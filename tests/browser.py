@@ -34,9 +34,9 @@ def _run(args: list, timeout: float = 90) -> str:
 def render(page: Path, out_dir: Path) -> tuple[str, np.ndarray]:
     """(the DOM once the page's scripts ran, the screenshot as an HxWx3 uint8 array)."""
     url = page.resolve().as_uri()
-    dom = _run(["--dump-dom", url])
     shot = out_dir / "screenshot.png"
-    _run([f"--screenshot={shot}", url])
+    shot.unlink(missing_ok=True)  # the pixels read below are this run's
+    dom = _run(["--dump-dom", f"--screenshot={shot}", url])  # one start of chromium for both
     return dom, read_png(shot)
 
 

@@ -236,9 +236,12 @@ def test_report_draws_gpu_use_from_the_nodes_gpu_source(tmp_path):
             def close(self):
                 print("CLOSED", self.reads)
 
-        sampler.gpu_utilization = lambda uuids: TwoScriptedGpus()
+        source = TwoScriptedGpus()
+        sampler.gpu_utilization = lambda uuids: source
         ray.init(num_cpus=1, report="job.html")
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while source.reads < 6 and time.monotonic() < deadline:  # every 0.1 s
+            time.sleep(0.01)
     """, {"HPCRAY_REPORT_INTERVAL": "0.1"})
     closed = int(re.search(r"^CLOSED (\d+)$", out, re.M).group(1))
     page_path = tmp_path / "job.html"
