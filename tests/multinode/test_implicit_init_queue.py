@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.multinode, pytest.mark.timeout(200)]
 # Consumers on ranks 1 and 2, a producer actor on rank 2, the driver on rank 0: every
 # item put once comes out once, whichever node asks.
 QUEUE_PROGRAM = """
+    import time
     import hpcray as ray
     from hpcray.util.queue import Queue
     On = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy
@@ -40,6 +41,10 @@ QUEUE_PROGRAM = """
             for r in (1, 2)]
     producer = Producer.options(scheduling_strategy=On(nodes[2], soft=False)).remote()
     assert ray.get(producer.run.remote(q, list(range(10))), timeout=90) == nodes[2]
+    # Up to 4 of the 10 may still wait for the consumers: room for 2 first.
+    deadline = time.monotonic() + 60
+    while q.qsize() > 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     q.put_nowait_batch([10, 11])
     got = ray.get(refs, timeout=90)
     assert [node for node, _ in got] == [nodes[1], nodes[2]], got
