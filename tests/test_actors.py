@@ -57,7 +57,7 @@ class Counter:
 
 # ---------------------------------------------------------------- basics
 @pytest.mark.timeout(60)
-def test_constructor_args_and_state(ray_start):
+def test_constructor_args_and_state(ray_shared):
     c = Counter.remote(10, step=5)
     assert hpcray.get(c.get.remote()) == 10
     assert hpcray.get([c.incr.remote() for _ in range(3)]) == [15, 20, 25]
@@ -65,14 +65,14 @@ def test_constructor_args_and_state(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_constructor_args_as_object_refs(ray_start):
+def test_constructor_args_as_object_refs(ray_shared):
     start = hpcray.put(7)
     c = Counter.remote(start, step=hpcray.put(3))
     assert hpcray.get(c.incr.remote()) == 10
 
 
 @pytest.mark.timeout(60)
-def test_calls_from_one_caller_run_in_submission_order(ray_start):
+def test_calls_from_one_caller_run_in_submission_order(ray_shared):
     @hpcray.remote
     class Log:
         def __init__(self):
@@ -118,7 +118,7 @@ class Busy:
 
 
 @pytest.mark.timeout(90)
-def test_calls_behind_a_busy_call_keep_their_order_and_a_cancel(ray_start, tmp_path):
+def test_calls_behind_a_busy_call_keep_their_order_and_a_cancel(ray_shared, tmp_path):
     gate = tmp_path / "gate"
     a = Busy.remote()
     hpcray.get(a.notes.remote())
@@ -136,7 +136,7 @@ def test_calls_behind_a_busy_call_keep_their_order_and_a_cancel(ray_start, tmp_p
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("retries", [0, -1])
-def test_calls_behind_a_call_that_kills_the_actor_count_as_sent(ray_start, tmp_path, retries):
+def test_calls_behind_a_call_that_kills_the_actor_count_as_sent(ray_shared, tmp_path, retries):
     """As in Ray, where every call is sent to the actor at once: when its process dies,
     the calls submitted before fail without retries, and run on the restarted actor with."""
     a = Busy.options(max_restarts=1, max_task_retries=retries).remote()
@@ -160,7 +160,7 @@ def test_calls_behind_a_call_that_kills_the_actor_count_as_sent(ray_start, tmp_p
 
 
 @pytest.mark.timeout(60)
-def test_method_num_returns_decorator_and_options(ray_start):
+def test_method_num_returns_decorator_and_options(ray_shared):
     @hpcray.remote
     class Splitter:
         @hpcray.method(num_returns=2)
@@ -182,7 +182,7 @@ def test_method_num_returns_decorator_and_options(ray_start):
 
 # ---------------------------------------------------------------- concurrency
 @pytest.mark.timeout(60)
-def test_async_actor_runs_calls_concurrently(ray_start):
+def test_async_actor_runs_calls_concurrently(ray_shared):
     n = 8
 
     @hpcray.remote
@@ -207,7 +207,7 @@ def test_async_actor_runs_calls_concurrently(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_threaded_actor_runs_calls_concurrently(ray_start):
+def test_threaded_actor_runs_calls_concurrently(ray_shared):
     @hpcray.remote
     class Threaded:
         def __init__(self):
@@ -225,7 +225,7 @@ def test_threaded_actor_runs_calls_concurrently(ray_start):
 
 # ---------------------------------------------------------------- handles
 @pytest.mark.timeout(60)
-def test_actor_handle_passed_to_task(ray_start):
+def test_actor_handle_passed_to_task(ray_shared):
     c = Counter.remote()
 
     @hpcray.remote
@@ -237,7 +237,7 @@ def test_actor_handle_passed_to_task(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_actor_handle_passed_to_actor(ray_start):
+def test_actor_handle_passed_to_actor(ray_shared):
     @hpcray.remote
     class Caller:
         def __init__(self, target):
@@ -260,7 +260,7 @@ def test_actor_handle_passed_to_actor(ray_start):
 
 # ---------------------------------------------------------------- names
 @pytest.mark.timeout(60)
-def test_named_actor(ray_start):
+def test_named_actor(ray_shared):
     c = Counter.options(name="x").remote(100)
     assert hpcray.get(c.incr.remote()) == 101
     same = hpcray.get_actor("x")
@@ -277,7 +277,7 @@ def test_named_actor(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_get_actor_from_task(ray_start):
+def test_get_actor_from_task(ray_shared):
     Counter.options(name="shared").remote(1)
 
     @hpcray.remote
@@ -318,7 +318,7 @@ class Gated:
 
 
 @pytest.mark.timeout(60)
-def test_kill_fails_inflight_and_queued_calls(ray_start, tmp_path):
+def test_kill_fails_inflight_and_queued_calls(ray_shared, tmp_path):
     gate = str(tmp_path / "gate")
     a = Gated.remote()
     assert hpcray.get(a.incr.remote()) == 1
@@ -334,7 +334,7 @@ def test_kill_fails_inflight_and_queued_calls(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_constructor_raises(ray_start, tmp_path):
+def test_constructor_raises(ray_shared, tmp_path):
     gate = str(tmp_path / "gate")
     b = Gated.remote(gate, fail=True)
     refs = [b.incr.remote(), b.incr.remote()]  # queued: the constructor is still waiting
@@ -347,7 +347,7 @@ def test_constructor_raises(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_actor_process_dies_restarts_with_max_restarts(ray_start):
+def test_actor_process_dies_restarts_with_max_restarts(ray_shared):
     c = Counter.options(max_restarts=1).remote(5)
     assert hpcray.get(c.incr.remote()) == 6
     first_pid = hpcray.get(c.pid.remote())
@@ -360,7 +360,7 @@ def test_actor_process_dies_restarts_with_max_restarts(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_actor_process_dies_without_restarts(ray_start, tmp_path):
+def test_actor_process_dies_without_restarts(ray_shared, tmp_path):
     gate = str(tmp_path / "gate")
     c = Gated.options(max_restarts=0).remote()
     assert hpcray.get(c.incr.remote()) == 1
@@ -376,7 +376,7 @@ def test_actor_process_dies_without_restarts(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_restart_exhausted_after_second_death(ray_start):
+def test_restart_exhausted_after_second_death(ray_shared):
     c = Gated.options(max_restarts=1).remote()
     with pytest.raises(RayActorError):
         hpcray.get(c.die.remote(), timeout=30)
@@ -419,7 +419,7 @@ def _make_dead_actor(how: str, tmp_path):
 @pytest.mark.one_node
 @pytest.mark.parametrize("how", ["kill", "constructor", "exit", "restarts_exhausted"])
 @pytest.mark.timeout(60)
-def test_call_on_dead_actor_raises_actor_error(ray_start, tmp_path, how):
+def test_call_on_dead_actor_raises_actor_error(ray_shared, tmp_path, how):
     a = _make_dead_actor(how, tmp_path)
     with pytest.raises(RayActorError):
         hpcray.get(a.incr.remote(), timeout=30)
@@ -428,7 +428,7 @@ def test_call_on_dead_actor_raises_actor_error(ray_start, tmp_path, how):
 
 
 @pytest.mark.timeout(60)
-def test_max_task_retries_retries_the_call_that_killed_the_actor(ray_start, tmp_path):
+def test_max_task_retries_retries_the_call_that_killed_the_actor(ray_shared, tmp_path):
     marker = str(tmp_path / "died-once")
 
     @hpcray.remote
@@ -499,7 +499,7 @@ def _kill_with_calls_in_flight(actor, folder, calls: int, method: str = "call",
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["actor", "call_options", "method_decorator"])
-def test_calls_in_flight_are_retried_after_a_restart(ray_start, tmp_path, how):
+def test_calls_in_flight_are_retried_after_a_restart(ray_shared, tmp_path, how):
     """Ray's at-least-once actor calls: the calls the actor's process had (running or
     waiting in it) when it was SIGKILLed run again on the restarted actor, within
     max_task_retries (-1: no limit), whichever of the actor's option, the call's
@@ -522,7 +522,7 @@ def test_calls_in_flight_are_retried_after_a_restart(ray_start, tmp_path, how):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["default", "call_options"])
-def test_calls_in_flight_fail_without_task_retries(ray_start, tmp_path, how):
+def test_calls_in_flight_fail_without_task_retries(ray_shared, tmp_path, how):
     """max_task_retries=0 (the default, or a call's .options() over the actor's -1):
     at-most-once; the calls in flight raise RayActorError, and the restarted actor
     takes new calls."""
@@ -539,7 +539,7 @@ def test_calls_in_flight_fail_without_task_retries(ray_start, tmp_path, how):
 
 
 @pytest.mark.timeout(60)
-def test_method_raises_actor_survives(ray_start):
+def test_method_raises_actor_survives(ray_shared):
     @hpcray.remote
     class Picky:
         def __init__(self):
@@ -582,7 +582,7 @@ class Doubler:
 
 
 @pytest.mark.timeout(60)
-def test_actor_pool_map(ray_start):
+def test_actor_pool_map(ray_shared):
     pool = ActorPool([Doubler.remote(), Doubler.remote()])
     out = list(pool.map(lambda a, v: a.double.remote(v), range(10)))
     assert out == [2 * v for v in range(10)]
@@ -591,7 +591,7 @@ def test_actor_pool_map(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_actor_pool_map_unordered(ray_start, tmp_path):
+def test_actor_pool_map_unordered(ray_shared, tmp_path):
     gate = str(tmp_path / "gate")
     pool = ActorPool([Doubler.remote(), Doubler.remote()])
     results = pool.map_unordered(lambda a, v: a.slow_double.remote(v, gate), [0, 1, 2, 3])
@@ -607,7 +607,7 @@ def test_actor_pool_map_unordered(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_actor_pool_submit_get_next_has_next_has_free(ray_start):
+def test_actor_pool_submit_get_next_has_next_has_free(ray_shared):
     a1, a2 = Doubler.remote(), Doubler.remote()
     pool = ActorPool([a1, a2])
     assert not pool.has_next()
@@ -628,7 +628,7 @@ def test_actor_pool_submit_get_next_has_next_has_free(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_actor_pool_pop_idle_and_push(ray_start):
+def test_actor_pool_pop_idle_and_push(ray_shared):
     a1, a2 = Doubler.remote(), Doubler.remote()
     pool = ActorPool([a1])
     idle = pool.pop_idle()
@@ -645,7 +645,7 @@ def test_actor_pool_pop_idle_and_push(ray_start):
 
 # ---------------------------------------------------------------- context, resources, scale
 @pytest.mark.timeout(60)
-def test_runtime_context_actor_id(ray_start):
+def test_runtime_context_actor_id(ray_shared):
     @hpcray.remote
     class WhoAmI:
         def actor_id(self):
@@ -668,7 +668,7 @@ def test_runtime_context_actor_id(ray_start):
 
 @pytest.mark.one_node
 @pytest.mark.timeout(60)
-def test_actor_with_two_cpus_holds_both(ray_start):
+def test_actor_with_two_cpus_holds_both(ray_shared):
     @hpcray.remote(num_cpus=2)
     class Big:
         def ping(self):
@@ -683,7 +683,7 @@ def test_actor_with_two_cpus_holds_both(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_task_waits_while_two_cpu_actor_lives(ray_start):
+def test_task_waits_while_two_cpu_actor_lives(ray_shared):
     @hpcray.remote(num_cpus=2)
     class Big:
         def ping(self):
@@ -703,13 +703,13 @@ def test_task_waits_while_two_cpu_actor_lives(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_fifty_actors(ray_start):
+def test_fifty_actors(ray_shared):
     actors = [Counter.remote(i) for i in range(50)]
     assert hpcray.get([a.incr.remote() for a in actors], timeout=50) == list(range(1, 51))
 
 
 @pytest.mark.timeout(60)
-def test_dropped_handle_ends_actor_process(ray_start):
+def test_dropped_handle_ends_actor_process(ray_shared):
     c = Counter.remote()
     pid = hpcray.get(c.pid.remote())
     assert psutil.pid_exists(pid)
@@ -719,7 +719,7 @@ def test_dropped_handle_ends_actor_process(ray_start):
 
 
 @pytest.mark.timeout(60)
-def test_dropped_handle_runs_pending_calls_first(ray_start, tmp_path):
+def test_dropped_handle_runs_pending_calls_first(ray_shared, tmp_path):
     out = tmp_path / "done"
 
     @hpcray.remote
@@ -829,7 +829,7 @@ def _on_rank(rank: int):
 @pytest.mark.parametrize("ranks", [(1, 2), (1, 0), (0, 1)], ids=["owner1-child2",
                                                                   "owner1-child0",
                                                                   "owner0-child1"])
-def test_actors_die_with_the_process_that_created_them(ray_start, how, ranks):
+def test_actors_die_with_the_process_that_created_them(ray_shared, how, ranks):
     """As Ray (doc_code/actor_creator_failure.py): an actor's owner is the process that
     created it; when that process dies (killed, or its actor killed with kill()), the
     actors it created die too, even with max_restarts=-1 and while others hold their
@@ -858,7 +858,7 @@ def test_actors_die_with_the_process_that_created_them(ray_start, how, ranks):
 
 
 @pytest.mark.timeout(60)
-def test_an_actor_made_by_a_task_outlives_the_task(ray_start):
+def test_an_actor_made_by_a_task_outlives_the_task(ray_shared):
     """The task's process lives on after the task (a pool worker), so the actor does."""
     child = hpcray.get(_make_child.remote())
     assert hpcray.get([child.ping.remote() for _ in range(3)]) == ["hello"] * 3

@@ -57,12 +57,12 @@ def test_the_node_thread_gets_the_gil_sooner_unless_the_program_chose(chosen):
         sys.setswitchinterval(default)
 
 
-def test_remote_function_cannot_be_called_directly(ray_start):
+def test_remote_function_cannot_be_called_directly(ray_shared):
     with pytest.raises(TypeError, match=r"identity.remote\(\)"):
         identity(1)
 
 
-def test_task_results_and_dependencies(ray_start):
+def test_task_results_and_dependencies(ray_shared):
     assert hpcray.is_initialized()
     assert hpcray.get(identity.remote(5)) == 5
     chain = identity.remote(0)
@@ -73,7 +73,7 @@ def test_task_results_and_dependencies(ray_start):
     assert hpcray.get(add.remote(a=identity.remote(2), b=3)) == 5
 
 
-def test_top_level_refs_resolved_nested_refs_passed_as_refs(ray_start):
+def test_top_level_refs_resolved_nested_refs_passed_as_refs(ray_shared):
     ref = hpcray.put(41)
 
     @hpcray.remote
@@ -84,7 +84,7 @@ def test_top_level_refs_resolved_nested_refs_passed_as_refs(ray_start):
     assert hpcray.get(inspect.remote(ref, {"r": ref})) == ("int", True, 42)
 
 
-def test_num_returns(ray_start):
+def test_num_returns(ray_shared):
     @hpcray.remote(num_returns=3)
     def three():
         return 1, 2, 3
@@ -103,7 +103,7 @@ def test_num_returns(ray_start):
         hpcray.get(first)
 
 
-def test_nested_tasks_do_not_deadlock_when_every_worker_blocks(ray_start):
+def test_nested_tasks_do_not_deadlock_when_every_worker_blocks(ray_shared):
     @hpcray.remote
     def tree(depth):
         if depth == 0:
@@ -114,7 +114,7 @@ def test_nested_tasks_do_not_deadlock_when_every_worker_blocks(ray_start):
     assert hpcray.get(tree.remote(3)) == 8
 
 
-def test_exceptions_are_instances_of_the_users_class(ray_start):
+def test_exceptions_are_instances_of_the_users_class(ray_shared):
     class MyError(Exception):
         pass
 
@@ -132,7 +132,7 @@ def test_exceptions_are_instances_of_the_users_class(ray_start):
         hpcray.get(add.remote(identity.remote(ref), 1))
 
 
-def test_get_timeout_and_wait(ray_start):
+def test_get_timeout_and_wait(ray_shared):
     @hpcray.remote
     def sleepy(seconds):
         time.sleep(seconds)
@@ -151,7 +151,7 @@ def test_get_timeout_and_wait(ray_start):
     hpcray.cancel(slow, force=True)
 
 
-def test_wait_many_refs_keeps_order(ray_start):
+def test_wait_many_refs_keeps_order(ray_shared):
     refs = [identity.remote(i) for i in range(200)]
     ready, not_ready = hpcray.wait(refs, num_returns=200)
     assert ready == refs and not_ready == []
@@ -159,7 +159,7 @@ def test_wait_many_refs_keeps_order(ray_start):
     assert len(ready) == 5
 
 
-def test_bad_arguments_are_clear_errors(ray_start):
+def test_bad_arguments_are_clear_errors(ray_shared):
     with pytest.raises(TypeError, match="ObjectRef"):
         hpcray.get(5)
     with pytest.raises(TypeError, match="ObjectRef"):
@@ -179,7 +179,7 @@ def test_bad_arguments_are_clear_errors(ray_start):
     assert hpcray.get(identity.remote("still fine")) == "still fine"
 
 
-def test_unpicklable_function_is_a_clear_error(ray_start):
+def test_unpicklable_function_is_a_clear_error(ray_shared):
     lock = threading.Lock()
 
     @hpcray.remote
@@ -191,7 +191,7 @@ def test_unpicklable_function_is_a_clear_error(ray_start):
     assert hpcray.get(identity.remote(1)) == 1
 
 
-def test_infeasible_requests_stay_pending_as_in_ray(ray_start):
+def test_infeasible_requests_stay_pending_as_in_ray(ray_shared):
     # As Ray: a ref comes back and the task waits (tests/test_infeasible.py has the rest).
     refs = [identity.options(num_cpus=3).remote(1), identity.options(num_gpus=1).remote(1),
             identity.options(resources={"special": 1}).remote(1)]
@@ -203,7 +203,7 @@ def test_infeasible_requests_stay_pending_as_in_ray(ray_start):
             hpcray.get(ref, timeout=30)
 
 
-def test_two_cpu_task_runs_alone(ray_start, tmp_path):
+def test_two_cpu_task_runs_alone(ray_shared, tmp_path):
     @hpcray.remote
     def record(name, seconds):
         start = time.monotonic()
@@ -238,7 +238,7 @@ def test_custom_resources_are_accounted(ray_start_custom):
 
 
 @pytest.mark.one_node
-def test_resources_and_nodes(ray_start):
+def test_resources_and_nodes(ray_shared):
     total = hpcray.cluster_resources()
     assert total["CPU"] == 2
     assert hpcray.available_resources()["CPU"] == 2
@@ -246,7 +246,7 @@ def test_resources_and_nodes(ray_start):
     assert len(nodes) == 1 and nodes[0]["Alive"] and nodes[0]["Resources"]["CPU"] == 2
 
 
-def test_runtime_context(ray_start):
+def test_runtime_context(ray_shared):
     ctx = hpcray.get_runtime_context()
     assert ctx.get_task_id() is None and ctx.get_actor_id() is None
 
@@ -261,7 +261,7 @@ def test_runtime_context(ray_start):
     assert hpcray.get_gpu_ids() == []
 
 
-def test_cancel_queued_and_running_tasks(ray_start):
+def test_cancel_queued_and_running_tasks(ray_shared):
     @hpcray.remote
     def sleepy():
         time.sleep(60)
@@ -284,7 +284,7 @@ def test_cancel_queued_and_running_tasks(ray_start):
     assert hpcray.get(identity.remote(3)) == 3
 
 
-def test_remote_function_with_options_in_decorator(ray_start):
+def test_remote_function_with_options_in_decorator(ray_shared):
     @hpcray.remote(num_cpus=0.5, max_retries=0)
     def half():
         return "ok"
@@ -304,7 +304,7 @@ def test_shutdown_and_init_again():
 
 
 @pytest.mark.one_node
-def test_recursive_cancel_reaches_child_tasks(ray_start, tmp_path):
+def test_recursive_cancel_reaches_child_tasks(ray_shared, tmp_path):
     marker = tmp_path / "child_started"
 
     @hpcray.remote
@@ -330,7 +330,7 @@ def test_recursive_cancel_reaches_child_tasks(ray_start, tmp_path):
     assert hpcray.available_resources()["CPU"] == 2
 
 
-def test_cancel_interrupts_a_task_blocked_in_get(ray_start, tmp_path):
+def test_cancel_interrupts_a_task_blocked_in_get(ray_shared, tmp_path):
     marker = tmp_path / "child_started"
 
     @hpcray.remote
@@ -355,7 +355,7 @@ def test_cancel_interrupts_a_task_blocked_in_get(ray_start, tmp_path):
     assert hpcray.get(identity.remote(1), timeout=30) == 1
 
 
-def test_max_calls_replaces_the_worker_after_that_many_runs(ray_start):
+def test_max_calls_replaces_the_worker_after_that_many_runs(ray_shared):
     @hpcray.remote(max_calls=2)
     def pid_twice():
         return os.getpid()

@@ -75,7 +75,7 @@ def wait_on(ref_list):
     return ray.get(ref_list[0])
 
 
-def test_cancel_right_after_remote_20_in_a_row(ray_start, tmp_path):
+def test_cancel_right_after_remote_20_in_a_row(ray_shared, tmp_path):
     """Each task is sent to a warm worker at once, so the cancel finds it on its way
     there, starting, or running: never done (it would sleep for a second)."""
     @ray.remote
@@ -92,7 +92,7 @@ def test_cancel_right_after_remote_20_in_a_row(ray_start, tmp_path):
     assert ray.get(slow.remote(99), timeout=30) == 99
 
 
-def test_cancel_right_after_remote_of_an_instant_task(ray_start):
+def test_cancel_right_after_remote_of_an_instant_task(ray_shared):
     """An instant task may end before the cancel comes (then it is a finished task,
     whose value stays, as in Ray); it never hangs nor fails otherwise."""
     @ray.remote
@@ -110,7 +110,7 @@ def test_cancel_right_after_remote_of_an_instant_task(ray_start):
     assert ray.get(fast.remote(99), timeout=30) == 99
 
 
-def test_cancel_right_after_remote_of_a_slow_task_does_not_run_to_the_end(ray_start,
+def test_cancel_right_after_remote_of_a_slow_task_does_not_run_to_the_end(ray_shared,
                                                                        tmp_path):
     refs = []
     for i in range(10):
@@ -122,7 +122,7 @@ def test_cancel_right_after_remote_of_a_slow_task_does_not_run_to_the_end(ray_st
             ray.get(ref, timeout=30)
 
 
-def test_cancel_queued_task_never_runs(ray_start, tmp_path):
+def test_cancel_queued_task_never_runs(ray_shared, tmp_path):
     signal = Signal.remote()
     blockers = [wait_on.remote([signal.wait.remote()]) for _ in range(2)]  # both CPUs
     ready, _ = ray.wait(blockers, timeout=0.5)
@@ -138,7 +138,7 @@ def test_cancel_queued_task_never_runs(ray_start, tmp_path):
     assert not marker.exists()
 
 
-def test_cancel_task_waiting_for_its_argument_and_its_dependents(ray_start, tmp_path):
+def test_cancel_task_waiting_for_its_argument_and_its_dependents(ray_shared, tmp_path):
     signal = Signal.remote()
     first = wait_on.remote([signal.wait.remote()])
     marker = tmp_path / "dependent-ran"
@@ -161,7 +161,7 @@ def test_cancel_task_waiting_for_its_argument_and_its_dependents(ray_start, tmp_
     assert not marker.exists()
 
 
-def test_cancel_running_task_interrupts_it(ray_start, tmp_path):
+def test_cancel_running_task_interrupts_it(ray_shared, tmp_path):
     started, interrupted = tmp_path / "started", tmp_path / "interrupted"
     ref = sleep_forever.remote(str(started), str(interrupted))
     wait_for_file(started)
@@ -173,7 +173,7 @@ def test_cancel_running_task_interrupts_it(ray_start, tmp_path):
     assert ray.get(run_and_mark.remote(str(tmp_path / "after")), timeout=30) == "ran"
 
 
-def test_a_task_that_catches_the_interrupt_still_returns_no_value(ray_start, tmp_path):
+def test_a_task_that_catches_the_interrupt_still_returns_no_value(ray_shared, tmp_path):
     started = tmp_path / "started"
 
     @ray.remote
@@ -192,7 +192,7 @@ def test_a_task_that_catches_the_interrupt_still_returns_no_value(ray_start, tmp
         ray.get(ref, timeout=30)
 
 
-def test_a_task_interrupted_once_can_still_call_get_to_clean_up(ray_start, tmp_path):
+def test_a_task_interrupted_once_can_still_call_get_to_clean_up(ray_shared, tmp_path):
     signal = Signal.remote()
     started, cleaned = tmp_path / "started", tmp_path / "cleaned"
 
@@ -218,7 +218,7 @@ def test_a_task_interrupted_once_can_still_call_get_to_clean_up(ray_start, tmp_p
     ray.get(signal.send.remote())
 
 
-def test_cancel_task_blocked_in_get(ray_start, tmp_path):
+def test_cancel_task_blocked_in_get(ray_shared, tmp_path):
     signal = Signal.remote()
     started = tmp_path / "started"
 
@@ -235,7 +235,7 @@ def test_cancel_task_blocked_in_get(ray_start, tmp_path):
     ray.get(signal.send.remote())
 
 
-def test_force_cancel_kills_the_worker_and_a_new_one_takes_its_place(ray_start, tmp_path):
+def test_force_cancel_kills_the_worker_and_a_new_one_takes_its_place(ray_shared, tmp_path):
     started = tmp_path / "started"
 
     @ray.remote
@@ -267,7 +267,7 @@ def test_force_cancel_kills_the_worker_and_a_new_one_takes_its_place(ray_start, 
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_cancelled_task_is_never_retried(ray_start, tmp_path, force):
+def test_cancelled_task_is_never_retried(ray_shared, tmp_path, force):
     runs = tmp_path / "runs"
 
     @ray.remote(max_retries=3, retry_exceptions=True)
@@ -285,7 +285,7 @@ def test_cancelled_task_is_never_retried(ray_start, tmp_path, force):
     assert len(list(tmp_path.glob("runs-*"))) == 1
 
 
-def test_cancel_finished_task_is_a_no_op(ray_start):
+def test_cancel_finished_task_is_a_no_op(ray_shared):
     @ray.remote
     def value():
         return 7
@@ -298,7 +298,7 @@ def test_cancel_finished_task_is_a_no_op(ray_start):
 
 
 @pytest.mark.parametrize("recursive", [True, False])
-def test_recursive_cancel_reaches_the_children(ray_start, tmp_path, recursive):
+def test_recursive_cancel_reaches_the_children(ray_shared, tmp_path, recursive):
     signal = Signal.remote()
     child_started, child_interrupted = tmp_path / "child", tmp_path / "child-interrupted"
 
@@ -330,7 +330,7 @@ def test_recursive_cancel_reaches_the_children(ray_start, tmp_path, recursive):
         assert not child_interrupted.exists()
 
 
-def test_a_task_cancels_a_ref_it_was_given(ray_start, tmp_path):
+def test_a_task_cancels_a_ref_it_was_given(ray_shared, tmp_path):
     started = tmp_path / "started"
     victim = sleep_forever.remote(str(started))
     wait_for_file(started)
@@ -346,7 +346,7 @@ def test_a_task_cancels_a_ref_it_was_given(ray_start, tmp_path):
 
 
 # ---------------------------------------------------------------------------- actors
-def test_force_cancel_of_an_actor_call_raises_value_error(ray_start):
+def test_force_cancel_of_an_actor_call_raises_value_error(ray_shared):
     @ray.remote
     class A:
         async def hang(self):
@@ -373,7 +373,7 @@ def test_force_cancel_of_an_actor_call_raises_value_error(ray_start):
         ray.get(ref, timeout=30)
 
 
-def test_cancel_queued_call_of_a_sync_actor_never_runs(ray_start, tmp_path):
+def test_cancel_queued_call_of_a_sync_actor_never_runs(ray_shared, tmp_path):
     signal = Signal.remote()
 
     @ray.remote
@@ -408,7 +408,7 @@ def test_cancel_queued_call_of_a_sync_actor_never_runs(ray_start, tmp_path):
     assert ray.get(actor.calls_made.remote(), timeout=30) == ["block", "q0", "q2", "q4"]
 
 
-def test_cancel_actor_call_waiting_for_its_argument(ray_start):
+def test_cancel_actor_call_waiting_for_its_argument(ray_shared):
     signal = Signal.remote()
 
     @ray.remote
@@ -426,7 +426,7 @@ def test_cancel_actor_call_waiting_for_its_argument(ray_start):
 
 
 @pytest.mark.parametrize("max_concurrency", [1, 4])
-def test_running_sync_actor_call_sees_is_canceled(ray_start, tmp_path, max_concurrency):
+def test_running_sync_actor_call_sees_is_canceled(ray_shared, tmp_path, max_concurrency):
     started = tmp_path / "started"
 
     @ray.remote
@@ -457,7 +457,7 @@ def test_running_sync_actor_call_sees_is_canceled(ray_start, tmp_path, max_concu
     assert ray.get(actor.what_it_saw.remote(), timeout=30) == "canceled"
 
 
-def test_running_async_actor_call_is_cancelled(ray_start, tmp_path):
+def test_running_async_actor_call_is_cancelled(ray_shared, tmp_path):
     started = tmp_path / "started"
 
     @ray.remote
@@ -494,7 +494,7 @@ def test_running_async_actor_call_is_cancelled(ray_start, tmp_path):
     assert ray.get(actor.is_canceled_raises.remote(), timeout=30)
 
 
-def test_is_canceled_in_the_driver_raises(ray_start):
+def test_is_canceled_in_the_driver_raises(ray_shared):
     with pytest.raises(RuntimeError):
         ray.get_runtime_context().is_canceled()
 
@@ -505,7 +505,7 @@ def test_is_canceled_in_the_driver_raises(ray_start):
     assert ray.get(not_cancelled.remote(), timeout=30) is False
 
 
-def test_cancelled_actor_call_is_not_retried_and_the_actor_lives_on(ray_start, tmp_path):
+def test_cancelled_actor_call_is_not_retried_and_the_actor_lives_on(ray_shared, tmp_path):
     started = tmp_path / "started"
 
     @ray.remote(max_restarts=1, max_task_retries=2)
@@ -559,7 +559,7 @@ class AsyncSpawner:
 
 
 @pytest.mark.parametrize("model", ["sync", "threaded", "async"])
-def test_recursive_cancel_of_an_actor_call_reaches_only_its_children(ray_start, tmp_path,
+def test_recursive_cancel_of_an_actor_call_reaches_only_its_children(ray_shared, tmp_path,
                                                                      model):
     # Two calls run at once where the actor allows it (threaded, async), each with a
     # child: cancelling one reaches its own child only, so the node must know which call
@@ -595,7 +595,7 @@ def test_recursive_cancel_of_an_actor_call_reaches_only_its_children(ray_start, 
     assert not os.path.exists(paths["c-int"])
 
 
-def test_recursive_cancel_goes_down_a_chain_of_actor_calls(ray_start, tmp_path):
+def test_recursive_cancel_goes_down_a_chain_of_actor_calls(ray_shared, tmp_path):
     # Ray's test_cancel_recursive_chain: each actor's call calls the next actor's and
     # awaits it; a recursive cancel of the first reaches every one down the chain.
     @ray.remote(num_cpus=0)
@@ -636,7 +636,7 @@ def test_recursive_cancel_goes_down_a_chain_of_actor_calls(ray_start, tmp_path):
                 assert ray.get(child_ref, timeout=30) == "end"
 
 
-def test_get_task_id_in_concurrent_async_calls(ray_start):
+def test_get_task_id_in_concurrent_async_calls(ray_shared):
     # Each call of an async actor sees its own id, also while another call runs.
     @ray.remote
     class Ids:

@@ -38,7 +38,7 @@ def die_first_time(marker):
 
 
 @pytest.mark.timeout(60)
-def test_worker_death_is_retried(ray_start, tmp_path):
+def test_worker_death_is_retried(ray_shared, tmp_path):
     marker = str(tmp_path / "attempt1")
     status, pid = hpcray.get(die_first_time.remote(marker), timeout=45)
     assert status == "second"
@@ -48,7 +48,7 @@ def test_worker_death_is_retried(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_worker_death_retried_with_explicit_max_retries(ray_start, tmp_path):
+def test_worker_death_retried_with_explicit_max_retries(ray_shared, tmp_path):
     marker = str(tmp_path / "attempt1")
     ref = die_first_time.options(max_retries=1).remote(marker)
     assert hpcray.get(ref, timeout=45)[0] == "second"
@@ -56,7 +56,7 @@ def test_worker_death_retried_with_explicit_max_retries(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_worker_death_without_retries_raises_worker_crashed(ray_start, tmp_path):
+def test_worker_death_without_retries_raises_worker_crashed(ray_shared, tmp_path):
     marker = str(tmp_path / "attempt1")
     ref = die_first_time.options(max_retries=0).remote(marker)
     with pytest.raises(WorkerCrashedError):
@@ -66,7 +66,7 @@ def test_worker_death_without_retries_raises_worker_crashed(ray_start, tmp_path)
 
 
 @pytest.mark.timeout(60)
-def test_worker_crashes_every_time_runs_out_of_retries(ray_start, tmp_path):
+def test_worker_crashes_every_time_runs_out_of_retries(ray_shared, tmp_path):
     @hpcray.remote(max_retries=2)
     def always_die(directory):
         with open(os.path.join(directory, f"attempt-{os.getpid()}"), "w"):
@@ -80,7 +80,7 @@ def test_worker_crashes_every_time_runs_out_of_retries(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_dependent_task_sees_retried_value(ray_start, tmp_path):
+def test_dependent_task_sees_retried_value(ray_shared, tmp_path):
     marker = str(tmp_path / "attempt1")
     first = die_first_time.remote(marker)
 
@@ -93,7 +93,7 @@ def test_dependent_task_sees_retried_value(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_retry_exceptions_true_retries(ray_start, tmp_path):
+def test_retry_exceptions_true_retries(ray_shared, tmp_path):
     @hpcray.remote(retry_exceptions=True, max_retries=2)
     def flaky(marker):
         if not os.path.exists(marker):
@@ -107,7 +107,7 @@ def test_retry_exceptions_true_retries(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_retry_exceptions_via_options(ray_start, tmp_path):
+def test_retry_exceptions_via_options(ray_shared, tmp_path):
     @hpcray.remote
     def flaky(marker):
         if not os.path.exists(marker):
@@ -121,7 +121,7 @@ def test_retry_exceptions_via_options(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_retry_exceptions_list_does_not_retry_other_exceptions(ray_start, tmp_path):
+def test_retry_exceptions_list_does_not_retry_other_exceptions(ray_shared, tmp_path):
     @hpcray.remote(retry_exceptions=[KeyError], max_retries=3)
     def raises_value_error(directory):
         with open(os.path.join(directory, f"attempt-{time.monotonic_ns()}"), "w"):
@@ -136,7 +136,7 @@ def test_retry_exceptions_list_does_not_retry_other_exceptions(ray_start, tmp_pa
 
 
 @pytest.mark.timeout(60)
-def test_exceptions_not_retried_by_default(ray_start, tmp_path):
+def test_exceptions_not_retried_by_default(ray_shared, tmp_path):
     @hpcray.remote(max_retries=3)
     def raises(directory):
         with open(os.path.join(directory, f"attempt-{time.monotonic_ns()}"), "w"):
@@ -149,7 +149,7 @@ def test_exceptions_not_retried_by_default(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_retry_exceptions_gives_up_after_max_retries(ray_start, tmp_path):
+def test_retry_exceptions_gives_up_after_max_retries(ray_shared, tmp_path):
     @hpcray.remote(retry_exceptions=True, max_retries=2)
     def always_raises(directory):
         with open(os.path.join(directory, f"attempt-{time.monotonic_ns()}"), "w"):
@@ -163,7 +163,7 @@ def test_retry_exceptions_gives_up_after_max_retries(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_worker_sigkilled_from_outside_is_retried(ray_start, tmp_path):
+def test_worker_sigkilled_from_outside_is_retried(ray_shared, tmp_path):
     pid_file = str(tmp_path / "pid")
     release = str(tmp_path / "release")
 
@@ -190,7 +190,7 @@ def test_worker_sigkilled_from_outside_is_retried(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_worker_sigkilled_from_outside_without_retries(ray_start, tmp_path):
+def test_worker_sigkilled_from_outside_without_retries(ray_shared, tmp_path):
     pid_file = str(tmp_path / "pid")
 
     @hpcray.remote(max_retries=0)
@@ -211,13 +211,13 @@ def test_worker_sigkilled_from_outside_without_retries(ray_start, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_many_worker_deaths_in_a_row(ray_start, tmp_path):
+def test_many_worker_deaths_in_a_row(ray_shared, tmp_path):
     refs = [die_first_time.remote(str(tmp_path / f"m{i}")) for i in range(6)]
     assert [r[0] for r in hpcray.get(refs, timeout=50)] == ["second"] * 6
     _still_works()
 
 
-def test_pins_of_a_killed_reader_are_released(ray_start):
+def test_pins_of_a_killed_reader_are_released(ray_shared):
     # An actor holding a zero-copy view of an object is SIGKILLed: its pins go with it,
     # so the object is freed once the driver drops it (not left pinned by a dead pid).
     import gc
@@ -266,7 +266,7 @@ def test_workers_that_cannot_start_fail_the_task_with_their_error(ray_start_cust
         hpcray.get(pid.remote(), timeout=60)
 
 
-def test_refs_held_by_a_killed_worker_are_released(ray_start):
+def test_refs_held_by_a_killed_worker_are_released(ray_shared):
     # An actor keeps a ref (nested in a list) and is SIGKILLed: a crash never reports
     # its drops, so the node drops its holds itself and the object is freed once the
     # driver lets go too.

@@ -54,7 +54,7 @@ def nothing_left() -> bool:
         return not nm.generators.streams and store_objects() == 0 and not nm.tasks
 
 
-def test_a_generator_function_returns_an_object_ref_generator(ray_start):
+def test_a_generator_function_returns_an_object_ref_generator(ray_shared):
     @hpcray.remote
     def numbers(n):
         for i in range(n):
@@ -76,7 +76,7 @@ def test_a_generator_function_returns_an_object_ref_generator(ray_start):
     wait_until("every item is freed", nothing_left)
 
 
-def test_items_arrive_while_the_task_still_runs(ray_start, tmp_path):
+def test_items_arrive_while_the_task_still_runs(ray_shared, tmp_path):
     @hpcray.remote
     def handshake(folder):
         for i in range(3):
@@ -91,7 +91,7 @@ def test_items_arrive_while_the_task_still_runs(ray_start, tmp_path):
         next(gen)
 
 
-def test_an_error_comes_after_the_items_yielded_before_it(ray_start):
+def test_an_error_comes_after_the_items_yielded_before_it(ray_shared):
     @hpcray.remote
     def fails_after_two():
         yield "a"
@@ -109,7 +109,7 @@ def test_an_error_comes_after_the_items_yielded_before_it(ray_start):
         hpcray.get(gen.completed())
 
 
-def test_an_endless_generator_whose_consumer_stops(ray_start, tmp_path):
+def test_an_endless_generator_whose_consumer_stops(ray_shared, tmp_path):
     # Three large items reach the node, the consumer takes one and drops the generator
     # while the task still runs: the two it did not take are freed at once, and what
     # the task yields afterwards is freed as it comes.
@@ -138,7 +138,7 @@ def test_an_endless_generator_whose_consumer_stops(ray_start, tmp_path):
     wait_until("every item is freed", nothing_left)
 
 
-def test_cancel_a_generator(ray_start):
+def test_cancel_a_generator(ray_shared):
     @hpcray.remote
     def endless():
         i = 0
@@ -157,7 +157,7 @@ def test_cancel_a_generator(ray_start):
     wait_until("every item is freed", nothing_left)
 
 
-def test_wait_on_generators_and_refs(ray_start, tmp_path):
+def test_wait_on_generators_and_refs(ray_shared, tmp_path):
     @hpcray.remote
     def gated(folder):
         wait_for_file(os.path.join(folder, "go"))
@@ -189,7 +189,7 @@ def test_wait_on_generators_and_refs(ray_start, tmp_path):
         next(gen)
 
 
-def test_async_for_over_a_generator(ray_start):
+def test_async_for_over_a_generator(ray_shared):
     @hpcray.remote
     def numbers():
         yield from range(3)
@@ -200,7 +200,7 @@ def test_async_for_over_a_generator(ray_start):
     assert asyncio.run(consume()) == [0, 1, 2]
 
 
-def test_actor_generator_methods(ray_start):
+def test_actor_generator_methods(ray_shared):
     @hpcray.remote
     class Plain:
         def count(self, n):
@@ -230,7 +230,7 @@ def test_actor_generator_methods(ray_start):
     wait_until("every item is freed", nothing_left)
 
 
-def test_a_task_consumes_a_generator(ray_start):
+def test_a_task_consumes_a_generator(ray_shared):
     @hpcray.remote
     def numbers(n):
         for i in range(n):
@@ -244,7 +244,7 @@ def test_a_task_consumes_a_generator(ray_start):
     wait_until("every item is freed", nothing_left)
 
 
-def test_generator_refs_can_be_passed_but_not_the_generator(ray_start):
+def test_generator_refs_can_be_passed_but_not_the_generator(ray_shared):
     @hpcray.remote
     def numbers():
         yield from range(3)
@@ -259,7 +259,7 @@ def test_generator_refs_can_be_passed_but_not_the_generator(ray_start):
         double.remote(numbers.remote())
 
 
-def test_dynamic_generators(ray_start):
+def test_dynamic_generators(ray_shared):
     @hpcray.remote(num_returns="dynamic")
     def split(array, size):
         while len(array):
@@ -290,7 +290,7 @@ def test_dynamic_generators(ray_start):
         hpcray.get(last)
 
 
-def test_num_returns_n_with_a_generator(ray_start):
+def test_num_returns_n_with_a_generator(ray_shared):
     @hpcray.remote
     def two_then_error():
         yield 0
@@ -308,7 +308,7 @@ def test_num_returns_n_with_a_generator(ray_start):
         hpcray.get(two_then_error.options(num_returns=1).remote())
 
 
-def test_a_retried_generator_does_not_repeat_its_items(ray_start, tmp_path):
+def test_a_retried_generator_does_not_repeat_its_items(ray_shared, tmp_path):
     # The first run dies after two items; the re-run skips what the first reported.
     marker = str(tmp_path / "died")
 
@@ -336,7 +336,7 @@ def test_a_retried_generator_does_not_repeat_its_items(ray_start, tmp_path):
     wait_until("every item is freed", nothing_left)
 
 
-def test_a_generator_object_returned_as_a_value_is_a_clear_error(ray_start):
+def test_a_generator_object_returned_as_a_value_is_a_clear_error(ray_shared):
     def numbers():
         yield 1
 
@@ -348,7 +348,7 @@ def test_a_generator_object_returned_as_a_value_is_a_clear_error(ray_start):
         hpcray.get(returns_a_generator.remote())
 
 
-def test_cancel_a_generator_with_num_returns(ray_start, tmp_path):
+def test_cancel_a_generator_with_num_returns(ray_shared, tmp_path):
     # A num_returns=N generator runs its body after the call returned: still cancellable.
     @hpcray.remote(num_returns=2)
     def stuck(folder):
@@ -395,7 +395,7 @@ def _consume(gen, folder: str, limit: int, n: int) -> None:
 
 
 @pytest.mark.parametrize("where", ["task", "actor", "async actor", "method option"])
-def test_backpressure_pauses_the_generator_until_its_items_are_taken(ray_start, tmp_path,
+def test_backpressure_pauses_the_generator_until_its_items_are_taken(ray_shared, tmp_path,
                                                                      where):
     folder, limit, n = str(tmp_path), 2, 8
     body = _backpressured(folder, limit, n)
@@ -424,7 +424,7 @@ def test_backpressure_pauses_the_generator_until_its_items_are_taken(ray_start, 
     _consume(gen, folder, limit, n)
 
 
-def test_a_dropped_backpressured_generator_runs_to_its_end(ray_start, tmp_path):
+def test_a_dropped_backpressured_generator_runs_to_its_end(ray_shared, tmp_path):
     # Ray: deleting the generator ends the backpressure (nothing will take the items).
     folder = str(tmp_path)
     gen = hpcray.remote(_generator_backpressure_num_objects=1)(
@@ -438,7 +438,7 @@ def test_a_dropped_backpressured_generator_runs_to_its_end(ray_start, tmp_path):
     wait_until("nothing is left", nothing_left)
 
 
-def test_a_paused_generator_task_can_be_cancelled(ray_start, tmp_path):
+def test_a_paused_generator_task_can_be_cancelled(ray_shared, tmp_path):
     closed = tmp_path / "closed"
 
     @hpcray.remote(_generator_backpressure_num_objects=1)
@@ -460,7 +460,7 @@ def test_a_paused_generator_task_can_be_cancelled(ray_start, tmp_path):
     wait_for_file(str(closed), 30)
 
 
-def test_backpressure_option_is_checked_as_ray_does(ray_start):
+def test_backpressure_option_is_checked_as_ray_does(ray_shared):
     with pytest.raises(ValueError, match="=0 is not allowed"):
         @hpcray.remote(_generator_backpressure_num_objects=0)
         def zero():
@@ -512,7 +512,7 @@ def _on_another_rank():
 
 
 @pytest.mark.parametrize("how", ["decorator", "options", "async", "with a method limit"])
-def test_an_actor_wide_backpressure_budget_is_shared_by_its_generators(ray_start, tmp_path,
+def test_an_actor_wide_backpressure_budget_is_shared_by_its_generators(ray_shared, tmp_path,
                                                                        how):
     folder, limit, n = str(tmp_path), 3, 6
     method_limit = 2 if how == "with a method limit" else None
@@ -556,7 +556,7 @@ def test_an_actor_wide_backpressure_budget_is_shared_by_its_generators(ray_start
     assert not [name for name in os.listdir(folder) if name.startswith("violation")]
 
 
-def test_the_actor_wide_budget_counts_an_ended_generator_until_its_items_go(ray_start,
+def test_the_actor_wide_budget_counts_an_ended_generator_until_its_items_go(ray_shared,
                                                                              tmp_path):
     # As Ray: a generator that ended holds the budget with its items not taken yet; a
     # consumer that drops its generator frees them.
@@ -580,7 +580,7 @@ def test_the_actor_wide_budget_counts_an_ended_generator_until_its_items_go(ray_
     assert [hpcray.get(ref, timeout=30) for ref in longer] == [0, 1, 2, 3]
 
 
-def test_actor_backpressure_options_are_checked_as_ray_does(ray_start):
+def test_actor_backpressure_options_are_checked_as_ray_does(ray_shared):
     with pytest.raises(ValueError, match="must be > 0"):
         @hpcray.remote(_actor_generator_backpressure_num_objects=0)
         class Zero:

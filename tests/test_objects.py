@@ -16,14 +16,14 @@ def store_stats():
     return context.driver_node.store.stats()
 
 
-def test_put_get_small_and_large_values(ray_start):
+def test_put_get_small_and_large_values(ray_shared):
     for value in [1, "text", None, {"a": [1, 2]}, b"x" * 10, list(range(1000))]:
         assert hpcray.get(hpcray.put(value)) == value
     big = {"blob": b"y" * (1 << 20)}
     assert hpcray.get(hpcray.put(big)) == big
 
 
-def test_numpy_get_is_zero_copy_and_read_only(ray_start):
+def test_numpy_get_is_zero_copy_and_read_only(ray_shared):
     array = np.arange(1_000_000, dtype=np.float64)
     ref = hpcray.put(array)
     first = hpcray.get(ref)
@@ -37,7 +37,7 @@ def test_numpy_get_is_zero_copy_and_read_only(ray_start):
     assert first.__array_interface__["data"][0] != array.__array_interface__["data"][0]
 
 
-def test_large_arguments_and_results_go_through_the_store(ray_start):
+def test_large_arguments_and_results_go_through_the_store(ray_shared):
     @hpcray.remote
     def double(a):
         return a * 2
@@ -49,14 +49,14 @@ def test_large_arguments_and_results_go_through_the_store(ray_start):
     assert hpcray.get(double.remote(ref)).sum() == 2 * array.sum()
 
 
-def test_small_values_are_inlined_not_stored(ray_start):
+def test_small_values_are_inlined_not_stored(ray_shared):
     before = store_stats()["num_objects"]
     refs = [hpcray.put(i) for i in range(100)]
     assert store_stats()["num_objects"] == before
     assert hpcray.get(refs) == list(range(100))
 
 
-def test_objects_are_freed_when_no_reference_is_left(ray_start):
+def test_objects_are_freed_when_no_reference_is_left(ray_shared):
     ref = hpcray.put(np.zeros(1_000_000))
     assert store_stats()["num_objects"] == 1
     del ref
@@ -66,7 +66,7 @@ def test_objects_are_freed_when_no_reference_is_left(ray_start):
     assert store_stats()["used_bytes"] == 0
 
 
-def test_a_view_keeps_its_object_alive_after_the_ref_is_gone(ray_start):
+def test_a_view_keeps_its_object_alive_after_the_ref_is_gone(ray_shared):
     ref = hpcray.put(np.full(500_000, 7.0))
     view = hpcray.get(ref)
     del ref
@@ -78,7 +78,7 @@ def test_a_view_keeps_its_object_alive_after_the_ref_is_gone(ray_start):
     assert store_stats()["num_objects"] == 0
 
 
-def test_nested_refs_keep_inner_objects_alive(ray_start):
+def test_nested_refs_keep_inner_objects_alive(ray_shared):
     inner = hpcray.put(np.arange(100_000))
     outer = hpcray.put({"inner": inner})
     del inner
@@ -88,13 +88,13 @@ def test_nested_refs_keep_inner_objects_alive(ray_start):
     assert got[-1] == 99_999
 
 
-def test_object_larger_than_the_store_is_a_clear_error(ray_start):
+def test_object_larger_than_the_store_is_a_clear_error(ray_shared):
     with pytest.raises(exceptions.ObjectStoreFullError, match="larger than"):
         hpcray.put(np.zeros(300 * 1024 * 1024 // 8))
     assert hpcray.get(hpcray.put(np.ones(10))).sum() == 10
 
 
-def test_full_store_raises_and_recovers_when_views_are_dropped(ray_start, monkeypatch):
+def test_full_store_raises_and_recovers_when_views_are_dropped(ray_shared, monkeypatch):
     """Referenced objects are spilled to disk (test_spilling.py); objects that processes
     map (zero-copy views) cannot be, so a store full of them raises."""
     chunk = np.zeros(60 * 1024 * 1024 // 8)
@@ -112,7 +112,7 @@ def test_full_store_raises_and_recovers_when_views_are_dropped(ray_start, monkey
     assert hpcray.get(hpcray.put(chunk)).nbytes == chunk.nbytes
 
 
-def test_task_result_too_large_for_store_fails_the_task_only(ray_start):
+def test_task_result_too_large_for_store_fails_the_task_only(ray_shared):
     @hpcray.remote
     def huge():
         return np.zeros(300 * 1024 * 1024 // 8)
@@ -122,12 +122,12 @@ def test_task_result_too_large_for_store_fails_the_task_only(ray_start):
     assert hpcray.get(hpcray.put(5)) == 5
 
 
-def test_put_of_a_ref_is_rejected(ray_start):
+def test_put_of_a_ref_is_rejected(ray_shared):
     with pytest.raises(TypeError):
         hpcray.put(hpcray.put(1))
 
 
-def test_refs_returned_from_tasks(ray_start):
+def test_refs_returned_from_tasks(ray_shared):
     @hpcray.remote
     def make():
         return hpcray.put(np.arange(10))

@@ -31,7 +31,7 @@ def test_empty_and_full_are_the_stdlib_exceptions():
     assert hpcray.util.queue.Queue is Queue
 
 
-def test_items_come_out_in_order_and_sizes_follow(ray_start):
+def test_items_come_out_in_order_and_sizes_follow(ray_shared):
     q = Queue()
     assert q.empty() and not q.full() and q.qsize() == 0 and len(q) == 0
     for item in range(10):
@@ -42,7 +42,7 @@ def test_items_come_out_in_order_and_sizes_follow(ray_start):
     assert q.empty()
 
 
-def test_get_without_items_raises_empty(ray_start):
+def test_get_without_items_raises_empty(ray_shared):
     q = Queue()
     q.put("a")
     assert q.get(block=False) == "a"
@@ -58,7 +58,7 @@ def test_get_without_items_raises_empty(ray_start):
     assert time.monotonic() - started >= 0.3
 
 
-def test_put_into_a_full_queue_raises_full(ray_start):
+def test_put_into_a_full_queue_raises_full(ray_shared):
     q = Queue(maxsize=1)
     q.put(0, block=False)
     assert q.full()
@@ -73,7 +73,7 @@ def test_put_into_a_full_queue_raises_full(ray_start):
     assert q.get() == 0 and q.empty()  # the refused items never went in
 
 
-def test_a_task_blocked_in_get_waits_for_the_driver_put(ray_start):
+def test_a_task_blocked_in_get_waits_for_the_driver_put(ray_shared):
     q = Queue()
     waiting = get_one.remote(q)
     with pytest.raises(exceptions.GetTimeoutError):
@@ -84,7 +84,7 @@ def test_a_task_blocked_in_get_waits_for_the_driver_put(ray_start):
     assert hpcray.get(waiting, timeout=20) == "work"
 
 
-def test_a_task_blocked_in_put_waits_for_room(ray_start):
+def test_a_task_blocked_in_put_waits_for_room(ray_shared):
     q = Queue(maxsize=1)
     q.put(1)
     waiting = put_one.remote(q, 2)
@@ -97,7 +97,7 @@ def test_a_task_blocked_in_put_waits_for_room(ray_start):
     assert q.get(timeout=5) == 2
 
 
-def test_blocked_gets_do_not_block_other_callers(ray_start):
+def test_blocked_gets_do_not_block_other_callers(ray_shared):
     # Two tasks (every CPU of the fixture) and an actor wait in get at once; the queue
     # still answers the driver, and each waiter gets one item.
     q = Queue()
@@ -118,7 +118,7 @@ def test_blocked_gets_do_not_block_other_callers(ray_start):
     assert sorted(hpcray.get(waiting, timeout=30)) == ["x", "y", "z"]
 
 
-def test_batches_go_in_whole_or_not_at_all(ray_start):
+def test_batches_go_in_whole_or_not_at_all(ray_shared):
     q = Queue(1)
     with pytest.raises(Full):
         q.put_nowait_batch([1, 2])
@@ -137,7 +137,7 @@ def test_batches_go_in_whole_or_not_at_all(ray_start):
     assert big.get_nowait_batch(100) == list(range(100))
 
 
-def test_async_put_and_get_from_the_driver(ray_start):
+def test_async_put_and_get_from_the_driver(ray_shared):
     q = Queue(1)
 
     async def main():
@@ -161,7 +161,7 @@ def test_async_put_and_get_from_the_driver(ray_start):
     assert asyncio.run(main()) == 2
 
 
-def test_async_actor_consumes_with_get_async(ray_start):
+def test_async_actor_consumes_with_get_async(ray_shared):
     q = Queue()
 
     @hpcray.remote
@@ -176,7 +176,7 @@ def test_async_actor_consumes_with_get_async(ray_start):
     assert hpcray.get(ref, timeout=30) == [0, 1, 2]
 
 
-def test_queue_passed_to_actors_and_tasks_is_one_queue(ray_start):
+def test_queue_passed_to_actors_and_tasks_is_one_queue(ray_shared):
     q = Queue()
 
     @hpcray.remote
@@ -200,7 +200,7 @@ def test_queue_passed_to_actors_and_tasks_is_one_queue(ray_start):
     assert q.get(timeout=5) == "shared"
 
 
-def test_queue_made_inside_a_task(ray_start):
+def test_queue_made_inside_a_task(ray_shared):
     @hpcray.remote
     def make_and_fill():
         inner = Queue()
@@ -211,7 +211,7 @@ def test_queue_made_inside_a_task(ray_start):
     assert inner.get_nowait_batch(3) == [1, 2, 3]
 
 
-def test_shutdown_ends_the_actor(ray_start):
+def test_shutdown_ends_the_actor(ray_shared):
     for force in (False, True):
         q = Queue()
         actor = q.actor
@@ -223,7 +223,7 @@ def test_shutdown_ends_the_actor(ray_start):
 
 
 @pytest.mark.one_node
-def test_queue_holds_no_cpu_unless_asked(ray_start):
+def test_queue_holds_no_cpu_unless_asked(ray_shared):
     assert hpcray.available_resources()["CPU"] == 2
     q = Queue()
     q.put(1)
