@@ -79,17 +79,17 @@ def test_cancel_right_after_remote_20_in_a_row(ray_shared, tmp_path):
     """Each task is sent to a warm worker at once, so the cancel finds it on its way
     there, starting, or running: never done (it would sleep for a second)."""
     @ray.remote
-    def slow(i):
-        time.sleep(1)
+    def slow(i, seconds=1):
+        time.sleep(seconds)
         return i
 
-    assert ray.get([slow.options(name="warm").remote(i) for i in range(2)]) == [0, 1]
+    assert ray.get([slow.options(name="warm").remote(i, 0) for i in range(2)]) == [0, 1]
     for i in range(20):
         ref = slow.remote(i)
         ray.cancel(ref)
         with pytest.raises(TaskCancelledError):
             ray.get(ref, timeout=30)
-    assert ray.get(slow.remote(99), timeout=30) == 99
+    assert ray.get(slow.remote(99, 0), timeout=30) == 99
 
 
 def test_cancel_right_after_remote_of_an_instant_task(ray_shared):
