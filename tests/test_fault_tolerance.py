@@ -9,6 +9,7 @@ import pytest
 
 import hpcray
 from hpcray.exceptions import RayTaskError, WorkerCrashedError
+from hpcray.util.state import list_workers
 
 
 @hpcray.remote
@@ -294,3 +295,48 @@ def test_refs_held_by_a_killed_worker_are_released(ray_shared):
     while any(oid == object_id for oid, _, _, _ in store.objects()):
         assert time.monotonic() < deadline, "the killed actor's ref kept the object"
         time.sleep(0.02)
+
+
+@pytest.mark.timeout(90)
+def test_a_retried_task_lends_its_cpu_again_when_it_blocks(ray_start, tmp_path):
+    # A task's first attempt blocked in get (lending its CPU) and was killed there; its
+    # retry blocked in get too. The retry must lend its CPU as well: the record still
+    # said "blocked", so the node kept the CPU, and with both CPUs held by such retries
+    # their children waited forever (the chaos test hung on it, 1 run in 4 under load).
+    gate = str(tmp_path / "gate")
+
+    @hpcray.remote
+    def child(i, gate):
+        open(os.path.join(os.path.dirname(gate), f"child-{i}"), "w").close()
+        _wait_for_file(gate, 60)
+        return i
+
+    @hpcray.remote
+    def quick(i):
+        return i
+
+    @hpcray.remote(max_retries=1)
+    def parent(i, gate):
+        pid_file = os.path.join(os.path.dirname(gate), f"parent-{i}")
+        if not os.path.exists(pid_file):  # the first attempt: blocked until killed
+            with open(pid_file + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(pid_file + ".tmp", pid_file)
+            return hpcray.get(child.remote(i, gate))
+        return hpcray.get(quick.remote(i)) * 10  # the retry blocks, with both CPUs held
+
+    refs = [parent.remote(i, gate) for i in range(2)]
+    for i in range(2):  # both first attempts wait in get, their children hold the CPUs
+        _wait_for_file(str(tmp_path / f"child-{i}"))
+    pids = []
+    for i in range(2):
+        with open(tmp_path / f"parent-{i}") as f:
+            pids.append(int(f.read()))
+        os.kill(pids[-1], signal.SIGKILL)
+    deadline = time.monotonic() + 30  # the node has seen both deaths (still blocked then)
+    while time.monotonic() < deadline and any(
+            w.is_alive for w in list_workers(limit=10_000) if w.pid in pids):
+        time.sleep(0.01)
+    open(gate, "w").close()  # the children end; the retries start and block in get
+    assert hpcray.get(refs, timeout=40) == [0, 10]
+    _still_works()

@@ -788,6 +788,7 @@ class NodeManager:
         spec = record.spec
         record.state = RUNNING
         record.worker = worker
+        record.blocked = False  # an attempt killed while blocked in get left it set
         record.dispatched = clock.now()
         worker.task = record
         self.activity.running(worker.key, spec.name)
