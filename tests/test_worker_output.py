@@ -104,6 +104,86 @@ def test_actor_print_prefixed_with_class_name(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_actor_prefix_is_its_repr_once_constructed(tmp_path):
+    # Ray's actor-repr.py: a class that defines __repr__ names its actor's lines by the
+    # instance's repr, taken once its constructor ran; what the constructor printed, and
+    # a class without __repr__, keep the class name. A restarted actor's constructor
+    # prints under the class name again.
+    out, _ = _run(tmp_path, '''
+        hpcray.init(num_cpus=2)
+
+        @hpcray.remote(max_restarts=1, max_task_retries=0)
+        class Tagged:
+            def __init__(self, index):
+                print(f"constructing {index}")
+                self.index = index
+
+            def __repr__(self):
+                return f"Tagged(index={self.index})"
+
+            def hello(self):
+                print(f"hello from {self.index}")
+                return os.getpid()
+
+            def die(self):
+                os._exit(1)
+
+        @hpcray.remote
+        class Plain:
+            def hello(self):
+                print("plain hello")
+                return os.getpid()
+
+        a, b, p = Tagged.remote(1), Tagged.remote(2), Plain.remote()
+        pa, pb, pp = hpcray.get([a.hello.remote(), b.hello.remote(), p.hello.remote()])
+        try:
+            hpcray.get(a.die.remote())
+        except hpcray.exceptions.RayActorError:
+            pass
+        pa2 = hpcray.get(a.hello.remote())
+        hpcray.shutdown()
+        print(f"PIDS={pa},{pb},{pp},{pa2}")
+    ''')
+    pa, pb, pp, pa2 = map(int, re.search(r"^PIDS=(\d+),(\d+),(\d+),(\d+)$", out, re.M).groups())
+    lines = _lines(out)
+    assert f"(Tagged pid={pa}) constructing 1" in lines, out
+    assert f"(Tagged(index=1) pid={pa}) hello from 1" in lines, out
+    assert f"(Tagged(index=2) pid={pb}) hello from 2" in lines, out
+    assert f"(Plain pid={pp}) plain hello" in lines, out
+    assert pa2 != pa
+    assert f"(Tagged pid={pa2}) constructing 1" in lines, out
+    assert f"(Tagged(index=1) pid={pa2}) hello from 1" in lines, out
+
+
+@pytest.mark.multinode
+@pytest.mark.timeout(200)
+def test_actor_repr_prefix_on_another_rank(tmp_path):
+    from tests.multinode.test_multinode import run_mpi
+    out = run_mpi(tmp_path, 3, """
+        import os
+        import hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        @ray.remote
+        class Tagged:
+            def __init__(self, index):
+                self.index = index
+            def __repr__(self):
+                return f"Tagged(index={self.index})"
+            def hello(self):
+                print(f"hello from {self.index}", flush=True)
+                return os.getpid()
+        far = Tagged.options(scheduling_strategy=On(ids[1], soft=False)).remote(7)
+        pid = ray.get(far.hello.remote())
+        ray.shutdown()
+        print(f"PID={pid}")
+    """)
+    pid = int(re.search(r"^PID=(\d+)$", out, re.M).group(1))
+    assert f"(Tagged(index=7) pid={pid}, rank=1) hello from 7" in _lines(out), out
+
+
+@pytest.mark.timeout(60)
 def test_many_lines_arrive_whole_and_in_order(tmp_path):
     out, _ = _run(tmp_path, '''
         hpcray.init(num_cpus=2)

@@ -60,7 +60,7 @@ class ActorRecord(ActorHandles):
 
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
                  "restarts", "name", "info", "death", "killed", "kill_cause", "gpu_ids",
-                 "placed", "serial")
+                 "placed", "serial", "repr_name")
 
     def __init__(self, spec: TaskSpec, info: dict):
         super().__init__(spec.actor_id)
@@ -80,6 +80,7 @@ class ActorRecord(ActorHandles):
         self.kill_cause = None  # what its death says when it was not kill() (owner_died)
         self.gpu_ids = ()
         self.placed = False
+        self.repr_name = None   # repr() of the instance, its log prefix (Ray's actor repr)
         # runs one call at a time (no async methods, no threads): see submit_actor_call
         self.serial = (not info.get("is_async") and spec.options.get("max_concurrency") in (None, 1)
                        and not spec.options.get("concurrency_groups"))
@@ -215,12 +216,17 @@ class Actors:
         self.node.send_to_worker(worker, wire(messages.CreateActor,
             spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 
-    def on_actor_ready(self, worker: WorkerHandle, actor_id: bytes, error_blob,
+    def on_actor_ready(self, worker: WorkerHandle, actor_id: bytes, error_blob, repr_name,
                        transitions) -> None:
         self.objects.apply_transitions(transitions)
         actor = self.hosted.get(actor_id)
         if actor is None or actor.worker is not worker:
             return
+        if repr_name != actor.repr_name:
+            # What the constructor printed (flushed before ActorReady) keeps the name it
+            # was printed under; the repr names what comes after, as in Ray.
+            self.node.read_all_output(worker)
+            actor.repr_name = repr_name
         self.node.recorder.created(actor.spec, worker.pid, error_blob is not None)
         if error_blob is not None:
             from hpcray.serialization import deserialize_inline
@@ -417,6 +423,7 @@ class Actors:
             actor.restarts += 1
             self.node.recorder.count("actor_restarts")
             self.record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
+            actor.repr_name = None  # the new constructor prints under the class name
             actor.worker = self.node._start_worker(actor.actor_id)
             return
         cause = (actor.kill_cause or "was killed with kill()") if actor.killed else \

@@ -479,9 +479,11 @@ class ItemReady(NamedTuple):
 
 @_on("up")
 class ActorReady(NamedTuple):
-    """the constructor ran (error: the pickled exception it raised, else None)."""
+    """the constructor ran (error: the pickled exception it raised, else None; repr_name:
+    repr() of the new instance where its class defines __repr__, else None)."""
     actor_id: bytes
     error: bytes | None
+    repr_name: str | None
     transitions: list
 
 

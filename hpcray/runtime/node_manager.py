@@ -155,7 +155,7 @@ class NodeManager:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(self._wake_r, self._on_wake)
         self.job_logs = JobLogs(config.log_dir, self.rank, cluster.size > 1,
-                                config.log_to_driver, self._actor_class_name)
+                                config.log_to_driver, self._actor_log_name)
         # The fork server first: from the moment the segment exists, a process that
         # outlives this one (even a SIGKILL) is there to unlink it.
         self._start_forkserver()
@@ -508,7 +508,7 @@ class NodeManager:
         elif type(message) is messages.WorkerExited:
             worker = self.job_logs.by_pid.get(message.pid)
             if worker is not None:  # its last words first: the log line quotes them
-                self._read_all_output(worker)
+                self.read_all_output(worker)
             self.job_logs.exited(message.pid, message.status)
         return True
 
@@ -601,16 +601,21 @@ class NodeManager:
         self.job_logs.output(worker, stream_name, data)
         return True
 
-    def _read_all_output(self, worker: WorkerHandle) -> None:
-        """Everything a worker that ended left in its pipes (before saying why it ended)."""
+    def read_all_output(self, worker: WorkerHandle) -> None:
+        """Everything the worker left in its pipes so far: a worker that ended (before
+        saying why it ended), or an actor's before its log prefix changes."""
         for fd in list(worker.pipes):
             for _ in range(64):  # bounded: a child it left behind may still be writing
                 if not self._on_worker_output(worker, fd):
                     break
 
-    def _actor_class_name(self, actor_id: bytes) -> str | None:
+    def _actor_log_name(self, actor_id: bytes) -> str | None:
+        """The actor's name in its workers' log prefix: its repr once constructed where its
+        class defines __repr__, else its class name."""
         actor = self.actors.get(actor_id)
-        return actor.info["class_name"] if actor is not None else None
+        if actor is None:
+            return None
+        return actor.repr_name or actor.info["class_name"]
 
     def on_hello(self, worker: WorkerHandle, pid: int) -> None:
         worker.pid = pid
@@ -689,7 +694,7 @@ class NodeManager:
     _MAX_START_FAILURES = 3
 
     def _worker_start_failed(self, worker: WorkerHandle) -> None:
-        self._read_all_output(worker)  # what it wrote before dying
+        self.read_all_output(worker)  # what it wrote before dying
         self._start_failures += 1
         if self._start_failures >= self._MAX_START_FAILURES:
             detail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"

@@ -457,7 +457,8 @@ class Worker:
                 self.actor_mode = "threaded"
                 self._start_threaded_actor(options["max_concurrency"])
         blob = None if error is None else error_bytes(error)
-        self.channel.send_done(ActorReady, spec.actor_id, blob)
+        self.channel.send_done(ActorReady, spec.actor_id, blob,
+                               None if error is not None else _repr_name(self.actor))
 
     def _start_threaded_actor(self, max_concurrency: int) -> None:
         pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="hpcray-actor")
@@ -614,6 +615,17 @@ def _user_traceback() -> str:
     frames = [f for f in frames if "/hpcray/runtime/" not in f.filename] or frames
     return "".join(traceback.format_list(frames)) + "".join(
         traceback.format_exception_only(kind, value))
+
+
+def _repr_name(instance) -> str | None:
+    """What names the actor in its log prefix from now on, as in Ray: repr() of the
+    instance once its constructor ran, where its class defines __repr__."""
+    if type(instance).__repr__ is object.__repr__:
+        return None
+    try:
+        return repr(instance)
+    except Exception:  # noqa: BLE001 - a broken __repr__ leaves the class name
+        return None
 
 
 def _flush_std() -> None:

@@ -50,6 +50,7 @@ EXPECTED_OUTPUT = {
     "actors.py": ["Actor task canceled.", "Actor task was cancelled"],
     "actor_creator_failure.py": ["Failed to submit actor call", "detached_actor.ping: hello"],
     "actor_restart.py": ["FAILURE"],
+    "actor-repr.py": ["(MyActor(index=1) pid=", "(MyActor(index=2) pid="],  # the repr names it
     "app_logging.py": [") task", ") actor"],  # each worker's print, prefixed with its pid
     "gotchas.py": ["myenv is bar"],
     "pattern_async_actor.py": ["get_num_executed_tasks didn't finish in 5 seconds"],
