@@ -16,7 +16,8 @@ stderr. Rank 0 picks the folder; every node gets it in the job's config. In it:
                                whole (pids repeat across hosts: the rank keeps them apart)
 
 Workers' lines still reach the driver's terminal (rank 0's directly, the others' through
-the MPI launcher) prefixed as Ray does: `(pid=123)`, `(Counter pid=123)`, with the rank
+the MPI launcher) prefixed as Ray does: `(pid=123)`, `(Counter pid=123)` (or the actor's
+repr, `(Counter(n=1) pid=123)`, where its class defines __repr__), with the rank
 when the job has several nodes (`(pid=123, rank=1)`). Not for: logs of the driver
 program itself (its own prints and loggers are the user's).
 """
