@@ -226,7 +226,8 @@ def test_a_remote_get_traced_hop_by_hop(tmp_path):
         seen = [what for rank, what in one_get if rank == 0 and what in driver]
         assert seen[:len(driver)] == driver, one_get
         served = one_get.index((1, "serve.start"))
-        assert one_get.index((0, "pull.created")) < served < one_get.index((0, "recv.complete")), one_get
+        created, received = one_get.index((0, "pull.created")), one_get.index((0, "recv.complete"))
+        assert created < served < received, one_get
         assert (1, "serve.posted") in one_get, one_get
 
 
