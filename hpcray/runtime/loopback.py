@@ -16,6 +16,8 @@ class LoopbackTransport:
     expecting = False  # no transfer between ranks is ever in flight (MpiTransport.expecting)
     needs_polling = False  # the event loop sleeps until woken: an idle node costs nothing
 
+    dead: frozenset = frozenset()  # ranks known gone: none, in a cluster of one
+
     def __init__(self) -> None:
         self._inbox: list = []
 

@@ -137,6 +137,9 @@ class ActorOwners:
                 return ALIVE
             self._fail(record, death)
             return FAILED
+        if not self.peers.is_live(owner):  # no answer would ever come
+            self._fail(record, _node_death(owner))
+            return FAILED
         record.pending_deps = 1
         asked = self.waiting.get(actor_id)
         if asked is None:
@@ -166,8 +169,7 @@ class ActorOwners:
     def node_died(self, dead: int) -> None:
         """The owner's node is gone: so is the owner."""
         for actor_id in [a for a in self.waiting if ids.owner_rank(a) == dead]:
-            self.on_owner_answer(dead, actor_id, "The actor is dead because its owner's "
-                                                 f"node (rank {dead}) died.")
+            self.on_owner_answer(dead, actor_id, _node_death(dead))
 
     def _unqueue(self, record) -> None:
         actor_id = record.spec.actor_id
@@ -182,3 +184,7 @@ class ActorOwners:
 
     def _fail(self, record, death: str) -> None:
         self.node._fail_task(record, exceptions.ActorDiedError(death))
+
+
+def _node_death(rank: int) -> str:
+    return f"The actor is dead because its owner's node (rank {rank}) died."

@@ -24,6 +24,10 @@ class Peers:
         self.transport.send(rank, message)
         self.on_sent()
 
+    def is_live(self, rank: int) -> bool:
+        """Whether `rank` is not known dead (a send to a dead rank goes nowhere)."""
+        return rank not in self.transport.dead
+
     def broadcast(self, message) -> None:
         if _TRACE:
             print(f"[rank {self.rank}] -> all {str(message)[:150]}", flush=True)
