@@ -240,8 +240,8 @@ def main(argv: list[str]) -> int:
     finally:
         from hpcray import api
         api.shutdown()
+        launch.report_lost_ranks(code)  # (before end_ranks: the ranks it ends are not lost)
         launch.end_ranks(code)
-        launch.report_lost_ranks(code)
     launch.leave_if_ranks_lost(code)
     return code
 
