@@ -1,0 +1,48 @@
+#!/bin/bash
+# Issue 12 item 7 (and the GPU tests) on a lent 16-core GPU machine, in one short run.
+#
+#   bash benchmarks/device_run.sh [OUT]        # results under OUT (default $OUT or /tmp/devout)
+#
+# The machine is bare and offline: its python3 (3.12, with numpy, cloudpickle, Cython,
+# psutil, pytest) gets a venv that also sees those, plus the wheels carried in .whl/
+# (mpich, mpi4py, pytest-mpi: fetched beforehand with `pip download --python-version 3.12`).
+# A checkout of the old tree in .oldtree/ (if carried) is built too, for load_balance's A/B.
+# Every step has its own timeout and writes its log under OUT, so a slow step still leaves
+# the others' figures.
+set -u
+OUT=${1:-${OUT:-/tmp/devout}}
+mkdir -p "$OUT"
+step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/$name.log"
+    echo "=== $name: rc $rc, $((SECONDS - t0)) s"
+}
+
+python3 -m venv --system-site-packages /tmp/dv || exit 1
+/tmp/dv/bin/python -m pip install -q --no-index --no-deps .whl/*.whl || exit 1
+export PATH=/tmp/dv/bin:$PATH PYTHONUNBUFFERED=1
+unset PYTHONDONTWRITEBYTECODE
+{ python -VV; nproc; free -g | head -2; nvidia-smi -L; uname -r
+  cat /sys/kernel/mm/transparent_hugepage/shmem_enabled /proc/sys/kernel/yama/ptrace_scope
+  df -h /dev/shm | tail -1; } 2>&1 | tee "$OUT/machine.txt"
+step build 120 python setup.py build_ext --inplace || true
+if [ -d .oldtree ]; then step build_old 120 bash -c 'cd .oldtree && python setup.py build_ext --inplace'; fi
+python -m compileall -q hpcray benchmarks > /dev/null
+
+# The transfer table: a remote get against raw MPI, CMA on and off, 1 MiB to 1 GiB.
+step remote_get 150 python benchmarks/remote_get.py --sizes 1Mi,8Mi,64Mi,256Mi,1Gi \
+    --rounds 1 --repeat 10 --timeout 140
+step transfer 40 mpiexec -n 2 python benchmarks/transfer_bandwidth.py --sizes 1M,100M,1G
+# Weak scaling at 1/2/4/8/16 ranks, both ways of submitting.
+step weak_scaling 170 python benchmarks/weak_scaling.py --ranks 1,2,4,8,16 \
+    --tasks-per-rank 5000 --runs 1 --timeout 60 --json "$OUT/weak_scaling.json"
+# The driver feeding 4 ranks with CPUs to spare (issue 12 item 4), against the old tree.
+compare=(); [ -f .oldtree/hpcray/__init__.py ] && compare=(--compare .oldtree)
+step load_balance 80 python benchmarks/load_balance.py --tasks 100000 --sleep-tasks 0 \
+    --runs 1 --timeout 35 "${compare[@]}" --json "$OUT/load_balance.json"
+step gpu 120 python -m pytest -q -p no:cacheprovider -x tests/gpu
+ls /dev/shm | grep -c hpcray | sed 's/^/hpcray segments left in \/dev\/shm: /'
