@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/device_run.sh [OUT]        # results under OUT (default $OUT or /tmp/devout)
 #
-# The machine is bare and offline: its python3 (3.12, with numpy, cloudpickle, Cython,
+# The machine is bare and offline: its image's python (3.12, with numpy, cloudpickle, Cython,
 # psutil, pytest) gets a venv that also sees those, plus the wheels carried in .whl/
 # (mpich, mpi4py, pytest-mpi: fetched beforehand with `pip download --python-version 3.12`).
 # A checkout of the old tree in .oldtree/ (if carried) is built too, for load_balance's A/B.
@@ -22,7 +22,12 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail
     echo "=== $name: rc $rc, $((SECONDS - t0)) s"
 }
 
-python3 -m venv --system-site-packages /tmp/dv || exit 1
+# The packages live in the image's venv (/opt/torch/.venv), not in the system python3's
+# site: the new venv reads that venv's site-packages through a .pth file.
+PY=$(command -v /opt/torch/.venv/bin/python3 || command -v python3)
+python3 -m venv /tmp/dv || exit 1
+$PY -c 'import site; print("\n".join(site.getsitepackages()))' \
+    > "$(/tmp/dv/bin/python -c 'import site; print(site.getsitepackages()[0])')/image.pth"
 /tmp/dv/bin/python -m pip install -q --no-index --no-deps .whl/*.whl || exit 1
 export PATH=/tmp/dv/bin:$PATH PYTHONUNBUFFERED=1
 unset PYTHONDONTWRITEBYTECODE
