@@ -138,8 +138,11 @@ class ActorClass:
         if budget is not None:  # its generator methods share it (runtime/generator_budget.py)
             spec_options["generator_budget"] = budget
         demand = opts.demand_of(options, 0)
-        if type(spec_options["scheduling_strategy"]) is opts.InGroup:
-            demand = opts.demand_in_group(demand, spec_options["scheduling_strategy"])
+        strategy = spec_options["scheduling_strategy"]
+        if type(strategy) is opts.InGroup:
+            creation = {**demand, "CPU": 1.0} if options.get("num_cpus") is None else None
+            opts.check_fits_group(strategy, demand, self.__name__, creation)
+            demand = opts.demand_in_group(demand, strategy)
         spec = TaskSpec(actor_id, ACTOR_CREATION, self._class_id, self.__name__, args_payload,
                         deps, contained, [], demand, 0, False, actor_id, None, spec_options)
         client.submit(spec)

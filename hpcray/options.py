@@ -265,8 +265,52 @@ def strategy_of(options: dict, group: InGroup | None = None):
 
 def _in_group(group, index, capture) -> InGroup:
     index = -1 if index is None else index
-    count = group.bundle_count
+    bundles = group.bundle_specs
+    count = len(bundles)
     if not isinstance(index, int) or not -1 <= index < count:
         raise ValueError(f"Invalid placement_group_bundle_index {index!r}: the placement "
                          f"group has {count} bundles (use -1 for any, or 0 to {count - 1}).")
+    _group_bundles[group.id.binary()] = bundles
     return InGroup(group.id.binary(), index, bool(capture))
+
+
+# Group id -> its bundles (they never change), for check_fits_group.
+_group_bundles: dict = {}
+
+
+def check_fits_group(strategy: InGroup, demand: dict, what: str,
+                     creation: dict | None = None) -> None:
+    """Refuse at the call, as Ray does, a task or actor that no bundle of its group can
+    hold: it would wait forever. `creation`: what an actor needs to be placed, when more
+    than it holds while it runs (Ray places a default actor with 1 CPU). Stricter than
+    Ray on one point: a named bundle (index >= 0) must hold it, not just any bundle."""
+    bundles = _group_bundles.get(strategy.group_id)
+    if bundles is None:  # a captured child's group, known by id only
+        from hpcray.util.placement_group import PlacementGroup, PlacementGroupID
+        bundles = PlacementGroup(PlacementGroupID(strategy.group_id)).bundle_specs
+        _group_bundles[strategy.group_id] = bundles
+    if not bundles:  # removed or unknown: its tasks fail at the node, as in Ray
+        return
+    index = strategy.index
+    candidates = bundles if index < 0 else [bundles[index]]
+    where = "any bundles for the placement group" if index < 0 else \
+        f"bundle {index} of the placement group"
+    if not _fits_one(demand, candidates):
+        raise ValueError(f"Cannot schedule {what} with the placement group because the "
+                         f"resource request {_shown(demand)} cannot fit into {where}, "
+                         f"{bundles}.")
+    if creation is not None and not _fits_one(creation, candidates):
+        raise ValueError(f"Cannot schedule {what} with the placement group because the "
+                         f"actor requires {_shown(creation).get('CPU', 0)} CPU for creation, "
+                         f"but it cannot fit into {where}, {bundles}. Consider creating a "
+                         "placement group with CPU resources.")
+
+
+def _fits_one(demand: dict, bundles: list) -> bool:
+    return any(all(bundle.get(name, 0) >= amount for name, amount in demand.items()
+                   if name != BUNDLE_RESOURCE) for bundle in bundles)
+
+
+def _shown(demand: dict) -> dict:
+    return {name: int(amount) if float(amount).is_integer() else amount
+            for name, amount in demand.items()}

@@ -128,6 +128,7 @@ class _CallTemplate:
             extra["max_calls"] = max_calls
         self.extra = extra or None
         if strategy and type(strategy) is opts.InGroup:  # the bundle's resources instead
+            opts.check_fits_group(strategy, self.demand, self.name)
             self.demand = opts.demand_in_group(self.demand, strategy)
 
 

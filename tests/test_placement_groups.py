@@ -233,6 +233,41 @@ def test_argument_errors(four_cpus):
     assert sys.modules["hpcray.util.placement_group"].placement_group is placement_group
 
 
+def test_what_no_bundle_can_hold_is_refused_at_the_call(four_cpus):
+    # As Ray: a ValueError from .remote(), not a task that waits forever.
+    group = placement_group([{"CPU": 1}, {"CPU": 2}])
+    assert group.wait(30)
+    with pytest.raises(ValueError, match=r"resource request \{'CPU': 3\} cannot fit into "
+                                         "any bundles"):
+        current_group.options(num_cpus=3, scheduling_strategy=into(group)).remote()
+    # A named bundle must hold it (Ray checks any bundle, then waits forever).
+    with pytest.raises(ValueError, match="cannot fit into bundle 0"):
+        current_group.options(num_cpus=2, scheduling_strategy=into(group, 0)).remote()
+
+    @hpcray.remote
+    class Default:  # placed with 1 CPU, as Ray places an actor without num_cpus
+        def group(self):
+            return get_current_placement_group().id.hex()
+
+    no_cpu = placement_group([{"memory": 1000}])
+    assert no_cpu.wait(30)
+    with pytest.raises(ValueError, match="actor requires 1 CPU for creation"):
+        Default.options(scheduling_strategy=into(no_cpu)).remote()
+    held = Default.options(num_cpus=0, scheduling_strategy=into(no_cpu)).remote()
+    assert hpcray.get(held.group.remote(), timeout=30) == no_cpu.id.hex()
+
+    @hpcray.remote(num_cpus=1)
+    def parent():  # its captured child asks more than the group's bundles hold
+        return hpcray.get(current_group.options(num_cpus=3).remote())
+
+    with pytest.raises(exceptions.RayTaskError, match="cannot fit into any bundles"):
+        hpcray.get(parent.options(scheduling_strategy=into(group, capture=True)).remote(),
+                   timeout=30)
+    # What fits still runs.
+    assert hpcray.get(current_group.options(num_cpus=2, scheduling_strategy=into(group, 1))
+                      .remote(), timeout=30) == group.id.hex()
+
+
 @pytest.fixture
 def four_fake_gpus():
     # GPUs declared with no hardware: ids 0..3, which workers see in CUDA_VISIBLE_DEVICES.

@@ -114,7 +114,7 @@ def test_a_task_in_a_gpu_bundle_sees_the_bundles_gpu(gpu_node):
     def on_gpu():
         return os.environ["CUDA_VISIBLE_DEVICES"], hpcray.get_gpu_ids(), cuda_device_uuids()
 
-    group = placement_group([{"GPU": 1}])
+    group = placement_group([{"CPU": 1, "GPU": 1}])  # a task also takes 1 CPU, as in Ray
     assert group.wait(60)
     runs = hpcray.get([on_gpu.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
         group, 0)).remote() for _ in range(2)])
