@@ -84,22 +84,24 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
     proc = _run(tmp_path, {"HPCRAY_LOG_DIR": str(folder)}, tmp_path)
     talker, doomed = map(int, re.search(r"TALKER=(\d+) DOOMED=(\d+)", proc.stdout).groups())
     assert all(seen in proc.stdout for seen in ("CRASH SEEN", "ESCAPE SEEN", "ACTOR DIED"))
-    # The terminal still gets every line, prefixed as before.
-    assert f"(pid={talker}) said on stdout" in proc.stdout.splitlines()
-    assert f"(pid={talker}) said on stderr" in proc.stderr.splitlines()
+    # The terminal still gets every line, prefixed as Ray does: the task's name and pid.
+    assert f"(talk pid={talker}) said on stdout" in proc.stdout.splitlines()
+    assert f"(talk pid={talker}) said on stderr" in proc.stderr.splitlines()
+    assert ":task_name:" not in proc.stdout + proc.stderr
     assert "logs in" not in proc.stderr  # a folder the user chose is not announced
     # Warnings still reach stderr (logging's last resort), the INFO records only the file.
     assert re.search(r"^worker pid=\d+ was killed by signal 9", proc.stderr, re.M), proc.stderr
     assert "node stopped" not in proc.stderr
-    # Each worker's output, whole, in its own files.
-    assert (folder / f"node-0-worker-{talker}.out").read_text() == "said on stdout\n"
+    # Each worker's output, whole, in its own files, with Ray's line before each task's.
+    assert (folder / f"node-0-worker-{talker}.out").read_text() == \
+        ":task_name:talk\nsaid on stdout\n"
     log = (folder / "node-0.log").read_text()
     # escape() may run in the talker's worker (workers are reused): its traceback then follows.
     escaper = int(re.search(r"worker pid=(\d+) exited with status 1 while running task "
                             r"'__main__.escape'", log).group(1))
     talker_err = (folder / f"node-0-worker-{talker}.err").read_text()
-    assert talker_err.startswith("said on stderr\n"), talker_err
-    assert escaper == talker or talker_err == "said on stderr\n", talker_err
+    assert talker_err.startswith(":task_name:talk\nsaid on stderr\n"), talker_err
+    assert escaper == talker or talker_err == ":task_name:talk\nsaid on stderr\n", talker_err
     escaper_err = (folder / f"node-0-worker-{escaper}.err").read_text()
     assert escaper_err.endswith("Escape: out of the worker loop\n"), escaper_err
     lines = log.splitlines()
@@ -200,8 +202,9 @@ def test_every_rank_writes_its_node_log_and_its_workers_output(tmp_path):
     """, env={"HPCRAY_LOG_DIR": str(folder)})
     talker, node1 = re.search(r"TALKER=(\d+) NODE1=(\w+)", out).groups()
     assert "CRASH SEEN" in out
-    assert f"(pid={talker}, rank=1) hello from {node1}" in out.splitlines(), out
-    assert (folder / f"node-1-worker-{talker}.out").read_text() == f"hello from {node1}\n"
+    assert f"(talk pid={talker}, rank=1) hello from {node1}" in out.splitlines(), out
+    assert (folder / f"node-1-worker-{talker}.out").read_text() == \
+        f":task_name:talk\nhello from {node1}\n"
     for rank in range(3):
         log = (folder / f"node-{rank}.log").read_text()
         records = [line for line in log.splitlines() if line[:4].isdigit()]

@@ -47,7 +47,7 @@ def test_task_print_reaches_driver_stdout(tmp_path):
         print(f"WORKER={pid}")
     ''')
     pid = int(re.search(r"^WORKER=(\d+)$", out, re.M).group(1))
-    assert f"(pid={pid}) hello" in _lines(out)
+    assert f"(hello pid={pid}) hello" in _lines(out)
     assert "hello" not in err
 
 
@@ -66,8 +66,42 @@ def test_task_stderr_reaches_driver_stderr(tmp_path):
         print(f"WORKER={pid}")
     ''')
     pid = int(re.search(r"^WORKER=(\d+)$", out, re.M).group(1))
-    assert f"(pid={pid}) something went wrong" in _lines(err)
+    assert f"(complain pid={pid}) something went wrong" in _lines(err)
     assert "something went wrong" not in out
+
+
+@pytest.mark.timeout(60)
+def test_each_line_is_named_by_the_task_that_wrote_it(tmp_path):
+    # As Ray: (f pid=N). One worker runs three tasks in turn; the node reads its pipe at its
+    # own pace, so only the worker can say which task wrote a line.
+    out, err = _run(tmp_path, '''
+        hpcray.init(num_cpus=1)
+
+        @hpcray.remote
+        def first(last):
+            print("one")
+            print("unended", end="")  # the next task ends this line
+            print("to stderr", file=sys.stderr)
+            return os.getpid()
+
+        @hpcray.remote
+        def second():
+            print(" and ended")
+            print("two")
+            return os.getpid()
+
+        pids = {hpcray.get(first.remote(False)), hpcray.get(second.remote()),
+                hpcray.get(second.options(name="renamed").remote())}
+        hpcray.shutdown()
+        print("PIDS=" + ",".join(map(str, pids)))
+    ''')
+    (pid,) = map(int, re.search(r"^PIDS=([\d,]+)$", out, re.M).group(1).split(","))
+    lines = [line for line in _lines(out) if line.startswith("(")]
+    assert lines == [f"(first pid={pid}) one", f"(first pid={pid}) unended and ended",
+                     f"(second pid={pid}) two", f"(renamed pid={pid})  and ended",
+                     f"(renamed pid={pid}) two"], out
+    assert f"(first pid={pid}) to stderr" in _lines(err)
+    assert ":task_name:" not in out + err
 
 
 @pytest.mark.timeout(60)
@@ -201,8 +235,8 @@ def test_many_lines_arrive_whole_and_in_order(tmp_path):
     pids = [int(p) for p in re.search(r"^PIDS=([\d,]+)$", out, re.M).group(1).split(",")]
     lines = _lines(out)
     for tag, pid in zip("ab", pids):
-        mine = [line for line in lines if line.startswith(f"(pid={pid}) {tag} line ")]
-        assert mine == [f"(pid={pid}) {tag} line {i} " + "x" * 200 for i in range(300)]
+        mine = [line for line in lines if line.startswith(f"(chatty pid={pid}) {tag} line ")]
+        assert mine == [f"(chatty pid={pid}) {tag} line {i} " + "x" * 200 for i in range(300)]
 
 
 @pytest.mark.timeout(60)
@@ -226,8 +260,8 @@ def test_output_of_nested_task_and_before_driver_exit(tmp_path):
     ''')
     outer_pid, inner_pid = map(int, re.search(r"^PIDS=(\d+),(\d+)$", out, re.M).groups())
     lines = _lines(out)
-    assert f"(pid={outer_pid}) from outer" in lines
-    assert f"(pid={inner_pid}) from inner" in lines
+    assert f"(outer pid={outer_pid}) from outer" in lines
+    assert f"(inner pid={inner_pid}) from inner" in lines
 
 
 @pytest.mark.timeout(60)

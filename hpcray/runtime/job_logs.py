@@ -16,9 +16,10 @@ stderr. Rank 0 picks the folder; every node gets it in the job's config. In it:
                                whole (pids repeat across hosts: the rank keeps them apart)
 
 Workers' lines still reach the driver's terminal (rank 0's directly, the others' through
-the MPI launcher) prefixed as Ray does: `(pid=123)`, `(Counter pid=123)` (or the actor's
-repr, `(Counter(n=1) pid=123)`, where its class defines __repr__), with the rank
-when the job has several nodes (`(pid=123, rank=1)`). Not for: logs of the driver
+the MPI launcher) prefixed as Ray does: `(f pid=123)` (the task that wrote it, as its
+worker announces: task_output.py), `(Counter pid=123)` (or the actor's repr,
+`(Counter(n=1) pid=123)`, where its class defines __repr__), with the rank when the job
+has several nodes (`(f pid=123, rank=1)`). Not for: logs of the driver
 program itself (its own prints and loggers are the user's).
 """
 
@@ -29,6 +30,8 @@ import os
 import signal
 import sys
 import time
+
+from hpcray.runtime import task_output
 
 log = logging.getLogger("hpcray.node")
 
@@ -93,10 +96,11 @@ class _ToRootAsBefore(logging.Handler):
 class WorkerStreams:
     """One worker's output as the node reads it: the line not ended yet per stream
     (printed once whole), its open files, and what it wrote before its pid was known."""
-    __slots__ = ("partial", "files", "early")
+    __slots__ = ("partial", "files", "early", "task_name")
 
     def __init__(self) -> None:
         self.partial: dict[str, bytes] = {}
+        self.task_name: dict[str, str] = {}  # per stream: the task its lines come from
         self.files: dict[str, object] = {}
         self.early: list[tuple[str, bytes]] = []
 
@@ -221,14 +225,23 @@ class JobLogs:
 
     def _print(self, worker, stream_name: str, lines) -> None:
         stream = sys.stdout if stream_name == "stdout" else sys.stderr
-        who = f"pid={worker.pid}" if worker.pid else "starting worker"
+        pid = f"pid={worker.pid}" if worker.pid else "starting worker"
+        rank = f", rank={self.rank}" if self.several_nodes else ""
         if worker.actor_id is not None:
             name = self.actor_name(worker.actor_id)
-            if name:
-                who = f"{name} {who}"
-        if self.several_nodes:
-            who += f", rank={self.rank}"
-        text = "".join(f"({who}) {line.decode(errors='replace')}\n" for line in lines)
+        else:  # a pool worker says which task writes (task_output.py)
+            name = worker.output.task_name.get(stream_name)
+        parts = []
+        for line in lines:
+            announced = task_output.marked_name(line)
+            if announced is not None:
+                name = worker.output.task_name[stream_name] = announced
+                continue
+            who = f"{name} {pid}" if name else pid
+            parts.append(f"({who}{rank}) {line.decode(errors='replace')}\n")
+        text = "".join(parts)
+        if not text:
+            return
         try:
             stream.write(text)
             stream.flush()

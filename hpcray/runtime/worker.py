@@ -24,7 +24,7 @@ import cloudpickle
 from hpcray import context, exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
 from hpcray.options import InGroup
-from hpcray.runtime import clock, protocol
+from hpcray.runtime import clock, protocol, task_output
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
                                      RunTask, WorkDone, wire)
@@ -93,6 +93,7 @@ class Worker:
         self.actor_mode = None      # "sync", "threaded" or "async" once an actor
         self.cancel_hint = False    # a SIGINT came: look for a CancelTask before a call
         self.local = threading.local()
+        self.current_task = task_output.CurrentTask()  # names a pool worker's output lines
         context.set_worker(self)
 
     # -- context ------------------------------------------------------------------
@@ -409,6 +410,8 @@ class Worker:
             else:
                 function = self._load_function(spec.function_id, pickled_function)
                 self._set_gpus(gpu_ids)
+                current = self.current_task
+                current.spec, current.function = spec, function
         except _Unusable as unusable:
             exc_error = unusable.task_error(spec.name)
             self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error),
@@ -646,6 +649,8 @@ def main(fd: int, job: dict, key: int, is_actor: bool) -> int:
             pass
     sock = socket.socket(fileno=fd)
     worker = Worker(protocol.BlockingConnection(sock), job, key, is_actor)
+    if not is_actor:  # an actor's lines are named by the actor (job_logs.py)
+        task_output.install(worker.current_task)
     try:
         return worker.run()
     finally:

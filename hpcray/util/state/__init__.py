@@ -35,6 +35,7 @@ import time
 
 from hpcray import context
 from hpcray.object_ref import ObjectRef
+from hpcray.runtime import task_output
 from hpcray.runtime.job_logs import worker_file
 from hpcray.util.state.common import (DEFAULT_LIMIT, ActorState, NodeState, ObjectState,
                                       PlacementGroupState, TaskState, WorkerState,
@@ -393,11 +394,13 @@ def get_log(address: str | None = None, node_id: str | None = None,
 
 def _lines(file, tail: int | None, follow: bool, interval: float):
     """The file's lines (the last `tail`), then, with `follow`, each line appended later,
-    read every `interval` seconds, until the caller stops iterating."""
+    read every `interval` seconds, until the caller stops iterating. The lines a pool
+    worker writes to name the task that prints next (task_output.py) are left out."""
     with file:
         *lines, rest = file.read().split("\n")  # rest: a last line not ended yet, or ""
         if rest and not follow:
             lines.append(rest)
+        lines = [line for line in lines if not line.startswith(task_output.MARK)]
         if tail is not None and tail >= 0:
             lines = lines[len(lines) - tail:] if tail else []
         yield from lines
@@ -407,7 +410,7 @@ def _lines(file, tail: int | None, follow: bool, interval: float):
                 time.sleep(interval)
                 continue
             *done, rest = (rest + more).split("\n")
-            yield from done
+            yield from (line for line in done if not line.startswith(task_output.MARK))
 
 
 def _log_file_name(node_id, node_ip, filename, actor_id, task_id, pid, suffix) -> str:
