@@ -29,6 +29,25 @@ if TYPE_CHECKING:
 
 # Actor states
 A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
+# Sends of one KillActor after which no node passes it on (kill_actor)
+KILL_HOPS = 3
+
+
+def kill_route(host: int | None, here: int, hops: int, known: bool) -> str:
+    """What a node that does not host an actor does with a kill of it: "send" it to
+    `host` (where the node last knew the actor to be), "broadcast" it, "drop" it, or
+    find it "unknown" (kill() of a handle no node could have made). `hops`: sends of
+    this KillActor so far, 0 where kill() was called; `known`: the node has heard of the
+    actor or does not own it. Only the node kill() was called on broadcasts, and no
+    KillActor is passed on once sent KILL_HOPS times: nodes that know no more than their
+    sender would otherwise pass a kill around forever."""
+    if host is not None and host != here and hops < KILL_HOPS:
+        return "send"
+    if hops:
+        return "drop"
+    if not known:
+        return "unknown"
+    return "broadcast" if host is None else "drop"
 
 
 class ActorHandles:
@@ -504,20 +523,28 @@ class Actors:
                 self.objects.decref(key)
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True,
-                   cause: str | None = None) -> None:
+                   cause: str | None = None, hops: int = 0) -> None:
         """kill() (or, with `cause`, the death of the process that created the actor:
-        owner_died), wherever the actor is hosted."""
+        owner_died), wherever the actor is hosted. `hops`: how often a KillActor was sent
+        to get here (0: asked here). A node that does not host the actor passes the kill
+        to the host it knows of, while under KILL_HOPS (the actor may have moved on a
+        restart); only the node asked first broadcasts it, when it knows of no host:
+        nodes that knew no more would otherwise broadcast it back and forth forever."""
         actor = self.hosted.get(actor_id)
         if actor is None:
             remote = self.remote_actors.get(actor_id)
             host = remote.host if remote is not None else \
                 self.cluster.actor_locations.get(actor_id)
-            if host is not None:
-                self.peers.send(host, wire(messages.KillActor, actor_id, no_restart, cause))
-            elif remote is None and ids.owner_rank(actor_id) == self.rank:
+            route = kill_route(host, self.rank, hops,
+                               remote is not None or ids.owner_rank(actor_id) != self.rank)
+            if route == "unknown":
                 raise ValueError("kill() got an unknown actor handle.")
-            else:  # its host has not said where it is yet
-                self.peers.broadcast(wire(messages.KillActor, actor_id, no_restart, cause))
+            if route == "send":
+                self.peers.send(host, wire(messages.KillActor, actor_id, no_restart, cause,
+                                           hops + 1))
+            elif route == "broadcast":  # its host has not said where it is yet
+                self.peers.broadcast(wire(messages.KillActor, actor_id, no_restart, cause,
+                                          KILL_HOPS))
             return
         if actor.state == A_DEAD:
             return

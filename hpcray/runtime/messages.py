@@ -282,6 +282,7 @@ class KillActor(NamedTuple):
     actor_id: bytes
     no_restart: bool
     cause: str | None = None  # why, when not kill(): what the actor's death says
+    hops: int = 1  # sends so far: a node passes it on while under KILL_HOPS (no storms)
 
 
 @_on("control")

@@ -388,11 +388,8 @@ class TaskRouter:
         self.actors.submit_actor_call(record)
 
     def on_kill_actor(self, source: int, actor_id: bytes, no_restart: bool,
-                      cause: str | None = None) -> None:
-        try:
-            self.actors.kill_actor(actor_id, no_restart, cause)
-        except ValueError:
-            pass
+                      cause: str | None = None, hops: int = 1) -> None:
+        self.actors.kill_actor(actor_id, no_restart, cause, hops)
 
 
 def _strategy_of(spec):
