@@ -98,6 +98,8 @@ where noted); each is read on every rank:
                                  (default 2)
   HPCRAY_STAGED_SENDS            0: never stage a send for a peer that reads memory
                                  with CMA, 1: for every peer (default: as detected)
+  HPCRAY_STAGE_THREADS           threads that copy a chunk into a staging buffer
+                                 (default: the host's cores per rank less one, 1-4)
   HPCRAY_TRACE                   1: print every message between nodes (default off)
   HPCRAY_TRACE_HOPS              a folder: every process writes there the timestamps
                                  of each remote get's steps (default off)

@@ -239,16 +239,19 @@ def test_a_transfer_of_many_segments(tmp_path):
     assert set(reports) == {0, 1}
 
 
-def test_staged_sends_from_shared_memory(tmp_path):
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
     # Sends from the object store go through the sender's staging buffers to a rank on
     # its host while CMA is on (the receiver's process_vm_readv pins 4 KiB tmpfs pages
     # one by one: ~3x its CPU). More transfers at once than there are staging buffers:
     # the chunks without one go as they are. Every byte arrives, in order, and the
-    # buffers return to the pool.
+    # buffers return to the pool. With 3 threads an 8 MiB chunk is copied in 3 slices.
+    monkeypatch.setenv("HPCRAY_STAGE_THREADS", threads)
     reports = run_mpi(tmp_path, 2, """
         import mmap, os, tempfile
         from hpcray.runtime import transport as transport_module
         assert t._stage_peers == {0, 1}  # one host, MPICH's CMA on by default
+        assert t._staging._threads == int(os.environ["HPCRAY_STAGE_THREADS"])
         SIZES = [(9 << 20) + 5, 1 << 20, (40 << 20) + 3, 3]
         if t.rank == 1:
             (_, _, tags), = poll_until(lambda got: got, "the pull")
