@@ -455,3 +455,54 @@ def test_a_dead_ranks_spill_folder_is_removed(tmp_path):
     """, env={"HPCRAY_SPILL_DIR": str(spill)})
     assert "OK" in out and "SPILLED" in out, out
     assert os.listdir(spill) == [], out
+
+
+def test_rebuilding_a_lost_value_is_bounded_by_max_retries(tmp_path):
+    """As Ray: a lost value is made again only within its task's max_retries. Ranks 2 and
+    3 alone have the resource `x`: a max_retries=1 task's value made on rank 2 is rebuilt
+    on rank 3 when rank 2 dies; rank 3 dying too, its budget is spent and a get raises
+    ObjectLostError saying so. A max_retries=0 task's value is never made again. (Nothing
+    reads the values before: a reader's copy would serve instead of a re-run.)"""
+    out = run_ulfm(tmp_path, 4, """
+        import os, signal, time, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        on2 = On(ids[2], soft=True)
+    """ + NODE_PID + """
+        @ray.remote(resources={"x": 1})
+        def make(tag):
+            return np.full(50_000, tag, dtype=np.int64)   # 400 KB: in its node's store
+
+        @ray.remote
+        def read(refs):   # on rank 1, not the driver's node
+            return int(ray.get(refs[0])[0])
+
+        once = make.options(max_retries=1, scheduling_strategy=on2).remote(1)
+        never = make.options(max_retries=0, scheduling_strategy=on2).remote(2)
+        ray.wait([once, never], num_returns=2, fetch_local=False)
+        on1 = On(ids[1], soft=False)
+        kill_rank(2, ids)
+        try:
+            ray.get(read.options(scheduling_strategy=on1).remote([never]))
+            raise AssertionError("a max_retries=0 value was made again")
+        except ray.exceptions.ObjectLostError as exc:
+            assert "max_retries=0" in str(exc), exc
+            print("NEVER", type(exc).__name__, exc, flush=True)
+        assert ray.wait([once], fetch_local=False, timeout=120)[0] == [once]
+        print("REBUILT ONCE", flush=True)
+        kill_rank(3, ids)
+        try:
+            ray.get(read.options(scheduling_strategy=on1).remote([once]))
+            raise AssertionError("a value was made again beyond its max_retries")
+        except ray.exceptions.ObjectLostError as exc:
+            assert "already re-run 1 times (max_retries=1)" in str(exc), exc
+            print("ONCE", type(exc).__name__, exc, flush=True)
+        ray.shutdown()
+        print("OK")
+    """, env={"HPCRAY_RESOURCES_RANK_2": '{"x": 1}', "HPCRAY_RESOURCES_RANK_3": '{"x": 1}'})
+    assert "OK" in out and "NEVER" in out and "ONCE" in out, out
+    print(re.findall(r"(?:NEVER|ONCE) .*", out))
+    # made on rank 2, then again on rank 3 (the only other node with `x`)
+    assert "rank 0: 2 values it owns had their only copy on rank 2" in out, out
+    assert "rank 0: 1 values it owns had their only copy on rank 3" in out, out
