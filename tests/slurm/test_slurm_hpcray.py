@@ -345,3 +345,61 @@ def test_scancel_usr1_drains_the_step(run_app, tmp_path):
     assert code == 0, output
     assert "hpcray: drained in" in output and "finally ran True" in output, output
     assert len(list((tmp_path / "started").iterdir())) == 3, output
+
+
+def test_the_templates_batch_signal_drains_the_job(slurm_cluster, tmp_path):
+    """slurm/sbatch-template.sh's `--signal=B:USR1@120`: before the time limit Slurm signals
+    only the batch script (B:), whose trap passes USR1 on to srun, which signals the step.
+    `scancel --batch --signal=USR1` sends what Slurm sends then. The running tasks finish,
+    the waiting ones never start, the on_drain callback runs, the job COMPLETES with 0."""
+    marker = uuid.uuid4().hex
+    (tmp_path / "started").mkdir()
+    (tmp_path / "app.py").write_text(PRELUDE + textwrap.dedent("""
+        import time
+        here = os.getcwd()
+
+        @ray.remote(num_cpus=1)
+        def step(i, here=here):
+            open(os.path.join(here, "started", str(i)), "w").close()
+            while not os.path.exists(os.path.join(here, "release")):
+                time.sleep(0.01)
+            return i
+
+        ray.util.on_drain(lambda signum: open(os.path.join(here, "callback"), "w").close())
+        refs = [step.options(scheduling_strategy="SPREAD").remote(i) for i in range(4)]
+        while len(os.listdir(os.path.join(here, "started"))) < 2:
+            time.sleep(0.01)
+        try:
+            print("RUNNING", flush=True)
+            ray.get(refs)
+        finally:
+            print("finally ran", ray.util.draining(), flush=True)
+    """))
+    env = dict(slurm_cluster.env, HPCRAY_TEST_RUN=marker, HPCRAY_DRAIN_GRACE="60")
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", "-N", "1", "--ntasks-per-node=2",
+         "--cpus-per-task=1", "--time=00:05:00", str(REPO / "slurm" / "sbatch-template.sh")],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    output_file = tmp_path / f"hpcray-{job_id}.out"
+
+    def output() -> str:
+        return output_file.read_text() if output_file.exists() else "(no output file)"
+
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while "RUNNING" not in output():
+        assert time.monotonic() < deadline, f"the job did not start its tasks: {output()}"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True,
+                   timeout=30)
+    while not (tmp_path / "callback").exists():  # every node holds its waiting tasks
+        assert time.monotonic() < deadline, f"no drain callback: {output()}"
+        time.sleep(0.05)
+    (tmp_path / "release").touch()
+    job = slurm_cluster.wait_for_job(job_id, timeout=STEP_TIMEOUT_S)
+    assert job["JobState"] == "COMPLETED", (job, output())
+    assert job["ExitCode"] == "0:0", (job, output())
+    assert "hpcray: drained in" in output() and "finally ran True" in output(), output()
+    assert len(list((tmp_path / "started").iterdir())) == 2, output()
+    assert_nothing_left(slurm_cluster, marker, output())
