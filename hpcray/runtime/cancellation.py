@@ -33,7 +33,6 @@ placed task no further). An actor call sent to its host is followed there by `Ca
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 
@@ -156,7 +155,7 @@ class Canceller:
             return
         if force:  # its death fails the task (node_manager._worker_died)
             self.node.job_logs.kill_on_purpose(worker.pid, "cancel(force=True)")
-            _signal(worker.pid, signal.SIGKILL)
+            self.node.signal_worker(worker.pid, signal.SIGKILL)
             return
         if not first:
             return
@@ -174,7 +173,7 @@ class Canceller:
             if record.state == FINISHED or record.worker is not worker or not worker.alive:
                 return
             if not worker.sigint_after_flush:
-                _signal(worker.pid, signal.SIGINT)
+                self.node.signal_worker(worker.pid, signal.SIGINT)
             self._interrupt_again(record, worker, min(2 * delay, _LAST_RESEND))
         self.node._add_timer(delay, again)
 
@@ -187,7 +186,7 @@ class Canceller:
         if worker.conn.has_pending_output:
             worker.sigint_after_flush = True
         else:
-            _signal(worker.pid, signal.SIGINT)
+            self.node.signal_worker(worker.pid, signal.SIGINT)
 
     # ------------------------------------------------------------------ actor calls
     def _cancel_actor_call(self, record, where, recursive: bool, route: bool) -> None:
@@ -287,9 +286,3 @@ def _is_cancellation(inline) -> bool:
         isinstance(error, exceptions.RayTaskError)
         and isinstance(error.cause, exceptions.TaskCancelledError))
 
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

@@ -534,6 +534,15 @@ class NodeManager:
             self._register(fd, lambda fd, mask, w=worker: self._on_worker_output(w, fd))
         return worker
 
+    def signal_worker(self, pid: int, signum: int) -> None:
+        """Send one of this node's worker processes a signal (kill(), cancel, removal of
+        its placement group); one that is gone already is no error. The simulation's
+        nodes override it: their workers are threads."""
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
     def send_to_worker(self, worker: WorkerHandle, message) -> None:
         if worker.conn.send(message):
             self._wait_writable(worker)
@@ -560,10 +569,7 @@ class NodeManager:
                     pass
                 if worker.sigint_after_flush and worker.alive and worker.pid:
                     worker.sigint_after_flush = False  # its CancelTask is out (cancellation.py)
-                    try:
-                        os.kill(worker.pid, signal.SIGINT)
-                    except ProcessLookupError:
-                        pass
+                    self.signal_worker(worker.pid, signal.SIGINT)
         if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
             return
         try:

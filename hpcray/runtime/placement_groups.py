@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 import time
 
@@ -515,10 +514,7 @@ def _in(spec, group_id: bytes) -> bool:
 def _kill(node, worker, why: str) -> None:
     if worker.pid and worker.alive:
         node.job_logs.kill_on_purpose(worker.pid, why)
-        try:
-            os.kill(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        node.signal_worker(worker.pid, signal.SIGKILL)
 
 
 def _still_placed(group: _Group, index: int) -> bool:

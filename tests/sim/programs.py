@@ -257,6 +257,18 @@ def random_workload(sim) -> None:
                 if i % 2:  # a ref the task put, lent to the owner with the item
                     check_value(ray.get(got[3][0]), -i)
 
+    def op_kill():
+        """kill() of an actor at once (no node may know its host yet) or after a call: a
+        call after the kill fails, or answers if it reached the actor first."""
+        actor = Keeper.options(scheduling_strategy=strategy()).remote()
+        if rng.random() < 0.5:
+            assert ray.get(actor.drop.remote()) == 0
+        ray.kill(actor)
+        try:
+            assert ray.get(actor.drop.remote()) == 0
+        except ray.exceptions.RayActorError:
+            pass
+
     def op_parents():
         parents = [Parent.remote(3) for _ in range(2)]
         assert ray.get([p.total.remote() for p in parents]) == [3, 3]
@@ -279,7 +291,7 @@ def random_workload(sim) -> None:
 
     operations = [op_put, op_make, op_make, op_read, op_nest, op_split, op_keeper,
                   op_give, op_drop, op_drop, op_get, op_get, op_cancel,
-                  op_generator, op_group]
+                  op_generator, op_group, op_kill]
     if rng.random() < 0.15:
         operations.append(op_parents)
     for _ in range(rng.randint(8, 20)):

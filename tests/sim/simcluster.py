@@ -29,6 +29,7 @@ import logging
 import os
 import pickle
 import random
+import signal
 import threading
 import traceback
 
@@ -225,7 +226,8 @@ class SimProcess:
         self.inbox: collections.deque = collections.deque()   # node -> process
         self.outbox: collections.deque = collections.deque()  # process -> node
         self.state = "new"        # new, running, waiting (for a message), paused, done
-        self.killed = False
+        self.killed = False       # its connection ends: the simulation is over, or SIGKILL
+        self.sigkilled = False    # its node killed it (kill(), cancel(force=True), ...)
         self.error = None
         self.handle: WorkerHandle | None = None
         self._go = threading.Semaphore(0)
@@ -246,7 +248,8 @@ class SimProcess:
         try:
             self._body(self)
         except BaseException as exc:  # noqa: BLE001 - reported by the simulator
-            self.error = "".join(traceback.format_exception(exc))
+            if not self.sigkilled:  # a killed process ends wherever it was
+                self.error = "".join(traceback.format_exception(exc))
         self.state = "done"
         self.sim.baton.release()
 
@@ -373,6 +376,17 @@ class SimNode(NodeManager):
         process.handle = worker
         self.workers[key] = worker
         return worker
+
+    def signal_worker(self, pid: int, signum: int) -> None:
+        """SIGKILL ends the worker's thread at its next read, after what it sent already
+        (as a socket's buffered bytes outlive the process); the node then sees its
+        connection close (the "eof" event). Other signals (a cancel's SIGINT) are not
+        simulated: the simulated tasks never run long enough to be interrupted."""
+        if signum != signal.SIGKILL:
+            return
+        for process in self.sim.processes:
+            if process.pid == pid and process.node is self and process.state != "done":
+                process.sigkilled = process.killed = True
 
     def _wake(self) -> None:
         pass
