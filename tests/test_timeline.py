@@ -274,3 +274,7 @@ def test_report_has_no_gpu_plot_without_gpus(tmp_path):
     dom, _pixels = render(page_path, tmp_path)
     assert 'data-rendered="1"' in dom and 'id="cpu-svg"' in dom
     assert '<div id="gpu">' not in dom and 'id="gpu-svg"' not in dom
+    # Nothing in the store: its plot's scale still reads as one (0 B, 1 B, 1 B, ... before).
+    store_svg = re.search(r'<svg[^>]*id="store-svg".*?</svg>', dom, re.S).group(0)
+    ticks = re.findall(r">([\d.]+ (?:B|KiB|MiB|GiB|TiB))</text>", store_svg)
+    assert len(ticks) == 5 and len(set(ticks)) == 5, ticks

@@ -120,8 +120,9 @@
     }, percent);
   }
   // Scaled to the most any node used (its capacity is said below), so that a few MiB
-  // in a store of many GiB still shows.
-  var used = 1;
+  // in a store of many GiB still shows; at least 1 KiB, so that the scale of a store
+  // nothing used reads 0 B .. 1.1 KiB, not 0 B, 0 B, 1 B, 1 B, 1 B.
+  var used = 1024;
   data.nodes.forEach(function (n) {
     (data.samples[n.rank] || []).forEach(function (s) { used = Math.max(used, s[2]); });
   });
