@@ -11,7 +11,6 @@ constructor) while `max_restarts` allows, retrying the calls it was running whil
 from __future__ import annotations
 
 import collections
-import signal
 from typing import TYPE_CHECKING
 
 from hpcray import exceptions, ids
@@ -552,8 +551,7 @@ class Actors:
             actor.kill_cause = cause
         worker = actor.worker
         if worker is not None and worker.pid and worker.alive:
-            self.node.job_logs.kill_on_purpose(worker.pid, "kill()")
-            self.node.signal_worker(worker.pid, signal.SIGKILL)
+            self.node.kill_worker(worker, "kill()")
         elif actor.state == A_PENDING:
             self.actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} {cause or 'was killed with kill()'}."))

@@ -154,8 +154,7 @@ class Canceller:
         if not worker.alive or not worker.pid:
             return
         if force:  # its death fails the task (node_manager._worker_died)
-            self.node.job_logs.kill_on_purpose(worker.pid, "cancel(force=True)")
-            self.node.signal_worker(worker.pid, signal.SIGKILL)
+            self.node.kill_worker(worker, "cancel(force=True)")
             return
         if not first:
             return

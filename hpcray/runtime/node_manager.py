@@ -81,7 +81,7 @@ class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
                  "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
                  "calls", "sigint_after_flush", "launched_ms", "ready_ms", "owned_actors",
-                 "retiring")
+                 "retiring", "doomed")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -104,6 +104,7 @@ class WorkerHandle:
         self.sigint_after_flush = False  # a CancelTask waits to go out: signal after it
         self.owned_actors = None  # ids of the (not detached) actors its process created
         self.retiring = False     # a pool worker sent ExitWorker: its exit is no death
+        self.doomed = False       # the node SIGKILLed it: no new work until its death shows
 
 
 class NodeManager:
@@ -534,6 +535,16 @@ class NodeManager:
             self._register(fd, lambda fd, mask, w=worker: self._on_worker_output(w, fd))
         return worker
 
+    def kill_worker(self, worker: WorkerHandle, why: str) -> None:
+        """SIGKILL one of this node's workers on purpose (kill(), cancel(force=True), a
+        removed placement group). What it sent before it died may still come in before
+        its connection closes: a WorkDone then must not make it idle and given the next
+        task, which would die with it, never having run."""
+        if worker.pid and worker.alive:
+            worker.doomed = True
+            self.job_logs.kill_on_purpose(worker.pid, why)
+            self.signal_worker(worker.pid, signal.SIGKILL)
+
     def signal_worker(self, pid: int, signum: int) -> None:
         """Send one of this node's worker processes a signal (kill(), cancel, removal of
         its placement group); one that is gone already is no error. The simulation's
@@ -829,8 +840,9 @@ class NodeManager:
         self.recorder.ran(spec, worker.pid, started, results)
         if record.gpu_ids:
             self._release_gpus(record)
-        retire = spec.options is not None and self._reached_max_calls(worker, spec)
-        if retire:
+        retire = worker.doomed or (spec.options is not None and
+                                   self._reached_max_calls(worker, spec))
+        if retire and not worker.doomed:
             worker.retiring = True
             self.send_to_worker(worker, wire(messages.ExitWorker))
         if retry and record.retries_left != 0 and not record.cancelled:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 import time
 
 from hpcray import exceptions, ids
@@ -469,7 +468,7 @@ class Bundles:
                 node._fail_task(record, error)
             elif record.state == RUNNING and record.worker is not None:
                 record.retries_left = 0  # its worker dies now: WorkerCrashedError
-                _kill(node, record.worker, "the removal of its placement group")
+                node.kill_worker(record.worker, "the removal of its placement group")
 
     def end_actors(self, group_id: bytes) -> None:
         for actor in [a for a in self.actors.values() if _in(a.spec, group_id)]:
@@ -509,12 +508,6 @@ def removed_error(spec, group_id: bytes) -> exceptions.TaskUnschedulableError:
 def _in(spec, group_id: bytes) -> bool:
     group = group_of(spec)
     return group is not None and group.group_id == group_id
-
-
-def _kill(node, worker, why: str) -> None:
-    if worker.pid and worker.alive:
-        node.job_logs.kill_on_purpose(worker.pid, why)
-        node.signal_worker(worker.pid, signal.SIGKILL)
 
 
 def _still_placed(group: _Group, index: int) -> bool:

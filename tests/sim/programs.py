@@ -225,8 +225,12 @@ def random_workload(sim) -> None:
             ref = rng.choice(keepers).keep.remote(some_refs())
         if rng.random() < 0.5:
             sim.pause()
-        ray.cancel(ref, recursive=rng.random() < 0.7)
+        # force=True kills the task's worker (not for actor calls: a ValueError, as Ray)
+        ray.cancel(ref, recursive=rng.random() < 0.7, force=tag is not None and force_cancel())
         cancelled[ref] = tag
+
+    def force_cancel() -> bool:
+        return rng.random() < 0.3
 
     def check_cancelled(ref, tag):
         try:
