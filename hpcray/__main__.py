@@ -7,7 +7,9 @@ runtime has shut down, so no worker or segment outlives it.
 
 What it is not: a cluster manager. There are no subcommands (`status`, `start`): a
 word that is not an option or an existing file is an error (exit status 2), as is an
-unknown option, before any MPI starts.
+unknown option, before any MPI starts. Its options (`--num-cpus`, `--report`, ...) only
+set the HPCRAY_* variable of the same setting in this process (every rank parses the
+same command line): config.py stays the one place that reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,20 @@ import runpy
 import signal
 import sys
 
-USAGE = "usage: python -m hpcray [-h] [--version] (app.py | -m module) [args...]"
+USAGE = ("usage: python -m hpcray [-h] [--version] [--num-cpus N] [--num-gpus N]\n"
+         "                        [--object-store-memory BYTES] [--gcs-shards K]\n"
+         "                        [--log-dir DIR] [--report FILE] (app.py | -m module) "
+         "[args...]")
+
+# option -> (the variable it sets, its value's name, what values it takes)
+OPTIONS = {
+    "--num-cpus": ("HPCRAY_NUM_CPUS", "N", "number"),
+    "--num-gpus": ("HPCRAY_NUM_GPUS", "N", "number"),
+    "--object-store-memory": ("HPCRAY_OBJECT_STORE_MEMORY", "BYTES", "count"),
+    "--gcs-shards": ("HPCRAY_GCS_SHARDS", "K", "count"),
+    "--log-dir": ("HPCRAY_LOG_DIR", "DIR", "path"),
+    "--report": ("HPCRAY_REPORT", "FILE", "path"),
+}
 
 HELP = f"""{USAGE}
 
@@ -30,6 +45,15 @@ ends, then exit with its status. An uncaught exception ends every rank.
   -m module [args...]  run a module, as `python -m module` would
   -h, --help           print this help and exit
   --version            print hpcray's version and exit
+
+Options, before the program; each sets the variable below of the same setting, on
+every rank, and init() arguments still win (--num-cpus=N works too):
+  --num-cpus N                   CPUs of each node (HPCRAY_NUM_CPUS)
+  --num-gpus N                   GPUs of each node (HPCRAY_NUM_GPUS)
+  --object-store-memory BYTES    each node's store (HPCRAY_OBJECT_STORE_MEMORY)
+  --gcs-shards K                 ranks holding a GCS shard (HPCRAY_GCS_SHARDS)
+  --log-dir DIR                  the job's log folder (HPCRAY_LOG_DIR)
+  --report FILE                  write the report page there (HPCRAY_REPORT)
 
 Examples (mpiexec and mpirun come with the MPI that mpi4py was built against: in
 a venv, activate it first or call .venv/bin/mpiexec):
@@ -157,6 +181,33 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+def take_options(argv: list[str]):
+    """The launcher's options at the front of `argv` -> ({variable: value}, the rest), or
+    (None, message) for a bad value."""
+    settings: dict = {}
+    while argv and argv[0].split("=", 1)[0] in OPTIONS:
+        option, equals, value = argv[0].partition("=")
+        variable, name, kind = OPTIONS[option]
+        if not equals:
+            if len(argv) < 2:
+                return None, f"{option} needs a value ({name})"
+            value, argv = argv[1], argv[2:]
+        else:
+            argv = argv[1:]
+        if kind != "path":
+            try:
+                number = float(value) if kind == "number" else int(value)
+            except ValueError:
+                number = -1
+            if number < 0 or (kind == "count" and number == 0):
+                what = "a number of 0 or more" if kind == "number" else "a whole number above 0"
+                return None, f"{option} {value!r}: {name} must be {what}"
+        elif not value:
+            return None, f"{option} needs a value ({name})"
+        settings[variable] = value
+    return settings, argv
+
+
 def parse(argv: list[str]):
     """-> ("help" | "version" | "module" | "file", target, the program's argv) or
     ("error", message, None)."""
@@ -190,7 +241,10 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    kind, target, program_argv = parse(argv)
+    settings, rest = take_options(argv)
+    if settings is None:
+        return _usage_error(rest)
+    kind, target, program_argv = parse(rest)
     if kind == "help":
         print(HELP, end="")
         return 0
@@ -199,6 +253,7 @@ def main(argv: list[str]) -> int:
         return 0
     if kind == "error":
         return _usage_error(target)
+    os.environ.update(settings)  # before anything reads them; workers inherit them
     sys.argv = program_argv
     if kind == "module":
         run = lambda: runpy.run_module(target, run_name="__main__", alter_sys=True)  # noqa: E731

@@ -35,7 +35,9 @@ def test_help_explains_how_to_run_and_every_variable():
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for needed in ("app.py", "-m module", "mpiexec -n", "srun --mpi=pmi2", "--version",
-                   ".venv/bin/mpiexec", "RAY_ENABLE_AUTO_CONNECT"):
+                   ".venv/bin/mpiexec", "RAY_ENABLE_AUTO_CONNECT", "--num-cpus N",
+                   "--num-gpus N", "--object-store-memory BYTES", "--gcs-shards K",
+                   "--log-dir DIR", "--report FILE"):
         assert needed in text, needed
     variables = variables_read_by_hpcray()
     assert {"HPCRAY_GCS_SHARDS", "HPCRAY_RESOURCES_RANK_<r>", "HPCRAY_TRACE",
@@ -53,7 +55,12 @@ def test_version():
 
 @pytest.mark.parametrize("args, says", [
     (["status"], "no such file 'status' (hpcray has no subcommands)"),
-    (["--num-cpus", "4", "app.py"], "unknown option '--num-cpus'"),
+    (["--cpus", "4", "app.py"], "unknown option '--cpus'"),
+    (["--num-cpus", "4", "--cpus", "4", "app.py"], "unknown option '--cpus'"),
+    (["--num-cpus", "four", "app.py"], "--num-cpus 'four': N must be a number of 0 or more"),
+    (["--gcs-shards=0", "app.py"], "--gcs-shards '0': K must be a whole number above 0"),
+    (["app.py", "--report"], None),  # the program's own argument: it runs
+    (["--report"], "--report needs a value (FILE)"),
     (["missing.py"], "no such file 'missing.py'"),
     (["-m"], "-m needs a module name"),
     (["-m", "no_such_module_here"], "no module named 'no_such_module_here'"),
@@ -62,6 +69,9 @@ def test_version():
 def test_usage_errors_are_one_line_and_status_2(tmp_path, args, says):
     (tmp_path / "app.py").write_text("print('ran')\n")
     proc = launch(*args, cwd=tmp_path)
+    if says is None:
+        assert (proc.returncode, proc.stdout) == (0, "ran\n"), proc.stderr
+        return
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -98,6 +108,37 @@ def test_cpus_and_gpus_per_node_from_the_environment(tmp_path, env, args, says):
                           env=dict(os.environ, **env))
     assert proc.returncode == 0, proc.stderr
     assert says in proc.stdout, proc.stdout
+
+
+OPTIONS_JOB = """
+import os, hpcray as ray
+ray.init()
+print("SIZE", ray.cluster_resources().get("CPU"), ray.cluster_resources().get("GPU", 0),
+      len(ray.nodes()), ray.available_resources()["object_store_memory"])
+ray.shutdown()
+print("REPORT", os.path.exists("job.html"), "LOGS", sorted(os.listdir("logs")))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks", [1, pytest.param(3, marks=pytest.mark.multinode)])
+def test_launcher_options_set_each_nodes_size_logs_and_report(tmp_path, ranks):
+    """The issue's launcher options, as their HPCRAY_* variables would: on every rank."""
+    if ranks > 1 and not MPIEXEC.exists():
+        pytest.skip(f"no {MPIEXEC}")
+    (tmp_path / "app.py").write_text(OPTIONS_JOB)
+    launcher = (str(MPIEXEC), "-n", str(ranks)) if ranks > 1 else ()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCRAY_")}
+    proc = subprocess.run([*launcher, sys.executable, "-m", "hpcray", "--num-cpus", "2",
+                           "--num-gpus=1", "--object-store-memory", str(100 << 20),
+                           "--gcs-shards", "1", "--log-dir", "logs", "--report=job.html",
+                           "app.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=110, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"SIZE {2.0 * ranks} {1.0 * ranks} {ranks} {float(ranks * (100 << 20))}" \
+        in proc.stdout, proc.stdout
+    assert "REPORT True" in proc.stdout and all(
+        f"'node-{rank}.log'" in proc.stdout for rank in range(ranks)), proc.stdout
 
 
 @pytest.mark.multinode
