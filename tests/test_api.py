@@ -1,6 +1,7 @@
 """The task API against the real runtime: Ray's semantics, errors at the call site."""
 
 import collections
+import gc
 import os
 import re
 import sys
@@ -56,6 +57,27 @@ def test_the_node_thread_gets_the_gil_sooner_unless_the_program_chose(chosen):
     finally:
         sys.setswitchinterval(default)
 
+
+
+@pytest.mark.parametrize("chosen", [None, 500])
+def test_the_driver_collects_young_objects_less_often_unless_the_program_chose(chosen):
+    # Each queued task holds objects the cyclic GC tracks: init raises the first
+    # generation's threshold while the node runs in the driver (node_manager.py), and
+    # only from Python's default; shutdown puts back what was there.
+    default = gc.get_threshold()
+    if chosen is not None:
+        gc.set_threshold(chosen, *default[1:])
+    try:
+        hpcray.init(num_cpus=1)
+        try:
+            during = gc.get_threshold()
+        finally:
+            hpcray.shutdown()
+        assert during[0] == (10_000 if chosen is None else chosen)
+        assert during[1:] == default[1:]
+        assert gc.get_threshold()[0] == (default[0] if chosen is None else chosen)
+    finally:
+        gc.set_threshold(*default)
 
 def test_remote_function_cannot_be_called_directly(ray_shared):
     with pytest.raises(TypeError, match=r"identity.remote\(\)"):

@@ -269,10 +269,13 @@ class DriverClient(CoreClient):
         self.exported_functions.add(function_id)
 
     def submit(self, spec) -> None:
-        if spec.kind == NORMAL_TASK and self.nm.link.size > 1:
+        if spec.kind != ACTOR_CREATION and not self.record_sites:
             # The node's thread submits it, between its workers' messages; taking the lock
             # for each task, the driver left that thread, and so this node's workers, idle
-            # while it submitted (a 100k burst ran ~5% of its tasks on rank 0).
+            # while it submitted (a 100k burst ran ~5% of its tasks on rank 0). On one
+            # node too: the two threads took the lock in turns for each task, and each
+            # turn waited for the GIL (callgrind, the driver's process per no-op task:
+            # 194k -> 189k instructions, per 1:1 async actor call 129k -> 121k).
             self.nm.driver_feed.queue_submission(spec)
             return
         nm = self._locked()

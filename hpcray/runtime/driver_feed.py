@@ -1,4 +1,4 @@
-"""The tasks the driver submits in a job of several nodes, queued for its node's thread.
+"""The tasks and actor calls the driver submits, queued for its node's thread.
 
 Taking the node's lock for each task, the driver left that thread, and so rank 0's
 workers, idle while it submitted (a 100k burst ran ~5% of its tasks on rank 0). So the

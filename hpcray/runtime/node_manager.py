@@ -18,6 +18,7 @@ lock guards all of its state; both the driver thread and the event loop take it.
 from __future__ import annotations
 
 import collections
+import gc
 import heapq
 import itertools
 import logging
@@ -76,6 +77,15 @@ _HELLO = Hello.CODE
 # unless the program chose an interval of its own.
 NODE_SWITCH_INTERVAL = 0.0002
 PYTHON_SWITCH_INTERVAL = 0.005  # Python's default
+# The same process's first-generation collection threshold, raised likewise (only from
+# Python's default). Each queued task holds ~10 objects the cyclic GC tracks (spec,
+# record, entry, ref, pin...): every 700 allocations a burst's queue was walked, and
+# what it held was promoted, so the driver's ~250k long-lived objects were walked in a
+# full collection every few thousand tasks. At 10,000 most of a task's objects are
+# freed (reference counting) before a collection sees them. Measured (callgrind, the
+# driver's process per no-op task): garbage collection 20k of 208k instructions -> 7k.
+NODE_GC_THRESHOLD = 10_000
+PYTHON_GC_THRESHOLD = 700  # Python's default
 
 class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
@@ -174,6 +184,7 @@ class NodeManager:
         self._build_parts()
         self._thread = None
         self._switch_interval = None
+        self._gc_threshold = None
         if run_thread:
             self.start_thread()
 
@@ -182,6 +193,10 @@ class NodeManager:
         if math.isclose(sys.getswitchinterval(), PYTHON_SWITCH_INTERVAL):
             self._switch_interval = PYTHON_SWITCH_INTERVAL
             sys.setswitchinterval(NODE_SWITCH_INTERVAL)
+        threshold = gc.get_threshold()
+        if threshold[0] == PYTHON_GC_THRESHOLD:
+            self._gc_threshold = threshold
+            gc.set_threshold(NODE_GC_THRESHOLD, *threshold[1:])
         self._thread = threading.Thread(target=self._event_loop,
                                         name="hpcray-node-manager", daemon=True)
         self._thread.start()
@@ -328,6 +343,8 @@ class NodeManager:
         if self._switch_interval is not None and math.isclose(sys.getswitchinterval(),
                                                                NODE_SWITCH_INTERVAL):
             sys.setswitchinterval(self._switch_interval)
+        if self._gc_threshold is not None and gc.get_threshold()[0] == NODE_GC_THRESHOLD:
+            gc.set_threshold(*self._gc_threshold)
         deadline = time.monotonic() + 2.0
         pids = [w.pid for w in self.workers.values() if w.alive and w.pid]
         for pid in pids:
