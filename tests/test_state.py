@@ -442,3 +442,50 @@ def test_get_apis_and_following_a_log(ray_start, tmp_path):
     talker.say.remote("second")
     assert next(lines) == "second"
     lines.close()
+
+
+# Ray 2.60's columns (ray/util/state/common.py), in its order; hpcray's own come after.
+RAY_COLUMNS = {
+    "TaskState": ["task_id", "attempt_number", "name", "state", "job_id", "actor_id", "type",
+                  "func_or_class_name", "parent_task_id", "node_id", "worker_id",
+                  "worker_pid", "error_type", "language", "required_resources",
+                  "runtime_env_info", "placement_group_id", "events", "profiling_data",
+                  "creation_time_ms", "start_time_ms", "end_time_ms", "task_log_info",
+                  "error_message", "is_debugger_paused", "call_site", "label_selector",
+                  "fallback_strategy"],
+    "ActorState": ["actor_id", "class_name", "state", "job_id", "name", "node_id", "pid",
+                   "ray_namespace", "serialized_runtime_env", "required_resources",
+                   "death_cause", "is_detached", "placement_group_id", "repr_name",
+                   "num_restarts", "num_restarts_due_to_lineage_reconstruction",
+                   "num_restarts_due_to_node_preemption", "call_site", "label_selector",
+                   "fallback_strategy"],
+    "ObjectState": ["object_id", "object_size", "task_status", "attempt_number",
+                    "reference_type", "call_site", "type", "pid", "ip"],
+    "NodeState": ["node_id", "node_ip", "is_head_node", "state", "state_message",
+                  "node_name", "resources_total", "labels", "start_time_ms", "end_time_ms"],
+    "WorkerState": ["worker_id", "is_alive", "worker_type", "exit_type", "node_id", "ip",
+                    "pid", "exit_detail", "worker_launch_time_ms", "worker_launched_time_ms",
+                    "start_time_ms", "end_time_ms", "debugger_port", "num_paused_threads"],
+    "PlacementGroupState": ["placement_group_id", "name", "creator_job_id", "state",
+                            "bundles", "is_detached", "stats", "topology_strategy",
+                            "topology_assignments"],
+}
+HPCRAY_COLUMNS = {"TaskState": ["owner_node_id"], "ObjectState": ["node_id", "owner_node_id"],
+                  "NodeState": ["rank"]}
+
+
+def test_rows_have_rays_columns_in_rays_order(ray_start):
+    import dataclasses
+
+    from hpcray.util import state
+    for name, columns in RAY_COLUMNS.items():
+        got = [field.name for field in dataclasses.fields(getattr(state, name))]
+        assert got == columns + HPCRAY_COLUMNS.get(name, []), name
+    hpcray.get(quick.remote())
+    [task] = [t for t in list_tasks(detail=True) if t.name.endswith("quick")]
+    assert (task.call_site, task.label_selector, task.fallback_strategy) == (None, {}, None)
+    assert list_tasks()[0].label_selector is None  # a detail column, as in Ray
+    kept = hpcray.put(1)
+    rows = list_objects(filters=[("attempt_number", "=", 0)])
+    assert kept.hex() in {row.object_id for row in rows}
+    assert all(row.attempt_number == 0 for row in rows)

@@ -76,9 +76,10 @@ def _task_row(row: tuple, nodes: dict, job_id: str, detail: bool) -> TaskState:
             events.append({"state": "RUNNING", "created_ms": started})
         if ended is not None and state in ("FINISHED", "FAILED"):
             events.append({"state": state, "created_ms": ended})
+        # no call site is recorded (None); no node has labels, so no selector ({})
         extra = dict(language=_LANGUAGE, required_resources=dict(demand or {}),
-                     events=events, creation_time_ms=created, start_time_ms=started,
-                     end_time_ms=ended, task_log_info=(
+                     label_selector={}, events=events, creation_time_ms=created,
+                     start_time_ms=started, end_time_ms=ended, task_log_info=(
                          None if pid is None or ran_on is None else
                          {"stdout_file": worker_file(ran_on, pid, "out"),
                           "stderr_file": worker_file(ran_on, pid, "err")}))
@@ -109,7 +110,8 @@ def _actor_row(actor_id: bytes, info, nodes: dict, job_id: str, detail: bool) ->
     if detail:
         extra = dict(death_cause=info.death_cause, is_detached=bool(info.info.get("detached")),
                      repr_name="", num_restarts=info.restarts,
-                     num_restarts_due_to_lineage_reconstruction=0)
+                     num_restarts_due_to_lineage_reconstruction=0,
+                     num_restarts_due_to_node_preemption=0, label_selector={})
     return ActorState(actor_id=actor_id.hex(), class_name=info.class_name, state=info.state,
                       job_id=job_id, name=info.name or "", node_id=_node_id(nodes, info.node),
                       pid=info.pid, ray_namespace=None, **extra)
@@ -155,7 +157,8 @@ def _group_row(row: dict, job_id: str, detail: bool) -> PlacementGroupState:
             bundles=[{"bundle_id": {"placement_group_id": group_hex, "bundle_index": index},
                       "unit_resources": dict(bundle), "node_id": where.get(index)}
                      for index, bundle in sorted(row["bundles"].items())],
-            is_detached=row["is_detached"], stats=dict(row["stats"]))
+            is_detached=row["is_detached"], stats=dict(row["stats"]),
+            topology_strategy={}, topology_assignments={})
     return PlacementGroupState(placement_group_id=row["placement_group_id"],
                                name=row["name"] or "", creator_job_id=job_id,
                                state=row["state"], **extra)
@@ -201,7 +204,7 @@ def list_objects(address: str | None = None, filters: list | None = None,
     unknown = "" if client.config.record_ref_creation_sites else "disabled"
     return limited((ObjectState(
         object_id=object_id.hex(), pid=pid, ip=nodes.get(rank, {}).get("NodeManagerAddress", ""),
-        call_site=call_site or unknown, task_status=status, type=kind,
+        call_site=call_site or unknown, task_status=status, attempt_number=0, type=kind,
         reference_type=reference_type, object_size=size, node_id=_node_id(nodes, rank),
         owner_node_id=_node_id(nodes, owner))
         for (object_id, size, status, owner, rank, pid, kind, reference_type, call_site)

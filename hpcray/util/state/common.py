@@ -79,6 +79,9 @@ class TaskState(StateSchema):
     task_log_info: dict | None = None
     error_message: str | None = None
     is_debugger_paused: bool | None = None
+    call_site: str | None = None
+    label_selector: dict | None = None
+    fallback_strategy: dict | None = None
     owner_node_id: str | None = None
 
     FILTERABLE = frozenset({
@@ -88,7 +91,8 @@ class TaskState(StateSchema):
     DETAIL = frozenset({
         "language", "required_resources", "runtime_env_info", "placement_group_id",
         "events", "profiling_data", "creation_time_ms", "start_time_ms", "end_time_ms",
-        "task_log_info", "error_message", "is_debugger_paused"})
+        "task_log_info", "error_message", "is_debugger_paused", "call_site",
+        "label_selector", "fallback_strategy"})
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,18 @@ class ActorState(StateSchema):
     repr_name: str | None = None
     num_restarts: int | None = None
     num_restarts_due_to_lineage_reconstruction: int | None = None
+    num_restarts_due_to_node_preemption: int | None = None
+    call_site: str | None = None
+    label_selector: dict | None = None
+    fallback_strategy: dict | None = None
 
     FILTERABLE = frozenset({"actor_id", "class_name", "state", "job_id", "name", "node_id",
                             "pid", "ray_namespace", "placement_group_id", "repr_name"})
     DETAIL = frozenset({"serialized_runtime_env", "required_resources", "death_cause",
                         "is_detached", "placement_group_id", "repr_name", "num_restarts",
-                        "num_restarts_due_to_lineage_reconstruction"})
+                        "num_restarts_due_to_lineage_reconstruction",
+                        "num_restarts_due_to_node_preemption", "call_site", "label_selector",
+                        "fallback_strategy"})
 
 
 @dataclass(frozen=True)
@@ -178,18 +188,19 @@ class ObjectState(StateSchema):
     `owner_node_id` are hpcray's; object_size is None until the value exists."""
 
     object_id: str
+    object_size: int | None
+    task_status: str  # FINISHED, PENDING, or NIL for a put
+    attempt_number: int  # 0: hpcray counts no attempts per object (list_tasks' is 0 too)
+    reference_type: str
+    call_site: str
+    type: str | None
     pid: int | None
     ip: str
-    call_site: str
-    task_status: str  # FINISHED, PENDING, or NIL for a put
-    type: str | None
-    reference_type: str
-    object_size: int | None
     node_id: str | None = None
     owner_node_id: str | None = None
 
-    FILTERABLE = frozenset({"object_id", "object_size", "task_status", "reference_type",
-                            "call_site", "type", "pid", "ip"})
+    FILTERABLE = frozenset({"object_id", "object_size", "task_status", "attempt_number",
+                            "reference_type", "call_site", "type", "pid", "ip"})
 
 
 @dataclass(frozen=True)
@@ -207,10 +218,13 @@ class PlacementGroupState(StateSchema):
     bundles: list | None = None
     is_detached: bool | None = None
     stats: dict | None = None
+    topology_strategy: dict | None = None
+    topology_assignments: dict | None = None
 
     FILTERABLE = frozenset({"placement_group_id", "name", "creator_job_id", "state",
                             "is_detached"})
-    DETAIL = frozenset({"bundles", "is_detached", "stats"})
+    DETAIL = frozenset({"bundles", "is_detached", "stats", "topology_strategy",
+                        "topology_assignments"})
 
 
 _PREDICATES = ("=", "!=")
