@@ -360,6 +360,18 @@ def test_actor_process_dies_restarts_with_max_restarts(ray_shared):
 
 
 @pytest.mark.timeout(60)
+def test_calls_after_kill_with_restart_run_on_the_restarted_actor(ray_shared):
+    # kill(no_restart=False): the host sees the process die only some time after its
+    # SIGKILL; calls sent meanwhile wait for the restart instead of dying with it.
+    counter = Counter.options(max_restarts=1).remote(10)
+    first_pid = hpcray.get(counter.pid.remote())
+    hpcray.kill(counter, no_restart=False)
+    refs = [counter.incr.remote() for _ in range(3)]
+    assert hpcray.get(refs, timeout=60) == [11, 12, 13]  # a fresh constructor: 10 again
+    assert hpcray.get(counter.pid.remote()) != first_pid
+    hpcray.kill(counter)
+
+
 def test_actor_process_dies_without_restarts(ray_shared, tmp_path):
     gate = str(tmp_path / "gate")
     c = Gated.options(max_restarts=0).remote()

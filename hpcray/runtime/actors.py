@@ -302,6 +302,8 @@ class Actors:
         if actor.state != A_ALIVE or actor.killed:  # a killed one's calls fail at its end
             return
         worker = actor.worker
+        if worker.doomed:  # kill(no_restart=False): its calls wait for the restart
+            return
         queue = actor.queue
         frames, started = [], []
         while queue and queue[0].pending_deps == 0:
@@ -416,7 +418,9 @@ class Actors:
             if actor.restarts_left > 0:
                 actor.restarts_left -= 1
             sent = list(actor.inflight.values())
-            if actor.state == A_ALIVE:  # and the calls submit_actor_call held back
+            # and the calls submit_actor_call held back, unless the node killed it: then
+            # pump_actor held them, and they go to the restarted actor
+            if actor.state == A_ALIVE and not worker.doomed:
                 while actor.queue and actor.queue[0].pending_deps == 0:
                     record = actor.queue.popleft()
                     if not record.cancelled:  # (a cancelled one has ended already)

@@ -264,14 +264,18 @@ def random_workload(sim) -> None:
     def op_kill():
         """kill() of an actor at once (no node may know its host yet) or after a call: a
         call after the kill fails, or answers if it reached the actor first."""
-        actor = Keeper.options(scheduling_strategy=strategy()).remote()
+        restart = rng.random() < 0.4  # kill(no_restart=False): it comes back once
+        actor = Keeper.options(scheduling_strategy=strategy(),
+                               max_restarts=1 if restart else 0).remote()
         if rng.random() < 0.5:
             assert ray.get(actor.drop.remote()) == 0
-        ray.kill(actor)
+        ray.kill(actor, no_restart=not restart)
         try:
             assert ray.get(actor.drop.remote()) == 0
         except ray.exceptions.RayActorError:
             pass
+        if restart:  # restarted by now, or restarting: this call waits for it
+            assert ray.get(actor.drop.remote()) == 0
 
     def op_parents():
         parents = [Parent.remote(3) for _ in range(2)]

@@ -293,7 +293,7 @@ class ProcessConnection:
 
     def recv(self):
         process = self.process
-        while not process.inbox:
+        while not process.inbox or process.sigkilled:  # killed: it reads nothing more
             if process.killed:
                 raise EOFError("simulation over")
             process.block("waiting")
@@ -301,7 +301,7 @@ class ProcessConnection:
 
     def recv_nowait(self):
         inbox = self.process.inbox
-        return inbox.popleft() if inbox else None
+        return inbox.popleft() if inbox and not self.process.sigkilled else None
 
     def close(self) -> None:
         pass
