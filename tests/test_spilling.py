@@ -234,3 +234,34 @@ def test_a_rerun_replaces_a_copy_its_node_never_took_in(spilling_node):
     assert np.frombuffer(memoryview(buffer)[-8:], dtype=np.int64)[0] == 2
     buffer.release()
     assert client.store.delete(object_id)
+
+
+@pytest.mark.parametrize("variables", [("SLURM_TMPDIR", "TMPDIR"), ("TMPDIR",)])
+def test_default_spill_folder_is_under_slurm_tmpdir_else_tmpdir(tmp_path, variables):
+    """No HPCRAY_SPILL_DIR: the node spills under $SLURM_TMPDIR (node-local, emptied by
+    Slurm), else $TMPDIR, and removes its folder at exit."""
+    bases = {name: tmp_path / name.lower() for name in variables}
+    for base in bases.values():
+        base.mkdir()
+    expected = bases[variables[0]]
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, numpy as np, hpcray
+        hpcray.init(num_cpus=1, object_store_memory={STORE})
+        refs = [hpcray.put(np.full({BLOCK} // 8, i)) for i in range({COUNT})]
+        folders = [name for name in os.listdir({str(expected)!r})
+                   if name.startswith("hpcray-spill-")]
+        assert len(folders) == 1 and os.listdir(os.path.join({str(expected)!r}, folders[0]))
+        assert [int(hpcray.get(ref)[0]) for ref in refs] == list(range({COUNT}))
+        hpcray.shutdown()
+        print("OK")
+    """))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HPCRAY_SPILL_DIR", "SLURM_TMPDIR", "TMPDIR")}
+    env.update({name: str(base) for name, base in bases.items()},
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    for base in bases.values():
+        assert spill_folders(base) == [], base
