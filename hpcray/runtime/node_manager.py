@@ -43,7 +43,7 @@ from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
 from hpcray.runtime.call_sites import CallSites
 from hpcray.runtime.cancellation import Canceller
-from hpcray.runtime.cluster import Network
+from hpcray.runtime.cluster import Network, precise_sleeps
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs, WorkerStreams
 from hpcray.runtime.guardian import NoBoard
@@ -417,6 +417,8 @@ class NodeManager:
 
     def _event_loop(self) -> None:
         link, network = self.link, self.network
+        if self.transport.needs_polling:  # (one node's loop sleeps until woken)
+            precise_sleeps()
         while self._running and not link.stop_requested:
             timeout = 0.0 if self.driver_feed.queue else network.cluster_poll_timeout()
             if self._timers:
