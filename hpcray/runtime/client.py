@@ -294,10 +294,12 @@ class DriverClient(CoreClient):
         if hops.ENABLED:
             hops.stamp("get.start")
         nm = self._locked()
+        nm.hold_wakes()  # (a Pull it sends wakes the loop, which would wait for the lock)
         try:
             waiter = nm.objects.register_get(object_ids, len(object_ids))
         finally:
             nm.lock.release()
+            nm.release_wakes()
         if hops.ENABLED:
             hops.stamp("get.registered")
         if waiter is not None:

@@ -156,6 +156,8 @@ class NodeManager:
         self._handlers: dict[int, object] = {}
         self._timers: list = []
         self._thread = None
+        self._wakes_held = False   # hold_wakes
+        self._wake_pending = False
         self._worker_keys = itertools.count(1)
         self._timer_seq = itertools.count()
         self._running = True
@@ -466,8 +468,24 @@ class NodeManager:
             return self._epoll.poll(0) if ready else []
         return self._epoll.poll(timeout)
 
+    def hold_wakes(self) -> None:
+        """Under the lock, from the driver's thread: until `release_wakes`, a wake-up of
+        the event loop waits. Woken while the driver holds the lock, the loop's thread
+        only takes the GIL to wait for the lock (a remote get's Pull left ~17 us later)."""
+        self._wakes_held = True
+
+    def release_wakes(self) -> None:
+        """After the lock's release: the wake-up asked for meanwhile, if any."""
+        self._wakes_held = False
+        if self._wake_pending:
+            self._wake_pending = False
+            self._wake()
+
     def _wake(self) -> None:
         """Make the event loop go round now (from another thread)."""
+        if self._wakes_held:
+            self._wake_pending = True
+            return
         if threading.current_thread() is not self._thread:
             try:
                 os.write(self._wake_w, b"w")
