@@ -66,3 +66,22 @@ def test_the_server_is_held_to_the_declared_list():
         assert "mistyped" in str(exc)
     else:
         raise AssertionError("an undeclared op_ method was accepted")
+
+
+def _public_methods(cls) -> set:
+    names = set()
+    for klass in cls.__mro__[:-1]:
+        names |= {name for name, value in vars(klass).items()
+                  if not name.startswith("_") and callable(value)}
+    return names
+
+
+def test_the_driver_and_a_worker_offer_the_same_operations():
+    # The driver calls its node in process (DriverClient), a worker sends (WorkerClient):
+    # one API for the code above them (api.py), whichever process it runs in.
+    from hpcray.runtime.client import DriverClient, WorkerClient
+    only_in_a_generator_task = {"generator_pause", "generator_slot"}
+    only_for_the_driver = {"drain"}  # Slurm's drain signal reaches the driver's process
+    assert _public_methods(WorkerClient) - _public_methods(DriverClient) == \
+        only_in_a_generator_task
+    assert _public_methods(DriverClient) - _public_methods(WorkerClient) == only_for_the_driver
