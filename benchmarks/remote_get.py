@@ -3,6 +3,8 @@
     python benchmarks/remote_get.py                          # 1Mi..256Mi, CMA on and off
     python benchmarks/remote_get.py --sizes 1Mi,8Mi,64Mi,1Gi --rounds 3 --repeat 20
     python benchmarks/remote_get.py --cma on --hops          # + where a 1 MiB get's time goes
+    python benchmarks/remote_get.py --sizes 1Mi --hop-jobs 8 --repeat 100 --compare TREE
+                                   # only the steps: 8 traced jobs here and of TREE, interleaved
     python benchmarks/remote_get.py --ray-python /work/rayvenv/bin/python   # + Ray's column
     /work/rayvenv/bin/python benchmarks/remote_get.py --ray  # Ray alone (2 raylets)
 
@@ -168,8 +170,8 @@ def raw_job(sizes: list[int], repeat: int) -> None:
 
 
 # ---------------------------------------------------------------------------- the hops
-def hops_table(folder: str) -> str:
-    """The median time between consecutive HOPS of each get traced into `folder`."""
+def traced_gets(folder: str) -> list:
+    """Each complete get traced into `folder`: {(rank, what): ns} of the HOPS."""
     stamps = []
     for path in glob.glob(os.path.join(folder, "hops-*.txt")):
         pid = path.rsplit("-", 1)[1]
@@ -188,7 +190,12 @@ def hops_table(folder: str) -> str:
             if what == "get.end":
                 gets.append(current)
                 current = None
-    gets = [g for g in gets if all(hop in g for hop in HOPS)]
+    return [g for g in gets if all(hop in g for hop in HOPS)]
+
+
+def hops_table(folder: str) -> str:
+    """The median time between consecutive HOPS of each get traced into `folder`."""
+    gets = traced_gets(folder)
     if not gets:
         return "(no complete get traced)"
     rows = ["| from | to | median µs |", "| --- | --- | --- |"]
@@ -198,6 +205,59 @@ def hops_table(folder: str) -> str:
                     f"{median:.1f} |")
     total = statistics.median((g[HOPS[-1]] - g[HOPS[0]]) / 1e3 for g in gets)
     rows.append(f"| **get.start** | **get.end** | **{total:.1f}** ({len(gets)} gets) |")
+    return "\n".join(rows)
+
+
+def hop_medians(gets: list) -> list:
+    """The median µs of each step between consecutive HOPS, then of the whole get."""
+    steps = [statistics.median((g[after] - g[before]) / 1e3 for g in gets)
+             for before, after in zip(HOPS, HOPS[1:])]
+    return steps + [statistics.median((g[HOPS[-1]] - g[HOPS[0]]) / 1e3 for g in gets)]
+
+
+def compare_hops(args) -> str:
+    """`--hop-jobs N --compare TREE`: N traced jobs of this tree and of TREE, interleaved;
+    per step the median over the jobs of each job's median (one job's figures swing with
+    where its threads land on a busy host, so many jobs say more than many gets)."""
+    import shutil
+
+    import _mpirun
+    trees = [str(_mpirun.REPO_ROOT)] + ([os.path.abspath(args.compare)] if args.compare
+                                        else [])
+    size, cma = args.sizes.split(",")[0], args.cma.split(",")[0]
+    per_tree = {tree: [] for tree in trees}   # [(step medians, get times)] per job
+    for _ in range(args.hop_jobs):
+        for tree in trees:
+            folder = tempfile.mkdtemp(prefix="remote-get-hops-")
+            env = {"MPIR_CVAR_CH4_CMA_ENABLE": "1" if cma == "on" else "0",
+                   "HPCRAY_TRACE_HOPS": folder}
+            argv = [os.path.join(tree, "benchmarks", "remote_get.py"), "--job", "hpcray",
+                    "--sizes", size, "--repeat", str(args.repeat)]
+            job = _mpirun.run_job(2, argv, args.timeout, env=env, root=tree)
+            gets = traced_gets(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not job.clean or not gets:
+                _mpirun.log(f"PROBLEM {tree}: {'; '.join(job.problems())}")
+                continue
+            times = next(iter(_result(job.output)["hpcray"].values()))
+            per_tree[tree].append((hop_medians(gets), statistics.median(times)))
+    names = ["this tree"] + [f"{os.path.basename(t)} (--compare)" for t in trees[1:]]
+    rows = [f"# {fmt_size(parse_size(size))}, CMA {cma}: median over jobs of each job's "
+            f"median of {args.repeat} gets; jobs per tree: "
+            + ", ".join(str(len(per_tree[t])) for t in trees),
+            "| from | to | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(trees)]
+
+    def cell(tree, index):
+        jobs = per_tree[tree]
+        return f"{statistics.median(j[0][index] for j in jobs):.0f}" if jobs else "-"
+    for i, (before, after) in enumerate(zip(HOPS, HOPS[1:])):
+        rows.append(f"| rank {before[0]} {before[1]} | rank {after[0]} {after[1]} | "
+                    + " | ".join(cell(t, i) for t in trees) + " |")
+    rows.append("| **get.start** | **get.end** | "
+                + " | ".join(cell(t, len(HOPS) - 1) for t in trees) + " |")
+    rows.append("| get (ms, as the job timed it) | | " + " | ".join(
+        f"{statistics.median(j[1] for j in per_tree[t]) * 1e3:.3f}" if per_tree[t] else "-"
+        for t in trees) + " |")
     return "\n".join(rows)
 
 
@@ -238,6 +298,12 @@ def _median_of_rounds(rounds: list, key) -> float | None:
 
 def outer(args) -> int:
     import _mpirun
+    if args.hop_jobs:
+        load_before = os.getloadavg()[0]
+        table = compare_hops(args)
+        print(f"# load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+        print(table)
+        return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     settings = args.cma.split(",")
     load_before = os.getloadavg()
@@ -308,6 +374,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cma", default="on,off", help="on, off or on,off")
     parser.add_argument("--hops", action="store_true", help="also trace where a get goes")
+    parser.add_argument("--hop-jobs", type=int, default=0, metavar="N",
+                        help="only where a get goes: N traced jobs per tree, interleaved")
+    parser.add_argument("--compare", metavar="TREE",
+                        help="with --hop-jobs: another built checkout, its jobs between")
     parser.add_argument("--ray-python", help="also run Ray with this interpreter")
     parser.add_argument("--ray", action="store_true", help="run on Ray (two raylets)")
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
