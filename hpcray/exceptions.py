@@ -113,6 +113,11 @@ class ObjectLostError(RayError):
     """The object's value is gone and cannot be recomputed."""
 
 
+class ObjectReconstructionFailedError(ObjectLostError):
+    """Every copy of the object is gone and re-running the task that made it is not
+    possible: it was put (no lineage), or the task's retries are used up (Ray's class)."""
+
+
 class OwnerDiedError(ObjectLostError):
     """The process that owned the object died, and with it what it knew of the object."""
 

@@ -302,7 +302,7 @@ class Lineage:
         entry = self.objects.entries.get(object_id)
         if entry is None or entry.state != PENDING:
             return
-        error = exceptions.ObjectLostError(
+        error = exceptions.ObjectReconstructionFailedError(
             f"Object {object_id.hex()} was lost (its node died, or it was evicted) and "
             f"cannot be rebuilt: {why}.")
         self.objects.object_ready(object_id, error_bytes(error), (), 0)

@@ -486,7 +486,7 @@ def test_rebuilding_a_lost_value_is_bounded_by_max_retries(tmp_path):
         try:
             ray.get(read.options(scheduling_strategy=on1).remote([never]))
             raise AssertionError("a max_retries=0 value was made again")
-        except ray.exceptions.ObjectLostError as exc:
+        except ray.exceptions.ObjectReconstructionFailedError as exc:
             assert "max_retries=0" in str(exc), exc
             print("NEVER", type(exc).__name__, exc, flush=True)
         assert ray.wait([once], fetch_local=False, timeout=120)[0] == [once]
@@ -495,7 +495,7 @@ def test_rebuilding_a_lost_value_is_bounded_by_max_retries(tmp_path):
         try:
             ray.get(read.options(scheduling_strategy=on1).remote([once]))
             raise AssertionError("a value was made again beyond its max_retries")
-        except ray.exceptions.ObjectLostError as exc:
+        except ray.exceptions.ObjectReconstructionFailedError as exc:
             assert "already re-run 1 times (max_retries=1)" in str(exc), exc
             print("ONCE", type(exc).__name__, exc, flush=True)
         ray.shutdown()
