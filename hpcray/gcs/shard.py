@@ -106,6 +106,7 @@ from hpcray.gcs.tables import (
     DEAD,
     TASK_DELETED,
     TASK_FAILED,
+    TASK_FINISHED,
     TASK_PENDING,
     TASK_RUNNING,
     ActorInfo,
@@ -328,6 +329,16 @@ class GcsShard:
                 task.created = at
                 if detail is not None:
                     task.parent = detail
+            elif state == TASK_RUNNING and task.state == TASK_PENDING:  # (the next ones)
+                task.state = TASK_RUNNING
+                task.node = node
+                if task.name is None:
+                    task.name = name
+                task.started = at
+                task.worker_pid = detail
+            elif state == TASK_FINISHED and task.ended is None:
+                task.state = TASK_FINISHED
+                task.ended = at
             else:
                 _apply_task_event(task, state, spec, node, name, at, detail)
 

@@ -804,7 +804,8 @@ class NodeManager:
         else:
             self.task_events.submitted(spec, parent.spec.task_id)
             self.recorder.submitted(parent.spec.task_id, spec.task_id)
-        self.pins.submitted(spec)
+        if spec.kind != ACTOR_CALL:  # (no lineage kept of an actor call: a call less)
+            self.pins.submitted(spec)
         if spec.kind == ACTOR_CREATION:
             self.actors.create_actor(spec, pending=problem is not None)
             if problem is not None:
@@ -820,7 +821,7 @@ class NodeManager:
             if parent.children is None:
                 parent.children = []
             parent.children.append(spec.task_id)
-        if generator_kind(spec) is not None:
+        if spec.options and generator_kind(spec) is not None:
             self.generators.submitted(spec)
         if spec.kind == ACTOR_CALL:
             self.actors.submit_actor_call(record, spec.options is not None

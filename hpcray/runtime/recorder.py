@@ -39,7 +39,7 @@ import socket
 
 from hpcray.runtime.clock import now
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION
-from hpcray.runtime.task_events import error_type
+from hpcray.runtime.task_events import ERROR_START, error_type
 
 KINDS = {0: "task", ACTOR_CREATION: "actor_creation", ACTOR_CALL: "actor_call"}
 
@@ -69,8 +69,12 @@ class Recorder:
         spans = self.spans
         if len(spans) == self.limit:
             self.dropped["spans"] += 1
+        # (whether its results hold an error value: task_events reads which)
+        inline = results[0][1] if results else None
         spans.append((spec.task_id, spec.name, spec.kind, pid,
-                      end if started is None else started, end, _failed(results)))
+                      end if started is None else started, end,
+                      type(inline) is bytes and inline[11:13] == ERROR_START
+                      and error_type(inline) is not None))
 
     def died(self, spec, pid: int, dispatched) -> None:
         """The pool worker `pid` died running `spec`, sent to it at `dispatched`."""
@@ -131,13 +135,3 @@ class Recorder:
                 "counters": dict(self.counters), "dropped": dict(self.dropped),
                 "store": dict(store_stats), "samples": samples}
 
-
-def _failed(results) -> bool:
-    """Whether a task's results hold an error value (task_events.error_type reads which):
-    an error value is a framed pickle, a small plain value is not."""
-    if not results:
-        return False
-    inline = results[0][1]
-    if type(inline) is not bytes or inline[2:3] != b"\x95":
-        return False
-    return error_type(inline) is not None

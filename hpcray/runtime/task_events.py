@@ -95,8 +95,7 @@ class TaskEvents:
             kind = "TASK_CANCELLED"
         elif results:
             inline = results[0][1]
-            # An error value is a framed pickle; a small plain value is not: no call.
-            if type(inline) is bytes and inline[2:3] == b"\x95":
+            if type(inline) is bytes and inline[11:13] == ERROR_START:
                 kind = error_type(inline)
         if kind is None and failed:
             kind = "TASK_EXECUTION_EXCEPTION"
@@ -194,6 +193,10 @@ _ERROR_TYPES = {
 # How serialization.error_bytes begins (cloudpickle, protocol 5, after the frame
 # header): ErrorValue's class, then the error's module and class as two short strings.
 _ERROR_HEAD = b"\x8c\x14hpcray.serialization\x94\x8c\x0aErrorValue\x94\x93\x94"
+# Its first two bytes, where error_bytes puts them (after the PROTO and FRAME opcodes):
+# the check before calling error_type. Most plain values have other bytes there (b"ok"
+# and None do), and one that has them is only read further.
+ERROR_START = _ERROR_HEAD[:2]
 
 
 def error_type(inline) -> str | None:
