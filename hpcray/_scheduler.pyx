@@ -35,6 +35,37 @@ _CLOCK_EPS = 1e-6  # a timer that fires a hair early (float rounding) still reti
 LOCALITY_BYTES = 1 << 20  # arguments this large pull a task toward the node holding them
 
 
+# Bottom-up spilling, as in the paper: a node keeps a task it cannot start at once unless
+# another node has room, or it is overloaded relative to the least loaded other node: its
+# queue per CPU at SPILL_RATIO times that node's plus SPILL_SLACK_PER_CPU when that node
+# submits tasks of its own too, at that node's plus the slack when it only runs what was
+# placed on it. A ratio of 2 between submitters: busy submitters' queues differ by how far
+# each has got, not by how much work each has (4 on 4 ranks: 3,200 queued on one against
+# 1,550 on another), and moving that difference costs two messages and rank 0's time per
+# task (1.25: 60% of the submitters' tasks ran where submitted; 2: 90%). Against a node
+# that only runs placed work, 2 left a lone submitter with 37% of its 20 ms tasks on 4
+# ranks (1.54 s against 1.06 s).
+SPILL_SLACK_PER_CPU = 2.0
+SPILL_RATIO = 2.0
+# A node's view of the others older than this is no view (they may have drained since).
+VIEW_TTL = 0.05
+
+
+cpdef bint overloaded(double own_per_cpu, double least_per_cpu, bint least_submits=True):
+    """Whether a node with `own_per_cpu` tasks queued per CPU should hand work to one with
+    `least_per_cpu`; `least_submits`: that node routes tasks of its own too (else its
+    queue is what was placed on it, and the queues are balanced as they are: ratio 1)."""
+    return own_per_cpu >= (SPILL_RATIO if least_submits else 1.0) * least_per_cpu \
+        + SPILL_SLACK_PER_CPU - _EPS
+
+
+cdef bint _cpu_only(dict demand):
+    for name in demand:
+        if name != "CPU":
+            return False
+    return True
+
+
 cdef bint _fits_in(dict available, dict demand):
     for name, amount in demand.items():
         if amount > available.get(name, 0.0) + _EPS:
@@ -175,6 +206,35 @@ cdef class LocalScheduler:
                 taken.extend(item[0] for item in queue)
                 self.num_queued -= len(queue)
                 queue.clear()
+        return taken
+
+    def take_newest(self, long count, can_move, long scan=64):
+        """Remove up to `count` queued tasks that need a pool worker and only CPUs, newest
+        first, those for which `can_move(task_key)` holds (looking at `scan` at most per
+        class), and return their keys: other nodes have CPUs free (task_router.py)."""
+        cdef list taken = []
+        cdef list kept
+        cdef long looked
+        for cls in reversed(self.class_order):
+            if len(taken) >= count:
+                break
+            if not cls[0] or not _cpu_only(dict(cls[1])):
+                continue
+            queue = self.queues[cls]
+            kept = []
+            looked = 0
+            while queue and len(taken) < count and looked < scan:
+                item = queue.pop()
+                looked += 1
+                if can_move(item[0]):
+                    taken.append(item[0])
+                else:
+                    kept.append(item)
+            while kept:
+                queue.append(kept.pop())
+        self.num_queued -= len(taken)
+        if self.validate:
+            self.check_invariants()
         return taken
 
     def worker_starting(self):
@@ -373,6 +433,83 @@ cdef class LocalScheduler:
             assert not since or since[-1] <= self.clock, "idle since after the clock"
 
 
+cdef class SpillPolicy:
+    """Whether a node keeps a task submitted on it (no strategy, no large argument
+    elsewhere) or forwards it to the global scheduler.
+
+    It keeps a task that starts now. Otherwise it needs its view of the nodes, as the
+    global scheduler estimated them (rank 0 reads its own; the others get a LoadView in
+    answer to their Load): the fewest tasks queued per CPU on another node, the most
+    CPUs free on one, and this node's own queue per CPU as of the same moment (a node
+    takes its workers' submissions a hundred or more at a time: its queue now is always
+    ahead of the others' of a report ago). A CPU-only task without stored arguments goes
+    to a node with a CPU free, else stays here unless this node is `overloaded` and has
+    kept at least its `fair_share` (its CPUs' share of the cluster's) of the tasks routed
+    since its queue was last empty: the driver's node keeps its quarter of a burst over
+    four nodes, though its queue drains slowest (its thread also submits and places the
+    burst and takes every result; by queue lengths alone it ran 6-13% of the burst).
+    Without a fresh view, for other resources (a GPU queue is not a CPU queue) and for
+    tasks with arguments in a store (kept, they hold them in this store while they wait),
+    the rule from before: a task waits here only behind an empty queue.
+
+    What a stale view kept here is not stuck: when a node reports CPUs free, rank 0 tells
+    the most loaded node, which hands on the newest of its queued tasks
+    (TaskRouter.spill_queued, as Ray's raylet spills queued work to nodes with room).
+    """
+
+    cdef public double cpus             # this node's CPUs (at least 1)
+    cdef public double least_elsewhere  # queued per CPU on the least loaded other node
+    cdef public double free_elsewhere   # CPUs free on the other node with the most
+    cdef public double own              # queued per CPU here, as of the view
+    cdef public object view_time        # when the view was taken; None: no view yet
+    cdef public double fair_share       # this node's CPUs / the cluster's
+    cdef public long burst_routed       # tasks routed since the queue was last empty
+    cdef public long burst_kept         # ... and kept here
+    cdef public bint least_submits      # the least loaded other node routes its own tasks
+
+    def __init__(self, double cpus, double fair_share=0.0):
+        self.cpus = max(1.0, cpus)
+        self.fair_share = fair_share
+        self.burst_routed = self.burst_kept = 0
+        self.least_submits = True
+        self.least_elsewhere = 0.0
+        self.free_elsewhere = 0.0
+        self.own = 0.0
+        self.view_time = None
+
+    def update(self, double least_elsewhere, double free_elsewhere, double own,
+               double now, bint least_submits=True):
+        self.least_submits = least_submits
+        self.least_elsewhere = least_elsewhere
+        self.free_elsewhere = free_elsewhere
+        self.own = own
+        self.view_time = now
+
+    cpdef bint keep(self, long queued, bint fits, dict demand, double now,
+                    bint stored_args=False):
+        """`queued`: tasks queued here now; `fits`: its resources are free (it starts
+        now if nothing is queued: queued tasks hold nothing until they start);
+        `stored_args`: some of its arguments are in a store (they would be pulled here
+        and held while it waits: such a task waits only behind an empty queue, as
+        before, or a small store fills with the arguments of waiting tasks)."""
+        cdef bint kept
+        if queued == 0:  # a new burst: its fair share is counted afresh
+            self.burst_routed = self.burst_kept = 0
+        self.burst_routed += 1
+        if fits and queued == 0:
+            kept = True
+        elif self.view_time is None or now - self.view_time > VIEW_TTL \
+                or not _cpu_only(demand) or stored_args:
+            kept = queued == 0
+        elif self.free_elsewhere >= demand.get("CPU", 0.0) - _EPS:
+            kept = False
+        else:
+            kept = self.burst_kept < self.fair_share * self.burst_routed \
+                or not overloaded(self.own, self.least_elsewhere, self.least_submits)
+        self.burst_kept += kept
+        return kept
+
+
 cdef class GlobalScheduler:
     """Places the tasks that nodes forward (the paper's global scheduler), on rank 0.
 
@@ -381,8 +518,9 @@ cdef class GlobalScheduler:
     placements still on their way to the node, so those in flight are added back on top
     of it: a burst of forwarded tasks spreads instead of piling onto the node that
     looked idlest a moment ago. `place` returns a rank, or -1 when no live node can
-    ever run the task; between equally good nodes it keeps a task on the node that
-    forwarded it.
+    ever run the task. It sends a task back to the node that forwarded it unless another
+    has room where that one has none, holds more of its arguments, or that node is
+    `overloaded` against it (the node forwarded on an older view than this one).
     """
 
     cdef public dict totals        # rank -> resource totals
@@ -393,6 +531,7 @@ cdef class GlobalScheduler:
     cdef dict in_flight            # rank -> deque of demands placed, not yet reported
     cdef dict placed_total         # rank -> tasks placed there so far
     cdef dict reported             # rank -> (available, queued) of its last report
+    cdef public set submitting     # ranks that routed tasks of their own in their last report
 
     def __init__(self):
         self.totals = {}
@@ -403,6 +542,7 @@ cdef class GlobalScheduler:
         self.in_flight = {}
         self.placed_total = {}
         self.reported = {}
+        self.submitting = set()
 
     def add_node(self, int rank, dict total):
         self.totals[rank] = {k: float(v) for k, v in total.items()}
@@ -431,11 +571,17 @@ cdef class GlobalScheduler:
     def remove_node(self, int rank):
         self.alive.discard(rank)
 
-    def report(self, int rank, dict available, long queued, received=None):
+    def report(self, int rank, dict available, long queued, received=None,
+               bint submits=False):
         """A node's own view of its load; `received`: how many placed tasks it had got
-        (None: all of them). The placements it had not got yet still count."""
+        (None: all of them). The placements it had not got yet still count. `submits`:
+        it routed tasks of its own since its last report."""
         if rank not in self.totals:
             return
+        if submits:
+            self.submitting.add(rank)
+        else:
+            self.submitting.discard(rank)
         in_flight = self.in_flight[rank]
         arrived = len(in_flight) if received is None else \
             len(in_flight) - (self.placed_total[rank] - received)
@@ -487,20 +633,47 @@ cdef class GlobalScheduler:
             self.spread_next += 1
             return self._placed(rank, demand)
         best = -1
-        best_score = None
+        best_score = source_score = None
         for rank in feasible:
-            cpus = max(1.0, self.totals[rank].get("CPU", 1.0))
             local_bytes = (arg_bytes or {}).get(rank, 0)
             # Large arguments pin a task to their node (moving them costs more than
             # waiting for a CPU there); otherwise a node with room now, then the least load.
             score = (local_bytes if local_bytes >= LOCALITY_BYTES else 0,
                      self._fits_now(rank, demand),
                      local_bytes,
-                     -self.queued[rank] / cpus,
+                     -self.queued_per_cpu(rank),
                      rank == source)
+            if rank == source:
+                source_score = score
             if best_score is None or score > best_score:
                 best, best_score = rank, score
+        if source_score is not None and best != source \
+                and source_score[:3] == best_score[:3] \
+                and not overloaded(-source_score[3], -best_score[3],
+                                   best in self.submitting):
+            best = source
         return self._placed(best, demand)
+
+    cpdef double queued_per_cpu(self, int rank):
+        return self.queued[rank] / max(1.0, self.totals[rank].get("CPU", 1.0))
+
+    def view_for(self, int rank):
+        """What `rank`'s SpillPolicy compares itself with: (the fewest tasks queued per
+        CPU on another live node, the most CPUs free on one, tasks queued per CPU on
+        `rank`, whether that least loaded node submits tasks of its own). (0, 0, ...)
+        with no other."""
+        least = None
+        least_rank = -1
+        free = 0.0
+        for other in self.alive:
+            if other == rank:
+                continue
+            per_cpu = self.queued_per_cpu(other)
+            if least is None or per_cpu < least:
+                least, least_rank = per_cpu, other
+            free = max(free, self.available[other].get("CPU", 0.0))
+        return ((0.0 if least is None else least), free, self.queued_per_cpu(rank),
+                least_rank in self.submitting)
 
     cdef int _placed(self, int rank, dict demand):
         available = self.available[rank]

@@ -353,7 +353,8 @@ def test_invariant_check_catches_idle_times_out_of_step():
 
 
 # -- the global scheduler ---------------------------------------------------------------
-from hpcray._scheduler import GlobalScheduler  # noqa: E402
+from hpcray._scheduler import (VIEW_TTL, GlobalScheduler, SpillPolicy,  # noqa: E402
+                               overloaded)
 
 
 def cluster(n=4, cpus=2, extra=None):
@@ -419,9 +420,110 @@ def test_global_counts_placements_a_report_has_not_seen():
     assert g.queued[1] == 25
 
 
-def test_global_keeps_a_task_on_its_source_between_equals():
+def test_global_keeps_a_task_on_its_source_until_it_is_overloaded():
     g = cluster(n=4, cpus=1)
     for rank in range(4):
-        g.report(rank, {"CPU": 0}, 8, 0)
+        g.report(rank, {"CPU": 0}, 8, 0, True)  # every node submits tasks of its own
     assert [g.place({"CPU": 1}, None, None, source) for source in (2, 3)] == [2, 3]
-    assert g.place({"CPU": 1}, None, None, 3) != 3  # node 3 is now the busiest
+    # Node 3 is the busiest now, but by less than SPILL_RATIO x the least + the slack
+    # (2 x 8 + 2 = 18): its tasks stay (the old rule sent the 10th to node 0).
+    assert [g.place({"CPU": 1}, None, None, 3) for _ in range(9)] == [3] * 9
+    assert g.queued[3] == 18
+    assert g.place({"CPU": 1}, None, None, 3) == 0  # overloaded
+    # Against nodes that only run what is placed on them: the least + the slack.
+    g = cluster(n=4, cpus=1)
+    for rank in range(4):
+        g.report(rank, {"CPU": 0}, 8, 0, rank == 3)
+    assert [g.place({"CPU": 1}, None, None, 3) for _ in range(3)] == [3, 3, 0]
+    # A node with room beats a busy source; so do its arguments elsewhere.
+    g.report(1, {"CPU": 1}, 0, 0)
+    assert g.place({"CPU": 1}, None, None, 3) == 1
+    assert g.place({"CPU": 1}, {2: 1000}, None, 3) == 2
+
+
+def test_spill_policy_keeps_unless_overloaded_or_room_elsewhere():
+    policy = SpillPolicy(2)
+    cpu = {"CPU": 1}
+    assert policy.keep(0, True, cpu, 0.0)           # it can start now
+    assert not policy.keep(50, True, cpu, 0.0)      # free CPUs, but 50 ahead of it
+    # No view yet: as before, it waits here only behind nothing.
+    assert policy.keep(0, False, cpu, 0.0) and not policy.keep(1, False, cpu, 0.0)
+    policy.update(100.0, 0.0, 150.0, 1.0)           # every node busy, this one 1.5x
+    assert policy.keep(300, False, cpu, 1.01)       # the view's loads decide, not 300
+    policy.update(100.0, 0.0, 202.0, 1.0)           # 2 x 100 + 2 per CPU: overloaded
+    assert not policy.keep(0, False, cpu, 1.01)
+    policy.update(100.0, 0.0, 150.0, 1.0, False)    # that node submits nothing itself:
+    assert not policy.keep(300, False, cpu, 1.01)   # 100 + 2 is the limit
+    policy.update(0.0, 1.0, 0.0, 1.0)               # another node has a CPU free
+    assert not policy.keep(1, False, cpu, 1.01)
+    assert policy.keep(1, False, {"CPU": 2}, 1.01)  # no room for 2 CPUs there
+    policy.update(100.0, 0.0, 100.0, 1.0)
+    assert not policy.keep(1, False, cpu, 1.0 + VIEW_TTL + 0.01)  # too old: as before
+    assert not policy.keep(1, False, {"CPU": 1, "GPU": 1}, 1.01)  # not a CPU queue
+    assert overloaded(4.0, 1.0) and not overloaded(3.9, 1.0)
+    assert overloaded(3.0, 1.0, False) and not overloaded(2.9, 1.0, False)
+
+
+def spread(sources_per_round, nodes=4, rounds=400, report_every=25, fair_share=0.0):
+    """Nodes (1 CPU each, busy) route their own tasks with SpillPolicy, the forwarded
+    ones placed by GlobalScheduler; nothing drains. `sources_per_round`: the nodes that
+    submit one task each round. Loads are reported and views answered every
+    `report_every` rounds (stale between). Returns {source: [tasks run on each node]}."""
+    g = cluster(n=nodes, cpus=1)
+    policies = [SpillPolicy(1, fair_share) for _ in range(nodes)]
+    queued = [0] * nodes
+    ran = {source: [0] * nodes for source in sources_per_round}
+    for step in range(rounds):
+        if step % report_every == 0:
+            for rank in range(nodes):
+                g.report(rank, {"CPU": 0}, queued[rank], None, rank in sources_per_round)
+            for rank in range(nodes):
+                least, free, own, least_submits = g.view_for(rank)
+                policies[rank].update(least, free, own, 0.0, least_submits)
+        for source in sources_per_round:
+            rank = source
+            if not policies[source].keep(queued[source], False, {"CPU": 1}, 0.0):
+                rank = g.place({"CPU": 1}, None, None, source)
+            queued[rank] += 1
+            ran[source][rank] += 1
+    return ran
+
+
+def test_equally_loaded_submitters_keep_their_tasks():
+    # A submitter on every node, each node as busy as the others: the old rules (keep
+    # only behind an empty queue; the global scheduler returned a task to its source
+    # only between exact equals) kept ~1/nodes of each node's tasks there.
+    ran = spread([0, 1, 2, 3])
+    for source, counts in ran.items():
+        assert counts[source] >= 0.95 * sum(counts), ran
+
+
+def test_one_overloaded_node_spreads_its_tasks():
+    # The others only run what is placed on them: the queues are balanced (within the
+    # slack), not within SPILL_RATIO.
+    ran = spread([2])[2]
+    assert min(ran) >= 0.22 * sum(ran) and ran[2] <= 0.28 * sum(ran), ran
+
+
+def test_a_node_keeps_its_fair_share_of_its_burst():
+    # Without the floor the burst is split by queue lengths; a node that drains slower
+    # (here: reports that say the others drained everything) would keep little.
+    policy = SpillPolicy(1, 0.25)
+    policy.update(0.0, 0.0, 10.0, 0.0)               # overloaded against every other
+    kept = [policy.keep(1 + i, False, {"CPU": 1}, 0.0) for i in range(400)]
+    assert sum(kept) == 100, sum(kept)
+    assert policy.keep(0, False, {"CPU": 1}, 0.0)    # queue empty: a new burst
+    assert (policy.burst_routed, policy.burst_kept) == (1, 1)
+    ran = spread([2], fair_share=0.25)[2]
+    assert 0.25 * sum(ran) <= ran[2] <= 0.45 * sum(ran), ran
+
+
+def test_take_newest_leaves_what_must_stay():
+    s = LocalScheduler({"CPU": 1, "GPU": 1}, 1)
+    for i in range(6):
+        s.task_ready(f"t{i}", {"CPU": 1})
+    s.task_ready("g", {"CPU": 1, "GPU": 1})            # not a CPU-only task
+    assert s.take_newest(3, lambda key: key != "t4") == ["t5", "t3", "t2"]
+    assert [key for key, _ in s.queues[(True, (("CPU", 1.0),))]] == ["t0", "t1", "t4"]
+    assert s.num_queued == 4  # and "g" still queued
+    s.check_invariants()

@@ -17,7 +17,7 @@ import sys
 import time
 
 from hpcray import exceptions, ids
-from hpcray._scheduler import GlobalScheduler
+from hpcray._scheduler import SPILL_SLACK_PER_CPU, GlobalScheduler
 from hpcray.gcs.client import GcsClient
 from hpcray.gcs.shard import GcsShard, is_gcs_request
 from hpcray.options import InGroup, NodeAffinity
@@ -46,6 +46,7 @@ _EXPECTING_SLEEP = 30e-6
 _HOT_WINDOW = 0.005
 _HOT_SLEEP = 0.0001
 _LOAD_REPORT_PERIOD = 0.005
+_SUBMITS_FOR = 0.05
 # Linux lets a sleep of a normal thread end up to its timer slack (50 us by default)
 # late, so that wake-ups coalesce: select(30 us) took 108-124 us here and 100 us took
 # 193 us; with 1 us of slack 61-65 and 138 us. The polls above are the latency of a
@@ -95,7 +96,8 @@ class ClusterLink:
         self.actor_locations: dict[bytes, int] = {}
         self.function_waiters: dict[bytes, list] = {}
         self.received = 0          # tasks the global scheduler placed here, so far
-        self.keep_limit = 0        # queue length up to which own tasks stay here
+        self.routed = 0            # own tasks routed since the last load report
+        self.last_routed = -1.0    # monotonic time of the last one
         # Rank 0: actor creations no node has room for now, (source, spec, deps, hops),
         # placed as soon as a load report shows room (an actor holds its resources for
         # life, so queued on a full node it could wait forever while others free up).
@@ -269,31 +271,54 @@ class Network:
             return
         load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued,
                 cluster.received)
-        if load == cluster.last_load and not cluster.ended_placed:
-            return
+        if load == cluster.last_load and not cluster.ended_placed and not cluster.routed:
+            return  # (a node routing its own tasks wants a fresh view, see on_load)
         cluster.last_load = load
         cluster.last_load_report = now
+        # A node submitting its own tasks may route none in one report period (its
+        # worker's next batch is on its way): it counts as submitting for a while.
+        submits = cluster.routed > 0 or now - cluster.last_routed < _SUBMITS_FOR
         if self.rank == 0:
-            self.global_scheduler.report(0, dict(load[0]), load[1], load[2])
+            self.global_scheduler.report(0, dict(load[0]), load[1], load[2], submits)
             self.place_pending_actors()
             if self.groups.waiting:
                 self.groups.try_next()
         else:
             ended, cluster.ended_placed = tuple(cluster.ended_placed), []
             self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2],
-                                        ended))
+                                        ended, submits))
+        cluster.routed = 0
 
     def on_load(self, source: int, available: dict, queued: int, received: int,
-                ended: tuple = ()) -> None:
+                ended: tuple = (), wants_view: bool = False) -> None:
         if ended:
             placed = self.link.placed.get(source)
             if placed is not None:
                 for task_id in ended:
                     placed.pop(task_id, None)
-        self.global_scheduler.report(source, available, queued, received)
+        scheduler = self.global_scheduler
+        scheduler.report(source, available, queued, received, wants_view)
+        if wants_view:
+            self.transport.send(source, wire(messages.LoadView, *scheduler.view_for(source)))
+        if scheduler.available[source].get("CPU", 0.0) >= 1:
+            self.offer_room(source)
         self.place_pending_actors()
         if self.groups.waiting:
             self.groups.try_next()
+
+    def offer_room(self, idle: int) -> None:
+        """Rank 0: node `idle` reported CPUs free; the node with the most tasks queued per
+        CPU, beyond the slack a node keeps anyway, is told (its view says so) and hands
+        some of its own queued tasks on (TaskRouter.spill_queued)."""
+        scheduler = self.global_scheduler
+        busiest, most = -1, SPILL_SLACK_PER_CPU
+        for rank in scheduler.alive:
+            if rank != idle and scheduler.queued_per_cpu(rank) >= most:
+                busiest, most = rank, scheduler.queued_per_cpu(rank)
+        if busiest == 0:
+            self.router.on_load_view(0, *scheduler.view_for(0))
+        elif busiest > 0:
+            self.transport.send(busiest, wire(messages.LoadView, *scheduler.view_for(busiest)))
 
     def room_now(self, demand: dict) -> bool:
         """Rank 0: whether some node has `demand` free, as the global scheduler sees it."""

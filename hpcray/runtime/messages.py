@@ -143,6 +143,17 @@ class Load(NamedTuple):
     queued: int
     received: int       # tasks rank 0 had placed on this node, as the node counted them
     ended: tuple = ()   # tasks rank 0 placed here that ended since the last report (ULFM)
+    wants_view: bool = False  # the node routes tasks of its own: answer LoadView
+
+
+@_on("control")
+class LoadView(NamedTuple):
+    """rank 0 -> a node whose Load wanted it: the other nodes as the global scheduler
+    sees them, for its SpillPolicy (keep a task, or forward it)."""
+    least_per_cpu: float   # the fewest tasks queued per CPU on another live node
+    free_cpus: float       # the most CPUs free on another live node
+    own_per_cpu: float     # tasks queued per CPU on the receiver, as rank 0 sees it
+    least_submits: bool    # that least loaded node routes tasks of its own too
 
 
 @_on("control")

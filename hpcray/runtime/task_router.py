@@ -1,8 +1,9 @@
 """Where this node's tasks run: here, or forwarded to the global scheduler.
 
 A task is owned by the node where it was submitted: that node resolves its arguments,
-keeps it (bottom-up) when it has the resources and a short queue, and otherwise
-forwards it to the global scheduler on rank 0 (cluster.py), which picks a node by
+keeps it (bottom-up) when it can start it now, or when no other node has room and this
+one is not overloaded against the least loaded other (SpillPolicy, _scheduler.pyx), and
+otherwise forwards it to the global scheduler on rank 0 (cluster.py), which picks a node by
 resources, load and where the arguments' bytes are. The node that runs a task sends the
 results back to the owner: small values inline, large ones stay in its store and the
 owner records where. Calls to actors hosted elsewhere queue here until the host is
@@ -15,8 +16,10 @@ A task's `deps` describes each top-level argument as ("inline", bytes, contained
 
 from __future__ import annotations
 
+import time
+
 from hpcray import exceptions, ids
-from hpcray._scheduler import LOCALITY_BYTES
+from hpcray._scheduler import LOCALITY_BYTES, SpillPolicy
 from hpcray.options import InGroup, NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
@@ -33,7 +36,8 @@ class TaskRouter:
                messages.TaskDone: "on_done", messages.FunctionRequest: "on_function_request",
                messages.Function: "on_function", messages.ActorAt: "on_actor_at",
                messages.EndActor: "on_end_actor", messages.ActorCall: "on_actor_call",
-               messages.KillActor: "on_kill_actor", messages.Drain: "on_drain"}
+               messages.KillActor: "on_kill_actor", messages.Drain: "on_drain",
+               messages.LoadView: "on_load_view"}
 
     def __init__(self, rank: int, link, node, network, objects, borrowing, mover, actors,
                  scheduler, task_events, peers) -> None:
@@ -53,6 +57,8 @@ class TaskRouter:
         self.gcs = network.gcs
         self.generators = None  # bind()
         self.held = None  # draining: the tasks that would start now wait here, in order
+        self.spill = SpillPolicy(scheduler.total.get("CPU", 1.0))
+        self.clock = time.monotonic  # how old a view is (the simulation has no clock)
 
     def bind(self, generators) -> None:
         self.generators = generators
@@ -68,9 +74,8 @@ class TaskRouter:
         arg_bytes = self.argument_bytes(spec)
         local_bytes = arg_bytes.get(self.rank, 0)
         keep = (strategy is None and self.scheduler.is_feasible(spec.demand)
-                and self.scheduler.num_queued < self.keep_limit()
-                and (self.scheduler.fits(spec.demand) or self.scheduler.num_queued == 0)
-                and max(arg_bytes.values(), default=0) - local_bytes < LOCALITY_BYTES)
+                and max(arg_bytes.values(), default=0) - local_bytes < LOCALITY_BYTES
+                and self.keeps(spec.demand, bool(arg_bytes)))
         if isinstance(strategy, NodeAffinity) and strategy.on(self.rank) \
                 and self.scheduler.is_feasible(spec.demand):
             keep = True
@@ -80,6 +85,11 @@ class TaskRouter:
         if keep:
             self.localize(record, self.enqueue)
             return
+        self.forward(record, strategy, arg_bytes)
+
+    def forward(self, record: TaskRecord, strategy, arg_bytes: dict) -> None:
+        """Hand a task of this node's to the global scheduler."""
+        spec = record.spec
         record.state = RUNNING  # elsewhere, as far as this node is concerned
         record.worker = None
         deps = self.describe_deps(spec)
@@ -88,30 +98,53 @@ class TaskRouter:
         else:
             self.peers.send(0, wire(messages.Forward, spec, deps, strategy, arg_bytes))
 
-    # Bottom-up spill threshold. A node keeps its own tasks while its queue is shorter
-    # than this; beyond, it forwards them. When the global scheduler sends a forwarded
-    # task straight back (no node was less loaded), the threshold doubles, so a node
-    # whose peers are as busy stops paying a round trip through rank 0 per task; when
-    # it places one elsewhere, the threshold halves back toward the base.
-    _KEEP_LIMIT_MAX_PER_CPU = 64
+    def keeps(self, demand: dict, stored_args: bool) -> bool:
+        """Bottom-up: whether this node keeps a task it could run (SpillPolicy)."""
+        now = self.clock()
+        self.link.routed += 1  # the next Load asks rank 0 for a fresh view
+        self.link.last_routed = now
+        if not self.spill.fair_share:
+            self.spill.fair_share = self.spill.cpus / max(
+                1.0, self.network.cluster_resources().get("CPU", 0.0))
+        if self.rank == 0:  # the global scheduler is here: its view is the freshest,
+            least, free, _, least_submits = self.network.global_scheduler.view_for(0)
+            # and its own queue is known now (a driver's burst comes faster than its
+            # reports: by the one of 5 ms ago, it would keep the whole burst)
+            self.spill.update(least, free, self.scheduler.num_queued / self.spill.cpus, now,
+                              least_submits)
+        return self.spill.keep(self.scheduler.num_queued, self.scheduler.fits(demand),
+                               demand, now, stored_args)
 
-    def keep_limit(self) -> int:
-        cluster = self.link
-        if cluster.keep_limit == 0:
-            cluster.keep_limit = self.base_keep_limit()
-        return cluster.keep_limit
+    def on_load_view(self, _source: int, least_per_cpu: float, free_cpus: float,
+                     own_per_cpu: float, least_submits: bool) -> None:
+        """Rank 0's view of the nodes' load: the answer to this node's Load (for `keeps`),
+        or word that another node has CPUs free while this one has tasks queued."""
+        self.spill.update(least_per_cpu, free_cpus, own_per_cpu, self.clock(),
+                          least_submits)
+        if free_cpus >= 1 and self.scheduler.num_queued and self.held is None:
+            # A task per CPU free there, no more: a long task must not wait here while a
+            # CPU idles there, but short ones are done here about as soon (this node's
+            # thread handles each task either way), and moving more of the driver's
+            # node's fair share away as the others run dry made its share depend on
+            # timing again (9% of a 12k burst over 4 ranks when half the surplus moved).
+            self.spill_queued(int(free_cpus))
 
-    def base_keep_limit(self) -> int:
-        return max(2, 2 * self.scheduler.target_workers)
+    def spill_queued(self, count: int) -> None:
+        """Hand up to `count` of this node's own queued tasks, newest first, to the global
+        scheduler: another node has CPUs free (SpillPolicy's docstring)."""
+        for key in self.scheduler.take_newest(count, self._movable):
+            record = self.tasks[key]
+            self.forward(record, None, self.argument_bytes(record.spec))
 
-    def forwarded_task_placed(self, rank: int) -> None:
-        cluster = self.link
-        limit = self.keep_limit()
-        if rank == self.rank:
-            cluster.keep_limit = min(limit * 2, self._KEEP_LIMIT_MAX_PER_CPU
-                                     * max(1, self.scheduler.target_workers))
-        else:
-            cluster.keep_limit = max(self.base_keep_limit(), limit // 2)
+    def _movable(self, task_key) -> bool:
+        # Only a task this node owns and kept by choice (one placed here by rank 0 has
+        # its record with its owner; one with a strategy or an argument in this node's
+        # store belongs here).
+        record = self.tasks.get(task_key)
+        if record is None or record.owner != self.rank or record.cancelled \
+                or record.spec.kind == ACTOR_CALL or _strategy_of(record.spec) is not None:
+            return False
+        return not self.argument_bytes(record.spec).get(self.rank)
 
     def argument_bytes(self, spec) -> dict:
         where: dict = {}
@@ -144,8 +177,6 @@ class TaskRouter:
             self.link.placed_here.add(spec.task_id)
         record = TaskRecord(spec, spec.max_retries)
         record.owner = ids.owner_rank(spec.task_id)
-        if record.owner == self.rank:
-            self.forwarded_task_placed(self.rank)
         self.tasks[spec.task_id] = record
         self.borrowing.hold_task_refs(spec, deps, record.owner)
         self.with_function(spec.function_id, record.owner,
@@ -251,8 +282,6 @@ class TaskRouter:
                 record, results, source if source != self.rank else None)
         if source != self.rank:
             self.borrowing.foreign_results(results)
-            if record.spec.kind != ACTOR_CALL and _strategy_of(record.spec) is None:
-                self.forwarded_task_placed(source)
         if task_id in self.generators.streams:
             self.generators.task_ended(task_id, results)
         for object_id, inline, contained, size in results:
@@ -400,3 +429,4 @@ def _strategy_of(spec):
     if strategy in (None, "DEFAULT"):
         return None
     return strategy
+

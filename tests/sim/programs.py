@@ -490,3 +490,35 @@ def relay_workload(sim) -> None:
     weights = None
     results.clear()
     gc.collect()
+
+
+@ray.remote(max_retries=0)
+def where_it_ran():
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_retries=0)
+def submit_here(count):
+    """Submit `count` no-op tasks from this node and get them: (this node, where each ran)."""
+    return (ray.get_runtime_context().get_node_id(),
+            ray.get([where_it_ran.remote() for _ in range(count)]))
+
+
+def submitters_workload(sim) -> None:
+    """The bottom-up scheduler's locality (task_router.py, SpillPolicy): a submitter
+    pinned on each node submits no-op tasks there and gets them, every node as loaded as
+    the others, so they should run where they were submitted; then one submitter alone,
+    whose node is then the only loaded one, so they should spread. Records in
+    `sim.submitted` (alone?, tasks, tasks that ran where submitted)."""
+    rng = random.Random(sim.seed * 31 + 5)
+    node_ids = [node.node_id.hex() for node in sim.nodes]
+    count = 30
+
+    def on(node_id):
+        return submit_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id, soft=False))
+
+    for here, ran in ray.get([on(node_id).remote(count) for node_id in node_ids]):
+        sim.submitted.append((False, count, ran.count(here)))
+    here, ran = ray.get(on(node_ids[rng.randrange(len(node_ids))]).remote(count))
+    sim.submitted.append((True, count, ran.count(here)))

@@ -17,7 +17,7 @@ from tests.sim.simcluster import Simulation, SimulationFailure
 
 
 WORKLOADS = {"random": programs.random_workload, "failure": programs.failure_workload,
-             "relay": programs.relay_workload}
+             "relay": programs.relay_workload, "submitters": programs.submitters_workload}
 
 
 def run_seed(seed: int, nodes: int = 3, shards: int = 1, store_bytes: int = 16 << 20,
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     failed = []
     steps = messages = spilled = restored = relayed = rebuilt = revived = 0
     copies = []  # per schedule: (most copies one node sent, copies the holder sent)
+    kept = {False: [0, 0], True: [0, 0]}  # alone? -> [tasks submitted, ran there]
     start = time.monotonic()
     for seed in range(args.first, args.first + args.count):
         try:
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
                            args.workload, args.relay_min_bytes, args.fanout)
             if sim.relay_object is not None:
                 copies.append(copies_sent(sim))
+            for alone, tasks, local in sim.submitted:
+                kept[alone][0] += tasks
+                kept[alone][1] += local
             steps += sim.steps
             spilled += sum(node.spiller.stats.spilled_objects for node in sim.nodes)
             restored += sum(node.spiller.stats.restored_objects for node in sim.nodes)
@@ -92,6 +96,10 @@ def main(argv=None) -> int:
           f"{messages} messages between nodes, {spilled} spills, {restored} restores, "
           f"{relayed} relayed copies, {rebuilt} tasks re-run by lineage, {revived} freed "
           f"values revived, {elapsed:.1f} s", flush=True)
+    if kept[False][0]:
+        print(f"submitters: {kept[False][1]} of {kept[False][0]} tasks ran where submitted "
+              f"with a submitter on every node, {kept[True][1]} of {kept[True][0]} with "
+              "one alone", flush=True)
     if copies:
         holder = collections.Counter(h for _, h in copies)
         most = collections.Counter(m for m, _ in copies)

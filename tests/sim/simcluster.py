@@ -399,6 +399,7 @@ class SimNode(NodeManager):
 
     def _build_parts(self) -> None:
         super()._build_parts()
+        self.router.clock = lambda: 0.0  # no clock: a view of the other nodes never ages
         free_object = self.objects.free_object
 
         def recording_free(object_id, entry) -> None:
@@ -440,6 +441,7 @@ class Simulation:
                  relay_min_bytes: int | None = None, relay_fanout: int = 2):
         self.seed = seed
         self.relay_object = None   # the relay workload's object: (holder rank, size)
+        self.submitted: list = []  # the submitters workload's (alone?, tasks, ran there)
         # With `kill`: a node other than the driver's dies at a random step (ULFM), and
         # each survivor's transport finds out at a step of its own ("lost" events).
         self.kill_at = None
