@@ -695,7 +695,9 @@ def test_actor_with_two_cpus_holds_both(ray_shared):
 
 
 @pytest.mark.timeout(60)
-def test_task_waits_while_two_cpu_actor_lives(ray_shared):
+def test_task_waits_while_two_cpu_actors_hold_every_cpu(ray_shared):
+    """One 2-CPU actor per 2 CPUs of the cluster (one per node under a 3-rank job): no CPU
+    is left anywhere, so a task waits until one actor ends."""
     @hpcray.remote(num_cpus=2)
     class Big:
         def ping(self):
@@ -705,13 +707,15 @@ def test_task_waits_while_two_cpu_actor_lives(ray_shared):
     def task():
         return "ran"
 
-    big = Big.remote()
-    assert hpcray.get(big.ping.remote()) == "pong"
+    bigs = [Big.remote() for _ in range(int(hpcray.cluster_resources()["CPU"]) // 2)]
+    assert hpcray.get([big.ping.remote() for big in bigs], timeout=30) == ["pong"] * len(bigs)
     ref = task.remote()
     ready, _ = hpcray.wait([ref], timeout=0.3)  # a warm worker runs it in milliseconds
-    assert ready == []  # no CPU is free: the task cannot have started
-    hpcray.kill(big)
+    assert ready == []  # no CPU is free on any node: the task cannot have started
+    hpcray.kill(bigs[-1])
     assert hpcray.get(ref, timeout=30) == "ran"
+    for big in bigs[:-1]:
+        hpcray.kill(big)
 
 
 @pytest.mark.timeout(60)

@@ -28,7 +28,9 @@ that owner. The owner finds the record in one of these places:
 A forwarded task is cancelled through rank 0 (`CancelPlaced`): the message reaches rank
 0 after the task's Forward, and rank 0 passes it to every node after any Run of it that
 it sent, so the node that runs the task has it when the cancel comes (a node forwards a
-placed task no further). An actor call sent to its host is followed there by `Cancel`.
+placed task no further; it may hand one it has not started back to its owner,
+`TaskReturned`, which fails it there if it was cancelled meanwhile). An actor call sent
+to its host is followed there by `Cancel`.
 """
 
 from __future__ import annotations

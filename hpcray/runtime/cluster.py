@@ -108,6 +108,7 @@ class ClusterLink:
         self.placed: dict[int, dict] = {}
         self.placed_here: set | None = set() if self.fault_tolerant and self.rank else None
         self.ended_placed: list = []
+        self.spilling = False  # rank 0 hands its queued tasks on (Network.tell_to_spill)
         self.dead_nodes: set[int] = set()
         self.removed_groups: set = set()  # placement groups removed (placement_groups.py)
 
@@ -280,6 +281,7 @@ class Network:
         submits = cluster.routed > 0 or now - cluster.last_routed < _SUBMITS_FOR
         if self.rank == 0:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2], submits)
+            self.balance_after_report(0)
             self.place_pending_actors()
             if self.groups.waiting:
                 self.groups.try_next()
@@ -300,25 +302,54 @@ class Network:
         scheduler.report(source, available, queued, received, wants_view)
         if wants_view:
             self.transport.send(source, wire(messages.LoadView, *scheduler.view_for(source)))
-        if scheduler.available[source].get("CPU", 0.0) >= 1:
-            self.offer_room(source)
+        self.balance_after_report(source)
         self.place_pending_actors()
         if self.groups.waiting:
             self.groups.try_next()
 
+    def balance_after_report(self, rank: int) -> None:
+        """Rank 0, after node `rank`'s load report: CPUs free there are offered to the
+        most loaded node (offer_room); tasks queued there while none of its CPUs is free
+        go where CPUs are (a task placed there by a view of a moment ago, or one that
+        waited for its function: no other report would move it)."""
+        scheduler = self.global_scheduler
+        if scheduler.available[rank].get("CPU", 0.0) >= 1:
+            self.offer_room(rank)
+        elif scheduler.queued_per_cpu(rank) > 0 and scheduler.view_for(rank)[1] >= 1:
+            self.tell_to_spill(rank)
+
     def offer_room(self, idle: int) -> None:
         """Rank 0: node `idle` reported CPUs free; the node with the most tasks queued per
         CPU, beyond the slack a node keeps anyway, is told (its view says so) and hands
-        some of its own queued tasks on (TaskRouter.spill_queued)."""
+        some of its queued tasks on (TaskRouter.spill_queued). Below the slack, a node
+        whose CPUs are all taken is told too: its queued tasks cannot start there (a
+        2-CPU actor holds them) and would wait while `idle`'s CPUs idle."""
         scheduler = self.global_scheduler
         busiest, most = -1, SPILL_SLACK_PER_CPU
+        stuck, stuck_most = -1, 0.0
         for rank in scheduler.alive:
-            if rank != idle and scheduler.queued_per_cpu(rank) >= most:
-                busiest, most = rank, scheduler.queued_per_cpu(rank)
-        if busiest == 0:
-            self.router.on_load_view(0, *scheduler.view_for(0))
-        elif busiest > 0:
-            self.transport.send(busiest, wire(messages.LoadView, *scheduler.view_for(busiest)))
+            if rank == idle:
+                continue
+            per_cpu = scheduler.queued_per_cpu(rank)
+            if per_cpu >= most:
+                busiest, most = rank, per_cpu
+            elif per_cpu > stuck_most and scheduler.available[rank].get("CPU", 0.0) < 1:
+                stuck, stuck_most = rank, per_cpu
+        self.tell_to_spill(busiest if busiest >= 0 else stuck)
+
+    def tell_to_spill(self, rank: int) -> None:
+        """Send node `rank` the view that makes it hand queued tasks on (on_load_view);
+        none for -1. Rank 0 hands on its own once at a time: what it forwards reports
+        its load again."""
+        scheduler = self.global_scheduler
+        if rank == 0 and not self.link.spilling:
+            self.link.spilling = True
+            try:
+                self.router.on_load_view(0, *scheduler.view_for(0))
+            finally:
+                self.link.spilling = False
+        elif rank > 0:
+            self.transport.send(rank, wire(messages.LoadView, *scheduler.view_for(rank)))
 
     def room_now(self, demand: dict) -> bool:
         """Rank 0: whether some node has `demand` free, as the global scheduler sees it."""

@@ -92,6 +92,15 @@ class TaskDone(NamedTuple):
 
 
 @_on("control")
+class TaskReturned(NamedTuple):
+    """executor -> owner: a task rank 0 placed here, not started, goes back (no CPU is
+    free here while another node has some: cluster.offer_room); the owner forwards it
+    again. `kept` as in TaskDone."""
+    task_id: bytes
+    kept: list
+
+
+@_on("control")
 class TaskItem(NamedTuple):
     """executor -> owner: item `index` a generator task yielded, as it was yielded (a
     result as in TaskDone; it comes before the task's TaskDone; generators.py)."""

@@ -33,7 +33,8 @@ class TaskRouter:
     """Keeps or forwards this node's tasks and actors; runs what was placed here."""
 
     HANDLES = {messages.Run: "on_run", messages.RunActor: "on_run_actor",
-               messages.TaskDone: "on_done", messages.FunctionRequest: "on_function_request",
+               messages.TaskDone: "on_done", messages.TaskReturned: "on_task_returned",
+               messages.FunctionRequest: "on_function_request",
                messages.Function: "on_function", messages.ActorAt: "on_actor_at",
                messages.EndActor: "on_end_actor", messages.ActorCall: "on_actor_call",
                messages.KillActor: "on_kill_actor", messages.Drain: "on_drain",
@@ -130,21 +131,48 @@ class TaskRouter:
             self.spill_queued(int(free_cpus))
 
     def spill_queued(self, count: int) -> None:
-        """Hand up to `count` of this node's own queued tasks, newest first, to the global
-        scheduler: another node has CPUs free (SpillPolicy's docstring)."""
+        """Hand up to `count` of this node's queued tasks, newest first, to the global
+        scheduler: another node has CPUs free (SpillPolicy's docstring). Its own go to
+        rank 0; one rank 0 placed here goes back to its owner, which has its record."""
         for key in self.scheduler.take_newest(count, self._movable):
             record = self.tasks[key]
-            self.forward(record, None, self.argument_bytes(record.spec))
+            if record.owner == self.rank:
+                self.forward(record, None, self.argument_bytes(record.spec))
+            else:
+                self.return_placed(record)
 
     def _movable(self, task_key) -> bool:
-        # Only a task this node owns and kept by choice (one placed here by rank 0 has
-        # its record with its owner; one with a strategy or an argument in this node's
-        # store belongs here).
+        # Not one with a strategy or an argument in this node's store: it belongs here.
         record = self.tasks.get(task_key)
-        if record is None or record.owner != self.rank or record.cancelled \
-                or record.spec.kind == ACTOR_CALL or _strategy_of(record.spec) is not None:
+        if record is None or record.cancelled or record.spec.kind == ACTOR_CALL \
+                or _strategy_of(record.spec) is not None:
             return False
         return not self.argument_bytes(record.spec).get(self.rank)
+
+    def return_placed(self, record: TaskRecord) -> None:
+        """A task rank 0 placed here, queued, goes back to its owner (TaskReturned)."""
+        task_id = record.spec.task_id
+        del self.tasks[task_id]
+        placed_here = self.link.placed_here
+        if placed_here and task_id in placed_here:  # ULFM: rank 0 forgets it
+            placed_here.discard(task_id)
+            self.link.ended_placed.append(task_id)
+        kept = self.borrowing.release_task_holds(record.spec, record.owner)
+        self.peers.send(record.owner, wire(messages.TaskReturned, task_id, kept))
+
+    def on_task_returned(self, source: int, task_id: bytes, kept) -> None:
+        """A task of this node's that rank 0 had placed elsewhere came back unstarted:
+        forward it again (failed as cancelled if it was cancelled meanwhile: the cancel
+        found it nowhere)."""
+        self.borrowing.register_kept(kept)
+        record = self.tasks.get(task_id)
+        if record is None:
+            return
+        if record.cancelled:
+            self.task_failed_remotely(record.spec, exceptions.TaskCancelledError(
+                f"{record.spec.name} was cancelled."))
+            return
+        self.forward(record, None, self.argument_bytes(record.spec))
 
     def argument_bytes(self, spec) -> dict:
         where: dict = {}

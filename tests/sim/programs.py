@@ -522,3 +522,29 @@ def submitters_workload(sim) -> None:
         sim.submitted.append((False, count, ran.count(here)))
     here, ran = ray.get(on(node_ids[rng.randrange(len(node_ids))]).remote(count))
     sim.submitted.append((True, count, ran.count(here)))
+
+
+@ray.remote(num_cpus=1)
+class CpuHolder:
+    """Holds a CPU for as long as it lives."""
+
+    def ping(self):
+        return ray.get_runtime_context().get_node_id()
+
+
+def held_cpus_workload(sim) -> None:
+    """An actor holds every CPU of the cluster (the simulated nodes have one each), so
+    tasks queue where they were submitted; the end of one actor (a random one) frees a
+    CPU on its node, and every task must run there, one after another, while the other
+    nodes stay full: a queued task does not wait for its own node while a CPU idles on
+    another (cluster.offer_room). A deadlock fails the schedule."""
+    rng = random.Random(sim.seed * 17 + 3)
+    holders = [CpuHolder.remote() for _ in sim.nodes]
+    held_on = ray.get([holder.ping.remote() for holder in holders])
+    assert sorted(held_on) == sorted(node.node_id.hex() for node in sim.nodes), held_on
+    refs = [where_it_ran.remote() for _ in range(rng.randrange(1, 4))]
+    freed = rng.randrange(len(holders))
+    ray.kill(holders[freed])
+    assert set(ray.get(refs)) == {held_on[freed]}
+    for holder in holders:
+        ray.kill(holder)

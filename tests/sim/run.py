@@ -17,7 +17,8 @@ from tests.sim.simcluster import Simulation, SimulationFailure
 
 
 WORKLOADS = {"random": programs.random_workload, "failure": programs.failure_workload,
-             "relay": programs.relay_workload, "submitters": programs.submitters_workload}
+             "relay": programs.relay_workload, "submitters": programs.submitters_workload,
+             "held_cpus": programs.held_cpus_workload}
 
 
 def run_seed(seed: int, nodes: int = 3, shards: int = 1, store_bytes: int = 16 << 20,

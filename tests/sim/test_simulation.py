@@ -75,6 +75,16 @@ def test_submitters_on_every_node_keep_their_tasks_there():
     assert int(every) >= 0.65 * 1200 and int(alone) <= 0.4 * 300, out
 
 
+def test_a_queued_task_goes_where_a_cpu_frees():
+    # An actor holds every node's CPU; tasks queue; one actor ends. Before offer_room
+    # told a node below its slack, and before a task rank 0 had placed could go back to
+    # its owner (TaskReturned), 17 of the first 20 seeds deadlocked: the task waited on
+    # its full node while the freed CPU idled (the 3-rank test_actors failure).
+    for nodes in ("3", "4"):
+        out = run_schedules(0, 150, "--nodes", nodes, "--workload", "held_cpus")
+        assert "150 schedules, 0 failed" in out, out
+
+
 def test_a_node_dies():
     # ULFM: a node other than the driver's dies at a random step, each survivor's
     # transport finds out at a random later step; tasks re-run, chains rebuilt from
