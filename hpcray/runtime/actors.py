@@ -215,6 +215,7 @@ class Actors:
             self.node._run_actions(self.scheduler.reschedule())
             return
         actor.placed = True
+        self.cluster.actor_cpus += actor.spec.demand.get("CPU", 0.0)
         actor.gpu_ids = self.node._take_gpus(actor.spec)
         actor.state = A_STARTING
         actor.worker = self.node._start_worker(actor.actor_id)
@@ -514,6 +515,7 @@ class Actors:
         actor.queue.clear()
         if actor.placed:
             actor.placed = False
+            self.cluster.actor_cpus -= actor.spec.demand.get("CPU", 0.0)
             self.scheduler.release(actor.spec.demand)
             self.node._release_gpus(actor)
             self.node._run_actions(self.scheduler.reschedule())

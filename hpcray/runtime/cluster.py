@@ -96,6 +96,7 @@ class ClusterLink:
         self.actor_locations: dict[bytes, int] = {}
         self.function_waiters: dict[bytes, list] = {}
         self.received = 0          # tasks the global scheduler placed here, so far
+        self.actor_cpus = 0.0      # CPUs this node's live actors hold (Actors.place_actor)
         self.routed = 0            # own tasks routed since the last load report
         self.last_routed = -1.0    # monotonic time of the last one
         # Rank 0: actor creations no node has room for now, (source, spec, deps, hops),
@@ -142,6 +143,8 @@ class Network:
             self.gcs_shard = GcsShard(rank, link.gcs_shards)
         if rank == 0:
             self.global_scheduler = GlobalScheduler()
+        # Rank 0: the CPUs each node's actors hold, as its last report said.
+        self.actor_cpus: dict[int, float] = {}
 
     def bind(self, router, failures, handlers: dict, groups, mover) -> None:
         self.router = router
@@ -271,7 +274,7 @@ class Network:
         if not now_ and now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
             return
         load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued,
-                cluster.received)
+                cluster.received, cluster.actor_cpus)
         if load == cluster.last_load and not cluster.ended_placed and not cluster.routed:
             return  # (a node routing its own tasks wants a fresh view, see on_load)
         cluster.last_load = load
@@ -281,6 +284,7 @@ class Network:
         submits = cluster.routed > 0 or now - cluster.last_routed < _SUBMITS_FOR
         if self.rank == 0:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2], submits)
+            self.actor_cpus[0] = cluster.actor_cpus
             self.balance_after_report(0)
             self.place_pending_actors()
             if self.groups.waiting:
@@ -288,11 +292,11 @@ class Network:
         else:
             ended, cluster.ended_placed = tuple(cluster.ended_placed), []
             self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2],
-                                        ended, submits))
+                                        cluster.actor_cpus, ended, submits))
         cluster.routed = 0
 
     def on_load(self, source: int, available: dict, queued: int, received: int,
-                ended: tuple = (), wants_view: bool = False) -> None:
+                actor_cpus: float, ended: tuple = (), wants_view: bool = False) -> None:
         if ended:
             placed = self.link.placed.get(source)
             if placed is not None:
@@ -302,6 +306,7 @@ class Network:
         scheduler.report(source, available, queued, received, wants_view)
         if wants_view:
             self.transport.send(source, wire(messages.LoadView, *scheduler.view_for(source)))
+        self.actor_cpus[source] = actor_cpus
         self.balance_after_report(source)
         self.place_pending_actors()
         if self.groups.waiting:
@@ -309,21 +314,30 @@ class Network:
 
     def balance_after_report(self, rank: int) -> None:
         """Rank 0, after node `rank`'s load report: CPUs free there are offered to the
-        most loaded node (offer_room); tasks queued there while none of its CPUs is free
-        go where CPUs are (a task placed there by a view of a moment ago, or one that
-        waited for its function: no other report would move it)."""
+        most loaded node (offer_room); a node held by its actors (held_by_actors) hands
+        its queued tasks on while another node has a CPU free."""
         scheduler = self.global_scheduler
         if scheduler.available[rank].get("CPU", 0.0) >= 1:
             self.offer_room(rank)
-        elif scheduler.queued_per_cpu(rank) > 0 and scheduler.view_for(rank)[1] >= 1:
+        elif self.held_by_actors(rank) and scheduler.view_for(rank)[1] >= 1:
             self.tell_to_spill(rank)
+
+    def held_by_actors(self, rank: int) -> bool:
+        """Whether node `rank` has tasks queued that no CPU there can start until one of
+        its actors ends (they hold its CPUs for life): a task placed there by a view of
+        a moment ago would wait for nothing while another node's CPU idles. A node only
+        busy with tasks is not: its queue drains (the slack rule moves a long one), and
+        telling it too bounced a burst of short tasks between busy 1-CPU nodes whose
+        first worker was still starting (353 of 400 ran on the driver's node of 4)."""
+        scheduler = self.global_scheduler
+        return scheduler.queued_per_cpu(rank) > 0 and scheduler.totals[rank].get(
+            "CPU", 0.0) - self.actor_cpus.get(rank, 0.0) < 1
 
     def offer_room(self, idle: int) -> None:
         """Rank 0: node `idle` reported CPUs free; the node with the most tasks queued per
         CPU, beyond the slack a node keeps anyway, is told (its view says so) and hands
         some of its queued tasks on (TaskRouter.spill_queued). Below the slack, a node
-        whose CPUs are all taken is told too: its queued tasks cannot start there (a
-        2-CPU actor holds them) and would wait while `idle`'s CPUs idle."""
+        held by its actors is told too (held_by_actors)."""
         scheduler = self.global_scheduler
         busiest, most = -1, SPILL_SLACK_PER_CPU
         stuck, stuck_most = -1, 0.0
@@ -333,7 +347,7 @@ class Network:
             per_cpu = scheduler.queued_per_cpu(rank)
             if per_cpu >= most:
                 busiest, most = rank, per_cpu
-            elif per_cpu > stuck_most and scheduler.available[rank].get("CPU", 0.0) < 1:
+            elif per_cpu > stuck_most and self.held_by_actors(rank):
                 stuck, stuck_most = rank, per_cpu
         self.tell_to_spill(busiest if busiest >= 0 else stuck)
 

@@ -151,6 +151,7 @@ class Load(NamedTuple):
     available: dict
     queued: int
     received: int       # tasks rank 0 had placed on this node, as the node counted them
+    actor_cpus: float   # CPUs its live actors hold (tasks queued behind them can move)
     ended: tuple = ()   # tasks rank 0 placed here that ended since the last report (ULFM)
     wants_view: bool = False  # the node routes tasks of its own: answer LoadView
 

@@ -133,8 +133,14 @@ class TaskRouter:
     def spill_queued(self, count: int) -> None:
         """Hand up to `count` of this node's queued tasks, newest first, to the global
         scheduler: another node has CPUs free (SpillPolicy's docstring). Its own go to
-        rank 0; one rank 0 placed here goes back to its owner, which has its record."""
-        for key in self.scheduler.take_newest(count, self._movable):
+        rank 0. One rank 0 placed here goes back to its owner, which has its record, but
+        only while this node's actors hold its CPUs (Network.held_by_actors): a node
+        busy with tasks drains its queue, and sending those back too bounced a burst
+        between the nodes (most of it ended on the owner's node)."""
+        movable = self._movable
+        if self.scheduler.total.get("CPU", 0.0) - self.link.actor_cpus >= 1:
+            movable = self._movable_own
+        for key in self.scheduler.take_newest(count, movable):
             record = self.tasks[key]
             if record.owner == self.rank:
                 self.forward(record, None, self.argument_bytes(record.spec))
@@ -148,6 +154,10 @@ class TaskRouter:
                 or _strategy_of(record.spec) is not None:
             return False
         return not self.argument_bytes(record.spec).get(self.rank)
+
+    def _movable_own(self, task_key) -> bool:
+        record = self.tasks.get(task_key)
+        return record is not None and record.owner == self.rank and self._movable(task_key)
 
     def return_placed(self, record: TaskRecord) -> None:
         """A task rank 0 placed here, queued, goes back to its owner (TaskReturned)."""
