@@ -18,11 +18,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `ray.util` is there after `import ray`; here it loads on first use, which keeps
-    # `import hpcray` from paying for it (the import binds it, so this runs once).
-    if name == "util":
+    # `ray.util`, `ray.cloudpickle` and `ray._private` are there after `import ray`; here
+    # each loads on first use, which keeps `import hpcray` from paying for them (the
+    # import binds it, so this runs once).
+    if name in ("util", "cloudpickle", "_private"):
         import importlib
-        return importlib.import_module("hpcray.util")
+        return importlib.import_module("hpcray." + name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ActorClass", "ActorHandle", "DynamicObjectRefGenerator", "ObjectRef",

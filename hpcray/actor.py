@@ -53,6 +53,7 @@ def _describe(cls) -> dict:
             method_retries[name] = retries
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
+    methods.setdefault("__ray_ready__", 1)  # added in the worker (worker._create_actor)
     info = {"class_name": cls.__name__, "methods": methods, "is_async": is_async}
     if backpressure:  # method -> its _generator_backpressure_num_objects
         info["backpressure"] = backpressure

@@ -59,7 +59,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
 
     Ray options that have no meaning here (dashboard, namespace, ...) are accepted and
     ignored, so Ray programs run unchanged. `runtime_env={"env_vars": {...}}` sets
-    environment variables in every worker; its other fields (pip, working_dir, ...),
+    environment variables in every worker, and its `worker_process_setup_hook` runs in
+    every worker before its first task; its other fields (pip, working_dir, ...),
     which would install things, are ignored with a warning. `report="job.html"` (or
     HPCRAY_REPORT) writes the job's report page there at shutdown (util/report.py).
     """
@@ -92,6 +93,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         if object_store_memory is not None:
             config.object_store_memory = int(object_store_memory)
         config.env_vars = job_env_vars(ray_only_options.get("runtime_env"))
+        config.setup_hook = job_setup_hook(ray_only_options.get("runtime_env"))
         if report is not None:
             config.report = report
         if config.report:  # where the driver started: it may chdir before shutdown
@@ -171,12 +173,45 @@ def job_env_vars(runtime_env) -> dict:
             isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
         raise TypeError("runtime_env['env_vars'] must be a dict of str to str, got "
                         f"{env_vars!r}.")
-    ignored = sorted(set(runtime_env) - {"env_vars"})
+    ignored = sorted(set(runtime_env) - {"env_vars", "worker_process_setup_hook"})
     if ignored:
         warnings.warn(f"hpcray ignores runtime_env fields {ignored}: it installs nothing; "
                       "every rank runs the Python environment it was started in.",
                       stacklevel=3)
     return dict(env_vars)
+
+
+def job_setup_hook(runtime_env) -> str:
+    """runtime_env["worker_process_setup_hook"] (a callable, or "module.function"), as
+    every worker calls it before its first task (forkserver.py): pickled here (base64: the
+    job's config travels as JSON), so one that cannot be is an error at init()."""
+    hook = (runtime_env or {}).get("worker_process_setup_hook")
+    if hook is None:
+        return ""
+    if isinstance(hook, str):
+        module, _, name = hook.rpartition(".")
+        if not module or not name:
+            raise ValueError("runtime_env['worker_process_setup_hook'] must be a callable or "
+                             f"'module.function', got {hook!r}.")
+    elif not callable(hook):
+        raise TypeError("runtime_env['worker_process_setup_hook'] must be a callable or "
+                        f"'module.function', got {type(hook).__name__}.")
+    import base64
+    import cloudpickle
+    try:
+        pickled = cloudpickle.dumps(hook)
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raises, said at the call
+        raise TypeError(f"runtime_env['worker_process_setup_hook'] {hook!r} cannot be "
+                        f"pickled for the workers: {exc}") from exc
+    if len(pickled) > _SETUP_HOOK_MAX:
+        raise ValueError(f"runtime_env['worker_process_setup_hook'] {hook!r} pickles to "
+                         f"{len(pickled)} bytes (what it captures): at most "
+                         f"{_SETUP_HOOK_MAX} fit the job's config; pass 'module.function'.")
+    return base64.b64encode(pickled).decode("ascii")
+
+
+# The job's config reaches each fork server in an environment variable (at most 128 KiB).
+_SETUP_HOOK_MAX = 64 * 1024
 
 
 _driver_failed = False

@@ -83,6 +83,9 @@ class Config:
     # Environment variables every worker of the job gets: init(runtime_env={"env_vars":
     # {...}}), as Ray's job-level runtime environment.
     env_vars: dict = field(default_factory=dict)
+    # runtime_env={"worker_process_setup_hook": ...}, pickled and in base64: every
+    # worker calls it before its first task (forkserver.py); "": none.
+    setup_hook: str = ""
     # The job's log folder (job_logs.py): HPCRAY_LOG_DIR, else hpcray-logs/<job id> where
     # the job was submitted; rank 0 makes it absolute and every node writes there.
     log_dir: str = ""

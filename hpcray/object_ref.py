@@ -84,6 +84,17 @@ def _note_pickled(key: bytes) -> None:
         contained.append(key)
 
 
+# Refs this process pickled out of band (not as part of a value hpcray serializes: the
+# user's own pickle.dumps or ray.cloudpickle.dump): nothing counts the copies, so, as in
+# Ray, the object stays until the process ends (or internal_api.free lets it go).
+_pinned_out_of_band: dict = {}
+
+
+def release_out_of_band(object_ids) -> None:
+    for object_id in object_ids:
+        _pinned_out_of_band.pop(object_id, None)
+
+
 class ObjectRef:
     """A reference to an object in hpcray: a task's return value or a `put` value."""
 
@@ -128,7 +139,11 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        _note_pickled(self._id)
+        contained = getattr(_serialization_state, "contained", None)
+        if contained is not None:
+            contained.append(self._id)
+        elif reference_counter.enabled:
+            _pinned_out_of_band.setdefault(self._id, self)
         return (ObjectRef, (self._id,))
 
     def __await__(self):

@@ -1,11 +1,15 @@
 """Ray API pieces its documentation programs use: a job's runtime_env env_vars reach
-every worker (tasks and actors, on every node) and not the driver; get_or_create; the
-OwnerDiedError name."""
+every worker (tasks and actors, on every node) and not the driver, and its
+worker_process_setup_hook runs in each worker; get_or_create; the OwnerDiedError name;
+an actor's __ray_ready__; refs pickled out of band (ray.cloudpickle) stay pinned."""
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -61,6 +65,109 @@ def test_runtime_env_fields_that_would_install_warn():
     with pytest.warns(UserWarning, match="pip"):
         hpcray.init(num_cpus=1, runtime_env={"pip": ["requests"]})
     hpcray.shutdown()
+
+
+HOOK_PROGRAM = """
+    import os, hpcray as ray
+    def setup():
+        os.environ["HPCRAY_TEST_HOOKED"] = str(os.getpid())
+    ray.init(runtime_env={"worker_process_setup_hook": setup})
+    @ray.remote
+    def f():
+        return os.environ.get("HPCRAY_TEST_HOOKED") == str(os.getpid())
+    @ray.remote
+    class A:
+        def g(self):
+            return os.environ.get("HPCRAY_TEST_HOOKED") == str(os.getpid())
+    got = ray.get([f.options(scheduling_strategy="SPREAD").remote() for _ in range(6)])
+    assert got == [True] * 6, got
+    assert ray.get(A.remote().g.remote())
+    assert os.environ.get("HPCRAY_TEST_HOOKED") is None  # workers only, as in Ray
+    ray.shutdown()
+    print("OK")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_setup_hook_runs_in_each_worker(tmp_path):
+    # Each worker ran it itself (its own pid), before its first task or actor.
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(HOOK_PROGRAM))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=100, cwd=tmp_path)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.multinode
+@pytest.mark.timeout(200)
+def test_setup_hook_runs_in_workers_on_every_rank(tmp_path):
+    out = run_mpi(tmp_path, 3, HOOK_PROGRAM)
+    assert "OK" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_a_setup_hook_that_raises_is_reported_and_tasks_still_run(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import hpcray as ray
+        def broken_hook():
+            raise RuntimeError("no such cluster setting")
+        ray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": broken_hook})
+        print(ray.get(ray.remote(lambda: "ran").remote()))
+        ray.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=100, cwd=tmp_path)
+    assert proc.returncode == 0 and "ran" in proc.stdout, proc.stdout + proc.stderr
+    assert "worker_process_setup_hook 'broken_hook' raised" in proc.stderr, proc.stderr
+    assert "no such cluster setting" in proc.stderr, proc.stderr
+
+
+def test_a_setup_hook_that_cannot_work_is_refused_at_init():
+    with pytest.raises(TypeError, match="worker_process_setup_hook"):
+        hpcray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": 3})
+    with pytest.raises(ValueError, match="module.function"):
+        hpcray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": "nodots"})
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        hpcray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": lambda: lock})
+    assert not hpcray.is_initialized()
+
+
+@pytest.mark.timeout(60)
+def test_ray_ready_answers_once_the_actor_is_up(ray_start):
+    @hpcray.remote
+    class Plain:
+        pass
+
+    @hpcray.remote
+    class Async:
+        async def f(self):
+            return 1
+
+    assert hpcray.get([Plain.remote().__ray_ready__.remote(),
+                       Async.remote().__ray_ready__.remote()], timeout=30) == [True, True]
+
+
+@pytest.mark.timeout(60)
+def test_a_ref_pickled_out_of_band_stays_until_freed(ray_start):
+    from hpcray import cloudpickle
+    from hpcray._private import internal_api
+    from hpcray.util.state import object_store_stats
+
+    ref = hpcray.put(b"x" * 200_000)  # in the store, so it is counted there
+    pickled = cloudpickle.dumps(ref)
+    del ref
+    gc.collect()
+    again = cloudpickle.loads(pickled)
+    assert hpcray.get(again, timeout=10) == b"x" * 200_000
+    internal_api.free(again)
+    del again
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while object_store_stats()["cluster"]["num_objects"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert object_store_stats()["cluster"]["num_objects"] == 0
 
 
 def test_get_or_create_returns_the_live_actor():

@@ -1,4 +1,5 @@
-"""`ray._private.internal_api.memory_summary`, as `ray memory --stats-only` prints it.
+"""`ray._private.internal_api`: `memory_summary`, as `ray memory --stats-only` prints it,
+and `free`.
 
 Only the aggregate object-store stats (spilling included) exist here: hpcray keeps no
 call sites, so the per-reference table of `ray memory` is list_objects()'s job.
@@ -30,6 +31,20 @@ def memory_summary(address=None, group_by: str = "NODE_ADDRESS",
                      f"{totals['restored_objects']} objects, avg read throughput "
                      f"{_rate(totals['restored_bytes'], totals['restore_seconds'])} MiB/s")
     return "\n".join(lines) + "\n"
+
+
+def free(object_refs, local_only: bool = False) -> None:
+    """Let go of what this process holds of `object_refs` beyond its own refs: the pins
+    of refs it pickled out of band (ray.cloudpickle.dump). Ray's `free` deletes the
+    objects from every store at once, even while refs to them live; here an object goes
+    when its last ref does, as any other."""
+    from hpcray.object_ref import ObjectRef, release_out_of_band
+    if isinstance(object_refs, ObjectRef):
+        object_refs = [object_refs]
+    if not all(isinstance(ref, ObjectRef) for ref in object_refs):
+        raise TypeError("free() expects a list of ObjectRefs, got "
+                        f"{[type(ref).__name__ for ref in object_refs]}.")
+    release_out_of_band([ref.binary() for ref in object_refs])
 
 
 def _rate(nbytes: int, seconds: float) -> int:

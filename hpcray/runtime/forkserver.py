@@ -103,6 +103,7 @@ def main() -> None:
         except ImportError:
             pass
         from hpcray.runtime import worker as worker_module
+        setup_hook = _load_setup_hook(job["config"].get("setup_hook"))
         # What every worker inherits stays out of its collections (never garbage: modules,
         # classes, numpy's): a worker's collection walks its own objects only, and does
         # not write the inherited pages (copy-on-write).
@@ -135,6 +136,8 @@ def main() -> None:
                     os.dup2(fds[2], 2)
                     os.close(fds[1])
                     os.close(fds[2])
+                    if setup_hook is not None:
+                        _run_setup_hook(setup_hook)
                     code = worker_module.main(fds[0], job, key, is_actor)
                 except SystemExit as exc:  # user code called sys.exit(): it ends, quietly (Ray)
                     code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
@@ -165,6 +168,43 @@ def _unlink_store(job: dict) -> None:
     if job.get("spill_dir"):
         import shutil
         shutil.rmtree(job["spill_dir"], ignore_errors=True)
+
+
+def _load_setup_hook(encoded: str | None):
+    """The job's worker_process_setup_hook (api.job_setup_hook), loaded once here; one
+    that cannot be loaded (its module is missing here) raises in each worker instead."""
+    if not encoded:
+        return None
+    import base64
+    import cloudpickle
+    try:
+        hook = cloudpickle.loads(base64.b64decode(encoded))
+        if isinstance(hook, str):
+            import importlib
+            module, _, name = hook.rpartition(".")
+            hook = getattr(importlib.import_module(module), name)
+        return hook
+    except Exception as exc:  # noqa: BLE001 - said by each worker (_run_setup_hook)
+        error = exc
+
+        def unloadable():
+            raise error
+        unloadable.__name__ = "(the hook could not be loaded)"
+        return unloadable
+
+
+def _run_setup_hook(hook) -> None:
+    """In each worker, before its first task. One that raises is said on the worker's
+    stderr, which reaches the driver's terminal, and the worker goes on (its tasks may
+    still run)."""
+    try:
+        hook()
+    except Exception:  # noqa: BLE001 - the user's hook: reported, not fatal
+        import traceback
+        print(f"worker_process_setup_hook {getattr(hook, '__name__', hook)!r} raised:",
+              file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -440,6 +440,8 @@ class Worker:
         error = None
         try:
             cls = self._load_function(spec.function_id, pickled_class, "the actor class")
+            if not hasattr(cls, "__ray_ready__"):  # Ray's: answers once the actor is up
+                cls.__ray_ready__ = _ray_ready
             args, kwargs = self._resolve_args(spec, dep_payloads)
             self.actor = cls(*args, **kwargs)
         except _DependencyFailed as failed:
@@ -609,6 +611,10 @@ def _should_retry(retry_exceptions, exc) -> bool:
     if isinstance(retry_exceptions, (list, tuple)):
         return isinstance(exc, tuple(retry_exceptions))
     return False
+
+
+def _ray_ready(_self) -> bool:
+    return True
 
 
 def _user_traceback() -> str:
