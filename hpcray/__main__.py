@@ -98,7 +98,7 @@ where noted); each is read on every rank:
                                  moved (default 0: none)
   HPCRAY_TIMELINE_EVENTS         task spans, submissions and transfers each node keeps
                                  for hpcray.timeline() and the report; older ones are
-                                 dropped (default 100000; 0 keeps none)
+                                 dropped (default 100000; 0: recording off)
   HPCRAY_REPORT                  write the job's report page (one HTML file, every
                                  rank) there at shutdown (default none; init(report=))
   HPCRAY_REPORT_INTERVAL         seconds between a node's CPU/GPU/store readings for

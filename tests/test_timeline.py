@@ -115,6 +115,30 @@ def test_records_past_the_bound_are_dropped_and_said(tmp_path):
     assert "dropped {&#x27;spans&#x27;: 7}" in page
 
 
+@pytest.mark.timeout(200)
+def test_zero_events_switches_recording_off_but_keeps_the_counts(tmp_path):
+    out = run_script(tmp_path, """
+        import hpcray as ray
+        from hpcray import context
+        ray.init(num_cpus=1)
+        @ray.remote
+        def f(i):
+            return ray.get(g.remote(i))
+        @ray.remote
+        def g(i):
+            return i
+        assert ray.get([f.remote(i) for i in range(6)]) == list(range(6))
+        events = ray.timeline()
+        print("SPANS", sum(e["ph"] == "X" for e in events), "FLOWS",
+              sum(e["ph"] == "s" for e in events))
+        recorder = context.driver_node.recorder
+        print("RUN", recorder.counts()["tasks_run"], "KEPT", len(recorder.spans))
+        ray.shutdown()
+    """, {"HPCRAY_TIMELINE_EVENTS": "0"})
+    assert "SPANS 0 FLOWS 0" in out
+    assert "RUN 12 KEPT 0" in out
+
+
 def page_data(page: str) -> dict:
     return json.loads(re.search(r'id="hpcray-data">(.*?)</script>', page, re.S)
                       .group(1).replace("<\\/", "</"))

@@ -23,13 +23,15 @@ subtracts this rank's offset, measured at the job's start (clock.py), so the
 recording itself costs nothing more.
 
 Each buffer keeps its last `limit` entries (HPCRAY_TIMELINE_EVENTS, 100,000 by
-default: ~20 MB at most per node; 0 keeps none); older ones are dropped and counted
-in `dropped`, which the timeline and the report say. A span costs the node a tuple
-append and a clock read (~2 us); nothing is sent until someone asks:
-`hpcray.timeline()` and the report at shutdown gather every node's buffers with the
-state API's StateQuery ("timeline", state_queries.py). Not for: live progress (nothing
-here is pushed), nor list_tasks (task_events.py, which this does not replace: that
-keeps states, this keeps times).
+default: ~20 MB at most per node); older ones are dropped and counted in `dropped`,
+which the timeline and the report say. 0 switches recording off: no spans, submissions
+or transfers (the timeline and the report's Gantt are empty), counters still counted.
+A span costs the node a clock read and one tuple appended (~3k instructions, measured:
+benchmarks/README.md); nothing is sent until someone asks: `hpcray.timeline()` and the
+report at shutdown gather every node's buffers with the state API's StateQuery
+("timeline", state_queries.py). Not for: live progress (nothing here is pushed), nor
+list_tasks (task_events.py, which this does not replace: that keeps states, this keeps
+times).
 """
 
 from __future__ import annotations
@@ -50,13 +52,19 @@ class Recorder:
         None: not measured (one node, or rank 0)."""
         self.rank = rank
         self.clock_offset, self.clock_bound = clock or (0.0, 0.0)
-        self.limit = max(0, limit)  # 0 keeps nothing (all counted as dropped)
+        self.limit = max(0, limit)  # 0: recording is off
         self.spans: collections.deque = collections.deque(maxlen=self.limit)
         self.submits: collections.deque = collections.deque(maxlen=self.limit)
         self.transfers: collections.deque = collections.deque(maxlen=self.limit)
         self.counters: collections.Counter = collections.Counter()
-        # appended to a full deque: how many fell off its front
-        self.dropped = {"spans": 0, "submits": 0, "transfers": 0}
+        # The hot counts are plain ints (a Counter update cost a span ~1.9k instructions):
+        # attempts ended here, and what was appended to each buffer (less what it holds:
+        # what it dropped).
+        self.tasks_run = 0
+        self.appended = {"spans": 0, "submits": 0, "transfers": 0}
+        if not self.limit:  # off: the hot paths count and keep nothing
+            self.ran = self._count_run
+            self.submitted = _nothing
         self.pull_starts: dict[int, float] = {}  # pull tag -> when it started
         self.constructing: dict[bytes, float] = {}  # actor id -> when CreateActor left
         self.sampler = None                      # a Sampler, when the report wants one
@@ -64,17 +72,18 @@ class Recorder:
 
     def ran(self, spec, pid: int, started, results) -> None:
         """The worker `pid` ended an attempt of `spec`, begun at `started` (its clock)."""
-        end = now()
-        self.counters["tasks_run"] += 1
-        spans = self.spans
-        if len(spans) == self.limit:
-            self.dropped["spans"] += 1
-        # (whether its results hold an error value: task_events reads which)
+        # The per-task hot path: one tuple, no calls but the clock's. The spans' count
+        # is tasks_run (spans of constructors and deaths are counted in `appended`).
+        self.tasks_run += 1
         inline = results[0][1] if results else None
-        spans.append((spec.task_id, spec.name, spec.kind, pid,
-                      end if started is None else started, end,
-                      type(inline) is bytes and inline[11:13] == ERROR_START
-                      and error_type(inline) is not None))
+        end = now()
+        self.spans.append((spec.task_id, spec.name, spec.kind, pid,
+                           end if started is None else started, end,
+                           type(inline) is bytes and inline[11:13] == ERROR_START
+                           and error_type(inline) is not None))
+
+    def _count_run(self, spec, pid: int, started, results) -> None:  # recording is off
+        self.tasks_run += 1
 
     def died(self, spec, pid: int, dispatched) -> None:
         """The pool worker `pid` died running `spec`, sent to it at `dispatched`."""
@@ -89,14 +98,12 @@ class Recorder:
 
     def _span(self, spec, pid: int, started, failed: bool) -> None:
         end = now()
-        if len(self.spans) == self.limit:
-            self.dropped["spans"] += 1
+        self.appended["spans"] += 1
         self.spans.append((spec.task_id, spec.name, spec.kind, pid,
                            end if started is None else started, end, failed))
 
     def submitted(self, parent_id: bytes, task_id: bytes) -> None:
-        if len(self.submits) == self.limit:
-            self.dropped["submits"] += 1
+        self.appended["submits"] += 1
         self.submits.append((parent_id, task_id, now()))
 
     def pull_started(self, tag: int) -> None:
@@ -110,9 +117,20 @@ class Recorder:
         if start is None or size < 0:
             return
         self.counters["bytes_pulled"] += size
-        if len(self.transfers) == self.limit:
-            self.dropped["transfers"] += 1
+        self.appended["transfers"] += 1
         self.transfers.append((object_id, source, self.rank, size, start, now()))
+
+    @property
+    def dropped(self) -> dict:
+        """How many fell off the front of each buffer (all, when recording is off)."""
+        appended = dict(self.appended, spans=self.appended["spans"] + self.tasks_run)
+        return {name: count - len(getattr(self, name)) for name, count in appended.items()}
+
+    def counts(self) -> collections.Counter:
+        """The named counts, tasks_run among them (a name never counted reads 0)."""
+        counts = collections.Counter(self.counters)
+        counts["tasks_run"] = self.tasks_run
+        return counts
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
@@ -132,6 +150,10 @@ class Recorder:
                 "started": self.started + shift, "clock_offset": self.clock_offset,
                 "clock_bound": self.clock_bound,
                 "spans": spans, "submits": submits, "transfers": transfers,
-                "counters": dict(self.counters), "dropped": dict(self.dropped),
+                "counters": dict(self.counts()), "dropped": self.dropped,
                 "store": dict(store_stats), "samples": samples}
 
+
+
+def _nothing(*_args) -> None:
+    return None

@@ -33,7 +33,7 @@ def node_status(node) -> tuple:
     """This node's STATUS_ROW_FIELDS tuple."""
     scheduler = node.scheduler
     stats = node.store.stats()
-    counters = node.recorder.counters  # recorder.py
+    counters = node.recorder.counts()  # recorder.py
     cpu_total = scheduler.total.get("CPU", 0.0)
     return (node.rank, counters["tasks_run"], len(scheduler.busy_workers),
             scheduler.num_queued, cpu_total - scheduler.available.get("CPU", 0.0), cpu_total,

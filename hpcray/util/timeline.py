@@ -16,8 +16,8 @@ Times are rank 0's clock: each node's records come shifted by its clock's offset
 measured at the job's start (runtime/clock.py); a node whose clock was off says by how
 much in its process name.
 
-Every node records this as it runs (runtime/recorder.py: always on, bounded by
-HPCRAY_TIMELINE_EVENTS per node); this gathers it from every node when called.
+Every node records this as it runs (runtime/recorder.py: on by default, bounded by
+HPCRAY_TIMELINE_EVENTS per node, 0 switching it off); this gathers it from every node when called.
 """
 
 from __future__ import annotations
