@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `ray.util`, `ray.cloudpickle` and `ray._private` are there after `import ray`; here
-    # each loads on first use, which keeps `import hpcray` from paying for them (the
-    # import binds it, so this runs once).
-    if name in ("util", "cloudpickle", "_private"):
+    # `ray.util`, `ray.cloudpickle`, `ray._private` and `ray.experimental` are there after
+    # `import ray`; here each loads on first use, which keeps `import hpcray` from paying
+    # for them (the import binds it, so this runs once).
+    if name in ("util", "cloudpickle", "_private", "experimental"):
         import importlib
         return importlib.import_module("hpcray." + name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 
+from hpcray.experimental import tqdm_ray
 from hpcray.runtime import task_output
 
 log = logging.getLogger("hpcray.node")
@@ -238,6 +239,10 @@ class JobLogs:
                 name = worker.output.task_name[stream_name] = announced
                 continue
             who = f"{name} {pid}" if name else pid
+            state = tqdm_ray.bar_state(line)
+            if state is not None:  # a tqdm_ray bar's: drawn, not printed
+                tqdm_ray.board().show(f"({who}{rank})", state)
+                continue
             parts.append(f"({who}{rank}) {line.decode(errors='replace')}\n")
         text = "".join(parts)
         if not text:

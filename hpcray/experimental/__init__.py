@@ -1,0 +1,1 @@
+"""Ray's `ray.experimental` modules that Ray programs use: `tqdm_ray`."""
