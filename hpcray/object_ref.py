@@ -52,6 +52,8 @@ class LocalReferenceCounter:
 
     def drain(self) -> list:
         """Transitions since the last drain, oldest first."""
+        if not self.transitions:  # the usual case: no IndexError raised and caught
+            return []
         out = []
         pop = self.transitions.popleft
         try:

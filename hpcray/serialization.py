@@ -111,20 +111,24 @@ def error_bytes(error: BaseException) -> bytes:
 class SerializedValue:
     """A pickled value: the pickle stream, its out-of-band buffers, the refs inside it."""
 
-    __slots__ = ("pickled", "buffers", "contained", "store_size")
+    __slots__ = ("pickled", "buffers", "contained")
 
     def __init__(self, pickled: bytes, buffers: list, contained: list):
         self.pickled = pickled
         self.buffers = buffers
         self.contained = contained
-        size = _align(_HEAD.size + _LEN.size * len(buffers) + len(pickled))
-        for buf in buffers:
-            size = _align(size + buf.nbytes)
-        self.store_size = size
 
     @property
     def is_small(self) -> bool:
         return not self.buffers
+
+    @property
+    def store_size(self) -> int:
+        """Its size laid out in the store (computed when asked: most values go inline)."""
+        size = _align(_HEAD.size + _LEN.size * len(self.buffers) + len(self.pickled))
+        for buf in self.buffers:
+            size = _align(size + buf.nbytes)
+        return size
 
     def write_into(self, dest: memoryview) -> None:
         """Lay the value out in `dest` (a store allocation of `store_size` bytes)."""

@@ -57,10 +57,11 @@ class CoreClient:
 
     def encode_serialized(self, object_id: bytes, sv):
         """The second half of encode_value: a serialized value inline, or into the store."""
-        if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
+        if not sv.buffers and len(sv.pickled) < self.config.inline_threshold:  # is_small
             return sv.pickled, sv.contained, len(sv.pickled)
+        size = sv.store_size
         try:
-            dest = self.store.create_object(object_id, sv.store_size)
+            dest = self.store.create_object(object_id, size)
         except StoreFullError:
             dest = None
         except ObjectExistsError:
@@ -70,7 +71,7 @@ class CoreClient:
             self.store.delete(object_id)
             dest = None
         if dest is None:  # outside the handler: an error raised has no context (below)
-            dest = self._create_when_full(object_id, sv.store_size)
+            dest = self._create_when_full(object_id, size)
         try:
             sv.write_into(dest)
         except BaseException:
@@ -79,7 +80,7 @@ class CoreClient:
             raise
         dest.release()
         self.store.seal(object_id, unclaimed=True)  # not evicted before its node pins it
-        return None, sv.contained, sv.store_size
+        return None, sv.contained, size
 
     def _create_when_full(self, object_id: bytes, size: int):
         """store.create_object after it failed: what dead processes held is freed, then the
@@ -576,15 +577,19 @@ class WorkerChannel:
 
     def send_done(self, record, *fields) -> None:
         """A WorkDone or ActorReady, with the ref transitions so far."""
-        main = threading.get_ident() == self._main_ident
-        with self._send_lock:
-            if main:
+        # main_io matters only while a pool task can be interrupted (the SIGINT handler
+        # looks no further otherwise): a generator's ItemReady, not a WorkDone.
+        main = self.interruptible is not None and threading.get_ident() == self._main_ident
+        if main:
+            with self._send_lock:
                 self.main_io = True
-            try:
-                self.conn.send((record.CODE, *fields, self.refs.drain()))
-            finally:
-                if main:
+                try:
+                    self.conn.send((record.CODE, *fields, self.refs.drain()))
+                finally:
                     self.main_io = False
+        else:
+            with self._send_lock:
+                self.conn.send((record.CODE, *fields, self.refs.drain()))
         if record is WorkDone:
             self.known_tasks.discard(fields[0])
             if self.cancelled_tasks:
@@ -599,6 +604,9 @@ class WorkerChannel:
             else:
                 with self._request_lock:
                     message = self.conn.recv()
+                if message[0] == _RUN_TASK:  # what _arrived notes, inline: once per call
+                    self.known_tasks.add(message[1].task_id)
+                    return message
                 if self._arrived(message):
                     continue
             if message[0] == _REPLY:  # a failed one-way operation, while idle

@@ -28,14 +28,19 @@ from hpcray.runtime import clock, protocol, task_output
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
                                      RunTask, WorkDone, wire)
-from hpcray.serialization import ErrorValue, error_bytes, loads_callable, make_error_value
+from hpcray.serialization import (ErrorValue, error_bytes, loads_callable, make_error_value,
+                                  serialize)
 
 
 _RUN_TASK, _CREATE_ACTOR, _EXIT = RunTask.CODE, CreateActor.CODE, ExitWorker.CODE
 _NONE_PICKLED = pickle.dumps(None, protocol=5)  # a generator task's completion
-# The task or actor call the running code belongs to: per thread, and per asyncio task in
-# an async actor, whose calls share one thread (what get_task_id() says, is_canceled()
-# looks at, and a submit names as its parent for a recursive cancel).
+# The task or actor call the running code belongs to (what get_task_id() says, is_canceled()
+# looks at, and a submit names as its parent for a recursive cancel), as [task id or None]:
+# per asyncio task in an async actor, whose calls share one thread (each call sets its own);
+# per thread elsewhere, where each thread sets one list once and its calls fill and empty
+# it: a ContextVar.set per call and one to clear it cost ~2k instructions, 2-3% of an
+# actor call. A context copied from a thread's (asyncio.run's tasks, asyncio.to_thread)
+# shares its list: while the call runs, it sees the call's id.
 _running_call: contextvars.ContextVar = contextvars.ContextVar("hpcray_call", default=None)
 
 class _Cancelled(KeyboardInterrupt):
@@ -99,7 +104,8 @@ class Worker:
     # -- context ------------------------------------------------------------------
     @property
     def current_task_id(self):
-        return _running_call.get()
+        call = _running_call.get()
+        return None if call is None else call[0]
 
     @property
     def gpu_ids(self):
@@ -178,7 +184,7 @@ class Worker:
         """retry_exceptions as the task runs with it: True/False or exception classes
         (they come pickled with cloudpickle, unpickled once per list)."""
         pickled = spec.retry_exceptions
-        if type(pickled) is not bytes:
+        if type(pickled) is not bytes:  # (_execute tests this first: no call per task)
             return pickled
         classes = self.retry_filters.get(pickled)
         if classes is None:
@@ -189,8 +195,13 @@ class Worker:
         return classes
 
     def _resolve_args(self, spec, dep_payloads):
-        values = {}
         kind, data = spec.args
+        if not dep_payloads and kind == "inline":  # no ObjectRef arguments: no lookups
+            try:
+                return cloudpickle.loads(data)
+            except Exception as exc:  # noqa: BLE001
+                raise _Unusable("deserialize the arguments", exc) from exc
+        values = {}
         for object_id, payload in dep_payloads:
             try:
                 value = self.client.decode_value(object_id, payload)
@@ -229,14 +240,18 @@ class Worker:
 
     def _execute(self, spec, function, dep_payloads):
         """Run one task; -> (results, retry), results being (id, inline|None, contained, size)."""
-        _running_call.set(spec.task_id)
-        if self.actor is None and (spec.options or context.group is not None):
+        call = _running_call.get() or _thread_call()
+        call[0] = spec.task_id
+        pool_task = self.actor is None
+        if pool_task and (spec.options or context.group is not None):
             context.group = _group_of(spec)  # what get_current_placement_group() says
-        retry = retry_on = False
+        retry = False
+        retry_on = spec.retry_exceptions
         try:
-            retry_on = self._retry_filter(spec)
+            if type(retry_on) is bytes:
+                retry_on = self._retry_filter(spec)
             args, kwargs = self._resolve_args(spec, dep_payloads)
-            if self.actor is None:  # a pool task: a cancel interrupts it from here...
+            if pool_task:  # a pool task: a cancel interrupts it from here...
                 self.channel.interruptible = spec.task_id
                 if self._cancelled_before_start(spec.task_id):
                     raise _Cancelled()
@@ -272,8 +287,8 @@ class Worker:
             # task's frames, and the refs in them, until a collection, after its WorkDone.
             exc.__traceback__ = None
         finally:
-            _running_call.set(None)
-            if self.actor is None:
+            call[0] = None
+            if pool_task:
                 self.channel.interruptible = self.channel.interrupted = None
                 self.channel.interrupt_pending = False
         blob = error_bytes(error)
@@ -377,16 +392,20 @@ class Worker:
                                 "stored: write it as a generator function (yield in its "
                                 "body) to stream its items, or return a list.")
             return self._generator_returns(spec, outcome)
-        if len(return_ids) == 1:
-            values = (outcome,)
-        elif not return_ids:
+        if len(return_ids) == 1:  # the usual case, without _store_values' loops
+            object_id = return_ids[0]
+            try:
+                serialized = serialize(outcome, self.client.config.inline_threshold)
+            except Exception as exc:  # noqa: BLE001 - pickling failures come in many types
+                raise _Unusable(f"serialize the return value {outcome!r:.100}", exc,
+                                _RETURN_HINT) from exc
+            return [(object_id, *self.client.encode_serialized(object_id, serialized))]
+        if not return_ids:
             return []
-        else:
-            if not isinstance(outcome, (tuple, list)) or len(outcome) != len(return_ids):
-                raise ValueError(f"{spec.name} has num_returns={len(return_ids)} but returned "
-                                 f"{type(outcome).__name__} {outcome!r:.80}")
-            values = outcome
-        return self._store_values(spec, return_ids, values)
+        if not isinstance(outcome, (tuple, list)) or len(outcome) != len(return_ids):
+            raise ValueError(f"{spec.name} has num_returns={len(return_ids)} but returned "
+                             f"{type(outcome).__name__} {outcome!r:.80}")
+        return self._store_values(spec, return_ids, outcome)
 
     def _store_values(self, spec, return_ids, values) -> list:
         # Every value is pickled before any is written, so one that cannot be leaves
@@ -422,7 +441,8 @@ class Worker:
             self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error),
                                    False, started)
             return
-        if self.actor is not None and self._cancelled_before_start(spec.task_id):
+        if self.actor is not None and (self.cancel_hint or self.channel.cancelled_tasks) \
+                and self._cancelled_before_start(spec.task_id):  # (no call when none came)
             self.channel.send_done(WorkDone, spec.task_id,
                                    _error_results(spec, _cancel_error(spec, False)), False, None)
             return
@@ -519,7 +539,7 @@ class Worker:
             if semaphore is None:
                 semaphore = asyncio.Semaphore(max_concurrency)
             async with semaphore:
-                _running_call.set(spec.task_id)  # this call's asyncio task only
+                _running_call.set([spec.task_id])  # this call's asyncio task only
                 retry_on = False
                 try:
                     retry_on = self._retry_filter(spec)
@@ -560,6 +580,13 @@ class Worker:
 
         threading.Thread(target=loop.run_forever, name="hpcray-async-actor", daemon=True).start()
         self.channel.start_reader(dispatch)
+
+
+def _thread_call() -> list:
+    """This thread's [task id] (see _running_call), set at its first call."""
+    call = [None]
+    _running_call.set(call)
+    return call
 
 
 def _group_of(spec):
