@@ -135,6 +135,9 @@ class ActorClass:
             "max_concurrency": options.get("max_concurrency"),
             "scheduling_strategy": opts.strategy_of(options, context.group),
         }
+        env_vars = opts.env_vars_of(options.get("runtime_env"))
+        if env_vars:  # its process's, from before its constructor (worker.py)
+            spec_options["env_vars"] = env_vars
         budget = opts.actor_backpressure_of(options)
         if budget is not None:  # its generator methods share it (runtime/generator_budget.py)
             spec_options["generator_budget"] = budget

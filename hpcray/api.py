@@ -9,9 +9,9 @@ import signal
 import sys
 import threading
 import time
-import warnings
 
 from hpcray import context, exceptions, object_ref
+from hpcray import options as opts
 from hpcray.actor import ActorClass, ActorHandle
 from hpcray.config import Config, drain_signals
 from hpcray.object_ref import ObjectRef
@@ -164,21 +164,7 @@ def spill_directory_option(options: dict) -> str:
 
 def job_env_vars(runtime_env) -> dict:
     """The env_vars of a job-level runtime_env, checked as Ray checks them."""
-    if runtime_env is None:
-        return {}
-    if not isinstance(runtime_env, dict):
-        raise TypeError(f"runtime_env must be a dict, got {type(runtime_env).__name__}.")
-    env_vars = runtime_env.get("env_vars") or {}
-    if not isinstance(env_vars, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
-        raise TypeError("runtime_env['env_vars'] must be a dict of str to str, got "
-                        f"{env_vars!r}.")
-    ignored = sorted(set(runtime_env) - {"env_vars", "worker_process_setup_hook"})
-    if ignored:
-        warnings.warn(f"hpcray ignores runtime_env fields {ignored}: it installs nothing; "
-                      "every rank runs the Python environment it was started in.",
-                      stacklevel=3)
-    return dict(env_vars)
+    return opts.env_vars_of(runtime_env, {"worker_process_setup_hook"}) or {}
 
 
 def job_setup_hook(runtime_env) -> str:

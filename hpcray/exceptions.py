@@ -130,6 +130,12 @@ class ObjectStoreFullError(RayError):
     """The object does not fit in the node's shared-memory store."""
 
 
+class OufOfBandObjectRefSerializationException(RayError):
+    """An ObjectRef was pickled out of band (by the user's pickle or ray.cloudpickle, not
+    as part of a task's arguments or results) while
+    RAY_allow_out_of_band_object_ref_serialization=0 (Ray's name, typo included)."""
+
+
 class OutOfMemoryError(RayError):
     """A worker ran out of memory."""
 

@@ -10,6 +10,7 @@ only appends to a deque; the owner of the counter drains it when it is safe.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 
 
@@ -92,6 +93,17 @@ def _note_pickled(key: bytes) -> None:
 _pinned_out_of_band: dict = {}
 
 
+def _pin_out_of_band(ref) -> None:
+    # Ray's switch for finding where refs escape: off, such a pickle raises.
+    if os.environ.get("RAY_allow_out_of_band_object_ref_serialization", "1") == "0":
+        from hpcray.exceptions import OufOfBandObjectRefSerializationException
+        raise OufOfBandObjectRefSerializationException(
+            f"It is not allowed to serialize ray.ObjectRef {ref.hex()} out of band "
+            "(RAY_allow_out_of_band_object_ref_serialization=0). Unset it to allow it: "
+            "the object is then pinned for the life of this process.")
+    _pinned_out_of_band.setdefault(ref._id, ref)
+
+
 def release_out_of_band(object_ids) -> None:
     for object_id in object_ids:
         _pinned_out_of_band.pop(object_id, None)
@@ -145,7 +157,7 @@ class ObjectRef:
         if contained is not None:
             contained.append(self._id)
         elif reference_counter.enabled:
-            _pinned_out_of_band.setdefault(self._id, self)
+            _pin_out_of_band(self)
         return (ObjectRef, (self._id,))
 
     def __await__(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "num_returns", "max_retries",
                 "retry_exceptions", "name", "scheduling_strategy", "runtime_env",
                 "accelerator_type", "placement_group", "_metadata", "label_selector",
@@ -15,6 +17,27 @@ ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "name", "namespa
                  "concurrency_groups", "max_pending_calls", "placement_group", "label_selector",
                  "placement_group_bundle_index", "placement_group_capture_child_tasks",
                  "_actor_generator_backpressure_num_objects"}
+
+
+def env_vars_of(runtime_env, also_known: set = frozenset()) -> dict | None:
+    """The env_vars of a runtime_env (init's, a task's or an actor's), checked as Ray
+    checks them; its other fields but `also_known` (pip, working_dir, ...: they would
+    install something) are ignored with a warning."""
+    if runtime_env is None:
+        return None
+    if not isinstance(runtime_env, dict):
+        raise TypeError(f"runtime_env must be a dict, got {type(runtime_env).__name__}.")
+    env_vars = runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
+        raise TypeError("runtime_env['env_vars'] must be a dict of str to str, got "
+                        f"{env_vars!r}.")
+    ignored = sorted(set(runtime_env) - {"env_vars"} - set(also_known))
+    if ignored:
+        warnings.warn(f"hpcray ignores runtime_env fields {ignored}: it installs nothing; "
+                      "every rank runs the Python environment it was started in.",
+                      stacklevel=4)
+    return dict(env_vars) or None
 
 
 def check(options: dict, allowed: set, what: str) -> dict:
@@ -48,6 +71,8 @@ def check(options: dict, allowed: set, what: str) -> dict:
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"{key} must be an int >= -1, got {value!r}.")
+    if "runtime_env" in options:
+        env_vars_of(options["runtime_env"])
     backpressure_of(options)
     actor_backpressure_of(options)
     max_calls = options.get("max_calls")

@@ -126,6 +126,9 @@ class _CallTemplate:
             max_calls = 1 if "GPU" in self.demand else 0
         if max_calls:
             extra["max_calls"] = max_calls
+        env_vars = opts.env_vars_of(options.get("runtime_env"))
+        if env_vars:  # set in its worker while it runs (worker.py)
+            extra["env_vars"] = env_vars
         self.extra = extra or None
         if strategy and type(strategy) is opts.InGroup:  # the bundle's resources instead
             opts.check_fits_group(strategy, self.demand, self.name)

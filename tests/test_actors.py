@@ -16,6 +16,7 @@ import pytest
 import hpcray
 from hpcray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from hpcray.util import ActorPool
+from hpcray.util.state import list_tasks
 
 
 def _wait_until(predicate, deadline_s: float = 30.0, interval: float = 0.05) -> bool:
@@ -144,6 +145,15 @@ def test_calls_behind_a_call_that_kills_the_actor_count_as_sent(ray_shared, tmp_
     gate = tmp_path / "gate"
     died = a.die_once.remote(str(tmp_path / "died"), str(gate))
     after = [a.note.remote(i) for i in range(20)]  # all submitted before it dies
+    # ... and on its node before it dies (the driver hands its submissions to the node's
+    # thread): a call that reached the node after the death went to the restarted actor
+    # (1 run in ~10 failed). The node lists a call once it has it.
+    submitted = {ref.task_id().hex() for ref in after}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(submitted & {
+            task.task_id for task in list_tasks(filters=[("name", "=", "Busy.note")],
+                                                limit=10_000)}) < 20:
+        time.sleep(0.02)
     gate.write_text("")
     if retries == 0:
         with pytest.raises(RayActorError):

@@ -170,6 +170,46 @@ def test_a_ref_pickled_out_of_band_stays_until_freed(ray_start):
     assert object_store_stats()["cluster"]["num_objects"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_task_or_actor_runtime_env_sets_its_env_vars(ray_start):
+    @hpcray.remote(num_cpus=2)  # one at a time, so each may follow another in a worker
+    def read(name):
+        return os.environ.get(name), os.getpid()
+
+    @hpcray.remote
+    class Reader:
+        def read(self, name):
+            return os.environ.get(name)
+
+    with_var = {"env_vars": {"HPCRAY_TEST_VAR": "task"}}
+    results = hpcray.get([read.options(runtime_env=with_var if i % 2 else None)
+                          .remote("HPCRAY_TEST_VAR") for i in range(8)])
+    assert [value for value, _ in results] == [None, "task"] * 4
+    assert len({pid for _, pid in results}) < 8  # workers ran both kinds, one after another
+    actor = Reader.options(runtime_env={"env_vars": {"HPCRAY_TEST_VAR": "actor"}}).remote()
+    assert hpcray.get([actor.read.remote("HPCRAY_TEST_VAR") for _ in range(3)]) == ["actor"] * 3
+    with pytest.raises(TypeError, match="dict of str to str"):
+        read.options(runtime_env={"env_vars": {"N": 1}})
+    with pytest.warns(UserWarning, match="ignores runtime_env fields \\['pip'\\]"):
+        read.options(runtime_env={"pip": ["x"]})
+
+
+@pytest.mark.timeout(60)
+def test_out_of_band_pickles_raise_when_ray_s_switch_is_off(ray_start):
+    # RAY_allow_out_of_band_object_ref_serialization=0, set for one task as Ray's doc
+    # program does: its pickle of a ref raises there, Ray's exception type and name.
+    @hpcray.remote
+    def escape():
+        from hpcray import cloudpickle
+        return cloudpickle.dumps(hpcray.put(1))
+
+    switch = {"env_vars": {"RAY_allow_out_of_band_object_ref_serialization": "0"}}
+    with pytest.raises(hpcray.exceptions.OufOfBandObjectRefSerializationException,
+                       match="not allowed to serialize ray.ObjectRef"):
+        hpcray.get(escape.options(runtime_env=switch).remote())
+    assert isinstance(hpcray.get(escape.remote()), bytes)  # allowed by default
+
+
 def test_get_or_create_returns_the_live_actor():
     hpcray.init(num_cpus=1)
     try:

@@ -243,8 +243,11 @@ class Worker:
         call = _running_call.get() or _thread_call()
         call[0] = spec.task_id
         pool_task = self.actor is None
+        env_before = None
         if pool_task and (spec.options or context.group is not None):
             context.group = _group_of(spec)  # what get_current_placement_group() says
+            if spec.options and "env_vars" in spec.options:  # its runtime_env's, meanwhile
+                env_before = _set_env(spec.options["env_vars"])
         retry = False
         retry_on = spec.retry_exceptions
         try:
@@ -291,6 +294,8 @@ class Worker:
             if pool_task:
                 self.channel.interruptible = self.channel.interrupted = None
                 self.channel.interrupt_pending = False
+                if env_before is not None:
+                    _set_env(env_before)
         blob = error_bytes(error)
         return [(oid, blob, (), len(blob)) for oid in spec.return_ids], retry
 
@@ -456,6 +461,7 @@ class Worker:
         context.group = _group_of(spec)
         self.actor_gpu_ids = gpu_ids
         self.generator_budget = spec.options.get("generator_budget")
+        _set_env(spec.options.get("env_vars") or {})  # its runtime_env's, for its life
         self._set_gpus(gpu_ids)
         error = None
         try:
@@ -638,6 +644,20 @@ def _should_retry(retry_exceptions, exc) -> bool:
     if isinstance(retry_exceptions, (list, tuple)):
         return isinstance(exc, tuple(retry_exceptions))
     return False
+
+
+def _set_env(env_vars: dict) -> dict:
+    """Set `env_vars` (a value None unsets its name); -> what undoes it. A task's
+    runtime_env env_vars are set in its pool worker while it runs: Ray starts a process
+    per runtime_env, so a library that reads a variable once at import (before the task)
+    sees it there and not here."""
+    before = {name: os.environ.get(name) for name in env_vars}
+    for name, value in env_vars.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return before
 
 
 def _ray_ready(_self) -> bool:
