@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -589,6 +590,10 @@ def run_backend(backend: str, quick: bool, ranks: int = 1, only: str | None = No
         for line in stragglers:
             log(f"    {line}")
         result["leftover_processes"] += stragglers
+    if result["errors"]:
+        log(f"[{backend}] its output stays in {log_path}")
+    else:  # a clean run leaves nothing in /tmp (150 folders had piled up on one machine)
+        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

@@ -124,13 +124,15 @@ def test_node_log_and_worker_files_outlive_the_job(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_users_logging_setup_sees_what_it_saw_before(tmp_path):
-    """A driver that configured logging (root at WARNING, its own format) gets hpcray's
-    warnings through its handler, not the INFO records the node log takes."""
+@pytest.mark.parametrize("level", ["WARNING", "INFO"])
+def test_a_users_logging_setup_sees_what_it_saw_before(tmp_path, level):
+    """A driver that configured logging (root at WARNING or INFO, its own format) gets
+    hpcray's warnings through its handler, not the INFO records the node log takes (as
+    Ray's logger keeps its own)."""
     folder = tmp_path / "logs"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.replace("import hpcray\n", "import hpcray, logging\n"
-                                     "logging.basicConfig(level=logging.WARNING, "
+                                     f"logging.basicConfig(level=logging.{level}, "
                                      "format='USER %(name)s %(message)s')\n", 1))
     env = dict(os.environ, HPCRAY_LOG_DIR=str(folder), PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,

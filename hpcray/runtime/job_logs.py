@@ -74,14 +74,18 @@ class _RankOnRecord(logging.Filter):
 
 
 class _ToRootAsBefore(logging.Handler):
-    """Hands the root logger's handlers the records they had before the node log: those
-    at or above the root's level (with no handler there, logging's last resort prints
-    them). A handler that is on the hpcray logger too (pytest puts its capture on every
-    logger that does not propagate) has the record already."""
+    """Hands the root logger's handlers hpcray's warnings and errors: those at or above
+    the root's level and WARNING (with no handler there, logging's last resort prints
+    them). The INFO records (a worker started, the node stopped) stay in the node log,
+    as Ray's stay in its own logs: a driver that sets its root logger to INFO for its
+    own records (Ray's doc program t.py does) does not get hpcray's too. A handler that
+    is on the hpcray logger too (pytest puts its capture on every logger that does not
+    propagate) has the record already."""
 
     def emit(self, record: logging.LogRecord) -> None:
         root = logging.getLogger()
-        if record.levelno < root.getEffectiveLevel() or not root.filter(record):
+        if record.levelno < max(root.getEffectiveLevel(), logging.WARNING) \
+                or not root.filter(record):
             return
         if not root.handlers:
             last = logging.lastResort
