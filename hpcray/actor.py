@@ -138,6 +138,8 @@ class ActorClass:
         env_vars = opts.env_vars_of(options.get("runtime_env"))
         if env_vars:  # its process's, from before its constructor (worker.py)
             spec_options["env_vars"] = env_vars
+        if context.env_vars is not None:  # its creator's runtime_env is its own too (Ray)
+            spec_options = opts.inherit_env_vars(spec_options, context.env_vars)
         budget = opts.actor_backpressure_of(options)
         if budget is not None:  # its generator methods share it (runtime/generator_budget.py)
             spec_options["generator_budget"] = budget

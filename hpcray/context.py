@@ -8,6 +8,7 @@ client = None          # the CoreClient of this process, once init() ran (or in 
 worker = None          # the Worker, in a worker process
 driver_node = None     # the NodeManager, in the driver
 group = None           # the placement group (options.InGroup) the running task or actor is in
+env_vars = None        # the running task's or actor's runtime_env env_vars: its children's too
 
 
 class NotInitializedError(exceptions.RayError, RuntimeError):

@@ -40,6 +40,14 @@ def env_vars_of(runtime_env, also_known: set = frozenset()) -> dict | None:
     return dict(env_vars) or None
 
 
+def inherit_env_vars(spec_options: dict | None, parent: dict) -> dict:
+    """A child's spec options with its parent's env_vars under its own (Ray merges the
+    child's runtime_env env_vars over the parent's)."""
+    spec_options = dict(spec_options or {})
+    spec_options["env_vars"] = {**parent, **spec_options.get("env_vars", {})}
+    return spec_options
+
+
 def check(options: dict, allowed: set, what: str) -> dict:
     unknown = set(options) - allowed
     if unknown:

@@ -82,10 +82,12 @@ class RemoteFunction:
         else:
             return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         extra = template.extra
+        extra = None if extra is None else dict(extra)  # a spec's options change
+        if context.env_vars is not None:  # a task's runtime_env is its children's (Ray)
+            extra = opts.inherit_env_vars(extra, context.env_vars)
         spec = TaskSpec(task_id, NORMAL_TASK, function_id, template.name, args_payload, deps,
                         contained, return_ids, template.demand, template.max_retries,
-                        template.retry_exceptions, None, None,
-                        None if extra is None else dict(extra))  # a spec's options change
+                        template.retry_exceptions, None, None, extra)
         client.submit(spec)
         if template.generator == "streaming":
             return ObjectRefGenerator(ObjectRef(return_ids[0], True))

@@ -195,6 +195,37 @@ def test_a_task_or_actor_runtime_env_sets_its_env_vars(ray_start):
 
 
 @pytest.mark.timeout(60)
+def test_children_inherit_their_parents_runtime_env_vars(ray_start):
+    names = ("HPCRAY_TEST_A", "HPCRAY_TEST_B")
+
+    @hpcray.remote
+    def read():
+        return [os.environ.get(name) for name in names]
+
+    @hpcray.remote
+    class Reader:
+        def read(self):
+            return [os.environ.get(name) for name in names]
+
+        def child(self):
+            return hpcray.get(read.remote())
+
+    @hpcray.remote
+    def parent():
+        own_b = read.options(runtime_env={"env_vars": {"HPCRAY_TEST_B": "child"}})
+        actor = Reader.remote()
+        return (hpcray.get(read.remote()), hpcray.get(own_b.remote()),
+                hpcray.get(actor.read.remote()), hpcray.get(actor.child.remote()))
+
+    env = {"env_vars": {"HPCRAY_TEST_A": "parent", "HPCRAY_TEST_B": "parent"}}
+    plain, merged, in_actor, actors_child = hpcray.get(parent.options(runtime_env=env).remote())
+    assert plain == ["parent", "parent"]
+    assert merged == ["parent", "child"]  # the child's own over its parent's
+    assert in_actor == actors_child == ["parent", "parent"]
+    assert hpcray.get(read.remote()) == [None, None]  # the driver's tasks: the job's
+
+
+@pytest.mark.timeout(60)
 def test_out_of_band_pickles_raise_when_ray_s_switch_is_off(ray_start):
     # RAY_allow_out_of_band_object_ref_serialization=0, set for one task as Ray's doc
     # program does: its pickle of a ref raises there, Ray's exception type and name.

@@ -247,7 +247,8 @@ class Worker:
         if pool_task and (spec.options or context.group is not None):
             context.group = _group_of(spec)  # what get_current_placement_group() says
             if spec.options and "env_vars" in spec.options:  # its runtime_env's, meanwhile
-                env_before = _set_env(spec.options["env_vars"])
+                context.env_vars = spec.options["env_vars"]  # (and its children's)
+                env_before = _set_env(context.env_vars)
         retry = False
         retry_on = spec.retry_exceptions
         try:
@@ -296,6 +297,7 @@ class Worker:
                 self.channel.interrupt_pending = False
                 if env_before is not None:
                     _set_env(env_before)
+                    context.env_vars = None
         blob = error_bytes(error)
         return [(oid, blob, (), len(blob)) for oid in spec.return_ids], retry
 
@@ -461,7 +463,8 @@ class Worker:
         context.group = _group_of(spec)
         self.actor_gpu_ids = gpu_ids
         self.generator_budget = spec.options.get("generator_budget")
-        _set_env(spec.options.get("env_vars") or {})  # its runtime_env's, for its life
+        context.env_vars = spec.options.get("env_vars")  # its runtime_env's, for its life
+        _set_env(context.env_vars or {})                 # (and its children's)
         self._set_gpus(gpu_ids)
         error = None
         try:
