@@ -55,7 +55,7 @@ DRIVER = textwrap.dedent('''
         deadline = time.monotonic() + 30
         while len(os.listdir(scratch)) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-    info = {"driver": os.getpid(), "forkserver": node.forkserver.pid,
+    info = {"driver": os.getpid(), "forkserver": node.processes.forkserver.pid,
             "workers": worker_pids, "actor": actor_pid, "store": node.store_name,
             "descendants": [p.pid for p in __import__("psutil").Process().children(recursive=True)]}
     print(json.dumps(info), flush=True)
@@ -85,7 +85,7 @@ DRIVER = textwrap.dedent('''
         deadline = time.monotonic() + 30
         while not os.path.exists(got_term + ".ready") and time.monotonic() < deadline:
             time.sleep(0.01)
-        node._forkserver_sock.close()
+        node.processes.forkserver_sock.close()
         while not os.path.exists(got_term) and time.monotonic() < deadline:
             time.sleep(0.005)
         os._exit(4)
@@ -265,7 +265,7 @@ def test_init_shutdown_init(tmp_path):
             hpcray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024)
             assert hpcray.is_initialized()
             node = hpcray.context.driver_node
-            forkserver = node.forkserver.pid
+            forkserver = node.processes.forkserver.pid
             worker = hpcray.get(pid.remote())
             assert hpcray.get(hpcray.put(round_)) == round_
             seen.append(node.store_name)

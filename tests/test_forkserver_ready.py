@@ -36,7 +36,8 @@ DRIVER = textwrap.dedent("""
 
     ray.init()
     node = ray.context.driver_node
-    ready = os.path.exists(os.path.join(os.environ["MARKS"], f"imported-{node.forkserver.pid}"))
+    server = node.processes.forkserver.pid
+    ready = os.path.exists(os.path.join(os.environ["MARKS"], f"imported-{server}"))
     print("fork server ready when init returned:", ready, flush=True)
 
 

@@ -182,7 +182,7 @@ DRIVER = textwrap.dedent('''
     actor = TooBig.remote()
     assert hpcray.get(f.remote(1), timeout=60) == 1
     node = hpcray.context.driver_node
-    print(json.dumps({"store": node.store_name, "forkserver": node.forkserver.pid,
+    print(json.dumps({"store": node.store_name, "forkserver": node.processes.forkserver.pid,
                       "children": [p.pid for p in psutil.Process().children(recursive=True)]}),
           flush=True)
     # Exits with the three tasks and the actor still pending.

@@ -23,7 +23,7 @@ from hpcray.runtime.owners import FAILED, HELD
 from hpcray.runtime.specs import QUEUED, RUNNING, TaskRecord, TaskSpec
 
 if TYPE_CHECKING:
-    from hpcray.runtime.node_manager import WorkerHandle
+    from hpcray.runtime.worker_processes import WorkerHandle
 
 # Actor states
 A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
@@ -218,7 +218,7 @@ class Actors:
         self.cluster.actor_cpus += actor.spec.demand.get("CPU", 0.0)
         actor.gpu_ids = self.node._take_gpus(actor.spec)
         actor.state = A_STARTING
-        actor.worker = self.node._start_worker(actor.actor_id)
+        actor.worker = self.node.processes.start(actor.actor_id)
         # Every node learns where to send its calls.
         self.cluster.actor_locations[actor.actor_id] = self.rank
         self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank))
@@ -231,7 +231,7 @@ class Actors:
         self.node.task_events.running(spec, worker.pid)
         self.node.recorder.creating(spec.actor_id)
         self.node.activity.running(worker.key, f"actor {actor.info['class_name']}")
-        self.node.send_to_worker(worker, wire(messages.CreateActor,
+        self.node.processes.send(worker, wire(messages.CreateActor,
             spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
 
     def on_actor_ready(self, worker: WorkerHandle, actor_id: bytes, error_blob, repr_name,
@@ -243,7 +243,7 @@ class Actors:
         if repr_name != actor.repr_name:
             # What the constructor printed (flushed before ActorReady) keeps the name it
             # was printed under; the repr names what comes after, as in Ray.
-            self.node.read_all_output(worker)
+            self.node.processes.read_all_output(worker)
             actor.repr_name = repr_name
         self.node.recorder.created(actor.spec, worker.pid, error_blob is not None)
         if error_blob is not None:
@@ -252,7 +252,7 @@ class Actors:
             actor.restarts_left = 0
             self.actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} died: its constructor raised:\n{cause}"))
-            self.node.send_to_worker(worker, wire(messages.ExitWorker))
+            self.node.processes.send(worker, wire(messages.ExitWorker))
             return
         actor.state = A_ALIVE
         self.record_actor(actor, state=gcs_tables.ALIVE)
@@ -319,9 +319,9 @@ class Actors:
                                       self.node._dep_payloads(spec), ())))
         if frames:
             self.node.task_events.calls_running(started, worker.pid)
-            self.node.send_frames_to_worker(worker, frames)
+            self.node.processes.send_frames(worker, frames)
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
-            self.node.send_to_worker(worker, wire(messages.ExitWorker))
+            self.node.processes.send(worker, wire(messages.ExitWorker))
 
     def actor_call_done(self, worker, task_id, results, retry, started, transitions) -> None:
         actor = self.hosted.get(worker.actor_id)
@@ -336,7 +336,7 @@ class Actors:
         if actor.queue:
             self.pump_actor(actor)  # what waited for this call's end (and ExitWorker after)
         elif actor.death is not None and not actor.inflight:
-            self.node.send_to_worker(worker, wire(messages.ExitWorker))
+            self.node.processes.send(worker, wire(messages.ExitWorker))
 
     # ------------------------------------------------------------------ handles
     # Each node counts its own holders in its record of the actor (the ActorRecord where
@@ -401,7 +401,7 @@ class Actors:
             f"The actor {actor.info['class_name']} went out of scope (no handle is left).")
         actor.restarts_left = 0
         if actor.state == A_ALIVE and not actor.queue and not actor.inflight:
-            self.node.send_to_worker(actor.worker, wire(messages.ExitWorker))
+            self.node.processes.send(actor.worker, wire(messages.ExitWorker))
         elif actor.state == A_PENDING and not actor.queue:
             # Not started and nothing to run. With calls queued (`A.remote().f.remote()`
             # while A waits for a CPU) it starts, runs them, then exits (_pump_actor).
@@ -446,7 +446,7 @@ class Actors:
             self.node.recorder.count("actor_restarts")
             self.record_actor(actor, state=gcs_tables.RESTARTING, restarts=actor.restarts)
             actor.repr_name = None  # the new constructor prints under the class name
-            actor.worker = self.node._start_worker(actor.actor_id)
+            actor.worker = self.node.processes.start(actor.actor_id)
             return
         cause = (actor.kill_cause or "was killed with kill()") if actor.killed else \
             f"process (pid={worker.pid}) died unexpectedly"
@@ -557,7 +557,7 @@ class Actors:
             actor.kill_cause = cause
         worker = actor.worker
         if worker is not None and worker.pid and worker.alive:
-            self.node.kill_worker(worker, "kill()")
+            self.node.processes.kill(worker, "kill()")
         elif actor.state == A_PENDING:
             self.actor_dead(actor, exceptions.ActorDiedError(
                 f"The actor {actor.info['class_name']} {cause or 'was killed with kill()'}."))

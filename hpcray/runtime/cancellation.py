@@ -156,7 +156,7 @@ class Canceller:
         if not worker.alive or not worker.pid:
             return
         if force:  # its death fails the task (node_manager._worker_died)
-            self.node.kill_worker(worker, "cancel(force=True)")
+            self.node.processes.kill(worker, "cancel(force=True)")
             return
         if not first:
             return
@@ -174,20 +174,20 @@ class Canceller:
             if record.state == FINISHED or record.worker is not worker or not worker.alive:
                 return
             if not worker.sigint_after_flush:
-                self.node.signal_worker(worker.pid, signal.SIGINT)
+                self.node.processes.signal(worker.pid, signal.SIGINT)
             self._interrupt_again(record, worker, min(2 * delay, _LAST_RESEND))
         self.node._add_timer(delay, again)
 
     def tell_worker(self, worker, task_id: bytes, interrupt: bool) -> None:
         """CancelTask to the worker, then (`interrupt`) SIGINT, which makes it look at
         once; the signal waits until the message has left this node."""
-        self.node.send_to_worker(worker, wire(messages.CancelTask, task_id))
+        self.node.processes.send(worker, wire(messages.CancelTask, task_id))
         if not interrupt:
             return
         if worker.conn.has_pending_output:
             worker.sigint_after_flush = True
         else:
-            self.node.signal_worker(worker.pid, signal.SIGINT)
+            self.node.processes.signal(worker.pid, signal.SIGINT)
 
     # ------------------------------------------------------------------ actor calls
     def _cancel_actor_call(self, record, where, recursive: bool, route: bool) -> None:

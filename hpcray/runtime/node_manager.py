@@ -17,7 +17,6 @@ lock guards all of its state; both the driver thread and the event loop take it.
 
 from __future__ import annotations
 
-import collections
 import gc
 import heapq
 import itertools
@@ -25,9 +24,7 @@ import logging
 import math
 import os
 import select
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +34,7 @@ from hpcray._scheduler import LocalScheduler
 from hpcray._store import Store
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.gcs.shard import OBJECT_DELETED
-from hpcray.runtime import clock, hops, messages, protocol, sampler
+from hpcray.runtime import clock, hops, messages, sampler
 from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
@@ -45,7 +42,7 @@ from hpcray.runtime.call_sites import CallSites
 from hpcray.runtime.cancellation import Canceller
 from hpcray.runtime.cluster import Network, precise_sleeps
 from hpcray.runtime.generators import Generators, generator_kind
-from hpcray.runtime.job_logs import JobLogs, WorkerStreams
+from hpcray.runtime.job_logs import JobLogs
 from hpcray.runtime.guardian import NoBoard
 from hpcray.runtime.lineage import Lineage, LineagePins
 from hpcray.runtime.node_failures import NodeFailures
@@ -64,6 +61,8 @@ from hpcray.runtime.driver_feed import SUBMIT_BUDGET, DriverFeed
 from hpcray.runtime.recorder import Recorder
 from hpcray.runtime.task_events import TaskEvents
 from hpcray.runtime.unschedulable import Unschedulable
+from hpcray.runtime.worker_processes import (EventSources, WorkerHandle, WorkerProcesses,
+                                             close_fd)
 from hpcray.serialization import error_bytes
 
 log = logging.getLogger("hpcray.node")
@@ -86,36 +85,6 @@ PYTHON_SWITCH_INTERVAL = 0.005  # Python's default
 # driver's process per no-op task): garbage collection 20k of 208k instructions -> 7k.
 NODE_GC_THRESHOLD = 10_000
 PYTHON_GC_THRESHOLD = 700  # Python's default
-
-class WorkerHandle:
-    __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
-                 "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
-                 "calls", "sigint_after_flush", "launched_ms", "ready_ms", "owned_actors",
-                 "retiring", "doomed")
-
-    def __init__(self, key, conn, pipes, actor_id=None):
-        self.key = key
-        self.conn = conn
-        self.pid = None
-        self.alive = True
-        self.ready = False
-        self.task = None          # the TaskRecord a pool worker runs
-        self.functions = set()    # function ids this worker has been sent
-        self.actor_id = actor_id
-        self.pipes = pipes        # {fd: stream name} of its stdout/stderr
-        self.output = WorkerStreams()  # its lines not ended yet, its log files
-        self.started_at = time.monotonic()
-        self.launched_ms = round(time.time() * 1000)  # for list_workers
-        self.ready_ms = None
-        self.interrupt_wait = None  # ends the worker's pending get/wait with an error
-        self.stderr_tail = collections.deque(maxlen=12)  # why it died, if it does
-        self.holds = set()        # ids it holds refs to (its process counts once each)
-        self.calls = None         # {function id: runs} of functions that set max_calls
-        self.sigint_after_flush = False  # a CancelTask waits to go out: signal after it
-        self.owned_actors = None  # ids of the (not detached) actors its process created
-        self.retiring = False     # a pool worker sent ExitWorker: its exit is no death
-        self.doomed = False       # the node SIGKILLed it: no new work until its death shows
-
 
 class NodeManager:
     """One per node: its event loop, its worker processes and the tasks they run; it
@@ -147,40 +116,35 @@ class NodeManager:
         self.lock = threading.Lock()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.functions: dict[bytes, bytes] = {}
-        self.workers: dict[int, WorkerHandle] = {}
         self.driver_refs = LocalReferenceCounter()
         self.driver_refs.on_actor_released = self._wake_always
         # Tasks the driver submitted in a job of several nodes, for this node's thread:
         # the driver never waits for the lock to submit one.
         self.driver_feed = DriverFeed(self, self.driver_refs)
-        self._handlers: dict[int, object] = {}
         self._timers: list = []
         self._thread = None
         self._wakes_held = False   # hold_wakes
         self._wake_pending = False
-        self._worker_keys = itertools.count(1)
         self._timer_seq = itertools.count()
         self._running = True
         self._start_failures = 0
         self.store_name = store_name
         self.spill_dir = spill_directory(config, store_name)
-        self._epoll = select.epoll()
+        self.sources = EventSources(self.rank)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._register(self._wake_r, self._on_wake)
+        self.sources.register(self._wake_r, self._on_wake)
         self.job_logs = JobLogs(config.log_dir, self.rank, cluster.size > 1,
                                 config.log_to_driver, self._actor_log_name)
-        # The fork server first: from the moment the segment exists, a process that
-        # outlives this one (even a SIGKILL) is there to unlink it.
-        self._start_forkserver()
+        self.processes = self._worker_processes()
+        self.workers = self.processes.workers  # key -> WorkerHandle
         try:
             self.store = Store.create(store_name, store_capacity)
         except BaseException:
-            self._forkserver_sock.close()  # it exits at once, and unlinks the name
-            self.forkserver.wait(timeout=10)
+            self.processes.stop_forkserver()  # it exits at once, and unlinks the name
             remove_directory(self.spill_dir)
-            self._epoll.close()
-            _close_fd(self._wake_r)
-            _close_fd(self._wake_w)
+            self.sources.close()
+            close_fd(self._wake_r)
+            close_fd(self._wake_w)
             self.job_logs.close()
             raise
         self._build_parts()
@@ -283,27 +247,19 @@ class NodeManager:
         self._event_loop()
 
     # ------------------------------------------------------------------ start/stop
-    def _start_forkserver(self) -> None:
-        import json
-        # SEQPACKET keeps each request (and the descriptors it carries) a message of its own.
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        job = {"store_name": self.store_name, "job_id": self.job_id.hex(),
-               "node_id": self.node_id.hex(), "resources": self.total_resources,
-               "config": self.config.as_dict(), "driver_pid": os.getpid(),
-               "gpu_uuids": [g.uuid for g in self.node_resources.gpus], "rank": self.rank,
-               "spill_dir": self.spill_dir}
-        env = dict(os.environ, HPCRAY_FORKSERVER_JOB=json.dumps(job),
-                   HPCRAY_FORKSERVER_FD=str(theirs.fileno()))
-        # The driver's sys.path, so workers import the same modules (tests, __main__'s dir).
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
-                                            [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        self.forkserver = subprocess.Popen(
-            [sys.executable, "-m", "hpcray.runtime.forkserver"], pass_fds=[theirs.fileno()],
-            env=env, stdin=subprocess.DEVNULL, start_new_session=False)
-        theirs.close()
-        self._forkserver_sock = ours
-        self._forkserver_ready = threading.Event()
-        self._register(ours.fileno(), self._on_forkserver)
+    def _forkserver_job(self) -> dict:
+        """What the fork server and the workers it forks need to know of this node."""
+        return {"store_name": self.store_name, "job_id": self.job_id.hex(),
+                "node_id": self.node_id.hex(), "resources": self.total_resources,
+                "config": self.config.as_dict(), "driver_pid": os.getpid(),
+                "gpu_uuids": [g.uuid for g in self.node_resources.gpus], "rank": self.rank,
+                "spill_dir": self.spill_dir}
+
+    def _worker_processes(self) -> WorkerProcesses:
+        """The fork server starts here, first: from the moment the store segment exists,
+        a process that outlives this one (even a SIGKILL) is there to unlink it."""
+        return WorkerProcesses(self.rank, self.sources, self.job_logs, self._forkserver_job(),
+                               self.on_worker_messages, self._worker_died)
 
     def wait_forkserver_ready(self, timeout: float) -> bool:
         """Wait until the fork server has imported what workers need (or died).
@@ -312,13 +268,13 @@ class NodeManager:
         milliseconds: otherwise the first actor waits for the server's imports (~1-2 s on
         a loaded host), after init returned, and a program that cancels its first actor
         call "once it has started" (Ray's actors.py) cancels it before it runs."""
-        return self._forkserver_ready.wait(timeout)
+        return self.processes.forkserver_ready.wait(timeout)
 
     def prestart_workers(self, count: int) -> None:
         with self.lock:
             for _ in range(count):
                 self.scheduler.worker_starting()
-                self._start_worker()
+                self.processes.start()
 
     def shutdown(self) -> None:
         """Stop every worker and the fork server, unlink the store. Idempotent."""
@@ -326,19 +282,7 @@ class NodeManager:
             if not self._running:
                 return
             self._running = False
-            busy = []
-            for worker in self.workers.values():
-                if worker.alive and worker.pid and self._busy(worker):
-                    busy.append(worker.pid)
-                elif worker.alive:
-                    worker.conn.send(wire(messages.ExitWorker))
-        # A busy worker reads its ExitWorker only when its task ends: after a Ctrl-C,
-        # maybe never. It goes now (Ray's shutdown kills workers too).
-        for pid in busy:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.processes.ask_to_exit(self._busy)
         os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -347,31 +291,7 @@ class NodeManager:
             sys.setswitchinterval(self._switch_interval)
         if self._gc_threshold is not None and gc.get_threshold()[0] == NODE_GC_THRESHOLD:
             gc.set_threshold(*self._gc_threshold)
-        deadline = time.monotonic() + 2.0
-        pids = [w.pid for w in self.workers.values() if w.alive and w.pid]
-        for pid in pids:
-            while time.monotonic() < deadline and _pid_alive(pid):
-                time.sleep(0.005)
-            if _pid_alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self._read_exit_reports(deadline=time.monotonic() + 1.0)
-        try:
-            self._forkserver_sock.close()  # the fork server reaps its children and exits
-        except OSError:
-            pass
-        try:
-            self.forkserver.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.forkserver.kill()
-            self.forkserver.wait()
-        for worker in self.workers.values():
-            worker.conn.close()
-            for fd, stream_name in worker.pipes.items():
-                _close_fd(fd)
-                self.job_logs.output_ended(worker, stream_name)
+        self.processes.close()
         self.owners.close()
         if self.recorder.sampler is not None:
             self.recorder.sampler.close()
@@ -382,21 +302,12 @@ class NodeManager:
         self.spiller.close()
         Store.unlink_name(self.store_name)
         self.store.close()
-        self._epoll.close()
-        _close_fd(self._wake_r)
-        _close_fd(self._wake_w)
+        self.sources.close()
+        close_fd(self._wake_r)
+        close_fd(self._wake_w)
         log.info("node stopped")
         hops.dump(self.rank)
         self.job_logs.close()
-
-    def _read_exit_reports(self, deadline: float) -> None:
-        """At shutdown: the exit statuses of workers that died while the node ran, so
-        their crash is logged (the fork server reports them as it reaps them)."""
-        sock = self._forkserver_sock
-        while self.job_logs.ran and time.monotonic() < deadline:
-            ready, _, _ = select.select((sock,), (), (), max(0.0, deadline - time.monotonic()))
-            if not ready or not self._on_forkserver_message():
-                return
 
     def _busy(self, worker: WorkerHandle) -> bool:
         """Whether the worker runs a task, an actor call or an actor's constructor."""
@@ -406,17 +317,6 @@ class NodeManager:
         return actor is not None and (bool(actor.inflight) or actor.state != A_ALIVE)
 
     # ------------------------------------------------------------------ event loop
-    def _register(self, fd: int, handler, events=select.EPOLLIN) -> None:
-        self._handlers[fd] = handler
-        self._epoll.register(fd, events)
-
-    def _unregister(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
-
     def _event_loop(self) -> None:
         link, network = self.link, self.network
         if self.transport.needs_polling:  # (one node's loop sleeps until woken)
@@ -436,24 +336,14 @@ class NodeManager:
                 if not self._running:
                     return
                 self.driver_feed.take(SUBMIT_BUDGET)
-                self._handle_events(events)
+                self.sources.dispatch(events)
                 self._run_timers()
                 self.task_events.flush_due()
                 network.poll_cluster(active=bool(events))
 
     def handle_ready_events(self) -> None:
         """Under the lock: what this node's sockets have now (its workers' messages)."""
-        self._handle_events(self._epoll.poll(0))
-
-    def _handle_events(self, events) -> None:
-        for fd, mask in events:
-            handler = self._handlers.get(fd)
-            if handler is not None:
-                try:
-                    handler(fd, mask)
-                except Exception:  # noqa: BLE001 - one bad event must not kill the node
-                    log.exception("rank %d: handling an event on fd %d failed",
-                                  self.rank, fd)
+        self.sources.dispatch(self.sources.epoll.poll(0))
 
     def _wait_for_events(self, timeout: float) -> list:
         """epoll waits whole milliseconds (Python rounds a 50 us timeout up to 1 ms), so
@@ -464,9 +354,10 @@ class NodeManager:
         small pull's receiver notices its end sooner. A small transfer just started
         (`expecting`) is polled for on both sides."""
         if 0 < timeout < 0.001 and (self.transport.expecting or not self.transport.poll_slowly):
-            ready, _, _ = select.select((self._epoll,), (), (), timeout)
-            return self._epoll.poll(0) if ready else []
-        return self._epoll.poll(timeout)
+            epoll = self.sources.epoll
+            ready, _, _ = select.select((epoll,), (), (), timeout)
+            return epoll.poll(0) if ready else []
+        return self.sources.epoll.poll(timeout)
 
     def hold_wakes(self) -> None:
         """Under the lock, from the driver's thread: until `release_wakes`, a wake-up of
@@ -524,111 +415,7 @@ class NodeManager:
         if threading.current_thread() is not self._thread:
             os.write(self._wake_w, b"t")
 
-    def _on_forkserver(self, fd, _mask) -> None:
-        if not self._on_forkserver_message() and self._running:
-            self._forkserver_ready.set()  # nothing to wait for any more
-            self._unregister(fd)
-            log.error("rank %d: the fork server died; no new workers can start", self.rank)
-
-    def _on_forkserver_message(self) -> bool:
-        """Read one report of the fork server; False once it is gone."""
-        try:
-            data = self._forkserver_sock.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        if not data:
-            return False
-        message = messages.record(protocol.decode(data))
-        if type(message) is messages.ForkServerReady:
-            self._forkserver_ready.set()
-        elif type(message) is messages.WorkerExited:
-            worker = self.job_logs.by_pid.get(message.pid)
-            if worker is not None:  # its last words first: the log line quotes them
-                self.read_all_output(worker)
-            self.job_logs.exited(message.pid, message.status)
-        return True
-
     # ------------------------------------------------------------------ workers
-    def _start_worker(self, actor_id: bytes | None = None) -> WorkerHandle:
-        key = next(self._worker_keys)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        protocol.tune(ours)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        request = protocol.encode(wire(messages.ForkWorker, key, actor_id is not None))
-        socket.send_fds(self._forkserver_sock, [request], [theirs.fileno(), out_w, err_w])
-        theirs.close()
-        os.close(out_w)
-        os.close(err_w)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        worker = WorkerHandle(key, protocol.NonBlockingConnection(ours),
-                              {out_r: "stdout", err_r: "stderr"}, actor_id)
-        self.workers[key] = worker
-        self._register(ours.fileno(), lambda fd, mask, w=worker: self._on_worker_socket(w, mask))
-        for fd in (out_r, err_r):
-            self._register(fd, lambda fd, mask, w=worker: self._on_worker_output(w, fd))
-        return worker
-
-    def kill_worker(self, worker: WorkerHandle, why: str) -> None:
-        """SIGKILL one of this node's workers on purpose (kill(), cancel(force=True), a
-        removed placement group). What it sent before it died may still come in before
-        its connection closes: a WorkDone then must not make it idle and given the next
-        task, which would die with it, never having run."""
-        if worker.pid and worker.alive:
-            worker.doomed = True
-            self.job_logs.kill_on_purpose(worker.pid, why)
-            self.signal_worker(worker.pid, signal.SIGKILL)
-
-    def signal_worker(self, pid: int, signum: int) -> None:
-        """Send one of this node's worker processes a signal (kill(), cancel, removal of
-        its placement group); one that is gone already is no error. The simulation's
-        nodes override it: their workers are threads."""
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def send_to_worker(self, worker: WorkerHandle, message) -> None:
-        if worker.conn.send(message):
-            self._wait_writable(worker)
-
-    def send_frames_to_worker(self, worker: WorkerHandle, frames: list) -> None:
-        """Messages already encoded (protocol.encode), in one write: the calls an actor
-        gets in one pass cost one system call, not one each."""
-        if worker.conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames)):
-            self._wait_writable(worker)
-
-    def _wait_writable(self, worker: WorkerHandle) -> None:
-        """Bytes wait in the worker's outbox: flush them when its socket is writable."""
-        try:
-            self._epoll.modify(worker.conn.fileno(), select.EPOLLIN | select.EPOLLOUT)
-        except OSError:
-            pass
-
-    def _on_worker_socket(self, worker: WorkerHandle, mask) -> None:
-        if mask & select.EPOLLOUT:
-            if not worker.conn.flush():
-                try:
-                    self._epoll.modify(worker.conn.fileno(), select.EPOLLIN)
-                except OSError:
-                    pass
-                if worker.sigint_after_flush and worker.alive and worker.pid:
-                    worker.sigint_after_flush = False  # its CancelTask is out (cancellation.py)
-                    self.signal_worker(worker.pid, signal.SIGINT)
-        if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-            return
-        try:
-            messages = worker.conn.receive_ready()
-        except EOFError:
-            self._worker_died(worker)
-            return
-        self.on_worker_messages(worker, messages)
-        if worker.conn.closed and worker.alive:
-            self._worker_died(worker)
-
     def on_worker_messages(self, worker: WorkerHandle, messages) -> None:
         """Handle what a worker sent, in order."""
         handlers = self.worker_handlers
@@ -636,32 +423,6 @@ class NodeManager:
             if message[0] != _HELLO:  # every other message ends with ref transitions
                 _note_holds(worker.holds, message[-1])
             handlers[message[0]](worker, *message[1:])
-
-    def _on_worker_output(self, worker: WorkerHandle, fd: int) -> bool:
-        """Read what the worker wrote on `fd`; False once nothing more is there now."""
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        stream_name = worker.pipes.get(fd)
-        if not data:
-            self._unregister(fd)
-            _close_fd(fd)
-            worker.pipes.pop(fd, None)
-            self.job_logs.output_ended(worker, stream_name)
-            return False
-        if stream_name == "stderr":
-            worker.stderr_tail.extend(data.decode(errors="replace").splitlines())
-        self.job_logs.output(worker, stream_name, data)
-        return True
-
-    def read_all_output(self, worker: WorkerHandle) -> None:
-        """Everything the worker left in its pipes so far: a worker that ended (before
-        saying why it ended), or an actor's before its log prefix changes."""
-        for fd in list(worker.pipes):
-            for _ in range(64):  # bounded: a child it left behind may still be writing
-                if not self._on_worker_output(worker, fd):
-                    break
 
     def _actor_log_name(self, actor_id: bytes) -> str | None:
         """The actor's name in its workers' log prefix: its repr once constructed where its
@@ -682,7 +443,7 @@ class NodeManager:
         else:
             actor = self.actors.get(worker.actor_id)
             if actor is None or actor.state == A_DEAD or actor.killed:  # (killed: it ends)
-                self.send_to_worker(worker, wire(messages.ExitWorker))
+                self.processes.send(worker, wire(messages.ExitWorker))
                 return
             self.actors.send_actor_creation(actor, worker)
 
@@ -690,8 +451,7 @@ class NodeManager:
         if not worker.alive:
             return
         worker.alive = False
-        self._unregister(worker.conn.fileno())
-        worker.conn.close()
+        self.processes.disconnect(worker)
         self.activity.idle(worker.key)
         if not self._running:
             return
@@ -748,7 +508,7 @@ class NodeManager:
     _MAX_START_FAILURES = 3
 
     def _worker_start_failed(self, worker: WorkerHandle) -> None:
-        self.read_all_output(worker)  # what it wrote before dying
+        self.processes.read_all_output(worker)  # what it wrote before dying
         self._start_failures += 1
         if self._start_failures >= self._MAX_START_FAILURES:
             detail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"
@@ -769,12 +529,12 @@ class NodeManager:
             elif kind == "place":
                 self.actors.place_actor(self.actors[action[1]])
             elif kind == "start_worker":
-                self._start_worker()
+                self.processes.start()
             elif kind == "retire":
                 worker = self.workers.get(action[1])
                 if worker is not None and worker.alive:
                     worker.retiring = True
-                    self.send_to_worker(worker, wire(messages.ExitWorker))
+                    self.processes.send(worker, wire(messages.ExitWorker))
         self._arm_retire_timer()
 
     def _arm_retire_timer(self) -> None:
@@ -860,7 +620,7 @@ class NodeManager:
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
             function = self.functions.get(spec.function_id)
-        self.send_to_worker(worker, wire(messages.RunTask, spec, function, self._dep_payloads(spec),
+        self.processes.send(worker, wire(messages.RunTask, spec, function, self._dep_payloads(spec),
                                                       record.gpu_ids))
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
@@ -882,7 +642,7 @@ class NodeManager:
                                    self._reached_max_calls(worker, spec))
         if retire and not worker.doomed:
             worker.retiring = True
-            self.send_to_worker(worker, wire(messages.ExitWorker))
+            self.processes.send(worker, wire(messages.ExitWorker))
         if retry and record.retries_left != 0 and not record.cancelled:
             record.retries_left -= 1
             self.recorder.count("retries")
@@ -990,31 +750,6 @@ def _note_holds(holds: set, transitions) -> None:
             holds.add(key)
         else:
             holds.discard(key)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        if waited:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
-
-
-def _close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 # Every message of the node's channels has exactly one handler among its parts.

@@ -468,7 +468,7 @@ class Bundles:
                 node._fail_task(record, error)
             elif record.state == RUNNING and record.worker is not None:
                 record.retries_left = 0  # its worker dies now: WorkerCrashedError
-                node.kill_worker(record.worker, "the removal of its placement group")
+                node.processes.kill(record.worker, "the removal of its placement group")
 
     def end_actors(self, group_id: bytes) -> None:
         for actor in [a for a in self.actors.values() if _in(a.spec, group_id)]:

@@ -18,7 +18,7 @@ from hpcray.runtime.specs import ACTOR_CREATION
 log = logging.getLogger("hpcray.node")
 
 if TYPE_CHECKING:
-    from hpcray.runtime.node_manager import WorkerHandle
+    from hpcray.runtime.worker_processes import WorkerHandle
 
 
 class WorkerRequests:
@@ -42,7 +42,7 @@ class WorkerRequests:
             getattr(self, "op_" + op)(worker, *args)
         except Exception as exc:  # noqa: BLE001 - the node goes on; the worker is told
             log.exception("rank %d: %s from pid=%s failed", self.rank, op, worker.pid)
-            self.node.send_to_worker(worker, wire(messages.Reply, 0, False, exc))
+            self.node.processes.send(worker, wire(messages.Reply, 0, False, exc))
         self.objects.apply_transitions(transitions)
 
     def on_request(self, worker: WorkerHandle, request_id: int, op: str, args: tuple,
@@ -51,11 +51,11 @@ class WorkerRequests:
         try:
             getattr(self, "op_" + op)(worker, request_id, *args)
         except Exception as exc:  # noqa: BLE001 - the worker re-raises it at its call site
-            self.node.send_to_worker(worker, wire(messages.Reply, request_id, False, exc))
+            self.node.processes.send(worker, wire(messages.Reply, request_id, False, exc))
 
     def reply(self, worker, request_id: int, value) -> None:
         if worker.alive:
-            self.node.send_to_worker(worker, wire(messages.Reply, request_id, True, value))
+            self.node.processes.send(worker, wire(messages.Reply, request_id, True, value))
 
     # ------------------------------------------------------------------ one-way
     def op_submit(self, worker, spec, parent_id: bytes | None) -> None:
@@ -167,7 +167,7 @@ class WorkerRequests:
             if worker.interrupt_wait is interrupt:
                 worker.interrupt_wait = None
             if worker.alive:
-                self.node.send_to_worker(worker, wire(messages.Reply, request_id, ok, value))
+                self.node.processes.send(worker, wire(messages.Reply, request_id, ok, value))
 
         def interrupt(error) -> None:
             answer(error, ok=False)
@@ -217,7 +217,7 @@ class WorkerRequests:
                 self.objects.cancel_waiter(object_ids, waiter)
                 self.set_blocked(worker, False)
                 if worker.alive:
-                    self.node.send_to_worker(worker, wire(messages.Reply, request_id, False, error))
+                    self.node.processes.send(worker, wire(messages.Reply, request_id, False, error))
 
         waiter = self.objects.register_get(object_ids, num_returns, finish, local)
         if waiter is None:

@@ -41,7 +41,8 @@ from hpcray.resources import detect_node_resources
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.cluster import ClusterLink
 from hpcray.runtime.messages import Hello
-from hpcray.runtime.node_manager import NodeManager, WorkerHandle
+from hpcray.runtime.node_manager import NodeManager
+from hpcray.runtime.worker_processes import WorkerHandle, WorkerProcesses
 from hpcray.runtime.protocol import _FRAME
 from hpcray.runtime.worker import Worker
 
@@ -342,6 +343,40 @@ class NodeConnection:
 
 
 # ---------------------------------------------------------------------------- nodes
+class SimProcesses(WorkerProcesses):
+    """A node's worker processes as the simulator's threads: no fork server, no pipes."""
+
+    def __init__(self, node: SimNode, sources, job_logs):
+        super().__init__(node.rank, sources, job_logs, node.job_dict, node.on_worker_messages,
+                         node._worker_died)
+        self.node = node
+
+    def _start_forkserver(self, job: dict) -> None:
+        self.forkserver = None
+
+    def start(self, actor_id: bytes | None = None) -> WorkerHandle:
+        key = next(self.keys)
+        node = self.node
+        process = node.sim.start_process(node, f"n{node.rank}w{key}", _worker_body(
+            node.job_dict, key, actor_id is not None))
+        worker = WorkerHandle(key, NodeConnection(process), {}, actor_id)
+        process.handle = worker
+        self.workers[key] = worker
+        return worker
+
+    def signal(self, pid: int, signum: int) -> None:
+        """SIGKILL ends the worker's thread at its next read, after what it sent already
+        (as a socket's buffered bytes outlive the process); the node then sees its
+        connection close (the "eof" event). Other signals (a cancel's SIGINT) are not
+        simulated: the simulated tasks never run long enough to be interrupted."""
+        if signum != signal.SIGKILL:
+            return
+        node = self.node
+        for process in node.sim.processes:
+            if process.pid == pid and process.node is node and process.state != "done":
+                process.sigkilled = process.killed = True
+
+
 class SimNode(NodeManager):
     """A real NodeManager whose worker processes are SimProcesses and whose event loop
     is the simulator (no fork server, no epoll waits, no timers that fire)."""
@@ -365,28 +400,8 @@ class SimNode(NodeManager):
         self.job_dict["resources"] = self.total_resources
 
     # What the real node does with processes and its event loop, done by the simulator.
-    def _start_forkserver(self) -> None:
-        self.forkserver = None
-
-    def _start_worker(self, actor_id: bytes | None = None) -> WorkerHandle:
-        key = next(self._worker_keys)
-        process = self.sim.start_process(self, f"n{self.rank}w{key}", _worker_body(
-            self.job_dict, key, actor_id is not None))
-        worker = WorkerHandle(key, NodeConnection(process), {}, actor_id)
-        process.handle = worker
-        self.workers[key] = worker
-        return worker
-
-    def signal_worker(self, pid: int, signum: int) -> None:
-        """SIGKILL ends the worker's thread at its next read, after what it sent already
-        (as a socket's buffered bytes outlive the process); the node then sees its
-        connection close (the "eof" event). Other signals (a cancel's SIGINT) are not
-        simulated: the simulated tasks never run long enough to be interrupted."""
-        if signum != signal.SIGKILL:
-            return
-        for process in self.sim.processes:
-            if process.pid == pid and process.node is self and process.state != "done":
-                process.sigkilled = process.killed = True
+    def _worker_processes(self) -> SimProcesses:
+        return SimProcesses(self, self.sources, self.job_logs)
 
     def _wake(self) -> None:
         pass
@@ -420,7 +435,7 @@ class SimNode(NodeManager):
         self.spiller.close()
         Store.unlink_name(self.store_name)
         self.store.close()
-        self._epoll.close()
+        self.sources.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 
