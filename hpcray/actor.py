@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+from typing import TypeVar, Union
 
 from hpcray import context, ids, options as opts
 from hpcray.object_ref import _note_pickled
@@ -12,11 +14,27 @@ from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, TaskSpec
 from hpcray import object_ref as _object_ref
 
 
-def method(*, num_returns=None, max_task_retries=None,
+T = TypeVar("T")
+
+# What `ActorClass[T].remote()` returns, for annotations (`ActorProxy[Counter]`), as in
+# Ray: its methods' calls type-check as the class's methods.
+ActorProxy = Union["ActorHandle[T]", type[T]]
+
+
+def method(*args, num_returns=None, max_task_retries=None,
            _generator_backpressure_num_objects=None, **_ray_only):
     """`@hpcray.method(num_returns=n, max_task_retries=m)` on an actor method, as
     `ray.method` (also its `_generator_backpressure_num_objects`): the method's own
-    defaults, before its call's `.options()`."""
+    defaults, before its call's `.options()`. Bare, `@hpcray.method` marks a method for
+    type checkers and changes nothing, as in Ray."""
+    if args:
+        if len(args) != 1 or not callable(args[0]) or _ray_only or any(
+                value is not None for value in (num_returns, max_task_retries,
+                                                _generator_backpressure_num_objects)):
+            raise TypeError("The @ray.method decorator must be applied using no arguments "
+                            "or keyword arguments only, for example "
+                            "'@ray.method(num_returns=2)'.")
+        return args[0]
     if num_returns is not None:
         opts.check({"num_returns": num_returns}, {"num_returns"}, "ray.method")
     if max_task_retries is not None:
@@ -63,6 +81,9 @@ def _describe(cls) -> dict:
 
 
 class ActorClass:
+    # Generic in the class it makes actors of, for annotations: `ActorClass[Counter]`.
+    __class_getitem__ = classmethod(types.GenericAlias)
+
     def __init__(self, cls, options: dict, class_id: bytes | None = None):
         self._cls = cls
         self._options = options
@@ -172,6 +193,8 @@ class _ActorOptions:
 
 class ActorHandle:
     """A handle to an actor: pass it anywhere, call `handle.method.remote(...)`."""
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # `ActorHandle[Counter]`
 
     def __init__(self, actor_id: bytes, info: dict, _owned: bool = False):
         self._actor_id = actor_id

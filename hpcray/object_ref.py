@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import types
 
 
 class LocalReferenceCounter:
@@ -113,6 +114,7 @@ class ObjectRef:
     """A reference to an object in hpcray: a task's return value or a `put` value."""
 
     __slots__ = ("_id", "_counter", "__weakref__")
+    __class_getitem__ = classmethod(types.GenericAlias)  # `ObjectRef[int]`, as in Ray
 
     def __init__(self, object_id: bytes, _owned: bool = False):
         self._id = object_id

@@ -190,6 +190,33 @@ def test_method_num_returns_decorator_and_options(ray_shared):
     assert hpcray.get(s.pair.remote(0)) == (1, 2)
 
 
+
+@pytest.mark.timeout(60)
+def test_typed_actor_bare_method_decorator_and_generic_annotations(ray_shared):
+    # Ray's actors page: `@ray.method` bare, `ray.remote(Class)`, and the annotations
+    # ActorClass[C], ActorProxy[C], ray.ObjectRef[int] evaluated at run time.
+    from hpcray.actor import ActorClass, ActorHandle, ActorProxy
+
+    class Typed:
+        def __init__(self):
+            self.value = 0
+
+        @hpcray.method
+        def increment(self) -> int:
+            self.value += 1
+            return self.value
+
+    TypedActor: ActorClass[Typed] = hpcray.remote(Typed)
+    typed: ActorProxy[Typed] = TypedActor.remote()
+    ref: hpcray.ObjectRef[int] = typed.increment.remote()
+    assert hpcray.get(ref) == 1
+    # Annotations of local variables are not evaluated: at a module's top level they are.
+    assert ActorClass[Typed].__origin__ is ActorClass
+    assert ActorHandle[Typed].__origin__ is ActorHandle
+    assert ActorProxy[Typed] is not None and hpcray.ObjectRef[int].__origin__ is hpcray.ObjectRef
+    with pytest.raises(TypeError):
+        hpcray.method(lambda self: 0, num_returns=2)
+
 # ---------------------------------------------------------------- concurrency
 @pytest.mark.timeout(60)
 def test_async_actor_runs_calls_concurrently(ray_shared):
