@@ -127,20 +127,32 @@ def program_text(name: str, commit: str, sha: str) -> str:
     return data.decode()
 
 
-def run(argv: list[str], cwd: Path) -> tuple[int, str]:
+def run(argv: list[str], cwd: Path, stderr_apart: bool = False):
+    """Run a program with `import ray` answered by hpcray: (exit status, output), or with
+    stderr_apart (exit status, stdout, stderr)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(SHIM)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+                            stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+        output, errors = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(argv[-2:])} ran over {RUN_TIMEOUT} s; output:\n{output}")
+        output, errors = proc.communicate()
+        pytest.fail(f"{' '.join(argv[-2:])} ran over {RUN_TIMEOUT} s; output:\n{output}"
+                    f"{errors or ''}")
+    if stderr_apart:
+        return proc.returncode, output, errors
     return proc.returncode, output
+
+
+def argv_for(name: str, variant: str) -> list[str]:
+    """How a program runs: on one node, or as a 3-rank job."""
+    if variant == ONE:
+        return [sys.executable, name]
+    return [str(MPIEXEC), "-n", "3", sys.executable, "-m", "hpcray", name]
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
@@ -159,12 +171,8 @@ def test_ray_doc_program(name, variant, tmp_path, request):
         pytest.skip("slow: run with -m slow")
     program = tmp_path / name
     program.write_text(text)
-    if variant == ONE:
-        argv = [sys.executable, name]
-    else:
-        argv = [str(MPIEXEC), "-n", "3", sys.executable, "-m", "hpcray", name]
     before = set(os.listdir("/dev/shm"))
-    code, output = run(argv, tmp_path)
+    code, output = run(argv_for(name, variant), tmp_path)
     assert code == 0, f"exit status {code}; output:\n{output}"
     assert "Traceback (most recent call last)" not in output, output
     for expected in EXPECTED_OUTPUT.get(name, ()):
