@@ -219,6 +219,39 @@ def test_typed_actor_bare_method_decorator_and_generic_annotations(ray_shared):
 
 # ---------------------------------------------------------------- concurrency
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["async", "threaded", "serial"])
+def test_call_waiting_for_its_argument_holds_back_only_a_serial_actor(ray_shared, kind):
+    # Ray's page "Actor Task Execution Order": an async or threaded actor runs a later
+    # call whose arguments are ready before an earlier one still waiting for its own; a
+    # serial actor runs them in submission order.
+    @hpcray.remote
+    def delayed(value):
+        time.sleep(1)
+        return value
+
+    class Adder:
+        def __init__(self):
+            self.value = 0
+
+        def add(self, addition):
+            self.value += addition
+            return self.value
+
+    class AsyncAdder(Adder):
+        async def add(self, addition):
+            self.value += addition
+            return self.value
+
+    cls, options = {"async": (AsyncAdder, {}), "threaded": (Adder, {"max_concurrency": 2}),
+                    "serial": (Adder, {})}[kind]
+    adder = hpcray.remote(cls).options(**options).remote()
+    first = adder.add.remote(delayed.remote(1))
+    second = adder.add.remote(2)
+    expected = [3, 2] if kind != "serial" else [1, 3]
+    assert hpcray.get([first, second]) == expected
+
+
+@pytest.mark.timeout(60)
 def test_async_actor_runs_calls_concurrently(ray_shared):
     n = 8
 

@@ -2,10 +2,11 @@
 
 Calls to an actor queue here in submission order and are sent to its process as soon
 as their arguments are ready (the process runs them one at a time, or concurrently for
-threaded and async actors). When the process dies the actor restarts (re-running its
-constructor) while `max_restarts` allows, retrying the calls it was running while
-`max_task_retries` allows; otherwise every pending and future call fails with
-`ActorDiedError`.
+threaded and async actors); an actor that runs one call at a time gets them in submission
+order, an async or threaded one whenever each one's arguments are ready, as in Ray.
+When the process dies the actor restarts (re-running its constructor) while
+`max_restarts` allows, retrying the calls it was running while `max_task_retries` allows;
+otherwise every pending and future call fails with `ActorDiedError`.
 """
 
 from __future__ import annotations
@@ -299,16 +300,28 @@ class Actors:
             self.router.pump_remote_actor(self.remote_actors[actor_id])
 
     def pump_actor(self, actor: ActorRecord) -> None:
-        """Send the actor, in submission order, every call whose arguments are ready."""
+        """Send the actor, in submission order, every call whose arguments are ready: a
+        serial actor's calls wait behind an earlier call whose arguments are not; an async
+        or threaded actor's do not (Ray promises those no order: its page "Actor Task
+        Execution Order")."""
         if actor.state != A_ALIVE or actor.killed:  # a killed one's calls fail at its end
             return
         worker = actor.worker
         if worker.doomed:  # kill(no_restart=False): its calls wait for the restart
             return
         queue = actor.queue
+        if actor.serial:
+            ready = []
+            while queue and queue[0].pending_deps == 0:
+                ready.append(queue.popleft())
+        else:
+            ready = [record for record in queue if record.pending_deps == 0]
+            if ready:
+                waiting = [record for record in queue if record.pending_deps != 0]
+                queue.clear()
+                queue.extend(waiting)
         frames, started = [], []
-        while queue and queue[0].pending_deps == 0:
-            record = queue.popleft()
+        for record in ready:
             if record.cancelled:
                 continue
             record.state = RUNNING
