@@ -73,6 +73,37 @@ def loads_callable(data: bytes):
     return cloudpickle.loads(pickled)
 
 
+# This process's serializers for classes it cannot change (`ray.util.register_serializer`):
+# class -> reducer. Per process, as in Ray: a worker that needs one registers it itself.
+_registered: dict = {}
+
+
+class _ValuePickler(cloudpickle.Pickler):
+    dispatch_table = collections.ChainMap(_registered, cloudpickle.Pickler.dispatch_table)
+
+
+def dumps_value(value, buffer_callback=None) -> bytes:
+    """cloudpickle with protocol 5, and this process's registered serializers."""
+    if not _registered:
+        return cloudpickle.dumps(value, protocol=5, buffer_callback=buffer_callback)
+    out = io.BytesIO()
+    _ValuePickler(out, protocol=5, buffer_callback=buffer_callback).dump(value)
+    return out.getvalue()
+
+
+def register_serializer(cls: type, *, serializer, deserializer) -> None:
+    """Pickle instances of `cls` as `deserializer(serializer(obj))` in this process (Ray's
+    `ray.util.register_serializer`); a second call for a class replaces the first."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_serializer takes a class, not {cls!r}")
+    _registered[cls] = lambda obj: (deserializer, (serializer(obj),))
+
+
+def deregister_serializer(cls: type) -> None:
+    """Forget `cls`'s serializer in this process (nothing happens if it has none)."""
+    _registered.pop(cls, None)
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
@@ -92,7 +123,7 @@ class ErrorValue:
 def make_error_value(error: BaseException) -> ErrorValue:
     """An ErrorValue that is sure to pickle: an unpicklable cause is replaced by its text."""
     try:
-        cloudpickle.dumps(error)
+        dumps_value(error)
         return ErrorValue(error)
     except Exception:  # noqa: BLE001 - any pickling failure
         from hpcray.exceptions import RayTaskError
@@ -105,7 +136,7 @@ def make_error_value(error: BaseException) -> ErrorValue:
 
 def error_bytes(error: BaseException) -> bytes:
     """An inline value that makes `get` raise `error`."""
-    return cloudpickle.dumps(make_error_value(error), protocol=5)
+    return dumps_value(make_error_value(error))
 
 
 class SerializedValue:
@@ -152,13 +183,13 @@ def serialize(value, inline_threshold: int) -> SerializedValue:
     contained = begin_collecting_refs()
     try:
         buffers: list = []
-        pickled = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        pickled = dumps_value(value, buffers.append)
     finally:
         end_collecting_refs()
     buffers = [b.raw() for b in buffers]
     if buffers and sum(b.nbytes for b in buffers) + len(pickled) < inline_threshold:
         # Small arrays: in-band is cheaper than a store round trip.
-        pickled = cloudpickle.dumps(value, protocol=5)
+        pickled = dumps_value(value)
         buffers = []
     return SerializedValue(pickled, buffers, contained)
 

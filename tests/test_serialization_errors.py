@@ -228,3 +228,64 @@ def test_an_unpicklable_result_names_the_task_the_value_and_what_to_do(ray_start
     with pytest.raises(TypeError, match=r"Could not serialize the return value .*of task "
                                         r"Keeper.lock(.|\n)*keep locks, open files"):
         ray_start.get(Keeper.remote().lock.remote())
+
+
+@pytest.mark.timeout(120)
+def test_registered_serializers_and_inspect_serializability(ray_start, capsys):
+    # Ray's serialization page: ray.util.register_serializer / deregister_serializer (a
+    # class's serializer, per process) and ray.util.inspect_serializability.
+    from hpcray.util import deregister_serializer, inspect_serializability, register_serializer
+
+    class Locked:
+        def __init__(self, x):
+            self.x = x
+            self.lock = threading.Lock()
+
+    with pytest.raises(TypeError):
+        ray_start.get(ray_start.put(Locked(1)))
+    register_serializer(Locked, serializer=lambda a: a.x, deserializer=Locked)
+    try:
+        assert ray_start.get(ray_start.put(Locked(7))).x == 7
+    finally:
+        deregister_serializer(Locked)
+    with pytest.raises(TypeError):
+        ray_start.get(ray_start.put(Locked(1)))
+    deregister_serializer(Locked)  # none registered: nothing happens
+
+    class LockedError(Exception):
+        def __init__(self, message, data):
+            super().__init__(message)
+            self.message, self.data = message, data
+            self.lock = threading.Lock()
+
+    def to_state(exc):
+        return {"message": exc.message, "data": str(exc.data)}
+
+    def from_state(state):
+        return LockedError(state["message"], state["data"])
+
+    @ray_start.remote
+    def raises():
+        register_serializer(LockedError, serializer=to_state, deserializer=from_state)
+        raise LockedError("went wrong", {"complex": "data"})
+
+    register_serializer(LockedError, serializer=to_state, deserializer=from_state)
+    try:
+        with pytest.raises(ray_start.exceptions.RayTaskError) as error:
+            ray_start.get(raises.remote())
+    finally:
+        deregister_serializer(LockedError)
+    cause = error.value.cause
+    assert type(cause).__name__ == "LockedError" and cause.message == "went wrong"
+    assert cause.data == "{'complex': 'data'}"
+
+    lock = threading.Lock()
+
+    def uses_lock():
+        print(lock)
+
+    ok, failures = inspect_serializability(uses_lock, name="uses_lock")
+    assert not ok and [f.name for f in failures] == ["lock"]
+    assert [f.obj for f in failures] == [lock]
+    assert inspect_serializability(to_state) == (True, set())
+    assert "Checking Serializability of" in capsys.readouterr().out
