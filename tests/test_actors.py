@@ -219,11 +219,14 @@ def test_typed_actor_bare_method_decorator_and_generic_annotations(ray_shared):
 
 # ---------------------------------------------------------------- concurrency
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["anywhere", "rank1"])
 @pytest.mark.parametrize("kind", ["async", "threaded", "serial"])
-def test_call_waiting_for_its_argument_holds_back_only_a_serial_actor(ray_shared, kind):
+def test_call_waiting_for_its_argument_holds_back_only_a_serial_actor(ray_shared, kind,
+                                                                      where):
     # Ray's page "Actor Task Execution Order": an async or threaded actor runs a later
     # call whose arguments are ready before an earlier one still waiting for its own; a
-    # serial actor runs them in submission order.
+    # serial actor runs them in submission order. "rank1": the actor on another node
+    # than its caller's (as 3 ranks), where the caller's node holds the calls back.
     @hpcray.remote
     def delayed(value):
         time.sleep(1)
@@ -244,7 +247,10 @@ def test_call_waiting_for_its_argument_holds_back_only_a_serial_actor(ray_shared
 
     cls, options = {"async": (AsyncAdder, {}), "threaded": (Adder, {"max_concurrency": 2}),
                     "serial": (Adder, {})}[kind]
+    if where == "rank1":
+        options = dict(options, scheduling_strategy=_on_rank(1))
     adder = hpcray.remote(cls).options(**options).remote()
+    hpcray.get(adder.add.remote(0))  # placed: its node is known before the calls
     first = adder.add.remote(delayed.remote(1))
     second = adder.add.remote(2)
     expected = [3, 2] if kind != "serial" else [1, 3]

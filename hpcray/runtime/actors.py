@@ -32,6 +32,24 @@ A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
 KILL_HOPS = 3
 
 
+def take_ready(queue: collections.deque, in_order: bool) -> list:
+    """The calls of `queue` whose arguments are ready, taken off it: with `in_order` (a
+    serial actor) only those before the first that waits for an argument."""
+    if in_order:
+        ready = []
+        while queue and queue[0].pending_deps == 0:
+            ready.append(queue.popleft())
+        return ready
+    ready = [record for record in queue if record.pending_deps == 0]
+    if len(ready) == len(queue):
+        queue.clear()
+    elif ready:
+        waiting = [record for record in queue if record.pending_deps != 0]
+        queue.clear()
+        queue.extend(waiting)
+    return ready
+
+
 def kill_route(host: int | None, here: int, hops: int, known: bool) -> str:
     """What a node that does not host an actor does with a kill of it: "send" it to
     `host` (where the node last knew the actor to be), "broadcast" it, "drop" it, or
@@ -222,7 +240,8 @@ class Actors:
         actor.worker = self.node.processes.start(actor.actor_id)
         # Every node learns where to send its calls.
         self.cluster.actor_locations[actor.actor_id] = self.rank
-        self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank))
+        self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank,
+                                  not actor.serial))
         self.record_actor(actor, node=self.rank)
 
     def send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
@@ -310,18 +329,8 @@ class Actors:
         if worker.doomed:  # kill(no_restart=False): its calls wait for the restart
             return
         queue = actor.queue
-        if actor.serial:
-            ready = []
-            while queue and queue[0].pending_deps == 0:
-                ready.append(queue.popleft())
-        else:
-            ready = [record for record in queue if record.pending_deps == 0]
-            if ready:
-                waiting = [record for record in queue if record.pending_deps != 0]
-                queue.clear()
-                queue.extend(waiting)
         frames, started = [], []
-        for record in ready:
+        for record in take_ready(queue, actor.serial):
             if record.cancelled:
                 continue
             record.state = RUNNING

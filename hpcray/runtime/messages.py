@@ -280,9 +280,12 @@ class PullDirect(NamedTuple):
 # ---------------------------------------------------------------- control: actors
 @_on("control")
 class ActorAt(NamedTuple):
-    """the actor's node -> every node: send its calls to `rank`."""
+    """the actor's node -> every node: send its calls to `rank`; `concurrent`: it runs
+    calls concurrently (async or threaded), so a call whose arguments are ready need not
+    wait behind an earlier one whose arguments are not (Ray orders only serial actors)."""
     actor_id: bytes
     rank: int
+    concurrent: bool = False
 
 
 @_on("control")

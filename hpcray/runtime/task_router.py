@@ -23,7 +23,7 @@ from hpcray._scheduler import LOCALITY_BYTES, SpillPolicy
 from hpcray.options import InGroup, NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
-from hpcray.runtime.actors import A_DEAD, RemoteActor
+from hpcray.runtime.actors import A_DEAD, RemoteActor, take_ready
 from hpcray.runtime.object_table import IN_STORE, READY, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
@@ -388,7 +388,8 @@ class TaskRouter:
             self.node._resolve_deps(record, lambda _r: self.pump_remote_actor(remote))
 
     def pump_remote_actor(self, remote) -> None:
-        """Send the host, in submission order, every call whose arguments exist."""
+        """Send the host every call whose arguments exist: in submission order, behind
+        any whose arguments do not yet, unless the actor runs calls concurrently."""
         if remote.host is None:
             return
         queue = remote.queue
@@ -400,8 +401,8 @@ class TaskRouter:
                 self.task_failed_remotely(record.spec, exceptions.ActorDiedError(
                     f"The actor of {record.spec.name} died with its node."))
             return
-        while queue and queue[0].pending_deps == 0:
-            record = queue.popleft()
+        in_order = remote.actor_id not in self.link.concurrent_actors
+        for record in take_ready(queue, in_order):
             if record.cancelled:
                 self.actors.actor_decref(remote.actor_id)
                 continue
@@ -431,8 +432,11 @@ class TaskRouter:
         self.with_function(spec.function_id, ids.owner_rank(spec.actor_id),
                             lambda: self.actors.host_actor(spec))
 
-    def on_actor_at(self, source: int, actor_id: bytes, rank: int) -> None:
+    def on_actor_at(self, source: int, actor_id: bytes, rank: int,
+                    concurrent: bool = False) -> None:
         self.link.actor_locations[actor_id] = rank
+        if concurrent:
+            self.link.concurrent_actors.add(actor_id)
         if source in self.link.placed:  # rank 0 under ULFM: its placement arrived
             self.link.placed[source].pop(actor_id, None)
         remote = self.actors.remote_actors.get(actor_id)
