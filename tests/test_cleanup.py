@@ -360,3 +360,45 @@ def test_python_m_hpcray_on_one_node_ends_on_a_signal_with_128_plus_it(tmp_path,
     assert "finally ran" in out
     assert all(_gone(pid) for pid in workers)
     assert took < 15, f"{took:.1f} s to end"  # the issue asks 3 s; the machine is shared
+
+
+# ---------------------------------------------------------------- what a worker started
+@pytest.mark.timeout(60)
+def test_processes_a_worker_started_die_with_it(ray_start):
+    """Ray's per-worker process groups (user-spawn-processes page): what a task or actor
+    started and left running is killed when its worker ends, even by SIGKILL; a process
+    that left the group (setsid) is the user's to manage."""
+
+    @hpcray.remote
+    class Spawner:
+        def start(self, own_session=False):
+            return subprocess.Popen(["sleep", "600"], start_new_session=own_session).pid
+
+        def die(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wait_gone(pid, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return _gone(pid)
+
+    actor = Spawner.remote()
+    child = hpcray.get(actor.start.remote())
+    detached = hpcray.get(actor.start.remote(own_session=True))
+    try:
+        assert not _gone(child)
+        actor.die.remote()
+        assert wait_gone(child), "the actor's child outlived its SIGKILLed worker"
+        assert not _gone(detached), "a process in its own session is the user's"
+
+        killed = Spawner.remote()
+        child = hpcray.get(killed.start.remote())
+        hpcray.kill(killed)
+        assert wait_gone(child), "the actor's child outlived ray.kill"
+    finally:
+        for pid in (child, detached):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

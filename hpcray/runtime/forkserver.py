@@ -7,6 +7,11 @@ Each request (messages.ForkWorker) carries the worker's socket and its stdout/st
 pipes (SCM_RIGHTS); it tells the node how each worker ended (WorkerExited), so a crash
 is logged with its signal or exit status (job_logs.py).
 
+Each worker leads its own process group, and when it ends, however it ends (SIGKILL
+included), whatever is left in that group is killed: the processes the user's code started
+and did not wait for (Ray's per-worker process groups, `RAY_process_group_cleanup_enabled`,
+on by default; a process that calls setsid() leaves the group and is left alone, as in Ray).
+
 It is also the job's undertaker: when the driver goes away (its socket closes, even
 after SIGKILL), it kills every worker it made, unlinks the node's store segment and
 removes its spill folder, so no process, /dev/shm segment or spill file outlives the job.
@@ -46,12 +51,24 @@ def _reap(children: set, control: socket.socket | None = None) -> None:
         if pid == 0:
             return
         children.discard(pid)
+        _kill_group(pid)
         if control is not None:
             try:  # never block in a signal handler: the node reads its socket promptly
                 control.send(protocol.encode(wire(messages.WorkerExited, pid, status)),
                              socket.MSG_DONTWAIT)
             except OSError:
                 pass
+
+
+def _kill_group(pid: int) -> None:
+    """Kill what is left of the process group of a worker that ended (reaped: `pid`).
+    Safe after the reap: the kernel hands out no pid that is still a group's id, so the
+    group is the worker's, or there is none (ESRCH: it died before its setpgid, or no
+    process was left in it)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_all(children: set) -> None:
@@ -128,6 +145,7 @@ def main() -> None:
             if pid == 0:
                 code = 1
                 try:
+                    os.setpgid(0, 0)  # its own group, killed when it ends (_kill_group)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.signal(signal.SIGTERM, worker_sigterm)
                     _set_parent_death_signal(libc, signal.SIGKILL)
