@@ -9,7 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
+
+import hpcray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -282,3 +285,32 @@ def test_log_to_driver_false_silences_workers(tmp_path):
     assert "DONE" in out
     assert "should not appear" not in out
     assert "nor this" not in err
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_is_titled_by_what_it_runs(ray_start):
+    """Ray's process titles (its miscellaneous page asserts, in a task named special_f,
+    `psutil.Process().cmdline()[0] == "ray::special_f"`): the task or actor method while
+    it runs, `ray::IDLE` or the actor's class between calls; the fork server's arguments
+    stay after the title, so ps still tells hpcray's workers."""
+
+    @hpcray.remote
+    def title():
+        return psutil.Process().cmdline()[0], os.getpid()
+
+    @hpcray.remote
+    class Titled:
+        def title(self):
+            return psutil.Process().cmdline()[0], os.getpid()
+
+    # A task's default name is its function's qualified name, as in its log lines.
+    assert hpcray.get(title.remote())[0] == \
+        "ray::test_a_worker_is_titled_by_what_it_runs.<locals>.title"
+    name, pid = hpcray.get(title.options(name="special_f").remote())
+    assert name == "ray::special_f"
+    assert psutil.Process(pid).cmdline()[:3] == ["ray::IDLE", "-m", "hpcray.runtime.forkserver"]
+    actor = Titled.remote()
+    name, pid = hpcray.get(actor.title.remote())
+    assert name == "ray::Titled.title"
+    assert psutil.Process(pid).cmdline()[0] == "ray::Titled"
+    assert hpcray.get(actor.title.options(name="custom").remote())[0] == "ray::custom"

@@ -121,6 +121,8 @@ def main() -> None:
             pass
         from hpcray.runtime import worker as worker_module
         setup_hook = _load_setup_hook(job["config"].get("setup_hook"))
+        from hpcray.runtime import proctitle
+        proctitle.measure(["-m", "hpcray.runtime.forkserver"])  # its workers' titles
         # What every worker inherits stays out of its collections (never garbage: modules,
         # classes, numpy's): a worker's collection walks its own objects only, and does
         # not write the inherited pages (copy-on-write).

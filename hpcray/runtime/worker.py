@@ -24,7 +24,7 @@ import cloudpickle
 from hpcray import context, exceptions, ids, object_ref
 from hpcray.object_ref import LocalReferenceCounter, ObjectRef
 from hpcray.options import InGroup
-from hpcray.runtime import clock, protocol, task_output
+from hpcray.runtime import clock, proctitle, protocol, task_output
 from hpcray.runtime.client import WorkerChannel, WorkerClient
 from hpcray.runtime.messages import (ActorReady, CreateActor, ExitWorker, Hello, ItemReady,
                                      RunTask, WorkDone, wire)
@@ -98,6 +98,8 @@ class Worker:
         self.actor_mode = None      # "sync", "threaded" or "async" once an actor
         self.cancel_hint = False    # a SIGINT came: look for a CancelTask before a call
         self.local = threading.local()
+        self.idle_title = "ray::IDLE"  # its title between calls (proctitle.py); an actor's
+        proctitle.set_title(self.idle_title)  # is its class's once it is created
         self.current_task = task_output.CurrentTask()  # names a pool worker's output lines
         context.set_worker(self)
 
@@ -453,7 +455,11 @@ class Worker:
             self.channel.send_done(WorkDone, spec.task_id,
                                    _error_results(spec, _cancel_error(spec, False)), False, None)
             return
+        # What ps shows, as Ray's workers: a task's name as its log lines give it.
+        proctitle.set_title("ray::" + (spec.name if self.actor is not None
+                                       else self.current_task.name()))
         results, retry = self._execute(spec, function, dep_payloads)
+        proctitle.set_title(self.idle_title)
         _flush_std()
         self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
@@ -491,6 +497,8 @@ class Worker:
                 self.actor_mode = "threaded"
                 self._start_threaded_actor(options["max_concurrency"])
         blob = None if error is None else error_bytes(error)
+        self.idle_title = "ray::" + spec.name
+        proctitle.set_title(self.idle_title)
         self.channel.send_done(ActorReady, spec.actor_id, blob,
                                None if error is not None else _repr_name(self.actor))
 
@@ -511,11 +519,13 @@ class Worker:
                                    _error_results(spec, _cancel_error(spec, False)), False, None)
             return
         started = clock.now()
+        proctitle.set_title("ray::" + spec.name)  # (as Ray: the call that started last)
         try:
             function = getattr(self.actor, spec.method)
             results, retry = self._execute(spec, function, dep_payloads)
         except BaseException as exc:  # noqa: BLE001
             results, retry = _error_results(spec, exc), False
+        proctitle.set_title(self.idle_title)
         self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
     def _start_async_actor(self, max_concurrency: int) -> None:
@@ -533,6 +543,7 @@ class Worker:
         async def run_call(spec, dep_payloads):
             started = clock.now()
             calls[spec.task_id] = asyncio.current_task()
+            proctitle.set_title("ray::" + spec.name)  # (as Ray: the call that started last)
             try:
                 if spec.task_id in self.channel.cancelled_tasks:
                     raise asyncio.CancelledError()
@@ -541,6 +552,8 @@ class Worker:
                 results, retry = _error_results(spec, _cancel_error(spec, False)), False
             finally:
                 del calls[spec.task_id]
+                if not calls:
+                    proctitle.set_title(self.idle_title)
             self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
         async def run_call_body(spec, dep_payloads):

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from hpcray.runtime import messages, protocol
+from hpcray.runtime import messages, proctitle, protocol
 from hpcray.runtime.job_logs import WorkerStreams
 from hpcray.runtime.messages import wire
 
@@ -128,7 +128,8 @@ class WorkerProcesses:
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
                                             [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.forkserver = subprocess.Popen(
-            [sys.executable, "-m", "hpcray.runtime.forkserver"], pass_fds=[theirs.fileno()],
+            [sys.executable, "-m", "hpcray.runtime.forkserver", proctitle.ROOM],
+            pass_fds=[theirs.fileno()],
             env=env, stdin=subprocess.DEVNULL, start_new_session=False)
         theirs.close()
         self.forkserver_sock = ours
