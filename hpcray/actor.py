@@ -21,15 +21,16 @@ T = TypeVar("T")
 ActorProxy = Union["ActorHandle[T]", type[T]]
 
 
-def method(*args, num_returns=None, max_task_retries=None,
+def method(*args, num_returns=None, max_task_retries=None, concurrency_group=None,
            _generator_backpressure_num_objects=None, **_ray_only):
-    """`@hpcray.method(num_returns=n, max_task_retries=m)` on an actor method, as
-    `ray.method` (also its `_generator_backpressure_num_objects`): the method's own
-    defaults, before its call's `.options()`. Bare, `@hpcray.method` marks a method for
-    type checkers and changes nothing, as in Ray."""
+    """`@hpcray.method(num_returns=n, max_task_retries=m, concurrency_group="io")` on an
+    actor method, as `ray.method` (also its `_generator_backpressure_num_objects`): the
+    method's own defaults, before its call's `.options()`. Bare, `@hpcray.method` marks a
+    method for type checkers and changes nothing, as in Ray."""
     if args:
         if len(args) != 1 or not callable(args[0]) or _ray_only or any(
                 value is not None for value in (num_returns, max_task_retries,
+                                                concurrency_group,
                                                 _generator_backpressure_num_objects)):
             raise TypeError("The @ray.method decorator must be applied using no arguments "
                             "or keyword arguments only, for example "
@@ -41,6 +42,8 @@ def method(*args, num_returns=None, max_task_retries=None,
         opts.check({"max_task_retries": max_task_retries}, {"max_task_retries"}, "ray.method")
     limit = opts.backpressure_of(
         {"_generator_backpressure_num_objects": _generator_backpressure_num_objects})
+    if concurrency_group is not None and not isinstance(concurrency_group, str):
+        raise TypeError(f"concurrency_group must be a str, got {concurrency_group!r}.")
 
     def decorate(function):
         if num_returns is not None:
@@ -49,6 +52,8 @@ def method(*args, num_returns=None, max_task_retries=None,
             function.__hpcray_backpressure__ = limit
         if max_task_retries is not None:
             function.__hpcray_max_task_retries__ = max_task_retries
+        if concurrency_group:
+            function.__hpcray_concurrency_group__ = concurrency_group
         return function
     return decorate
 
@@ -57,6 +62,7 @@ def _describe(cls) -> dict:
     methods = {}
     backpressure = {}
     method_retries = {}  # a method's own max_task_retries (@method), over the actor's
+    method_groups = {}   # a method's concurrency group (@method), checked at creation
     is_async = False
     for name, member in inspect.getmembers(cls):
         if not callable(member) or (name.startswith("__") and name != "__call__"):
@@ -69,6 +75,9 @@ def _describe(cls) -> dict:
         retries = getattr(member, "__hpcray_max_task_retries__", None)
         if retries is not None:
             method_retries[name] = retries
+        group = getattr(member, "__hpcray_concurrency_group__", None)
+        if group is not None:
+            method_groups[name] = group
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     methods.setdefault("__ray_ready__", 1)  # added in the worker (worker._create_actor)
@@ -77,6 +86,8 @@ def _describe(cls) -> dict:
         info["backpressure"] = backpressure
     if method_retries:  # method -> its max_task_retries
         info["method_retries"] = method_retries
+    if method_groups:  # method -> its concurrency group
+        info["method_groups"] = method_groups
     return info
 
 
@@ -104,6 +115,8 @@ class ActorClass:
 
     def options(self, **actor_options) -> _ActorOptions:
         opts.check(actor_options, opts.ACTOR_OPTIONS, f"actor {self.__name__}")
+        if "concurrency_groups" in actor_options:  # as Ray: only in @remote
+            raise ValueError("Setting 'concurrency_groups' is not supported in '.options()'.")
         return _ActorOptions(self, {**self._options, **actor_options})
 
     def remote(self, *args, **kwargs) -> ActorHandle:
@@ -123,9 +136,15 @@ class ActorClass:
             if self._pickled is None:
                 self._pickled = _pickle_callable(self._cls, "actor class", self.__name__)
             client.export_function(self._class_id, self._pickled)
+        groups = opts.concurrency_groups_of(options.get("concurrency_groups"),
+                                            self._info.get("method_groups", {}),
+                                            self.__name__)
         actor_id = ids.new_actor_id()
-        # What every handle of this actor carries: its callers resolve each call's retries.
+        # What every handle of this actor carries: its callers resolve each call's retries
+        # (and check the concurrency group a call names).
         info = {**self._info, "max_task_retries": options.get("max_task_retries") or 0}
+        if groups:
+            info["concurrency_groups"] = groups
         if context.worker is not None and options.get("lifetime") != "detached":
             info["owner_checked"] = True  # it dies with this process (runtime/owners.py)
         if name is not None:
@@ -154,6 +173,9 @@ class ActorClass:
             "max_restarts": options.get("max_restarts") or 0,
             "max_task_retries": options.get("max_task_retries") or 0,
             "max_concurrency": options.get("max_concurrency"),
+            # group -> its max concurrency: each its own executor (worker.py); the node
+            # sends such an actor its calls at once (actors.py, ActorRecord.serial)
+            "concurrency_groups": info.get("concurrency_groups"),
             "scheduling_strategy": opts.strategy_of(options, context.group),
         }
         env_vars = opts.env_vars_of(options.get("runtime_env"))
@@ -258,7 +280,21 @@ class ActorMethod:
                                   "retry_exceptions", "concurrency_group",
                                   "_generator_backpressure_num_objects"},
                    f"actor method {self._qualname}")
+        group = call_options.get("concurrency_group")
+        if group:  # (None or "": the method's own group, as in Ray)
+            self._check_group(group)
         return _MethodOptions(self, call_options)
+
+    def _check_group(self, group) -> None:
+        """A call's concurrency group must be one of its actor's. Ray's actor process
+        dies of a failed check when it is not; here the call is refused where it is made."""
+        if not isinstance(group, str):
+            raise TypeError(f"concurrency_group must be a str, got {group!r}.")
+        groups = self._handle._info.get("concurrency_groups") or {}
+        if group not in groups:
+            raise ValueError(f"Actor {self._handle._info['class_name']} has no concurrency "
+                             f"group {group!r}: its groups are {sorted(groups)}; leave "
+                             "concurrency_group out for the method's own group.")
 
     def remote(self, *args, **kwargs):
         return self._remote(args, kwargs, None)
@@ -293,6 +329,9 @@ class ActorMethod:
                 limit = self._handle._info.get("backpressure", {}).get(self._name)
             if limit is not None and generator == "streaming":
                 call_options["backpressure"] = limit
+        if options and options.get("concurrency_group"):  # else the method's own
+            call_options = {**(call_options or {}),
+                            "concurrency_group": options["concurrency_group"]}
         if info.get("owner_checked") and not ids.made_here(self._actor_id):
             # Another process made the actor, and it dies with that process: the call
             # must not run if that process is dead by now (runtime/owners.py).

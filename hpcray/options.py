@@ -101,10 +101,42 @@ def check(options: dict, allowed: set, what: str) -> dict:
                     for e in retry_exceptions)):
         raise ValueError("retry_exceptions must be either a boolean or a list of exception "
                          f"classes, got {retry_exceptions!r}.")
+    groups = options.get("concurrency_groups")
+    if groups is not None and not isinstance(groups, (dict, list)):
+        raise TypeError("The type of keyword 'concurrency_groups' must be (<class 'list'>, "
+                        "<class 'dict'>, <class 'NoneType'>), but received type "
+                        f"{type(groups)}")
     lifetime = options.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {lifetime!r}.")
     return options
+
+
+def concurrency_groups_of(groups, method_groups: dict, class_name: str) -> dict | None:
+    """An actor's `concurrency_groups` checked, when it is created (Ray checks them then
+    too): group name -> its max concurrency; None for none. `method_groups`: method ->
+    the group its `@method(concurrency_group=...)` names, each of which must be one."""
+    if groups is not None and not isinstance(groups, dict):
+        raise TypeError(f"concurrency_groups of actor {class_name} must be a dict of group "
+                        f"name to its max concurrency, got {type(groups).__name__}.")
+    checked = {}
+    for name, size in (groups or {}).items():
+        if not isinstance(name, str):
+            raise TypeError(f"A concurrency group's name must be a str, got {name!r} "
+                            f"(actor {class_name}).")
+        if not isinstance(size, (int, float)):  # Ray takes 2.0 (and 2.5, as 2)
+            raise TypeError(f"The max concurrency of concurrency group {name!r} of actor "
+                            f"{class_name} must be an int, got {size!r}.")
+        if size < 1:
+            raise ValueError(f"The max concurrency of concurrency group {name!r} of actor "
+                             f"{class_name} must be >= 1, got {size!r}.")
+        checked[name] = int(size)
+    for method_name, group in method_groups.items():
+        if group not in checked:
+            raise ValueError(f"Method {class_name}.{method_name} is in concurrency group "
+                             f"{group!r}, which the actor does not define: its "
+                             f"concurrency_groups are {sorted(checked)}.")
+    return checked or None
 
 
 def backpressure_of(options: dict) -> int | None:

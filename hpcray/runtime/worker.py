@@ -490,26 +490,42 @@ class Worker:
         options = spec.options
         self.actor_mode = "sync"
         if error is None:
-            if options["info"].get("is_async"):
+            info = options["info"]
+            groups = _Groups(options.get("concurrency_groups"), info.get("method_groups"))
+            if info.get("is_async"):
                 self.actor_mode = "async"
-                self._start_async_actor(options.get("max_concurrency") or 1000)
-            elif (options.get("max_concurrency") or 1) > 1:
+                self._start_async_actor(options.get("max_concurrency") or 1000, groups)
+            elif (options.get("max_concurrency") or 1) > 1 or groups.sizes:
                 self.actor_mode = "threaded"
-                self._start_threaded_actor(options["max_concurrency"])
+                self._start_threaded_actor(options.get("max_concurrency") or 1, groups)
         blob = None if error is None else error_bytes(error)
         self.idle_title = "ray::" + spec.name
         proctitle.set_title(self.idle_title)
         self.channel.send_done(ActorReady, spec.actor_id, blob,
                                None if error is not None else _repr_name(self.actor))
 
-    def _start_threaded_actor(self, max_concurrency: int) -> None:
+    def _start_threaded_actor(self, max_concurrency: int, groups: _Groups) -> None:
+        """A pool of threads per concurrency group, the default group's of
+        `max_concurrency`: a group's calls beyond its size wait in its pool's queue, and
+        a group whose threads are all busy holds up no other group (as Ray's)."""
         pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="hpcray-actor")
+        if groups.sizes:
+            pools = {name: ThreadPoolExecutor(size, thread_name_prefix=f"hpcray-actor-{name}")
+                     for name, size in groups.sizes.items()}
+            group_of = groups.group_of
 
-        def dispatch(message):
-            if message[0] != _RUN_TASK:
-                return False
-            pool.submit(self._run_concurrent_call, *message[1:])
-            return True
+            def dispatch(message):
+                if message[0] != _RUN_TASK:
+                    return False
+                pools.get(group_of(message[1]), pool).submit(self._run_concurrent_call,
+                                                             *message[1:])
+                return True
+        else:
+            def dispatch(message):
+                if message[0] != _RUN_TASK:
+                    return False
+                pool.submit(self._run_concurrent_call, *message[1:])
+                return True
 
         self.channel.start_reader(dispatch)
 
@@ -528,9 +544,15 @@ class Worker:
         proctitle.set_title(self.idle_title)
         self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
-    def _start_async_actor(self, max_concurrency: int) -> None:
-        loop = asyncio.new_event_loop()
-        semaphore = None
+    def _start_async_actor(self, max_concurrency: int, groups: _Groups) -> None:
+        """An event loop in a thread of its own per concurrency group (as Ray's), the
+        default group's running at most `max_concurrency` calls at once, each other group
+        at most its size: a call that blocks its loop (a sync method) holds up only its
+        own group."""
+        # group (None: the default) -> [its loop, its semaphore (made in the loop)]
+        loops = {None: [asyncio.new_event_loop(), None, max_concurrency]}
+        for name, size in (groups.sizes or {}).items():
+            loops[name] = [asyncio.new_event_loop(), None, size]
         calls: dict = {}  # task id -> the asyncio.Task running that call
 
         def cancel_call(task_id) -> None:  # Ray's cancel of an async call: asyncio's
@@ -538,16 +560,22 @@ class Worker:
             if call is not None:
                 call.cancel()
 
-        self.channel.on_cancel = lambda task_id: loop.call_soon_threadsafe(cancel_call, task_id)
+        def on_cancel(task_id) -> None:
+            # Each loop looks (the call may be in any, or not yet begun: run_call looks at
+            # cancelled_tasks once it has registered itself in `calls`).
+            for loop, _semaphore, _size in loops.values():
+                loop.call_soon_threadsafe(cancel_call, task_id)
 
-        async def run_call(spec, dep_payloads):
+        self.channel.on_cancel = on_cancel
+
+        async def run_call(spec, dep_payloads, group):
             started = clock.now()
             calls[spec.task_id] = asyncio.current_task()
             proctitle.set_title("ray::" + spec.name)  # (as Ray: the call that started last)
             try:
                 if spec.task_id in self.channel.cancelled_tasks:
                     raise asyncio.CancelledError()
-                results, retry = await run_call_body(spec, dep_payloads)
+                results, retry = await run_call_body(spec, dep_payloads, group)
             except asyncio.CancelledError:  # before it ran (or after: its own catch)
                 results, retry = _error_results(spec, _cancel_error(spec, False)), False
             finally:
@@ -556,10 +584,10 @@ class Worker:
                     proctitle.set_title(self.idle_title)
             self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 
-        async def run_call_body(spec, dep_payloads):
-            nonlocal semaphore
+        async def run_call_body(spec, dep_payloads, group):
+            semaphore = group[1]
             if semaphore is None:
-                semaphore = asyncio.Semaphore(max_concurrency)
+                semaphore = group[1] = asyncio.Semaphore(group[2])
             async with semaphore:
                 _running_call.set([spec.task_id])  # this call's asyncio task only
                 retry_on = False
@@ -593,15 +621,43 @@ class Worker:
                     exc.__traceback__ = None  # no cycle through this frame (see _execute)
             return results, retry
 
+        group_of = groups.group_of
+
         def dispatch(message):
             if message[0] != _RUN_TASK:
                 return False
             spec, _function, dep_payloads, _gpu = message[1:]
-            loop.call_soon_threadsafe(lambda: loop.create_task(run_call(spec, dep_payloads)))
+            group = loops.get(group_of(spec)) or loops[None]
+            loop = group[0]
+            loop.call_soon_threadsafe(
+                lambda: loop.create_task(run_call(spec, dep_payloads, group)))
             return True
 
-        threading.Thread(target=loop.run_forever, name="hpcray-async-actor", daemon=True).start()
+        for name, (loop, _semaphore, _size) in loops.items():
+            # (thread names as Ray's: "AsyncIO Thread: io")
+            threading.Thread(target=loop.run_forever, daemon=True,
+                             name=f"AsyncIO Thread: {name or 'default'}").start()
         self.channel.start_reader(dispatch)
+
+
+class _Groups:
+    """An actor's concurrency groups, as its worker routes calls to them."""
+
+    __slots__ = ("sizes", "method_groups")
+
+    def __init__(self, sizes: dict | None, method_groups: dict | None):
+        self.sizes = sizes or None        # group -> its max concurrency
+        self.method_groups = method_groups or {}  # method -> its group (@method)
+
+    def group_of(self, spec) -> str | None:
+        """A call's group: the one its `.options()` named, else its method's, else None
+        (the default group)."""
+        options = spec.options
+        if options:
+            group = options.get("concurrency_group")
+            if group:
+                return group
+        return self.method_groups.get(spec.method)
 
 
 def _thread_call() -> list:
