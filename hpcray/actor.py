@@ -173,9 +173,6 @@ class ActorClass:
             "max_restarts": options.get("max_restarts") or 0,
             "max_task_retries": options.get("max_task_retries") or 0,
             "max_concurrency": options.get("max_concurrency"),
-            # group -> its max concurrency: each its own executor (worker.py); the node
-            # sends such an actor its calls at once (actors.py, ActorRecord.serial)
-            "concurrency_groups": info.get("concurrency_groups"),
             "scheduling_strategy": opts.strategy_of(options, context.group),
         }
         env_vars = opts.env_vars_of(options.get("runtime_env"))
@@ -183,6 +180,10 @@ class ActorClass:
             spec_options["env_vars"] = env_vars
         if context.env_vars is not None:  # its creator's runtime_env is its own too (Ray)
             spec_options = opts.inherit_env_vars(spec_options, context.env_vars)
+        if "concurrency_groups" in info:
+            # group -> its max concurrency: each its own executor (worker.py); the node
+            # sends such an actor its calls at once (actors.py, ActorRecord.serial)
+            spec_options["concurrency_groups"] = info["concurrency_groups"]
         budget = opts.actor_backpressure_of(options)
         if budget is not None:  # its generator methods share it (runtime/generator_budget.py)
             spec_options["generator_budget"] = budget
