@@ -32,14 +32,17 @@ A_PENDING, A_STARTING, A_ALIVE, A_RESTARTING, A_DEAD = range(5)
 KILL_HOPS = 3
 
 
-def take_ready(queue: collections.deque, in_order: bool) -> list:
-    """The calls of `queue` whose arguments are ready, taken off it: with `in_order` (a
-    serial actor) only those before the first that waits for an argument."""
-    if in_order:
+def take_ready(queue: collections.deque, in_order) -> list:
+    """The calls of `queue` whose arguments are ready, taken off it: with `in_order` True
+    (a serial actor) only those before the first that waits for an argument; with a
+    `GroupOrder` (a sync actor with concurrency groups) the same within each group."""
+    if in_order is True:
         ready = []
         while queue and queue[0].pending_deps == 0:
             ready.append(queue.popleft())
         return ready
+    if in_order:
+        return _take_ready_by_group(queue, in_order)
     ready = [record for record in queue if record.pending_deps == 0]
     if len(ready) == len(queue):
         queue.clear()
@@ -48,6 +51,49 @@ def take_ready(queue: collections.deque, in_order: bool) -> list:
         queue.clear()
         queue.extend(waiting)
     return ready
+
+
+def _take_ready_by_group(queue: collections.deque, group_of) -> list:
+    ready, waiting, blocked = [], [], set()
+    for record in queue:
+        group = group_of(record)
+        if group in blocked:
+            waiting.append(record)
+        elif record.pending_deps == 0:
+            ready.append(record)
+        else:
+            blocked.add(group)
+            waiting.append(record)
+    if ready:
+        queue.clear()
+        queue.extend(waiting)
+    return ready
+
+
+class GroupOrder:
+    """The calls of a sync actor (max_concurrency 1) with concurrency groups run in
+    submission order within each group, and in none across groups (as Ray 2.60: a call
+    waiting for its argument holds back the later calls of its group only): a call's group
+    as `take_ready` sees it, as the worker routes it (worker._Groups)."""
+
+    __slots__ = ("method_groups",)
+
+    def __init__(self, method_groups: dict | None):
+        self.method_groups = method_groups or {}
+
+    def __call__(self, record) -> str | None:
+        return call_group(record.spec, self.method_groups)
+
+
+def call_group(spec, method_groups: dict) -> str | None:
+    """A call's concurrency group: the one its `.options()` named, else its method's
+    (`@method`), else None (the default group)."""
+    options = spec.options
+    if options:
+        group = options.get("concurrency_group")
+        if group:
+            return group
+    return method_groups.get(spec.method)
 
 
 def kill_route(host: int | None, here: int, hops: int, known: bool) -> str:
@@ -96,7 +142,7 @@ class ActorRecord(ActorHandles):
 
     __slots__ = ("actor_id", "spec", "state", "worker", "queue", "inflight", "restarts_left",
                  "restarts", "name", "info", "death", "killed", "kill_cause", "gpu_ids",
-                 "placed", "serial", "repr_name")
+                 "placed", "serial", "in_order", "repr_name")
 
     def __init__(self, spec: TaskSpec, info: dict):
         super().__init__(spec.actor_id)
@@ -118,8 +164,13 @@ class ActorRecord(ActorHandles):
         self.placed = False
         self.repr_name = None   # repr() of the instance, its log prefix (Ray's actor repr)
         # runs one call at a time (no async methods, no threads): see submit_actor_call
-        self.serial = (not info.get("is_async") and spec.options.get("max_concurrency") in (None, 1)
-                       and not spec.options.get("concurrency_groups"))
+        one_at_a_time = (not info.get("is_async")
+                         and spec.options.get("max_concurrency") in (None, 1))
+        self.serial = one_at_a_time and not spec.options.get("concurrency_groups")
+        # how pump_actor takes calls (take_ready): all in order, in order per concurrency
+        # group (a GroupOrder), or in no order (async, max_concurrency > 1: as Ray)
+        self.in_order = self.serial or (
+            GroupOrder(info.get("method_groups")) if one_at_a_time else False)
 
 
 class RemoteActor(ActorHandles):
@@ -240,8 +291,11 @@ class Actors:
         actor.worker = self.node.processes.start(actor.actor_id)
         # Every node learns where to send its calls.
         self.cluster.actor_locations[actor.actor_id] = self.rank
+        in_order = actor.in_order
         self.peers.broadcast(wire(messages.ActorAt, actor.actor_id, self.rank,
-                                  not actor.serial))
+                                  not actor.serial,
+                                  in_order.method_groups if type(in_order) is GroupOrder
+                                  else None))
         self.record_actor(actor, node=self.rank)
 
     def send_actor_creation(self, actor: ActorRecord, worker: WorkerHandle) -> None:
@@ -330,7 +384,7 @@ class Actors:
             return
         queue = actor.queue
         frames, started = [], []
-        for record in take_ready(queue, actor.serial):
+        for record in take_ready(queue, actor.in_order):
             if record.cancelled:
                 continue
             record.state = RUNNING

@@ -95,6 +95,8 @@ class ClusterLink:
         self.pulls: dict = {}   # tag -> (holder, [(object_id, entry, view)], header, transfer)
         self.actor_locations: dict[bytes, int] = {}
         self.concurrent_actors: set[bytes] = set()  # of them, those that run calls at once
+        # of those, sync ones with concurrency groups: id -> actors.GroupOrder
+        self.group_orders: dict = {}
         self.function_waiters: dict[bytes, list] = {}
         self.received = 0          # tasks the global scheduler placed here, so far
         self.actor_cpus = 0.0      # CPUs this node's live actors hold (Actors.place_actor)

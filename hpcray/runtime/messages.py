@@ -282,10 +282,13 @@ class PullDirect(NamedTuple):
 class ActorAt(NamedTuple):
     """the actor's node -> every node: send its calls to `rank`; `concurrent`: it runs
     calls concurrently (async or threaded), so a call whose arguments are ready need not
-    wait behind an earlier one whose arguments are not (Ray orders only serial actors)."""
+    wait behind an earlier one whose arguments are not (Ray orders only serial actors);
+    `groups` (method -> concurrency group), a sync actor with concurrency groups: it
+    does within each group (actors.GroupOrder)."""
     actor_id: bytes
     rank: int
     concurrent: bool = False
+    groups: dict | None = None
 
 
 @_on("control")

@@ -23,7 +23,7 @@ from hpcray._scheduler import LOCALITY_BYTES, SpillPolicy
 from hpcray.options import InGroup, NodeAffinity
 from hpcray.runtime import messages
 from hpcray.runtime.messages import wire
-from hpcray.runtime.actors import A_DEAD, RemoteActor, take_ready
+from hpcray.runtime.actors import A_DEAD, GroupOrder, RemoteActor, take_ready
 from hpcray.runtime.object_table import IN_STORE, READY, REMOTE, ObjectEntry
 from hpcray.runtime.specs import ACTOR_CALL, QUEUED, RUNNING, TaskRecord
 from hpcray.serialization import error_bytes
@@ -402,6 +402,8 @@ class TaskRouter:
                     f"The actor of {record.spec.name} died with its node."))
             return
         in_order = remote.actor_id not in self.link.concurrent_actors
+        if not in_order:  # (a GroupOrder: in order within each concurrency group)
+            in_order = self.link.group_orders.get(remote.actor_id, False)
         for record in take_ready(queue, in_order):
             if record.cancelled:
                 self.actors.actor_decref(remote.actor_id)
@@ -433,10 +435,12 @@ class TaskRouter:
                             lambda: self.actors.host_actor(spec))
 
     def on_actor_at(self, source: int, actor_id: bytes, rank: int,
-                    concurrent: bool = False) -> None:
+                    concurrent: bool = False, groups: dict | None = None) -> None:
         self.link.actor_locations[actor_id] = rank
         if concurrent:
             self.link.concurrent_actors.add(actor_id)
+        if groups is not None:
+            self.link.group_orders[actor_id] = GroupOrder(groups)
         if source in self.link.placed:  # rank 0 under ULFM: its placement arrived
             self.link.placed[source].pop(actor_id, None)
         remote = self.actors.remote_actors.get(actor_id)

@@ -650,8 +650,7 @@ class _Groups:
         self.method_groups = method_groups or {}  # method -> its group (@method)
 
     def group_of(self, spec) -> str | None:
-        """A call's group: the one its `.options()` named, else its method's, else None
-        (the default group)."""
+        """A call's group (None: the default), as its node sees it (actors.call_group)."""
         options = spec.options
         if options:
             group = options.get("concurrency_group")
