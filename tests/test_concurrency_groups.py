@@ -2,7 +2,8 @@
 Groups"): each group runs at most its size of calls at once, in its own threads (a
 threaded actor) or its own event loop thread (an async actor); a full or blocked group
 holds up no other; methods without a group are in the default group, of the actor's
-max_concurrency.
+max_concurrency; a sync actor keeps each group's calls in submission order, not across
+groups.
 
 Each call of `Gate.enter` counts itself running in the group it names and then waits
 for a token that the test hands out one at a time (`release`); the test waits, through

@@ -3,7 +3,8 @@
 Calls to an actor queue here in submission order and are sent to its process as soon
 as their arguments are ready (the process runs them one at a time, or concurrently for
 threaded and async actors); an actor that runs one call at a time gets them in submission
-order, an async or threaded one whenever each one's arguments are ready, as in Ray.
+order, an async or threaded one whenever each one's arguments are ready, a sync one with
+concurrency groups in submission order within each group, as in Ray.
 When the process dies the actor restarts (re-running its constructor) while
 `max_restarts` allows, retrying the calls it was running while `max_task_retries` allows;
 otherwise every pending and future call fails with `ActorDiedError`.
