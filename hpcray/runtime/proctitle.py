@@ -28,6 +28,7 @@ ROOM = " " * 96
 _area: tuple[int, int] | None = None  # (address, size) of this process's argv area
 _tail = b""  # what follows the title: the fork server's arguments, NUL-separated
 _current: str | None = None
+_written: dict[str, bytes] = {}  # title -> the area's bytes for it
 
 
 def measure(keep: list[str]) -> None:
@@ -56,13 +57,27 @@ def set_title(title: str) -> None:
     if _area is None or title == _current:
         return
     _current = title
-    _write(title.encode(errors="replace"))
+    data = _written.get(title)
+    if data is None:  # each title's bytes are built once: a worker sets two per call
+        if len(_written) >= 1024:
+            _written.clear()
+        data = _written[title] = _padded(title.encode(errors="replace"))
+    if data:
+        ctypes.memmove(_area[0], data, _area[1])
 
 
 def _write(head: bytes) -> None:
-    address, size = _area
+    data = _padded(head)
+    if data:
+        ctypes.memmove(_area[0], data, _area[1])
+
+
+def _padded(head: bytes) -> bytes:
+    """The whole area's new bytes: `head` (cut to the room), the tail, NULs ("" when the
+    area has no room)."""
+    size = _area[1]
     room = size - len(_tail) - 1  # the area's last byte stays NUL: the kernel stops there
     if room <= 0:
-        return
+        return b""
     data = head[:room] + _tail
-    ctypes.memmove(address, data + b"\0" * (size - len(data)), size)
+    return data + b"\0" * (size - len(data))

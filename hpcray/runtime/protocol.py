@@ -55,6 +55,10 @@ class BlockingConnection:
         with self._send_lock:
             self.sock.sendall(data)
 
+    def buffered(self) -> bool:
+        """Whether bytes of a next message were received already (recv may not wait)."""
+        return len(self._inbox) > self._pos
+
     def recv(self):
         """The next message; EOFError when the peer is gone."""
         if not self._inbox:  # the usual case: one whole message per receive, no copy

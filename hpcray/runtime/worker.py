@@ -459,7 +459,9 @@ class Worker:
         proctitle.set_title("ray::" + (spec.name if self.actor is not None
                                        else self.current_task.name()))
         results, retry = self._execute(spec, function, dep_payloads)
-        proctitle.set_title(self.idle_title)
+        channel = self.channel
+        if not (channel.backlog or channel.conn.buffered()):  # idle next, unless more came
+            proctitle.set_title(self.idle_title)  # (calls that came in one read: 0 writes)
         _flush_std()
         self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
 

@@ -300,6 +300,9 @@ class ProcessConnection:
             process.block("waiting")
         return process.inbox.popleft()
 
+    def buffered(self) -> bool:
+        return bool(self.process.inbox)
+
     def recv_nowait(self):
         inbox = self.process.inbox
         return inbox.popleft() if inbox and not self.process.sigkilled else None
