@@ -485,6 +485,10 @@ def serve_ranks(transport, make_node) -> int:
         early: list = []
         go = messages.record(_next_lifecycle_message(transport, want=messages.Go,
                                                      others=early))
+        if type(go) is messages.Exit:  # another rank's node failed to start: no job
+            node.shutdown()
+            _skip_finalize = not go.finalize
+            return int(go.code)
         unlink_mpi_segments()  # rank 0 had every rank's Started: each opened them
         with node.lock:
             node.set_cluster_nodes(go.nodes)

@@ -384,6 +384,20 @@ def test_uncaught_driver_exception_ends_every_rank(tmp_path):
     assert "driver failed on purpose" in out
 
 
+def test_a_node_that_cannot_start_ends_the_job_cleanly(tmp_path):
+    # Rank 2's node fails to start (a malformed resource list of its own); rank 1's had
+    # started and waited for the job: it got Exit instead and crashed on it (an
+    # AttributeError traceback), found when a suite ran while a file was being edited.
+    out = run_mpi(tmp_path, 3, """
+        import hpcray as ray
+        ray.init(num_cpus=1)
+        print("NOT REACHED")
+    """, expect_code=1, timeout=60, env={"HPCRAY_RESOURCES_RANK_2": "[1]"})
+    assert "could not start node 2" in out and "must be a JSON object" in out
+    assert "NOT REACHED" not in out
+    assert "AttributeError" not in out and out.count("Traceback") == 1, out
+
+
 def test_nested_tasks_across_nodes(tmp_path):
     out = run_mpi(tmp_path, 3, """
         import hpcray as ray
