@@ -10,6 +10,7 @@ import pytest
 
 import hpcray
 from hpcray import context, exceptions
+from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from hpcray.util.state import (RayStateApiException, get_actor, get_log, get_node,
                                get_objects, get_task, get_worker, list_actors, list_logs,
                                list_nodes, list_objects, list_tasks, list_workers,
@@ -49,7 +50,12 @@ def test_list_tasks_follows_a_task_from_submission_to_free(ray_start, tmp_path):
     done = quick.options(name="quick").remote()
     assert hpcray.get(done) == 1
     running = wait_for_file.options(name="running").remote(str(go))
-    waiting = wait_for_file.options(name="waiting", num_cpus=2).remote(str(go))
+    # On this node, behind "running" (on several ranks another node's 2 free CPUs would
+    # run it whenever the forward arrived: RUNNING or PENDING by timing).
+    here = NodeAffinitySchedulingStrategy(hpcray.get_runtime_context().get_node_id(),
+                                          soft=False)
+    waiting = wait_for_file.options(name="waiting", num_cpus=2,
+                                    scheduling_strategy=here).remote(str(go))
     wait_for(lambda: states_by_name().get("running") == "RUNNING", "RUNNING")
     states = states_by_name()
     assert states == {"quick": "FINISHED", "running": "RUNNING", "waiting": "PENDING"}, states
