@@ -7,7 +7,6 @@ classes arrive pickled once and are cached by id.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import inspect
 import os
@@ -263,10 +262,12 @@ class Worker:
                     raise _Cancelled()
             outcome = function(*args, **kwargs)
             if type(outcome) is CoroutineType:
+                import asyncio  # (here: it is 20 ms of the fork server's imports, init's wait)
                 outcome = asyncio.run(outcome)
             del args, kwargs
             if spec.options and spec.options.get("generator"):  # its code runs as it streams
                 if inspect.isasyncgen(outcome):
+                    import asyncio
                     results = asyncio.run(self._stream_async(spec, outcome))
                 else:
                     results = self._stream(spec, outcome)
@@ -330,6 +331,7 @@ class Worker:
         return self._completion(spec)
 
     async def _stream_async(self, spec, items) -> list:
+        import asyncio
         skip = spec.options.get("generator_skip", 0)
         limit = spec.options.get("backpressure")
         budget = self.generator_budget if spec.options["generator"] == "streaming" else None
@@ -551,6 +553,7 @@ class Worker:
         default group's running at most `max_concurrency` calls at once, each other group
         at most its size: a call that blocks its loop (a sync method) holds up only its
         own group."""
+        import asyncio
         # group (None: the default) -> [its loop, its semaphore (made in the loop)]
         loops = {None: [asyncio.new_event_loop(), None, max_concurrency]}
         for name, size in (groups.sizes or {}).items():
