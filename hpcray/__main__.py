@@ -78,6 +78,9 @@ where noted); each is read on every rank:
   HPCRAY_LOG_TO_DRIVER           1: workers' output reaches the driver, 0: not (1)
   HPCRAY_WORKER_START_TIMEOUT    seconds a worker may take to start (default 60)
   HPCRAY_MAX_IDLE_EXTRA_WORKERS  idle workers kept beyond num_cpus (default 0)
+  HPCRAY_PIPELINE_TASK_MS        a worker gets its next task before its current one ends
+                                 when that function last ran under this (default 1; 0:
+                                 never)
   HPCRAY_COPY_THREADS            threads copying a large value into the store (default
                                  0: the CPUs this process may use, at most 8)
   HPCRAY_INFEASIBLE              a task no node can run: pending (default, as Ray) or

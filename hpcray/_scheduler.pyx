@@ -10,6 +10,9 @@ it what happened (a task is ready, a worker started, a task finished, a worker b
                                          worker (an actor's creation)
     ("start_worker",)                    start one more pool worker
     ("retire", worker_key)               stop an idle pool worker the node no longer needs
+    ("pipeline", task_key, worker_key)   send the task to that busy worker, to run next
+    ("revoke", task_key, worker_key)     take back the task pipelined to that worker (it
+                                         blocked in `get`): the task is queued again
 
 Ready tasks are queued by scheduling class (their resource shape), so a dispatch pass
 costs O(number of classes), not O(queue length), even with 100k tasks queued.
@@ -17,6 +20,14 @@ A worker blocked in `get` gives its CPUs back (as Ray does), so nested tasks nev
 deadlock a full node; more pool workers start while ready tasks fit the freed CPUs,
 several at once (as many as ready tasks fit the free resources, at most `max_starting`):
 a start takes milliseconds, and one at a time made a burst of nested tasks wait in line.
+
+Pipelining: a task the caller marks `pipelinable` (short, no options, CPUs only) may be
+sent to a busy worker whose running task is of the same class, to run right after it:
+while tasks wait and no worker is idle, each worker has at most one more in its socket,
+so it starts that one without waiting for a round trip through the node (no-op tasks:
+13.5k/s with 2 workers, 18k with 4, measured: the workers sat idle between tasks). The
+next task takes over the resources of the one before (same class). A worker that blocks
+in `get` gives its next task back (`revoke`): it could be the one the `get` waits for.
 
 Workers beyond the pool size (`target_workers`, plus `max_idle_extra` kept for good)
 retire once idle for `idle_timeout` seconds, as Ray retires idle workers above its soft
@@ -96,11 +107,16 @@ cdef class LocalScheduler:
     cdef public object clock          # the latest `now` an event carried; None: untimed
     cdef public bint validate
     cdef public long num_queued
+    cdef public dict next_task        # busy worker key -> (task key, demand) pipelined to it
+    cdef public dict running_class    # busy worker key -> class key of its running task
+    cdef public bint pipelining
 
     def __init__(self, dict total, int target_workers, int max_idle_extra=0,
-                 bint validate=False, double idle_timeout=1.0, int max_starting=0):
+                 bint validate=False, double idle_timeout=1.0, int max_starting=0,
+                 bint pipelining=True):
         """`max_starting` 0: max(2, target_workers), as Ray starts up to num_cpus
-        workers at once."""
+        workers at once; `pipelining`: whether pipelinable tasks may be sent to busy
+        workers."""
         self.total = {k: float(v) for k, v in total.items() if v}
         self.available = dict(self.total)
         self.queues = {}
@@ -117,6 +133,9 @@ cdef class LocalScheduler:
         self.clock = None
         self.validate = validate
         self.num_queued = 0
+        self.next_task = {}
+        self.running_class = {}
+        self.pipelining = pipelining
 
     # -- queries ------------------------------------------------------------------
     cpdef bint is_feasible(self, dict demand):
@@ -128,6 +147,12 @@ cdef class LocalScheduler:
 
     cpdef bint fits(self, dict demand):
         return _fits_in(self.available, demand)
+
+    @property
+    def num_waiting(self):
+        """Tasks not started: queued, and pipelined to busy workers (what a load report
+        and the status line count as queued)."""
+        return self.num_queued + len(self.next_task)
 
     @property
     def num_workers(self):
@@ -175,9 +200,12 @@ cdef class LocalScheduler:
             del self.available[name]
 
     # -- events ------------------------------------------------------------------
-    def task_ready(self, task_key, dict demand, bint needs_worker=True):
-        """A task (or actor creation, needs_worker=False) has its arguments ready."""
-        cls = (needs_worker, tuple(sorted(demand.items())))
+    def task_ready(self, task_key, dict demand, bint needs_worker=True,
+                   bint pipelinable=False):
+        """A task (or actor creation, needs_worker=False) has its arguments ready;
+        `pipelinable`: it may wait in a busy worker (see the module docstring)."""
+        cls = (needs_worker, tuple(sorted(demand.items())),
+               pipelinable and needs_worker and _cpu_only(demand))
         queue = self.queues.get(cls)
         if queue is None:
             queue = self.queues[cls] = deque()
@@ -259,6 +287,11 @@ cdef class LocalScheduler:
         leaving: it reached its function's max_calls). `now`: the time, from which an
         extra worker's idle timeout runs."""
         self._tick(now)
+        if self.next_task and worker_key in self.next_task:
+            # The task pipelined to it runs now, on the resources of this one (same class).
+            del self.next_task[worker_key]
+            return self._schedule()
+        self.running_class.pop(worker_key, None)
         if worker_key in self.blocked_workers:
             self.blocked_workers.discard(worker_key)
             self._release_cpu_free(demand)
@@ -271,13 +304,19 @@ cdef class LocalScheduler:
 
     def worker_blocked(self, worker_key, dict demand):
         """The worker waits in `get`: lend its CPUs (a placement group bundle's too) to
-        other tasks meanwhile."""
+        other tasks meanwhile, and take back the task pipelined to it."""
+        cdef list actions = []
+        if self.next_task and worker_key in self.next_task:
+            task_key, next_demand = self.next_task.pop(worker_key)
+            self.queues[self.running_class[worker_key]].appendleft((task_key, next_demand))
+            self.num_queued += 1
+            actions.append(("revoke", task_key, worker_key))
         if worker_key in self.busy_workers and worker_key not in self.blocked_workers:
             self.blocked_workers.add(worker_key)
             for name, amount in demand.items():
                 if _lent_while_blocked(name):
                     self.available[name] = self.available.get(name, 0.0) + amount
-        return self._schedule()
+        return actions + self._schedule()
 
     def worker_unblocked(self, worker_key, dict demand):
         """The worker's `get` returned: it takes its CPUs back, even if that oversubscribes."""
@@ -289,7 +328,13 @@ cdef class LocalScheduler:
         return []
 
     def worker_died(self, worker_key, demand):
-        """A pool worker exited; `demand` is what its running task held (or None)."""
+        """A pool worker exited; `demand` is what its running task held (or None). The
+        task pipelined to it, never started, is queued again, first."""
+        if self.next_task and worker_key in self.next_task:
+            self.queues[self.running_class[worker_key]].appendleft(
+                self.next_task.pop(worker_key))
+            self.num_queued += 1
+        self.running_class.pop(worker_key, None)
         if worker_key in self.idle_workers:
             self.idle_workers.remove(worker_key)
             self.idle_since.pop(worker_key, None)
@@ -373,6 +418,7 @@ cdef class LocalScheduler:
                     if self.clock is not None:
                         del self.idle_since[worker_key]
                     self.busy_workers.add(worker_key)
+                    self.running_class[worker_key] = cls
                     queue.popleft()
                     self.acquire(demand)
                     actions.append(("dispatch", task_key, worker_key))
@@ -381,6 +427,9 @@ cdef class LocalScheduler:
                     self.acquire(demand)
                     actions.append(("place", task_key))
                 self.num_queued -= 1
+        if self.pipelining and self.num_queued and not self.idle_workers \
+                and self.num_starting == 0:
+            self._pipeline(actions)
         if starved is not None:
             for _ in range(self._workers_wanted(starved) - self.num_starting):
                 self.num_starting += 1
@@ -393,6 +442,23 @@ cdef class LocalScheduler:
         if self.validate:
             self.check_invariants()
         return actions
+
+    cdef void _pipeline(self, list actions):
+        """Give each busy, unblocked worker with nothing pipelined the next queued task of
+        its running task's class, where that class is pipelinable."""
+        for worker_key in self.busy_workers:
+            if worker_key in self.next_task or worker_key in self.blocked_workers:
+                continue
+            cls = self.running_class.get(worker_key)
+            if cls is None or not cls[2]:
+                continue
+            queue = self.queues[cls]
+            if not queue:
+                continue
+            item = queue.popleft()
+            self.num_queued -= 1
+            self.next_task[worker_key] = item
+            actions.append(("pipeline", item[0], worker_key))
 
     cdef long _workers_wanted(self, list starved):
         """How many of the starved queues' tasks, heads first, fit the free resources
@@ -416,6 +482,10 @@ cdef class LocalScheduler:
         assert self.blocked_workers <= self.busy_workers, "a blocked worker is not busy"
         assert self.num_queued == sum(len(q) for q in self.queues.values()), "queue count"
         assert self.num_starting >= 0
+        for worker_key in self.next_task:
+            assert worker_key in self.busy_workers, "a task pipelined to a worker not busy"
+            assert worker_key not in self.blocked_workers, "a task pipelined to a blocked worker"
+            assert self.running_class[worker_key][2], "pipelined behind an unpipelinable task"
         for name, amount in self.available.items():
             assert amount <= self.total.get(name, 0.0) + _EPS, f"{name} over its total"
         if idle:

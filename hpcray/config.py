@@ -69,6 +69,10 @@ class Config:
     worker_start_timeout: int = 60
     # Idle workers kept beyond num_cpus (made when others blocked in get) before retiring.
     max_idle_extra_workers: int = 0
+    # A pool worker may be sent its next task before the one it runs ends (it then
+    # starts it without a round trip through the node) when that task's function last
+    # ran under this many milliseconds, has no options and asks only for CPUs; 0: never.
+    pipeline_task_ms: float = 1.0
     # Threads that copy one large value (8 MiB or more) into the store; 0: the CPUs
     # this process may run on, at most 8 (two already double one thread's bandwidth).
     copy_threads: int = 0
@@ -125,6 +129,7 @@ class Config:
                                                config.worker_start_timeout)
         config.max_idle_extra_workers = _env_int("HPCRAY_MAX_IDLE_EXTRA_WORKERS",
                                                  config.max_idle_extra_workers)
+        config.pipeline_task_ms = _env_float("HPCRAY_PIPELINE_TASK_MS", config.pipeline_task_ms)
         config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
         config.log_dir = os.environ.get("HPCRAY_LOG_DIR", "")
         config.status_interval = _env_float("HPCRAY_STATUS_INTERVAL", config.status_interval)

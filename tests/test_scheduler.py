@@ -524,6 +524,121 @@ def test_take_newest_leaves_what_must_stay():
         s.task_ready(f"t{i}", {"CPU": 1})
     s.task_ready("g", {"CPU": 1, "GPU": 1})            # not a CPU-only task
     assert s.take_newest(3, lambda key: key != "t4") == ["t5", "t3", "t2"]
-    assert [key for key, _ in s.queues[(True, (("CPU", 1.0),))]] == ["t0", "t1", "t4"]
+    assert [key for key, _ in s.queues[(True, (("CPU", 1.0),), False)]] == ["t0", "t1", "t4"]
     assert s.num_queued == 4  # and "g" still queued
     s.check_invariants()
+
+
+# ---------------------------------------------------------------- pipelining
+def test_a_pipelinable_task_goes_to_the_busy_worker_of_its_class():
+    s = make(cpus=1, workers=1)
+    s.worker_starting()
+    s.worker_started("w")
+    assert dispatched(s.task_ready("a", {"CPU": 1}, True, True)) == ["a"]
+    assert s.task_ready("b", {"CPU": 1}, True, True) == [("pipeline", "b", "w")]
+    assert s.task_ready("c", {"CPU": 1}, True, True) == []     # one at most per worker
+    assert s.task_ready("d", {"CPU": 1}) == []                 # not pipelinable: queued
+    # a ends: b runs on a's CPU, c is pipelined behind it
+    assert s.task_finished("w", {"CPU": 1}) == [("pipeline", "c", "w")]
+    assert s.available["CPU"] == 0 and s.next_task == {"w": ("c", {"CPU": 1})}
+    assert s.task_finished("w", {"CPU": 1}) == []              # b ends, c runs
+    assert dispatched(s.task_finished("w", {"CPU": 1})) == ["d"]  # c ends
+
+
+def test_nothing_is_pipelined_behind_a_task_that_is_not_pipelinable():
+    s = make(cpus=1, workers=1)
+    s.worker_starting()
+    s.worker_started("w")
+    assert dispatched(s.task_ready("a", {"CPU": 1})) == ["a"]
+    assert s.task_ready("b", {"CPU": 1}, True, True) == []
+    assert s.task_ready("g", {"CPU": 1, "GPU": 1}, True, True) == []  # GPUs: never
+    assert not s.next_task
+
+
+def test_a_blocked_worker_gives_back_its_pipelined_task_first_in_line():
+    s = make(cpus=1, workers=1)
+    s.worker_starting()
+    s.worker_started("w")
+    s.task_ready("a", {"CPU": 1}, True, True)
+    s.task_ready("b", {"CPU": 1}, True, True)
+    s.task_ready("c", {"CPU": 1}, True, True)
+    actions = s.worker_blocked("w", {"CPU": 1})
+    assert actions[0] == ("revoke", "b", "w")
+    assert ("start_worker",) in actions                        # its CPU is lent to b
+    s.worker_started("w2")
+    assert s.running_class["w2"] and s.next_task == {"w2": ("c", {"CPU": 1})}
+
+
+def test_a_dead_worker_pipelined_task_is_queued_again_first():
+    s = make(cpus=1, workers=1)
+    s.worker_starting()
+    s.worker_started("w")
+    s.task_ready("a", {"CPU": 1}, True, True)
+    s.task_ready("b", {"CPU": 1}, True, True)
+    s.task_ready("c", {"CPU": 1}, True, True)
+    assert s.worker_died("w", {"CPU": 1}) == [("start_worker",)]
+    assert s.worker_started("w2") == [("dispatch", "b", "w2"), ("pipeline", "c", "w2")]
+
+
+def test_random_pipelined_workload_keeps_invariants_and_runs_each_task_once():
+    for seed in range(40):
+        pipelined_schedule(seed)
+
+
+def pipelined_schedule(seed):
+    rng = random.Random(seed)
+    s = timed(cpus=2, workers=2, idle_timeout=0.05)
+    now, starts, names = 0.0, 0, iter(range(10 ** 6))
+    running, pipelined, blocked, ran = {}, {}, set(), []
+    submitted = 60
+
+    def run(actions):
+        nonlocal starts
+        for action in actions:
+            if action[0] == "start_worker":
+                starts += 1
+            elif action[0] == "dispatch":
+                assert action[2] not in running
+                running[action[2]] = action[1]
+            elif action[0] == "pipeline":
+                assert action[2] in running and action[2] not in pipelined
+                pipelined[action[2]] = action[1]
+            elif action[0] == "revoke":
+                assert pipelined.pop(action[2]) == action[1]
+            elif action[0] == "retire":
+                assert action[1] not in running
+                s.worker_died(action[1], None)
+    for t in range(submitted):
+        run(s.task_ready(t, {"CPU": 1}, True, rng.random() < 0.7))
+    while len(ran) < submitted:
+        now += 0.001
+        choice = rng.random()
+        if starts and choice < 0.3:
+            starts -= 1
+            run(s.worker_started(next(names), now=now))
+        elif running and choice < 0.8:
+            worker = rng.choice(sorted(running))
+            if worker in blocked:
+                blocked.discard(worker)
+                s.worker_unblocked(worker, {"CPU": 1})
+            ran.append(running.pop(worker))
+            following = pipelined.pop(worker, None)
+            if following is not None:
+                running[worker] = following
+            run(s.task_finished(worker, {"CPU": 1}, now=now))
+        elif running and choice < 0.9:
+            worker = rng.choice(sorted(running))
+            if worker not in blocked:
+                blocked.add(worker)
+                run(s.worker_blocked(worker, {"CPU": 1}))
+        elif running and choice < 0.93:                    # a worker dies
+            worker = rng.choice(sorted(running))
+            blocked.discard(worker)
+            pipelined.pop(worker, None)                    # queued again by the scheduler
+            ran.append(running.pop(worker))                # (its task: failed, done)
+            run(s.worker_died(worker, {"CPU": 1}))
+        elif not running and not starts:
+            run(s.reschedule())
+        s.check_invariants()
+    assert sorted(ran) == list(range(submitted)), seed
+    assert not s.next_task and s.num_queued == 0

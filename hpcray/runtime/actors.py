@@ -400,13 +400,14 @@ class Actors:
         if not queue and not actor.inflight and actor.refs <= 0 and actor.death is not None:
             self.node.processes.send(worker, wire(messages.ExitWorker))
 
-    def actor_call_done(self, worker, task_id, results, retry, started, transitions) -> None:
+    def actor_call_done(self, worker, task_id, results, retry, started, ended,
+                        transitions) -> None:
         actor = self.hosted.get(worker.actor_id)
         record = actor.inflight.pop(task_id, None) if actor is not None else None
         if record is None:
             self.objects.apply_transitions(transitions)
             return
-        self.node.recorder.ran(record.spec, worker.pid, started, results)
+        self.node.recorder.ran(record.spec, worker.pid, started, ended, results)
         if "generator_budget" in actor.spec.options:
             self.node.generators.budgets.call_ended(actor.actor_id, task_id)
         self.node._finish_task(record, results, transitions)

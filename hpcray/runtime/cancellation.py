@@ -151,9 +151,17 @@ class Canceller:
         else:
             self.peers.send(0, message)
 
+    def interrupt(self, record) -> None:
+        """A task cancelled while pipelined to its worker started (or is skipped)."""
+        self._interrupt(record, False, True)
+
     def _interrupt(self, record, force: bool, first: bool) -> None:
         worker = record.worker
         if not worker.alive or not worker.pid:
+            return
+        if record is worker.next_task:  # pipelined, not started: the worker skips it
+            if first:  # (force too: a kill would end the task that runs now)
+                self.tell_worker(worker, record.spec.task_id, interrupt=False)
             return
         if force:  # its death fails the task (node_manager._worker_died)
             self.node.processes.kill(worker, "cancel(force=True)")

@@ -20,7 +20,7 @@ from hpcray.runtime import hops
 from hpcray.runtime.call_sites import creation_site
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, NORMAL_TASK
 from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
-                                     RunTask, WorkDone, wire)
+                                     RevokeTask, RunTask, WorkDone, wire)
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
                                   serialize)
 
@@ -28,7 +28,7 @@ from hpcray.serialization import (ErrorValue, deserialize_from_store, deserializ
 _NOTICE, _REQUEST, _REPLY = Notice.CODE, Request.CODE, Reply.CODE
 # What made a ref, by the kind of its task (specs.py), as Ray's call sites say it.
 _CALLED = {NORMAL_TASK: "task call", ACTOR_CREATION: "actor creation", ACTOR_CALL: "actor call"}
-_RUN_TASK, _CANCEL_TASK = RunTask.CODE, CancelTask.CODE
+_RUN_TASK, _CANCEL_TASK, _REVOKE_TASK = RunTask.CODE, CancelTask.CODE, RevokeTask.CODE
 
 class CoreClient:
     """The parts of a client that do not depend on where the node manager is."""
@@ -551,6 +551,7 @@ class WorkerChannel:
         self.failed_notices: list = []
         self.known_tasks: set = set()       # RunTask read, its WorkDone not sent yet
         self.cancelled_tasks: set = set()   # those of them the node cancelled
+        self.revoked: set = set()           # pipelined tasks taken back before read
         self.interruptible = None           # the pool task whose thread a cancel interrupts
         self.interrupt_pending = False
         self.interrupted = None             # the task its KeyboardInterrupt was raised for
@@ -605,6 +606,9 @@ class WorkerChannel:
                 with self._request_lock:
                     message = self.conn.recv()
                 if message[0] == _RUN_TASK:  # what _arrived notes, inline: once per call
+                    if self.revoked and message[1].task_id in self.revoked:
+                        self.revoked.discard(message[1].task_id)
+                        continue
                     self.known_tasks.add(message[1].task_id)
                     return message
                 if self._arrived(message):
@@ -627,6 +631,17 @@ class WorkerChannel:
                     self.interrupt_pending = True
                 if self.on_cancel is not None:
                     self.on_cancel(task_id)
+            return True
+        if code == _REVOKE_TASK:  # its RunTask came first: set aside, dropped here
+            task_id = message[1]
+            for index, waiting in enumerate(self.backlog):
+                if waiting[0] == _RUN_TASK and waiting[1].task_id == task_id:
+                    del self.backlog[index]
+                    break
+            else:
+                self.revoked.add(task_id)
+            self.known_tasks.discard(task_id)
+            self.cancelled_tasks.discard(task_id)
             return True
         return False
 

@@ -276,7 +276,7 @@ class Network:
         now = time.monotonic()
         if not now_ and now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
             return
-        load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_queued,
+        load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_waiting,
                 cluster.received, cluster.actor_cpus)
         if load == cluster.last_load and not cluster.ended_placed and not cluster.routed:
             return  # (a node routing its own tasks wants a fresh view, see on_load)

@@ -486,12 +486,13 @@ class Hello(NamedTuple):
 @_on("up")
 class WorkDone(NamedTuple):
     """a task or actor call ended: its results; `retry`: it raised a retryable error;
-    `started`: when the worker began it (clock.now(); None if it never ran), for the
-    timeline (recorder.py)."""
+    `started`, `ended`: when the worker began and ended it (clock.now(); None if it never
+    ran), for the timeline (recorder.py) and pipelining (a short function's next task)."""
     task_id: bytes
     results: list
     retry: bool
     started: float | None
+    ended: float | None
     transitions: list
 
 
@@ -566,6 +567,13 @@ class ExitWorker(NamedTuple):
 class CancelTask(NamedTuple):
     """the task or actor call this worker was sent was cancelled (a SIGINT follows for a
     pool task, which interrupts it, and for a one-call-at-a-time actor, which only looks)."""
+    task_id: bytes
+
+
+@_on("down")
+class RevokeTask(NamedTuple):
+    """the task pipelined to this pool worker (sent to run after its current one) is
+    taken back, unstarted: the current one blocked in get. Drop it unread."""
     task_id: bytes
 
 

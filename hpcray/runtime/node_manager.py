@@ -110,7 +110,10 @@ class NodeManager:
         self.total_resources = node_resources.as_dict()
         self.scheduler = LocalScheduler(dict(self.total_resources),
                                         max(1, int(node_resources.num_cpus)),
-                                        config.max_idle_extra_workers)
+                                        config.max_idle_extra_workers,
+                                        pipelining=config.pipeline_task_ms > 0)
+        # function id -> whether its last run was short enough to pipeline (pipelinable)
+        self._short_functions: dict[bytes, bool] = {}
         self._retire_timer_at: float | None = None
         self.free_gpus = list(range(len(node_resources.gpus) or int(node_resources.num_gpus)))
         self.lock = threading.Lock()
@@ -479,7 +482,15 @@ class NodeManager:
             self._worker_start_failed(worker)
             return
         self._release_gpus(record)
+        pipelined, worker.next_task = worker.next_task, None
+        if pipelined is not None:  # never started: the scheduler queues it again, first
+            pipelined.state = QUEUED
+            pipelined.worker = None
         actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
+        if pipelined is not None and pipelined.cancelled:
+            self.scheduler.cancel(pipelined.spec.task_id)
+            self._fail_task(pipelined, exceptions.TaskCancelledError(
+                f"{pipelined.spec.name} was cancelled."))
         if record is not None:
             if record.cancelled:  # cancel(force=True) killed it: a new worker takes its place
                 self._fail_task(record, exceptions.TaskCancelledError(
@@ -528,6 +539,10 @@ class NodeManager:
                 self._dispatch(self.tasks[action[1]], self.workers[action[2]])
             elif kind == "place":
                 self.actors.place_actor(self.actors[action[1]])
+            elif kind == "pipeline":
+                self._pipeline(self.tasks[action[1]], self.workers[action[2]])
+            elif kind == "revoke":
+                self._revoke(self.tasks[action[1]], self.workers[action[2]])
             elif kind == "start_worker":
                 self.processes.start()
             elif kind == "retire":
@@ -604,18 +619,48 @@ class NodeManager:
     def _dep_payloads(self, spec: TaskSpec) -> list:
         return [(dep, self.objects.payload(dep)) for dep in spec.deps]
 
+    def pipelinable(self, spec: TaskSpec) -> bool:
+        """Whether the task may wait in a busy worker's socket, to run after its current
+        one (_scheduler.pyx): no options (max_calls, placement, runtime env, GPUs) and
+        its function's last run was short, so nothing waits long behind another task."""
+        return spec.options is None and self._short_functions.get(spec.function_id, False)
+
     def _dispatch(self, record: TaskRecord, worker: WorkerHandle) -> None:
         spec = record.spec
-        record.state = RUNNING
-        record.worker = worker
-        record.blocked = False  # an attempt killed while blocked in get left it set
-        record.dispatched = clock.now()
         worker.task = record
         self.activity.running(worker.key, spec.name)
         # (no options: no placement group; no GPU asked: none to take)
         record.gpu_ids = self._take_gpus(spec) if spec.options or "GPU" in spec.demand else ()
         if spec.kind == NORMAL_TASK:
             self.task_events.running(spec, worker.pid)
+        self._send_task(record, worker)
+
+    def _pipeline(self, record: TaskRecord, worker: WorkerHandle) -> None:
+        """Send the task to the busy worker, which runs it after its current one; it
+        counts as running from then on (list_tasks: once that one's WorkDone is read)."""
+        worker.next_task = record
+        record.gpu_ids = ()
+        self._send_task(record, worker)
+
+    def _revoke(self, record: TaskRecord, worker: WorkerHandle) -> None:
+        """Its worker blocked in get: the task pipelined to it is queued again (the
+        scheduler did), and the worker drops it unread."""
+        worker.next_task = None
+        worker.functions.discard(record.spec.function_id)  # its RunTask may have carried it
+        record.state = QUEUED
+        record.worker = None
+        self.processes.send(worker, wire(messages.RevokeTask, record.spec.task_id))
+        if record.cancelled:  # its CancelTask went to that worker: it ends here
+            self.scheduler.cancel(record.spec.task_id)
+            self._fail_task(record, exceptions.TaskCancelledError(
+                f"{record.spec.name} was cancelled."))
+
+    def _send_task(self, record: TaskRecord, worker: WorkerHandle) -> None:
+        spec = record.spec
+        record.state = RUNNING
+        record.worker = worker
+        record.blocked = False  # an attempt killed while blocked in get left it set
+        record.dispatched = clock.now()
         function = None
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
@@ -624,22 +669,30 @@ class NodeManager:
                                                       record.gpu_ids))
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
-                     started, transitions) -> None:
+                     started, ended, transitions) -> None:
         if worker.actor_id is not None:
-            self.actors.actor_call_done(worker, task_id, results, retry, started, transitions)
+            self.actors.actor_call_done(worker, task_id, results, retry, started, ended,
+                                        transitions)
             return
         record = self.tasks.get(task_id)
-        worker.task = None
-        self.activity.idle(worker.key)
+        following = worker.task = worker.next_task  # the task pipelined to it starts now
+        if following is None:
+            self.activity.idle(worker.key)
+        else:
+            worker.next_task = None
+            self._started_pipelined(following, worker)
         if record is None:
             self.objects.apply_transitions(transitions)
             return
         spec = record.spec
-        self.recorder.ran(spec, worker.pid, started, results)
+        self.recorder.ran(spec, worker.pid, started, ended, results)
+        if self.scheduler.pipelining and started is not None:
+            self._short_functions[spec.function_id] = \
+                ended - started < self.config.pipeline_task_ms / 1000
         if record.gpu_ids:
             self._release_gpus(record)
-        retire = worker.doomed or (spec.options is not None and
-                                   self._reached_max_calls(worker, spec))
+        retire = following is None and (worker.doomed or (
+            spec.options is not None and self._reached_max_calls(worker, spec)))
         if retire and not worker.doomed:
             worker.retiring = True
             self.processes.send(worker, wire(messages.ExitWorker))
@@ -656,6 +709,12 @@ class NodeManager:
         self._finish_task(record, results, transitions)
         self._run_actions(self.scheduler.task_finished(worker.key, spec.demand, retire,
                                                        now=time.monotonic()))
+
+    def _started_pipelined(self, record: TaskRecord, worker: WorkerHandle) -> None:
+        self.activity.running(worker.key, record.spec.name)
+        self.task_events.running(record.spec, worker.pid)
+        if record.cancelled:  # cancelled while it waited: the worker may have started it
+            self.canceller.interrupt(record)
 
     @staticmethod
     def _reached_max_calls(worker: WorkerHandle, spec: TaskSpec) -> bool:

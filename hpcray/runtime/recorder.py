@@ -4,8 +4,9 @@ Always on, and bounded. Per node, in memory, as plain tuples (nothing the cyclic
 keeps walking):
 
     spans      the tasks and actor calls this node ran, one per attempt: (task id,
-               name, kind, worker pid, start, end, failed), start as the worker saw it
-               (WorkDone.started), end when the node read its WorkDone; an attempt
+               name, kind, worker pid, start, end, failed), as the worker saw them
+               (WorkDone.started and .ended; a call cancelled before it started: when
+               the node read its WorkDone); an attempt
                whose pool worker died, from when it was sent to the death (failed);
                and the actor constructors, from CreateActor sent to ActorReady read
     submits    (parent task id, child task id, when) for each task a task submitted
@@ -26,7 +27,7 @@ Each buffer keeps its last `limit` entries (HPCRAY_TIMELINE_EVENTS, 100,000 by
 default: ~20 MB at most per node); older ones are dropped and counted in `dropped`,
 which the timeline and the report say. 0 switches recording off: no spans, submissions
 or transfers (the timeline and the report's Gantt are empty), counters still counted.
-A span costs the node a clock read and one tuple appended (~3k instructions, measured:
+A span costs the node one tuple appended (~3k instructions, measured:
 benchmarks/README.md); nothing is sent until someone asks: `hpcray.timeline()` and the
 report at shutdown gather every node's buffers with the state API's StateQuery
 ("timeline", state_queries.py). Not for: live progress (nothing here is pushed), nor
@@ -70,19 +71,20 @@ class Recorder:
         self.sampler = None                      # a Sampler, when the report wants one
         self.started = now()                     # rank 0's: when the job started
 
-    def ran(self, spec, pid: int, started, results) -> None:
-        """The worker `pid` ended an attempt of `spec`, begun at `started` (its clock)."""
-        # The per-task hot path: one tuple, no calls but the clock's. The spans' count
-        # is tasks_run (spans of constructors and deaths are counted in `appended`).
+    def ran(self, spec, pid: int, started, ended, results) -> None:
+        """The worker `pid` ran an attempt of `spec` from `started` to `ended` (its clock;
+        None: it never started, the span is the moment its WorkDone was read)."""
+        # The per-task hot path: one tuple, no calls. The spans' count is tasks_run
+        # (spans of constructors and deaths are counted in `appended`).
         self.tasks_run += 1
         inline = results[0][1] if results else None
-        end = now()
-        self.spans.append((spec.task_id, spec.name, spec.kind, pid,
-                           end if started is None else started, end,
+        if ended is None:
+            started = ended = now()
+        self.spans.append((spec.task_id, spec.name, spec.kind, pid, started, ended,
                            type(inline) is bytes and inline[11:13] == ERROR_START
                            and error_type(inline) is not None))
 
-    def _count_run(self, spec, pid: int, started, results) -> None:  # recording is off
+    def _count_run(self, spec, pid: int, started, ended, results) -> None:  # recording is off
         self.tasks_run += 1
 
     def died(self, spec, pid: int, dispatched) -> None:

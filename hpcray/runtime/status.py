@@ -36,7 +36,7 @@ def node_status(node) -> tuple:
     counters = node.recorder.counts()  # recorder.py
     cpu_total = scheduler.total.get("CPU", 0.0)
     return (node.rank, counters["tasks_run"], len(scheduler.busy_workers),
-            scheduler.num_queued, cpu_total - scheduler.available.get("CPU", 0.0), cpu_total,
+            scheduler.num_waiting, cpu_total - scheduler.available.get("CPU", 0.0), cpu_total,
             stats["used_bytes"], stats["capacity"], len(node.link.pulls),
             counters["bytes_pulled"], counters["bytes_sent"])
 

@@ -111,9 +111,9 @@ class TaskRouter:
             least, free, _, least_submits = self.network.global_scheduler.view_for(0)
             # and its own queue is known now (a driver's burst comes faster than its
             # reports: by the one of 5 ms ago, it would keep the whole burst)
-            self.spill.update(least, free, self.scheduler.num_queued / self.spill.cpus, now,
+            self.spill.update(least, free, self.scheduler.num_waiting / self.spill.cpus, now,
                               least_submits)
-        return self.spill.keep(self.scheduler.num_queued, self.scheduler.fits(demand),
+        return self.spill.keep(self.scheduler.num_waiting, self.scheduler.fits(demand),
                                demand, now, stored_args)
 
     def on_load_view(self, _source: int, least_per_cpu: float, free_cpus: float,
@@ -273,7 +273,8 @@ class TaskRouter:
         if self.held is not None:
             self.held.append(record)
             return
-        self.node._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand))
+        self.node._run_actions(self.scheduler.task_ready(record.spec.task_id, record.spec.demand,
+                                                         True, self.node.pipelinable(record.spec)))
 
     def on_drain(self, _source: int) -> None:
         """The job drains: no task starts here any more (running ones and their retries

@@ -445,17 +445,18 @@ class Worker:
         except _Unusable as unusable:
             exc_error = unusable.task_error(spec.name)
             self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error),
-                                   False, started)
+                                   False, started, clock.now())
             return
         except Exception as exc:  # noqa: BLE001
             exc_error = exceptions.RayTaskError(spec.name, traceback.format_exc(), exc, os.getpid())
             self.channel.send_done(WorkDone, spec.task_id, _error_results(spec, exc_error),
-                                   False, started)
+                                   False, started, clock.now())
             return
         if self.actor is not None and (self.cancel_hint or self.channel.cancelled_tasks) \
                 and self._cancelled_before_start(spec.task_id):  # (no call when none came)
             self.channel.send_done(WorkDone, spec.task_id,
-                                   _error_results(spec, _cancel_error(spec, False)), False, None)
+                                   _error_results(spec, _cancel_error(spec, False)), False, None,
+                                   None)
             return
         # What ps shows, as Ray's workers: a task's name as its log lines give it.
         proctitle.set_title("ray::" + (spec.name if self.actor is not None
@@ -465,7 +466,8 @@ class Worker:
         if not (channel.backlog or channel.conn.buffered()):  # idle next, unless more came
             proctitle.set_title(self.idle_title)  # (calls that came in one read: 0 writes)
         _flush_std()
-        self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
+        self.channel.send_done(WorkDone, spec.task_id, results, retry, started,
+                               clock.now())
 
     # -- actors ------------------------------------------------------------------
     def _create_actor(self, spec, pickled_class, dep_payloads, gpu_ids) -> None:
@@ -536,7 +538,8 @@ class Worker:
     def _run_concurrent_call(self, spec, _function, dep_payloads, _gpu_ids) -> None:
         if spec.task_id in self.channel.cancelled_tasks:  # cancelled while it waited
             self.channel.send_done(WorkDone, spec.task_id,
-                                   _error_results(spec, _cancel_error(spec, False)), False, None)
+                                   _error_results(spec, _cancel_error(spec, False)), False, None,
+                                   None)
             return
         started = clock.now()
         proctitle.set_title("ray::" + spec.name)  # (as Ray: the call that started last)
@@ -546,7 +549,8 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001
             results, retry = _error_results(spec, exc), False
         proctitle.set_title(self.idle_title)
-        self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
+        self.channel.send_done(WorkDone, spec.task_id, results, retry, started,
+                               clock.now())
 
     def _start_async_actor(self, max_concurrency: int, groups: _Groups) -> None:
         """An event loop in a thread of its own per concurrency group (as Ray's), the
@@ -587,7 +591,8 @@ class Worker:
                 del calls[spec.task_id]
                 if not calls:
                     proctitle.set_title(self.idle_title)
-            self.channel.send_done(WorkDone, spec.task_id, results, retry, started)
+            self.channel.send_done(WorkDone, spec.task_id, results, retry, started,
+                               clock.now())
 
         async def run_call_body(spec, dep_payloads, group):
             semaphore = group[1]

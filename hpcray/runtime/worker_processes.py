@@ -32,7 +32,7 @@ class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
                  "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
                  "calls", "sigint_after_flush", "launched_ms", "ready_ms", "owned_actors",
-                 "retiring", "doomed")
+                 "retiring", "doomed", "next_task")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -41,6 +41,7 @@ class WorkerHandle:
         self.alive = True
         self.ready = False
         self.task = None          # the TaskRecord a pool worker runs
+        self.next_task = None     # the one sent to run after it (pipelined), if any
         self.functions = set()    # function ids this worker has been sent
         self.actor_id = actor_id
         self.pipes = pipes        # {fd: stream name} of its stdout/stderr

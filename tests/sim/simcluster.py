@@ -479,8 +479,11 @@ class Simulation:
         self.trace: collections.deque = collections.deque(
             maxlen=int(os.environ.get("HPCRAY_SIM_TRACE", "40")))
         self._pids = 0
+        # Every function counts as short once it ran (pipeline_task_ms: a wall-clock
+        # test would make a schedule depend on timing): tasks pipeline wherever they can.
         config = Config(inline_threshold=inline_threshold, object_store_memory=store_bytes,
-                        log_to_driver=False, relay_fanout=relay_fanout)
+                        log_to_driver=False, relay_fanout=relay_fanout,
+                        pipeline_task_ms=float("inf"))
         if relay_min_bytes is not None:  # the workload's stored values are ~2 KB
             config.relay_min_bytes = relay_min_bytes
         job = {"job_id": f"{seed & 0xffffffff:08x}", "gcs_shards": gcs_shards}
