@@ -1,8 +1,8 @@
 """Helpers on top of the core API, as `ray.util`.
 
 `ActorPool` is here at once; the submodules (`queue`, `scheduling_strategies`, `state`,
-`actor_pool`) load on first use, so `hpcray.util.queue.Queue` works after a plain
-`import hpcray` (as `ray.util.queue` does after `import ray`) and `import hpcray` pays
+`actor_pool`, `multiprocessing`) load on first use, so `hpcray.util.queue.Queue` works
+after a plain `import hpcray` (as `ray.util.queue` does after `import ray`) and `import hpcray` pays
 for none of them until then. `progress(refs)` and `as_completed(refs)` (progress_bar.py:
 how far a batch has come) and `on_drain(callback)`, `draining()`, `DrainExit` (a job
 drained by a signal before its allocation ends: runtime/drain.py) load on first use too,
@@ -20,7 +20,7 @@ from hpcray.util.placement_group import (get_current_placement_group, get_placem
                                          placement_group, placement_group_table,
                                          remove_placement_group)
 
-_SUBMODULES = ("actor_pool", "queue", "scheduling_strategies", "state")
+_SUBMODULES = ("actor_pool", "multiprocessing", "queue", "scheduling_strategies", "state")
 _FROM_PROGRESS_BAR = ("progress", "as_completed")
 _FROM_DRAIN = ("on_drain", "draining", "DrainExit")  # runtime/drain.py
 _FROM_SERIALIZATION = ("register_serializer", "deregister_serializer")

@@ -25,6 +25,9 @@ Ray's own `+MOCK` flag (registered by Ray's docs: the output is illustrative, ne
 compared), rst `.. testcode::` directives and MyST ```{testcode} fences (also rst inside
 ```{eval-rst}). `testsetup`/`testcleanup` blocks join the program as Sphinx runs them (setup
 first, cleanup last); Sphinx's groups are ignored: pytest-sphinx runs one namespace a page.
+A page with no testcode block at all (Ray's library pages, such as
+ray-more-libs/multiprocessing.md) is run by its plain Python code blocks (```python fences,
+`.. code-block:: python`), in order, none compared: Ray's doctest does not run those.
 
 Ray's text is not kept in this repository: the output goes to the ignored `ray/` folder.
 
@@ -59,6 +62,8 @@ _RST_DIRECTIVE = re.compile(
     r"(?P<argument>[^\n'\"]*)$")
 _MYST_FENCE = re.compile(
     r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\{(?P<kind>[\w-]+)\}\s*(?P<argument>.*)$")
+_PYTHON_FENCE = re.compile(r"^\s*(?P<fence>`{3,}|~{3,})(?:python|py)\s*$")
+_RST_PYTHON_CODE = re.compile(r"^(?P<indent>\s*)\.\.\s+code-block::\s*python\s*$")
 _OPTION = re.compile(r"^:(?P<name>[\w-]+):\s*(?P<value>.*)$")
 
 
@@ -143,10 +148,39 @@ def _myst_blocks(lines: list[str]) -> list[Block]:
     return blocks
 
 
+def _python_code_blocks(lines: list[str], markdown: bool) -> list[Block]:
+    """A page's plain Python code blocks (```python fences, `.. code-block:: python`), as
+    testcode blocks without an expected output."""
+    blocks = []
+    i = 0
+    while i < len(lines):
+        match = (_PYTHON_FENCE if markdown else _RST_PYTHON_CODE).match(lines[i])
+        if not match:
+            i += 1
+            continue
+        j = i + 1
+        if markdown:
+            while j < len(lines) and lines[j].strip() != match["fence"]:
+                j += 1
+        else:
+            indent = len(match["indent"])
+            while j < len(lines) and (not lines[j].strip()
+                                      or len(lines[j]) - len(lines[j].lstrip()) > indent):
+                j += 1
+        blocks.append(_block("testcode", i + 1, lines[i + 1:j]))
+        i = j + 1 if markdown else j
+    return blocks
+
+
 def page_blocks(text: str, path: str) -> list[Block]:
-    """The test directives of a page, in order (MyST fences for .md, directives for .rst)."""
+    """The test directives of a page, in order (MyST fences for .md, directives for .rst);
+    for a page that has none, its Python code blocks (run, output not compared)."""
     lines = text.splitlines()
-    return _myst_blocks(lines) if path.endswith(".md") else _rst_blocks(lines, 1)
+    markdown = path.endswith(".md")
+    blocks = _myst_blocks(lines) if markdown else _rst_blocks(lines, 1)
+    if not any(block.kind == "testcode" for block in blocks):
+        blocks = _python_code_blocks(lines, markdown)
+    return blocks
 
 
 def _skipped(block: Block) -> bool:
@@ -155,7 +189,13 @@ def _skipped(block: Block) -> bool:
 
 
 def program_name(path: str) -> str:
-    page = path[len(PREFIX):] if path.startswith(PREFIX) else path
+    """rst_<page> for a core page (its path under doc/source/ray-core/), rst_<folder>__<page>
+    for a page of another part of Ray's documentation."""
+    for prefix in (PREFIX, "doc/source/"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    page = path
     return "rst_" + page.rsplit(".", 1)[0].replace("/", "__")
 
 
