@@ -555,13 +555,19 @@ def test_nothing_is_pipelined_behind_a_task_that_is_not_pipelinable():
     assert not s.next_task
 
 
-def test_a_blocked_worker_gives_back_its_pipelined_task_first_in_line():
+def running_a_with_b_pipelined_and_c_queued():
     s = make(cpus=1, workers=1)
     s.worker_starting()
     s.worker_started("w")
     s.task_ready("a", {"CPU": 1}, True, True)
     s.task_ready("b", {"CPU": 1}, True, True)
     s.task_ready("c", {"CPU": 1}, True, True)
+    assert s.next_task == {"w": ("b", {"CPU": 1})} and s.num_queued == 1
+    return s
+
+
+def test_a_blocked_worker_gives_back_its_pipelined_task_first_in_line():
+    s = running_a_with_b_pipelined_and_c_queued()
     actions = s.worker_blocked("w", {"CPU": 1})
     assert actions[0] == ("revoke", "b", "w")
     assert ("start_worker",) in actions                        # its CPU is lent to b
@@ -570,12 +576,7 @@ def test_a_blocked_worker_gives_back_its_pipelined_task_first_in_line():
 
 
 def test_a_dead_worker_pipelined_task_is_queued_again_first():
-    s = make(cpus=1, workers=1)
-    s.worker_starting()
-    s.worker_started("w")
-    s.task_ready("a", {"CPU": 1}, True, True)
-    s.task_ready("b", {"CPU": 1}, True, True)
-    s.task_ready("c", {"CPU": 1}, True, True)
+    s = running_a_with_b_pipelined_and_c_queued()
     assert s.worker_died("w", {"CPU": 1}) == [("start_worker",)]
     assert s.worker_started("w2") == [("dispatch", "b", "w2"), ("pipeline", "c", "w2")]
 
