@@ -306,10 +306,8 @@ cdef class LocalScheduler:
         """The worker waits in `get`: lend its CPUs (a placement group bundle's too) to
         other tasks meanwhile, and take back the task pipelined to it."""
         cdef list actions = []
-        if self.next_task and worker_key in self.next_task:
-            task_key, next_demand = self.next_task.pop(worker_key)
-            self.queues[self.running_class[worker_key]].appendleft((task_key, next_demand))
-            self.num_queued += 1
+        task_key = self._requeue_next(worker_key)
+        if task_key is not None:
             actions.append(("revoke", task_key, worker_key))
         if worker_key in self.busy_workers and worker_key not in self.blocked_workers:
             self.blocked_workers.add(worker_key)
@@ -330,10 +328,7 @@ cdef class LocalScheduler:
     def worker_died(self, worker_key, demand):
         """A pool worker exited; `demand` is what its running task held (or None). The
         task pipelined to it, never started, is queued again, first."""
-        if self.next_task and worker_key in self.next_task:
-            self.queues[self.running_class[worker_key]].appendleft(
-                self.next_task.pop(worker_key))
-            self.num_queued += 1
+        self._requeue_next(worker_key)
         self.running_class.pop(worker_key, None)
         if worker_key in self.idle_workers:
             self.idle_workers.remove(worker_key)
@@ -442,6 +437,15 @@ cdef class LocalScheduler:
         if self.validate:
             self.check_invariants()
         return actions
+
+    cdef object _requeue_next(self, worker_key):
+        """The task pipelined to the worker, if any, back at the head of its queue; its key."""
+        if not self.next_task or worker_key not in self.next_task:
+            return None
+        item = self.next_task.pop(worker_key)
+        self.queues[self.running_class[worker_key]].appendleft(item)
+        self.num_queued += 1
+        return item[0]
 
     cdef void _pipeline(self, list actions):
         """Give each busy, unblocked worker with nothing pipelined the next queued task of

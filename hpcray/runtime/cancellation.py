@@ -133,10 +133,10 @@ class Canceller:
         record.retries_left = 0
         if state == WAITING:
             self._drop_dependency_waiters(record)
-            self.node._fail_task(record, _cancelled_error(record))
+            self.node._fail_task(record, cancelled_error(record))
         elif state == QUEUED:
             self.scheduler.cancel(record.spec.task_id)
-            self.node._fail_task(record, _cancelled_error(record))
+            self.node._fail_task(record, cancelled_error(record))
         elif state == RUNNING and record.worker is None:
             # Forwarded by this node (its owner): to rank 0, behind the Forward.
             if route and (first or force):
@@ -223,7 +223,7 @@ class Canceller:
         self._drop_dependency_waiters(record)
         if not hosted:  # a RemoteActor: each call holds the actor until it ends
             self.actors.actor_decref(where.actor_id)
-        self.node._fail_task(record, _cancelled_error(record))
+        self.node._fail_task(record, cancelled_error(record))
 
     # ------------------------------------------------------------------ results
     def cancelled_results(self, record, results, source: int | None = None) -> list:
@@ -268,7 +268,7 @@ class Canceller:
 _FIRST_RESEND, _LAST_RESEND = 0.05, 1.0  # seconds between SIGINTs to a cancelled task
 
 
-def _cancelled_error(record) -> exceptions.TaskCancelledError:
+def cancelled_error(record) -> exceptions.TaskCancelledError:
     return exceptions.TaskCancelledError(f"{record.spec.name} was cancelled.")
 
 

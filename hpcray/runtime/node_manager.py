@@ -39,7 +39,7 @@ from hpcray.runtime.messages import Hello, wire
 from hpcray.runtime.actors import A_ALIVE, A_DEAD, Actors
 from hpcray.runtime.borrowing import Borrowing
 from hpcray.runtime.call_sites import CallSites
-from hpcray.runtime.cancellation import Canceller
+from hpcray.runtime.cancellation import Canceller, cancelled_error
 from hpcray.runtime.cluster import Network, precise_sleeps
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs
@@ -483,14 +483,9 @@ class NodeManager:
             return
         self._release_gpus(record)
         pipelined, worker.next_task = worker.next_task, None
-        if pipelined is not None:  # never started: the scheduler queues it again, first
-            pipelined.state = QUEUED
-            pipelined.worker = None
         actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
-        if pipelined is not None and pipelined.cancelled:
-            self.scheduler.cancel(pipelined.spec.task_id)
-            self._fail_task(pipelined, exceptions.TaskCancelledError(
-                f"{pipelined.spec.name} was cancelled."))
+        if pipelined is not None:  # never started: the scheduler queued it again, first
+            self._taken_back(pipelined)
         if record is not None:
             if record.cancelled:  # cancel(force=True) killed it: a new worker takes its place
                 self._fail_task(record, exceptions.TaskCancelledError(
@@ -647,13 +642,17 @@ class NodeManager:
         scheduler did), and the worker drops it unread."""
         worker.next_task = None
         worker.functions.discard(record.spec.function_id)  # its RunTask may have carried it
+        self.processes.send(worker, wire(messages.RevokeTask, record.spec.task_id))
+        self._taken_back(record)
+
+    def _taken_back(self, record: TaskRecord) -> None:
+        """A pipelined task its worker never started, queued again by the scheduler;
+        cancelled meanwhile (its CancelTask went to that worker), it ends here."""
         record.state = QUEUED
         record.worker = None
-        self.processes.send(worker, wire(messages.RevokeTask, record.spec.task_id))
-        if record.cancelled:  # its CancelTask went to that worker: it ends here
+        if record.cancelled:
             self.scheduler.cancel(record.spec.task_id)
-            self._fail_task(record, exceptions.TaskCancelledError(
-                f"{record.spec.name} was cancelled."))
+            self._fail_task(record, cancelled_error(record))
 
     def _send_task(self, record: TaskRecord, worker: WorkerHandle) -> None:
         spec = record.spec
