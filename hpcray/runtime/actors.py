@@ -307,7 +307,7 @@ class Actors:
         self.node.recorder.creating(spec.actor_id)
         self.node.activity.running(worker.key, f"actor {actor.info['class_name']}")
         self.node.processes.send(worker, wire(messages.CreateActor,
-            spec, function, self.node._dep_payloads(spec), actor.gpu_ids))
+            spec.to_wire(), function, self.node._dep_payloads(spec), actor.gpu_ids))
 
     def on_actor_ready(self, worker: WorkerHandle, actor_id: bytes, error_blob, repr_name,
                        transitions) -> None:
@@ -392,7 +392,7 @@ class Actors:
             spec = record.spec
             actor.inflight[spec.task_id] = record
             started.append(spec.task_id)
-            frames.append(encode(wire(messages.RunTask, spec, None,
+            frames.append(encode(wire(messages.RunTask, spec.to_wire(), None,
                                       self.node._dep_payloads(spec), ())))
         if frames:
             self.node.task_events.calls_running(started, worker.pid)

@@ -18,9 +18,9 @@ from hpcray._store import ObjectExistsError, ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime import hops
 from hpcray.runtime.call_sites import creation_site
-from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, NORMAL_TASK
-from hpcray.runtime.messages import (CancelTask, Drain, ExitWorker, Notice, Reply, Request,
-                                     RevokeTask, RunTask, WorkDone, wire)
+from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, NORMAL_TASK, TaskSpec
+from hpcray.runtime.messages import (CancelTask, CreateActor, Drain, ExitWorker, Notice, Reply,
+                                     Request, RevokeTask, RunTask, WorkDone, wire)
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
                                   serialize)
 
@@ -29,6 +29,16 @@ _NOTICE, _REQUEST, _REPLY = Notice.CODE, Request.CODE, Reply.CODE
 # What made a ref, by the kind of its task (specs.py), as Ray's call sites say it.
 _CALLED = {NORMAL_TASK: "task call", ACTOR_CREATION: "actor creation", ACTOR_CALL: "actor call"}
 _RUN_TASK, _CANCEL_TASK, _REVOKE_TASK = RunTask.CODE, CancelTask.CODE, RevokeTask.CODE
+_CARRY_SPEC = (RunTask.CODE, CreateActor.CODE)
+
+
+def _received(message):
+    """A message as read from the node: a RunTask's or CreateActor's spec came as its
+    fields (TaskSpec.to_wire)."""
+    if message is not None and message[0] in _CARRY_SPEC:
+        return (message[0], TaskSpec(*message[1]), *message[2:])
+    return message
+
 
 class CoreClient:
     """The parts of a client that do not depend on where the node manager is."""
@@ -450,7 +460,7 @@ class WorkerClient(CoreClient):
         # The call it comes from: an actor's process runs several (recursive cancel).
         worker = context.worker
         parent_id = worker.current_task_id if worker is not None else None
-        self.channel.send_oneway("submit", (spec, parent_id))
+        self.channel.send_oneway("submit", (spec.to_wire(), parent_id))
         if self.record_sites:
             self.note_call_sites(spec.return_ids, creation_site(_CALLED[spec.kind]))
 
@@ -604,7 +614,7 @@ class WorkerChannel:
                 message = self.backlog.pop(0)
             else:
                 with self._request_lock:
-                    message = self.conn.recv()
+                    message = _received(self.conn.recv())
                 if message[0] == _RUN_TASK:  # what _arrived notes, inline: once per call
                     if self.revoked and message[1].task_id in self.revoked:
                         self.revoked.discard(message[1].task_id)
@@ -656,7 +666,7 @@ class WorkerChannel:
             self.main_io = True
         try:
             while True:
-                message = self.conn.recv_nowait()
+                message = _received(self.conn.recv_nowait())
                 if message is None:
                     return
                 if message[0] == _REPLY:
@@ -695,7 +705,7 @@ class WorkerChannel:
                     with self._send_lock:
                         self.conn.send((_REQUEST, request_id, op, args, self.refs.drain()))
                     while True:
-                        message = self.conn.recv()
+                        message = _received(self.conn.recv())
                         if message[0] == _REPLY:
                             if message[1] == request_id:
                                 reply = message
@@ -742,7 +752,7 @@ class WorkerChannel:
         def read():
             while True:
                 try:
-                    message = self.conn.recv()
+                    message = _received(self.conn.recv())
                 except (EOFError, OSError):
                     self.inbox.put(wire(ExitWorker))
                     return

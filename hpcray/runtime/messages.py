@@ -537,7 +537,7 @@ class Request(NamedTuple):
 @_on("down")
 class RunTask(NamedTuple):
     """run a task (or an actor call: `function` None, `gpu_ids` ())."""
-    spec: Any
+    spec: tuple              # TaskSpec.to_wire(), as in CreateActor and the submit op
     function: bytes | None   # pickled, the first time this worker runs it
     dep_payloads: list       # [(id, inline bytes or None: in the store)]
     gpu_ids: tuple
@@ -545,7 +545,7 @@ class RunTask(NamedTuple):
 
 @_on("down")
 class CreateActor(NamedTuple):
-    spec: Any
+    spec: tuple
     cls: bytes | None
     dep_payloads: list
     gpu_ids: tuple

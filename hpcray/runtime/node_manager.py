@@ -664,7 +664,8 @@ class NodeManager:
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
             function = self.functions.get(spec.function_id)
-        self.processes.send(worker, wire(messages.RunTask, spec, function, self._dep_payloads(spec),
+        self.processes.send(worker, wire(messages.RunTask, spec.to_wire(), function,
+                                                      self._dep_payloads(spec),
                                                       record.gpu_ids))
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,

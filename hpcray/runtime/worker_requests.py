@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from hpcray.runtime import messages
 from hpcray.runtime.generators import ITEM
 from hpcray.runtime.messages import wire
-from hpcray.runtime.specs import ACTOR_CREATION
+from hpcray.runtime.specs import ACTOR_CREATION, TaskSpec
 
 log = logging.getLogger("hpcray.node")
 
@@ -58,7 +58,8 @@ class WorkerRequests:
             self.node.processes.send(worker, wire(messages.Reply, request_id, True, value))
 
     # ------------------------------------------------------------------ one-way
-    def op_submit(self, worker, spec, parent_id: bytes | None) -> None:
+    def op_submit(self, worker, spec_fields: tuple, parent_id: bytes | None) -> None:
+        spec = TaskSpec(*spec_fields)
         self.node.submit(spec, self._parent(worker, parent_id))
         # The refs the submitting process holds from the start (counted by submit).
         if spec.kind == ACTOR_CREATION:
