@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 from hpcray import exceptions, ids
+from hpcray._store import ObjectTooLargeError
 from hpcray.runtime import hops, messages
 from hpcray.runtime.messages import wire
 from hpcray.runtime.object_table import IN_STORE, PENDING, READY, REMOTE, ObjectEntry
@@ -54,6 +55,9 @@ class ObjectMover:
         self._batching = 0        # > 0 inside `batched`: pulls wait for its end
         self.copy_missing = None  # Lineage.copy_missing: an owned value's copy was gone
         self._wanted: dict[int, list] = {}   # holder rank -> [(object_id, entry)]
+        # Pulls that found the store full while others were in flight: tried again as
+        # those end (object id -> (entry, relay that failed it or None)).
+        self._no_room: dict[bytes, tuple] = {}
         self.relay = None         # bind(): ObjectRelay (relay.py)
 
     def bind(self, relay) -> None:
@@ -142,7 +146,7 @@ class ObjectMover:
                     continue  # dropped meanwhile
                 if hops.ENABLED:
                     hops.stamp("pull.create")
-                view = self._create(object_id, entry)
+                view = self._create(object_id, entry, None)
                 if hops.ENABLED:
                     hops.stamp("pull.created")
                 if view is None:
@@ -158,12 +162,17 @@ class ObjectMover:
             if batch:
                 self._pull(location, batch)
 
-    def _create(self, object_id: bytes, entry: ObjectEntry):
-        """A buffer in this store for a pulled copy, or None (readers get the error)."""
+    def _create(self, object_id: bytes, entry: ObjectEntry, failed_relay: int | None):
+        """A buffer in this store for a pulled copy, or None: the store is full, and the
+        pull waits for the ones in flight (their copies can be spilled once in), or, with
+        none in flight, its readers get the error."""
         try:
             return self.spiller.create_object(object_id, entry.size, populate=True)
-        except Exception as exc:  # noqa: BLE001 - the store is full: readers get the error
+        except Exception as exc:  # noqa: BLE001 - the store is full
             entry.pulling = False
+            if self.cluster.pulls and not isinstance(exc, ObjectTooLargeError):
+                self._no_room[object_id] = (entry, failed_relay)
+                return None
             error = exceptions.ObjectStoreFullError(
                 f"No room in this node's object store for {entry.size} bytes of object "
                 f"{object_id.hex()} pulled from node {entry.location}: {exc}")
@@ -176,7 +185,7 @@ class ObjectMover:
         if entry.pulling or self.relay.buffer_busy(object_id, entry):
             return
         entry.pulling = True
-        view = self._create(object_id, entry)
+        view = self._create(object_id, entry, failed)
         if view is not None:
             self._pull(entry.location, [(object_id, entry, view)], failed)
 
@@ -261,6 +270,22 @@ class ObjectMover:
                              None)
         if hops.ENABLED:
             hops.stamp("pull.ready")
+        self._retry_no_room()
+
+    def _retry_no_room(self) -> None:
+        """A pull ended: those that found the store full try again (its copy, or its
+        buffer freed, may make room)."""
+        if not self._no_room:
+            return
+        waiting, self._no_room = self._no_room, {}
+        with self.batched():
+            for object_id, (entry, failed_relay) in waiting.items():
+                if self.objects.get(object_id) is not entry or entry.state != REMOTE:
+                    continue  # freed, or known another way meanwhile
+                if failed_relay is None:
+                    self.start_pull(object_id, entry)
+                else:
+                    self.pull_direct(object_id, entry, failed_relay)
 
     def _lost(self, object_id: bytes, source: int) -> None:
         """The holder no longer had the bytes: the owner makes the value again (lineage);
@@ -303,6 +328,7 @@ class ObjectMover:
             self.recorder.pull_ended(tag, object_id, source, -1, i == len(batch) - 1)
             view.release()
             abandoned.append((object_id, self._abandon(object_id)))
+        self._retry_no_room()
         return abandoned
 
     def use_cached_copy(self, object_id: bytes, entry: ObjectEntry) -> bool:

@@ -67,3 +67,35 @@ def test_spilled_objects_move_between_nodes(tmp_path):
     folders = [line for line in out.splitlines() if line.startswith("FOLDERS")]
     assert folders and "-n0" in folders[0] and "-n1" in folders[0], out
     assert os.listdir(spill) == [], out  # every rank removed its folder
+
+
+def test_queued_tasks_pull_more_arguments_than_the_store_holds(tmp_path):
+    """20 tasks queued on rank 0 (one CPU) each need an 8 MiB argument held on rank 1:
+    160 MiB of pulls into an 80 MiB store. Those that find it full wait for the pulls in
+    flight (whose copies can then be spilled), instead of failing with
+    ObjectStoreFullError (seen under `mpiexec -n 3` in tests/test_spilling.py)."""
+    out = run_mpi(tmp_path, 2, """
+        import numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        MiB = 1 << 20
+        ray.init(num_cpus=1, object_store_memory=80 * MiB)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+
+        @ray.remote
+        def make(i):
+            return np.full(MiB, i, dtype=np.int64)
+
+        @ray.remote
+        def last(value):
+            return int(value[-1])
+
+        made = [make.options(scheduling_strategy=On(ids[1], soft=False)).remote(i)
+                for i in range(20)]
+        ray.wait(made, num_returns=len(made), fetch_local=False)
+        on0 = On(ids[0], soft=False)
+        assert ray.get([last.options(scheduling_strategy=on0).remote(r) for r in made]) \\
+            == list(range(20))
+        ray.shutdown()
+        print("OK")
+    """, timeout=200)
+    assert "OK" in out, out
