@@ -302,3 +302,39 @@ def test_report_has_no_gpu_plot_without_gpus(tmp_path):
     store_svg = re.search(r'<svg[^>]*id="store-svg".*?</svg>', dom, re.S).group(0)
     ticks = re.findall(r">([\d.]+ (?:B|KiB|MiB|GiB|TiB))</text>", store_svg)
     assert len(ticks) == 5 and len(set(ticks)) == 5, ticks
+
+
+def test_recorder_keeps_the_last_records_in_order_and_counts_the_rest():
+    """The packed rings (recorder.py): growth past their first allocation, wrap-around,
+    names, failure flags and what was dropped."""
+    from hpcray.runtime.recorder import Recorder
+    from hpcray.runtime.specs import NORMAL_TASK, TaskSpec
+    from hpcray.serialization import error_bytes
+
+    def spec(i):
+        return TaskSpec(i.to_bytes(16, "big"), NORMAL_TASK, None, f"f{i % 3}", (), (), (),
+                        (), {}, 0, False, None, None, {})
+
+    failed = [(b"r" * 20, error_bytes(ValueError("no")), (), 0)]
+    ok = [(b"r" * 20, b"\x80\x05K\x01.", (), 0)]
+    for limit, count in ((1000, 700), (300, 700)):
+        recorder = Recorder(0, limit)
+        for i in range(count):
+            recorder.ran(spec(i), 100 + i, float(i), i + 0.5, failed if i % 7 == 0 else ok)
+            recorder.submitted((i + 1).to_bytes(16, "big"), i.to_bytes(16, "big"))
+        recorder.died(spec(count), 99, None)
+        rows = recorder.rows({})
+        kept = min(limit, count + 1)
+        assert len(rows["spans"]) == kept and len(rows["submits"]) == min(limit, count)
+        assert rows["dropped"] == {"spans": count + 1 - kept,
+                                   "submits": count - min(limit, count), "transfers": 0}
+        first = count + 1 - kept
+        for i, (task_id, name, kind, pid, start, end, fail) in enumerate(rows["spans"][:-1],
+                                                                         first):
+            assert (task_id, name, kind, pid, start, end, fail) == (
+                i.to_bytes(16, "big"), f"f{i % 3}", NORMAL_TASK, 100 + i, float(i), i + 0.5,
+                i % 7 == 0)
+        assert rows["spans"][-1][1:4] == (f"f{count % 3}", NORMAL_TASK, 99)
+        assert rows["spans"][-1][6] is True
+        parent, child, _ = rows["submits"][-1]
+        assert (parent, child) == (count.to_bytes(16, "big"), (count - 1).to_bytes(16, "big"))

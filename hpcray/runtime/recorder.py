@@ -1,7 +1,7 @@
 """What each node records of the job for `hpcray.timeline()` and the report page.
 
-Always on, and bounded. Per node, in memory, as plain tuples (nothing the cyclic GC
-keeps walking):
+Always on, and bounded. Per node, in memory (spans and submits packed into bytes,
+the rest as plain tuples: nothing the cyclic GC keeps walking):
 
     spans      the tasks and actor calls this node ran, one per attempt: (task id,
                name, kind, worker pid, start, end, failed), as the worker saw them
@@ -24,27 +24,72 @@ subtracts this rank's offset, measured at the job's start (clock.py), so the
 recording itself costs nothing more.
 
 Each buffer keeps its last `limit` entries (HPCRAY_TIMELINE_EVENTS, 100,000 by
-default: ~20 MB at most per node); older ones are dropped and counted in `dropped`,
+default); older ones are dropped and counted in `dropped`,
 which the timeline and the report say. 0 switches recording off: no spans, submissions
 or transfers (the timeline and the report's Gantt are empty), counters still counted.
-A span costs the node one tuple appended (~3k instructions, measured:
-benchmarks/README.md); nothing is sent until someone asks: `hpcray.timeline()` and the
-report at shutdown gather every node's buffers with the state API's StateQuery
-("timeline", state_queries.py). Not for: live progress (nothing here is pushed), nor
-list_tasks (task_events.py, which this does not replace: that keeps states, this keeps
-times).
+Spans and submissions, one per task, are packed into rings of bytes (`_Ring`), not
+kept as tuples: 200,000 live tuples and the ids they hold took ~20 MB per node and gave
+the allocator one tuple to free per task once full; packed, a record costs the node's
+thread ~0.5 us (0.3 us more than a tuple, measured in isolation) and the rings ~8 MB
+(benchmarks/README.md: the microbench A/B). Nothing is sent until someone asks:
+`hpcray.timeline()` and the report at shutdown gather every node's buffers with the
+state API's StateQuery ("timeline", state_queries.py). Not for: live progress
+(nothing here is pushed), nor list_tasks (task_events.py, which this does not replace:
+that keeps states, this keeps times).
 """
 
 from __future__ import annotations
 
 import collections
 import socket
+import struct
 
+from hpcray.ids import TASK_ID_SIZE
 from hpcray.runtime.clock import now
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION
 from hpcray.runtime.task_events import ERROR_START, error_type
 
 KINDS = {0: "task", ACTOR_CREATION: "actor_creation", ACTOR_CALL: "actor_call"}
+
+# A span: task id, kind, name (its index in Recorder.names), pid, start, end, failed.
+_SPAN = struct.Struct(f"<{TASK_ID_SIZE}sBIiddB")
+# A submission: parent task id, child task id, when.
+_SUBMIT = struct.Struct(f"<{TASK_ID_SIZE}s{TASK_ID_SIZE}sd")
+_pack_span, _pack_submit = _SPAN.pack_into, _SUBMIT.pack_into
+_MAX_NAMES = 1 << 16  # distinct names kept; more show as _NAME_NOT_KEPT
+_NAME_NOT_KEPT = "(name not kept)"
+
+
+class _Ring:
+    """The last `limit` records of one fixed layout, packed into one bytearray that
+    grows (doubling) up to `limit` records, then is written over from its start."""
+
+    __slots__ = ("layout", "limit", "buffer", "appended")
+
+    def __init__(self, layout: struct.Struct, limit: int) -> None:
+        self.layout = layout
+        self.limit = limit
+        self.buffer = bytearray(layout.size * min(limit, 256))
+        self.appended = 0  # ever: those over `limit` were dropped
+
+    def slot(self) -> int:
+        """Where the next record goes (the caller packs it there: no tuple made)."""
+        offset = (self.appended % self.limit) * self.layout.size
+        self.appended += 1
+        if offset >= len(self.buffer):
+            self.buffer.extend(bytes(min(len(self.buffer),
+                                         self.limit * self.layout.size - len(self.buffer))))
+        return offset
+
+    def __len__(self) -> int:
+        return min(self.appended, self.limit)
+
+    def records(self) -> list:
+        """The records kept, oldest first, as tuples."""
+        size, unpack = self.layout.size, self.layout.unpack_from
+        first = self.appended - len(self)
+        return [unpack(self.buffer, (i % self.limit) * size)
+                for i in range(first, self.appended)]
 
 
 class Recorder:
@@ -54,15 +99,15 @@ class Recorder:
         self.rank = rank
         self.clock_offset, self.clock_bound = clock or (0.0, 0.0)
         self.limit = max(0, limit)  # 0: recording is off
-        self.spans: collections.deque = collections.deque(maxlen=self.limit)
-        self.submits: collections.deque = collections.deque(maxlen=self.limit)
+        self.spans = _Ring(_SPAN, max(1, self.limit))
+        self.submits = _Ring(_SUBMIT, max(1, self.limit))
         self.transfers: collections.deque = collections.deque(maxlen=self.limit)
+        self.names: dict[str, int] = {_NAME_NOT_KEPT: 0}  # a span's name -> its index
         self.counters: collections.Counter = collections.Counter()
-        # The hot counts are plain ints (a Counter update cost a span ~1.9k instructions):
-        # attempts ended here, and what was appended to each buffer (less what it holds:
-        # what it dropped).
+        # The hot count is a plain int (a Counter update cost a span ~1.9k instructions):
+        # attempts ended here.
         self.tasks_run = 0
-        self.appended = {"spans": 0, "submits": 0, "transfers": 0}
+        self.transfers_appended = 0
         if not self.limit:  # off: the hot paths count and keep nothing
             self.ran = self._count_run
             self.submitted = _nothing
@@ -80,9 +125,18 @@ class Recorder:
         inline = results[0][1] if results else None
         if ended is None:
             started = ended = now()
-        self.spans.append((spec.task_id, spec.name, spec.kind, pid, started, ended,
-                           type(inline) is bytes and inline[11:13] == ERROR_START
-                           and error_type(inline) is not None))
+        name = self.names.get(spec.name)
+        if name is None:
+            name = self._name_index(spec.name)
+        spans = self.spans
+        _pack_span(spans.buffer, spans.slot(), spec.task_id, spec.kind, name, pid, started,
+                   ended, type(inline) is bytes and inline[11:13] == ERROR_START
+                   and error_type(inline) is not None)
+
+    def _name_index(self, name: str) -> int:
+        if len(self.names) >= _MAX_NAMES:
+            return self.names[_NAME_NOT_KEPT]
+        return self.names.setdefault(name, len(self.names))
 
     def _count_run(self, spec, pid: int, started, ended, results) -> None:  # recording is off
         self.tasks_run += 1
@@ -100,13 +154,17 @@ class Recorder:
 
     def _span(self, spec, pid: int, started, failed: bool) -> None:
         end = now()
-        self.appended["spans"] += 1
-        self.spans.append((spec.task_id, spec.name, spec.kind, pid,
-                           end if started is None else started, end, failed))
+        if self.limit:
+            name = self.names.get(spec.name)
+            if name is None:
+                name = self._name_index(spec.name)
+            spans = self.spans
+            _pack_span(spans.buffer, spans.slot(), spec.task_id, spec.kind, name, pid,
+                       end if started is None else started, end, failed)
 
     def submitted(self, parent_id: bytes, task_id: bytes) -> None:
-        self.appended["submits"] += 1
-        self.submits.append((parent_id, task_id, now()))
+        submits = self.submits
+        _pack_submit(submits.buffer, submits.slot(), parent_id, task_id, now())
 
     def pull_started(self, tag: int) -> None:
         self.pull_starts[tag] = now()
@@ -119,14 +177,20 @@ class Recorder:
         if start is None or size < 0:
             return
         self.counters["bytes_pulled"] += size
-        self.appended["transfers"] += 1
+        self.transfers_appended += 1
         self.transfers.append((object_id, source, self.rank, size, start, now()))
+
+    def span_records(self) -> list:
+        return self.spans.records() if self.limit else []
 
     @property
     def dropped(self) -> dict:
         """How many fell off the front of each buffer (all, when recording is off)."""
-        appended = dict(self.appended, spans=self.appended["spans"] + self.tasks_run)
-        return {name: count - len(getattr(self, name)) for name, count in appended.items()}
+        if not self.limit:
+            return {"spans": self.tasks_run, "submits": 0, "transfers": 0}
+        return {"spans": self.spans.appended - len(self.spans),
+                "submits": self.submits.appended - len(self.submits),
+                "transfers": self.transfers_appended - len(self.transfers)}
 
     def counts(self) -> collections.Counter:
         """The named counts, tasks_run among them (a name never counted reads 0)."""
@@ -140,7 +204,11 @@ class Recorder:
     def rows(self, store_stats: dict) -> dict:
         """This node's records, as plain data for StateRows, on rank 0's clock."""
         shift = -self.clock_offset
-        spans, submits, transfers = list(self.spans), list(self.submits), list(self.transfers)
+        names = list(self.names)
+        spans = [(task_id, names[name], kind, pid, start, end, bool(failed))
+                 for task_id, kind, name, pid, start, end, failed in self.span_records()]
+        submits = self.submits.records() if self.limit else []
+        transfers = list(self.transfers)
         samples = self.sampler.rows() if self.sampler is not None else None
         if shift:
             spans = [(*s[:4], s[4] + shift, s[5] + shift, s[6]) for s in spans]
