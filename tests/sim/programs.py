@@ -548,3 +548,25 @@ def held_cpus_workload(sim) -> None:
     assert set(ray.get(refs)) == {held_on[freed]}
     for holder in holders:
         ray.kill(holder)
+
+
+def full_store_workload(sim) -> None:
+    """Tasks queued on one node need more arguments, made on other nodes, than its store
+    holds (run with a store of a few values): the pulls that find the store full wait
+    for those in flight (their copies can then be spilled), and every task gets its own
+    argument. Before 058f439 such a pull made its readers fail with
+    ObjectStoreFullError."""
+    rng = random.Random(sim.seed * 31 + 7)
+    node_ids = [node.node_id.hex() for node in sim.nodes]
+    count = rng.randrange(8, 16)
+    made = [make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_ids[rng.randrange(1, len(node_ids))], soft=False)).remote(tag, LARGE, [])
+        for tag in range(count)]
+    ray.wait(made, num_returns=count, fetch_local=False)
+    on_first = NodeAffinitySchedulingStrategy(node_ids[0], soft=False)
+    reads = [read.options(scheduling_strategy=on_first).remote(100 + tag, ref, tag, b"")
+             for tag, ref in enumerate(made)]
+    for tag, ref in enumerate(reads):
+        check_value(ray.get(ref), 100 + tag)
+    made = reads = None
+    gc.collect()

@@ -25,7 +25,8 @@ from tests.sim.simcluster import Simulation, SimulationFailure  # noqa: E402
 
 WORKLOADS = {"random": programs.random_workload, "failure": programs.failure_workload,
              "relay": programs.relay_workload, "submitters": programs.submitters_workload,
-             "held_cpus": programs.held_cpus_workload}
+             "held_cpus": programs.held_cpus_workload,
+             "full_store": programs.full_store_workload}
 
 
 def run_seed(seed: int, nodes: int = 3, shards: int = 1, store_bytes: int = 16 << 20,

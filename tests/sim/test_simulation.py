@@ -163,3 +163,13 @@ def test_one_object_read_everywhere_while_a_node_dies():
     out = run_schedules(0, 40, "--kill", "--nodes", "12", "--fanout", "1", *RELAY)
     assert "40 schedules, 0 failed" in out
     assert int(out.split(" relayed copies")[0].rsplit(" ", 1)[-1]) > 200, out
+
+
+def test_queued_tasks_pull_more_arguments_than_the_store_holds():
+    # 8-15 values of ~2 KB made on other nodes, each the argument of a task pinned to
+    # node 0, whose store holds 12 KiB: pulls that find it full wait for those in flight.
+    # Before 058f439, 13 of these 100 schedules failed with ObjectStoreFullError (seed 3
+    # first).
+    out = run_schedules(0, 100, "--workload", "full_store", "--store-bytes", str(12 << 10))
+    assert "100 schedules, 0 failed" in out
+    assert int(out.split(" spills")[0].rsplit(" ", 1)[-1]) > 300, out
