@@ -159,7 +159,7 @@ class Recorder:
             if name is None:
                 name = self._name_index(spec.name)
             spans = self.spans
-            _pack_span(spans.buffer, spans.slot(), spec.task_id, spec.kind, name, pid,
+            _pack_span(spans.buffer, spans.slot(), spec.task_id, spec.kind, name, pid or 0,
                        end if started is None else started, end, failed)
 
     def submitted(self, parent_id: bytes, task_id: bytes) -> None:
