@@ -81,6 +81,7 @@ where noted); each is read on every rank:
   HPCRAY_PIPELINE_TASK_MS        a worker gets its next task before its current one ends
                                  when that function last ran under this (default 1; 0:
                                  never)
+  HPCRAY_PIPELINE_DEPTH          such tasks sent to one busy worker at most (default 4)
   HPCRAY_COPY_THREADS            threads copying a large value into the store (default
                                  0: the CPUs this process may use, at most 8)
   HPCRAY_INFEASIBLE              a task no node can run: pending (default, as Ray) or

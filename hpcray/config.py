@@ -73,6 +73,10 @@ class Config:
     # starts it without a round trip through the node) when that task's function last
     # ran under this many milliseconds, has no options and asks only for CPUs; 0: never.
     pipeline_task_ms: float = 1.0
+    # Such tasks sent to one worker at most, run in turn: more means fewer wake-ups of
+    # the node and its workers per task, and more short tasks that wait behind one that
+    # turns out long (a worker blocked in get gives them all back).
+    pipeline_depth: int = 4
     # Threads that copy one large value (8 MiB or more) into the store; 0: the CPUs
     # this process may run on, at most 8 (two already double one thread's bandwidth).
     copy_threads: int = 0
@@ -130,6 +134,7 @@ class Config:
         config.max_idle_extra_workers = _env_int("HPCRAY_MAX_IDLE_EXTRA_WORKERS",
                                                  config.max_idle_extra_workers)
         config.pipeline_task_ms = _env_float("HPCRAY_PIPELINE_TASK_MS", config.pipeline_task_ms)
+        config.pipeline_depth = _env_int("HPCRAY_PIPELINE_DEPTH", config.pipeline_depth)
         config.copy_threads = _env_int("HPCRAY_COPY_THREADS", config.copy_threads)
         config.log_dir = os.environ.get("HPCRAY_LOG_DIR", "")
         config.status_interval = _env_float("HPCRAY_STATUS_INTERVAL", config.status_interval)

@@ -78,7 +78,8 @@ def pipelined_ids(timeout=30.0) -> set:
     deadline = time.monotonic() + timeout
     while True:
         with node.lock:
-            pipelined = {task_key for task_key, _ in node.scheduler.next_task.values()}
+            pipelined = {task_key for waiting in node.scheduler.next_task.values()
+                         for task_key, _ in waiting}
         if pipelined or time.monotonic() > deadline:
             return pipelined
         time.sleep(0.005)
@@ -96,6 +97,20 @@ def test_a_short_task_waits_in_the_busy_worker_and_runs_there_next(one_cpu):
     release.touch()
     pid = ray.get(first)
     assert ray.get(second) == (7, pid)
+
+
+def test_several_short_tasks_wait_in_the_busy_worker_and_run_there_in_order(one_cpu):
+    # HPCRAY_PIPELINE_DEPTH (4 by default): the fifth waits in the node's queue.
+    release = one_cpu / "release"
+    first = hold.remote(str(release))
+    shorts = [short.remote(i) for i in range(5)]
+    deadline = time.monotonic() + 30
+    while len(pipelined_ids()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pipelined_ids() == {task_id(ref) for ref in shorts[:4]}
+    release.touch()
+    pid = ray.get(first)
+    assert ray.get(shorts) == [(i, pid) for i in range(5)]
 
 
 def test_a_task_of_unknown_length_is_not_pipelined(one_cpu):
@@ -125,16 +140,21 @@ def test_cancelling_the_pipelined_task_leaves_the_running_one(one_cpu, force):
     assert ray.get(short.remote(2)) == (2, pid)  # the same worker goes on
 
 
-def test_a_worker_that_dies_gives_its_pipelined_task_to_the_next_one(one_cpu):
+def test_a_worker_that_dies_gives_its_pipelined_tasks_to_the_next_one(one_cpu):
     release = one_cpu / "release"
     first = hold.remote(str(release), die=True)
-    second = short.remote(3)  # max_retries=0: it never ran, so it is not retried
-    assert pipelined_ids() == {task_id(second)}
+    # max_retries=0: they never ran, so they are not retried
+    shorts = [short.remote(i) for i in range(3)]
+    deadline = time.monotonic() + 30
+    while len(pipelined_ids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pipelined_ids() == {task_id(ref) for ref in shorts}
     release.touch()
     with pytest.raises(WorkerCrashedError):
         ray.get(first)
-    value, pid = ray.get(second)
-    assert value == 3 and pid != os.getpid()
+    got = ray.get(shorts)
+    assert [value for value, _ in got] == [0, 1, 2]
+    assert len({pid for _, pid in got}) == 1 and got[0][1] != os.getpid()
 
 
 def test_a_task_blocked_in_get_gives_back_the_task_pipelined_to_it(one_cpu):
@@ -145,8 +165,13 @@ def test_a_task_blocked_in_get_gives_back_the_task_pipelined_to_it(one_cpu):
     ray.get(get_from.remote(warm, None))  # get_from has run once
     release, box = one_cpu / "release", Box.remote()
     waiter = get_from.remote(box, str(release))
-    second = short.remote(5)
-    assert pipelined_ids() == {task_id(second)}
+    before = short.remote(4)
+    second = short.remote(5)  # behind `before`: both are given back
+    deadline = time.monotonic() + 30
+    while len(pipelined_ids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pipelined_ids() == {task_id(before), task_id(second)}
     box.put.remote([second])
     release.touch()
     assert ray.get(waiter, timeout=60)[0] == 5
+    assert ray.get(before)[0] == 4

@@ -536,11 +536,11 @@ def test_a_pipelinable_task_goes_to_the_busy_worker_of_its_class():
     s.worker_started("w")
     assert dispatched(s.task_ready("a", {"CPU": 1}, True, True)) == ["a"]
     assert s.task_ready("b", {"CPU": 1}, True, True) == [("pipeline", "b", "w")]
-    assert s.task_ready("c", {"CPU": 1}, True, True) == []     # one at most per worker
+    assert s.task_ready("c", {"CPU": 1}, True, True) == []     # depth 1: one per worker
     assert s.task_ready("d", {"CPU": 1}) == []                 # not pipelinable: queued
     # a ends: b runs on a's CPU, c is pipelined behind it
     assert s.task_finished("w", {"CPU": 1}) == [("pipeline", "c", "w")]
-    assert s.available["CPU"] == 0 and s.next_task == {"w": ("c", {"CPU": 1})}
+    assert s.available["CPU"] == 0 and s.next_task == {"w": [("c", {"CPU": 1})]}
     assert s.task_finished("w", {"CPU": 1}) == []              # b ends, c runs
     assert dispatched(s.task_finished("w", {"CPU": 1})) == ["d"]  # c ends
 
@@ -562,7 +562,7 @@ def running_a_with_b_pipelined_and_c_queued():
     s.task_ready("a", {"CPU": 1}, True, True)
     s.task_ready("b", {"CPU": 1}, True, True)
     s.task_ready("c", {"CPU": 1}, True, True)
-    assert s.next_task == {"w": ("b", {"CPU": 1})} and s.num_queued == 1
+    assert s.next_task == {"w": [("b", {"CPU": 1})]} and s.num_queued == 1
     return s
 
 
@@ -572,7 +572,7 @@ def test_a_blocked_worker_gives_back_its_pipelined_task_first_in_line():
     assert actions[0] == ("revoke", "b", "w")
     assert ("start_worker",) in actions                        # its CPU is lent to b
     s.worker_started("w2")
-    assert s.running_class["w2"] and s.next_task == {"w2": ("c", {"CPU": 1})}
+    assert s.running_class["w2"] and s.next_task == {"w2": [("c", {"CPU": 1})]}
 
 
 def test_a_dead_worker_pipelined_task_is_queued_again_first():
@@ -581,14 +581,37 @@ def test_a_dead_worker_pipelined_task_is_queued_again_first():
     assert s.worker_started("w2") == [("dispatch", "b", "w2"), ("pipeline", "c", "w2")]
 
 
-def test_random_pipelined_workload_keeps_invariants_and_runs_each_task_once():
+def test_a_deeper_pipeline_runs_in_order_and_gives_everything_back():
+    s = LocalScheduler({"CPU": 1}, 1, validate=True, pipeline_depth=3)
+    s.worker_starting()
+    s.worker_started("w")
+    assert dispatched(s.task_ready("a", {"CPU": 1}, True, True)) == ["a"]
+    for key in "bcd":
+        assert s.task_ready(key, {"CPU": 1}, True, True) == [("pipeline", key, "w")]
+    assert s.task_ready("e", {"CPU": 1}, True, True) == []     # three at most
+    assert s.num_waiting == 4 and s.num_queued == 1
+    # a ends: b runs, e joins the pipeline behind d
+    assert s.task_finished("w", {"CPU": 1}) == [("pipeline", "e", "w")]
+    assert [key for key, _ in s.next_task["w"]] == ["c", "d", "e"]
+    # b blocks in get: c, d, e come back, first in line, in their order
+    actions = s.worker_blocked("w", {"CPU": 1})
+    assert actions[:3] == [("revoke", "c", "w"), ("revoke", "d", "w"), ("revoke", "e", "w")]
+    assert [key for key, _ in s.queues[s.running_class["w"]]] == ["c", "d", "e"]
+    s.worker_started("w2")  # the CPU b lent: c runs there, d and e behind it
+    assert [key for key, _ in s.next_task["w2"]] == ["d", "e"]
+    assert s.worker_died("w2", {"CPU": 1}) == [("start_worker",)]  # d, e queued again
+    assert s.worker_started("w3") == [("dispatch", "d", "w3"), ("pipeline", "e", "w3")]
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_random_pipelined_workload_keeps_invariants_and_runs_each_task_once(depth):
     for seed in range(40):
-        pipelined_schedule(seed)
+        pipelined_schedule(seed, depth)
 
 
-def pipelined_schedule(seed):
+def pipelined_schedule(seed, depth):
     rng = random.Random(seed)
-    s = timed(cpus=2, workers=2, idle_timeout=0.05)
+    s = timed(cpus=2, workers=2, idle_timeout=0.05, pipeline_depth=depth)
     now, starts, names = 0.0, 0, iter(range(10 ** 6))
     running, pipelined, blocked, ran = {}, {}, set(), []
     submitted = 60
@@ -602,10 +625,13 @@ def pipelined_schedule(seed):
                 assert action[2] not in running
                 running[action[2]] = action[1]
             elif action[0] == "pipeline":
-                assert action[2] in running and action[2] not in pipelined
-                pipelined[action[2]] = action[1]
-            elif action[0] == "revoke":
-                assert pipelined.pop(action[2]) == action[1]
+                waiting = pipelined.setdefault(action[2], [])
+                assert action[2] in running and len(waiting) < depth
+                waiting.append(action[1])
+            elif action[0] == "revoke":  # all of them, in the order sent
+                assert pipelined[action[2]].pop(0) == action[1]
+                if not pipelined[action[2]]:
+                    del pipelined[action[2]]
             elif action[0] == "retire":
                 assert action[1] not in running
                 s.worker_died(action[1], None)
@@ -623,15 +649,17 @@ def pipelined_schedule(seed):
                 blocked.discard(worker)
                 s.worker_unblocked(worker, {"CPU": 1})
             ran.append(running.pop(worker))
-            following = pipelined.pop(worker, None)
-            if following is not None:
-                running[worker] = following
+            if pipelined.get(worker):
+                running[worker] = pipelined[worker].pop(0)
+                if not pipelined[worker]:
+                    del pipelined[worker]
             run(s.task_finished(worker, {"CPU": 1}, now=now))
         elif running and choice < 0.9:
             worker = rng.choice(sorted(running))
             if worker not in blocked:
                 blocked.add(worker)
                 run(s.worker_blocked(worker, {"CPU": 1}))
+                assert worker not in pipelined  # every task pipelined to it came back
         elif running and choice < 0.93:                    # a worker dies
             worker = rng.choice(sorted(running))
             blocked.discard(worker)
@@ -641,5 +669,22 @@ def pipelined_schedule(seed):
         elif not running and not starts:
             run(s.reschedule())
         s.check_invariants()
+        assert {w: [key for key, _ in waiting] for w, waiting in s.next_task.items()} \
+            == pipelined
     assert sorted(ran) == list(range(submitted)), seed
     assert not s.next_task and s.num_queued == 0
+
+
+def test_a_short_queue_is_pipelined_to_every_busy_worker_in_turn():
+    # Three tasks for two busy workers: one each, then the third; never all behind one
+    # (the other would then go idle while they wait).
+    s = LocalScheduler({"CPU": 2}, 2, validate=True, pipeline_depth=4)
+    for worker in ("w1", "w2"):
+        s.worker_starting()
+        s.worker_started(worker)
+    assert sorted(dispatched(s.task_ready(k, {"CPU": 1}, True, True)) for k in "ab") == \
+        [["a"], ["b"]]
+    for key in "cde":  # they arrive while both run
+        s.task_ready(key, {"CPU": 1}, True, True)
+    assert sorted(len(waiting) for waiting in s.next_task.values()) == [1, 2]
+    assert s.num_queued == 0

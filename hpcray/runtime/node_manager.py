@@ -111,7 +111,8 @@ class NodeManager:
         self.scheduler = LocalScheduler(dict(self.total_resources),
                                         max(1, int(node_resources.num_cpus)),
                                         config.max_idle_extra_workers,
-                                        pipelining=config.pipeline_task_ms > 0)
+                                        pipelining=config.pipeline_task_ms > 0,
+                                        pipeline_depth=config.pipeline_depth)
         # function id -> whether its last run was short enough to pipeline (pipelinable)
         self._short_functions: dict[bytes, bool] = {}
         self._retire_timer_at: float | None = None
@@ -482,10 +483,10 @@ class NodeManager:
             self._worker_start_failed(worker)
             return
         self._release_gpus(record)
-        pipelined, worker.next_task = worker.next_task, None
+        pipelined, worker.next_task = worker.next_task, []
         actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
-        if pipelined is not None:  # never started: the scheduler queued it again, first
-            self._taken_back(pipelined)
+        for taken in pipelined:  # never started: the scheduler queued it again, first
+            self._taken_back(taken)
         if record is not None:
             if record.cancelled:  # cancel(force=True) killed it: a new worker takes its place
                 self._fail_task(record, exceptions.TaskCancelledError(
@@ -633,14 +634,14 @@ class NodeManager:
     def _pipeline(self, record: TaskRecord, worker: WorkerHandle) -> None:
         """Send the task to the busy worker, which runs it after its current one; it
         counts as running from then on (list_tasks: once that one's WorkDone is read)."""
-        worker.next_task = record
+        worker.next_task.append(record)
         record.gpu_ids = ()
         self._send_task(record, worker)
 
     def _revoke(self, record: TaskRecord, worker: WorkerHandle) -> None:
         """Its worker blocked in get: the task pipelined to it is queued again (the
         scheduler did), and the worker drops it unread."""
-        worker.next_task = None
+        worker.next_task.remove(record)
         worker.functions.discard(record.spec.function_id)  # its RunTask may have carried it
         self.processes.send(worker, wire(messages.RevokeTask, record.spec.task_id))
         self._taken_back(record)
@@ -675,11 +676,10 @@ class NodeManager:
                                         transitions)
             return
         record = self.tasks.get(task_id)
-        following = worker.task = worker.next_task  # the task pipelined to it starts now
+        following = worker.task = worker.next_task.pop(0) if worker.next_task else None
         if following is None:
             self.activity.idle(worker.key)
         else:
-            worker.next_task = None
             self._started_pipelined(following, worker)
         if record is None:
             self.objects.apply_transitions(transitions)

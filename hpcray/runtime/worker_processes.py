@@ -41,7 +41,7 @@ class WorkerHandle:
         self.alive = True
         self.ready = False
         self.task = None          # the TaskRecord a pool worker runs
-        self.next_task = None     # the one sent to run after it (pipelined), if any
+        self.next_task = []       # those sent to run after it, in order (pipelined)
         self.functions = set()    # function ids this worker has been sent
         self.actor_id = actor_id
         self.pipes = pipes        # {fd: stream name} of its stdout/stderr
