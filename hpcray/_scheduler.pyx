@@ -28,8 +28,8 @@ while tasks wait and no worker is idle, each worker has up to `pipeline_depth` m
 its socket, run in the order sent, so it starts the next without waiting for a round
 trip through the node (no-op tasks: 13.5k/s with 2 workers, 18k with 4, measured: the
 workers sat idle between tasks; 20-26k with one pipelined), and the node sends, and
-hears of, several tasks per wake-up (depth 4 against 1: 1.31x a driver feeding 4 ranks,
-benchmarks/README.md). Each task takes over the resources of the one before (same
+hears of, several tasks per wake-up (depth 4 against 1: 1.4-1.7x a driver feeding 4
+ranks, benchmarks/README.md). Each task takes over the resources of the one before (same
 class). A worker that blocks in `get` gives all its pipelined tasks back (`revoke`): one
 could be what the `get` waits for.
 
@@ -92,7 +92,6 @@ cdef inline bint _lent_while_blocked(str name):
     """CPUs, and a placement group's CPUs (`CPU_group_...`, options.demand_in_group), go
     back to the pool while their task's worker waits in `get`: its children can run."""
     return name == "CPU" or name.startswith("CPU_group_")
-
 
 
 cdef class LocalScheduler:
@@ -316,7 +315,7 @@ cdef class LocalScheduler:
         """The worker waits in `get`: lend its CPUs (a placement group bundle's too) to
         other tasks meanwhile, and take back the tasks pipelined to it."""
         cdef list actions = []
-        for task_key in self._requeue_next(worker_key) or ():
+        for task_key in self._requeue_next(worker_key):
             actions.append(("revoke", task_key, worker_key))
         if worker_key in self.busy_workers and worker_key not in self.blocked_workers:
             self.blocked_workers.add(worker_key)
@@ -449,9 +448,9 @@ cdef class LocalScheduler:
 
     cdef object _requeue_next(self, worker_key):
         """The tasks pipelined to the worker, if any, back at the head of their queue in
-        the same order; their keys (None: none)."""
+        the same order; their keys."""
         if not self.next_task or worker_key not in self.next_task:
-            return None
+            return []
         items = self.next_task.pop(worker_key)
         queue = self.queues[self.running_class[worker_key]]
         for item in reversed(items):

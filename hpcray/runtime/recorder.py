@@ -134,6 +134,10 @@ class Recorder:
                    and error_type(inline) is not None)
 
     def _name_index(self, name: str) -> int:
+        """The index of a span's name (`ran` looks a known one up itself: its hot path)."""
+        index = self.names.get(name)
+        if index is not None:
+            return index
         if len(self.names) >= _MAX_NAMES:
             return self.names[_NAME_NOT_KEPT]
         return self.names.setdefault(name, len(self.names))
@@ -155,11 +159,9 @@ class Recorder:
     def _span(self, spec, pid: int, started, failed: bool) -> None:
         end = now()
         if self.limit:
-            name = self.names.get(spec.name)
-            if name is None:
-                name = self._name_index(spec.name)
             spans = self.spans
-            _pack_span(spans.buffer, spans.slot(), spec.task_id, spec.kind, name, pid or 0,
+            _pack_span(spans.buffer, spans.slot(), spec.task_id, spec.kind,
+                       self._name_index(spec.name), pid or 0,
                        end if started is None else started, end, failed)
 
     def submitted(self, parent_id: bytes, task_id: bytes) -> None:
@@ -179,9 +181,6 @@ class Recorder:
         self.counters["bytes_pulled"] += size
         self.transfers_appended += 1
         self.transfers.append((object_id, source, self.rank, size, start, now()))
-
-    def span_records(self) -> list:
-        return self.spans.records() if self.limit else []
 
     @property
     def dropped(self) -> dict:
@@ -206,8 +205,8 @@ class Recorder:
         shift = -self.clock_offset
         names = list(self.names)
         spans = [(task_id, names[name], kind, pid, start, end, bool(failed))
-                 for task_id, kind, name, pid, start, end, failed in self.span_records()]
-        submits = self.submits.records() if self.limit else []
+                 for task_id, kind, name, pid, start, end, failed in self.spans.records()]
+        submits = self.submits.records()  # (empty when off: nothing is packed)
         transfers = list(self.transfers)
         samples = self.sampler.rows() if self.sampler is not None else None
         if shift:
