@@ -13,19 +13,23 @@ off as on clusters that forbid ptrace):
 
 - hpcray: `mpiexec -n 2 python -m hpcray` runs a task pinned to rank 1 that returns a
   numpy array of the size (its bytes stay in rank 1's store); once the driver on rank 0
-  knows it exists (`wait(fetch_local=False)`), its `get` is timed: the Pull to rank 1,
-  the transfer over MPI into rank 0's store, the wake-up of the driver, the decode.
+  knows it exists (`wait(fetch_local=False)`), its `get` is timed. Two paths (`--paths`):
+  `host`, the default on one host, copies the object out of rank 1's store
+  (runtime/host_stores.py); `mpi` (HPCRAY_HOST_READS=0), the path between hosts: the
+  Pull to rank 1, the transfer over MPI into rank 0's store. Then the wake-up of the
+  driver, the decode.
 - raw MPI: `mpiexec -n 2 python` (no hpcray runtime), one mpi4py `Send` / `Recv` of the
   same bytes between warm numpy buffers, timed on the receiver from a barrier
-  (transfer_bandwidth.time_raw); and the same
-  between two mapped /dev/shm files (4 KiB tmpfs pages, as the object store's).
+  (transfer_bandwidth.time_raw); the same with 2 ms of idle before each (as a get
+  follows a task's round trip); and between two mapped /dev/shm files (4 KiB tmpfs
+  pages, as the object store's). `ratio` is always against the first, warm one.
 - Ray (`--ray-python PATH` or `--ray` under Ray's interpreter): the same program on
   `ray.cluster_utils.Cluster` with a head and one more raylet, the task pinned with
   NodeAffinitySchedulingStrategy.
 
 Each job is started `--rounds` times, hpcray and raw interleaved, each giving the median
 of `--repeat` (after one warm-up); the table shows the median of the rounds. `ratio` =
-raw (numpy) time / hpcray time: 1 is MPI's speed. `--hops` also runs the hpcray job with
+raw (numpy) time / hpcray time: 1 is MPI's speed. `--hops` also runs the MPI path's job with
 HPCRAY_TRACE_HOPS (hpcray/runtime/hops.py) and prints the median time between the
 stamps along a get of the first size (the driver's get, the Pull, the holder serving
 it, the transfer's end, the objects made ready, the driver woken).
@@ -158,11 +162,15 @@ def raw_job(sizes: list[int], repeat: int) -> None:
     comm = MPI.COMM_WORLD
     if comm.size != 2:
         raise SystemExit("run it on 2 ranks")
-    results: dict = {"numpy": {}, "shm": {}}
+    results: dict = {"numpy": {}, "idle": {}, "shm": {}}
     for nbytes in sizes:
-        for kind in ("numpy", "shm"):
-            buffer = np.ones(nbytes, np.uint8) if kind == "numpy" else _shm_buffer(nbytes)
-            times = [time_raw(comm, buffer, buffer) for _ in range(repeat + 1)]
+        for kind in ("numpy", "idle", "shm"):
+            buffer = _shm_buffer(nbytes) if kind == "shm" else np.ones(nbytes, np.uint8)
+            times = []
+            for _ in range(repeat + 1):
+                if kind == "idle":
+                    time.sleep(_IDLE_FIRST)
+                times.append(time_raw(comm, buffer, buffer))
             results[kind][nbytes] = times[1:]
             del buffer
     if comm.rank == 1:
@@ -230,7 +238,7 @@ def compare_hops(args) -> str:
         for tree in trees:
             folder = tempfile.mkdtemp(prefix="remote-get-hops-")
             env = {"MPIR_CVAR_CH4_CMA_ENABLE": "1" if cma == "on" else "0",
-                   "HPCRAY_TRACE_HOPS": folder}
+                   "HPCRAY_TRACE_HOPS": folder, **_PATHS["mpi"]}
             argv = [os.path.join(tree, "benchmarks", "remote_get.py"), "--job", "hpcray",
                     "--sizes", size, "--repeat", str(args.repeat)]
             job = _mpirun.run_job(2, argv, args.timeout, env=env, root=tree)
@@ -262,6 +270,14 @@ def compare_hops(args) -> str:
 
 
 # ---------------------------------------------------------------------------- outside
+# Raw MPI's "idle" column: each transfer after this long with nothing to do, as each
+# timed get comes after a task's round trip. On this VM that alone makes 8 MiB ~1.5x
+# slower (0.47 -> 0.68 ms; 5 ms: 0.89 ms): caches and idle cores, not MPI.
+_IDLE_FIRST = 0.002
+# The two ways a get's bytes come from another rank of the same host.
+_PATHS = {"host": {"HPCRAY_HOST_READS": "1"}, "mpi": {"HPCRAY_HOST_READS": "0"}}
+
+
 def _result(output: str) -> dict:
     for line in output.splitlines():
         if line.startswith(_RESULT):
@@ -306,20 +322,19 @@ def outer(args) -> int:
         return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     settings = args.cma.split(",")
+    paths = args.paths.split(",")
     load_before = os.getloadavg()
-    hpcray_runs = {cma: [] for cma in settings}
+    hpcray_runs = {(cma, path): [] for cma in settings for path in paths}
     raw_runs = {cma: [] for cma in settings}
     for round_ in range(args.rounds):
         for cma in settings:
-            for kind, runs in (("raw", raw_runs), ("hpcray", hpcray_runs)):
-                result = _run(kind, args, cma)
-                if kind == "hpcray":
-                    result = result.get("hpcray", {})
-                runs[cma].append({int(k): v for k, v in result.items()} if kind == "hpcray"
-                                 else {kk: {int(k): v for k, v in d.items()}
-                                       for kk, d in result.items()})
-                _mpirun.log(f"round {round_ + 1} CMA {cma} {kind} done "
-                            f"(load {os.getloadavg()[0]:.1f})")
+            result = _run("raw", args, cma)
+            raw_runs[cma].append({kk: {int(k): v for k, v in d.items()}
+                                  for kk, d in result.items()})
+            for path in paths:
+                result = _run("hpcray", args, cma, _PATHS[path]).get("hpcray", {})
+                hpcray_runs[cma, path].append({int(k): v for k, v in result.items()})
+            _mpirun.log(f"round {round_ + 1} CMA {cma} done (load {os.getloadavg()[0]:.1f})")
     ray_times = {}
     if args.ray_python:
         import subprocess
@@ -335,20 +350,23 @@ def outer(args) -> int:
     print(f"# remote get, 2 ranks on one host; median of {args.rounds} rounds x median of "
           f"{args.repeat} gets; {_mpirun.machine_state()}")
     print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    header = ["size", "CMA", "hpcray get", "raw MPI (numpy)", "ratio", "hpcray GB/s",
-              "raw MPI (/dev/shm)"]
+    header = ["size", "CMA", "raw MPI (numpy)", "raw, 2 ms idle first", "raw MPI (/dev/shm)"]
+    for path in paths:
+        header += [f"hpcray get ({path})", "ratio", "GB/s"]
     if ray_times:
         header.append("Ray get")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for nbytes in sizes:
         for cma in settings:
-            ours = _median_of_rounds(hpcray_runs[cma], nbytes)
             raw = _median_of_rounds([r.get("numpy", {}) for r in raw_runs[cma]], nbytes)
+            idle = _median_of_rounds([r.get("idle", {}) for r in raw_runs[cma]], nbytes)
             shm = _median_of_rounds([r.get("shm", {}) for r in raw_runs[cma]], nbytes)
-            cells = [fmt_size(nbytes), cma, _ms(ours), _ms(raw),
-                     f"{raw / ours:.2f}" if ours and raw else "-",
-                     f"{nbytes / ours / 1e9:.2f}" if ours else "-", _ms(shm)]
+            cells = [fmt_size(nbytes), cma, _ms(raw), _ms(idle), _ms(shm)]
+            for path in paths:
+                ours = _median_of_rounds(hpcray_runs[cma, path], nbytes)
+                cells += [_ms(ours), f"{raw / ours:.2f}" if ours and raw else "-",
+                          f"{nbytes / ours / 1e9:.2f}" if ours else "-"]
             if ray_times:
                 cells.append(_ms(statistics.median(ray_times[nbytes]))
                              if cma == settings[0] and nbytes in ray_times else "")
@@ -356,8 +374,8 @@ def outer(args) -> int:
     if args.hops:
         folder = tempfile.mkdtemp(prefix="remote-get-hops-")
         hop_args = argparse.Namespace(**{**vars(args), "sizes": args.sizes.split(",")[0]})
-        _run("hpcray", hop_args, settings[0], {"HPCRAY_TRACE_HOPS": folder})
-        print(f"\n# where a {fmt_size(sizes[0])} get's time goes (CMA {settings[0]}, "
+        _run("hpcray", hop_args, settings[0], {"HPCRAY_TRACE_HOPS": folder, **_PATHS["mpi"]})
+        print(f"\n# where a {fmt_size(sizes[0])} get's time goes over MPI (CMA {settings[0]}, "
               f"HPCRAY_TRACE_HOPS, load {os.getloadavg()[0]:.1f})")
         print(hops_table(folder))
     return 0
@@ -373,6 +391,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cma", default="on,off", help="on, off or on,off")
+    parser.add_argument("--paths", default="host,mpi",
+                        help="host (copied from the holder's store), mpi, or both")
     parser.add_argument("--hops", action="store_true", help="also trace where a get goes")
     parser.add_argument("--hop-jobs", type=int, default=0, metavar="N",
                         help="only where a get goes: N traced jobs per tree, interleaved")

@@ -114,6 +114,9 @@ class Config:
     # sends it itself to `relay_fanout` pullers, each copy to as many more.
     relay_min_bytes: int = 8 << 20
     relay_fanout: int = 2
+    # An object another node on this host holds is copied from that node's store
+    # (runtime/host_stores.py); False: pulled over MPI like one from another host.
+    host_reads: bool = True
     # Record where each object reference was created, for list_objects' call_site and
     # summarize_objects (runtime/call_sites.py): Ray's RAY_record_ref_creation_sites.
     record_ref_creation_sites: bool = False
@@ -145,6 +148,7 @@ class Config:
         config.drain_grace = _env_float("HPCRAY_DRAIN_GRACE", config.drain_grace)
         config.relay_min_bytes = _env_int("HPCRAY_RELAY_MIN_BYTES", config.relay_min_bytes)
         config.relay_fanout = _env_int("HPCRAY_RELAY_FANOUT", config.relay_fanout)
+        config.host_reads = _env_bool("HPCRAY_HOST_READS", config.host_reads)
         config.record_ref_creation_sites = _env_bool("RAY_record_ref_creation_sites",
                                                      config.record_ref_creation_sites)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible

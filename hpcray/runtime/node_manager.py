@@ -45,6 +45,7 @@ from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.job_logs import JobLogs
 from hpcray.runtime.guardian import NoBoard
 from hpcray.runtime.lineage import Lineage, LineagePins
+from hpcray.runtime.host_stores import HostStores
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable
@@ -192,8 +193,9 @@ class NodeManager:
         self.call_sites = CallSites(self.objects.entries)
         self.spiller = Spiller(rank, self.objects, store, self.spill_dir)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
+        self.host_stores = HostStores(rank, link, self.sources, self.config.host_reads)
         self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, self.spiller,
-                                 gcs, peers, self.recorder)
+                                 gcs, peers, self.recorder, self.host_stores)
         self.relay = ObjectRelay(rank, link, self.objects, store, self.spiller, peers,
                                  self.recorder, self.config.relay_min_bytes,
                                  self.config.relay_fanout)
@@ -239,7 +241,8 @@ class NodeManager:
         """This node as the start handshake tells the others."""
         return {"node_id": self.node_id.hex(), "resources": self.total_resources,
                 "hostname": self.info["hostname"], "store_name": self.store_name,
-                "spill_dir": self.spill_dir}
+                "spill_dir": self.spill_dir, "pid": os.getpid(),
+                "host_key": self.host_stores.describe()}
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake)."""
@@ -304,6 +307,7 @@ class NodeManager:
                 entry.pin.release()
         self.objects.clear()
         self.spiller.close()
+        self.host_stores.close()
         Store.unlink_name(self.store_name)
         self.store.close()
         self.sources.close()

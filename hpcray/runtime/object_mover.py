@@ -18,6 +18,7 @@ that its holder may have a node with a copy send it instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 from hpcray import exceptions, ids
 from hpcray._store import ObjectTooLargeError
@@ -41,7 +42,7 @@ class ObjectMover:
                messages.Pull: "on_pull"}
 
     def __init__(self, rank: int, cluster, objects, borrowing, store, spiller, gcs, peers,
-                 recorder) -> None:
+                 recorder, host_stores) -> None:
         self.rank = rank
         self.cluster = cluster            # ClusterLink
         self.transport = cluster.transport
@@ -52,6 +53,9 @@ class ObjectMover:
         self.gcs = gcs
         self.peers = peers
         self.recorder = recorder  # records each pull for the timeline
+        self.host_stores = host_stores  # HostStores: the stores of this host's other nodes
+        self._host_copies = itertools.count(1)  # their keys in the recorder: -1, -2, ...
+        self._copying = 0         # copies from this host's other stores in flight
         self._batching = 0        # > 0 inside `batched`: pulls wait for its end
         self.copy_missing = None  # Lineage.copy_missing: an owned value's copy was gone
         self._wanted: dict[int, list] = {}   # holder rank -> [(object_id, entry)]
@@ -149,7 +153,7 @@ class ObjectMover:
                 view = self._create(object_id, entry, None)
                 if hops.ENABLED:
                     hops.stamp("pull.created")
-                if view is None:
+                if view is None or self._copy_on_host(location, object_id, entry, view):
                     continue
                 if entry.size >= self.relay.min_bytes:  # alone: its holder may relay it
                     self._pull(location, [(object_id, entry, view)])
@@ -170,7 +174,8 @@ class ObjectMover:
             return self.spiller.create_object(object_id, entry.size, populate=True)
         except Exception as exc:  # noqa: BLE001 - the store is full
             entry.pulling = False
-            if self.cluster.pulls and not isinstance(exc, ObjectTooLargeError):
+            if (self.cluster.pulls or self._copying) and \
+                    not isinstance(exc, ObjectTooLargeError):
                 self._no_room[object_id] = (entry, failed_relay)
                 return None
             error = exceptions.ObjectStoreFullError(
@@ -188,6 +193,33 @@ class ObjectMover:
         view = self._create(object_id, entry, failed)
         if view is not None:
             self._pull(entry.location, [(object_id, entry, view)], failed)
+
+    def _copy_on_host(self, holder: int, object_id: bytes, entry: ObjectEntry,
+                      view: memoryview) -> bool:
+        """Copy the object from the holder's own store when it shares this host
+        (host_stores.py). False: pull it over MPI."""
+        buffer = self.host_stores.take(holder, object_id, entry.size)
+        if buffer is None:
+            return False
+        if hops.ENABLED:
+            hops.stamp("host.taken")
+        tag = -next(self._host_copies)  # (MPI transfer tags are positive)
+        self.recorder.pull_started(tag)
+        self._copying += 1
+
+        def copied(ok: bool) -> None:
+            if hops.ENABLED:
+                hops.stamp("host.copied")
+            self._copying -= 1
+            if ok:
+                self.recorder.count("bytes_copied_on_host", entry.size)
+                self._arrived(tag, object_id, view, holder, True)
+                self._retry_no_room()
+            else:  # the holder's memory could not be read: over MPI after all
+                self.recorder.pull_ended(tag, object_id, holder, -1)
+                self._pull(holder, [(object_id, entry, view)])
+        self.host_stores.copy(buffer, view, copied)
+        return True
 
     def _pull(self, location: int, batch: list, failed_relay: int | None = None) -> None:
         transport = self.transport
@@ -249,28 +281,34 @@ class ObjectMover:
             return
         source, batch, header, _ = pulled
         for i, (object_id, _, view) in enumerate(batch):
-            view.release()
             last = i == len(batch) - 1
-            if not header[i]:
-                self.recorder.pull_ended(tag, object_id, source, -1, last)
-                self._lost(object_id, source)
+            if header[i]:
+                self._arrived(tag, object_id, view, source, last)
                 continue
-            self.store.seal(object_id, unclaimed=True)
-            self.relay.received(object_id)
-            entry = self.objects.get(object_id)
-            if entry is None:
-                self.recorder.pull_ended(tag, object_id, -1, -1, last)
-                self.store.delete(object_id)
-                continue
-            entry.pulling = False
-            entry.state = PENDING
-            self.recorder.pull_ended(tag, object_id, source, entry.size, last)
-            self.objects.object_ready(object_id, IN_STORE, (), entry.size)
-            self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner,
-                             None)
+            view.release()
+            self.recorder.pull_ended(tag, object_id, source, -1, last)
+            self._lost(object_id, source)
         if hops.ENABLED:
             hops.stamp("pull.ready")
         self._retry_no_room()
+
+    def _arrived(self, tag: int, object_id: bytes, view: memoryview, source: int,
+                 last: bool) -> None:
+        """A copy from `source` is whole in its buffer: sealed, its readers told, the GCS
+        told of the new location (`last`: the last object of pull `tag`)."""
+        view.release()
+        self.store.seal(object_id, unclaimed=True)
+        self.relay.received(object_id)
+        entry = self.objects.get(object_id)
+        if entry is None:
+            self.recorder.pull_ended(tag, object_id, -1, -1, last)
+            self.store.delete(object_id)
+            return
+        entry.pulling = False
+        entry.state = PENDING
+        self.recorder.pull_ended(tag, object_id, source, entry.size, last)
+        self.objects.object_ready(object_id, IN_STORE, (), entry.size)
+        self.gcs.request("add_location", object_id, self.rank, entry.size, entry.owner, None)
 
     def _retry_no_room(self) -> None:
         """A pull ended: those that found the store full try again (its copy, or its

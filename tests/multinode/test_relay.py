@@ -3,7 +3,8 @@ sends it to `relay_fanout` ranks and the copies (or the ranks receiving them, ch
 chunk) send it on. On one machine this cannot be faster (every copy is a memory copy);
 what this checks is that every task gets the same bytes and the holder sent fewer
 copies than there were pullers. The algorithm under many orders and a node's death is
-tested in the simulation (tests/sim, --workload relay)."""
+tested in the simulation (tests/sim, --workload relay). Ranks of one host copy from each
+other's stores instead (host_stores.py), so these jobs pull over MPI, as between hosts."""
 
 import pytest
 
@@ -52,5 +53,5 @@ def test_every_rank_gets_the_same_large_array(tmp_path):
         assert sent[0] <= 2 and relayed >= 2, counters
         ray.shutdown()
         print("OK")
-    """, env={"HPCRAY_RELAY_FANOUT": "1"})
+    """, env={"HPCRAY_RELAY_FANOUT": "1", "HPCRAY_HOST_READS": "0"})
     assert "OK" in out

@@ -1,6 +1,8 @@
 """Spilling across nodes: `mpiexec -n 3`, every node's store 80 MiB, each holding three
 times that; other ranks read the spilled objects (served from the spill files) and every
-value comes back right; no spill folder is left after the job."""
+value comes back right; no spill folder is left after the job. Each test runs twice:
+copying from the other stores of the host (host_stores.py) and over MPI, as between
+hosts (HPCRAY_HOST_READS=0)."""
 
 import os
 
@@ -10,8 +12,11 @@ from tests.multinode.test_multinode import run_mpi
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
 
+PATHS = pytest.mark.parametrize("host_reads", ["1", "0"], ids=["host-copy", "pulled"])
 
-def test_spilled_objects_move_between_nodes(tmp_path):
+
+@PATHS
+def test_spilled_objects_move_between_nodes(tmp_path, host_reads):
     spill = tmp_path / "spill"
     spill.mkdir()
     out = run_mpi(tmp_path, 3, """
@@ -62,14 +67,15 @@ def test_spilled_objects_move_between_nodes(tmp_path):
         print("FOLDERS", sorted(os.listdir(os.environ["HPCRAY_SPILL_DIR"])))
         ray.shutdown()
         print("OK")
-    """, env={"HPCRAY_SPILL_DIR": str(spill)}, timeout=280)
+    """, env={"HPCRAY_SPILL_DIR": str(spill), "HPCRAY_HOST_READS": host_reads}, timeout=280)
     assert "OK" in out, out
     folders = [line for line in out.splitlines() if line.startswith("FOLDERS")]
     assert folders and "-n0" in folders[0] and "-n1" in folders[0], out
     assert os.listdir(spill) == [], out  # every rank removed its folder
 
 
-def test_queued_tasks_pull_more_arguments_than_the_store_holds(tmp_path):
+@PATHS
+def test_queued_tasks_pull_more_arguments_than_the_store_holds(tmp_path, host_reads):
     """20 tasks queued on rank 0 (one CPU) each need an 8 MiB argument held on rank 1:
     160 MiB of pulls into an 80 MiB store. Those that find it full wait for the pulls in
     flight (whose copies can then be spilled), instead of failing with
@@ -97,5 +103,5 @@ def test_queued_tasks_pull_more_arguments_than_the_store_holds(tmp_path):
             == list(range(20))
         ray.shutdown()
         print("OK")
-    """, timeout=200)
+    """, env={"HPCRAY_HOST_READS": host_reads}, timeout=200)
     assert "OK" in out, out

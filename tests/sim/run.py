@@ -31,14 +31,16 @@ WORKLOADS = {"random": programs.random_workload, "failure": programs.failure_wor
 
 def run_seed(seed: int, nodes: int = 3, shards: int = 1, store_bytes: int = 16 << 20,
              kill: bool = False, workload: str | None = None,
-             relay_min_bytes: int | None = None, relay_fanout: int = 2) -> Simulation:
+             relay_min_bytes: int | None = None, relay_fanout: int = 2,
+             host_reads: bool = False) -> Simulation:
     """One schedule of a workload (default: random, or failure with `kill`); raises
     SimulationFailure with the seed."""
     gc.disable()  # collections at allocation thresholds would vary drops between runs
     # One node gets the CPUs of three: the workload's actors need 2 CPUs at once.
     sim = Simulation(seed, num_nodes=nodes, gcs_shards=shards,
                      num_cpus=3.0 if nodes == 1 else 1.0, store_bytes=store_bytes, kill=kill,
-                     relay_min_bytes=relay_min_bytes, relay_fanout=relay_fanout)
+                     relay_min_bytes=relay_min_bytes, relay_fanout=relay_fanout,
+                     host_reads=host_reads)
     try:
         driver = sim.start_driver(WORKLOADS[workload or ("failure" if kill else "random")])
         try:
@@ -68,18 +70,21 @@ def main(argv=None) -> int:
                         help="objects this size or more may be relayed (relay.py; the "
                              "workloads' stored values are ~2 KB)")
     parser.add_argument("--fanout", type=int, default=2, help="the relay tree's fanout")
+    parser.add_argument("--host-reads", action="store_true",
+                        help="two nodes a host copy from each other's stores (host_stores.py)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--stop", action="store_true", help="stop at the first failure")
     args = parser.parse_args(argv)
     failed = []
-    steps = messages = spilled = restored = relayed = rebuilt = revived = 0
+    steps = messages = spilled = restored = relayed = rebuilt = revived = host_copies = 0
     copies = []  # per schedule: (most copies one node sent, copies the holder sent)
     kept = {False: [0, 0], True: [0, 0]}  # alone? -> [tasks submitted, ran there]
     start = time.monotonic()
     for seed in range(args.first, args.first + args.count):
         try:
             sim = run_seed(seed, args.nodes, args.shards, args.store_bytes, args.kill,
-                           args.workload, args.relay_min_bytes, args.fanout)
+                           args.workload, args.relay_min_bytes, args.fanout,
+                           args.host_reads)
             if sim.relay_object is not None:
                 copies.append(copies_sent(sim))
             for alone, tasks, local in sim.submitted:
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
             rebuilt += sum(node.recorder.counters.get("reconstructions", 0)
                            for node in sim.nodes)
             revived += sum(node.recorder.counters.get("revived", 0) for node in sim.nodes)
+            host_copies += sum(node.recorder.counters.get("bytes_copied_on_host", 0) > 0
+                               for node in sim.nodes)
         except SimulationFailure as failure:
             failed.append(seed)
             text = str(failure)
@@ -104,7 +111,8 @@ def main(argv=None) -> int:
     print(f"{args.count} schedules, {len(failed)} failed {failed[:20]}, {steps} steps, "
           f"{messages} messages between nodes, {spilled} spills, {restored} restores, "
           f"{relayed} relayed copies, {rebuilt} tasks re-run by lineage, {revived} freed "
-          f"values revived, {elapsed:.1f} s", flush=True)
+          f"values revived, {host_copies} nodes that copied from another's store, "
+          f"{elapsed:.1f} s", flush=True)
     if kept[False][0]:
         print(f"submitters: {kept[False][1]} of {kept[False][0]} tasks ran where submitted "
               f"with a submitter on every node, {kept[True][1]} of {kept[True][0]} with "

@@ -16,6 +16,9 @@ event with a seeded random generator:
     run      let one process go on until it blocks (a reply it waits for arrived, a task
              arrived, or the driver paused between operations)
     eof      a process ended: its node sees the socket close
+    copy     end one copy from the store of another node on the host (host_stores.py;
+             with `host_reads`, two nodes a host, as `hostname`: `inline_max` says
+             which copies are made at once and which become such events)
 
 After every event `check` runs the invariants; at the end `check_quiescent` demands
 that everything was freed. A failure names its seed, and the same seed replays the
@@ -34,7 +37,7 @@ import threading
 import traceback
 
 from hpcray import context, ids, object_ref
-from hpcray._store import Store
+from hpcray._store import Store, copy_into
 from hpcray.config import Config
 from hpcray.object_ref import LocalReferenceCounter
 from hpcray.resources import detect_node_resources
@@ -95,6 +98,20 @@ class SimTransfer:
 
     def segment_received(self, index: int) -> int:
         return self.sizes[index] if self.done else 0
+
+
+class SimCopier:
+    """A node's copy thread (host_stores._Copier): each copy ends in a "copy" event."""
+
+    def __init__(self, sim: Simulation, node: SimNode):
+        self.sim = sim
+        self.node = node
+
+    def submit(self, buffer, dest, on_done) -> None:
+        self.sim.copies.append((self.node, buffer, dest, on_done))
+
+    def close(self) -> None:
+        pass
 
 
 class SimNetwork:
@@ -436,6 +453,7 @@ class SimNode(NodeManager):
                 entry.pin.release()
         self.objects.clear()
         self.spiller.close()
+        self.host_stores.close()
         Store.unlink_name(self.store_name)
         self.store.close()
         self.sources.close()
@@ -456,8 +474,10 @@ class Simulation:
     def __init__(self, seed: int, num_nodes: int = 3, num_cpus: float = 1.0,
                  inline_threshold: int = 300, store_bytes: int = 16 << 20,
                  gcs_shards: int = 1, max_steps: int = 40000, kill: bool = False,
-                 relay_min_bytes: int | None = None, relay_fanout: int = 2):
+                 relay_min_bytes: int | None = None, relay_fanout: int = 2,
+                 host_reads: bool = False):
         self.seed = seed
+        self.copies: list = []     # host copies in flight: (node, buffer, dest, on_done)
         self.relay_object = None   # the relay workload's object: (holder rank, size)
         self.submitted: list = []  # the submitters workload's (alone?, tasks, ran there)
         # With `kill`: a node other than the driver's dies at a random step (ULFM), and
@@ -494,10 +514,18 @@ class Simulation:
         try:
             for rank in range(num_nodes):
                 self.nodes.append(SimNode(self, rank, num_nodes, job, config, num_cpus))
-            # Two nodes a host: the survivor of a host cleans up after its dead neighbour.
+            # Two nodes a host: the survivor of a host cleans up after its dead neighbour,
+            # and with `host_reads` the two copy from each other's stores, some copies at
+            # once and some in events of their own (as the copy thread does large ones).
+            inline_max = self.rng.choice((0, 1 << 10, 1 << 40)) if host_reads else 0
+            for node in self.nodes:
+                node.host_stores.identity = f"sim{node.rank // 2}" if host_reads else ""
+                node.host_stores.inline_max = inline_max
+                node.host_stores.copier = SimCopier(self, node)
             described = {node.rank: {"node_id": node.node_id.hex(),
                                       "resources": node.total_resources,
                                       "hostname": f"sim{node.rank // 2}",
+                                      "host_key": node.host_stores.identity,
                                       "store_name": node.store_name,
                                       "spill_dir": node.spill_dir} for node in self.nodes}
             for node in self.nodes:
@@ -556,6 +584,7 @@ class Simulation:
             late = {rank for rank, _ in self.network.late_lost}
             events += [("lost", node) for node in self.nodes if self.alive(node)
                        and (self.killed not in node.transport.dead or node.rank in late)]
+        events += [("copy", i) for i in range(len(self.copies))]
         receives = self.network.receives
         events += [("data", i) for i, (source, dest, transfer) in enumerate(self.network.sends)
                    if (dest, source, transfer.tag) in receives and transfer.ready()]
@@ -600,6 +629,17 @@ class Simulation:
             if receive.on_done is not None:
                 receive.on_done()
             self.nodes[dest].after_event()
+        elif kind == "copy":
+            node, buffer, dest, on_done = self.copies.pop(what)
+            self.trace.append(f"copy into node {node.rank}, {len(buffer)} B")
+            if self.alive(node):
+                copy_into(dest, 0, buffer)
+                buffer.release()
+                on_done(True)
+                node.after_event()
+            else:  # its reader died: the holder's store gives back what it pinned
+                buffer.release()
+                dest.release()
         elif kind == "up":
             message = what.outbox.popleft()
             self.trace.append(f"up {what.name} {str(message)[:120]}")

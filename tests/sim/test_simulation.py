@@ -173,3 +173,18 @@ def test_queued_tasks_pull_more_arguments_than_the_store_holds():
     out = run_schedules(0, 100, "--workload", "full_store", "--store-bytes", str(12 << 10))
     assert "100 schedules, 0 failed" in out
     assert int(out.split(" spills")[0].rsplit(" ", 1)[-1]) > 300, out
+
+
+def test_nodes_of_one_host_copy_from_each_others_stores():
+    # runtime/host_stores.py: two nodes a simulated host copy from each other's stores,
+    # some copies at once and some ending in events of their own (the copy thread),
+    # while a node dies and stores of 12 KiB spill (a spilled value comes over MPI from
+    # its file), and while pulls find a full store.
+    out = run_schedules(0, 150, "--host-reads", "--kill", "--nodes", "4",
+                        "--store-bytes", str(12 << 10))
+    assert "150 schedules, 0 failed" in out
+    assert int(out.split(" nodes that copied")[0].rsplit(" ", 1)[-1]) > 100, out
+    out = run_schedules(0, 100, "--host-reads", "--workload", "full_store",
+                        "--store-bytes", str(12 << 10))
+    assert "100 schedules, 0 failed" in out
+    assert int(out.split(" nodes that copied")[0].rsplit(" ", 1)[-1]) > 50, out

@@ -1,0 +1,200 @@
+"""Objects another node on this host holds: copied straight from its store.
+
+Ranks on one host (one per GPU, or several per node) each have a store of their own, a
+shared-memory segment any process of the host may map. A node that needs an object a
+node on its own host holds maps that node's store (once, for the job), pins the object
+there, copies it into its own store and lets go: one memory copy, no message to the
+holder and no MPI transfer (whose rendezvous, polls and staging copy made a 1 MiB get
+~8x raw MPI). The pin is recorded under this process's pid in the holder's store, so a
+delete or an eviction there waits for the copy, and the holder's store gives it back if
+this process dies.
+
+What is "this host" is decided by identity, not by name: two nodes share one when they
+share a kernel boot, a PID namespace (the pins' pids mean the same to both) and the
+/dev/shm instance (containers may have their own). Anything the holder's store does
+not have sealed (spilled to disk, evicted, still arriving) is pulled over MPI as before
+(object_mover.py); so is everything with HPCRAY_HOST_READS=0, which is also how one
+machine measures the path between hosts.
+
+A copy of _INLINE_MAX bytes or less is made at once by the caller (a few hundred
+microseconds at most); a larger one on this node's copy thread, whose completions the
+event loop runs, so that the node keeps answering meanwhile. Not for: reading an object
+in place in another node's store (its lifetime would then hang on that node).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+
+from hpcray._store import Store, StoreError, copy_into
+from hpcray.runtime.worker_processes import close_fd
+
+log = logging.getLogger("hpcray.host_stores")
+
+# Larger copies go to the copy thread: 4 MiB take ~0.3-0.6 ms on this VM's 4 KiB pages.
+_INLINE_MAX = 4 << 20
+
+
+def host_identity() -> str:
+    """Equal for two processes exactly when each can map the other's store and read its
+    pids: the same kernel boot, PID namespace and /dev/shm. "" where that is unknown
+    (not Linux): then no store is read across nodes."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+        shm = os.stat("/dev/shm")
+    except OSError:
+        return ""
+    return f"{boot_id}:{pid_namespace}:{shm.st_dev}:{shm.st_ino}"
+
+
+class HostStores:
+    """The stores of the other nodes on this host that this node maps to copy from."""
+
+    def __init__(self, rank: int, link, sources, enabled: bool,
+                 inline_max: int = _INLINE_MAX) -> None:
+        self.rank = rank
+        self.link = link            # ClusterLink: every node's host identity and store
+        self.identity = host_identity() if enabled else ""
+        self.inline_max = inline_max
+        self._sources = sources     # the event loop's descriptors: the copy thread's pipe
+        self._stores: dict[int, Store | None] = {}  # rank -> its mapped store, None: not
+        # What makes the large copies, with submit(buffer, dest, on_done) and close():
+        # a _Copier made on the first (the simulation puts in its own).
+        self.copier = None
+
+    def describe(self) -> str:
+        """This node's identity, for the start handshake ("host_key")."""
+        return self.identity
+
+    def store_of(self, rank: int) -> Store | None:
+        """Node `rank`'s store, mapped here, when it shares this host; else None."""
+        try:
+            return self._stores[rank]
+        except KeyError:
+            pass
+        store = None
+        node = self.link.nodes.get(rank) or {}
+        if self.identity and rank != self.rank and node.get("host_key") == self.identity \
+                and rank not in self.link.dead_nodes:
+            try:
+                store = Store.attach(node["store_name"])
+            except (StoreError, OSError) as exc:  # e.g. another /dev/shm after all
+                log.info("rank %d: cannot map rank %d's store %s (%s); its objects come "
+                         "over MPI", self.rank, rank, node["store_name"], exc)
+        self._stores[rank] = store
+        return store
+
+    def take(self, rank: int, object_id: bytes, size: int):
+        """The object pinned in node `rank`'s store (a StoreBuffer), or None: that node
+        is elsewhere, or its store has no sealed copy of `size` bytes."""
+        store = self.store_of(rank)
+        if store is None:
+            return None
+        try:
+            buffer = store.get(object_id)
+        except StoreError:  # its pin table is full: over MPI, the holder pins it itself
+            return None
+        if buffer is not None and len(buffer) != size:
+            buffer.release()
+            return None
+        return buffer
+
+    def copy(self, buffer, dest: memoryview, on_done) -> None:
+        """Copy `buffer` (from `take`) into `dest` and let go of its pin; then call
+        `on_done(copied)`: before returning when small, else from the event loop (under
+        the node's lock) once the copy thread is done."""
+        if len(buffer) <= self.inline_max:
+            try:
+                copy_into(dest, 0, buffer)
+            finally:
+                buffer.release()
+            on_done(True)
+            return
+        if self.copier is None:
+            self.copier = _Copier(self._sources)
+        self.copier.submit(buffer, dest, on_done)
+
+    def forget(self, rank: int) -> None:
+        """Node `rank` died: its store is unmapped here once the copies from it end."""
+        store = self._stores.get(rank)
+        self._stores[rank] = None
+        if store is not None:
+            store.close()
+
+    def close(self) -> None:
+        """Wait for the copies in flight (their buffers are this node's), unmap."""
+        if self.copier is not None:
+            self.copier.close()
+            self.copier = None
+        for store in self._stores.values():
+            if store is not None:
+                store.close()
+        self._stores.clear()
+
+
+class _Copier:
+    """One thread that makes the large copies in turn (each one split over the store's
+    copy threads); the event loop runs what follows each copy when its pipe says so."""
+
+    def __init__(self, sources) -> None:
+        self._sources = sources
+        self._jobs: collections.deque = collections.deque()
+        self._done: collections.deque = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        sources.register(self._wake_r, self._on_copied)
+        self._thread = threading.Thread(target=self._run, name="hpcray-host-copies",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, buffer, dest: memoryview, on_done) -> None:
+        with self._ready:
+            self._jobs.append((buffer, dest, on_done))
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs and not self._closing:
+                    self._ready.wait()
+                if not self._jobs:
+                    return
+                buffer, dest, on_done = self._jobs.popleft()
+            copied = False
+            try:
+                copy_into(dest, 0, buffer)
+                copied = True
+            except Exception:  # noqa: BLE001 - the object is pulled over MPI instead
+                log.exception("a copy from another node's store on this host failed")
+            finally:
+                buffer.release()
+            self._done.append((on_done, copied))
+            try:
+                os.write(self._wake_w, b"c")
+            except BlockingIOError:  # the loop has a wake-up pending anyway
+                pass
+
+    def _on_copied(self, fd: int, _mask: int) -> None:
+        """On the event loop's thread, under the node's lock: the copies that ended."""
+        try:
+            os.read(fd, 4096)
+        except BlockingIOError:
+            pass
+        while self._done:
+            on_done, copied = self._done.popleft()
+            on_done(copied)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join()
+        self._sources.unregister(self._wake_r)
+        close_fd(self._wake_r)
+        close_fd(self._wake_w)
