@@ -166,13 +166,21 @@ def test_off_reads_nothing(stores):
     assert off.describe() == "" and off.take(1, oid(5), 1024) is None
 
 
-def test_a_dead_holders_store_is_read_no_more_and_copies_in_flight_end(stores):
-    holder, reader, host, link, sources = stores
-    make_in_other_process(holder.name, oid(6), 32 * MiB, 9)
-    buffer = host.take(1, oid(6), 32 * MiB)
-    view = reader.create_object(oid(6), 32 * MiB)
+def start_large_copy(stores, i: int, size: int, fill: int):
+    """An object made in the holder's store, its copy handed to the copy thread: (the
+    reader's buffer, the list its end is reported to)."""
+    holder, reader, host, _, _ = stores
+    make_in_other_process(holder.name, oid(i), size, fill)
+    buffer = host.take(1, oid(i), size)
+    view = reader.create_object(oid(i), size)
     done: list = []
     host.copy(buffer, view, done.append)
+    return view, done
+
+
+def test_a_dead_holders_store_is_read_no_more_and_copies_in_flight_end(stores):
+    holder, _, host, link, sources = stores
+    view, done = start_large_copy(stores, 6, 32 * MiB, 9)
     link.dead_nodes.add(1)
     host.forget(1)           # the mapping stays until the copy lets go of it
     holder.unlink()          # as the survivors of a host do (node_failures.py)
@@ -180,3 +188,13 @@ def test_a_dead_holders_store_is_read_no_more_and_copies_in_flight_end(stores):
     assert done == [True] and np.all(np.frombuffer(view, np.uint8) == 9)
     view.release()
     assert host.take(1, oid(6), 32 * MiB) is None
+
+
+def test_close_waits_for_the_copies_in_flight_and_lets_go_of_their_buffers(stores):
+    holder, reader, host, _, _ = stores
+    view, done = start_large_copy(stores, 7, 24 * MiB, 5)
+    host.close()             # the node shuts down: no event loop pass runs any more
+    assert done == [] and holder.pins() == []
+    with pytest.raises(ValueError):
+        view[0]              # released: the store can be unmapped
+    reader.abort(oid(7))

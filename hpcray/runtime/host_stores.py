@@ -174,7 +174,7 @@ class _Copier:
                 log.exception("a copy from another node's store on this host failed")
             finally:
                 buffer.release()
-            self._done.append((on_done, copied))
+            self._done.append((on_done, copied, dest))
             try:
                 os.write(self._wake_w, b"c")
             except BlockingIOError:  # the loop has a wake-up pending anyway
@@ -187,7 +187,7 @@ class _Copier:
         except BlockingIOError:
             pass
         while self._done:
-            on_done, copied = self._done.popleft()
+            on_done, copied, _ = self._done.popleft()
             on_done(copied)
 
     def close(self) -> None:
@@ -195,6 +195,9 @@ class _Copier:
             self._closing = True
             self._ready.notify()
         self._thread.join()
+        for _, _, dest in self._done:  # ended after the loop's last pass: nobody reads them
+            dest.release()
+        self._done.clear()
         self._sources.unregister(self._wake_r)
         close_fd(self._wake_r)
         close_fd(self._wake_w)

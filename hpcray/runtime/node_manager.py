@@ -42,10 +42,10 @@ from hpcray.runtime.call_sites import CallSites
 from hpcray.runtime.cancellation import Canceller, cancelled_error
 from hpcray.runtime.cluster import Network, precise_sleeps
 from hpcray.runtime.generators import Generators, generator_kind
+from hpcray.runtime.host_stores import HostStores
 from hpcray.runtime.job_logs import JobLogs
 from hpcray.runtime.guardian import NoBoard
 from hpcray.runtime.lineage import Lineage, LineagePins
-from hpcray.runtime.host_stores import HostStores
 from hpcray.runtime.node_failures import NodeFailures
 from hpcray.runtime.object_mover import ObjectMover
 from hpcray.runtime.object_table import ObjectTable

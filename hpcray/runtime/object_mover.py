@@ -4,6 +4,8 @@ A node that needs an object it does not have asks its owner ("watch"); the owner
 answers ("located") with the inline bytes or the rank holding them, once the value
 exists. The node then pulls the bytes from that rank, chunk by chunk over MPI, straight
 into a buffer it allocated in its own store ("pull"), and the GCS records the new copy.
+From a rank on its own host it copies them out of that rank's store instead, unasked
+(host_stores.py); what that store lacks is pulled.
 
 Pulls are batched: the objects wanted while one `get` registers its waiters, or while
 one batch of messages is handled (`batched`), go as one `Pull` per holder and one

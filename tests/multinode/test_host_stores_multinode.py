@@ -4,7 +4,7 @@ with HPCRAY_HOST_READS=0 moves the same bytes over MPI, as between hosts."""
 
 import pytest
 
-from tests.multinode.test_multinode import run_mpi
+from tests.multinode.test_multinode import run_mpi, traced_gets
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(200)]
 
@@ -75,24 +75,7 @@ def test_without_host_reads_the_same_job_moves_its_bytes_over_mpi(tmp_path):
 
 
 def test_a_host_read_is_traced_and_its_holder_does_nothing(tmp_path):
-    hops = tmp_path / "hops"
-    hops.mkdir()
-    run_mpi(tmp_path, 2, """
-        import numpy as np, hpcray as ray
-        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
-        ray.init(num_cpus=1)
-        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
-        @ray.remote
-        def make(n):
-            return np.ones(n, np.uint8)
-        for size in (1 << 20, 16 << 20):
-            ref = make.options(scheduling_strategy=On(ids[1], soft=False)).remote(size)
-            ray.wait([ref], fetch_local=False)
-            assert ray.get(ref).nbytes == size
-        ray.shutdown()
-    """, env={"HPCRAY_TRACE_HOPS": str(hops)})
-    stamps = sorted((int(ns), int(rank), what) for path in hops.glob("hops-*.txt")
-                    for ns, rank, what in (line.split() for line in path.read_text().splitlines()))
+    stamps = traced_gets(tmp_path, (1 << 20, 16 << 20), host_reads=True)
     starts = [i for i, (_, rank, what) in enumerate(stamps) if what == "get.start"]
     assert len(starts) == 2, stamps
     for begin, end in zip(starts, starts[1:] + [len(stamps)]):

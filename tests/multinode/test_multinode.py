@@ -194,29 +194,35 @@ def test_an_idle_rank_polls_mpi_less_often_the_longer_it_idles(tmp_path):
     assert "OK" in out
 
 
+def traced_gets(tmp_path, sizes: tuple, host_reads: bool) -> list:
+    """Gets on rank 0 of arrays of `sizes` made on rank 1, each after it exists, traced
+    (HPCRAY_TRACE_HOPS): every stamp of the job, (ns, rank, what) in time order."""
+    hops = tmp_path / "hops"
+    hops.mkdir()
+    run_mpi(tmp_path, 2, f"""
+        import numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        ray.init(num_cpus=1)
+        ids = {{n["rank"]: n["NodeID"] for n in ray.nodes()}}
+        @ray.remote
+        def make(n):
+            return np.ones(n, np.uint8)
+        for size in {sizes!r}:
+            ref = make.options(scheduling_strategy=On(ids[1], soft=False)).remote(size)
+            ray.wait([ref], fetch_local=False)
+            assert ray.get(ref).nbytes == size
+        ray.shutdown()
+    """, env={"HPCRAY_TRACE_HOPS": str(hops), "HPCRAY_HOST_READS": str(int(host_reads))})
+    return sorted((int(ns), int(rank), what) for path in hops.glob("hops-*.txt")
+                  for ns, rank, what in (line.split() for line in path.read_text().splitlines()))
+
+
 def test_a_remote_get_traced_hop_by_hop(tmp_path):
     # HPCRAY_TRACE_HOPS (runtime/hops.py) stamps each step of a get along its path;
     # benchmarks/remote_get.py --hops reads them. Over MPI (as between hosts), every get
     # of an object on rank 1 goes the one way: Pull sent, taken in and served by rank 1,
     # received into rank 0's store, made ready, the driver woken.
-    hops = tmp_path / "hops"
-    hops.mkdir()
-    run_mpi(tmp_path, 2, """
-        import numpy as np, hpcray as ray
-        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
-        ray.init(num_cpus=1)
-        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
-        @ray.remote
-        def make(n):
-            return np.ones(n, np.uint8)
-        for size in (1 << 20, 1 << 20, 8 << 20):
-            ref = make.options(scheduling_strategy=On(ids[1], soft=False)).remote(size)
-            ray.wait([ref], fetch_local=False)
-            assert ray.get(ref).nbytes == size
-        ray.shutdown()
-    """, env={"HPCRAY_TRACE_HOPS": str(hops), "HPCRAY_HOST_READS": "0"})
-    stamps = sorted((int(ns), int(rank), what) for path in hops.glob("hops-*.txt")
-                    for ns, rank, what in (line.split() for line in path.read_text().splitlines()))
+    stamps = traced_gets(tmp_path, (1 << 20, 1 << 20, 8 << 20), host_reads=False)
     # Rank 0's stamps come in program order. Rank 1's serve.start falls between the Pull
     # being made and its bytes arriving, but not necessarily after pull.sent: rank 0 stamps
     # that once its send returns, and rank 1 may be serving by then. Likewise rank 1
