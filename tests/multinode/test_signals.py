@@ -119,10 +119,13 @@ class Job:
         try:
             rest, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            alive = self._alive()  # (what kept it: named in the failure)
+            launcher = self.proc.poll()
             os.killpg(self.proc.pid, signal.SIGKILL)
             rest, _ = self.proc.communicate()
             self.clean_up()
-            pytest.fail("the job did not end:\n" + "".join(self.lines) + rest)
+            pytest.fail(f"the job did not end (mpiexec's status {launcher}; alive: {alive}):\n"
+                        + "".join(self.lines) + rest)
         return self.proc.returncode, "".join(self.lines) + rest, time.monotonic() - started
 
     def leftovers(self, deadline_s: float = 10.0):
