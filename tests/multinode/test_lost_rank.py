@@ -506,3 +506,45 @@ def test_rebuilding_a_lost_value_is_bounded_by_max_retries(tmp_path):
     # made on rank 2, then again on rank 3 (the only other node with `x`)
     assert "rank 0: 2 values it owns had their only copy on rank 2" in out, out
     assert "rank 0: 1 values it owns had their only copy on rank 3" in out, out
+
+
+def test_a_holder_on_this_host_dies_while_its_objects_are_copied(tmp_path):
+    """Ranks of one host copy from each other's stores (host_stores.py). The holder of 12
+    values is SIGKILLed, and the driver reads them at once: each comes from the dead
+    rank's store, still mapped here, or is made again from lineage, whichever its turn
+    meets. Every value is right either way, and nothing of the dead rank is left."""
+    out = run_ulfm(tmp_path, 3, """
+        import os, signal, time, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        from hpcray import context
+        ray.init(num_cpus=1)
+        ids = {n["rank"]: n["NodeID"] for n in ray.nodes()}
+        on2 = On(ids[2], soft=True)
+    """ + NODE_PID + """
+        @ray.remote(max_retries=2)
+        def make(i, n):
+            return np.full(n, i, dtype=np.uint8)
+
+        # 6 MiB each: on rank 0's copy thread; 300 KB: copied at once
+        refs = [make.options(scheduling_strategy=on2).remote(i, (6 << 20) if i % 2 else 300_000)
+                for i in range(12)]
+        first = make.options(scheduling_strategy=On(ids[2], soft=False)).remote(99, 300_000)
+        assert (ray.get(first) == 99).all()   # rank 2's store is mapped here from now on
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        pid = ray.get(ray.remote(node_pid).options(
+            scheduling_strategy=On(ids[2], soft=False)).remote())
+        os.kill(pid, signal.SIGKILL)
+        values = ray.get(refs)
+        assert [int(v[0]) for v in values] == list(range(12))
+        assert all((v == i).all() and v.nbytes == ((6 << 20) if i % 2 else 300_000)
+                   for i, v in enumerate(values))
+        while {n["rank"]: n["Alive"] for n in ray.nodes()}[2]:
+            time.sleep(0.01)
+        counters = {p["rank"]: p["counters"] for p in context.get_client().list_state("timeline")}
+        print("COPIED ON HOST", counters[0].get("bytes_copied_on_host", 0), flush=True)
+        assert (ray.get(make.remote(7, 1 << 20)) == 7).all()   # the job goes on
+        ray.shutdown()
+        print("OK")
+    """)
+    assert "OK" in out, out
+    print(re.findall(r"COPIED ON HOST \d+", out))
