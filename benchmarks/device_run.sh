@@ -43,14 +43,15 @@ machine() {
 export -f machine
 step build 150 bash -c machine
 
-# The transfer table: a remote get against raw MPI, CMA on and off, 1 MiB to 1 GiB; then
-# where a 1 MiB get's time goes (HPCRAY_TRACE_HOPS stamps).
+# The transfer table: a remote get against raw MPI, CMA on and off, 1 MiB to 1 GiB, copied
+# from the holder's store (the one-host path) and over MPI; then where a 1 MiB get's time
+# goes over MPI (HPCRAY_TRACE_HOPS stamps).
 step remote_get 200 bash -c 'python benchmarks/remote_get.py --sizes 1Mi,8Mi,64Mi,256Mi,1Gi \
     --rounds 1 --repeat 10 --timeout 100 &&
-    python benchmarks/remote_get.py --sizes 1Mi --cma on --rounds 1 --repeat 20 --hops &&
+    python benchmarks/remote_get.py --sizes 1Mi --cma on --paths mpi --rounds 1 --repeat 20 --hops &&
     echo "# the same with one staging thread (HPCRAY_STAGE_THREADS=1)" &&
     HPCRAY_STAGE_THREADS=1 python benchmarks/remote_get.py --sizes 8Mi,64Mi,256Mi,1Gi \
-    --cma on --rounds 1 --repeat 10 --timeout 100'
+    --cma on --paths mpi --rounds 1 --repeat 10 --timeout 100'
 step transfer 40 mpiexec -n 2 python benchmarks/transfer_bandwidth.py --sizes 1M,100M,1G
 # Weak scaling at 1/2/4/8/16 ranks, both ways of submitting.
 step weak_scaling 120 python benchmarks/weak_scaling.py --ranks 1,2,4,8,16 \
