@@ -84,6 +84,7 @@ def copy(host, reader, rank: int, object_id: bytes, size: int, done: list) -> bo
     return True
 
 
+
 IDENTITY = [sys.executable, "-c",
             "from hpcray.runtime.host_stores import host_identity; print(host_identity())"]
 
@@ -122,6 +123,25 @@ def test_a_copy_brings_the_bytes_and_gives_the_pin_back(stores, size):
     got.release()
     assert holder.pins() == []  # the reader's pin in the holder's store went back
     assert holder.contains(oid(1))  # the holder's copy stays
+
+
+def test_a_batch_is_copied_at_once_up_to_its_budget_the_rest_on_the_thread(stores):
+    holder, reader, host, _, sources = stores
+    for i in range(10, 13):
+        make_in_other_process(holder.name, oid(i), 1 * MiB, i)
+    host.begin_batch()
+    done: list = []
+    for i in range(10, 13):
+        assert copy(host, reader, 1, oid(i), 1 * MiB, done)
+        assert len(done) == min(i - 9, 2)  # 2 MiB at once (inline_max), then the thread
+    run_loop(sources, done, 3)
+    host.begin_batch()  # a new batch: at once again
+    make_in_other_process(holder.name, oid(13), 1 * MiB, 13)
+    assert copy(host, reader, 1, oid(13), 1 * MiB, done) and len(done) == 4
+    for i in range(10, 14):
+        got = reader.get(oid(i))
+        assert np.all(np.frombuffer(got, np.uint8) == i)
+        got.release()
 
 
 def test_a_delete_at_the_holder_waits_for_the_copy(stores):

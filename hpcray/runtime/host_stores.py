@@ -16,9 +16,11 @@ not have sealed (spilled to disk, evicted, still arriving) is pulled over MPI as
 (object_mover.py); so is everything with HPCRAY_HOST_READS=0, which is also how one
 machine measures the path between hosts.
 
-A copy of _INLINE_MAX bytes or less is made at once by the caller (a few hundred
-microseconds at most); a larger one on this node's copy thread, whose completions the
-event loop runs, so that the node keeps answering meanwhile. Not for: reading an object
+The copies of one batch of pulls (`begin_batch`) are made at once by the caller while
+they add up to _INLINE_MAX bytes or less (a few hundred microseconds at most); the rest,
+and any larger object, on this node's copy thread, whose completions the event loop
+runs, so that the node keeps answering meanwhile (a get of 10,000 values of 200 KB
+would otherwise hold its event loop for the whole 2 GB). Not for: reading an object
 in place in another node's store (its lifetime would then hang on that node).
 """
 
@@ -34,7 +36,8 @@ from hpcray.runtime.worker_processes import close_fd
 
 log = logging.getLogger("hpcray.host_stores")
 
-# Larger copies go to the copy thread: 4 MiB take ~0.3-0.6 ms on this VM's 4 KiB pages.
+# Beyond this many bytes a batch's copies go to the copy thread: 4 MiB take ~0.3-0.6 ms
+# on this VM's 4 KiB pages.
 _INLINE_MAX = 4 << 20
 
 
@@ -61,6 +64,7 @@ class HostStores:
         self.link = link            # ClusterLink: every node's host identity and store
         self.identity = host_identity() if enabled else ""
         self.inline_max = inline_max
+        self._inline_left = inline_max  # of this batch's bytes, those still copied at once
         self._sources = sources     # the event loop's descriptors: the copy thread's pipe
         self._stores: dict[int, Store | None] = {}  # rank -> its mapped store, None: not
         # What makes the large copies, with submit(buffer, dest, on_done) and close():
@@ -104,11 +108,16 @@ class HostStores:
             return None
         return buffer
 
+    def begin_batch(self) -> None:
+        """The copies that follow belong to one batch of pulls (ObjectMover.flush_pulls)."""
+        self._inline_left = self.inline_max
+
     def copy(self, buffer, dest: memoryview, on_done) -> None:
         """Copy `buffer` (from `take`) into `dest` and let go of its pin; then call
-        `on_done(copied)`: before returning when small, else from the event loop (under
-        the node's lock) once the copy thread is done."""
-        if len(buffer) <= self.inline_max:
+        `on_done(copied)`: before returning while the batch is small, else from the event
+        loop (under the node's lock) once the copy thread is done."""
+        if len(buffer) <= self._inline_left:
+            self._inline_left -= len(buffer)
             try:
                 copy_into(dest, 0, buffer)
             finally:
@@ -147,6 +156,9 @@ class _Copier:
         self._done: collections.deque = collections.deque()
         self._ready = threading.Condition(threading.Lock())
         self._closing = False
+        # True from the pipe's write until the loop takes what ended: one wake-up serves
+        # every copy that ends meanwhile (10,000 small ones would be 10,000 passes).
+        self._signalled = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         sources.register(self._wake_r, self._on_copied)
         self._thread = threading.Thread(target=self._run, name="hpcray-host-copies",
@@ -174,11 +186,13 @@ class _Copier:
                 log.exception("a copy from another node's store on this host failed")
             finally:
                 buffer.release()
-            self._done.append((on_done, copied, dest))
-            try:
-                os.write(self._wake_w, b"c")
-            except BlockingIOError:  # the loop has a wake-up pending anyway
-                pass
+            self._done.append((on_done, copied, dest))  # (before the flag is read)
+            if not self._signalled:
+                self._signalled = True
+                try:
+                    os.write(self._wake_w, b"c")
+                except BlockingIOError:  # the loop has a wake-up pending anyway
+                    pass
 
     def _on_copied(self, fd: int, _mask: int) -> None:
         """On the event loop's thread, under the node's lock: the copies that ended."""
@@ -186,6 +200,7 @@ class _Copier:
             os.read(fd, 4096)
         except BlockingIOError:
             pass
+        self._signalled = False  # (before the queue is read: a copy ending now writes)
         while self._done:
             on_done, copied, _ = self._done.popleft()
             on_done(copied)

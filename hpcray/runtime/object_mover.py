@@ -145,6 +145,7 @@ class ObjectMover:
 
     def flush_pulls(self) -> None:
         wanted, self._wanted = self._wanted, {}
+        self.host_stores.begin_batch()
         for location, items in wanted.items():
             batch, batch_bytes = [], 0
             for object_id, entry in items:

@@ -17,8 +17,8 @@ event with a seeded random generator:
              arrived, or the driver paused between operations)
     eof      a process ended: its node sees the socket close
     copy     end one copy from the store of another node on the host (host_stores.py;
-             with `host_reads`, two nodes a host, as `hostname`: `inline_max` says
-             which copies are made at once and which become such events)
+             with `host_reads`, two nodes a host, as `hostname`; the bytes of a batch
+             copied at once, `inline_max`, are 0, 1 KiB or all, as the seed says)
 
 After every event `check` runs the invariants; at the end `check_quiescent` demands
 that everything was freed. A failure names its seed, and the same seed replays the
