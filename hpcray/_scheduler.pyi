@@ -17,7 +17,7 @@ class LocalScheduler:
     clock: float | None
     num_queued: int
     validate: bool
-    next_task: dict[Hashable, tuple[Hashable, dict[str, float]]]
+    pipelined: dict[Hashable, list[tuple[Hashable, dict[str, float]]]]
     running_class: dict[Hashable, tuple]
     pipelining: bool
     def __init__(self, total: dict[str, float], target_workers: int, max_idle_extra: int = ...,

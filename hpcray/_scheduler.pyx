@@ -111,7 +111,7 @@ cdef class LocalScheduler:
     cdef public object clock          # the latest `now` an event carried; None: untimed
     cdef public bint validate
     cdef public long num_queued
-    cdef public dict next_task        # busy worker key -> [(task key, demand)] pipelined to it
+    cdef public dict pipelined        # busy worker key -> [(task key, demand)] pipelined to it
     cdef public int pipeline_depth    # tasks pipelined to one worker at most
     cdef public dict running_class    # busy worker key -> class key of its running task
     cdef public bint pipelining
@@ -138,7 +138,7 @@ cdef class LocalScheduler:
         self.clock = None
         self.validate = validate
         self.num_queued = 0
-        self.next_task = {}
+        self.pipelined = {}
         self.running_class = {}
         self.pipelining = pipelining
         self.pipeline_depth = max(1, pipeline_depth)
@@ -158,7 +158,7 @@ cdef class LocalScheduler:
     def num_waiting(self):
         """Tasks not started: queued, and pipelined to busy workers (what a load report
         and the status line count as queued)."""
-        return self.num_queued + sum(len(w) for w in self.next_task.values())
+        return self.num_queued + sum(len(w) for w in self.pipelined.values())
 
     @property
     def num_workers(self):
@@ -293,12 +293,12 @@ cdef class LocalScheduler:
         leaving: it reached its function's max_calls). `now`: the time, from which an
         extra worker's idle timeout runs."""
         self._tick(now)
-        if self.next_task and worker_key in self.next_task:
+        if self.pipelined and worker_key in self.pipelined:
             # The first task pipelined to it runs now, on the resources of this one (same class).
-            waiting = self.next_task[worker_key]
+            waiting = self.pipelined[worker_key]
             waiting.pop(0)
             if not waiting:
-                del self.next_task[worker_key]
+                del self.pipelined[worker_key]
             return self._schedule()
         self.running_class.pop(worker_key, None)
         if worker_key in self.blocked_workers:
@@ -449,9 +449,9 @@ cdef class LocalScheduler:
     cdef object _requeue_next(self, worker_key):
         """The tasks pipelined to the worker, if any, back at the head of their queue in
         the same order; their keys."""
-        if not self.next_task or worker_key not in self.next_task:
+        if not self.pipelined or worker_key not in self.pipelined:
             return []
-        items = self.next_task.pop(worker_key)
+        items = self.pipelined.pop(worker_key)
         queue = self.queues[self.running_class[worker_key]]
         for item in reversed(items):
             queue.appendleft(item)
@@ -469,7 +469,7 @@ cdef class LocalScheduler:
                 return
             for worker_key in self.busy_workers:
                 if worker_key in self.blocked_workers or \
-                        len(self.next_task.get(worker_key, ())) >= level:
+                        len(self.pipelined.get(worker_key, ())) >= level:
                     continue
                 cls = self.running_class.get(worker_key)
                 if cls is None or not cls[2]:
@@ -479,7 +479,7 @@ cdef class LocalScheduler:
                     continue
                 item = queue.popleft()
                 self.num_queued -= 1
-                self.next_task.setdefault(worker_key, []).append(item)
+                self.pipelined.setdefault(worker_key, []).append(item)
                 actions.append(("pipeline", item[0], worker_key))
 
     cdef long _workers_wanted(self, list starved):
@@ -504,7 +504,7 @@ cdef class LocalScheduler:
         assert self.blocked_workers <= self.busy_workers, "a blocked worker is not busy"
         assert self.num_queued == sum(len(q) for q in self.queues.values()), "queue count"
         assert self.num_starting >= 0
-        for worker_key in self.next_task:
+        for worker_key in self.pipelined:
             assert worker_key in self.busy_workers, "a task pipelined to a worker not busy"
             assert worker_key not in self.blocked_workers, "a task pipelined to a blocked worker"
             assert self.running_class[worker_key][2], "pipelined behind an unpipelinable task"

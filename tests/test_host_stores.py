@@ -183,7 +183,7 @@ def test_off_reads_nothing(stores):
     holder, _, _, link, sources = stores
     make_in_other_process(holder.name, oid(5), 1024, 1)
     off = HostStores(0, link, sources, enabled=False)
-    assert off.describe() == "" and off.take(1, oid(5), 1024) is None
+    assert off.identity == "" and off.take(1, oid(5), 1024) is None
 
 
 def start_large_copy(stores, i: int, size: int, fill: int):

@@ -78,7 +78,7 @@ def pipelined_ids(timeout=30.0) -> set:
     deadline = time.monotonic() + timeout
     while True:
         with node.lock:
-            pipelined = {task_key for waiting in node.scheduler.next_task.values()
+            pipelined = {task_key for waiting in node.scheduler.pipelined.values()
                          for task_key, _ in waiting}
         if pipelined or time.monotonic() > deadline:
             return pipelined

@@ -540,7 +540,7 @@ def test_a_pipelinable_task_goes_to_the_busy_worker_of_its_class():
     assert s.task_ready("d", {"CPU": 1}) == []                 # not pipelinable: queued
     # a ends: b runs on a's CPU, c is pipelined behind it
     assert s.task_finished("w", {"CPU": 1}) == [("pipeline", "c", "w")]
-    assert s.available["CPU"] == 0 and s.next_task == {"w": [("c", {"CPU": 1})]}
+    assert s.available["CPU"] == 0 and s.pipelined == {"w": [("c", {"CPU": 1})]}
     assert s.task_finished("w", {"CPU": 1}) == []              # b ends, c runs
     assert dispatched(s.task_finished("w", {"CPU": 1})) == ["d"]  # c ends
 
@@ -552,7 +552,7 @@ def test_nothing_is_pipelined_behind_a_task_that_is_not_pipelinable():
     assert dispatched(s.task_ready("a", {"CPU": 1})) == ["a"]
     assert s.task_ready("b", {"CPU": 1}, True, True) == []
     assert s.task_ready("g", {"CPU": 1, "GPU": 1}, True, True) == []  # GPUs: never
-    assert not s.next_task
+    assert not s.pipelined
 
 
 def running_a_with_b_pipelined_and_c_queued():
@@ -562,7 +562,7 @@ def running_a_with_b_pipelined_and_c_queued():
     s.task_ready("a", {"CPU": 1}, True, True)
     s.task_ready("b", {"CPU": 1}, True, True)
     s.task_ready("c", {"CPU": 1}, True, True)
-    assert s.next_task == {"w": [("b", {"CPU": 1})]} and s.num_queued == 1
+    assert s.pipelined == {"w": [("b", {"CPU": 1})]} and s.num_queued == 1
     return s
 
 
@@ -572,7 +572,7 @@ def test_a_blocked_worker_gives_back_its_pipelined_task_first_in_line():
     assert actions[0] == ("revoke", "b", "w")
     assert ("start_worker",) in actions                        # its CPU is lent to b
     s.worker_started("w2")
-    assert s.running_class["w2"] and s.next_task == {"w2": [("c", {"CPU": 1})]}
+    assert s.running_class["w2"] and s.pipelined == {"w2": [("c", {"CPU": 1})]}
 
 
 def test_a_dead_worker_pipelined_task_is_queued_again_first():
@@ -592,13 +592,13 @@ def test_a_deeper_pipeline_runs_in_order_and_gives_everything_back():
     assert s.num_waiting == 4 and s.num_queued == 1
     # a ends: b runs, e joins the pipeline behind d
     assert s.task_finished("w", {"CPU": 1}) == [("pipeline", "e", "w")]
-    assert [key for key, _ in s.next_task["w"]] == ["c", "d", "e"]
+    assert [key for key, _ in s.pipelined["w"]] == ["c", "d", "e"]
     # b blocks in get: c, d, e come back, first in line, in their order
     actions = s.worker_blocked("w", {"CPU": 1})
     assert actions[:3] == [("revoke", "c", "w"), ("revoke", "d", "w"), ("revoke", "e", "w")]
     assert [key for key, _ in s.queues[s.running_class["w"]]] == ["c", "d", "e"]
     s.worker_started("w2")  # the CPU b lent: c runs there, d and e behind it
-    assert [key for key, _ in s.next_task["w2"]] == ["d", "e"]
+    assert [key for key, _ in s.pipelined["w2"]] == ["d", "e"]
     assert s.worker_died("w2", {"CPU": 1}) == [("start_worker",)]  # d, e queued again
     assert s.worker_started("w3") == [("dispatch", "d", "w3"), ("pipeline", "e", "w3")]
 
@@ -669,10 +669,10 @@ def pipelined_schedule(seed, depth):
         elif not running and not starts:
             run(s.reschedule())
         s.check_invariants()
-        assert {w: [key for key, _ in waiting] for w, waiting in s.next_task.items()} \
+        assert {w: [key for key, _ in waiting] for w, waiting in s.pipelined.items()} \
             == pipelined
     assert sorted(ran) == list(range(submitted)), seed
-    assert not s.next_task and s.num_queued == 0
+    assert not s.pipelined and s.num_queued == 0
 
 
 def test_a_short_queue_is_pipelined_to_every_busy_worker_in_turn():
@@ -686,5 +686,5 @@ def test_a_short_queue_is_pipelined_to_every_busy_worker_in_turn():
         [["a"], ["b"]]
     for key in "cde":  # they arrive while both run
         s.task_ready(key, {"CPU": 1}, True, True)
-    assert sorted(len(waiting) for waiting in s.next_task.values()) == [1, 2]
+    assert sorted(len(waiting) for waiting in s.pipelined.values()) == [1, 2]
     assert s.num_queued == 0

@@ -159,7 +159,7 @@ class Canceller:
         worker = record.worker
         if not worker.alive or not worker.pid:
             return
-        if record in worker.next_task:  # pipelined, not started: the worker skips it
+        if record in worker.pipelined:  # pipelined, not started: the worker skips it
             if first:  # (force too: a kill would end the task that runs now)
                 self.tell_worker(worker, record.spec.task_id, interrupt=False)
             return

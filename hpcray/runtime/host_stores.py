@@ -62,6 +62,7 @@ class HostStores:
                  inline_max: int = _INLINE_MAX) -> None:
         self.rank = rank
         self.link = link            # ClusterLink: every node's host identity and store
+        # This node's, for the start handshake ("host_key"); "": copy from no store.
         self.identity = host_identity() if enabled else ""
         self.inline_max = inline_max
         self._inline_left = inline_max  # of this batch's bytes, those still copied at once
@@ -70,10 +71,6 @@ class HostStores:
         # What makes the large copies, with submit(buffer, dest, on_done) and close():
         # a _Copier made on the first (the simulation puts in its own).
         self.copier = None
-
-    def describe(self) -> str:
-        """This node's identity, for the start handshake ("host_key")."""
-        return self.identity
 
     def store_of(self, rank: int) -> Store | None:
         """Node `rank`'s store, mapped here, when it shares this host; else None."""

@@ -97,8 +97,8 @@ class NodeFailures:
         survivor keeps them (under Slurm the default spill folder is in $SLURM_TMPDIR,
         which Slurm empties at the end of the job)."""
         node = self.link.nodes.get(dead, {})
-        self.mover.host_stores.forget(dead)
-        if node.get("pid") and node.get("host_key") == self.mover.host_stores.identity:
+        self.node.host_stores.forget(dead)
+        if node.get("pid") and node.get("host_key") == self.node.host_stores.identity:
             self.node.store.release_pins_of(node["pid"])  # what it was copying from here
         if node.get("hostname") != self._host(self.rank, socket.gethostname()):
             return

@@ -242,7 +242,7 @@ class NodeManager:
         return {"node_id": self.node_id.hex(), "resources": self.total_resources,
                 "hostname": self.info["hostname"], "store_name": self.store_name,
                 "spill_dir": self.spill_dir, "pid": os.getpid(),
-                "host_key": self.host_stores.describe()}
+                "host_key": self.host_stores.identity}
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake)."""
@@ -487,7 +487,7 @@ class NodeManager:
             self._worker_start_failed(worker)
             return
         self._release_gpus(record)
-        pipelined, worker.next_task = worker.next_task, []
+        pipelined, worker.pipelined = worker.pipelined, []
         actions = self.scheduler.worker_died(worker.key, record.spec.demand if record else None)
         for taken in pipelined:  # never started: the scheduler queued it again, first
             self._taken_back(taken)
@@ -638,14 +638,14 @@ class NodeManager:
     def _pipeline(self, record: TaskRecord, worker: WorkerHandle) -> None:
         """Send the task to the busy worker, which runs it after its current one; it
         counts as running from then on (list_tasks: once that one's WorkDone is read)."""
-        worker.next_task.append(record)
+        worker.pipelined.append(record)
         record.gpu_ids = ()
         self._send_task(record, worker)
 
     def _revoke(self, record: TaskRecord, worker: WorkerHandle) -> None:
         """Its worker blocked in get: the task pipelined to it is queued again (the
         scheduler did), and the worker drops it unread."""
-        worker.next_task.remove(record)
+        worker.pipelined.remove(record)
         worker.functions.discard(record.spec.function_id)  # its RunTask may have carried it
         self.processes.send(worker, wire(messages.RevokeTask, record.spec.task_id))
         self._taken_back(record)
@@ -680,7 +680,7 @@ class NodeManager:
                                         transitions)
             return
         record = self.tasks.get(task_id)
-        following = worker.task = worker.next_task.pop(0) if worker.next_task else None
+        following = worker.task = worker.pipelined.pop(0) if worker.pipelined else None
         if following is None:
             self.activity.idle(worker.key)
         else:

@@ -119,8 +119,8 @@ class Recorder:
     def ran(self, spec, pid: int, started, ended, results) -> None:
         """The worker `pid` ran an attempt of `spec` from `started` to `ended` (its clock;
         None: it never started, the span is the moment its WorkDone was read)."""
-        # The per-task hot path: one tuple, no calls. The spans' count is tasks_run
-        # (spans of constructors and deaths are counted in `appended`).
+        # The per-task hot path: one record packed, no call for a known name. The spans'
+        # count is tasks_run (spans of constructors and deaths are counted in `appended`).
         self.tasks_run += 1
         inline = results[0][1] if results else None
         if ended is None:

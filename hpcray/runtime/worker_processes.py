@@ -32,7 +32,7 @@ class WorkerHandle:
     __slots__ = ("key", "conn", "pid", "alive", "ready", "task", "functions", "actor_id",
                  "pipes", "output", "started_at", "interrupt_wait", "stderr_tail", "holds",
                  "calls", "sigint_after_flush", "launched_ms", "ready_ms", "owned_actors",
-                 "retiring", "doomed", "next_task")
+                 "retiring", "doomed", "pipelined")
 
     def __init__(self, key, conn, pipes, actor_id=None):
         self.key = key
@@ -41,7 +41,7 @@ class WorkerHandle:
         self.alive = True
         self.ready = False
         self.task = None          # the TaskRecord a pool worker runs
-        self.next_task = []       # those sent to run after it, in order (pipelined)
+        self.pipelined = []       # TaskRecords sent to run after it, in order
         self.functions = set()    # function ids this worker has been sent
         self.actor_id = actor_id
         self.pipes = pipes        # {fd: stream name} of its stdout/stderr
