@@ -8,8 +8,9 @@ and a process watching from the side (the fork server) cannot tell the rank that
 first from the ranks the launcher killed after it, nor can it print once the launcher has
 gone. The guardian is what the launcher waits for: it sees its child's death (and why,
 from waitpid) before the launcher knows anything, prints one line naming the rank, its
-host, its pid and what its node was running, then exits with 128 + the signal, and the
-launcher ends the job as before.
+host, its pid and what its node was running, then lets the launcher end the job (under
+Hydra by closing the rank's PMI connection first: `_let_hydra_end_the_job`) and exits
+with 128 + the signal.
 
 What the node was running comes from the ActivityBoard: a small anonymous shared mapping
 made before the fork, where the node manager writes a worker's task or actor name as it
@@ -30,7 +31,9 @@ import mmap
 import os
 import signal
 import socket
+import stat
 import sys
+import time
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -40,6 +43,7 @@ _LAUNCHER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR
 _SLOTS = 512                # workers whose work is recorded at once (more are not named)
 _SLOT_BYTES = 64            # one length byte, then the name (cut to 63 bytes)
 _NAMES_SHOWN = 6            # distinct names in the message, the most frequent first
+_HYDRA_KILL_WAIT_S = 10.0   # how long a guardian waits for Hydra to end the job
 
 _board = None               # this rank's ActivityBoard, when it has a guardian
 
@@ -157,7 +161,29 @@ def _wait_and_report(pid: int, rank: int, program: str, activity: ActivityBoard)
                      "\n").encode(errors="replace"))
     except OSError:
         pass
+    _let_hydra_end_the_job()
     return 128 + signum
+
+
+def _let_hydra_end_the_job(environ=os.environ) -> None:
+    """Under MPICH's Hydra, close the rank's PMI connection and wait to be killed.
+
+    Hydra's proxy ends the job when a rank's PMI socket closes, but only while the process
+    it started (this guardian) is not yet reaped: when the guardian's exit and the socket's
+    close reach the proxy together, it sometimes reaps first, ignores the close, and the
+    job hangs with the other ranks running (measured: 1 kill in ~40). Closing the socket
+    while alive orders the two: the proxy sees the close, SIGKILLs every process it
+    started, this one included. The wait is bounded in case it does not."""
+    fd = environ.get("PMI_FD", "")
+    if "HYDI_CONTROL_FD" not in environ or not fd.isdigit():
+        return
+    try:
+        if not stat.S_ISSOCK(os.fstat(int(fd)).st_mode):
+            return
+        os.close(int(fd))  # the last copy: the rank that shared it is dead
+    except OSError:
+        return
+    time.sleep(_HYDRA_KILL_WAIT_S)
 
 
 def death_message(rank: int, pid: int, signum: int, running: list, program: str) -> str:
