@@ -34,6 +34,12 @@ class LoopbackTransport:
     def broadcast(self, message, channel: str = "control") -> None:
         """To every other rank: there is none."""
 
+    def cork(self) -> None:
+        """(MpiTransport batches a pass's messages; here each is in the inbox at once.)"""
+
+    def uncork(self) -> None:
+        pass
+
     def live_ranks(self) -> list:
         return [0]
 

@@ -326,8 +326,9 @@ class NodeManager:
 
     # ------------------------------------------------------------------ event loop
     def _event_loop(self) -> None:
-        link, network = self.link, self.network
-        if self.transport.needs_polling:  # (one node's loop sleeps until woken)
+        link, network, transport = self.link, self.network, self.transport
+        processes = self.processes
+        if transport.needs_polling:  # (one node's loop sleeps until woken)
             precise_sleeps()
         while self._running and not link.stop_requested:
             timeout = 0.0 if self.driver_feed.queue else network.cluster_poll_timeout()
@@ -343,11 +344,17 @@ class NodeManager:
             with self.lock:
                 if not self._running:
                     return
-                self.driver_feed.take(SUBMIT_BUDGET)
-                self.sources.dispatch(events)
-                self._run_timers()
-                self.task_events.flush_due()
-                network.poll_cluster(active=bool(events))
+                transport.cork()  # what the pass sends goes at its end, together
+                processes.hold_tasks()
+                try:
+                    self.driver_feed.take(SUBMIT_BUDGET)
+                    self.sources.dispatch(events)
+                    self._run_timers()
+                    self.task_events.flush_due()
+                    network.poll_cluster(active=bool(events))
+                finally:
+                    processes.release_tasks()
+                    transport.uncork()
 
     def handle_ready_events(self) -> None:
         """Under the lock: what this node's sockets have now (its workers' messages)."""
@@ -669,9 +676,8 @@ class NodeManager:
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
             function = self.functions.get(spec.function_id)
-        self.processes.send(worker, wire(messages.RunTask, spec.to_wire(), function,
-                                                      self._dep_payloads(spec),
-                                                      record.gpu_ids))
+        self.processes.send_task(worker, wire(messages.RunTask, spec.to_wire(), function,
+                                              self._dep_payloads(spec), record.gpu_ids))
 
     def on_work_done(self, worker: WorkerHandle, task_id: bytes, results, retry: bool,
                      started, ended, transitions) -> None:

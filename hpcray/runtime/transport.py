@@ -494,6 +494,8 @@ class MpiTransport:
         # from, and the messages waiting for one of them to complete.
         self._in_flight: dict[tuple[int, str], list] = {}
         self._queued: dict[tuple[int, str], deque] = {}
+        self._corked = False
+        self._corked_keys: list = []
         # Messages matched but not yet fully received, in the order MPI matched them:
         # (source, channel, request, buffer).
         self._arriving: list = []
@@ -527,10 +529,28 @@ class MpiTransport:
         queued = self._queued.get(key)
         if queued:
             queued.append(message)
-        elif len(self._in_flight.get(key, ())) < _SENDS_IN_FLIGHT:
+        elif not self._corked and len(self._in_flight.get(key, ())) < _SENDS_IN_FLIGHT:
             self._post(key, [message])
         else:
             self._queued[key] = deque((message,))
+            if self._corked:
+                self._corked_keys.append(key)
+
+    def cork(self) -> None:
+        """Hold back what `send` is given until `uncork`, which posts it as one MPI
+        message per peer and channel: the node's event loop corks each pass, so the
+        tasks a pass places on a node, or the results it reports, travel together (one
+        probe, receive and unpickle on the other side, not one per task)."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        keys, self._corked_keys = self._corked_keys, []
+        for key in keys:
+            if key in self._queued and len(self._in_flight.get(key, ())) < _SENDS_IN_FLIGHT:
+                self._post_queued(key, limit=len(self._in_flight.get(key, ())) + 1)
+        if keys:  # small sends complete at once (eager): not `busy` through the next wait,
+            self._progress_sends()  # which would then be a slow one (poll_slowly)
 
     def broadcast(self, message, channel: str = "control") -> None:
         """Send `message` to every rank but this one."""

@@ -117,6 +117,8 @@ class WorkerProcesses:
         self.keys = itertools.count(1)
         self.stopping = False
         self.forkserver_ready = threading.Event()
+        self.holding = False        # the tasks for a worker are held (hold_tasks)
+        self._held: dict[WorkerHandle, list] = {}  # worker -> its RunTask frames, held
         self._start_forkserver(forkserver_job)
 
     # ------------------------------------------------------------------ fork server
@@ -226,12 +228,36 @@ class WorkerProcesses:
             pass
 
     def send(self, worker: WorkerHandle, message) -> None:
-        if worker.conn.send(message):
+        if self._held and worker in self._held:  # what was held for it goes first
+            self.send_frames(worker, [protocol.encode(message)])
+        elif worker.conn.send(message):
             self.sources.watch_writable(worker.conn.fileno(), True)
+
+    def send_task(self, worker: WorkerHandle, message) -> None:
+        """A RunTask: held while `holding` (the event loop's pass), else sent now."""
+        if self.holding:
+            self._held.setdefault(worker, []).append(protocol.encode(message))
+        else:
+            self.send(worker, message)
+
+    def hold_tasks(self) -> None:
+        """From now until `release_tasks`, the tasks sent to a worker go in one write.
+        A worker woken by the first of several tasks would otherwise take that one alone
+        (the kernel runs a woken process at once, the node is preempted mid-pass), run
+        it, report, and sleep again before the next: a wake-up per task, not per pass."""
+        self.holding = True
+
+    def release_tasks(self) -> None:
+        self.holding = False
+        while self._held:
+            self.send_frames(next(iter(self._held)), [])
 
     def send_frames(self, worker: WorkerHandle, frames: list) -> None:
         """Messages already encoded (protocol.encode), in one write: the calls an actor
         gets in one pass cost one system call, not one each."""
+        held = self._held.pop(worker, None) if self._held else None
+        if held is not None:  # the tasks held for it go first, in the same write
+            frames = held + frames
         if worker.conn.send_raw(frames[0] if len(frames) == 1 else b"".join(frames)):
             self.sources.watch_writable(worker.conn.fileno(), True)
 

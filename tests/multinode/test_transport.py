@@ -313,6 +313,34 @@ def test_many_messages_to_a_busy_peer_stay_few_requests(tmp_path):
     assert set(reports) == {0, 1}
 
 
+def test_a_corked_pass_goes_as_one_message_per_peer(tmp_path):
+    # The node's event loop corks each pass: what it sends meanwhile leaves at uncork as
+    # one MPI message per peer (one probe and unpickle there), in order, and a send after
+    # uncork goes at once again.
+    reports = run_mpi(tmp_path, 3, """
+        if t.rank == 0:
+            posts = []  # messages in each MPI message posted
+            post = t._post
+            t._post = lambda key, messages: (posts.append(len(messages)), post(key, messages))
+            t.cork()
+            for i in range(50):
+                t.send(1 + i % 2, ("m", i))
+            assert posts == [], "nothing may leave while corked"
+            t.uncork()
+            assert posts == [25, 25], posts
+            t.send(1, ("after", 50))
+            assert posts == [25, 25, 1], posts
+        else:
+            got = poll_until(lambda got: got and got[-1][2][0] == "after" or (
+                t.rank == 2 and len(got) == 25), "the pass's messages")
+            expected = [i for i in range(50) if 1 + i % 2 == t.rank]
+            assert [m[2][1] for m in got if m[2][0] == "m"] == expected, got
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1, 2}
+
+
 def test_cancelled_receive_frees_its_tag_and_buffer(tmp_path):
     # A pull whose holder no longer has the object: the receiver withdraws its receive,
     # is idle again (not busy), and the same tag and buffer serve the next transfer.
