@@ -120,12 +120,21 @@ def _roles(after: dict) -> dict:
     for pid, s in by_pid.items():
         if s["name"].startswith(("mpiexec", "hydra")):
             roles[pid] = "mpiexec + proxies"
-    for pid, s in by_pid.items():
+    def rank_role(s):
+        return ("rank 0 (node manager + driver)" if s["pmi_rank"] == "0"
+                else "ranks > 0 (node managers)")
+    guardians = set()
+    for pid, s in by_pid.items():  # the launcher's child: the rank's guardian (or the rank)
         if roles.get(s["ppid"]) == "mpiexec + proxies" and pid not in roles:
-            roles[pid] = ("rank 0 (node manager + driver)" if s["pmi_rank"] == "0"
-                          else "ranks > 0 (node managers)")
+            roles[pid] = rank_role(s)
+            if s["name"] == "hpcray-guard":
+                guardians.add(pid)
+    for pid, s in by_pid.items():  # under a guardian: the rank itself
+        if s["ppid"] in guardians:
+            roles[pid] = rank_role(s)
     for pid, s in by_pid.items():
-        if pid not in roles and roles.get(s["ppid"], "").startswith("rank"):
+        if pid not in roles and s["ppid"] not in guardians and \
+                roles.get(s["ppid"], "").startswith("rank"):
             roles[pid] = "forkservers"
     for pid in by_pid:
         roles.setdefault(pid, "workers and actors")
