@@ -1,4 +1,5 @@
-"""The rank guardian's part in ending a job under Hydra (runtime/guardian.py): with its
+"""The rank guardian (runtime/guardian.py): the board of what each worker runs, and its
+part in ending a job under Hydra: with its
 rank dead it closes the rank's PMI connection while still alive, so Hydra's proxy sees
 the close before it reaps the guardian (test_signals.py runs the whole job)."""
 
@@ -36,3 +37,19 @@ def test_without_hydra_the_pmi_connection_is_left_alone(monkeypatch):
     finally:
         os.close(fd)
         launchers.close()
+
+
+def test_the_board_names_what_each_worker_runs_now():
+    board = guardian.ActivityBoard()
+    board.running(1, "f")
+    board.running(1, "f")  # its next task of the same function
+    board.running(2, "actor Holder")
+    assert sorted(board.names()) == ["actor Holder", "f"]
+    board.running(1, "g")
+    board.idle(2)
+    assert board.names() == ["g"]
+    board.idle(1)
+    board.running(1, "g")  # written again after idle
+    assert board.names() == ["g"]
+    board.reset()
+    assert board.names() == []

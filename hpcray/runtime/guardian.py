@@ -54,27 +54,33 @@ class ActivityBoard:
     def __init__(self, memory: mmap.mmap | None = None) -> None:
         self.memory = memory if memory is not None else mmap.mmap(-1, _SLOTS * _SLOT_BYTES)
         self.slots: dict = {}                       # worker key -> slot index
+        self.written: dict = {}                     # worker key -> the name in its slot
         self.free = list(range(_SLOTS - 1, -1, -1))
 
     def reset(self) -> None:
         """A new node (job) starts: no worker of the last one runs anything."""
         self.memory[:] = bytes(len(self.memory))
         self.slots.clear()
+        self.written.clear()
         self.free = list(range(_SLOTS - 1, -1, -1))
 
     def running(self, key, name: str) -> None:
         """Worker `key` now runs `name` (a task's function, "actor Class")."""
+        if self.written.get(key) == name:  # its next task of the same function
+            return
         slot = self.slots.get(key)
         if slot is None:
             if not self.free:
                 return
             slot = self.slots[key] = self.free.pop()
+        self.written[key] = name
         data = name.encode(errors="replace")[:_SLOT_BYTES - 1]
         start = slot * _SLOT_BYTES
         self.memory[start + 1:start + 1 + len(data)] = data
         self.memory[start] = len(data)
 
     def idle(self, key) -> None:
+        self.written.pop(key, None)
         slot = self.slots.pop(key, None)
         if slot is not None:
             self.memory[slot * _SLOT_BYTES] = 0
