@@ -127,6 +127,9 @@ where noted); each is read on every rank:
   HPCRAY_HOST_READS              0: an object another node on the same host holds is
                                  pulled over MPI, not copied from that node's store
                                  (default 1)
+  HPCRAY_HOST_WAKES              0: nodes on the same host poll MPI for each other's
+                                 messages instead of waking each other (default: as
+                                 HPCRAY_HOST_READS)
   HPCRAY_STAGED_SENDS            0: never stage a send for a peer that reads memory
                                  with CMA, 1: for every peer (default: as detected)
   HPCRAY_STAGE_THREADS           threads that copy a chunk into a staging buffer

@@ -117,6 +117,9 @@ class Config:
     # An object another node on this host holds is copied from that node's store
     # (runtime/host_stores.py); False: pulled over MPI like one from another host.
     host_reads: bool = True
+    # Nodes on one host wake each other when they send (runtime/host_wakes.py) instead of
+    # polling MPI every 100 us; off by default where host_reads is off (as between hosts).
+    host_wakes: bool = True
     # Record where each object reference was created, for list_objects' call_site and
     # summarize_objects (runtime/call_sites.py): Ray's RAY_record_ref_creation_sites.
     record_ref_creation_sites: bool = False
@@ -149,6 +152,7 @@ class Config:
         config.relay_min_bytes = _env_int("HPCRAY_RELAY_MIN_BYTES", config.relay_min_bytes)
         config.relay_fanout = _env_int("HPCRAY_RELAY_FANOUT", config.relay_fanout)
         config.host_reads = _env_bool("HPCRAY_HOST_READS", config.host_reads)
+        config.host_wakes = _env_bool("HPCRAY_HOST_WAKES", config.host_reads)
         config.record_ref_creation_sites = _env_bool("RAY_record_ref_creation_sites",
                                                      config.record_ref_creation_sites)
         infeasible = os.environ.get("HPCRAY_INFEASIBLE") or config.infeasible

@@ -98,6 +98,7 @@ class NodeFailures:
         which Slurm empties at the end of the job)."""
         node = self.link.nodes.get(dead, {})
         self.node.host_stores.forget(dead)
+        self.node.wakes.forget(dead)
         if node.get("pid") and node.get("host_key") == self.node.host_stores.identity:
             self.node.store.release_pins_of(node["pid"])  # what it was copying from here
         if node.get("hostname") != self._host(self.rank, socket.gethostname()):

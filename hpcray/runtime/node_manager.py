@@ -43,6 +43,7 @@ from hpcray.runtime.cancellation import Canceller, cancelled_error
 from hpcray.runtime.cluster import Network, precise_sleeps
 from hpcray.runtime.generators import Generators, generator_kind
 from hpcray.runtime.host_stores import HostStores
+from hpcray.runtime.host_wakes import HostWakes
 from hpcray.runtime.job_logs import JobLogs
 from hpcray.runtime.guardian import NoBoard
 from hpcray.runtime.lineage import Lineage, LineagePins
@@ -194,6 +195,10 @@ class NodeManager:
         self.spiller = Spiller(rank, self.objects, store, self.spill_dir)
         self.borrowing = Borrowing(rank, self.objects, store, gcs, peers)
         self.host_stores = HostStores(rank, link, self.sources, self.config.host_reads)
+        self.wakes = HostWakes(rank, self.job_id.hex(), self.sources, self.config.host_wakes,
+                               self.recorder.counters)
+        if self.transport.needs_polling:  # (a cluster of one wakes itself)
+            self.transport.on_post = self.wakes.ring
         self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, self.spiller,
                                  gcs, peers, self.recorder, self.host_stores)
         self.relay = ObjectRelay(rank, link, self.objects, store, self.spiller, peers,
@@ -242,11 +247,12 @@ class NodeManager:
         return {"node_id": self.node_id.hex(), "resources": self.total_resources,
                 "hostname": self.info["hostname"], "store_name": self.store_name,
                 "spill_dir": self.spill_dir, "pid": os.getpid(),
-                "host_key": self.host_stores.identity}
+                "host_key": self.host_stores.identity, **self.wakes.describe()}
 
     def set_cluster_nodes(self, nodes: dict) -> None:
         """Every node's id and totals (from the start handshake)."""
-        self.network.set_cluster_nodes(nodes)
+        self.wakes.set_peers(nodes)
+        self.network.set_cluster_nodes(nodes, woken_by_peers=self.wakes.every_peer_wakes)
 
     def serve(self) -> None:
         """Run the event loop in this thread until rank 0 says stop (ranks > 0)."""
@@ -308,6 +314,8 @@ class NodeManager:
         self.objects.clear()
         self.spiller.close()
         self.host_stores.close()
+        self.transport.on_post = None
+        self.wakes.close()
         Store.unlink_name(self.store_name)
         self.store.close()
         self.sources.close()

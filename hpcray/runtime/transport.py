@@ -496,6 +496,8 @@ class MpiTransport:
         self._queued: dict[tuple[int, str], deque] = {}
         self._corked = False
         self._corked_keys: list = []
+        # Called with the destination after messages were posted to it (host_wakes.py).
+        self.on_post = None
         # Messages matched but not yet fully received, in the order MPI matched them:
         # (source, channel, request, buffer).
         self._arriving: list = []
@@ -576,6 +578,8 @@ class MpiTransport:
         if in_flight is None:
             in_flight = self._in_flight[key] = []
         in_flight.append((request, payload))
+        if self.on_post is not None:
+            self.on_post(key[0])
 
     def _post_queued(self, key: tuple[int, str], limit: int = _SENDS_IN_FLIGHT) -> None:
         queued = self._queued.get(key)
