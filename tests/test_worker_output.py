@@ -314,3 +314,33 @@ def test_a_worker_is_titled_by_what_it_runs(ray_start):
     assert name == "ray::Titled.title"
     assert psutil.Process(pid).cmdline()[0] == "ray::Titled"
     assert hpcray.get(actor.title.options(name="custom").remote())[0] == "ray::custom"
+
+
+def test_a_worker_flushes_its_streams_after_a_task_only_when_used():
+    """task_output.TaskNamedStream: a worker flushes after each task only what a task
+    may have left in the stream's buffer: written through it, or reached around it (its
+    `.buffer`); a task that printed nothing costs no flush."""
+    import io
+
+    from hpcray.runtime.task_output import CurrentTask, TaskNamedStream
+
+    class Counted(io.TextIOWrapper):
+        flushes = 0
+
+        def flush(self):
+            Counted.flushes += 1
+            super().flush()
+
+    raw = io.BytesIO()
+    stream = TaskNamedStream(Counted(raw, encoding="utf-8"), CurrentTask())
+    stream.flush_if_written()
+    assert Counted.flushes == 0
+    stream.write("a line\n")
+    assert raw.getvalue() == b""                 # still in the text buffer
+    stream.flush_if_written()
+    assert raw.getvalue() == b"a line\n" and Counted.flushes == 1
+    stream.flush_if_written()
+    assert Counted.flushes == 1
+    stream.buffer.write(b"around it\n")          # the binary buffer under the text layer
+    stream.flush_if_written()
+    assert raw.getvalue() == b"a line\naround it\n" and Counted.flushes == 2

@@ -94,6 +94,7 @@ class ClusterLink:
         self.last_busy = 0.0       # ... of the last event-loop pass with other work
         self.last_load_report = 0.0
         self.last_load = None
+        self.last_submits = False  # what the last load report said of routed tasks
         self.stop_requested = False
         self.pulls: dict = {}   # tag -> (holder, [(object_id, entry, view)], header, transfer)
         self.actor_locations: dict[bytes, int] = {}
@@ -286,13 +287,17 @@ class Network:
             return
         load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_waiting,
                 cluster.received, cluster.actor_cpus)
-        if load == cluster.last_load and not cluster.ended_placed and not cluster.routed:
-            return  # (a node routing its own tasks wants a fresh view, see on_load)
-        cluster.last_load = load
-        cluster.last_load_report = now
         # A node submitting its own tasks may route none in one report period (its
         # worker's next batch is on its way): it counts as submitting for a while.
         submits = cluster.routed > 0 or now - cluster.last_routed < _SUBMITS_FOR
+        if load == cluster.last_load and not cluster.ended_placed and (
+                submits == cluster.last_submits if self.rank == 0 else not cluster.routed):
+            # (a node routing its own tasks wants a fresh view, see on_load; rank 0 has
+            # it, and reported to itself before each task it forwards: ~10% of its CPU)
+            return
+        cluster.last_load = load
+        cluster.last_load_report = now
+        cluster.last_submits = submits
         if self.rank == 0:
             self.global_scheduler.report(0, dict(load[0]), load[1], load[2], submits)
             self.actor_cpus[0] = cluster.actor_cpus

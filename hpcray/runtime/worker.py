@@ -768,7 +768,10 @@ def _repr_name(instance) -> str | None:
 def _flush_std() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if type(stream) is task_output.TaskNamedStream:
+                stream.flush_if_written()
+            else:  # the task replaced it
+                stream.flush()
         except (OSError, ValueError):
             pass
 
