@@ -59,13 +59,24 @@ class DriverFeed:
         node's workers sent (they get their next task), and every SUBMIT_BUDGET the
         other nodes' messages (the tasks forwarded so far leave)."""
         start = polled = time.monotonic()
+        transport = self.node.transport
+        # The driver's thread, outside a pass of the event loop: what a batch forwards
+        # goes as one message per node (as a pass's would), not the first few alone.
+        cork = not transport.corked
         while queue:
-            for _ in range(min(len(queue), SUBMIT_BATCH)):
-                spec = queue.popleft()
-                try:
-                    self.node.submit(spec)
-                except Exception:  # noqa: BLE001 - one bad task must not stop the others
-                    log.exception("rank %d: submitting %s failed", self.node.rank, spec.name)
+            if cork:
+                transport.cork()
+            try:
+                for _ in range(min(len(queue), SUBMIT_BATCH)):
+                    spec = queue.popleft()
+                    try:
+                        self.node.submit(spec)
+                    except Exception:  # noqa: BLE001 - one bad task must not stop the others
+                        log.exception("rank %d: submitting %s failed", self.node.rank,
+                                      spec.name)
+            finally:
+                if cork:
+                    transport.uncork()
             if not queue:
                 return
             now = time.monotonic()

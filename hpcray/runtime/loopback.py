@@ -34,6 +34,8 @@ class LoopbackTransport:
     def broadcast(self, message, channel: str = "control") -> None:
         """To every other rank: there is none."""
 
+    corked = False
+
     def cork(self) -> None:
         """(MpiTransport batches a pass's messages; here each is in the inbox at once.)"""
 

@@ -545,6 +545,10 @@ class MpiTransport:
         probe, receive and unpickle on the other side, not one per task)."""
         self._corked = True
 
+    @property
+    def corked(self) -> bool:
+        return self._corked
+
     def uncork(self) -> None:
         self._corked = False
         keys, self._corked_keys = self._corked_keys, []
