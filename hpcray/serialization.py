@@ -176,6 +176,21 @@ class SerializedValue:
             pos = _align(pos + buf.nbytes)
 
 
+def plain_call_args(args: tuple, kwargs: dict) -> bytes | None:
+    """A call's (args, kwargs) pickled, when every one is a plain value (pickle alone
+    does: no cloudpickle, no refs inside, no buffers); else None. A task's call is most
+    often this, and cloudpickle's pickler is ~40% of a `.remote()` of a float."""
+    plain = _PLAIN_TYPES
+    for value in args:
+        if type(value) not in plain:
+            return None
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) not in plain:
+                return None
+    return pickle.dumps((args, kwargs), protocol=5)
+
+
 def serialize(value, inline_threshold: int) -> SerializedValue:
     """Pickle `value`; buffers larger than a few KiB stay out of band when it is large."""
     if type(value) in _PLAIN_TYPES:

@@ -22,7 +22,7 @@ from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, NORMAL_TASK, TaskSp
 from hpcray.runtime.messages import (CancelTask, CreateActor, Drain, ExitWorker, Notice, Reply,
                                      Request, RevokeTask, RunTask, WorkDone, wire)
 from hpcray.serialization import (ErrorValue, deserialize_from_store, deserialize_inline,
-                                  serialize)
+                                  plain_call_args, serialize)
 
 
 _NOTICE, _REQUEST, _REPLY = Notice.CODE, Request.CODE, Reply.CODE
@@ -197,6 +197,10 @@ class CoreClient:
             deps += [v.binary() for v in kwargs.values() if type(v) is ObjectRef]
         if not args and not kwargs:
             return ("inline", _EMPTY_ARGS), [], []
+        if not deps:
+            pickled = plain_call_args(args, kwargs)
+            if pickled is not None and len(pickled) < self.config.inline_threshold:
+                return ("inline", pickled), [], []
         sv = serialize((args, kwargs), self.config.inline_threshold)
         if sv.is_small and len(sv.pickled) < self.config.inline_threshold:
             return ("inline", sv.pickled), deps, sv.contained
