@@ -285,21 +285,24 @@ class Network:
         now = time.monotonic()
         if not now_ and now - cluster.last_load_report < _LOAD_REPORT_PERIOD:
             return
-        load = (tuple(sorted(self.scheduler.available.items())), self.scheduler.num_waiting,
-                cluster.received, cluster.actor_cpus)
+        scheduler, last = self.scheduler, cluster.last_load
         # A node submitting its own tasks may route none in one report period (its
         # worker's next batch is on its way): it counts as submitting for a while.
         submits = cluster.routed > 0 or now - cluster.last_routed < _SUBMITS_FOR
-        if load == cluster.last_load and not cluster.ended_placed and (
-                submits == cluster.last_submits if self.rank == 0 else not cluster.routed):
+        if last is not None and last[0] == scheduler.available \
+                and last[1] == scheduler.num_waiting and last[2] == cluster.received \
+                and last[3] == cluster.actor_cpus and not cluster.ended_placed and (
+                    submits == cluster.last_submits if self.rank == 0 else not cluster.routed):
             # (a node routing its own tasks wants a fresh view, see on_load; rank 0 has
             # it, and reported to itself before each task it forwards: ~10% of its CPU)
             return
+        load = (dict(scheduler.available), scheduler.num_waiting, cluster.received,
+                cluster.actor_cpus)
         cluster.last_load = load
         cluster.last_load_report = now
         cluster.last_submits = submits
         if self.rank == 0:
-            self.global_scheduler.report(0, dict(load[0]), load[1], load[2], submits)
+            self.global_scheduler.report(0, load[0], load[1], load[2], submits)  # (copies)
             self.actor_cpus[0] = cluster.actor_cpus
             self.balance_after_report(0)
             self.place_pending_actors()
@@ -307,7 +310,7 @@ class Network:
                 self.groups.try_next()
         else:
             ended, cluster.ended_placed = tuple(cluster.ended_placed), []
-            self.transport.send(0, wire(messages.Load, dict(load[0]), load[1], load[2],
+            self.transport.send(0, wire(messages.Load, load[0], load[1], load[2],
                                         cluster.actor_cpus, ended, submits))
         cluster.routed = 0
 
