@@ -257,6 +257,10 @@ class NodeManager:
     def serve(self) -> None:
         """Run the event loop in this thread until rank 0 says stop (ranks > 0)."""
         self._thread = threading.current_thread()
+        threshold = gc.get_threshold()
+        if threshold[0] == PYTHON_GC_THRESHOLD:  # (as start_thread, for the same reason)
+            self._gc_threshold = threshold
+            gc.set_threshold(NODE_GC_THRESHOLD, *threshold[1:])
         self._event_loop()
 
     # ------------------------------------------------------------------ start/stop
