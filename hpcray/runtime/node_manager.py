@@ -165,10 +165,7 @@ class NodeManager:
         if math.isclose(sys.getswitchinterval(), PYTHON_SWITCH_INTERVAL):
             self._switch_interval = PYTHON_SWITCH_INTERVAL
             sys.setswitchinterval(NODE_SWITCH_INTERVAL)
-        threshold = gc.get_threshold()
-        if threshold[0] == PYTHON_GC_THRESHOLD:
-            self._gc_threshold = threshold
-            gc.set_threshold(NODE_GC_THRESHOLD, *threshold[1:])
+        self._raise_gc_threshold()
         self._thread = threading.Thread(target=self._event_loop,
                                         name="hpcray-node-manager", daemon=True)
         self._thread.start()
@@ -257,11 +254,16 @@ class NodeManager:
     def serve(self) -> None:
         """Run the event loop in this thread until rank 0 says stop (ranks > 0)."""
         self._thread = threading.current_thread()
+        self._raise_gc_threshold()
+        self._event_loop()
+
+    def _raise_gc_threshold(self) -> None:
+        """NODE_GC_THRESHOLD for this process while the node runs, unless the program
+        set a threshold of its own (shutdown puts Python's back)."""
         threshold = gc.get_threshold()
-        if threshold[0] == PYTHON_GC_THRESHOLD:  # (as start_thread, for the same reason)
+        if threshold[0] == PYTHON_GC_THRESHOLD:
             self._gc_threshold = threshold
             gc.set_threshold(NODE_GC_THRESHOLD, *threshold[1:])
-        self._event_loop()
 
     # ------------------------------------------------------------------ start/stop
     def _forkserver_job(self) -> dict:
