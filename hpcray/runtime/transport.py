@@ -11,9 +11,10 @@ other. It moves two kinds of traffic between ranks:
   both sides start their halves (`start_receive`, `start_send`). The bytes go in chunks,
   a few in flight at a time so that they pipeline, from the sender's buffer (a store
   segment) straight into the receiver's (a buffer allocated in its segment). One
-  exception: to a rank on the same host while MPICH copies with CMA, chunks of 1 MiB and
-  more of a store object are first copied into a staging buffer of huge pages (see
-  `_Staging`: the receiver's process_vm_readv of 4 KiB tmpfs pages costs ~3x its CPU).
+  exception: to a rank on the same host while MPICH copies with CMA, the chunks of a
+  store object of 32 MiB or more are first copied into a staging buffer of huge pages
+  (see `_Staging`: the receiver's process_vm_readv of 4 KiB tmpfs pages cost ~3x its
+  CPU on earlier kernels).
 
 The caller's thread never blocks or spins: every MPI call it makes is nonblocking
 (Isend, Improbe, Imrecv, Irecv, Test), because every MPI on the machines we run on
@@ -138,6 +139,11 @@ def _byte_views(buffers, writable: bool) -> list:
 # receiver's reads. Without CMA MPICH copies through its shared cells (the sender's copy
 # is then the cell copy) and staging would only add one.
 _STAGE_MIN_CHUNK = 1 << 20    # smaller chunks go as they are (latency first)
+# Nor are objects under this staged: on kernel 6.18 (2026-12-06) CMA from tmpfs pages ran
+# at 0.8 of CMA from huge pages (raw MPI, 64 MiB: 11.5 against 9.5 ms), and a staged 8 or
+# 16 MiB get was 1.2-1.3x slower than an unstaged one (its first chunk is copied whole
+# before a byte moves); from 32 MiB on the two were even, within the noise.
+_STAGE_MIN_SEGMENT = 32 << 20
 _STAGE_BUFFERS = 4            # per rank: a window of chunks (32 MiB of 8 MiB chunks)
 _HUGE_PAGE = 2 << 20
 # One thread copies 4 KiB tmpfs pages at ~10 GB/s, below what CMA reads from huge pages;
@@ -309,7 +315,8 @@ class Transfer:
             chunk = view[start:end]
             staged = None
             if self.is_send:
-                if self._staging is not None and end - start >= _STAGE_MIN_CHUNK:
+                if self._staging is not None and end - start >= _STAGE_MIN_CHUNK and \
+                        len(view) >= _STAGE_MIN_SEGMENT:
                     staged = self._staging.copy_in(chunk)
                     if staged is not None:
                         chunk = staged[:end - start]

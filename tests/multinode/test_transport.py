@@ -244,8 +244,9 @@ def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
     # Sends from the object store go through the sender's staging buffers to a rank on
     # its host while CMA is on (the receiver's process_vm_readv pins 4 KiB tmpfs pages
     # one by one: ~3x its CPU). More transfers at once than there are staging buffers:
-    # the chunks without one go as they are. Every byte arrives, in order, and the
-    # buffers return to the pool. With 3 threads an 8 MiB chunk is copied in 3 slices.
+    # the chunks without one go as they are; so do objects under 32 MiB. Every byte
+    # arrives, in order, and the buffers return to the pool. With 3 threads an 8 MiB
+    # chunk is copied in 3 slices.
     monkeypatch.setenv("HPCRAY_STAGE_THREADS", threads)
     reports = run_mpi(tmp_path, 2, """
         import mmap, os, tempfile
@@ -267,6 +268,9 @@ def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
             transfers = [t.start_send(0, tag, segments, stage=True) for tag in tags]
             transfers.append(t.start_send(0, tags[0] + 100, segments[:2], stage=False))
             used = max(len([b for b in x._staged if b is not None]) for x in transfers)
+            # the 9 MiB object goes as it is, the 40 MiB one's chunks through staging
+            assert transfers[0]._staged[:2] == [None, None]
+            assert transfers[0]._staged[3] is not None
             poll_until(lambda _: all(x.done for x in transfers), "the sends")
             assert used > 0  # the first chunks went through staging
             staging = t._staging
