@@ -768,7 +768,9 @@ class MpiTransport:
         are outstanding (as before transfers had a rule of their own: a rank sending
         bursts of messages would wake many times per millisecond for nothing)."""
         if self._transfers:
-            return any(t.is_send or t.nbytes >= _PROGRESS_NOW_BYTES for t in self._transfers)
+            return any(t.is_send or (t.nbytes >= _PROGRESS_NOW_BYTES
+                                     and t.peer not in self._cma_peers)
+                       for t in self._transfers)
         return self.busy
 
     def close(self, drain_timeout: float = 1.0) -> None:
