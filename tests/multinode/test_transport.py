@@ -293,6 +293,46 @@ def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
     assert set(reports) == {0, 1}
 
 
+@pytest.mark.parametrize("cma", ["0", "1"])
+def test_receiver_polls_slowly_only_far_from_the_end(tmp_path, monkeypatch, cma):
+    # A receive from a rank that does not copy with CMA polls slowly (1 ms epoll ticks:
+    # faster polls contend with the progress thread) while more than a chunk is left;
+    # its last chunk, and any receive from a CMA peer, is polled for every 200 us.
+    monkeypatch.setenv("MPIR_CVAR_CH4_CMA_ENABLE", cma)
+    reports = run_mpi(tmp_path, 2, """
+        import os
+        cma = os.environ["MPIR_CVAR_CH4_CMA_ENABLE"] == "1"
+        SIZE = 3 * t.chunk_bytes + 5
+        if t.rank == 1:
+            (_, _, tag), = poll_until(lambda got: got, "the pull")
+            send = t.start_send(0, tag, pattern(SIZE, seed=1))
+            assert t.poll_slowly  # a sender always polls slowly
+            poll_until(lambda _: send.done, "the send")
+            assert send.bytes_left == 0
+        else:
+            dest = np.zeros(SIZE, np.uint8)
+            tag = t.new_transfer_tag()
+            receive = t.start_receive(1, tag, dest)
+            assert receive.bytes_left == SIZE
+            assert t.poll_slowly == (not cma)
+            t.send(1, tag)
+            seen = []
+            while not receive.done:
+                seen.append((receive.bytes_left, t.poll_slowly))
+                t.poll()
+                t.wait_for_activity(0.0002, timeout=0.001)
+            assert receive.bytes_left == 0
+            lefts = [left for left, _ in seen]
+            assert lefts == sorted(lefts, reverse=True)
+            for left, slowly in seen:
+                assert slowly == (not cma and left > t.chunk_bytes), (left, slowly)
+            assert digest(dest) == digest(pattern(SIZE, seed=1))
+        finish()
+        report(ok=True)
+    """)
+    assert set(reports) == {0, 1}
+
+
 def test_many_messages_to_a_busy_peer_stay_few_requests(tmp_path):
     # Rank 1 does not poll for a while: rank 0's 30k messages wait in a few MPI sends
     # and a queue (not 30k requests), then all arrive, in order, as separate messages.
