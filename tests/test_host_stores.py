@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hpcray._store import Store
-from hpcray.runtime.host_stores import HostStores, host_identity
+from hpcray.runtime import host_stores as host_stores_module
+from hpcray.runtime.host_stores import HostStores, host_identity, make_copies
 from hpcray.runtime.worker_processes import EventSources
 
 pytestmark = pytest.mark.timeout(60)
@@ -142,6 +143,58 @@ def test_a_batch_is_copied_at_once_up_to_its_budget_the_rest_on_the_thread(store
         got = reader.get(oid(i))
         assert np.all(np.frombuffer(got, np.uint8) == i)
         got.release()
+
+
+def test_deferred_copies_are_left_to_the_caller(stores):
+    # A driver's get: whatever the size, nothing is copied under the node's lock and no
+    # copy thread is started; the caller makes the copies, then runs their ends.
+    holder, reader, host, _, _ = stores
+    make_in_other_process(holder.name, oid(20), 1 * MiB, 4)
+    make_in_other_process(holder.name, oid(21), 24 * MiB, 5)
+    host.defer_copies()
+    done: list = []
+    assert copy(host, reader, 1, oid(20), 1 * MiB, done)
+    assert copy(host, reader, 1, oid(21), 24 * MiB, done)
+    copies = host.take_deferred()
+    assert done == [] and len(copies) == 2 and host.copier is None
+    assert len(holder.pins()) == 2  # pinned until copied
+    results, interrupted = make_copies(copies)
+    assert interrupted is None and [copied for _, copied in results] == [True, True]
+    assert holder.pins() == []
+    for on_done, copied in results:
+        on_done(copied)
+    assert done == [True, True]
+    for i, fill in ((20, 4), (21, 5)):
+        got = reader.get(oid(i))
+        assert np.all(np.frombuffer(got, np.uint8) == fill)
+        got.release()
+    assert host.take_deferred() == []  # and the next copies are made as before
+    make_in_other_process(holder.name, oid(22), 1 * MiB, 6)
+    host.begin_batch()
+    assert copy(host, reader, 1, oid(22), 1 * MiB, done) and done == [True, True, True]
+
+
+def test_an_interrupted_deferred_copy_leaves_the_rest_to_mpi(stores, monkeypatch):
+    # Ctrl-C during the caller's copies: every pin goes back, the copies not made report
+    # False (pulled over MPI instead), and the interruption is handed back to re-raise.
+    holder, reader, host, _, _ = stores
+    for i in (30, 31):
+        make_in_other_process(holder.name, oid(i), 1 * MiB, i)
+    host.defer_copies()
+    done: list = []
+    assert copy(host, reader, 1, oid(30), 1 * MiB, done)
+    assert copy(host, reader, 1, oid(31), 1 * MiB, done)
+
+    def interrupted(dest, offset, src):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(host_stores_module, "copy_into", interrupted)
+    results, error = make_copies(host.take_deferred())
+    assert isinstance(error, KeyboardInterrupt)
+    assert [copied for _, copied in results] == [False, False]
+    assert holder.pins() == []
+    for on_done, copied in results:
+        on_done(copied)
+    assert done == [False, False]
 
 
 def test_a_delete_at_the_holder_waits_for_the_copy(stores):

@@ -18,6 +18,7 @@ from hpcray._store import ObjectExistsError, ObjectTooLargeError, StoreFullError
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime import hops
 from hpcray.runtime.call_sites import creation_site
+from hpcray.runtime.host_stores import make_copies
 from hpcray.runtime.specs import ACTOR_CALL, ACTOR_CREATION, NORMAL_TASK, TaskSpec
 from hpcray.runtime.messages import (CancelTask, CreateActor, Drain, ExitWorker, Notice, Reply,
                                      Request, RevokeTask, RunTask, WorkDone, wire)
@@ -311,12 +312,23 @@ class DriverClient(CoreClient):
         nm = self._locked()
         nm.hold_wakes()  # (a Pull it sends wakes the loop, which would wait for the lock)
         try:
-            waiter = nm.objects.register_get(object_ids, len(object_ids))
+            nm.host_stores.defer_copies()  # this thread copies, below, without the lock
+            try:
+                waiter = nm.objects.register_get(object_ids, len(object_ids))
+            finally:
+                copies = nm.host_stores.take_deferred()
         finally:
             nm.lock.release()
             nm.release_wakes()
         if hops.ENABLED:
             hops.stamp("get.registered")
+        if copies:
+            started = time.monotonic()
+            payloads = self._end_host_copies(nm, copies, object_ids, waiter)
+            if payloads is not None:
+                return payloads
+            if timeout is not None:  # (the copies took their share of it)
+                timeout -= time.monotonic() - started
         if waiter is not None:
             acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             if hops.ENABLED:
@@ -330,6 +342,27 @@ class DriverClient(CoreClient):
                             f"{len(object_ids)} object(s).")
         with nm.lock:
             return nm.objects.payloads(object_ids)
+
+    @staticmethod
+    def _end_host_copies(nm, copies: list, object_ids: list, waiter):
+        """Make the copies a get asked for from the stores of this host's other nodes
+        (this thread, no lock held), then end those pulls under the lock. Returns the
+        payloads, read in that same hold, when the get has all it waits for by then;
+        else None."""
+        results, interrupted = make_copies(copies)
+        nm.lock.acquire()
+        nm.hold_wakes()
+        try:
+            for on_done, copied in results:
+                on_done(copied)
+            if interrupted is not None:
+                raise interrupted
+            if waiter is None or waiter.done:
+                return nm.objects.payloads(object_ids)
+            return None
+        finally:
+            nm.lock.release()
+            nm.release_wakes()
 
     def wait_ready(self, object_ids: list, num_returns: int, timeout,
                    fetch_local: bool = True) -> list:
@@ -477,6 +510,26 @@ class WorkerClient(CoreClient):
             raise exceptions.GetTimeoutError(
                 f"get() timed out after {timeout} s waiting for {len(object_ids)} object(s).")
         return answer
+
+    @staticmethod
+    def _make_host_copies(nm, copies: list):
+        """Copy what a get needs from the stores of this host's other nodes, then end
+        those pulls under the lock; returns nm.objects.payloads, read under that same
+        hold if the caller's waiter is done by then, else None."""
+        results, interrupted = make_copies(copies)
+        nm.lock.acquire()
+        nm.hold_wakes()
+        payloads = None
+        try:
+            for on_done, copied in results:
+                on_done(copied)
+            if interrupted is not None:
+                raise interrupted
+            ...
+        finally:
+            nm.lock.release()
+            nm.release_wakes()
+        return payloads
 
     def wait_ready(self, object_ids: list, num_returns: int, timeout,
                    fetch_local: bool = True) -> list:

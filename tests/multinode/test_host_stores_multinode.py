@@ -43,6 +43,8 @@ JOB = """
             for i in range(60)]
     ray.wait(many, num_returns=len(many), fetch_local=False)
     assert all(a.nbytes == 150_000 for a in ray.get(many))
+    # the driver's gets were copied by its own thread, none on rank 0's copy thread
+    assert context.get_client().nm.host_stores.copier is None
     counters = {p["rank"]: p["counters"] for p in context.get_client().list_state("timeline")}
     print("SENT", {r: c.get("bytes_sent", 0) for r, c in counters.items()})
     print("COPIED", {r: c.get("bytes_copied_on_host", 0) for r, c in counters.items()})
