@@ -511,26 +511,6 @@ class WorkerClient(CoreClient):
                 f"get() timed out after {timeout} s waiting for {len(object_ids)} object(s).")
         return answer
 
-    @staticmethod
-    def _make_host_copies(nm, copies: list):
-        """Copy what a get needs from the stores of this host's other nodes, then end
-        those pulls under the lock; returns nm.objects.payloads, read under that same
-        hold if the caller's waiter is done by then, else None."""
-        results, interrupted = make_copies(copies)
-        nm.lock.acquire()
-        nm.hold_wakes()
-        payloads = None
-        try:
-            for on_done, copied in results:
-                on_done(copied)
-            if interrupted is not None:
-                raise interrupted
-            ...
-        finally:
-            nm.lock.release()
-            nm.release_wakes()
-        return payloads
-
     def wait_ready(self, object_ids: list, num_returns: int, timeout,
                    fetch_local: bool = True) -> list:
         return self.channel.request("wait", (object_ids, num_returns, timeout, fetch_local))
