@@ -5,14 +5,13 @@
 #
 # The machine is bare and offline: its image's python (3.12, with numpy, cloudpickle, Cython,
 # psutil, pytest) gets a venv that also sees those, plus the wheels carried in .whl/
-# (mpich, mpi4py, pytest-mpi, pytest-timeout). A checkout of the old tree in .oldtree/ (if
-# carried) is built too, for load_balance's A/B. `benchmarks/device_prepare.sh` makes both
-# here first; then one call: run(command="bash benchmarks/device_run.sh $OUT",
-# carry=[".whl", ".oldtree"], timeout_s=590). The steps run in the order of what issue 12
-# item 7 needs most (the transfer table, then weak scaling); a call cut at 10 minutes
-# still brings back the logs of the steps that ran.
-# Every step has its own timeout and writes its log under OUT, so a slow step still leaves
-# the others' figures; at most 8 files land in OUT (what the device tool brings back).
+# (mpich, mpi4py, pytest-mpi, pytest-timeout, setuptools). A checkout of the old tree in
+# .oldtree/ (if carried) is built too, for load_balance's A/B. benchmarks/device_prepare.sh
+# makes both here first; then one call: run(command="bash benchmarks/device_run.sh $OUT",
+# carry=[".whl", ".oldtree"], timeout_s=590). The steps come in the order of what issue 12
+# item 7 needs most (the transfer table, then weak scaling): a call cut at 10 minutes
+# still brings back the logs of the steps that ran. Every step has its own timeout and
+# writes its log under OUT; at most 8 files land in OUT (what the device tool brings back).
 set -u
 OUT=${1:-${OUT:-/tmp/devout}}
 mkdir -p "$OUT"
