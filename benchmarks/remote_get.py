@@ -57,6 +57,11 @@ HOPS = [(0, "get.start"), (0, "pull.create"), (0, "pull.created"), (0, "pull.sen
         (1, "msg.matched"), (1, "serve.start"), (1, "serve.posted"),
         (0, "recv.complete"), (0, "pull.done"), (0, "pull.ready"), (0, "get.woken"),
         (0, "get.end")]
+# The same for a copy from the holder's store (the host path): all in the driver's
+# process, whose own thread copies (host_stores.defer_copies); rank 1 does nothing.
+HOST_HOPS = [(0, "get.start"), (0, "pull.create"), (0, "pull.created"), (0, "host.taken"),
+             (0, "get.registered"), (0, "host.copied"), (0, "get.end")]
+HOPS_OF_PATH = {"mpi": HOPS, "host": HOST_HOPS}
 
 
 def parse_size(text: str) -> int:
@@ -178,8 +183,8 @@ def raw_job(sizes: list[int], repeat: int) -> None:
 
 
 # ---------------------------------------------------------------------------- the hops
-def traced_gets(folder: str) -> list:
-    """Each complete get traced into `folder`: {(rank, what): ns} of the HOPS."""
+def traced_gets(folder: str, hops: list = HOPS) -> list:
+    """Each complete get traced into `folder`: {(rank, what): ns} of `hops`."""
     stamps = []
     for path in glob.glob(os.path.join(folder, "hops-*.txt")):
         pid = path.rsplit("-", 1)[1]
@@ -198,7 +203,7 @@ def traced_gets(folder: str) -> list:
             if what == "get.end":
                 gets.append(current)
                 current = None
-    return [g for g in gets if all(hop in g for hop in HOPS)]
+    return [g for g in gets if all(hop in g for hop in hops)]
 
 
 def hops_table(folder: str) -> str:
@@ -216,53 +221,57 @@ def hops_table(folder: str) -> str:
     return "\n".join(rows)
 
 
-def hop_medians(gets: list) -> list:
-    """The median µs of each step between consecutive HOPS, then of the whole get."""
+def hop_medians(gets: list, hops: list = HOPS) -> list:
+    """The median µs of each step between consecutive `hops`, then of the whole get."""
     steps = [statistics.median((g[after] - g[before]) / 1e3 for g in gets)
-             for before, after in zip(HOPS, HOPS[1:])]
-    return steps + [statistics.median((g[HOPS[-1]] - g[HOPS[0]]) / 1e3 for g in gets)]
+             for before, after in zip(hops, hops[1:])]
+    return steps + [statistics.median((g[hops[-1]] - g[hops[0]]) / 1e3 for g in gets)]
 
 
 def compare_hops(args) -> str:
     """`--hop-jobs N --compare TREE`: N traced jobs of this tree and of TREE, interleaved;
     per step the median over the jobs of each job's median (one job's figures swing with
-    where its threads land on a busy host, so many jobs say more than many gets)."""
+    where its threads land on a busy host, so many jobs say more than many gets). The
+    first of `--paths` is traced (default: mpi): over MPI (HOPS) or copied on the host
+    (HOST_HOPS)."""
     import shutil
 
     import _mpirun
     trees = [str(_mpirun.REPO_ROOT)] + ([os.path.abspath(args.compare)] if args.compare
                                         else [])
     size, cma = args.sizes.split(",")[0], args.cma.split(",")[0]
+    path = (args.paths or "mpi").split(",")[0]
+    hops = HOPS_OF_PATH[path]
     per_tree = {tree: [] for tree in trees}   # [(step medians, get times)] per job
     for _ in range(args.hop_jobs):
         for tree in trees:
             folder = tempfile.mkdtemp(prefix="remote-get-hops-")
             env = {"MPIR_CVAR_CH4_CMA_ENABLE": "1" if cma == "on" else "0",
-                   "HPCRAY_TRACE_HOPS": folder, **_PATHS["mpi"]}
+                   "HPCRAY_TRACE_HOPS": folder, **_PATHS[path]}
             argv = [os.path.join(tree, "benchmarks", "remote_get.py"), "--job", "hpcray",
                     "--sizes", size, "--repeat", str(args.repeat)]
             job = _mpirun.run_job(2, argv, args.timeout, env=env, root=tree)
-            gets = traced_gets(folder)
+            gets = traced_gets(folder, hops)
             shutil.rmtree(folder, ignore_errors=True)
             if not job.clean or not gets:
                 _mpirun.log(f"PROBLEM {tree}: {'; '.join(job.problems())}")
                 continue
             times = next(iter(_result(job.output)["hpcray"].values()))
-            per_tree[tree].append((hop_medians(gets), statistics.median(times)))
+            per_tree[tree].append((hop_medians(gets, hops), statistics.median(times)))
     names = ["this tree"] + [f"{os.path.basename(t)} (--compare)" for t in trees[1:]]
-    rows = [f"# {fmt_size(parse_size(size))}, CMA {cma}: median over jobs of each job's "
-            f"median of {args.repeat} gets; jobs per tree: "
+    rows = [f"# {fmt_size(parse_size(size))}, CMA {cma}, {path} path: median over jobs of "
+            f"each job's median of {args.repeat} gets; jobs per tree: "
             + ", ".join(str(len(per_tree[t])) for t in trees),
             "| from | to | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(trees)]
 
     def cell(tree, index):
         jobs = per_tree[tree]
         return f"{statistics.median(j[0][index] for j in jobs):.0f}" if jobs else "-"
-    for i, (before, after) in enumerate(zip(HOPS, HOPS[1:])):
+    for i, (before, after) in enumerate(zip(hops, hops[1:])):
         rows.append(f"| rank {before[0]} {before[1]} | rank {after[0]} {after[1]} | "
                     + " | ".join(cell(t, i) for t in trees) + " |")
     rows.append("| **get.start** | **get.end** | "
-                + " | ".join(cell(t, len(HOPS) - 1) for t in trees) + " |")
+                + " | ".join(cell(t, len(hops) - 1) for t in trees) + " |")
     rows.append("| get (ms, as the job timed it) | | " + " | ".join(
         f"{statistics.median(j[1] for j in per_tree[t]) * 1e3:.3f}" if per_tree[t] else "-"
         for t in trees) + " |")
@@ -322,7 +331,7 @@ def outer(args) -> int:
         return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     settings = args.cma.split(",")
-    paths = args.paths.split(",")
+    paths = (args.paths or "host,mpi").split(",")
     load_before = os.getloadavg()
     hpcray_runs = {(cma, path): [] for cma in settings for path in paths}
     raw_runs = {cma: [] for cma in settings}
@@ -391,8 +400,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cma", default="on,off", help="on, off or on,off")
-    parser.add_argument("--paths", default="host,mpi",
-                        help="host (copied from the holder's store), mpi, or both")
+    parser.add_argument("--paths", help="host (copied from the holder's store), mpi, or "
+                        "both (the default; with --hop-jobs, the first given, else mpi)")
     parser.add_argument("--hops", action="store_true", help="also trace where a get goes")
     parser.add_argument("--hop-jobs", type=int, default=0, metavar="N",
                         help="only where a get goes: N traced jobs per tree, interleaved")
