@@ -312,7 +312,8 @@ class DriverClient(CoreClient):
         nm = self._locked()
         nm.hold_wakes()  # (a Pull it sends wakes the loop, which would wait for the lock)
         try:
-            nm.host_stores.defer_copies()  # this thread copies, below, without the lock
+            if timeout is None:  # (with one, the copy thread copies: the wait can end first)
+                nm.host_stores.defer_copies()  # this thread copies, below, without the lock
             try:
                 waiter = nm.objects.register_get(object_ids, len(object_ids))
             finally:
@@ -323,12 +324,9 @@ class DriverClient(CoreClient):
         if hops.ENABLED:
             hops.stamp("get.registered")
         if copies:
-            started = time.monotonic()
             payloads = self._end_host_copies(nm, copies, object_ids, waiter)
             if payloads is not None:
                 return payloads
-            if timeout is not None:  # (the copies took their share of it)
-                timeout -= time.monotonic() - started
         if waiter is not None:
             acquired = waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             if hops.ENABLED:

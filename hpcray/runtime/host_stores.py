@@ -20,11 +20,11 @@ The copies of one batch of pulls (`begin_batch`) are made at once by the caller 
 they add up to _INLINE_MAX bytes or less (a few hundred microseconds at most); the rest,
 and any larger object, on this node's copy thread, whose completions the event loop
 runs, so that the node keeps answering meanwhile (a get of 10,000 values of 200 KB
-would otherwise hold its event loop for the whole 2 GB). A driver's `get` is the
-exception (`defer_copies`): its own thread, which would only wait, makes its copies with
-the node's lock let go, however large, and then ends those pulls itself. Not for:
-reading an object in place in another node's store (its lifetime would then hang on
-that node).
+would otherwise hold its event loop for the whole 2 GB). A driver's `get` without a
+timeout is the exception (`defer_copies`): its own thread, which would only wait, makes
+its copies with the node's lock let go, however large, and then ends those pulls
+itself. Not for: reading an object in place in another node's store (its lifetime
+would then hang on that node).
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class HostStores:
         self.copier.submit(buffer, dest, on_done)
 
     def defer_copies(self) -> None:
-        """Under the node's lock, from a driver's `get`: the copies asked for until
+        """Under the node's lock, from a driver's `get` without a timeout (with one, the
+        copy thread copies, so that the wait can end first): the copies asked for until
         `take_deferred` are left to the caller, which makes them with the lock let go
         (`make_copies`) and then runs their `on_done` under it. Its thread waits for
         them anyway; made by the copy thread, an 8 MiB object's end went through its

@@ -45,6 +45,10 @@ JOB = """
     assert all(a.nbytes == 150_000 for a in ray.get(many))
     # the driver's gets were copied by its own thread, none on rank 0's copy thread
     assert context.get_client().nm.host_stores.copier is None
+    # a get with a timeout leaves its copies to the copy thread (the wait may end first)
+    big = make.options(scheduling_strategy=on(1)).remote(24 * MiB, 7)
+    ray.wait([big], fetch_local=False)
+    assert ray.get(big, timeout=60).nbytes == 24 * MiB
     counters = {p["rank"]: p["counters"] for p in context.get_client().list_state("timeline")}
     print("SENT", {r: c.get("bytes_sent", 0) for r, c in counters.items()})
     print("COPIED", {r: c.get("bytes_copied_on_host", 0) for r, c in counters.items()})
