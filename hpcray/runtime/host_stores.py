@@ -174,18 +174,28 @@ def make_copies(copies: list) -> tuple[list, BaseException | None]:
     error = None
     for buffer, dest, on_done in copies:
         copied = False
-        try:
-            if error is None:
-                copy_into(dest, 0, buffer)
-                copied = True
-        except Exception:  # noqa: BLE001 - the object is pulled over MPI instead
-            log.exception("a copy from another node's store on this host failed")
-        except BaseException as interrupted:  # noqa: BLE001 - raised by the caller
-            error = interrupted
-        finally:
+        if error is not None:
             buffer.release()
+        else:
+            try:
+                copied = _copy_and_release(buffer, dest)
+            except BaseException as interrupted:  # noqa: BLE001 - raised by the caller
+                error = interrupted
         results.append((on_done, copied))
     return results, error
+
+
+def _copy_and_release(buffer, dest: memoryview) -> bool:
+    """Copy `buffer` into `dest` and let go of its pin; False if the copy failed (the
+    object is then pulled over MPI instead)."""
+    try:
+        copy_into(dest, 0, buffer)
+        return True
+    except Exception:  # noqa: BLE001 - the caller pulls it over MPI
+        log.exception("a copy from another node's store on this host failed")
+        return False
+    finally:
+        buffer.release()
 
 
 class _Copier:
@@ -220,14 +230,7 @@ class _Copier:
                 if not self._jobs:
                     return
                 buffer, dest, on_done = self._jobs.popleft()
-            copied = False
-            try:
-                copy_into(dest, 0, buffer)
-                copied = True
-            except Exception:  # noqa: BLE001 - the object is pulled over MPI instead
-                log.exception("a copy from another node's store on this host failed")
-            finally:
-                buffer.release()
+            copied = _copy_and_release(buffer, dest)
             self._done.append((on_done, copied, dest))  # (before the flag is read)
             if not self._signalled:
                 self._signalled = True
