@@ -293,6 +293,54 @@ def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
     assert set(reports) == {0, 1}
 
 
+def test_a_staged_send_leaves_the_progress_thread_off(tmp_path):
+    # A staged send's bytes are read by its CMA peer: the sender's MPI has nothing to
+    # drive, and a spinning progress thread would take the core its staging copies run
+    # on. Only staged sends outstanding: the thread stays off, on every pass, and every
+    # byte still arrives; an unstaged send of 9 MiB beside them turns it on.
+    reports = run_mpi(tmp_path, 2, """
+        import mmap, os, tempfile
+        SIZES = [(40 << 20) + 3, 9 << 20]
+        if t.rank == 1:
+            (_, _, tags), = poll_until(lambda got: got, "the pull")
+            fd, path = tempfile.mkstemp(dir="/dev/shm")
+            os.unlink(path)
+            os.ftruncate(fd, sum(SIZES))
+            area = mmap.mmap(fd, sum(SIZES))
+            views, offset = [], 0
+            for i, n in enumerate(SIZES):
+                area[offset:offset + n] = pattern(n, seed=i).tobytes()
+                views.append(memoryview(area)[offset:offset + n])
+                offset += n
+            staged = [t.start_send(0, tag, views[0], stage=True) for tag in tags[:2]]
+            assert all(x.stages for x in staged)
+            passes = 0
+            def sends_done(_):
+                global passes
+                passes += 1
+                assert not t._progress.is_on(), "the progress thread ran for a staged send"
+                return all(x.done for x in staged)
+            poll_until(sends_done, "the staged sends")
+            plain = t.start_send(0, tags[2], views[1], stage=True)  # under 32 MiB: as it is
+            assert not plain.stages and t._progress.is_on()
+            poll_until(lambda _: plain.done, "the unstaged send")
+            report(passes=passes)
+        else:
+            tags = [t.new_transfer_tag() for _ in range(3)]
+            dests = [np.zeros(SIZES[0], np.uint8), np.zeros(SIZES[0], np.uint8),
+                     np.zeros(SIZES[1], np.uint8)]
+            transfers = [t.start_receive(1, tag, d) for tag, d in zip(tags, dests)]
+            t.send(1, tags)
+            poll_until(lambda _: all(x.done for x in transfers), "the transfers")
+            for dest, seed in zip(dests, (0, 0, 1)):
+                assert digest(dest) == digest(pattern(len(dest), seed=seed)), seed
+            report()
+        finish()
+    """)
+    assert set(reports) == {0, 1}
+    assert reports[1]["passes"] > 1  # the thread was looked at while the sends moved
+
+
 @pytest.mark.parametrize("cma", ["0", "1"])
 def test_receiver_polls_slowly_only_far_from_the_end(tmp_path, monkeypatch, cma):
     # A receive from a rank that does not copy with CMA polls slowly (1 ms epoll ticks:
