@@ -196,6 +196,9 @@ class NodeManager:
                                self.recorder.counters)
         if self.transport.needs_polling:  # (a cluster of one wakes itself)
             self.transport.on_post = self.wakes.ring
+            # from the MPI progress thread (not held back by hold_wakes: the driver's
+            # release could miss a wake set meanwhile)
+            self.transport.on_chunks_done = self._wake_always
         self.mover = ObjectMover(rank, link, self.objects, self.borrowing, store, self.spiller,
                                  gcs, peers, self.recorder, self.host_stores)
         self.relay = ObjectRelay(rank, link, self.objects, store, self.spiller, peers,
@@ -321,6 +324,7 @@ class NodeManager:
         self.spiller.close()
         self.host_stores.close()
         self.transport.on_post = None
+        self.transport.on_chunks_done = None
         self.wakes.close()
         Store.unlink_name(self.store_name)
         self.store.close()

@@ -28,12 +28,14 @@ only while some thread of each side is inside an MPI call: with single-copy CMA 
 side's few polls suffice, but where CMA is off (ptrace_scope, common on clusters) or
 over a network's rendezvous pipeline, a copy needs hundreds of progress calls, and an
 event loop that polls every millisecond moved 64 MiB at 0.04 GB/s. The thread's wait
-drives MPI continuously (its GIL released) and ends when the last transfer does. Its
-cost: MPICH spins inside the wait (yielding the CPU every 1000 polls), also while a
-posted receive waits for its sender to start, which takes the holder one poll of its
-event loop (milliseconds at most while it is busy). A staged send (below) does without
-it: its CMA peer reads the staging buffers with no help from the sender's MPI, and the
-spin only took the core that the sender's staging copies run on.
+drives MPI continuously (its GIL released) and ends when the last transfer does. With a
+rank that does not copy with CMA it waits on the transfers' own requests and wakes the
+event loop when they end, so that the loop need not poll for them. Its cost: MPICH
+spins inside the wait (yielding the CPU every 1000 polls), also while a posted receive
+waits for its sender to start, which takes the holder one poll of its event loop
+(milliseconds at most while it is busy). A staged send (below) does without it: its CMA
+peer reads the staging buffers with no help from the sender's MPI, and the spin only
+took the core that the sender's staging copies run on.
 
 What it is not for: it knows nothing of tasks, objects ids, the store or the GCS; the
 node manager decides what the messages mean and where the bytes live. It is imported
@@ -247,6 +249,26 @@ class _Staging:
         return memoryview(area)[start:start + self.chunk_bytes]
 
 
+class _Chunk:
+    """One posted piece of a transfer: its request and the bytes it covers. `done` is
+    set by whoever saw the request complete: the transport's thread (Testsome) or, for
+    a chunk `handed` to it, the progress thread."""
+
+    __slots__ = ("request", "nbytes", "segment", "start", "staged", "wakes", "done",
+                 "handed")
+
+    def __init__(self, request, nbytes: int, segment: int, start: int, staged,
+                 wakes: bool) -> None:
+        self.request = request
+        self.nbytes = nbytes
+        self.segment = segment
+        self.start = start
+        self.staged = staged  # a send's staging buffer, or None
+        self.wakes = wakes    # its end is news for the event loop (see _Progress)
+        self.done = False
+        self.handed = False
+
+
 class Transfer:
     """One half (send or receive) of an object transfer with one peer.
 
@@ -259,12 +281,15 @@ class Transfer:
     A send may have a `gate(segment, end)`: a chunk is posted only once it says true
     for that chunk (a relay sends an object on as its own receive brings it in,
     relay.py); the sizes and order of the chunks stay the same.
+
+    With a `_watcher` (the progress thread, see _Progress) the large chunks posted are
+    handed to it: it waits on their requests and marks them done.
     """
 
     __slots__ = ("tag", "peer", "nbytes", "done", "on_done", "is_send",
                  "_comm", "_views", "_chunk_bytes", "_window", "_segment", "_next_offset",
-                 "_chunks_left", "_requests", "_in_flight_bytes", "_posted", "_sizes",
-                 "_gate", "_staging", "_staged", "_unposted", "stages")
+                 "_chunks_left", "_chunks", "_tested", "_requests", "_handed", "_sizes",
+                 "_gate", "_staging", "_unposted", "stages", "_watcher")
 
     def __init__(self, comm, peer: int, tag: int, views: list, is_send: bool,
                  chunk_bytes: int, window: int, on_done: Callable[[], None] | None,
@@ -289,15 +314,15 @@ class Transfer:
         # hang on one side.
         self._chunks_left = sum(max(1, math.ceil(len(view) / chunk_bytes)) for view in views)
         self._unposted = self.nbytes  # bytes of chunks not posted yet
-        self._requests: list = []
-        self._in_flight_bytes: list[int] = []
-        self._posted: list[tuple[int, int]] = []  # (segment, start) of each request
+        self._chunks: list[_Chunk] = []  # posted and not seen complete, in order
+        self._tested: list[_Chunk] = []  # ... of those, the ones this side tests
+        self._requests: list = []        # ... and their requests (for Testsome)
+        self._handed: list[_Chunk] = []  # ... and those handed to the progress thread
         self._staging = staging      # a send's chunks are copied through it (see _Staging)
-        self._staged: list = []      # per request: its staging buffer, or None
         # a send whose large chunks are staged: this rank copies, its peer reads with CMA
         self.stages = staging is not None and any(size >= _STAGE_MIN_SEGMENT
                                                   for size in self._sizes)
-        self._post_chunks()
+        self._watcher: _Progress | None = None  # set by the transport (_watcher_for)
 
     def __repr__(self) -> str:
         kind = "send to" if self.is_send else "receive from"
@@ -309,12 +334,14 @@ class Transfer:
         # communicator in the order they were sent, so chunk i lands in receive i. The
         # window is in bytes (`window` full chunks), so many small segments pipeline
         # too, up to _MAX_REQUESTS messages at once.
-        budget = self._window * self._chunk_bytes - sum(self._in_flight_bytes)
-        while self._chunks_left and len(self._requests) < _MAX_REQUESTS:
+        budget = self._window * self._chunk_bytes - sum(c.nbytes for c in self._chunks)
+        posted: list[_Chunk] = []
+        in_flight = len(self._chunks)
+        while self._chunks_left and in_flight < _MAX_REQUESTS:
             view = self._views[self._segment]
             start = self._next_offset
             end = min(start + self._chunk_bytes, len(view))
-            if self._requests and end - start > budget:
+            if in_flight and end - start > budget:
                 break
             if self._gate is not None and not self._gate(self._segment, end):
                 break
@@ -329,23 +356,44 @@ class Transfer:
                 request = self._comm.Isend([chunk, MPI.BYTE], self.peer, self.tag)
             else:
                 request = self._comm.Irecv([chunk, MPI.BYTE], self.peer, self.tag)
-            self._requests.append(request)
-            self._staged.append(staged)
-            self._in_flight_bytes.append(end - start)
-            self._posted.append((self._segment, start))
-            budget -= end - start
             self._chunks_left -= 1
+            # the loop wants to hear of a receive's end, and of room for more chunks
+            wakes = bool(self._chunks_left) or not self.is_send
+            posted.append(_Chunk(request, end - start, self._segment, start, staged, wakes))
+            in_flight += 1
+            budget -= end - start
             self._unposted -= end - start
             if end >= len(view):
                 self._segment += 1
                 self._next_offset = 0
             else:
                 self._next_offset = end
+        if posted:
+            self._chunks += posted
+            self._take_in(posted)
+
+    def _take_in(self, chunks: list[_Chunk]) -> None:
+        """Hand `chunks` to the progress thread where it takes them; test the rest."""
+        if self._watcher is not None and self._watcher.hand(chunks):
+            for chunk in chunks:
+                if chunk.handed:
+                    self._handed.append(chunk)
+                else:
+                    self._tested.append(chunk)
+                    self._requests.append(chunk.request)
+        else:
+            self._tested += chunks
+            self._requests += [c.request for c in chunks]
 
     @property
     def bytes_left(self) -> int:
         """Bytes of this side's chunks that have not completed."""
-        return self._unposted + sum(self._in_flight_bytes)
+        return self._unposted + sum(c.nbytes for c in self._chunks if not c.done)
+
+    @property
+    def watched(self) -> bool:
+        """Every chunk in flight is the progress thread's: it tells when one ends."""
+        return bool(self._handed) and not self._tested
 
     def segment_received(self, index: int) -> int:
         """Bytes of segment `index` that have arrived, from its start without a gap (a
@@ -355,7 +403,8 @@ class Transfer:
             return self._sizes[index]
         if self._views is None:
             return 0  # ended with its peer (or never posted: a dead one)
-        segment, start = self._posted[0] if self._posted else \
+        oldest = next((c for c in self._chunks if not c.done), None)
+        segment, start = (oldest.segment, oldest.start) if oldest is not None else \
             (self._segment, self._next_offset)
         if segment != index:
             return self._sizes[index] if segment > index else 0
@@ -365,24 +414,34 @@ class Transfer:
         """Test the chunks in flight and post the next ones; true if any completed."""
         posted = False
         if self._gate is not None and self._chunks_left and \
-                len(self._requests) < _MAX_REQUESTS:
-            before = len(self._requests)  # the gate may have opened since the last pass
+                len(self._chunks) < _MAX_REQUESTS:
+            before = len(self._chunks)  # the gate may have opened since the last pass
             self._post_chunks()
-            posted = len(self._requests) > before
+            posted = len(self._chunks) > before
         completed = MPI.Request.Testsome(self._requests) if self._requests else None
-        if not completed:
+        if completed:
+            for index in completed:
+                self._tested[index].done = True
+            self._tested = [c for c in self._tested if not c.done]
+            self._requests = [c.request for c in self._tested]
+        handed_done = False
+        for chunk in self._handed:  # (the thread marks them)
+            if chunk.done:
+                handed_done = True
+                break
+        if handed_done:
+            self._handed = [c for c in self._handed if not c.done]
+        elif not completed:
             return posted
-        finished = set(completed)
-        self._requests = [r for i, r in enumerate(self._requests) if i not in finished]
-        self._in_flight_bytes = [n for i, n in enumerate(self._in_flight_bytes)
-                                 if i not in finished]
-        self._posted = [p for i, p in enumerate(self._posted) if i not in finished]
-        for i in finished:
-            if self._staged[i] is not None:
-                self._staging.give_back(self._staged[i])
-        self._staged = [b for i, b in enumerate(self._staged) if i not in finished]
+        still = []
+        for chunk in self._chunks:
+            if not chunk.done:
+                still.append(chunk)
+            elif chunk.staged is not None:
+                self._staging.give_back(chunk.staged)
+        self._chunks = still
         self._post_chunks()
-        if not self._requests and not self._chunks_left:
+        if not self._chunks and not self._chunks_left:
             self.done = True
             self._views = None
             self._gate = None
@@ -391,19 +450,20 @@ class Transfer:
         return True
 
     def _abandon(self) -> None:
-        for request in self._requests:
+        """Withdraw every chunk in flight (cancel receives, free sends)."""
+        if self._handed:
+            self._watcher.take_back(self._handed)
+        outstanding = [c for c in self._chunks if not c.done]
+        for chunk in outstanding:
             if self.is_send:
-                request.Free()  # cancelling a send is deprecated and may never return
+                chunk.request.Free()  # cancelling a send is deprecated and may never return
             else:
-                request.Cancel()
-                request.Wait()
-        if self._requests and self.is_send:
+                chunk.request.Cancel()
+                chunk.request.Wait()
+        if outstanding and self.is_send:
             _abandoned_buffers.append(self._views)
-            _abandoned_buffers.append(self._staged)  # MPI may still read them
-        self._requests = []
-        self._in_flight_bytes = []
-        self._posted = []
-        self._staged = []
+            _abandoned_buffers.append([c.staged for c in outstanding])  # MPI may read them
+        self._chunks, self._tested, self._requests, self._handed = [], [], [], []
         self._views = None
         self._gate = None
 
@@ -420,22 +480,55 @@ _PROGRESS_SMALL_AFTER = 100e-6
 # cluster.py). Sleeps of 100-200 us cost the receiver of a remote get of 1 MiB ~250 us of
 # its ~650 (wake-ups on a loaded 2-core host), and the sender waited in 1 ms epolls.
 _EXPECT_FOR = 0.002
+# The progress thread waits on chunks of this size or more (`hand`); the event loop tests
+# smaller ones itself (each handed chunk costs the thread a return from MPI and the GIL:
+# 10,000 objects of 200 KB pulled in one get were ~10% slower handed). Chunks up to
+# _EAGER_MAX_BYTES go as one message into MPICH's shared cells and need no one's progress.
+_HAND_MIN_BYTES = 1 << 20
+_EAGER_MAX_BYTES = 64 << 10
 
 
 class _Progress:
     """A thread that keeps MPI progressing while object transfers are outstanding (see
-    the module docstring): `on()` when the first transfer starts, `off()` when the last
-    ends. While on, it waits in MPI_Wait on a receive from itself that `off()` (or
-    `close()`) completes with a matching empty send; while off, it sleeps on an Event.
-    Every receive it posts gets exactly one send (the lock pairs them)."""
+    the module docstring), in one of two ways:
 
-    def __init__(self) -> None:
+    - Transfers with a rank that does not copy with CMA (another host, or ptrace
+      forbidden) hand it the chunks they post (`hand`, between `on()` and `off()`): it
+      waits in MPI_Waitsome on their requests, marks those that complete done, and calls
+      `on_chunks_done` (from this thread) when a receive's chunk ended or a transfer has
+      room for more, so that the event loop wakes for them instead of polling for them.
+      MPICH moved 64 MiB without CMA in 10.2-10.6 ms (raw Send/Recv: 11.2) for a thread
+      waiting on the receive's request, in 16-22 ms for one waiting on a receive from
+      itself (the other way, below), and in 13-15 ms when another thread also tested the
+      request every 200 us (mpi4py alone, 2 ranks on this 2-core VM). Chunks under
+      _HAND_MIN_BYTES stay the caller's to test.
+    - For transfers with a CMA peer, `spin()`: it waits on a receive from itself (its
+      poke) alone until `off()`, and the event loop tests the chunks (the copy runs in
+      whichever MPI call finds the sender's notice). Handing those chunks to it made
+      1 MiB gets 0.15 ms slower: its wake-up came later than the loop's own polls.
+
+    New chunks are taken in when one of those it waits on completes: its wait is not
+    interrupted for them, because while it spins in MPI any MPI call of another thread
+    can wait milliseconds for MPICH's lock (a receive posted just after the thread began
+    its wait: 3.5 ms). Only a spin, `take_back`, `off` after a spin and `close`
+    interrupt it, by completing the poke with a matching empty send; every poke it posts
+    gets exactly one send (the lock pairs them). A handed chunk is the thread's until
+    it completes or `take_back` returns; with nothing to wait on it sleeps on an
+    Event."""
+
+    def __init__(self, on_chunks_done: Callable[[], None] | None = None) -> None:
         self._comm = MPI.COMM_SELF.Dup()
         self._lock = threading.Lock()
-        self._wanted = threading.Event()
-        self._waiting = False  # a receive is posted and no send has answered it yet
+        self._changed = threading.Condition(self._lock)  # `_waits_on` was cleared
+        self._work = threading.Event()  # chunks were handed, or the thread must end
+        self._on = False    # chunks are handed to it
+        self._spin = False  # it waits even with none handed (see `spin`)
+        self._waiting = False  # a poke is posted and no send has answered it yet
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._handed: list[_Chunk] = []
+        self._waits_on: list[_Chunk] | None = None  # the chunks inside the thread's wait
+        self.on_chunks_done = on_chunks_done
 
     def on(self) -> None:
         if hops.ENABLED:
@@ -444,20 +537,61 @@ class _Progress:
             self._thread = threading.Thread(target=self._run, name="hpcray-mpi-progress",
                                             daemon=True)
             self._thread.start()
-        self._wanted.set()
+        self._on = True
+
+    def spin(self) -> None:
+        """Wait in MPI until `off()`, also with no chunk handed (the caller tests its
+        chunks)."""
+        self.on()
+        with self._lock:
+            self._spin = True
+            self._work.set()
 
     def is_on(self) -> bool:
-        return self._wanted.is_set()
+        return self._on
 
     def off(self) -> None:
+        """No transfer is outstanding: chunks are no longer handed, and the thread, with
+        none left, sleeps."""
         with self._lock:
-            self._wanted.clear()
-            self._release()
+            self._on = False
+            if self._spin:
+                self._spin = False
+                self._release()
+
+    def hand(self, chunks: list[_Chunk]) -> bool:
+        """Wait on those of these chunks' requests that are large enough (`handed`
+        says which), if on; the caller tests the others. False: none was taken."""
+        with self._lock:
+            if self._closing or not self._on:
+                return False
+            large = [chunk for chunk in chunks if chunk.nbytes >= _HAND_MIN_BYTES]
+            for chunk in large:
+                chunk.handed = True
+            self._handed.extend(large)
+            if len(large) < len(chunks) and not self._spin and \
+                    any(chunk.nbytes > _EAGER_MAX_BYTES for chunk in chunks):
+                self._spin = True  # the caller tests those; it keeps MPI going for them
+            self._work.set()
+            if large and self._waits_on == []:  # a spin: it takes them in now
+                self._release()
+            return bool(large)
+
+    def take_back(self, chunks: list[_Chunk]) -> None:
+        """Stop waiting on `chunks` (a transfer being withdrawn); returns once the thread
+        no longer waits on any of them. Those that completed meanwhile are `done`."""
+        with self._changed:
+            self._handed = [c for c in self._handed if c not in chunks]
+            for chunk in chunks:
+                chunk.handed = False
+            while self._waits_on is not None and any(c in self._waits_on for c in chunks):
+                self._release()
+                self._changed.wait()
 
     def close(self) -> None:
         with self._lock:
             self._closing = True
-            self._wanted.set()
+            self._work.set()
             self._release()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -469,16 +603,42 @@ class _Progress:
             self._comm.Send([b"", MPI.BYTE], 0, 0)
 
     def _run(self) -> None:
+        poke = None
         while True:
-            self._wanted.wait()
+            self._work.wait()
             with self._lock:
                 if self._closing:
+                    if poke is not None:
+                        poke.Wait()  # answered by close()
                     return
-                if not self._wanted.is_set():
+                if not self._handed and not self._spin:
+                    self._work.clear()
                     continue
-                request = self._comm.Irecv([bytearray(0), MPI.BYTE], 0, 0)
-                self._waiting = True
-            request.Wait()  # GIL released; MPI progresses every outstanding request
+                if poke is None:
+                    poke = self._comm.Irecv([bytearray(0), MPI.BYTE], 0, 0)
+                    self._waiting = True
+                chunks = self._waits_on = list(self._handed)
+            # GIL released; MPI progresses every outstanding request meanwhile
+            if chunks:
+                completed = MPI.Request.Waitsome([poke] + [c.request for c in chunks]) or ()
+            else:  # a spin
+                poke.Wait()
+                completed = (0,)
+            ended = False
+            with self._changed:
+                self._waits_on = None
+                self._changed.notify_all()
+                for index in completed:
+                    if index == 0:
+                        poke = None
+                    else:
+                        chunks[index - 1].done = True
+                        ended = True
+                if ended:
+                    self._handed = [c for c in self._handed if not c.done]
+                    ended = any(chunks[i - 1].wakes for i in completed if i)
+            if ended and self.on_chunks_done is not None:
+                self.on_chunks_done()
 
 
 class MpiTransport:
@@ -525,7 +685,10 @@ class MpiTransport:
         self._receive_tags: set[int] = set()
         self._next_tag = 1
         self._finished_transfers: list[Transfer] = []
-        self._progress = _Progress()
+        self._progress = _Progress(self._chunks_done)
+        # Called from the progress thread when chunks it waited on completed (the event
+        # loop's wake-up; without one the loop's own polls find them).
+        self.on_chunks_done: Callable[[], None] | None = None
         self._progress_from = 0.0  # small transfers get the progress thread from then on
         self._expect_until = 0.0   # `expecting` until then (a small transfer started)
         self._idle_sleep = _MIN_IDLE_SLEEP
@@ -676,8 +839,9 @@ class MpiTransport:
         if source in self.dead:  # it never comes: reported lost at the next take_lost
             transfer = Transfer.__new__(Transfer)
             transfer.tag, transfer.peer, transfer.is_send, transfer.done = tag, source, False, False
-            transfer.nbytes, transfer.on_done, transfer._requests = 0, None, []
-            transfer._views, transfer._staged, transfer.stages = None, [], False
+            transfer.nbytes, transfer.on_done, transfer._chunks = 0, None, []
+            transfer._tested, transfer._requests, transfer._handed = [], [], []
+            transfer._views, transfer.stages = None, False
             self._lost_transfers.append(transfer)
             return transfer
         transfer = Transfer(self._data_comm, source, tag, _byte_views(dest, writable=True),
@@ -709,21 +873,41 @@ class MpiTransport:
         return transfer
 
     def _add_transfer(self, transfer: Transfer) -> None:
+        self._transfers.append(transfer)
+        transfer._watcher = self._watcher_for(transfer)
         if transfer.stages:
             # No progress thread for it: its peer's CMA reads need nothing of this rank's
             # MPI, and the thread's spin took the core the staging copies run on (64
             # and 256 MiB gets 7-10% faster without it on 2 cores)
-            pass
-        elif transfer.nbytes >= _PROGRESS_NOW_BYTES or transfer.peer not in self._cma_peers:
+            transfer._post_chunks()
+        elif transfer._watcher is not None:
             # (without CMA a 1 MiB remote get took 1.1-4 ms, 0.6-0.7 ms with the thread
-            # at once; with it, waking the thread costs a small transfer more than CMA)
+            # at once)
             self._progress.on()
-        else:
+            transfer._post_chunks()  # (after `on`: its chunks go to the thread)
+        elif transfer.nbytes >= _PROGRESS_NOW_BYTES:
+            transfer._post_chunks()
+            self._progress.spin()  # (after posting: a spin holds up others' MPI calls)
+        else:  # with CMA, waking the thread costs a small transfer more than the copy
             now = time.monotonic()
-            if not self._transfers:
+            if not self._progress.is_on():
                 self._progress_from = now + _PROGRESS_SMALL_AFTER
             self._expect_until = now + _EXPECT_FOR
-        self._transfers.append(transfer)
+            transfer._post_chunks()
+
+    def _watcher_for(self, transfer: Transfer) -> _Progress | None:
+        """The progress thread, to which `transfer` hands its chunks while it runs, or
+        None: not where a request may end in an error (fault-tolerant mode: a dead
+        peer), which the thread's wait could not report, nor for a receive of 2 MiB or
+        more from a CMA peer, whose copies the event loop's own polls run (each copies a
+        chunk inside MPI; the thread waiting on them made 64 MiB gets ~1 ms slower)."""
+        if self.fault_tolerant or transfer.peer in self._cma_peers:
+            return None
+        return self._progress
+
+    def _chunks_done(self) -> None:
+        if self.on_chunks_done is not None:
+            self.on_chunks_done()
 
     def cancel_receive(self, transfer: Transfer) -> None:
         """Withdraw a receive whose sender will never send (it no longer has the object):
@@ -780,17 +964,18 @@ class MpiTransport:
     def poll_slowly(self) -> bool:
         """True while polling MPI every few tens of microseconds costs more than it
         gains (measured): this rank sends an object's bytes (that made 7+ MiB pulls
-        5-10x slower, causes inside MPICH not found), or receives more than a chunk's
-        bytes yet from a rank that does not copy with CMA, which the progress thread
-        moves (the polls contend with its wait: 64 MiB 12% slower), or only messages
-        are outstanding (as before transfers had a rule of their own: a rank sending
-        bursts of messages would wake many times per millisecond for nothing). A slow
-        poll is a 1 ms epoll tick, which a receive's end used to wait for: polled every
-        200 µs instead, a 2 MiB get went 1.3 -> 0.55 ms with CMA, 1.4-1.7 -> 0.8-0.9 ms
+        5-10x slower, causes inside MPICH not found), or receives from a rank that does
+        not copy with CMA and the progress thread waits on every chunk in flight (it
+        wakes the loop when one ends) or more than a chunk's bytes are left (the polls
+        contend with the thread's wait: 64 MiB 12% slower), or only messages are
+        outstanding (as before transfers had a rule of their own: a rank sending bursts
+        of messages would wake many times per millisecond for nothing). A slow poll is
+        a 1 ms epoll tick, which a receive's end used to wait for: polled every 200 µs
+        instead, a 2 MiB get went 1.3 -> 0.55 ms with CMA, 1.4-1.7 -> 0.8-0.9 ms
         without, and 8 MiB without CMA 2.4 -> 1.6 ms."""
         if self._transfers:
             return any(t.is_send or (t.peer not in self._cma_peers
-                                     and t.bytes_left > self.chunk_bytes)
+                                     and (t.watched or t.bytes_left > self.chunk_bytes))
                        for t in self._transfers)
         return self.busy
 
@@ -906,13 +1091,12 @@ class MpiTransport:
             if transfer.peer not in dead:
                 still_running.append(transfer)
                 continue
-            for request in transfer._requests:
-                _free_quietly(request)
+            for chunk in transfer._chunks:
+                _free_quietly(chunk.request)
             if transfer.is_send and transfer._views is not None:
                 _abandoned_buffers.append(transfer._views)
-                _abandoned_buffers.append(transfer._staged)
-            transfer._requests = []
-            transfer._staged = []
+                _abandoned_buffers.append([c.staged for c in transfer._chunks])
+            transfer._chunks, transfer._tested, transfer._requests = [], [], []
             transfer._views = None
             if transfer.is_send:
                 if transfer.on_done is not None:  # lets go of what it sent from
@@ -962,7 +1146,7 @@ class MpiTransport:
                 self._progress.off()
         elif not self._progress.is_on() and time.monotonic() >= self._progress_from and \
                 not all(transfer.stages for transfer in still_running):
-            self._progress.on()  # small transfers that CMA did not finish at once
+            self._progress.spin()  # small transfers that CMA did not finish at once
         return moved
 
     def _receive_messages(self) -> bool:

@@ -217,7 +217,7 @@ def test_a_transfer_of_many_segments(tmp_path):
             assert transfer.nbytes == sum(map(len, segments))
             most = 0
             while not sent:
-                most = max(most, len(transfer._requests))
+                most = max(most, len(transfer._chunks))
                 t.poll()
                 t.wait_for_activity(0.001, timeout=0.01)
             assert most <= transport_module._MAX_REQUESTS, most
@@ -267,10 +267,10 @@ def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
                 offset += n
             transfers = [t.start_send(0, tag, segments, stage=True) for tag in tags]
             transfers.append(t.start_send(0, tags[0] + 100, segments[:2], stage=False))
-            used = max(len([b for b in x._staged if b is not None]) for x in transfers)
+            used = max(len([c for c in x._chunks if c.staged is not None]) for x in transfers)
             # the 9 MiB object goes as it is, the 40 MiB one's chunks through staging
-            assert transfers[0]._staged[:2] == [None, None]
-            assert transfers[0]._staged[3] is not None
+            assert [c.staged for c in transfers[0]._chunks[:2]] == [None, None]
+            assert transfers[0]._chunks[3].staged is not None
             poll_until(lambda _: all(x.done for x in transfers), "the sends")
             assert used > 0  # the first chunks went through staging
             staging = t._staging
@@ -342,27 +342,34 @@ def test_a_staged_send_leaves_the_progress_thread_off(tmp_path):
 
 
 @pytest.mark.parametrize("cma", ["0", "1"])
-def test_receiver_polls_slowly_only_far_from_the_end(tmp_path, monkeypatch, cma):
-    # A receive from a rank that does not copy with CMA polls slowly (1 ms epoll ticks:
-    # faster polls contend with the progress thread) while more than a chunk is left;
-    # its last chunk, and any receive from a CMA peer, is polled for every 200 us.
+def test_a_receive_is_polled_for_only_where_the_thread_does_not_watch_it(tmp_path,
+                                                                         monkeypatch, cma):
+    # Without CMA the progress thread waits on the receive's chunks itself and wakes the
+    # loop (on_chunks_done, from its own thread) when the last one ends: the loop polls
+    # slowly all along (1 ms epoll ticks: faster polls contend with the thread). From a
+    # CMA peer the loop tests the chunks itself (their copies run in its MPI calls) and
+    # polls for them every 200 us; nothing is handed, nobody else wakes it.
     monkeypatch.setenv("MPIR_CVAR_CH4_CMA_ENABLE", cma)
     reports = run_mpi(tmp_path, 2, """
-        import os
+        import os, threading
         cma = os.environ["MPIR_CVAR_CH4_CMA_ENABLE"] == "1"
-        SIZE = 3 * t.chunk_bytes + 5
+        SIZE = 3 * t.chunk_bytes + (1 << 20)  # (chunks under 1 MiB the loop tests itself)
         if t.rank == 1:
             (_, _, tag), = poll_until(lambda got: got, "the pull")
             send = t.start_send(0, tag, pattern(SIZE, seed=1))
             assert t.poll_slowly  # a sender always polls slowly
+            assert all(c.handed for c in send._chunks) == (not cma)
             poll_until(lambda _: send.done, "the send")
             assert send.bytes_left == 0
         else:
+            woken = []
+            t.on_chunks_done = lambda: woken.append(threading.current_thread().name)
             dest = np.zeros(SIZE, np.uint8)
             tag = t.new_transfer_tag()
             receive = t.start_receive(1, tag, dest)
             assert receive.bytes_left == SIZE
-            assert t.poll_slowly == (not cma)
+            assert len(receive._chunks) == 4  # the window holds them all
+            assert all(c.handed for c in receive._chunks) == (not cma)
             t.send(1, tag)
             seen = []
             while not receive.done:
@@ -372,9 +379,10 @@ def test_receiver_polls_slowly_only_far_from_the_end(tmp_path, monkeypatch, cma)
             assert receive.bytes_left == 0
             lefts = [left for left, _ in seen]
             assert lefts == sorted(lefts, reverse=True)
-            for left, slowly in seen:
-                assert slowly == (not cma and left > t.chunk_bytes), (left, slowly)
+            assert {slowly for _, slowly in seen} == {not cma}, seen
+            assert set(woken) == (set() if cma else {"hpcray-mpi-progress"}), woken
             assert digest(dest) == digest(pattern(SIZE, seed=1))
+            assert t._progress._handed == [] and t._progress._waits_on is None
         finish()
         report(ok=True)
     """)
@@ -433,17 +441,26 @@ def test_a_corked_pass_goes_as_one_message_per_peer(tmp_path):
     assert set(reports) == {0, 1, 2}
 
 
-def test_cancelled_receive_frees_its_tag_and_buffer(tmp_path):
+@pytest.mark.parametrize("cma", ["0", "1"])
+def test_cancelled_receive_frees_its_tag_and_buffer(tmp_path, monkeypatch, cma):
     # A pull whose holder no longer has the object: the receiver withdraws its receive,
     # is idle again (not busy), and the same tag and buffer serve the next transfer.
+    # Without CMA its chunks were the progress thread's, which gives them back first.
+    monkeypatch.setenv("MPIR_CVAR_CH4_CMA_ENABLE", cma)
     reports = run_mpi(tmp_path, 2, """
+        import os
+        cma = os.environ["MPIR_CVAR_CH4_CMA_ENABLE"] == "1"
         if t.rank == 0:
             dest = np.zeros(32 << 20, np.uint8)
             tag = t.new_transfer_tag()
             lost = t.start_receive(1, tag, dest)
             assert t.busy
+            handed = [c for c in lost._chunks if c.handed]
+            assert len(handed) == (0 if cma else 4)
+            time.sleep(0.05)  # the thread is inside its wait on them by now
             t.cancel_receive(lost)
             assert not t.busy and not lost.done
+            assert t._progress._handed == [] and not any(c.handed for c in handed)
             again = t.start_receive(1, tag, dest)  # the tag is free again
             t.send(1, ("send", tag))
             poll_until(lambda _: again.done, "the transfer after the cancelled one")
@@ -478,7 +495,8 @@ def test_transfers_without_cma_and_the_progress_thread(tmp_path, monkeypatch):
             buffers = [np.zeros(n, np.uint8) for n in sizes]
             tags = [t.new_transfer_tag() for _ in sizes]
             transfers = [t.start_receive(1, tag, b) for tag, b in zip(tags, buffers)]
-            assert progress._wanted.is_set()  # on with the first transfer
+            assert progress.is_on()  # on with the first transfer, which hands it its chunks
+            assert all(c.handed for x in transfers for c in x._chunks)
             t.send(1, ("send", tags))
             poll_until(lambda _: all(x.done for x in transfers), "the transfers")
             assert [digest(b) for b in buffers] == [digest(pattern(n, n)) for n in sizes]
@@ -487,7 +505,11 @@ def test_transfers_without_cma_and_the_progress_thread(tmp_path, monkeypatch):
             sends = [t.start_send(0, tag, pattern(n, n)) for tag, n in zip(tags, sizes)]
             poll_until(lambda _: all(x.done for x in sends), "the sends")
         # Every transfer is over: the thread left MPI and sleeps on its event.
-        assert not progress._wanted.is_set() and not progress._waiting
+        assert not progress.is_on() and progress._handed == []
+        deadline = time.monotonic() + 10
+        while progress._work.is_set() or progress._waits_on is not None:
+            assert time.monotonic() < deadline, "the thread never went to sleep"
+            time.sleep(0.001)
         finish()
         report(ok=True)
     """)
