@@ -482,7 +482,7 @@ _PROGRESS_SMALL_AFTER = 100e-6
 _EXPECT_FOR = 0.002
 # The progress thread waits on chunks of this size or more (`hand`); the event loop tests
 # smaller ones itself (each handed chunk costs the thread a return from MPI and the GIL:
-# 10,000 objects of 200 KB pulled in one get were ~10% slower handed). Chunks up to
+# 10,000 objects of 200 KB pulled in one get read 5-20% slower handed). Chunks up to
 # _EAGER_MAX_BYTES go as one message into MPICH's shared cells and need no one's progress.
 _HAND_MIN_BYTES = 1 << 20
 _EAGER_MAX_BYTES = 64 << 10
