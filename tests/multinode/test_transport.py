@@ -62,6 +62,20 @@ PRELUDE = textwrap.dedent("""
     def digest(buffer):
         return hashlib.sha256(memoryview(buffer)).hexdigest()
 
+    def shm_segments(sizes):  # views of one /dev/shm mapping (tmpfs, as the store's)
+        import mmap, os, tempfile
+        fd, path = tempfile.mkstemp(dir="/dev/shm")
+        os.unlink(path)
+        os.ftruncate(fd, sum(sizes))
+        area = mmap.mmap(fd, sum(sizes))
+        os.close(fd)
+        segments, offset = [], 0
+        for i, n in enumerate(sizes):
+            area[offset:offset + n] = pattern(n, seed=i).tobytes()
+            segments.append(memoryview(area)[offset:offset + n])
+            offset += n
+        return segments
+
     def report(**result):  # a file per rank: the ranks' stdout lines may interleave
         with open(f"result-{t.rank}.json", "w") as f:
             json.dump(dict(result, rank=t.rank), f)
@@ -249,22 +263,14 @@ def test_staged_sends_from_shared_memory(tmp_path, monkeypatch, threads):
     # chunk is copied in 3 slices.
     monkeypatch.setenv("HPCRAY_STAGE_THREADS", threads)
     reports = run_mpi(tmp_path, 2, """
-        import mmap, os, tempfile
+        import os
         from hpcray.runtime import transport as transport_module
         assert t._stage_peers == {0, 1}  # one host, MPICH's CMA on by default
         assert t._staging._threads == int(os.environ["HPCRAY_STAGE_THREADS"])
         SIZES = [(9 << 20) + 5, 1 << 20, (40 << 20) + 3, 3]
         if t.rank == 1:
             (_, _, tags), = poll_until(lambda got: got, "the pull")
-            fd, path = tempfile.mkstemp(dir="/dev/shm")
-            os.unlink(path)
-            os.ftruncate(fd, sum(SIZES))
-            area = mmap.mmap(fd, sum(SIZES))
-            segments, offset = [], 0
-            for i, n in enumerate(SIZES):
-                area[offset:offset + n] = pattern(n, seed=i).tobytes()
-                segments.append(memoryview(area)[offset:offset + n])
-                offset += n
+            segments = shm_segments(SIZES)
             transfers = [t.start_send(0, tag, segments, stage=True) for tag in tags]
             transfers.append(t.start_send(0, tags[0] + 100, segments[:2], stage=False))
             used = max(len([c for c in x._chunks if c.staged is not None]) for x in transfers)
@@ -299,19 +305,10 @@ def test_a_staged_send_leaves_the_progress_thread_off(tmp_path):
     # on. Only staged sends outstanding: the thread stays off, on every pass, and every
     # byte still arrives; an unstaged send of 9 MiB beside them turns it on.
     reports = run_mpi(tmp_path, 2, """
-        import mmap, os, tempfile
         SIZES = [(40 << 20) + 3, 9 << 20]
         if t.rank == 1:
             (_, _, tags), = poll_until(lambda got: got, "the pull")
-            fd, path = tempfile.mkstemp(dir="/dev/shm")
-            os.unlink(path)
-            os.ftruncate(fd, sum(SIZES))
-            area = mmap.mmap(fd, sum(SIZES))
-            views, offset = [], 0
-            for i, n in enumerate(SIZES):
-                area[offset:offset + n] = pattern(n, seed=i).tobytes()
-                views.append(memoryview(area)[offset:offset + n])
-                offset += n
+            views = shm_segments(SIZES)
             staged = [t.start_send(0, tag, views[0], stage=True) for tag in tags[:2]]
             assert all(x.stages for x in staged)
             passes = 0
