@@ -243,6 +243,7 @@ class ObjectMover:
         self.recorder.pull_started(tag)
 
     def on_pull(self, source: int, tag: int, objects: list) -> None:
+        self.cluster.pull_came()
         if not self.relay.redirect(source, tag, objects):
             self.serve(source, tag, objects)
 

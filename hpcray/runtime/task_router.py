@@ -308,6 +308,8 @@ class TaskRouter:
                 entry.primary = True
                 self.objects.object_ready(object_id, IN_STORE, (), size)
                 self.gcs.request("add_location", object_id, self.rank, size, owner, task_id)
+                if owner != self.rank:
+                    self.network.expect_pull()
 
     def on_done(self, source: int, task_id: bytes, results, kept, failed=False) -> None:
         """Results of a task this node owns, run elsewhere (or failed there)."""

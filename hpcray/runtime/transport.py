@@ -619,11 +619,15 @@ class _Progress:
                     self._waiting = True
                 chunks = self._waits_on = list(self._handed)
             # GIL released; MPI progresses every outstanding request meanwhile
+            if hops.ENABLED:
+                hops.stamp("thread.wait")
             if chunks:
                 completed = MPI.Request.Waitsome([poke] + [c.request for c in chunks]) or ()
             else:  # a spin
                 poke.Wait()
                 completed = (0,)
+            if hops.ENABLED:
+                hops.stamp("thread.woke")
             ended = False
             with self._changed:
                 self._waits_on = None
