@@ -51,11 +51,11 @@ _WOKEN_HOT_SLEEP = 0.001
 # A node that just told another node's owner that a result of its is in its store expects
 # that owner's Pull (a get waiting, or soon to call): until it comes, for _PULL_EXPECTED_FOR
 # at most, it polls every _PULL_EXPECTED_SLEEP (~50 us real). A holder polling every
-# 100 us made the Pull's trip 80-95 us of a 1 MiB get's ~600; with these 39-46 us. Only
-# then: 20 us polls all through the hot window took the CPU that the puller's wake-ups
-# needed (the driver woke 65 us later). After _PULL_EXPECTED_MISSES windows in a row
-# that ended without a Pull (results used where they were made, or gotten much later) it
-# expects none until the next Pull comes.
+# 100 us made the Pull's trip 80-95 us of a 1 MiB get's ~600; with these 38-40 us. Only
+# then, until the Pull: 20 us polls for 1 ms after any message went on after the serve
+# and took the CPU of the puller's wake-ups (the driver woke 65 us later). After
+# _PULL_EXPECTED_MISSES windows in a row that ended without a Pull (results used where
+# they were made, or gotten much later) it expects none until the next Pull comes.
 _PULL_EXPECTED_FOR = 0.002
 _PULL_EXPECTED_SLEEP = 20e-6
 _PULL_EXPECTED_MISSES = 3
