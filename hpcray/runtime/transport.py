@@ -501,7 +501,9 @@ class _Progress:
       waiting on the receive's request, in 16-22 ms for one waiting on a receive from
       itself (the other way, below), and in 13-15 ms when another thread also tested the
       request every 200 us (mpi4py alone, 2 ranks on this 2-core VM). Chunks under
-      _HAND_MIN_BYTES stay the caller's to test.
+      _HAND_MIN_BYTES stay the caller's to test; once a transfer has a chunk above
+      _EAGER_MAX_BYTES the thread also waits in MPI between its chunks and after them,
+      until `off()` (see `hand`).
     - For transfers with a CMA peer, `spin()`: it waits on a receive from itself (its
       poke) alone until `off()`, and the event loop tests the chunks (the copy runs in
       whichever MPI call finds the sender's notice). Handing those chunks to it made
@@ -512,9 +514,10 @@ class _Progress:
     can wait milliseconds for MPICH's lock (a receive posted just after the thread began
     its wait: 3.5 ms). Only a spin, `take_back`, `off` after a spin and `close`
     interrupt it, by completing the poke with a matching empty send; every poke it posts
-    gets exactly one send (the lock pairs them). A handed chunk is the thread's until
-    it completes or `take_back` returns; with nothing to wait on it sleeps on an
-    Event."""
+    gets exactly one send (the lock pairs them; a poke whose send came while the thread
+    was not waiting is completed before it sleeps). A handed chunk is the thread's until
+    it completes or `take_back` returns; with nothing to wait on (after `off`) it sleeps
+    on an Event."""
 
     def __init__(self, on_chunks_done: Callable[[], None] | None = None) -> None:
         self._comm = MPI.COMM_SELF.Dup()
@@ -569,9 +572,12 @@ class _Progress:
             for chunk in large:
                 chunk.handed = True
             self._handed.extend(large)
-            if len(large) < len(chunks) and not self._spin and \
-                    any(chunk.nbytes > _EAGER_MAX_BYTES for chunk in chunks):
-                self._spin = True  # the caller tests those; it keeps MPI going for them
+            if not self._spin and any(chunk.nbytes > _EAGER_MAX_BYTES for chunk in chunks):
+                # It waits in MPI until `off`, also once the chunks it holds have ended:
+                # for the smaller ones the caller tests, and because a thread that slept
+                # once its last chunk ended made a 1 MiB get's receive step 284-319 us
+                # against 227-236 (without CMA, hop A/Bs, 2026-12-07)
+                self._spin = True
             self._work.set()
             if large and self._waits_on == []:  # a spin: it takes them in now
                 self._release()
@@ -612,6 +618,9 @@ class _Progress:
                         poke.Wait()  # answered by close()
                     return
                 if not self._handed and not self._spin:
+                    if poke is not None and not self._waiting:
+                        poke.Wait()  # its send came (off): done now, not at the next wait
+                        poke = None
                     self._work.clear()
                     continue
                 if poke is None:

@@ -494,6 +494,8 @@ def test_transfers_without_cma_and_the_progress_thread(tmp_path, monkeypatch):
             transfers = [t.start_receive(1, tag, b) for tag, b in zip(tags, buffers)]
             assert progress.is_on()  # on with the first transfer, which hands it its chunks
             assert all(c.handed for x in transfers for c in x._chunks)
+            # ... and waits in MPI until off(), also after its chunks (faster: _Progress.hand)
+            assert progress._spin
             t.send(1, ("send", tags))
             poll_until(lambda _: all(x.done for x in transfers), "the transfers")
             assert [digest(b) for b in buffers] == [digest(pattern(n, n)) for n in sizes]
