@@ -4,7 +4,7 @@ With HPCRAY_TRACE_HOPS=FOLDER every process of the runtime records
 (time.perf_counter_ns(), what) at the points of a pull: the driver's get, the puller's
 Pull and buffers, the holder's serving of it, the transfer's end on each side, the
 objects made ready; and around them the MPI progress thread's waits (`thread.wait`,
-`thread.woke`) and the event loop's sleeps (`loop.sleep`, `loop.woke`). CLOCK_MONOTONIC is one clock for every process of a host, so the
+`thread.woke`). CLOCK_MONOTONIC is one clock for every process of a host, so the
 stamps of two ranks on one host line up. Each process writes hops-<rank>-<pid>.txt to
 FOLDER when its node shuts down. Off (the default), each point costs one test of a
 module constant.

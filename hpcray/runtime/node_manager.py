@@ -354,11 +354,7 @@ class NodeManager:
                 due = max(0.0, self._timers[0][0] - time.monotonic())
                 timeout = due if timeout < 0 else min(timeout, due)
             try:
-                if hops.ENABLED:
-                    hops.stamp("loop.sleep")
                 events = self._wait_for_events(timeout)
-                if hops.ENABLED:
-                    hops.stamp("loop.woke")
             except InterruptedError:
                 continue
             except (OSError, ValueError):
