@@ -58,10 +58,12 @@ step remote_get 200 bash -c 'python benchmarks/remote_get.py --sizes 1Mi,8Mi,64M
     --cma on --paths mpi --rounds 1 --repeat 10 --timeout 100'
 step transfer 40 mpiexec -n 2 python benchmarks/transfer_bandwidth.py --sizes 1M,100M,1G
 # What any pull costs when the holder looks every 100 us (and 20 us: Network.expect_pull),
-# with cores to spare: the floor of issue 12 items 1-2 on this machine.
-step pull_floor 60 bash -c 'for cma in 1 0; do for sleep in 1e-4 2e-5; do
+# with cores to spare: the floor of issue 12 items 1-2 on this machine; then a task and a
+# get of its result, round after round, over MPI without CMA.
+step pull_floor 120 bash -c 'for cma in 1 0; do for sleep in 1e-4 2e-5; do
     MPIR_CVAR_CH4_CMA_ENABLE=$cma mpiexec -n 2 python benchmarks/pull_floor.py --sizes 1Mi,8Mi \
-    --repeat 100 --holder-sleep $sleep; done; done'
+    --repeat 100 --holder-sleep $sleep; done; done &&
+    python benchmarks/task_and_get.py --sizes 1Mi,8Mi,64Mi --rounds 2 --cma off'
 # Weak scaling at 1/2/4/8/16 ranks, both ways of submitting.
 step weak_scaling 120 python benchmarks/weak_scaling.py --ranks 1,2,4,8,16 \
     --tasks-per-rank 5000 --runs 1 --timeout 40 --json /tmp/weak_scaling.json
