@@ -424,12 +424,7 @@ class Transfer:
                 self._tested[index].done = True
             self._tested = [c for c in self._tested if not c.done]
             self._requests = [c.request for c in self._tested]
-        handed_done = False
-        for chunk in self._handed:  # (the thread marks them)
-            if chunk.done:
-                handed_done = True
-                break
-        if handed_done:
+        if any(chunk.done for chunk in self._handed):  # (the thread marks them)
             self._handed = [c for c in self._handed if not c.done]
         elif not completed:
             return posted
@@ -637,20 +632,17 @@ class _Progress:
                 completed = (0,)
             if hops.ENABLED:
                 hops.stamp("thread.woke")
-            ended = False
+            ended = [chunks[i - 1] for i in completed if i]
             with self._changed:
                 self._waits_on = None
                 self._changed.notify_all()
-                for index in completed:
-                    if index == 0:
-                        poke = None
-                    else:
-                        chunks[index - 1].done = True
-                        ended = True
+                if 0 in completed:
+                    poke = None
+                for chunk in ended:
+                    chunk.done = True
                 if ended:
                     self._handed = [c for c in self._handed if not c.done]
-                    ended = any(chunks[i - 1].wakes for i in completed if i)
-            if ended and self.on_chunks_done is not None:
+            if any(chunk.wakes for chunk in ended) and self.on_chunks_done is not None:
                 self.on_chunks_done()
 
 
@@ -1110,6 +1102,7 @@ class MpiTransport:
                 _abandoned_buffers.append(transfer._views)
                 _abandoned_buffers.append([c.staged for c in transfer._chunks])
             transfer._chunks, transfer._tested, transfer._requests = [], [], []
+            transfer._handed = []  # (none: nothing is handed in fault-tolerant mode)
             transfer._views = None
             if transfer.is_send:
                 if transfer.on_done is not None:  # lets go of what it sent from
