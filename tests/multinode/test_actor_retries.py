@@ -8,7 +8,7 @@ RayActorError, and the calls that never reached it run on the restarted one.
 
 import pytest
 
-from tests.multinode.test_lost_rank import MPIEXEC as OMPI_MPIEXEC, VENV, run_ulfm
+from tests.multinode.test_lost_rank import MPIEXEC as OMPI_MPIEXEC, VENV, run_open_mpi
 from tests.multinode.test_multinode import run_mpi
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(240)]
@@ -122,7 +122,7 @@ def test_calls_in_flight_when_the_actors_rank_dies(tmp_path):
     rank 2 had created elsewhere dies with it."""
     script = SCRIPT.format(kill="node")
     head, tail = script.split("# Hard affinity", 1)
-    out = run_ulfm(tmp_path, 4, head + OWNER_DIES + "# Hard affinity" + tail + """
+    out = run_open_mpi(tmp_path, 4, head + OWNER_DIES + "# Hard affinity" + tail + """
 try:
     ray.get(orphan.call.remote("orphan", 0), timeout=60)
     raise AssertionError("an actor whose owner's rank died answered")

@@ -46,14 +46,16 @@ def segment_leaks(before: set) -> set:
     return leaked
 
 
-def run_ulfm(tmp_path, ranks, script, timeout=150, expect_code=0, env=None):
+def run_open_mpi(tmp_path, ranks, script, timeout=150, expect_code=0, env=None, ulfm=True):
+    """`mpiexec [--with-ft ulfm] -n ranks python -m hpcray script` under Open MPI: its
+    output, once it ended with `expect_code` and left no segment."""
     path = tmp_path / "driver.py"
     path.write_text(textwrap.dedent(script))
     before = set(os.listdir("/dev/shm"))
     env = dict(os.environ, **OMPI_ENV, **(env or {}))
     env["PYTHONPATH"] = str(REPO)  # this tree's hpcray, whichever the venv installed
-    proc = subprocess.Popen([str(MPIEXEC), "--with-ft", "ulfm", "-n", str(ranks),
-                             str(PYTHON), "-m", "hpcray", str(path)],
+    proc = subprocess.Popen([str(MPIEXEC), *(["--with-ft", "ulfm"] if ulfm else []),
+                             "-n", str(ranks), str(PYTHON), "-m", "hpcray", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=str(tmp_path), start_new_session=True)
     try:
@@ -61,14 +63,14 @@ def run_ulfm(tmp_path, ranks, script, timeout=150, expect_code=0, env=None):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"mpiexec --with-ft ulfm -n {ranks} timed out; output:\n{output}")
+        pytest.fail(f"mpiexec -n {ranks} (Open MPI) timed out; output:\n{output}")
     assert proc.returncode == expect_code, output
     assert not segment_leaks(before), f"segments left: {segment_leaks(before)}"
     return output
 
 
 def test_job_runs_under_open_mpi_ulfm(tmp_path):
-    out = run_ulfm(tmp_path, 3, """
+    out = run_open_mpi(tmp_path, 3, """
         import hpcray as ray
         from mpi4py import MPI
         ray.init(num_cpus=1)
@@ -107,7 +109,7 @@ def test_kill_one_of_four_ranks_mid_run(tmp_path):
     """SIGKILL of rank 2 while it runs one of the job's tasks (a file says so; no task
     ends before the kill is seen): the survivors see it, nodes() shows it dead, the tasks
     it had are run elsewhere, and every result is right."""
-    out = run_ulfm(tmp_path, 4, """
+    out = run_open_mpi(tmp_path, 4, """
         import os, signal, time, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         ray.init(num_cpus=1)
@@ -155,7 +157,7 @@ def test_kill_one_of_four_ranks_mid_run(tmp_path):
 def test_actor_on_lost_rank_restarts_elsewhere(tmp_path):
     """An actor whose node dies starts again on a survivor while max_restarts allows
     (a fresh instance, as Ray); one without restarts raises RayActorError."""
-    out = run_ulfm(tmp_path, 4, """
+    out = run_open_mpi(tmp_path, 4, """
         import os, signal, time, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         ray.init(num_cpus=1)
@@ -200,7 +202,7 @@ def test_actor_on_lost_rank_restarts_elsewhere(tmp_path):
 def test_lost_driver_rank_ends_the_job(tmp_path):
     """Rank 0 (the driver, the global scheduler) killed: the other ranks say so once
     and leave; the job's status is not 0 and nothing of it is left."""
-    out = run_ulfm(tmp_path, 4, """
+    out = run_open_mpi(tmp_path, 4, """
         import os, signal, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         ray.init(num_cpus=1)
@@ -219,7 +221,7 @@ def test_lost_values_are_rebuilt_from_lineage(tmp_path):
     """Values whose only copy was in the killed rank's store are made again by
     re-running their tasks, recursively through a chain 100 deep, and read on the owner
     and on another node; a `put` value lost with its owner raises ObjectLostError."""
-    out = run_ulfm(tmp_path, 4, """
+    out = run_open_mpi(tmp_path, 4, """
         import os, signal, time, numpy as np, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         ray.init(num_cpus=1)
@@ -290,7 +292,7 @@ def test_placement_group_bundles_on_a_lost_rank_are_placed_again(tmp_path):
     on survivors (STRICT_SPREAD: away from its other bundles); meanwhile the group is
     RESCHEDULING and what runs into those bundles waits; then its task re-runs there and
     its actor restarts there."""
-    out = run_ulfm(tmp_path, 4, """
+    out = run_open_mpi(tmp_path, 4, """
         import os, signal, time, hpcray as ray
         from hpcray.util.placement_group import placement_group, placement_group_table
         from hpcray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as In
@@ -355,7 +357,7 @@ def test_exit_status_is_the_programs_after_a_lost_rank(tmp_path, status):
     """Open MPI's mpiexec --with-ft ulfm exits 0 whatever rank died; hpcray keeps the
     job's status the program's own (a Ray job's status is its driver's: one that ran to
     the end without a node succeeded), and says once, at the end, which rank was lost."""
-    out = run_ulfm(tmp_path, 3, """
+    out = run_open_mpi(tmp_path, 3, """
         import os, signal, sys, time, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         ray.init(num_cpus=1)
@@ -381,7 +383,7 @@ def test_a_chain_held_by_its_last_link_is_rebuilt(tmp_path):
     99 links before were freed, but their specs stay pinned (lineage ref counting);
     rank 2 dies and x_100 is made again by re-running the whole chain. Dropping x_100
     then releases the 100 specs."""
-    out = run_ulfm(tmp_path, 3, """
+    out = run_open_mpi(tmp_path, 3, """
         import os, signal, time, numpy as np, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         from hpcray.util.state import object_store_stats
@@ -422,7 +424,7 @@ def test_a_dead_ranks_spill_folder_is_removed(tmp_path):
     the spill directory once the job ends."""
     spill = tmp_path / "spill"
     spill.mkdir()
-    out = run_ulfm(tmp_path, 3, """
+    out = run_open_mpi(tmp_path, 3, """
         import os, signal, time, numpy as np, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         from hpcray.util.state import object_store_stats
@@ -463,7 +465,7 @@ def test_rebuilding_a_lost_value_is_bounded_by_max_retries(tmp_path):
     on rank 3 when rank 2 dies; rank 3 dying too, its budget is spent and a get raises
     ObjectLostError saying so. A max_retries=0 task's value is never made again. (Nothing
     reads the values before: a reader's copy would serve instead of a re-run.)"""
-    out = run_ulfm(tmp_path, 4, """
+    out = run_open_mpi(tmp_path, 4, """
         import os, signal, time, numpy as np, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         ray.init(num_cpus=1)
@@ -513,7 +515,7 @@ def test_a_holder_on_this_host_dies_while_its_objects_are_copied(tmp_path):
     values is SIGKILLed, and the driver reads them at once: each comes from the dead
     rank's store, still mapped here, or is made again from lineage, whichever its turn
     meets. Every value is right either way, and nothing of the dead rank is left."""
-    out = run_ulfm(tmp_path, 3, """
+    out = run_open_mpi(tmp_path, 3, """
         import os, signal, time, numpy as np, hpcray as ray
         from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
         from hpcray import context
