@@ -70,7 +70,10 @@ print(f"TALKER={talker} DOOMED={doomed_pid}")
 def _run(tmp_path, env: dict, cwd) -> subprocess.CompletedProcess:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCRAY_", "SLURM_"))}
+    # A job of its own: neither this job's settings nor its launcher's (Open MPI's would
+    # make the driver wait to join this pytest's job)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(
+        ("HPCRAY_", "SLURM_", "PMI_", "PMIX_", "OMPI_", "PRTE_", "HYDRA_", "MPI_LOCAL"))}
     full_env.update(env, PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, str(script)], cwd=str(cwd), env=full_env,
                           capture_output=True, text=True, timeout=90)

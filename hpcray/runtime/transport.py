@@ -31,7 +31,8 @@ event loop that polls every millisecond moved 64 MiB at 0.04 GB/s. The thread's 
 drives MPI continuously (its GIL released) and ends when the last transfer does. With a
 rank that does not copy with CMA it waits on the transfers' own requests and wakes the
 event loop when they end, so that the loop need not poll for them. Its cost: MPICH
-spins inside the wait (yielding the CPU every 1000 polls), also while a posted receive
+spins inside the wait (yielding the CPU every 1000 polls; Open MPI only with
+mpi_yield_when_idle, which `launch.world` sets), also while a posted receive
 waits for its sender to start, which takes the holder one poll of its event loop
 (milliseconds at most while it is busy). A staged send (below) does without it: its CMA
 peer reads the staging buffers with no help from the sender's MPI, and the spin only
