@@ -200,7 +200,8 @@ def _single_copy_components() -> set[str]:
 
 def _open_mpi_single_copy(environ) -> bool:
     """Whether Open MPI's parameters (as OMPI_MCA_* variables: `mpiexec --mca` sets
-    them too) leave its shared-memory BTL a single-copy mechanism."""
+    them too) leave its shared-memory BTL a single-copy mechanism. Not read: a site's
+    openmpi-mca-params.conf (taken wrongly, a transfer still ends, only more slowly)."""
     def selection(name: str) -> tuple[bool, set[str]] | None:
         value = environ.get("OMPI_MCA_" + name, "").replace(" ", "").lower()
         if not value:
