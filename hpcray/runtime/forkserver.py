@@ -130,6 +130,7 @@ def main() -> None:
 
         control.send(protocol.encode(wire(messages.ForkServerReady, os.getpid())))
         signal.signal(signal.SIGCHLD, lambda *_: _reap(children, control))
+        server_pid = os.getpid()
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(control, 65536, 3)
@@ -151,6 +152,8 @@ def main() -> None:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.signal(signal.SIGTERM, worker_sigterm)
                     _set_parent_death_signal(libc, signal.SIGKILL)
+                    if os.getppid() != server_pid:  # it died before the signal was set
+                        os._exit(1)
                     control.close()
                     os.dup2(fds[1], 1)
                     os.dup2(fds[2], 2)

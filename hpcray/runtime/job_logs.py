@@ -274,8 +274,8 @@ class JobLogs:
 
     def died(self, worker) -> None:
         """The worker's socket closed (before the node forgets what it ran): its exit
-        status, from the fork server, will be logged with this."""
-        if worker.pid:
+        status, from the fork server, will be logged with this (unless it came first)."""
+        if worker.pid in self.by_pid:
             self.ran[worker.pid] = self.describe(worker)
 
     def exited(self, pid: int, status: int) -> None:

@@ -545,6 +545,9 @@ class NodeManager:
 
     def _worker_start_failed(self, worker: WorkerHandle) -> None:
         self.processes.read_all_output(worker)  # what it wrote before dying
+        if worker.doomed:  # killed while it started (its fork server died): no failure
+            self._run_actions(self.scheduler.worker_start_failed())
+            return
         self._start_failures += 1
         if self._start_failures >= self._MAX_START_FAILURES:
             detail = "\n".join(worker.stderr_tail) or "(it wrote nothing to stderr)"

@@ -119,6 +119,11 @@ class WorkerProcesses:
         self.forkserver_ready = threading.Event()
         self.holding = False        # the tasks for a worker are held (hold_tasks)
         self._held: dict[WorkerHandle, list] = {}  # worker -> its RunTask frames, held
+        self.forkserver_job = forkserver_job
+        self.forkserver_gone: str | None = None  # why no fork server runs (none replaced it)
+        self._server_ready = False             # the running fork server said it is ready
+        self._server_deaths: list[float] = []  # when fork servers died while the node ran
+        self._orphans: list[WorkerHandle] = []  # a dead server's workers, deaths unhandled
         self._start_forkserver(forkserver_job)
 
     # ------------------------------------------------------------------ fork server
@@ -140,6 +145,8 @@ class WorkerProcesses:
 
     def stop_forkserver(self) -> None:
         """Its socket's end makes it reap its children, unlink the store and exit."""
+        if self.forkserver_sock is None:
+            return  # it died and none took its place
         try:
             self.forkserver_sock.close()
         except OSError:
@@ -152,9 +159,71 @@ class WorkerProcesses:
 
     def _on_forkserver(self, fd, _mask) -> None:
         if not self._on_forkserver_message() and not self.stopping:
-            self.forkserver_ready.set()  # nothing to wait for any more
-            self.sources.unregister(fd)
-            log.error("rank %d: the fork server died; no new workers can start", self.rank)
+            self._forkserver_died()
+            self._bury_orphans()
+
+    # A fork server that dies this often within the window is not replaced again.
+    _SERVER_DEATHS = 3
+    _SERVER_DEATH_WINDOW_S = 60.0
+
+    def _forkserver_died(self) -> None:
+        """It died while the node runs (a signal, the OOM killer). Its workers die with
+        it (their parent-death signal), and so that new workers can start another one
+        takes its place, which also takes over the store's unlinking should this node
+        die. One that dies before it was ever ready (its start fails: so would the next
+        one's), or for the `_SERVER_DEATHS`th time in `_SERVER_DEATH_WINDOW_S`, is not
+        replaced: every worker asked for then fails to start, saying why, and the node
+        fails the tasks waiting for one (NodeManager._worker_start_failed).
+
+        Its workers' deaths are handled together, by `_bury_orphans`."""
+        dead, sock, was_ready = self.forkserver, self.forkserver_sock, self._server_ready
+        self.sources.unregister(sock.fileno())
+        sock.close()
+        self.forkserver_sock = None
+        self._server_ready = False
+        self.forkserver_ready.set()  # init waits for nothing any more
+        dead.kill()  # (if its socket broke some other way)
+        code = dead.wait()
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        orphans = [worker for worker in self.workers.values() if worker.alive]
+        self._orphans += orphans
+        for worker in orphans:
+            worker.doomed = True  # killed, not a failure to start (not ready yet)
+            if worker.pid:
+                # Its parent-death signal has killed it; the group is what its user code
+                # started, which has no undertaker now.
+                for kill in (os.kill, os.killpg):
+                    try:
+                        kill(worker.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                self.job_logs.exited(worker.pid, signal.SIGKILL)
+        now = time.monotonic()
+        self._server_deaths = [t for t in self._server_deaths
+                               if now - t < self._SERVER_DEATH_WINDOW_S] + [now]
+        if not was_ready:
+            self.forkserver_gone = (f"the fork server (pid {dead.pid}) ended ({how}) "
+                                    "before it was ready")
+        elif len(self._server_deaths) >= self._SERVER_DEATHS:
+            self.forkserver_gone = (
+                f"the fork server died {len(self._server_deaths)} times in "
+                f"{self._SERVER_DEATH_WINDOW_S:.0f} s, the last (pid {dead.pid}) by {how}")
+        if self.forkserver_gone is not None:
+            log.error("rank %d: %s; no new workers can start", self.rank, self.forkserver_gone)
+        else:
+            log.warning("rank %d: the fork server (pid %d) died (%s) and its workers with "
+                        "it; another one takes its place", self.rank, dead.pid, how)
+            self._start_forkserver(self.forkserver_job)
+
+    def _bury_orphans(self) -> None:
+        """Handle the deaths of a dead fork server's workers now, all together, from the
+        event loop (not from within the node's handling of something else): one by one,
+        as their sockets' close showed, an idle one would be given the task retried
+        after a busy one's death, and take it down with it. The idle ones go first."""
+        orphans, self._orphans = self._orphans, []
+        for worker in sorted(orphans, key=lambda w: w.task is not None):
+            if worker.alive:
+                self.on_closed(worker)
 
     def _on_forkserver_message(self) -> bool:
         """Read one report of the fork server; False once it is gone."""
@@ -168,6 +237,7 @@ class WorkerProcesses:
             return False
         message = messages.record(protocol.decode(data))
         if type(message) is messages.ForkServerReady:
+            self._server_ready = True
             self.forkserver_ready.set()
         elif type(message) is messages.WorkerExited:
             worker = self.job_logs.by_pid.get(message.pid)
@@ -180,7 +250,7 @@ class WorkerProcesses:
         """At shutdown: the exit statuses of workers that died while the node ran, so
         their crash is logged (the fork server reports them as it reaps them)."""
         sock = self.forkserver_sock
-        while self.job_logs.ran and time.monotonic() < deadline:
+        while sock is not None and self.job_logs.ran and time.monotonic() < deadline:
             ready, _, _ = select.select((sock,), (), (), max(0.0, deadline - time.monotonic()))
             if not ready or not self._on_forkserver_message():
                 return
@@ -195,7 +265,9 @@ class WorkerProcesses:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         request = protocol.encode(wire(messages.ForkWorker, key, actor_id is not None))
-        socket.send_fds(self.forkserver_sock, [request], [theirs.fileno(), out_w, err_w])
+        if not self._ask_forkserver(request, [theirs.fileno(), out_w, err_w]):
+            # Nobody forks it: its socket's close at once is its failure to start.
+            os.write(err_w, f"hpcray: {self.forkserver_gone}\n".encode())
         theirs.close()
         os.close(out_w)
         os.close(err_w)
@@ -208,6 +280,19 @@ class WorkerProcesses:
         for fd in (out_r, err_r):
             self.sources.register(fd, lambda fd, mask, w=worker: self._on_output(w, fd))
         return worker
+
+    def _ask_forkserver(self, request: bytes, fds: list) -> bool:
+        """Send a ForkWorker with its descriptors; False if no fork server runs. One that
+        died before the loop read its end is found here and replaced first."""
+        for _ in range(2):
+            if self.forkserver_sock is None:
+                return False
+            try:
+                socket.send_fds(self.forkserver_sock, [request], fds)
+                return True
+            except OSError:  # its workers' deaths are handled as the first one's shows
+                self._forkserver_died()
+        return False
 
     def kill(self, worker: WorkerHandle, why: str) -> None:
         """SIGKILL one of this node's workers on purpose (kill(), cancel(force=True), a
@@ -273,10 +358,20 @@ class WorkerProcesses:
         try:
             received = worker.conn.receive_ready()
         except EOFError:
-            self.on_closed(worker)
+            self._closed(worker)
             return
         self.on_messages(worker, received)
         if worker.conn.closed and worker.alive:
+            self._closed(worker)
+
+    def _closed(self, worker: WorkerHandle) -> None:
+        """Its socket closed. A fork server that died killed it and every other worker:
+        their deaths are handled together, before the event that shows the server's."""
+        if self.forkserver_sock is not None and self.forkserver.poll() is not None:
+            self._forkserver_died()
+        if self._orphans:
+            self._bury_orphans()
+        if worker.alive:
             self.on_closed(worker)
 
     def disconnect(self, worker: WorkerHandle) -> None:
