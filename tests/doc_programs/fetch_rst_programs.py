@@ -28,6 +28,11 @@ first, cleanup last); Sphinx's groups are ignored: pytest-sphinx runs one namesp
 A page with no testcode block at all (Ray's library pages, such as
 ray-more-libs/multiprocessing.md) is run by its plain Python code blocks (```python fences,
 `.. code-block:: python`), in order, none compared: Ray's doctest does not run those.
+A notebook (Ray's examples, `*.ipynb`) is run by its code cells, in order, as a kernel
+runs them (each block's "line" is its cell's number; `!` shell lines and `%` magics become
+comments). Ray runs its notebooks without comparing what they print; what each cell
+printed when it was saved is kept (`recorded`), for the test to compare where it must
+hold (test_rst_programs.py, RECORDED_OUTPUT_HOLDS).
 
 Ray's text is not kept in this repository: the output goes to the ignored `ray/` folder.
 
@@ -74,6 +79,7 @@ class Block:
     body: str
     skipif: str | None = None
     flags: dict = field(default_factory=dict)  # doctest flag -> on/off
+    recorded: str | None = None  # a notebook cell's saved stdout
 
 
 def _split_options(lines: list[str]) -> tuple[list[str], dict]:
@@ -172,9 +178,31 @@ def _python_code_blocks(lines: list[str], markdown: bool) -> list[Block]:
     return blocks
 
 
+def _notebook_blocks(text: str) -> list[Block]:
+    """A notebook's code cells, as testcode blocks numbered by cell, each with what it
+    printed on stdout when the notebook was saved (`recorded`)."""
+    blocks = []
+    for number, cell in enumerate(json.loads(text)["cells"], 1):
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        lines = [("# " + line if line.lstrip().startswith(("!", "%")) else line)
+                 for line in source.splitlines()]
+        block = Block("testcode", number, "\n".join(lines) + "\n")
+        block.recorded = "".join("".join(output.get("text", ()))
+                                 for output in cell.get("outputs", ())
+                                 if output.get("output_type") == "stream"
+                                 and output.get("name") == "stdout")
+        blocks.append(block)
+    return blocks
+
+
 def page_blocks(text: str, path: str) -> list[Block]:
     """The test directives of a page, in order (MyST fences for .md, directives for .rst);
-    for a page that has none, its Python code blocks (run, output not compared)."""
+    for a page that has none, its Python code blocks (run, output not compared); for a
+    notebook, its code cells."""
+    if path.endswith(".ipynb"):
+        return _notebook_blocks(text)
     lines = text.splitlines()
     markdown = path.endswith(".md")
     blocks = _myst_blocks(lines) if markdown else _rst_blocks(lines, 1)
@@ -223,11 +251,13 @@ def page_program(text: str, path: str, commit: str) -> tuple[str, dict]:
         exc = doctest.DocTestParser._EXCEPTION_RE.match(want or "")
         runs.append((block, {"want": want, "exc_msg": exc["msg"] if exc else None,
                              "flags": {doctest_flag_name(f): on for f, on in flags.items()},
-                             "output_line": outputs[0].line if outputs else None}))
+                             "output_line": outputs[0].line if outputs else None,
+                             "recorded": block.recorded}))
     runs += [(b, None) for b in cleanup]
 
+    what = "code cells" if path.endswith(".ipynb") else "testcode blocks"
     parts = [f"# Source: ray-project/ray {path} at {commit}; Apache License 2.0. Its "
-             "testcode blocks in order (tests/doc_programs/fetch_rst_programs.py).\n"]
+             f"{what} in order (tests/doc_programs/fetch_rst_programs.py).\n"]
     checks = []
     for index, (block, check) in enumerate(runs, 1):
         parts.append(f"\nprint({MARKER.format(index=index, line=block.line)!r}, flush=True)\n")

@@ -133,6 +133,8 @@ def run(argv: list[str], cwd: Path, stderr_apart: bool = False):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(SHIM)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # `python` is this interpreter, as in the venv (or notebook kernel) a user runs from.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
