@@ -20,6 +20,18 @@ except ImportError:  # idle-CPU accounting then reports itself as unavailable
     psutil = None
 
 
+# --------------------------------------------------------------------------- sizes
+
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """A size as given on a command line: 512, 10K (10^3), 64Mi (2^20), 1GiB."""
+    text = text.strip().upper().removesuffix("B")
+    digits = text.rstrip("KMGI")
+    return int(float(digits) * _UNITS[text[len(digits):]])
+
+
 # --------------------------------------------------------------------------- timing
 
 

@@ -23,7 +23,7 @@ import hpcray as ray
 from hpcray import context
 from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+from _common import parse_size  # noqa: E402
 
 
 @ray.remote(num_cpus=0)
@@ -36,9 +36,7 @@ def main() -> None:
     parser.add_argument("--size", default="256Mi")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    text = args.size.upper().removesuffix("B")
-    digits = text.rstrip("KMGI")
-    size = int(float(digits) * _UNITS[text[len(digits):]])
+    size = parse_size(args.size)
     ray.init()
     nodes = {n["rank"]: n["NodeID"] for n in ray.nodes()}
     times = []

@@ -40,14 +40,9 @@ import time
 
 from mpi4py import MPI
 
+from _common import parse_size  # noqa: E402
+
 _REQUEST_TAG, _DATA_TAG, _STOP_TAG = 1, 2, 3
-_UNITS = {"": 1, "KI": 2**10, "MI": 2**20, "GI": 2**30}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B")
-    digits = text.rstrip("KMGI")
-    return int(float(digits) * _UNITS[text[len(digits):]])
 
 
 def precise_sleeps() -> None:

@@ -35,13 +35,7 @@ import os
 import statistics
 import time
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B")
-    digits = text.rstrip("KMGI")
-    return int(float(digits) * _UNITS[text[len(digits):]])
+from _common import parse_size  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- model

@@ -48,9 +48,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import parse_size  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_UNITS = {"": 1, "KI": 2**10, "MI": 2**20, "GI": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
 _RESULT = "RESULT "
 # The stamps of one get, in the order they happen (hops.py names them): (rank, what).
 HOPS = [(0, "get.start"), (0, "pull.create"), (0, "pull.created"), (0, "pull.sent"),
@@ -62,12 +63,6 @@ HOPS = [(0, "get.start"), (0, "pull.create"), (0, "pull.created"), (0, "pull.sen
 HOST_HOPS = [(0, "get.start"), (0, "pull.create"), (0, "pull.created"), (0, "host.taken"),
              (0, "get.registered"), (0, "host.copied"), (0, "get.end")]
 HOPS_OF_PATH = {"mpi": HOPS, "host": HOST_HOPS}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B")
-    digits = text.rstrip("KMGI")
-    return int(float(digits) * _UNITS[text[len(digits):]])
 
 
 def fmt_size(nbytes: int) -> str:

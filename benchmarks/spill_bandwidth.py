@@ -39,14 +39,7 @@ import hpcray
 from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from hpcray.util.state import object_store_stats
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'1G' = 10**9 bytes, '64Mi' = 64 * 2**20 (case-insensitive, 'B' optional)."""
-    text = text.strip().upper().removesuffix("B")
-    digits = text.rstrip("KMGI")
-    return int(float(digits) * _UNITS[text[len(digits):]])
+from _common import parse_size  # noqa: E402
 
 
 def gbps(nbytes: float, seconds: float) -> float:

@@ -27,15 +27,7 @@ from mpi4py import MPI
 
 from hpcray.runtime.transport import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW, MpiTransport
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'1M' = 10**6 bytes, '8Mi' = 2**20 * 8, '123' = 123 (case-insensitive, 'B' optional)."""
-    text = text.strip().upper().removesuffix("B")
-    digits = text.rstrip("KMGI")
-    return int(float(digits) * _UNITS[text[len(digits):]])
+from _common import parse_size  # noqa: E402
 
 
 def fmt_size(nbytes: int) -> str:

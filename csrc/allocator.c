@@ -50,6 +50,12 @@ void alloc_init(alloc_state *a, uint8_t *base, uint64_t area_offset, uint64_t ar
 
 int alloc_allocate(alloc_state *a, uint8_t *base, uint64_t size, uint64_t *offset)
 {
+    return alloc_allocate_checked(a, base, size, offset, NULL, NULL);
+}
+
+int alloc_allocate_checked(alloc_state *a, uint8_t *base, uint64_t size, uint64_t *offset,
+                           alloc_writable_fn writable, void *ctx)
+{
     uint64_t need = alloc_block_size(size);
     if (need == 0)
         return -1;
@@ -62,6 +68,8 @@ int alloc_allocate(alloc_state *a, uint8_t *base, uint64_t size, uint64_t *offse
             uint64_t next = b->next;
             if (b->size > need) {
                 uint64_t rest = cur + need;
+                if (writable != NULL && writable(ctx, rest) != 0)
+                    return -2;
                 alloc_free_block *r = block_at(base, rest);
                 r->size = b->size - need;
                 r->next = next;

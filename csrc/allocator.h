@@ -51,6 +51,13 @@ uint64_t alloc_block_size(uint64_t size);
  * is large enough. */
 int alloc_allocate(alloc_state *a, uint8_t *base, uint64_t size, uint64_t *offset);
 
+/* alloc_allocate, asking `writable(ctx, offset)` first whether the header of
+ * the rest of a split block may be written at `offset` (nonzero: no).
+ * Returns -2, changing nothing, when it may not. */
+typedef int (*alloc_writable_fn)(void *ctx, uint64_t offset);
+int alloc_allocate_checked(alloc_state *a, uint8_t *base, uint64_t size, uint64_t *offset,
+                           alloc_writable_fn writable, void *ctx);
+
 /* Returns the block at `offset` that alloc_allocate gave for `size`, merging
  * it with free neighbours. */
 void alloc_free(alloc_state *a, uint8_t *base, uint64_t offset, uint64_t size);

@@ -4,7 +4,8 @@
  * Segment layout (all offsets from the segment base, each part page aligned):
  *
  *   [ header | object table: table_capacity x 64-byte entries |
- *     pin table: pin_capacity x 32-byte records | data area ]
+ *     pin table: pin_capacity x 32-byte records |
+ *     backed runs: one bit per POPULATE_RUN of the segment | data area ]
  *
  * One process-shared robust mutex in the header guards the table, the
  * allocator state and the counters. Object bytes are written and read
@@ -47,6 +48,22 @@
  * list through their table slots, oldest first, ordered by lru_tick: an
  * object joins at the new end when it becomes evictable (seal, last release)
  * and leaves when pinned or freed, so eviction pops from the old end.
+ *
+ * Backing. tmpfs allocates a segment's pages on first touch, and a touch
+ * when /dev/shm has run out (other jobs' files, other stores on the host)
+ * is a SIGBUS that kills whoever wrote: a worker, the node, MPI inside a
+ * receive, a store call holding the lock (on tmpfs a read of a page never
+ * touched allocates it too). So the header, the tables and the bitmap below
+ * are allocated when the segment is made (~1.2% of the data area), and a
+ * page of the data area is touched only once its 2 MiB run is allocated
+ * (posix_fallocate, back_range): a create allocates its object's runs after
+ * the lock, failing with STORE_NO_SPACE when /dev/shm has no room, and
+ * before anything changes, the run where the allocator will write the free
+ * header after the block it splits. Every block start, where the allocator
+ * reads and writes its headers, lies in such a run (the data area's start,
+ * and each split point since). The store never gives pages back to tmpfs,
+ * so each run is allocated once for the segment's life: a shared bit per
+ * run says it was, and later creates there cost one load.
  */
 #include "store.h"
 
@@ -67,7 +84,7 @@
 #include <unistd.h>
 
 #define STORE_MAGIC 0x3154535941524348ull /* "HCRAYST1" little-endian */
-#define STORE_VERSION 4u
+#define STORE_VERSION 5u
 #define STORE_PAGE 4096u
 #define STORE_MIN_TABLE 1024u
 #define STORE_MAX_TABLE (1ull << 31)
@@ -132,6 +149,7 @@ typedef struct store_header {
     uint64_t data_capacity;
     uint64_t pin_offset;
     uint64_t pin_capacity; /* a power of two */
+    uint64_t backed_offset; /* the backed-runs bitmap (_Atomic uint64_t words) */
     pthread_mutex_t lock;
     /* Everything below is guarded by lock. */
     alloc_state alloc;
@@ -153,6 +171,7 @@ typedef struct store_header {
 struct store {
     uint8_t *base;
     size_t size;
+    int fd;                   /* the segment, kept open to allocate its pages */
     store_header *hdr;
     store_entry *table;
     uint64_t mask;            /* table_capacity - 1 */
@@ -166,6 +185,7 @@ struct store {
      * once lose no bit (a stale read only costs one more populate call). */
     _Atomic uint64_t *populated;
     atomic_bool populate_works; /* cleared when the kernel lacks it */
+    _Atomic uint64_t *backed;   /* in the segment: see Backing above */
     /* Clean-ups after a dead process (the three below) that walked a table,
      * through this handle: the tests check that holding nothing walks none. */
     uint64_t cleanup_walks;
@@ -205,6 +225,30 @@ static int32_t current_pid(void)
         atomic_store_explicit(&self_pid, pid, memory_order_relaxed);
     }
     return pid;
+}
+
+/* Allocates the tmpfs pages of [offset, offset + n) that no process has
+ * yet (see Backing): NO_SPACE, with errno, when /dev/shm has no room. */
+static store_status back_range(store *s, uint64_t offset, uint64_t n)
+{
+    if (n == 0)
+        return STORE_OK;
+    uint64_t first = offset / POPULATE_RUN, last = (offset + n - 1) / POPULATE_RUN;
+    for (uint64_t run = first; run <= last; run++) {
+        _Atomic uint64_t *word = &s->backed[run / 64];
+        uint64_t bit = 1ull << (run % 64);
+        if (atomic_load_explicit(word, memory_order_acquire) & bit)
+            continue;
+        uint64_t lo = run * POPULATE_RUN;
+        uint64_t len = s->size - lo < POPULATE_RUN ? s->size - lo : POPULATE_RUN;
+        int rc = posix_fallocate(s->fd, (off_t)lo, (off_t)len);
+        if (rc != 0) {
+            errno = rc;
+            return STORE_NO_SPACE;
+        }
+        atomic_fetch_or_explicit(word, bit, memory_order_release);
+    }
+    return STORE_OK;
 }
 
 static uint64_t round_up(uint64_t x, uint64_t to)
@@ -838,7 +882,7 @@ static void unlock_store(store *s)
 
 /* ---- segment life ------------------------------------------------------- */
 
-static store *wrap(uint8_t *base, size_t size)
+static store *wrap(uint8_t *base, size_t size, int fd)
 {
     store *s = malloc(sizeof *s);
     size_t runs = (size + POPULATE_RUN - 1) / POPULATE_RUN;
@@ -850,6 +894,7 @@ static store *wrap(uint8_t *base, size_t size)
     }
     s->base = base;
     s->size = size;
+    s->fd = fd;
     s->hdr = (store_header *)(void *)base;
     s->table = (store_entry *)(void *)(base + s->hdr->table_offset);
     s->mask = s->hdr->table_capacity - 1;
@@ -860,6 +905,7 @@ static store *wrap(uint8_t *base, size_t size)
     s->copy_threads = copy_default_threads();
     s->populated = populated;
     atomic_init(&s->populate_works, true);
+    s->backed = (_Atomic uint64_t *)(void *)(base + s->hdr->backed_offset);
     /* Before this process's first get: a fork from here on resets the pid. */
     pthread_once(&fork_handler_once, register_fork_handler);
     return s;
@@ -884,7 +930,11 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     uint64_t header_size = round_up(sizeof(store_header), STORE_PAGE);
     uint64_t table_size = round_up(pow2 * sizeof(store_entry), STORE_PAGE);
     uint64_t pin_size = round_up(pin_slots * sizeof(pin_record), STORE_PAGE);
-    uint64_t segment_size = header_size + table_size + pin_size + data_capacity;
+    uint64_t before_data = header_size + table_size + pin_size;
+    /* Runs of the whole segment, counted generously (the bitmap is inside). */
+    uint64_t runs = (before_data + data_capacity) / POPULATE_RUN + 2;
+    uint64_t backed_size = round_up((runs + 63) / 64 * sizeof(uint64_t), STORE_PAGE);
+    uint64_t segment_size = before_data + backed_size + data_capacity;
 
     /* tmpfs takes an ftruncate of any size and raises SIGBUS on first touch
      * when it runs out; refuse a segment that cannot fit now instead. */
@@ -906,10 +956,14 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
         goto fail;
 
     /* The tables need no initialisation: ftruncate zero-fills, and a zero
-     * state word is SLOT_EMPTY. Nothing past the header is touched here, so
-     * the segment's pages are only allocated as objects use them: making a
-     * store of any size costs the same (no MAP_POPULATE, no pre-touching;
-     * store_write populates what a large copy is about to write). */
+     * state word is SLOT_EMPTY. Their pages are allocated now (see Backing):
+     * a probe must never meet a full /dev/shm, under the lock least of all.
+     * The data area's are allocated as objects use them. */
+    int backing = posix_fallocate(fd, 0, (off_t)(before_data + backed_size));
+    if (backing != 0) {
+        errno = backing;
+        goto fail;
+    }
     store_header *hdr = (store_header *)(void *)base;
     hdr->version = STORE_VERSION;
     hdr->entry_size = sizeof(store_entry);
@@ -918,8 +972,19 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     hdr->table_capacity = pow2;
     hdr->pin_offset = header_size + table_size;
     hdr->pin_capacity = pin_slots;
-    hdr->data_offset = header_size + table_size + pin_size;
+    hdr->backed_offset = before_data;
+    hdr->data_offset = before_data + backed_size;
     hdr->data_capacity = data_capacity;
+    {   /* The runs allocated above, whole, are marked; then the data area's
+         * first run, where alloc_init writes its free block, is allocated. */
+        store made = {.base = base, .size = segment_size, .fd = fd,
+                      .backed = (_Atomic uint64_t *)(void *)(base + before_data)};
+        for (uint64_t run = 0; (run + 1) * POPULATE_RUN <= hdr->data_offset; run++)
+            atomic_fetch_or_explicit(&made.backed[run / 64], 1ull << (run % 64),
+                                     memory_order_relaxed);
+        if (back_range(&made, hdr->data_offset, ALLOC_ALIGN) != STORE_OK)
+            goto fail;
+    }
     alloc_init(&hdr->alloc, base, hdr->data_offset, data_capacity);
     hdr->lru_oldest = hdr->lru_newest = LRU_NIL;
 
@@ -937,13 +1002,12 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
         goto fail;
     }
 
-    store *s = wrap(base, segment_size);
+    store *s = wrap(base, segment_size, fd);
     if (s == NULL)
         goto fail;
     /* Release: an attacher that reads the magic (acquire) sees the whole
      * initialised header. */
     atomic_store_explicit(&hdr->magic, STORE_MAGIC, memory_order_release);
-    close(fd);
     *out = s;
     return STORE_OK;
 
@@ -978,9 +1042,9 @@ store_status store_attach(const char *name, store **out)
         return STORE_BAD_SEGMENT;
     }
     uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int saved = errno;
-    close(fd);
     if (base == MAP_FAILED) {
+        int saved = errno;
+        close(fd);
         errno = saved;
         return STORE_SYSTEM;
     }
@@ -990,11 +1054,13 @@ store_status store_attach(const char *name, store **out)
         hdr->version != STORE_VERSION || hdr->entry_size != sizeof(store_entry) ||
         hdr->segment_size != size) {
         munmap(base, size);
+        close(fd);
         return STORE_BAD_SEGMENT;
     }
-    store *s = wrap(base, size);
+    store *s = wrap(base, size, fd);
     if (s == NULL) {
         munmap(base, size);
+        close(fd);
         errno = ENOMEM;
         return STORE_SYSTEM;
     }
@@ -1007,6 +1073,7 @@ void store_close(store *s)
     if (s == NULL)
         return;
     munmap(s->base, s->size);
+    close(s->fd);
     free((void *)s->populated);
     free(s);
 }
@@ -1082,11 +1149,18 @@ unsigned store_copy_threads(const store *s)
 /* ---- objects ------------------------------------------------------------ */
 
 /* A slot and a block for one more object, or -1. */
+/* alloc_writable_fn: the allocator's next free header at `offset`. */
+static int header_writable(void *ctx, uint64_t offset)
+{
+    return back_range(ctx, offset, ALLOC_ALIGN) == STORE_OK ? 0 : -1;
+}
+
+/* 0: reserved; -1: no room; -2: no page for the allocator's header. */
 static int try_reserve(store *s, uint64_t size, uint64_t *offset)
 {
     if (s->hdr->num_objects >= table_limit(s))
         return -1;
-    return alloc_allocate(&s->hdr->alloc, s->base, size, offset);
+    return alloc_allocate_checked(&s->hdr->alloc, s->base, size, offset, header_writable, s);
 }
 
 /* Evicts unpinned SEALED objects, least recently used first, until
@@ -1101,8 +1175,11 @@ static store_status evict_and_reserve(store *s, uint64_t size, uint64_t *offset)
     while (hdr->lru_oldest != LRU_NIL) {
         free_entry(s, hdr->lru_oldest);
         hdr->num_evictions++;
-        if (try_reserve(s, size, offset) == 0)
+        int reserved = try_reserve(s, size, offset);
+        if (reserved == 0)
             return STORE_OK;
+        if (reserved == -2)
+            return STORE_NO_SPACE;
     }
     return STORE_FULL;
 }
@@ -1119,9 +1196,12 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
         return rc;
     store_header *hdr = s->hdr;
     uint64_t data = 0;
+    int reserved = -1;
     if (table_find(s, id) >= 0)
         rc = STORE_EXISTS;
-    else if (try_reserve(s, size, &data) != 0)
+    else if ((reserved = try_reserve(s, size, &data)) == -2)
+        rc = STORE_NO_SPACE;
+    else if (reserved != 0)
         rc = evict_and_reserve(s, size, &data);
     if (rc == STORE_OK) {
         /* A death from here to set_state leaks the block only until the
@@ -1142,9 +1222,16 @@ store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uin
         hdr->num_pinned++;
         hdr->num_created++;
         holder_add(s, e->creator_pid, 1, 0);
-        *offset = data;
     }
     unlock_store(s);
+    if (rc == STORE_OK && back_range(s, data, size) != STORE_OK) {
+        int saved = errno;
+        store_abort(s, id);
+        errno = saved;
+        return STORE_NO_SPACE;
+    }
+    if (rc == STORE_OK)
+        *offset = data;
     return rc;
 }
 

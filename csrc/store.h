@@ -40,7 +40,8 @@ typedef enum store_status {
     STORE_INVALID,      /* bad argument */
     STORE_BAD_SEGMENT,  /* not an hpcray store segment, or another version */
     STORE_SYSTEM,       /* a system call failed; errno says why */
-    STORE_TOO_MANY_PINS /* the pin table is full: too many (process, object) pins */
+    STORE_TOO_MANY_PINS, /* the pin table is full: too many (process, object) pins */
+    STORE_NO_SPACE      /* /dev/shm has no room for the object's pages; errno says why */
 } store_status;
 
 typedef enum store_state { STORE_STATE_CREATED = 1, STORE_STATE_SEALED = 2 } store_state;
@@ -112,7 +113,8 @@ uint64_t store_capacity(const store *s);
 /* Reserves `size` bytes (64-byte aligned, may be 0) as a CREATED object
  * pinned once, evicting LRU unpinned sealed objects if it must; stores the
  * data offset. Errors: EXISTS, TOO_LARGE (never fits), FULL (does not fit
- * now; nothing was evicted when even evicting everything would not do). */
+ * now; nothing was evicted when even evicting everything would not do),
+ * NO_SPACE (tmpfs could not allocate its pages: nothing is created). */
 store_status store_create_object(store *s, const uint8_t *id, uint64_t size, uint64_t *offset);
 
 /* CREATED -> SEALED, drops the creator's pin. Data written before this call

@@ -17,6 +17,7 @@ cdef extern from "store.h" nogil:
         STORE_BAD_SEGMENT
         STORE_SYSTEM
         STORE_TOO_MANY_PINS
+        STORE_NO_SPACE
 
     ctypedef enum store_state:
         STORE_STATE_CREATED

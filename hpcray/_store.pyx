@@ -47,6 +47,12 @@ class TooManyPinsError(StoreError):
     """The pin table has no room for one more (process, object) pair."""
 
 
+class SharedMemoryFullError(StoreError):
+    """/dev/shm (tmpfs) has no room for the pages of an object: something else on the
+    host filled it since the store was made (another job's files, other ranks' stores).
+    Nothing was created, and nothing that was written is hurt."""
+
+
 cdef int _check(store_status rc, int err, str what, object object_id=None) except -1:
     """Raises the exception that C status `rc` stands for; returns 0 on STORE_OK."""
     if rc == STORE_OK:
@@ -68,9 +74,24 @@ cdef int _check(store_status rc, int err, str what, object object_id=None) excep
         raise StoreError(f"{subject}: invalid argument")
     if rc == STORE_TOO_MANY_PINS:
         raise TooManyPinsError(f"{subject}: too many objects pinned (pin table full)")
+    if rc == STORE_NO_SPACE:
+        raise SharedMemoryFullError(f"{subject}: {shm_full_message(err)}", err)
     if rc == STORE_BAD_SEGMENT:
         raise StoreError(f"{subject}: not an hpcray store segment (or another version)")
     raise StoreError(f"{subject}: {os.strerror(err)}", err)
+
+
+def shm_full_message(int err) -> str:
+    """Why a create failed for want of /dev/shm space, with what is free there now."""
+    try:
+        stat = os.statvfs("/dev/shm")
+        free = f"{stat.f_bavail * stat.f_frsize} bytes free of {stat.f_blocks * stat.f_frsize}"
+    except OSError:
+        free = "its free space unknown"
+    return (f"/dev/shm has no room for its pages ({os.strerror(err)}; {free}): something "
+            "else on this host filled it after the store was made (files there, other "
+            "ranks' stores). Free space there, or start with a smaller "
+            "object_store_memory.")
 
 
 def copy_into(dest, Py_ssize_t offset, src):

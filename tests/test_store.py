@@ -906,3 +906,90 @@ def test_sole_pinned_lists_least_recently_read_first(make_store):
     del pins
     assert store.sole_pinned() == []
     assert store._debug_check()
+
+
+# A tmpfs of its own over /dev/shm, in a mount namespace of the test's own (root, as in CI).
+_SMALL_SHM = ["unshare", "--mount", "sh", "-c",
+              'mount -t tmpfs -o size=96m tmpfs /dev/shm && exec "$0" "$@"']
+
+
+@pytest.mark.timeout(60)
+def test_a_full_dev_shm_fails_a_create_instead_of_killing_its_writer():
+    """tmpfs allocates pages on first touch, and a touch when /dev/shm is full is a SIGBUS.
+    Another job filling /dev/shm after the store was made used to kill the next process
+    that wrote an object; the create now fails, and the store works on."""
+    probe = subprocess.run([*_SMALL_SHM, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here: {probe.stderr.strip()}")
+    child = _LOADER + textwrap.dedent(f"""
+        from hpcray._store import SharedMemoryFullError, Store
+        MiB = 1 << 20
+        store = Store.create("/{PREFIX}full", 64 * MiB)
+        filler = "/dev/shm/another-jobs-file"
+        free = os.statvfs("/dev/shm").f_bavail * 4096
+        with open(filler, "wb") as f:  # leaves 6 MiB
+            f.write(bytes(free - 6 * MiB))
+        try:
+            store.create_object(b"a" * 20, 32 * MiB)
+            print("created")
+        except SharedMemoryFullError as exc:
+            print("refused", exc.errno == errno.ENOSPC, "/dev/shm has no room" in str(exc))
+        print("stats", store.stats()["num_objects"])
+        view = store.create_object(b"b" * 20, 1 * MiB)  # in the runs backed already
+        view[:] = bytes([7]) * MiB
+        view.release()
+        store.seal(b"b" * 20)
+        print("small", bytes(memoryview(store.get(b"b" * 20))[:2]))
+        os.unlink(filler)
+        view = store.create_object(b"a" * 20, 32 * MiB)
+        view[:] = bytes([9]) * (32 * MiB)
+        view.release()
+        store.seal(b"a" * 20)
+        print("large", memoryview(store.get(b"a" * 20))[-1])
+        store.close()
+        store.unlink()
+    """)
+    proc = subprocess.run([*_SMALL_SHM, sys.executable, "-c", "import errno\n" + child],
+                          cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split("\n")[:4] == ["refused True True", "stats 0", "small b'\\x07\\x07'",
+                                           "large 9"], proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_full_dev_shm_never_faults_the_tables():
+    """On tmpfs even a read of a page never touched allocates it: a probe of the object
+    table or the pin table (under the lock) with /dev/shm full was a SIGBUS. Their pages
+    are allocated with the segment, so small objects in the data run already allocated
+    are made, sealed and read with /dev/shm full, and a larger one is refused."""
+    probe = subprocess.run([*_SMALL_SHM, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here: {probe.stderr.strip()}")
+    child = _LOADER + textwrap.dedent(f"""
+        from hpcray._store import SharedMemoryFullError, Store
+        MiB = 1 << 20
+        # 2^19 slots: 32 MiB of object table and 16 MiB of pin table, probed at random.
+        store = Store.create("/{PREFIX}tables", 8 * MiB, table_capacity=1 << 19)
+        free = os.statvfs("/dev/shm").f_bavail * 4096
+        with open("/dev/shm/another-jobs-file", "wb") as f:
+            f.write(bytes(free))
+        for n in range(2000):
+            oid = n.to_bytes(20, "little")
+            view = store.create_object(oid, 64)
+            view[:1] = b"x"
+            view.release()
+            store.seal(oid)
+            store.get(oid).release()
+        print("objects", store.stats()["num_objects"])
+        try:
+            store.create_object(b"z" * 20, 4 * MiB)
+        except SharedMemoryFullError:
+            print("refused")
+        os.unlink("/dev/shm/another-jobs-file")
+        store.close()
+        store.unlink()
+    """)
+    proc = subprocess.run([*_SMALL_SHM, sys.executable, "-c", child],
+                          cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["objects 2000", "refused"], proc.stdout + proc.stderr

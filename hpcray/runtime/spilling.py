@@ -30,7 +30,8 @@ import shutil
 import time
 
 from hpcray import exceptions
-from hpcray._store import ObjectTooLargeError, StoreFullError
+from hpcray._store import (ObjectTooLargeError, SharedMemoryFullError, StoreFullError,
+                           shm_full_message)
 from hpcray.runtime.object_table import READY
 
 log = logging.getLogger("hpcray.spill")
@@ -88,8 +89,10 @@ class Spiller:
     # ------------------------------------------------------------------ making room
     def create_object(self, object_id: bytes, size: int, populate: bool = False):
         """store.create_object, spilling what it must first (the node's own creates: a
-        pulled copy, a restore). Raises StoreFullError when nothing more can go."""
+        pulled copy, a restore). Raises StoreFullError when nothing more can go, and
+        ObjectStoreFullError when /dev/shm has no room for its pages."""
         while True:
+            no_shm = None
             try:
                 return self.store.create_object(object_id, size, populate=populate)
             except ObjectTooLargeError:
@@ -97,6 +100,12 @@ class Spiller:
             except StoreFullError:
                 if not self.make_room(size):
                     raise
+            except SharedMemoryFullError as exc:
+                no_shm = shm_full_message(exc.errno)
+            if no_shm is not None:  # raised outside the handler: no context kept
+                raise exceptions.ObjectStoreFullError(
+                    f"No room for object {object_id.hex()} ({size} bytes) on node "
+                    f"{self.rank}: {no_shm}")
 
     def make_room(self, size: int) -> int:
         """Spill the least recently read objects that only this node maps, at least
