@@ -55,7 +55,7 @@ def main() -> None:
         print(*one_run(int(args.child[0]), int(args.child[1])))
         return
     fill = parse_size(args.fill)
-    print(f"{'size':>8} | {'new pages GB/s':>24} | {'reused pages GB/s':>24}")
+    print("size | new pages GB/s (each run) | reused pages GB/s (each run)")
     for text in args.sizes.split(","):
         size = parse_size(text)
         runs = []
@@ -64,9 +64,8 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             runs.append(tuple(map(float, out.split()[-2:])))
         new, reused = zip(*runs)
-        print(f"{text:>8} | {statistics.median(new):6.2f} ({' '.join(f'{r:.2f}' for r in new)})"
-              f" | {statistics.median(reused):6.2f} "
-              f"({' '.join(f'{r:.2f}' for r in reused)})")
+        print(f"{text} | {statistics.median(new):.2f} ({' '.join(f'{r:.2f}' for r in new)})"
+              f" | {statistics.median(reused):.2f} ({' '.join(f'{r:.2f}' for r in reused)})")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ class WorkerProcesses:
         self.holding = False        # the tasks for a worker are held (hold_tasks)
         self._held: dict[WorkerHandle, list] = {}  # worker -> its RunTask frames, held
         self.forkserver_job = forkserver_job
+        self.forkserver = None                   # its Popen, and our end of its socket:
+        self.forkserver_sock = None              # None once it died and none replaced it
         self.forkserver_gone: str | None = None  # why no fork server runs (none replaced it)
         self._server_ready = False             # the running fork server said it is ready
         self._server_deaths: list[float] = []  # when fork servers died while the node ran
