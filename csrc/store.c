@@ -227,28 +227,45 @@ static int32_t current_pid(void)
     return pid;
 }
 
-/* Allocates the tmpfs pages of [offset, offset + n) that no process has
- * yet (see Backing): NO_SPACE, with errno, when /dev/shm has no room. */
-static store_status back_range(store *s, uint64_t offset, uint64_t n)
+/* Calls act(s, lo, len) for each POPULATE_RUN [lo, lo + len) of the segment
+ * that [offset, offset + n) touches and whose bit in `marks` is clear,
+ * setting the bit when act returns 0; stops at the first nonzero return,
+ * which it returns. Bits are set with atomic OR: two processes (or threads)
+ * doing the same run at once both do it, and neither loses its bit. */
+static int each_unmarked_run(store *s, _Atomic uint64_t *marks, uint64_t offset, uint64_t n,
+                             int (*act)(store *, uint64_t, uint64_t))
 {
     if (n == 0)
-        return STORE_OK;
+        return 0;
     uint64_t first = offset / POPULATE_RUN, last = (offset + n - 1) / POPULATE_RUN;
     for (uint64_t run = first; run <= last; run++) {
-        _Atomic uint64_t *word = &s->backed[run / 64];
+        _Atomic uint64_t *word = &marks[run / 64];
         uint64_t bit = 1ull << (run % 64);
         if (atomic_load_explicit(word, memory_order_acquire) & bit)
             continue;
         uint64_t lo = run * POPULATE_RUN;
-        uint64_t len = s->size - lo < POPULATE_RUN ? s->size - lo : POPULATE_RUN;
-        int rc = posix_fallocate(s->fd, (off_t)lo, (off_t)len);
-        if (rc != 0) {
-            errno = rc;
-            return STORE_NO_SPACE;
-        }
+        int rc = act(s, lo, s->size - lo < POPULATE_RUN ? s->size - lo : POPULATE_RUN);
+        if (rc != 0)
+            return rc;
         atomic_fetch_or_explicit(word, bit, memory_order_release);
     }
-    return STORE_OK;
+    return 0;
+}
+
+static int allocate_run(store *s, uint64_t lo, uint64_t len)
+{
+    return posix_fallocate(s->fd, (off_t)lo, (off_t)len);
+}
+
+/* Allocates the tmpfs pages of [offset, offset + n) that no process has
+ * yet (see Backing): NO_SPACE, with errno, when /dev/shm has no room. */
+static store_status back_range(store *s, uint64_t offset, uint64_t n)
+{
+    int rc = each_unmarked_run(s, s->backed, offset, n, allocate_run);
+    if (rc == 0)
+        return STORE_OK;
+    errno = rc;
+    return STORE_NO_SPACE;
 }
 
 static uint64_t round_up(uint64_t x, uint64_t to)
@@ -1095,6 +1112,15 @@ uint64_t store_capacity(const store *s)
     return s->hdr->data_capacity;
 }
 
+static int populate_run(store *s, uint64_t lo, uint64_t len)
+{
+    if (madvise(s->base + lo, len, MADV_POPULATE_WRITE) == 0)
+        return 0;
+    if (errno == EINVAL) /* a kernel before 5.14: page faults it is */
+        atomic_store_explicit(&s->populate_works, false, memory_order_relaxed);
+    return -1; /* else the copy's own faults populate the rest */
+}
+
 /* copy_prepare_fn of store_write: populates, once per mapping, the runs of
  * the segment that [dst, dst + n) touches. A whole run at a time: the bytes
  * around the object are only made present, never changed, so this is safe
@@ -1105,22 +1131,7 @@ static void populate_runs(void *ctx, uint8_t *dst, size_t n)
     if (n == 0 || !atomic_load_explicit(&s->populate_works, memory_order_relaxed))
         return;
     int saved = errno;
-    uint64_t first = (uint64_t)(dst - s->base) / POPULATE_RUN;
-    uint64_t last = (uint64_t)(dst + n - 1 - s->base) / POPULATE_RUN;
-    for (uint64_t run = first; run <= last; run++) {
-        _Atomic uint64_t *word = &s->populated[run / 64];
-        uint64_t bit = 1ull << (run % 64);
-        if (atomic_load_explicit(word, memory_order_relaxed) & bit)
-            continue;
-        uint64_t lo = run * POPULATE_RUN;
-        uint64_t len = s->size - lo < POPULATE_RUN ? s->size - lo : POPULATE_RUN;
-        if (madvise(s->base + lo, len, MADV_POPULATE_WRITE) != 0) {
-            if (errno == EINVAL) /* a kernel before 5.14: page faults it is */
-                atomic_store_explicit(&s->populate_works, false, memory_order_relaxed);
-            break; /* else (no memory) the copy's own faults will tell */
-        }
-        atomic_fetch_or_explicit(word, bit, memory_order_relaxed);
-    }
+    each_unmarked_run(s, s->populated, (uint64_t)(dst - s->base), n, populate_run);
     errno = saved;
 }
 
