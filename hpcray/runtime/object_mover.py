@@ -184,8 +184,10 @@ class ObjectMover:
             error = exceptions.ObjectStoreFullError(
                 f"No room in this node's object store for {entry.size} bytes of object "
                 f"{object_id.hex()} pulled from node {entry.location}: {exc}")
+            copy = (entry.location, entry.size)
             entry.state = PENDING
             self.objects.object_ready(object_id, error_bytes(error), (), 0)
+            entry.failed_pull = copy  # not its value for good: a later get pulls again
             return None
 
     def pull_direct(self, object_id: bytes, entry: ObjectEntry, failed: int) -> None:

@@ -25,7 +25,7 @@ class ObjectEntry:
     __slots__ = ("state", "inline", "refs", "waiters", "contained", "pin", "is_put", "size",
                  "owner", "location", "avail_waiters", "pulling", "borrowers",
                  "lent", "lender", "deferred", "primary", "primary_at", "shipped", "watched",
-                 "spilled")
+                 "spilled", "failed_pull")
 
     def __init__(self, owner: int = 0):
         self.state = PENDING
@@ -50,6 +50,9 @@ class ObjectEntry:
         self.primary_at = None  # owner: the node holding the primary copy
         self.shipped = False    # owner: other nodes may have copies (GCS deletes them)
         self.watched = False    # borrower: its owner was asked where the value is
+        # (location, size) of the copy a pull found no room for: its readers then got
+        # the error as the value, and the next reader to wait for it pulls again.
+        self.failed_pull = None
 
 
 class _DependencyWaiter:
@@ -294,7 +297,11 @@ class ObjectTable:
             if entry is None:
                 return False
         if entry.state == READY:
-            return False
+            if entry.failed_pull is None:
+                return False
+            # The error stays its value for the readers woken with it until this pull ends.
+            entry.state = REMOTE
+            (entry.location, entry.size), entry.failed_pull = entry.failed_pull, None
         if entry.waiters is None:
             entry.waiters = [waiter]
         else:
@@ -353,7 +360,8 @@ class ObjectTable:
         done = (READY,) if local else (READY, REMOTE)
         missing = [oid for oid in object_ids
                    if (e := objects.get(oid)) is None and self.mover.remote_entry(oid) is not None
-                   or e is not None and e.state not in done]
+                   or e is not None and (e.state not in done
+                                         or local and e.failed_pull is not None)]
         ready = len(object_ids) - len(missing)
         if ready >= num_returns:
             return None

@@ -105,3 +105,36 @@ def test_queued_tasks_pull_more_arguments_than_the_store_holds(tmp_path, host_re
         print("OK")
     """, env={"HPCRAY_HOST_READS": host_reads}, timeout=200)
     assert "OK" in out, out
+
+
+@PATHS
+def test_a_pull_with_no_room_fails_that_get_and_the_next_get_pulls_again(tmp_path, host_reads):
+    """The store of the driver's node is full of what the driver maps (nothing can be
+    spilled), so a get of an object held on rank 1 finds no room: it raises
+    ObjectStoreFullError. The error was the object's value on that node for good, so the
+    get after the room came back raised it again; now that get pulls again."""
+    out = run_mpi(tmp_path, 3, """
+        import gc, numpy as np, hpcray as ray
+        from hpcray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+        MiB = 1 << 20
+        ray.init(num_cpus=1, object_store_memory=80 * MiB)
+        rank1 = [n["NodeID"] for n in ray.nodes() if n["rank"] == 1][0]
+
+        @ray.remote
+        def make():
+            return np.ones(30 * MiB, dtype=np.uint8)
+
+        ref = make.options(scheduling_strategy=On(rank1, soft=False)).remote()
+        ray.wait([ref], fetch_local=False)
+        held = [ray.get(ray.put(np.zeros(20 * MiB, dtype=np.uint8))) for _ in range(3)]
+        try:
+            ray.get(ref, timeout=60)
+            print("GOT WHILE FULL")
+        except ray.exceptions.ObjectStoreFullError:
+            print("FULL")
+        del held
+        gc.collect()
+        print("AGAIN", ray.get(ref, timeout=60).sum())
+    """, env={"HPCRAY_HOST_READS": host_reads})
+    assert "FULL" in out.splitlines(), out
+    assert f"AGAIN {30 * 2**20}" in out.splitlines(), out
