@@ -954,3 +954,39 @@ def test_an_actor_made_by_a_task_outlives_the_task(ray_shared):
     """The task's process lives on after the task (a pool worker), so the actor does."""
     child = hpcray.get(_make_child.remote())
     assert hpcray.get([child.ping.remote() for _ in range(3)]) == ["hello"] * 3
+
+
+_MANY_ACTORS = """
+import resource, hpcray
+print("soft before", resource.getrlimit(resource.RLIMIT_NOFILE)[0], flush=True)
+hpcray.init(num_cpus=1)
+
+@hpcray.remote(num_cpus=0)
+class A:
+    def ping(self):
+        return 1
+
+actors = [A.remote() for _ in range(120)]
+print("pings", sum(hpcray.get([a.ping.remote() for a in actors], timeout=120)), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_low_open_files_limit_does_not_cap_the_actors(tmp_path):
+    """Each worker costs its node three descriptors: with the usual soft limit of 1024 a
+    node stopped near 330 actors ("Too many open files" from `.remote()`). The node
+    raises the soft limit to the hard one; here the soft limit is 256, and 120 actors
+    (360 descriptors) all answer."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit here is {hard}")
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = subprocess.run([sys.executable, "-c", _MANY_ACTORS], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=170, preexec_fn=low_soft_limit)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["soft before 256", "pings 120"], \
+        proc.stdout + proc.stderr

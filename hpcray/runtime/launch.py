@@ -60,6 +60,8 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
     from hpcray.runtime.loopback import LoopbackTransport
     from hpcray.runtime.node_manager import NodeManager
 
+    raise_open_files_limit()
+
     rank = transport.rank if transport is not None else 0
     config = Config(**job["config"])
     resources = dict(job.get("resources") or {})
@@ -99,6 +101,25 @@ def build_node(job: dict, transport=None, run_thread: bool = True):
             node.set_cluster_nodes({0: node.describe_self()})
     node.prestart_workers(max(1, int(node_resources.num_cpus)))
     return node
+
+
+# Where the hard limit is infinite, the soft one goes this far (Linux's default nr_open).
+_OPEN_FILES_CAP = 1 << 20
+
+
+def raise_open_files_limit() -> None:
+    """Each worker costs its node three descriptors (its socket, its stdout and stderr
+    pipes), so the usual soft limit of 1024 stopped a node near 330 actors ("Too many
+    open files" from `.remote()`). The soft limit is raised to the hard one, which any
+    process may do; the driver's process, the fork server and the workers have it."""
+    import resource
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = _OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # a platform or sandbox that refuses: keep the limit
+        pass
 
 
 def check_store_size(store_bytes: int, chosen: bool = True) -> None:

@@ -69,6 +69,9 @@ from hpcray.serialization import error_bytes
 
 log = logging.getLogger("hpcray.node")
 _HELLO = Hello.CODE
+# select() takes descriptors below FD_SETSIZE only; an epoll made above it (a driver that
+# had opened many files before init) is waited on in whole milliseconds instead.
+_SELECTABLE_FDS = 1024
 
 # The node's thread shares the GIL with the driver's. A thread that wants it gets it
 # only once the holder has run a whole switch interval (5 ms by default): while the
@@ -386,11 +389,12 @@ class NodeManager:
         receiver's polls slowed the progress thread's 64 MiB without CMA by 25%; a
         small pull's receiver notices its end sooner. A small transfer just started
         (`expecting`) is polled for on both sides."""
-        if 0 < timeout < 0.001 and (self.transport.expecting or not self.transport.poll_slowly):
-            epoll = self.sources.epoll
+        epoll = self.sources.epoll
+        if 0 < timeout < 0.001 and (self.transport.expecting or not self.transport.poll_slowly) \
+                and epoll.fileno() < _SELECTABLE_FDS:
             ready, _, _ = select.select((epoll,), (), (), timeout)
             return epoll.poll(0) if ready else []
-        return self.sources.epoll.poll(timeout)
+        return epoll.poll(timeout)
 
     def hold_wakes(self) -> None:
         """Under the lock, from the driver's thread: until `release_wakes`, a wake-up of

@@ -252,8 +252,12 @@ class WorkerProcesses:
         """At shutdown: the exit statuses of workers that died while the node ran, so
         their crash is logged (the fork server reports them as it reaps them)."""
         sock = self.forkserver_sock
-        while sock is not None and self.job_logs.ran and time.monotonic() < deadline:
-            ready, _, _ = select.select((sock,), (), (), max(0.0, deadline - time.monotonic()))
+        if sock is None:
+            return
+        poller = select.poll()  # (not select(): a replacement's socket may be above 1023)
+        poller.register(sock, select.POLLIN)
+        while self.job_logs.ran and time.monotonic() < deadline:
+            ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             if not ready or not self._on_forkserver_message():
                 return
 
