@@ -975,8 +975,12 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     /* The tables need no initialisation: ftruncate zero-fills, and a zero
      * state word is SLOT_EMPTY. Their pages are allocated now (see Backing):
      * a probe must never meet a full /dev/shm, under the lock least of all.
-     * The data area's are allocated as objects use them. */
-    int backing = posix_fallocate(fd, 0, (off_t)(before_data + backed_size));
+     * So are the bitmap's and the data area's first run, where alloc_init
+     * writes its free block; the rest as objects use them. */
+    uint64_t allocated = round_up(before_data + backed_size + ALLOC_ALIGN, POPULATE_RUN);
+    if (allocated > segment_size)
+        allocated = segment_size;
+    int backing = posix_fallocate(fd, 0, (off_t)allocated);
     if (backing != 0) {
         errno = backing;
         goto fail;
@@ -992,16 +996,9 @@ store_status store_create(const char *name, uint64_t capacity, uint64_t table_ca
     hdr->backed_offset = before_data;
     hdr->data_offset = before_data + backed_size;
     hdr->data_capacity = data_capacity;
-    {   /* The runs allocated above, whole, are marked; then the data area's
-         * first run, where alloc_init writes its free block, is allocated. */
-        store made = {.base = base, .size = segment_size, .fd = fd,
-                      .backed = (_Atomic uint64_t *)(void *)(base + before_data)};
-        for (uint64_t run = 0; (run + 1) * POPULATE_RUN <= hdr->data_offset; run++)
-            atomic_fetch_or_explicit(&made.backed[run / 64], 1ull << (run % 64),
-                                     memory_order_relaxed);
-        if (back_range(&made, hdr->data_offset, ALLOC_ALIGN) != STORE_OK)
-            goto fail;
-    }
+    _Atomic uint64_t *backed = (_Atomic uint64_t *)(void *)(base + before_data);
+    for (uint64_t run = 0; run * POPULATE_RUN < allocated; run++) /* (the last may be short) */
+        atomic_fetch_or_explicit(&backed[run / 64], 1ull << (run % 64), memory_order_relaxed);
     alloc_init(&hdr->alloc, base, hdr->data_offset, data_capacity);
     hdr->lru_oldest = hdr->lru_newest = LRU_NIL;
 

@@ -50,7 +50,8 @@ class TooManyPinsError(StoreError):
 class SharedMemoryFullError(StoreError):
     """/dev/shm (tmpfs) has no room for the pages of an object: something else on the
     host filled it since the store was made (another job's files, other ranks' stores).
-    Nothing was created, and nothing that was written is hurt."""
+    Nothing was created, and nothing that was written is hurt. `reason` says so, and
+    what is free there, without naming the object."""
 
 
 cdef int _check(store_status rc, int err, str what, object object_id=None) except -1:
@@ -75,13 +76,16 @@ cdef int _check(store_status rc, int err, str what, object object_id=None) excep
     if rc == STORE_TOO_MANY_PINS:
         raise TooManyPinsError(f"{subject}: too many objects pinned (pin table full)")
     if rc == STORE_NO_SPACE:
-        raise SharedMemoryFullError(f"{subject}: {shm_full_message(err)}", err)
+        reason = _shm_full_reason(err)
+        error = SharedMemoryFullError(f"{subject}: {reason}", err)
+        error.reason = reason  # without the subject: what a user is told
+        raise error
     if rc == STORE_BAD_SEGMENT:
         raise StoreError(f"{subject}: not an hpcray store segment (or another version)")
     raise StoreError(f"{subject}: {os.strerror(err)}", err)
 
 
-def shm_full_message(int err) -> str:
+def _shm_full_reason(int err) -> str:
     """Why a create failed for want of /dev/shm space, with what is free there now."""
     try:
         stat = os.statvfs("/dev/shm")

@@ -15,7 +15,7 @@ import time
 
 from hpcray import context, exceptions, ids
 from hpcray._store import (ObjectExistsError, ObjectTooLargeError, SharedMemoryFullError,
-                           StoreFullError, shm_full_message)
+                           StoreFullError)
 from hpcray.object_ref import ObjectRef
 from hpcray.runtime import hops
 from hpcray.runtime.call_sites import creation_site
@@ -72,22 +72,17 @@ class CoreClient:
         if not sv.buffers and len(sv.pickled) < self.config.inline_threshold:  # is_small
             return sv.pickled, sv.contained, len(sv.pickled)
         size = sv.store_size
-        no_shm = None
         try:
             dest = self.store.create_object(object_id, size)
-        except StoreFullError:
+        except (StoreFullError, SharedMemoryFullError):  # _create_when_full says which
             dest = None
-        except SharedMemoryFullError as exc:
-            dest, no_shm = None, shm_full_message(exc.errno)
         except ObjectExistsError:
             # A re-run (a retry, an actor restart) of what wrote it, whose first run died
             # after sealing, before its node took the value in: that copy goes (sealed
             # unclaimed, it would never be evicted).
             self.store.delete(object_id)
             dest = None
-        if no_shm is not None:  # outside the handler: an error raised has no context (below)
-            raise exceptions.ObjectStoreFullError(f"An object of {size} bytes: {no_shm}")
-        if dest is None:
+        if dest is None:  # outside the handler: an error raised has no context (below)
             dest = self._create_when_full(object_id, size)
         try:
             sv.write_into(dest)
@@ -116,7 +111,7 @@ class CoreClient:
             except StoreFullError:
                 pass
             except SharedMemoryFullError as exc:
-                no_shm = shm_full_message(exc.errno)
+                no_shm = exc.reason
             if no_shm is not None:
                 raise exceptions.ObjectStoreFullError(f"An object of {size} bytes: {no_shm}")
             if too_large:

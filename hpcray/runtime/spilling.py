@@ -30,8 +30,7 @@ import shutil
 import time
 
 from hpcray import exceptions
-from hpcray._store import (ObjectTooLargeError, SharedMemoryFullError, StoreFullError,
-                           shm_full_message)
+from hpcray._store import ObjectTooLargeError, SharedMemoryFullError, StoreFullError
 from hpcray.runtime.object_table import READY
 
 log = logging.getLogger("hpcray.spill")
@@ -101,7 +100,7 @@ class Spiller:
                 if not self.make_room(size):
                     raise
             except SharedMemoryFullError as exc:
-                no_shm = shm_full_message(exc.errno)
+                no_shm = exc.reason
             if no_shm is not None:  # raised outside the handler: no context kept
                 raise exceptions.ObjectStoreFullError(
                     f"No room for object {object_id.hex()} ({size} bytes) on node "
